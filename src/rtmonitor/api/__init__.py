@@ -1,0 +1,1 @@
+"""The HTTP/JSON API (FastAPI): metrics, health and readiness."""

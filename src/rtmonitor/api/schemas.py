@@ -1,0 +1,64 @@
+"""Response models: they are also the contract shown in /docs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ValueStats(BaseModel):
+    """Statistics of one named reading, over every packet of the device."""
+
+    count: int
+    sum: float
+    min: float
+    max: float
+    mean: float | None
+    last: float = Field(description="The reading with the newest device timestamp.")
+    last_timestamp_ms: int = Field(description="Device timestamp of `last` (ms since epoch).")
+
+
+class DeviceMetrics(BaseModel):
+    """Everything counted for one device, across every instance."""
+
+    device_id: str
+    packets: int
+    bytes: int = Field(description="Sum of payload lengths.")
+    first_seen: int | None = Field(description="Receive time of the first packet, ms since epoch.")
+    last_seen: int | None = Field(description="Receive time of the latest packet, ms since epoch.")
+    kinds: dict[str, int] = Field(description="Packets per kind.")
+    values: dict[str, ValueStats]
+
+
+class Totals(BaseModel):
+    """Totals over all devices."""
+
+    devices: int
+    packets: int
+    bytes: int
+    rejected: int = Field(description="Packets refused by validation, all reasons.")
+    rejected_by_reason: dict[str, int]
+
+
+class MetricsPage(BaseModel):
+    """One page of devices, plus the totals."""
+
+    totals: Totals
+    matched: int = Field(description="Devices matching the prefix filter.")
+    offset: int
+    limit: int
+    sort: str
+    order: Literal["asc", "desc"]
+    devices: list[DeviceMetrics]
+
+
+class Problem(BaseModel):
+    """An error: what went wrong and what to do about it."""
+
+    detail: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    reasons: list[str] = Field(description="Why not ready (empty when ready).")

@@ -1,0 +1,127 @@
+"""The `rtmonitor` command: thin — parse flags, build Settings, call a typed run()."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
+
+from rtmonitor import __version__
+from rtmonitor.config import SendSettings, Settings
+
+# Settings fields that are environment-only (the seed's variables) or named differently.
+_NO_FLAG = {"redis_host", "redis_port"}
+_METAVARS = {int: "N", float: "SECONDS", Path: "DIR", str: "TEXT"}
+
+
+def _add_flags(parser: argparse.ArgumentParser, model: type[BaseSettings], env_prefix: str) -> None:
+    """One --flag per Settings field, each naming its environment twin in --help."""
+    for name, field in model.model_fields.items():
+        if name in _NO_FLAG:
+            continue
+        flag = "--" + name.replace("_", "-")
+        env = f"{env_prefix}{name.upper()}"
+        if name == "redis_url":
+            env += " or REDIS_URL"
+        help_text = f"{field.description or ''} [env {env}; default {_default(field)}]"
+        kind = _base_type(field.annotation)
+        if kind is bool:
+            parser.add_argument(
+                flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text
+            )
+            continue
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        parser.add_argument(
+            flag,
+            dest=name,
+            default=None,
+            type=None if choices else kind,
+            choices=choices,
+            metavar=None if choices else _METAVARS.get(kind, "TEXT"),
+            help=help_text,
+        )
+
+
+def _base_type(annotation: Any) -> Any:
+    """int | None -> int; Literal and plain types unchanged."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if annotation in (int, float, str, bool, Path):
+        return annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        return annotation
+    alias = getattr(annotation, "__value__", None)  # a `type X = ...` alias
+    return _base_type(alias) if alias is not None else str
+
+
+def _default(field: FieldInfo) -> str:
+    return "none" if field.default is None else str(field.default)
+
+
+def _build(model: type[BaseSettings], args: argparse.Namespace) -> Any:
+    """Flags given on the command line win over the environment, which wins over defaults."""
+    given = {
+        name: value
+        for name, value in vars(args).items()
+        if name in model.model_fields and value is not None
+    }
+    try:
+        return model(**given)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "settings"
+            lines.append(f"  {loc}: {err['msg']}")
+        sys.exit("rtmonitor: invalid configuration:\n" + "\n".join(lines))
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rtmonitor",
+        description="Real-time telemetry ingest: gRPC in, per-device counts in Redis, HTTP out.",
+    )
+    parser.add_argument("--version", action="version", version=f"rtmonitor {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run the service (embedded Redis unless REDIS_URL / --redis-url is set)",
+    )
+    _add_flags(serve, Settings, "RTM_")
+    send = sub.add_parser("send", help="send generated telemetry to a running service")
+    _add_flags(send, SendSettings, "RTM_SEND_")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    if args.command == "serve":
+        settings = _build(Settings, args)
+        _configure_logging(settings.log_level)
+        from rtmonitor.service import run
+
+        sys.exit(run(settings))
+    elif args.command == "send":
+        options = _build(SendSettings, args)
+        _configure_logging("warning")
+        from rtmonitor.loadgen.sender import run_send
+
+        sys.exit(asyncio.run(run_send(options)))
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,0 +1,152 @@
+"""One Settings object for the whole service, built once in the entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class Settings(BaseSettings):
+    """Service configuration: every field has an ``RTM_``-prefixed environment twin."""
+
+    model_config = SettingsConfigDict(env_prefix="RTM_", extra="forbid", frozen=True)
+
+    # --- where to listen ---------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address the gRPC and HTTP servers bind to.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+
+    # --- Redis ---------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("redis_url", "RTM_REDIS_URL", "REDIS_URL"),
+        description="External Redis (redis://, rediss://, unix://). None: the embedded one.",
+    )
+    redis_host: str | None = Field(
+        None,
+        validation_alias=AliasChoices("redis_host", "RTM_REDIS_HOST", "REDIS_HOST"),
+        description="The seed's REDIS_HOST; with REDIS_PORT it builds redis_url.",
+    )
+    redis_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        validation_alias=AliasChoices("redis_port", "RTM_REDIS_PORT", "REDIS_PORT"),
+        description="The seed's REDIS_PORT (default 6379 when only REDIS_HOST is set).",
+    )
+    data_dir: Path = Field(Path("data"), description="Where the embedded Redis keeps its data.")
+    embedded_redis_port: int = Field(
+        0, ge=0, le=65535, description="TCP port of the embedded Redis (0 picks a free one)."
+    )
+    key_prefix: str = Field(
+        "rtm", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key."
+    )
+
+    # --- pipeline ------------------------------------------------------------
+    flush_interval: float = Field(
+        0.2, gt=0, le=60, description="Seconds between flushes of the aggregated deltas to Redis."
+    )
+    flush_max_packets: int = Field(
+        200_000, ge=1, description="Flush sooner once this many packets are pending."
+    )
+    queue_max_packets: int = Field(
+        100_000,
+        ge=1,
+        description="Capacity of the queue between receivers and the aggregator, in packets.",
+    )
+    max_inflight_batches: int = Field(
+        64, ge=1, description="Un-acknowledged batches one StreamBatches stream may have."
+    )
+
+    # --- validation limits ---------------------------------------------------
+    max_payload_bytes: int = Field(65_536, ge=0, description="Largest accepted payload.")
+    max_batch_packets: int = Field(10_000, ge=1, description="Most packets in one Batch.")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest gRPC message the server accepts."
+    )
+    max_values_per_packet: int = Field(64, ge=0, description="Most values in one packet.")
+    max_kinds_per_device: int = Field(64, ge=1, description="Distinct kinds per device.")
+    max_value_names_per_device: int = Field(64, ge=1, description="Distinct value names/device.")
+    max_devices: int = Field(1_000_000, ge=1, description="Distinct devices one instance admits.")
+
+    # --- lifecycle -----------------------------------------------------------
+    grace_period: float = Field(
+        10.0, ge=0, description="Seconds open streams get to finish on shutdown."
+    )
+    shutdown_flush_timeout: float = Field(
+        30.0, ge=0, description="Seconds the final flush may retry an unreachable Redis."
+    )
+    log_level: LogLevel = "info"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lowercase_log_level(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("log_level"), str):
+            data["log_level"] = data["log_level"].lower()
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"REDIS_URL / --redis-url {self.redis_url!r} must start with "
+                "redis://, rediss:// or unix://"
+            )
+        if self.redis_port is not None and self.redis_host is None:
+            raise ValueError("REDIS_PORT is set but REDIS_HOST is not: set both, or REDIS_URL")
+        return self
+
+    @property
+    def external_redis_url(self) -> str | None:
+        """The external Redis to use, or None for the embedded one."""
+        if self.redis_url:
+            return self.redis_url
+        if self.redis_host:
+            return f"redis://{self.redis_host}:{self.redis_port or 6379}/0"
+        return None
+
+
+class SendSettings(BaseSettings):
+    """Options of `rtmonitor send` (the load generator); environment twins RTM_SEND_*."""
+
+    model_config = SettingsConfigDict(env_prefix="RTM_SEND_", extra="forbid", frozen=True)
+
+    target: str = Field("localhost:50051", description="gRPC address of the service.")
+    devices: int = Field(100, ge=1, le=10_000_000, description="Distinct devices to simulate.")
+    count: int | None = Field(
+        None, ge=1, description="Packets to send in all (default 10000 unless --duration)."
+    )
+    duration: float | None = Field(None, gt=0, description="Send for this many seconds.")
+    rate: float | None = Field(None, gt=0, description="Packets per second in all (unlimited).")
+    batch_size: int = Field(
+        1, ge=1, le=100_000, description="Packets per message: 1 uses StreamPackets, more batches."
+    )
+    streams: int = Field(1, ge=1, le=1024, description="Concurrent gRPC streams.")
+    device_prefix: str = Field(
+        "dev-", pattern=r"^[A-Za-z0-9._:@/-]{0,64}$", description="Device ids are PREFIX00042."
+    )
+    payload_size: int = Field(64, ge=0, description="Payload bytes per packet.")
+    inflight: int = Field(32, ge=1, description="Unacknowledged batches per stream.")
+    seed: int = Field(0, description="Random seed for the values.")
+    progress: bool = Field(True, description="Show a progress bar (only on a terminal).")
+    json_output: bool = Field(False, description="Print the summary as JSON.")
+
+    @model_validator(mode="after")
+    def _count_or_duration(self) -> Self:
+        if self.count is not None and self.duration is not None:
+            raise ValueError("give --count or --duration, not both")
+        return self
+
+    @property
+    def total(self) -> int | None:
+        """Packets to send, or None for a duration-bound run."""
+        if self.duration is not None:
+            return self.count
+        return self.count if self.count is not None else 10_000

@@ -1,0 +1,1 @@
+"""Receivers: the gRPC servicer, packet validation and the generated protocol code."""

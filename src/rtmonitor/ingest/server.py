@@ -1,0 +1,54 @@
+"""Builds the gRPC server: TelemetryIngest, plus the standard health and reflection services."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from rtmonitor.ingest.servicer import SERVICE_NAME, IngestServicer
+from rtmonitor.ingest.v1.telemetry_pb2 import Ack, BatchAck
+
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def ingest_handler(servicer: IngestServicer) -> grpc.GenericRpcHandler:
+    """TelemetryIngest's method table. Requests stay raw bytes (no request_deserializer):
+    the servicer parses them, to turn malformed input into a clear answer."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "StreamPackets": grpc.stream_unary_rpc_method_handler(
+                servicer.stream_packets, response_serializer=Ack.SerializeToString
+            ),
+            "StreamBatches": grpc.stream_stream_rpc_method_handler(
+                servicer.stream_batches, response_serializer=BatchAck.SerializeToString
+            ),
+        },
+    )
+
+
+def build_server(
+    servicer: IngestServicer,
+    health: health_aio.HealthServicer,
+    *,
+    max_message_bytes: int,
+    reuse_port: bool = False,
+) -> grpc.aio.Server:
+    """A grpc.aio server with ingest, health and reflection registered (ports not yet bound)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            # Let long-lived, quiet streams keep their connection alive through proxies.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+    )
+    server.add_generic_rpc_handlers((ingest_handler(servicer),))
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    return server

@@ -1,0 +1,228 @@
+"""The TelemetryIngest gRPC servicer: reads streams, validates, queues, acknowledges."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
+from rtmonitor.ingest.validation import Reason, Validator
+from rtmonitor.pipeline.aggregator import Aggregator
+from rtmonitor.pipeline.queue import PacketQueue, QueueClosed
+from rtmonitor.pipeline.work import CommitFailed, CommitTracker, Work
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "rtmonitor.v1.TelemetryIngest"
+SHUTDOWN_MESSAGE = "server is shutting down: resend unacknowledged batches (to another instance)"
+
+
+class _StreamError(Exception):
+    """Ends a StreamBatches stream with a status, once every earlier batch is acknowledged."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A batch whose ack waits for its commit."""
+
+    producer_id: str
+    batch_id: int
+    accepted: int
+    rejected: Counter[str]
+    tracker: CommitTracker
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class IngestServicer:
+    """Receivers for both RPCs. Requests arrive as raw bytes and are parsed here, so that a
+    malformed message becomes a counted rejection or INVALID_ARGUMENT with a clear message
+    rather than gRPC's generic deserialization error."""
+
+    def __init__(
+        self,
+        validator: Validator,
+        queue: PacketQueue[Work],
+        aggregator: Aggregator,
+        *,
+        max_batch_packets: int,
+        max_inflight_batches: int,
+    ) -> None:
+        self.validator = validator
+        self.queue = queue
+        self.aggregator = aggregator
+        self.max_batch_packets = max_batch_packets
+        self.max_inflight_batches = max_inflight_batches
+        self._readers: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self.active_streams = 0
+
+    def stop_reading(self) -> None:
+        """Shutdown step 1: stop reading every open stream; acks of what was read still go out."""
+        self._stopping = True
+        for reader in list(self._readers):
+            reader.cancel()
+
+    def _spawn(self, reader: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(reader)
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+        if self._stopping:
+            task.cancel()
+        return task
+
+    # --- StreamPackets: one packet per message, one Ack at the end ------------------------
+
+    async def stream_packets(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, Ack]
+    ) -> Ack:
+        tracker = CommitTracker()
+        rejected: Counter[str] = Counter()
+        accepted = 0
+
+        async def read() -> None:
+            nonlocal accepted
+            check = self.validator.check
+            put = self.queue.put
+            count_rejected = self.aggregator.count_rejected
+            async for raw in requests:
+                recv_ms = _now_ms()
+                try:
+                    packet = Packet.FromString(raw)
+                except DecodeError:
+                    result: object = Reason.MALFORMED
+                else:
+                    result = check(packet, recv_ms)
+                if not isinstance(result, tuple):
+                    rejected[str(result)] += 1
+                    count_rejected(str(result))
+                    continue
+                await put(Work([result], recv_ms, tracker), 1)
+                tracker.submitted()
+                accepted += 1
+
+        self.active_streams += 1
+        try:
+            truncated = await self._run_reader(read())
+            tracker.close()
+            try:
+                await tracker.wait()
+            except CommitFailed as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; resend this stream")
+        finally:
+            self.active_streams -= 1
+        return Ack(
+            accepted=accepted,
+            rejected=rejected.total(),
+            rejected_by_reason=rejected,
+            truncated=truncated,
+        )
+
+    async def _run_reader(self, coro: Coroutine[Any, Any, None]) -> bool:
+        """Run a stream's reader; True if shutdown cut it short. Cancels it if we are cancelled."""
+        reader = self._spawn(coro)
+        try:
+            await asyncio.wait({reader})
+        finally:
+            reader.cancel()
+        if reader.cancelled():
+            return True
+        exc = reader.exception()
+        if isinstance(exc, QueueClosed):
+            return True
+        if exc is not None:
+            raise exc
+        return False
+
+    # --- StreamBatches: batches in, one BatchAck per batch out (after its commit) ---------
+
+    async def stream_batches(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, BatchAck]
+    ) -> AsyncIterator[BatchAck]:
+        pending: asyncio.Queue[_Pending | _StreamError | None] = asyncio.Queue()
+        # At most this many batches wait for their ack: a client that never reads its acks
+        # stops our writes, then this reader, then (flow control) its own sends.
+        window = asyncio.Semaphore(self.max_inflight_batches)
+
+        async def read() -> None:
+            try:
+                async for raw in requests:
+                    await window.acquire()
+                    item = await self._accept_batch(raw)
+                    pending.put_nowait(item)
+                    if isinstance(item, _StreamError):
+                        return
+            finally:
+                pending.put_nowait(None)
+
+        self.active_streams += 1
+        reader = self._spawn(read())
+        try:
+            while (item := await pending.get()) is not None:
+                if isinstance(item, _StreamError):
+                    await context.abort(item.code, item.message)
+                try:
+                    await item.tracker.wait()
+                except CommitFailed as exc:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; resend")
+                yield BatchAck(
+                    producer_id=item.producer_id,
+                    batch_id=item.batch_id,
+                    accepted=item.accepted,
+                    rejected=item.rejected.total(),
+                    rejected_by_reason=item.rejected,
+                )
+                window.release()
+            await asyncio.wait({reader})
+            if reader.cancelled() or isinstance(reader.exception(), QueueClosed):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
+            if (exc := reader.exception()) is not None:
+                raise exc
+        finally:
+            reader.cancel()
+            self.active_streams -= 1
+
+    async def _accept_batch(self, raw: bytes) -> _Pending | _StreamError:
+        """Validate one batch and queue its good packets; an error ends the stream."""
+        try:
+            batch = Batch.FromString(raw)
+        except DecodeError as exc:
+            self.aggregator.count_rejected("malformed_batch")  # unit: messages
+            return _StreamError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"malformed Batch message ({exc}): send a rtmonitor.v1.Batch "
+                "serialized with protobuf",
+            )
+        n = len(batch.packets)
+        if n > self.max_batch_packets:
+            self.aggregator.count_rejected("batch_too_large", n)
+            return _StreamError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"batch {batch.batch_id} has {n} packets; the limit is {self.max_batch_packets} "
+                "(--max-batch-packets): split it into smaller batches",
+            )
+        recv_ms = _now_ms()
+        rows, rejected = self.validator.check_many(batch.packets, recv_ms)
+        for reason, count in rejected.items():
+            self.aggregator.count_rejected(reason, count)
+        tracker = CommitTracker()
+        if rows:
+            await self.queue.put(Work(rows, recv_ms, tracker), len(rows))
+            tracker.submitted()
+        tracker.close()
+        return _Pending(batch.producer_id, batch.batch_id, len(rows), rejected, tracker)

@@ -1,0 +1,143 @@
+"""Packet validation: a bad packet is rejected and counted by reason, never fatal to a stream."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from rtmonitor.ingest.v1.telemetry_pb2 import Packet
+from rtmonitor.pipeline.work import Row
+
+# device ids: letters, digits and . _ : @ / -  — no braces (they are Redis Cluster hash-tag
+# delimiters), no quotes, spaces, or control characters (they break Prometheus labels, logs, URLs).
+DEVICE_ID_MAX = 128
+_DEVICE_ID = re.compile(r"[A-Za-z0-9._:@/-]+")
+NAME_MAX = 64
+_NAME = re.compile(r"[A-Za-z0-9._:@/-]+")
+UNSPECIFIED_KIND = "unspecified"
+# a device clock more than a day ahead is broken, and would pin "last" values forever
+_MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000
+
+
+class Reason(StrEnum):
+    """Why a packet was not counted (these strings appear in acks, /metrics and logs)."""
+
+    MALFORMED = "malformed_packet"
+    EMPTY_DEVICE_ID = "empty_device_id"
+    DEVICE_ID_TOO_LONG = "device_id_too_long"
+    INVALID_DEVICE_ID = "invalid_device_id"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    BAD_TIMESTAMP = "bad_timestamp"
+    INVALID_KIND = "invalid_kind"
+    TOO_MANY_VALUES = "too_many_values"
+    INVALID_VALUE_NAME = "invalid_value_name"
+    NON_FINITE_VALUE = "non_finite_value"
+    TOO_MANY_KINDS = "too_many_kinds"
+    TOO_MANY_VALUE_NAMES = "too_many_value_names"
+    TOO_MANY_DEVICES = "too_many_devices"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The validation limits (from Settings)."""
+
+    max_payload_bytes: int = 65_536
+    max_values_per_packet: int = 64
+    max_kinds_per_device: int = 64
+    max_value_names_per_device: int = 64
+    max_devices: int = 1_000_000
+
+
+class _Vocabulary:
+    """What one device has used so far in this process (kinds, value names)."""
+
+    __slots__ = ("kinds", "names")
+
+    def __init__(self) -> None:
+        self.kinds: set[str] = set()
+        self.names: set[str] = set()
+
+
+class Validator:
+    """Checks packets against the limits; remembers each device's kinds and value names.
+
+    The per-device limits are enforced per process: N instances admit at most N times
+    the limit in the worst case (documented in the README).
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._devices: dict[str, _Vocabulary] = {}
+
+    @property
+    def device_count(self) -> int:
+        return len(self._devices)
+
+    def check(self, packet: Packet, recv_ms: int) -> Row | Reason:
+        """Return the packet as a row ready to aggregate, or the reason it is refused."""
+        lim = self.limits
+        device_id = packet.device_id
+        if not device_id:
+            return Reason.EMPTY_DEVICE_ID
+        if len(device_id) > DEVICE_ID_MAX:
+            return Reason.DEVICE_ID_TOO_LONG
+        if not _DEVICE_ID.fullmatch(device_id):
+            return Reason.INVALID_DEVICE_ID
+        nbytes = len(packet.payload)
+        if nbytes > lim.max_payload_bytes:
+            return Reason.PAYLOAD_TOO_LARGE
+        ts = packet.timestamp_ms
+        if ts == 0:
+            ts = recv_ms
+        elif ts < 0 or ts > recv_ms + _MAX_CLOCK_AHEAD_MS:
+            return Reason.BAD_TIMESTAMP
+        kind = packet.kind or UNSPECIFIED_KIND
+        if len(kind) > NAME_MAX or not _NAME.fullmatch(kind):
+            return Reason.INVALID_KIND
+        values: dict[str, float] | None = None
+        if packet.values:
+            if len(packet.values) > lim.max_values_per_packet:
+                return Reason.TOO_MANY_VALUES
+            values = dict(packet.values)
+            for name, value in values.items():
+                if len(name) > NAME_MAX or not _NAME.fullmatch(name):
+                    return Reason.INVALID_VALUE_NAME
+                if not math.isfinite(value):
+                    return Reason.NON_FINITE_VALUE
+        # Stateful limits last, and the vocabulary changes only once the packet is admitted,
+        # so a refused packet leaves no trace (no phantom device, kind or value name).
+        vocab = self._devices.get(device_id)
+        if vocab is None:
+            if len(self._devices) >= lim.max_devices:
+                return Reason.TOO_MANY_DEVICES
+            vocab = _Vocabulary()
+        new_kind = kind not in vocab.kinds
+        if new_kind and len(vocab.kinds) >= lim.max_kinds_per_device:
+            return Reason.TOO_MANY_KINDS
+        new_names: set[str] | None = None
+        if values is not None and not vocab.names.issuperset(values):
+            new_names = values.keys() - vocab.names
+        if new_names and len(vocab.names) + len(new_names) > lim.max_value_names_per_device:
+            return Reason.TOO_MANY_VALUE_NAMES
+        if new_kind:
+            vocab.kinds.add(kind)
+        if new_names:
+            vocab.names.update(new_names)
+        self._devices[device_id] = vocab
+        return (device_id, kind, nbytes, ts, values)
+
+    def check_many(self, packets: Iterable[Packet], recv_ms: int) -> tuple[list[Row], Counter[str]]:
+        """Validate a batch: the good rows, and the refused ones counted by reason."""
+        rows: list[Row] = []
+        rejected: Counter[str] = Counter()
+        check = self.check
+        for packet in packets:
+            result = check(packet, recv_ms)
+            if isinstance(result, tuple):
+                rows.append(result)
+            else:
+                rejected[result] += 1
+        return rows, rejected

@@ -1,0 +1,1 @@
+"""The load generator behind `rtmonitor send` (and, later, `rtmonitor bench`)."""

@@ -1,0 +1,336 @@
+"""`rtmonitor send`: generated packets over real gRPC streams, with exact bookkeeping.
+
+Packets are built once into a pool of serialized messages (entry e belongs to device
+e % devices) and replayed, so the sender spends its time on the wire, not in Python.
+Acks arrive in order, so what one stream had acknowledged is always a prefix of what it
+sent: the per-device acknowledged counts follow by arithmetic (see `acked_per_device`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from rtmonitor.config import SendSettings
+from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
+
+KINDS = ("heartbeat", "reading", "tcp")
+STREAM_PACKETS = "/rtmonitor.v1.TelemetryIngest/StreamPackets"
+STREAM_BATCHES = "/rtmonitor.v1.TelemetryIngest/StreamBatches"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def device_name(prefix: str, index: int, devices: int) -> str:
+    return f"{prefix}{index:0{max(5, len(str(devices - 1)))}d}"
+
+
+class PacketPool:
+    """Serialized packets; entry e is for device e % devices. Its size is a multiple of
+    `devices`, so any run of consecutive entries spreads evenly over the devices."""
+
+    def __init__(self, opts: SendSettings) -> None:
+        self.devices = opts.devices
+        self.names = [device_name(opts.device_prefix, i, opts.devices) for i in range(opts.devices)]
+        size = opts.devices * -(-max(opts.batch_size, 1024) // opts.devices)
+        rng = random.Random(opts.seed)
+        payload = bytes(opts.payload_size)
+        self.packets: list[bytes] = []
+        for e in range(size):
+            kind = KINDS[(e // opts.devices) % len(KINDS)]
+            packet = Packet(device_id=self.names[e % opts.devices], kind=kind, payload=payload)
+            if kind == "reading":
+                packet.values["temperature"] = round(rng.uniform(-20.0, 45.0), 2)
+                packet.values["humidity"] = round(rng.uniform(0.0, 100.0), 1)
+            self.packets.append(packet.SerializeToString())
+        # Each packet framed as field 3 of Batch: concatenating frames builds a Batch body.
+        self.framed = [b"\x1a" + _varint(len(p)) + p for p in self.packets]
+
+    def __len__(self) -> int:
+        return len(self.packets)
+
+    def batch_body(self, start: int, n: int) -> bytes:
+        """The framed packets start .. start+n-1 (cyclic)."""
+        size = len(self.framed)
+        start %= size
+        if start + n <= size:
+            return b"".join(self.framed[start : start + n])
+        parts = self.framed[start:]
+        n -= size - start
+        while n > size:
+            parts += self.framed
+            n -= size
+        return b"".join(parts + self.framed[:n])
+
+
+@dataclass
+class StreamResult:
+    """What one stream sent and what the service acknowledged."""
+
+    offset: int  # pool entry of the stream's first packet
+    sent: int = 0
+    accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    error: str | None = None
+
+    @property
+    def processed(self) -> int:
+        return self.accepted + self.rejected.total()
+
+
+@dataclass
+class SendReport:
+    """The summary of one `send` run."""
+
+    mode: str
+    streams: list[StreamResult]
+    elapsed: float
+    devices: int
+    payload_size: int
+    names: list[str]
+
+    @property
+    def sent(self) -> int:
+        return sum(s.sent for s in self.streams)
+
+    @property
+    def accepted(self) -> int:
+        return sum(s.accepted for s in self.streams)
+
+    @property
+    def rejected(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for s in self.streams:
+            total.update(s.rejected)
+        return total
+
+    @property
+    def errors(self) -> list[str]:
+        return [s.error for s in self.streams if s.error]
+
+    def acked_per_device(self) -> dict[str, int]:
+        """Packets acknowledged per device (every generated packet is valid)."""
+        counts = [0] * self.devices
+        d = self.devices
+        for s in self.streams:
+            full, rest = divmod(s.processed, d)
+            if full:
+                counts = [c + full for c in counts]
+            first = s.offset % d
+            for j in range(rest):
+                counts[(first + j) % d] += 1
+        return {self.names[i]: c for i, c in enumerate(counts) if c}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "sent": self.sent,
+            "accepted": self.accepted,
+            "rejected": self.rejected.total(),
+            "rejected_by_reason": dict(self.rejected),
+            "bytes_accepted": self.accepted * self.payload_size,
+            "elapsed_s": round(self.elapsed, 3),
+            "packets_per_s": round(self.accepted / self.elapsed) if self.elapsed else 0,
+            "errors": self.errors,
+        }
+
+
+async def _stream_packets(
+    channel: grpc.aio.Channel, pool: PacketPool, result: StreamResult, n: int | None,
+    pace: _Pacer, counter: list[int],
+) -> None:
+    call = channel.stream_unary(STREAM_PACKETS, _identity, Ack.FromString)
+
+    async def packets() -> Any:
+        packets_ = pool.packets
+        size = len(packets_)
+        i = 0
+        while (n is None or i < n) and not pace.expired():
+            yield packets_[(result.offset + i) % size]
+            i += 1
+            result.sent = i
+            counter[0] += 1
+            await pace.wait(1)
+
+    ack: Ack = await call(packets())
+    result.accepted = ack.accepted
+    result.rejected.update(dict(ack.rejected_by_reason))
+    if ack.truncated:
+        result.error = "server stopped reading early (shutdown); resend the rest"
+
+
+async def _stream_batches(
+    channel: grpc.aio.Channel, pool: PacketPool, result: StreamResult, n: int | None,
+    opts: SendSettings, pace: _Pacer, counter: list[int],
+) -> None:
+    call = channel.stream_stream(STREAM_BATCHES, _identity, BatchAck.FromString)()
+    producer = uuid.uuid4().hex
+    window = asyncio.Semaphore(opts.inflight)
+
+    async def read_acks() -> None:
+        async for ack in call:
+            result.accepted += ack.accepted
+            result.rejected.update(dict(ack.rejected_by_reason))
+            counter[0] += ack.accepted + ack.rejected
+            window.release()
+
+    reader = asyncio.create_task(read_acks())
+    try:
+        batch_id = 0
+        pos = result.offset
+        while (n is None or result.sent < n) and not pace.expired() and not reader.done():
+            m = opts.batch_size if n is None else min(opts.batch_size, n - result.sent)
+            header = Batch(producer_id=producer, batch_id=batch_id).SerializeToString()
+            await window.acquire()
+            await call.write(header + pool.batch_body(pos, m))
+            batch_id += 1
+            pos += m
+            result.sent += m
+            await pace.wait(m)
+        if not reader.done():
+            await call.done_writing()
+        await reader
+    finally:
+        reader.cancel()
+
+
+class _Pacer:
+    """Spaces one stream's sends to its share of --rate, and ends a --duration run."""
+
+    def __init__(self, rate: float | None, duration: float | None) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.end = self.start + duration if duration else None
+        self.sent = 0
+
+    def expired(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+    async def wait(self, packets: int) -> None:
+        self.sent += packets
+        if self.rate is None:
+            return
+        delay = self.start + self.sent / self.rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+async def send(opts: SendSettings, progress: Progress | None = None) -> SendReport:
+    """Run the load as `opts` says and report what was acknowledged."""
+    pool = PacketPool(opts)
+    total = opts.total
+    per_stream_rate = opts.rate / opts.streams if opts.rate else None
+    shares = (
+        [total // opts.streams + (1 if s < total % opts.streams else 0) for s in range(opts.streams)]
+        if total is not None
+        else [None] * opts.streams
+    )
+    stride = max(1, len(pool) // opts.streams)
+    results = [StreamResult(offset=s * stride) for s in range(opts.streams)]
+    counter = [0]
+    mode = "StreamPackets" if opts.batch_size == 1 else "StreamBatches"
+    task_id = None
+    if progress is not None:
+        task_id = progress.add_task(
+            f"{mode} -> {opts.target}", total=total if total is not None else None
+        )
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(
+        opts.target, options=[("grpc.max_send_message_length", 256 * 1024 * 1024)]
+    ) as channel:
+
+        async def one(s: int) -> None:
+            pace = _Pacer(per_stream_rate, opts.duration)
+            try:
+                if opts.batch_size == 1:
+                    await _stream_packets(channel, pool, results[s], shares[s], pace, counter)
+                else:
+                    await _stream_batches(
+                        channel, pool, results[s], shares[s], opts, pace, counter
+                    )
+            except grpc.aio.AioRpcError as exc:
+                results[s].error = f"{exc.code().name}: {exc.details()}"
+
+        tasks = [asyncio.create_task(one(s)) for s in range(opts.streams)]
+        while not all(t.done() for t in tasks):
+            await asyncio.wait(tasks, timeout=0.2)
+            if progress is not None and task_id is not None:
+                progress.update(task_id, completed=counter[0])
+        for t in tasks:
+            t.result()
+    if progress is not None and task_id is not None:
+        progress.update(task_id, completed=counter[0])
+    return SendReport(
+        mode=mode,
+        streams=results,
+        elapsed=time.monotonic() - started,
+        devices=opts.devices,
+        payload_size=opts.payload_size,
+        names=pool.names,
+    )
+
+
+async def run_send(opts: SendSettings) -> int:
+    """The `send` command: run, print a summary; exit status 1 if any stream failed."""
+    console = Console(stderr=True)
+    show = opts.progress and console.is_terminal and not opts.json_output
+    if show:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("acked"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            report = await send(opts, progress)
+    else:
+        report = await send(opts)
+    summary = report.as_dict()
+    if opts.json_output:
+        print(json.dumps(summary))
+    else:
+        table = Table(title=f"rtmonitor send: {report.mode}, {opts.streams} stream(s)")
+        table.add_column("what")
+        table.add_column("value", justify="right")
+        table.add_row("sent", f"{summary['sent']:,}")
+        table.add_row("acknowledged (counted)", f"{summary['accepted']:,}")
+        table.add_row("rejected", f"{summary['rejected']:,}")
+        for reason, count in sorted(summary["rejected_by_reason"].items()):
+            table.add_row(f"  {reason}", f"{count:,}")
+        table.add_row("elapsed", f"{summary['elapsed_s']:.2f} s")
+        table.add_row("acknowledged packets/s", f"{summary['packets_per_s']:,}")
+        Console().print(table)
+        for error in report.errors:
+            console.print(f"[red]stream error:[/red] {error}")
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(asyncio.run(run_send(SendSettings())))

@@ -1,0 +1,1 @@
+"""The pipeline: bounded queue -> aggregator -> flusher (to storage)."""

@@ -1,0 +1,118 @@
+"""A FIFO between receivers and the aggregator, bounded in packets rather than messages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class QueueClosed(Exception):
+    """The queue no longer accepts items (the service is shutting down)."""
+
+
+class PacketQueue(Generic[T]):
+    """Bounded queue whose capacity counts packets, so a 10,000-packet batch weighs 10,000.
+
+    背压（backpressure）就在这里发生：队列满时 put() 会等待，接收端于是停止读取
+    gRPC 流，HTTP/2 流控窗口被填满，客户端的发送随之阻塞——内存有上界，也没有静默丢包。
+    A single item larger than the whole capacity is still admitted when the queue is empty,
+    so an oversized batch cannot deadlock.
+    """
+
+    def __init__(self, max_packets: int) -> None:
+        if max_packets < 1:
+            raise ValueError("max_packets must be >= 1")
+        self.max_packets = max_packets
+        self._items: deque[tuple[T, int]] = deque()
+        self._packets = 0
+        self._putters: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._getter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    @property
+    def packets(self) -> int:
+        """Packets currently queued."""
+        return self._packets
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _fits(self, packets: int) -> bool:
+        return self._packets == 0 or self._packets + packets <= self.max_packets
+
+    async def put(self, item: T, packets: int) -> None:
+        """Enqueue `item` weighing `packets`, waiting while the queue is full.
+
+        Cancel-safe: a put cancelled while waiting enqueues nothing.
+        """
+        if self._closed:
+            raise QueueClosed("the pipeline is shutting down")
+        if self._putters or not self._fits(packets):
+            waiter = asyncio.get_running_loop().create_future()
+            entry = (waiter, packets)
+            self._putters.append(entry)
+            try:
+                await waiter
+            except BaseException:
+                if entry in self._putters:
+                    self._putters.remove(entry)
+                elif not waiter.cancelled():
+                    # We were woken but cancelled before running: pass the turn on.
+                    self._wake_putters()
+                raise
+            if self._closed:
+                raise QueueClosed("the pipeline is shutting down")
+        self._items.append((item, packets))
+        self._packets += packets
+        if self._getter is not None and not self._getter.done():
+            self._getter.set_result(None)
+
+    async def get_all(self) -> list[T]:
+        """Wait for at least one item, then take everything queued.
+
+        Returns an empty list only once the queue is closed and drained.
+        """
+        while not self._items:
+            if self._closed:
+                return []
+            self._getter = asyncio.get_running_loop().create_future()
+            try:
+                await self._getter
+            finally:
+                self._getter = None
+        items = [item for item, _ in self._items]
+        self._items.clear()
+        self._packets = 0
+        self._wake_putters()
+        return items
+
+    def _wake_putters(self) -> None:
+        # Admit waiting putters in FIFO order while they fit.
+        budget = self._packets
+        while self._putters:
+            waiter, packets = self._putters[0]
+            if waiter.done():
+                self._putters.popleft()
+                continue
+            if budget != 0 and budget + packets > self.max_packets:
+                break
+            self._putters.popleft()
+            waiter.set_result(None)
+            budget += packets
+
+    def close(self) -> None:
+        """Refuse new items; waiting putters get QueueClosed, the getter drains what is left."""
+        self._closed = True
+        while self._putters:
+            waiter, _ = self._putters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._getter is not None and not self._getter.done():
+            self._getter.set_result(None)

@@ -1,0 +1,269 @@
+"""Composes the stages (ingest -> pipeline -> storage -> api) and owns startup and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+
+from rtmonitor.api.app import create_app
+from rtmonitor.config import Settings
+from rtmonitor.ingest.server import build_server
+from rtmonitor.ingest.servicer import SERVICE_NAME, IngestServicer
+from rtmonitor.ingest.validation import Limits, Validator
+from rtmonitor.pipeline.aggregator import Aggregator
+from rtmonitor.pipeline.flusher import Flusher
+from rtmonitor.pipeline.queue import PacketQueue
+from rtmonitor.pipeline.work import Work
+from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError
+from rtmonitor.storage.store import RedisStore
+
+logger = logging.getLogger(__name__)
+
+STARTUP_BACKOFF_MAX_S = 5.0
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says what to change."""
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn inside our event loop; the Service, not uvicorn, owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Service:
+    """The whole process: embedded or external Redis, pipeline, gRPC and HTTP servers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.should_exit = asyncio.Event()
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self.redis_url: str | None = None
+        self._signals = 0
+        self._stopping = False
+        self._shutdown_done = False
+        self._serving = False
+        self._embedded: EmbeddedRedis | None = None
+        self.store: RedisStore | None = None
+        self.queue: PacketQueue[Work] = PacketQueue(settings.queue_max_packets)
+        self.aggregator = Aggregator()
+        self.validator = Validator(
+            Limits(
+                max_payload_bytes=settings.max_payload_bytes,
+                max_values_per_packet=settings.max_values_per_packet,
+                max_kinds_per_device=settings.max_kinds_per_device,
+                max_value_names_per_device=settings.max_value_names_per_device,
+                max_devices=settings.max_devices,
+            )
+        )
+        self.servicer = IngestServicer(
+            self.validator,
+            self.queue,
+            self.aggregator,
+            max_batch_packets=settings.max_batch_packets,
+            max_inflight_batches=settings.max_inflight_batches,
+        )
+        self.health = health_aio.HealthServicer()
+        self.flusher: Flusher | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._http: _HttpServer | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    # --- signals ---------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig)
+
+    def handle_exit(self, sig: int) -> None:
+        """First signal: shut down in order. Second: exit now."""
+        self._signals += 1
+        if self._signals == 1:
+            logger.info("%s received: shutting down (send it again to force)", signal.Signals(sig).name)
+            self.should_exit.set()
+            return
+        logger.warning("second signal: forcing exit; unacknowledged packets are not committed")
+        os._exit(1)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Start, run until a signal (or should_exit), then shut down."""
+        self.install_signal_handlers()
+        try:
+            await self.startup()
+            if not self.should_exit.is_set():
+                await self.should_exit.wait()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        s = self.settings
+        # 1. Redis: external if configured, else the embedded one (a child process).
+        url = s.external_redis_url
+        if url is None:
+            self._embedded = EmbeddedRedis(s.data_dir, s.embedded_redis_port)
+            self._embedded.start()
+            url = self._embedded.url
+        self.redis_url = url
+        self.store = RedisStore.from_url(url, s.key_prefix)
+        await self._wait_for_redis()
+        if self.should_exit.is_set():
+            return
+        # 2. The pipeline: aggregator draining the queue, flusher committing to Redis.
+        self.flusher = Flusher(self.aggregator, self.store, s.flush_interval)
+        self._tasks["aggregator"] = asyncio.create_task(
+            self.aggregator.consume(self.queue, s.flush_max_packets, self.flusher.request_flush),
+            name="aggregator",
+        )
+        self._tasks["flusher"] = asyncio.create_task(self.flusher.run(), name="flusher")
+        # 3. gRPC: ingest + health + reflection.
+        self._grpc = build_server(
+            self.servicer, self.health, max_message_bytes=s.max_message_bytes
+        )
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError as exc:
+            raise StartupError(
+                f"cannot listen for gRPC on {s.host}:{s.grpc_port} ({exc}): the port is in use "
+                "or the address is wrong; choose another with --grpc-port / RTM_GRPC_PORT"
+            ) from None
+        await self._grpc.start()
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
+        # 4. HTTP API.
+        sock = self._bind_http()
+        self.http_port = int(sock.getsockname()[1])
+        app = create_app(self.store, self.readiness)
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+        )
+        self._http = _HttpServer(config)
+        self._tasks["http"] = asyncio.create_task(self._http.serve(sockets=[sock]), name="http")
+        while not self._http.started:
+            if self._tasks["http"].done():
+                self._tasks["http"].result()
+                raise StartupError("the HTTP server stopped during startup")
+            await asyncio.sleep(0.01)
+        logger.info(
+            "rtmonitor ready: gRPC %s:%d, HTTP http://%s:%d (docs /docs), Redis %s%s",
+            s.host,
+            self.grpc_port,
+            s.host,
+            self.http_port,
+            url,
+            " (embedded)" if self._embedded else "",
+        )
+
+    def _bind_http(self) -> socket.socket:
+        s = self.settings
+        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((s.host, s.http_port))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(
+                f"cannot listen for HTTP on {s.host}:{s.http_port} ({exc.strerror}); "
+                "choose another port with --http-port / RTM_HTTP_PORT"
+            ) from None
+        sock.set_inheritable(True)
+        return sock
+
+    async def _wait_for_redis(self) -> None:
+        """Retry PING with capped backoff until Redis answers (or we are told to exit)."""
+        assert self.store is not None
+        delay = 0.1
+        attempts = 0
+        while (error := await self.store.ping(timeout=3.0)) is not None:
+            attempts += 1
+            if attempts == 1 or attempts % 10 == 0:
+                logger.warning(
+                    "Redis at %s is unreachable (%s); retrying every %.1fs at most",
+                    self.redis_url,
+                    error,
+                    STARTUP_BACKOFF_MAX_S,
+                )
+            try:
+                await asyncio.wait_for(self.should_exit.wait(), delay)
+                return
+            except TimeoutError:
+                delay = min(delay * 2, STARTUP_BACKOFF_MAX_S)
+        if attempts:
+            logger.info("Redis at %s is reachable", self.redis_url)
+
+    async def readiness(self) -> list[str]:
+        """Why the service cannot take traffic now (empty: ready)."""
+        reasons = []
+        if self._stopping:
+            reasons.append("shutting down")
+        elif not self._serving:
+            reasons.append("gRPC ingest is not serving yet")
+        if self.store is None:
+            reasons.append("Redis is not connected yet")
+        elif (error := await self.store.ping()) is not None:
+            reasons.append(f"Redis is unreachable: {error}")
+        return reasons
+
+    async def shutdown(self) -> None:
+        """Stop in order, losing no acknowledged packet. Calling it twice is harmless."""
+        if self._stopping:
+            return
+        self._stopping = True
+        s = self.settings
+        logger.info("shutting down")
+        # 1. Tell load balancers and health watchers to go elsewhere.
+        await self.health.enter_graceful_shutdown()
+        # 2. Stop accepting streams; open ones stop reading but still send the acks of what
+        #    they read, within the grace period (the pipeline keeps committing meanwhile).
+        #    关闭顺序的关键：先停止读，再等已读数据的确认发出，最后才排空队列、最终刷新。
+        self.servicer.stop_reading()
+        if self._grpc is not None:
+            await self._grpc.stop(s.grace_period)
+        self._serving = False
+        # 3. Drain the queue into the aggregator.
+        self.queue.close()
+        if (task := self._tasks.get("aggregator")) is not None:
+            await task
+        # 4. Final flush (retried up to the deadline if Redis is away).
+        if self.flusher is not None:
+            self.flusher.stop(s.shutdown_flush_timeout)
+            await self._tasks["flusher"]
+        # 5. HTTP last: readiness answers 503 "shutting down" until here.
+        if self._http is not None:
+            self._http.should_exit = True
+            await self._tasks["http"]
+        # 6. Close the Redis client, then stop the embedded Redis (it saves on SIGTERM).
+        if self.store is not None:
+            await self.store.aclose()
+        if self._embedded is not None:
+            self._embedded.stop()
+        self._shutdown_done = True
+        logger.info("stopped")
+
+
+def run(settings: Settings) -> int:
+    """Run the service until a signal; the process exit code."""
+    service = Service(settings)
+    try:
+        asyncio.run(service.serve())
+    except (StartupError, EmbeddedRedisError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0

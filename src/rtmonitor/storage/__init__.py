@@ -1,0 +1,1 @@
+"""Storage: the Redis key layout, atomic merge scripts, the store and the embedded launcher."""

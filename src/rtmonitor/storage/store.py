@@ -1,0 +1,248 @@
+"""The Redis store: idempotent commits of flush deltas, and the reads behind the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+
+from rtmonitor.storage.keys import SORT_INDEXES, KeyLayout
+from rtmonitor.storage.model import DeviceDelta, FlushDelta
+from rtmonitor.storage.scripts import MERGE_DEVICES, MERGE_GLOBAL
+
+logger = logging.getLogger(__name__)
+
+SortField = Literal["device_id", "packets", "bytes", "last_seen"]
+# Devices per merge-script call: big enough to amortise the call, small enough that one
+# script never blocks Redis for long (a few ms).
+GROUP_SIZE = 256
+# How long an idempotency marker lives: the window in which a retry of the same flush
+# (after a lost reply or a reconnect) is recognised and skipped.
+MARKER_TTL_S = 3600
+# Lexicographic upper bound for a prefix range: device ids only use ASCII below 0x7f.
+_LEX_END = "\x7f"
+
+
+class RedisStore:
+    """One Redis (or Redis Cluster) client per process, with the project's key layout."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        layout: KeyLayout,
+        *,
+        group_size: int = GROUP_SIZE,
+        marker_ttl: int = MARKER_TTL_S,
+    ) -> None:
+        self.client = client
+        self.layout = layout
+        self.cluster = isinstance(client, RedisCluster)
+        self._group_size = group_size
+        self._marker_ttl = marker_ttl
+        self._merge_devices = client.register_script(MERGE_DEVICES)
+        self._merge_global = client.register_script(MERGE_GLOBAL)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "rtm", *, cluster: bool = False) -> Self:
+        """Build a store for `url` (redis://, rediss://, unix://)."""
+        opts: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_timeout": 5.0,
+            "socket_connect_timeout": 3.0,
+            "health_check_interval": 10,
+        }
+        client: aioredis.Redis | RedisCluster
+        if cluster:
+            client = RedisCluster.from_url(url, **opts)
+        else:
+            client = aioredis.Redis.from_url(url, **opts)
+        return cls(client, KeyLayout(prefix))
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # --- health ----------------------------------------------------------------------------
+
+    async def ping(self, timeout: float = 1.0) -> str | None:
+        """None when Redis answers within `timeout`, else what went wrong."""
+        try:
+            await asyncio.wait_for(self.client.ping(), timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return None
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def _groups(self, device_ids: list[str]) -> Iterator[list[str]]:
+        """Split devices into script calls; in a cluster each call stays in one hash slot."""
+        size = self._group_size
+        if not self.cluster:
+            for start in range(0, len(device_ids), size):
+                yield device_ids[start : start + size]
+            return
+        by_slot: dict[int, list[str]] = {}
+        for device_id in device_ids:
+            by_slot.setdefault(key_slot(device_id.encode()), []).append(device_id)
+        for ids in by_slot.values():
+            for start in range(0, len(ids), size):
+                yield ids[start : start + size]
+
+    async def commit(self, delta: FlushDelta, flush_id: str) -> None:
+        """Write one flush in a single pipelined round trip. Idempotent per `flush_id`.
+
+        Each script call first sets a marker named after the flush; calling commit() again
+        with the same delta and id (after a timeout or a dropped connection) applies only
+        the calls that had not been applied. Raises RedisError when Redis cannot be reached.
+        """
+        layout = self.layout
+        pipe = self.client.pipeline(transaction=False)
+        device_ids = list(delta.devices)
+        for n, group in enumerate(self._groups(device_ids)):
+            keys = [layout.device_marker(group[0], f"{flush_id}:{n}")]
+            args: list[Any] = [self._marker_ttl]
+            for device_id in group:
+                keys.append(layout.device(device_id))
+                _encode_device(delta.devices[device_id], args)
+            await self._merge_devices(keys=keys, args=args, client=pipe)
+        gargs: list[Any] = [self._marker_ttl, delta.packets, delta.bytes, len(delta.rejected)]
+        for reason, count in delta.rejected.items():
+            gargs += (reason, count)
+        for device_id, dev in delta.devices.items():
+            gargs += (device_id, dev.packets, dev.bytes, dev.last_seen)
+        gkeys = [
+            layout.global_marker(flush_id),
+            layout.totals,
+            layout.rejected,
+            layout.devices,
+            *(layout.index(f) for f in SORT_INDEXES),
+        ]
+        await self._merge_global(keys=gkeys, args=gargs, client=pipe)
+        await pipe.execute()
+
+    # --- reads -----------------------------------------------------------------------------
+
+    async def get_device(self, device_id: str) -> dict[str, Any] | None:
+        """The device's counters, or None if Redis has never seen it."""
+        raw = await self.client.hgetall(self.layout.device(device_id))
+        return parse_device(device_id, raw) if raw else None
+
+    async def list_devices(
+        self,
+        *,
+        prefix: str = "",
+        sort: SortField = "device_id",
+        descending: bool = False,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """One page of devices: (number matching the filter, their counters)."""
+        client, layout = self.client, self.layout
+        lo, hi = (f"[{prefix}", f"({prefix}{_LEX_END}") if prefix else ("-", "+")
+        if sort == "device_id":
+            matched = await client.zlexcount(layout.devices, lo, hi)
+            if descending:
+                ids = await client.zrevrangebylex(layout.devices, hi, lo, offset, limit)
+            else:
+                ids = await client.zrangebylex(layout.devices, lo, hi, offset, limit)
+        elif not prefix:
+            index = layout.index(sort)
+            matched = await client.zcard(index)
+            ids = await client.zrange(index, offset, offset + limit - 1, desc=descending)
+        else:
+            # A prefix and a numeric order: fetch the matching ids (bounded by --max-devices),
+            # their scores in one call, and order them here.
+            candidates = await client.zrangebylex(layout.devices, lo, hi)
+            matched = len(candidates)
+            scores = await client.zmscore(layout.index(sort), candidates) if candidates else []
+            ranked = sorted(
+                zip(candidates, scores, strict=True),
+                key=lambda pair: (pair[1] or 0.0, pair[0]),
+                reverse=descending,
+            )
+            ids = [device_id for device_id, _ in ranked[offset : offset + limit]]
+        if not ids:
+            return matched, []
+        pipe = client.pipeline(transaction=False)
+        for device_id in ids:
+            pipe.hgetall(layout.device(device_id))
+        raws = await pipe.execute()
+        return matched, [parse_device(d, raw) for d, raw in zip(ids, raws, strict=True) if raw]
+
+    async def totals(self) -> dict[str, Any]:
+        """Totals over every device and instance."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.layout.totals)
+        pipe.zcard(self.layout.devices)
+        pipe.hgetall(self.layout.rejected)
+        totals, devices, rejected = await pipe.execute()
+        by_reason = {reason: int(n) for reason, n in sorted(rejected.items())}
+        return {
+            "devices": int(devices),
+            "packets": int(totals.get("packets", 0)),
+            "bytes": int(totals.get("bytes", 0)),
+            "rejected": sum(by_reason.values()),
+            "rejected_by_reason": by_reason,
+        }
+
+
+def _encode_device(dev: DeviceDelta, out: list[Any]) -> None:
+    """Append one device's delta in MERGE_DEVICES's argument order (floats as repr)."""
+    out += (dev.packets, dev.bytes, dev.first_seen, dev.last_seen, len(dev.kinds))
+    for kind, count in dev.kinds.items():
+        out += (kind, count)
+    out.append(len(dev.values))
+    for name, s in dev.values.items():
+        out += (name, s.count, s.sum, s.min, s.max, s.last, s.last_ts)
+
+
+_VALUE_FIELDS = {"n": "count", "sum": "sum", "min": "min", "max": "max", "last": "last"}
+
+
+def parse_device(device_id: str, raw: dict[str, str]) -> dict[str, Any]:
+    """Turn a device hash into the API's device object."""
+    kinds: dict[str, int] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    base: dict[str, int] = {}
+    for field, value in raw.items():
+        if field.startswith("k:"):
+            kinds[field[2:]] = int(value)
+        elif field.startswith("v:"):
+            name, stat = field[2:].rsplit(":", 1)
+            entry = stats.setdefault(name, {})
+            if stat == "ts":
+                entry["last_timestamp_ms"] = int(value)
+            elif stat == "n":
+                entry["count"] = int(value)
+            else:
+                entry[_VALUE_FIELDS[stat]] = float(value)
+        else:
+            base[field] = int(value)
+    for entry in stats.values():
+        entry["mean"] = entry["sum"] / entry["count"] if entry.get("count") else None
+    return {
+        "device_id": device_id,
+        "packets": base.get("packets", 0),
+        "bytes": base.get("bytes", 0),
+        "first_seen": base.get("first_seen"),
+        "last_seen": base.get("last_seen"),
+        "kinds": dict(sorted(kinds.items())),
+        "values": dict(sorted(stats.items())),
+    }
