@@ -8,9 +8,9 @@ import logging
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
@@ -41,15 +41,17 @@ def _add_flags(parser: argparse.ArgumentParser, model: type[BaseSettings], env_p
             )
             continue
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
-        parser.add_argument(
-            flag,
-            dest=name,
-            default=None,
-            type=None if choices else kind,
-            choices=choices,
-            metavar=None if choices else _METAVARS.get(kind, "TEXT"),
-            help=help_text,
-        )
+        if choices:
+            parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
+        else:
+            parser.add_argument(
+                flag,
+                dest=name,
+                default=None,
+                type=cast(Callable[[str], Any], kind),
+                metavar=_METAVARS.get(kind, "TEXT"),
+                help=help_text,
+            )
 
 
 def _base_type(annotation: Any) -> Any:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import grpc
 import uvicorn
 from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from rtmonitor.api.app import create_app
 from rtmonitor.config import Settings
@@ -94,7 +94,9 @@ class Service:
         """First signal: shut down in order. Second: exit now."""
         self._signals += 1
         if self._signals == 1:
-            logger.info("%s received: shutting down (send it again to force)", signal.Signals(sig).name)
+            logger.info(
+                "%s received: shutting down (send it again to force)", signal.Signals(sig).name
+            )
             self.should_exit.set()
             return
         logger.warning("second signal: forcing exit; unacknowledged packets are not committed")
@@ -133,9 +135,7 @@ class Service:
         )
         self._tasks["flusher"] = asyncio.create_task(self.flusher.run(), name="flusher")
         # 3. gRPC: ingest + health + reflection.
-        self._grpc = build_server(
-            self.servicer, self.health, max_message_bytes=s.max_message_bytes
-        )
+        self._grpc = build_server(self.servicer, self.health, max_message_bytes=s.max_message_bytes)
         try:
             self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         except RuntimeError as exc:

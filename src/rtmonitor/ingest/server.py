@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
 from rtmonitor.ingest.servicer import SERVICE_NAME, IngestServicer
@@ -13,7 +15,7 @@ from rtmonitor.ingest.v1.telemetry_pb2 import Ack, BatchAck
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def ingest_handler(servicer: IngestServicer) -> grpc.GenericRpcHandler:
+def ingest_handler(servicer: IngestServicer) -> grpc.GenericRpcHandler[Any, Any]:
     """TelemetryIngest's method table. Requests stay raw bytes (no request_deserializer):
     the servicer parses them, to turn malformed input into a clear answer."""
     return grpc.method_handlers_generic_handler(

@@ -191,8 +191,8 @@ class IngestServicer:
             await asyncio.wait({reader})
             if reader.cancelled() or isinstance(reader.exception(), QueueClosed):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
-            if (exc := reader.exception()) is not None:
-                raise exc
+            if (error := reader.exception()) is not None:
+                raise error
         finally:
             reader.cancel()
             self.active_streams -= 1

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
 from rtmonitor.pipeline.work import Row
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import sys
 import time
 import uuid
 from collections import Counter
@@ -162,8 +161,12 @@ class SendReport:
 
 
 async def _stream_packets(
-    channel: grpc.aio.Channel, pool: PacketPool, result: StreamResult, n: int | None,
-    pace: _Pacer, counter: list[int],
+    channel: grpc.aio.Channel,
+    pool: PacketPool,
+    result: StreamResult,
+    n: int | None,
+    pace: _Pacer,
+    counter: list[int],
 ) -> None:
     call = channel.stream_unary(STREAM_PACKETS, _identity, Ack.FromString)
 
@@ -186,19 +189,33 @@ async def _stream_packets(
 
 
 async def _stream_batches(
-    channel: grpc.aio.Channel, pool: PacketPool, result: StreamResult, n: int | None,
-    opts: SendSettings, pace: _Pacer, counter: list[int],
+    channel: grpc.aio.Channel,
+    pool: PacketPool,
+    result: StreamResult,
+    n: int | None,
+    opts: SendSettings,
+    pace: _Pacer,
+    counter: list[int],
 ) -> None:
-    call = channel.stream_stream(STREAM_BATCHES, _identity, BatchAck.FromString)()
+    method = channel.stream_stream(STREAM_BATCHES, _identity, BatchAck.FromString)
+    # grpc.aio allows a call with no request iterator (then write()/done_writing());
+    # the type stubs predate that.
+    call = method()  # type: ignore[call-arg]
     producer = uuid.uuid4().hex
     window = asyncio.Semaphore(opts.inflight)
 
     async def read_acks() -> None:
-        async for ack in call:
-            result.accepted += ack.accepted
-            result.rejected.update(dict(ack.rejected_by_reason))
-            counter[0] += ack.accepted + ack.rejected
-            window.release()
+        try:
+            async for ack in call:
+                result.accepted += ack.accepted
+                result.rejected.update(dict(ack.rejected_by_reason))
+                counter[0] += ack.accepted + ack.rejected
+                window.release()
+        finally:
+            # The stream is over: free a writer waiting for a window slot (it then sees
+            # that the reader is done and stops).
+            for _ in range(opts.inflight):
+                window.release()
 
     reader = asyncio.create_task(read_acks())
     try:
@@ -208,6 +225,8 @@ async def _stream_batches(
             m = opts.batch_size if n is None else min(opts.batch_size, n - result.sent)
             header = Batch(producer_id=producer, batch_id=batch_id).SerializeToString()
             await window.acquire()
+            if reader.done():
+                break
             await call.write(header + pool.batch_body(pos, m))
             batch_id += 1
             pos += m
@@ -247,7 +266,10 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
     total = opts.total
     per_stream_rate = opts.rate / opts.streams if opts.rate else None
     shares = (
-        [total // opts.streams + (1 if s < total % opts.streams else 0) for s in range(opts.streams)]
+        [
+            total // opts.streams + (1 if s < total % opts.streams else 0)
+            for s in range(opts.streams)
+        ]
         if total is not None
         else [None] * opts.streams
     )
@@ -271,9 +293,7 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
                 if opts.batch_size == 1:
                     await _stream_packets(channel, pool, results[s], shares[s], pace, counter)
                 else:
-                    await _stream_batches(
-                        channel, pool, results[s], shares[s], opts, pace, counter
-                    )
+                    await _stream_batches(channel, pool, results[s], shares[s], opts, pace, counter)
             except grpc.aio.AioRpcError as exc:
                 results[s].error = f"{exc.code().name}: {exc.details()}"
 
@@ -330,7 +350,3 @@ async def run_send(opts: SendSettings) -> int:
         for error in report.errors:
             console.print(f"[red]stream error:[/red] {error}")
     return 1 if report.errors else 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(asyncio.run(run_send(SendSettings())))

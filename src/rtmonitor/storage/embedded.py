@@ -14,7 +14,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -54,18 +56,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+# Resolved before any fork: looking a symbol up between fork and exec in a process with
+# other threads (gRPC's) can crash the child.
+_prctl: Callable[..., int] | None
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _prctl = None
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     # If the service is SIGKILLed, the kernel sends SIGTERM to Redis, which then saves and
     # exits instead of lingering as an orphan holding the port and the data directory.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EmbeddedRedis:
     """A redis-server child process on 127.0.0.1, data (AOF) under `data_dir`.
 
-    Use as a context manager, or start()/stop(). start() must run on the main thread:
-    the parent-death signal is tied to the thread that forks.
+    Use as a context manager, or start()/stop(). Started from the main thread, Redis also
+    stops when this process dies (even by SIGKILL).
     """
 
     def __init__(
@@ -132,6 +143,7 @@ class EmbeddedRedis:
         if self._lock is None:
             self._take_lock()
         binary = redis_server_binary()
+        on_main_thread = threading.current_thread() is threading.main_thread()
         attempts = 3 if self.port == 0 else 1
         for attempt in range(attempts):
             port_was_free = self.port == 0
@@ -144,7 +156,9 @@ class EmbeddedRedis:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent,
+                # The parent-death signal fires when the *thread* that forked exits, so it
+                # is only armed from the main thread (the service starts Redis there).
+                preexec_fn=_die_with_parent if on_main_thread else None,
             )
             error = self._wait_ready(timeout)
             if error is None:
@@ -168,7 +182,9 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                stderr = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                stderr = (
+                    self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                )
                 log = self.data_dir / "redis.log"
                 tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
                 return f"exited with {self._proc.returncode}: {stderr.strip()} {' | '.join(tail)}"
@@ -190,7 +206,9 @@ class EmbeddedRedis:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                logger.warning("embedded Redis %s did not stop in %.0fs; killing it", proc.pid, timeout)
+                logger.warning(
+                    "embedded Redis %s did not stop in %.0fs; killing it", proc.pid, timeout
+                )
                 self._kill()
             else:
                 logger.info("embedded Redis %s stopped", proc.pid)
@@ -205,9 +223,12 @@ class EmbeddedRedis:
         self._proc = None
 
     def _kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+                self._proc.wait()
+            if self._proc.stderr:
+                self._proc.stderr.close()
 
     def _release_lock(self) -> None:
         if self._lock is not None:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -113,7 +113,10 @@ class RedisStore:
         the calls that had not been applied. Raises RedisError when Redis cannot be reached.
         """
         layout = self.layout
+        # redis-py runs registered scripts inside a pipeline (loading them first if needed);
+        # its type hints only name clients, hence the cast.
         pipe = self.client.pipeline(transaction=False)
+        target = cast(aioredis.Redis, pipe)
         device_ids = list(delta.devices)
         for n, group in enumerate(self._groups(device_ids)):
             keys = [layout.device_marker(group[0], f"{flush_id}:{n}")]
@@ -121,7 +124,7 @@ class RedisStore:
             for device_id in group:
                 keys.append(layout.device(device_id))
                 _encode_device(delta.devices[device_id], args)
-            await self._merge_devices(keys=keys, args=args, client=pipe)
+            await self._merge_devices(keys=keys, args=args, client=target)
         gargs: list[Any] = [self._marker_ttl, delta.packets, delta.bytes, len(delta.rejected)]
         for reason, count in delta.rejected.items():
             gargs += (reason, count)
@@ -134,14 +137,14 @@ class RedisStore:
             layout.devices,
             *(layout.index(f) for f in SORT_INDEXES),
         ]
-        await self._merge_global(keys=gkeys, args=gargs, client=pipe)
+        await self._merge_global(keys=gkeys, args=gargs, client=target)
         await pipe.execute()
 
     # --- reads -----------------------------------------------------------------------------
 
     async def get_device(self, device_id: str) -> dict[str, Any] | None:
         """The device's counters, or None if Redis has never seen it."""
-        raw = await self.client.hgetall(self.layout.device(device_id))
+        raw = cast(dict[str, str], await self.client.hgetall(self.layout.device(device_id)))
         return parse_device(device_id, raw) if raw else None
 
     async def list_devices(
@@ -154,22 +157,30 @@ class RedisStore:
         limit: int = 100,
     ) -> tuple[int, list[dict[str, Any]]]:
         """One page of devices: (number matching the filter, their counters)."""
-        client, layout = self.client, self.layout
+        # decode_responses=True: every reply is str (the type hints allow bytes too).
+        client, layout = cast(aioredis.Redis, self.client), self.layout
+        ids: list[str]
         lo, hi = (f"[{prefix}", f"({prefix}{_LEX_END}") if prefix else ("-", "+")
         if sort == "device_id":
             matched = await client.zlexcount(layout.devices, lo, hi)
             if descending:
-                ids = await client.zrevrangebylex(layout.devices, hi, lo, offset, limit)
+                ids = cast(
+                    list[str], await client.zrevrangebylex(layout.devices, hi, lo, offset, limit)
+                )
             else:
-                ids = await client.zrangebylex(layout.devices, lo, hi, offset, limit)
+                ids = cast(
+                    list[str], await client.zrangebylex(layout.devices, lo, hi, offset, limit)
+                )
         elif not prefix:
             index = layout.index(sort)
             matched = await client.zcard(index)
-            ids = await client.zrange(index, offset, offset + limit - 1, desc=descending)
+            ids = cast(
+                list[str], await client.zrange(index, offset, offset + limit - 1, desc=descending)
+            )
         else:
             # A prefix and a numeric order: fetch the matching ids (bounded by --max-devices),
             # their scores in one call, and order them here.
-            candidates = await client.zrangebylex(layout.devices, lo, hi)
+            candidates = cast(list[str], await client.zrangebylex(layout.devices, lo, hi))
             matched = len(candidates)
             scores = await client.zmscore(layout.index(sort), candidates) if candidates else []
             ranked = sorted(

@@ -1,0 +1,109 @@
+"""The store against a real Redis: exact merges, idempotent retries, listing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from rtmonitor.storage.embedded import EmbeddedRedis
+from rtmonitor.storage.model import DeviceDelta, FlushDelta, ValueStats
+from rtmonitor.storage.store import RedisStore
+
+
+def delta(**devices: DeviceDelta) -> FlushDelta:
+    d = FlushDelta(devices=dict(devices), rejected=Counter({"empty_device_id": 1}))
+    d.packets = sum(x.packets for x in devices.values())
+    d.bytes = sum(x.bytes for x in devices.values())
+    return d
+
+
+def dev(packets: int, first: int, last: int, t: ValueStats | None = None) -> DeviceDelta:
+    return DeviceDelta(
+        packets=packets,
+        bytes=packets * 10,
+        first_seen=first,
+        last_seen=last,
+        kinds={"reading": packets},
+        values={"t": t} if t else {},
+    )
+
+
+def test_merge_is_exact_and_retries_are_idempotent(redis_server: EmbeddedRedis) -> None:
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            one = delta(a=dev(3, 100, 200, ValueStats(3, 0.1 + 0.2, -5.5, 1e300, 2.0, 150)))
+            two = delta(
+                a=dev(2, 50, 180, ValueStats(2, 1.0, -6.25, 3.0, 9.0, 140)), b=dev(1, 300, 300)
+            )
+            await store.commit(one, "i:1")
+            await store.commit(one, "i:1")  # a retry after a lost reply: no double count
+            await store.commit(two, "i:2")
+            a = await store.get_device("a")
+            assert a is not None
+            assert (a["packets"], a["bytes"], a["first_seen"], a["last_seen"]) == (5, 50, 50, 200)
+            assert a["kinds"] == {"reading": 5}
+            t = a["values"]["t"]
+            assert (t["count"], t["min"], t["max"]) == (5, -6.25, 1e300)
+            assert t["sum"] == 0.1 + 0.2 + 1.0
+            # the newest device timestamp wins, whatever the commit order
+            assert (t["last"], t["last_timestamp_ms"]) == (2.0, 150)
+            totals = await store.totals()
+            assert totals == {
+                "devices": 2,
+                "packets": 6,
+                "bytes": 60,
+                "rejected": 2,
+                "rejected_by_reason": {"empty_device_id": 2},
+            }
+            assert await store.get_device("missing") is None
+
+    asyncio.run(main())
+
+
+def test_listing_sort_filter_paginate(redis_server: EmbeddedRedis) -> None:
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t", cluster=False) as store:
+            store._group_size = 3  # several script calls per flush
+            devices = {f"x-{i:02d}": dev(i + 1, 1000 + i, 2000 - i) for i in range(10)}
+            devices.update({f"y-{i}": dev(100, 1, 1) for i in range(3)})
+            await store.commit(delta(**devices), "i:1")
+            matched, page = await store.list_devices(prefix="x-", limit=4, offset=2)
+            assert matched == 10 and [d["device_id"] for d in page] == [
+                "x-02",
+                "x-03",
+                "x-04",
+                "x-05",
+            ]
+            _, page = await store.list_devices(sort="packets", descending=True, limit=4)
+            # ties are ordered by id in the same direction as the sort
+            assert [d["device_id"] for d in page] == ["y-2", "y-1", "y-0", "x-09"]
+            _, page = await store.list_devices(prefix="x-", sort="last_seen", limit=2)
+            assert [d["device_id"] for d in page] == ["x-09", "x-08"]
+            _, page = await store.list_devices(prefix="x-", sort="bytes", descending=True)
+            assert [d["packets"] for d in page] == list(range(10, 0, -1))
+            _, page = await store.list_devices(descending=True, limit=1)
+            assert page[0]["device_id"] == "y-2"
+            matched, page = await store.list_devices(prefix="zzz")
+            assert (matched, page) == (0, [])
+
+    asyncio.run(main())
+
+
+def test_two_writers_add_up(redis_server: EmbeddedRedis) -> None:
+    async def main() -> None:
+        stores = [RedisStore.from_url(redis_server.url, "t") for _ in range(2)]
+        await asyncio.gather(
+            *(
+                s.commit(delta(a=dev(1, 10 + n, 10 + n)), f"w{i}:{n}")
+                for i, s in enumerate(stores)
+                for n in range(50)
+            )
+        )
+        a = await stores[0].get_device("a")
+        assert (
+            a is not None and a["packets"] == 100 and (a["first_seen"], a["last_seen"]) == (10, 59)
+        )
+        for s in stores:
+            await s.aclose()
+
+    asyncio.run(main())

@@ -1,0 +1,69 @@
+"""Settings and CLI: flags beat environment twins beat defaults; nonsense fails fast."""
+
+from __future__ import annotations
+
+import pytest
+
+from rtmonitor.cli import _build, make_parser
+from rtmonitor.config import SendSettings, Settings
+
+
+def build(argv: list[str]) -> Settings:
+    args = make_parser().parse_args(["serve", *argv])
+    settings: Settings = _build(Settings, args)
+    return settings
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "RTM_GRPC_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    s = build([])
+    assert (s.grpc_port, s.http_port, s.flush_interval) == (50051, 8000, 0.2)
+    assert s.external_redis_url is None
+
+
+def test_env_twin_and_flag_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RTM_GRPC_PORT", "6000")
+    monkeypatch.setenv("RTM_FLUSH_INTERVAL", "0.5")
+    s = build(["--grpc-port", "7000"])
+    assert s.grpc_port == 7000 and s.flush_interval == 0.5
+
+
+def test_redis_url_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("REDIS_HOST", "cache")
+    assert build([]).external_redis_url == "redis://cache:6379/0"
+    monkeypatch.setenv("REDIS_PORT", "6380")
+    assert build([]).external_redis_url == "redis://cache:6380/0"
+    monkeypatch.setenv("REDIS_URL", "redis://other:1/2")
+    assert build([]).external_redis_url == "redis://other:1/2"
+    assert build(["--redis-url", "unix:///tmp/r.sock"]).external_redis_url == "unix:///tmp/r.sock"
+
+
+def test_nonsense_fails_fast_with_the_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        build(["--redis-url", "http://nope"])
+    assert "must start with redis://" in str(exc.value)
+    monkeypatch.setenv("RTM_FLUSH_INTERVAL", "-1")
+    with pytest.raises(SystemExit) as exc:
+        build([])
+    assert "flush_interval" in str(exc.value)
+
+
+def test_send_count_or_duration() -> None:
+    assert SendSettings().total == 10_000
+    assert SendSettings(duration=1.0).total is None
+    with pytest.raises(ValueError, match="not both"):
+        SendSettings(count=5, duration=1.0)
+
+
+def test_every_setting_has_a_flag() -> None:
+    help_text = make_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for name in Settings.model_fields:
+        if name in ("redis_host", "redis_port"):
+            continue
+        assert "--" + name.replace("_", "-") in help_text
+        assert "RTM_" + name.upper() in help_text

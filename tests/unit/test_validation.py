@@ -1,0 +1,147 @@
+"""Validation: every refusal has its reason, and refused packets leave no trace."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rtmonitor.ingest.v1.telemetry_pb2 import Packet
+from rtmonitor.ingest.validation import Limits, Reason, Validator
+
+NOW = 1_700_000_000_000
+
+
+def make(device_id: str = "dev-1", **kw: object) -> Packet:
+    values = kw.pop("values", {})
+    p = Packet(device_id=device_id, **kw)  # type: ignore[arg-type]
+    for k, v in values.items():  # type: ignore[attr-defined]
+        p.values[k] = v
+    return p
+
+
+def test_good_packet_becomes_a_row() -> None:
+    row = Validator(Limits()).check(
+        make(kind="reading", payload=b"abc", timestamp_ms=NOW - 5, values={"t": 1.5}), NOW
+    )
+    assert row == ("dev-1", "reading", 3, NOW - 5, {"t": 1.5})
+
+
+def test_zero_timestamp_means_receive_time_and_empty_kind_is_unspecified() -> None:
+    row = Validator(Limits()).check(make(), NOW)
+    assert row == ("dev-1", "unspecified", 0, NOW, None)
+
+
+@pytest.mark.parametrize(
+    ("device_id", "reason"),
+    [
+        ("", Reason.EMPTY_DEVICE_ID),
+        ("x" * 129, Reason.DEVICE_ID_TOO_LONG),
+        ("a{b}", Reason.INVALID_DEVICE_ID),
+        ("a b", Reason.INVALID_DEVICE_ID),
+        ("a\nb", Reason.INVALID_DEVICE_ID),
+        ("dev\n", Reason.INVALID_DEVICE_ID),
+        ('a"b', Reason.INVALID_DEVICE_ID),
+        ("a*", Reason.INVALID_DEVICE_ID),
+        ("caf\u00e9", Reason.INVALID_DEVICE_ID),
+    ],
+)
+def test_bad_device_ids(device_id: str, reason: Reason) -> None:
+    assert Validator(Limits()).check(make(device_id), NOW) is reason
+
+
+def test_device_id_edges_accepted() -> None:
+    v = Validator(Limits())
+    for device_id in ("x" * 128, "a", "site-1/probe:eth0@rack.7_b"):
+        assert isinstance(v.check(make(device_id), NOW), tuple)
+
+
+def test_payload_limit() -> None:
+    v = Validator(Limits(max_payload_bytes=10))
+    assert isinstance(v.check(make(payload=b"x" * 10), NOW), tuple)
+    assert v.check(make(payload=b"x" * 11), NOW) is Reason.PAYLOAD_TOO_LARGE
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_values(value: float) -> None:
+    assert Validator(Limits()).check(make(values={"t": value}), NOW) is Reason.NON_FINITE_VALUE
+
+
+def test_bad_timestamps() -> None:
+    v = Validator(Limits())
+    assert v.check(make(timestamp_ms=-1), NOW) is Reason.BAD_TIMESTAMP
+    assert v.check(make(timestamp_ms=NOW + 2 * 86_400_000), NOW) is Reason.BAD_TIMESTAMP
+    assert isinstance(v.check(make(timestamp_ms=NOW + 60_000), NOW), tuple)
+
+
+def test_bad_names() -> None:
+    v = Validator(Limits())
+    assert v.check(make(kind="a b"), NOW) is Reason.INVALID_KIND
+    assert v.check(make(kind="k" * 65), NOW) is Reason.INVALID_KIND
+    assert v.check(make(values={"bad name": 1.0}), NOW) is Reason.INVALID_VALUE_NAME
+    assert v.check(make(values={"": 1.0}), NOW) is Reason.INVALID_VALUE_NAME
+
+
+def test_too_many_values_in_one_packet() -> None:
+    v = Validator(Limits(max_values_per_packet=2))
+    assert v.check(make(values={"a": 1, "b": 2, "c": 3}), NOW) is Reason.TOO_MANY_VALUES
+
+
+def test_kind_and_name_limits_per_device_leave_no_trace_when_refused() -> None:
+    v = Validator(Limits(max_kinds_per_device=2, max_value_names_per_device=2))
+    assert isinstance(v.check(make(kind="a", values={"x": 1}), NOW), tuple)
+    assert isinstance(v.check(make(kind="b", values={"y": 1}), NOW), tuple)
+    assert v.check(make(kind="c"), NOW) is Reason.TOO_MANY_KINDS
+    # refused for its value name: its new kind must not be admitted either
+    v2 = Validator(Limits(max_kinds_per_device=2, max_value_names_per_device=1))
+    assert isinstance(v2.check(make(kind="a", values={"x": 1}), NOW), tuple)
+    assert v2.check(make(kind="b", values={"y": 1}), NOW) is Reason.TOO_MANY_VALUE_NAMES
+    assert isinstance(v2.check(make(kind="b", values={"x": 2}), NOW), tuple)
+    assert v2.check(make(kind="c"), NOW) is Reason.TOO_MANY_KINDS
+    # known kinds and names keep working, and other devices have their own budget
+    assert isinstance(v.check(make(kind="a", values={"x": 1, "y": 2}), NOW), tuple)
+    assert isinstance(v.check(make("other", kind="c"), NOW), tuple)
+
+
+def test_device_limit_admits_known_devices() -> None:
+    v = Validator(Limits(max_devices=2))
+    assert isinstance(v.check(make("a"), NOW), tuple)
+    assert v.check(make("", kind="x"), NOW) is Reason.EMPTY_DEVICE_ID  # no phantom device
+    assert isinstance(v.check(make("b"), NOW), tuple)
+    assert v.check(make("c"), NOW) is Reason.TOO_MANY_DEVICES
+    assert isinstance(v.check(make("a"), NOW), tuple)
+    assert v.device_count == 2
+
+
+def test_check_many_counts_reasons() -> None:
+    rows, rejected = Validator(Limits()).check_many(
+        [make("a"), make(""), make("b", values={"t": math.nan}), make("")], NOW
+    )
+    assert [r[0] for r in rows] == ["a"]
+    assert rejected == {"empty_device_id": 2, "non_finite_value": 1}
+
+
+@given(
+    device_id=st.text(max_size=200),
+    kind=st.text(max_size=80),
+    payload=st.binary(max_size=300),
+    timestamp=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    values=st.dictionaries(st.text(max_size=70), st.floats(), max_size=5),
+)
+def test_fuzz_validator_never_raises_and_rows_are_safe(
+    device_id: str, kind: str, payload: bytes, timestamp: int, values: dict[str, float]
+) -> None:
+    v = Validator(Limits(max_payload_bytes=256, max_values_per_packet=4))
+    p = Packet(device_id=device_id, kind=kind, payload=payload, timestamp_ms=timestamp)
+    for k, val in values.items():
+        p.values[k] = val
+    result = v.check(p, NOW)
+    if isinstance(result, tuple):
+        dev, k, n, ts, vals = result
+        assert 1 <= len(dev) <= 128 and "{" not in dev and "}" not in dev and dev.isascii()
+        assert n <= 256 and 0 <= ts <= NOW + 86_400_000
+        assert all(math.isfinite(x) for x in (vals or {}).values())
+    else:
+        assert isinstance(result, Reason)
