@@ -62,6 +62,16 @@ class Settings(BaseSettings):
     max_inflight_batches: int = Field(
         64, ge=1, description="Un-acknowledged batches one StreamBatches stream may have."
     )
+    max_pending_packets: int = Field(
+        2_000_000,
+        ge=1,
+        description="Received but uncommitted packets before receivers are pushed back.",
+    )
+    dedupe_window: int = Field(
+        600,
+        ge=1,
+        description="Seconds a committed batch id is remembered: a resend within it is skipped.",
+    )
 
     # --- validation limits ---------------------------------------------------
     max_payload_bytes: int = Field(65_536, ge=0, description="Largest accepted payload.")

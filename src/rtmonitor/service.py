@@ -23,6 +23,7 @@ from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.flusher import Flusher
 from rtmonitor.pipeline.queue import PacketQueue
+from rtmonitor.pipeline.recovery import Recovery
 from rtmonitor.pipeline.work import Work
 from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError
 from rtmonitor.storage.store import RedisStore
@@ -79,6 +80,7 @@ class Service:
         )
         self.health = health_aio.HealthServicer()
         self.flusher: Flusher | None = None
+        self.recovery: Recovery | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: _HttpServer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -127,13 +129,27 @@ class Service:
         await self._wait_for_redis()
         if self.should_exit.is_set():
             return
-        # 2. The pipeline: aggregator draining the queue, flusher committing to Redis.
-        self.flusher = Flusher(self.aggregator, self.store, s.flush_interval)
+        # 2. The pipeline: aggregator draining the queue, flusher committing to Redis, and
+        #    recovery (heartbeat first: no journal of ours may look orphaned).
+        self.flusher = flusher = Flusher(
+            self.aggregator, self.store, s.flush_interval, dedupe_window_s=s.dedupe_window
+        )
+        self.recovery = Recovery(self.store, flusher.instance_id, s.dedupe_window)
+        await self.recovery.heartbeat()
+        self._tasks["recovery"] = asyncio.create_task(self.recovery.run(), name="recovery")
+
+        def over_budget() -> bool:
+            return self.aggregator.pending_packets + flusher.inflight_packets >= (
+                s.max_pending_packets
+            )
+
         self._tasks["aggregator"] = asyncio.create_task(
-            self.aggregator.consume(self.queue, s.flush_max_packets, self.flusher.request_flush),
+            self.aggregator.consume(
+                self.queue, s.flush_max_packets, flusher.request_flush, over_budget
+            ),
             name="aggregator",
         )
-        self._tasks["flusher"] = asyncio.create_task(self.flusher.run(), name="flusher")
+        self._tasks["flusher"] = asyncio.create_task(flusher.run(), name="flusher")
         # 3. gRPC: ingest + health + reflection.
         self._grpc = build_server(self.servicer, self.health, max_message_bytes=s.max_message_bytes)
         try:
@@ -245,6 +261,9 @@ class Service:
         if self.flusher is not None:
             self.flusher.stop(s.shutdown_flush_timeout)
             await self._tasks["flusher"]
+        if self.recovery is not None:
+            self.recovery.stop()
+            await self._tasks["recovery"]
         # 5. HTTP last: readiness answers 503 "shutting down" until here.
         if self._http is not None:
             self._http.should_exit = True

@@ -143,7 +143,8 @@ def test_oversized_and_malformed_batches_end_the_stream_with_a_clear_status(
     assert len(acks) == 1  # the good batch before it was acknowledged
     assert get_json(svc.http, "/metrics/ov-1")["packets"] == 5
 
-    err = run(collect([ok, b"\x0a\xff\xff"]))
+    ok2 = Batch(producer_id="p", batch_id=4, packets=[packet("ov-1")] * 5)
+    err = run(collect([ok2, b"\x0a\xff\xff"]))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed Batch" in (err.details() or "")
     assert get_json(svc.http, "/metrics/ov-1")["packets"] == 10

@@ -35,9 +35,10 @@ def test_merge_is_exact_and_retries_are_idempotent(redis_server: EmbeddedRedis) 
             two = delta(
                 a=dev(2, 50, 180, ValueStats(2, 1.0, -6.25, 3.0, 9.0, 140)), b=dev(1, 300, 300)
             )
-            await store.commit(one, "i:1")
-            await store.commit(one, "i:1")  # a retry after a lost reply: no double count
-            await store.commit(two, "i:2")
+            await store.commit(one, "i", 1)
+            await store.commit(one, "i", 1)  # a retry after a lost reply: no double count
+            await store.commit(two, "i", 2)
+            await store.commit(one, "i", 1)  # a late replay of an older flush: skipped too
             a = await store.get_device("a")
             assert a is not None
             assert (a["packets"], a["bytes"], a["first_seen"], a["last_seen"]) == (5, 50, 50, 200)
@@ -66,7 +67,7 @@ def test_listing_sort_filter_paginate(redis_server: EmbeddedRedis) -> None:
             store._group_size = 3  # several script calls per flush
             devices = {f"x-{i:02d}": dev(i + 1, 1000 + i, 2000 - i) for i in range(10)}
             devices.update({f"y-{i}": dev(100, 1, 1) for i in range(3)})
-            await store.commit(delta(**devices), "i:1")
+            await store.commit(delta(**devices), "i", 1)
             matched, page = await store.list_devices(prefix="x-", limit=4, offset=2)
             assert matched == 10 and [d["device_id"] for d in page] == [
                 "x-02",
@@ -94,7 +95,7 @@ def test_two_writers_add_up(redis_server: EmbeddedRedis) -> None:
         stores = [RedisStore.from_url(redis_server.url, "t") for _ in range(2)]
         await asyncio.gather(
             *(
-                s.commit(delta(a=dev(1, 10 + n, 10 + n)), f"w{i}:{n}")
+                s.commit(delta(a=dev(1, 10 + n, 10 + n)), f"w{i}{n}", 1)
                 for i, s in enumerate(stores)
                 for n in range(50)
             )
@@ -105,5 +106,53 @@ def test_two_writers_add_up(redis_server: EmbeddedRedis) -> None:
         )
         for s in stores:
             await s.aclose()
+
+    asyncio.run(main())
+
+
+def test_exactly_once_prepare_finalize_and_conflicts(redis_server: EmbeddedRedis) -> None:
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            keys = [store.layout.batch("prod", n) for n in (1, 2)]
+            calls = store.plan(delta(a=dev(2, 1, 1)), "i", 1)
+            assert await store.prepare("i:1", keys, calls) == {}
+            # a retry of the same prepare finds its own claims and succeeds
+            assert await store.prepare("i:1", keys, calls) == {}
+            # another flush claiming batch 2 and a new batch 3 sees the pending claim
+            other = [store.layout.batch("prod", n) for n in (3, 2)]
+            assert await store.prepare("j:1", other, calls) == {1: "p:i:1"}
+            assert await store.client.exists(store.layout.batch("prod", 3)) == 0
+            await store.apply(calls)
+            await store.finalize("i:1", keys, 60)
+            assert await store.prepare("j:1", other, calls) == {1: "c"}
+            assert await store.client.ttl(keys[0]) > 0  # remembered for the dedupe window
+            assert await store.client.zcard(store.layout.journals) == 0
+            a = await store.get_device("a")
+            assert a is not None and a["packets"] == 2
+
+    asyncio.run(main())
+
+
+def test_journal_of_a_dead_instance_is_replayed_once(redis_server: EmbeddedRedis) -> None:
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            store._group_size = 2
+            big = delta(**{f"d{i}": dev(1, 5, 5) for i in range(5)})
+            calls = store.plan(big, "dead", 7)
+            keys = [store.layout.batch("prod", 9)]
+            await store.heartbeat("dead", 1)
+            assert await store.prepare("dead:7", keys, calls) == {}
+            # "dead" applied one group, then crashed before the rest and before finalize
+            await store.apply(calls[:1])
+            assert await store.orphan_journals("me") == []  # its heartbeat is still alive
+            await asyncio.sleep(1.2)
+            assert await store.orphan_journals("me") == ["dead:7"]
+            assert await store.orphan_journals("dead") == []  # never recover one's own
+            assert await store.recover("dead:7", "me", 60)
+            assert not await store.recover("dead:7", "other", 60)  # claimed once
+            assert await store.orphan_journals("me") == []
+            totals = await store.totals()
+            assert (totals["packets"], totals["devices"]) == (5, 5)
+            assert await store.prepare("x:1", keys, calls) == {0: "c"}
 
     asyncio.run(main())

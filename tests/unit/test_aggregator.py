@@ -19,9 +19,9 @@ def test_fold_counts_and_statistics() -> None:
         agg.add(Work([("a", "reading", 1, 200, {"t": 7.0})], 1100, t2))
         agg.count_rejected("empty_device_id", 3)
         assert agg.pending_packets == 5
-        delta, trackers = agg.swap()
+        delta, trackers, batches = agg.swap()
         assert agg.pending_packets == 0 and not agg.swap()[0]
-        assert trackers == {t1: 1, t2: 2}
+        assert trackers == {t1: 1, t2: 2} and batches == []
         assert delta.packets == 5 and delta.bytes == 16
         assert delta.rejected == {"empty_device_id": 3}
         a = delta.devices["a"]
@@ -47,5 +47,35 @@ def test_tracker_resolves_only_when_closed_and_all_committed() -> None:
         assert not waiter.done()
         t.committed(1)
         await asyncio.wait_for(waiter, 1)
+
+    asyncio.run(main())
+
+
+def test_batches_with_ids_are_kept_apart_and_merge_exactly() -> None:
+    from rtmonitor.storage.model import FlushDelta, merge_into
+
+    async def main() -> None:
+        agg = Aggregator()
+        t = CommitTracker()
+        agg.add(Work([("a", "k", 1, 10, {"v": 1.0})], 100, t))
+        agg.add(Work([("a", "k", 2, 30, {"v": 5.0}), ("b", "k", 1, 5, None)], 200, t, ("p", 1)))
+        agg.add(Work([("a", "j", 3, 20, {"v": -2.0})], 50, t, ("p", 2)))
+        assert agg.pending_packets == 4 and agg.pending_batches == 2
+        main, trackers, batches = agg.swap()
+        assert main.packets == 1 and trackers == {t: 1}
+        assert [b.batch_id for b in batches] == [("p", 1), ("p", 2)]
+        merged = FlushDelta()
+        for part in (main, batches[0].delta, batches[1].delta):
+            merge_into(merged, part)
+        a = merged.devices["a"]
+        assert (a.packets, a.bytes, a.first_seen, a.last_seen) == (3, 6, 50, 200)
+        assert a.kinds == {"k": 2, "j": 1}
+        v = a.values["v"]
+        assert (v.count, v.sum, v.min, v.max, v.last, v.last_ts) == (3, 4.0, -2.0, 5.0, 5.0, 30)
+        assert merged.packets == 4 and merged.bytes == 7
+        # the sources are untouched: a conflict can rebuild the merge without them
+        assert batches[0].delta.devices["a"].packets == 1 and main.devices["a"].packets == 1
+        agg.carry_over(batches[1:])
+        assert agg.pending_batches == 1 and agg.pending_packets == 1
 
     asyncio.run(main())

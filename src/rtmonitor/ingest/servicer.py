@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
@@ -43,6 +44,10 @@ class _Pending:
     accepted: int
     rejected: Counter[str]
     tracker: CommitTracker
+
+
+# producer ids share the device id alphabet: they become part of Redis keys and logs
+_PRODUCER_ID = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 
 
 def _now_ms() -> int:
@@ -186,6 +191,7 @@ class IngestServicer:
                     accepted=item.accepted,
                     rejected=item.rejected.total(),
                     rejected_by_reason=item.rejected,
+                    duplicate=item.tracker.duplicate,
                 )
                 window.release()
             await asyncio.wait({reader})
@@ -216,13 +222,23 @@ class IngestServicer:
                 f"batch {batch.batch_id} has {n} packets; the limit is {self.max_batch_packets} "
                 "(--max-batch-packets): split it into smaller batches",
             )
+        producer = batch.producer_id
+        if producer and not _PRODUCER_ID.fullmatch(producer):
+            self.aggregator.count_rejected("invalid_producer_id", n)
+            return _StreamError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"batch {batch.batch_id}: producer_id must be 1-128 characters of "
+                "A-Z a-z 0-9 . _ : @ / - (or empty, which turns off deduplication)",
+            )
         recv_ms = _now_ms()
         rows, rejected = self.validator.check_many(batch.packets, recv_ms)
         for reason, count in rejected.items():
             self.aggregator.count_rejected(reason, count)
         tracker = CommitTracker()
         if rows:
-            await self.queue.put(Work(rows, recv_ms, tracker), len(rows))
+            # With a producer id the batch is counted exactly once, even if resent.
+            batch_key = (producer, batch.batch_id) if producer else None
+            await self.queue.put(Work(rows, recv_ms, tracker, batch_key), len(rows))
             tracker.submitted()
         tracker.close()
         return _Pending(batch.producer_id, batch.batch_id, len(rows), rejected, tracker)

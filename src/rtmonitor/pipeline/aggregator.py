@@ -2,14 +2,62 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from rtmonitor.pipeline.queue import PacketQueue
-from rtmonitor.pipeline.work import CommitTracker, Work
+from rtmonitor.pipeline.work import CommitTracker, Row, Work
 from rtmonitor.storage.model import DeviceDelta, FlushDelta, ValueStats
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PendingBatch:
+    """A batch with an id, aggregated on its own until its flush knows it is not a resend."""
+
+    batch_id: tuple[str, int]
+    delta: FlushDelta
+    tracker: CommitTracker
+
+
+def fold(delta: FlushDelta, rows: list[Row], recv: int) -> None:
+    """Add validated rows (received at `recv` ms) to `delta`."""
+    devices = delta.devices
+    nbytes_total = 0
+    for device_id, kind, nbytes, ts, values in rows:
+        dev = devices.get(device_id)
+        if dev is None:
+            dev = devices[device_id] = DeviceDelta(first_seen=recv, last_seen=recv)
+        elif recv > dev.last_seen:
+            dev.last_seen = recv
+        elif recv < dev.first_seen:
+            dev.first_seen = recv
+        dev.packets += 1
+        dev.bytes += nbytes
+        nbytes_total += nbytes
+        kinds = dev.kinds
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if values:
+            stats = dev.values
+            for name, value in values.items():
+                s = stats.get(name)
+                if s is None:
+                    stats[name] = ValueStats(1, value, value, value, value, ts)
+                    continue
+                s.count += 1
+                s.sum += value
+                if value < s.min:
+                    s.min = value
+                if value > s.max:
+                    s.max = value
+                if ts >= s.last_ts:  # the newest reading wins; ties go to the later arrival
+                    s.last = value
+                    s.last_ts = ts
+    delta.packets += len(rows)
+    delta.bytes += nbytes_total
 
 
 class Aggregator:
@@ -17,80 +65,78 @@ class Aggregator:
 
     聚合的意义：同一设备在一个刷新周期内的 N 个包，在内存里合并成一条增量，
     写 Redis 时只需一次（流水线化的）脚本调用，而不是 N 次往返。
+    带 id 的批次先各自聚合：刷新时要先确认它不是重发的批次，才能把它并入总增量。
     """
 
     def __init__(self) -> None:
         self._delta = FlushDelta()
         self._trackers: dict[CommitTracker, int] = {}
+        self._batches: list[PendingBatch] = []
+        self._batch_packets = 0
 
     @property
     def pending_packets(self) -> int:
         """Packets folded in since the last swap()."""
-        return self._delta.packets
+        return self._delta.packets + self._batch_packets
 
     @property
     def pending_devices(self) -> int:
         return len(self._delta.devices)
 
+    @property
+    def pending_batches(self) -> int:
+        return len(self._batches)
+
     def add(self, work: Work) -> None:
         """Fold one queue item into the current delta."""
-        delta = self._delta
-        devices = delta.devices
-        recv = work.recv_ms
-        nbytes_total = 0
-        for device_id, kind, nbytes, ts, values in work.rows:
-            dev = devices.get(device_id)
-            if dev is None:
-                dev = devices[device_id] = DeviceDelta(first_seen=recv, last_seen=recv)
-            elif recv > dev.last_seen:
-                dev.last_seen = recv
-            elif recv < dev.first_seen:
-                dev.first_seen = recv
-            dev.packets += 1
-            dev.bytes += nbytes
-            nbytes_total += nbytes
-            kinds = dev.kinds
-            kinds[kind] = kinds.get(kind, 0) + 1
-            if values:
-                stats = dev.values
-                for name, value in values.items():
-                    s = stats.get(name)
-                    if s is None:
-                        stats[name] = ValueStats(1, value, value, value, value, ts)
-                        continue
-                    s.count += 1
-                    s.sum += value
-                    if value < s.min:
-                        s.min = value
-                    if value > s.max:
-                        s.max = value
-                    if ts >= s.last_ts:  # the newest reading wins; ties go to the later arrival
-                        s.last = value
-                        s.last_ts = ts
-        delta.packets += len(work.rows)
-        delta.bytes += nbytes_total
-        trackers = self._trackers
-        trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
+        if work.batch_id is None:
+            fold(self._delta, work.rows, work.recv_ms)
+            trackers = self._trackers
+            trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
+            return
+        delta = FlushDelta()
+        fold(delta, work.rows, work.recv_ms)
+        self._batches.append(PendingBatch(work.batch_id, delta, work.tracker))
+        self._batch_packets += delta.packets
+
+    def carry_over(self, batches: list[PendingBatch]) -> None:
+        """Put batches back for the next flush (their id is pending in another flush)."""
+        self._batches[:0] = batches
+        self._batch_packets += sum(b.delta.packets for b in batches)
 
     def count_rejected(self, reason: str, packets: int = 1) -> None:
         """Record rejected packets so that they are counted in Redis too, by reason."""
         self._delta.rejected[reason] += packets
 
-    def swap(self) -> tuple[FlushDelta, dict[CommitTracker, int]]:
-        """Take the current delta and its trackers; start a new, empty one."""
-        delta, trackers = self._delta, self._trackers
-        self._delta, self._trackers = FlushDelta(), {}
-        return delta, trackers
+    def swap(self) -> tuple[FlushDelta, dict[CommitTracker, int], list[PendingBatch]]:
+        """Take the current delta, its trackers and the pending batches; start afresh."""
+        taken = self._delta, self._trackers, self._batches
+        self._delta, self._trackers, self._batches = FlushDelta(), {}, []
+        self._batch_packets = 0
+        return taken
 
     async def consume(
-        self, queue: PacketQueue[Work], flush_max_packets: int, on_full: Callable[[], None]
+        self,
+        queue: PacketQueue[Work],
+        flush_max_packets: int,
+        on_full: Callable[[], None],
+        over_budget: Callable[[], bool],
     ) -> None:
-        """Drain `queue` into the delta until it is closed and empty."""
+        """Drain `queue` into the delta until it is closed and empty.
+
+        While too much is waiting to be committed (Redis is slow or away), stop taking from
+        the queue: it fills, receivers wait, and clients are pushed back.
+        """
         while True:
+            if over_budget():
+                on_full()
+                # At shutdown the queue is closed: drain it anyway (it is bounded).
+                while over_budget() and not queue.closed:
+                    await asyncio.sleep(0.02)
             items = await queue.get_all()
             if not items:
                 return
             for work in items:
                 self.add(work)
-            if self._delta.packets >= flush_max_packets:
+            if self.pending_packets >= flush_max_packets:
                 on_full()

@@ -1,4 +1,4 @@
-"""The flusher: commits the aggregator's deltas to Redis on a timer, retrying outages."""
+"""The flusher: commits the aggregator's deltas to Redis on a timer, exactly once."""
 
 from __future__ import annotations
 
@@ -7,19 +7,23 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from redis.exceptions import RedisError
 
-from rtmonitor.pipeline.aggregator import Aggregator
+from rtmonitor.pipeline.aggregator import Aggregator, PendingBatch
 from rtmonitor.pipeline.work import CommitFailed, CommitTracker
-from rtmonitor.storage.model import FlushDelta
+from rtmonitor.storage.model import FlushDelta, merge_into
 from rtmonitor.storage.store import RedisStore
 
 logger = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -31,27 +35,50 @@ class FlushStats:
     commit_errors: int = 0
     last_flush_ms: int = 0
     last_flush_seconds: float = 0.0
+    duplicate_batches: int = 0
+    duplicate_packets: int = 0
+    carried_over_batches: int = 0
     # packets that could not be committed by the shutdown deadline (never acknowledged)
     packets_abandoned: int = 0
     redis_error: str | None = None  # the last error while Redis is failing, else None
+
+
+class _GiveUp(Exception):
+    """Redis stayed unreachable past the shutdown deadline."""
 
 
 class Flusher:
     """Takes the aggregator's delta every `interval` seconds (or when asked) and commits it.
 
     刷新策略（参考 OpenTelemetry 的 BatchProcessor）：按定时器刷新，积压太多时提前刷新，
-    关闭时做最后一次刷新。Redis 不可用时，同一份增量带着同一个 flush id 反复重试
-    （幂等，见 storage/scripts.py），期间新数据在下一份增量里继续累积——不丢，也不重复。
+    关闭时做最后一次刷新。Redis 不可用时，同一次刷新带着同一个序号反复重试（幂等，见
+    storage/scripts.py），期间新数据在下一份增量里继续累积——不丢，也不重复。
+
+    带 id 的批次（exactly-once）三步提交：
+      1. prepare：原子地“认领”这些批次 id 并写入本次刷新的日志（journal）；
+         已提交过的 id → 作为重复批次确认、不再计数；正被别的刷新认领的 id → 留到下一次刷新；
+      2. apply：执行合并脚本（幂等）；
+      3. finalize：把批次 id 标记为已提交（保留 dedupe 窗口那么久），删除日志。
+    实例在 1 和 3 之间崩溃时，其它实例会按日志重放（pipeline/recovery.py）。
     """
 
-    def __init__(self, aggregator: Aggregator, store: RedisStore, interval: float) -> None:
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        store: RedisStore,
+        interval: float,
+        *,
+        dedupe_window_s: int = 600,
+        instance_id: str | None = None,
+    ) -> None:
         self.aggregator = aggregator
         self.store = store
         self.interval = interval
+        self.dedupe_window_s = dedupe_window_s
         self.stats = FlushStats()
-        # Unique per process start: flush ids (and so idempotency markers) never collide
-        # between instances or restarts.
-        self.instance_id = uuid.uuid4().hex[:12]
+        # Unique per process start: markers and journals of instances never collide.
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self.inflight_packets = 0
         self._seq = 0
         self._wake = asyncio.Event()
         self._stopping = False
@@ -78,6 +105,10 @@ class Flusher:
             except Exception:  # never die silently: log, and try again next tick
                 logger.exception("flush failed unexpectedly")
         await self.flush_once()
+        # Batches carried over at the very end (their id pending elsewhere) are not acked.
+        _, _, leftover = self.aggregator.swap()
+        if leftover:
+            self._abandon(FlushDelta(), {}, leftover, "shutdown before their ids were settled")
 
     def stop(self, deadline_s: float) -> None:
         """End the timer loop; run() then makes its final flush, retrying up to `deadline_s`.
@@ -89,25 +120,43 @@ class Flusher:
         self._wake.set()
 
     async def flush_once(self) -> None:
-        """Commit the current delta, retrying with capped backoff (until the stop deadline)."""
-        delta, trackers = self.aggregator.swap()
-        if not delta and not trackers:
+        """Commit the current delta and batches, retrying with capped backoff."""
+        delta, trackers, batches = self.aggregator.swap()
+        if not delta and not trackers and not batches:
             return
         self._seq += 1
-        flush_id = f"{self.instance_id}:{self._seq}"
         started = time.monotonic()
-        error = await self._commit_with_retry(delta, flush_id)
-        if error is not None:
-            self._abandon(delta, trackers, error)
+        self.inflight_packets = delta.packets + sum(b.delta.packets for b in batches)
+        try:
+            fresh, duplicates, carried = await self._write(delta, batches, self._seq)
+        except _GiveUp as exc:
+            self._abandon(delta, trackers, batches, str(exc.__cause__ or exc))
             return
+        except Exception as exc:
+            # A bug, not an outage: retrying would loop forever. Fail these acks loudly.
+            logger.exception("flush %s:%d failed", self.instance_id, self._seq)
+            self._abandon(delta, trackers, batches, repr(exc))
+            return
+        finally:
+            self.inflight_packets = 0
         elapsed = time.monotonic() - started
         stats = self.stats
         stats.flushes += 1
-        stats.packets_committed += delta.packets
+        stats.packets_committed += delta.packets + sum(b.delta.packets for b in fresh)
         stats.last_flush_ms = int(time.time() * 1000)
         stats.last_flush_seconds = elapsed
         for tracker, items in trackers.items():
             tracker.committed(items)
+        for batch in fresh:
+            batch.tracker.committed(1)
+        for batch in duplicates:
+            stats.duplicate_batches += 1
+            stats.duplicate_packets += batch.delta.packets
+            batch.tracker.duplicate = True
+            batch.tracker.committed(1)
+        if carried:
+            stats.carried_over_batches += len(carried)
+            self.aggregator.carry_over(carried)
         if elapsed > max(1.0, 5 * self.interval):
             logger.warning(
                 "flush of %d packets / %d devices took %.2fs",
@@ -116,48 +165,87 @@ class Flusher:
                 elapsed,
             )
 
-    async def _commit_with_retry(self, delta: FlushDelta, flush_id: str) -> BaseException | None:
+    async def _write(
+        self, delta: FlushDelta, batches: list[PendingBatch], seq: int
+    ) -> tuple[list[PendingBatch], list[PendingBatch], list[PendingBatch]]:
+        """Commit; returns the batches (counted, duplicates skipped, carried over)."""
+        store, instance = self.store, self.instance_id
+        flush_id = f"{instance}:{seq}"
+        duplicates: list[PendingBatch] = []
+        carried: list[PendingBatch] = []
+        fresh: list[PendingBatch] = []
+        seen: set[tuple[str, int]] = set()
+        for batch in batches:
+            # The same id twice in one flush (a quick resend): settle the first, retry the rest.
+            (carried if batch.batch_id in seen else fresh).append(batch)
+            seen.add(batch.batch_id)
+        while True:
+            merged = delta
+            if fresh:
+                merged = FlushDelta()
+                merge_into(merged, delta)
+                for batch in fresh:
+                    merge_into(merged, batch.delta)
+            calls = store.plan(merged, instance, seq)
+            keys = [store.layout.batch(*b.batch_id) for b in fresh]
+            if keys:
+                conflicts = await self._retry(partial(store.prepare, flush_id, keys, calls))
+                if conflicts:
+                    # Nothing was written: drop the resends and try again without them.
+                    for pos, state in conflicts.items():
+                        (duplicates if state == "c" else carried).append(fresh[pos])
+                    fresh = [b for pos, b in enumerate(fresh) if pos not in conflicts]
+                    continue
+            if merged:
+                await self._retry(partial(store.apply, calls))
+            if keys:
+                await self._retry(partial(store.finalize, flush_id, keys, self.dedupe_window_s))
+            return fresh, duplicates, carried
+
+    async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` until Redis answers; give up only past the shutdown deadline."""
         backoff = BACKOFF_START_S
         failures = 0
         while True:
             try:
-                await self.store.commit(delta, flush_id)
+                result = await attempt()
             except (RedisError, OSError) as exc:
                 failures += 1
                 self.stats.commit_errors += 1
                 self.stats.redis_error = f"{type(exc).__name__}: {exc}"
                 if failures == 1 or failures % 20 == 0:
                     logger.warning(
-                        "commit of %d packets failed (%s); retrying (attempt %d)",
-                        delta.packets,
+                        "commit failed (%s); retrying (attempt %d)",
                         self.stats.redis_error,
                         failures,
                     )
                 if self._deadline is not None and time.monotonic() + backoff > self._deadline:
-                    return exc
+                    raise _GiveUp("Redis unreachable past the shutdown deadline") from exc
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
-            except Exception as exc:
-                # A bug, not an outage: retrying would loop forever. Fail these acks loudly.
-                logger.exception("commit of flush %s failed", flush_id)
-                return exc
             if failures:
                 logger.info("Redis is back: committed after %d failed attempts", failures)
             self.stats.redis_error = None
-            return None
+            return result
 
     def _abandon(
-        self, delta: FlushDelta, trackers: dict[CommitTracker, int], error: BaseException
+        self,
+        delta: FlushDelta,
+        trackers: dict[CommitTracker, int],
+        batches: list[PendingBatch],
+        error: str,
     ) -> None:
-        self.stats.packets_abandoned += delta.packets
+        packets = delta.packets + sum(b.delta.packets for b in batches)
+        self.stats.packets_abandoned += packets
         logger.error(
-            "%d packets from %d devices were NOT committed (%s); their senders get an error "
-            "instead of an ack and can resend",
-            delta.packets,
-            len(delta.devices),
+            "%d packets were NOT committed (%s); their senders get an error instead of an "
+            "ack and can resend (a prepared journal is replayed by another instance)",
+            packets,
             error,
         )
         failure = CommitFailed(f"could not commit to Redis: {error}")
         for tracker in trackers:
             tracker.failed(failure)
+        for batch in batches:
+            batch.tracker.failed(failure)

@@ -22,9 +22,11 @@ class CommitTracker:
     One tracker per batch, or one per StreamPackets stream (fed one packet at a time).
     """
 
-    __slots__ = ("_outstanding", "_closed", "_done")
+    __slots__ = ("_outstanding", "_closed", "_done", "duplicate")
 
     def __init__(self) -> None:
+        # Set when a batch turned out to be committed already (a resend): not counted again.
+        self.duplicate = False
         self._outstanding = 0
         self._closed = False
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -66,3 +68,6 @@ class Work:
     rows: list[Row]
     recv_ms: int
     tracker: CommitTracker
+    # (producer_id, batch_id) of a batch to count exactly once; None for StreamPackets
+    # packets and for batches without a producer id (those are at-least-once).
+    batch_id: tuple[str, int] | None = None

@@ -6,7 +6,6 @@ needs nothing else installed. Tests use the same launcher on free ports.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import logging
 import os
@@ -16,15 +15,11 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
 logger = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
 
 class EmbeddedRedisError(RuntimeError):
     """The embedded Redis could not be started."""
@@ -56,20 +51,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-# Resolved before any fork: looking a symbol up between fork and exec in a process with
-# other threads (gRPC's) can crash the child.
-_prctl: Callable[..., int] | None
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _prctl = None
+def _parent_death_wrapper() -> list[str]:
+    """`setpriv --pdeathsig TERM` (util-linux), if present: if this process dies, even by
+    SIGKILL, the kernel sends SIGTERM to Redis, which then saves and exits instead of
+    lingering as an orphan holding the port and the data directory.
 
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # If the service is SIGKILLed, the kernel sends SIGTERM to Redis, which then saves and
-    # exits instead of lingering as an orphan holding the port and the data directory.
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    An exec wrapper rather than a Python preexec_fn: running Python between fork and exec
+    in a process with other threads (gRPC's) can crash the child.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 class EmbeddedRedis:
@@ -151,14 +142,14 @@ class EmbeddedRedis:
                 self.port = free_port(self.host)
             conf_path = self.data_dir / "redis.conf"
             conf_path.write_text(self._config())
+            # The parent-death signal fires when the *thread* that forked exits, so it is
+            # only armed from the main thread (the service starts Redis there).
+            wrapper = _parent_death_wrapper() if on_main_thread else []
             self._proc = subprocess.Popen(
-                [binary, str(conf_path)],
+                [*wrapper, binary, str(conf_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                # The parent-death signal fires when the *thread* that forked exits, so it
-                # is only armed from the main thread (the service starts Redis there).
-                preexec_fn=_die_with_parent if on_main_thread else None,
             )
             error = self._wait_ready(timeout)
             if error is None:

@@ -7,14 +7,21 @@ Device ids cannot contain braces (validation refuses them), so a tag cannot be f
     <p>:d:{<device>}            hash   packets, bytes, first_seen, last_seen,
                                        k:<kind> -> count,
                                        v:<name>:n | :sum | :min | :max | :last | :ts
-    <p>:m:{<device>}:<flush>    string idempotency marker of one device-group write (TTL)
+    <p>:m:{<tag>}:<inst>:<n>    string highest flush seq of instance <inst> applied to merge
+                                       group n ({<tag>}: the group's hash slot) (24 h TTL)
     {<p>}:devices               zset   every device, score 0 (lexicographic: prefix filter)
     {<p>}:idx:packets           zset   device -> packets (sort by packets)
     {<p>}:idx:bytes             zset   device -> bytes
     {<p>}:idx:last_seen         zset   device -> last_seen ms
     {<p>}:totals                hash   packets, bytes
     {<p>}:rejected              hash   reason -> packets
-    {<p>}:m:<flush>             string idempotency marker of the global write (TTL)
+    {<p>}:m:<inst>              string highest flush seq of <inst> applied to the global keys
+    {<p>}:b:<producer>:<batch>  string a batch id: "p:<flush>" claimed, "c" committed (TTL =
+                                       the dedupe window)
+    {<p>}:j:<flush>             string journal of a flush: batch ids and merge calls (JSON)
+    {<p>}:journals              zset   flush id -> prepare time (journals not yet finalized)
+    {<p>}:alive:<inst>          string heartbeat of a live instance (TTL)
+    {<p>}:recovering:<flush>    string who replays a dead instance's journal (TTL)
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ class KeyLayout:
     def device(self, device_id: str) -> str:
         return f"{self.prefix}:d:{{{device_id}}}"
 
-    def device_marker(self, device_id: str, flush_id: str) -> str:
-        return f"{self.prefix}:m:{{{device_id}}}:{flush_id}"
+    def group_marker(self, tag: str, instance: str, n: int) -> str:
+        return f"{self.prefix}:m:{{{tag}}}:{instance}:{n}"
 
     def _global(self, name: str) -> str:
         return f"{{{self.prefix}}}:{name}"
@@ -56,5 +63,21 @@ class KeyLayout:
     def rejected(self) -> str:
         return self._global("rejected")
 
-    def global_marker(self, flush_id: str) -> str:
-        return self._global(f"m:{flush_id}")
+    def global_marker(self, instance: str) -> str:
+        return self._global(f"m:{instance}")
+
+    def batch(self, producer_id: str, batch_id: int) -> str:
+        return self._global(f"b:{producer_id}:{batch_id}")
+
+    def journal(self, flush_id: str) -> str:
+        return self._global(f"j:{flush_id}")
+
+    @property
+    def journals(self) -> str:
+        return self._global("journals")
+
+    def alive(self, instance: str) -> str:
+        return self._global(f"alive:{instance}")
+
+    def recovering(self, flush_id: str) -> str:
+        return self._global(f"recovering:{flush_id}")

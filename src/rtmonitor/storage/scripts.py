@@ -1,22 +1,35 @@
 """Lua scripts that merge one flush into Redis atomically and idempotently.
 
 原子合并：每个脚本在 Redis 内部一次性执行完，多个服务实例同时写同一设备也不会互相覆盖；
-min/max/last 这类“比较后再写”的字段只能这样做到精确。幂等：脚本先 SET NX 一个以
-flush id 命名的标记键，重试同一次 flush（例如响应在网络上丢了）时直接返回 0，不会重复计数。
+min/max/last 这类“比较后再写”的字段只能这样做到精确。
+幂等：每个实例的刷新按序号（seq）依次提交，脚本先比较标记键里记录的“已提交序号”，
+不小于本次序号就直接返回 0——重试同一次刷新（回复丢失、重连、或另一实例替崩溃的实例重放日志）
+都不会重复计数。标记键数量有上界（每个实例每个分组一个），不会随刷新次数增长。
+"""
+
+# The marker check shared by the merge scripts. KEYS[1] holds the highest flush sequence
+# number of this instance applied to this group; ARGV[1] is its TTL, ARGV[2] this flush's seq.
+# One instance commits its flushes strictly in order (and recovery replays them in order),
+# so "already at or past this seq" means "this call was applied".
+_MARKER = """
+local applied = tonumber(redis.call('GET', KEYS[1]))
+if applied ~= nil and applied >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 """
 
 # KEYS[1]   marker (same hash slot as every device key of this call)
 # KEYS[2..] device hashes
-# ARGV[1]   marker TTL in seconds; then, per device in KEYS order:
+# ARGV[1]   marker TTL in seconds, ARGV[2] flush seq; then, per device in KEYS order:
 #   packets, bytes, first_seen, last_seen, nkinds, (kind, count) * nkinds,
 #   nvalues, (name, count, sum, min, max, last, last_ts) * nvalues
 # Numbers arrive as the client's exact decimal strings and are stored as such: comparing
 # with tonumber() is exact for doubles, while Lua's tostring() would round to 14 digits.
-MERGE_DEVICES = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return 0
-end
-local i = 2
+MERGE_DEVICES = (
+    _MARKER
+    + """
+local i = 3
 for k = 2, #KEYS do
   local key = KEYS[k]
   redis.call('HINCRBY', key, 'packets', ARGV[i])
@@ -60,18 +73,18 @@ for k = 2, #KEYS do
 end
 return 1
 """
+)
 
 # KEYS: marker, totals, rejected, devices, idx:packets, idx:bytes, idx:last_seen
-# ARGV: TTL, packets, bytes, nrejected, (reason, count) * nrejected,
+# ARGV: TTL, seq, packets, bytes, nrejected, (reason, count) * nrejected,
 #       (device, packets, bytes, last_seen) * rest
-MERGE_GLOBAL = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return 0
-end
-redis.call('HINCRBY', KEYS[2], 'packets', ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'bytes', ARGV[3])
-local nrejected = tonumber(ARGV[4])
-local i = 5
+MERGE_GLOBAL = (
+    _MARKER
+    + """
+redis.call('HINCRBY', KEYS[2], 'packets', ARGV[3])
+redis.call('HINCRBY', KEYS[2], 'bytes', ARGV[4])
+local nrejected = tonumber(ARGV[5])
+local i = 6
 for _ = 1, nrejected do
   redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   i = i + 2
@@ -84,5 +97,45 @@ while i <= #ARGV do
   redis.call('ZADD', KEYS[7], 'GT', ARGV[i + 3], dev)
   i = i + 4
 end
+return 1
+"""
+)
+
+# Exactly-once, step 1 of 3 (all keys share the {prefix} hash slot).
+# KEYS: journal, journal index, batch-id keys...; ARGV: flush id, now ms, journal blob.
+# Claims every batch id for this flush and stores the flush's journal, atomically — or,
+# if any batch id is already taken by another flush, writes nothing and returns the
+# conflicts as a flat list {position, state, ...} (state "c" = committed, "p:<flush>" =
+# pending in another flush). A retry of the same flush finds its own claims and goes on.
+PREPARE = """
+local mine = 'p:' .. ARGV[1]
+local conflicts = {}
+for i = 3, #KEYS do
+  local state = redis.call('GET', KEYS[i])
+  if state and state ~= mine then
+    table.insert(conflicts, i - 2)
+    table.insert(conflicts, state)
+  end
+end
+if #conflicts > 0 then
+  return conflicts
+end
+for i = 3, #KEYS do
+  redis.call('SET', KEYS[i], mine)
+end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return conflicts
+"""
+
+# Exactly-once, step 3 of 3 (after every merge call of the journal was applied).
+# KEYS: journal, journal index, batch-id keys...; ARGV: flush id, dedupe window seconds.
+# The batch ids become "committed" for the dedupe window; the journal is dropped.
+FINALIZE = """
+for i = 3, #KEYS do
+  redis.call('SET', KEYS[i], 'c', 'EX', ARGV[2])
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """

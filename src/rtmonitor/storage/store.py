@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Literal, Self, cast
@@ -15,7 +18,7 @@ from redis.exceptions import RedisError
 
 from rtmonitor.storage.keys import SORT_INDEXES, KeyLayout
 from rtmonitor.storage.model import DeviceDelta, FlushDelta
-from rtmonitor.storage.scripts import MERGE_DEVICES, MERGE_GLOBAL
+from rtmonitor.storage.scripts import FINALIZE, MERGE_DEVICES, MERGE_GLOBAL, PREPARE
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +26,11 @@ SortField = Literal["device_id", "packets", "bytes", "last_seen"]
 # Devices per merge-script call: big enough to amortise the call, small enough that one
 # script never blocks Redis for long (a few ms).
 GROUP_SIZE = 256
-# How long an idempotency marker lives: the window in which a retry of the same flush
-# (after a lost reply or a reconnect) is recognised and skipped.
-MARKER_TTL_S = 3600
+# How long a merge group's marker lives without being written again. It must outlast the
+# longest time a flush can wait to be retried or replayed (a Redis outage, a dead instance).
+MARKER_TTL_S = 24 * 3600
+# A merge call: (script name, keys, args). A flush's plan is a list of them, journaled as JSON.
+Call = tuple[str, list[str], list[Any]]
 # Lexicographic upper bound for a prefix range: device ids only use ASCII below 0x7f.
 _LEX_END = "\x7f"
 
@@ -46,8 +51,12 @@ class RedisStore:
         self.cluster = isinstance(client, RedisCluster)
         self._group_size = group_size
         self._marker_ttl = marker_ttl
-        self._merge_devices = client.register_script(MERGE_DEVICES)
-        self._merge_global = client.register_script(MERGE_GLOBAL)
+        self._scripts = {
+            "devices": client.register_script(MERGE_DEVICES),
+            "global": client.register_script(MERGE_GLOBAL),
+        }
+        self._prepare = client.register_script(PREPARE)
+        self._finalize = client.register_script(FINALIZE)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "rtm", *, cluster: bool = False) -> Self:
@@ -90,55 +99,136 @@ class RedisStore:
         return None
 
     # --- writes ----------------------------------------------------------------------------
+    #
+    # One flush of one instance = a list of merge calls (a "plan"), applied in one pipelined
+    # round trip. Every call is idempotent through its marker (scripts.py), so a plan can be
+    # applied again after any failure, by this instance or — from its journal — by another.
 
-    def _groups(self, device_ids: list[str]) -> Iterator[list[str]]:
-        """Split devices into script calls; in a cluster each call stays in one hash slot."""
+    def _groups(self, device_ids: list[str]) -> Iterator[tuple[str, int, list[str]]]:
+        """Split devices into merge calls: (marker tag, index under that tag, devices).
+
+        Standalone: fixed-size chunks. Cluster: each call stays in one hash slot, and its
+        marker uses a tag of that slot, so the number of marker keys stays bounded.
+        """
         size = self._group_size
         if not self.cluster:
-            for start in range(0, len(device_ids), size):
-                yield device_ids[start : start + size]
+            for n, start in enumerate(range(0, len(device_ids), size)):
+                yield "g", n, device_ids[start : start + size]
             return
         by_slot: dict[int, list[str]] = {}
         for device_id in device_ids:
             by_slot.setdefault(key_slot(device_id.encode()), []).append(device_id)
-        for ids in by_slot.values():
-            for start in range(0, len(ids), size):
-                yield ids[start : start + size]
+        for slot, ids in by_slot.items():
+            tag = slot_tag(slot)
+            for n, start in enumerate(range(0, len(ids), size)):
+                yield tag, n, ids[start : start + size]
 
-    async def commit(self, delta: FlushDelta, flush_id: str) -> None:
-        """Write one flush in a single pipelined round trip. Idempotent per `flush_id`.
-
-        Each script call first sets a marker named after the flush; calling commit() again
-        with the same delta and id (after a timeout or a dropped connection) applies only
-        the calls that had not been applied. Raises RedisError when Redis cannot be reached.
-        """
+    def plan(self, delta: FlushDelta, instance: str, seq: int) -> list[Call]:
+        """The merge calls that write `delta` as flush number `seq` of `instance`."""
         layout = self.layout
-        # redis-py runs registered scripts inside a pipeline (loading them first if needed);
-        # its type hints only name clients, hence the cast.
-        pipe = self.client.pipeline(transaction=False)
-        target = cast(aioredis.Redis, pipe)
-        device_ids = list(delta.devices)
-        for n, group in enumerate(self._groups(device_ids)):
-            keys = [layout.device_marker(group[0], f"{flush_id}:{n}")]
-            args: list[Any] = [self._marker_ttl]
+        calls: list[Call] = []
+        for tag, n, group in self._groups(list(delta.devices)):
+            keys = [layout.group_marker(tag, instance, n)]
+            args: list[Any] = [self._marker_ttl, seq]
             for device_id in group:
                 keys.append(layout.device(device_id))
                 _encode_device(delta.devices[device_id], args)
-            await self._merge_devices(keys=keys, args=args, client=target)
-        gargs: list[Any] = [self._marker_ttl, delta.packets, delta.bytes, len(delta.rejected)]
+            calls.append(("devices", keys, args))
+        gargs: list[Any] = [
+            self._marker_ttl,
+            seq,
+            delta.packets,
+            delta.bytes,
+            len(delta.rejected),
+        ]
         for reason, count in delta.rejected.items():
             gargs += (reason, count)
         for device_id, dev in delta.devices.items():
             gargs += (device_id, dev.packets, dev.bytes, dev.last_seen)
         gkeys = [
-            layout.global_marker(flush_id),
+            layout.global_marker(instance),
             layout.totals,
             layout.rejected,
             layout.devices,
             *(layout.index(f) for f in SORT_INDEXES),
         ]
-        await self._merge_global(keys=gkeys, args=gargs, client=target)
+        calls.append(("global", gkeys, gargs))
+        return calls
+
+    async def apply(self, calls: list[Call]) -> None:
+        """Run a plan in one pipelined round trip. Raises RedisError if Redis cannot be
+        reached; calling it again with the same plan applies only what was not applied."""
+        pipe = self.client.pipeline(transaction=False)
+        # redis-py runs registered scripts inside a pipeline (loading them first if needed);
+        # its type hints only name clients, hence the cast.
+        target = cast(aioredis.Redis, pipe)
+        for name, keys, args in calls:
+            await self._scripts[name](keys=keys, args=args, client=target)
         await pipe.execute()
+
+    async def commit(self, delta: FlushDelta, instance: str, seq: int) -> None:
+        """Write a flush that carries no batch ids (no journal needed)."""
+        await self.apply(self.plan(delta, instance, seq))
+
+    async def prepare(
+        self, flush_id: str, batch_keys: list[str], calls: list[Call]
+    ) -> dict[int, str]:
+        """Exactly-once step 1: claim `batch_keys` and journal `calls`, atomically.
+
+        Returns {position in batch_keys: state} for ids already taken ("c" committed, or
+        "p:<flush>" pending in another flush); then nothing was written.
+        """
+        layout = self.layout
+        blob = json.dumps({"batches": batch_keys, "calls": calls}, separators=(",", ":"))
+        reply = await self._prepare(
+            keys=[layout.journal(flush_id), layout.journals, *batch_keys],
+            args=[flush_id, int(time.time() * 1000), blob],
+        )
+        return {int(reply[i]) - 1: str(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+    async def finalize(self, flush_id: str, batch_keys: list[str], window_s: int) -> None:
+        """Exactly-once step 3: mark the batch ids committed and drop the journal."""
+        layout = self.layout
+        await self._finalize(
+            keys=[layout.journal(flush_id), layout.journals, *batch_keys],
+            args=[flush_id, window_s],
+        )
+
+    # --- recovery of dead instances' journals ----------------------------------------------
+
+    async def heartbeat(self, instance: str, ttl_s: int) -> None:
+        await self.client.set(self.layout.alive(instance), "1", ex=ttl_s)
+
+    async def orphan_journals(self, instance: str) -> list[str]:
+        """Journals (flush ids, oldest first) of instances other than `instance` whose
+        heartbeat has expired: flushes that were prepared but never finalized."""
+        client = cast(aioredis.Redis, self.client)
+        flush_ids = cast(list[str], await client.zrange(self.layout.journals, 0, -1))
+        owners = sorted({f.rsplit(":", 1)[0] for f in flush_ids} - {instance})
+        if not owners:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for owner in owners:
+            pipe.exists(self.layout.alive(owner))
+        alive = dict(zip(owners, await pipe.execute(), strict=True))
+        dead = [f for f in flush_ids if alive.get(f.rsplit(":", 1)[0]) == 0]
+        return sorted(dead, key=lambda f: (f.rsplit(":", 1)[0], int(f.rsplit(":", 1)[1])))
+
+    async def recover(self, flush_id: str, instance: str, window_s: int) -> bool:
+        """Replay and finalize a dead instance's journal. False if another instance has
+        claimed it (or it is already gone)."""
+        layout = self.layout
+        claimed = await self.client.set(layout.recovering(flush_id), instance, nx=True, ex=60)
+        if not claimed:
+            return False
+        blob = await self.client.get(layout.journal(flush_id))
+        if blob is None:
+            return False
+        journal = json.loads(blob)
+        calls = [(name, keys, args) for name, keys, args in journal["calls"]]
+        await self.apply(calls)
+        await self.finalize(flush_id, journal["batches"], window_s)
+        return True
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -257,3 +347,20 @@ def parse_device(device_id: str, raw: dict[str, str]) -> dict[str, Any]:
         "kinds": dict(sorted(kinds.items())),
         "values": dict(sorted(stats.items())),
     }
+
+
+@functools.cache
+def _slot_tags() -> dict[int, str]:
+    """A short string for each of the 16384 Redis Cluster hash slots (computed once)."""
+    tags: dict[int, str] = {}
+    i = 0
+    while len(tags) < 16384:
+        tag = f"s{i}"
+        tags.setdefault(key_slot(tag.encode()), tag)
+        i += 1
+    return tags
+
+
+def slot_tag(slot: int) -> str:
+    """A hash tag that maps to `slot`, so a marker key can live beside a slot's devices."""
+    return _slot_tags()[slot]

@@ -57,7 +57,7 @@ class Batch(_message.Message):
     def __init__(self, producer_id: _Optional[str] = ..., batch_id: _Optional[int] = ..., packets: _Optional[_Iterable[_Union[Packet, _Mapping]]] = ...) -> None: ...
 
 class BatchAck(_message.Message):
-    __slots__ = ("producer_id", "batch_id", "accepted", "rejected", "rejected_by_reason")
+    __slots__ = ("producer_id", "batch_id", "accepted", "rejected", "rejected_by_reason", "duplicate")
     class RejectedByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,9 +70,11 @@ class BatchAck(_message.Message):
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     producer_id: str
     batch_id: int
     accepted: int
     rejected: int
     rejected_by_reason: _containers.ScalarMap[str, int]
-    def __init__(self, producer_id: _Optional[str] = ..., batch_id: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., rejected_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, producer_id: _Optional[str] = ..., batch_id: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., rejected_by_reason: _Optional[_Mapping[str, int]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
