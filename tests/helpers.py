@@ -26,10 +26,19 @@ class ServiceProcess:
     """A real `rtmonitor serve` process on free ports (never 50051/8000)."""
 
     def __init__(
-        self, redis_url: str | None, log_path: Path, *extra: str, env: dict[str, str] | None = None
+        self,
+        redis_url: str | None,
+        log_path: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
     ) -> None:
-        self.grpc_port = free_port()
-        self.http_port = free_port()
+        self.redis_url = redis_url
+        self.extra = extra
+        self.env = env
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
         self.log_path = log_path
         args = [
             sys.executable,
@@ -52,6 +61,17 @@ class ServiceProcess:
         full_env.update(env or {})
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+
+    def restarted(self, log_path: Path) -> ServiceProcess:
+        """A new process with the same options on the same ports (after this one ended)."""
+        return ServiceProcess(
+            self.redis_url,
+            log_path,
+            *self.extra,
+            env=self.env,
+            grpc_port=self.grpc_port,
+            http_port=self.http_port,
+        )
 
     @property
     def target(self) -> str:

@@ -144,6 +144,11 @@ class SendSettings(BaseSettings):
     )
     payload_size: int = Field(64, ge=0, description="Payload bytes per packet.")
     inflight: int = Field(32, ge=1, description="Unacknowledged batches per stream.")
+    retry_for: float = Field(
+        60.0,
+        ge=0,
+        description="Batch mode: keep reconnecting and resending this long without progress.",
+    )
     seed: int = Field(0, description="Random seed for the values.")
     progress: bool = Field(True, description="Show a progress bar (only on a terminal).")
     json_output: bool = Field(False, description="Print the summary as JSON.")

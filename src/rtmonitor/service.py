@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import uvicorn
@@ -55,6 +58,7 @@ class Service:
         self.http_port: int | None = None
         self.redis_url: str | None = None
         self._signals = 0
+        self._started = time.monotonic()
         self._stopping = False
         self._shutdown_done = False
         self._serving = False
@@ -165,7 +169,7 @@ class Service:
         # 4. HTTP API.
         sock = self._bind_http()
         self.http_port = int(sock.getsockname()[1])
-        app = create_app(self.store, self.readiness)
+        app = create_app(self.store, self.readiness, self.stats)
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
         )
@@ -236,6 +240,36 @@ class Service:
         elif (error := await self.store.ping()) is not None:
             reasons.append(f"Redis is unreachable: {error}")
         return reasons
+
+    async def stats(self) -> dict[str, Any]:
+        """Self-metrics of this process (GET /stats)."""
+        reasons = await self.readiness()
+        flusher, recovery = self.flusher, self.recovery
+        return {
+            "instance_id": flusher.instance_id if flusher else None,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "ready": not reasons,
+            "not_ready_reasons": reasons,
+            "ingest": {
+                "active_streams": self.servicer.active_streams,
+                "devices_known": self.validator.device_count,
+                "rejected_by_reason": dict(sorted(self.aggregator.rejected_total.items())),
+            },
+            "queue": {
+                "packets": self.queue.packets,
+                "items": len(self.queue),
+                "max_packets": self.settings.queue_max_packets,
+            },
+            "pending": {
+                "packets": self.aggregator.pending_packets,
+                "devices": self.aggregator.pending_devices,
+                "batches": self.aggregator.pending_batches,
+                "inflight_packets": flusher.inflight_packets if flusher else 0,
+                "max_pending_packets": self.settings.max_pending_packets,
+            },
+            "flush": dataclasses.asdict(flusher.stats) if flusher else None,
+            "recovery": dataclasses.asdict(recovery.stats) if recovery else None,
+        }
 
     async def shutdown(self) -> None:
         """Stop in order, losing no acknowledged packet. Calling it twice is harmless."""

@@ -246,7 +246,16 @@ def test_clean_stop_mid_load_loses_no_acknowledged_packet(
     async def load_then_stop() -> list[SendReport]:
         loads = [
             asyncio.create_task(
-                send(opts(svc.target, devices=20, duration=30, batch_size=200, streams=2))
+                send(
+                    opts(
+                        svc.target,
+                        devices=20,
+                        duration=30,
+                        batch_size=200,
+                        streams=2,
+                        retry_for=0,  # no resend here: see tests/faults for that
+                    )
+                )
             ),
             asyncio.create_task(
                 send(opts(svc.target, devices=20, duration=30, streams=2, device_prefix="pp-"))

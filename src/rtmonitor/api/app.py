@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
@@ -18,9 +18,11 @@ logger = logging.getLogger(__name__)
 
 # Returns the reasons the service is not ready to ingest (empty list: ready).
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
+# Returns the service's self-metrics (the pipeline's, this process only).
+StatsSource = Callable[[], Awaitable[dict[str, Any]]]
 
 
-def create_app(store: RedisStore, readiness: ReadinessCheck) -> FastAPI:
+def create_app(store: RedisStore, readiness: ReadinessCheck, stats: StatsSource) -> FastAPI:
     """Build the app around the process's one store (owned and closed by the service)."""
     app = FastAPI(
         title="RealTimeDataMonitor",
@@ -55,6 +57,12 @@ def create_app(store: RedisStore, readiness: ReadinessCheck) -> FastAPI:
         reasons = await readiness()
         body = Readiness(ready=not reasons, reasons=reasons).model_dump()
         return JSONResponse(status_code=503 if reasons else 200, content=body)
+
+    @app.get("/stats", tags=["health"], summary="Self-metrics of this instance's pipeline")
+    async def self_stats() -> dict[str, Any]:
+        """Queue depth, pending deltas, flush latency, rejections by reason, Redis errors and
+        recoveries, duplicate batches skipped, journals recovered — for this process."""
+        return await stats()
 
     @app.get("/metrics", tags=["metrics"], response_model=MetricsPage)
     async def list_metrics(

@@ -13,7 +13,7 @@ import json
 import random
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +96,9 @@ class StreamResult:
     sent: int = 0
     accepted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0  # batches the service had already committed (resends)
+    resent: int = 0
+    reconnects: int = 0
     error: str | None = None
 
     @property
@@ -156,6 +159,9 @@ class SendReport:
             "bytes_accepted": self.accepted * self.payload_size,
             "elapsed_s": round(self.elapsed, 3),
             "packets_per_s": round(self.accepted / self.elapsed) if self.elapsed else 0,
+            "duplicate_batches": sum(s.duplicates for s in self.streams),
+            "resent_batches": sum(s.resent for s in self.streams),
+            "reconnects": sum(s.reconnects for s in self.streams),
             "errors": self.errors,
         }
 
@@ -197,46 +203,87 @@ async def _stream_batches(
     pace: _Pacer,
     counter: list[int],
 ) -> None:
+    """Batches with one producer id; after a broken stream, reconnect with capped backoff
+    and resend every unacknowledged batch first (the service skips the ones it had already
+    committed, so each is counted exactly once). Acks come in order, so what is
+    acknowledged is always a prefix of what was generated."""
     method = channel.stream_stream(STREAM_BATCHES, _identity, BatchAck.FromString)
-    # grpc.aio allows a call with no request iterator (then write()/done_writing());
-    # the type stubs predate that.
-    call = method()  # type: ignore[call-arg]
     producer = uuid.uuid4().hex
-    window = asyncio.Semaphore(opts.inflight)
+    unacked: deque[tuple[int, bytes, int]] = deque()  # (batch id, message, packets)
+    next_id = 0
+    pos = result.offset
+    backoff = 0.05
+    last_progress = time.monotonic()
 
-    async def read_acks() -> None:
+    def more() -> bool:
+        return (n is None or result.sent < n) and not pace.expired()
+
+    while True:
+        # grpc.aio allows a call with no request iterator (then write()/done_writing());
+        # the type stubs predate that.
+        call = method()  # type: ignore[call-arg]
+        window = asyncio.Semaphore(opts.inflight)
+
+        async def read_acks(call: Any = call, window: asyncio.Semaphore = window) -> None:
+            nonlocal last_progress, backoff
+            try:
+                async for ack in call:
+                    expected, _, _ = unacked.popleft()
+                    if ack.batch_id != expected:
+                        raise RuntimeError(f"ack for batch {ack.batch_id}, expected {expected}")
+                    result.accepted += ack.accepted
+                    result.rejected.update(dict(ack.rejected_by_reason))
+                    result.duplicates += ack.duplicate
+                    counter[0] += ack.accepted + ack.rejected
+                    last_progress = time.monotonic()
+                    backoff = 0.05
+                    window.release()
+            finally:
+                # The stream is over: free a writer waiting for a window slot.
+                for _ in range(opts.inflight):
+                    window.release()
+
+        reader = asyncio.create_task(read_acks())
         try:
-            async for ack in call:
-                result.accepted += ack.accepted
-                result.rejected.update(dict(ack.rejected_by_reason))
-                counter[0] += ack.accepted + ack.rejected
-                window.release()
+            for _, message, _ in list(unacked):  # resend what the last stream left unacked
+                await window.acquire()
+                if reader.done():
+                    break
+                await call.write(message)
+                result.resent += 1
+            while more() and not reader.done():
+                m = opts.batch_size if n is None else min(opts.batch_size, n - result.sent)
+                header = Batch(producer_id=producer, batch_id=next_id).SerializeToString()
+                message = header + pool.batch_body(pos, m)
+                await window.acquire()
+                if reader.done():
+                    break
+                unacked.append((next_id, message, m))
+                await call.write(message)
+                next_id += 1
+                pos += m
+                result.sent += m
+                await pace.wait(m)
+            if not reader.done():
+                await call.done_writing()
+            await reader
+            if not unacked:
+                return
+            error = "the stream ended with batches unacknowledged"
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            error = (
+                f"{exc.code().name}: {exc.details()}"
+                if isinstance(exc, grpc.aio.AioRpcError)
+                else str(exc)
+            )
         finally:
-            # The stream is over: free a writer waiting for a window slot (it then sees
-            # that the reader is done and stops).
-            for _ in range(opts.inflight):
-                window.release()
-
-    reader = asyncio.create_task(read_acks())
-    try:
-        batch_id = 0
-        pos = result.offset
-        while (n is None or result.sent < n) and not pace.expired() and not reader.done():
-            m = opts.batch_size if n is None else min(opts.batch_size, n - result.sent)
-            header = Batch(producer_id=producer, batch_id=batch_id).SerializeToString()
-            await window.acquire()
-            if reader.done():
-                break
-            await call.write(header + pool.batch_body(pos, m))
-            batch_id += 1
-            pos += m
-            result.sent += m
-            await pace.wait(m)
-        if not reader.done():
-            await call.done_writing()
-        await reader
-    finally:
-        reader.cancel()
+            reader.cancel()
+        if time.monotonic() - last_progress > opts.retry_for:
+            result.error = f"{error}; gave up after {opts.retry_for:.0f}s without progress"
+            return
+        result.reconnects += 1
+        await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+        backoff = min(backoff * 2, 2.0)
 
 
 class _Pacer:
@@ -344,6 +391,10 @@ async def run_send(opts: SendSettings) -> int:
         table.add_row("rejected", f"{summary['rejected']:,}")
         for reason, count in sorted(summary["rejected_by_reason"].items()):
             table.add_row(f"  {reason}", f"{count:,}")
+        if summary["reconnects"]:
+            table.add_row("reconnects", f"{summary['reconnects']:,}")
+            table.add_row("batches resent", f"{summary['resent_batches']:,}")
+            table.add_row("  of them already committed", f"{summary['duplicate_batches']:,}")
         table.add_row("elapsed", f"{summary['elapsed_s']:.2f} s")
         table.add_row("acknowledged packets/s", f"{summary['packets_per_s']:,}")
         Console().print(table)

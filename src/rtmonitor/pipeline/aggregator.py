@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,6 +74,8 @@ class Aggregator:
         self._trackers: dict[CommitTracker, int] = {}
         self._batches: list[PendingBatch] = []
         self._batch_packets = 0
+        # Since this process started, for /stats (Redis has the totals of every instance).
+        self.rejected_total: Counter[str] = Counter()
 
     @property
     def pending_packets(self) -> int:
@@ -107,6 +110,7 @@ class Aggregator:
     def count_rejected(self, reason: str, packets: int = 1) -> None:
         """Record rejected packets so that they are counted in Redis too, by reason."""
         self._delta.rejected[reason] += packets
+        self.rejected_total[reason] += packets
 
     def swap(self) -> tuple[FlushDelta, dict[CommitTracker, int], list[PendingBatch]]:
         """Take the current delta, its trackers and the pending batches; start afresh."""

@@ -32,7 +32,8 @@ class FlushStats:
 
     flushes: int = 0
     packets_committed: int = 0
-    commit_errors: int = 0
+    commit_errors: int = 0  # failed attempts to reach Redis
+    redis_recoveries: int = 0  # times Redis came back after failing
     last_flush_ms: int = 0
     last_flush_seconds: float = 0.0
     duplicate_batches: int = 0
@@ -225,6 +226,7 @@ class Flusher:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
             if failures:
+                self.stats.redis_recoveries += 1
                 logger.info("Redis is back: committed after %d failed attempts", failures)
             self.stats.redis_error = None
             return result

@@ -21,6 +21,7 @@ from typing import IO, Self
 
 logger = logging.getLogger(__name__)
 
+
 class EmbeddedRedisError(RuntimeError):
     """The embedded Redis could not be started."""
 
