@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     max_kinds_per_device: int = Field(64, ge=1, description="Distinct kinds per device.")
     max_value_names_per_device: int = Field(64, ge=1, description="Distinct value names/device.")
     max_devices: int = Field(1_000_000, ge=1, description="Distinct devices one instance admits.")
+    max_streams: int = Field(1024, ge=1, description="Concurrent gRPC streams one instance serves.")
+    stream_idle_timeout: float = Field(
+        300.0, gt=0, description="Seconds a stream may send nothing before it is closed."
+    )
+    retention: int = Field(
+        7 * 86400,
+        ge=0,
+        description="Seconds a silent device is kept in Redis (0: forever).",
+    )
 
     # --- lifecycle -----------------------------------------------------------
     grace_period: float = Field(

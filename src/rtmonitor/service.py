@@ -81,6 +81,8 @@ class Service:
             self.aggregator,
             max_batch_packets=settings.max_batch_packets,
             max_inflight_batches=settings.max_inflight_batches,
+            max_streams=settings.max_streams,
+            idle_timeout=settings.stream_idle_timeout,
         )
         self.health = health_aio.HealthServicer()
         self.flusher: Flusher | None = None
@@ -129,7 +131,7 @@ class Service:
             self._embedded.start()
             url = self._embedded.url
         self.redis_url = url
-        self.store = RedisStore.from_url(url, s.key_prefix)
+        self.store = RedisStore.from_url(url, s.key_prefix, retention_s=s.retention)
         await self._wait_for_redis()
         if self.should_exit.is_set():
             return
@@ -164,6 +166,7 @@ class Service:
                 "or the address is wrong; choose another with --grpc-port / RTM_GRPC_PORT"
             ) from None
         await self._grpc.start()
+        self._tasks["idle"] = asyncio.create_task(self.servicer.watch_idle(), name="idle-watch")
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
         # 4. HTTP API.
@@ -252,6 +255,8 @@ class Service:
             "not_ready_reasons": reasons,
             "ingest": {
                 "active_streams": self.servicer.active_streams,
+                "streams_refused": self.servicer.streams_refused,
+                "streams_idle_closed": self.servicer.streams_idle_closed,
                 "devices_known": self.validator.device_count,
                 "rejected_by_reason": dict(sorted(self.aggregator.rejected_total.items())),
             },
@@ -286,6 +291,8 @@ class Service:
         self.servicer.stop_reading()
         if self._grpc is not None:
             await self._grpc.stop(s.grace_period)
+        if (idle := self._tasks.get("idle")) is not None:
+            idle.cancel()
         self._serving = False
         # 3. Drain the queue into the aggregator.
         self.queue.close()

@@ -50,6 +50,18 @@ class _Pending:
 _PRODUCER_ID = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 
 
+class _Stream:
+    """One open stream's reader, watched for idleness."""
+
+    __slots__ = ("task", "last_activity", "busy", "idle")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.last_activity = time.monotonic()
+        self.busy = False  # processing a message (maybe waiting on backpressure): not idle
+        self.idle = False  # ended by the idle timeout
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -67,29 +79,65 @@ class IngestServicer:
         *,
         max_batch_packets: int,
         max_inflight_batches: int,
+        max_streams: int = 1024,
+        idle_timeout: float = 300.0,
     ) -> None:
         self.validator = validator
         self.queue = queue
         self.aggregator = aggregator
         self.max_batch_packets = max_batch_packets
         self.max_inflight_batches = max_inflight_batches
-        self._readers: set[asyncio.Task[None]] = set()
+        self.max_streams = max_streams
+        self.idle_timeout = idle_timeout
+        self._streams: set[_Stream] = set()
         self._stopping = False
         self.active_streams = 0
+        self.streams_refused = 0
+        self.streams_idle_closed = 0
 
     def stop_reading(self) -> None:
         """Shutdown step 1: stop reading every open stream; acks of what was read still go out."""
         self._stopping = True
-        for reader in list(self._readers):
-            reader.cancel()
+        for stream in list(self._streams):
+            if stream.task is not None:
+                stream.task.cancel()
 
-    def _spawn(self, reader: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(reader)
-        self._readers.add(task)
-        task.add_done_callback(self._readers.discard)
+    async def watch_idle(self) -> None:
+        """Close streams that sent nothing for `idle_timeout` seconds (one loop for all:
+        nothing is added per message but two attribute writes)."""
+        period = min(1.0, self.idle_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for stream in list(self._streams):
+                idle_for = now - stream.last_activity
+                if not stream.busy and idle_for > self.idle_timeout and stream.task is not None:
+                    stream.idle = True
+                    self.streams_idle_closed += 1
+                    stream.task.cancel()
+
+    def _spawn(self, stream: _Stream, reader: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = stream.task = asyncio.create_task(reader)
+        self._streams.add(stream)
+        task.add_done_callback(lambda _: self._streams.discard(stream))
         if self._stopping:
             task.cancel()
         return task
+
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.active_streams >= self.max_streams:
+            self.streams_refused += 1
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many concurrent streams ({self.active_streams}, --max-streams "
+                f"{self.max_streams}): send more per stream (batches), or retry later",
+            )
+
+    def _idle_message(self, what: str) -> str:
+        return (
+            f"no message for {self.idle_timeout:g}s (--stream-idle-timeout): stream closed; "
+            f"{what}open a new stream when there is data to send"
+        )
 
     # --- StreamPackets: one packet per message, one Ack at the end ------------------------
 
@@ -100,12 +148,16 @@ class IngestServicer:
         rejected: Counter[str] = Counter()
         accepted = 0
 
+        stream = _Stream()
+        monotonic = time.monotonic
+
         async def read() -> None:
             nonlocal accepted
             check = self.validator.check
             put = self.queue.put
             count_rejected = self.aggregator.count_rejected
             async for raw in requests:
+                stream.last_activity = monotonic()
                 recv_ms = _now_ms()
                 try:
                     packet = Packet.FromString(raw)
@@ -117,18 +169,29 @@ class IngestServicer:
                     rejected[str(result)] += 1
                     count_rejected(str(result))
                     continue
+                stream.busy = True
                 await put(Work([result], recv_ms, tracker), 1)
+                stream.busy = False
                 tracker.submitted()
                 accepted += 1
 
+        await self._admit(context)
         self.active_streams += 1
         try:
-            truncated = await self._run_reader(read())
+            truncated = await self._run_reader(stream, read())
             tracker.close()
             try:
                 await tracker.wait()
             except CommitFailed as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; resend this stream")
+            if stream.idle:
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    self._idle_message(
+                        f"its first {accepted + rejected.total()} packets were "
+                        f"processed ({accepted} counted); "
+                    ),
+                )
         finally:
             self.active_streams -= 1
         return Ack(
@@ -138,9 +201,9 @@ class IngestServicer:
             truncated=truncated,
         )
 
-    async def _run_reader(self, coro: Coroutine[Any, Any, None]) -> bool:
+    async def _run_reader(self, stream: _Stream, coro: Coroutine[Any, Any, None]) -> bool:
         """Run a stream's reader; True if shutdown cut it short. Cancels it if we are cancelled."""
-        reader = self._spawn(coro)
+        reader = self._spawn(stream, coro)
         try:
             await asyncio.wait({reader})
         finally:
@@ -163,20 +226,25 @@ class IngestServicer:
         # At most this many batches wait for their ack: a client that never reads its acks
         # stops our writes, then this reader, then (flow control) its own sends.
         window = asyncio.Semaphore(self.max_inflight_batches)
+        stream = _Stream()
 
         async def read() -> None:
             try:
                 async for raw in requests:
+                    stream.busy = True
                     await window.acquire()
                     item = await self._accept_batch(raw)
                     pending.put_nowait(item)
                     if isinstance(item, _StreamError):
                         return
+                    stream.busy = False
+                    stream.last_activity = time.monotonic()
             finally:
                 pending.put_nowait(None)
 
+        await self._admit(context)
         self.active_streams += 1
-        reader = self._spawn(read())
+        reader = self._spawn(stream, read())
         try:
             while (item := await pending.get()) is not None:
                 if isinstance(item, _StreamError):
@@ -195,6 +263,8 @@ class IngestServicer:
                 )
                 window.release()
             await asyncio.wait({reader})
+            if stream.idle:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._idle_message(""))
             if reader.cancelled() or isinstance(reader.exception(), QueueClosed):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
             if (error := reader.exception()) is not None:

@@ -258,11 +258,13 @@ async def _stream_batches(
                 await window.acquire()
                 if reader.done():
                     break
+                # Generated once: from here on it is resent until acknowledged, even if this
+                # write fails.
                 unacked.append((next_id, message, m))
-                await call.write(message)
                 next_id += 1
                 pos += m
                 result.sent += m
+                await call.write(message)
                 await pace.wait(m)
             if not reader.done():
                 await call.done_writing()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -17,14 +18,20 @@ HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 10
 
 
+# How often retention drops silent devices from the indexes.
+RETENTION_INTERVAL_S = 30.0
+
+
 @dataclass(slots=True)
 class RecoveryStats:
     journals_recovered: int = 0
+    devices_expired: int = 0
     errors: int = 0
 
 
 class Recovery:
-    """A background loop: heartbeat, then finish any flush a dead instance left prepared.
+    """A background loop: heartbeat, finish any flush a dead instance left prepared, and
+    (every RETENTION_INTERVAL_S) drop silent devices from the indexes.
 
     崩溃恢复：实例在“认领批次 id + 写日志”之后、“标记已提交”之前崩溃时，日志还留在 Redis 里。
     任何一个活着的实例发现日志主人的心跳过期，就按日志重放合并调用（幂等）并完成提交，
@@ -37,6 +44,7 @@ class Recovery:
         self.dedupe_window_s = dedupe_window_s
         self.stats = RecoveryStats()
         self._stop = asyncio.Event()
+        self._next_retention = 0.0
 
     async def heartbeat(self) -> None:
         """Announce this instance as alive (before it prepares any journal)."""
@@ -51,6 +59,14 @@ class Recovery:
                 recovered += 1
                 self.stats.journals_recovered += 1
                 logger.warning("recovered flush %s of a dead instance from its journal", flush_id)
+        if time.monotonic() >= self._next_retention:
+            # a short retention (tests, demos) is enforced more often
+            interval = min(RETENTION_INTERVAL_S, max(1.0, self.store.retention_s / 4))
+            self._next_retention = time.monotonic() + interval
+            expired = await self.store.expire_silent_devices(int(time.time() * 1000))
+            self.stats.devices_expired += expired
+            if expired:
+                logger.info("retention: dropped %d silent devices", expired)
         return recovered
 
     async def run(self) -> None:

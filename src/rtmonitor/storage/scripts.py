@@ -21,7 +21,8 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 
 # KEYS[1]   marker (same hash slot as every device key of this call)
 # KEYS[2..] device hashes
-# ARGV[1]   marker TTL in seconds, ARGV[2] flush seq; then, per device in KEYS order:
+# ARGV[1]   marker TTL in seconds, ARGV[2] flush seq, ARGV[3] retention in ms (0: keep
+#           forever); then, per device in KEYS order:
 #   packets, bytes, first_seen, last_seen, nkinds, (kind, count) * nkinds,
 #   nvalues, (name, count, sum, min, max, last, last_ts) * nvalues
 # Numbers arrive as the client's exact decimal strings and are stored as such: comparing
@@ -29,7 +30,8 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 MERGE_DEVICES = (
     _MARKER
     + """
-local i = 3
+local retention = tonumber(ARGV[3])
+local i = 4
 for k = 2, #KEYS do
   local key = KEYS[k]
   redis.call('HINCRBY', key, 'packets', ARGV[i])
@@ -69,6 +71,11 @@ for k = 2, #KEYS do
       redis.call('HSET', key, p .. 'last', ARGV[i + 5], p .. 'ts', ARGV[i + 6])
     end
     i = i + 7
+  end
+  if retention > 0 then
+    -- after the writes (PEXPIRE on a key not yet created is a no-op): a device silent
+    -- for the retention expires with everything it counted
+    redis.call('PEXPIRE', key, retention)
   end
 end
 return 1

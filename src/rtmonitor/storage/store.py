@@ -45,12 +45,14 @@ class RedisStore:
         *,
         group_size: int = GROUP_SIZE,
         marker_ttl: int = MARKER_TTL_S,
+        retention_s: int = 0,
     ) -> None:
         self.client = client
         self.layout = layout
         self.cluster = isinstance(client, RedisCluster)
         self._group_size = group_size
         self._marker_ttl = marker_ttl
+        self.retention_s = retention_s
         self._scripts = {
             "devices": client.register_script(MERGE_DEVICES),
             "global": client.register_script(MERGE_GLOBAL),
@@ -59,7 +61,9 @@ class RedisStore:
         self._finalize = client.register_script(FINALIZE)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "rtm", *, cluster: bool = False) -> Self:
+    def from_url(
+        cls, url: str, prefix: str = "rtm", *, cluster: bool = False, retention_s: int = 0
+    ) -> Self:
         """Build a store for `url` (redis://, rediss://, unix://)."""
         opts: dict[str, Any] = {
             "decode_responses": True,
@@ -72,7 +76,7 @@ class RedisStore:
             client = RedisCluster.from_url(url, **opts)
         else:
             client = aioredis.Redis.from_url(url, **opts)
-        return cls(client, KeyLayout(prefix))
+        return cls(client, KeyLayout(prefix), retention_s=retention_s)
 
     async def __aenter__(self) -> Self:
         return self
@@ -129,7 +133,7 @@ class RedisStore:
         calls: list[Call] = []
         for tag, n, group in self._groups(list(delta.devices)):
             keys = [layout.group_marker(tag, instance, n)]
-            args: list[Any] = [self._marker_ttl, seq]
+            args: list[Any] = [self._marker_ttl, seq, self.retention_s * 1000]
             for device_id in group:
                 keys.append(layout.device(device_id))
                 _encode_device(delta.devices[device_id], args)
@@ -193,6 +197,40 @@ class RedisStore:
             keys=[layout.journal(flush_id), layout.journals, *batch_keys],
             args=[flush_id, window_s],
         )
+
+    # --- retention ---------------------------------------------------------------------------
+
+    async def expire_silent_devices(self, now_ms: int, batch: int = 1000) -> int:
+        """Drop devices silent for longer than the retention from the indexes (their hashes
+        expire by themselves); the number dropped. Idempotent: any instance may run it."""
+        if self.retention_s <= 0:
+            return 0
+        layout = self.layout
+        client = cast(aioredis.Redis, self.client)
+        cutoff = now_ms - self.retention_s * 1000
+        dropped = 0
+        while True:
+            candidates = cast(
+                list[str],
+                await client.zrangebyscore(layout.index("last_seen"), "-inf", cutoff, 0, batch),
+            )
+            if not candidates:
+                return dropped
+            pipe = self.client.pipeline(transaction=False)
+            for device_id in candidates:
+                pipe.exists(layout.device(device_id))
+            exists = await pipe.execute()
+            gone = [d for d, e in zip(candidates, exists, strict=True) if not e]
+            if gone:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.zrem(layout.devices, *gone)
+                for field in SORT_INDEXES:
+                    pipe.zrem(layout.index(field), *gone)
+                await pipe.execute()
+                dropped += len(gone)
+            if len(gone) < len(candidates):
+                # some just sent again (their hash lives on): the next pass will see them
+                return dropped
 
     # --- recovery of dead instances' journals ----------------------------------------------
 
