@@ -120,3 +120,27 @@ def test_redis_stopped_for_10s_mid_load_exact(
     stats = get_json(svc.http, "/stats")
     assert stats["flush"]["commit_errors"] > 0 and stats["flush"]["redis_error"] is None
     assert stats["ready"] is True
+
+
+def test_outage_budget_pushes_receivers_back(
+    start_service: Callable[..., ServiceProcess], redis_server: EmbeddedRedis
+) -> None:
+    """While Redis is away, pending packets stop at --max-pending-packets (plus what the
+    queue holds): receivers stop reading, and the sender is held back, not dropped."""
+    svc = start_service("--max-pending-packets", "20000", "--queue-max-packets", "5000")
+
+    async def scenario() -> SendReport:
+        redis_server.stop()
+        sender = asyncio.create_task(send(load(svc.target, count=300_000, rate=None)))
+        await asyncio.sleep(4.0)
+        stats = await asyncio.to_thread(get_json, svc.http, "/stats")
+        held = stats["pending"]["packets"] + stats["pending"]["inflight_packets"]
+        # the budget, overshot by at most one queue-load (taken after the check) and one batch
+        assert 0 < held <= 20_000 + 5_000 + 250
+        assert stats["queue"]["packets"] <= 5_000 + 250
+        assert not sender.done()
+        redis_server.start()
+        return await asyncio.wait_for(sender, 120)
+
+    report = run(scenario())
+    assert_exact(report, redis_server.url)
