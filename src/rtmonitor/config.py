@@ -152,6 +152,9 @@ class SendSettings(BaseSettings):
         "dev-", pattern=r"^[A-Za-z0-9._:@/-]{0,64}$", description="Device ids are PREFIX00042."
     )
     payload_size: int = Field(64, ge=0, description="Payload bytes per packet.")
+    columnar: bool = Field(
+        False, description="Send batches in column form (packed arrays; needs --batch-size > 1)."
+    )
     inflight: int = Field(32, ge=1, description="Unacknowledged batches per stream.")
     retry_for: float = Field(
         60.0,
@@ -166,6 +169,8 @@ class SendSettings(BaseSettings):
     def _count_or_duration(self) -> Self:
         if self.count is not None and self.duration is not None:
             raise ValueError("give --count or --duration, not both")
+        if self.columnar and self.batch_size < 2:
+            raise ValueError("--columnar sends batches: give --batch-size 2 or more")
         return self
 
     @property

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import ServiceProcess, get_json, packet, run, stream_batches, stream_packets
 
@@ -428,3 +429,21 @@ def test_second_signal_forces_exit(
     run(pending_then_signals())
     assert svc.proc.wait(10) == 1
     assert "forcing exit" in svc.log()
+
+
+def test_columnar_batches_count_exactly_like_rows(service: ServiceProcess) -> None:
+    common = {"devices": 30, "count": 60_000, "batch_size": 2000, "streams": 2, "payload_size": 9}
+    rows = run(send(opts(service.target, device_prefix="r-", **common)))
+    cols = run(send(opts(service.target, device_prefix="c-", columnar=True, **common)))
+    assert rows.errors == [] and cols.errors == []
+    assert cols.accepted == rows.accepted == 60_000
+    assert_counts_match(service.http, rows, 9)
+    assert_counts_match(service.http, cols, 9)
+    # same packets in both forms: identical kinds and value statistics per device
+    for i in (0, 17, 29):
+        r = get_json(service.http, f"/metrics/r-{i:05d}")
+        c = get_json(service.http, f"/metrics/c-{i:05d}")
+        assert r["kinds"] == c["kinds"]
+        for name in ("temperature", "humidity"):
+            for stat in ("count", "min", "max", "sum"):
+                assert r["values"][name][stat] == pytest.approx(c["values"][name][stat])

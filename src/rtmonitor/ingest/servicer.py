@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from rtmonitor.ingest.columnar import ColumnsError, decode_columns
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
 from rtmonitor.ingest.validation import Reason, Validator
 from rtmonitor.pipeline.aggregator import Aggregator
@@ -284,7 +285,8 @@ class IngestServicer:
                 f"malformed Batch message ({exc}): send a rtmonitor.v1.Batch "
                 "serialized with protobuf",
             )
-        n = len(batch.packets)
+        has_columns = batch.HasField("columns")
+        n = len(batch.packets) + (batch.columns.count if has_columns else 0)
         if n > self.max_batch_packets:
             self.aggregator.count_rejected("batch_too_large", n)
             return _StreamError(
@@ -302,13 +304,27 @@ class IngestServicer:
             )
         recv_ms = _now_ms()
         rows, rejected = self.validator.check_many(batch.packets, recv_ms)
+        columns = None
+        if has_columns:
+            try:
+                columns, col_rejected = decode_columns(batch.columns, self.validator, recv_ms)
+            except ColumnsError as exc:
+                self.aggregator.count_rejected("malformed_batch")
+                return _StreamError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.batch_id}: {exc}"
+                )
+            rejected.update(col_rejected)
         for reason, count in rejected.items():
             self.aggregator.count_rejected(reason, count)
         tracker = CommitTracker()
-        if rows:
+        accepted = len(rows) + (columns.packets if columns is not None else 0)
+        if accepted:
             # With a producer id the batch is counted exactly once, even if resent.
             batch_key = (producer, batch.batch_id) if producer else None
-            await self.queue.put(Work(rows, recv_ms, tracker, batch_key), len(rows))
+            work = Work(
+                rows, recv_ms, tracker, batch_key, columns if accepted > len(rows) else None
+            )
+            await self.queue.put(work, accepted)
             tracker.submitted()
         tracker.close()
-        return _Pending(batch.producer_id, batch.batch_id, len(rows), rejected, tracker)
+        return _Pending(batch.producer_id, batch.batch_id, accepted, rejected, tracker)

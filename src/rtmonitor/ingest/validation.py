@@ -23,6 +23,22 @@ UNSPECIFIED_KIND = "unspecified"
 _MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000
 
 
+def device_id_reason(device_id: str) -> Reason | None:
+    """Why a device id is refused, or None."""
+    if not device_id:
+        return Reason.EMPTY_DEVICE_ID
+    if len(device_id) > DEVICE_ID_MAX:
+        return Reason.DEVICE_ID_TOO_LONG
+    if not _DEVICE_ID.fullmatch(device_id):
+        return Reason.INVALID_DEVICE_ID
+    return None
+
+
+def name_ok(name: str) -> bool:
+    """Kinds and value names: 1-64 characters of the safe set."""
+    return 0 < len(name) <= NAME_MAX and _NAME.fullmatch(name) is not None
+
+
 class Reason(StrEnum):
     """Why a packet was not counted (these strings appear in acks, /metrics and logs)."""
 
@@ -39,6 +55,7 @@ class Reason(StrEnum):
     TOO_MANY_KINDS = "too_many_kinds"
     TOO_MANY_VALUE_NAMES = "too_many_value_names"
     TOO_MANY_DEVICES = "too_many_devices"
+    INVALID_COLUMN_INDEX = "invalid_column_index"  # columnar: an index past its dictionary
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +98,8 @@ class Validator:
         """Return the packet as a row ready to aggregate, or the reason it is refused."""
         lim = self.limits
         device_id = packet.device_id
-        if not device_id:
-            return Reason.EMPTY_DEVICE_ID
-        if len(device_id) > DEVICE_ID_MAX:
-            return Reason.DEVICE_ID_TOO_LONG
-        if not _DEVICE_ID.fullmatch(device_id):
-            return Reason.INVALID_DEVICE_ID
+        if (bad_id := device_id_reason(device_id)) is not None:
+            return bad_id
         nbytes = len(packet.payload)
         if nbytes > lim.max_payload_bytes:
             return Reason.PAYLOAD_TOO_LARGE
@@ -96,7 +109,7 @@ class Validator:
         elif ts < 0 or ts > recv_ms + _MAX_CLOCK_AHEAD_MS:
             return Reason.BAD_TIMESTAMP
         kind = packet.kind or UNSPECIFIED_KIND
-        if len(kind) > NAME_MAX or not _NAME.fullmatch(kind):
+        if not name_ok(kind):
             return Reason.INVALID_KIND
         values: dict[str, float] | None = None
         if packet.values:
@@ -104,7 +117,7 @@ class Validator:
                 return Reason.TOO_MANY_VALUES
             values = dict(packet.values)
             for name, value in values.items():
-                if len(name) > NAME_MAX or not _NAME.fullmatch(name):
+                if not name_ok(name):
                     return Reason.INVALID_VALUE_NAME
                 if not math.isfinite(value):
                     return Reason.NON_FINITE_VALUE
@@ -129,6 +142,34 @@ class Validator:
             vocab.names.update(new_names)
         self._devices[device_id] = vocab
         return (device_id, kind, nbytes, ts, values)
+
+    def admit(
+        self, device_id: str, kinds: Iterable[str], names: Iterable[str]
+    ) -> tuple[Reason | None, set[str], set[str]]:
+        """The stateful limits for a whole columnar batch of one device (first-seen order):
+        (a reason refusing every packet of the device, or None; the kinds refused; the value
+        names refused). The vocabulary grows only by what is admitted."""
+        lim = self.limits
+        vocab = self._devices.get(device_id)
+        if vocab is None:
+            if len(self._devices) >= lim.max_devices:
+                return Reason.TOO_MANY_DEVICES, set(), set()
+            vocab = self._devices[device_id] = _Vocabulary()
+        refused_kinds: set[str] = set()
+        for kind in kinds:
+            if kind not in vocab.kinds:
+                if len(vocab.kinds) >= lim.max_kinds_per_device:
+                    refused_kinds.add(kind)
+                else:
+                    vocab.kinds.add(kind)
+        refused_names: set[str] = set()
+        for name in names:
+            if name not in vocab.names:
+                if len(vocab.names) >= lim.max_value_names_per_device:
+                    refused_names.add(name)
+                else:
+                    vocab.names.add(name)
+        return None, refused_kinds, refused_names
 
     def check_many(self, packets: Iterable[Packet], recv_ms: int) -> tuple[list[Row], Counter[str]]:
         """Validate a batch: the good rows, and the refused ones counted by reason."""

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from rtmonitor.config import SendSettings
-from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
+from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Columns, Packet
 
 KINDS = ("heartbeat", "reading", "tcp")
 STREAM_PACKETS = "/rtmonitor.v1.TelemetryIngest/StreamPackets"
@@ -60,19 +61,47 @@ class PacketPool:
         size = opts.devices * -(-max(opts.batch_size, 1024) // opts.devices)
         rng = random.Random(opts.seed)
         payload = bytes(opts.payload_size)
+        self.payload_size = opts.payload_size
         self.packets: list[bytes] = []
+        # The same pool as columns, for --columnar (NaN: the packet has no such reading).
+        self.temperature = np.full(size, np.nan)
+        self.humidity = np.full(size, np.nan)
         for e in range(size):
             kind = KINDS[(e // opts.devices) % len(KINDS)]
             packet = Packet(device_id=self.names[e % opts.devices], kind=kind, payload=payload)
             if kind == "reading":
-                packet.values["temperature"] = round(rng.uniform(-20.0, 45.0), 2)
-                packet.values["humidity"] = round(rng.uniform(0.0, 100.0), 1)
+                packet.values["temperature"] = self.temperature[e] = round(
+                    rng.uniform(-20.0, 45.0), 2
+                )
+                packet.values["humidity"] = self.humidity[e] = round(rng.uniform(0.0, 100.0), 1)
             self.packets.append(packet.SerializeToString())
         # Each packet framed as field 3 of Batch: concatenating frames builds a Batch body.
         self.framed = [b"\x1a" + _varint(len(p)) + p for p in self.packets]
 
     def __len__(self) -> int:
         return len(self.packets)
+
+    def columns_body(self, start: int, n: int) -> bytes:
+        """Entries start .. start+n-1 (cyclic) as a Columns message framed as field 4 of
+        Batch: the same packets as batch_body(), in column form."""
+        e = (start + np.arange(n)) % len(self.packets)
+        dev = e % self.devices
+        uniq, inv = np.unique(dev, return_inverse=True)
+        kind = (e // self.devices) % len(KINDS)
+        cols = Columns(
+            count=n,
+            device_ids=[self.names[d] for d in uniq.tolist()],
+            kinds=list(KINDS),
+            device_index=inv.astype("<u4").tobytes(),
+            kind_index=kind.astype("<u4").tobytes(),
+            payload_size=np.full(n, self.payload_size, dtype="<u4").tobytes(),
+        )
+        for name, column in (("temperature", self.temperature), ("humidity", self.humidity)):
+            values = column[e]
+            if not np.isnan(values).all():
+                cols.values.add(name=name, values=values.astype("<f8").tobytes())
+        body = cols.SerializeToString()
+        return b"\x22" + _varint(len(body)) + body
 
     def batch_body(self, start: int, n: int) -> bytes:
         """The framed packets start .. start+n-1 (cyclic)."""
@@ -254,7 +283,8 @@ async def _stream_batches(
             while more() and not reader.done():
                 m = opts.batch_size if n is None else min(opts.batch_size, n - result.sent)
                 header = Batch(producer_id=producer, batch_id=next_id).SerializeToString()
-                message = header + pool.batch_body(pos, m)
+                body = pool.columns_body(pos, m) if opts.columnar else pool.batch_body(pos, m)
+                message = header + body
                 await window.acquire()
                 if reader.done():
                     break
@@ -325,7 +355,13 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
     stride = max(1, len(pool) // opts.streams)
     results = [StreamResult(offset=s * stride) for s in range(opts.streams)]
     counter = [0]
-    mode = "StreamPackets" if opts.batch_size == 1 else "StreamBatches"
+    mode = (
+        "StreamPackets"
+        if opts.batch_size == 1
+        else "StreamBatches (columns)"
+        if opts.columnar
+        else "StreamBatches (rows)"
+    )
     task_id = None
     if progress is not None:
         task_id = progress.add_task(

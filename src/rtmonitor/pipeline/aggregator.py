@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.pipeline.work import CommitTracker, Row, Work
-from rtmonitor.storage.model import DeviceDelta, FlushDelta, ValueStats
+from rtmonitor.storage.model import DeviceDelta, FlushDelta, ValueStats, merge_into
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,20 @@ class Aggregator:
     def add(self, work: Work) -> None:
         """Fold one queue item into the current delta."""
         if work.batch_id is None:
-            fold(self._delta, work.rows, work.recv_ms)
+            if work.rows:
+                fold(self._delta, work.rows, work.recv_ms)
+            if work.columns is not None:
+                merge_into(self._delta, work.columns)
             trackers = self._trackers
             trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
             return
-        delta = FlushDelta()
-        fold(delta, work.rows, work.recv_ms)
+        if work.columns is not None and not work.rows:
+            delta = work.columns  # already this batch's own delta: no copy
+        else:
+            delta = FlushDelta()
+            fold(delta, work.rows, work.recv_ms)
+            if work.columns is not None:
+                merge_into(delta, work.columns)
         self._batches.append(PendingBatch(work.batch_id, delta, work.tracker))
         self._batch_packets += delta.packets
 

@@ -6,6 +6,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from rtmonitor.storage.model import FlushDelta
+
 # A validated packet: (device_id, kind, payload bytes, device timestamp ms, values or None).
 # Produced by ingest/validation.py, consumed by the aggregator.
 Row: TypeAlias = tuple[str, str, int, int, dict[str, float] | None]
@@ -71,3 +73,5 @@ class Work:
     # (producer_id, batch_id) of a batch to count exactly once; None for StreamPackets
     # packets and for batches without a producer id (those are at-least-once).
     batch_id: tuple[str, int] | None = None
+    # A columnar batch arrives already aggregated (ingest/columnar.py).
+    columns: FlushDelta | None = None

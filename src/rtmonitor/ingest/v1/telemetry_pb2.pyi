@@ -47,14 +47,44 @@ class Ack(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., rejected_by_reason: _Optional[_Mapping[str, int]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("producer_id", "batch_id", "packets")
+    __slots__ = ("producer_id", "batch_id", "packets", "columns")
     PRODUCER_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     PACKETS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     producer_id: str
     batch_id: int
     packets: _containers.RepeatedCompositeFieldContainer[Packet]
-    def __init__(self, producer_id: _Optional[str] = ..., batch_id: _Optional[int] = ..., packets: _Optional[_Iterable[_Union[Packet, _Mapping]]] = ...) -> None: ...
+    columns: Columns
+    def __init__(self, producer_id: _Optional[str] = ..., batch_id: _Optional[int] = ..., packets: _Optional[_Iterable[_Union[Packet, _Mapping]]] = ..., columns: _Optional[_Union[Columns, _Mapping]] = ...) -> None: ...
+
+class Columns(_message.Message):
+    __slots__ = ("count", "device_ids", "kinds", "device_index", "kind_index", "payload_size", "timestamp_ms", "values")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    KIND_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    device_index: bytes
+    kind_index: bytes
+    payload_size: bytes
+    timestamp_ms: bytes
+    values: _containers.RepeatedCompositeFieldContainer[ValueColumn]
+    def __init__(self, count: _Optional[int] = ..., device_ids: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[str]] = ..., device_index: _Optional[bytes] = ..., kind_index: _Optional[bytes] = ..., payload_size: _Optional[bytes] = ..., timestamp_ms: _Optional[bytes] = ..., values: _Optional[_Iterable[_Union[ValueColumn, _Mapping]]] = ...) -> None: ...
+
+class ValueColumn(_message.Message):
+    __slots__ = ("name", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: bytes
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class BatchAck(_message.Message):
     __slots__ = ("producer_id", "batch_id", "accepted", "rejected", "rejected_by_reason", "duplicate")

@@ -1,0 +1,116 @@
+"""Columnar batches: the same packets give the same counts as rows and single packets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rtmonitor.ingest.columnar import ColumnsError, decode_columns
+from rtmonitor.ingest.v1.telemetry_pb2 import Columns, Packet
+from rtmonitor.ingest.validation import Limits, Validator
+from rtmonitor.loadgen.columns import encode_columns
+from rtmonitor.pipeline.aggregator import fold
+from rtmonitor.storage.model import FlushDelta
+
+NOW = 1_700_000_000_000
+LIMITS = Limits(max_payload_bytes=100, max_values_per_packet=3)
+
+device_ids = st.sampled_from(["a", "b", "c-1", "site/9:x", "", "bad id", "{x}"])
+kinds = st.sampled_from(["", "reading", "tcp", "bad kind"])
+value_names = st.sampled_from(["t", "h", "p", "bad name"])
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64, min_value=-1e6, max_value=1e6)
+values = st.one_of(finite, finite, finite, st.sampled_from([math.inf, -math.inf]))
+timestamps = st.sampled_from([0, NOW - 5000, NOW - 10, NOW, NOW + 1000, -1, NOW + 10**10])
+
+
+@st.composite
+def packets(draw: st.DrawFn) -> Packet:
+    p = Packet(
+        device_id=draw(device_ids),
+        kind=draw(kinds),
+        payload=b"x" * draw(st.integers(0, 120)),
+        timestamp_ms=draw(timestamps),
+    )
+    for name, value in draw(st.dictionaries(value_names, values, max_size=4)).items():
+        p.values[name] = value
+    return p
+
+
+def one_by_one(batch: list[Packet]) -> tuple[FlushDelta, int]:
+    v = Validator(LIMITS)
+    delta = FlushDelta()
+    rejected = 0
+    for p in batch:
+        row = v.check(p, NOW)
+        if isinstance(row, tuple):
+            fold(delta, [row], NOW)
+        else:
+            rejected += 1
+    return delta, rejected
+
+
+def as_rows(batch: list[Packet]) -> tuple[FlushDelta, int]:
+    rows, rejected = Validator(LIMITS).check_many(batch, NOW)
+    delta = FlushDelta()
+    fold(delta, rows, NOW)
+    return delta, rejected.total()
+
+
+def as_columns(batch: list[Packet]) -> tuple[FlushDelta, int]:
+    delta, rejected = decode_columns(encode_columns(batch), Validator(LIMITS), NOW)
+    return delta, rejected.total()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(packets(), max_size=60))
+def test_per_packet_rows_and_columns_agree(batch: list[Packet]) -> None:
+    expected = one_by_one(batch)
+    assert as_rows(batch) == expected
+    assert as_columns(batch) == expected
+
+
+def test_reasons_match_for_each_kind_of_bad_packet() -> None:
+    batch = [
+        Packet(device_id=""),
+        Packet(device_id="x" * 129),
+        Packet(device_id="a b"),
+        Packet(device_id="a", payload=b"x" * 101),
+        Packet(device_id="a", timestamp_ms=-1),
+        Packet(device_id="a", kind="no way"),
+        Packet(device_id="a", values={"t": math.inf}),
+        Packet(device_id="a", values={"bad name": 1.0}),
+        Packet(device_id="a", values={"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}),
+        Packet(device_id="ok"),
+    ]
+    rows, by_reason = Validator(LIMITS).check_many(batch, NOW)
+    delta, col_reasons = decode_columns(encode_columns(batch), Validator(LIMITS), NOW)
+    assert col_reasons == by_reason and len(by_reason) == 9
+    assert list(delta.devices) == ["ok"] and len(rows) == 1
+
+
+def test_stateful_limits_apply_per_batch() -> None:
+    v = Validator(Limits(max_devices=2, max_kinds_per_device=1))
+    batch = [
+        Packet(device_id=d, kind=k) for d, k in [("a", "x"), ("b", "x"), ("c", "x"), ("a", "y")]
+    ]
+    delta, rejected = decode_columns(encode_columns(batch), v, NOW)
+    assert rejected == {"too_many_devices": 1, "too_many_kinds": 1}
+    assert {d: x.kinds for d, x in delta.devices.items()} == {"a": {"x": 1}, "b": {"x": 1}}
+
+
+def test_inconsistent_columns_are_refused_with_what_to_fix() -> None:
+    v = Validator(Limits())
+    short = Columns(count=3, device_ids=["a"], device_index=np.zeros(2, "<u4").tobytes())
+    with pytest.raises(ColumnsError, match="device_index has 8 bytes; 3 packets need 12"):
+        decode_columns(short, v, NOW)
+    with pytest.raises(ColumnsError, match="device_index is required"):
+        decode_columns(Columns(count=1, device_ids=["a"]), v, NOW)
+    out_of_range = Columns(
+        count=2, device_ids=["a"], device_index=np.array([0, 5], "<u4").tobytes()
+    )
+    delta, rejected = decode_columns(out_of_range, v, NOW)
+    assert rejected == {"invalid_column_index": 1} and delta.devices["a"].packets == 1
