@@ -17,7 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from rtmonitor import __version__
-from rtmonitor.config import SendSettings, Settings
+from rtmonitor.config import BenchSettings, SendSettings, Settings
 
 # Settings fields that are environment-only (the seed's variables) or named differently.
 _NO_FLAG = {"redis_host", "redis_port"}
@@ -102,6 +102,10 @@ def make_parser() -> argparse.ArgumentParser:
     _add_flags(serve, Settings, "RTM_")
     send = sub.add_parser("send", help="send generated telemetry to a running service")
     _add_flags(send, SendSettings, "RTM_SEND_")
+    bench = sub.add_parser(
+        "bench", help="benchmark: start the service, load it, verify exactly, report figures"
+    )
+    _add_flags(bench, BenchSettings, "RTM_BENCH_")
     return parser
 
 
@@ -119,6 +123,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         from rtmonitor.loadgen.sender import run_send
 
         sys.exit(asyncio.run(run_send(options)))
+    elif args.command == "bench":
+        bench_options = _build(BenchSettings, args)
+        _configure_logging("warning")
+        from rtmonitor.loadgen.bench import run_bench
+
+        sys.exit(run_bench(bench_options))
 
 
 def _configure_logging(level: str) -> None:

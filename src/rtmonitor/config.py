@@ -101,6 +101,11 @@ class Settings(BaseSettings):
         30.0, ge=0, description="Seconds the final flush may retry an unreachable Redis."
     )
     log_level: LogLevel = "info"
+    noop: bool = Field(
+        False,
+        description="Benchmarks only: parse and acknowledge, count nothing (the transport "
+        "ceiling that `rtmonitor bench` compares with).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -179,3 +184,34 @@ class SendSettings(BaseSettings):
         if self.duration is not None:
             return self.count
         return self.count if self.count is not None else 10_000
+
+
+BenchMode = Literal["packets", "rows", "columns"]
+
+
+class BenchSettings(BaseSettings):
+    """Options of `rtmonitor bench`; environment twins RTM_BENCH_*."""
+
+    model_config = SettingsConfigDict(env_prefix="RTM_BENCH_", extra="forbid", frozen=True)
+
+    redis_url: str | None = Field(None, description="External Redis (default: an embedded one).")
+    modes: str = Field(
+        "packets,rows,columns", description="Comma-separated: packets, rows, columns."
+    )
+    devices: int = Field(100, ge=1, le=1_000_000, description="Distinct devices.")
+    duration: float = Field(5.0, gt=0, description="Seconds of load per mode.")
+    senders: int = Field(1, ge=1, le=64, description="Load-generator processes.")
+    streams: int = Field(2, ge=1, le=256, description="gRPC streams per load generator.")
+    row_batch: int = Field(1000, ge=2, description="Packets per row batch.")
+    column_batch: int = Field(10_000, ge=2, description="Packets per columnar batch.")
+    flush_interval: float = Field(0.2, gt=0, description="The service's flush interval.")
+    ceiling: bool = Field(True, description="Also measure the no-op ceiling of each mode.")
+    output: Path = Field(Path("benchmarks/results.json"), description="Where to write JSON.")
+
+    @property
+    def mode_list(self) -> list[BenchMode]:
+        modes = [m.strip() for m in self.modes.split(",") if m.strip()]
+        for m in modes:
+            if m not in ("packets", "rows", "columns"):
+                raise ValueError(f"unknown bench mode {m!r}: use packets, rows, columns")
+        return modes  # type: ignore[return-value]

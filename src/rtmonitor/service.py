@@ -157,7 +157,9 @@ class Service:
         )
         self._tasks["flusher"] = asyncio.create_task(flusher.run(), name="flusher")
         # 3. gRPC: ingest + health + reflection.
-        self._grpc = build_server(self.servicer, self.health, max_message_bytes=s.max_message_bytes)
+        self._grpc = build_server(
+            self.servicer, self.health, max_message_bytes=s.max_message_bytes, noop=s.noop
+        )
         try:
             self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         except RuntimeError as exc:

@@ -66,8 +66,11 @@ def as_columns(batch: list[Packet]) -> tuple[FlushDelta, int]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(packets(), max_size=60))
-def test_per_packet_rows_and_columns_agree(batch: list[Packet]) -> None:
+@given(st.lists(packets(), max_size=60), st.booleans())
+def test_per_packet_rows_and_columns_agree(batch: list[Packet], receive_time: bool) -> None:
+    if receive_time:  # every packet at receive time: the columnar fast path for "last"
+        for p in batch:
+            p.timestamp_ms = 0
     expected = one_by_one(batch)
     assert as_rows(batch) == expected
     assert as_columns(batch) == expected
@@ -114,3 +117,10 @@ def test_inconsistent_columns_are_refused_with_what_to_fix() -> None:
     )
     delta, rejected = decode_columns(out_of_range, v, NOW)
     assert rejected == {"invalid_column_index": 1} and delta.devices["a"].packets == 1
+
+
+def test_last_is_the_last_packet_when_all_arrive_at_receive_time() -> None:
+    batch = [Packet(device_id="a", values={"t": float(v)}) for v in (3, 9, -1, 4)]
+    delta, _ = decode_columns(encode_columns(batch), Validator(Limits()), NOW)
+    t = delta.devices["a"].values["t"]
+    assert (t.count, t.min, t.max, t.last, t.last_ts) == (4, -1.0, 9.0, 4.0, NOW)

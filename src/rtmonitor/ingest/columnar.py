@@ -137,16 +137,27 @@ def decode_columns(
     mark(bad_index, Reason.INVALID_COLUMN_INDEX)
 
     # Stateful limits, once per distinct device of the batch (in order of first appearance).
+    # Everything per packet is a bincount over small dense indexes (O(n), no sorting); the
+    # Python loop runs once per distinct device, and masks are built only to refuse.
+    n_dev, n_kind = len(device_ids), len(kinds)
     ok = code == 0
     if ok.any():
-        uniq, first = np.unique(dev_idx[ok], return_index=True)
-        for d in uniq[np.argsort(first)]:
-            mine = ok & (dev_idx == d)
-            k_used = np.unique(kind_idx[mine])
-            n_used = [names[j] for j in range(len(names)) if (present[j] & mine).any()]
+        d_ok, k_ok = dev_idx[ok], kind_idx[ok]
+        kind_pairs = np.bincount(d_ok * n_kind + k_ok, minlength=n_dev * n_kind)
+        kinds_of = kind_pairs.reshape(n_dev, n_kind) > 0
+        names_of = [np.bincount(dev_idx[ok & has], minlength=n_dev) > 0 for has in present]
+        positions = np.flatnonzero(ok)
+        _, first = np.unique(d_ok, return_index=True)
+        for d in d_ok[np.sort(first)].tolist():
             reason, refused_kinds, refused_names = validator.admit(
-                device_ids[d], [kinds[k] for k in k_used], n_used
+                device_ids[d],
+                [kinds[k] for k in np.flatnonzero(kinds_of[d]).tolist()],
+                [names[j] for j in range(len(names)) if names_of[j][d]],
             )
+            if reason is None and not refused_kinds and not refused_names:
+                continue
+            mine = np.zeros(n, dtype=np.bool_)
+            mine[positions[d_ok == d]] = True
             if reason is not None:
                 code[mine] = _CODE[reason]
                 continue
@@ -164,23 +175,29 @@ def decode_columns(
     if not ok.any():
         return delta, rejected
 
-    # Aggregation of the accepted packets, per distinct device.
+    # Aggregation of the accepted packets, per distinct device: bincount over the device
+    # index (dense, small), then a lookup table from device index to its row.
     positions = np.flatnonzero(ok)
     d_ok = dev_idx[positions]
-    uniq, inv = np.unique(d_ok, return_inverse=True)
+    packets_by_dev = np.bincount(d_ok, minlength=n_dev)
+    uniq = np.flatnonzero(packets_by_dev)
     u = len(uniq)
-    packets = np.bincount(inv, minlength=u)
+    lut = np.zeros(n_dev, dtype=np.int64)
+    lut[uniq] = np.arange(u)
+    inv = lut[d_ok]
+    packets = packets_by_dev[uniq]
     if size_col is not None:
         # float64 sums are exact below 2**53 bytes per device and batch
         nbytes = np.bincount(inv, weights=size_col[positions], minlength=u).astype(np.int64)
     else:
         nbytes = np.zeros(u, dtype=np.int64)
     k_ok = kind_idx[positions]
-    pair, pair_count = np.unique(inv * len(kinds) + k_ok, return_counts=True)
+    pair_counts = np.bincount(inv * n_kind + k_ok, minlength=u * n_kind)
     devices = [DeviceDelta(int(packets[i]), int(nbytes[i]), recv_ms, recv_ms) for i in range(u)]
-    for p, c in zip(pair.tolist(), pair_count.tolist(), strict=True):
-        devices[p // len(kinds)].kinds[kinds[p % len(kinds)]] = c
+    for p in np.flatnonzero(pair_counts).tolist():
+        devices[p // n_kind].kinds[kinds[p % n_kind]] = int(pair_counts[p])
     ts_ok = ts[positions]
+    same_ts = ts_col is None  # every packet at receive time: "last" is the last packet
     for j, (name, values) in enumerate(value_cols):
         if values is None:
             continue
@@ -189,28 +206,36 @@ def decode_columns(
             continue
         di = inv[sel]
         x = values[positions][sel]
-        t = ts_ok[sel]
         count = np.bincount(di, minlength=u)
         total = np.bincount(di, weights=x, minlength=u)  # sequential: packet order
-        by_value = np.lexsort((x, di))
-        starts = np.flatnonzero(np.r_[True, np.diff(di[by_value]) != 0])
-        ends = np.r_[starts[1:], len(di)] - 1
-        groups = di[by_value][starts]
-        vmin = x[by_value][starts]
-        vmax = x[by_value][ends]
-        # newest device timestamp wins; among equal timestamps, the later packet
-        by_time = np.lexsort((np.arange(len(di)), t, di))
-        last = x[by_time][ends]
-        last_ts = t[by_time][ends]
-        for g, lo, hi, la, lt in zip(
-            groups.tolist(),
-            vmin.tolist(),
-            vmax.tolist(),
-            last.tolist(),
-            last_ts.tolist(),
-            strict=True,
-        ):
-            devices[g].values[name] = ValueStats(int(count[g]), float(total[g]), lo, hi, la, lt)
+        vmin = np.full(u, np.inf)
+        vmax = np.full(u, -np.inf)
+        np.minimum.at(vmin, di, x)
+        np.maximum.at(vmax, di, x)
+        if same_ts:
+            last_pos = np.zeros(u, dtype=np.int64)
+            np.maximum.at(last_pos, di, np.arange(len(di)))  # the last packet per device
+            last = x[last_pos]
+            last_ts = np.full(u, recv_ms, dtype=np.int64)
+        else:
+            # newest device timestamp wins; among equal timestamps, the later packet
+            t = ts_ok[sel]
+            by_time = np.lexsort((np.arange(len(di)), t, di))
+            ends = np.r_[np.flatnonzero(np.diff(di[by_time])), len(di) - 1]
+            groups = di[by_time][ends]
+            last = np.zeros(u)
+            last_ts = np.zeros(u, dtype=np.int64)
+            last[groups] = x[by_time][ends]
+            last_ts[groups] = t[by_time][ends]
+        for g in np.flatnonzero(count).tolist():
+            devices[g].values[name] = ValueStats(
+                int(count[g]),
+                float(total[g]),
+                float(vmin[g]),
+                float(vmax[g]),
+                float(last[g]),
+                int(last_ts[g]),
+            )
     for i, d in enumerate(uniq.tolist()):
         delta.devices[device_ids[d]] = devices[i]
     delta.packets = int(packets.sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -10,25 +11,51 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from rtmonitor.ingest.servicer import SERVICE_NAME, IngestServicer
-from rtmonitor.ingest.v1.telemetry_pb2 import Ack, BatchAck
+from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def ingest_handler(servicer: IngestServicer) -> grpc.GenericRpcHandler[Any, Any]:
+def ingest_handler(
+    servicer: IngestServicer, *, noop: bool = False
+) -> grpc.GenericRpcHandler[Any, Any]:
     """TelemetryIngest's method table. Requests stay raw bytes (no request_deserializer):
     the servicer parses them, to turn malformed input into a clear answer."""
+    packets = noop_stream_packets if noop else servicer.stream_packets
+    batches = noop_stream_batches if noop else servicer.stream_batches
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
             "StreamPackets": grpc.stream_unary_rpc_method_handler(
-                servicer.stream_packets, response_serializer=Ack.SerializeToString
+                packets, response_serializer=Ack.SerializeToString
             ),
             "StreamBatches": grpc.stream_stream_rpc_method_handler(
-                servicer.stream_batches, response_serializer=BatchAck.SerializeToString
+                batches, response_serializer=BatchAck.SerializeToString
             ),
         },
     )
+
+
+# --- the no-op ceiling (`serve --noop`, for `rtmonitor bench`) --------------------------------
+# The same transport and the same parsing, none of the work: no validation, queue, counting
+# or Redis. What a mode reaches relative to this is the share the pipeline costs.
+
+
+async def noop_stream_packets(requests: AsyncIterator[bytes], context: object) -> Ack:
+    n = 0
+    async for raw in requests:
+        Packet.FromString(raw)
+        n += 1
+    return Ack(accepted=n)
+
+
+async def noop_stream_batches(
+    requests: AsyncIterator[bytes], context: object
+) -> AsyncIterator[BatchAck]:
+    async for raw in requests:
+        batch = Batch.FromString(raw)
+        n = len(batch.packets) + batch.columns.count
+        yield BatchAck(producer_id=batch.producer_id, batch_id=batch.batch_id, accepted=n)
 
 
 def build_server(
@@ -37,6 +64,7 @@ def build_server(
     *,
     max_message_bytes: int,
     reuse_port: bool = False,
+    noop: bool = False,
 ) -> grpc.aio.Server:
     """A grpc.aio server with ingest, health and reflection registered (ports not yet bound)."""
     server = grpc.aio.server(
@@ -48,7 +76,7 @@ def build_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    server.add_generic_rpc_handlers((ingest_handler(servicer),))
+    server.add_generic_rpc_handlers((ingest_handler(servicer, noop=noop),))
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -1,0 +1,309 @@
+"""`rtmonitor bench`: the service under load from separate processes, verified exactly.
+
+For each mode (per-packet StreamPackets, row batches, columnar batches) it starts a fresh
+`rtmonitor serve` on free ports (one Redis for all, each mode with its own key prefix),
+drives it from load-generator processes, probes freshness and HTTP latency while the load
+runs, waits until every acknowledged packet is visible, checks every device's count, and
+measures the same transport with the work removed (`serve --noop`) as the ceiling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from rtmonitor.config import BenchMode, BenchSettings, SendSettings
+from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
+from rtmonitor.loadgen.sender import STREAM_PACKETS, send
+from rtmonitor.storage.embedded import EmbeddedRedis, free_port
+
+console = Console(stderr=True)
+PROBE_DEVICE = "bench-probe"
+
+
+def _sender_main(options: dict[str, Any]) -> dict[str, Any]:
+    """One load-generator process: run `send`, report what was acknowledged and when."""
+    opts = SendSettings(**options)
+    started = time.time()
+    report = asyncio.run(send(opts))
+    return {
+        "started": started,
+        "ended": started + report.elapsed,
+        "summary": report.as_dict(),
+        "per_device": report.acked_per_device(),
+    }
+
+
+class _Service:
+    """`rtmonitor serve` as a child process on free ports."""
+
+    def __init__(self, redis_url: str, prefix: str, flush_interval: float, noop: bool) -> None:
+        self.grpc_port, self.http_port = free_port(), free_port()
+        args = [
+            sys.executable, "-m", "rtmonitor", "serve", "--host", "127.0.0.1",
+            "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
+            "--redis-url", redis_url, "--key-prefix", prefix,
+            "--flush-interval", str(flush_interval), "--log-level", "warning",
+        ]  # fmt: skip
+        if noop:
+            args.append("--noop")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RTM_", "REDIS_"))}
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
+        self.http = f"http://127.0.0.1:{self.http_port}"
+        self.target = f"127.0.0.1:{self.grpc_port}"
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.http}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the service did not become ready")
+
+    def peak_rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _percentile(samples: list[float], q: int) -> float | None:
+    if not samples:
+        return None
+    if len(samples) == 1:
+        return samples[0]
+    return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
+
+
+async def _probe(svc: _Service, until: asyncio.Event, sample_device: str) -> dict[str, list[float]]:
+    """While the load runs: freshness (send one packet, poll until GET shows it) and the
+    latency of GET /metrics/{id} and GET /metrics."""
+    fresh: list[float] = []
+    device_ms: list[float] = []
+    list_ms: list[float] = []
+    async with (
+        httpx.AsyncClient(base_url=svc.http, timeout=10) as http,
+        grpc.aio.insecure_channel(svc.target) as channel,
+    ):
+        call = channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)
+        probe = Packet(device_id=PROBE_DEVICE, kind="probe").SerializeToString()
+
+        async def latency() -> None:
+            n = 0
+            while not until.is_set():
+                t = time.perf_counter()
+                await http.get(f"/metrics/{sample_device}")
+                device_ms.append((time.perf_counter() - t) * 1000)
+                if n % 10 == 0:
+                    t = time.perf_counter()
+                    await http.get("/metrics", params={"limit": 100})
+                    list_ms.append((time.perf_counter() - t) * 1000)
+                n += 1
+                await asyncio.sleep(0.02)
+
+        async def freshness() -> None:
+            seen = 0
+            while not until.is_set():
+                t = time.perf_counter()
+                sent = asyncio.ensure_future(call(iter([probe])))
+                while True:
+                    r = await http.get(f"/metrics/{PROBE_DEVICE}")
+                    if r.status_code == 200 and r.json()["packets"] > seen:
+                        fresh.append((time.perf_counter() - t) * 1000)
+                        seen = r.json()["packets"]
+                        break
+                    await asyncio.sleep(0.002)
+                await sent
+                await asyncio.sleep(0.2)
+
+        await asyncio.gather(latency(), freshness())
+    return {"freshness_ms": fresh, "get_device_ms": device_ms, "get_metrics_ms": list_ms}
+
+
+def _send_options(opts: BenchSettings, mode: BenchMode, target: str, i: int) -> dict[str, Any]:
+    batch = {"packets": 1, "rows": opts.row_batch, "columns": opts.column_batch}[mode]
+    return {
+        "target": target,
+        "devices": opts.devices,
+        "duration": opts.duration,
+        "batch_size": batch,
+        "columnar": mode == "columns",
+        "streams": opts.streams,
+        "device_prefix": f"s{i}-",
+        "progress": False,
+        "retry_for": 0,
+    }
+
+
+def run_mode(
+    opts: BenchSettings, mode: BenchMode, redis_url: str, prefix: str, noop: bool
+) -> dict[str, Any]:
+    """One measurement: a fresh service, the load, the probes, the exact check."""
+    label = f"{mode}{' (no-op ceiling)' if noop else ''}"
+    console.print(f"[bold]{label}[/bold]: starting the service")
+    svc = _Service(redis_url, prefix, opts.flush_interval, noop)
+    try:
+        svc.wait_ready()
+        console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
+            futures = [
+                pool.submit(_sender_main, _send_options(opts, mode, svc.target, i))
+                for i in range(opts.senders)
+            ]
+
+            async def load_and_probe() -> dict[str, list[float]]:
+                done = asyncio.Event()
+                probing = asyncio.ensure_future(_probe(svc, done, "s0-00001")) if not noop else None
+                await asyncio.to_thread(lambda: [f.result() for f in futures])
+                done.set()
+                return await probing if probing is not None else {}
+
+            probes = asyncio.run(load_and_probe())
+            senders = [f.result() for f in futures]
+        acked = sum(s["summary"]["accepted"] for s in senders)
+        errors = [e for s in senders for e in s["summary"]["errors"]]
+        first_send = min(s["started"] for s in senders)
+        last_ack = max(s["ended"] for s in senders)
+        result: dict[str, Any] = {
+            "mode": mode,
+            "noop": noop,
+            "acked": acked,
+            "errors": errors,
+            "acked_pps": round(acked / (last_ack - first_send)),
+        }
+        if not noop:
+            console.print(f"  {label}: verifying {acked:,} packets device by device")
+            result.update(_verify(svc, senders, acked, first_send))
+            for key, samples in probes.items():
+                result[f"{key}_p50"] = _round(_percentile(samples, 50))
+                result[f"{key}_p99"] = _round(_percentile(samples, 99))
+                result[f"{key}_samples"] = len(samples)
+        result["peak_rss_mb"] = round(svc.peak_rss_mb(), 1)
+        return result
+    finally:
+        svc.stop()
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def _verify(
+    svc: _Service, senders: list[dict[str, Any]], acked: int, first_send: float
+) -> dict[str, Any]:
+    """Wait until Redis shows every acknowledged packet; compare every device."""
+    expected: dict[str, int] = {}
+    for s in senders:
+        for device, n in s["per_device"].items():
+            expected[device] = expected.get(device, 0) + n
+    deadline = time.monotonic() + 60
+    while True:
+        totals = httpx.get(f"{svc.http}/metrics", params={"limit": 1}, timeout=10).json()["totals"]
+        committed = totals["packets"] - _probe_packets(svc)
+        if committed >= acked or time.monotonic() > deadline:
+            committed_at = time.time()
+            break
+        time.sleep(0.01)
+    seen: dict[str, int] = {}
+    offset = 0
+    while True:
+        page = httpx.get(
+            f"{svc.http}/metrics", params={"offset": offset, "limit": 1000}, timeout=30
+        ).json()
+        seen.update({d["device_id"]: d["packets"] for d in page["devices"]})
+        if len(page["devices"]) < 1000:
+            break
+        offset += 1000
+    seen.pop(PROBE_DEVICE, None)
+    return {
+        "committed": committed,
+        "exact": committed == acked and seen == expected,
+        "e2e_pps": round(committed / (committed_at - first_send)),
+    }
+
+
+def _probe_packets(svc: _Service) -> int:
+    r = httpx.get(f"{svc.http}/metrics/{PROBE_DEVICE}", timeout=10)
+    return int(r.json()["packets"]) if r.status_code == 200 else 0
+
+
+def run_bench(opts: BenchSettings) -> int:
+    """The `bench` command; exit status 1 if any mode was not exact."""
+    modes = opts.mode_list
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="rtm-bench-") as tmp:
+        redis: EmbeddedRedis | None = None
+        url = opts.redis_url
+        if url is None:
+            redis = EmbeddedRedis(Path(tmp) / "redis").start()
+            url = redis.url
+        try:
+            run_id = f"{int(time.time())}"
+            for mode in modes:
+                r = run_mode(opts, mode, url, f"bench{run_id}{mode}", noop=False)
+                if opts.ceiling:
+                    c = run_mode(opts, mode, url, f"bench{run_id}{mode}noop", noop=True)
+                    r["ceiling_pps"] = c["acked_pps"]
+                    r["ratio_to_ceiling"] = round(r["e2e_pps"] / c["acked_pps"], 3)
+                results.append(r)
+        finally:
+            if redis is not None:
+                redis.stop()
+    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    doc = {"machine": machine, "settings": opts.model_dump(mode="json"), "results": results}
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    opts.output.write_text(json.dumps(doc, indent=2) + "\n")
+    _print_table(results)
+    console.print(f"written to {opts.output}")
+    return 0 if all(r.get("exact") for r in results) else 1
+
+
+def _print_table(results: list[dict[str, Any]]) -> None:
+    table = Table(title="rtmonitor bench")
+    columns = [
+        ("mode", "mode"), ("exact", "exact"), ("e2e pkt/s", "e2e_pps"),
+        ("acked pkt/s", "acked_pps"), ("no-op pkt/s", "ceiling_pps"),
+        ("ratio", "ratio_to_ceiling"), ("fresh p50 ms", "freshness_ms_p50"),
+        ("fresh p99 ms", "freshness_ms_p99"), ("GET id p99 ms", "get_device_ms_p99"),
+        ("GET list p99 ms", "get_metrics_ms_p99"), ("peak RSS MB", "peak_rss_mb"),
+    ]  # fmt: skip
+    for title, _ in columns:
+        table.add_column(title, justify="right")
+    for r in results:
+        row = []
+        for _, key in columns:
+            v = r.get(key)
+            row.append(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+        table.add_row(*row)
+    Console().print(table)
