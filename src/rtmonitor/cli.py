@@ -114,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         settings = _build(Settings, args)
         _configure_logging(settings.log_level)
+        if settings.workers > 1:
+            from rtmonitor.supervisor import run_workers
+
+            sys.exit(run_workers(settings))
         from rtmonitor.service import run
 
         sys.exit(run(settings))

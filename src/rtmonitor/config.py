@@ -47,6 +47,13 @@ class Settings(BaseSettings):
         "rtm", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key."
     )
 
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Ingest processes sharing the gRPC port (SO_REUSEPORT); 1: one process.",
+    )
+
     # --- pipeline ------------------------------------------------------------
     flush_interval: float = Field(
         0.2, gt=0, le=60, description="Seconds between flushes of the aggregated deltas to Redis."
@@ -205,6 +212,7 @@ class BenchSettings(BaseSettings):
     row_batch: int = Field(1000, ge=2, description="Packets per row batch.")
     column_batch: int = Field(10_000, ge=2, description="Packets per columnar batch.")
     flush_interval: float = Field(0.2, gt=0, description="The service's flush interval.")
+    workers: int = Field(1, ge=1, le=64, description="The service's --workers.")
     ceiling: bool = Field(True, description="Also measure the no-op ceiling of each mode.")
     output: Path = Field(Path("benchmarks/results.json"), description="Where to write JSON.")
 

@@ -10,8 +10,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import grpc
 import uvicorn
@@ -34,6 +34,7 @@ from rtmonitor.storage.store import RedisStore
 logger = logging.getLogger(__name__)
 
 STARTUP_BACKOFF_MAX_S = 5.0
+Role = Literal["all", "ingest", "api"]
 
 
 class StartupError(RuntimeError):
@@ -51,8 +52,20 @@ class _HttpServer(uvicorn.Server):
 class Service:
     """The whole process: embedded or external Redis, pipeline, gRPC and HTTP servers."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        role: Role = "all",
+        redis_url: str | None = None,
+        worker_check: Callable[[], list[str]] | None = None,
+    ) -> None:
         self.settings = settings
+        # "all": one process does everything. With --workers: "ingest" processes (gRPC on a
+        # shared port, no HTTP) and one "api" process (HTTP, embedded Redis, supervision).
+        self.role = role
+        self._redis_url_given = redis_url
+        self._worker_check = worker_check
         self.should_exit = asyncio.Event()
         self.grpc_port: int | None = None
         self.http_port: int | None = None
@@ -95,7 +108,12 @@ class Service:
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # An ingest worker takes its orders from the supervisor (SIGTERM) only: a Ctrl-C
+        # reaches the whole process group, and a second signal would force an exit.
+        signals = (signal.SIGTERM,) if self.role == "ingest" else (signal.SIGINT, signal.SIGTERM)
+        if self.role == "ingest":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in signals:
             loop.add_signal_handler(sig, self.handle_exit, sig)
 
     def handle_exit(self, sig: int) -> None:
@@ -125,7 +143,7 @@ class Service:
     async def startup(self) -> None:
         s = self.settings
         # 1. Redis: external if configured, else the embedded one (a child process).
-        url = s.external_redis_url
+        url = self._redis_url_given or s.external_redis_url
         if url is None:
             self._embedded = EmbeddedRedis(s.data_dir, s.embedded_redis_port)
             self._embedded.start()
@@ -135,6 +153,23 @@ class Service:
         await self._wait_for_redis()
         if self.should_exit.is_set():
             return
+        if self.role != "api":
+            await self._start_ingest()
+        if self.role != "ingest":
+            await self._start_http()
+        logger.info(
+            "rtmonitor %sready: gRPC %s:%s, HTTP %s, Redis %s%s",
+            "" if self.role == "all" else f"{self.role} process {os.getpid()} ",
+            s.host,
+            self.grpc_port if self.grpc_port is not None else s.grpc_port,
+            f"http://{s.host}:{self.http_port} (docs /docs)" if self.http_port else "-",
+            url,
+            " (embedded)" if self._embedded else "",
+        )
+
+    async def _start_ingest(self) -> None:
+        s = self.settings
+        assert self.store is not None
         # 2. The pipeline: aggregator draining the queue, flusher committing to Redis, and
         #    recovery (heartbeat first: no journal of ours may look orphaned).
         self.flusher = flusher = Flusher(
@@ -158,7 +193,11 @@ class Service:
         self._tasks["flusher"] = asyncio.create_task(flusher.run(), name="flusher")
         # 3. gRPC: ingest + health + reflection.
         self._grpc = build_server(
-            self.servicer, self.health, max_message_bytes=s.max_message_bytes, noop=s.noop
+            self.servicer,
+            self.health,
+            max_message_bytes=s.max_message_bytes,
+            noop=s.noop,
+            reuse_port=self.role == "ingest",  # the workers share one port
         )
         try:
             self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
@@ -171,6 +210,9 @@ class Service:
         self._tasks["idle"] = asyncio.create_task(self.servicer.watch_idle(), name="idle-watch")
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
+
+    async def _start_http(self) -> None:
+        assert self.store is not None
         # 4. HTTP API.
         sock = self._bind_http()
         self.http_port = int(sock.getsockname()[1])
@@ -185,15 +227,6 @@ class Service:
                 self._tasks["http"].result()
                 raise StartupError("the HTTP server stopped during startup")
             await asyncio.sleep(0.01)
-        logger.info(
-            "rtmonitor ready: gRPC %s:%d, HTTP http://%s:%d (docs /docs), Redis %s%s",
-            s.host,
-            self.grpc_port,
-            s.host,
-            self.http_port,
-            url,
-            " (embedded)" if self._embedded else "",
-        )
 
     def _bind_http(self) -> socket.socket:
         s = self.settings
@@ -238,6 +271,8 @@ class Service:
         reasons = []
         if self._stopping:
             reasons.append("shutting down")
+        elif self._worker_check is not None:
+            reasons += self._worker_check()
         elif not self._serving:
             reasons.append("gRPC ingest is not serving yet")
         if self.store is None:

@@ -447,3 +447,28 @@ def test_columnar_batches_count_exactly_like_rows(service: ServiceProcess) -> No
         for name in ("temperature", "humidity"):
             for stat in ("count", "min", "max", "sum"):
                 assert r["values"][name][stat] == pytest.approx(c["values"][name][stat])
+
+
+def test_workers_share_the_port_and_count_exactly(
+    start_service: Callable[..., ServiceProcess], redis_server: EmbeddedRedis
+) -> None:
+    svc = start_service("--workers", "2")
+    report = run(
+        send(opts(svc.target, devices=60, count=200_000, batch_size=500, streams=8, columnar=True))
+    )
+    assert report.errors == [] and report.accepted == 200_000
+    assert_counts_match(svc.http, report, 64)
+
+    async def instances() -> tuple[int, int]:
+        async with RedisStore.from_url(redis_server.url) as store:
+            alive = await store.client.keys("{rtm}:alive:*")
+            wrote = await store.client.keys("{rtm}:m:*")
+            return len(alive), len(wrote)
+
+    alive, wrote = run(instances())
+    assert alive == 2, "two ingest workers heartbeat"
+    assert wrote == 2, "both workers committed part of the load"
+    stats = get_json(svc.http, "/readyz")
+    assert stats["ready"] is True
+    assert svc.terminate() == 0
+    assert svc.log().count("stopped") >= 3  # both workers and the API process stopped in order

@@ -53,7 +53,9 @@ def _sender_main(options: dict[str, Any]) -> dict[str, Any]:
 class _Service:
     """`rtmonitor serve` as a child process on free ports."""
 
-    def __init__(self, redis_url: str, prefix: str, flush_interval: float, noop: bool) -> None:
+    def __init__(
+        self, redis_url: str, prefix: str, flush_interval: float, noop: bool, workers: int = 1
+    ) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         args = [
             sys.executable, "-m", "rtmonitor", "serve", "--host", "127.0.0.1",
@@ -63,6 +65,8 @@ class _Service:
         ]  # fmt: skip
         if noop:
             args.append("--noop")
+        if workers > 1:
+            args += ["--workers", str(workers)]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RTM_", "REDIS_"))}
         self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
         self.http = f"http://127.0.0.1:{self.http_port}"
@@ -82,11 +86,20 @@ class _Service:
         raise RuntimeError("the service did not become ready")
 
     def peak_rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
+        """Peak RSS of the service: its process and (with --workers) every child but Redis."""
+        total = 0.0
+        for pid in [self.proc.pid, *_children(self.proc.pid)]:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    status = f.read()
+            except OSError:
+                continue
+            if "redis-server" in status.split("\n", 1)[0]:
+                continue
+            for line in status.splitlines():
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+                    total += int(line.split()[1]) / 1024
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -95,6 +108,14 @@ class _Service:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
 
 
 def _percentile(samples: list[float], q: int) -> float | None:
@@ -171,7 +192,7 @@ def run_mode(
     """One measurement: a fresh service, the load, the probes, the exact check."""
     label = f"{mode}{' (no-op ceiling)' if noop else ''}"
     console.print(f"[bold]{label}[/bold]: starting the service")
-    svc = _Service(redis_url, prefix, opts.flush_interval, noop)
+    svc = _Service(redis_url, prefix, opts.flush_interval, noop, opts.workers)
     try:
         svc.wait_ready()
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
@@ -306,4 +327,4 @@ def _print_table(results: list[dict[str, Any]]) -> None:
             v = r.get(key)
             row.append(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
         table.add_row(*row)
-    Console().print(table)
+    Console(width=200).print(table)

@@ -368,12 +368,17 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
             f"{mode} -> {opts.target}", total=total if total is not None else None
         )
     started = time.monotonic()
-    async with grpc.aio.insecure_channel(
-        opts.target, options=[("grpc.max_send_message_length", 256 * 1024 * 1024)]
-    ) as channel:
+    # One connection per stream (its own subchannel pool: grpc would otherwise share one
+    # TCP connection between identical channels), so that several ingest workers or a
+    # connection-level load balancer spread the streams.
+    options = [
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
 
-        async def one(s: int) -> None:
-            pace = _Pacer(per_stream_rate, opts.duration)
+    async def one(s: int) -> None:
+        pace = _Pacer(per_stream_rate, opts.duration)
+        async with grpc.aio.insecure_channel(opts.target, options=options) as channel:
             try:
                 if opts.batch_size == 1:
                     await _stream_packets(channel, pool, results[s], shares[s], pace, counter)
@@ -382,13 +387,13 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
             except grpc.aio.AioRpcError as exc:
                 results[s].error = f"{exc.code().name}: {exc.details()}"
 
-        tasks = [asyncio.create_task(one(s)) for s in range(opts.streams)]
-        while not all(t.done() for t in tasks):
-            await asyncio.wait(tasks, timeout=0.2)
-            if progress is not None and task_id is not None:
-                progress.update(task_id, completed=counter[0])
-        for t in tasks:
-            t.result()
+    tasks = [asyncio.create_task(one(s)) for s in range(opts.streams)]
+    while not all(t.done() for t in tasks):
+        await asyncio.wait(tasks, timeout=0.2)
+        if progress is not None and task_id is not None:
+            progress.update(task_id, completed=counter[0])
+    for t in tasks:
+        t.result()
     if progress is not None and task_id is not None:
         progress.update(task_id, completed=counter[0])
     return SendReport(
