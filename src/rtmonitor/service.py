@@ -59,6 +59,7 @@ class Service:
         role: Role = "all",
         redis_url: str | None = None,
         worker_check: Callable[[], list[str]] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         # "all": one process does everything. With --workers: "ingest" processes (gRPC on a
@@ -66,6 +67,7 @@ class Service:
         self.role = role
         self._redis_url_given = redis_url
         self._worker_check = worker_check
+        self._on_ready = on_ready
         self.should_exit = asyncio.Event()
         self.grpc_port: int | None = None
         self.http_port: int | None = None
@@ -166,6 +168,8 @@ class Service:
             url,
             " (embedded)" if self._embedded else "",
         )
+        if self._on_ready is not None:
+            self._on_ready()
 
     async def _start_ingest(self) -> None:
         s = self.settings

@@ -19,6 +19,7 @@ import multiprocessing
 import signal
 import time
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
 
 from rtmonitor.config import Settings
 from rtmonitor.service import Service, StartupError
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 RESTART_BACKOFF_MAX_S = 10.0
 
 
-def _worker_main(settings: Settings, redis_url: str, index: int) -> None:
+def _worker_main(settings: Settings, redis_url: str, index: int, serving: EventType) -> None:
     """One ingest worker (a fresh interpreter: multiprocessing's spawn)."""
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -41,7 +42,8 @@ def _worker_main(settings: Settings, redis_url: str, index: int) -> None:
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
     try:
-        asyncio.run(Service(settings, role="ingest", redis_url=redis_url).serve())
+        service = Service(settings, role="ingest", redis_url=redis_url, on_ready=serving.set)
+        asyncio.run(service.serve())
     except StartupError as exc:
         logger.error("%s", exc)
         raise SystemExit(2) from None
@@ -55,13 +57,17 @@ class Supervisor:
         self.redis_url = redis_url
         self._ctx = multiprocessing.get_context("spawn")
         self.workers: list[BaseProcess | None] = [None] * settings.workers
+        # Set by each worker once its gRPC server serves: readiness waits for all of them
+        # (a worker that is alive but still starting must not be sent traffic).
+        self.serving: list[EventType] = [self._ctx.Event() for _ in range(settings.workers)]
         self.restarts = 0
         self._stopping = False
 
     def _start(self, index: int) -> None:
+        self.serving[index].clear()
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(self.settings, self.redis_url, index),
+            args=(self.settings, self.redis_url, index, self.serving[index]),
             name=f"rtmonitor-worker-{index}",
         )
         proc.start()
@@ -75,7 +81,11 @@ class Supervisor:
     def not_ready(self) -> list[str]:
         """Readiness reasons from the workers (empty: all running)."""
         down = [i for i, w in enumerate(self.workers) if w is None or not w.is_alive()]
-        return [f"ingest workers not running: {down}"] if down else []
+        starting = [i for i, e in enumerate(self.serving) if i not in down and not e.is_set()]
+        reasons = [f"ingest workers not running: {down}"] if down else []
+        if starting:
+            reasons.append(f"ingest workers still starting: {starting}")
+        return reasons
 
     async def watch(self) -> None:
         """Restart a worker that died, with capped backoff."""

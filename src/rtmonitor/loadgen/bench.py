@@ -157,13 +157,18 @@ async def _probe(svc: _Service, until: asyncio.Event, sample_device: str) -> dic
             while not until.is_set():
                 t = time.perf_counter()
                 sent = asyncio.ensure_future(call(iter([probe])))
-                while True:
+                deadline = t + 30
+                while time.perf_counter() < deadline:
                     r = await http.get(f"/metrics/{PROBE_DEVICE}")
                     if r.status_code == 200 and r.json()["packets"] > seen:
                         fresh.append((time.perf_counter() - t) * 1000)
                         seen = r.json()["packets"]
                         break
+                    if sent.done() and sent.exception() is not None:
+                        raise RuntimeError(f"freshness probe failed: {sent.exception()}")
                     await asyncio.sleep(0.002)
+                else:
+                    raise RuntimeError("freshness probe: a packet stayed invisible for 30 s")
                 await sent
                 await asyncio.sleep(0.2)
 
