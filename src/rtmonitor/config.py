@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("redis_port", "RTM_REDIS_PORT", "REDIS_PORT"),
         description="The seed's REDIS_PORT (default 6379 when only REDIS_HOST is set).",
     )
+    redis_cluster: bool = Field(
+        False, description="REDIS_URL names a node of a Redis Cluster (discovered from it)."
+    )
     data_dir: Path = Field(Path("data"), description="Where the embedded Redis keeps its data.")
     embedded_redis_port: int = Field(
         0, ge=0, le=65535, description="TCP port of the embedded Redis (0 picks a free one)."
@@ -130,6 +133,8 @@ class Settings(BaseSettings):
                 f"REDIS_URL / --redis-url {self.redis_url!r} must start with "
                 "redis://, rediss:// or unix://"
             )
+        if self.redis_cluster and self.external_redis_url is None:
+            raise ValueError("--redis-cluster needs REDIS_URL / --redis-url (a cluster node)")
         if self.redis_port is not None and self.redis_host is None:
             raise ValueError("REDIS_PORT is set but REDIS_HOST is not: set both, or REDIS_URL")
         return self
@@ -149,7 +154,11 @@ class SendSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RTM_SEND_", extra="forbid", frozen=True)
 
-    target: str = Field("localhost:50051", description="gRPC address of the service.")
+    target: str = Field(
+        "localhost:50051",
+        description="gRPC address of the service; several, comma-separated, spread the "
+        "streams (a broken stream moves on to the next).",
+    )
     devices: int = Field(100, ge=1, le=10_000_000, description="Distinct devices to simulate.")
     count: int | None = Field(
         None, ge=1, description="Packets to send in all (default 10000 unless --duration)."

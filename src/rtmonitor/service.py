@@ -151,7 +151,9 @@ class Service:
             self._embedded.start()
             url = self._embedded.url
         self.redis_url = url
-        self.store = RedisStore.from_url(url, s.key_prefix, retention_s=s.retention)
+        self.store = RedisStore.from_url(
+            url, s.key_prefix, cluster=s.redis_cluster, retention_s=s.retention
+        )
         await self._wait_for_redis()
         if self.should_exit.is_set():
             return

@@ -224,7 +224,7 @@ async def _stream_packets(
 
 
 async def _stream_batches(
-    channel: grpc.aio.Channel,
+    channels: list[grpc.aio.Channel],
     pool: PacketPool,
     result: StreamResult,
     n: int | None,
@@ -236,8 +236,8 @@ async def _stream_batches(
     and resend every unacknowledged batch first (the service skips the ones it had already
     committed, so each is counted exactly once). Acks come in order, so what is
     acknowledged is always a prefix of what was generated."""
-    method = channel.stream_stream(STREAM_BATCHES, _identity, BatchAck.FromString)
     producer = uuid.uuid4().hex
+    attempt = 0
     unacked: deque[tuple[int, bytes, int]] = deque()  # (batch id, message, packets)
     next_id = 0
     pos = result.offset
@@ -248,6 +248,10 @@ async def _stream_batches(
         return (n is None or result.sent < n) and not pace.expired()
 
     while True:
+        # Each reconnect moves on to the next target (a dead replica is left behind).
+        channel = channels[attempt % len(channels)]
+        attempt += 1
+        method = channel.stream_stream(STREAM_BATCHES, _identity, BatchAck.FromString)
         # grpc.aio allows a call with no request iterator (then write()/done_writing());
         # the type stubs predate that.
         call = method()  # type: ignore[call-arg]
@@ -376,16 +380,23 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
         ("grpc.use_local_subchannel_pool", 1),
     ]
 
+    targets = [t.strip() for t in opts.target.split(",") if t.strip()]
+
     async def one(s: int) -> None:
         pace = _Pacer(per_stream_rate, opts.duration)
-        async with grpc.aio.insecure_channel(opts.target, options=options) as channel:
-            try:
-                if opts.batch_size == 1:
-                    await _stream_packets(channel, pool, results[s], shares[s], pace, counter)
-                else:
-                    await _stream_batches(channel, pool, results[s], shares[s], opts, pace, counter)
-            except grpc.aio.AioRpcError as exc:
-                results[s].error = f"{exc.code().name}: {exc.details()}"
+        # stream s starts at target s (mod n), then rotates through the rest on reconnects
+        order = targets[s % len(targets) :] + targets[: s % len(targets)]
+        channels = [grpc.aio.insecure_channel(t, options=options) for t in order]
+        try:
+            if opts.batch_size == 1:
+                await _stream_packets(channels[0], pool, results[s], shares[s], pace, counter)
+            else:
+                await _stream_batches(channels, pool, results[s], shares[s], opts, pace, counter)
+        except grpc.aio.AioRpcError as exc:
+            results[s].error = f"{exc.code().name}: {exc.details()}"
+        finally:
+            for channel in channels:
+                await channel.close(None)
 
     tasks = [asyncio.create_task(one(s)) for s in range(opts.streams)]
     while not all(t.done() for t in tasks):

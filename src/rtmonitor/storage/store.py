@@ -29,6 +29,8 @@ GROUP_SIZE = 256
 # How long a merge group's marker lives without being written again. It must outlast the
 # longest time a flush can wait to be retried or replayed (a Redis outage, a dead instance).
 MARKER_TTL_S = 24 * 3600
+# Merge calls in flight at once against a Redis Cluster (no pipelining of scripts there).
+CLUSTER_CONCURRENCY = 64
 # A merge call: (script name, keys, args). A flush's plan is a list of them, journaled as JSON.
 Call = tuple[str, list[str], list[Any]]
 # Lexicographic upper bound for a prefix range: device ids only use ASCII below 0x7f.
@@ -162,6 +164,18 @@ class RedisStore:
     async def apply(self, calls: list[Call]) -> None:
         """Run a plan in one pipelined round trip. Raises RedisError if Redis cannot be
         reached; calling it again with the same plan applies only what was not applied."""
+        if self.cluster:
+            # redis-py does not run scripts inside a cluster pipeline: issue the calls
+            # concurrently instead (each goes to its slot's node; scripts are (re)loaded on
+            # NOSCRIPT by redis-py). A failure of any call fails the plan, which is retried.
+            limit = asyncio.Semaphore(CLUSTER_CONCURRENCY)
+
+            async def call(name: str, keys: list[str], args: list[Any]) -> None:
+                async with limit:
+                    await self._scripts[name](keys=keys, args=args)
+
+            await asyncio.gather(*(call(*c) for c in calls))
+            return
         pipe = self.client.pipeline(transaction=False)
         # redis-py runs registered scripts inside a pipeline (loading them first if needed);
         # its type hints only name clients, hence the cast.
