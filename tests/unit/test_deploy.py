@@ -1,0 +1,100 @@
+"""deploy/ is checked without a Docker engine or a cluster: Kubernetes manifests against
+the Kubernetes schemas, the Compose file against the Compose specification, and the
+Dockerfile by a parser-level lint. (`make check-image` runs the image's build and install
+steps for real.)"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+K8S_VERSION = "1.33.0"
+
+
+def k8s_documents() -> list[tuple[str, dict[str, object]]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+@pytest.mark.parametrize(
+    ("name", "doc"), k8s_documents(), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_kubernetes_manifests_match_the_schemas(name: str, doc: dict[str, object]) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest_and_the_deployment_is_sound() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    kinds = {d["kind"] for _, d in k8s_documents()}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "ConfigMap", "Secret"} <= kinds  # fmt: skip
+    deployment = next(d for _, d in k8s_documents() if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]  # type: ignore[index]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert deployment["spec"]["replicas"] >= 2  # type: ignore[index]
+    grpc = next(d for _, d in k8s_documents() if d["kind"] == "Service" and "grpc" in
+                d["metadata"]["name"])  # type: ignore[index]  # fmt: skip
+    assert grpc["spec"]["clusterIP"] == "None", "gRPC needs per-pod addresses (headless)"
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    checker = shutil.which("check-jsonschema") or str(
+        Path(__file__).parents[2] / ".venv/bin/check-jsonschema"
+    )
+    result = subprocess.run(
+        [checker, "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    service = compose["services"]["rtmonitor"]
+    assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "REDIS_URL" in service["environment"]
+    assert "appendonly" in " ".join(compose["services"]["redis"]["command"])
+    assert compose["services"]["redis"]["healthcheck"] and compose["volumes"]
+    assert compose["services"]["proxy"]["profiles"] == ["scale"]
+
+
+def test_dockerfile_lint() -> None:
+    parser = DockerfileParser(path=str(ROOT / "deploy" / "Dockerfile"))
+    instructions = parser.structure
+    froms = [i for i in instructions if i["instruction"] == "FROM"]
+    assert len(froms) >= 2, "multi-stage: a build stage and a slim runtime"
+    assert not any("latest" in i["value"] for i in froms)
+    final = instructions[max(i for i, x in enumerate(instructions) if x["instruction"] == "FROM") :]
+    names = [i["instruction"] for i in final]
+    users = [i["value"] for i in final if i["instruction"] == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the runtime runs as a non-root user"
+    assert "HEALTHCHECK" in names and "/healthz" in next(
+        i["value"] for i in final if i["instruction"] == "HEALTHCHECK"
+    )
+    exposed = " ".join(i["value"] for i in final if i["instruction"] == "EXPOSE").split()
+    assert {"50051", "8000"} <= set(exposed)
+    assert next(i["value"] for i in final if i["instruction"] == "ENTRYPOINT").startswith("[")
+    assert not any(i["instruction"] == "ADD" for i in instructions), "COPY, not ADD"
+    for run in (i["value"] for i in instructions if i["instruction"] == "RUN"):
+        if "pip install" in run:
+            assert "--no-cache-dir" in run
+        assert "curl" not in run and "wget" not in run, "no downloads outside package managers"
+    copies = [i["value"] for i in final if i["instruction"] == "COPY"]
+    assert copies and all(c.startswith("--from=build") for c in copies), "only the wheel"
+    dockerignore = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "data"} <= set(dockerignore)
