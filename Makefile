@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint typecheck proto install clean
+.PHONY: run test test-slow lint typecheck proto install clean check-image
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+## Run the Dockerfile's build and install steps without a Docker engine, then the service.
+check-image: $(STAMP)
+	$(BIN)/python tools/check_image.py
 
 ## Regenerate the protobuf/gRPC modules from proto/ (commit the result).
 proto: $(STAMP)
