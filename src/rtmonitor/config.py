@@ -103,6 +103,13 @@ class Settings(BaseSettings):
         description="Seconds a silent device is kept in Redis (0: forever).",
     )
 
+    prometheus_max_devices: int = Field(
+        1000, ge=0, description="Devices (the busiest) with their own Prometheus series."
+    )
+    offline_after: float = Field(
+        30.0, gt=0, description="Seconds without a packet after which a device is offline."
+    )
+
     # --- lifecycle -----------------------------------------------------------
     grace_period: float = Field(
         10.0, ge=0, description="Seconds open streams get to finish on shutdown."

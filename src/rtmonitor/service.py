@@ -222,7 +222,13 @@ class Service:
         # 4. HTTP API.
         sock = self._bind_http()
         self.http_port = int(sock.getsockname()[1])
-        app = create_app(self.store, self.readiness, self.stats)
+        app = create_app(
+            self.store,
+            self.readiness,
+            self.stats,
+            offline_after_s=self.settings.offline_after,
+            prometheus_max_devices=self.settings.prometheus_max_devices,
+        )
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
         )

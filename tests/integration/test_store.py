@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 from rtmonitor.storage.embedded import EmbeddedRedis
@@ -49,6 +50,7 @@ def test_merge_is_exact_and_retries_are_idempotent(redis_server: EmbeddedRedis) 
             # the newest device timestamp wins, whatever the commit order
             assert (t["last"], t["last_timestamp_ms"]) == (2.0, 150)
             totals = await store.totals()
+            totals.pop("rate")
             assert totals == {
                 "devices": 2,
                 "packets": 6,
@@ -154,5 +156,30 @@ def test_journal_of_a_dead_instance_is_replayed_once(redis_server: EmbeddedRedis
             totals = await store.totals()
             assert (totals["packets"], totals["devices"]) == (5, 5)
             assert await store.prepare("x:1", keys, calls) == {0: "c"}
+
+    asyncio.run(main())
+
+
+def test_rates_come_from_second_buckets_summed_over_instances(
+    redis_server: EmbeddedRedis,
+) -> None:
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            now_ms = int(time.time() * 1000)
+            five_s_ago = now_ms - 5000
+            thirty_s_ago = now_ms - 30_000
+            await store.commit(delta(a=dev(50, five_s_ago, five_s_ago)), "i1", 1)
+            await store.commit(delta(a=dev(30, five_s_ago, five_s_ago)), "i2", 1)  # another
+            await store.commit(delta(a=dev(30, five_s_ago, five_s_ago)), "i2", 1)  # a retry
+            await store.commit(delta(a=dev(120, thirty_s_ago, thirty_s_ago)), "i1", 2)
+            a = await store.get_device("a")
+            assert a is not None
+            assert a["rate"]["packets_per_s_10s"] == 80 / 10
+            assert a["rate"]["packets_per_s_60s"] == 200 / 60
+            assert a["rate"]["bytes_per_s_10s"] == 800 / 10
+            totals = await store.totals()
+            assert totals["rate"]["packets_per_s_60s"] == 200 / 60
+            _, page = await store.list_devices(sort="rate", descending=True)
+            assert page[0]["device_id"] == "a" and page[0]["rate"]["packets_per_s_10s"] == 8
 
     asyncio.run(main())

@@ -79,3 +79,15 @@ def test_batches_with_ids_are_kept_apart_and_merge_exactly() -> None:
         assert agg.pending_batches == 1 and agg.pending_packets == 1
 
     asyncio.run(main())
+
+
+def test_rates_use_complete_seconds_only() -> None:
+    from rtmonitor.storage.store import rates
+
+    now = 1000
+    buckets = {"1000": "99", "999": "10", "999b": "100", "991": "20", "990": "40", "941": "60"}
+    r = rates(buckets, now)
+    # the current second (1000) is still filling up; 10 s = 990..999, 60 s = 940..999
+    assert r["packets_per_s_10s"] == (10 + 20 + 40) / 10
+    assert r["packets_per_s_60s"] == (10 + 20 + 40 + 60) / 60
+    assert r["bytes_per_s_10s"] == 100 / 10

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 
 from rtmonitor import __version__
+from rtmonitor.api.prometheus import OPENMETRICS, exposition, negotiate
 from rtmonitor.api.schemas import DeviceMetrics, MetricsPage, Problem, Readiness, Totals
 from rtmonitor.storage.store import RedisStore, SortField
 
@@ -22,7 +24,14 @@ ReadinessCheck = Callable[[], Awaitable[list[str]]]
 StatsSource = Callable[[], Awaitable[dict[str, Any]]]
 
 
-def create_app(store: RedisStore, readiness: ReadinessCheck, stats: StatsSource) -> FastAPI:
+def create_app(
+    store: RedisStore,
+    readiness: ReadinessCheck,
+    stats: StatsSource,
+    *,
+    offline_after_s: float = 30.0,
+    prometheus_max_devices: int = 1000,
+) -> FastAPI:
     """Build the app around the process's one store (owned and closed by the service)."""
     app = FastAPI(
         title="RealTimeDataMonitor",
@@ -32,6 +41,12 @@ def create_app(store: RedisStore, readiness: ReadinessCheck, stats: StatsSource)
             "and kept in Redis. Times are milliseconds since the Unix epoch."
         ),
     )
+
+    def with_status(record: dict[str, Any]) -> DeviceMetrics:
+        silent_ms = time.time() * 1000 - (record["last_seen"] or 0)
+        return DeviceMetrics.model_validate(
+            {**record, "online": silent_ms <= offline_after_s * 1000}
+        )
 
     @app.exception_handler(RedisError)
     async def redis_unavailable(request: Request, exc: RedisError) -> JSONResponse:
@@ -64,8 +79,27 @@ def create_app(store: RedisStore, readiness: ReadinessCheck, stats: StatsSource)
         recoveries, duplicate batches skipped, journals recovered — for this process."""
         return await stats()
 
-    @app.get("/metrics", tags=["metrics"], response_model=MetricsPage)
+    @app.get(
+        "/metrics",
+        tags=["metrics"],
+        response_model=MetricsPage,
+        responses={
+            200: {
+                "content": {
+                    "text/plain; version=0.0.4": {},
+                    "application/openmetrics-text; version=1.0.0": {},
+                },
+                "description": "JSON; or the Prometheus/OpenMetrics exposition when the "
+                "Accept header asks for it (as Prometheus does) or with `format`.",
+            }
+        },
+    )
     async def list_metrics(
+        request: Request,
+        format: Annotated[
+            Literal["json", "prometheus", "openmetrics"] | None,
+            Query(description="Force a format; by default the Accept header decides."),
+        ] = None,
         prefix: Annotated[
             str, Query(max_length=128, description="Only devices whose id starts with this.")
         ] = "",
@@ -75,8 +109,25 @@ def create_app(store: RedisStore, readiness: ReadinessCheck, stats: StatsSource)
         order: Annotated[Literal["asc", "desc"], Query()] = "asc",
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    ) -> MetricsPage:
-        """All devices, paginated, sortable and filterable by id prefix, plus the totals."""
+    ) -> MetricsPage | Response:
+        """All devices, paginated, sortable and filterable by id prefix, plus the totals.
+
+        Prometheus scrapes the same path: with `Accept: text/plain` or OpenMetrics it gets
+        the exposition format, with per-device series for the busiest devices only.
+        """
+        content_type = negotiate(request.headers.get("accept"), format)
+        if content_type is not None and format != "json":
+            _, busiest = await store.list_devices(
+                sort="packets", descending=True, limit=prometheus_max_devices
+            )
+            body = exposition(
+                await store.totals(),
+                busiest,
+                await stats(),
+                offline_after_s=offline_after_s,
+                openmetrics=content_type == OPENMETRICS,
+            )
+            return Response(body, media_type=content_type)
         matched, devices = await store.list_devices(
             prefix=prefix, sort=sort, descending=order == "desc", offset=offset, limit=limit
         )
@@ -88,7 +139,7 @@ def create_app(store: RedisStore, readiness: ReadinessCheck, stats: StatsSource)
             limit=limit,
             sort=sort,
             order=order,
-            devices=[DeviceMetrics.model_validate(d) for d in devices],
+            devices=[with_status(d) for d in devices],
         )
 
     @app.get(
@@ -110,6 +161,6 @@ def create_app(store: RedisStore, readiness: ReadinessCheck, stats: StatsSource)
                     "counted yet (see GET /metrics for the known devices)"
                 },
             )
-        return DeviceMetrics.model_validate(record)
+        return with_status(record)
 
     return app

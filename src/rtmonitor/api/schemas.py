@@ -19,6 +19,15 @@ class ValueStats(BaseModel):
     last_timestamp_ms: int = Field(description="Device timestamp of `last` (ms since epoch).")
 
 
+class Rate(BaseModel):
+    """Rates over the last 10 and 60 complete seconds, summed over every instance."""
+
+    packets_per_s_10s: float
+    bytes_per_s_10s: float
+    packets_per_s_60s: float
+    bytes_per_s_60s: float
+
+
 class DeviceMetrics(BaseModel):
     """Everything counted for one device, across every instance."""
 
@@ -29,6 +38,8 @@ class DeviceMetrics(BaseModel):
     last_seen: int | None = Field(description="Receive time of the latest packet, ms since epoch.")
     kinds: dict[str, int] = Field(description="Packets per kind.")
     values: dict[str, ValueStats]
+    rate: Rate
+    online: bool = Field(description="A packet arrived within the offline threshold.")
 
 
 class Totals(BaseModel):
@@ -39,6 +50,7 @@ class Totals(BaseModel):
     bytes: int
     rejected: int = Field(description="Packets refused by validation, all reasons.")
     rejected_by_reason: dict[str, int]
+    rate: Rate
 
 
 class MetricsPage(BaseModel):

@@ -7,6 +7,9 @@ Device ids cannot contain braces (validation refuses them), so a tag cannot be f
     <p>:d:{<device>}            hash   packets, bytes, first_seen, last_seen,
                                        k:<kind> -> count,
                                        v:<name>:n | :sum | :min | :max | :last | :ts
+    <p>:r:{<device>}            hash   rate buckets: <second> -> packets, <second>b -> bytes
+                                       (receive time; last ~61 s kept; 120 s TTL)
+    {<p>}:rate                  hash   the same for all devices together
     <p>:m:{<tag>}:<inst>:<n>    string highest flush seq of instance <inst> applied to merge
                                        group n ({<tag>}: the group's hash slot) (24 h TTL)
     {<p>}:devices               zset   every device, score 0 (lexicographic: prefix filter)
@@ -39,6 +42,13 @@ class KeyLayout:
 
     def device(self, device_id: str) -> str:
         return f"{self.prefix}:d:{{{device_id}}}"
+
+    def rate(self, device_id: str) -> str:
+        return f"{self.prefix}:r:{{{device_id}}}"
+
+    @property
+    def total_rate(self) -> str:
+        return self._global("rate")
 
     def group_marker(self, tag: str, instance: str, n: int) -> str:
         return f"{self.prefix}:m:{{{tag}}}:{instance}:{n}"

@@ -20,7 +20,7 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 """
 
 # KEYS[1]   marker (same hash slot as every device key of this call)
-# KEYS[2..] device hashes
+# KEYS[2..] per device: its hash, then its rate buckets (pairs)
 # ARGV[1]   marker TTL in seconds, ARGV[2] flush seq, ARGV[3] retention in ms (0: keep
 #           forever); then, per device in KEYS order:
 #   packets, bytes, first_seen, last_seen, nkinds, (kind, count) * nkinds,
@@ -32,10 +32,24 @@ MERGE_DEVICES = (
     + """
 local retention = tonumber(ARGV[3])
 local i = 4
-for k = 2, #KEYS do
+for k = 2, #KEYS, 2 do
   local key = KEYS[k]
   redis.call('HINCRBY', key, 'packets', ARGV[i])
   redis.call('HINCRBY', key, 'bytes', ARGV[i + 1])
+  -- rate buckets: packets and bytes per second of receive time (keys.py)
+  local rkey = KEYS[k + 1]
+  local sec = math.floor(tonumber(ARGV[i + 3]) / 1000)
+  redis.call('HINCRBY', rkey, sec, ARGV[i])
+  redis.call('HINCRBY', rkey, sec .. 'b', ARGV[i + 1])
+  redis.call('EXPIRE', rkey, 120)
+  if redis.call('HLEN', rkey) > 240 then
+    -- amortised pruning: about once a minute per busy device, keep the last 61 seconds
+    for _, f in ipairs(redis.call('HKEYS', rkey)) do
+      if tonumber((string.gsub(f, 'b', ''))) < sec - 61 then
+        redis.call('HDEL', rkey, f)
+      end
+    end
+  end
   local cur = tonumber(redis.call('HGET', key, 'first_seen'))
   if cur == nil or tonumber(ARGV[i + 2]) < cur then
     redis.call('HSET', key, 'first_seen', ARGV[i + 2])
@@ -82,16 +96,27 @@ return 1
 """
 )
 
-# KEYS: marker, totals, rejected, devices, idx:packets, idx:bytes, idx:last_seen
-# ARGV: TTL, seq, packets, bytes, nrejected, (reason, count) * nrejected,
+# KEYS: marker, totals, rejected, devices, idx:packets, idx:bytes, idx:last_seen, rate
+# ARGV: TTL, seq, packets, bytes, second, nrejected, (reason, count) * nrejected,
 #       (device, packets, bytes, last_seen) * rest
 MERGE_GLOBAL = (
     _MARKER
     + """
 redis.call('HINCRBY', KEYS[2], 'packets', ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'bytes', ARGV[4])
-local nrejected = tonumber(ARGV[5])
-local i = 6
+local sec = tonumber(ARGV[5])
+redis.call('HINCRBY', KEYS[8], sec, ARGV[3])
+redis.call('HINCRBY', KEYS[8], sec .. 'b', ARGV[4])
+redis.call('EXPIRE', KEYS[8], 120)
+if redis.call('HLEN', KEYS[8]) > 240 then
+  for _, f in ipairs(redis.call('HKEYS', KEYS[8])) do
+    if tonumber((string.gsub(f, 'b', ''))) < sec - 61 then
+      redis.call('HDEL', KEYS[8], f)
+    end
+  end
+end
+local nrejected = tonumber(ARGV[6])
+local i = 7
 for _ = 1, nrejected do
   redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   i = i + 2

@@ -22,7 +22,8 @@ from rtmonitor.storage.scripts import FINALIZE, MERGE_DEVICES, MERGE_GLOBAL, PRE
 
 logger = logging.getLogger(__name__)
 
-SortField = Literal["device_id", "packets", "bytes", "last_seen"]
+SortField = Literal["device_id", "packets", "bytes", "last_seen", "rate"]
+RATE_WINDOWS_S = (10, 60)
 # Devices per merge-script call: big enough to amortise the call, small enough that one
 # script never blocks Redis for long (a few ms).
 GROUP_SIZE = 256
@@ -137,14 +138,16 @@ class RedisStore:
             keys = [layout.group_marker(tag, instance, n)]
             args: list[Any] = [self._marker_ttl, seq, self.retention_s * 1000]
             for device_id in group:
-                keys.append(layout.device(device_id))
+                keys += (layout.device(device_id), layout.rate(device_id))
                 _encode_device(delta.devices[device_id], args)
             calls.append(("devices", keys, args))
+        last_ms = max((d.last_seen for d in delta.devices.values()), default=0)
         gargs: list[Any] = [
             self._marker_ttl,
             seq,
             delta.packets,
             delta.bytes,
+            (last_ms or int(time.time() * 1000)) // 1000,
             len(delta.rejected),
         ]
         for reason, count in delta.rejected.items():
@@ -157,6 +160,7 @@ class RedisStore:
             layout.rejected,
             layout.devices,
             *(layout.index(f) for f in SORT_INDEXES),
+            layout.total_rate,
         ]
         calls.append(("global", gkeys, gargs))
         return calls
@@ -285,9 +289,16 @@ class RedisStore:
     # --- reads -----------------------------------------------------------------------------
 
     async def get_device(self, device_id: str) -> dict[str, Any] | None:
-        """The device's counters, or None if Redis has never seen it."""
-        raw = cast(dict[str, str], await self.client.hgetall(self.layout.device(device_id)))
-        return parse_device(device_id, raw) if raw else None
+        """The device's counters and rates, or None if Redis has never seen it."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.layout.device(device_id))
+        pipe.hgetall(self.layout.rate(device_id))
+        raw, buckets = await pipe.execute()
+        if not raw:
+            return None
+        record = parse_device(device_id, raw)
+        record["rate"] = rates(buckets, int(time.time()))
+        return record
 
     async def list_devices(
         self,
@@ -303,7 +314,24 @@ class RedisStore:
         client, layout = cast(aioredis.Redis, self.client), self.layout
         ids: list[str]
         lo, hi = (f"[{prefix}", f"({prefix}{_LEX_END}") if prefix else ("-", "+")
-        if sort == "device_id":
+        if sort == "rate":
+            # Rates live in per-second buckets, not in an index: rank the matching devices
+            # (bounded by --max-devices) by their last 10 complete seconds.
+            candidates = cast(list[str], await client.zrangebylex(layout.devices, lo, hi))
+            matched = len(candidates)
+            now = int(time.time())
+            fields = [str(s) for s in range(now - RATE_WINDOWS_S[0], now)]
+            pipe = self.client.pipeline(transaction=False)
+            for device_id in candidates:
+                pipe.hmget(layout.rate(device_id), fields)
+            counts = [sum(int(v) for v in row if v) for row in await pipe.execute()]
+            by_rate = sorted(
+                zip(candidates, counts, strict=True),
+                key=lambda p: (p[1], p[0]),
+                reverse=descending,
+            )
+            ids = [device_id for device_id, _ in by_rate[offset : offset + limit]]
+        elif sort == "device_id":
             matched = await client.zlexcount(layout.devices, lo, hi)
             if descending:
                 ids = cast(
@@ -333,11 +361,20 @@ class RedisStore:
             ids = [device_id for device_id, _ in ranked[offset : offset + limit]]
         if not ids:
             return matched, []
-        pipe = client.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=False)
         for device_id in ids:
             pipe.hgetall(layout.device(device_id))
-        raws = await pipe.execute()
-        return matched, [parse_device(d, raw) for d, raw in zip(ids, raws, strict=True) if raw]
+            pipe.hgetall(layout.rate(device_id))
+        replies = await pipe.execute()
+        now = int(time.time())
+        records = []
+        for n, device_id in enumerate(ids):
+            raw, buckets = replies[2 * n], replies[2 * n + 1]
+            if raw:
+                record = parse_device(device_id, raw)
+                record["rate"] = rates(buckets, now)
+                records.append(record)
+        return matched, records
 
     async def totals(self) -> dict[str, Any]:
         """Totals over every device and instance."""
@@ -345,7 +382,8 @@ class RedisStore:
         pipe.hgetall(self.layout.totals)
         pipe.zcard(self.layout.devices)
         pipe.hgetall(self.layout.rejected)
-        totals, devices, rejected = await pipe.execute()
+        pipe.hgetall(self.layout.total_rate)
+        totals, devices, rejected, buckets = await pipe.execute()
         by_reason = {reason: int(n) for reason, n in sorted(rejected.items())}
         return {
             "devices": int(devices),
@@ -353,7 +391,26 @@ class RedisStore:
             "bytes": int(totals.get("bytes", 0)),
             "rejected": sum(by_reason.values()),
             "rejected_by_reason": by_reason,
+            "rate": rates(buckets, int(time.time())),
         }
+
+
+def rates(buckets: dict[str, str], now_s: int) -> dict[str, float]:
+    """Packets/s and bytes/s over the last 10 and 60 *complete* seconds (the current second
+    is still filling up), from rate buckets {"<second>": packets, "<second>b": bytes}."""
+    packets = dict.fromkeys(RATE_WINDOWS_S, 0)
+    nbytes = dict.fromkeys(RATE_WINDOWS_S, 0)
+    for field, value in buckets.items():
+        is_bytes = field.endswith("b")
+        age = now_s - int(field[:-1] if is_bytes else field)
+        for window in RATE_WINDOWS_S:
+            if 1 <= age <= window:
+                (nbytes if is_bytes else packets)[window] += int(value)
+    out: dict[str, float] = {}
+    for window in RATE_WINDOWS_S:
+        out[f"packets_per_s_{window}s"] = packets[window] / window
+        out[f"bytes_per_s_{window}s"] = nbytes[window] / window
+    return out
 
 
 def _encode_device(dev: DeviceDelta, out: list[Any]) -> None:

@@ -1,0 +1,203 @@
+"""Prometheus exposition of the counts, rates and the pipeline's self-metrics.
+
+GET /metrics answers in the Prometheus text format (0.0.4) or OpenMetrics when the scraper
+asks for it in Accept — which is what a default Prometheus scrape config does — and JSON to
+everyone else. Per-device series are limited to the busiest devices (by packets), so that
+a flood of devices cannot flood Prometheus.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+TEXT = "text/plain; version=0.0.4; charset=utf-8"
+STATS = ("sum", "min", "max", "last")
+
+
+def negotiate(accept: str | None, explicit: str | None) -> str | None:
+    """The exposition content type to answer with, or None for JSON."""
+    if explicit == "openmetrics":
+        return OPENMETRICS
+    if explicit == "prometheus":
+        return TEXT
+    if not accept:
+        return None
+    best: tuple[float, str | None] = (0.0, None)
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for p in params:
+            if p.startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        kind = {
+            "application/openmetrics-text": OPENMETRICS,
+            "text/plain": TEXT,
+            "application/json": None,
+        }.get(media, "other")
+        if kind != "other" and q > best[0]:
+            best = (q, kind)
+    return best[1]
+
+
+def escape(value: str) -> str:
+    """A label value: backslash, double quote and newline escaped (both formats)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+class _Writer:
+    def __init__(self, openmetrics: bool) -> None:
+        self.openmetrics = openmetrics
+        self.lines: list[str] = []
+
+    def family(
+        self,
+        name: str,
+        kind: str,
+        help_text: str,
+        samples: Iterable[tuple[dict[str, str], float]],
+    ) -> None:
+        """One metric family; counters get the `_total` suffix on their samples."""
+        sample_name = f"{name}_total" if kind == "counter" else name
+        family = name if self.openmetrics else sample_name
+        self.lines.append(f"# HELP {family} {help_text}")
+        self.lines.append(f"# TYPE {family} {kind}")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
+            braces = f"{{{label_text}}}" if label_text else ""
+            self.lines.append(f"{sample_name}{braces} {_number(value)}")
+
+    def render(self) -> str:
+        if self.openmetrics:
+            self.lines.append("# EOF")
+        return "\n".join(self.lines) + "\n"
+
+
+def exposition(
+    totals: dict[str, Any],
+    devices: list[dict[str, Any]],
+    stats: dict[str, Any],
+    *,
+    offline_after_s: float,
+    openmetrics: bool,
+) -> str:
+    """Render the exposition for `devices` (already limited) and the totals."""
+    w = _Writer(openmetrics)
+    now_ms = time.time() * 1000
+    dev = [({"device": d["device_id"]}, d) for d in devices]
+    w.family("rtm_packets", "counter", "Packets counted, all devices and instances.",
+             [({}, totals["packets"])])  # fmt: skip
+    w.family("rtm_bytes", "counter", "Payload bytes counted, all devices and instances.",
+             [({}, totals["bytes"])])  # fmt: skip
+    w.family("rtm_devices", "gauge", "Devices known to Redis.", [({}, totals["devices"])])
+    w.family(
+        "rtm_rejected_packets",
+        "counter",
+        "Packets refused by validation, by reason.",
+        [({"reason": r}, n) for r, n in totals["rejected_by_reason"].items()],
+    )
+    w.family(
+        "rtm_packets_per_second",
+        "gauge",
+        "Packets per second over a trailing window, all devices and instances.",
+        [({"window": f"{s}s"}, totals["rate"][f"packets_per_s_{s}s"]) for s in (10, 60)],
+    )
+    w.family("rtm_device_packets", "counter", "Packets counted per device.",
+             [(lab, d["packets"]) for lab, d in dev])  # fmt: skip
+    w.family("rtm_device_bytes", "counter", "Payload bytes counted per device.",
+             [(lab, d["bytes"]) for lab, d in dev])  # fmt: skip
+    w.family(
+        "rtm_device_kind_packets",
+        "counter",
+        "Packets per device and kind.",
+        [({**lab, "kind": k}, n) for lab, d in dev for k, n in d["kinds"].items()],
+    )
+    w.family(
+        "rtm_device_packets_per_second",
+        "gauge",
+        "Packets per second per device over a trailing window.",
+        [({**lab, "window": f"{s}s"}, d["rate"][f"packets_per_s_{s}s"])
+         for lab, d in dev for s in (10, 60)],
+    )  # fmt: skip
+    w.family(
+        "rtm_device_bytes_per_second",
+        "gauge",
+        "Payload bytes per second per device over a trailing window.",
+        [({**lab, "window": f"{s}s"}, d["rate"][f"bytes_per_s_{s}s"])
+         for lab, d in dev for s in (10, 60)],
+    )  # fmt: skip
+    w.family(
+        "rtm_device_online",
+        "gauge",
+        f"1 if the device sent a packet in the last {offline_after_s:g} s.",
+        [(lab, int(now_ms - (d["last_seen"] or 0) <= offline_after_s * 1000)) for lab, d in dev],
+    )
+    w.family(
+        "rtm_device_last_seen_seconds",
+        "gauge",
+        "Receive time of the device's latest packet (Unix seconds).",
+        [(lab, (d["last_seen"] or 0) / 1000) for lab, d in dev],
+    )
+    values = [({**lab, "name": n}, v) for lab, d in dev for n, v in d["values"].items()]
+    w.family("rtm_device_value_readings", "counter", "Readings per device and value name.",
+             [(lab, v["count"]) for lab, v in values])  # fmt: skip
+    w.family(
+        "rtm_device_value",
+        "gauge",
+        "Statistics of the readings: stat = sum, min, max, or last (newest device timestamp).",
+        [({**lab, "stat": stat}, v[stat]) for lab, v in values for stat in STATS],
+    )
+    _self_metrics(w, stats)
+    return w.render()
+
+
+def _self_metrics(w: _Writer, stats: dict[str, Any]) -> None:
+    """This instance's pipeline (each instance reports its own; Prometheus sums them)."""
+    flush = stats.get("flush") or {}
+    recovery = stats.get("recovery") or {}
+    ingest = stats["ingest"]
+    w.family("rtm_up", "gauge", "1 if this instance is ready.", [({}, int(stats["ready"]))])
+    w.family("rtm_queue_packets", "gauge", "Packets waiting in this instance's queue.",
+             [({}, stats["queue"]["packets"])])  # fmt: skip
+    pending = stats["pending"]["packets"] + stats["pending"]["inflight_packets"]
+    w.family("rtm_pending_packets", "gauge", "Received but uncommitted packets here.",
+             [({}, pending)])  # fmt: skip
+    w.family("rtm_active_streams", "gauge", "Open gRPC streams on this instance.",
+             [({}, ingest["active_streams"])])  # fmt: skip
+    w.family(
+        "rtm_instance_rejected_packets",
+        "counter",
+        "Packets refused by this instance since it started, by reason.",
+        [({"reason": r}, n) for r, n in ingest["rejected_by_reason"].items()],
+    )
+    for name, key, help_text in (
+        ("rtm_flushes", "flushes", "Flushes committed to Redis."),
+        ("rtm_committed_packets", "packets_committed", "Packets committed to Redis."),
+        ("rtm_redis_errors", "commit_errors", "Failed attempts to reach Redis."),
+        ("rtm_redis_recoveries", "redis_recoveries", "Times Redis came back after failing."),
+        ("rtm_duplicate_batches", "duplicate_batches", "Resent batches skipped (exactly-once)."),
+        ("rtm_abandoned_packets", "packets_abandoned", "Packets not committed by shutdown."),
+    ):
+        w.family(name, "counter", help_text, [({}, flush.get(key, 0))])
+    w.family("rtm_last_flush_seconds", "gauge", "Duration of the latest flush.",
+             [({}, flush.get("last_flush_seconds", 0.0))])  # fmt: skip
+    w.family("rtm_journals_recovered", "counter", "Dead instances' flushes replayed here.",
+             [({}, recovery.get("journals_recovered", 0))])  # fmt: skip

@@ -1,0 +1,69 @@
+"""The exposition format: negotiation, escaping, and what promtool would reject."""
+
+from __future__ import annotations
+
+from rtmonitor.api.prometheus import OPENMETRICS, TEXT, escape, exposition, negotiate
+
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def test_negotiation() -> None:
+    assert negotiate(PROMETHEUS_ACCEPT, None) == OPENMETRICS
+    assert negotiate("text/plain;version=0.0.4;q=0.5,*/*;q=0.1", None) == TEXT
+    assert negotiate("*/*", None) is None  # curl
+    assert negotiate("text/html,application/xhtml+xml,*/*;q=0.8", None) is None  # a browser
+    assert negotiate("application/json", None) is None
+    assert negotiate(None, "prometheus") == TEXT
+    assert negotiate("*/*", "openmetrics") == OPENMETRICS
+
+
+def test_label_values_are_escaped() -> None:
+    assert escape('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+def _render(openmetrics: bool) -> str:
+    device = {
+        "device_id": 'we"ird\\id',
+        "packets": 3,
+        "bytes": 30,
+        "last_seen": 0,
+        "kinds": {"reading": 3},
+        "values": {"t": {"count": 3, "sum": 1.5, "min": -1.0, "max": 2.0, "last": 0.5}},
+        "rate": {"packets_per_s_10s": 0.3, "packets_per_s_60s": 0.05,
+                 "bytes_per_s_10s": 3.0, "bytes_per_s_60s": 0.5},
+    }  # fmt: skip
+    totals = {
+        "packets": 3,
+        "bytes": 30,
+        "devices": 1,
+        "rejected_by_reason": {"empty_device_id": 2},
+        "rate": device["rate"],
+    }
+    stats = {
+        "ready": True,
+        "queue": {"packets": 0},
+        "pending": {"packets": 0, "inflight_packets": 0},
+        "ingest": {"active_streams": 1, "rejected_by_reason": {}},
+        "flush": {"flushes": 4},
+        "recovery": {},
+    }
+    return exposition(totals, [device], stats, offline_after_s=30, openmetrics=openmetrics)
+
+
+def test_text_format() -> None:
+    text = _render(False)
+    assert "# TYPE rtm_device_packets_total counter" in text
+    assert 'rtm_device_packets_total{device="we\\"ird\\\\id"} 3' in text
+    assert 'rtm_rejected_packets_total{reason="empty_device_id"} 2' in text
+    assert 'rtm_device_value{device="we\\"ird\\\\id",name="t",stat="max"} 2.0' in text
+    assert "rtm_device_online" in text and not text.rstrip().endswith("# EOF")
+
+
+def test_openmetrics_format() -> None:
+    text = _render(True)
+    assert "# TYPE rtm_device_packets counter" in text  # the family, without _total
+    assert 'rtm_device_packets_total{device="we\\"ird\\\\id"} 3' in text
+    assert text.endswith("# EOF\n")
