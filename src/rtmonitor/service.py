@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import grpc
 import uvicorn
+from fastapi import FastAPI
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
@@ -104,6 +105,7 @@ class Service:
         self.recovery: Recovery | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: _HttpServer | None = None
+        self._app: FastAPI | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     # --- signals ---------------------------------------------------------------------------
@@ -228,7 +230,9 @@ class Service:
             self.stats,
             offline_after_s=self.settings.offline_after,
             prometheus_max_devices=self.settings.prometheus_max_devices,
+            stream_interval_s=self.settings.flush_interval,
         )
+        self._app = app
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
         )
@@ -358,6 +362,8 @@ class Service:
             self.recovery.stop()
             await self._tasks["recovery"]
         # 5. HTTP last: readiness answers 503 "shutting down" until here.
+        if self._app is not None:
+            await self._app.state.feed.close()
         if self._http is not None:
             self._http.should_exit = True
             await self._tasks["http"]

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 
 from rtmonitor import __version__
 from rtmonitor.api.prometheus import OPENMETRICS, exposition, negotiate
 from rtmonitor.api.schemas import DeviceMetrics, MetricsPage, Problem, Readiness, Totals
+from rtmonitor.api.stream import ChangeFeed
 from rtmonitor.storage.store import RedisStore, SortField
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,7 @@ def create_app(
     *,
     offline_after_s: float = 30.0,
     prometheus_max_devices: int = 1000,
+    stream_interval_s: float = 0.2,
 ) -> FastAPI:
     """Build the app around the process's one store (owned and closed by the service)."""
     app = FastAPI(
@@ -46,6 +50,43 @@ def create_app(
         silent_ms = time.time() * 1000 - (record["last_seen"] or 0)
         return DeviceMetrics.model_validate(
             {**record, "online": silent_ms <= offline_after_s * 1000}
+        )
+
+    feed = ChangeFeed(store, stream_interval_s)
+    app.state.feed = feed
+
+    @app.get("/stream", tags=["metrics"], summary="Live updates (Server-Sent Events)")
+    async def stream(
+        request: Request,
+        prefix: Annotated[
+            str, Query(max_length=128, description="Only devices whose id starts with this.")
+        ] = "",
+    ) -> StreamingResponse:
+        """`event: update` with the devices that changed (at most once per flush interval)
+        and the totals; a comment every 15 s keeps proxies from closing an idle stream. A
+        client that reads slowly gets the latest state of each device, not a backlog."""
+        sub = feed.subscribe(prefix)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield "retry: 2000\n\n"
+                while not await request.is_disconnected():
+                    try:
+                        update = await asyncio.wait_for(sub.next(), 15)
+                    except TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    update["devices"] = [
+                        with_status(d).model_dump(mode="json") for d in update["devices"]
+                    ]
+                    yield f"event: update\ndata: {json.dumps(update, separators=(',', ':'))}\n\n"
+            finally:
+                feed.unsubscribe(sub)
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     @app.exception_handler(RedisError)

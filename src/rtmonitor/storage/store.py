@@ -359,8 +359,13 @@ class RedisStore:
                 reverse=descending,
             )
             ids = [device_id for device_id, _ in ranked[offset : offset + limit]]
+        return matched, await self.get_devices(ids)
+
+    async def get_devices(self, ids: list[str]) -> list[dict[str, Any]]:
+        """The counters and rates of `ids` (in that order; unknown ones left out)."""
         if not ids:
-            return matched, []
+            return []
+        layout = self.layout
         pipe = self.client.pipeline(transaction=False)
         for device_id in ids:
             pipe.hgetall(layout.device(device_id))
@@ -374,7 +379,18 @@ class RedisStore:
                 record = parse_device(device_id, raw)
                 record["rate"] = rates(buckets, now)
                 records.append(record)
-        return matched, records
+        return records
+
+    async def recently_seen(self, since_ms: int, limit: int) -> list[tuple[str, int]]:
+        """Devices with a packet received after `since_ms`: (device, last_seen), newest last."""
+        client = cast(aioredis.Redis, self.client)
+        rows = cast(
+            list[tuple[str, float]],
+            await client.zrangebyscore(
+                self.layout.index("last_seen"), f"({since_ms}", "+inf", 0, limit, withscores=True
+            ),
+        )
+        return [(str(d), int(score)) for d, score in rows]
 
     async def totals(self) -> dict[str, Any]:
         """Totals over every device and instance."""

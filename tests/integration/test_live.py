@@ -1,0 +1,106 @@
+"""Live views: GET /stream (Server-Sent Events) and rates/online in the JSON API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+from helpers import ServiceProcess, get_json, packet, run, stream_packets
+
+
+async def read_events(response: httpx.Response, until: Any, timeout: float = 15) -> list[Any]:
+    """Parse SSE `update` events until `until(events)` is true."""
+    events: list[Any] = []
+    event = None
+    deadline = time.monotonic() + timeout
+    async for line in response.aiter_lines():
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and event == "update":
+            events.append(json.loads(line[5:]))
+            if until(events):
+                return events
+        assert time.monotonic() < deadline, f"timed out; got {events[-3:]}"
+    return events
+
+
+def test_stream_pushes_changes_filtered_by_prefix(service: ServiceProcess) -> None:
+    async def scenario() -> list[Any]:
+        async with (
+            httpx.AsyncClient(base_url=service.http, timeout=30) as http,
+            http.stream("GET", "/stream", params={"prefix": "live-"}) as response,
+        ):
+            assert response.headers["content-type"].startswith("text/event-stream")
+            await stream_packets(service.target, [packet("live-1"), packet("other-1")] * 5)
+
+            def done(events: list[Any]) -> bool:
+                return any(
+                    d["device_id"] == "live-1" and d["packets"] == 5
+                    for e in events
+                    for d in e["devices"]
+                )
+
+            return await read_events(response, done)
+
+    events = run(scenario())
+    devices = {d["device_id"] for e in events for d in e["devices"]}
+    assert devices == {"live-1"}, "the prefix filter keeps other devices out"
+    last = next(d for e in events for d in e["devices"] if d["packets"] == 5)
+    assert last["online"] is True and "rate" in last
+    assert events[-1]["totals"]["packets"] == 10
+
+
+def test_events_carry_only_changes_and_end_at_the_latest_state(service: ServiceProcess) -> None:
+    async def scenario() -> list[Any]:
+        async with (
+            httpx.AsyncClient(base_url=service.http, timeout=30) as http,
+            http.stream("GET", "/stream", params={"prefix": "slow-"}) as response,
+        ):
+            for _ in range(10):  # ten separate updates while the client reads nothing
+                await stream_packets(service.target, [packet("slow-1")])
+                await asyncio.sleep(0.25)
+
+            def done(events: list[Any]) -> bool:
+                return any(d["packets"] == 10 for e in events for d in e["devices"])
+
+            return await read_events(response, done)
+
+    events = run(scenario())
+    # one event per change at most (no empty events from idle polls), ending at the latest
+    assert len(events) <= 11, [len(e["devices"]) for e in events]
+    assert events[-1]["devices"][0]["packets"] == 10
+
+
+def test_a_stalled_subscriber_holds_the_latest_state_not_a_backlog() -> None:
+    from rtmonitor.api.stream import Subscriber
+
+    async def scenario() -> dict[str, Any]:
+        sub = Subscriber("d")
+        totals = {"packets": 0, "rejected": 0, "devices": 0}
+        for n in range(1, 1001):  # 1000 updates, never read
+            totals = {**totals, "packets": n}
+            sub.offer([{"device_id": f"d{n % 3}", "packets": n}, {"device_id": "x"}], totals)
+        assert len(sub.pending) == 3  # bounded by devices, not by updates
+        return await asyncio.wait_for(sub.next(), 1)
+
+    update = run(scenario())
+    assert sorted(d["packets"] for d in update["devices"]) == [998, 999, 1000]
+    assert update["totals"]["packets"] == 1000
+
+
+def test_rates_and_online_status(start_service: Any) -> None:
+    svc: ServiceProcess = start_service("--offline-after", "1")
+    run(stream_packets(svc.target, [packet("rate-1")] * 40))
+    time.sleep(1.2)  # into the next complete second, and past the offline threshold
+    device = get_json(svc.http, "/metrics/rate-1")
+    assert device["rate"]["packets_per_s_10s"] == 4.0
+    assert device["rate"]["packets_per_s_60s"] == 40 / 60
+    assert device["online"] is False
+    run(stream_packets(svc.target, [packet("rate-2")]))
+    assert get_json(svc.http, "/metrics/rate-2")["online"] is True
+    page = get_json(svc.http, "/metrics", sort="rate", order="desc")
+    assert [d["device_id"] for d in page["devices"]][0] == "rate-1"
+    assert page["totals"]["rate"]["packets_per_s_60s"] >= 40 / 60
