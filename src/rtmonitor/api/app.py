@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import pathlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
 
 from rtmonitor import __version__
@@ -20,6 +22,8 @@ from rtmonitor.api.stream import ChangeFeed
 from rtmonitor.storage.store import RedisStore, SortField
 
 logger = logging.getLogger(__name__)
+
+STATIC = pathlib.Path(__file__).parent / "static"
 
 # Returns the reasons the service is not ready to ingest (empty list: ready).
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
@@ -51,6 +55,13 @@ def create_app(
         return DeviceMetrics.model_validate(
             {**record, "online": silent_ms <= offline_after_s * 1000}
         )
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        """The web dashboard (static files, no build step)."""
+        return FileResponse(STATIC / "index.html")
 
     feed = ChangeFeed(store, stream_interval_s)
     app.state.feed = feed

@@ -1,0 +1,154 @@
+// RealTimeDataMonitor dashboard: GET /metrics for the table, GET /stream (Server-Sent
+// Events) for live updates. No framework, no build step.
+"use strict";
+
+const state = { sort: "packets", order: "desc", prefix: "", devices: new Map(),
+                selected: null, totalSeries: [], deviceSeries: new Map(), source: null };
+const $ = (id) => document.getElementById(id);
+const fmt = new Intl.NumberFormat("en");
+const fmtRate = (x) => (x >= 100 ? fmt.format(Math.round(x)) : x.toFixed(1));
+const fmtBytes = (n) => {
+  const units = ["B", "KB", "MB", "GB", "TB"]; let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
+};
+const ago = (ms) => {
+  if (!ms) return "–";
+  const s = Math.max(0, (Date.now() - ms) / 1000);
+  return s < 60 ? `${s.toFixed(0)} s ago` : s < 3600 ? `${(s / 60).toFixed(0)} min ago` : `${(s / 3600).toFixed(1)} h ago`;
+};
+const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+
+function renderTotals(t) {
+  $("t-devices").textContent = fmt.format(t.devices);
+  $("t-packets").textContent = fmt.format(t.packets);
+  $("t-bytes").textContent = fmtBytes(t.bytes);
+  $("t-rate").textContent = fmtRate(t.rate.packets_per_s_10s);
+  $("t-rejected").textContent = fmt.format(t.rejected);
+}
+
+function rowHtml(d) {
+  return `<td>${escapeHtml(d.device_id)}</td>` +
+    `<td><span class="dot ${d.online ? "on" : ""}"></span>${d.online ? "online" : "offline"}</td>` +
+    `<td class="num packets">${fmt.format(d.packets)}</td><td class="num">${fmtBytes(d.bytes)}</td>` +
+    `<td class="num">${fmtRate(d.rate.packets_per_s_10s)}</td><td class="num">${ago(d.last_seen)}</td>`;
+}
+
+function renderTable() {
+  const body = document.querySelector("#devices tbody");
+  body.innerHTML = "";
+  for (const d of state.devices.values()) {
+    const tr = document.createElement("tr");
+    tr.dataset.device = d.device_id;
+    tr.innerHTML = rowHtml(d);
+    if (d.device_id === state.selected) tr.classList.add("selected");
+    tr.addEventListener("click", () => select(d.device_id));
+    body.appendChild(tr);
+  }
+  document.querySelectorAll("th[data-sort]").forEach((th) => {
+    th.classList.toggle("sorted", th.dataset.sort === state.sort);
+    th.classList.toggle("asc", state.order === "asc");
+  });
+}
+
+async function load() {
+  const params = new URLSearchParams({ sort: state.sort, order: state.order, limit: "200" });
+  if (state.prefix) params.set("prefix", state.prefix);
+  const r = await fetch(`/metrics?${params}`, { headers: { Accept: "application/json" } });
+  const page = await r.json();
+  state.devices = new Map(page.devices.map((d) => [d.device_id, d]));
+  $("matched").textContent = `${fmt.format(page.matched)} matching`;
+  renderTotals(page.totals);
+  renderTable();
+  if (state.selected) renderDetail(state.devices.get(state.selected));
+}
+
+function applyUpdate(update) {
+  renderTotals(update.totals);
+  const now = Date.now();
+  state.totalSeries.push([now, update.totals.rate.packets_per_s_10s]);
+  for (const d of update.devices) {
+    const series = state.deviceSeries.get(d.device_id) || [];
+    series.push([now, d.rate.packets_per_s_10s]);
+    state.deviceSeries.set(d.device_id, series.slice(-300));
+    if (!state.devices.has(d.device_id)) continue;  // not on this page
+    state.devices.set(d.device_id, d);
+    const tr = document.querySelector(`tr[data-device="${CSS.escape(d.device_id)}"]`);
+    if (tr) { tr.innerHTML = rowHtml(d); tr.classList.remove("flash"); void tr.offsetWidth; tr.classList.add("flash"); }
+    if (d.device_id === state.selected) renderDetail(d);
+  }
+  const cutoff = now - 5 * 60 * 1000;
+  state.totalSeries = state.totalSeries.filter(([t]) => t >= cutoff);
+  drawChart($("total-chart"), state.totalSeries);
+}
+
+function connect() {
+  if (state.source) state.source.close();
+  const params = state.prefix ? `?prefix=${encodeURIComponent(state.prefix)}` : "";
+  const source = new EventSource(`/stream${params}`);
+  source.addEventListener("open", () => { $("live").textContent = "live"; $("live").className = "badge on"; });
+  source.addEventListener("error", () => { $("live").textContent = "reconnecting…"; $("live").className = "badge off"; });
+  source.addEventListener("update", (e) => applyUpdate(JSON.parse(e.data)));
+  state.source = source;
+}
+
+async function select(id) {
+  state.selected = id;
+  renderTable();
+  const r = await fetch(`/metrics/${encodeURIComponent(id).replace(/%2F/g, "/")}`);
+  if (r.ok) renderDetail(await r.json());
+}
+
+function renderDetail(d) {
+  if (!d) return;
+  $("detail").hidden = false;
+  $("d-title").textContent = d.device_id;
+  $("d-summary").textContent = `${d.online ? "online" : "offline"} · ${fmt.format(d.packets)} packets · ` +
+    `${fmtBytes(d.bytes)} · ${fmtRate(d.rate.packets_per_s_10s)} packets/s · first seen ${ago(d.first_seen)}`;
+  $("d-kinds").querySelector("tbody").innerHTML = Object.entries(d.kinds)
+    .map(([k, n]) => `<tr><td>${escapeHtml(k)}</td><td class="num">${fmt.format(n)}</td></tr>`).join("");
+  const num = (x) => (x === null || x === undefined ? "–" : Number(x).toPrecision(6).replace(/\.?0+$/, ""));
+  $("d-values").querySelector("tbody").innerHTML = Object.entries(d.values)
+    .map(([n, v]) => `<tr><td>${escapeHtml(n)}</td><td class="num">${fmt.format(v.count)}</td><td class="num">${num(v.min)}</td>` +
+      `<td class="num">${num(v.mean)}</td><td class="num">${num(v.max)}</td><td class="num">${num(v.last)}</td></tr>`).join("");
+  drawChart($("device-chart"), state.deviceSeries.get(d.device_id) || []);
+}
+
+function drawChart(canvas, points) {
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth, h = canvas.clientHeight || Number(canvas.getAttribute("height"));
+  canvas.width = w * ratio; canvas.height = h * ratio;
+  const ctx = canvas.getContext("2d");
+  ctx.scale(ratio, ratio);
+  ctx.clearRect(0, 0, w, h);
+  ctx.strokeStyle = "#2a3642"; ctx.fillStyle = "#8b98a5"; ctx.font = "11px system-ui";
+  const max = Math.max(1, ...points.map(([, v]) => v)) * 1.1;
+  for (let i = 0; i <= 4; i++) {
+    const y = h - 16 - ((h - 24) * i) / 4;
+    ctx.beginPath(); ctx.moveTo(40, y); ctx.lineTo(w, y); ctx.stroke();
+    ctx.fillText(fmtRate((max * i) / 4), 0, y + 4);
+  }
+  if (points.length < 2) return;
+  const t0 = points[0][0], t1 = Math.max(points[points.length - 1][0], t0 + 1);
+  ctx.strokeStyle = "#4cc2ff"; ctx.lineWidth = 2; ctx.beginPath();
+  points.forEach(([t, v], i) => {
+    const x = 40 + ((w - 44) * (t - t0)) / (t1 - t0);
+    const y = h - 16 - ((h - 24) * v) / max;
+    i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
+  });
+  ctx.stroke();
+}
+
+document.querySelectorAll("th[data-sort]").forEach((th) => th.addEventListener("click", () => {
+  const sort = th.dataset.sort;
+  state.order = state.sort === sort && state.order === "desc" ? "asc" : "desc";
+  state.sort = sort;
+  load();
+}));
+let filterTimer;
+$("filter").addEventListener("input", (e) => {
+  clearTimeout(filterTimer);
+  filterTimer = setTimeout(() => { state.prefix = e.target.value.trim(); load(); connect(); }, 250);
+});
+setInterval(load, 10000);  // re-rank and pick up devices that appeared (the stream updates values)
+load().then(connect);
