@@ -17,7 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from rtmonitor import __version__
-from rtmonitor.config import BenchSettings, SendSettings, Settings
+from rtmonitor.config import BenchSettings, SendSettings, Settings, TopSettings
 
 # Settings fields that are environment-only (the seed's variables) or named differently.
 _NO_FLAG = {"redis_host", "redis_port"}
@@ -106,6 +106,8 @@ def make_parser() -> argparse.ArgumentParser:
         "bench", help="benchmark: start the service, load it, verify exactly, report figures"
     )
     _add_flags(bench, BenchSettings, "RTM_BENCH_")
+    top = sub.add_parser("top", help="terminal live view of the busiest devices")
+    _add_flags(top, TopSettings, "RTM_TOP_")
     return parser
 
 
@@ -133,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from rtmonitor.loadgen.bench import run_bench
 
         sys.exit(run_bench(bench_options))
+    elif args.command == "top":
+        top_options = _build(TopSettings, args)
+        from rtmonitor.loadgen.top import run_top
+
+        sys.exit(run_top(top_options))
 
 
 def _configure_logging(level: str) -> None:

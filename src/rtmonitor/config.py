@@ -239,3 +239,15 @@ class BenchSettings(BaseSettings):
             if m not in ("packets", "rows", "columns"):
                 raise ValueError(f"unknown bench mode {m!r}: use packets, rows, columns")
         return modes  # type: ignore[return-value]
+
+
+class TopSettings(BaseSettings):
+    """Options of `rtmonitor top`; environment twins RTM_TOP_*."""
+
+    model_config = SettingsConfigDict(env_prefix="RTM_TOP_", extra="forbid", frozen=True)
+
+    url: str = Field("http://localhost:8000", description="HTTP address of the service.")
+    interval: float = Field(1.0, gt=0, description="Seconds between refreshes.")
+    limit: int = Field(20, ge=1, le=1000, description="Devices shown (the busiest).")
+    prefix: str = Field("", max_length=128, description="Only devices with this id prefix.")
+    once: bool = Field(False, description="Print one frame and exit (for scripts).")

@@ -104,3 +104,21 @@ def test_rates_and_online_status(start_service: Any) -> None:
     page = get_json(svc.http, "/metrics", sort="rate", order="desc")
     assert [d["device_id"] for d in page["devices"]][0] == "rate-1"
     assert page["totals"]["rate"]["packets_per_s_60s"] >= 40 / 60
+
+
+def test_top_shows_the_busiest_devices(service: ServiceProcess) -> None:
+    import subprocess
+    import sys
+
+    run(stream_packets(service.target, [packet("top-busy")] * 30 + [packet("top-quiet")]))
+    time.sleep(1.1)  # into the next complete second: the rates are non-zero
+    out = subprocess.run(
+        [sys.executable, "-m", "rtmonitor", "top", "--url", service.http, "--once"],
+        capture_output=True, text=True, timeout=30, check=True,
+        env={"COLUMNS": "120", "PATH": "/usr/bin:/bin"},
+    ).stdout  # fmt: skip
+    assert "rtmonitor top" in out and "packets 31" in out
+    busy, quiet = out.index("top-busy"), out.index("top-quiet")
+    assert busy < quiet, "sorted by rate, busiest first"
+    assert "3.0" in out.splitlines()[[i for i, line in enumerate(out.splitlines())
+                                      if "top-busy" in line][0]]  # fmt: skip

@@ -67,3 +67,22 @@ def test_openmetrics_format() -> None:
     assert "# TYPE rtm_device_packets counter" in text  # the family, without _total
     assert 'rtm_device_packets_total{device="we\\"ird\\\\id"} 3' in text
     assert text.endswith("# EOF\n")
+
+
+def test_every_series_the_grafana_dashboard_queries_is_exported() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    dashboard = json.loads((root / "deploy/grafana/dashboards/rtmonitor.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\brtm_[a-z_]+", target["expr"])
+    }
+    queried |= set(re.findall(r"\brtm_[a-z_]+", json.dumps(dashboard["templating"])))
+    exported = {line.split("{")[0].split(" ")[0] for line in _render(False).splitlines()
+                if line and not line.startswith("#")}  # fmt: skip
+    assert queried and queried <= exported, queried - exported

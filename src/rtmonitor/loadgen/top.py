@@ -1,0 +1,96 @@
+"""`rtmonitor top`: a terminal live view of the busiest devices and the total rate, for
+people on a server with no browser. Reads the HTTP API, like any client."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from rtmonitor.config import TopSettings
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _ago(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    s = max(0.0, time.time() - ms / 1000)
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m"
+
+
+def frame(page: dict[str, Any], opts: TopSettings) -> Group:
+    """One screen: the totals line and the busiest devices."""
+    t = page["totals"]
+    header = Text.assemble(
+        ("rtmonitor top ", "bold"),
+        f"{opts.url}  ",
+        ("devices ", "dim"), f"{t['devices']:,}  ",
+        ("packets ", "dim"), f"{t['packets']:,}  ",
+        ("rate ", "dim"), (f"{t['rate']['packets_per_s_10s']:,.1f} pkt/s", "bold cyan"), "  ",
+        ("bytes/s ", "dim"), f"{_bytes(t['rate']['bytes_per_s_10s'])}  ",
+        ("rejected ", "dim"), f"{t['rejected']:,}",
+    )  # fmt: skip
+    table = Table(expand=True, title_justify="left")
+    for name, justify in (("device", "left"), ("status", "left"), ("pkt/s 10s", "right"),
+                          ("pkt/s 60s", "right"), ("packets", "right"), ("bytes", "right"),
+                          ("last seen", "right")):  # fmt: skip
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for d in page["devices"]:
+        table.add_row(
+            d["device_id"],
+            Text("online", "green") if d["online"] else Text("offline", "red"),
+            f"{d['rate']['packets_per_s_10s']:,.1f}",
+            f"{d['rate']['packets_per_s_60s']:,.1f}",
+            f"{d['packets']:,}",
+            _bytes(d["bytes"]),
+            _ago(d["last_seen"]),
+        )
+    return Group(header, table)
+
+
+def fetch(client: httpx.Client, opts: TopSettings) -> dict[str, Any]:
+    params: dict[str, Any] = {"sort": "rate", "order": "desc", "limit": opts.limit}
+    if opts.prefix:
+        params["prefix"] = opts.prefix
+    r = client.get("/metrics", params=params, headers={"Accept": "application/json"})
+    r.raise_for_status()
+    page: dict[str, Any] = r.json()
+    return page
+
+
+def run_top(opts: TopSettings) -> int:
+    console = Console()
+    with httpx.Client(base_url=opts.url, timeout=5) as client:
+        try:
+            page = fetch(client, opts)
+        except httpx.HTTPError as exc:
+            console.print(
+                f"[red]cannot read {opts.url}/metrics: {exc}[/red] (is the service running?)"
+            )
+            return 1
+        if opts.once:
+            console.print(frame(page, opts))
+            return 0
+        with Live(frame(page, opts), console=console, screen=True, auto_refresh=False) as live:
+            try:
+                while True:
+                    time.sleep(opts.interval)
+                    try:
+                        live.update(frame(fetch(client, opts), opts), refresh=True)
+                    except httpx.HTTPError as exc:
+                        live.update(Text(f"cannot read {opts.url}: {exc}; retrying", "red"),
+                                    refresh=True)  # fmt: skip
+            except KeyboardInterrupt:
+                return 0
