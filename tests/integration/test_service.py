@@ -279,7 +279,12 @@ def test_clean_stop_mid_load_loses_no_acknowledged_packet(
         assert error.startswith(
             ("UNAVAILABLE: server is shutting down", "INTERNAL: Internal error from Core")
         ), error
-    assert all("stopped reading early" in e for e in reports[1].errors), reports[1].errors
+    # StreamPackets answers with a truncated Ack — or, in the same grpc client race, the
+    # client loses that Ack and reports INTERNAL (then it counted those packets as unacked).
+    for error in reports[1].errors:
+        assert "stopped reading early" in error or error.startswith(
+            "INTERNAL: Internal error from Core"
+        ), error
 
     async def committed() -> int:
         async with RedisStore.from_url(redis_server.url) as store:

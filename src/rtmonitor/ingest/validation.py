@@ -79,6 +79,18 @@ class _Vocabulary:
         self.names: set[str] = set()
 
 
+def _admit_new(known: set[str], items: Iterable[str], limit: int) -> set[str]:
+    """Add `items` to `known` (in order) while it has room; the ones refused."""
+    refused: set[str] = set()
+    for item in items:
+        if item not in known:
+            if len(known) >= limit:
+                refused.add(item)
+            else:
+                known.add(item)
+    return refused
+
+
 class Validator:
     """Checks packets against the limits; remembers each device's kinds and value names.
 
@@ -160,21 +172,11 @@ class Validator:
             if len(self._devices) >= lim.max_devices:
                 return Reason.TOO_MANY_DEVICES, set(), set()
             vocab = self._devices[device_id] = _Vocabulary()
-        refused_kinds: set[str] = set()
-        for kind in kinds:
-            if kind not in vocab.kinds:
-                if len(vocab.kinds) >= lim.max_kinds_per_device:
-                    refused_kinds.add(kind)
-                else:
-                    vocab.kinds.add(kind)
-        refused_names: set[str] = set()
-        for name in names:
-            if name not in vocab.names:
-                if len(vocab.names) >= lim.max_value_names_per_device:
-                    refused_names.add(name)
-                else:
-                    vocab.names.add(name)
-        return None, refused_kinds, refused_names
+        return (
+            None,
+            _admit_new(vocab.kinds, kinds, lim.max_kinds_per_device),
+            _admit_new(vocab.names, names, lim.max_value_names_per_device),
+        )
 
     def check_many(self, packets: Iterable[Packet], recv_ms: int) -> tuple[list[Row], Counter[str]]:
         """Validate a batch: the good rows, and the refused ones counted by reason."""
