@@ -76,7 +76,6 @@ class Service:
         self._signals = 0
         self._started = time.monotonic()
         self._stopping = False
-        self._shutdown_done = False
         self._serving = False
         self._embedded: EmbeddedRedis | None = None
         self.store: RedisStore | None = None
@@ -372,7 +371,6 @@ class Service:
             await self.store.aclose()
         if self._embedded is not None:
             self._embedded.stop()
-        self._shutdown_done = True
         logger.info("stopped")
 
 
