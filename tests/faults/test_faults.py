@@ -75,7 +75,6 @@ def test_sigterm_mid_load_then_restart_exact(
     report, again = restart_mid_load(svc, tmp_path, lambda s: s.terminate(), 150_000)
     try:
         assert svc.proc.returncode == 0
-        assert "UNAVAILABLE" in svc.log() or report.as_dict()["reconnects"] > 0
         assert report.as_dict()["reconnects"] > 0
         assert_exact(report, redis_server.url)
     finally:
