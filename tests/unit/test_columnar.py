@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtmonitor.ingest.columnar import ColumnsError, decode_columns
@@ -65,13 +65,59 @@ def as_columns(batch: list[Packet]) -> tuple[FlushDelta, int]:
     return delta, rejected.total()
 
 
-@settings(max_examples=300, deadline=None)
+# too_slow: generation time on a loaded shared CI machine says nothing about correctness.
+# print_blob: a failure prints a blob that reproduces it exactly (@reproduce_failure).
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
 @given(st.lists(packets(), max_size=60), st.booleans())
-def test_per_packet_rows_and_columns_agree(batch: list[Packet], receive_time: bool) -> None:
-    if receive_time:  # every packet at receive time: the columnar fast path for "last"
-        for p in batch:
-            p.timestamp_ms = 0
+def test_per_packet_rows_and_columns_agree(drawn: list[Packet], receive_time: bool) -> None:
+    batch = []
+    for p in drawn:  # copies: never mutate what hypothesis drew
+        copy = Packet()
+        copy.CopyFrom(p)
+        if receive_time:  # every packet at receive time: the columnar fast path for "last"
+            copy.timestamp_ms = 0
+        batch.append(copy)
     expected = one_by_one(batch)
+    assert as_rows(batch) == expected
+    assert as_columns(batch) == expected
+
+
+@st.composite
+def valid_packets(draw: st.DrawFn) -> Packet:
+    """Packets that all pass validation: the aggregation itself, densely exercised."""
+    p = Packet(
+        device_id=draw(st.sampled_from(["a", "b", "c"])),
+        kind=draw(st.sampled_from(["", "reading", "tcp"])),
+        payload=b"x" * draw(st.integers(0, 20)),
+        timestamp_ms=draw(st.sampled_from([0, NOW - 5000, NOW - 10, NOW])),
+    )
+    for name, value in draw(st.dictionaries(st.sampled_from(["t", "h"]), finite)).items():
+        p.values[name] = value
+    return p
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+@given(st.lists(valid_packets(), min_size=1, max_size=40), st.booleans())
+def test_aggregation_agrees_on_valid_packets(drawn: list[Packet], receive_time: bool) -> None:
+    batch = []
+    for p in drawn:
+        copy = Packet()
+        copy.CopyFrom(p)
+        if receive_time:
+            copy.timestamp_ms = 0
+        batch.append(copy)
+    expected = one_by_one(batch)
+    assert expected[1] == 0 and expected[0].packets == len(batch)
     assert as_rows(batch) == expected
     assert as_columns(batch) == expected
 

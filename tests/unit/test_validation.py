@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
@@ -123,6 +123,7 @@ def test_check_many_counts_reasons() -> None:
     assert rejected == {"empty_device_id": 2, "non_finite_value": 1}
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 @given(
     device_id=st.text(max_size=200),
     kind=st.text(max_size=80),
