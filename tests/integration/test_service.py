@@ -473,3 +473,34 @@ def test_workers_share_the_port_and_count_exactly(
     assert stats["ready"] is True
     assert svc.terminate() == 0
     assert svc.log().count("stopped") >= 3  # both workers and the API process stopped in order
+
+
+def test_inconsistent_columns_refuse_the_batch_without_a_trace(
+    start_service: Callable[..., ServiceProcess],
+) -> None:
+    """A batch whose columns do not fit is refused whole, with a status that says what to
+    fix, its packets counted by reason — and its row packets admit no device."""
+    from rtmonitor.ingest.v1.telemetry_pb2 import Columns
+
+    svc = start_service("--max-devices", "1")
+    bad = Batch(
+        producer_id="p",
+        batch_id=1,
+        packets=[packet("phantom")],
+        columns=Columns(count=3, device_ids=["c"], device_index=b"\x00" * 8),  # 2 of 3
+    )
+    acks: list[BatchAck] = []
+    try:
+        run(stream_batches(svc.target, [bad], acks))
+        raise AssertionError("the stream should have ended with INVALID_ARGUMENT")
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "device_index has 8 bytes; 3 packets need 12" in (exc.details() or "")
+    assert acks == []
+    # the refused batch's "phantom" device took no place: the one admitted device is "real"
+    ack = run(stream_packets(svc.target, [packet("real"), packet("phantom")]))
+    assert (ack.accepted, dict(ack.rejected_by_reason)) == (1, {"too_many_devices": 1})
+    assert get_json(svc.http, "/metrics/real")["packets"] == 1
+    assert httpx.get(f"{svc.http}/metrics/phantom").status_code == 404
+    rejected = get_json(svc.http, "/metrics")["totals"]["rejected_by_reason"]
+    assert rejected == {"invalid_columns": 4, "too_many_devices": 1}

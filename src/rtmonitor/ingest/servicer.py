@@ -303,17 +303,20 @@ class IngestServicer:
                 "A-Z a-z 0-9 . _ : @ / - (or empty, which turns off deduplication)",
             )
         recv_ms = _now_ms()
-        rows, rejected = self.validator.check_many(batch.packets, recv_ms)
+        # Columns first: an inconsistent Columns message refuses the whole batch, and it must
+        # do so before any packet of the batch is admitted to the validator's vocabulary.
         columns = None
+        col_rejected: Counter[str] = Counter()
         if has_columns:
             try:
                 columns, col_rejected = decode_columns(batch.columns, self.validator, recv_ms)
             except ColumnsError as exc:
-                self.aggregator.count_rejected("malformed_batch")
+                self.aggregator.count_rejected("invalid_columns", n)
                 return _StreamError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.batch_id}: {exc}"
                 )
-            rejected.update(col_rejected)
+        rows, rejected = self.validator.check_many(batch.packets, recv_ms)
+        rejected.update(col_rejected)
         for reason, count in rejected.items():
             self.aggregator.count_rejected(reason, count)
         tracker = CommitTracker()
@@ -321,9 +324,9 @@ class IngestServicer:
         if accepted:
             # With a producer id the batch is counted exactly once, even if resent.
             batch_key = (producer, batch.batch_id) if producer else None
-            work = Work(
-                rows, recv_ms, tracker, batch_key, columns if accepted > len(rows) else None
-            )
+            if columns is not None and not columns.packets:
+                columns = None  # every columnar packet refused
+            work = Work(rows, recv_ms, tracker, batch_key, columns)
             await self.queue.put(work, accepted)
             tracker.submitted()
         tracker.close()
