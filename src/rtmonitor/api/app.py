@@ -180,10 +180,13 @@ def create_app(
                 openmetrics=content_type == OPENMETRICS,
             )
             return Response(body, media_type=content_type)
-        matched, devices = await store.list_devices(
-            prefix=prefix, sort=sort, descending=order == "desc", offset=offset, limit=limit
+        # the page and the totals are independent: one wait for both
+        (matched, devices), totals = await asyncio.gather(
+            store.list_devices(
+                prefix=prefix, sort=sort, descending=order == "desc", offset=offset, limit=limit
+            ),
+            store.totals(),
         )
-        totals = await store.totals()
         return MetricsPage(
             totals=Totals.model_validate(totals),
             matched=matched,

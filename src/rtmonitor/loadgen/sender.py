@@ -208,13 +208,15 @@ async def _stream_packets(
     async def packets() -> Any:
         packets_ = pool.packets
         size = len(packets_)
+        paced = pace.rate is not None  # unlimited: no await per packet in this hot loop
         i = 0
         while (n is None or i < n) and not pace.expired():
             yield packets_[(result.offset + i) % size]
             i += 1
             result.sent = i
             counter[0] += 1
-            await pace.wait(1)
+            if paced:
+                await pace.wait(1)
 
     ack: Ack = await call(packets())
     result.accepted = ack.accepted

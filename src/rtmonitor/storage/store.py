@@ -290,15 +290,8 @@ class RedisStore:
 
     async def get_device(self, device_id: str) -> dict[str, Any] | None:
         """The device's counters and rates, or None if Redis has never seen it."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self.layout.device(device_id))
-        pipe.hgetall(self.layout.rate(device_id))
-        raw, buckets = await pipe.execute()
-        if not raw:
-            return None
-        record = parse_device(device_id, raw)
-        record["rate"] = rates(buckets, int(time.time()))
-        return record
+        records = await self.get_devices([device_id])
+        return records[0] if records else None
 
     async def list_devices(
         self,
