@@ -6,6 +6,7 @@ filter works. Screenshots go to test-artifacts/."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import threading
@@ -42,7 +43,17 @@ def test_dashboard_shows_devices_and_updates_live(service: ServiceProcess) -> No
         target=service.target, devices=12, duration=25, batch_size=20, rate=600,
         device_prefix="web-", progress=False,
     )  # fmt: skip
-    loader = threading.Thread(target=lambda: asyncio.run(send(opts)), daemon=True)
+    # The load runs in its own thread and loop, and is stopped and joined at the end: a load
+    # outliving its test would keep reconnecting (and working) during the tests after it.
+    loop = asyncio.new_event_loop()
+    load = loop.create_task(send(opts))
+
+    def run_load() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(load)
+        loop.close()
+
+    loader = threading.Thread(target=run_load, daemon=True)
     loader.start()
     ARTIFACTS.mkdir(exist_ok=True)
     row = 'tr[data-device="web-00000"]'
@@ -85,3 +96,6 @@ def test_dashboard_shows_devices_and_updates_live(service: ServiceProcess) -> No
             assert errors == [], errors
         finally:
             browser.close()
+            loop.call_soon_threadsafe(load.cancel)
+            loader.join(30)
+            assert not loader.is_alive(), "the background load did not stop"

@@ -27,6 +27,9 @@ from rtmonitor.config import SendSettings
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Columns, Packet
 
 KINDS = ("heartbeat", "reading", "tcp")
+# Backoff jitter from a generator of our own: a library must not move the process-global
+# random state (other code, e.g. property tests, relies on it).
+_JITTER = random.Random()
 STREAM_PACKETS = "/rtmonitor.v1.TelemetryIngest/StreamPackets"
 STREAM_BATCHES = "/rtmonitor.v1.TelemetryIngest/StreamBatches"
 
@@ -316,11 +319,12 @@ async def _stream_batches(
             )
         finally:
             reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
         if time.monotonic() - last_progress > opts.retry_for:
             result.error = f"{error}; gave up after {opts.retry_for:.0f}s without progress"
             return
         result.reconnects += 1
-        await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+        await asyncio.sleep(backoff * _JITTER.uniform(0.5, 1.0))
         backoff = min(backoff * 2, 2.0)
 
 
@@ -401,10 +405,16 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
                 await channel.close(None)
 
     tasks = [asyncio.create_task(one(s)) for s in range(opts.streams)]
-    while not all(t.done() for t in tasks):
-        await asyncio.wait(tasks, timeout=0.2)
-        if progress is not None and task_id is not None:
-            progress.update(task_id, completed=counter[0])
+    try:
+        while not all(t.done() for t in tasks):
+            await asyncio.wait(tasks, timeout=0.2)
+            if progress is not None and task_id is not None:
+                progress.update(task_id, completed=counter[0])
+    finally:
+        # cancel-safe: a cancelled send() takes its streams down with it
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     for t in tasks:
         t.result()
     if progress is not None and task_id is not None:

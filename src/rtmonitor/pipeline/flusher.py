@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
 T = TypeVar("T")
+# Backoff jitter from a generator of our own, never the process-global random state.
+_JITTER = random.Random()
 
 
 @dataclass(slots=True)
@@ -222,7 +224,7 @@ class Flusher:
                     )
                 if self._deadline is not None and time.monotonic() + backoff > self._deadline:
                     raise _GiveUp("Redis unreachable past the shutdown deadline") from exc
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                await asyncio.sleep(backoff * _JITTER.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
             if failures:
