@@ -311,12 +311,11 @@ async def _stream_batches(
             if not unacked:
                 return
             error = "the stream ended with batches unacknowledged"
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            error = (
-                f"{exc.code().name}: {exc.details()}"
-                if isinstance(exc, grpc.aio.AioRpcError)
-                else str(exc)
-            )
+        except grpc.aio.AioRpcError as exc:
+            error = f"{exc.code().name}: {exc.details()}"
+        except asyncio.InvalidStateError:
+            # a write on a call that had just ended: report how the call ended
+            error = f"{(await call.code()).name}: {await call.details()}"
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
