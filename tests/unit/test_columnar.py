@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rtmonitor.ingest.columnar import ColumnsError, decode_columns
+from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows
 from rtmonitor.ingest.v1.telemetry_pb2 import Columns, Packet
 from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.loadgen.columns import encode_columns
@@ -54,9 +55,7 @@ def one_by_one(batch: list[Packet]) -> tuple[FlushDelta, int]:
 
 
 def as_rows(batch: list[Packet]) -> tuple[FlushDelta, int]:
-    rows, rejected = Validator(LIMITS).check_many(batch, NOW)
-    delta = FlushDelta()
-    fold(delta, rows, NOW)
+    delta, rejected = decode_rows(batch, Validator(LIMITS), NOW)
     return delta, rejected.total()
 
 
@@ -135,10 +134,13 @@ def test_reasons_match_for_each_kind_of_bad_packet() -> None:
         Packet(device_id="a", values={"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}),
         Packet(device_id="ok"),
     ]
-    rows, by_reason = Validator(LIMITS).check_many(batch, NOW)
+    one_reasons = Counter(
+        str(r) for p in batch if not isinstance(r := Validator(LIMITS).check(p, NOW), tuple)
+    )
+    row_delta, by_reason = decode_rows(batch, Validator(LIMITS), NOW)
     delta, col_reasons = decode_columns(encode_columns(batch), Validator(LIMITS), NOW)
-    assert col_reasons == by_reason and len(by_reason) == 9
-    assert list(delta.devices) == ["ok"] and len(rows) == 1
+    assert col_reasons == by_reason == one_reasons and len(by_reason) == 9
+    assert list(delta.devices) == list(row_delta.devices) == ["ok"]
 
 
 def test_stateful_limits_apply_per_batch() -> None:
@@ -170,3 +172,62 @@ def test_last_is_the_last_packet_when_all_arrive_at_receive_time() -> None:
     delta, _ = decode_columns(encode_columns(batch), Validator(Limits()), NOW)
     t = delta.devices["a"].values["t"]
     assert (t.count, t.min, t.max, t.last, t.last_ts) == (4, -1.0, 9.0, 4.0, NOW)
+
+
+def test_rows_count_reasons() -> None:
+    delta, rejected = decode_rows(
+        [
+            Packet(device_id="a"),
+            Packet(),
+            Packet(device_id="b", values={"t": math.nan}),
+            Packet(device_id=""),
+        ],
+        Validator(Limits()),
+        NOW,
+    )
+    assert list(delta.devices) == ["a"] and delta.packets == 1
+    assert rejected == {"empty_device_id": 2, "non_finite_value": 1}
+
+
+def test_repeated_dictionary_entries_do_not_split_counts() -> None:
+    """A client may repeat a device id or kind in its dictionaries (or send both "" and
+    "unspecified"): the counts of one device or kind must still add up in one place."""
+    cols = Columns(
+        count=4,
+        device_ids=["a", "b", "a"],
+        kinds=["", "x", "unspecified", "x"],
+        device_index=np.array([0, 2, 1, 2], "<u4").tobytes(),
+        kind_index=np.array([0, 2, 1, 3], "<u4").tobytes(),
+    )
+    delta, rejected = decode_columns(cols, Validator(Limits()), NOW)
+    assert not rejected and delta.packets == 4
+    assert delta.devices["a"].packets == 3 and delta.devices["b"].packets == 1
+    assert delta.devices["a"].kinds == {"unspecified": 2, "x": 1}
+    rows = [Packet(device_id="a", kind=k) for k in ("", "unspecified", "x")]
+    row_delta, _ = decode_rows(rows, Validator(Limits()), NOW)
+    assert row_delta.devices["a"].kinds == {"unspecified": 2, "x": 1}
+
+
+def test_many_devices_and_names_stay_sparse() -> None:
+    """Thousands of devices times thousands of value names in one batch must not allocate
+    the dense product (hostile input): the sparse path gives the same result."""
+    batch = [
+        Packet(device_id=f"d{i}", kind=f"k{i}", values={f"n{i}": float(i)}) for i in range(3000)
+    ]
+    delta, rejected = decode_rows(batch, Validator(Limits(max_devices=10_000)), NOW)
+    assert not rejected and len(delta.devices) == 3000
+    assert delta.devices["d2999"].values["n2999"].last == 2999.0
+    assert delta == one_by_one_with(batch, Limits(max_devices=10_000))[0]
+
+
+def one_by_one_with(batch: list[Packet], limits: Limits) -> tuple[FlushDelta, int]:
+    v = Validator(limits)
+    delta = FlushDelta()
+    rejected = 0
+    for p in batch:
+        row = v.check(p, NOW)
+        if isinstance(row, tuple):
+            fold(delta, [row], NOW)
+        else:
+            rejected += 1
+    return delta, rejected

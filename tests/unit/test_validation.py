@@ -115,14 +115,6 @@ def test_device_limit_admits_known_devices() -> None:
     assert v.device_count == 2
 
 
-def test_check_many_counts_reasons() -> None:
-    rows, rejected = Validator(Limits()).check_many(
-        [make("a"), make(""), make("b", values={"t": math.nan}), make("")], NOW
-    )
-    assert [r[0] for r in rows] == ["a"]
-    assert rejected == {"empty_device_id": 2, "non_finite_value": 1}
-
-
 @settings(suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 @given(
     device_id=st.text(max_size=200),

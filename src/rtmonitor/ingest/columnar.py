@@ -1,42 +1,105 @@
-"""Columnar batches: decode, validate and aggregate with numpy — per-batch work in C.
+"""Batches as columns: decode, validate and aggregate with numpy — per-batch work in C.
 
-A `Columns` message carries packed little-endian arrays; `np.frombuffer` reads them without
-copying. Validation runs on whole columns (masks) and on the dictionaries (each distinct
-device id, kind and value name is checked once per batch, not once per packet). The result
-is the batch's FlushDelta, exactly what folding the same packets one by one would give:
-counts and sums accumulate in packet order (np.bincount), min/max/last by sorting.
+Both batch forms end up as one `_Table` of columns, and one code path validates and
+aggregates it:
 
-列式批次：逐包的 Python 循环换成整列的 numpy 运算（掩码、bincount、排序），
+- a `Columns` message carries packed little-endian arrays; `np.frombuffer` reads them
+  without copying;
+- row batches (`Batch.packets`) are transposed into the same columns with C-level passes
+  (`map(attrgetter(...))`, `dict.fromkeys`, `np.fromiter`): no Python statement runs per
+  packet.
+
+Validation runs on whole columns (masks) and on the dictionaries (each distinct device id,
+kind and value name is checked once per batch, not once per packet). The result is the
+batch's FlushDelta, exactly what folding the same packets one by one would give: counts
+and sums accumulate in packet order (np.bincount), min/max with ufunc.at, "last" by a sort.
+
+批次的两种形式（行、列）都先变成同一张“列表格”，再走同一条 numpy 路径：
+逐包的 Python 循环换成整列运算（掩码、bincount、排序），
 Python 只对“本批出现的不同设备/kind/数值名”循环——每批的工作在 C 里完成。
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain, repeat
+from operator import attrgetter, getitem
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from rtmonitor.ingest.v1.telemetry_pb2 import Columns
-from rtmonitor.ingest.validation import (
-    UNSPECIFIED_KIND,
-    Reason,
-    Validator,
-    device_id_reason,
-    name_ok,
-)
+from rtmonitor.ingest.v1.telemetry_pb2 import Columns, Packet
+from rtmonitor.ingest.validation import UNSPECIFIED_KIND, Reason, Validator
 from rtmonitor.storage.model import DeviceDelta, FlushDelta, ValueStats
 
 _MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000
 # Reason codes in the per-packet code array; 0 = accepted.
 _REASONS: list[Reason] = list(Reason)
 _CODE = {reason: i + 1 for i, reason in enumerate(_REASONS)}
+_BAD_INDEX = _CODE[Reason.INVALID_COLUMN_INDEX]
 IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+_NO_INTS: IntArray = np.zeros(0, dtype=np.int64)
+_NO_FLOATS: FloatArray = np.zeros(0, dtype=np.float64)
+
+_device_id = attrgetter("device_id")
+_kind = attrgetter("kind")
+_payload = attrgetter("payload")
+_timestamp = attrgetter("timestamp_ms")
+_values = attrgetter("values")
 
 
 class ColumnsError(ValueError):
     """The columns are inconsistent (wrong lengths): the whole batch is refused."""
+
+
+@dataclass(slots=True)
+class _Table:
+    """One batch as columns. Dictionaries hold distinct entries; an index of -1 points past
+    the client's dictionary (a columnar batch's `invalid_column_index`)."""
+
+    n: int
+    device_ids: list[str]
+    dev_idx: IntArray
+    kinds: list[str]  # "" already read as "unspecified"
+    kind_idx: IntArray
+    size: IntArray | None  # payload bytes; None = all 0
+    ts: IntArray | None  # device clock in ms, 0 = receive time; None = all receive time
+    names: list[str]  # value names
+    # One entry per reading, in packet order within each value name: its packet, its name
+    # (index into names) and its value.
+    v_pos: IntArray
+    v_name: IntArray
+    v_val: FloatArray
+
+
+def _dictionary(entries: Sequence[str], index: npt.NDArray[Any]) -> tuple[list[str], IntArray]:
+    """Deduplicate a client's dictionary and re-point `index` at the distinct entries
+    (-1 for an index past the dictionary): a repeated entry must not split one device's
+    counts in two."""
+    distinct = list(dict.fromkeys(entries))
+    idx = index.astype(np.int64)
+    if len(distinct) == len(entries):
+        idx[idx >= len(entries)] = -1
+        return distinct, idx
+    slot = {entry: i for i, entry in enumerate(distinct)}
+    canon = np.fromiter(map(slot.__getitem__, entries), np.int64, len(entries))
+    return distinct, np.append(canon, -1)[np.minimum(idx, len(entries))]
+
+
+def _encode(strings: list[str], empty_as: str | None = None) -> tuple[list[str], IntArray]:
+    """Dictionary-encode a column of strings (first-appearance order) in C-level passes;
+    with `empty_as`, "" is read as that entry."""
+    distinct = dict.fromkeys(strings)
+    if empty_as is not None and "" in distinct:
+        slot: dict[str, int] = {}
+        lookup = {s: slot.setdefault(s or empty_as, len(slot)) for s in distinct}
+        return list(slot), np.fromiter(map(lookup.__getitem__, strings), np.int64, len(strings))
+    lookup = dict(zip(distinct, range(len(distinct)), strict=True))
+    return list(lookup), np.fromiter(map(lookup.__getitem__, strings), np.int64, len(strings))
 
 
 def _column(data: bytes, dtype: str, count: int, name: str) -> npt.NDArray[Any] | None:
@@ -51,21 +114,8 @@ def _column(data: bytes, dtype: str, count: int, name: str) -> npt.NDArray[Any] 
     return np.frombuffer(data, dtype=dtype)
 
 
-def decode_columns(
-    cols: Columns, validator: Validator, recv_ms: int
-) -> tuple[FlushDelta, Counter[str]]:
-    """The aggregated delta of the accepted packets, and the refused ones by reason.
-
-    Raises ColumnsError if the message itself is inconsistent.
-    """
+def _table_from_columns(cols: Columns) -> _Table:
     n = cols.count
-    delta = FlushDelta()
-    rejected: Counter[str] = Counter()
-    if n == 0:
-        if cols.device_index or cols.values:
-            raise ColumnsError("columns carry data but count is 0")
-        return delta, rejected
-    lim = validator.limits
     dev_col = _column(cols.device_index, "<u4", n, "device_index")
     if dev_col is None:
         raise ColumnsError("device_index is required (count > 0)")
@@ -78,166 +128,278 @@ def decode_columns(
     names = [name for name, _ in value_cols]
     if len(set(names)) != len(names):
         raise ColumnsError("a value name appears in two value columns")
-
-    device_ids = list(cols.device_ids)
-    kinds = list(cols.kinds) or [UNSPECIFIED_KIND]
-    if kind_col is None and len(kinds) != 1:
-        raise ColumnsError("kind_index is empty but there are several kinds")
-
-    # Reason codes, later checks first so that the earliest failing check wins (the same
-    # precedence as Validator.check for one packet).
-    code = np.zeros(n, dtype=np.uint8)
-
-    def mark(mask: npt.NDArray[np.bool_], reason: Reason) -> None:
-        code[mask] = _CODE[reason]
-
-    present: list[npt.NDArray[np.bool_]] = []
-    for name, values in value_cols:
-        if values is None:
-            present.append(np.zeros(n, dtype=np.bool_))
-            continue
-        has = ~np.isnan(values)
-        present.append(has)
-        mark(has & ~np.isfinite(values), Reason.NON_FINITE_VALUE)
-        if not name_ok(name):
-            mark(has, Reason.INVALID_VALUE_NAME)
-    if present:
-        per_packet = np.sum(present, axis=0)
-        mark(per_packet > lim.max_values_per_packet, Reason.TOO_MANY_VALUES)
-    kind_reason = np.array(
-        [0] + [0 if name_ok(k) else _CODE[Reason.INVALID_KIND] for k in kinds], dtype=np.uint8
-    )
+    kind_entries = [k or UNSPECIFIED_KIND for k in cols.kinds] or [UNSPECIFIED_KIND]
     if kind_col is None:
-        kind_idx = np.zeros(n, dtype=np.int64)
+        if len(kind_entries) != 1:
+            raise ColumnsError("kind_index is empty but there are several kinds")
+        kind_col = np.zeros(n, dtype=np.int64)
+    device_ids, dev_idx = _dictionary(cols.device_ids, dev_col)
+    kinds, kind_idx = _dictionary(kind_entries, kind_col)
+    # Wide value columns (NaN = no reading) to one long list of readings.
+    pos: list[IntArray] = []
+    which: list[IntArray] = []
+    val: list[FloatArray] = []
+    for j, (_, values) in enumerate(value_cols):
+        if values is None:
+            continue
+        p = np.flatnonzero(~np.isnan(values))
+        pos.append(p)
+        which.append(np.full(len(p), j, dtype=np.int64))
+        val.append(values[p].astype(np.float64))
+    return _Table(
+        n,
+        device_ids,
+        dev_idx,
+        kinds,
+        kind_idx,
+        None if size_col is None else size_col.astype(np.int64),
+        None if ts_col is None else ts_col.astype(np.int64),
+        names,
+        np.concatenate(pos) if pos else _NO_INTS,
+        np.concatenate(which) if which else _NO_INTS,
+        np.concatenate(val) if val else _NO_FLOATS,
+    )
+
+
+def _table_from_rows(packets: Sequence[Packet]) -> _Table:
+    """Transpose row packets into columns. Every pass is a C-level iteration (map, zip,
+    chain, np.fromiter) over protobuf's C objects; no Python statement runs per packet."""
+    n = len(packets)
+    device_ids, dev_idx = _encode(list(map(_device_id, packets)))
+    kinds, kind_idx = _encode(list(map(_kind, packets)), empty_as=UNSPECIFIED_KIND)
+    size = np.fromiter(map(len, map(_payload, packets)), np.int64, n)
+    ts = np.fromiter(map(_timestamp, packets), np.int64, n)
+    maps = list(map(_values, packets))
+    per_packet = np.fromiter(map(len, maps), np.int64, n)
+    m = int(per_packet.sum())
+    if m:
+        keys = list(chain.from_iterable(maps))  # iterating a map container yields its keys
+        names, v_name = _encode(keys)
+        owners = chain.from_iterable(map(repeat, maps, per_packet.tolist()))
+        v_val = np.fromiter(map(getitem, owners, keys), np.float64, m)
+        v_pos = np.repeat(np.arange(n, dtype=np.int64), per_packet)
     else:
-        kind_idx = kind_col.astype(np.int64)
-        out_of_range = kind_idx >= len(kinds)
-        kind_idx[out_of_range] = 0
-        k_codes = kind_reason[kind_idx + 1]
-        code[k_codes != 0] = k_codes[k_codes != 0]
-        mark(out_of_range, Reason.INVALID_COLUMN_INDEX)
-    if kind_col is None and kind_reason[1]:
-        code[:] = kind_reason[1]
-    if ts_col is None:
-        ts = np.full(n, recv_ms, dtype=np.int64)
-    else:
-        ts = np.where(ts_col == 0, recv_ms, ts_col)
-        mark((ts_col < 0) | (ts_col > recv_ms + _MAX_CLOCK_AHEAD_MS), Reason.BAD_TIMESTAMP)
-    if size_col is not None:
-        mark(size_col > lim.max_payload_bytes, Reason.PAYLOAD_TOO_LARGE)
-    dev_reason = np.array(
-        [0] + [_CODE[r] if (r := device_id_reason(d)) else 0 for d in device_ids],
+        names, v_name, v_val, v_pos = [], _NO_INTS, _NO_FLOATS, _NO_INTS
+    return _Table(
+        n,
+        device_ids,
+        dev_idx,
+        kinds,
+        kind_idx,
+        size if size.any() else None,
+        ts if ts.any() else None,
+        names,
+        v_pos,
+        v_name,
+        v_val,
+    )
+
+
+def decode_columns(
+    cols: Columns, validator: Validator, recv_ms: int
+) -> tuple[FlushDelta, Counter[str]]:
+    """A columnar batch: the aggregated delta of its accepted packets, and the refused ones
+    by reason. Raises ColumnsError if the message itself is inconsistent."""
+    if cols.count == 0:
+        if cols.device_index or cols.values:
+            raise ColumnsError("columns carry data but count is 0")
+        return FlushDelta(), Counter()
+    return _validate_and_aggregate(_table_from_columns(cols), validator, recv_ms)
+
+
+def decode_rows(
+    packets: Sequence[Packet], validator: Validator, recv_ms: int
+) -> tuple[FlushDelta, Counter[str]]:
+    """A row batch: the aggregated delta of its accepted packets, and the refused ones by
+    reason — the same result as the same packets sent as columns."""
+    if not packets:
+        return FlushDelta(), Counter()
+    # One list of protobuf's packet objects, so that each column pass reuses them.
+    return _validate_and_aggregate(_table_from_rows(list(packets)), validator, recv_ms)
+
+
+def _count_pairs(a: IntArray, b: IntArray, width: int) -> tuple[IntArray, IntArray]:
+    """The distinct (a, b) pairs as sorted keys a * width + b, and how often each occurs:
+    a bincount when the key space is small, a sort otherwise (so that a hostile batch with
+    thousands of devices times thousands of kinds cannot allocate their product)."""
+    keys = a * width + b
+    space = (int(a.max()) + 1) * width if len(a) else 0
+    if space <= 4 * len(keys) + 4096:
+        counts = np.bincount(keys, minlength=space)
+        present = np.flatnonzero(counts)
+        return present, counts[present]
+    return np.unique(keys, return_counts=True)
+
+
+def _validate_and_aggregate(
+    t: _Table, validator: Validator, recv_ms: int
+) -> tuple[FlushDelta, Counter[str]]:
+    n, lim = t.n, validator.limits
+    n_dev, n_kind = len(t.device_ids), len(t.kinds)
+    # Reason codes, later checks first so that the earliest failing check wins (the same
+    # precedence as Validator.check for one packet). Lookup tables have one extra slot at
+    # the end for index -1 (past the client's dictionary).
+    code = np.zeros(n, dtype=np.uint8)
+    if len(t.v_pos):
+        code[t.v_pos[~np.isfinite(t.v_val)]] = _CODE[Reason.NON_FINITE_VALUE]
+        bad_name = np.array([not validator.name_ok(x) for x in t.names], dtype=np.bool_)
+        if bad_name.any():
+            code[t.v_pos[bad_name[t.v_name]]] = _CODE[Reason.INVALID_VALUE_NAME]
+        readings = np.bincount(t.v_pos, minlength=n)
+        code[readings > lim.max_values_per_packet] = _CODE[Reason.TOO_MANY_VALUES]
+    kind_code = np.array(
+        [0 if validator.name_ok(k) else _CODE[Reason.INVALID_KIND] for k in t.kinds] + [_BAD_INDEX],
         dtype=np.uint8,
     )
-    dev_idx = dev_col.astype(np.int64)
-    bad_index = dev_idx >= len(device_ids)
-    dev_idx[bad_index] = -1
-    d_codes = dev_reason[dev_idx + 1]
-    code[d_codes != 0] = d_codes[d_codes != 0]
-    mark(bad_index, Reason.INVALID_COLUMN_INDEX)
+    if kind_code.any():
+        by_kind = kind_code[t.kind_idx]
+        code = np.where(by_kind != 0, by_kind, code)
+    if t.ts is not None:
+        code[(t.ts < 0) | (t.ts > recv_ms + _MAX_CLOCK_AHEAD_MS)] = _CODE[Reason.BAD_TIMESTAMP]
+    if t.size is not None:
+        code[t.size > lim.max_payload_bytes] = _CODE[Reason.PAYLOAD_TOO_LARGE]
+    dev_code = np.array(
+        [_CODE[r] if (r := validator.device_reason(d)) else 0 for d in t.device_ids] + [_BAD_INDEX],
+        dtype=np.uint8,
+    )
+    if dev_code.any():
+        by_dev = dev_code[t.dev_idx]
+        code = np.where(by_dev != 0, by_dev, code)
 
-    # Stateful limits, once per distinct device of the batch (in order of first appearance).
-    # Everything per packet is a bincount over small dense indexes (O(n), no sorting); the
-    # Python loop runs once per distinct device, and masks are built only to refuse.
-    n_dev, n_kind = len(device_ids), len(kinds)
     ok = code == 0
     if ok.any():
-        d_ok, k_ok = dev_idx[ok], kind_idx[ok]
-        kind_pairs = np.bincount(d_ok * n_kind + k_ok, minlength=n_dev * n_kind)
-        kinds_of = kind_pairs.reshape(n_dev, n_kind) > 0
-        names_of = [np.bincount(dev_idx[ok & has], minlength=n_dev) > 0 for has in present]
-        positions = np.flatnonzero(ok)
-        _, first = np.unique(d_ok, return_index=True)
-        for d in d_ok[np.sort(first)].tolist():
-            reason, refused_kinds, refused_names = validator.admit(
-                device_ids[d],
-                [kinds[k] for k in np.flatnonzero(kinds_of[d]).tolist()],
-                [names[j] for j in range(len(names)) if names_of[j][d]],
-            )
-            if reason is None and not refused_kinds and not refused_names:
-                continue
-            mine = np.zeros(n, dtype=np.bool_)
-            mine[positions[d_ok == d]] = True
-            if reason is not None:
-                code[mine] = _CODE[reason]
-                continue
-            for k in refused_kinds:
-                code[mine & (kind_idx == kinds.index(k))] = _CODE[Reason.TOO_MANY_KINDS]
-            for name in refused_names:
-                j = names.index(name)
-                code[mine & present[j] & (code == 0)] = _CODE[Reason.TOO_MANY_VALUE_NAMES]
+        _admit(t, validator, code, ok)
         ok = code == 0
-
+    rejected: Counter[str] = Counter()
     if not ok.all():
         counts = np.bincount(code, minlength=len(_REASONS) + 1)
-        for c in np.flatnonzero(counts[1:]):
+        for c in np.flatnonzero(counts[1:]).tolist():
             rejected[str(_REASONS[c])] = int(counts[c + 1])
+    delta = FlushDelta()
     if not ok.any():
         return delta, rejected
 
-    # Aggregation of the accepted packets, per distinct device: bincount over the device
-    # index (dense, small), then a lookup table from device index to its row.
+    # Aggregation of the accepted packets: a bincount over the device index (dense, small),
+    # then a lookup table from device index to its row `g` in this batch's delta.
     positions = np.flatnonzero(ok)
-    d_ok = dev_idx[positions]
+    d_ok = t.dev_idx[positions]
     packets_by_dev = np.bincount(d_ok, minlength=n_dev)
     uniq = np.flatnonzero(packets_by_dev)
     u = len(uniq)
     lut = np.zeros(n_dev, dtype=np.int64)
     lut[uniq] = np.arange(u)
-    inv = lut[d_ok]
+    group = np.full(n, -1, dtype=np.int64)  # per packet: its device's row, -1 if refused
+    group[positions] = lut[d_ok]
     packets = packets_by_dev[uniq]
-    if size_col is not None:
+    if t.size is not None:
         # float64 sums are exact below 2**53 bytes per device and batch
-        nbytes = np.bincount(inv, weights=size_col[positions], minlength=u).astype(np.int64)
+        sizes = np.bincount(group[positions], weights=t.size[positions], minlength=u)
+        nbytes = sizes.astype(np.int64)
     else:
         nbytes = np.zeros(u, dtype=np.int64)
-    k_ok = kind_idx[positions]
-    pair_counts = np.bincount(inv * n_kind + k_ok, minlength=u * n_kind)
-    devices = [DeviceDelta(int(packets[i]), int(nbytes[i]), recv_ms, recv_ms) for i in range(u)]
-    for p in np.flatnonzero(pair_counts).tolist():
-        devices[p // n_kind].kinds[kinds[p % n_kind]] = int(pair_counts[p])
-    ts_ok = ts[positions]
-    same_ts = ts_col is None  # every packet at receive time: "last" is the last packet
-    for j, (name, values) in enumerate(value_cols):
-        if values is None:
-            continue
-        sel = present[j][positions]
-        if not sel.any():
-            continue
-        di = inv[sel]
-        x = values[positions][sel]
-        count = np.bincount(di, minlength=u)
-        total = np.bincount(di, weights=x, minlength=u)  # sequential: packet order
-        vmin = np.full(u, np.inf)
-        vmax = np.full(u, -np.inf)
-        np.minimum.at(vmin, di, x)
-        np.maximum.at(vmax, di, x)
-        if same_ts:
-            last_pos = np.zeros(u, dtype=np.int64)
-            np.maximum.at(last_pos, di, np.arange(len(di)))  # the last packet per device
-            last = x[last_pos]
-            last_ts = np.full(u, recv_ms, dtype=np.int64)
-        else:
-            # newest device timestamp wins; among equal timestamps, the later packet
-            t = ts_ok[sel]
-            by_time = np.lexsort((np.arange(len(di)), t, di))
-            ends = np.r_[np.flatnonzero(np.diff(di[by_time])), len(di) - 1]
-            groups = di[by_time][ends]
-            last = np.zeros(u)
-            last_ts = np.zeros(u, dtype=np.int64)
-            last[groups] = x[by_time][ends]
-            last_ts[groups] = t[by_time][ends]
-        for g in np.flatnonzero(count).tolist():
-            devices[g].values[name] = ValueStats(
-                int(count[g]),
-                float(total[g]),
-                float(vmin[g]),
-                float(vmax[g]),
-                float(last[g]),
-                int(last_ts[g]),
-            )
+    devices = [
+        DeviceDelta(p, b, recv_ms, recv_ms)
+        for p, b in zip(packets.tolist(), nbytes.tolist(), strict=True)
+    ]
+    pairs, pair_counts = _count_pairs(group[positions], t.kind_idx[positions], n_kind)
+    for key, c in zip(pairs.tolist(), pair_counts.tolist(), strict=True):
+        devices[key // n_kind].kinds[t.kinds[key % n_kind]] = c
+
+    if len(t.v_pos):
+        _aggregate_values(t, group, devices, recv_ms)
     for i, d in enumerate(uniq.tolist()):
-        delta.devices[device_ids[d]] = devices[i]
+        delta.devices[t.device_ids[d]] = devices[i]
     delta.packets = int(packets.sum())
     delta.bytes = int(nbytes.sum())
     return delta, rejected
+
+
+def _admit(t: _Table, validator: Validator, code: npt.NDArray[np.uint8], ok: Any) -> None:
+    """The stateful limits (devices, kinds and value names per device), once per distinct
+    device of the batch, in order of first appearance; refusals are written into `code`."""
+    n_dev, n_kind, n_names = len(t.device_ids), len(t.kinds), len(t.names)
+    positions = np.flatnonzero(ok)
+    d_ok = t.dev_idx[positions]
+    first = np.full(n_dev, t.n, dtype=np.int64)
+    np.minimum.at(first, d_ok, positions)
+    order = np.flatnonzero(first < t.n)
+    order = order[np.argsort(first[order], kind="stable")]
+    kinds_of: dict[int, list[str]] = {}
+    for key in _count_pairs(d_ok, t.kind_idx[positions], n_kind)[0].tolist():
+        kinds_of.setdefault(key // n_kind, []).append(t.kinds[key % n_kind])
+    names_of: dict[int, list[str]] = {}
+    if len(t.v_pos):
+        v_ok = ok[t.v_pos]
+        v_dev = t.dev_idx[t.v_pos[v_ok]]
+        for key in _count_pairs(v_dev, t.v_name[v_ok], n_names)[0].tolist():
+            names_of.setdefault(key // n_names, []).append(t.names[key % n_names])
+    for d in order.tolist():
+        reason, refused_kinds, refused_names = validator.admit(
+            t.device_ids[d], kinds_of.get(d, ()), names_of.get(d, ())
+        )
+        if reason is None and not refused_kinds and not refused_names:
+            continue
+        # Refusals are rare (a limit was reached): full-length masks are fine here.
+        mine = ok & (t.dev_idx == d)
+        if reason is not None:
+            code[mine] = _CODE[reason]
+            continue
+        for kind in refused_kinds:
+            code[mine & (t.kind_idx == t.kinds.index(kind))] = _CODE[Reason.TOO_MANY_KINDS]
+        for name in refused_names:
+            j = t.names.index(name)
+            hit = np.zeros(t.n, dtype=np.bool_)
+            hit[t.v_pos[t.v_name == j]] = True
+            code[mine & hit & (code == 0)] = _CODE[Reason.TOO_MANY_VALUE_NAMES]
+
+
+def _aggregate_values(t: _Table, group: IntArray, devices: list[DeviceDelta], recv_ms: int) -> None:
+    """count/sum/min/max/last per (device, value name) over the accepted readings."""
+    n_names = len(t.names)
+    owner = group[t.v_pos]
+    sel = owner >= 0  # readings of accepted packets
+    if not sel.any():
+        return
+    x = t.v_val[sel]
+    keys = owner[sel] * n_names + t.v_name[sel]
+    keys_present: IntArray | None = None
+    if len(devices) * n_names <= 4 * len(keys) + 4096:
+        slots = len(devices) * n_names
+        dense = keys
+    else:  # a sparse key space (many devices x many names): number the pairs present
+        keys_present, dense = np.unique(keys, return_inverse=True)
+        slots = len(keys_present)
+    count = np.bincount(dense, minlength=slots)
+    total = np.bincount(dense, weights=x, minlength=slots)  # sequential: packet order
+    vmin = np.full(slots, np.inf)
+    vmax = np.full(slots, -np.inf)
+    np.minimum.at(vmin, dense, x)
+    np.maximum.at(vmax, dense, x)
+    if t.ts is None:  # every packet at receive time: "last" is the last reading
+        last_at = np.zeros(slots, dtype=np.int64)
+        np.maximum.at(last_at, dense, np.arange(len(dense)))
+        last = x[last_at]
+        last_ts = np.full(slots, recv_ms, dtype=np.int64)
+    else:
+        # the newest device timestamp wins; among equal timestamps, the later packet
+        ts = t.ts[t.v_pos[sel]]
+        ts = np.where(ts == 0, recv_ms, ts)
+        by_time = np.lexsort((np.arange(len(dense)), ts, dense))
+        ends = np.r_[np.flatnonzero(np.diff(dense[by_time])), len(dense) - 1]
+        last = np.zeros(slots)
+        last_ts = np.zeros(slots, dtype=np.int64)
+        last[dense[by_time][ends]] = x[by_time][ends]
+        last_ts[dense[by_time][ends]] = ts[by_time][ends]
+    present = np.flatnonzero(count)
+    slot_keys = present if keys_present is None else keys_present[present]
+    for key, c, tot, lo, hi, la, lt in zip(
+        slot_keys.tolist(),
+        count[present].tolist(),
+        total[present].tolist(),
+        vmin[present].tolist(),
+        vmax[present].tolist(),
+        last[present].tolist(),
+        last_ts[present].tolist(),
+        strict=True,
+    ):
+        devices[key // n_names].values[t.names[key % n_names]] = ValueStats(c, tot, lo, hi, la, lt)

@@ -14,12 +14,13 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from rtmonitor.ingest.columnar import ColumnsError, decode_columns
+from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
 from rtmonitor.ingest.validation import Reason, Validator
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.queue import PacketQueue, QueueClosed
 from rtmonitor.pipeline.work import CommitFailed, CommitTracker, Work
+from rtmonitor.storage.model import merge_into
 
 logger = logging.getLogger(__name__)
 
@@ -305,29 +306,31 @@ class IngestServicer:
         recv_ms = _now_ms()
         # Columns first: an inconsistent Columns message refuses the whole batch, and it must
         # do so before any packet of the batch is admitted to the validator's vocabulary.
-        columns = None
+        col_delta = None
         col_rejected: Counter[str] = Counter()
         if has_columns:
             try:
-                columns, col_rejected = decode_columns(batch.columns, self.validator, recv_ms)
+                col_delta, col_rejected = decode_columns(batch.columns, self.validator, recv_ms)
             except ColumnsError as exc:
                 self.aggregator.count_rejected("invalid_columns", n)
                 return _StreamError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.batch_id}: {exc}"
                 )
-        rows, rejected = self.validator.check_many(batch.packets, recv_ms)
-        rejected.update(col_rejected)
+        # Rows go through the same column code (ingest/columnar.py): no per-packet loop.
+        delta, rejected = decode_rows(batch.packets, self.validator, recv_ms)
+        if col_delta is not None:  # a batch may carry both forms
+            if delta.devices:
+                merge_into(delta, col_delta)
+            else:
+                delta = col_delta
+            rejected.update(col_rejected)
         for reason, count in rejected.items():
             self.aggregator.count_rejected(reason, count)
         tracker = CommitTracker()
-        accepted = len(rows) + (columns.packets if columns is not None else 0)
-        if accepted:
+        if delta.packets:
             # With a producer id the batch is counted exactly once, even if resent.
             batch_key = (producer, batch.batch_id) if producer else None
-            if columns is not None and not columns.packets:
-                columns = None  # every columnar packet refused
-            work = Work(rows, recv_ms, tracker, batch_key, columns)
-            await self.queue.put(work, accepted)
+            await self.queue.put(Work([], recv_ms, tracker, batch_key, delta), delta.packets)
             tracker.submitted()
         tracker.close()
-        return _Pending(batch.producer_id, batch.batch_id, accepted, rejected, tracker)
+        return _Pending(batch.producer_id, batch.batch_id, delta.packets, rejected, tracker)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -21,6 +21,8 @@ _NAME = re.compile(r"[A-Za-z0-9._:@/-]+")
 UNSPECIFIED_KIND = "unspecified"
 # a device clock more than a day ahead is broken, and would pin "last" values forever
 _MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000
+_GOOD_NAMES_MAX = 65_536
+_NOTHING: frozenset[str] = frozenset()
 
 
 def device_id_reason(device_id: str) -> Reason | None:
@@ -101,6 +103,26 @@ class Validator:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._devices: dict[str, _Vocabulary] = {}
+        # Kinds and value names that passed name_ok(): batches look each distinct one up
+        # once per batch, so the regex runs once per name, not once per batch. Bounded.
+        self._good_names: set[str] = set()
+
+    def device_reason(self, device_id: str) -> Reason | None:
+        """Why a device id is refused, or None (a device already admitted is valid)."""
+        if device_id in self._devices:
+            return None
+        return device_id_reason(device_id)
+
+    def name_ok(self, name: str) -> bool:
+        """name_ok() with a memory of the names that passed."""
+        if name in self._good_names:
+            return True
+        if not name_ok(name):
+            return False
+        if len(self._good_names) >= _GOOD_NAMES_MAX:
+            self._good_names.clear()
+        self._good_names.add(name)
+        return True
 
     @property
     def device_count(self) -> int:
@@ -161,13 +183,15 @@ class Validator:
         return (device_id, kind, nbytes, ts, values)
 
     def admit(
-        self, device_id: str, kinds: Iterable[str], names: Iterable[str]
-    ) -> tuple[Reason | None, set[str], set[str]]:
+        self, device_id: str, kinds: Collection[str], names: Collection[str]
+    ) -> tuple[Reason | None, AbstractSet[str], AbstractSet[str]]:
         """The stateful limits for a whole columnar batch of one device (first-seen order):
         (a reason refusing every packet of the device, or None; the kinds refused; the value
         names refused). The vocabulary grows only by what is admitted."""
         lim = self.limits
         vocab = self._devices.get(device_id)
+        if vocab is not None and vocab.kinds.issuperset(kinds) and vocab.names.issuperset(names):
+            return None, _NOTHING, _NOTHING  # the steady state: nothing new
         if vocab is None:
             if len(self._devices) >= lim.max_devices:
                 return Reason.TOO_MANY_DEVICES, set(), set()
@@ -177,16 +201,3 @@ class Validator:
             _admit_new(vocab.kinds, kinds, lim.max_kinds_per_device),
             _admit_new(vocab.names, names, lim.max_value_names_per_device),
         )
-
-    def check_many(self, packets: Iterable[Packet], recv_ms: int) -> tuple[list[Row], Counter[str]]:
-        """Validate a batch: the good rows, and the refused ones counted by reason."""
-        rows: list[Row] = []
-        rejected: Counter[str] = Counter()
-        check = self.check
-        for packet in packets:
-            result = check(packet, recv_ms)
-            if isinstance(result, tuple):
-                rows.append(result)
-            else:
-                rejected[result] += 1
-        return rows, rejected

@@ -95,18 +95,18 @@ class Aggregator:
         if work.batch_id is None:
             if work.rows:
                 fold(self._delta, work.rows, work.recv_ms)
-            if work.columns is not None:
-                merge_into(self._delta, work.columns)
+            if work.delta is not None:
+                merge_into(self._delta, work.delta)
             trackers = self._trackers
             trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
             return
-        if work.columns is not None and not work.rows:
-            delta = work.columns  # already this batch's own delta: no copy
+        if work.delta is not None and not work.rows:
+            delta = work.delta  # already this batch's own delta: no copy
         else:
             delta = FlushDelta()
             fold(delta, work.rows, work.recv_ms)
-            if work.columns is not None:
-                merge_into(delta, work.columns)
+            if work.delta is not None:
+                merge_into(delta, work.delta)
         self._batches.append(PendingBatch(work.batch_id, delta, work.tracker))
         self._batch_packets += delta.packets
 

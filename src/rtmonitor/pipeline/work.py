@@ -73,5 +73,5 @@ class Work:
     # (producer_id, batch_id) of a batch to count exactly once; None for StreamPackets
     # packets and for batches without a producer id (those are at-least-once).
     batch_id: tuple[str, int] | None = None
-    # A columnar batch arrives already aggregated (ingest/columnar.py).
-    columns: FlushDelta | None = None
+    # A batch arrives already aggregated (ingest/columnar.py); rows are StreamPackets'.
+    delta: FlushDelta | None = None
