@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         description="Capacity of the queue between receivers and the aggregator, in packets.",
     )
     max_inflight_batches: int = Field(
-        64, ge=1, description="Un-acknowledged batches one StreamBatches stream may have."
+        256, ge=1, description="Un-acknowledged batches one StreamBatches stream may have."
     )
     max_pending_packets: int = Field(
         2_000_000,
@@ -183,7 +183,12 @@ class SendSettings(BaseSettings):
     columnar: bool = Field(
         False, description="Send batches in column form (packed arrays; needs --batch-size > 1)."
     )
-    inflight: int = Field(32, ge=1, description="Unacknowledged batches per stream.")
+    inflight: int = Field(
+        128,
+        ge=1,
+        description="Unacknowledged batches per stream. Acks come after the commit (about "
+        "one flush interval), so the rate is at most streams x inflight x batch size / that.",
+    )
     retry_for: float = Field(
         60.0,
         ge=0,
@@ -227,6 +232,7 @@ class BenchSettings(BaseSettings):
     streams: int = Field(2, ge=1, le=256, description="gRPC streams per load generator.")
     row_batch: int = Field(1000, ge=2, description="Packets per row batch.")
     column_batch: int = Field(10_000, ge=2, description="Packets per columnar batch.")
+    inflight: int = Field(128, ge=1, description="Unacknowledged batches per stream (send's).")
     flush_interval: float = Field(0.2, gt=0, description="The service's flush interval.")
     workers: int = Field(1, ge=1, le=64, description="The service's --workers.")
     ceiling: bool = Field(True, description="Also measure the no-op ceiling of each mode.")

@@ -185,6 +185,7 @@ def _send_options(opts: BenchSettings, mode: BenchMode, target: str, i: int) -> 
         "batch_size": batch,
         "columnar": mode == "columns",
         "streams": opts.streams,
+        "inflight": opts.inflight,
         "device_prefix": f"s{i}-",
         "progress": False,
         "retry_for": 0,
