@@ -20,6 +20,7 @@ from rtmonitor.storage.model import FlushDelta, merge_into
 from rtmonitor.storage.store import RedisStore
 
 logger = logging.getLogger(__name__)
+_MERGE_SLICE = 16  # batch deltas merged between two yields to the event loop
 
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
@@ -187,8 +188,12 @@ class Flusher:
             if fresh:
                 merged = FlushDelta()
                 merge_into(merged, delta)
-                for batch in fresh:
+                for i, batch in enumerate(fresh, 1):
                     merge_into(merged, batch.delta)
+                    if i % _MERGE_SLICE == 0:
+                        # Hundreds of batches per flush under load: give receivers and HTTP
+                        # requests the loop between slices instead of one long stall.
+                        await asyncio.sleep(0)
             calls = store.plan(merged, instance, seq)
             keys = [store.layout.batch(*b.batch_id) for b in fresh]
             if keys:
