@@ -188,14 +188,23 @@ class Service:
         await self.recovery.heartbeat()
         self._tasks["recovery"] = asyncio.create_task(self.recovery.run(), name="recovery")
 
+        agg = self.aggregator
+
         def over_budget() -> bool:
-            return self.aggregator.pending_packets + flusher.inflight_packets >= (
-                s.max_pending_packets
+            # Memory grows with packets (rows) and with per-device deltas (batches spread
+            # over many devices): either bound pushes receivers back.
+            return (
+                agg.pending_packets + flusher.inflight_packets >= s.max_pending_packets
+                or agg.pending_entries + flusher.inflight_entries >= s.max_pending_devices
             )
 
         self._tasks["aggregator"] = asyncio.create_task(
             self.aggregator.consume(
-                self.queue, s.flush_max_packets, flusher.request_flush, over_budget
+                self.queue,
+                s.flush_max_packets,
+                s.max_pending_devices // 2,
+                flusher.request_flush,
+                over_budget,
             ),
             name="aggregator",
         )
@@ -327,6 +336,9 @@ class Service:
                 "devices": self.aggregator.pending_devices,
                 "batches": self.aggregator.pending_batches,
                 "inflight_packets": flusher.inflight_packets if flusher else 0,
+                "device_entries": self.aggregator.pending_entries,
+                "inflight_device_entries": flusher.inflight_entries if flusher else 0,
+                "max_device_entries": self.settings.max_pending_devices,
                 "max_pending_packets": self.settings.max_pending_packets,
             },
             "flush": dataclasses.asdict(flusher.stats) if flusher else None,

@@ -56,12 +56,12 @@ def one_by_one(batch: list[Packet]) -> tuple[FlushDelta, int]:
 
 def as_rows(batch: list[Packet]) -> tuple[FlushDelta, int]:
     delta, rejected = decode_rows(batch, Validator(LIMITS), NOW)
-    return delta, rejected.total()
+    return delta.to_flush_delta(), rejected.total()
 
 
 def as_columns(batch: list[Packet]) -> tuple[FlushDelta, int]:
     delta, rejected = decode_columns(encode_columns(batch), Validator(LIMITS), NOW)
-    return delta, rejected.total()
+    return delta.to_flush_delta(), rejected.total()
 
 
 # too_slow: generation time on a loaded shared CI machine says nothing about correctness.
@@ -140,7 +140,7 @@ def test_reasons_match_for_each_kind_of_bad_packet() -> None:
     row_delta, by_reason = decode_rows(batch, Validator(LIMITS), NOW)
     delta, col_reasons = decode_columns(encode_columns(batch), Validator(LIMITS), NOW)
     assert col_reasons == by_reason == one_reasons and len(by_reason) == 9
-    assert list(delta.devices) == list(row_delta.devices) == ["ok"]
+    assert delta.device_ids == row_delta.device_ids == ["ok"]
 
 
 def test_stateful_limits_apply_per_batch() -> None:
@@ -148,7 +148,8 @@ def test_stateful_limits_apply_per_batch() -> None:
     batch = [
         Packet(device_id=d, kind=k) for d, k in [("a", "x"), ("b", "x"), ("c", "x"), ("a", "y")]
     ]
-    delta, rejected = decode_columns(encode_columns(batch), v, NOW)
+    compact, rejected = decode_columns(encode_columns(batch), v, NOW)
+    delta = compact.to_flush_delta()
     assert rejected == {"too_many_devices": 1, "too_many_kinds": 1}
     assert {d: x.kinds for d, x in delta.devices.items()} == {"a": {"x": 1}, "b": {"x": 1}}
 
@@ -163,19 +164,20 @@ def test_inconsistent_columns_are_refused_with_what_to_fix() -> None:
     out_of_range = Columns(
         count=2, device_ids=["a"], device_index=np.array([0, 5], "<u4").tobytes()
     )
-    delta, rejected = decode_columns(out_of_range, v, NOW)
+    compact, rejected = decode_columns(out_of_range, v, NOW)
+    delta = compact.to_flush_delta()
     assert rejected == {"invalid_column_index": 1} and delta.devices["a"].packets == 1
 
 
 def test_last_is_the_last_packet_when_all_arrive_at_receive_time() -> None:
     batch = [Packet(device_id="a", values={"t": float(v)}) for v in (3, 9, -1, 4)]
-    delta, _ = decode_columns(encode_columns(batch), Validator(Limits()), NOW)
-    t = delta.devices["a"].values["t"]
+    compact, _ = decode_columns(encode_columns(batch), Validator(Limits()), NOW)
+    t = compact.to_flush_delta().devices["a"].values["t"]
     assert (t.count, t.min, t.max, t.last, t.last_ts) == (4, -1.0, 9.0, 4.0, NOW)
 
 
 def test_rows_count_reasons() -> None:
-    delta, rejected = decode_rows(
+    compact, rejected = decode_rows(
         [
             Packet(device_id="a"),
             Packet(),
@@ -185,7 +187,7 @@ def test_rows_count_reasons() -> None:
         Validator(Limits()),
         NOW,
     )
-    assert list(delta.devices) == ["a"] and delta.packets == 1
+    assert compact.device_ids == ["a"] and compact.total_packets == 1
     assert rejected == {"empty_device_id": 2, "non_finite_value": 1}
 
 
@@ -199,12 +201,13 @@ def test_repeated_dictionary_entries_do_not_split_counts() -> None:
         device_index=np.array([0, 2, 1, 2], "<u4").tobytes(),
         kind_index=np.array([0, 2, 1, 3], "<u4").tobytes(),
     )
-    delta, rejected = decode_columns(cols, Validator(Limits()), NOW)
+    compact, rejected = decode_columns(cols, Validator(Limits()), NOW)
+    delta = compact.to_flush_delta()
     assert not rejected and delta.packets == 4
     assert delta.devices["a"].packets == 3 and delta.devices["b"].packets == 1
     assert delta.devices["a"].kinds == {"unspecified": 2, "x": 1}
     rows = [Packet(device_id="a", kind=k) for k in ("", "unspecified", "x")]
-    row_delta, _ = decode_rows(rows, Validator(Limits()), NOW)
+    row_delta = decode_rows(rows, Validator(Limits()), NOW)[0].to_flush_delta()
     assert row_delta.devices["a"].kinds == {"unspecified": 2, "x": 1}
 
 
@@ -214,7 +217,8 @@ def test_many_devices_and_names_stay_sparse() -> None:
     batch = [
         Packet(device_id=f"d{i}", kind=f"k{i}", values={f"n{i}": float(i)}) for i in range(3000)
     ]
-    delta, rejected = decode_rows(batch, Validator(Limits(max_devices=10_000)), NOW)
+    compact, rejected = decode_rows(batch, Validator(Limits(max_devices=10_000)), NOW)
+    delta = compact.to_flush_delta()
     assert not rejected and len(delta.devices) == 3000
     assert delta.devices["d2999"].values["n2999"].last == 2999.0
     assert delta == one_by_one_with(batch, Limits(max_devices=10_000))[0]
@@ -231,3 +235,35 @@ def one_by_one_with(batch: list[Packet], limits: Limits) -> tuple[FlushDelta, in
         else:
             rejected += 1
     return delta, rejected
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+@given(st.lists(valid_packets(), min_size=2, max_size=40), st.integers(1, 39), st.booleans())
+def test_batches_merged_at_the_flush_equal_one_by_one(
+    drawn: list[Packet], cut: int, as_cols: bool
+) -> None:
+    """Pending batches stay compact (BatchDelta) and are merged into one FlushDelta at the
+    flush: two batches merged there count what the packets one by one count."""
+    cut = min(cut, len(drawn) - 1)
+    v = Validator(LIMITS)
+    merged = FlushDelta()
+    for part in (drawn[:cut], drawn[cut:]):
+        decoded = (
+            decode_columns(encode_columns(part), v, NOW) if as_cols else decode_rows(part, v, NOW)
+        )[0]
+        decoded.merge_into(merged)
+    expected = one_by_one(drawn)[0]
+    # Float sums are added per batch, then batch to batch: exact up to the rounding of a
+    # different addition order; every other field is exact.
+    assert merged.devices.keys() == expected.devices.keys()
+    for device_id, dev in merged.devices.items():
+        for name, stats in dev.values.items():
+            want = expected.devices[device_id].values[name]
+            assert math.isclose(stats.sum, want.sum, rel_tol=1e-9, abs_tol=1e-6)
+            stats.sum = want.sum
+    assert merged == expected

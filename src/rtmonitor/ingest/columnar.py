@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Columns, Packet
 from rtmonitor.ingest.validation import UNSPECIFIED_KIND, Reason, Validator
-from rtmonitor.storage.model import DeviceDelta, FlushDelta, ValueStats
+from rtmonitor.storage.model import BatchDelta
 
 _MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000
 # Reason codes in the per-packet code array; 0 = accepted.
@@ -197,23 +197,23 @@ def _table_from_rows(packets: Sequence[Packet]) -> _Table:
 
 def decode_columns(
     cols: Columns, validator: Validator, recv_ms: int
-) -> tuple[FlushDelta, Counter[str]]:
+) -> tuple[BatchDelta, Counter[str]]:
     """A columnar batch: the aggregated delta of its accepted packets, and the refused ones
     by reason. Raises ColumnsError if the message itself is inconsistent."""
     if cols.count == 0:
         if cols.device_index or cols.values:
             raise ColumnsError("columns carry data but count is 0")
-        return FlushDelta(), Counter()
+        return _empty(recv_ms), Counter()
     return _validate_and_aggregate(_table_from_columns(cols), validator, recv_ms)
 
 
 def decode_rows(
     packets: Sequence[Packet], validator: Validator, recv_ms: int
-) -> tuple[FlushDelta, Counter[str]]:
+) -> tuple[BatchDelta, Counter[str]]:
     """A row batch: the aggregated delta of its accepted packets, and the refused ones by
     reason — the same result as the same packets sent as columns."""
     if not packets:
-        return FlushDelta(), Counter()
+        return _empty(recv_ms), Counter()
     # One list of protobuf's packet objects, so that each column pass reuses them.
     return _validate_and_aggregate(_table_from_rows(list(packets)), validator, recv_ms)
 
@@ -231,9 +231,14 @@ def _count_pairs(a: IntArray, b: IntArray, width: int) -> tuple[IntArray, IntArr
     return np.unique(keys, return_counts=True)
 
 
+def _empty(recv_ms: int) -> BatchDelta:
+    i, f = _NO_INTS, _NO_FLOATS
+    return BatchDelta([], i, i, recv_ms, [], i, i, i, [], i, i, i, f, f, f, f, i, 0, 0)
+
+
 def _validate_and_aggregate(
     t: _Table, validator: Validator, recv_ms: int
-) -> tuple[FlushDelta, Counter[str]]:
+) -> tuple[BatchDelta, Counter[str]]:
     n, lim = t.n, validator.limits
     n_dev, n_kind = len(t.device_ids), len(t.kinds)
     # Reason codes, later checks first so that the earliest failing check wins (the same
@@ -275,9 +280,8 @@ def _validate_and_aggregate(
         counts = np.bincount(code, minlength=len(_REASONS) + 1)
         for c in np.flatnonzero(counts[1:]).tolist():
             rejected[str(_REASONS[c])] = int(counts[c + 1])
-    delta = FlushDelta()
     if not ok.any():
-        return delta, rejected
+        return _empty(recv_ms), rejected
 
     # Aggregation of the accepted packets: a bincount over the device index (dense, small),
     # then a lookup table from device index to its row `g` in this batch's delta.
@@ -290,28 +294,33 @@ def _validate_and_aggregate(
     lut[uniq] = np.arange(u)
     group = np.full(n, -1, dtype=np.int64)  # per packet: its device's row, -1 if refused
     group[positions] = lut[d_ok]
-    packets = packets_by_dev[uniq]
+    packets = packets_by_dev[uniq].astype(np.int64)
     if t.size is not None:
         # float64 sums are exact below 2**53 bytes per device and batch
         sizes = np.bincount(group[positions], weights=t.size[positions], minlength=u)
         nbytes = sizes.astype(np.int64)
     else:
         nbytes = np.zeros(u, dtype=np.int64)
-    devices = [
-        DeviceDelta(p, b, recv_ms, recv_ms)
-        for p, b in zip(packets.tolist(), nbytes.tolist(), strict=True)
-    ]
     pairs, pair_counts = _count_pairs(group[positions], t.kind_idx[positions], n_kind)
-    for key, c in zip(pairs.tolist(), pair_counts.tolist(), strict=True):
-        devices[key // n_kind].kinds[t.kinds[key % n_kind]] = c
-
-    if len(t.v_pos):
-        _aggregate_values(t, group, devices, recv_ms)
-    for i, d in enumerate(uniq.tolist()):
-        delta.devices[t.device_ids[d]] = devices[i]
-    delta.packets = int(packets.sum())
-    delta.bytes = int(nbytes.sum())
-    return delta, rejected
+    values = _aggregate_values(t, group, u, recv_ms)
+    device_ids = t.device_ids
+    return (
+        BatchDelta(
+            [device_ids[d] for d in uniq.tolist()],
+            packets,
+            nbytes,
+            recv_ms,
+            t.kinds,
+            pairs // n_kind,
+            pairs % n_kind,
+            pair_counts.astype(np.int64),
+            t.names,
+            *values,
+            int(packets.sum()),
+            int(nbytes.sum()),
+        ),
+        rejected,
+    )
 
 
 def _admit(t: _Table, validator: Validator, code: npt.NDArray[np.uint8], ok: Any) -> None:
@@ -353,18 +362,26 @@ def _admit(t: _Table, validator: Validator, code: npt.NDArray[np.uint8], ok: Any
             code[mine & hit & (code == 0)] = _CODE[Reason.TOO_MANY_VALUE_NAMES]
 
 
-def _aggregate_values(t: _Table, group: IntArray, devices: list[DeviceDelta], recv_ms: int) -> None:
-    """count/sum/min/max/last per (device, value name) over the accepted readings."""
+_ValueColumns = tuple[
+    IntArray, IntArray, IntArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray
+]
+
+
+def _aggregate_values(t: _Table, group: IntArray, u: int, recv_ms: int) -> _ValueColumns:
+    """count/sum/min/max/last per (device row, value name) over the accepted readings."""
     n_names = len(t.names)
+    i, f = _NO_INTS, _NO_FLOATS
+    if not len(t.v_pos):
+        return i, i, i, f, f, f, f, i
     owner = group[t.v_pos]
     sel = owner >= 0  # readings of accepted packets
     if not sel.any():
-        return
+        return i, i, i, f, f, f, f, i
     x = t.v_val[sel]
     keys = owner[sel] * n_names + t.v_name[sel]
     keys_present: IntArray | None = None
-    if len(devices) * n_names <= 4 * len(keys) + 4096:
-        slots = len(devices) * n_names
+    if u * n_names <= 4 * len(keys) + 4096:
+        slots = u * n_names
         dense = keys
     else:  # a sparse key space (many devices x many names): number the pairs present
         keys_present, dense = np.unique(keys, return_inverse=True)
@@ -392,14 +409,13 @@ def _aggregate_values(t: _Table, group: IntArray, devices: list[DeviceDelta], re
         last_ts[dense[by_time][ends]] = ts[by_time][ends]
     present = np.flatnonzero(count)
     slot_keys = present if keys_present is None else keys_present[present]
-    for key, c, tot, lo, hi, la, lt in zip(
-        slot_keys.tolist(),
-        count[present].tolist(),
-        total[present].tolist(),
-        vmin[present].tolist(),
-        vmax[present].tolist(),
-        last[present].tolist(),
-        last_ts[present].tolist(),
-        strict=True,
-    ):
-        devices[key // n_names].values[t.names[key % n_names]] = ValueStats(c, tot, lo, hi, la, lt)
+    return (
+        (slot_keys // n_names).astype(np.int64),
+        (slot_keys % n_names).astype(np.int64),
+        count[present].astype(np.int64),
+        total[present].astype(np.float64),
+        vmin[present].astype(np.float64),
+        vmax[present].astype(np.float64),
+        last[present].astype(np.float64),
+        last_ts[present].astype(np.int64),
+    )

@@ -20,7 +20,6 @@ from rtmonitor.ingest.validation import Reason, Validator
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.queue import PacketQueue, QueueClosed
 from rtmonitor.pipeline.work import CommitFailed, CommitTracker, Work
-from rtmonitor.storage.model import merge_into
 
 logger = logging.getLogger(__name__)
 
@@ -306,31 +305,30 @@ class IngestServicer:
         recv_ms = _now_ms()
         # Columns first: an inconsistent Columns message refuses the whole batch, and it must
         # do so before any packet of the batch is admitted to the validator's vocabulary.
-        col_delta = None
+        parts = []
         col_rejected: Counter[str] = Counter()
         if has_columns:
             try:
                 col_delta, col_rejected = decode_columns(batch.columns, self.validator, recv_ms)
+                parts.append(col_delta)
             except ColumnsError as exc:
                 self.aggregator.count_rejected("invalid_columns", n)
                 return _StreamError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.batch_id}: {exc}"
                 )
         # Rows go through the same column code (ingest/columnar.py): no per-packet loop.
-        delta, rejected = decode_rows(batch.packets, self.validator, recv_ms)
-        if col_delta is not None:  # a batch may carry both forms
-            if delta.devices:
-                merge_into(delta, col_delta)
-            else:
-                delta = col_delta
-            rejected.update(col_rejected)
+        row_delta, rejected = decode_rows(batch.packets, self.validator, recv_ms)
+        parts.append(row_delta)  # a batch may carry both forms
+        rejected.update(col_rejected)
         for reason, count in rejected.items():
             self.aggregator.count_rejected(reason, count)
+        parts = [p for p in parts if p.total_packets]
+        accepted = sum(p.total_packets for p in parts)
         tracker = CommitTracker()
-        if delta.packets:
+        if accepted:
             # With a producer id the batch is counted exactly once, even if resent.
             batch_key = (producer, batch.batch_id) if producer else None
-            await self.queue.put(Work([], recv_ms, tracker, batch_key, delta), delta.packets)
+            await self.queue.put(Work([], recv_ms, tracker, batch_key, tuple(parts)), accepted)
             tracker.submitted()
         tracker.close()
-        return _Pending(batch.producer_id, batch.batch_id, delta.packets, rejected, tracker)
+        return _Pending(batch.producer_id, batch.batch_id, accepted, rejected, tracker)

@@ -10,18 +10,33 @@ from dataclasses import dataclass
 
 from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.pipeline.work import CommitTracker, Row, Work
-from rtmonitor.storage.model import DeviceDelta, FlushDelta, ValueStats, merge_into
+from rtmonitor.storage.model import BatchDelta, DeviceDelta, FlushDelta, ValueStats, merge_into
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class PendingBatch:
-    """A batch with an id, aggregated on its own until its flush knows it is not a resend."""
+    """A batch with an id, aggregated on its own until its flush knows it is not a resend:
+    its decoded parts in column form (compact), and rows folded into `delta`."""
 
     batch_id: tuple[str, int]
     delta: FlushDelta
     tracker: CommitTracker
+    parts: tuple[BatchDelta, ...] = ()
+
+    @property
+    def packets(self) -> int:
+        return self.delta.packets + sum(p.total_packets for p in self.parts)
+
+    @property
+    def entries(self) -> int:
+        return len(self.delta.devices) + sum(p.entries for p in self.parts)
+
+    def merge_to(self, target: FlushDelta) -> None:
+        merge_into(target, self.delta)
+        for part in self.parts:
+            part.merge_into(target)
 
 
 def fold(delta: FlushDelta, rows: list[Row], recv: int) -> None:
@@ -74,6 +89,7 @@ class Aggregator:
         self._trackers: dict[CommitTracker, int] = {}
         self._batches: list[PendingBatch] = []
         self._batch_packets = 0
+        self._batch_devices = 0
         # Since this process started, for /stats (Redis has the totals of every instance).
         self.rejected_total: Counter[str] = Counter()
 
@@ -87,6 +103,12 @@ class Aggregator:
         return len(self._delta.devices)
 
     @property
+    def pending_entries(self) -> int:
+        """Per-device deltas held (one per device per pending batch): what the memory of
+        the pending work grows with when each batch spreads over many devices."""
+        return len(self._delta.devices) + self._batch_devices
+
+    @property
     def pending_batches(self) -> int:
         return len(self._batches)
 
@@ -95,25 +117,24 @@ class Aggregator:
         if work.batch_id is None:
             if work.rows:
                 fold(self._delta, work.rows, work.recv_ms)
-            if work.delta is not None:
-                merge_into(self._delta, work.delta)
+            for part in work.parts:
+                part.merge_into(self._delta)
             trackers = self._trackers
             trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
             return
-        if work.delta is not None and not work.rows:
-            delta = work.delta  # already this batch's own delta: no copy
-        else:
-            delta = FlushDelta()
+        delta = FlushDelta()
+        if work.rows:
             fold(delta, work.rows, work.recv_ms)
-            if work.delta is not None:
-                merge_into(delta, work.delta)
-        self._batches.append(PendingBatch(work.batch_id, delta, work.tracker))
-        self._batch_packets += delta.packets
+        batch = PendingBatch(work.batch_id, delta, work.tracker, work.parts)
+        self._batches.append(batch)
+        self._batch_packets += batch.packets
+        self._batch_devices += batch.entries
 
     def carry_over(self, batches: list[PendingBatch]) -> None:
         """Put batches back for the next flush (their id is pending in another flush)."""
         self._batches[:0] = batches
-        self._batch_packets += sum(b.delta.packets for b in batches)
+        self._batch_packets += sum(b.packets for b in batches)
+        self._batch_devices += sum(b.entries for b in batches)
 
     def count_rejected(self, reason: str, packets: int = 1) -> None:
         """Record rejected packets so that they are counted in Redis too, by reason."""
@@ -125,12 +146,14 @@ class Aggregator:
         taken = self._delta, self._trackers, self._batches
         self._delta, self._trackers, self._batches = FlushDelta(), {}, []
         self._batch_packets = 0
+        self._batch_devices = 0
         return taken
 
     async def consume(
         self,
         queue: PacketQueue[Work],
         flush_max_packets: int,
+        flush_max_entries: int,
         on_full: Callable[[], None],
         over_budget: Callable[[], bool],
     ) -> None:
@@ -150,5 +173,8 @@ class Aggregator:
                 return
             for work in items:
                 self.add(work)
-            if self.pending_packets >= flush_max_packets:
+            if (
+                self.pending_packets >= flush_max_packets
+                or self.pending_entries >= flush_max_entries
+            ):
                 on_full()

@@ -83,6 +83,7 @@ class Flusher:
         # Unique per process start: markers and journals of instances never collide.
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.inflight_packets = 0
+        self.inflight_entries = 0  # per-device deltas in the flush under way
         self._seq = 0
         self._wake = asyncio.Event()
         self._stopping = False
@@ -130,7 +131,8 @@ class Flusher:
             return
         self._seq += 1
         started = time.monotonic()
-        self.inflight_packets = delta.packets + sum(b.delta.packets for b in batches)
+        self.inflight_packets = delta.packets + sum(b.packets for b in batches)
+        self.inflight_entries = len(delta.devices) + sum(b.entries for b in batches)
         try:
             fresh, duplicates, carried = await self._write(delta, batches, self._seq)
         except _GiveUp as exc:
@@ -143,10 +145,12 @@ class Flusher:
             return
         finally:
             self.inflight_packets = 0
+            self.inflight_entries = 0
+        self.inflight_entries = 0  # per-device deltas in the flush under way
         elapsed = time.monotonic() - started
         stats = self.stats
         stats.flushes += 1
-        stats.packets_committed += delta.packets + sum(b.delta.packets for b in fresh)
+        stats.packets_committed += delta.packets + sum(b.packets for b in fresh)
         stats.last_flush_ms = int(time.time() * 1000)
         stats.last_flush_seconds = elapsed
         for tracker, items in trackers.items():
@@ -155,7 +159,7 @@ class Flusher:
             batch.tracker.committed(1)
         for batch in duplicates:
             stats.duplicate_batches += 1
-            stats.duplicate_packets += batch.delta.packets
+            stats.duplicate_packets += batch.packets
             batch.tracker.duplicate = True
             batch.tracker.committed(1)
         if carried:
@@ -189,7 +193,7 @@ class Flusher:
                 merged = FlushDelta()
                 merge_into(merged, delta)
                 for i, batch in enumerate(fresh, 1):
-                    merge_into(merged, batch.delta)
+                    batch.merge_to(merged)
                     if i % _MERGE_SLICE == 0:
                         # Hundreds of batches per flush under load: give receivers and HTTP
                         # requests the loop between slices instead of one long stall.
@@ -245,7 +249,7 @@ class Flusher:
         batches: list[PendingBatch],
         error: str,
     ) -> None:
-        packets = delta.packets + sum(b.delta.packets for b in batches)
+        packets = delta.packets + sum(b.packets for b in batches)
         self.stats.packets_abandoned += packets
         logger.error(
             "%d packets were NOT committed (%s); their senders get an error instead of an "

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from rtmonitor.storage.model import FlushDelta
+from rtmonitor.storage.model import BatchDelta
 
 # A validated packet: (device_id, kind, payload bytes, device timestamp ms, values or None).
 # Produced by ingest/validation.py, consumed by the aggregator.
@@ -73,5 +73,6 @@ class Work:
     # (producer_id, batch_id) of a batch to count exactly once; None for StreamPackets
     # packets and for batches without a producer id (those are at-least-once).
     batch_id: tuple[str, int] | None = None
-    # A batch arrives already aggregated (ingest/columnar.py); rows are StreamPackets'.
-    delta: FlushDelta | None = None
+    # A batch arrives already aggregated, in column form (ingest/columnar.py): one part
+    # per form it was sent in (rows, columns). `rows` are StreamPackets' packets.
+    parts: tuple[BatchDelta, ...] = ()
