@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-from rtmonitor.storage.embedded import EmbeddedRedis, redis_server_binary
+from rtmonitor.storage.embedded import EmbeddedRedis, free_port, redis_server_binary
+
+# A cluster node also listens on its port + 10000 (the cluster bus): ports above this refuse
+# to start ("Redis port number too high"), and the OS's free ports often are.
+_MAX_CLUSTER_PORT = 55535
+
+
+def cluster_port() -> int:
+    """A free port whose cluster-bus port (+10000) is free too."""
+    for _ in range(1000):
+        port = free_port()
+        if port > _MAX_CLUSTER_PORT:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair (port, port + 10000) for a cluster node")
 
 
 class RedisClusterFixture:
@@ -19,6 +39,7 @@ class RedisClusterFixture:
         self.nodes = [
             EmbeddedRedis(
                 base / f"node{i}",
+                cluster_port(),
                 extra_config={
                     "cluster-enabled": "yes",
                     "cluster-config-file": "nodes.conf",
@@ -33,6 +54,13 @@ class RedisClusterFixture:
         return self.nodes[0].url
 
     def start(self) -> RedisClusterFixture:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # no node left running (or its lock file open) after a failed start
+            raise
+
+    def _start(self) -> RedisClusterFixture:
         for node in self.nodes:
             node.start()
         cli = str(Path(redis_server_binary()).with_name("redis-cli"))
