@@ -138,3 +138,19 @@ def test_fuzz_validator_never_raises_and_rows_are_safe(
         assert all(math.isfinite(x) for x in (vals or {}).values())
     else:
         assert isinstance(result, Reason)
+
+
+def test_devices_share_vocabularies_without_affecting_each_other() -> None:
+    """Vocabularies are interned: devices using the same kinds and names share one, and a
+    device adding a kind changes only its own (limits stay per device)."""
+    v = Validator(Limits(max_kinds_per_device=2))
+    for d in ("a", "b", "c"):
+        assert isinstance(v.check(make(d, kind="x", values={"t": 1.0}), NOW), tuple)
+    assert len(v._vocabularies) == 1
+    assert isinstance(v.check(make("a", kind="y"), NOW), tuple)  # a: {x, y}, full
+    assert v.check(make("a", kind="z"), NOW) is Reason.TOO_MANY_KINDS
+    assert isinstance(v.check(make("b", kind="z"), NOW), tuple)  # b still had room
+    reason, refused, _ = v.admit("c", ["w", "v"], ["t"])
+    assert reason is None and refused == {"v"}  # c: {x, w}
+    assert v.check(make("c", kind="v"), NOW) is Reason.TOO_MANY_KINDS
+    assert isinstance(v.check(make("c", kind="w"), NOW), tuple)
