@@ -32,10 +32,14 @@ import numpy as np
 import numpy.typing as npt
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Columns, Packet
-from rtmonitor.ingest.validation import UNSPECIFIED_KIND, Reason, Validator
+from rtmonitor.ingest.validation import (
+    MAX_CLOCK_AHEAD_MS,
+    UNSPECIFIED_KIND,
+    Reason,
+    Validator,
+)
 from rtmonitor.storage.model import BatchDelta
 
-_MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000
 # Reason codes in the per-packet code array; 0 = accepted.
 _REASONS: list[Reason] = list(Reason)
 _CODE = {reason: i + 1 for i, reason in enumerate(_REASONS)}
@@ -76,20 +80,6 @@ class _Table:
     v_val: FloatArray
 
 
-def _dictionary(entries: Sequence[str], index: npt.NDArray[Any]) -> tuple[list[str], IntArray]:
-    """Deduplicate a client's dictionary and re-point `index` at the distinct entries
-    (-1 for an index past the dictionary): a repeated entry must not split one device's
-    counts in two."""
-    distinct = list(dict.fromkeys(entries))
-    idx = index.astype(np.int64)
-    if len(distinct) == len(entries):
-        idx[idx >= len(entries)] = -1
-        return distinct, idx
-    slot = {entry: i for i, entry in enumerate(distinct)}
-    canon = np.fromiter(map(slot.__getitem__, entries), np.int64, len(entries))
-    return distinct, np.append(canon, -1)[np.minimum(idx, len(entries))]
-
-
 def _encode(strings: list[str], empty_as: str | None = None) -> tuple[list[str], IntArray]:
     """Dictionary-encode a column of strings (first-appearance order) in C-level passes;
     with `empty_as`, "" is read as that entry."""
@@ -100,6 +90,32 @@ def _encode(strings: list[str], empty_as: str | None = None) -> tuple[list[str],
         return list(slot), np.fromiter(map(lookup.__getitem__, strings), np.int64, len(strings))
     lookup = dict(zip(distinct, range(len(distinct)), strict=True))
     return list(lookup), np.fromiter(map(lookup.__getitem__, strings), np.int64, len(strings))
+
+
+def _dictionary(
+    entries: Sequence[str], index: npt.NDArray[Any], empty_as: str | None = None
+) -> tuple[list[str], IntArray]:
+    """A client's dictionary and the index into it, re-pointed at its distinct entries
+    (-1 for an index past the dictionary): a repeated entry must not split one device's
+    counts in two."""
+    distinct, canon = _encode(list(entries), empty_as)
+    return distinct, np.append(canon, -1)[np.minimum(index.astype(np.int64), len(entries))]
+
+
+def _number(keys: IntArray, space: int) -> tuple[IntArray, IntArray]:
+    """Number the distinct keys (each in range(space)): the distinct keys, sorted, and the
+    number of each key. A lookup table when the key space is small, a sort otherwise (so
+    that a hostile batch of thousands of devices times thousands of kinds or value names
+    cannot allocate their product)."""
+    if space > 4 * len(keys) + 4096:
+        present, numbers = np.unique(keys, return_inverse=True)
+        return present, numbers.reshape(-1)
+    seen = np.zeros(space, dtype=np.bool_)
+    seen[keys] = True
+    present = np.flatnonzero(seen)
+    lut = np.zeros(space, dtype=np.int64)
+    lut[present] = np.arange(len(present))
+    return present, lut[keys]
 
 
 def _column(data: bytes, dtype: str, count: int, name: str) -> npt.NDArray[Any] | None:
@@ -128,13 +144,13 @@ def _table_from_columns(cols: Columns) -> _Table:
     names = [name for name, _ in value_cols]
     if len(set(names)) != len(names):
         raise ColumnsError("a value name appears in two value columns")
-    kind_entries = [k or UNSPECIFIED_KIND for k in cols.kinds] or [UNSPECIFIED_KIND]
+    kind_entries = list(cols.kinds) or [UNSPECIFIED_KIND]
     if kind_col is None:
         if len(kind_entries) != 1:
             raise ColumnsError("kind_index is empty but there are several kinds")
         kind_col = np.zeros(n, dtype=np.int64)
     device_ids, dev_idx = _dictionary(cols.device_ids, dev_col)
-    kinds, kind_idx = _dictionary(kind_entries, kind_col)
+    kinds, kind_idx = _dictionary(kind_entries, kind_col, empty_as=UNSPECIFIED_KIND)
     # Wide value columns (NaN = no reading) to one long list of readings.
     pos: list[IntArray] = []
     which: list[IntArray] = []
@@ -218,19 +234,6 @@ def decode_rows(
     return _validate_and_aggregate(_table_from_rows(list(packets)), validator, recv_ms)
 
 
-def _count_pairs(a: IntArray, b: IntArray, width: int) -> tuple[IntArray, IntArray]:
-    """The distinct (a, b) pairs as sorted keys a * width + b, and how often each occurs:
-    a bincount when the key space is small, a sort otherwise (so that a hostile batch with
-    thousands of devices times thousands of kinds cannot allocate their product)."""
-    keys = a * width + b
-    space = (int(a.max()) + 1) * width if len(a) else 0
-    if space <= 4 * len(keys) + 4096:
-        counts = np.bincount(keys, minlength=space)
-        present = np.flatnonzero(counts)
-        return present, counts[present]
-    return np.unique(keys, return_counts=True)
-
-
 def _empty(recv_ms: int) -> BatchDelta:
     i, f = _NO_INTS, _NO_FLOATS
     return BatchDelta([], i, i, recv_ms, [], i, i, i, [], i, i, i, f, f, f, f, i, 0, 0)
@@ -260,7 +263,7 @@ def _validate_and_aggregate(
         by_kind = kind_code[t.kind_idx]
         code = np.where(by_kind != 0, by_kind, code)
     if t.ts is not None:
-        code[(t.ts < 0) | (t.ts > recv_ms + _MAX_CLOCK_AHEAD_MS)] = _CODE[Reason.BAD_TIMESTAMP]
+        code[(t.ts < 0) | (t.ts > recv_ms + MAX_CLOCK_AHEAD_MS)] = _CODE[Reason.BAD_TIMESTAMP]
     if t.size is not None:
         code[t.size > lim.max_payload_bytes] = _CODE[Reason.PAYLOAD_TOO_LARGE]
     dev_code = np.array(
@@ -283,25 +286,21 @@ def _validate_and_aggregate(
     if not ok.any():
         return _empty(recv_ms), rejected
 
-    # Aggregation of the accepted packets: a bincount over the device index (dense, small),
-    # then a lookup table from device index to its row `g` in this batch's delta.
+    # Aggregation of the accepted packets: each device of the batch gets a row (numbered
+    # over the device index), and everything per packet is a bincount over those rows.
     positions = np.flatnonzero(ok)
-    d_ok = t.dev_idx[positions]
-    packets_by_dev = np.bincount(d_ok, minlength=n_dev)
-    uniq = np.flatnonzero(packets_by_dev)
+    uniq, rows = _number(t.dev_idx[positions], n_dev)
     u = len(uniq)
-    lut = np.zeros(n_dev, dtype=np.int64)
-    lut[uniq] = np.arange(u)
     group = np.full(n, -1, dtype=np.int64)  # per packet: its device's row, -1 if refused
-    group[positions] = lut[d_ok]
-    packets = packets_by_dev[uniq].astype(np.int64)
+    group[positions] = rows
+    packets = np.bincount(rows, minlength=u).astype(np.int64)
     if t.size is not None:
         # float64 sums are exact below 2**53 bytes per device and batch
-        sizes = np.bincount(group[positions], weights=t.size[positions], minlength=u)
-        nbytes = sizes.astype(np.int64)
+        nbytes = np.bincount(rows, weights=t.size[positions], minlength=u).astype(np.int64)
     else:
         nbytes = np.zeros(u, dtype=np.int64)
-    pairs, pair_counts = _count_pairs(group[positions], t.kind_idx[positions], n_kind)
+    pairs, pair_numbers = _number(rows * n_kind + t.kind_idx[positions], u * n_kind)
+    pair_counts = np.bincount(pair_numbers, minlength=len(pairs))
     values = _aggregate_values(t, group, u, recv_ms)
     device_ids = t.device_ids
     return (
@@ -334,13 +333,13 @@ def _admit(t: _Table, validator: Validator, code: npt.NDArray[np.uint8], ok: Any
     order = np.flatnonzero(first < t.n)
     order = order[np.argsort(first[order], kind="stable")]
     kinds_of: dict[int, list[str]] = {}
-    for key in _count_pairs(d_ok, t.kind_idx[positions], n_kind)[0].tolist():
+    for key in _number(d_ok * n_kind + t.kind_idx[positions], n_dev * n_kind)[0].tolist():
         kinds_of.setdefault(key // n_kind, []).append(t.kinds[key % n_kind])
     names_of: dict[int, list[str]] = {}
     if len(t.v_pos):
         v_ok = ok[t.v_pos]
         v_dev = t.dev_idx[t.v_pos[v_ok]]
-        for key in _count_pairs(v_dev, t.v_name[v_ok], n_names)[0].tolist():
+        for key in _number(v_dev * n_names + t.v_name[v_ok], n_dev * n_names)[0].tolist():
             names_of.setdefault(key // n_names, []).append(t.names[key % n_names])
     for d in order.tolist():
         reason, refused_kinds, refused_names = validator.admit(
@@ -378,14 +377,9 @@ def _aggregate_values(t: _Table, group: IntArray, u: int, recv_ms: int) -> _Valu
     if not sel.any():
         return i, i, i, f, f, f, f, i
     x = t.v_val[sel]
-    keys = owner[sel] * n_names + t.v_name[sel]
-    keys_present: IntArray | None = None
-    if u * n_names <= 4 * len(keys) + 4096:
-        slots = u * n_names
-        dense = keys
-    else:  # a sparse key space (many devices x many names): number the pairs present
-        keys_present, dense = np.unique(keys, return_inverse=True)
-        slots = len(keys_present)
+    # one slot per (device row, value name) present
+    slot_keys, dense = _number(owner[sel] * n_names + t.v_name[sel], u * n_names)
+    slots = len(slot_keys)
     count = np.bincount(dense, minlength=slots)
     total = np.bincount(dense, weights=x, minlength=slots)  # sequential: packet order
     vmin = np.full(slots, np.inf)
@@ -407,15 +401,13 @@ def _aggregate_values(t: _Table, group: IntArray, u: int, recv_ms: int) -> _Valu
         last_ts = np.zeros(slots, dtype=np.int64)
         last[dense[by_time][ends]] = x[by_time][ends]
         last_ts[dense[by_time][ends]] = ts[by_time][ends]
-    present = np.flatnonzero(count)
-    slot_keys = present if keys_present is None else keys_present[present]
     return (
-        (slot_keys // n_names).astype(np.int64),
-        (slot_keys % n_names).astype(np.int64),
-        count[present].astype(np.int64),
-        total[present].astype(np.float64),
-        vmin[present].astype(np.float64),
-        vmax[present].astype(np.float64),
-        last[present].astype(np.float64),
-        last_ts[present].astype(np.int64),
+        slot_keys // n_names,
+        slot_keys % n_names,
+        count.astype(np.int64),
+        total.astype(np.float64),
+        vmin,
+        vmax,
+        last.astype(np.float64),
+        last_ts,
     )

@@ -21,7 +21,7 @@ NAME_MAX = 64
 _NAME = re.compile(r"[A-Za-z0-9._:@/-]+")
 UNSPECIFIED_KIND = "unspecified"
 # a device clock more than a day ahead is broken, and would pin "last" values forever
-_MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000
+MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000
 _GOOD_NAMES_MAX = 65_536
 _NOTHING: frozenset[str] = frozenset()
 
@@ -163,7 +163,7 @@ class Validator:
         ts = packet.timestamp_ms
         if ts == 0:
             ts = recv_ms
-        elif ts < 0 or ts > recv_ms + _MAX_CLOCK_AHEAD_MS:
+        elif ts < 0 or ts > recv_ms + MAX_CLOCK_AHEAD_MS:
             return Reason.BAD_TIMESTAMP
         kind = packet.kind or UNSPECIFIED_KIND
         new_kind = vocab is None or kind not in vocab.kinds
