@@ -46,50 +46,64 @@ class FlushDelta:
         return bool(self.devices or self.rejected)
 
 
-def _copy_device(dev: DeviceDelta) -> DeviceDelta:
-    return DeviceDelta(
-        dev.packets,
-        dev.bytes,
-        dev.first_seen,
-        dev.last_seen,
-        dict(dev.kinds),
-        {
-            name: ValueStats(s.count, s.sum, s.min, s.max, s.last, s.last_ts)
-            for name, s in dev.values.items()
-        },
-    )
+def _device(
+    devices: dict[str, DeviceDelta],
+    device_id: str,
+    packets: int,
+    nbytes: int,
+    first_seen: int,
+    last_seen: int,
+) -> DeviceDelta:
+    """`device_id`'s delta in `devices` with these counts added (a new one if absent)."""
+    dev = devices.get(device_id)
+    if dev is None:
+        dev = devices[device_id] = DeviceDelta(packets, nbytes, first_seen, last_seen)
+        return dev
+    dev.packets += packets
+    dev.bytes += nbytes
+    dev.first_seen = min(dev.first_seen, first_seen)
+    dev.last_seen = max(dev.last_seen, last_seen)
+    return dev
+
+
+def _add_stats(
+    stats: dict[str, ValueStats],
+    name: str,
+    count: int,
+    total: float,
+    lo: float,
+    hi: float,
+    last: float,
+    last_ts: int,
+) -> None:
+    """Merge one reading's statistics: sums add, min/max kept, the newest `last` wins (on a
+    tie, the one merged later)."""
+    t = stats.get(name)
+    if t is None:
+        stats[name] = ValueStats(count, total, lo, hi, last, last_ts)
+        return
+    t.count += count
+    t.sum += total
+    t.min = min(t.min, lo)
+    t.max = max(t.max, hi)
+    if last_ts >= t.last_ts:
+        t.last, t.last_ts = last, last_ts
 
 
 def merge_into(target: FlushDelta, source: FlushDelta) -> None:
-    """Add `source` to `target` exactly (min/max kept, newest `last` wins); `source` is
-    left untouched, so it can be merged again elsewhere."""
+    """Add `source` to `target` exactly; `source` is left untouched, so it can be merged
+    again elsewhere."""
     target.packets += source.packets
     target.bytes += source.bytes
     target.rejected.update(source.rejected)
     devices = target.devices
     for device_id, src in source.devices.items():
-        dev = devices.get(device_id)
-        if dev is None:
-            devices[device_id] = _copy_device(src)
-            continue
-        dev.packets += src.packets
-        dev.bytes += src.bytes
-        dev.first_seen = min(dev.first_seen, src.first_seen)
-        dev.last_seen = max(dev.last_seen, src.last_seen)
+        dev = _device(devices, device_id, src.packets, src.bytes, src.first_seen, src.last_seen)
         kinds = dev.kinds
         for kind, count in src.kinds.items():
             kinds[kind] = kinds.get(kind, 0) + count
-        for name, s in src.values.items():
-            t = dev.values.get(name)
-            if t is None:
-                dev.values[name] = ValueStats(s.count, s.sum, s.min, s.max, s.last, s.last_ts)
-                continue
-            t.count += s.count
-            t.sum += s.sum
-            t.min = min(t.min, s.min)
-            t.max = max(t.max, s.max)
-            if s.last_ts >= t.last_ts:
-                t.last, t.last_ts = s.last, s.last_ts
+        for name, v in src.values.items():
+            _add_stats(dev.values, name, v.count, v.sum, v.min, v.max, v.last, v.last_ts)
 
 
 @dataclass(slots=True)
@@ -127,21 +141,13 @@ class BatchDelta:
         """Add this batch to `target`, exactly as merge_into() adds a FlushDelta."""
         target.packets += self.total_packets
         target.bytes += self.total_bytes
-        devices = target.devices
-        recv = self.recv_ms
-        rows: list[DeviceDelta] = []
-        for device_id, packets, nbytes in zip(
-            self.device_ids, self.packets.tolist(), self.nbytes.tolist(), strict=True
-        ):
-            dev = devices.get(device_id)
-            if dev is None:
-                dev = devices[device_id] = DeviceDelta(packets, nbytes, recv, recv)
-            else:
-                dev.packets += packets
-                dev.bytes += nbytes
-                dev.first_seen = min(dev.first_seen, recv)
-                dev.last_seen = max(dev.last_seen, recv)
-            rows.append(dev)
+        devices, recv = target.devices, self.recv_ms
+        rows = [
+            _device(devices, device_id, packets, nbytes, recv, recv)
+            for device_id, packets, nbytes in zip(
+                self.device_ids, self.packets.tolist(), self.nbytes.tolist(), strict=True
+            )
+        ]
         kinds = self.kinds
         for row, k, count in zip(
             self.kind_dev.tolist(), self.kind_idx.tolist(), self.kind_count.tolist(), strict=True
@@ -149,7 +155,7 @@ class BatchDelta:
             of = rows[row].kinds
             of[kinds[k]] = of.get(kinds[k], 0) + count
         names = self.names
-        for row, j, c, tot, lo, hi, la, lt in zip(
+        for row, j, *stats in zip(
             self.value_dev.tolist(),
             self.value_name.tolist(),
             self.count.tolist(),
@@ -160,17 +166,7 @@ class BatchDelta:
             self.last_ts.tolist(),
             strict=True,
         ):
-            stats = rows[row].values
-            t = stats.get(names[j])
-            if t is None:
-                stats[names[j]] = ValueStats(c, tot, lo, hi, la, lt)
-                continue
-            t.count += c
-            t.sum += tot
-            t.min = min(t.min, lo)
-            t.max = max(t.max, hi)
-            if lt >= t.last_ts:
-                t.last, t.last_ts = la, lt
+            _add_stats(rows[row].values, names[j], *stats)
 
     def to_flush_delta(self) -> FlushDelta:
         delta = FlushDelta()
