@@ -6,6 +6,7 @@ import asyncio
 
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.work import CommitTracker, Work
+from rtmonitor.storage.model import BatchDelta
 
 
 def test_fold_counts_and_statistics() -> None:
@@ -52,21 +53,36 @@ def test_tracker_resolves_only_when_closed_and_all_committed() -> None:
 
 
 def test_batches_with_ids_are_kept_apart_and_merge_exactly() -> None:
+    from rtmonitor.ingest.columnar import decode_rows
+    from rtmonitor.ingest.v1.telemetry_pb2 import Packet
+    from rtmonitor.ingest.validation import Limits, Validator
     from rtmonitor.storage.model import FlushDelta, merge_into
+
+    def batch(recv_ms: int, *packets: Packet) -> tuple[BatchDelta, ...]:
+        return (decode_rows(packets, Validator(Limits()), recv_ms)[0],)
 
     async def main() -> None:
         agg = Aggregator()
         t = CommitTracker()
         agg.add(Work([("a", "k", 1, 10, {"v": 1.0})], 100, t))
-        agg.add(Work([("a", "k", 2, 30, {"v": 5.0}), ("b", "k", 1, 5, None)], 200, t, ("p", 1)))
-        agg.add(Work([("a", "j", 3, 20, {"v": -2.0})], 50, t, ("p", 2)))
+        p1 = batch(
+            200,
+            Packet(device_id="a", kind="k", payload=b"xx", timestamp_ms=30, values={"v": 5.0}),
+            Packet(device_id="b", kind="k", payload=b"x", timestamp_ms=5),
+        )
+        p2 = batch(
+            50, Packet(device_id="a", kind="j", payload=b"xxx", timestamp_ms=20, values={"v": -2.0})
+        )
+        agg.add(Work([], 200, t, ("p", 1), p1))
+        agg.add(Work([], 50, t, ("p", 2), p2))
         assert agg.pending_packets == 4 and agg.pending_batches == 2
         main, trackers, batches = agg.swap()
         assert main.packets == 1 and trackers == {t: 1}
         assert [b.batch_id for b in batches] == [("p", 1), ("p", 2)]
         merged = FlushDelta()
-        for part in (main, batches[0].delta, batches[1].delta):
-            merge_into(merged, part)
+        merge_into(merged, main)
+        for pending in batches:
+            pending.merge_to(merged)
         a = merged.devices["a"]
         assert (a.packets, a.bytes, a.first_seen, a.last_seen) == (3, 6, 50, 200)
         assert a.kinds == {"k": 2, "j": 1}
@@ -74,7 +90,9 @@ def test_batches_with_ids_are_kept_apart_and_merge_exactly() -> None:
         assert (v.count, v.sum, v.min, v.max, v.last, v.last_ts) == (3, 4.0, -2.0, 5.0, 5.0, 30)
         assert merged.packets == 4 and merged.bytes == 7
         # the sources are untouched: a conflict can rebuild the merge without them
-        assert batches[0].delta.devices["a"].packets == 1 and main.devices["a"].packets == 1
+        again = FlushDelta()
+        batches[0].merge_to(again)
+        assert again.devices["a"].packets == 1 and main.devices["a"].packets == 1
         agg.carry_over(batches[1:])
         assert agg.pending_batches == 1 and agg.pending_packets == 1
 

@@ -10,31 +10,29 @@ from dataclasses import dataclass
 
 from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.pipeline.work import CommitTracker, Row, Work
-from rtmonitor.storage.model import BatchDelta, DeviceDelta, FlushDelta, ValueStats, merge_into
+from rtmonitor.storage.model import BatchDelta, DeviceDelta, FlushDelta, ValueStats
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class PendingBatch:
-    """A batch with an id, aggregated on its own until its flush knows it is not a resend:
-    its decoded parts in column form (compact), and rows folded into `delta`."""
+    """A batch with an id, kept apart (in its compact column form) until its flush knows it
+    is not a resend."""
 
     batch_id: tuple[str, int]
-    delta: FlushDelta
+    parts: tuple[BatchDelta, ...]
     tracker: CommitTracker
-    parts: tuple[BatchDelta, ...] = ()
 
     @property
     def packets(self) -> int:
-        return self.delta.packets + sum(p.total_packets for p in self.parts)
+        return sum(p.total_packets for p in self.parts)
 
     @property
     def entries(self) -> int:
-        return len(self.delta.devices) + sum(p.entries for p in self.parts)
+        return sum(p.entries for p in self.parts)
 
     def merge_to(self, target: FlushDelta) -> None:
-        merge_into(target, self.delta)
         for part in self.parts:
             part.merge_into(target)
 
@@ -122,10 +120,9 @@ class Aggregator:
             trackers = self._trackers
             trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
             return
-        delta = FlushDelta()
-        if work.rows:
-            fold(delta, work.rows, work.recv_ms)
-        batch = PendingBatch(work.batch_id, delta, work.tracker, work.parts)
+        if work.rows:  # rows are StreamPackets' packets, which have no batch id
+            raise ValueError("a batch with an id carries decoded parts, not rows")
+        batch = PendingBatch(work.batch_id, work.parts, work.tracker)
         self._batches.append(batch)
         self._batch_packets += batch.packets
         self._batch_devices += batch.entries

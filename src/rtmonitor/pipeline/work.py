@@ -65,7 +65,7 @@ class CommitTracker:
 
 @dataclass(slots=True)
 class Work:
-    """One queue item: validated rows received together, and whom to tell on commit."""
+    """One queue item: validated packets received together, and whom to tell on commit."""
 
     rows: list[Row]
     recv_ms: int
@@ -74,5 +74,5 @@ class Work:
     # packets and for batches without a producer id (those are at-least-once).
     batch_id: tuple[str, int] | None = None
     # A batch arrives already aggregated, in column form (ingest/columnar.py): one part
-    # per form it was sent in (rows, columns). `rows` are StreamPackets' packets.
+    # per form it was sent in (rows, columns). `rows` are only StreamPackets' packets.
     parts: tuple[BatchDelta, ...] = ()
