@@ -41,8 +41,8 @@ def packets(draw: st.DrawFn) -> Packet:
     return p
 
 
-def one_by_one(batch: list[Packet]) -> tuple[FlushDelta, int]:
-    v = Validator(LIMITS)
+def one_by_one(batch: list[Packet], limits: Limits = LIMITS) -> tuple[FlushDelta, int]:
+    v = Validator(limits)
     delta = FlushDelta()
     rejected = 0
     for p in batch:
@@ -221,20 +221,7 @@ def test_many_devices_and_names_stay_sparse() -> None:
     delta = compact.to_flush_delta()
     assert not rejected and len(delta.devices) == 3000
     assert delta.devices["d2999"].values["n2999"].last == 2999.0
-    assert delta == one_by_one_with(batch, Limits(max_devices=10_000))[0]
-
-
-def one_by_one_with(batch: list[Packet], limits: Limits) -> tuple[FlushDelta, int]:
-    v = Validator(limits)
-    delta = FlushDelta()
-    rejected = 0
-    for p in batch:
-        row = v.check(p, NOW)
-        if isinstance(row, tuple):
-            fold(delta, [row], NOW)
-        else:
-            rejected += 1
-    return delta, rejected
+    assert delta == one_by_one(batch, Limits(max_devices=10_000))[0]
 
 
 @settings(
