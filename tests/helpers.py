@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import grpc
 import httpx
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
+from rtmonitor.loadgen.bench import child_env, wait_until_ready
 from rtmonitor.storage.embedded import free_port
 
 STREAM_PACKETS = "/rtmonitor.v1.TelemetryIngest/StreamPackets"
@@ -57,10 +56,10 @@ class ServiceProcess:
         ]
         if redis_url is not None:
             args += ["--redis-url", redis_url]
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RTM_", "REDIS_"))}
-        full_env.update(env or {})
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        self.proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=child_env(env)
+        )
 
     def restarted(self, log_path: Path) -> ServiceProcess:
         """A new process with the same options on the same ports (after this one ended)."""
@@ -85,17 +84,8 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 30.0) -> ServiceProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"service exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.http}/readyz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"service not ready within {timeout}s:\n{self.log()}")
+        wait_until_ready(self.proc, self.http, timeout, self.log)
+        return self
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait: the clean stop."""

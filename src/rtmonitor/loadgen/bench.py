@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,32 @@ def _sender_main(options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without RTM_*/REDIS_* settings (a child `serve` gets
+    its options from its flags only), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RTM_", "REDIS_"))}
+    env.update(extra or {})
+    return env
+
+
+def wait_until_ready(
+    proc: subprocess.Popen[bytes], http: str, timeout: float, log: Callable[[], str] = str
+) -> None:
+    """Wait until a child `serve` answers GET /readyz with 200; raise RuntimeError (with
+    `log()`) if it exits or stays unready past `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited with {proc.returncode}\n{log()}")
+        try:
+            if httpx.get(f"{http}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the service did not become ready within {timeout:g}s\n{log()}")
+
+
 class _Service:
     """`rtmonitor serve` as a child process on free ports."""
 
@@ -67,23 +94,12 @@ class _Service:
             args.append("--noop")
         if workers > 1:
             args += ["--workers", str(workers)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RTM_", "REDIS_"))}
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(args, env=child_env(), stdout=subprocess.DEVNULL)
         self.http = f"http://127.0.0.1:{self.http_port}"
         self.target = f"127.0.0.1:{self.grpc_port}"
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.http}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("the service did not become ready")
+        wait_until_ready(self.proc, self.http, timeout)
 
     def peak_rss_mb(self) -> float:
         """Peak RSS of the service: its process and (with --workers) every child but Redis."""
