@@ -146,7 +146,6 @@ class Flusher:
         finally:
             self.inflight_packets = 0
             self.inflight_entries = 0
-        self.inflight_entries = 0  # per-device deltas in the flush under way
         elapsed = time.monotonic() - started
         stats = self.stats
         stats.flushes += 1
