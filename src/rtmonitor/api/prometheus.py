@@ -130,20 +130,14 @@ def exposition(
         "Packets per device and kind.",
         [({**lab, "kind": k}, n) for lab, d in dev for k, n in d["kinds"].items()],
     )
-    w.family(
-        "rtm_device_packets_per_second",
-        "gauge",
-        "Packets per second per device over a trailing window.",
-        [({**lab, "window": f"{s}s"}, d["rate"][f"packets_per_s_{s}s"])
-         for lab, d in dev for s in (10, 60)],
-    )  # fmt: skip
-    w.family(
-        "rtm_device_bytes_per_second",
-        "gauge",
-        "Payload bytes per second per device over a trailing window.",
-        [({**lab, "window": f"{s}s"}, d["rate"][f"bytes_per_s_{s}s"])
-         for lab, d in dev for s in (10, 60)],
-    )  # fmt: skip
+    for what, unit in (("packets", "Packets"), ("bytes", "Payload bytes")):
+        w.family(
+            f"rtm_device_{what}_per_second",
+            "gauge",
+            f"{unit} per second per device over a trailing window.",
+            [({**lab, "window": f"{s}s"}, d["rate"][f"{what}_per_s_{s}s"])
+             for lab, d in dev for s in (10, 60)],
+        )  # fmt: skip
     w.family(
         "rtm_device_online",
         "gauge",
