@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-slow lint typecheck proto install clean check-image
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/rtmonitor/ingest/_rows.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -42,4 +42,4 @@ proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info src/rtmonitor/ingest/*.so .mypy_cache .pytest_cache .ruff_cache

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows
-from rtmonitor.ingest.v1.telemetry_pb2 import Columns, Packet
+from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows, parse_batch
+from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Columns, Packet
 from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.loadgen.columns import encode_columns
 from rtmonitor.pipeline.aggregator import fold
@@ -55,8 +56,16 @@ def one_by_one(batch: list[Packet], limits: Limits = LIMITS) -> tuple[FlushDelta
 
 
 def as_rows(batch: list[Packet]) -> tuple[FlushDelta, int]:
-    delta, rejected = decode_rows(batch, Validator(LIMITS), NOW)
-    return delta.to_flush_delta(), rejected.total()
+    """The batch serialized, read by the C reader and by protobuf: both give this result."""
+    raw = Batch(packets=batch).SerializeToString()
+    results = []
+    for compiled in (True, False):
+        parsed = parse_batch(raw, compiled=compiled)
+        assert isinstance(parsed.rows, Sequence) != compiled  # which reader read it
+        delta, rejected = decode_rows(parsed.rows, Validator(LIMITS), NOW)
+        results.append((delta.to_flush_delta(), rejected.total()))
+    assert results[0] == results[1]
+    return results[0]
 
 
 def as_columns(batch: list[Packet]) -> tuple[FlushDelta, int]:

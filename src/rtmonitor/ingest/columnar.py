@@ -5,9 +5,11 @@ aggregates it:
 
 - a `Columns` message carries packed little-endian arrays; `np.frombuffer` reads them
   without copying;
-- row batches (`Batch.packets`) are transposed into the same columns with C-level passes
-  (`map(attrgetter(...))`, `dict.fromkeys`, `np.fromiter`): no Python statement runs per
-  packet.
+- row batches (`Batch.packets`) are read straight from the message's bytes into the same
+  columns by a small C reader (`_rows.c`), without a Python object per packet. Where that
+  reader is not built (no C compiler at install) or declines a message, protobuf parses it
+  and the packets are transposed with C-level passes (`map(attrgetter(...))`,
+  `dict.fromkeys`, `np.fromiter`): slower, but still no Python statement per packet.
 
 Validation runs on whole columns (masks) and on the dictionaries (each distinct device id,
 kind and value name is checked once per batch, not once per packet). The result is the
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rtmonitor.ingest.v1.telemetry_pb2 import Columns, Packet
+from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Columns, Packet
 from rtmonitor.ingest.validation import (
     MAX_CLOCK_AHEAD_MS,
     UNSPECIFIED_KIND,
@@ -39,6 +41,13 @@ from rtmonitor.ingest.validation import (
     Validator,
 )
 from rtmonitor.storage.model import BatchDelta
+
+try:
+    from rtmonitor.ingest._rows import read_rows as _read_rows
+
+    C_ROWS = True  # the compiled row reader is built (see setup.py)
+except ImportError:  # installed without a C compiler: protobuf's parser reads every batch
+    C_ROWS = False
 
 # Reason codes in the per-packet code array; 0 = accepted.
 _REASONS: list[Reason] = list(Reason)
@@ -211,6 +220,58 @@ def _table_from_rows(packets: Sequence[Packet]) -> _Table:
     )
 
 
+def _table_from_wire(fields: tuple[Any, ...]) -> _Table:
+    """The C reader's columns (`_rows.read_rows`) as a table."""
+    _, _, device_ids, dev_idx, kinds, kind_col, size_col, ts_col, names, pos, name, val = fields
+    n = len(dev_idx) // 8
+    kind_idx: IntArray = np.frombuffer(kind_col, np.int64)
+    if "" in kinds:  # "" is read as "unspecified", which may be in the batch as well
+        kinds, kind_idx = _dictionary(kinds, kind_idx, empty_as=UNSPECIFIED_KIND)
+    size: IntArray = np.frombuffer(size_col, np.int64)
+    ts: IntArray = np.frombuffer(ts_col, np.int64)
+    return _Table(
+        n,
+        device_ids,
+        np.frombuffer(dev_idx, np.int64),
+        kinds,
+        kind_idx,
+        size if size.any() else None,
+        ts if ts.any() else None,
+        names,
+        np.frombuffer(pos, np.int64),
+        np.frombuffer(name, np.int64),
+        np.frombuffer(val, np.float64),
+    )
+
+
+@dataclass(slots=True)
+class ParsedBatch:
+    """A Batch message read: its header, and its packets not yet validated. `rows` is a
+    table when the C reader read them, else protobuf's packet objects."""
+
+    producer_id: str
+    batch_id: int
+    columns: Columns | None
+    rows: _Table | Sequence[Packet]
+
+    @property
+    def count(self) -> int:
+        rows = self.rows.n if isinstance(self.rows, _Table) else len(self.rows)
+        return rows + (self.columns.count if self.columns is not None else 0)
+
+
+def parse_batch(raw: bytes, compiled: bool = C_ROWS) -> ParsedBatch:
+    """Read a serialized Batch; raises protobuf's DecodeError if it is not one. Row batches
+    go through the C reader (`compiled`), which hands anything unusual back to protobuf."""
+    if compiled:
+        fields = _read_rows(raw)
+        if fields is not None:
+            return ParsedBatch(fields[0], fields[1], None, _table_from_wire(fields))
+    batch = Batch.FromString(raw)
+    columns = batch.columns if batch.HasField("columns") else None
+    return ParsedBatch(batch.producer_id, batch.batch_id, columns, batch.packets)
+
+
 def decode_columns(
     cols: Columns, validator: Validator, recv_ms: int
 ) -> tuple[BatchDelta, Counter[str]]:
@@ -224,14 +285,19 @@ def decode_columns(
 
 
 def decode_rows(
-    packets: Sequence[Packet], validator: Validator, recv_ms: int
+    rows: _Table | Sequence[Packet], validator: Validator, recv_ms: int
 ) -> tuple[BatchDelta, Counter[str]]:
-    """A row batch: the aggregated delta of its accepted packets, and the refused ones by
-    reason — the same result as the same packets sent as columns."""
-    if not packets:
+    """A row batch (read by the C reader, or protobuf's packets): the aggregated delta of its
+    accepted packets, and the refused ones by reason — the same result as the same packets
+    sent as columns."""
+    if not rows:
         return _empty(recv_ms), Counter()
-    # One list of protobuf's packet objects, so that each column pass reuses them.
-    return _validate_and_aggregate(_table_from_rows(list(packets)), validator, recv_ms)
+    if not isinstance(rows, _Table):
+        # One list of protobuf's packet objects, so that each column pass reuses them.
+        rows = _table_from_rows(list(rows))
+    if rows.n == 0:
+        return _empty(recv_ms), Counter()
+    return _validate_and_aggregate(rows, validator, recv_ms)
 
 
 def _empty(recv_ms: int) -> BatchDelta:

@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows
-from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
+from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows, parse_batch
+from rtmonitor.ingest.v1.telemetry_pb2 import Ack, BatchAck, Packet
 from rtmonitor.ingest.validation import Reason, Validator
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.queue import PacketQueue, QueueClosed
@@ -277,7 +277,7 @@ class IngestServicer:
     async def _accept_batch(self, raw: bytes) -> _Pending | _StreamError:
         """Validate one batch and queue its good packets; an error ends the stream."""
         try:
-            batch = Batch.FromString(raw)
+            batch = parse_batch(raw)
         except DecodeError as exc:
             self.aggregator.count_rejected("malformed_batch")  # unit: messages
             return _StreamError(
@@ -285,8 +285,7 @@ class IngestServicer:
                 f"malformed Batch message ({exc}): send a rtmonitor.v1.Batch "
                 "serialized with protobuf",
             )
-        has_columns = batch.HasField("columns")
-        n = len(batch.packets) + (batch.columns.count if has_columns else 0)
+        n = batch.count
         if n > self.max_batch_packets:
             self.aggregator.count_rejected("batch_too_large", n)
             return _StreamError(
@@ -307,7 +306,7 @@ class IngestServicer:
         # do so before any packet of the batch is admitted to the validator's vocabulary.
         parts = []
         col_rejected: Counter[str] = Counter()
-        if has_columns:
+        if batch.columns is not None:
             try:
                 col_delta, col_rejected = decode_columns(batch.columns, self.validator, recv_ms)
                 parts.append(col_delta)
@@ -317,7 +316,7 @@ class IngestServicer:
                     grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.batch_id}: {exc}"
                 )
         # Rows go through the same column code (ingest/columnar.py): no per-packet loop.
-        row_delta, rejected = decode_rows(batch.packets, self.validator, recv_ms)
+        row_delta, rejected = decode_rows(batch.rows, self.validator, recv_ms)
         parts.append(row_delta)  # a batch may carry both forms
         rejected.update(col_rejected)
         for reason, count in rejected.items():
