@@ -22,6 +22,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 from rtmonitor.api.app import create_app
 from rtmonitor.config import Settings
+from rtmonitor.ingest.columnar import C_ROWS
 from rtmonitor.ingest.server import build_server
 from rtmonitor.ingest.servicer import SERVICE_NAME, IngestServicer
 from rtmonitor.ingest.validation import Limits, Validator
@@ -179,6 +180,12 @@ class Service:
     async def _start_ingest(self) -> None:
         s = self.settings
         assert self.store is not None
+        if not C_ROWS:
+            logger.warning(
+                "the compiled row-batch reader (rtmonitor/ingest/_rows.c) is not built: row "
+                "batches are parsed by protobuf, several times slower. Reinstall with a C "
+                "compiler and Python's headers (e.g. apt-get install gcc python3-dev)"
+            )
         # 2. The pipeline: aggregator draining the queue, flusher committing to Redis, and
         #    recovery (heartbeat first: no journal of ours may look orphaned).
         self.flusher = flusher = Flusher(
