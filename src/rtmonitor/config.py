@@ -78,7 +78,7 @@ class Settings(BaseSettings):
         description="Received but uncommitted packets before receivers are pushed back.",
     )
     max_pending_devices: int = Field(
-        500_000,
+        200_000,
         ge=1,
         description="Per-device deltas (one per device per pending batch) held before "
         "receivers are pushed back: bounds memory when batches spread over many devices.",
