@@ -56,7 +56,7 @@ def test_batches_with_ids_are_kept_apart_and_merge_exactly() -> None:
     from rtmonitor.ingest.columnar import decode_rows
     from rtmonitor.ingest.v1.telemetry_pb2 import Packet
     from rtmonitor.ingest.validation import Limits, Validator
-    from rtmonitor.storage.model import FlushDelta, merge_into
+    from rtmonitor.storage.model import FlushDelta, merge_batches, merge_into
 
     def batch(recv_ms: int, *packets: Packet) -> tuple[BatchDelta, ...]:
         return (decode_rows(packets, Validator(Limits()), recv_ms)[0],)
@@ -81,8 +81,7 @@ def test_batches_with_ids_are_kept_apart_and_merge_exactly() -> None:
         assert [b.batch_id for b in batches] == [("p", 1), ("p", 2)]
         merged = FlushDelta()
         merge_into(merged, main)
-        for pending in batches:
-            pending.merge_to(merged)
+        merge_batches(merged, [part for pending in batches for part in pending.parts])
         a = merged.devices["a"]
         assert (a.packets, a.bytes, a.first_seen, a.last_seen) == (3, 6, 50, 200)
         assert a.kinds == {"k": 2, "j": 1}
@@ -91,7 +90,7 @@ def test_batches_with_ids_are_kept_apart_and_merge_exactly() -> None:
         assert merged.packets == 4 and merged.bytes == 7
         # the sources are untouched: a conflict can rebuild the merge without them
         again = FlushDelta()
-        batches[0].merge_to(again)
+        merge_batches(again, batches[0].parts)
         assert again.devices["a"].packets == 1 and main.devices["a"].packets == 1
         agg.carry_over(batches[1:])
         assert agg.pending_batches == 1 and agg.pending_packets == 1

@@ -16,7 +16,7 @@ from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Columns, Packet
 from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.loadgen.columns import encode_columns
 from rtmonitor.pipeline.aggregator import fold
-from rtmonitor.storage.model import FlushDelta
+from rtmonitor.storage.model import FlushDelta, merge_batches, merge_into
 
 NOW = 1_700_000_000_000
 LIMITS = Limits(max_payload_bytes=100, max_values_per_packet=3)
@@ -263,3 +263,48 @@ def test_batches_merged_at_the_flush_equal_one_by_one(
             assert math.isclose(stats.sum, want.sum, rel_tol=1e-9, abs_tol=1e-6)
             stats.sum = want.sum
     assert merged == expected
+
+
+def _same_but_float_sums(got: FlushDelta, want: FlushDelta) -> None:
+    """Equal, except float sums, which may differ by the rounding of another order."""
+    assert got.devices.keys() == want.devices.keys()
+    for device_id, dev in got.devices.items():
+        for name, stats in dev.values.items():
+            expected = want.devices[device_id].values[name]
+            assert math.isclose(stats.sum, expected.sum, rel_tol=1e-9, abs_tol=1e-6)
+            stats.sum = expected.sum
+    assert got == want
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+@given(
+    st.lists(st.lists(valid_packets(), min_size=1, max_size=15), min_size=2, max_size=6),
+    st.lists(st.booleans(), min_size=6, max_size=6),
+    st.booleans(),
+    st.lists(valid_packets(), max_size=5),
+)
+def test_merging_many_batches_at_once_equals_one_by_one(
+    parts: list[list[Packet]], as_cols: list[bool], same_recv: bool, earlier: list[Packet]
+) -> None:
+    """The flush merges its pending batches in one numpy pass (merge_batches): the same
+    result as merging them in turn, into a delta that already holds other packets; with
+    equal receive times, "last" ties go to the later batch as in the one-by-one merge."""
+    v = Validator(LIMITS)
+    decoded = [
+        (decode_columns(encode_columns(p), v, t) if cols else decode_rows(p, v, t))[0]
+        for i, (p, cols) in enumerate(zip(parts, as_cols, strict=False))
+        for t in [NOW if same_recv else NOW + 7 * i]
+    ]
+    base = one_by_one(earlier)[0]
+    want, got = FlushDelta(), FlushDelta()
+    merge_into(want, base)
+    merge_into(got, base)
+    for d in decoded:
+        d.merge_into(want)
+    merge_batches(got, decoded)
+    _same_but_float_sums(got, want)

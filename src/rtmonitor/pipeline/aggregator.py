@@ -32,10 +32,6 @@ class PendingBatch:
     def entries(self) -> int:
         return sum(p.entries for p in self.parts)
 
-    def merge_to(self, target: FlushDelta) -> None:
-        for part in self.parts:
-            part.merge_into(target)
-
 
 def fold(delta: FlushDelta, rows: list[Row], recv: int) -> None:
     """Add validated rows (received at `recv` ms) to `delta`."""
