@@ -163,6 +163,28 @@ def test_stateful_limits_apply_per_batch() -> None:
     assert {d: x.kinds for d, x in delta.devices.items()} == {"a": {"x": 1}, "b": {"x": 1}}
 
 
+def test_known_devices_skip_admission_only_when_nothing_is_new() -> None:
+    """The steady state (every device known, no new kind or name) skips the per-device
+    admission; anything new in a later batch still meets the limits."""
+    v = Validator(Limits(max_devices=3, max_kinds_per_device=1, max_value_names_per_device=1))
+
+    def packet(device: str, kind: str, name: str) -> Packet:
+        p = Packet(device_id=device, kind=kind)
+        p.values[name] = 1.0
+        return p
+
+    steady = [packet("a", "x", "t"), packet("b", "x", "t")]
+    assert decode_rows(steady, v, NOW)[1] == {}
+    assert v.covers(["a", "b"], ["x"], ["t"])
+    assert decode_rows(steady, v, NOW)[0].total_packets == 2
+    assert not v.covers(["a", "b"], ["x", "y"], ["t"]) and not v.covers(["c"], ["x"], ["t"])
+    later = [packet("b", "y", "t"), packet("a", "x", "h"), packet("c", "x", "t")]
+    delta, rejected = decode_rows(later, v, NOW)
+    assert rejected == {"too_many_kinds": 1, "too_many_value_names": 1}
+    assert delta.device_ids == ["c"]
+    assert decode_rows([packet("d", "x", "t")], v, NOW)[1] == {"too_many_devices": 1}
+
+
 def test_inconsistent_columns_are_refused_with_what_to_fix() -> None:
     v = Validator(Limits())
     short = Columns(count=3, device_ids=["a"], device_index=np.zeros(2, "<u4").tobytes())

@@ -391,6 +391,8 @@ def _validate_and_aggregate(
 def _admit(t: _Table, validator: Validator, code: npt.NDArray[np.uint8], ok: Any) -> None:
     """The stateful limits (devices, kinds and value names per device), once per distinct
     device of the batch, in order of first appearance; refusals are written into `code`."""
+    if validator.covers(t.device_ids, t.kinds, t.names):
+        return  # every device known, nothing new in the batch: nothing to admit or refuse
     n_dev, n_kind, n_names = len(t.device_ids), len(t.kinds), len(t.names)
     positions = np.flatnonzero(ok)
     d_ok = t.dev_idx[positions]

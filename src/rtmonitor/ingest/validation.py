@@ -199,6 +199,16 @@ class Validator:
             )
         return (device_id, kind, nbytes, ts, values)
 
+    def covers(self, device_ids: list[str], kinds: list[str], names: list[str]) -> bool:
+        """True if every device is known and may use every one of these kinds and names:
+        the steady state, where `admit` would admit nothing new and refuse nothing. Checked
+        once per distinct vocabulary (devices of a fleet share a handful), not per device."""
+        vocabs = {id(v): v for v in map(self._devices.get, device_ids)}
+        return all(
+            v is not None and v.kinds.issuperset(kinds) and v.names.issuperset(names)
+            for v in vocabs.values()
+        )
+
     def admit(
         self, device_id: str, kinds: Collection[str], names: Collection[str]
     ) -> tuple[Reason | None, AbstractSet[str], AbstractSet[str]]:
