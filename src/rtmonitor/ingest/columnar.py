@@ -40,7 +40,7 @@ from rtmonitor.ingest.validation import (
     Reason,
     Validator,
 )
-from rtmonitor.storage.model import BatchDelta
+from rtmonitor.storage.model import BatchDelta, number_keys
 
 try:
     from rtmonitor.ingest._rows import read_rows as _read_rows
@@ -109,22 +109,6 @@ def _dictionary(
     counts in two."""
     distinct, canon = _encode(list(entries), empty_as)
     return distinct, np.append(canon, -1)[np.minimum(index.astype(np.int64), len(entries))]
-
-
-def _number(keys: IntArray, space: int) -> tuple[IntArray, IntArray]:
-    """Number the distinct keys (each in range(space)): the distinct keys, sorted, and the
-    number of each key. A lookup table when the key space is small, a sort otherwise (so
-    that a hostile batch of thousands of devices times thousands of kinds or value names
-    cannot allocate their product)."""
-    if space > 4 * len(keys) + 4096:
-        present, numbers = np.unique(keys, return_inverse=True)
-        return present, numbers.reshape(-1)
-    seen = np.zeros(space, dtype=np.bool_)
-    seen[keys] = True
-    present = np.flatnonzero(seen)
-    lut = np.zeros(space, dtype=np.int64)
-    lut[present] = np.arange(len(present))
-    return present, lut[keys]
 
 
 def _column(data: bytes, dtype: str, count: int, name: str) -> npt.NDArray[Any] | None:
@@ -355,7 +339,7 @@ def _validate_and_aggregate(
     # Aggregation of the accepted packets: each device of the batch gets a row (numbered
     # over the device index), and everything per packet is a bincount over those rows.
     positions = np.flatnonzero(ok)
-    uniq, rows = _number(t.dev_idx[positions], n_dev)
+    uniq, rows = number_keys(t.dev_idx[positions], n_dev)
     u = len(uniq)
     group = np.full(n, -1, dtype=np.int64)  # per packet: its device's row, -1 if refused
     group[positions] = rows
@@ -365,7 +349,7 @@ def _validate_and_aggregate(
         nbytes = np.bincount(rows, weights=t.size[positions], minlength=u).astype(np.int64)
     else:
         nbytes = np.zeros(u, dtype=np.int64)
-    pairs, pair_numbers = _number(rows * n_kind + t.kind_idx[positions], u * n_kind)
+    pairs, pair_numbers = number_keys(rows * n_kind + t.kind_idx[positions], u * n_kind)
     pair_counts = np.bincount(pair_numbers, minlength=len(pairs))
     values = _aggregate_values(t, group, u, recv_ms)
     device_ids = t.device_ids
@@ -401,13 +385,13 @@ def _admit(t: _Table, validator: Validator, code: npt.NDArray[np.uint8], ok: Any
     order = np.flatnonzero(first < t.n)
     order = order[np.argsort(first[order], kind="stable")]
     kinds_of: dict[int, list[str]] = {}
-    for key in _number(d_ok * n_kind + t.kind_idx[positions], n_dev * n_kind)[0].tolist():
+    for key in number_keys(d_ok * n_kind + t.kind_idx[positions], n_dev * n_kind)[0].tolist():
         kinds_of.setdefault(key // n_kind, []).append(t.kinds[key % n_kind])
     names_of: dict[int, list[str]] = {}
     if len(t.v_pos):
         v_ok = ok[t.v_pos]
         v_dev = t.dev_idx[t.v_pos[v_ok]]
-        for key in _number(v_dev * n_names + t.v_name[v_ok], n_dev * n_names)[0].tolist():
+        for key in number_keys(v_dev * n_names + t.v_name[v_ok], n_dev * n_names)[0].tolist():
             names_of.setdefault(key // n_names, []).append(t.names[key % n_names])
     for d in order.tolist():
         reason, refused_kinds, refused_names = validator.admit(
@@ -446,7 +430,7 @@ def _aggregate_values(t: _Table, group: IntArray, u: int, recv_ms: int) -> _Valu
         return i, i, i, f, f, f, f, i
     x = t.v_val[sel]
     # one slot per (device row, value name) present
-    slot_keys, dense = _number(owner[sel] * n_names + t.v_name[sel], u * n_names)
+    slot_keys, dense = number_keys(owner[sel] * n_names + t.v_name[sel], u * n_names)
     slots = len(slot_keys)
     count = np.bincount(dense, minlength=slots)
     total = np.bincount(dense, weights=x, minlength=slots)  # sequential: packet order

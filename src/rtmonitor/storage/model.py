@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import numpy.typing as npt
+
+IntArray = npt.NDArray[np.int64]
 
 
 @dataclass(slots=True)
@@ -175,9 +178,32 @@ class BatchDelta:
         return delta
 
 
-def _ids(table: dict[str, int], strings: list[str]) -> npt.NDArray[np.int64]:
+def number_keys(keys: IntArray, space: int) -> tuple[IntArray, IntArray]:
+    """Number the distinct keys (each in range(space)): the distinct keys, sorted, and the
+    number of each key. A lookup table when the key space is small, a sort otherwise (so
+    that a hostile batch of thousands of devices times thousands of kinds or value names
+    cannot allocate their product)."""
+    if space > 4 * len(keys) + 4096:
+        present, numbers = np.unique(keys, return_inverse=True)
+        return present, numbers.reshape(-1)
+    seen = np.zeros(space, dtype=np.bool_)
+    seen[keys] = True
+    present = np.flatnonzero(seen)
+    lut = np.zeros(space, dtype=np.int64)
+    lut[present] = np.arange(len(present))
+    return present, lut[keys]
+
+
+def _ids(table: dict[str, int], strings: list[str]) -> IntArray:
     """Each string's number in `table`, adding the new ones (first-appearance order)."""
     return np.array([table.setdefault(x, len(table)) for x in strings], dtype=np.int64)
+
+
+def _shifted(lists: list[list[str]], index: list[IntArray]) -> IntArray:
+    """Each part's index into its own list, as an index into the lists concatenated."""
+    offsets = np.cumsum([0] + [len(x) for x in lists[:-1]], dtype=np.int64)
+    shifted: IntArray = np.concatenate(index) + np.repeat(offsets, [len(i) for i in index])
+    return shifted
 
 
 def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
@@ -187,8 +213,8 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
 
     The parts are numbered into one set of devices, kinds and value names, concatenated,
     and reduced with numpy: counts and sums with add.at/bincount (in part order), min/max
-    with minimum.at/maximum.at, "last" by a sort on (key, timestamp, part order), so the
-    newest reading wins and a tie goes to the later part, as in `_add_stats`.
+    with minimum.at/maximum.at, "last" as the latest part among those with the newest
+    timestamp, as in `_add_stats`. No sort: keys are numbered with a lookup table.
 
     一次把多个待提交批次合并进 target：先给所有批次的设备/kind/数值名统一编号，拼接后用 numpy
     归约；Python 只对“合并后不同的设备与读数”各做一次，而不是每批每设备一次。"""
@@ -196,22 +222,25 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
         for part in parts:
             part.merge_into(target)
         return
+    cat = np.concatenate
     devices: dict[str, int] = {}
     kinds: dict[str, int] = {}
     names: dict[str, int] = {}
-    dev, recv, kind_dev, kind, value_dev, value_name = [], [], [], [], [], []
-    for p in parts:
-        target.packets += p.total_packets
-        target.bytes += p.total_bytes
-        d = _ids(devices, p.device_ids)
-        dev.append(d)
-        recv.append(np.full(len(d), p.recv_ms, dtype=np.int64))
-        kind_dev.append(d[p.kind_dev])
-        kind.append(_ids(kinds, p.kinds)[p.kind_idx])
-        value_dev.append(d[p.value_dev])
-        value_name.append(_ids(names, p.names)[p.value_name])
-    cat = np.concatenate
-    all_dev, all_recv = cat(dev), cat(recv)
+    dev_lists = [p.device_ids for p in parts]
+    all_dev = _ids(devices, list(chain.from_iterable(dev_lists)))
+    all_recv = np.repeat([p.recv_ms for p in parts], [len(x) for x in dev_lists])
+    kind_dev = all_dev[_shifted(dev_lists, [p.kind_dev for p in parts])]
+    value_dev = all_dev[_shifted(dev_lists, [p.value_dev for p in parts])]
+    kind_lists = [p.kinds for p in parts]
+    kind = _ids(kinds, list(chain.from_iterable(kind_lists)))[
+        _shifted(kind_lists, [p.kind_idx for p in parts])
+    ]
+    name_lists = [p.names for p in parts]
+    value_name = _ids(names, list(chain.from_iterable(name_lists)))[
+        _shifted(name_lists, [p.value_name for p in parts])
+    ]
+    target.packets += sum(p.total_packets for p in parts)
+    target.bytes += sum(p.total_bytes for p in parts)
     n = len(devices)
     packets = np.zeros(n, dtype=np.int64)
     nbytes = np.zeros(n, dtype=np.int64)
@@ -230,9 +259,9 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     ]  # fmt: skip
     if kinds:
         kind_names = list(kinds)
-        pair, which = np.unique(cat(kind_dev) * len(kinds) + cat(kind), return_inverse=True)
+        pair, which = number_keys(kind_dev * len(kinds) + kind, n * len(kinds))
         per_kind = np.zeros(len(pair), dtype=np.int64)
-        np.add.at(per_kind, which.reshape(-1), cat([p.kind_count for p in parts]))
+        np.add.at(per_kind, which, cat([p.kind_count for p in parts]))
         for key, added in zip(pair.tolist(), per_kind.tolist(), strict=True):
             of = rows[key // len(kinds)].kinds
             k = kind_names[key % len(kinds)]
@@ -240,8 +269,7 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     if not names:
         return
     value_names = list(names)
-    pair, which = np.unique(cat(value_dev) * len(names) + cat(value_name), return_inverse=True)
-    which = which.reshape(-1)
+    pair, which = number_keys(value_dev * len(names) + value_name, n * len(names))
     m = len(pair)
     count = np.zeros(m, dtype=np.int64)
     np.add.at(count, which, cat([p.count for p in parts]))
@@ -250,9 +278,13 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     hi = np.full(m, -np.inf)
     np.minimum.at(lo, which, cat([p.vmin for p in parts]))
     np.maximum.at(hi, which, cat([p.vmax for p in parts]))
+    # "last": the newest timestamp of each reading, and of those the latest part.
     ts = cat([p.last_ts for p in parts])
-    newest = np.lexsort((np.arange(len(which)), ts, which))
-    ends = newest[np.flatnonzero(np.append(np.diff(which[newest]) != 0, True))]
+    newest_ts = np.full(m, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(newest_ts, which, ts)
+    newest = np.flatnonzero(ts == newest_ts[which])
+    ends = np.full(m, -1, dtype=np.int64)
+    np.maximum.at(ends, which[newest], newest)
     last = cat([p.last for p in parts])[ends]
     for key, *stats in zip(
         pair.tolist(), count.tolist(), total.tolist(), lo.tolist(), hi.tolist(),
