@@ -345,6 +345,10 @@ static PyObject *read_rows(PyObject *self, PyObject *args)
     Py_buffer buf;
     if (!PyArg_ParseTuple(args, "y*:read_rows", &buf))
         return NULL;
+    if (buf.len > INT32_MAX) { /* dictionary slots are 32-bit: far beyond any gRPC message */
+        PyBuffer_Release(&buf);
+        Py_RETURN_NONE;
+    }
     const uint8_t *start = buf.buf, *end = start + buf.len;
     state_t st;
     memset(&st, 0, sizeof st);

@@ -274,9 +274,9 @@ def decode_rows(
     """A row batch (read by the C reader, or protobuf's packets): the aggregated delta of its
     accepted packets, and the refused ones by reason — the same result as the same packets
     sent as columns."""
-    if not rows:
-        return _empty(recv_ms), Counter()
     if not isinstance(rows, _Table):
+        if not rows:
+            return _empty(recv_ms), Counter()
         # One list of protobuf's packet objects, so that each column pass reuses them.
         rows = _table_from_rows(list(rows))
     if rows.n == 0:
