@@ -60,7 +60,7 @@ def as_rows(batch: list[Packet]) -> tuple[FlushDelta, int]:
     raw = Batch(packets=batch).SerializeToString()
     results = []
     for compiled in (True, False):
-        parsed = parse_batch(raw, compiled=compiled)
+        parsed = parse_batch(raw, len(batch), compiled=compiled)
         assert isinstance(parsed.rows, Sequence) != compiled  # which reader read it
         delta, rejected = decode_rows(parsed.rows, Validator(LIMITS), NOW)
         results.append((delta.to_flush_delta(), rejected.total()))

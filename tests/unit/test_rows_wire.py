@@ -20,10 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtmonitor.ingest import columnar
-from rtmonitor.ingest.columnar import C_ROWS, parse_batch
+from rtmonitor.ingest.columnar import C_ROWS, BatchTooLarge, parse_batch
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch
 
 pytestmark = pytest.mark.skipif(not C_ROWS, reason="the C row reader is not built")
+NO_LIMIT = 2**40
 
 
 def test_the_compiled_reader_is_built() -> None:
@@ -83,7 +84,7 @@ def assert_same_as_protobuf(raw: bytes, must_read: bool = False) -> None:
     except DecodeError:
         assert columnar._read_rows(raw) is None, "C read a message protobuf refuses"
         with pytest.raises(DecodeError):
-            parse_batch(raw)
+            parse_batch(raw, NO_LIMIT)
         return
     got = packets_of(raw, compiled=True)
     if got is None:
@@ -269,9 +270,23 @@ def test_unusual_messages_go_to_protobuf(raw: bytes) -> None:
 
 def test_invalid_utf8_is_refused_as_protobuf_refuses_it() -> None:
     with pytest.raises(DecodeError):
-        parse_batch(DECLINED["invalid UTF-8 in a device id"])
+        parse_batch(DECLINED["invalid UTF-8 in a device id"], NO_LIMIT)
 
 
 def test_nan_readings_keep_their_bits() -> None:
     raw = batch(s(1, "a") + entry("t", math.nan) + entry("h", -0.0) + entry("p", math.inf))
     assert_same_as_protobuf(raw, must_read=True)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_batch_over_the_limit_is_refused_before_it_is_built(compiled: bool) -> None:
+    """Both readers refuse a batch past --max-batch-packets with its id and size; the C
+    reader counts the packets in its first pass and builds nothing (a 64 MB message of
+    tiny packets would otherwise make gigabytes of columns)."""
+    raw = batch(*(s(1, f"d{i}") for i in range(1001)), head=field(2, 0, 77))
+    with pytest.raises(BatchTooLarge) as refused:
+        parse_batch(raw, 1000, compiled=compiled)
+    assert (refused.value.batch_id, refused.value.packets) == (77, 1001)
+    assert parse_batch(raw, 1001, compiled=compiled).count == 1001
+    if compiled:
+        assert columnar._read_rows(raw, 1000) == (77, 1001)

@@ -333,17 +333,20 @@ static PyObject *column(Py_ssize_t count, size_t width)
 #define DATA(obj) ((void *)PyByteArray_AS_STRING(obj))
 
 PyDoc_STRVAR(read_rows_doc,
-"read_rows(data) -> tuple | None\n\n"
+"read_rows(data, max_packets=-1) -> tuple | None\n\n"
 "Read a serialized rtmonitor.v1.Batch of row packets into columns: (producer_id,\n"
 "batch_id, device_ids, dev_idx, kinds, kind_idx, size, ts, names, v_pos, v_name, v_val),\n"
 "the index and number columns as bytearrays of native int64 / float64 (readings\n"
-"in packet order). None when protobuf's parser must read the message instead.");
+"in packet order). (batch_id, packets) only, when there are more than max_packets\n"
+"(counted in the first pass: nothing is built for a batch that will be refused).\n"
+"None when protobuf's parser must read the message instead.");
 
 static PyObject *read_rows(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer buf;
-    if (!PyArg_ParseTuple(args, "y*:read_rows", &buf))
+    Py_ssize_t max_packets = -1;
+    if (!PyArg_ParseTuple(args, "y*|n:read_rows", &buf, &max_packets))
         return NULL;
     if (buf.len > INT32_MAX) { /* dictionary slots are 32-bit: far beyond any gRPC message */
         PyBuffer_Release(&buf);
@@ -365,6 +368,10 @@ static PyObject *read_rows(PyObject *self, PyObject *args)
         Py_RETURN_NONE;
     }
     Py_ssize_t n = st.n, m = st.m;
+    if (max_packets >= 0 && n > max_packets) { /* refused whole: build nothing */
+        PyBuffer_Release(&buf);
+        return Py_BuildValue("(Kn)", (unsigned long long)st.batch_id, n);
+    }
     if (dict_init(&st.devices, n) || dict_init(&st.kinds, n) || dict_init(&st.names, m)) {
         PyErr_NoMemory();
         goto done;

@@ -1,5 +1,6 @@
 def read_rows(
     data: bytes,
+    max_packets: int = -1,
 ) -> (
     tuple[
         str,
@@ -15,5 +16,6 @@ def read_rows(
         bytearray,
         bytearray,
     ]
+    | tuple[int, int]
     | None
 ): ...

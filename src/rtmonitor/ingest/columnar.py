@@ -244,16 +244,31 @@ class ParsedBatch:
         return rows + (self.columns.count if self.columns is not None else 0)
 
 
-def parse_batch(raw: bytes, compiled: bool = C_ROWS) -> ParsedBatch:
-    """Read a serialized Batch; raises protobuf's DecodeError if it is not one. Row batches
-    go through the C reader (`compiled`), which hands anything unusual back to protobuf."""
+class BatchTooLarge(ValueError):
+    """A batch with more packets than allowed: refused whole, before it is decoded."""
+
+    def __init__(self, batch_id: int, packets: int) -> None:
+        super().__init__(f"batch {batch_id} has {packets} packets")
+        self.batch_id = batch_id
+        self.packets = packets
+
+
+def parse_batch(raw: bytes, max_packets: int, compiled: bool = C_ROWS) -> ParsedBatch:
+    """Read a serialized Batch. Raises protobuf's DecodeError if it is not one, and
+    BatchTooLarge past `max_packets` (before building anything per packet). Row batches go
+    through the C reader (`compiled`), which hands anything unusual back to protobuf."""
     if compiled:
-        fields = _read_rows(raw)
+        fields = _read_rows(raw, max_packets)
+        if fields is not None and len(fields) == 2:
+            raise BatchTooLarge(fields[0], fields[1])
         if fields is not None:
             return ParsedBatch(fields[0], fields[1], None, _table_from_wire(fields))
     batch = Batch.FromString(raw)
     columns = batch.columns if batch.HasField("columns") else None
-    return ParsedBatch(batch.producer_id, batch.batch_id, columns, batch.packets)
+    parsed = ParsedBatch(batch.producer_id, batch.batch_id, columns, batch.packets)
+    if parsed.count > max_packets:
+        raise BatchTooLarge(batch.batch_id, parsed.count)
+    return parsed
 
 
 def decode_columns(

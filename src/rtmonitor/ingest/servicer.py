@@ -14,7 +14,13 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows, parse_batch
+from rtmonitor.ingest.columnar import (
+    BatchTooLarge,
+    ColumnsError,
+    decode_columns,
+    decode_rows,
+    parse_batch,
+)
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, BatchAck, Packet
 from rtmonitor.ingest.validation import Reason, Validator
 from rtmonitor.pipeline.aggregator import Aggregator
@@ -277,7 +283,7 @@ class IngestServicer:
     async def _accept_batch(self, raw: bytes) -> _Pending | _StreamError:
         """Validate one batch and queue its good packets; an error ends the stream."""
         try:
-            batch = parse_batch(raw)
+            batch = parse_batch(raw, self.max_batch_packets)
         except DecodeError as exc:
             self.aggregator.count_rejected("malformed_batch")  # unit: messages
             return _StreamError(
@@ -285,14 +291,14 @@ class IngestServicer:
                 f"malformed Batch message ({exc}): send a rtmonitor.v1.Batch "
                 "serialized with protobuf",
             )
-        n = batch.count
-        if n > self.max_batch_packets:
-            self.aggregator.count_rejected("batch_too_large", n)
+        except BatchTooLarge as big:
+            self.aggregator.count_rejected("batch_too_large", big.packets)
             return _StreamError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"batch {batch.batch_id} has {n} packets; the limit is {self.max_batch_packets} "
+                f"{big}; the limit is {self.max_batch_packets} "
                 "(--max-batch-packets): split it into smaller batches",
             )
+        n = batch.count
         producer = batch.producer_id
         if producer and not _PRODUCER_ID.fullmatch(producer):
             self.aggregator.count_rejected("invalid_producer_id", n)
