@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint typecheck proto install clean check-image
+.PHONY: run test test-slow test-asan lint typecheck proto install clean check-image
 
 $(STAMP): pyproject.toml setup.py src/rtmonitor/ingest/_rows.c
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP) lint typecheck
 ## The long soak/load variants.
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+## The C row reader under AddressSanitizer + UBSan, against the differential tests.
+test-asan: $(STAMP)
+	$(BIN)/python tools/asan.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests tools
