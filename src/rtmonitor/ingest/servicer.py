@@ -30,6 +30,11 @@ from rtmonitor.pipeline.work import CommitFailed, CommitTracker, Work
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "rtmonitor.v1.TelemetryIngest"
+# A batch stream's reader gives the event loop back after this much work. gRPC hands over
+# messages it already holds without suspending the reader, so under load one stream could
+# decode batch after batch in a single turn of the loop while HTTP requests wait; A/B with
+# a lone GET probe under ~8M columnar packets/s: p50 19.7 -> 11.6 ms, p99 35-46 -> 24-32.
+_READ_TURN_S = 0.001
 SHUTDOWN_MESSAGE = "server is shutting down: resend unacknowledged batches (to another instance)"
 
 
@@ -236,6 +241,7 @@ class IngestServicer:
         stream = _Stream()
 
         async def read() -> None:
+            turn_started = time.perf_counter()
             try:
                 async for raw in requests:
                     stream.busy = True
@@ -246,6 +252,9 @@ class IngestServicer:
                         return
                     stream.busy = False
                     stream.last_activity = time.monotonic()
+                    if time.perf_counter() - turn_started > _READ_TURN_S:
+                        await asyncio.sleep(0)  # let HTTP requests and other streams in
+                        turn_started = time.perf_counter()
             finally:
                 pending.put_nowait(None)
 
