@@ -108,3 +108,43 @@ def test_rates_use_complete_seconds_only() -> None:
     assert r["packets_per_s_10s"] == (10 + 20 + 40) / 10
     assert r["packets_per_s_60s"] == (10 + 20 + 40 + 60) / 60
     assert r["bytes_per_s_10s"] == 100 / 10
+
+
+def test_batches_without_ids_drained_together_equal_one_by_one() -> None:
+    """Batches without an id, drained from the queue together, are merged in one numpy
+    pass; the delta equals adding them one by one, beside rows of StreamPackets."""
+    from rtmonitor.ingest.columnar import decode_rows
+    from rtmonitor.ingest.v1.telemetry_pb2 import Packet
+    from rtmonitor.ingest.validation import Limits, Validator
+
+    v = Validator(Limits())
+
+    def batch(recv: int, *spec: tuple[str, str, float, int]) -> tuple[BatchDelta, ...]:
+        packets = []
+        for device, kind, value, ts in spec:
+            p = Packet(device_id=device, kind=kind, payload=b"xy", timestamp_ms=ts)
+            p.values["t"] = value
+            packets.append(p)
+        return (decode_rows(packets, v, recv)[0],)
+
+    async def main() -> None:
+        t = CommitTracker()
+        items = [
+            Work([], 100, t, None, batch(100, ("a", "k", 1.5, 10), ("b", "j", 2.0, 10))),
+            Work([("a", "k", 4, 30, {"t": 9.0})], 110, t),
+            Work([], 120, t, None, batch(120, ("a", "j", -3.0, 20), ("c", "k", 0.5, 5))),
+            Work([], 130, t, None, batch(130, ("b", "k", 7.0, 10))),  # a tie on b's newest
+        ]
+        together, one_by_one = Aggregator(), Aggregator()
+        together.add_all(items)
+        for work in items:
+            one_by_one.add(work)
+        got, trackers, _ = together.swap()
+        want, _, _ = one_by_one.swap()
+        assert trackers == {t: 4}
+        assert got == want
+        b = got.devices["b"]
+        assert (b.packets, b.first_seen, b.last_seen, b.kinds) == (2, 100, 130, {"j": 1, "k": 1})
+        assert (b.values["t"].last, b.values["t"].last_ts) == (7.0, 10)  # the later batch wins
+
+    asyncio.run(main())

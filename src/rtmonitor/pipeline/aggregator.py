@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.pipeline.work import CommitTracker, Row, Work
-from rtmonitor.storage.model import BatchDelta, DeviceDelta, FlushDelta, ValueStats
+from rtmonitor.storage.model import BatchDelta, DeviceDelta, FlushDelta, ValueStats, merge_batches
 
 logger = logging.getLogger(__name__)
 
@@ -108,20 +108,28 @@ class Aggregator:
 
     def add(self, work: Work) -> None:
         """Fold one queue item into the current delta."""
-        if work.batch_id is None:
-            if work.rows:
-                fold(self._delta, work.rows, work.recv_ms)
-            for part in work.parts:
-                part.merge_into(self._delta)
-            trackers = self._trackers
-            trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
-            return
-        if work.rows:  # rows are StreamPackets' packets, which have no batch id
-            raise ValueError("a batch with an id carries decoded parts, not rows")
-        batch = PendingBatch(work.batch_id, work.parts, work.tracker)
-        self._batches.append(batch)
-        self._batch_packets += batch.packets
-        self._batch_devices += batch.entries
+        self.add_all([work])
+
+    def add_all(self, items: list[Work]) -> None:
+        """Fold queue items into the current delta. The batches without an id (nothing to
+        deduplicate) are merged together in one numpy pass (merge_batches) after the rest;
+        batches with an id wait, each apart, for the flush to settle their id."""
+        loose: list[BatchDelta] = []
+        trackers = self._trackers
+        for work in items:
+            if work.batch_id is None:
+                if work.rows:
+                    fold(self._delta, work.rows, work.recv_ms)
+                loose += work.parts
+                trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
+                continue
+            if work.rows:  # rows are StreamPackets' packets, which have no batch id
+                raise ValueError("a batch with an id carries decoded parts, not rows")
+            batch = PendingBatch(work.batch_id, work.parts, work.tracker)
+            self._batches.append(batch)
+            self._batch_packets += batch.packets
+            self._batch_devices += batch.entries
+        merge_batches(self._delta, loose)
 
     def carry_over(self, batches: list[PendingBatch]) -> None:
         """Put batches back for the next flush (their id is pending in another flush)."""
@@ -164,8 +172,7 @@ class Aggregator:
             items = await queue.get_all()
             if not items:
                 return
-            for work in items:
-                self.add(work)
+            self.add_all(items)
             if (
                 self.pending_packets >= flush_max_packets
                 or self.pending_entries >= flush_max_entries
