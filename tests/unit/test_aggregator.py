@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.work import CommitTracker, Work
 from rtmonitor.storage.model import BatchDelta
@@ -110,13 +112,21 @@ def test_rates_use_complete_seconds_only() -> None:
     assert r["bytes_per_s_10s"] == 100 / 10
 
 
-def test_batches_without_ids_drained_together_equal_one_by_one() -> None:
-    """Batches without an id, drained from the queue together, are merged in one numpy
-    pass; the delta equals adding them one by one, beside rows of StreamPackets."""
+@pytest.mark.parametrize("merge_entries", [3, 5_000])
+def test_batches_without_ids_are_merged_in_passes_exactly(
+    merge_entries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches without an id wait in column form and are merged MERGE_ENTRIES at a time
+    (and at the swap) in numpy passes: the delta equals folding and merging every item in
+    turn, and the pending counts include what waits."""
     from rtmonitor.ingest.columnar import decode_rows
     from rtmonitor.ingest.v1.telemetry_pb2 import Packet
     from rtmonitor.ingest.validation import Limits, Validator
+    from rtmonitor.pipeline import aggregator
+    from rtmonitor.pipeline.aggregator import fold
+    from rtmonitor.storage.model import FlushDelta
 
+    monkeypatch.setattr(aggregator, "MERGE_ENTRIES", merge_entries)
     v = Validator(Limits())
 
     def batch(recv: int, *spec: tuple[str, str, float, int]) -> tuple[BatchDelta, ...]:
@@ -135,12 +145,18 @@ def test_batches_without_ids_drained_together_equal_one_by_one() -> None:
             Work([], 120, t, None, batch(120, ("a", "j", -3.0, 20), ("c", "k", 0.5, 5))),
             Work([], 130, t, None, batch(130, ("b", "k", 7.0, 10))),  # a tie on b's newest
         ]
-        together, one_by_one = Aggregator(), Aggregator()
-        together.add_all(items)
+        agg = Aggregator()
+        agg.add_all(items[:2])
+        agg.add_all(items[2:])
+        assert agg.pending_packets == 6
+        assert agg.pending_entries >= 3
+        want = FlushDelta()
         for work in items:
-            one_by_one.add(work)
-        got, trackers, _ = together.swap()
-        want, _, _ = one_by_one.swap()
+            fold(want, work.rows, work.recv_ms)
+            for part in work.parts:
+                part.merge_into(want)
+        got, trackers, _ = agg.swap()
+        assert agg.pending_packets == 0 and agg.pending_entries == 0
         assert trackers == {t: 4}
         assert got == want
         b = got.devices["b"]

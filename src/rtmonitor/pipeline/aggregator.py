@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.pipeline.work import CommitTracker, Row, Work
-from rtmonitor.storage.model import BatchDelta, DeviceDelta, FlushDelta, ValueStats, merge_batches
+from rtmonitor.storage.model import (
+    MERGE_ENTRIES,
+    BatchDelta,
+    DeviceDelta,
+    FlushDelta,
+    ValueStats,
+    merge_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +91,17 @@ class Aggregator:
         self._batches: list[PendingBatch] = []
         self._batch_packets = 0
         self._batch_devices = 0
+        # Parts of batches without an id, merged into the delta MERGE_ENTRIES at a time.
+        self._loose: list[BatchDelta] = []
+        self._loose_packets = 0
+        self._loose_entries = 0
         # Since this process started, for /stats (Redis has the totals of every instance).
         self.rejected_total: Counter[str] = Counter()
 
     @property
     def pending_packets(self) -> int:
         """Packets folded in since the last swap()."""
-        return self._delta.packets + self._batch_packets
+        return self._delta.packets + self._batch_packets + self._loose_packets
 
     @property
     def pending_devices(self) -> int:
@@ -100,7 +111,7 @@ class Aggregator:
     def pending_entries(self) -> int:
         """Per-device deltas held (one per device per pending batch): what the memory of
         the pending work grows with when each batch spreads over many devices."""
-        return len(self._delta.devices) + self._batch_devices
+        return len(self._delta.devices) + self._batch_devices + self._loose_entries
 
     @property
     def pending_batches(self) -> int:
@@ -111,16 +122,21 @@ class Aggregator:
         self.add_all([work])
 
     def add_all(self, items: list[Work]) -> None:
-        """Fold queue items into the current delta. The batches without an id (nothing to
-        deduplicate) are merged together in one numpy pass (merge_batches) after the rest;
-        batches with an id wait, each apart, for the flush to settle their id."""
-        loose: list[BatchDelta] = []
+        """Fold queue items into the current delta. Rows are folded at once; the parts of
+        batches without an id (nothing to deduplicate) are merged MERGE_ENTRIES at a time
+        in one numpy pass (merge_batches), and at the swap; batches with an id wait, each
+        apart, for the flush to settle their id. (So a tie on the newest timestamp between
+        a packet and a batch part goes to the part: across streams, arrival order is not
+        defined anyway.)"""
         trackers = self._trackers
         for work in items:
             if work.batch_id is None:
                 if work.rows:
                     fold(self._delta, work.rows, work.recv_ms)
-                loose += work.parts
+                for part in work.parts:
+                    self._loose.append(part)
+                    self._loose_packets += part.total_packets
+                    self._loose_entries += part.entries
                 trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
                 continue
             if work.rows:  # rows are StreamPackets' packets, which have no batch id
@@ -129,7 +145,12 @@ class Aggregator:
             self._batches.append(batch)
             self._batch_packets += batch.packets
             self._batch_devices += batch.entries
-        merge_batches(self._delta, loose)
+        if self._loose_entries >= MERGE_ENTRIES:
+            self._merge_loose()
+
+    def _merge_loose(self) -> None:
+        merge_batches(self._delta, self._loose)
+        self._loose, self._loose_packets, self._loose_entries = [], 0, 0
 
     def carry_over(self, batches: list[PendingBatch]) -> None:
         """Put batches back for the next flush (their id is pending in another flush)."""
@@ -144,6 +165,7 @@ class Aggregator:
 
     def swap(self) -> tuple[FlushDelta, dict[CommitTracker, int], list[PendingBatch]]:
         """Take the current delta, its trackers and the pending batches; start afresh."""
+        self._merge_loose()
         taken = self._delta, self._trackers, self._batches
         self._delta, self._trackers, self._batches = FlushDelta(), {}, []
         self._batch_packets = 0

@@ -16,24 +16,27 @@ from redis.exceptions import RedisError
 
 from rtmonitor.pipeline.aggregator import Aggregator, PendingBatch
 from rtmonitor.pipeline.work import CommitFailed, CommitTracker
-from rtmonitor.storage.model import BatchDelta, FlushDelta, merge_batches, merge_into
+from rtmonitor.storage.model import (
+    MERGE_ENTRIES,
+    BatchDelta,
+    FlushDelta,
+    merge_batches,
+    merge_into,
+)
 from rtmonitor.storage.store import RedisStore
 
 logger = logging.getLogger(__name__)
-# Per-device entries of pending batches merged in one numpy pass, between two yields to the
-# event loop (~1.5 ms): ~50 batches of 100 devices each, or one batch over 5,000 devices.
-_MERGE_ENTRIES = 5_000
 
 
 def _slices(batches: list[PendingBatch]) -> Iterator[list[BatchDelta]]:
-    """The batches' parts in order, cut into slices of about _MERGE_ENTRIES entries."""
+    """The batches' parts in order, cut into slices of about MERGE_ENTRIES entries."""
     part_slice: list[BatchDelta] = []
     entries = 0
     for batch in batches:
         for part in batch.parts:
             part_slice.append(part)
             entries += part.entries
-            if entries >= _MERGE_ENTRIES:
+            if entries >= MERGE_ENTRIES:
                 yield part_slice
                 part_slice, entries = [], 0
     if part_slice:

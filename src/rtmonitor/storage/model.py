@@ -194,6 +194,11 @@ def number_keys(keys: IntArray, space: int) -> tuple[IntArray, IntArray]:
     return present, lut[keys]
 
 
+# Per-device entries of batches merged in one numpy pass (~1.5 ms), between two yields to
+# the event loop: ~50 batches of 100 devices each, or one batch over 5,000 devices.
+MERGE_ENTRIES = 5_000
+
+
 def _ids(table: dict[str, int], strings: list[str]) -> IntArray:
     """Each string's number in `table`, adding the new ones (first-appearance order)."""
     return np.array([table.setdefault(x, len(table)) for x in strings], dtype=np.int64)
