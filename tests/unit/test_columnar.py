@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rtmonitor.ingest import columnar
 from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows, parse_batch
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Columns, Packet
 from rtmonitor.ingest.validation import Limits, Validator
@@ -71,6 +72,15 @@ def as_rows(batch: list[Packet]) -> tuple[FlushDelta, int]:
 def as_columns(batch: list[Packet]) -> tuple[FlushDelta, int]:
     delta, rejected = decode_columns(encode_columns(batch), Validator(LIMITS), NOW)
     return delta.to_flush_delta(), rejected.total()
+
+
+def test_the_compiled_row_reader_is_built() -> None:
+    """The package is built with its C row reader: without it every row batch takes
+    protobuf's slower path, and tests/unit/test_rows_wire.py is skipped."""
+    assert columnar.C_ROWS, (
+        "rtmonitor/ingest/_rows.c was not compiled: install a C compiler and Python's "
+        "headers (apt-get install gcc python3-dev), then `make clean test`"
+    )
 
 
 # too_slow: generation time on a loaded shared CI machine says nothing about correctness.
