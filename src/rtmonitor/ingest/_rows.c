@@ -143,6 +143,18 @@ static int skip_field(const uint8_t **pp, const uint8_t *end, uint32_t wire)
     }
 }
 
+/* A field of a known number: its wire type must be the declared one, else protobuf
+   decides (it would keep the field as unknown data). */
+static int bytes_field(const uint8_t **pp, const uint8_t *end, uint32_t wire, slice_t *out)
+{
+    return wire != 2 ? FALLBACK : read_slice(pp, end, out);
+}
+
+static int varint_field(const uint8_t **pp, const uint8_t *end, uint32_t wire, uint64_t *out)
+{
+    return wire != 0 ? FALLBACK : read_varint(pp, end, out);
+}
+
 /* What the two passes share. Pass 1 only counts; pass 2 (fill = 1) writes the columns. */
 typedef struct {
     int fill;
@@ -167,7 +179,7 @@ static int read_entry(state_t *st, const uint8_t *p, const uint8_t *end)
         if (read_tag(&p, end, &field, &wire))
             return FALLBACK;
         if (field == 1) {
-            if (wire != 2 || read_slice(&p, end, &key))
+            if (bytes_field(&p, end, wire, &key))
                 return FALLBACK;
         } else if (field == 2) {
             if (wire != 1 || end - p < 8)
@@ -208,32 +220,20 @@ static int read_packet(state_t *st, const uint8_t *p, const uint8_t *end)
     while (p < end) {
         if (read_tag(&p, end, &field, &wire))
             return FALLBACK;
+        int bad;
         switch (field) {
-        case 1:
-            if (wire != 2 || read_slice(&p, end, &device))
-                return FALLBACK;
-            break;
-        case 2:
-            if (wire != 0 || read_varint(&p, end, &ts))
-                return FALLBACK;
-            break;
-        case 3:
-            if (wire != 2 || read_slice(&p, end, &kind))
-                return FALLBACK;
-            break;
-        case 4:
-            if (wire != 2 || read_slice(&p, end, &payload))
-                return FALLBACK;
-            break;
+        case 1: bad = bytes_field(&p, end, wire, &device); break;
+        case 2: bad = varint_field(&p, end, wire, &ts); break;
+        case 3: bad = bytes_field(&p, end, wire, &kind); break;
+        case 4: bad = bytes_field(&p, end, wire, &payload); break;
         case 5:
-            if (wire != 2 || read_slice(&p, end, &entry) ||
-                read_entry(st, entry.ptr, entry.ptr + entry.len))
-                return FALLBACK;
+            bad = bytes_field(&p, end, wire, &entry) ||
+                  read_entry(st, entry.ptr, entry.ptr + entry.len);
             break;
-        default:
-            if (skip_field(&p, end, wire))
-                return FALLBACK;
+        default: bad = skip_field(&p, end, wire);
         }
+        if (bad)
+            return FALLBACK;
     }
     if (st->fill) {
         Py_ssize_t i = st->n;
@@ -256,26 +256,20 @@ static int read_batch(state_t *st, const uint8_t *p, const uint8_t *end)
     while (p < end) {
         if (read_tag(&p, end, &field, &wire))
             return FALLBACK;
+        int bad;
         switch (field) {
-        case 1:
-            if (wire != 2 || read_slice(&p, end, &st->producer))
-                return FALLBACK;
-            break;
-        case 2:
-            if (wire != 0 || read_varint(&p, end, &st->batch_id))
-                return FALLBACK;
-            break;
+        case 1: bad = bytes_field(&p, end, wire, &st->producer); break;
+        case 2: bad = varint_field(&p, end, wire, &st->batch_id); break;
         case 3:
-            if (wire != 2 || read_slice(&p, end, &packet) ||
-                read_packet(st, packet.ptr, packet.ptr + packet.len))
-                return FALLBACK;
+            bad = bytes_field(&p, end, wire, &packet) ||
+                  read_packet(st, packet.ptr, packet.ptr + packet.len);
             break;
         case 4: /* columns: decoded from protobuf's message by numpy (ingest/columnar.py) */
             return FALLBACK;
-        default:
-            if (skip_field(&p, end, wire))
-                return FALLBACK;
+        default: bad = skip_field(&p, end, wire);
         }
+        if (bad)
+            return FALLBACK;
     }
     return 0;
 }
