@@ -40,7 +40,7 @@ from rtmonitor.ingest.validation import (
     Reason,
     Validator,
 )
-from rtmonitor.storage.model import BatchDelta, number_keys
+from rtmonitor.storage.model import BatchDelta, latest_of_newest, number_keys
 
 try:
     from rtmonitor.ingest._rows import read_rows as _read_rows
@@ -279,7 +279,7 @@ def decode_columns(
     if cols.count == 0:
         if cols.device_index or cols.values:
             raise ColumnsError("columns carry data but count is 0")
-        return _empty(recv_ms), Counter()
+        return _empty(), Counter()
     return _validate_and_aggregate(_table_from_columns(cols), validator, recv_ms)
 
 
@@ -291,17 +291,17 @@ def decode_rows(
     sent as columns."""
     if not isinstance(rows, _Table):
         if not rows:
-            return _empty(recv_ms), Counter()
+            return _empty(), Counter()
         # One list of protobuf's packet objects, so that each column pass reuses them.
         rows = _table_from_rows(list(rows))
     if rows.n == 0:
-        return _empty(recv_ms), Counter()
+        return _empty(), Counter()
     return _validate_and_aggregate(rows, validator, recv_ms)
 
 
-def _empty(recv_ms: int) -> BatchDelta:
+def _empty() -> BatchDelta:
     i, f = _NO_INTS, _NO_FLOATS
-    return BatchDelta([], i, i, recv_ms, [], i, i, i, [], i, i, i, f, f, f, f, i, 0, 0)
+    return BatchDelta([], i, i, i, i, [], i, i, i, [], i, i, i, f, f, f, f, i, 0, 0)
 
 
 def _validate_and_aggregate(
@@ -349,7 +349,7 @@ def _validate_and_aggregate(
         for c in np.flatnonzero(counts[1:]).tolist():
             rejected[str(_REASONS[c])] = int(counts[c + 1])
     if not ok.any():
-        return _empty(recv_ms), rejected
+        return _empty(), rejected
 
     # Aggregation of the accepted packets: each device of the batch gets a row (numbered
     # over the device index), and everything per packet is a bincount over those rows.
@@ -368,12 +368,14 @@ def _validate_and_aggregate(
     pair_counts = np.bincount(pair_numbers, minlength=len(pairs))
     values = _aggregate_values(t, group, u, recv_ms)
     device_ids = t.device_ids
+    seen = np.full(u, recv_ms, dtype=np.int64)  # the batch's receive time, first and last
     return (
         BatchDelta(
             [device_ids[d] for d in uniq.tolist()],
             packets,
             nbytes,
-            recv_ms,
+            seen,
+            seen,
             t.kinds,
             pairs // n_kind,
             pairs % n_kind,
@@ -453,21 +455,16 @@ def _aggregate_values(t: _Table, group: IntArray, u: int, recv_ms: int) -> _Valu
     vmax = np.full(slots, -np.inf)
     np.minimum.at(vmin, dense, x)
     np.maximum.at(vmax, dense, x)
-    if t.ts is None:  # every packet at receive time: "last" is the last reading
+    # "last": the newest device timestamp wins; among equal timestamps, the later packet
+    if t.ts is None:  # every packet at receive time: simply the latest reading
         last_at = np.zeros(slots, dtype=np.int64)
         np.maximum.at(last_at, dense, np.arange(len(dense)))
-        last = x[last_at]
-        last_ts = np.full(slots, recv_ms, dtype=np.int64)
+        last, last_ts = x[last_at], np.full(slots, recv_ms, dtype=np.int64)
     else:
-        # the newest device timestamp wins; among equal timestamps, the later packet
         ts = t.ts[t.v_pos[sel]]
         ts = np.where(ts == 0, recv_ms, ts)
-        by_time = np.lexsort((np.arange(len(dense)), ts, dense))
-        ends = np.r_[np.flatnonzero(np.diff(dense[by_time])), len(dense) - 1]
-        last = np.zeros(slots)
-        last_ts = np.zeros(slots, dtype=np.int64)
-        last[dense[by_time][ends]] = x[by_time][ends]
-        last_ts[dense[by_time][ends]] = ts[by_time][ends]
+        ends = latest_of_newest(dense, slots, ts)
+        last, last_ts = x[ends], ts[ends]
     return (
         slot_keys // n_names,
         slot_keys % n_names,

@@ -120,7 +120,8 @@ class BatchDelta:
     device_ids: list[str]
     packets: npt.NDArray[np.int64]  # per device
     nbytes: npt.NDArray[np.int64]
-    recv_ms: int
+    first_seen: npt.NDArray[np.int64]  # receive times (one batch: its receive time)
+    last_seen: npt.NDArray[np.int64]
     kinds: list[str]
     kind_dev: npt.NDArray[np.int64]  # per (device, kind): row in device_ids
     kind_idx: npt.NDArray[np.int64]  # index into kinds
@@ -145,13 +146,14 @@ class BatchDelta:
         """Add this batch to `target`, exactly as merge_into() adds a FlushDelta."""
         target.packets += self.total_packets
         target.bytes += self.total_bytes
-        devices, recv = target.devices, self.recv_ms
+        devices = target.devices
         rows = [
-            _device(devices, device_id, packets, nbytes, recv, recv)
-            for device_id, packets, nbytes in zip(
-                self.device_ids, self.packets.tolist(), self.nbytes.tolist(), strict=True
+            _device(devices, device_id, *stats)
+            for device_id, *stats in zip(
+                self.device_ids, self.packets.tolist(), self.nbytes.tolist(),
+                self.first_seen.tolist(), self.last_seen.tolist(), strict=True,
             )
-        ]
+        ]  # fmt: skip
         kinds = self.kinds
         for row, k, count in zip(
             self.kind_dev.tolist(), self.kind_idx.tolist(), self.kind_count.tolist(), strict=True
@@ -194,6 +196,18 @@ def number_keys(keys: IntArray, space: int) -> tuple[IntArray, IntArray]:
     return present, lut[keys]
 
 
+def latest_of_newest(which: IntArray, slots: int, ts: IntArray) -> IntArray:
+    """For each slot in range(slots): the index of its "last" entry — the latest one among
+    those with the newest `ts` (entries in arrival order; `which` gives each one's slot).
+    The same rule as `_add_stats` and the per-packet fold, without a sort."""
+    newest_ts = np.full(slots, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(newest_ts, which, ts)
+    newest = np.flatnonzero(ts == newest_ts[which])
+    ends = np.full(slots, -1, dtype=np.int64)
+    np.maximum.at(ends, which[newest], newest)
+    return ends
+
+
 # Per-device entries of batches merged in one numpy pass (~1.5 ms), between two yields to
 # the event loop: ~50 batches of 100 devices each, or one batch over 5,000 devices.
 MERGE_ENTRIES = 5_000
@@ -217,9 +231,10 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     device, kind and reading of all the parts instead of one per device of every part.
 
     The parts are numbered into one set of devices, kinds and value names, concatenated,
-    and reduced with numpy: counts and sums with add.at/bincount (in part order), min/max
-    with minimum.at/maximum.at, "last" as the latest part among those with the newest
-    timestamp, as in `_add_stats`. No sort: keys are numbered with a lookup table.
+    and reduced with numpy into one BatchDelta: counts and sums with add.at/bincount (in
+    part order), min/max with minimum.at/maximum.at, "last" as the latest part among those
+    with the newest timestamp, as in `_add_stats`. No sort: keys are numbered with a lookup
+    table. One part alone is applied as it is (the numpy pass would only cost time).
 
     一次把多个待提交批次合并进 target：先给所有批次的设备/kind/数值名统一编号，拼接后用 numpy
     归约；Python 只对“合并后不同的设备与读数”各做一次，而不是每批每设备一次。"""
@@ -233,7 +248,6 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     names: dict[str, int] = {}
     dev_lists = [p.device_ids for p in parts]
     all_dev = _ids(devices, list(chain.from_iterable(dev_lists)))
-    all_recv = np.repeat([p.recv_ms for p in parts], [len(x) for x in dev_lists])
     kind_dev = all_dev[_shifted(dev_lists, [p.kind_dev for p in parts])]
     value_dev = all_dev[_shifted(dev_lists, [p.value_dev for p in parts])]
     kind_lists = [p.kinds for p in parts]
@@ -244,8 +258,6 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     value_name = _ids(names, list(chain.from_iterable(name_lists)))[
         _shifted(name_lists, [p.value_name for p in parts])
     ]
-    target.packets += sum(p.total_packets for p in parts)
-    target.bytes += sum(p.total_bytes for p in parts)
     n = len(devices)
     packets = np.zeros(n, dtype=np.int64)
     nbytes = np.zeros(n, dtype=np.int64)
@@ -253,46 +265,32 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     np.add.at(nbytes, all_dev, cat([p.nbytes for p in parts]))
     first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
     last_seen = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)
-    np.minimum.at(first, all_dev, all_recv)
-    np.maximum.at(last_seen, all_dev, all_recv)
-    rows = [
-        _device(target.devices, device_id, *stats)
-        for device_id, *stats in zip(
-            devices, packets.tolist(), nbytes.tolist(), first.tolist(), last_seen.tolist(),
-            strict=True,
-        )
-    ]  # fmt: skip
-    if kinds:
-        kind_names = list(kinds)
-        pair, which = number_keys(kind_dev * len(kinds) + kind, n * len(kinds))
-        per_kind = np.zeros(len(pair), dtype=np.int64)
-        np.add.at(per_kind, which, cat([p.kind_count for p in parts]))
-        for key, added in zip(pair.tolist(), per_kind.tolist(), strict=True):
-            of = rows[key // len(kinds)].kinds
-            k = kind_names[key % len(kinds)]
-            of[k] = of.get(k, 0) + added
-    if not names:
-        return
-    value_names = list(names)
-    pair, which = number_keys(value_dev * len(names) + value_name, n * len(names))
+    np.minimum.at(first, all_dev, cat([p.first_seen for p in parts]))
+    np.maximum.at(last_seen, all_dev, cat([p.last_seen for p in parts]))
+    n_kinds = max(len(kinds), 1)
+    kind_pair, which = number_keys(kind_dev * n_kinds + kind, n * n_kinds)
+    per_kind = np.zeros(len(kind_pair), dtype=np.int64)
+    np.add.at(per_kind, which, cat([p.kind_count for p in parts]))
+    n_names = max(len(names), 1)
+    pair, which = number_keys(value_dev * n_names + value_name, n * n_names)
     m = len(pair)
     count = np.zeros(m, dtype=np.int64)
     np.add.at(count, which, cat([p.count for p in parts]))
-    total = np.bincount(which, weights=cat([p.total for p in parts]), minlength=m)
+    total = np.asarray(
+        np.bincount(which, weights=cat([p.total for p in parts]), minlength=m), np.float64
+    )
     lo = np.full(m, np.inf)
     hi = np.full(m, -np.inf)
     np.minimum.at(lo, which, cat([p.vmin for p in parts]))
     np.maximum.at(hi, which, cat([p.vmax for p in parts]))
-    # "last": the newest timestamp of each reading, and of those the latest part.
     ts = cat([p.last_ts for p in parts])
-    newest_ts = np.full(m, np.iinfo(np.int64).min, dtype=np.int64)
-    np.maximum.at(newest_ts, which, ts)
-    newest = np.flatnonzero(ts == newest_ts[which])
-    ends = np.full(m, -1, dtype=np.int64)
-    np.maximum.at(ends, which[newest], newest)
-    last = cat([p.last for p in parts])[ends]
-    for key, *stats in zip(
-        pair.tolist(), count.tolist(), total.tolist(), lo.tolist(), hi.tolist(),
-        last.tolist(), ts[ends].tolist(), strict=True,
-    ):  # fmt: skip
-        _add_stats(rows[key // len(names)].values, value_names[key % len(names)], *stats)
+    ends = latest_of_newest(which, m, ts)
+    # The parts reduced to one, with one entry per distinct device, kind and reading:
+    # applied to `target` by the same code as a single batch.
+    BatchDelta(
+        list(devices), packets, nbytes, first, last_seen,
+        list(kinds), kind_pair // n_kinds, kind_pair % n_kinds, per_kind,
+        list(names), pair // n_names, pair % n_names, count, total, lo, hi,
+        cat([p.last for p in parts])[ends], ts[ends],
+        sum(p.total_packets for p in parts), sum(p.total_bytes for p in parts),
+    ).merge_into(target)  # fmt: skip
