@@ -265,6 +265,17 @@ def test_many_devices_and_names_stay_sparse() -> None:
     assert delta == one_by_one(batch, Limits(max_devices=10_000))[0]
 
 
+def _same_but_float_sums(got: FlushDelta, want: FlushDelta) -> None:
+    """Equal, except float sums, which may differ by the rounding of another order."""
+    assert got.devices.keys() == want.devices.keys()
+    for device_id, dev in got.devices.items():
+        for name, stats in dev.values.items():
+            expected = want.devices[device_id].values[name]
+            assert math.isclose(stats.sum, expected.sum, rel_tol=1e-9, abs_tol=1e-6)
+            stats.sum = expected.sum
+    assert got == want
+
+
 @settings(
     max_examples=200,
     deadline=None,
@@ -285,27 +296,9 @@ def test_batches_merged_at_the_flush_equal_one_by_one(
             decode_columns(encode_columns(part), v, NOW) if as_cols else decode_rows(part, v, NOW)
         )[0]
         decoded.merge_into(merged)
-    expected = one_by_one(drawn)[0]
     # Float sums are added per batch, then batch to batch: exact up to the rounding of a
     # different addition order; every other field is exact.
-    assert merged.devices.keys() == expected.devices.keys()
-    for device_id, dev in merged.devices.items():
-        for name, stats in dev.values.items():
-            want = expected.devices[device_id].values[name]
-            assert math.isclose(stats.sum, want.sum, rel_tol=1e-9, abs_tol=1e-6)
-            stats.sum = want.sum
-    assert merged == expected
-
-
-def _same_but_float_sums(got: FlushDelta, want: FlushDelta) -> None:
-    """Equal, except float sums, which may differ by the rounding of another order."""
-    assert got.devices.keys() == want.devices.keys()
-    for device_id, dev in got.devices.items():
-        for name, stats in dev.values.items():
-            expected = want.devices[device_id].values[name]
-            assert math.isclose(stats.sum, expected.sum, rel_tol=1e-9, abs_tol=1e-6)
-            stats.sum = expected.sum
-    assert got == want
+    _same_but_float_sums(merged, one_by_one(drawn)[0])
 
 
 @settings(

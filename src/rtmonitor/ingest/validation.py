@@ -83,6 +83,10 @@ class _Vocabulary:
         self.kinds = kinds
         self.names = names
 
+    def has(self, kinds: Collection[str], names: Collection[str]) -> bool:
+        """True if these kinds and names are all known already (nothing to admit)."""
+        return self.kinds.issuperset(kinds) and self.names.issuperset(names)
+
 
 def _admit_new(
     known: frozenset[str], items: Iterable[str], limit: int
@@ -204,10 +208,7 @@ class Validator:
         the steady state, where `admit` would admit nothing new and refuse nothing. Checked
         once per distinct vocabulary (devices of a fleet share a handful), not per device."""
         vocabs = {id(v): v for v in map(self._devices.get, device_ids)}
-        return all(
-            v is not None and v.kinds.issuperset(kinds) and v.names.issuperset(names)
-            for v in vocabs.values()
-        )
+        return all(v is not None and v.has(kinds, names) for v in vocabs.values())
 
     def admit(
         self, device_id: str, kinds: Collection[str], names: Collection[str]
@@ -217,7 +218,7 @@ class Validator:
         names refused). The vocabulary grows only by what is admitted."""
         lim = self.limits
         vocab = self._devices.get(device_id)
-        if vocab is not None and vocab.kinds.issuperset(kinds) and vocab.names.issuperset(names):
+        if vocab is not None and vocab.has(kinds, names):
             return None, _NOTHING, _NOTHING  # the steady state: nothing new
         if vocab is None:
             if len(self._devices) >= lim.max_devices:
