@@ -187,10 +187,7 @@ async def _probe(
                 deadline = t + (flush_interval if noop else 30)
                 while time.perf_counter() < deadline:
                     r = await http.get(f"/metrics/{PROBE_DEVICE}")
-                    if noop:
-                        await asyncio.sleep(_FRESHNESS_POLL_S)
-                        continue
-                    if r.status_code == 200 and r.json()["packets"] > seen:
+                    if not noop and r.status_code == 200 and r.json()["packets"] > seen:
                         fresh.append((time.perf_counter() - t) * 1000)
                         seen = r.json()["packets"]
                         break
