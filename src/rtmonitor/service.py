@@ -399,8 +399,9 @@ def _tune_gc() -> None:
     """Once started: move everything alive into the permanent generation, and collect the
     young generation less often.
 
-    Decoding a batch creates (and drops) one protobuf object per packet; with the default
-    threshold (700) the collector ran every few batches and walked the whole heap of
+    Messages allocate objects at a high rate (one protobuf object and one row per packet on
+    StreamPackets; per packet on row batches too where the C reader is not built); with the
+    default threshold (700) the collector ran every few batches and walked the whole heap of
     gRPC/FastAPI/numpy objects in its older generations: 28% of the service's samples sat on
     that allocation in a row-batch profile, 14% after freeze(), less with the higher
     threshold (benchmarks/RESULTS.md). Nothing here relies on cycles being freed promptly.
