@@ -118,26 +118,32 @@ static int read_slice(const uint8_t **pp, const uint8_t *end, slice_t *out)
     return 0;
 }
 
+/* A fixed-width field's bytes (8: fixed64/double, 4: fixed32/float). */
+static int read_fixed(const uint8_t **pp, const uint8_t *end, Py_ssize_t width,
+                      const uint8_t **out)
+{
+    if (end - *pp < width)
+        return FALLBACK;
+    *out = *pp;
+    *pp += width;
+    return 0;
+}
+
 /* Skip an unknown field. Groups (wire types 3/4) and invalid wire types go to protobuf. */
 static int skip_field(const uint8_t **pp, const uint8_t *end, uint32_t wire)
 {
     uint64_t v;
     slice_t s;
+    const uint8_t *f;
     switch (wire) {
     case 0:
         return read_varint(pp, end, &v);
     case 1:
-        if (end - *pp < 8)
-            return FALLBACK;
-        *pp += 8;
-        return 0;
+        return read_fixed(pp, end, 8, &f);
     case 2:
         return read_slice(pp, end, &s);
     case 5:
-        if (end - *pp < 4)
-            return FALLBACK;
-        *pp += 4;
-        return 0;
+        return read_fixed(pp, end, 4, &f);
     default:
         return FALLBACK;
     }
@@ -182,13 +188,13 @@ static int read_entry(state_t *st, const uint8_t *p, const uint8_t *end)
             if (bytes_field(&p, end, wire, &key))
                 return FALLBACK;
         } else if (field == 2) {
-            if (wire != 1 || end - p < 8)
+            const uint8_t *f;
+            if (wire != 1 || read_fixed(&p, end, 8, &f))
                 return FALLBACK;
             uint64_t bits = 0;
             for (int i = 0; i < 8; i++) /* little-endian on every host */
-                bits |= (uint64_t)p[i] << (8 * i);
+                bits |= (uint64_t)f[i] << (8 * i);
             memcpy(&value, &bits, 8);
-            p += 8;
         } else {
             /* protobuf keeps an entry with unknown fields as unknown data of the packet
                (it is not in the map): left to protobuf. */
