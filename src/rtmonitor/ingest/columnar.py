@@ -14,7 +14,8 @@ aggregates it:
 Validation runs on whole columns (masks) and on the dictionaries (each distinct device id,
 kind and value name is checked once per batch, not once per packet). The result is the
 batch's FlushDelta, exactly what folding the same packets one by one would give: counts
-and sums accumulate in packet order (np.bincount), min/max with ufunc.at, "last" by a sort.
+and sums accumulate in packet order (np.bincount), min/max with ufunc.at, "last" as the
+latest packet among those with the newest timestamp (storage/model.latest_of_newest).
 
 批次的两种形式（行、列）都先变成同一张“列表格”，再走同一条 numpy 路径：
 逐包的 Python 循环换成整列运算（掩码、bincount、排序），
