@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from rtmonitor.storage.keys import SORT_INDEXES, KeyLayout
 from rtmonitor.storage.model import DeviceDelta, FlushDelta
 from rtmonitor.storage.scripts import FINALIZE, MERGE_DEVICES, MERGE_GLOBAL, PREPARE
+from rtmonitor.storage.wire import lean
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class RedisStore:
             client = RedisCluster.from_url(url, **opts)
         else:
             client = aioredis.Redis.from_url(url, **opts)
+            # Chosen by scheme (TCP, TLS, unix socket) before any connection exists.
+            pool = client.connection_pool
+            pool.connection_class = lean(pool.connection_class)
         return cls(client, KeyLayout(prefix), retention_s=retention_s)
 
     async def __aenter__(self) -> Self:

@@ -1,0 +1,116 @@
+"""redis-py's asyncio connections, with two costs taken out of the event loop.
+
+Everything here shares one event loop with gRPC streams and HTTP requests, so what a
+command costs the loop is what a GET waits behind under load:
+
+- Packing. redis-py's asyncio connections serialize a command in Python and copy the
+  buffer built so far once per argument until it reaches 6 KB: a merge call of ~3,000
+  arguments took 2.6 ms to pack, in one step. hiredis (already the reply parser here)
+  packs the same bytes in C in a quarter of that; redis-py's synchronous client uses it,
+  its asyncio client does not.
+- The write timeout. redis-py bounds each write with `asyncio.wait_for`, which on
+  Python 3.11 runs the write as a task of its own: every command waits three turns of
+  the loop before its reply is even read (2.2 ms median under columnar load).
+  `asyncio.timeout` bounds the same write in place.
+
+The subclasses change nothing else. A Redis Cluster client builds its node connections
+itself and keeps redis-py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
+
+
+class _Lean:
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        """The command in the Redis protocol, as redis-py's synchronous hiredis packer does."""
+        name = args[0]
+        # A command name may carry words of its own ("CONFIG GET"): Redis wants them apart.
+        if isinstance(name, str):
+            args = (*name.encode().split(), *args[1:])
+        elif isinstance(name, bytes | bytearray | memoryview) and b" " in name:
+            args = (*bytes(name).split(), *args[1:])
+        if any(isinstance(a, bytearray) for a in args):
+            args = tuple(bytes(a) if isinstance(a, bytearray) else a for a in args)
+        try:
+            # (hiredis's stub types the tuple as one element long)
+            return [hiredis.pack_command(cast(Any, args))]
+        except TypeError as exc:  # what redis-py raises for an argument of the wrong type
+            raise DataError(str(exc)) from exc
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        """Write `command`, as redis-py does, but bounded by a timeout instead of a task."""
+        conn = cast(AbstractConnection, self)
+        timeout = conn.socket_timeout
+        if not conn.is_connected or not timeout:  # (re)connecting: redis-py's own path
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            return
+        if check_health:
+            await conn.check_health()  # type: ignore[no-untyped-call]
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        writer = conn._writer
+        assert writer is not None  # connected
+        try:
+            async with asyncio.timeout(timeout):
+                writer.writelines(command)
+                await writer.drain()
+        # redis-py's errors, and like redis-py the connection is dropped whatever the
+        # failure (cancellation included). Unlike redis-py it is aborted, not closed: a
+        # close would go on sending the unsent rest, and Redis would run a command its
+        # caller was told had failed.
+        except TimeoutError:  # (before OSError, its base class)
+            writer.transport.abort()
+            await conn.disconnect(nowait=True)
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            writer.transport.abort()
+            await conn.disconnect(nowait=True)
+            raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+        except BaseException:
+            writer.transport.abort()
+            await conn.disconnect(nowait=True)
+            raise
+
+
+class LeanConnection(_Lean, Connection):
+    """TCP."""
+
+
+class LeanUnixConnection(_Lean, UnixDomainSocketConnection):
+    """Unix socket (the embedded Redis)."""
+
+
+class LeanSSLConnection(_Lean, SSLConnection):
+    """TLS (rediss://)."""
+
+
+_LEAN: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: LeanConnection,
+    UnixDomainSocketConnection: LeanUnixConnection,
+    SSLConnection: LeanSSLConnection,
+}
+
+
+def lean(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """The lean twin of one of redis-py's connection classes (others as they are)."""
+    return _LEAN.get(connection_class, connection_class)

@@ -1,0 +1,102 @@
+"""The lean Redis connections (storage/wire.py) against a real Redis: the same bytes as
+redis-py's, and a write that stalls still times out and drops its connection."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import hiredis
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis.asyncio.connection import Connection, ConnectionPool, UnixDomainSocketConnection
+from redis.exceptions import DataError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from rtmonitor.storage.embedded import EmbeddedRedis
+from rtmonitor.storage.store import RedisStore
+from rtmonitor.storage.wire import LeanConnection, LeanUnixConnection, lean
+
+_ARG = st.one_of(
+    st.text(),
+    st.binary(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(["SET", "CONFIG GET", b"EVALSHA", "hset"]), args=st.lists(_ARG))
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(
+    name: str | bytes, args: list[str | bytes | int | float]
+) -> None:
+    ours, theirs = LeanConnection(), Connection()
+    assert b"".join(ours.pack_command(name, *args)) == b"".join(theirs.pack_command(name, *args))
+    # bytearray / memoryview arguments, as redis-py takes them
+    assert ours.pack_command("SET", bytearray(b"k"), memoryview(b"v")) == [
+        b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+    ]
+
+
+def test_bad_arguments_raise_redis_pys_error() -> None:
+    for bad in (None, True, [1]):
+        with pytest.raises(DataError):
+            LeanConnection().pack_command("SET", "k", bad)  # type: ignore[arg-type]
+
+
+def test_the_store_uses_the_lean_twin_of_the_connection_class_of_its_url() -> None:
+    assert lean(Connection) is LeanConnection
+    assert lean(UnixDomainSocketConnection) is LeanUnixConnection
+    for url, expected in [
+        ("redis://127.0.0.1:1", LeanConnection),
+        ("unix:///tmp/nowhere.sock", LeanUnixConnection),
+    ]:
+        store = RedisStore.from_url(url)
+        assert isinstance(store.client, aioredis.Redis)
+        assert store.client.connection_pool.connection_class is expected
+    assert hiredis.pack_command(("PING",)) == b"*1\r\n$4\r\nPING\r\n"
+
+
+def test_a_stalled_write_times_out_and_drops_its_connection(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """Redis stopped (SIGSTOP) stops reading: a large write fills the socket buffers and
+    stalls. It must fail with redis-py's TimeoutError within the socket timeout, the
+    next command must work on a fresh connection once Redis runs again, and the failed
+    command must never run."""
+    pid = redis_server.pid
+    assert pid is not None
+
+    async def main() -> None:
+        pool = ConnectionPool(
+            connection_class=LeanConnection,
+            host=redis_server.host,
+            port=redis_server.port,
+            socket_timeout=0.5,
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        try:
+            assert await client.ping()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(RedisTimeoutError, match="writing"):
+                    await client.set("big", b"x" * (64 << 20))
+                assert time.monotonic() - started < 5
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert await client.set("small", b"y")
+            assert await client.get("small") == b"y"
+            # The connection was aborted, not closed: the unsent rest of the command is
+            # never delivered, so Redis never runs it.
+            await asyncio.sleep(0.5)
+            assert await client.exists("big") == 0
+        finally:
+            await client.aclose()
+            await pool.aclose()
+
+    asyncio.run(main())
