@@ -212,12 +212,12 @@ class Flusher:
             if fresh:
                 merged = FlushDelta()
                 merge_into(merged, delta)
-                for i, parts in enumerate(_slices(fresh)):
-                    if i:
-                        # Hundreds of batches per flush under load: give receivers and HTTP
-                        # requests the loop between slices instead of one long stall.
-                        await asyncio.sleep(0)
+                for parts in _slices(fresh):
                     merge_batches(merged, parts)
+                    # Hundreds of batches per flush under load: give receivers and HTTP
+                    # requests the loop after each slice (and before the plan is encoded)
+                    # instead of one long stall.
+                    await asyncio.sleep(0)
             # The calls carry everything from here on: a merged copy is consumed while it is
             # encoded (with 100,000 devices it is ~100 MB, as large as the calls), so the two
             # are never both whole in memory. `delta` itself stays whole: a conflict merges
