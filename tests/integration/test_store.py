@@ -183,3 +183,24 @@ def test_rates_come_from_second_buckets_summed_over_instances(
             assert page[0]["device_id"] == "a" and page[0]["rate"]["packets_per_s_10s"] == 8
 
     asyncio.run(main())
+
+
+def test_one_device_reads_the_same_as_many(redis_server: EmbeddedRedis) -> None:
+    """One device is read by a script call, several by a pipeline: the same records."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            now_ms = int(time.time() * 1000) - 2000
+            t = ValueStats(2, 1.5, -1.0, 2.5, 2.5, now_ms)
+            await store.commit(delta(a=dev(2, now_ms, now_ms, t), b=dev(1, now_ms, now_ms)), "i", 1)
+            for _ in range(3):  # rates move with the clock: compare within one second
+                second = int(time.time())
+                one = await store.get_devices(["a"])
+                many = await store.get_devices(["nope", "a", "b"])
+                if int(time.time()) == second:
+                    break
+            assert one[0]["rate"]["packets_per_s_10s"] == 0.2
+            assert one == many[:1] and [r["device_id"] for r in many] == ["a", "b"]
+            assert await store.get_devices(["nope"]) == []
+
+    asyncio.run(main())

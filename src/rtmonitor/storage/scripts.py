@@ -171,3 +171,9 @@ redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
+
+# One device's hash and rate buckets in one call (KEYS: the two). A read that needs no Lua,
+# but one command instead of a pipeline: see RedisStore.get_devices.
+READ_DEVICE = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+"""
