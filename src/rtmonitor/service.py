@@ -210,6 +210,11 @@ class Service:
                 self.queue,
                 s.flush_max_packets,
                 s.max_pending_devices // 2,
+                # A sender waits for acks with at most --max-inflight-batches batches out
+                # per stream: holding half of that before flushing keeps a stream's window
+                # ahead of the ack latency, whatever the batch size (small row batches
+                # would otherwise wait for the timer, and throughput = window / latency).
+                s.max_inflight_batches // 2,
                 flusher.request_flush,
                 over_budget,
             ),

@@ -164,3 +164,33 @@ def test_batches_without_ids_are_merged_in_passes_exactly(
         assert (b.values["t"].last, b.values["t"].last_ts) == (7.0, 10)  # the later batch wins
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_enough_pending_batches_ask_for_a_flush(with_ids: bool) -> None:
+    """Senders wait for acks: a few small batches must trigger a flush long before the
+    packet or device thresholds would (with or without batch ids)."""
+    from rtmonitor.ingest.columnar import decode_rows
+    from rtmonitor.ingest.v1.telemetry_pb2 import Packet
+    from rtmonitor.ingest.validation import Limits, Validator
+    from rtmonitor.pipeline.queue import PacketQueue
+
+    async def main() -> None:
+        agg, queue, asked = Aggregator(), PacketQueue[Work](1000), []
+        parts = (decode_rows([Packet(device_id="a", kind="k")], Validator(Limits()), 1)[0],)
+        consumer = asyncio.create_task(
+            agg.consume(
+                queue, 10**9, 10**9, 3, lambda: asked.append(agg.pending_batches), lambda: False
+            )
+        )
+        for n in range(5):
+            batch_id = ("p", n) if with_ids else None
+            await queue.put(Work([], 1, CommitTracker(), batch_id, parts), 1)
+            await asyncio.sleep(0.01)
+        queue.close()
+        await consumer
+        assert asked == [3, 4, 5] and agg.pending_packets == 5
+        agg.swap()
+        assert agg.pending_batches == 0
+
+    asyncio.run(main())

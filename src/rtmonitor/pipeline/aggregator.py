@@ -95,6 +95,7 @@ class Aggregator:
         self._loose: list[BatchDelta] = []
         self._loose_packets = 0
         self._loose_entries = 0
+        self._loose_batches = 0  # id-less batches folded since the swap (merged or not)
         # Since this process started, for /stats (Redis has the totals of every instance).
         self.rejected_total: Counter[str] = Counter()
 
@@ -115,7 +116,8 @@ class Aggregator:
 
     @property
     def pending_batches(self) -> int:
-        return len(self._batches)
+        """Batches (with an id or without) whose senders wait for the next flush's ack."""
+        return len(self._batches) + self._loose_batches
 
     def add(self, work: Work) -> None:
         """Fold one queue item into the current delta."""
@@ -137,6 +139,8 @@ class Aggregator:
                     self._loose.append(part)
                     self._loose_packets += part.total_packets
                     self._loose_entries += part.entries
+                if work.parts:
+                    self._loose_batches += 1
                 trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
                 continue
             if work.rows:  # rows are StreamPackets' packets, which have no batch id
@@ -170,6 +174,7 @@ class Aggregator:
         self._delta, self._trackers, self._batches = FlushDelta(), {}, []
         self._batch_packets = 0
         self._batch_devices = 0
+        self._loose_batches = 0
         return taken
 
     async def consume(
@@ -177,6 +182,7 @@ class Aggregator:
         queue: PacketQueue[Work],
         flush_max_packets: int,
         flush_max_entries: int,
+        flush_max_batches: int,
         on_full: Callable[[], None],
         over_budget: Callable[[], bool],
     ) -> None:
@@ -198,5 +204,6 @@ class Aggregator:
             if (
                 self.pending_packets >= flush_max_packets
                 or self.pending_entries >= flush_max_entries
+                or self.pending_batches >= flush_max_batches
             ):
                 on_full()
