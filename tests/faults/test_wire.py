@@ -100,3 +100,10 @@ def test_a_stalled_write_times_out_and_drops_its_connection(
             await pool.aclose()
 
     asyncio.run(main())
+
+
+def test_a_large_value_is_sent_as_it_is_not_copied() -> None:
+    big = b"j" * 100_000
+    chunks = LeanConnection().pack_command("EVALSHA", "sha", 1, "key", big)
+    assert any(chunk is big for chunk in chunks)
+    assert b"".join(chunks) == b"".join(Connection().pack_command("EVALSHA", "sha", 1, "key", big))

@@ -35,18 +35,26 @@ from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
+# Arguments longer than this are not copied into the packed command (redis-py's cutoff).
+_INLINE_MAX = 6000
+_PLAIN = frozenset({str, int, float})
+
 
 class _Lean:
     def pack_command(self, *args: EncodableT) -> list[bytes]:
         """The command in the Redis protocol, as redis-py's synchronous hiredis packer does."""
+        if not _PLAIN.issuperset(map(type, args)):  # (one C-level pass over the args)
+            if any(isinstance(a, bytes | bytearray) and len(a) > _INLINE_MAX for a in args):
+                # A large value (a flush's journal: ~25 MB for 100,000 devices) would be
+                # copied into the packed command; redis-py's packer sends it as a chunk.
+                return cast(list[bytes], super().pack_command(*args))  # type: ignore[misc]
+            args = tuple(bytes(a) if isinstance(a, bytearray) else a for a in args)
         name = args[0]
         # A command name may carry words of its own ("CONFIG GET"): Redis wants them apart.
         if isinstance(name, str):
             args = (*name.encode().split(), *args[1:])
-        elif isinstance(name, bytes | bytearray | memoryview) and b" " in name:
+        elif isinstance(name, bytes | memoryview) and b" " in name:
             args = (*bytes(name).split(), *args[1:])
-        if any(isinstance(a, bytearray) for a in args):
-            args = tuple(bytes(a) if isinstance(a, bytearray) else a for a in args)
         try:
             # (hiredis's stub types the tuple as one element long)
             return [hiredis.pack_command(cast(Any, args))]
