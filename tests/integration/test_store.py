@@ -6,6 +6,9 @@ import asyncio
 import time
 from collections import Counter
 
+import pytest
+
+from rtmonitor.storage import store as store_module
 from rtmonitor.storage.embedded import EmbeddedRedis
 from rtmonitor.storage.model import DeviceDelta, FlushDelta, ValueStats
 from rtmonitor.storage.store import RedisStore
@@ -202,5 +205,29 @@ def test_one_device_reads_the_same_as_many(redis_server: EmbeddedRedis) -> None:
             assert one[0]["rate"]["packets_per_s_10s"] == 0.2
             assert one == many[:1] and [r["device_id"] for r in many] == ["a", "b"]
             assert await store.get_devices(["nope"]) == []
+
+    asyncio.run(main())
+
+
+def test_a_plan_applied_in_slices_and_again_counts_once(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big plan goes in several pipelines; applying part of it, then all of it (a retry
+    after a failure between slices), counts every device exactly once."""
+    monkeypatch.setattr(store_module, "APPLY_SLICE", 2)
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            store._group_size = 2
+            d = delta(**{f"d{i}": dev(i + 1, 10, 20) for i in range(7)})
+            calls = store.plan(d, "i", 1)
+            assert len(calls) == 5  # four device calls and the global one: three slices
+            await store.apply(calls[:3])  # as if the connection broke after that
+            await store.apply(calls)
+            await store.apply(calls)
+            records = await store.get_devices([f"d{i}" for i in range(7)])
+            assert [r["packets"] for r in records] == list(range(1, 8))
+            totals = await store.totals()
+            assert (totals["packets"], totals["devices"]) == (28, 7)
 
     asyncio.run(main())

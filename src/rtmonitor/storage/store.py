@@ -37,6 +37,8 @@ GROUP_SIZE = 256
 # How long a merge group's marker lives without being written again. It must outlast the
 # longest time a flush can wait to be retried or replayed (a Redis outage, a dead instance).
 MARKER_TTL_S = 24 * 3600
+# Merge calls per pipeline (16 x 256 devices, ~1.5 MB of commands).
+APPLY_SLICE = 16
 # Merge calls in flight at once against a Redis Cluster (no pipelining of scripts there).
 CLUSTER_CONCURRENCY = 64
 # A merge call: (script name, keys, args). A flush's plan is a list of them, journaled as JSON.
@@ -118,9 +120,10 @@ class RedisStore:
 
     # --- writes ----------------------------------------------------------------------------
     #
-    # One flush of one instance = a list of merge calls (a "plan"), applied in one pipelined
-    # round trip. Every call is idempotent through its marker (scripts.py), so a plan can be
-    # applied again after any failure, by this instance or — from its journal — by another.
+    # One flush of one instance = a list of merge calls (a "plan"), applied in pipelined
+    # round trips (one for up to 4,096 devices). Every call is idempotent through its
+    # marker (scripts.py), so a plan can be applied again after any failure, by this
+    # instance or — from its journal — by another.
 
     def _groups(self, device_ids: list[str]) -> Iterator[tuple[str, int, list[str]]]:
         """Split devices into merge calls: (marker tag, index under that tag, devices).
@@ -185,8 +188,9 @@ class RedisStore:
         return calls
 
     async def apply(self, calls: list[Call]) -> None:
-        """Run a plan in one pipelined round trip. Raises RedisError if Redis cannot be
-        reached; calling it again with the same plan applies only what was not applied."""
+        """Run a plan in pipelined round trips (one per APPLY_SLICE calls). Raises
+        RedisError if Redis cannot be reached; calling it again with the same plan applies
+        only what was not applied."""
         if self.cluster:
             # redis-py does not run scripts inside a cluster pipeline: issue the calls
             # concurrently instead (each goes to its slot's node; scripts are (re)loaded on
@@ -199,13 +203,17 @@ class RedisStore:
 
             await asyncio.gather(*(call(*c) for c in calls))
             return
-        pipe = self.client.pipeline(transaction=False)
-        # redis-py runs registered scripts inside a pipeline (loading them first if needed);
-        # its type hints only name clients, hence the cast.
-        target = cast(aioredis.Redis, pipe)
-        for name, keys, args in calls:
-            await self._scripts[name](keys=keys, args=args, client=target)
-        await pipe.execute()
+        # A pipeline's commands are packed, joined and buffered whole before they are sent
+        # (~40 MB, three times over, for 100,000 devices): big plans go in slices. Each call
+        # is idempotent by itself, so slices change nothing about retries.
+        for start in range(0, len(calls), APPLY_SLICE):
+            pipe = self.client.pipeline(transaction=False)
+            # redis-py runs registered scripts inside a pipeline (loading them first if
+            # needed); its type hints only name clients, hence the cast.
+            target = cast(aioredis.Redis, pipe)
+            for name, keys, args in calls[start : start + APPLY_SLICE]:
+                await self._scripts[name](keys=keys, args=args, client=target)
+            await pipe.execute()
 
     async def commit(self, delta: FlushDelta, instance: str, seq: int) -> None:
         """Write a flush that carries no batch ids (no journal needed)."""
