@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import grpc
+import redis
+
+from rtmonitor.config import SendSettings
+from rtmonitor.loadgen.sender import send
+from rtmonitor.storage.embedded import EmbeddedRedis, free_port
 
 
 def test_bench_runs_and_verifies_exactly(tmp_path: Path) -> None:
@@ -28,3 +36,38 @@ def test_bench_runs_and_verifies_exactly(tmp_path: Path) -> None:
         assert r["e2e_pps"] > 0 and r["ceiling_pps"] > 0 and 0 < r["ratio_to_ceiling"]
         assert r["freshness_ms_samples"] > 0 and r["freshness_ms_p99"] >= r["freshness_ms_p50"]
         assert r["get_device_ms_samples"] > 0 and r["peak_rss_mb"] > 0
+
+
+def test_the_seed_baseline_counts_what_send_sends(redis_server: EmbeddedRedis) -> None:
+    """benchmarks/seed_design.py (the "N x the seed" baseline) takes `send`'s per-packet
+    stream and counts every packet in Redis, one HINCRBY each."""
+    port = free_port()
+    script = Path(__file__).parents[2] / "benchmarks" / "seed_design.py"
+    seed = subprocess.Popen(
+        [sys.executable, str(script), "--port", str(port), "--redis-url", redis_server.url]
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        settings = SendSettings(  # type: ignore[call-arg]  # pydantic fills in the rest
+            target=f"127.0.0.1:{port}",
+            devices=7,
+            count=700,
+            batch_size=1,
+            device_prefix="d-",
+            progress=False,
+        )
+        report = asyncio.run(send(settings))
+        assert report.errors == [] and report.accepted == 700
+        client = redis.Redis(host=redis_server.host, port=redis_server.port)
+        try:
+            counts = [int(client.hget(f"seed:d-{d:05d}", "packets") or 0) for d in range(7)]
+        finally:
+            client.close()
+        assert sum(counts) == 700 and min(counts) > 0
+        seed.terminate()
+        assert seed.wait(10) == 0  # SIGTERM stops it cleanly
+    finally:
+        if seed.poll() is None:
+            seed.kill()
+            seed.wait()
