@@ -30,36 +30,33 @@ from redis.asyncio.connection import (
     SSLConnection,
     UnixDomainSocketConnection,
 )
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 # Arguments longer than this are not copied into the packed command (redis-py's cutoff).
 _INLINE_MAX = 6000
 _PLAIN = frozenset({str, int, float})
+_HIREDIS = HiredisRespSerializer()
 
 
 class _Lean:
     def pack_command(self, *args: EncodableT) -> list[bytes]:
-        """The command in the Redis protocol, as redis-py's synchronous hiredis packer does."""
-        if not _PLAIN.issuperset(map(type, args)):  # (one C-level pass over the args)
-            if any(isinstance(a, bytes | bytearray) and len(a) > _INLINE_MAX for a in args):
-                # A large value (a flush's journal: ~25 MB for 100,000 devices) would be
-                # copied into the packed command; redis-py's packer sends it as a chunk.
-                return cast(list[bytes], super().pack_command(*args))  # type: ignore[misc]
-            args = tuple(bytes(a) if isinstance(a, bytearray) else a for a in args)
-        name = args[0]
-        # A command name may carry words of its own ("CONFIG GET"): Redis wants them apart.
-        if isinstance(name, str):
-            args = (*name.encode().split(), *args[1:])
-        elif isinstance(name, bytes | memoryview) and b" " in name:
-            args = (*bytes(name).split(), *args[1:])
-        try:
-            # (hiredis's stub types the tuple as one element long)
-            return [hiredis.pack_command(cast(Any, args))]
-        except TypeError as exc:  # what redis-py raises for an argument of the wrong type
-            raise DataError(str(exc)) from exc
+        """The command in the Redis protocol, as redis-py's synchronous client packs it."""
+        if _PLAIN.issuperset(map(type, args)):  # (one C-level pass over the args)
+            # Names and numbers, the usual case: straight to hiredis. A name may carry
+            # words of its own ("CONFIG GET"), which Redis wants apart.
+            name = cast(str, args[0])
+            return [hiredis.pack_command(cast(Any, (*name.encode().split(), *args[1:])))]
+        if any(
+            isinstance(a, bytes | bytearray | memoryview) and len(a) > _INLINE_MAX for a in args
+        ):
+            # A large value (a flush's journal: ~25 MB for 100,000 devices) would be
+            # copied into the packed command; redis-py's packer sends it as a chunk.
+            return cast(list[bytes], super().pack_command(*args))  # type: ignore[misc]
+        # Bytes, buffers, wrong types (DataError): redis-py's own hiredis packer.
+        return cast(list[bytes], _HIREDIS.pack(*cast(Any, args)))
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
@@ -82,21 +79,17 @@ class _Lean:
             async with asyncio.timeout(timeout):
                 writer.writelines(command)
                 await writer.drain()
-        # redis-py's errors, and like redis-py the connection is dropped whatever the
-        # failure (cancellation included). Unlike redis-py it is aborted, not closed: a
-        # close would go on sending the unsent rest, and Redis would run a command its
-        # caller was told had failed.
-        except TimeoutError:  # (before OSError, its base class)
+        except BaseException as exc:
+            # Like redis-py: the connection is dropped whatever the failure (cancellation
+            # included), with redis-py's errors. Unlike redis-py it is aborted, not closed:
+            # a close would go on sending the unsent rest, and Redis would run a command
+            # its caller was told had failed.
             writer.transport.abort()
             await conn.disconnect(nowait=True)
-            raise RedisTimeoutError("Timeout writing to socket") from None
-        except OSError as exc:
-            writer.transport.abort()
-            await conn.disconnect(nowait=True)
-            raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
-        except BaseException:
-            writer.transport.abort()
-            await conn.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):  # (before OSError, its base class)
+                raise RedisTimeoutError("Timeout writing to socket") from None
+            if isinstance(exc, OSError):
+                raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
             raise
 
 
