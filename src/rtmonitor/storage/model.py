@@ -213,16 +213,23 @@ def latest_of_newest(which: IntArray, slots: int, ts: IntArray) -> IntArray:
 MERGE_ENTRIES = 5_000
 
 
-def _ids(table: dict[str, int], strings: list[str]) -> IntArray:
-    """Each string's number in `table`, adding the new ones (first-appearance order)."""
-    return np.array([table.setdefault(x, len(table)) for x in strings], dtype=np.int64)
-
-
 def _shifted(lists: list[list[str]], index: list[IntArray]) -> IntArray:
     """Each part's index into its own list, as an index into the lists concatenated."""
     offsets = np.cumsum([0] + [len(x) for x in lists[:-1]], dtype=np.int64)
     shifted: IntArray = np.concatenate(index) + np.repeat(offsets, [len(i) for i in index])
     return shifted
+
+
+def _unified(
+    lists: list[list[str]], *indexes: list[IntArray]
+) -> tuple[list[str], IntArray, list[IntArray]]:
+    """Number the strings of every part in one table (first-appearance order): the table,
+    each listed string's number, and each set of per-part indexes into the lists as
+    numbers in the table."""
+    table: dict[str, int] = {}
+    strings = chain.from_iterable(lists)
+    ids = np.array([table.setdefault(x, len(table)) for x in strings], dtype=np.int64)
+    return list(table), ids, [ids[_shifted(lists, index)] for index in indexes]
 
 
 def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
@@ -243,21 +250,11 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
             part.merge_into(target)
         return
     cat = np.concatenate
-    devices: dict[str, int] = {}
-    kinds: dict[str, int] = {}
-    names: dict[str, int] = {}
-    dev_lists = [p.device_ids for p in parts]
-    all_dev = _ids(devices, list(chain.from_iterable(dev_lists)))
-    kind_dev = all_dev[_shifted(dev_lists, [p.kind_dev for p in parts])]
-    value_dev = all_dev[_shifted(dev_lists, [p.value_dev for p in parts])]
-    kind_lists = [p.kinds for p in parts]
-    kind = _ids(kinds, list(chain.from_iterable(kind_lists)))[
-        _shifted(kind_lists, [p.kind_idx for p in parts])
-    ]
-    name_lists = [p.names for p in parts]
-    value_name = _ids(names, list(chain.from_iterable(name_lists)))[
-        _shifted(name_lists, [p.value_name for p in parts])
-    ]
+    devices, all_dev, (kind_dev, value_dev) = _unified(
+        [p.device_ids for p in parts], [p.kind_dev for p in parts], [p.value_dev for p in parts]
+    )
+    kinds, _, (kind,) = _unified([p.kinds for p in parts], [p.kind_idx for p in parts])
+    names, _, (value_name,) = _unified([p.names for p in parts], [p.value_name for p in parts])
     n = len(devices)
     packets = np.zeros(n, dtype=np.int64)
     nbytes = np.zeros(n, dtype=np.int64)
@@ -288,9 +285,9 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     # The parts reduced to one, with one entry per distinct device, kind and reading:
     # applied to `target` by the same code as a single batch.
     BatchDelta(
-        list(devices), packets, nbytes, first, last_seen,
-        list(kinds), kind_pair // n_kinds, kind_pair % n_kinds, per_kind,
-        list(names), pair // n_names, pair % n_names, count, total, lo, hi,
+        devices, packets, nbytes, first, last_seen,
+        kinds, kind_pair // n_kinds, kind_pair % n_kinds, per_kind,
+        names, pair // n_names, pair % n_names, count, total, lo, hi,
         cat([p.last for p in parts])[ends], ts[ends],
         sum(p.total_packets for p in parts), sum(p.total_bytes for p in parts),
     ).merge_into(target)  # fmt: skip
