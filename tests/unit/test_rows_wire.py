@@ -4,8 +4,9 @@ protobuf is the oracle: for every message, either the C reader declines it (and 
 reads it, or refuses it with its own error), or both give the same packets, field by field.
 Messages come from hypothesis (valid batches, then the same bytes mutated: flipped,
 dropped, inserted, truncated) and from hand-built wire data for the corners of proto3:
-repeated scalars (the last wins), a map key repeated in one packet, unknown fields of
-every wire type, fields in any order, missing map keys and values, negative timestamps.
+repeated scalars (the last wins; a repeated string field is protobuf's to read), a map key
+repeated in one packet, unknown fields of every wire type, fields in any order, missing map
+keys and values, negative timestamps.
 """
 
 from __future__ import annotations
@@ -198,15 +199,8 @@ UNKNOWN = (
 
 CASES = {
     "repeated scalars: the last wins": batch(
-        s(1, "a")
-        + field(2, 0, 5)
-        + s(1, "b")
-        + s(3, "tcp")
-        + field(2, 0, 7)
-        + s(4, b"xy")
-        + s(4, b"xyz")
-        + s(3, "reading"),
-        head=s(1, "p1") + field(2, 0, 3) + s(1, "p2") + field(2, 0, 9),
+        s(1, "a") + field(2, 0, 5) + s(3, "tcp") + field(2, 0, 7) + s(4, b"xy") + s(4, b"xyz"),
+        head=s(1, "p1") + field(2, 0, 3) + field(2, 0, 9),
     ),
     "a map key repeated in one packet keeps its last value": batch(
         s(1, "a") + entry("t", 1.0) + entry("h", 2.0) + entry("t", 3.0),
@@ -251,6 +245,16 @@ DECLINED = {
     "invalid UTF-8 in a device id": batch(s(1, b"\xff\xfe")),
     "invalid UTF-8 in a value name": batch(s(1, "a") + s(5, s(1, b"\xc3"))),
     "invalid UTF-8 in the producer id": batch(s(1, "a"), head=s(1, b"\x80")),
+    # protobuf checks every occurrence of a string field; the C reader would check only the
+    # last one (which wins), so a repeated string field is protobuf's to read or refuse.
+    "a repeated producer id": batch(s(1, "a"), head=s(1, "p1") + s(1, "p2")),
+    "a repeated device id": batch(s(1, "a") + s(1, "b")),
+    "a repeated kind": batch(s(1, "a") + s(3, "tcp") + s(3, "reading")),
+    "a map key repeated in one entry": batch(s(1, "a") + s(5, s(1, "t") + s(1, "h"))),
+    "invalid UTF-8 in an overwritten producer id": batch(
+        s(1, "a"), head=s(1, b"\x82\xb9") + s(1, "p")
+    ),
+    "invalid UTF-8 in an overwritten device id": batch(s(1, b"\xff") + s(1, "a")),
 }
 
 
@@ -260,9 +264,12 @@ def test_unusual_messages_go_to_protobuf(raw: bytes) -> None:
     assert_same_as_protobuf(raw)
 
 
-def test_invalid_utf8_is_refused_as_protobuf_refuses_it() -> None:
+@pytest.mark.parametrize(
+    "case", ["invalid UTF-8 in a device id", "invalid UTF-8 in an overwritten producer id"]
+)
+def test_invalid_utf8_is_refused_as_protobuf_refuses_it(case: str) -> None:
     with pytest.raises(DecodeError):
-        parse_batch(DECLINED["invalid UTF-8 in a device id"], NO_LIMIT)
+        parse_batch(DECLINED[case], NO_LIMIT)
 
 
 def test_nan_readings_keep_their_bits() -> None:

@@ -15,7 +15,8 @@
  * protobuf's parser instead, which decides (and words the error, if the message is bad):
  * a Columns field, a wire type that does not match the field, groups, truncated or
  * overlong data, invalid UTF-8, a map entry with unknown fields (protobuf keeps it out of
- * the map). So the result is always exactly what protobuf's parser
+ * the map), a string field repeated where one is declared (protobuf checks the UTF-8 of
+ * every occurrence, this reader only of the last one, which wins). So the result is always exactly what protobuf's parser
  * gives, only faster; tests/unit/test_rows_wire.py checks that on random and mutated
  * messages.
  *
@@ -156,6 +157,17 @@ static int bytes_field(const uint8_t **pp, const uint8_t *end, uint32_t wire, sl
     return wire != 2 ? FALLBACK : read_slice(pp, end, out);
 }
 
+/* A string field: protobuf checks the UTF-8 of every occurrence, this reader only of the
+   one it keeps (the last), so a second occurrence goes to protobuf. */
+static int string_field(const uint8_t **pp, const uint8_t *end, uint32_t wire, slice_t *out,
+                        int *seen)
+{
+    if (*seen)
+        return FALLBACK;
+    *seen = 1;
+    return bytes_field(pp, end, wire, out);
+}
+
 static int varint_field(const uint8_t **pp, const uint8_t *end, uint32_t wire, uint64_t *out)
 {
     return wire != 0 ? FALLBACK : read_varint(pp, end, out);
@@ -181,11 +193,12 @@ static int read_entry(state_t *st, const uint8_t *p, const uint8_t *end)
     slice_t key = {p, 0}; /* a missing key is "" and a missing value 0.0, as in protobuf */
     double value = 0.0;
     uint32_t field, wire;
+    int key_seen = 0;
     while (p < end) {
         if (read_tag(&p, end, &field, &wire))
             return FALLBACK;
         if (field == 1) {
-            if (bytes_field(&p, end, wire, &key))
+            if (string_field(&p, end, wire, &key, &key_seen))
                 return FALLBACK;
         } else if (field == 2) {
             const uint8_t *f;
@@ -223,14 +236,15 @@ static int read_packet(state_t *st, const uint8_t *p, const uint8_t *end)
     slice_t device = {p, 0}, kind = {p, 0}, payload = {p, 0}, entry;
     uint64_t ts = 0;
     uint32_t field, wire;
+    int device_seen = 0, kind_seen = 0;
     while (p < end) {
         if (read_tag(&p, end, &field, &wire))
             return FALLBACK;
         int bad;
         switch (field) {
-        case 1: bad = bytes_field(&p, end, wire, &device); break;
+        case 1: bad = string_field(&p, end, wire, &device, &device_seen); break;
         case 2: bad = varint_field(&p, end, wire, &ts); break;
-        case 3: bad = bytes_field(&p, end, wire, &kind); break;
+        case 3: bad = string_field(&p, end, wire, &kind, &kind_seen); break;
         case 4: bad = bytes_field(&p, end, wire, &payload); break;
         case 5:
             bad = bytes_field(&p, end, wire, &entry) ||
@@ -256,6 +270,7 @@ static int read_batch(state_t *st, const uint8_t *p, const uint8_t *end)
 {
     uint32_t field, wire;
     slice_t packet;
+    int producer_seen = 0;
     st->n = st->m = 0;
     st->producer = (slice_t){p, 0};
     st->batch_id = 0;
@@ -264,7 +279,7 @@ static int read_batch(state_t *st, const uint8_t *p, const uint8_t *end)
             return FALLBACK;
         int bad;
         switch (field) {
-        case 1: bad = bytes_field(&p, end, wire, &st->producer); break;
+        case 1: bad = string_field(&p, end, wire, &st->producer, &producer_seen); break;
         case 2: bad = varint_field(&p, end, wire, &st->batch_id); break;
         case 3:
             bad = bytes_field(&p, end, wire, &packet) ||
