@@ -91,3 +91,45 @@ def test_getter_wakes_on_close() -> None:
         assert await asyncio.wait_for(getter, 1) == []
 
     asyncio.run(main())
+
+
+def test_grow_adds_to_an_item_only_while_it_is_queued() -> None:
+    async def main() -> None:
+        q: PacketQueue[list[int]] = PacketQueue(10)
+        item = [1]
+        ticket = await q.put(item, 1)
+        assert q.grow(ticket, 2) and q.packets == 3
+        item += [2, 3]
+        await q.put([9], 1)  # another stream's item after it: the first still grows
+        assert q.grow(ticket, 1) and q.packets == 5
+        item.append(4)
+        assert await q.get_all() == [[1, 2, 3, 4], [9]] and q.packets == 0
+        assert not q.grow(ticket, 1), "an item already taken cannot grow"
+        assert q.grow(await q.put([5], 1), 1)
+
+    asyncio.run(main())
+
+
+def test_grow_respects_the_bound_waiting_putters_and_close() -> None:
+    async def main() -> None:
+        q: PacketQueue[str] = PacketQueue(3)
+        ticket = await q.put("a", 2)
+        assert q.grow(ticket, 1) and q.packets == 3
+        assert not q.grow(ticket, 1) and q.packets == 3, "past the bound: put (and wait)"
+
+        q = PacketQueue(3)
+        ticket = await q.put("a", 2)
+        waiting = asyncio.create_task(q.put("b", 2))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        assert not q.grow(ticket, 1) and q.packets == 2, "it fits, but a putter waits first"
+        assert await q.get_all() == ["a"]
+        await asyncio.wait_for(waiting, 1)
+
+        q = PacketQueue(10)
+        ticket = await q.put("a", 1)
+        q.close()
+        assert not q.grow(ticket, 1), "closed: nothing more goes in"
+        assert await q.get_all() == ["a"] and await q.get_all() == []
+
+    asyncio.run(main())

@@ -167,7 +167,13 @@ class IngestServicer:
             nonlocal accepted
             check = self.validator.check
             put = self.queue.put
+            grow = self.queue.grow
             count_rejected = self.aggregator.count_rejected
+            # Packets received in the same millisecond join one queue item while it waits
+            # for the aggregator (its rows share one receive time): one item and one
+            # wake-up per few packets, not per packet.
+            work: Work | None = None
+            ticket = -1
             async for raw in requests:
                 stream.last_activity = monotonic()
                 recv_ms = _now_ms()
@@ -181,10 +187,14 @@ class IngestServicer:
                     rejected[str(result)] += 1
                     count_rejected(str(result))
                     continue
-                stream.busy = True
-                await put(Work([result], recv_ms, tracker), 1)
-                stream.busy = False
-                tracker.submitted()
+                if work is not None and work.recv_ms == recv_ms and grow(ticket, 1):
+                    work.rows.append(result)
+                else:
+                    work = Work([result], recv_ms, tracker)
+                    stream.busy = True
+                    ticket = await put(work, 1)
+                    stream.busy = False
+                    tracker.submitted()
                 accepted += 1
 
         await self._admit(context)

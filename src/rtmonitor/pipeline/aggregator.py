@@ -21,6 +21,11 @@ from rtmonitor.storage.model import (
 
 logger = logging.getLogger(__name__)
 
+# StreamPackets: under ~20k packets/s a take without the linger holds 1-2 packets; with
+# it, ~25 in ~4 queue items (measured: 5,195 takes, 21,055 items, 117,623 packets).
+_LINGER_S = 0.001
+_LINGER_BELOW_PACKETS = 256
+
 
 @dataclass(slots=True)
 class PendingBatch:
@@ -200,6 +205,7 @@ class Aggregator:
             items = await queue.get_all()
             if not items:
                 return
+            before = self.pending_packets
             self.add_all(items)
             if (
                 self.pending_packets >= flush_max_packets
@@ -207,3 +213,8 @@ class Aggregator:
                 or self.pending_batches >= flush_max_batches
             ):
                 on_full()
+            elif self.pending_packets - before < _LINGER_BELOW_PACKETS and not queue.closed:
+                # A small take: let more gather before the next one (StreamPackets'
+                # receivers append to queued items meanwhile), so that single packets do
+                # not wake the aggregator once each. Delays counting by <= _LINGER_S.
+                await asyncio.sleep(_LINGER_S)

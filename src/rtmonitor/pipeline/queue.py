@@ -26,8 +26,9 @@ class PacketQueue(Generic[T]):
         if max_packets < 1:
             raise ValueError("max_packets must be >= 1")
         self.max_packets = max_packets
-        self._items: deque[tuple[T, int]] = deque()
+        self._items: deque[T] = deque()
         self._packets = 0
+        self._takes = 0  # get_all() calls that took items: an item's ticket (see grow())
         self._putters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._getter: asyncio.Future[None] | None = None
         self._closed = False
@@ -36,6 +37,11 @@ class PacketQueue(Generic[T]):
     def packets(self) -> int:
         """Packets currently queued."""
         return self._packets
+
+    @property
+    def takes(self) -> int:
+        """get_all() calls that took items (the aggregator's wake-ups)."""
+        return self._takes
 
     @property
     def closed(self) -> bool:
@@ -47,8 +53,9 @@ class PacketQueue(Generic[T]):
     def _fits(self, packets: int) -> bool:
         return self._packets == 0 or self._packets + packets <= self.max_packets
 
-    async def put(self, item: T, packets: int) -> None:
-        """Enqueue `item` weighing `packets`, waiting while the queue is full.
+    async def put(self, item: T, packets: int) -> int:
+        """Enqueue `item` weighing `packets`, waiting while the queue is full. Returns the
+        item's ticket for grow().
 
         Cancel-safe: a put cancelled while waiting enqueues nothing.
         """
@@ -69,10 +76,26 @@ class PacketQueue(Generic[T]):
                 raise
             if self._closed:
                 raise QueueClosed("the pipeline is shutting down")
-        self._items.append((item, packets))
+        self._items.append(item)
         self._packets += packets
         if self._getter is not None and not self._getter.done():
             self._getter.set_result(None)
+        return self._takes
+
+    def grow(self, ticket: int, packets: int) -> bool:
+        """Account `packets` more to an item already put (its owner adds them to it), if
+        the item is still queued (`ticket` from its put: no get_all() took it since) and
+        they fit without overtaking a waiting putter. False: put a new item instead.
+
+        StreamPackets' receivers append to their last item this way, so that a packet
+        costs neither a queue item nor a wake-up of the aggregator.
+        """
+        if ticket != self._takes or self._putters or self._closed:
+            return False
+        if self._packets + packets > self.max_packets:
+            return False
+        self._packets += packets
+        return True
 
     async def get_all(self) -> list[T]:
         """Wait for at least one item, then take everything queued.
@@ -87,9 +110,10 @@ class PacketQueue(Generic[T]):
                 await self._getter
             finally:
                 self._getter = None
-        items = [item for item, _ in self._items]
+        items = list(self._items)
         self._items.clear()
         self._packets = 0
+        self._takes += 1
         self._wake_putters()
         return items
 
