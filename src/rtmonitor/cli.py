@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import types
@@ -126,9 +125,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "send":
         options = _build(SendSettings, args)
         _configure_logging("warning")
-        from rtmonitor.loadgen.sender import run_send
+        from rtmonitor.loadgen.sender import run_loop, run_send
 
-        sys.exit(asyncio.run(run_send(options)))
+        sys.exit(run_loop(run_send(options)))
     elif args.command == "bench":
         bench_options = _build(BenchSettings, args)
         _configure_logging("warning")

@@ -12,7 +12,7 @@ import grpc
 import redis
 
 from rtmonitor.config import SendSettings
-from rtmonitor.loadgen.sender import send
+from rtmonitor.loadgen.sender import run_loop, send
 from rtmonitor.storage.embedded import EmbeddedRedis, free_port
 
 
@@ -71,3 +71,13 @@ def test_the_seed_baseline_counts_what_send_sends(redis_server: EmbeddedRedis) -
         if seed.poll() is None:
             seed.kill()
             seed.wait()
+
+
+def test_load_generators_run_on_uvloop() -> None:
+    """`send` and bench's generators share the machine with the service they measure: they
+    run on uvloop (less CPU per packet sent), which is a dependency on this platform."""
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_loop(loop_module()).startswith("uvloop")

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from rtmonitor.config import BenchMode, BenchSettings, SendSettings
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
-from rtmonitor.loadgen.sender import STREAM_PACKETS, send
+from rtmonitor.loadgen.sender import STREAM_PACKETS, run_loop, send
 from rtmonitor.storage.embedded import EmbeddedRedis, free_port
 
 console = Console(stderr=True)
@@ -42,7 +42,7 @@ def _sender_main(options: dict[str, Any]) -> dict[str, Any]:
     """One load-generator process: run `send`, report what was acknowledged and when."""
     opts = SendSettings(**options)
     started = time.time()
-    report = asyncio.run(send(opts))
+    report = run_loop(send(opts))
     return {
         "started": started,
         "ended": started + report.elapsed,
