@@ -260,9 +260,9 @@ def parse_batch(raw: bytes, max_packets: int, compiled: bool = C_ROWS) -> Parsed
     through the C reader (`compiled`), which hands anything unusual back to protobuf."""
     if compiled:
         fields = _read_rows(raw, max_packets)
-        if fields is not None and len(fields) == 2:
-            raise BatchTooLarge(fields[0], fields[1])
         if fields is not None:
+            if len(fields) == 2:
+                raise BatchTooLarge(fields[0], fields[1])
             return ParsedBatch(fields[0], fields[1], None, _table_from_wire(fields))
     batch = Batch.FromString(raw)
     columns = batch.columns if batch.HasField("columns") else None
