@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.work import CommitTracker, Work
@@ -110,6 +112,37 @@ def test_rates_use_complete_seconds_only() -> None:
     assert r["packets_per_s_10s"] == (10 + 20 + 40) / 10
     assert r["packets_per_s_60s"] == (10 + 20 + 40 + 60) / 60
     assert r["bytes_per_s_10s"] == 100 / 10
+
+
+def _rates_by_walking(buckets: dict[str, str], now: int) -> dict[str, float]:
+    """The definition: every field of the hash, counted in each window its second is in."""
+    sums = {(w, unit): 0 for w in (10, 60) for unit in ("packets", "bytes")}
+    for field, value in buckets.items():
+        unit = "bytes" if field.endswith("b") else "packets"
+        age = now - int(field.removesuffix("b"))
+        for w in (10, 60):
+            if 1 <= age <= w:
+                sums[w, unit] += int(value)
+    return {f"{unit}_per_s_{w}s": n / w for (w, unit), n in sums.items()}
+
+
+@settings(max_examples=300)
+@given(
+    st.dictionaries(
+        st.tuples(st.integers(-70, 5), st.sampled_from(["", "b"])),
+        st.integers(0, 10**12),
+        max_size=300,
+    )
+)
+def test_rates_look_up_what_walking_the_hash_counts(fields: dict[tuple[int, str], int]) -> None:
+    """rates() looks up the seconds it needs; it must sum exactly what a walk over every
+    field of the bucket hash sums (fields of the current second, the future, and seconds
+    pruned late included)."""
+    from rtmonitor.storage.store import rates
+
+    now = 1_700_000_000
+    buckets = {f"{now + offset}{unit}": str(n) for (offset, unit), n in fields.items()}
+    assert rates(buckets, now) == _rates_by_walking(buckets, now)
 
 
 @pytest.mark.parametrize("merge_entries", [3, 5_000])
