@@ -90,9 +90,7 @@ class PacketQueue(Generic[T]):
         StreamPackets' receivers append to their last item this way, so that a packet
         costs neither a queue item nor a wake-up of the aggregator.
         """
-        if ticket != self._takes or self._putters or self._closed:
-            return False
-        if self._packets + packets > self.max_packets:
+        if ticket != self._takes or self._putters or self._closed or not self._fits(packets):
             return False
         self._packets += packets
         return True
