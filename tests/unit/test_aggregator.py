@@ -232,9 +232,11 @@ def test_enough_pending_batches_ask_for_a_flush(with_ids: bool) -> None:
 
 
 def test_a_trickle_of_packets_is_taken_in_few_wake_ups() -> None:
-    """Single packets put one loop turn apart are taken together (the aggregator lingers
-    after a small take), and packets appended to a queued item with grow() count once."""
+    """Single packets one loop turn apart, as a StreamPackets receiver hands them over
+    (StreamRows), are taken together (the aggregator lingers after a small take), and the
+    packets that joined a queued item count once, with their receive time."""
     from rtmonitor.pipeline.queue import PacketQueue
+    from rtmonitor.pipeline.work import StreamRows
 
     async def main() -> None:
         agg, queue = Aggregator(), PacketQueue[Work](1000)
@@ -242,27 +244,26 @@ def test_a_trickle_of_packets_is_taken_in_few_wake_ups() -> None:
             agg.consume(queue, 10**9, 10**9, 10**9, lambda: None, lambda: False)
         )
         tracker = CommitTracker()
-        work = Work([("a", "k", 1, 5, None)], 7, tracker)
-        ticket = await queue.put(work, 1)
-        tracker.submitted()
-        grown = 0
-        for _ in range(40):
-            await asyncio.sleep(0)  # one loop turn: without the linger, one take per put
-            if queue.grow(ticket, 1):
-                work.rows.append(("a", "k", 1, 5, None))
-                grown += 1
+        rows = StreamRows(queue, tracker)
+        row = ("a", "k", 1, 5, None)
+        joined = 0
+        for _ in range(41):
+            if rows.append(row, 7):
+                joined += 1
             else:
-                work = Work([("a", "k", 1, 5, None)], 7, tracker)
-                ticket = await queue.put(work, 1)
-                tracker.submitted()
-        await asyncio.sleep(0.01)
+                await rows.put(row, 7)
+            await asyncio.sleep(0)  # one loop turn: without the linger, one take per put
         assert queue.takes <= 20, queue.takes
-        assert grown >= 20, "most packets joined a queued item"
+        assert joined >= 20, "most packets joined a queued item"
+        await rows.put(row, 7)  # a fresh item, still queued: only the same millisecond joins
+        assert not rows.append(row, 8), "another receive time never joins an item"
+        assert rows.append(row, 7)
+        await asyncio.sleep(0.01)
         queue.close()
         await consumer
         delta, trackers, _ = agg.swap()
-        assert delta.packets == 41 and delta.devices["a"].packets == 41
+        assert delta.packets == 43 and delta.devices["a"].packets == 43
         assert delta.devices["a"].first_seen == delta.devices["a"].last_seen == 7
-        assert trackers == {tracker: 41 - grown}, "one commit unit per queue item"
+        assert trackers == {tracker: 41 - joined + 1}, "one commit unit per queue item"
 
     asyncio.run(main())

@@ -25,7 +25,7 @@ from rtmonitor.ingest.v1.telemetry_pb2 import Ack, BatchAck, Packet
 from rtmonitor.ingest.validation import Reason, Validator
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.queue import PacketQueue, QueueClosed
-from rtmonitor.pipeline.work import CommitFailed, CommitTracker, Work
+from rtmonitor.pipeline.work import CommitFailed, CommitTracker, StreamRows, Work
 
 logger = logging.getLogger(__name__)
 
@@ -166,14 +166,9 @@ class IngestServicer:
         async def read() -> None:
             nonlocal accepted
             check = self.validator.check
-            put = self.queue.put
-            grow = self.queue.grow
+            rows = StreamRows(self.queue, tracker)
+            append = rows.append
             count_rejected = self.aggregator.count_rejected
-            # Packets received in the same millisecond join one queue item while it waits
-            # for the aggregator (its rows share one receive time): one item and one
-            # wake-up per few packets, not per packet.
-            work: Work | None = None
-            ticket = -1
             async for raw in requests:
                 stream.last_activity = monotonic()
                 recv_ms = _now_ms()
@@ -187,14 +182,10 @@ class IngestServicer:
                     rejected[str(result)] += 1
                     count_rejected(str(result))
                     continue
-                if work is not None and work.recv_ms == recv_ms and grow(ticket, 1):
-                    work.rows.append(result)
-                else:
-                    work = Work([result], recv_ms, tracker)
+                if not append(result, recv_ms):
                     stream.busy = True
-                    ticket = await put(work, 1)
+                    await rows.put(result, recv_ms)
                     stream.busy = False
-                    tracker.submitted()
                 accepted += 1
 
         await self._admit(context)

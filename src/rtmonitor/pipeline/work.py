@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.storage.model import BatchDelta
 
 # A validated packet: (device_id, kind, payload bytes, device timestamp ms, values or None).
@@ -76,3 +77,35 @@ class Work:
     # A batch arrives already aggregated, in column form (ingest/columnar.py): one part
     # per form it was sent in (rows, columns). `rows` are only StreamPackets' packets.
     parts: tuple[BatchDelta, ...] = ()
+
+
+class StreamRows:
+    """A StreamPackets stream's way into the queue, one validated packet at a time.
+
+    Packets received in the same millisecond join the stream's last queue item while it
+    still waits for the aggregator (its rows share one receive time): one queue item and
+    one wake-up of the aggregator per few packets, not per packet. The tracker counts
+    queue items, so it is told of each new item, not of each packet.
+    """
+
+    __slots__ = ("_queue", "_tracker", "_work", "_ticket")
+
+    def __init__(self, queue: PacketQueue[Work], tracker: CommitTracker) -> None:
+        self._queue = queue
+        self._tracker = tracker
+        self._work: Work | None = None
+        self._ticket = -1
+
+    def append(self, row: Row, recv_ms: int) -> bool:
+        """Add `row` to the stream's queued item, if it can join it (no waiting)."""
+        work = self._work
+        if work is not None and work.recv_ms == recv_ms and self._queue.grow(self._ticket, 1):
+            work.rows.append(row)
+            return True
+        return False
+
+    async def put(self, row: Row, recv_ms: int) -> None:
+        """Queue `row` as a new item, waiting while the queue is full (backpressure)."""
+        work = self._work = Work([row], recv_ms, self._tracker)
+        self._ticket = await self._queue.put(work, 1)
+        self._tracker.submitted()
