@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 import grpc
 import redis.asyncio as aioredis
 
+from rtmonitor.ingest.servicer import SERVICE_NAME
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
 from rtmonitor.storage.embedded import EmbeddedRedis
 
@@ -43,7 +44,7 @@ async def serve(port: int, redis_url: str) -> None:
         return Ack(accepted=accepted)
 
     handler = grpc.method_handlers_generic_handler(
-        "rtmonitor.v1.TelemetryIngest",
+        SERVICE_NAME,
         {
             "StreamPackets": grpc.stream_unary_rpc_method_handler(
                 stream_packets,
