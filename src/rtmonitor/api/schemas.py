@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_serializer
 
 
 class ValueStats(BaseModel):
     """Statistics of one named reading, over every packet of the device."""
 
     count: int
-    sum: float
+    sum: float | None = Field(
+        description="Sum of the readings; null once it left the range of a double "
+        "(|sum| > 1.8e308, see `overflow`)."
+    )
     min: float
     max: float
-    mean: float | None
+    mean: float | None = Field(description="sum / count; null when the sum overflowed.")
+    overflow: bool = Field(
+        description="The sum left the range of a double: `sum` and `mean` are null from "
+        "then on (Prometheus shows +Inf, -Inf or NaN)."
+    )
+
+    @field_serializer("sum")
+    def _finite_or_null(self, value: float | None) -> float | None:
+        """JSON has no infinity: an overflowed sum is null (`overflow` says why)."""
+        return value if value is not None and math.isfinite(value) else None
+
     last: float = Field(description="The reading with the newest device timestamp.")
     last_timestamp_ms: int = Field(description="Device timestamp of `last` (ms since epoch).")
 

@@ -68,10 +68,21 @@ for k = 2, #KEYS, 2 do
   i = i + 1
   for _ = 1, nvalues do
     local p = 'v:' .. ARGV[i] .. ':'
-    redis.call('HINCRBY', key, p .. 'n', ARGV[i + 1])
-    -- pcall: a sum that would overflow to inf stays at its last finite value
-    -- instead of aborting the script half-way.
-    redis.pcall('HINCRBYFLOAT', key, p .. 'sum', ARGV[i + 2])
+    local n = redis.call('HINCRBY', key, p .. 'n', ARGV[i + 1])
+    -- The sum is added as a double and kept with 17 significant digits, so it round-trips
+    -- exactly (HINCRBYFLOAT keeps 17 decimal places, and refuses a result that overflows).
+    -- A sum that leaves the range of a double becomes inf, -inf or nan and stays so: the
+    -- reads report it as an overflow. A count without a sum (written before this script
+    -- by an HINCRBYFLOAT that overflowed) stays unknown rather than restart from zero.
+    local sum = redis.call('HGET', key, p .. 'sum')
+    if sum then
+      sum = tonumber(sum) + tonumber(ARGV[i + 2])
+    elseif n == tonumber(ARGV[i + 1]) then
+      sum = tonumber(ARGV[i + 2])
+    else
+      sum = 0 / 0
+    end
+    redis.call('HSET', key, p .. 'sum', string.format('%.17g', sum))
     cur = tonumber(redis.call('HGET', key, p .. 'min'))
     if cur == nil or tonumber(ARGV[i + 3]) < cur then
       redis.call('HSET', key, p .. 'min', ARGV[i + 3])

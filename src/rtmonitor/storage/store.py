@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -479,11 +480,17 @@ def _encode_device(dev: DeviceDelta, out: list[Any]) -> None:
         out += (name, s.count, s.sum, s.min, s.max, s.last, s.last_ts)
 
 
-_VALUE_FIELDS = {"n": "count", "sum": "sum", "min": "min", "max": "max", "last": "last"}
+_VALUE_FIELDS = {"min": "min", "max": "max", "last": "last"}
 
 
 def parse_device(device_id: str, raw: dict[str, str]) -> dict[str, Any]:
-    """Turn a device hash into the API's device object."""
+    """Turn a device hash into the API's device object.
+
+    A reading's sum that left the range of a double (stored as inf, -inf or nan by
+    MERGE_DEVICES, or missing where an older script's HINCRBYFLOAT overflowed) keeps that
+    value (nan when missing) with `overflow` set and no mean; the JSON shows such a sum as
+    null, Prometheus as +Inf, -Inf or NaN. A reading whose statistics are incomplete
+    (a hash edited by hand) is left out rather than failing the read."""
     kinds: dict[str, int] = {}
     stats: dict[str, dict[str, Any]] = {}
     base: dict[str, int] = {}
@@ -497,12 +504,20 @@ def parse_device(device_id: str, raw: dict[str, str]) -> dict[str, Any]:
                 entry["last_timestamp_ms"] = int(value)
             elif stat == "n":
                 entry["count"] = int(value)
-            else:
+            elif stat == "sum":
+                entry["sum"] = float(value)
+            elif stat in _VALUE_FIELDS:
                 entry[_VALUE_FIELDS[stat]] = float(value)
         else:
             base[field] = int(value)
-    for entry in stats.values():
-        entry["mean"] = entry["sum"] / entry["count"] if entry.get("count") else None
+    values: dict[str, dict[str, Any]] = {}
+    for name, entry in sorted(stats.items()):
+        if not _COMPLETE <= entry.keys():
+            continue
+        total = entry.setdefault("sum", math.nan)
+        entry["overflow"] = overflow = not math.isfinite(total)
+        entry["mean"] = None if overflow or not entry["count"] else total / entry["count"]
+        values[name] = entry
     return {
         "device_id": device_id,
         "packets": base.get("packets", 0),
@@ -510,8 +525,11 @@ def parse_device(device_id: str, raw: dict[str, str]) -> dict[str, Any]:
         "first_seen": base.get("first_seen"),
         "last_seen": base.get("last_seen"),
         "kinds": dict(sorted(kinds.items())),
-        "values": dict(sorted(stats.items())),
+        "values": values,
     }
+
+
+_COMPLETE = frozenset({"count", "min", "max", "last", "last_timestamp_ms"})
 
 
 @functools.cache
