@@ -238,6 +238,10 @@ class Service:
             ) from None
         await self._grpc.start()
         self._tasks["idle"] = asyncio.create_task(self.servicer.watch_idle(), name="idle-watch")
+        if s.retention > 0:
+            self._tasks["device-slots"] = asyncio.create_task(
+                self._rotate_devices(s.retention), name="device-slots"
+            )
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
 
@@ -265,6 +269,14 @@ class Service:
                 self._tasks["http"].result()
                 raise StartupError("the HTTP server stopped during startup")
             await asyncio.sleep(0.01)
+
+    async def _rotate_devices(self, period_s: float) -> None:
+        """Free the --max-devices slots of devices silent past the retention (on a timer,
+        so slots come back even when no packet arrives)."""
+        while True:
+            await asyncio.sleep(period_s)
+            if freed := self.validator.rotate():
+                logger.info("%d devices silent for the retention freed their slots", freed)
 
     def _bind_http(self) -> socket.socket:
         s = self.settings
@@ -372,8 +384,9 @@ class Service:
         self.servicer.stop_reading()
         if self._grpc is not None:
             await self._grpc.stop(s.grace_period)
-        if (idle := self._tasks.get("idle")) is not None:
-            idle.cancel()
+        for name in ("idle", "device-slots"):
+            if (task := self._tasks.get(name)) is not None:
+                task.cancel()
         self._serving = False
         # 3. Drain the queue into the aggregator.
         self.queue.close()
