@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -36,10 +38,13 @@ class RedisClusterFixture:
     """Three cluster-enabled redis-server processes joined with `redis-cli --cluster`."""
 
     def __init__(self, base: Path, masters: int = 3) -> None:
+        # One password for all: a cluster client uses its URL's for every node it finds.
+        self.password = secrets.token_urlsafe(32)
         self.nodes = [
             EmbeddedRedis(
                 base / f"node{i}",
                 cluster_port(),
+                password=self.password,
                 extra_config={
                     "cluster-enabled": "yes",
                     "cluster-config-file": "nodes.conf",
@@ -72,11 +77,15 @@ class RedisClusterFixture:
             check=True,
             capture_output=True,
             timeout=60,
+            env={**os.environ, "REDISCLI_AUTH": self.password},  # not on its command line
         )
         deadline = time.monotonic() + 30
         while True:
             states = [
-                redis.Redis(port=n.port, decode_responses=True).cluster("info") for n in self.nodes
+                redis.Redis(port=n.port, password=self.password, decode_responses=True).cluster(
+                    "info"
+                )
+                for n in self.nodes
             ]
             if all(s["cluster_state"] == "ok" for s in states):
                 return self

@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     embedded_redis_port: int = Field(
         0, ge=0, le=65535, description="TCP port of the embedded Redis (0 picks a free one)."
     )
+    # Room for about a million devices with a few kinds and values each (the default
+    # --max-devices) while leaving the rest of a small machine to the service and to the
+    # fork that rewrites the AOF; a full Redis refuses writes and receivers are pushed back.
+    embedded_redis_maxmemory: int = Field(
+        2048,
+        ge=0,
+        description="Memory limit of the embedded Redis, in MB (0: none); full, it refuses "
+        "writes (acks wait) instead of exhausting the machine.",
+    )
     key_prefix: str = Field(
         "rtm", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key."
     )

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import uvicorn
@@ -63,6 +64,7 @@ class Service:
         redis_url: str | None = None,
         worker_check: Callable[[], list[str]] | None = None,
         on_ready: Callable[[], None] | None = None,
+        embedded: EmbeddedRedis | None = None,
     ) -> None:
         self.settings = settings
         # "all": one process does everything. With --workers: "ingest" processes (gRPC on a
@@ -75,11 +77,14 @@ class Service:
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self.redis_url: str | None = None
+        self._shown_url: str | None = None  # redis_url without a password, for logs
         self._signals = 0
         self._started = time.monotonic()
         self._stopping = False
         self._serving = False
-        self._embedded: EmbeddedRedis | None = None
+        # Started here, or by the supervisor of --workers (then passed in): supervised and
+        # stopped last by this process either way.
+        self._embedded = embedded
         self.store: RedisStore | None = None
         self.queue: PacketQueue[Work] = PacketQueue(settings.queue_max_packets)
         self.aggregator = Aggregator()
@@ -150,13 +155,17 @@ class Service:
         # 1. Redis: external if configured, else the embedded one (a child process).
         url = self._redis_url_given or s.external_redis_url
         if url is None:
-            self._embedded = EmbeddedRedis(s.data_dir, s.embedded_redis_port)
-            self._embedded.start()
+            self._embedded = start_embedded_redis(s)
             url = self._embedded.url
         self.redis_url = url
+        self._shown_url = _without_password(url)
         self.store = RedisStore.from_url(
             url, s.key_prefix, cluster=s.redis_cluster, retention_s=s.retention
         )
+        if self._embedded is not None:
+            self._tasks["embedded-redis"] = asyncio.create_task(
+                self._embedded.supervise(), name="embedded-redis"
+            )
         await self._wait_for_redis()
         if self.should_exit.is_set():
             return
@@ -170,7 +179,7 @@ class Service:
             s.host,
             self.grpc_port if self.grpc_port is not None else s.grpc_port,
             f"http://{s.host}:{self.http_port} (docs /docs)" if self.http_port else "-",
-            url,
+            self._shown_url,
             " (embedded)" if self._embedded else "",
         )
         _tune_gc()
@@ -238,6 +247,10 @@ class Service:
             ) from None
         await self._grpc.start()
         self._tasks["idle"] = asyncio.create_task(self.servicer.watch_idle(), name="idle-watch")
+        if s.retention > 0:
+            self._tasks["device-slots"] = asyncio.create_task(
+                self._rotate_devices(s.retention), name="device-slots"
+            )
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
 
@@ -265,6 +278,14 @@ class Service:
                 self._tasks["http"].result()
                 raise StartupError("the HTTP server stopped during startup")
             await asyncio.sleep(0.01)
+
+    async def _rotate_devices(self, period_s: float) -> None:
+        """Free the --max-devices slots of devices silent past the retention (on a timer,
+        so slots come back even when no packet arrives)."""
+        while True:
+            await asyncio.sleep(period_s)
+            if freed := self.validator.rotate():
+                logger.info("%d devices silent for the retention freed their slots", freed)
 
     def _bind_http(self) -> socket.socket:
         s = self.settings
@@ -295,7 +316,7 @@ class Service:
             if attempts == 1 or attempts % 10 == 0:
                 logger.warning(
                     "Redis at %s is unreachable (%s); retrying every %.1fs at most",
-                    self.redis_url,
+                    self._shown_url,
                     error,
                     STARTUP_BACKOFF_MAX_S,
                 )
@@ -305,7 +326,7 @@ class Service:
             except TimeoutError:
                 delay = min(delay * 2, STARTUP_BACKOFF_MAX_S)
         if attempts:
-            logger.info("Redis at %s is reachable", self.redis_url)
+            logger.info("Redis at %s is reachable", self._shown_url)
 
     async def readiness(self) -> list[str]:
         """Why the service cannot take traffic now (empty: ready)."""
@@ -316,10 +337,15 @@ class Service:
             reasons += self._worker_check()
         elif not self._serving:
             reasons.append("gRPC ingest is not serving yet")
+        if self._embedded is not None:
+            reasons += self._embedded.not_ready()
         if self.store is None:
             reasons.append("Redis is not connected yet")
         elif (error := await self.store.ping()) is not None:
             reasons.append(f"Redis is unreachable: {error}")
+        elif self.flusher is not None and (error := self.flusher.stats.redis_error):
+            # Up but failing commits, e.g. full (OOM): acks wait, receivers are pushed back.
+            reasons.append(f"commits to Redis fail: {error}")
         return reasons
 
     async def stats(self) -> dict[str, Any]:
@@ -355,6 +381,7 @@ class Service:
             },
             "flush": dataclasses.asdict(flusher.stats) if flusher else None,
             "recovery": dataclasses.asdict(recovery.stats) if recovery else None,
+            "embedded_redis": self._embedded.stats() if self._embedded else None,
         }
 
     async def shutdown(self) -> None:
@@ -372,8 +399,9 @@ class Service:
         self.servicer.stop_reading()
         if self._grpc is not None:
             await self._grpc.stop(s.grace_period)
-        if (idle := self._tasks.get("idle")) is not None:
-            idle.cancel()
+        for name in ("idle", "device-slots"):
+            if (task := self._tasks.get(name)) is not None:
+                task.cancel()
         self._serving = False
         # 3. Drain the queue into the aggregator.
         self.queue.close()
@@ -395,9 +423,30 @@ class Service:
         # 6. Close the Redis client, then stop the embedded Redis (it saves on SIGTERM).
         if self.store is not None:
             await self.store.aclose()
+        if (supervise := self._tasks.get("embedded-redis")) is not None:
+            supervise.cancel()
         if self._embedded is not None:
             self._embedded.stop()
         logger.info("stopped")
+
+
+def _without_password(url: str) -> str:
+    """`url` with its password masked, for logs (the --workers' URL of the embedded Redis
+    carries one)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def start_embedded_redis(settings: Settings) -> EmbeddedRedis:
+    """The embedded Redis of these settings, started (on the calling, main thread)."""
+    return EmbeddedRedis(
+        settings.data_dir,
+        settings.embedded_redis_port,
+        maxmemory_mb=settings.embedded_redis_maxmemory,
+    ).start()
 
 
 def _tune_gc() -> None:

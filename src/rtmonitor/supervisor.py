@@ -22,7 +22,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 
 from rtmonitor.config import Settings
-from rtmonitor.service import Service, StartupError
+from rtmonitor.service import Service, StartupError, start_embedded_redis
 from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError, free_port
 
 logger = logging.getLogger(__name__)
@@ -130,12 +130,20 @@ def run_workers(settings: Settings) -> int:
     try:
         url = settings.external_redis_url
         if url is None:
-            embedded = EmbeddedRedis(settings.data_dir, settings.embedded_redis_port).start()
+            embedded = start_embedded_redis(settings)
             url = embedded.url
         if settings.grpc_port == 0:  # the workers must agree on one port
             settings = settings.model_copy(update={"grpc_port": free_port()})
         supervisor = Supervisor(settings, url)
-        api = Service(settings, role="api", redis_url=url, worker_check=supervisor.not_ready)
+        # The API process supervises the embedded Redis (restarts it on its port) and stops
+        # it last; the workers reach it by its URL (with the password) like any Redis.
+        api = Service(
+            settings,
+            role="api",
+            redis_url=url,
+            worker_check=supervisor.not_ready,
+            embedded=embedded,
+        )
 
         async def main() -> None:
             api.install_signal_handlers()

@@ -72,6 +72,7 @@ def test_a_stalled_write_times_out_and_drops_its_connection(
             connection_class=LeanConnection,
             host=redis_server.host,
             port=redis_server.port,
+            password=redis_server.password,
             socket_timeout=0.5,
         )
         client = aioredis.Redis(connection_pool=pool)

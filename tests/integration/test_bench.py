@@ -59,7 +59,7 @@ def test_the_seed_baseline_counts_what_send_sends(redis_server: EmbeddedRedis) -
         )
         report = asyncio.run(send(settings))
         assert report.errors == [] and report.accepted == 700
-        client = redis.Redis(host=redis_server.host, port=redis_server.port)
+        client = redis.Redis.from_url(redis_server.url)
         try:
             counts = [int(client.hget(f"seed:d-{d:05d}", "packets") or 0) for d in range(7)]
         finally:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +41,60 @@ def test_kill_and_restart_on_same_port(tmp_path: Path) -> None:
     assert server.port == port
     assert redis.Redis.from_url(server.url).ping()
     server.stop()
+
+
+def test_supervise_restarts_on_the_same_port_and_says_why_it_cannot(tmp_path: Path) -> None:
+    """A killed Redis comes back on its port with its data; while the port is taken it
+    keeps trying, and not_ready() says why."""
+    server = EmbeddedRedis(tmp_path).start()
+    port, old_pid = server.port, server.pid
+    assert old_pid is not None
+    client = redis.Redis.from_url(server.url)
+    client.set("k", "v")  # acknowledged: in the AOF before the reply
+
+    async def main() -> None:
+        supervise = asyncio.create_task(server.supervise())
+        try:
+            os.kill(old_pid, signal.SIGKILL)
+            while server.up:
+                await asyncio.sleep(0.01)
+            squatter = socket.socket()
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            squatter.bind((server.host, port))
+            squatter.listen()
+            try:
+                deadline = time.monotonic() + 10
+                while "in use by another process" not in " ".join(server.not_ready()):
+                    assert time.monotonic() < deadline, server.not_ready()
+                    await asyncio.sleep(0.05)
+                assert "--embedded-redis-port" in server.not_ready()[0]
+            finally:
+                squatter.close()
+            deadline = time.monotonic() + 30
+            while not (server.up and server.restarts == 1):
+                assert time.monotonic() < deadline, server.not_ready()
+                await asyncio.sleep(0.05)
+            assert server.not_ready() == [] and server.port == port
+        finally:
+            supervise.cancel()
+
+    try:
+        asyncio.run(main())
+        assert server.pid != old_pid
+        assert client.get("k") == b"v"  # redis-py reconnects on the next command
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_only_our_password_opens_it(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path, maxmemory_mb=5) as server:
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port).set("k", "v")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port, password="guess").ping()
+        client = redis.Redis.from_url(server.url)
+        assert client.config_get("maxmemory") == {"maxmemory": str(5 << 20)}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        client.close()
+        assert server.password not in server.display_url

@@ -154,3 +154,29 @@ def test_devices_share_vocabularies_without_affecting_each_other() -> None:
     assert reason is None and refused == {"v"}  # c: {x, w}
     assert v.check(make("c", kind="v"), NOW) is Reason.TOO_MANY_KINDS
     assert isinstance(v.check(make("c", kind="w"), NOW), tuple)
+
+
+def test_silent_devices_lose_their_slot_after_a_full_rotation() -> None:
+    """Two generations: a device silent through two rotations frees its slot and its
+    kinds budget; one seen in between (by row or by columnar batch) keeps both."""
+    v = Validator(Limits(max_devices=3, max_kinds_per_device=1))
+    for d in ("a", "b", "c"):
+        assert isinstance(v.check(make(d, kind="k1"), NOW), tuple)
+    assert v.check(make("d"), NOW) is Reason.TOO_MANY_DEVICES
+    assert v.rotate() == 0
+    # the limit counts both generations: still full
+    assert v.device_count == 3 and v.check(make("d"), NOW) is Reason.TOO_MANY_DEVICES
+    assert v.device_reason("c") is None  # still a known device
+    assert isinstance(v.check(make("a", kind="k1"), NOW), tuple)  # a moves up
+    assert not v.covers(["b"], ["k1"], [])  # b is in the previous generation only
+    assert v.admit("b", ["k1"], []) == (None, frozenset(), frozenset())  # b moves up
+    assert v.covers(["a", "b"], ["k1"], [])
+    assert v.check(make("a", kind="k2"), NOW) is Reason.TOO_MANY_KINDS  # budget kept
+    assert v.rotate() == 1  # c was silent through a whole period
+    assert v.device_count == 2
+    assert isinstance(v.check(make("d"), NOW), tuple)
+    assert v.check(make("e"), NOW) is Reason.TOO_MANY_DEVICES
+    assert v.rotate() == 2 and v.rotate() == 1  # a and b, then d
+    assert v.device_count == 0
+    # a returning device starts with a fresh kinds budget (Redis expired its old kinds)
+    assert isinstance(v.check(make("a", kind="k2"), NOW), tuple)

@@ -195,3 +195,9 @@ def _self_metrics(w: _Writer, stats: dict[str, Any]) -> None:
              [({}, flush.get("last_flush_seconds", 0.0))])  # fmt: skip
     w.family("rtm_journals_recovered", "counter", "Dead instances' flushes replayed here.",
              [({}, recovery.get("journals_recovered", 0))])  # fmt: skip
+    if (embedded := stats.get("embedded_redis")) is not None:
+        w.family("rtm_embedded_redis_restarts", "counter",
+                 "Times the embedded Redis died and was restarted.",
+                 [({}, embedded["restarts"])])  # fmt: skip
+        w.family("rtm_embedded_redis_up", "gauge", "1 if the embedded Redis is running.",
+                 [({}, int(embedded["up"]))])  # fmt: skip

@@ -111,11 +111,20 @@ class Validator:
 
     The per-device limits are enforced per process: N instances admit at most N times
     the limit in the worst case (documented in the README).
+
+    Devices expire from Redis after the retention, and so do their slots here: the table
+    has two generations, rotated by rotate() once per retention. A device seen since the
+    last rotation is in the current one (a device found in the previous one moves up);
+    a rotation drops the previous one, i.e. the devices silent for a whole period. So a
+    slot, and the device's kinds and names budgets, are freed after 1-2 retentions of
+    silence — never before Redis has expired what the device counted, so a returning
+    device cannot hold more kinds or names in Redis than its budget.
     """
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self._devices: dict[str, _Vocabulary] = {}
+        self._devices: dict[str, _Vocabulary] = {}  # the current generation
+        self._previous: dict[str, _Vocabulary] = {}  # disjoint from _devices
         # Interned vocabularies; one disappears once no device uses it any more.
         self._vocabularies: weakref.WeakValueDictionary[
             tuple[frozenset[str], frozenset[str]], _Vocabulary
@@ -130,9 +139,25 @@ class Validator:
             vocab = self._vocabularies[(kinds, names)] = _Vocabulary(kinds, names)
         return vocab
 
+    def _lookup(self, device_id: str) -> _Vocabulary | None:
+        """The device's vocabulary, moving it up from the previous generation (a miss in
+        the current one: the first packet of a device after a rotation, or a new device)."""
+        vocab = self._previous.pop(device_id, None)
+        if vocab is not None:
+            self._devices[device_id] = vocab
+        return vocab
+
+    def rotate(self) -> int:
+        """Start a new generation: devices not seen since the last rotation lose their slot.
+        Called once per retention period; returns how many slots were freed."""
+        freed = len(self._previous)
+        self._previous = self._devices
+        self._devices = {}
+        return freed
+
     def device_reason(self, device_id: str) -> Reason | None:
         """Why a device id is refused, or None (a device already admitted is valid)."""
-        if device_id in self._devices:
+        if device_id in self._devices or device_id in self._previous:
             return None
         return device_id_reason(device_id)
 
@@ -149,7 +174,7 @@ class Validator:
 
     @property
     def device_count(self) -> int:
-        return len(self._devices)
+        return len(self._devices) + len(self._previous)
 
     def check(self, packet: Packet, recv_ms: int) -> Row | Reason:
         """Return the packet as a row ready to aggregate, or the reason it is refused."""
@@ -158,7 +183,7 @@ class Validator:
         # A device, kind or value name in the vocabulary passed these checks before: skip
         # the regular expressions (the hot path is a dict and a set lookup). The order of
         # the checks, and so the reason reported, is the same either way.
-        vocab = self._devices.get(device_id)
+        vocab = self._devices.get(device_id) or self._lookup(device_id)
         if vocab is None and (bad_id := device_id_reason(device_id)) is not None:
             return bad_id
         nbytes = len(packet.payload)
@@ -191,7 +216,7 @@ class Validator:
         # Stateful limits last, and the vocabulary changes only once the packet is admitted,
         # so a refused packet leaves no trace (no phantom device, kind or value name).
         if vocab is None:
-            if len(self._devices) >= lim.max_devices:
+            if self.device_count >= lim.max_devices:
                 return Reason.TOO_MANY_DEVICES
             vocab = _EMPTY
         if new_kind and len(vocab.kinds) >= lim.max_kinds_per_device:
@@ -210,6 +235,7 @@ class Validator:
         the steady state, where `admit` would admit nothing new and refuse nothing. Checked
         once per distinct vocabulary (devices of a fleet share a handful), not per device."""
         vocabs = {id(v): v for v in map(self._devices.get, device_ids)}
+        # A device only in the previous generation misses here: admit() moves it up.
         return all(v is not None and v.has(kinds, names) for v in vocabs.values())
 
     def admit(
@@ -219,11 +245,11 @@ class Validator:
         (a reason refusing every packet of the device, or None; the kinds refused; the value
         names refused). The vocabulary grows only by what is admitted."""
         lim = self.limits
-        vocab = self._devices.get(device_id)
+        vocab = self._devices.get(device_id) or self._lookup(device_id)
         if vocab is not None and vocab.has(kinds, names):
             return None, _NOTHING, _NOTHING  # the steady state: nothing new
         if vocab is None:
-            if len(self._devices) >= lim.max_devices:
+            if self.device_count >= lim.max_devices:
                 return Reason.TOO_MANY_DEVICES, _NOTHING, _NOTHING
             vocab = _EMPTY
         known_kinds, refused_kinds = _admit_new(vocab.kinds, kinds, lim.max_kinds_per_device)

@@ -87,14 +87,17 @@ class _Service:
         args = [
             sys.executable, "-m", "rtmonitor", "serve", "--host", "127.0.0.1",
             "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-            "--redis-url", redis_url, "--key-prefix", prefix,
+            "--key-prefix", prefix,
             "--flush-interval", str(flush_interval), "--log-level", "warning",
         ]  # fmt: skip
         if noop:
             args.append("--noop")
         if workers > 1:
             args += ["--workers", str(workers)]
-        self.proc = subprocess.Popen(args, env=child_env(), stdout=subprocess.DEVNULL)
+        # By environment, not a flag: the embedded Redis's URL carries its password, and a
+        # command line is visible to every local user (ps).
+        env = child_env({"RTM_REDIS_URL": redis_url})
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
         self.http = f"http://127.0.0.1:{self.http_port}"
         self.target = f"127.0.0.1:{self.grpc_port}"
 

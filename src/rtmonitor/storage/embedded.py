@@ -2,13 +2,21 @@
 
 With no REDIS_URL the service starts one, persisting under --data-dir, so `make run`
 needs nothing else installed. Tests use the same launcher on free ports.
+
+It is the service's alone: a random password per start (in its 0600 config file, never on
+a command line or in a log), a check that what answers on the port is our child, a memory
+limit that refuses writes instead of exhausting the machine, and supervise() restarts it
+on the same port and data directory if it dies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -17,9 +25,16 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
+from urllib.parse import quote
 
 logger = logging.getLogger(__name__)
+
+RESTART_BACKOFF_START_S = 0.1
+RESTART_BACKOFF_MAX_S = 10.0
+# Up this long after a restart: the next crash starts the backoff over.
+RESTART_STABLE_S = 30.0
+SUPERVISE_POLL_S = 0.1
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -52,6 +67,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+_PROCESS_ID = re.compile(rb"\r\nprocess_id:(\d+)\r\n")
+
+
+def _command(*args: str) -> bytes:
+    """One Redis command in RESP."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 def _parent_death_wrapper() -> list[str]:
     """`setpriv --pdeathsig TERM` (util-linux), if present: if this process dies, even by
     SIGKILL, the kernel sends SIGTERM to Redis, which then saves and exits instead of
@@ -68,7 +95,8 @@ class EmbeddedRedis:
     """A redis-server child process on 127.0.0.1, data (AOF) under `data_dir`.
 
     Use as a context manager, or start()/stop(). Started from the main thread, Redis also
-    stops when this process dies (even by SIGKILL).
+    stops when this process dies (even by SIGKILL). `url` carries the password; log
+    `display_url`.
     """
 
     def __init__(
@@ -78,17 +106,30 @@ class EmbeddedRedis:
         *,
         host: str = "127.0.0.1",
         extra_config: dict[str, str] | None = None,
+        password: str | None = None,
+        maxmemory_mb: int = 0,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.host = host
         self.port = port
         self.extra_config = dict(extra_config or {})
+        # One per instance, kept across restarts of the child: clients reconnect with it.
+        self.password = password or secrets.token_urlsafe(32)
+        self.maxmemory_mb = maxmemory_mb
+        self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock: IO[str] | None = None
+        self._stopping = False
+        self._down: str | None = None  # why it is not running while supervised
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"redis://:{quote(self.password, safe='')}@{self.host}:{self.port}/0"
+
+    @property
+    def display_url(self) -> str:
+        """The URL without its password (for logs)."""
+        return f"redis://:***@{self.host}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -101,7 +142,14 @@ class EmbeddedRedis:
             "dir": str(self.data_dir),
             "daemonize": "no",
             "protected-mode": "yes",
+            "requirepass": self.password,
+            # A full Redis refuses writes (OOM errors: the flusher retries, receivers are
+            # pushed back) rather than evicting counts or exhausting the machine.
+            "maxmemory": f"{self.maxmemory_mb}mb",
+            "maxmemory-policy": "noeviction",
             "appendonly": "yes",
+            # Written (write()) before Redis replies, fsynced every second: a crash of the
+            # process loses nothing acknowledged, one of the machine up to a second.
             "appendfsync": "everysec",
             "save": "900 1 300 10 60 10000",
             "dbfilename": "dump.rdb",
@@ -129,35 +177,65 @@ class EmbeddedRedis:
             ) from None
         self._lock = lock
 
+    def _write_config(self) -> Path:
+        """redis.conf, readable by this user only (it holds the password)."""
+        path = self.data_dir / "redis.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # a file left by an older version kept its mode
+            f.write(self._config())
+        return path
+
+    def _port_in_use_error(self) -> EmbeddedRedisError:
+        return EmbeddedRedisError(
+            f"the embedded Redis cannot listen on {self.host}:{self.port}: the port is in "
+            "use by another process; choose another --embedded-redis-port / "
+            "RTM_EMBEDDED_REDIS_PORT (0 picks a free one)"
+        )
+
+    def _port_answers(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def _spawn(self) -> None:
+        conf_path = self._write_config()
+        # The parent-death signal fires when the *thread* that forked exits, so it is
+        # only armed from the main thread (the service starts and restarts Redis there).
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        wrapper = _parent_death_wrapper() if on_main_thread else []
+        self._proc = subprocess.Popen(
+            [*wrapper, redis_server_binary(), str(conf_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
     def start(self, timeout: float = 15.0) -> Self:
-        """Start redis-server and wait until it answers PING."""
+        """Start redis-server and wait until it answers as our child."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._lock is None:
             self._take_lock()
-        binary = redis_server_binary()
-        on_main_thread = threading.current_thread() is threading.main_thread()
+        self._stopping = False
+        redis_server_binary()  # its error before anything else
         attempts = 3 if self.port == 0 else 1
         for attempt in range(attempts):
             port_was_free = self.port == 0
             if port_was_free:
                 self.port = free_port(self.host)
-            conf_path = self.data_dir / "redis.conf"
-            conf_path.write_text(self._config())
-            # The parent-death signal fires when the *thread* that forked exits, so it is
-            # only armed from the main thread (the service starts Redis there).
-            wrapper = _parent_death_wrapper() if on_main_thread else []
-            self._proc = subprocess.Popen(
-                [*wrapper, binary, str(conf_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
+            elif self._port_answers():
+                self._release_lock()
+                raise self._port_in_use_error()
+            self._spawn()
             error = self._wait_ready(timeout)
             if error is None:
+                assert self._proc is not None
                 logger.info(
                     "embedded Redis %s ready at %s (data in %s)",
                     self._proc.pid,
-                    self.url,
+                    self.display_url,
                     self.data_dir,
                 )
                 return self
@@ -166,32 +244,126 @@ class EmbeddedRedis:
                 self.port = 0  # someone took the port in between: pick another
                 continue
             self._release_lock()
+            if isinstance(error, EmbeddedRedisError):
+                raise error
             raise EmbeddedRedisError(f"embedded Redis did not start: {error}")
         raise AssertionError("unreachable")
 
-    def _wait_ready(self, timeout: float) -> str | None:
-        assert self._proc is not None
+    def _wait_ready(self, timeout: float) -> str | EmbeddedRedisError | None:
+        """None once our child answers on the port (loading its data counts), else what
+        went wrong. Whoever else answers there is not taken for it: a Redis that another
+        process runs on the port must never receive our writes."""
+        proc = self._proc
+        assert proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                stderr = (
-                    self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                )
-                log = self.data_dir / "redis.log"
-                tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
-                return f"exited with {self._proc.returncode}: {stderr.strip()} {' | '.join(tail)}"
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return None
-            except OSError:
-                pass
+            if proc.poll() is not None:
+                return self._exit_error(proc)
+            if self._answering_pid() == proc.pid:
+                return None
             time.sleep(0.02)
         return f"no answer on {self.host}:{self.port} within {timeout:.0f}s"
 
+    def _answering_pid(self, timeout: float = 0.5) -> int | None:
+        """The process id of the Redis that answers on the port to our password, or None
+        (nothing listening yet, something that is not Redis or does not take our password).
+        A raw exchange with a short deadline: whatever holds the port cannot stall the
+        check. INFO answers while Redis loads its data, so a long load is no failed start."""
+        request = _command("AUTH", self.password) + _command("INFO", "server")
+        deadline = time.monotonic() + timeout
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout) as s:
+                s.sendall(request)
+                reply = b""
+                while len(reply) < 65_536 and not reply.startswith(b"-"):
+                    if (found := _PROCESS_ID.search(reply)) is not None:
+                        return int(found[1])
+                    s.settimeout(max(0.01, deadline - time.monotonic()))
+                    chunk = s.recv(65_536)
+                    if not chunk:
+                        break
+                    reply += chunk
+        except OSError:
+            pass
+        return None
+
+    def _exit_error(self, proc: subprocess.Popen[bytes]) -> str | EmbeddedRedisError:
+        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        log = self.data_dir / "redis.log"
+        tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+        if "Address already in use" in stderr + " ".join(tail):
+            return self._port_in_use_error()
+        return f"exited with {proc.returncode}: {stderr.strip()} {' | '.join(tail)}"
+
+    # --- supervision -----------------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def not_ready(self) -> list[str]:
+        """Readiness reasons (empty: running)."""
+        return [f"the embedded Redis is down: {self._down}"] if self._down else []
+
+    def stats(self) -> dict[str, Any]:
+        """Self-metrics for GET /stats (no secret in them)."""
+        return {
+            "pid": self.pid,
+            "port": self.port,
+            "up": self.up,
+            "restarts": self.restarts,
+            "maxmemory_mb": self.maxmemory_mb,
+            "down_reason": self._down,
+        }
+
+    async def supervise(self) -> None:
+        """Restart Redis whenever it exits, on the same port and data directory, with
+        capped exponential backoff, until stop(). Run it on the event loop of the thread
+        that started Redis (the main thread: the parent-death signal is tied to it)."""
+        backoff = RESTART_BACKOFF_START_S
+        up_since = time.monotonic()
+        while not self._stopping:
+            await asyncio.sleep(SUPERVISE_POLL_S)
+            proc = self._proc
+            if proc is None or self._stopping:
+                continue  # stopped (or killed on purpose by a test): not ours to restart
+            if proc.poll() is None:
+                if time.monotonic() - up_since > RESTART_STABLE_S:
+                    backoff = RESTART_BACKOFF_START_S
+                continue
+            if self._down is None:
+                self._down = f"redis-server {proc.pid} exited with {proc.returncode}"
+            logger.error("%s; restarting it in %.1fs", self._down, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
+            if self._stopping:
+                break
+            try:
+                await self._restart()
+            except Exception as exc:  # never give up: log, back off, try again
+                self._down = f"restart failed: {exc}"
+                continue
+            self.restarts += 1
+            self._down = None
+            up_since = time.monotonic()
+            logger.warning(
+                "embedded Redis restarted as %s on %s (restart %d)",
+                self.pid,
+                self.display_url,
+                self.restarts,
+            )
+
+    async def _restart(self, timeout: float = 60.0) -> None:
+        self._kill()  # reap the dead one, close its pipe
+        self._spawn()
+        error = await asyncio.to_thread(self._wait_ready, timeout)
+        if error is not None:
+            self._kill()
+            raise error if isinstance(error, EmbeddedRedisError) else EmbeddedRedisError(error)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Ask Redis to save and exit (SIGTERM), waiting up to `timeout`. Harmless twice."""
+        self._stopping = True
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
