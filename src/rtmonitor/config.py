@@ -125,6 +125,33 @@ class Settings(BaseSettings):
     prometheus_max_devices: int = Field(
         1000, ge=0, description="Devices (the busiest) with their own Prometheus series."
     )
+    # A scrape line is at most ~270 bytes (128-character device id, 64-character name, a
+    # 17-digit value): 30,000 series keep a scrape under ~8 MB, ~4 MB typically.
+    prometheus_max_series: int = Field(
+        30_000,
+        ge=0,
+        description="Per-device series in one Prometheus scrape: the busiest devices whose "
+        "series fit; the others are counted in rtm_scrape_devices_omitted.",
+    )
+    # Ranking a prefix's devices by a number reads every one of them (ids sorted by id are
+    # all an index can filter by prefix): bounded, ~20 ms of Redis and Python at 10,000.
+    prefix_sort_max_devices: int = Field(
+        10_000,
+        ge=1,
+        description="Devices a prefix filter may match when GET /metrics sorts by a number; "
+        "more get 400 (narrow the prefix, or sort by device_id).",
+    )
+    # Each subscriber holds at most one event in its socket's buffer and the ids of the
+    # devices waiting for the next one (stream.py): ~1 MB at worst.
+    max_stream_subscribers: int = Field(
+        100, ge=1, description="Concurrent GET /stream clients; more get 503."
+    )
+    stream_send_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a GET /stream write may stay blocked (a client that does not "
+        "read) before the stream is closed.",
+    )
     offline_after: float = Field(
         30.0, gt=0, description="Seconds without a packet after which a device is offline."
     )

@@ -265,7 +265,11 @@ class Service:
             self.stats,
             offline_after_s=self.settings.offline_after,
             prometheus_max_devices=self.settings.prometheus_max_devices,
+            prometheus_max_series=self.settings.prometheus_max_series,
+            prefix_sort_max_devices=self.settings.prefix_sort_max_devices,
             stream_interval_s=self.settings.flush_interval,
+            max_stream_subscribers=self.settings.max_stream_subscribers,
+            stream_send_timeout_s=self.settings.stream_send_timeout,
         )
         self._app = app
         config = uvicorn.Config(

@@ -91,7 +91,9 @@ def test_a_stalled_subscriber_holds_the_latest_state_not_a_backlog() -> None:
             totals = {**totals, "packets": n}
             sub.offer([{"device_id": f"d{n % 3}", "packets": n}, {"device_id": "x"}], totals)
         assert len(sub.pending) == 3  # bounded by devices, not by updates
-        return await asyncio.wait_for(sub.next(), 1)
+        await asyncio.wait_for(sub.ready.wait(), 1)
+        event = sub.take(lambda record: record)
+        return dict(json.loads(event.split("data: ", 1)[1]))
 
     update = run(scenario())
     assert sorted(d["packets"] for d in update["devices"]) == [998, 999, 1000]

@@ -86,3 +86,39 @@ def test_every_series_the_grafana_dashboard_queries_is_exported() -> None:
     exported = {line.split("{")[0].split(" ")[0] for line in _render(False).splitlines()
                 if line and not line.startswith("#")}  # fmt: skip
     assert queried and queried <= exported, queried - exported
+
+
+def test_device_series_counts_what_a_device_adds_and_omitted_devices_are_reported() -> None:
+    from rtmonitor.api.prometheus import device_series
+
+    stats = {
+        "ready": True,
+        "queue": {"packets": 0},
+        "pending": {"packets": 0, "inflight_packets": 0},
+        "ingest": {"active_streams": 0, "rejected_by_reason": {}},
+        "api": {"refused_by_reason": {"stream_subscribers": 2}, "stream": {"subscribers": 1}},
+    }
+    device = {
+        "device_id": "fat",
+        "packets": 1,
+        "bytes": 0,
+        "last_seen": 0,
+        "kinds": {f"k{i}": 1 for i in range(3)},
+        "values": {f"v{i}": {"count": 1, "sum": 1.0, "min": 1.0, "max": 1.0, "last": 1.0}
+                   for i in range(2)},
+        "rate": {f"{w}_per_s_{s}s": 0.0 for w in ("packets", "bytes") for s in (10, 60)},
+    }  # fmt: skip
+    totals = {"packets": 1, "bytes": 0, "devices": 5, "rejected_by_reason": {},
+              "rate": device["rate"]}  # fmt: skip
+
+    def device_lines(devices: list) -> tuple[list[str], str]:
+        text = exposition(totals, devices, stats, offline_after_s=30, openmetrics=False,
+                          omitted={"max_devices": 3, "max_series": 1})  # fmt: skip
+        return [line for line in text.splitlines() if line.startswith("rtm_device_")], text
+
+    lines, text = device_lines([device])
+    assert device_series(device) == len(lines) == 8 + 3 + 2 * 5
+    assert f"rtm_scrape_series {len(lines)}" in text
+    assert 'rtm_scrape_devices_omitted{reason="max_series"} 1' in text
+    assert 'rtm_http_refused_total{reason="stream_subscribers"} 2' in text
+    assert "rtm_stream_subscribers 1" in text

@@ -3,32 +3,48 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import pathlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
+from starlette.types import Receive, Scope, Send
 
 from rtmonitor import __version__
-from rtmonitor.api.prometheus import OPENMETRICS, exposition, negotiate
+from rtmonitor.api.prometheus import OPENMETRICS, device_series, exposition, negotiate
 from rtmonitor.api.schemas import DeviceMetrics, MetricsPage, Problem, Readiness, Totals
-from rtmonitor.api.stream import ChangeFeed
-from rtmonitor.storage.store import RedisStore, SortField
+from rtmonitor.api.stream import TRANSPORT, ChangeFeed, EventStream
+from rtmonitor.storage.store import RedisStore, SortField, SortTooBroad
 
 logger = logging.getLogger(__name__)
 
 STATIC = pathlib.Path(__file__).parent / "static"
+# Devices fetched per step of a scrape: it stops fetching once --prometheus-max-series is
+# spent, so fat devices cost what fits in the scrape, not --prometheus-max-devices of them.
+SCRAPE_CHUNK = 100
 
 # Returns the reasons the service is not ready to ingest (empty list: ready).
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
 # Returns the service's self-metrics (the pipeline's, this process only).
 StatsSource = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class _Api(FastAPI):
+    """FastAPI that puts the server's transport of each connection into the scope (when
+    the server's `send` is a method of an object that has one, as uvicorn's is), so that a
+    GET /stream whose client stopped reading can be aborted (stream.EventStream)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if transport is not None and hasattr(transport, "abort"):
+            scope[TRANSPORT] = transport
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -38,10 +54,14 @@ def create_app(
     *,
     offline_after_s: float = 30.0,
     prometheus_max_devices: int = 1000,
+    prometheus_max_series: int = 30_000,
+    prefix_sort_max_devices: int = 10_000,
     stream_interval_s: float = 0.2,
+    max_stream_subscribers: int = 100,
+    stream_send_timeout_s: float = 10.0,
 ) -> FastAPI:
     """Build the app around the process's one store (owned and closed by the service)."""
-    app = FastAPI(
+    app = _Api(
         title="RealTimeDataMonitor",
         version=__version__,
         description=(
@@ -63,42 +83,59 @@ def create_app(
         """The web dashboard (static files, no build step)."""
         return FileResponse(STATIC / "index.html")
 
-    feed = ChangeFeed(store, stream_interval_s)
+    feed = ChangeFeed(store, stream_interval_s, max_stream_subscribers)
     app.state.feed = feed
+    refused: Counter[str] = Counter()  # requests refused by a limit, by reason
 
-    @app.get("/stream", tags=["metrics"], summary="Live updates (Server-Sent Events)")
+    def render(record: dict[str, Any]) -> dict[str, Any]:
+        return with_status(record).model_dump(mode="json")
+
+    async def all_stats() -> dict[str, Any]:
+        """The pipeline's self-metrics and this API's own."""
+        return {
+            **await stats(),
+            "api": {"refused_by_reason": dict(sorted(refused.items())), "stream": feed.stats()},
+        }
+
+    @app.get(
+        "/stream",
+        tags=["metrics"],
+        summary="Live updates (Server-Sent Events)",
+        response_class=EventStream,
+        status_code=200,
+        responses={
+            503: {
+                "description": "--max-stream-subscribers clients are connected already.",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+                },
+            }
+        },
+    )
     async def stream(
-        request: Request,
         prefix: Annotated[
             str, Query(max_length=128, description="Only devices whose id starts with this.")
         ] = "",
-    ) -> StreamingResponse:
+    ) -> Response:
         """`event: update` with the devices that changed (at most once per flush interval)
         and the totals; a comment every 15 s keeps proxies from closing an idle stream. A
-        client that reads slowly gets the latest state of each device, not a backlog."""
-        sub = feed.subscribe(prefix)
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                yield "retry: 2000\n\n"
-                while not await request.is_disconnected():
-                    try:
-                        update = await asyncio.wait_for(sub.next(), 15)
-                    except TimeoutError:
-                        yield ": keep-alive\n\n"
-                        continue
-                    update["devices"] = [
-                        with_status(d).model_dump(mode="json") for d in update["devices"]
-                    ]
-                    yield f"event: update\ndata: {json.dumps(update, separators=(',', ':'))}\n\n"
-            finally:
-                feed.unsubscribe(sub)
-
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        client that reads slowly gets the latest state of each device, not a backlog: an
+        event carries at most ~256 KB of devices and says how many are still `pending`
+        (they follow at once); `lagged: true` means some changes could not be kept (re-read
+        GET /metrics). A client whose writes stay blocked for --stream-send-timeout is
+        disconnected."""
+        if feed.full:
+            refused["stream_subscribers"] += 1
+            return JSONResponse(
+                status_code=503,
+                content={
+                    "detail": f"{feed.max_subscribers} GET /stream clients are connected, the "
+                    "most this instance serves (--max-stream-subscribers); retry later or "
+                    "use GET /metrics"
+                },
+                headers={"Retry-After": "10"},
+            )
+        return EventStream(feed, feed.subscribe(prefix), render, stream_send_timeout_s)
 
     @app.exception_handler(RedisError)
     async def redis_unavailable(request: Request, exc: RedisError) -> JSONResponse:
@@ -129,7 +166,7 @@ def create_app(
     async def self_stats() -> dict[str, Any]:
         """Queue depth, pending deltas, flush latency, rejections by reason, Redis errors and
         recoveries, duplicate batches skipped, journals recovered — for this process."""
-        return await stats()
+        return await all_stats()
 
     @app.get(
         "/metrics",
@@ -169,24 +206,40 @@ def create_app(
         """
         content_type = negotiate(request.headers.get("accept"), format)
         if content_type is not None and format != "json":
-            _, busiest = await store.list_devices(
-                sort="packets", descending=True, limit=prometheus_max_devices
-            )
+            totals = await store.totals()
+            busiest, omitted = await scrape_devices(totals["devices"])
             body = exposition(
-                await store.totals(),
+                totals,
                 busiest,
-                await stats(),
+                await all_stats(),
                 offline_after_s=offline_after_s,
                 openmetrics=content_type == OPENMETRICS,
+                omitted=omitted,
             )
             return Response(body, media_type=content_type)
         # the page and the totals are independent: one wait for both
-        (matched, devices), totals = await asyncio.gather(
-            store.list_devices(
-                prefix=prefix, sort=sort, descending=order == "desc", offset=offset, limit=limit
-            ),
-            store.totals(),
-        )
+        try:
+            (matched, devices), totals = await asyncio.gather(
+                store.list_devices(
+                    prefix=prefix,
+                    sort=sort,
+                    descending=order == "desc",
+                    offset=offset,
+                    limit=limit,
+                    max_ranked=prefix_sort_max_devices,
+                ),
+                store.totals(),
+            )
+        except SortTooBroad as exc:
+            refused["prefix_sort_too_broad"] += 1
+            return JSONResponse(
+                status_code=400,
+                content={
+                    "detail": f"{exc.matched} devices match prefix {prefix!r}; sorting them by "
+                    f"{sort} is limited to {prefix_sort_max_devices} "
+                    "(--prefix-sort-max-devices): narrow the prefix, or sort by device_id"
+                },
+            )
         return MetricsPage(
             totals=Totals.model_validate(totals),
             matched=matched,
@@ -196,6 +249,29 @@ def create_app(
             order=order,
             devices=[with_status(d) for d in devices],
         )
+
+    async def scrape_devices(known: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """The busiest devices whose series fit in --prometheus-max-series (in order, up to
+        the first that does not fit), and how many devices were left out, by reason."""
+        ranked = min(known, prometheus_max_devices)
+        kept: list[dict[str, Any]] = []
+        budget = prometheus_max_series
+        offset = 0
+        while offset < ranked:
+            size = min(SCRAPE_CHUNK, ranked - offset)
+            _, chunk = await store.list_devices(
+                sort="packets", descending=True, offset=offset, limit=size
+            )
+            offset += size
+            for device in chunk:
+                budget -= device_series(device)
+                if budget < 0:
+                    break
+                kept.append(device)
+            if budget < 0 or not chunk:
+                break
+        omitted = {"max_devices": known - ranked, "max_series": max(ranked - len(kept), 0)}
+        return kept, omitted
 
     @app.get(
         "/metrics/{device_id:path}",

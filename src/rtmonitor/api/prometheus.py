@@ -3,7 +3,8 @@
 GET /metrics answers in the Prometheus text format (0.0.4) or OpenMetrics when the scraper
 asks for it in Accept — which is what a default Prometheus scrape config does — and JSON to
 everyone else. Per-device series are limited to the busiest devices (by packets), so that
-a flood of devices cannot flood Prometheus.
+a flood of devices cannot flood Prometheus, and to the series that fit in
+--prometheus-max-series, so that fat devices (many kinds and value names) cannot either.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from typing import Any
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
 STATS = ("sum", "min", "max", "last")
+# Series of every device: packets, bytes, 2 x 2 rates, online, last_seen.
+DEVICE_BASE_SERIES = 8
+
+
+def device_series(device: dict[str, Any]) -> int:
+    """The series `device` adds to a scrape: DEVICE_BASE_SERIES, one per kind, and per value
+    name its readings and STATS."""
+    return DEVICE_BASE_SERIES + len(device["kinds"]) + (1 + len(STATS)) * len(device["values"])
 
 
 def negotiate(accept: str | None, explicit: str | None) -> str | None:
@@ -98,8 +107,10 @@ def exposition(
     *,
     offline_after_s: float,
     openmetrics: bool,
+    omitted: dict[str, int] | None = None,
 ) -> str:
-    """Render the exposition for `devices` (already limited) and the totals."""
+    """Render the exposition for `devices` (already limited) and the totals; `omitted`:
+    devices left out of this scrape, by the limit that left them out."""
     w = _Writer(openmetrics)
     now_ms = time.time() * 1000
     dev = [({"device": d["device_id"]}, d) for d in devices]
@@ -159,6 +170,19 @@ def exposition(
         "Statistics of the readings: stat = sum, min, max, or last (newest device timestamp).",
         [({**lab, "stat": stat}, v[stat]) for lab, v in values for stat in STATS],
     )
+    w.family(
+        "rtm_scrape_series",
+        "gauge",
+        "Per-device series in this scrape (at most --prometheus-max-series).",
+        [({}, sum(device_series(d) for d in devices))],
+    )
+    w.family(
+        "rtm_scrape_devices_omitted",
+        "gauge",
+        "Devices without series of their own in this scrape, by the limit that left them out "
+        "(--prometheus-max-devices or --prometheus-max-series).",
+        [({"reason": r}, n) for r, n in (omitted or {}).items()],
+    )
     _self_metrics(w, stats)
     return w.render()
 
@@ -201,3 +225,19 @@ def _self_metrics(w: _Writer, stats: dict[str, Any]) -> None:
                  [({}, embedded["restarts"])])  # fmt: skip
         w.family("rtm_embedded_redis_up", "gauge", "1 if the embedded Redis is running.",
                  [({}, int(embedded["up"]))])  # fmt: skip
+    api = stats.get("api") or {}
+    stream = api.get("stream") or {}
+    w.family("rtm_stream_subscribers", "gauge", "Open GET /stream clients on this instance.",
+             [({}, stream.get("subscribers", 0))])  # fmt: skip
+    w.family(
+        "rtm_stream_disconnected_slow",
+        "counter",
+        "GET /stream clients closed because a write stayed blocked (--stream-send-timeout).",
+        [({}, stream.get("disconnected_slow", 0))],
+    )
+    w.family(
+        "rtm_http_refused",
+        "counter",
+        "HTTP requests refused by a limit on this instance, by reason.",
+        [({"reason": r}, n) for r, n in (api.get("refused_by_reason") or {}).items()],
+    )

@@ -3,8 +3,11 @@
 One poller per process asks Redis, once per flush interval, which devices received packets
 (the last_seen index, so every instance's packets count) and hands the fresh records to the
 subscribers. A subscriber keeps only the latest record per device until its client reads
-it: a slow or stalled client gets the latest state, never a backlog, and its memory is
-bounded by the number of devices, not by time.
+it: a slow or stalled client gets the latest state, never a backlog. What one subscriber
+holds is bounded three ways: at most PENDING_MAX devices waiting (more: the next event says
+`lagged`), events of at most ~EVENT_MAX_BYTES (the rest follow at once, counted in
+`pending`), and a write blocked longer than --stream-send-timeout closes the stream.
+--max-stream-subscribers bounds how many there are.
 
 实时推送：轮询只有一个，订阅者各自只保留“每个设备的最新状态”，慢客户端不会让内存增长。
 """
@@ -13,11 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import socket
+import struct
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from redis.exceptions import RedisError
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from rtmonitor.storage.store import RedisStore
 
@@ -25,6 +34,16 @@ logger = logging.getLogger(__name__)
 
 LOOKBACK_MS = 5000  # a flush commits up to a few intervals after receive: look back this far
 MAX_CHANGED = 5000  # devices per poll
+PENDING_MAX = MAX_CHANGED  # devices one subscriber keeps waiting (one full poll fits)
+# Devices of one event stop once their JSON reaches this: what a stalled client pins in its
+# socket's buffer is one event, whatever the number or size of the devices.
+EVENT_MAX_BYTES = 256 * 1024
+# Where the app puts the server's transport for the connection in the ASGI scope (app.py).
+TRANSPORT = "rtmonitor.transport"
+KEEPALIVE_S = 15.0  # a comment this often keeps proxies from closing an idle stream
+
+# Turns a stored record into the JSON-ready device object of an event.
+Render = Callable[[dict[str, Any]], Mapping[str, Any]]
 
 
 class Subscriber:
@@ -34,35 +53,72 @@ class Subscriber:
         self.prefix = prefix
         self.pending: dict[str, dict[str, Any]] = {}
         self.totals: dict[str, Any] | None = None
+        # Devices that changed while PENDING_MAX others were already waiting: not kept, so
+        # the next event says so ("lagged") and the client re-reads GET /metrics.
+        self.lagged = False
+        self.closed = False
         self.ready = asyncio.Event()
 
     def offer(self, records: list[dict[str, Any]], totals: dict[str, Any]) -> None:
+        pending = self.pending
         for record in records:
-            if record["device_id"].startswith(self.prefix):
-                self.pending[record["device_id"]] = record  # newer replaces older
+            device_id = record["device_id"]
+            if device_id.startswith(self.prefix):
+                if device_id in pending or len(pending) < PENDING_MAX:
+                    pending[device_id] = record  # newer replaces older
+                else:
+                    self.lagged = True
         moved = self.totals is None or any(
             self.totals[k] != totals[k] for k in ("packets", "rejected", "devices")
         )
         self.totals = totals
-        if self.pending or moved:  # nothing new: no event (the keep-alive covers silence)
+        if pending or moved or self.lagged:  # nothing new: no event (keep-alives cover it)
             self.ready.set()
 
-    async def next(self) -> dict[str, Any]:
-        await self.ready.wait()
+    def close(self) -> None:
+        """The client went away: wake whoever waits for the next event."""
+        self.closed = True
+        self.ready.set()
+
+    def take(self, render: Render) -> str:
+        """The next event: the pending devices that fit in EVENT_MAX_BYTES (the others stay
+        pending, counted in `pending`, and go in the next event at once) and the totals."""
         self.ready.clear()
-        devices, self.pending = self.pending, {}
-        return {"totals": self.totals, "devices": list(devices.values())}
+        parts: list[str] = []
+        taken: list[str] = []
+        size = 0
+        for device_id, record in self.pending.items():
+            if size >= EVENT_MAX_BYTES:
+                break
+            part = json.dumps(render(record), separators=(",", ":"))
+            parts.append(part)
+            taken.append(device_id)
+            size += len(part) + 1
+        for device_id in taken:
+            del self.pending[device_id]
+        if self.pending:
+            self.ready.set()
+        head = {"totals": self.totals, "pending": len(self.pending), "lagged": self.lagged}
+        self.lagged = False
+        data = json.dumps(head, separators=(",", ":"))[:-1] + f',"devices":[{",".join(parts)}]}}'
+        return f"event: update\ndata: {data}\n\n"
 
 
 class ChangeFeed:
     """Polls for changed devices while anyone listens; fans them out."""
 
-    def __init__(self, store: RedisStore, interval: float) -> None:
+    def __init__(self, store: RedisStore, interval: float, max_subscribers: int = 100) -> None:
         self.store = store
         self.interval = interval
+        self.max_subscribers = max_subscribers
         self.subscribers: set[Subscriber] = set()
+        self.disconnected_slow = 0  # streams closed because their writes stayed blocked
         self._task: asyncio.Task[None] | None = None
         self._sent: dict[str, int] = {}  # device -> last_seen already published
+
+    @property
+    def full(self) -> bool:
+        return len(self.subscribers) >= self.max_subscribers
 
     def subscribe(self, prefix: str) -> Subscriber:
         sub = Subscriber(prefix)
@@ -73,6 +129,13 @@ class ChangeFeed:
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "subscribers": len(self.subscribers),
+            "max_subscribers": self.max_subscribers,
+            "disconnected_slow": self.disconnected_slow,
+        }
 
     async def close(self) -> None:
         if self._task is not None:
@@ -103,3 +166,89 @@ class ChangeFeed:
             except Exception:  # never die silently
                 logger.exception("live feed poll failed")
             await asyncio.sleep(self.interval)
+
+
+class EventStream(Response):
+    """GET /stream's response, written as a raw ASGI response so that every write is
+    bounded in time: Starlette's StreamingResponse awaits the server's send, which waits
+    as long as the client does not read (transport flow control)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, feed: ChangeFeed, sub: Subscriber, render: Render, send_timeout: float
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.feed, self.sub, self.device_json, self.send_timeout = feed, sub, render, send_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sub = self.sub
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            sub.close()
+
+        watcher = asyncio.create_task(watch(), name="stream-disconnect")
+        try:
+            await self._send(send, {"type": "http.response.start", "status": 200,
+                                    "headers": self.raw_headers})  # fmt: skip
+            await self._write(send, "retry: 2000\n\n")
+            while not sub.closed:
+                try:
+                    await asyncio.wait_for(sub.ready.wait(), KEEPALIVE_S)
+                except TimeoutError:
+                    await self._write(send, ": keep-alive\n\n")
+                    continue
+                if not sub.closed:
+                    await self._write(send, sub.take(self.device_json))
+        except _Blocked:
+            self.feed.disconnected_slow += 1
+            # Closing would wait for the unread data to drain, which never happens: abort
+            # (the server then sees a disconnect). Without the transport (another server
+            # than uvicorn) the server closes the connection itself, as for any response
+            # cut short.
+            if (transport := scope.get(TRANSPORT)) is not None:
+                _reset_on_close(transport)
+                transport.abort()
+                await asyncio.sleep(0)  # let the server see connection_lost first
+            logger.warning(
+                "GET /stream from %s closed: a write stayed blocked for %gs "
+                "(--stream-send-timeout); the client is not reading",
+                _peer(scope),
+                self.send_timeout,
+            )
+        finally:
+            watcher.cancel()
+            self.feed.unsubscribe(sub)
+
+    async def _write(self, send: Send, text: str) -> None:
+        await self._send(
+            send, {"type": "http.response.body", "body": text.encode(), "more_body": True}
+        )
+
+    async def _send(self, send: Send, message: Message) -> None:
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await send(message)
+        except TimeoutError:
+            raise _Blocked from None
+
+
+class _Blocked(Exception):
+    """A write to a stream's client did not complete within --stream-send-timeout."""
+
+
+def _reset_on_close(transport: Any) -> None:
+    """Make the close send RST: a graceful close would leave the unread data in the kernel's
+    buffer (megabytes) until the client reads it or the orphan retries run out."""
+    sock = transport.get_extra_info("socket")
+    with contextlib.suppress(AttributeError, OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"

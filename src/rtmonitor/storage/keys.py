@@ -16,6 +16,9 @@ Device ids cannot contain braces (validation refuses them), so a tag cannot be f
     {<p>}:idx:packets           zset   device -> packets (sort by packets)
     {<p>}:idx:bytes             zset   device -> bytes
     {<p>}:idx:last_seen         zset   device -> last_seen ms
+    {<p>}:rw:<window>           zset   device -> packets committed in the aligned 10-second
+                                       window <window> = Unix seconds // 10 (sort by rate;
+                                       30 s TTL)
     {<p>}:totals                hash   packets, bytes
     {<p>}:rejected              hash   reason -> packets
     {<p>}:m:<inst>              string highest flush seq of <inst> applied to the global keys
@@ -32,6 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SORT_INDEXES = ("packets", "bytes", "last_seen")
+# Width of the aligned windows behind sort=rate: a flush adds its devices' packets to the
+# window of its newest receive time; reads rank by the last complete window.
+RATE_WINDOW_S = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +70,9 @@ class KeyLayout:
         if field not in SORT_INDEXES:
             raise ValueError(f"no index for {field!r}")
         return self._global(f"idx:{field}")
+
+    def rate_window(self, window: int) -> str:
+        return self._global(f"rw:{window}")
 
     @property
     def totals(self) -> str:

@@ -107,7 +107,8 @@ return 1
 """
 )
 
-# KEYS: marker, totals, rejected, devices, idx:packets, idx:bytes, idx:last_seen, rate
+# KEYS: marker, totals, rejected, devices, idx:packets, idx:bytes, idx:last_seen, rate,
+#       rate window (absent from journals written before it existed)
 # ARGV: TTL, seq, packets, bytes, second, nrejected, (reason, count) * nrejected,
 #       (device, packets, bytes, last_seen) * rest
 MERGE_GLOBAL = (
@@ -138,7 +139,14 @@ while i <= #ARGV do
   redis.call('ZINCRBY', KEYS[5], ARGV[i + 1], dev)
   redis.call('ZINCRBY', KEYS[6], ARGV[i + 2], dev)
   redis.call('ZADD', KEYS[7], 'GT', ARGV[i + 3], dev)
+  if KEYS[9] then
+    redis.call('ZINCRBY', KEYS[9], ARGV[i + 1], dev)
+  end
   i = i + 4
+end
+if KEYS[9] then
+  -- written during its 10 s, read during the next 10 s: 30 s after the last write is enough
+  redis.call('EXPIRE', KEYS[9], 30)
 end
 return 1
 """

@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
-from rtmonitor.storage.keys import SORT_INDEXES, KeyLayout
+from rtmonitor.storage.keys import RATE_WINDOW_S, SORT_INDEXES, KeyLayout
 from rtmonitor.storage.model import DeviceDelta, FlushDelta
 from rtmonitor.storage.scripts import (
     FINALIZE,
@@ -46,6 +46,17 @@ CLUSTER_CONCURRENCY = 64
 Call = tuple[str, list[str], list[Any]]
 # Lexicographic upper bound for a prefix range: device ids only use ASCII below 0x7f.
 _LEX_END = "\x7f"
+# Devices a prefix filter may match when a page is ordered by a number (--prefix-sort-max-
+# devices): the index can only filter by prefix in id order, so all of them are ranked.
+PREFIX_SORT_MAX = 10_000
+
+
+class SortTooBroad(Exception):
+    """A prefix matches more devices than may be ranked by a number for one page."""
+
+    def __init__(self, matched: int) -> None:
+        super().__init__(f"{matched} devices match the prefix")
+        self.matched = matched
 
 
 class RedisStore:
@@ -158,12 +169,13 @@ class RedisStore:
         calls: list[Call] = []
         devices = delta.devices
         last_ms = max((d.last_seen for d in devices.values()), default=0)
+        second = (last_ms or int(time.time() * 1000)) // 1000
         gargs: list[Any] = [
             self._marker_ttl,
             seq,
             delta.packets,
             delta.bytes,
-            (last_ms or int(time.time() * 1000)) // 1000,
+            second,
             len(delta.rejected),
         ]
         for reason, count in delta.rejected.items():
@@ -184,6 +196,7 @@ class RedisStore:
             layout.devices,
             *(layout.index(f) for f in SORT_INDEXES),
             layout.total_rate,
+            layout.rate_window(second // RATE_WINDOW_S),
         ]
         calls.append(("global", gkeys, gargs))
         return calls
@@ -331,58 +344,75 @@ class RedisStore:
         descending: bool = False,
         offset: int = 0,
         limit: int = 100,
+        max_ranked: int = PREFIX_SORT_MAX,
     ) -> tuple[int, list[dict[str, Any]]]:
-        """One page of devices: (number matching the filter, their counters)."""
+        """One page of devices: (number matching the filter, their counters).
+
+        Costs O(log N + limit) Redis work whatever the order and offset, except a prefix
+        with a numeric order, which ranks every match: more than `max_ranked` raise
+        SortTooBroad (counted first, in O(log N)). `rate` orders by the packets of the last
+        complete aligned 10-second window (the current one while that is empty, e.g. just
+        after a start) and lists only devices that sent in it.
+        """
         # decode_responses=True: every reply is str (the type hints allow bytes too).
         client, layout = cast(aioredis.Redis, self.client), self.layout
         ids: list[str]
-        lo, hi = (f"[{prefix}", f"({prefix}{_LEX_END}") if prefix else ("-", "+")
         if sort == "rate":
-            # Rates live in per-second buckets, not in an index: rank the matching devices
-            # (bounded by --max-devices) by their last 10 complete seconds.
-            candidates = cast(list[str], await client.zrangebylex(layout.devices, lo, hi))
-            matched = len(candidates)
-            now = int(time.time())
-            fields = [str(s) for s in range(now - RATE_WINDOWS_S[0], now)]
-            pipe = self.client.pipeline(transaction=False)
-            for device_id in candidates:
-                pipe.hmget(layout.rate(device_id), fields)
-            counts = [sum(int(v) for v in row if v) for row in await pipe.execute()]
-            by_rate = sorted(
-                zip(candidates, counts, strict=True),
-                key=lambda p: (p[1], p[0]),
-                reverse=descending,
-            )
-            ids = [device_id for device_id, _ in by_rate[offset : offset + limit]]
-        elif sort == "device_id":
-            matched = await client.zlexcount(layout.devices, lo, hi)
-            if descending:
-                ids = cast(
-                    list[str], await client.zrevrangebylex(layout.devices, hi, lo, offset, limit)
-                )
-            else:
-                ids = cast(
-                    list[str], await client.zrangebylex(layout.devices, lo, hi, offset, limit)
-                )
-        elif not prefix:
+            index = await self._rate_window()
+        elif sort != "device_id":
             index = layout.index(sort)
+        if sort == "device_id":
+            # Every member of the devices set has score 0, so rank order is id order: the
+            # prefix's first rank and size are two O(log N) counts, and a page is a range
+            # of ranks (ZRANGEBYLEX with an offset would walk the offset).
+            pipe = self.client.pipeline(transaction=False)
+            if prefix:
+                pipe.zlexcount(layout.devices, "-", f"({prefix}")
+                pipe.zlexcount(layout.devices, f"[{prefix}", f"({prefix}{_LEX_END}")
+            else:
+                pipe.zcard(layout.devices)
+            counts = [int(n) for n in await pipe.execute()]
+            first, matched = (counts[0], counts[1]) if prefix else (0, counts[0])
+            start = offset if not descending else max(matched - offset - limit, 0)
+            stop = min(offset + limit, matched) if not descending else matched - offset
+            ids = []
+            if start < stop:
+                ids = cast(
+                    list[str], await client.zrange(layout.devices, first + start, first + stop - 1)
+                )
+                if descending:
+                    ids.reverse()
+                if prefix:  # a device added or expired between the calls shifts the ranks
+                    ids = [d for d in ids if d.startswith(prefix)]
+        elif not prefix:
             matched = await client.zcard(index)
             ids = cast(
                 list[str], await client.zrange(index, offset, offset + limit - 1, desc=descending)
             )
         else:
-            # A prefix and a numeric order: fetch the matching ids (bounded by --max-devices),
-            # their scores in one call, and order them here.
-            candidates = cast(list[str], await client.zrangebylex(layout.devices, lo, hi))
-            matched = len(candidates)
-            scores = await client.zmscore(layout.index(sort), candidates) if candidates else []
-            ranked = sorted(
-                zip(candidates, scores, strict=True),
-                key=lambda pair: (pair[1] or 0.0, pair[0]),
-                reverse=descending,
+            # A prefix and a numeric order: rank the matching ids here, if few enough.
+            lo, hi = f"[{prefix}", f"({prefix}{_LEX_END}"
+            matched = await client.zlexcount(layout.devices, lo, hi)
+            if matched > max_ranked:
+                raise SortTooBroad(matched)
+            candidates = cast(
+                list[str], await client.zrangebylex(layout.devices, lo, hi, 0, max_ranked)
             )
+            scores = await client.zmscore(index, candidates) if candidates else []
+            pairs = list(zip(candidates, scores, strict=True))
+            if sort == "rate":  # as without a prefix: the devices that sent in the window
+                pairs = [(d, score) for d, score in pairs if score is not None]
+                matched = len(pairs)
+            ranked = sorted(pairs, key=lambda p: (p[1] or 0.0, p[0]), reverse=descending)
             ids = [device_id for device_id, _ in ranked[offset : offset + limit]]
         return matched, await self.get_devices(ids)
+
+    async def _rate_window(self) -> str:
+        """The window sort=rate reads: the last complete one, or the current one if empty."""
+        current = int(time.time()) // RATE_WINDOW_S
+        last, now = self.layout.rate_window(current - 1), self.layout.rate_window(current)
+        client = cast(aioredis.Redis, self.client)
+        return last if await client.exists(last) else now
 
     async def get_devices(self, ids: list[str]) -> list[dict[str, Any]]:
         """The counters and rates of `ids` (in that order; unknown ones left out)."""

@@ -54,10 +54,21 @@ function renderTable() {
 async function load() {
   const params = new URLSearchParams({ sort: state.sort, order: state.order, limit: "200" });
   if (state.prefix) params.set("prefix", state.prefix);
-  const r = await fetch(`/metrics?${params}`, { headers: { Accept: "application/json" } });
+  const get = () => fetch(`/metrics?${params}`, { headers: { Accept: "application/json" } });
+  let r = await get();
+  let note = "", why = "";
+  if (r.status === 400 && state.sort !== "device_id") {
+    // too many matches to rank by a number (--prefix-sort-max-devices): list them by id
+    why = (await r.json()).detail;
+    note = " · too many to rank: listed by id";
+    params.set("sort", "device_id"); params.set("order", "asc");
+    r = await get();
+  }
+  if (!r.ok) return;
   const page = await r.json();
   state.devices = new Map(page.devices.map((d) => [d.device_id, d]));
-  $("matched").textContent = `${fmt.format(page.matched)} matching`;
+  $("matched").textContent = `${fmt.format(page.matched)} matching${note}`;
+  $("matched").title = why;
   renderTotals(page.totals);
   renderTable();
   if (state.selected) renderDetail(state.devices.get(state.selected));
@@ -65,6 +76,7 @@ async function load() {
 
 function applyUpdate(update) {
   renderTotals(update.totals);
+  if (update.lagged) load();  // some changes could not be kept for this stream: re-read
   const now = Date.now();
   state.totalSeries.push([now, update.totals.rate.packets_per_s_10s]);
   for (const d of update.devices) {

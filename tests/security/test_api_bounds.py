@@ -1,0 +1,207 @@
+"""Hostile readers of the HTTP API: SSE clients that never read, reads that would scan every
+device, and devices fat enough to flood a Prometheus scrape. Each is bounded, refused with a
+clear message, or counted — and /healthz keeps answering."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+import redis
+from helpers import ServiceProcess, get_json, packet, run, stream_batches
+
+from rtmonitor.ingest.v1.telemetry_pb2 import Batch
+from rtmonitor.storage.embedded import EmbeddedRedis
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _batches(producer: str, packets: list, size: int = 500, first: int = 1) -> Iterator[Batch]:
+    """Batches small enough for any sensible --max-message-bytes."""
+    for n, start in enumerate(range(0, len(packets), size)):
+        yield Batch(producer_id=producer, batch_id=first + n, packets=packets[start : start + size])
+
+
+def _never_reading_client(port: int) -> socket.socket:
+    """GET /stream on a socket whose receive buffer is tiny and is never read."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /stream HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n")
+    return s
+
+
+def _healthz_seconds(base: str) -> float:
+    started = time.monotonic()
+    assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+    return time.monotonic() - started
+
+
+def test_stream_subscribers_are_capped_and_stalled_ones_disconnected(
+    start_service: Callable[..., ServiceProcess],
+) -> None:
+    cap = 40
+    svc = start_service("--max-stream-subscribers", str(cap), "--stream-send-timeout", "2")
+    devices = 5000
+
+    def update(n: int) -> None:
+        packets = [packet(f"sse-{i:05d}", payload=b"x" * 16, t=float(n), h=0.5)
+                   for i in range(devices)]  # fmt: skip
+        run(stream_batches(svc.target, _batches(f"sse-{n}", packets, size=5000)))
+
+    update(0)
+    rss_before = _rss_mb(svc.proc.pid)
+    clients = [_never_reading_client(svc.http_port) for _ in range(cap)]
+    try:
+        deadline = time.monotonic() + 10
+        while get_json(svc.http, "/stats")["api"]["stream"]["subscribers"] < cap:
+            assert time.monotonic() < deadline, "the clients never subscribed"
+            time.sleep(0.1)
+        # one more than the cap: refused at once, saying which setting to raise
+        with httpx.stream("GET", f"{svc.http}/stream", timeout=5) as r:
+            assert r.status_code == 503
+            assert r.headers["retry-after"]
+            assert "--max-stream-subscribers" in json.loads(r.read())["detail"]
+        worst_health, peak = 0.0, 0.0
+        for n in range(1, 9):  # every device changes, again and again
+            update(n)
+            worst_health = max(worst_health, _healthz_seconds(svc.http))
+            peak = max(peak, _rss_mb(svc.proc.pid))
+        stats = get_json(svc.http, "/stats")["api"]
+        assert worst_health < 1.0, f"/healthz took {worst_health:.2f} s"
+        # old code: ~4.6 MB per stalled client with 5,000 devices changing
+        assert peak - rss_before < 120, f"RSS grew {peak - rss_before:.0f} MB"
+        assert stats["refused_by_reason"]["stream_subscribers"] == 1
+        # their writes stayed blocked past --stream-send-timeout: dropped, slots free again
+        deadline = time.monotonic() + 15
+        while get_json(svc.http, "/stats")["api"]["stream"]["disconnected_slow"] < cap:
+            assert time.monotonic() < deadline, get_json(svc.http, "/stats")["api"]
+            time.sleep(0.2)
+        assert get_json(svc.http, "/stats")["api"]["stream"]["subscribers"] == 0
+        # reset, not closed gracefully: the unread data does not linger in the kernel
+        clients[0].settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            while clients[0].recv(1 << 20):
+                pass
+    finally:
+        for c in clients:
+            c.close()
+    # a client that reads gets events no bigger than the bound, told what is still pending
+    with httpx.stream("GET", f"{svc.http}/stream", timeout=10) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        update(99)
+        for line in lines:
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                assert len(line) < 300_000
+                assert "pending" in event and event["devices"]
+                break
+    metrics = httpx.get(f"{svc.http}/metrics", params={"format": "prometheus"}).text
+    assert f"rtm_stream_disconnected_slow_total {cap}" in metrics
+    assert 'rtm_http_refused_total{reason="stream_subscribers"} 1' in metrics
+
+
+def _commands(client: redis.Redis) -> int:
+    """Commands Redis ran since the last CONFIG RESETSTAT (INFO itself excluded)."""
+    stats = client.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+
+def test_reads_cost_a_page_not_every_device(
+    start_service: Callable[..., ServiceProcess], redis_server: EmbeddedRedis
+) -> None:
+    bound = 100
+    svc = start_service("--prefix-sort-max-devices", str(bound))
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    n = 20_000
+    bulk = [packet(f"rate-{i:05d}") for i in range(n)]
+    run(stream_batches(svc.target, _batches("bulk", bulk, size=5000)))
+    # three busy devices, all within one aligned 10-second window
+    if time.time() % 10 > 7:
+        time.sleep(10 - time.time() % 10 + 0.2)
+    sent_in = int(time.time()) // 10
+    hot = [packet("hot-1")] * 30 + [packet("hot-2")] * 20 + [packet("hot-3")] * 10
+    run(stream_batches(svc.target, _batches("hot", hot)))
+    while int(time.time()) // 10 <= sent_in:  # wait until that window is complete
+        time.sleep(0.1)
+    time.sleep(0.3)
+
+    client.config_resetstat()
+    started = time.monotonic()
+    page = get_json(svc.http, "/metrics", sort="rate", order="desc", limit=10)
+    took = time.monotonic() - started
+    calls = _commands(client)
+    # old code: one HMGET per device (20,000) on every request
+    assert calls < 60, client.info("commandstats")
+    assert took < 1.0
+    assert [d["device_id"] for d in page["devices"][:3]] == ["hot-1", "hot-2", "hot-3"]
+
+    # device_id order at a deep offset: rank arithmetic, not a walk over the offset
+    page = get_json(svc.http, "/metrics", prefix="rate-", offset=19_990, limit=5)
+    assert page["matched"] == n
+    assert [d["device_id"] for d in page["devices"]] == [
+        f"rate-{i:05d}" for i in range(19_990, 19_995)
+    ]  # noqa: E501
+    page = get_json(svc.http, "/metrics", prefix="rate-", order="desc", offset=19_998, limit=5)
+    assert [d["device_id"] for d in page["devices"]] == ["rate-00001", "rate-00000"]
+    page = get_json(svc.http, "/metrics", order="desc", limit=2)
+    assert [d["device_id"] for d in page["devices"]] == ["rate-19999", "rate-19998"]
+
+    # a prefix with a numeric order ranks at most --prefix-sort-max-devices devices
+    page = get_json(svc.http, "/metrics", prefix="rate-000", sort="packets", order="desc")
+    assert page["matched"] == bound
+    client.config_resetstat()
+    r = httpx.get(f"{svc.http}/metrics", params={"prefix": "rate-", "sort": "rate"})
+    assert r.status_code == 400 and "--prefix-sort-max-devices" in r.json()["detail"]
+    assert _commands(client) < 10  # refused after counting, not after fetching
+    run(stream_batches(svc.target, _batches("one-more", [packet("rate-000x")])))
+    r = httpx.get(f"{svc.http}/metrics", params={"prefix": "rate-000", "sort": "packets"})
+    assert r.status_code == 400 and "narrow the prefix" in r.json()["detail"]
+    refused = get_json(svc.http, "/stats")["api"]["refused_by_reason"]
+    assert refused["prefix_sort_too_broad"] == 2
+
+
+_SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? \S+$')
+
+
+def test_fat_devices_cannot_flood_a_scrape(start_service: Callable[..., ServiceProcess]) -> None:
+    svc = start_service()
+    devices, kinds, names = 300, 64, 64
+    long = "n" * 60
+    packets = []
+    for d in range(devices):
+        for k in range(kinds):
+            p = packet(f"fat-{d:03d}", kind=f"kind-{k:02d}")
+            for v in range(names):
+                p.values[f"{long}{v:02d}"] = 1.0 / (v + 1)
+            packets.append(p)
+    run(stream_batches(svc.target, _batches("fat", packets, size=200)))
+    r = httpx.get(f"{svc.http}/metrics", headers={"Accept": "text/plain"}, timeout=30)
+    assert r.status_code == 200
+    text = r.text
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    for line in samples:
+        assert _SAMPLE.match(line), line
+    # old code: 300 x 392 series, ~20 MB
+    assert len(r.content) < 10 * 1024 * 1024
+    assert len(samples) < 31_000
+    omitted = re.search(r'rtm_scrape_devices_omitted\{reason="max_series"\} (\d+)', text)
+    assert omitted and int(omitted.group(1)) > 0
+    if (promtool := shutil.which("promtool")) is not None:
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                               text=True)  # fmt: skip
+        assert "error" not in (check.stdout + check.stderr).lower()
