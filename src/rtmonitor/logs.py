@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 # A repeated record (same logger, level, call site and message template) is let through
 # at most REPEAT_BURST times per REPEAT_WINDOW_S: a hostile client that makes the service
@@ -15,7 +16,7 @@ from collections.abc import Callable
 REPEAT_WINDOW_S = 10.0
 REPEAT_BURST = 5
 # Call sites with dynamic templates (f-strings) could grow the table without end: past
-# this, windows that are over are forgotten.
+# this many kinds, those whose window is over are forgotten, and new ones are not tracked.
 MAX_TRACKED = 1024
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -28,6 +29,15 @@ _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#\s]*", re.IGNORECASE)
 def redact_url(text: str) -> str:
     """`text` (a URL, or a message that contains URLs) with every password replaced by ***."""
     return _QUERY_PASSWORD.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+@dataclass(slots=True)
+class _Kind:
+    """What a RepeatFilter remembers of one kind of record, in its current window."""
+
+    start: float
+    passed: int = 1
+    suppressed: int = 0
 
 
 class RepeatFilter(logging.Filter):
@@ -49,34 +59,34 @@ class RepeatFilter(logging.Filter):
         self.burst = burst
         self._clock = clock
         self._lock = threading.Lock()
-        # kind -> [window start, records let through in it, records suppressed in it]
-        self._seen: dict[tuple[object, ...], list[float]] = {}
+        self._kinds: dict[tuple[object, ...], _Kind] = {}
         self.suppressed_total = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        kind = (record.name, record.levelno, record.pathname, record.lineno, str(record.msg))
+        key = (record.name, record.levelno, record.pathname, record.lineno, str(record.msg))
         now = self._clock()
         with self._lock:
-            entry = self._seen.get(kind)
-            if entry is None or now - entry[0] >= self.window_s:
-                suppressed = int(entry[2]) if entry is not None else 0
-                if entry is None and len(self._seen) >= MAX_TRACKED:
-                    self._forget(now)
-                self._seen[kind] = [now, 1, 0]
-                if suppressed:
-                    _append(record, f" [{suppressed} similar messages suppressed]")
-                return True
-            if entry[1] < self.burst:
-                entry[1] += 1
-                return True
-            entry[2] += 1
-            self.suppressed_total += 1
-            return False
+            kind = self._kinds.get(key)
+            if kind is not None and now - kind.start < self.window_s:
+                if kind.passed < self.burst:
+                    kind.passed += 1
+                    return True
+                kind.suppressed += 1
+                self.suppressed_total += 1
+                return False
+            if kind is not None and kind.suppressed:
+                _append(record, f" [{kind.suppressed} similar messages suppressed]")
+            if kind is None and len(self._kinds) >= MAX_TRACKED:
+                self._forget(now)
+                if len(self._kinds) >= MAX_TRACKED:
+                    return True  # too many kinds at once to track: pass, never suppress
+            self._kinds[key] = _Kind(now)
+            return True
 
     def _forget(self, now: float) -> None:
         """Drop kinds whose window is over (their suppressed count is lost: rare, bounded)."""
-        for kind in [k for k, e in self._seen.items() if now - e[0] >= self.window_s]:
-            del self._seen[kind]
+        for key in [k for k, kind in self._kinds.items() if now - kind.start >= self.window_s]:
+            del self._kinds[key]
 
 
 def _append(record: logging.LogRecord, note: str) -> None:

@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -470,9 +471,8 @@ def check_data_dir(settings: Settings) -> None:
     path = settings.data_dir
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".rtmonitor-write-test"
-        probe.touch()
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except OSError as exc:
         raise StartupError(
             f"cannot use --data-dir / RTM_DATA_DIR {str(path)!r} for the embedded Redis "
