@@ -273,6 +273,14 @@ class Service:
         # gRPC streams, Redis and files. The listen backlog is also how many connections
         # asyncio accepts in one go, before the guard sees any of them.
         max_connections = max(1, min(s.http_max_connections, _fd_limit() // 8))
+        if max_connections < s.http_max_connections:
+            logger.info(
+                "at most %d HTTP connections: 1/8 of the open-file limit %d, below "
+                "--http-max-connections %d",
+                max_connections,
+                _fd_limit(),
+                s.http_max_connections,
+            )
         guard = ConnectionGuard(max_connections, s.http_idle_timeout)
         config = uvicorn.Config(
             app,
@@ -460,6 +468,7 @@ def raise_fd_limit() -> None:
 
 
 def _fd_limit() -> int:
+    """The soft open-file limit (a large figure when it is unlimited)."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return 1 << 20 if soft == resource.RLIM_INFINITY else soft
 

@@ -67,6 +67,7 @@ def test_idle_connections_beyond_the_open_file_limit_cannot_stall_the_service(
     conns: list[socket.socket] = []
     try:
         assert "open-file limit 256 (raised from 64)" in svc.log()
+        assert "at most 32 HTTP connections" in svc.log()
         start = time.monotonic()
         for _ in range(4):  # 400 idle connections in all, more than the 256 files it may open
             for _ in range(10):  # in steps the listen backlog holds: no SYN is dropped
