@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,10 @@ class ServiceProcess:
         env: dict[str, str] | None = None,
         grpc_port: int | None = None,
         http_port: int | None = None,
+        limits: dict[int, tuple[int, int]] | None = None,
     ) -> None:
         self.redis_url = redis_url
+        self.limits = limits
         self.extra = extra
         self.env = env
         self.grpc_port = grpc_port or free_port()
@@ -58,7 +61,11 @@ class ServiceProcess:
             args += ["--redis-url", redis_url]
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env=child_env(env)
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=child_env(env),
+            preexec_fn=_set_limits(limits) if limits else None,
         )
 
     def restarted(self, log_path: Path) -> ServiceProcess:
@@ -70,6 +77,7 @@ class ServiceProcess:
             env=self.env,
             grpc_port=self.grpc_port,
             http_port=self.http_port,
+            limits=self.limits,
         )
 
     @property
@@ -100,6 +108,16 @@ class ServiceProcess:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+def _set_limits(limits: dict[int, tuple[int, int]]) -> Callable[[], None]:
+    """A preexec_fn that sets resource limits (RLIMIT_*: (soft, hard)) in the child only."""
+
+    def apply() -> None:
+        for which, (soft, hard) in limits.items():
+            resource.setrlimit(which, (soft, hard))
+
+    return apply
 
 
 def run(coro: Any) -> Any:

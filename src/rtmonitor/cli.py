@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import types
 import typing
@@ -17,6 +16,7 @@ from pydantic_settings import BaseSettings
 
 from rtmonitor import __version__
 from rtmonitor.config import BenchSettings, SendSettings, Settings, TopSettings
+from rtmonitor.logs import redact_url, setup_logging
 
 # Settings fields that are environment-only (the seed's variables) or named differently.
 _NO_FLAG = {"redis_host", "redis_port"}
@@ -83,7 +83,7 @@ def _build(model: type[BaseSettings], args: argparse.Namespace) -> Any:
         lines = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "settings"
-            lines.append(f"  {loc}: {err['msg']}")
+            lines.append(f"  {loc}: {redact_url(err['msg'])}")
         sys.exit("rtmonitor: invalid configuration:\n" + "\n".join(lines))
 
 
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     if args.command == "serve":
         settings = _build(Settings, args)
-        _configure_logging(settings.log_level)
+        setup_logging(settings.log_level)
         if settings.workers > 1:
             from rtmonitor.supervisor import run_workers
 
@@ -124,13 +124,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(run(settings))
     elif args.command == "send":
         options = _build(SendSettings, args)
-        _configure_logging("warning")
+        setup_logging("warning")
         from rtmonitor.loadgen.sender import run_loop, run_send
 
         sys.exit(run_loop(run_send(options)))
     elif args.command == "bench":
         bench_options = _build(BenchSettings, args)
-        _configure_logging("warning")
+        setup_logging("warning")
         from rtmonitor.loadgen.bench import run_bench
 
         sys.exit(run_bench(bench_options))
@@ -139,11 +139,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         from rtmonitor.loadgen.top import run_top
 
         sys.exit(run_top(top_options))
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )

@@ -7,6 +7,9 @@ from typing import Any, Literal, Self
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
+
+from rtmonitor.logs import redact_url
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -20,6 +23,20 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address the gRPC and HTTP servers bind to.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    # Each open connection holds a file descriptor, idle or not; dashboards and scrapers
+    # need a handful each. The effective bound is also at most 1/8 of the open-file limit.
+    http_max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Open HTTP connections at most (and at most 1/8 of the open-file "
+        "limit); past it the longest-idle one is closed, or the new one gets 503 if none is.",
+    )
+    http_idle_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds an HTTP connection may wait for a complete request (after "
+        "connecting or after its last response) before it is closed.",
+    )
 
     # --- Redis ---------------------------------------------------------------
     redis_url: str | None = Field(
@@ -183,9 +200,17 @@ class Settings(BaseSettings):
             ("redis://", "rediss://", "unix://")
         ):
             raise ValueError(
-                f"REDIS_URL / --redis-url {self.redis_url!r} must start with "
+                f"REDIS_URL / --redis-url {redact_url(self.redis_url)!r} must start with "
                 "redis://, rediss:// or unix://"
             )
+        if (url := self.external_redis_url) is not None:
+            # The client's own parser: what it would refuse later, with a traceback.
+            try:
+                parse_url(url)  # type: ignore[no-untyped-call]
+            except ValueError as exc:
+                raise ValueError(
+                    f"REDIS_URL / --redis-url {redact_url(url)!r} cannot be parsed: {exc}"
+                ) from None
         if self.redis_cluster and self.external_redis_url is None:
             raise ValueError("--redis-cluster needs REDIS_URL / --redis-url (a cluster node)")
         if self.redis_port is not None and self.redis_host is None:

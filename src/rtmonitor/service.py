@@ -8,12 +8,13 @@ import dataclasses
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import uvicorn
@@ -22,11 +23,13 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from rtmonitor.api.app import create_app
+from rtmonitor.api.connections import ConnectionGuard
 from rtmonitor.config import Settings
 from rtmonitor.ingest.columnar import C_ROWS
 from rtmonitor.ingest.server import build_server
 from rtmonitor.ingest.servicer import SERVICE_NAME, IngestServicer
 from rtmonitor.ingest.validation import Limits, Validator
+from rtmonitor.logs import redact_url
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.flusher import Flusher
 from rtmonitor.pipeline.queue import PacketQueue
@@ -48,9 +51,18 @@ class StartupError(RuntimeError):
 class _HttpServer(uvicorn.Server):
     """uvicorn inside our event loop; the Service, not uvicorn, owns the signals."""
 
+    def __init__(self, config: uvicorn.Config, guard: ConnectionGuard) -> None:
+        super().__init__(config)
+        self.guard = guard
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def on_tick(self, counter: int) -> bool:
+        if counter % 10 == 0:  # uvicorn ticks every 0.1 s
+            self.guard.sweep()
+        return await super().on_tick(counter)
 
 
 class Service:
@@ -77,7 +89,6 @@ class Service:
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self.redis_url: str | None = None
-        self._shown_url: str | None = None  # redis_url without a password, for logs
         self._signals = 0
         self._started = time.monotonic()
         self._stopping = False
@@ -158,7 +169,6 @@ class Service:
             self._embedded = start_embedded_redis(s)
             url = self._embedded.url
         self.redis_url = url
-        self._shown_url = _without_password(url)
         self.store = RedisStore.from_url(
             url, s.key_prefix, cluster=s.redis_cluster, retention_s=s.retention
         )
@@ -179,7 +189,7 @@ class Service:
             s.host,
             self.grpc_port if self.grpc_port is not None else s.grpc_port,
             f"http://{s.host}:{self.http_port} (docs /docs)" if self.http_port else "-",
-            self._shown_url,
+            redact_url(url),
             " (embedded)" if self._embedded else "",
         )
         _tune_gc()
@@ -272,10 +282,31 @@ class Service:
             stream_send_timeout_s=self.settings.stream_send_timeout,
         )
         self._app = app
+        s = self.settings
+        # Every connection holds a file descriptor: leave most of the open-file limit to
+        # gRPC streams, Redis and files. The listen backlog is also how many connections
+        # asyncio accepts in one go, before the guard sees any of them.
+        max_connections = max(1, min(s.http_max_connections, _fd_limit() // 8))
+        if max_connections < s.http_max_connections:
+            logger.info(
+                "at most %d HTTP connections: 1/8 of the open-file limit %d, below "
+                "--http-max-connections %d",
+                max_connections,
+                _fd_limit(),
+                s.http_max_connections,
+            )
+        guard = ConnectionGuard(max_connections, s.http_idle_timeout)
         config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+            app,
+            http=guard.protocol_class(),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=max(1, round(s.http_idle_timeout)),
+            backlog=min(2048, max(16, max_connections)),
         )
-        self._http = _HttpServer(config)
+        self._http = _HttpServer(config, guard)
         self._tasks["http"] = asyncio.create_task(self._http.serve(sockets=[sock]), name="http")
         while not self._http.started:
             if self._tasks["http"].done():
@@ -313,6 +344,7 @@ class Service:
     async def _wait_for_redis(self) -> None:
         """Retry PING with capped backoff until Redis answers (or we are told to exit)."""
         assert self.store is not None
+        url = self.redis_url or ""
         delay = 0.1
         attempts = 0
         while (error := await self.store.ping(timeout=3.0)) is not None:
@@ -320,8 +352,8 @@ class Service:
             if attempts == 1 or attempts % 10 == 0:
                 logger.warning(
                     "Redis at %s is unreachable (%s); retrying every %.1fs at most",
-                    self._shown_url,
-                    error,
+                    redact_url(url),
+                    redact_url(error),
                     STARTUP_BACKOFF_MAX_S,
                 )
             try:
@@ -330,7 +362,7 @@ class Service:
             except TimeoutError:
                 delay = min(delay * 2, STARTUP_BACKOFF_MAX_S)
         if attempts:
-            logger.info("Redis at %s is reachable", self._shown_url)
+            logger.info("Redis at %s is reachable", redact_url(url))
 
     async def readiness(self) -> list[str]:
         """Why the service cannot take traffic now (empty: ready)."""
@@ -346,10 +378,10 @@ class Service:
         if self.store is None:
             reasons.append("Redis is not connected yet")
         elif (error := await self.store.ping()) is not None:
-            reasons.append(f"Redis is unreachable: {error}")
+            reasons.append(f"Redis is unreachable: {redact_url(error)}")
         elif self.flusher is not None and (error := self.flusher.stats.redis_error):
             # Up but failing commits, e.g. full (OOM): acks wait, receivers are pushed back.
-            reasons.append(f"commits to Redis fail: {error}")
+            reasons.append(f"commits to Redis fail: {redact_url(error)}")
         return reasons
 
     async def stats(self) -> dict[str, Any]:
@@ -383,6 +415,7 @@ class Service:
                 "max_device_entries": self.settings.max_pending_devices,
                 "max_pending_packets": self.settings.max_pending_packets,
             },
+            "http": self._http.guard.stats() if self._http else None,
             "flush": dataclasses.asdict(flusher.stats) if flusher else None,
             "recovery": dataclasses.asdict(recovery.stats) if recovery else None,
             "embedded_redis": self._embedded.stats() if self._embedded else None,
@@ -434,16 +467,6 @@ class Service:
         logger.info("stopped")
 
 
-def _without_password(url: str) -> str:
-    """`url` with its password masked, for logs (the --workers' URL of the embedded Redis
-    carries one)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def start_embedded_redis(settings: Settings) -> EmbeddedRedis:
     """The embedded Redis of these settings, started (on the calling, main thread)."""
     return EmbeddedRedis(
@@ -469,10 +492,49 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def raise_fd_limit() -> None:
+    """Raise the soft open-file limit to the hard one: each connection and stream holds a
+    file descriptor, and a soft limit of 1024 (a common default) is a few idle clients
+    away from refusing them all."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raised = _fd_limit()
+    if raised != soft:
+        logger.info("open-file limit %d (raised from %d)", raised, soft)
+    else:
+        logger.info("open-file limit %d", raised)
+
+
+def _fd_limit() -> int:
+    """The soft open-file limit (a large figure when it is unlimited)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
+def check_data_dir(settings: Settings) -> None:
+    """Create the embedded Redis's --data-dir and check that it is writable, or say why not."""
+    if settings.external_redis_url is not None:
+        return
+    path = settings.data_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise StartupError(
+            f"cannot use --data-dir / RTM_DATA_DIR {str(path)!r} for the embedded Redis "
+            f"({exc.strerror or exc}): give a writable directory, or set REDIS_URL"
+        ) from None
+
+
 def run(settings: Settings) -> int:
     """Run the service until a signal; the process exit code."""
+    raise_fd_limit()
     service = Service(settings)
     try:
+        check_data_dir(settings)
         asyncio.run(service.serve())
     except (StartupError, EmbeddedRedisError) as exc:
         logger.error("%s", exc)

@@ -22,7 +22,14 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 
 from rtmonitor.config import Settings
-from rtmonitor.service import Service, StartupError, start_embedded_redis
+from rtmonitor.logs import setup_logging
+from rtmonitor.service import (
+    Service,
+    StartupError,
+    check_data_dir,
+    raise_fd_limit,
+    start_embedded_redis,
+)
 from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError, free_port
 
 logger = logging.getLogger(__name__)
@@ -32,9 +39,8 @@ RESTART_BACKOFF_MAX_S = 10.0
 
 def _worker_main(settings: Settings, redis_url: str, index: int, serving: EventType) -> None:
     """One ingest worker (a fresh interpreter: multiprocessing's spawn)."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)-7s worker-{index} %(name)s: %(message)s",
+    setup_logging(
+        settings.log_level, f"%(asctime)s %(levelname)-7s worker-{index} %(name)s: %(message)s"
     )
     # If the supervisor dies, even by SIGKILL, this worker gets SIGTERM and stops in order.
     try:
@@ -127,7 +133,9 @@ class Supervisor:
 def run_workers(settings: Settings) -> int:
     """The process exit code of `serve --workers N`."""
     embedded: EmbeddedRedis | None = None
+    raise_fd_limit()  # the workers inherit it
     try:
+        check_data_dir(settings)
         url = settings.external_redis_url
         if url is None:
             embedded = start_embedded_redis(settings)
