@@ -239,3 +239,40 @@ def test_one_peer_cannot_take_every_stream_slot(
     assert ingest["streams_refused_by_reason"] == {"max_streams_per_peer": 2}
     assert ingest["streams_refused"] == 2
     assert httpx.get(f"{svc.http}/metrics/fourth").status_code == 404
+
+
+def test_the_byte_budget_waits_in_order_and_survives_cancellation() -> None:
+    """ByteBudget: one message always fits; past the limit, waiters are served first come
+    first served; a cancelled waiter gives back what it was granted, or its place."""
+    from rtmonitor.ingest.budget import ByteBudget
+
+    async def scenario() -> None:
+        budget = ByteBudget(100)
+        await budget.acquire(250)  # alone: fits whatever its size
+        order: list[str] = []
+
+        async def take(name: str, n: int) -> None:
+            await budget.acquire(n)
+            order.append(name)
+
+        first = asyncio.create_task(take("first", 60))
+        doomed = asyncio.create_task(take("doomed", 10))
+        second = asyncio.create_task(take("second", 30))
+        reader = asyncio.create_task(budget.turn())
+        await asyncio.sleep(0)
+        assert (budget.waiting, budget.waits) == (4, 4)
+        doomed.cancel()
+        await asyncio.sleep(0)
+        assert budget.waiting == 3 and order == []
+        budget.release(250)
+        await asyncio.gather(first, second, reader)
+        assert order == ["first", "second"] and budget.used == 90
+        late = asyncio.create_task(take("late", 20))
+        await asyncio.sleep(0)
+        budget.release(60)  # grants "late", which is cancelled before it resumes
+        late.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        assert (budget.used, budget.waiting) == (30, 0)
+
+    run(scenario())
