@@ -122,14 +122,33 @@ class Settings(BaseSettings):
     # --- validation limits ---------------------------------------------------
     max_payload_bytes: int = Field(65_536, ge=0, description="Largest accepted payload.")
     max_batch_packets: int = Field(10_000, ge=1, description="Most packets in one Batch.")
+    # A full batch at every other limit's default fits in 8 MiB: columns of 10,000
+    # packets with 64 readings each are ~5.3 MB plus ~1.3 MB of 128-character device ids;
+    # rows of 10,000 packets fit with up to ~800 bytes each (a 64-byte payload and 8
+    # readings take ~250). Payloads are only measured, never kept: a sender with big
+    # payloads sends fewer packets per batch. Every stream reading at once may hold one
+    # message of this size (gRPC receives it whole before the servicer sees it).
     max_message_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, description="Largest gRPC message the server accepts."
+        8 * 1024 * 1024, ge=1024, description="Largest gRPC message the server accepts."
+    )
+    # Sixteen messages of the largest size: decoding is one at a time on the event loop,
+    # so more buys no throughput, only memory.
+    max_inflight_message_bytes: int = Field(
+        128 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of received messages not yet processed, all streams together; "
+        "past it, streams are not read until earlier messages are done.",
     )
     max_values_per_packet: int = Field(64, ge=0, description="Most values in one packet.")
     max_kinds_per_device: int = Field(64, ge=1, description="Distinct kinds per device.")
     max_value_names_per_device: int = Field(64, ge=1, description="Distinct value names/device.")
     max_devices: int = Field(1_000_000, ge=1, description="Distinct devices one instance admits.")
     max_streams: int = Field(1024, ge=1, description="Concurrent gRPC streams one instance serves.")
+    # A sender needs a few streams per core, not hundreds; 64 leaves room for NAT (several
+    # hosts behind one address) while one client cannot take all --max-streams slots.
+    max_streams_per_peer: int = Field(
+        64, ge=1, description="Concurrent gRPC streams from one client address."
+    )
     stream_idle_timeout: float = Field(
         300.0, gt=0, description="Seconds a stream may send nothing before it is closed."
     )
@@ -213,6 +232,11 @@ class Settings(BaseSettings):
                 ) from None
         if self.redis_cluster and self.external_redis_url is None:
             raise ValueError("--redis-cluster needs REDIS_URL / --redis-url (a cluster node)")
+        if self.max_inflight_message_bytes < self.max_message_bytes:
+            raise ValueError(
+                f"--max-inflight-message-bytes ({self.max_inflight_message_bytes}) must be at "
+                f"least --max-message-bytes ({self.max_message_bytes}): one message must fit"
+            )
         if self.redis_port is not None and self.redis_host is None:
             raise ValueError("REDIS_PORT is set but REDIS_HOST is not: set both, or REDIS_URL")
         return self

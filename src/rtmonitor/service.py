@@ -115,6 +115,8 @@ class Service:
             max_batch_packets=settings.max_batch_packets,
             max_inflight_batches=settings.max_inflight_batches,
             max_streams=settings.max_streams,
+            max_streams_per_peer=settings.max_streams_per_peer,
+            max_inflight_message_bytes=settings.max_inflight_message_bytes,
             idle_timeout=settings.stream_idle_timeout,
         )
         self.health = health_aio.HealthServicer()
@@ -396,6 +398,11 @@ class Service:
             "ingest": {
                 "active_streams": self.servicer.active_streams,
                 "streams_refused": self.servicer.streams_refused,
+                "streams_refused_by_reason": dict(self.servicer.streams_refused_by_reason),
+                "messages_refused_by_reason": dict(self.servicer.messages_refused_by_reason),
+                "inflight_message_bytes": self.servicer.budget.used,
+                "streams_waiting_for_bytes": self.servicer.budget.waiting,
+                "inflight_message_waits": self.servicer.budget.waits,
                 "streams_idle_closed": self.servicer.streams_idle_closed,
                 "devices_known": self.validator.device_count,
                 "rejected_by_reason": dict(sorted(self.aggregator.rejected_total.items())),

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from rtmonitor.ingest import columnar
 from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows, parse_batch
-from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Columns, Packet
+from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Columns, Packet, ValueColumn
 from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.loadgen.columns import encode_columns
 from rtmonitor.pipeline.aggregator import fold
@@ -102,7 +102,11 @@ def test_per_packet_rows_and_columns_agree(drawn: list[Packet], receive_time: bo
         batch.append(copy)
     expected = one_by_one(batch)
     assert as_rows(batch) == expected
-    assert as_columns(batch) == expected
+    if len(encode_columns(batch).values) > len(batch) * LIMITS.max_values_per_packet:
+        with pytest.raises(ColumnsError, match="--max-values-per-packet"):
+            as_columns(batch)  # more value columns than readings allowed: refused whole
+    else:
+        assert as_columns(batch) == expected
 
 
 @st.composite
@@ -208,6 +212,65 @@ def test_inconsistent_columns_are_refused_with_what_to_fix() -> None:
     compact, rejected = decode_columns(out_of_range, v, NOW)
     delta = compact.to_flush_delta()
     assert rejected == {"invalid_column_index": 1} and delta.devices["a"].packets == 1
+
+
+def test_every_dimension_is_bounded_before_it_is_decoded() -> None:
+    """Value columns at most --max-values-per-packet, each dictionary at most one entry per
+    packet: one more than either refuses the whole batch, naming the bound."""
+    v = Validator(Limits(max_values_per_packet=3))
+    index = np.zeros(2, "<u4").tobytes()
+    ones = np.ones(2).tobytes()
+
+    def cols(values: int = 0, devices: int = 1, kinds: int = 0, count: int = 2) -> Columns:
+        return Columns(
+            count=count,
+            device_ids=[f"d{i}" for i in range(devices)],
+            device_index=index if count else b"",
+            kinds=[f"k{i}" for i in range(kinds)],
+            kind_index=index if kinds and count else b"",
+            values=[ValueColumn(name=f"v{i}", values=ones) for i in range(values)],
+        )
+
+    delta, rejected = decode_columns(cols(values=3, devices=2, kinds=2), v, NOW)
+    assert delta.total_packets == 2 and not rejected
+    assert decode_columns(cols(values=6), v, NOW)[1] == {"too_many_values": 2}
+    with pytest.raises(ColumnsError, match=r"7 value columns for 2 packets.*\(2 x 3\)"):
+        decode_columns(cols(values=7), v, NOW)
+    with pytest.raises(ColumnsError, match=r"device_ids has 3 entries for 2 packets"):
+        decode_columns(cols(devices=3), v, NOW)
+    with pytest.raises(ColumnsError, match=r"kinds has 3 entries for 2 packets"):
+        decode_columns(cols(kinds=3), v, NOW)
+    assert decode_columns(cols(devices=0, count=0), v, NOW)[0].total_packets == 0
+    with pytest.raises(ColumnsError, match=r"device_ids has 1 entries for 0 packets"):
+        decode_columns(cols(count=0), v, NOW)
+    with pytest.raises(ColumnsError, match="count is 0"):
+        decode_columns(Columns(count=0, timestamp_ms=b"\x00" * 8), v, NOW)
+
+
+def test_a_claimed_count_over_the_limit_counts_what_the_message_carries() -> None:
+    """A columnar count over --max-batch-packets is refused; the packets counted as
+    refused are those with a device index in the message, not the claimed count."""
+    claim = Batch(batch_id=7, columns=Columns(count=2**32 - 1, device_ids=["a"]))
+    with pytest.raises(columnar.BatchTooLarge) as refused:
+        parse_batch(claim.SerializeToString(), 10_000)
+    assert (refused.value.batch_id, refused.value.packets) == (7, 0)
+    carried = Columns(count=20_000, device_index=np.zeros(12_000, "<u4").tobytes())
+    with pytest.raises(columnar.BatchTooLarge) as refused:
+        parse_batch(Batch(packets=[Packet()], columns=carried).SerializeToString(), 10_000)
+    assert refused.value.packets == 12_001
+
+
+def test_payload_size_is_a_claim_bounded_per_packet() -> None:
+    """Columns carry no payload, only each packet's declared size: it is counted as
+    declared up to --max-payload-bytes, and a packet declaring more is refused as
+    payload_too_large, as a row packet with that payload is."""
+    sizes = np.array([100, 101, 0, 100], "<u4").tobytes()
+    batch = Columns(
+        count=4, device_ids=["a"], device_index=np.zeros(4, "<u4").tobytes(), payload_size=sizes
+    )
+    compact, rejected = decode_columns(batch, Validator(LIMITS), NOW)
+    assert rejected == {"payload_too_large": 1}
+    assert (compact.total_packets, compact.total_bytes) == (3, 200)
 
 
 def test_last_is_the_last_packet_when_all_arrive_at_receive_time() -> None:

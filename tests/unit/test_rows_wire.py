@@ -164,6 +164,12 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
+def overlong(n: int, width: int) -> bytes:
+    """n as a varint padded to `width` bytes (continuation bits on zero groups)."""
+    groups = [(n >> (7 * i)) & 0x7F for i in range(width)]
+    return bytes(g | 0x80 for g in groups[:-1]) + bytes(groups[-1:])
+
+
 def field(number: int, wire: int, body: bytes | int) -> bytes:
     tag = varint(number << 3 | wire)
     if wire == 0:
@@ -223,6 +229,10 @@ CASES = {
     ),
     "many devices": batch(*(s(1, f"d{i % 997}") + entry("v", float(i)) for i in range(5000))),
     "non-ASCII strings": batch(s(1, "温度计-1") + s(3, "读数") + entry("湿度", 0.5)),
+    "5-byte tags and lengths (the longest protobuf reads)": batch(
+        overlong(1 << 3 | 2, 5) + overlong(1, 5) + b"a" + overlong(2 << 3, 5) + varint(7),
+        head=overlong(2 << 3, 5) + overlong(9, 10),
+    ),
 }
 
 
@@ -239,6 +249,18 @@ DECLINED = {
     "a length past the end": s(3, s(1, "a"))[:-2],
     "an 11-byte varint": batch(s(1, "a") + varint(2 << 3) + b"\xff" * 10 + b"\x01"),
     "field number 0": b"\x00\x01",
+    # protobuf reads a tag or a length as at most 5 bytes (32 bits), padded or not
+    **{
+        f"a {k}-byte tag": batch(s(1, "a"), head=overlong(1 << 3 | 2, k) + varint(1) + b"p")
+        for k in range(6, 11)
+    },
+    **{f"a {k}-byte length": s(1, "a")[:1] + overlong(1, k) + b"a" for k in range(6, 11)},
+    "a 10-byte tag with bits past 64": batch(
+        s(1, "a"), head=b"\x8a" + b"\x80" * 8 + b"\x7e" + varint(1) + b"p"
+    ),
+    "a 6-byte packet length": b"\x1a" + overlong(3, 6) + s(1, "a"),
+    "a 6-byte map entry length": batch(s(1, "a") + b"\x2a" + overlong(0, 6)),
+    "a 6-byte unknown field's length": batch(s(1, "a"), head=b"\x7a" + overlong(1, 6) + b"p"),
     "a map entry with an unknown field (protobuf keeps it out of the map)": batch(
         s(1, "a") + entry("t", 1.0, extra=field(3, 0, 1))
     ),

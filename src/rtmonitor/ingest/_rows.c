@@ -78,11 +78,13 @@ static Py_ssize_t dict_intern(dict_t *d, slice_t s)
     }
 }
 
-static int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out)
+/* A varint of at most `max_bytes` bytes: 10 for a value, 5 for a tag or a length, which
+   protobuf reads as 32-bit and refuses when padded past 5 bytes. */
+static int read_varint_max(const uint8_t **pp, const uint8_t *end, uint64_t *out, int max_bytes)
 {
     const uint8_t *p = *pp;
     uint64_t v = 0;
-    for (int shift = 0; shift < 70; shift += 7) {
+    for (int shift = 0; shift < 7 * max_bytes; shift += 7) {
         if (p >= end)
             return FALLBACK;
         uint8_t b = *p++;
@@ -93,14 +95,19 @@ static int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out)
             return 0;
         }
     }
-    return FALLBACK; /* longer than 10 bytes */
+    return FALLBACK; /* longer than max_bytes */
 }
 
-/* One field's tag; field number 0, or a tag beyond 32 bits, is left to protobuf. */
+static int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out)
+{
+    return read_varint_max(pp, end, out, 10);
+}
+
+/* One field's tag; field number 0, or a tag beyond 32 bits or 5 bytes, is left to protobuf. */
 static int read_tag(const uint8_t **pp, const uint8_t *end, uint32_t *field, uint32_t *wire)
 {
     uint64_t tag;
-    if (read_varint(pp, end, &tag) || tag > UINT32_MAX || (tag >> 3) == 0)
+    if (read_varint_max(pp, end, &tag, 5) || tag > UINT32_MAX || (tag >> 3) == 0)
         return FALLBACK;
     *field = (uint32_t)(tag >> 3);
     *wire = (uint32_t)(tag & 7);
@@ -111,7 +118,7 @@ static int read_tag(const uint8_t **pp, const uint8_t *end, uint32_t *field, uin
 static int read_slice(const uint8_t **pp, const uint8_t *end, slice_t *out)
 {
     uint64_t len;
-    if (read_varint(pp, end, &len) || len > INT32_MAX || len > (uint64_t)(end - *pp))
+    if (read_varint_max(pp, end, &len, 5) || len > INT32_MAX || len > (uint64_t)(end - *pp))
         return FALLBACK;
     out->ptr = *pp;
     out->len = (Py_ssize_t)len;

@@ -124,6 +124,33 @@ def _column(data: bytes, dtype: str, count: int, name: str) -> npt.NDArray[Any] 
     return np.frombuffer(data, dtype=dtype)
 
 
+def check_columns(cols: Columns, max_values_per_packet: int) -> None:
+    """Bound every dimension of a Columns message before any work per column or per
+    dictionary entry (each check is O(1) on protobuf's containers): a batch of one packet
+    could otherwise carry millions of value columns or dictionary entries. `count` itself
+    is bounded by --max-batch-packets (parse_batch), the column lengths by `count` as each
+    column is read (`_column`)."""
+    n = cols.count
+    # Each packet has at most --max-values-per-packet readings, so a batch with more
+    # columns than that many per packet holds columns without a reading, or a packet over
+    # the limit: junk either way. Heterogeneous batches (packets with different readings)
+    # stay possible; the message size then bounds columns x count.
+    if len(cols.values) > n * max_values_per_packet:
+        raise ColumnsError(
+            f"{len(cols.values)} value columns for {n} packets; a batch carries at most "
+            f"count x --max-values-per-packet ({n} x {max_values_per_packet}) of them"
+        )
+    for name, entries in (("device_ids", cols.device_ids), ("kinds", cols.kinds)):
+        if len(entries) > n:
+            raise ColumnsError(
+                f"{name} has {len(entries)} entries for {n} packets (count): a dictionary "
+                "holds at most one entry per packet"
+            )
+    packed = (cols.device_index, cols.kind_index, cols.payload_size, cols.timestamp_ms)
+    if n == 0 and (any(packed) or cols.values):
+        raise ColumnsError("columns carry data but count is 0")
+
+
 def _table_from_columns(cols: Columns) -> _Table:
     n = cols.count
     dev_col = _column(cols.device_index, "<u4", n, "device_index")
@@ -268,7 +295,12 @@ def parse_batch(raw: bytes, max_packets: int, compiled: bool = C_ROWS) -> Parsed
     columns = batch.columns if batch.HasField("columns") else None
     parsed = ParsedBatch(batch.producer_id, batch.batch_id, columns, batch.packets)
     if parsed.count > max_packets:
-        raise BatchTooLarge(batch.batch_id, parsed.count)
+        # `count` is the client's claim: the refused packets counted are those the message
+        # carries (one device index each), not up to 2**32 from a 10-byte message.
+        carried = parsed.count
+        if columns is not None:
+            carried -= columns.count - min(columns.count, len(columns.device_index) // 4)
+        raise BatchTooLarge(batch.batch_id, carried)
     return parsed
 
 
@@ -276,10 +308,10 @@ def decode_columns(
     cols: Columns, validator: Validator, recv_ms: int
 ) -> tuple[BatchDelta, Counter[str]]:
     """A columnar batch: the aggregated delta of its accepted packets, and the refused ones
-    by reason. Raises ColumnsError if the message itself is inconsistent."""
+    by reason. Raises ColumnsError if the message itself is inconsistent or exceeds a bound
+    (see check_columns)."""
+    check_columns(cols, validator.limits.max_values_per_packet)
     if cols.count == 0:
-        if cols.device_index or cols.values:
-            raise ColumnsError("columns carry data but count is 0")
         return _empty(), Counter()
     return _validate_and_aggregate(_table_from_columns(cols), validator, recv_ms)
 

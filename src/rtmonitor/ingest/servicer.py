@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from rtmonitor.ingest.budget import ByteBudget
 from rtmonitor.ingest.columnar import (
     BatchTooLarge,
     ColumnsError,
@@ -36,6 +37,9 @@ SERVICE_NAME = "rtmonitor.v1.TelemetryIngest"
 # a lone GET probe under ~8M columnar packets/s: p50 19.7 -> 11.6 ms, p99 35-46 -> 24-32.
 _READ_TURN_S = 0.001
 SHUTDOWN_MESSAGE = "server is shutting down: resend unacknowledged batches (to another instance)"
+# StreamPackets messages below this size skip the byte budget (one packet is far smaller):
+# a stream holds one message at a time, so they add at most --max-streams of it in all.
+_SMALL_MESSAGE = 64 * 1024
 
 
 class _StreamError(Exception):
@@ -78,6 +82,14 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def peer_host(peer: str) -> str:
+    """A client's address without its port ("ipv4:10.0.0.7:53211" -> "ipv4:10.0.0.7",
+    "ipv6:[::1]:53211" -> "ipv6:[::1]"): every connection of one host is one peer."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rpartition(":")[0]
+    return peer  # unix sockets and anything else: as given
+
+
 class IngestServicer:
     """Receivers for both RPCs. Requests arrive as raw bytes and are parsed here, so that a
     malformed message becomes a counted rejection or INVALID_ARGUMENT with a clear message
@@ -92,6 +104,8 @@ class IngestServicer:
         max_batch_packets: int,
         max_inflight_batches: int,
         max_streams: int = 1024,
+        max_streams_per_peer: int = 64,
+        max_inflight_message_bytes: int = 128 * 1024 * 1024,
         idle_timeout: float = 300.0,
     ) -> None:
         self.validator = validator
@@ -100,12 +114,23 @@ class IngestServicer:
         self.max_batch_packets = max_batch_packets
         self.max_inflight_batches = max_inflight_batches
         self.max_streams = max_streams
+        self.max_streams_per_peer = max_streams_per_peer
         self.idle_timeout = idle_timeout
+        self.budget = ByteBudget(max_inflight_message_bytes)
         self._streams: set[_Stream] = set()
+        self._per_peer: Counter[str] = Counter()
         self._stopping = False
         self.active_streams = 0
-        self.streams_refused = 0
         self.streams_idle_closed = 0
+        # Refusals of whole streams and whole messages, by reason (GET /stats). Refused
+        # packets are counted by the aggregator, which also commits them to Redis.
+        self.streams_refused_by_reason: Counter[str] = Counter()
+        self.messages_refused_by_reason: Counter[str] = Counter()
+
+    @property
+    def streams_refused(self) -> int:
+        """Streams refused at their start, for any reason."""
+        return self.streams_refused_by_reason.total()
 
     def stop_reading(self) -> None:
         """Shutdown step 1: stop reading every open stream; acks of what was read still go out."""
@@ -136,14 +161,34 @@ class IngestServicer:
             task.cancel()
         return task
 
-    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Take a stream slot for this call's peer (its host), or end the call; pair with
+        _leave(peer)."""
+        peer = peer_host(context.peer() or "")
         if self.active_streams >= self.max_streams:
-            self.streams_refused += 1
+            self.streams_refused_by_reason["max_streams"] += 1
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many concurrent streams ({self.active_streams}, --max-streams "
                 f"{self.max_streams}): send more per stream (batches), or retry later",
             )
+        if self._per_peer[peer] >= self.max_streams_per_peer:
+            self.streams_refused_by_reason["max_streams_per_peer"] += 1
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many concurrent streams from {peer} ({self._per_peer[peer]}, "
+                f"--max-streams-per-peer {self.max_streams_per_peer}): send more per stream "
+                "(batches), or close idle streams",
+            )
+        self.active_streams += 1
+        self._per_peer[peer] += 1
+        return peer
+
+    def _leave(self, peer: str) -> None:
+        self.active_streams -= 1
+        self._per_peer[peer] -= 1
+        if not self._per_peer[peer]:
+            del self._per_peer[peer]
 
     def _idle_message(self, what: str) -> str:
         return (
@@ -169,15 +214,28 @@ class IngestServicer:
             rows = StreamRows(self.queue, tracker)
             append = rows.append
             count_rejected = self.aggregator.count_rejected
+            budget = self.budget
             async for raw in requests:
                 stream.last_activity = monotonic()
                 recv_ms = _now_ms()
+                held = len(raw) if len(raw) >= _SMALL_MESSAGE else 0
+                if held:
+                    stream.busy = True
+                    await budget.acquire(held)
+                    stream.busy = False
                 try:
                     packet = Packet.FromString(raw)
                 except DecodeError:
                     result: object = Reason.MALFORMED
                 else:
                     result = check(packet, recv_ms)
+                finally:
+                    if held:
+                        budget.release(held)
+                if budget.waiting:  # others wait for bytes: stop reading, as they do
+                    stream.busy = True
+                    await budget.turn()
+                    stream.busy = False
                 if not isinstance(result, tuple):
                     rejected[str(result)] += 1
                     count_rejected(str(result))
@@ -188,8 +246,7 @@ class IngestServicer:
                     stream.busy = False
                 accepted += 1
 
-        await self._admit(context)
-        self.active_streams += 1
+        peer = await self._admit(context)
         try:
             truncated = await self._run_reader(stream, read())
             tracker.close()
@@ -206,7 +263,7 @@ class IngestServicer:
                     ),
                 )
         finally:
-            self.active_streams -= 1
+            self._leave(peer)
         return Ack(
             accepted=accepted,
             rejected=rejected.total(),
@@ -243,24 +300,33 @@ class IngestServicer:
 
         async def read() -> None:
             turn_started = time.perf_counter()
+            budget = self.budget
             try:
+                await window.acquire()
                 async for raw in requests:
                     stream.busy = True
-                    await window.acquire()
-                    item = await self._accept_batch(raw)
+                    size = len(raw)
+                    await budget.acquire(size)
+                    try:
+                        item = await self._accept_batch(raw)
+                    finally:
+                        budget.release(size)
                     pending.put_nowait(item)
                     if isinstance(item, _StreamError):
                         return
-                    stream.busy = False
                     stream.last_activity = time.monotonic()
+                    # The next message is read only with an ack slot free and the process's
+                    # byte budget not exhausted: until then gRPC holds no message for us.
+                    await window.acquire()
+                    await budget.turn()
+                    stream.busy = False
                     if time.perf_counter() - turn_started > _READ_TURN_S:
                         await asyncio.sleep(0)  # let HTTP requests and other streams in
                         turn_started = time.perf_counter()
             finally:
                 pending.put_nowait(None)
 
-        await self._admit(context)
-        self.active_streams += 1
+        peer = await self._admit(context)
         reader = self._spawn(stream, read())
         try:
             while (item := await pending.get()) is not None:
@@ -288,13 +354,14 @@ class IngestServicer:
                 raise error
         finally:
             reader.cancel()
-            self.active_streams -= 1
+            self._leave(peer)
 
     async def _accept_batch(self, raw: bytes) -> _Pending | _StreamError:
         """Validate one batch and queue its good packets; an error ends the stream."""
         try:
             batch = parse_batch(raw, self.max_batch_packets)
         except DecodeError as exc:
+            self.messages_refused_by_reason["malformed_batch"] += 1
             self.aggregator.count_rejected("malformed_batch")  # unit: messages
             return _StreamError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -302,6 +369,7 @@ class IngestServicer:
                 "serialized with protobuf",
             )
         except BatchTooLarge as big:
+            self.messages_refused_by_reason["batch_too_large"] += 1
             self.aggregator.count_rejected("batch_too_large", big.packets)
             return _StreamError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -311,6 +379,7 @@ class IngestServicer:
         n = batch.count
         producer = batch.producer_id
         if producer and not _PRODUCER_ID.fullmatch(producer):
+            self.messages_refused_by_reason["invalid_producer_id"] += 1
             self.aggregator.count_rejected("invalid_producer_id", n)
             return _StreamError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -327,6 +396,7 @@ class IngestServicer:
                 col_delta, col_rejected = decode_columns(batch.columns, self.validator, recv_ms)
                 parts.append(col_delta)
             except ColumnsError as exc:
+                self.messages_refused_by_reason["invalid_columns"] += 1
                 self.aggregator.count_rejected("invalid_columns", n)
                 return _StreamError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.batch_id}: {exc}"
