@@ -179,6 +179,15 @@ class Settings(BaseSettings):
     )
     # Each subscriber holds at most one event in its socket's buffer and the ids of the
     # devices waiting for the next one (stream.py): ~1 MB at worst.
+    # A page of 1,000 devices with 64 readings each holds ~100 MB while it is fetched and
+    # rendered, a scrape up to ~30 MB: two at a time keep many concurrent readers from
+    # adding up; the others wait (they hold a connection, not memory).
+    max_concurrent_pages: int = Field(
+        2,
+        ge=1,
+        description="GET /metrics pages and Prometheus scrapes built at once; the others "
+        "wait their turn.",
+    )
     max_stream_subscribers: int = Field(
         100, ge=1, description="Concurrent GET /stream clients; more get 503."
     )

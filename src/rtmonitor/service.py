@@ -281,6 +281,7 @@ class Service:
             prefix_sort_max_devices=self.settings.prefix_sort_max_devices,
             stream_interval_s=self.settings.flush_interval,
             max_stream_subscribers=self.settings.max_stream_subscribers,
+            max_concurrent_pages=self.settings.max_concurrent_pages,
             stream_send_timeout_s=self.settings.stream_send_timeout,
         )
         self._app = app

@@ -59,6 +59,7 @@ def create_app(
     stream_interval_s: float = 0.2,
     max_stream_subscribers: int = 100,
     stream_send_timeout_s: float = 10.0,
+    max_concurrent_pages: int = 2,
 ) -> FastAPI:
     """Build the app around the process's one store (owned and closed by the service)."""
     app = _Api(
@@ -86,6 +87,10 @@ def create_app(
     feed = ChangeFeed(store, stream_interval_s, max_stream_subscribers)
     app.state.feed = feed
     refused: Counter[str] = Counter()  # requests refused by a limit, by reason
+    # A page of 1,000 devices with 64 readings each, or a scrape, holds tens of MB while it
+    # is fetched and rendered: the rest wait their turn (the connection limit bounds how
+    # many wait), so many at once cannot add up.
+    pages = asyncio.Semaphore(max_concurrent_pages)
 
     def render(record: dict[str, Any]) -> dict[str, Any]:
         return with_status(record).model_dump(mode="json")
@@ -198,12 +203,25 @@ def create_app(
         order: Annotated[Literal["asc", "desc"], Query()] = "asc",
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    ) -> MetricsPage | Response:
+    ) -> Response:
         """All devices, paginated, sortable and filterable by id prefix, plus the totals.
 
         Prometheus scrapes the same path: with `Accept: text/plain` or OpenMetrics it gets
         the exposition format, with per-device series for the busiest devices only.
         """
+        async with pages:
+            return await build_page(request, format, prefix, sort, order, offset, limit)
+
+    async def build_page(
+        request: Request,
+        format: str | None,
+        prefix: str,
+        sort: SortField,
+        order: Literal["asc", "desc"],
+        offset: int,
+        limit: int,
+    ) -> Response:
+        """GET /metrics, rendered (so the page's memory is released before the next one)."""
         content_type = negotiate(request.headers.get("accept"), format)
         if content_type is not None and format != "json":
             totals = await store.totals()
@@ -240,7 +258,7 @@ def create_app(
                     "(--prefix-sort-max-devices): narrow the prefix, or sort by device_id"
                 },
             )
-        return MetricsPage(
+        page = MetricsPage(
             totals=Totals.model_validate(totals),
             matched=matched,
             offset=offset,
@@ -249,6 +267,7 @@ def create_app(
             order=order,
             devices=[with_status(d) for d in devices],
         )
+        return Response(page.model_dump_json(), media_type="application/json")
 
     async def scrape_devices(known: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """The busiest devices whose series fit in --prometheus-max-series (in order, up to
