@@ -123,6 +123,8 @@ def test_a_columnar_batch_is_bounded_before_it_is_decoded(
     # refused as a message, counted by reason; the next batch is served as usual
     refused = get_json(svc.http, "/stats")["ingest"]["messages_refused_by_reason"]
     assert refused == {"invalid_columns": 1}
+    scrape = httpx.get(f"{svc.http}/metrics", params={"format": "prometheus"}).text
+    assert 'rtm_refused_messages_total{reason="invalid_columns"} 1' in scrape.splitlines()
     [ack] = run(stream_batches(svc.target, [Batch(packets=[packet("victim", t=1.0)])]))
     assert ack.accepted == 1
     assert get_json(svc.http, "/metrics/victim")["packets"] == 1
@@ -239,6 +241,8 @@ def test_one_peer_cannot_take_every_stream_slot(
     assert ingest["streams_refused_by_reason"] == {"max_streams_per_peer": 2}
     assert ingest["streams_refused"] == 2
     assert httpx.get(f"{svc.http}/metrics/fourth").status_code == 404
+    scrape = httpx.get(f"{svc.http}/metrics", params={"format": "prometheus"}).text
+    assert 'rtm_refused_streams_total{reason="max_streams_per_peer"} 2' in scrape.splitlines()
 
 
 def test_the_byte_budget_waits_in_order_and_survives_cancellation() -> None:

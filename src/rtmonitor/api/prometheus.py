@@ -206,6 +206,24 @@ def _self_metrics(w: _Writer, stats: dict[str, Any]) -> None:
         "Packets refused by this instance since it started, by reason.",
         [({"reason": r}, n) for r, n in ingest["rejected_by_reason"].items()],
     )
+    w.family(
+        "rtm_refused_streams",
+        "counter",
+        "gRPC streams refused by a limit on this instance, by reason.",
+        [({"reason": r}, n) for r, n in ingest.get("streams_refused_by_reason", {}).items()],
+    )
+    w.family(
+        "rtm_refused_messages",
+        "counter",
+        "Whole gRPC messages refused on this instance (not counted as packets), by reason.",
+        [({"reason": r}, n) for r, n in ingest.get("messages_refused_by_reason", {}).items()],
+    )
+    w.family("rtm_inflight_message_bytes", "gauge",
+             "Bytes of received gRPC messages not yet processed (--max-inflight-message-bytes).",
+             [({}, ingest.get("inflight_message_bytes", 0))])  # fmt: skip
+    w.family("rtm_inflight_message_waits", "counter",
+             "Times a stream waited for --max-inflight-message-bytes to free up.",
+             [({}, ingest.get("inflight_message_waits", 0))])  # fmt: skip
     for name, key, help_text in (
         ("rtm_flushes", "flushes", "Flushes committed to Redis."),
         ("rtm_committed_packets", "packets_committed", "Packets committed to Redis."),
@@ -235,9 +253,24 @@ def _self_metrics(w: _Writer, stats: dict[str, Any]) -> None:
         "GET /stream clients closed because a write stayed blocked (--stream-send-timeout).",
         [({}, stream.get("disconnected_slow", 0))],
     )
+    http = stats.get("http") or {}
+    refused = dict(api.get("refused_by_reason") or {})
+    if http:
+        refused["max_connections"] = http.get("refused", 0)
     w.family(
         "rtm_http_refused",
         "counter",
         "HTTP requests refused by a limit on this instance, by reason.",
-        [({"reason": r}, n) for r, n in (api.get("refused_by_reason") or {}).items()],
+        [({"reason": r}, n) for r, n in sorted(refused.items())],
     )
+    if http:
+        w.family("rtm_http_connections", "gauge", "Open HTTP connections on this instance.",
+                 [({}, http.get("connections", 0))])  # fmt: skip
+        w.family(
+            "rtm_http_closed_connections",
+            "counter",
+            "HTTP connections closed by the service: idle past --http-idle-timeout, or the "
+            "longest-idle one evicted at --http-max-connections.",
+            [({"reason": "idle"}, http.get("idle_closed", 0)),
+             ({"reason": "evicted"}, http.get("evicted", 0))],
+        )  # fmt: skip
