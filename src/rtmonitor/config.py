@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     embedded_redis_port: int = Field(
         0, ge=0, le=65535, description="TCP port of the embedded Redis (0 picks a free one)."
     )
+    # What responses waiting for clients that do not read may hold (a page of fat devices
+    # is ~17 MB, a scrape ~7 MB): past it, connections that stopped reading are reset.
+    http_max_unsent_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Bytes of HTTP responses waiting in buffers for clients that do not "
+        "read; past it, connections whose client stopped reading are reset.",
+    )
     # Room for about a million devices with a few kinds and values each (the default
     # --max-devices) while leaving the rest of a small machine to the service and to the
     # fork that rewrites the AOF; a full Redis refuses writes and receivers are pushed back.

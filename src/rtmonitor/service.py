@@ -298,7 +298,7 @@ class Service:
                 _fd_limit(),
                 s.http_max_connections,
             )
-        guard = ConnectionGuard(max_connections, s.http_idle_timeout)
+        guard = ConnectionGuard(max_connections, s.http_idle_timeout, s.http_max_unsent_bytes)
         config = uvicorn.Config(
             app,
             http=guard.protocol_class(),

@@ -248,3 +248,54 @@ def test_many_readers_of_fat_pages_cannot_add_up(
     # measured: ~160 MB of growth two at a time, ~1.5 GB with all 32 built at once
     assert peak - before < 400, f"RSS grew {peak - before:.0f} MB"
     assert _healthz_seconds(svc.http) < 1.0
+
+
+def _never_reading_get(port: int, path: str) -> socket.socket:
+    """A GET whose response is never read (a tiny receive buffer, never drained)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    return s
+
+
+def test_responses_nobody_reads_are_reset_past_the_unsent_budget(
+    start_service: Callable[..., ServiceProcess],
+) -> None:
+    """Clients that ask for big scrapes and never read them: the responses would wait in
+    the transports' buffers (a close waits for the client to read) and hold memory and a
+    file descriptor each. Past --http-max-unsent-bytes the stalled ones are reset."""
+    budget = 16 * 1024 * 1024
+    svc = start_service("--http-max-unsent-bytes", str(budget))
+    long = "n" * 60
+    packets = []
+    for d in range(300):
+        for k in range(64):
+            p = packet(f"{long}{long}-{d:03d}", kind=f"kind-{k:02d}")
+            for v in range(64):
+                p.values[f"{long}{v:02d}"] = 1.0 / (v + 1)
+            packets.append(p)
+    run(stream_batches(svc.target, _batches("fat", packets, size=200)))
+    path = "/metrics?format=prometheus"
+    size = len(httpx.get(f"{svc.http}{path}", timeout=30).content)
+    before = _rss_mb(svc.proc.pid)
+    clients = []
+    peak = before
+    try:
+        for _ in range(100):
+            clients.append(_never_reading_get(svc.http_port, path))
+            time.sleep(0.05)
+            peak = max(peak, _rss_mb(svc.proc.pid))
+        # Once the responses are built and have stalled, the ones past the budget are
+        # reset (measured without it: 162 MB unsent in 101 open connections).
+        deadline = time.monotonic() + 30
+        while (http := get_json(svc.http, "/stats")["http"])["unsent_bytes"] > budget:
+            assert time.monotonic() < deadline, http
+            peak = max(peak, _rss_mb(svc.proc.pid))
+            time.sleep(0.5)
+        assert _healthz_seconds(svc.http) < 1.0
+    finally:
+        for c in clients:
+            c.close()
+    assert http["stalled_reset"] > 0
+    assert peak - before < 400, f"RSS grew {peak - before:.0f} MB (scrape {size / 1e6:.1f} MB)"

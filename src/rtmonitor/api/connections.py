@@ -19,6 +19,10 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 # long; more than REFUSING_MAX of them waiting are closed at once, unanswered.
 REFUSE_GRACE_S = 1.0
 REFUSING_MAX = 16
+# A response the client does not read stays in the transport's buffer, in memory. Past the
+# budget of unsent bytes, connections whose buffer did not shrink for this long are reset
+# (a close would wait for the client to read it), the largest first.
+STALLED_S = 1.0
 
 
 class ConnectionGuard:
@@ -34,10 +38,14 @@ class ConnectionGuard:
         self,
         max_connections: int,
         idle_timeout: float,
+        max_unsent_bytes: int = 64 * 1024 * 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.max_unsent_bytes = max_unsent_bytes
+        self.unsent_bytes = 0  # at the last sweep
+        self.stalled_reset = 0
         self._clock = clock
         # connection -> since when it waits for a request; oldest first (the sweep moves
         # a busy one to the end), so the first idle one is the longest waiting.
@@ -69,6 +77,7 @@ class ConnectionGuard:
     def sweep(self) -> None:
         """Close connections that waited too long for a request (called about once a second)."""
         now = self._clock()
+        self._reset_stalled(now)
         for conn, since in list(self._open.items()):
             if _busy(conn):
                 del self._open[conn]
@@ -79,6 +88,27 @@ class ConnectionGuard:
         for conn, since in list(self._refusing.items()):
             if now - since >= REFUSE_GRACE_S:
                 self._close(conn)
+
+    def _reset_stalled(self, now: float) -> None:
+        """Past --http-max-unsent-bytes of responses waiting in buffers, reset the
+        connections whose clients stopped reading, largest buffer first."""
+        total = 0
+        stalled: list[tuple[int, _Guarded]] = []
+        for conn in self._open:
+            unsent = conn.transport.get_write_buffer_size()
+            if not unsent or unsent < conn.unsent:
+                conn.stalled_since = now  # empty, or the client is reading
+            elif now - conn.stalled_since >= STALLED_S:
+                stalled.append((unsent, conn))
+            conn.unsent = unsent
+            total += unsent
+        for unsent, conn in sorted(stalled, key=lambda p: p[0], reverse=True):
+            if total <= self.max_unsent_bytes:
+                break
+            total -= unsent
+            self.stalled_reset += 1
+            self._close(conn)
+        self.unsent_bytes = total
 
     def refusal(self, conn: _Guarded) -> None:
         """Answer a refused connection's request with 503, then close it."""
@@ -92,6 +122,9 @@ class ConnectionGuard:
             "idle_closed": self.idle_closed,
             "evicted": self.evicted,
             "refused": self.refused,
+            "unsent_bytes": self.unsent_bytes,
+            "max_unsent_bytes": self.max_unsent_bytes,
+            "stalled_reset": self.stalled_reset,
         }
 
     def _refuse(self, conn: _Guarded) -> None:
@@ -107,7 +140,12 @@ class ConnectionGuard:
 
     def _close(self, conn: _Guarded) -> None:
         self.closed(conn)
-        conn.transport.close()
+        if conn.transport.get_write_buffer_size():
+            # close() would keep the socket and the unsent response until the client reads
+            # it, which a hostile client never does: reset it instead.
+            conn.transport.abort()
+        else:
+            conn.transport.close()
 
 
 class _Guarded(asyncio.Protocol):
@@ -116,6 +154,8 @@ class _Guarded(asyncio.Protocol):
     guard: ConnectionGuard
     transport: asyncio.Transport
     refusing = False
+    unsent = 0  # the transport's unsent bytes at the last sweep
+    stalled_since = 0.0  # since when they have not shrunk
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
