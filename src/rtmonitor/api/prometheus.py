@@ -269,8 +269,10 @@ def _self_metrics(w: _Writer, stats: dict[str, Any]) -> None:
         w.family(
             "rtm_http_closed_connections",
             "counter",
-            "HTTP connections closed by the service: idle past --http-idle-timeout, or the "
-            "longest-idle one evicted at --http-max-connections.",
+            "HTTP connections closed by the service: idle past --http-idle-timeout, the "
+            "longest-idle one evicted at --http-max-connections, or reset for not reading "
+            "past --http-max-unsent-bytes.",
             [({"reason": "idle"}, http.get("idle_closed", 0)),
-             ({"reason": "evicted"}, http.get("evicted", 0))],
+             ({"reason": "evicted"}, http.get("evicted", 0)),
+             ({"reason": "stalled"}, http.get("stalled_reset", 0))],
         )  # fmt: skip
