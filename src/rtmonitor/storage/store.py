@@ -346,7 +346,29 @@ class RedisStore:
         limit: int = 100,
         max_ranked: int = PREFIX_SORT_MAX,
     ) -> tuple[int, list[dict[str, Any]]]:
-        """One page of devices: (number matching the filter, their counters).
+        """One page of devices: (number matching the filter, their counters); see
+        list_ids()."""
+        matched, ids = await self.list_ids(
+            prefix=prefix,
+            sort=sort,
+            descending=descending,
+            offset=offset,
+            limit=limit,
+            max_ranked=max_ranked,
+        )
+        return matched, await self.get_devices(ids)
+
+    async def list_ids(
+        self,
+        *,
+        prefix: str = "",
+        sort: SortField = "device_id",
+        descending: bool = False,
+        offset: int = 0,
+        limit: int = 100,
+        max_ranked: int = PREFIX_SORT_MAX,
+    ) -> tuple[int, list[str]]:
+        """One page of device ids: (number matching the filter, the ids in order).
 
         Costs O(log N + limit) Redis work whatever the order and offset, except a prefix
         with a numeric order, which ranks every match: more than `max_ranked` raise
@@ -405,7 +427,7 @@ class RedisStore:
                 matched = len(pairs)
             ranked = sorted(pairs, key=lambda p: (p[1] or 0.0, p[0]), reverse=descending)
             ids = [device_id for device_id, _ in ranked[offset : offset + limit]]
-        return matched, await self.get_devices(ids)
+        return matched, ids
 
     async def _rate_window(self) -> str:
         """The window sort=rate reads: the last complete one, or the current one if empty."""
