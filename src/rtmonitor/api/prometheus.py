@@ -186,13 +186,14 @@ def exposition(
         "(--prometheus-max-devices or --prometheus-max-series).",
         [({"reason": r}, n) for r, n in (omitted or {}).items()],
     )
-    _self_metrics(w, stats, api)
+    _self_metrics(w, stats)
+    _process_metrics(w, stats, api)
     return w.render()
 
 
-def _self_metrics(w: _Writer, stats: ServiceStats, api: dict[str, Any]) -> None:
+def _self_metrics(w: _Writer, stats: ServiceStats) -> None:
     """The ingest instances' pipelines, summed (every process on one Redis reports the
-    same sum: aggregate replicas' scrapes with max, not sum), and this process's own."""
+    same sum: aggregate replicas' scrapes with max, not sum)."""
     total = stats.total
     flush, ingest = total.flush, total.ingest
     w.family("rtm_up", "gauge", "1 if this instance is ready.", [({}, int(stats.ready))])
@@ -247,6 +248,10 @@ def _self_metrics(w: _Writer, stats: ServiceStats, api: dict[str, Any]) -> None:
              [({}, flush.last_flush_seconds)])  # fmt: skip
     w.family("rtm_journals_recovered", "counter", "Dead instances' flushes replayed.",
              [({}, total.recovery.journals_recovered)])  # fmt: skip
+
+
+def _process_metrics(w: _Writer, stats: ServiceStats, api: dict[str, Any]) -> None:
+    """This process's own parts: the embedded Redis, GET /stream, HTTP connections."""
     if (embedded := stats.embedded_redis) is not None:
         w.family("rtm_embedded_redis_restarts", "counter",
                  "Times the embedded Redis died and was restarted.",
