@@ -7,6 +7,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,26 @@ def get_json(base: str, path: str, **params: Any) -> Any:
     r = httpx.get(f"{base}{path}", params=params, timeout=10.0)
     r.raise_for_status()
     return r.json()
+
+
+def self_metrics(base: str) -> dict[str, float]:
+    """The unlabelled rtm_ samples of a Prometheus scrape (name -> value)."""
+    r = httpx.get(f"{base}/metrics", params={"format": "prometheus"}, timeout=10.0)
+    r.raise_for_status()
+    samples = {}
+    for line in r.text.splitlines():
+        if line.startswith("rtm_") and "{" not in line:
+            name, value = line.split(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def wait_for_committed(base: str, packets: int, timeout: float = 15.0) -> dict[str, Any]:
+    """GET /stats once its pipeline sections show `packets` committed (the ingest processes
+    publish their figures every second or so); the last answer if they never do."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats: dict[str, Any] = get_json(base, "/stats")
+        if stats["flush"]["packets_committed"] >= packets or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)

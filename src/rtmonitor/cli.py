@@ -115,11 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         settings = _build(Settings, args)
         setup_logging(settings.log_level)
-        if settings.workers > 1:
-            from rtmonitor.supervisor import run_workers
-
-            sys.exit(run_workers(settings))
-        from rtmonitor.service import run
+        from rtmonitor.runtime import run
 
         sys.exit(run(settings))
     elif args.command == "send":

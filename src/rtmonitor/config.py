@@ -369,3 +369,7 @@ class TopSettings(BaseSettings):
     limit: int = Field(20, ge=1, le=1000, description="Devices shown (the busiest).")
     prefix: str = Field("", max_length=128, description="Only devices with this id prefix.")
     once: bool = Field(False, description="Print one frame and exit (for scripts).")
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says what to change."""

@@ -10,9 +10,19 @@ from pathlib import Path
 
 import pytest
 from cluster import RedisClusterFixture
-from helpers import ServiceProcess, get_json, run
+from helpers import (
+    ServiceProcess,
+    get_json,
+    packet,
+    run,
+    self_metrics,
+    stream_batches,
+    stream_packets,
+    wait_for_committed,
+)
 from test_faults import assert_exact, load
 
+from rtmonitor.ingest.v1.telemetry_pb2 import Batch
 from rtmonitor.loadgen.sender import SendReport, send
 from rtmonitor.storage.embedded import EmbeddedRedis
 
@@ -75,6 +85,34 @@ def test_replicas_on_a_redis_cluster_survive_a_kill(
         assert {d["device_id"]: d["packets"] for d in page["devices"]} == expected
         by_packets = get_json(replicas[2].http, "/metrics", sort="packets", order="desc")
         assert by_packets["devices"][0]["packets"] == max(expected.values())
+    finally:
+        for r in replicas:
+            r.kill()
+
+
+def test_each_replica_reports_every_instance_and_their_sum(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    replicas = start_replicas(tmp_path, redis_server.url, 2)
+    try:
+        for i, r in enumerate(replicas):  # packets to one replica, batches to the other
+            run(stream_packets(r.target, [packet(f"p{i}-{n}") for n in range(30 + i)]))
+            batch = Batch(producer_id=f"b{i}", batch_id=1, packets=[packet("b")] * (50 + i))
+            run(stream_batches(r.target, [batch]))
+        sent = 30 + 50 + 31 + 51
+        views = [wait_for_committed(r.http, sent) for r in replicas]
+        for stats in views:
+            assert stats["flush"]["packets_committed"] == sent
+            assert len(stats["instances"]) == 2
+            committed = sorted(i["flush"]["packets_committed"] for i in stats["instances"].values())
+            assert committed == [80, 82]
+        assert views[0]["instance_id"] != views[1]["instance_id"]
+        assert set(views[0]["instances"]) == set(views[1]["instances"])
+        for r in replicas:
+            scraped = self_metrics(r.http)
+            assert scraped["rtm_committed_packets_total"] == sent
+            assert scraped["rtm_flushes_total"] >= 2
+            assert scraped["rtm_ingest_instances"] == 2
     finally:
         for r in replicas:
             r.kill()

@@ -15,7 +15,16 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import ServiceProcess, get_json, packet, run, stream_batches, stream_packets
+from helpers import (
+    ServiceProcess,
+    get_json,
+    packet,
+    run,
+    self_metrics,
+    stream_batches,
+    stream_packets,
+    wait_for_committed,
+)
 
 from rtmonitor.config import SendSettings
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch, BatchAck
@@ -471,6 +480,28 @@ def test_workers_share_the_port_and_count_exactly(
     assert wrote == 2, "both workers committed part of the load"
     stats = get_json(svc.http, "/readyz")
     assert stats["ready"] is True
+    # per-packet streams and row batches too; then the API process reports the workers'
+    # pipelines (it has none of its own): their sum, and each of them
+    per_packet = run(send(opts(svc.target, devices=20, count=3000, streams=4, device_prefix="p-")))
+    rows = run(send(opts(svc.target, devices=20, count=20_000, batch_size=100, streams=4)))
+    sent = 200_000 + per_packet.accepted + rows.accepted
+    assert per_packet.accepted == 3000 and rows.accepted == 20_000
+    stats = wait_for_committed(svc.http, sent)
+    assert stats["flush"]["packets_committed"] == sent
+    assert stats["flush"]["flushes"] > 0
+    assert len(stats["instances"]) == 2
+    assert sum(i["flush"]["packets_committed"] for i in stats["instances"].values()) == sent
+    assert (
+        sum(i["flush"]["flushes"] for i in stats["instances"].values())
+        == (stats["flush"]["flushes"])
+    )
+    assert (
+        stats["queue"]["max_packets"] == 2 * stats["instances"].popitem()[1]["queue"]["max_packets"]
+    )
+    scraped = self_metrics(svc.http)
+    assert scraped["rtm_committed_packets_total"] == sent
+    assert scraped["rtm_flushes_total"] == stats["flush"]["flushes"]
+    assert scraped["rtm_ingest_instances"] == 2
     assert svc.terminate() == 0
     assert svc.log().count("stopped") >= 3  # both workers and the API process stopped in order
 

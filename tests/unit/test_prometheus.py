@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from rtmonitor.api.prometheus import OPENMETRICS, TEXT, escape, exposition, negotiate
+from rtmonitor.pipeline.flusher import FlushStats
+from rtmonitor.pipeline.stats import IngestStats, InstanceStats, PipelineStats, ServiceStats
 
 PROMETHEUS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
@@ -42,15 +46,54 @@ def _render(openmetrics: bool) -> str:
         "rejected_by_reason": {"empty_device_id": 2},
         "rate": device["rate"],
     }
-    stats = {
-        "ready": True,
-        "queue": {"packets": 0},
-        "pending": {"packets": 0, "inflight_packets": 0},
-        "ingest": {"active_streams": 1, "rejected_by_reason": {}},
-        "flush": {"flushes": 4},
-        "recovery": {},
+    stats = _stats(PipelineStats(ingest=IngestStats(active_streams=1), flush=FlushStats(flushes=4)))
+    return exposition(totals, [device], stats, {}, offline_after_s=30, openmetrics=openmetrics)
+
+
+def _stats(*instances: PipelineStats) -> ServiceStats:
+    """The self-metrics of a process reporting these ingest instances."""
+    records = {
+        f"i{n}": InstanceStats(instance_id=f"i{n}", pid=n, uptime_s=1.0, stats=s)
+        for n, s in enumerate(instances)
     }
-    return exposition(totals, [device], stats, offline_after_s=30, openmetrics=openmetrics)
+    return ServiceStats(
+        instance_id=None,
+        uptime_s=1.0,
+        ready=True,
+        not_ready_reasons=[],
+        instances=records,
+        total=PipelineStats.total(instances),
+    )
+
+
+def test_self_metrics_are_the_sum_of_the_instances() -> None:
+    a = PipelineStats(
+        rejected_by_reason={"empty_device_id": 1},
+        flush=FlushStats(flushes=2, packets_committed=10, last_flush_ms=5, last_flush_seconds=0.5),
+    )
+    b = PipelineStats(
+        rejected_by_reason={"empty_device_id": 2, "too_many_devices": 1},
+        flush=FlushStats(flushes=3, packets_committed=7, last_flush_ms=9, last_flush_seconds=0.1),
+    )
+    stats = _stats(a, b)
+    text = exposition(
+        {"packets": 0, "bytes": 0, "devices": 0, "rejected_by_reason": {},
+         "rate": {"packets_per_s_10s": 0.0, "packets_per_s_60s": 0.0}},
+        [], stats, {}, offline_after_s=30, openmetrics=False,
+    )  # fmt: skip
+    assert "rtm_flushes_total 5" in text
+    assert "rtm_committed_packets_total 17" in text
+    assert "rtm_last_flush_seconds 0.1" in text  # the latest flush's
+    assert 'rtm_instance_rejected_packets_total{reason="empty_device_id"} 3' in text
+    assert "rtm_ingest_instances 2" in text
+    # /stats: the sum at the top, and each instance
+    doc = stats.to_json()
+    assert doc["flush"]["packets_committed"] == 17
+    assert doc["ingest"]["rejected_by_reason"] == {"empty_device_id": 3, "too_many_devices": 1}
+    assert doc["instances"]["i1"]["flush"]["flushes"] == 3
+    # what an instance publishes reads back as it was
+    published = InstanceStats.from_json("i1", json.loads(json.dumps(doc["instances"]["i1"])))
+    assert published == stats.instances["i1"]
 
 
 def test_text_format() -> None:
@@ -91,13 +134,8 @@ def test_every_series_the_grafana_dashboard_queries_is_exported() -> None:
 def test_device_series_counts_what_a_device_adds_and_omitted_devices_are_reported() -> None:
     from rtmonitor.api.prometheus import device_series
 
-    stats = {
-        "ready": True,
-        "queue": {"packets": 0},
-        "pending": {"packets": 0, "inflight_packets": 0},
-        "ingest": {"active_streams": 0, "rejected_by_reason": {}},
-        "api": {"refused_by_reason": {"stream_subscribers": 2}, "stream": {"subscribers": 1}},
-    }
+    stats = _stats(PipelineStats())
+    api = {"refused_by_reason": {"stream_subscribers": 2}, "stream": {"subscribers": 1}}
     device = {
         "device_id": "fat",
         "packets": 1,
@@ -112,7 +150,7 @@ def test_device_series_counts_what_a_device_adds_and_omitted_devices_are_reporte
               "rate": device["rate"]}  # fmt: skip
 
     def device_lines(devices: list) -> tuple[list[str], str]:
-        text = exposition(totals, devices, stats, offline_after_s=30, openmetrics=False,
+        text = exposition(totals, devices, stats, api, offline_after_s=30, openmetrics=False,
                           omitted={"max_devices": 3, "max_series": 1})  # fmt: skip
         return [line for line in text.splitlines() if line.startswith("rtm_device_")], text
 

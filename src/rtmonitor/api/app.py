@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pathlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, Query, Request
@@ -20,6 +21,7 @@ from rtmonitor import __version__
 from rtmonitor.api.prometheus import OPENMETRICS, device_series, exposition, negotiate
 from rtmonitor.api.schemas import DeviceMetrics, MetricsPage, Problem, Readiness, Totals
 from rtmonitor.api.stream import TRANSPORT, ChangeFeed, EventStream
+from rtmonitor.pipeline.stats import ServiceStats
 from rtmonitor.storage.store import RedisStore, SortField, SortTooBroad
 
 logger = logging.getLogger(__name__)
@@ -33,8 +35,8 @@ PAGE_SLICE = 50
 
 # Returns the reasons the service is not ready to ingest (empty list: ready).
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
-# Returns the service's self-metrics (the pipeline's, this process only).
-StatsSource = Callable[[], Awaitable[dict[str, Any]]]
+# Returns the self-metrics of this process and of the ingest instances on its Redis.
+StatsSource = Callable[[], Awaitable[ServiceStats]]
 
 
 class _Api(FastAPI):
@@ -63,8 +65,15 @@ def create_app(
     stream_send_timeout_s: float = 10.0,
     max_concurrent_pages: int = 2,
 ) -> FastAPI:
-    """Build the app around the process's one store (owned and closed by the service)."""
+    """Build the app around the process's one store (owned and closed by the runtime)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await feed.close()
+
     app = _Api(
+        lifespan=lifespan,
         title="RealTimeDataMonitor",
         version=__version__,
         description=(
@@ -97,12 +106,9 @@ def create_app(
     def render(record: dict[str, Any]) -> dict[str, Any]:
         return with_status(record).model_dump(mode="json")
 
-    async def all_stats() -> dict[str, Any]:
-        """The pipeline's self-metrics and this API's own."""
-        return {
-            **await stats(),
-            "api": {"refused_by_reason": dict(sorted(refused.items())), "stream": feed.stats()},
-        }
+    def api_stats() -> dict[str, Any]:
+        """This API's own self-metrics."""
+        return {"refused_by_reason": dict(sorted(refused.items())), "stream": feed.stats()}
 
     @app.get(
         "/stream",
@@ -169,11 +175,15 @@ def create_app(
         body = Readiness(ready=not reasons, reasons=reasons).model_dump()
         return JSONResponse(status_code=503 if reasons else 200, content=body)
 
-    @app.get("/stats", tags=["health"], summary="Self-metrics of this instance's pipeline")
+    @app.get("/stats", tags=["health"], summary="Self-metrics of the ingest instances")
     async def self_stats() -> dict[str, Any]:
         """Queue depth, pending deltas, flush latency, rejections by reason, Redis errors and
-        recoveries, duplicate batches skipped, journals recovered — for this process."""
-        return await all_stats()
+        recoveries, duplicate batches skipped, journals recovered: summed over the ingest
+        instances on this Redis (the `ingest`, `queue`, `pending`, `flush` and `recovery`
+        sections), and for each of them (`instances`, by instance id; every ingest process
+        publishes its figures each second). `http`, `api` and `embedded_redis` are this
+        process's own."""
+        return {**(await stats()).to_json(), "api": api_stats()}
 
     @app.get(
         "/metrics",
@@ -231,7 +241,8 @@ def create_app(
             body = exposition(
                 totals,
                 busiest,
-                await all_stats(),
+                await stats(),
+                api_stats(),
                 offline_after_s=offline_after_s,
                 openmetrics=content_type == OPENMETRICS,
                 omitted=omitted,

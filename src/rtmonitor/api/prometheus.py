@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from rtmonitor.pipeline.stats import ServiceStats
+
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
 STATS = ("sum", "min", "max", "last")
@@ -103,7 +105,8 @@ class _Writer:
 def exposition(
     totals: dict[str, Any],
     devices: list[dict[str, Any]],
-    stats: dict[str, Any],
+    stats: ServiceStats,
+    api: dict[str, Any],
     *,
     offline_after_s: float,
     openmetrics: bool,
@@ -184,66 +187,77 @@ def exposition(
         [({"reason": r}, n) for r, n in (omitted or {}).items()],
     )
     _self_metrics(w, stats)
+    _process_metrics(w, stats, api)
     return w.render()
 
 
-def _self_metrics(w: _Writer, stats: dict[str, Any]) -> None:
-    """This instance's pipeline (each instance reports its own; Prometheus sums them)."""
-    flush = stats.get("flush") or {}
-    recovery = stats.get("recovery") or {}
-    ingest = stats["ingest"]
-    w.family("rtm_up", "gauge", "1 if this instance is ready.", [({}, int(stats["ready"]))])
-    w.family("rtm_queue_packets", "gauge", "Packets waiting in this instance's queue.",
-             [({}, stats["queue"]["packets"])])  # fmt: skip
-    pending = stats["pending"]["packets"] + stats["pending"]["inflight_packets"]
-    w.family("rtm_pending_packets", "gauge", "Received but uncommitted packets here.",
+def _self_metrics(w: _Writer, stats: ServiceStats) -> None:
+    """The ingest instances' pipelines, summed (every process on one Redis reports the
+    same sum: aggregate replicas' scrapes with max, not sum)."""
+    total = stats.total
+    flush, ingest = total.flush, total.ingest
+    w.family("rtm_up", "gauge", "1 if this instance is ready.", [({}, int(stats.ready))])
+    w.family("rtm_ingest_instances", "gauge",
+             "Ingest processes that published their figures (every --workers worker, every "
+             "replica on this Redis).", [({}, len(stats.instances))])  # fmt: skip
+    w.family("rtm_queue_packets", "gauge", "Packets waiting in the ingest queues.",
+             [({}, total.queue.packets)])  # fmt: skip
+    pending = total.pending.packets + total.pending.inflight_packets
+    w.family("rtm_pending_packets", "gauge", "Received but uncommitted packets.",
              [({}, pending)])  # fmt: skip
-    w.family("rtm_active_streams", "gauge", "Open gRPC streams on this instance.",
-             [({}, ingest["active_streams"])])  # fmt: skip
+    w.family("rtm_active_streams", "gauge", "Open gRPC streams.",
+             [({}, ingest.active_streams)])  # fmt: skip
     w.family(
         "rtm_instance_rejected_packets",
         "counter",
-        "Packets refused by this instance since it started, by reason.",
-        [({"reason": r}, n) for r, n in ingest["rejected_by_reason"].items()],
+        "Packets refused by the running ingest instances since they started, by reason.",
+        [({"reason": r}, n) for r, n in total.rejected_by_reason.items()],
     )
     w.family(
         "rtm_refused_streams",
         "counter",
-        "gRPC streams refused by a limit on this instance, by reason.",
-        [({"reason": r}, n) for r, n in ingest.get("streams_refused_by_reason", {}).items()],
+        "gRPC streams refused by a limit, by reason.",
+        [({"reason": r}, n) for r, n in ingest.streams_refused_by_reason.items()],
     )
     w.family(
         "rtm_refused_messages",
         "counter",
-        "Whole gRPC messages refused on this instance (not counted as packets), by reason.",
-        [({"reason": r}, n) for r, n in ingest.get("messages_refused_by_reason", {}).items()],
+        "Whole gRPC messages refused (not counted as packets), by reason.",
+        [({"reason": r}, n) for r, n in ingest.messages_refused_by_reason.items()],
     )
     w.family("rtm_inflight_message_bytes", "gauge",
              "Bytes of received gRPC messages not yet processed (--max-inflight-message-bytes).",
-             [({}, ingest.get("inflight_message_bytes", 0))])  # fmt: skip
+             [({}, ingest.inflight_message_bytes)])  # fmt: skip
     w.family("rtm_inflight_message_waits", "counter",
              "Times a stream waited for --max-inflight-message-bytes to free up.",
-             [({}, ingest.get("inflight_message_waits", 0))])  # fmt: skip
-    for name, key, help_text in (
-        ("rtm_flushes", "flushes", "Flushes committed to Redis."),
-        ("rtm_committed_packets", "packets_committed", "Packets committed to Redis."),
-        ("rtm_redis_errors", "commit_errors", "Failed attempts to reach Redis."),
-        ("rtm_redis_recoveries", "redis_recoveries", "Times Redis came back after failing."),
-        ("rtm_duplicate_batches", "duplicate_batches", "Resent batches skipped (exactly-once)."),
-        ("rtm_abandoned_packets", "packets_abandoned", "Packets not committed by shutdown."),
+             [({}, ingest.inflight_message_waits)])  # fmt: skip
+    for name, value, help_text in (
+        ("rtm_flushes", flush.flushes, "Flushes committed to Redis."),
+        ("rtm_committed_packets", flush.packets_committed, "Packets committed to Redis."),
+        ("rtm_redis_errors", flush.commit_errors, "Failed attempts to reach Redis."),
+        ("rtm_redis_recoveries", flush.redis_recoveries, "Times Redis came back after failing."),
+        (
+            "rtm_duplicate_batches",
+            flush.duplicate_batches,
+            "Resent batches skipped (exactly-once).",
+        ),
+        ("rtm_abandoned_packets", flush.packets_abandoned, "Packets not committed by shutdown."),
     ):
-        w.family(name, "counter", help_text, [({}, flush.get(key, 0))])
+        w.family(name, "counter", help_text, [({}, value)])
     w.family("rtm_last_flush_seconds", "gauge", "Duration of the latest flush.",
-             [({}, flush.get("last_flush_seconds", 0.0))])  # fmt: skip
-    w.family("rtm_journals_recovered", "counter", "Dead instances' flushes replayed here.",
-             [({}, recovery.get("journals_recovered", 0))])  # fmt: skip
-    if (embedded := stats.get("embedded_redis")) is not None:
+             [({}, flush.last_flush_seconds)])  # fmt: skip
+    w.family("rtm_journals_recovered", "counter", "Dead instances' flushes replayed.",
+             [({}, total.recovery.journals_recovered)])  # fmt: skip
+
+
+def _process_metrics(w: _Writer, stats: ServiceStats, api: dict[str, Any]) -> None:
+    """This process's own parts: the embedded Redis, GET /stream, HTTP connections."""
+    if (embedded := stats.embedded_redis) is not None:
         w.family("rtm_embedded_redis_restarts", "counter",
                  "Times the embedded Redis died and was restarted.",
                  [({}, embedded["restarts"])])  # fmt: skip
         w.family("rtm_embedded_redis_up", "gauge", "1 if the embedded Redis is running.",
                  [({}, int(embedded["up"]))])  # fmt: skip
-    api = stats.get("api") or {}
     stream = api.get("stream") or {}
     w.family("rtm_stream_subscribers", "gauge", "Open GET /stream clients on this instance.",
              [({}, stream.get("subscribers", 0))])  # fmt: skip
@@ -253,7 +267,7 @@ def _self_metrics(w: _Writer, stats: dict[str, Any]) -> None:
         "GET /stream clients closed because a write stayed blocked (--stream-send-timeout).",
         [({}, stream.get("disconnected_slow", 0))],
     )
-    http = stats.get("http") or {}
+    http = stats.http or {}
     refused = dict(api.get("refused_by_reason") or {})
     if http:
         refused["max_connections"] = http.get("refused", 0)

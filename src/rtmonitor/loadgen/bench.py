@@ -32,7 +32,8 @@ from rich.table import Table
 from rtmonitor.config import BenchMode, BenchSettings, SendSettings
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
 from rtmonitor.loadgen.sender import STREAM_PACKETS, run_loop, send
-from rtmonitor.storage.embedded import EmbeddedRedis, free_port
+from rtmonitor.runtime import redis_server
+from rtmonitor.storage.embedded import free_port
 
 console = Console(stderr=True)
 PROBE_DEVICE = "bench-probe"
@@ -323,23 +324,15 @@ def run_bench(opts: BenchSettings) -> int:
     modes = opts.mode_list
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="rtm-bench-") as tmp:
-        redis: EmbeddedRedis | None = None
-        url = opts.redis_url
-        if url is None:
-            redis = EmbeddedRedis(Path(tmp) / "redis").start()
-            url = redis.url
-        try:
+        with redis_server(opts.redis_url, Path(tmp) / "redis") as redis:
             run_id = f"{int(time.time())}"
             for mode in modes:
-                r = run_mode(opts, mode, url, f"bench{run_id}{mode}", noop=False)
+                r = run_mode(opts, mode, redis.url, f"bench{run_id}{mode}", noop=False)
                 if opts.ceiling:
-                    c = run_mode(opts, mode, url, f"bench{run_id}{mode}noop", noop=True)
+                    c = run_mode(opts, mode, redis.url, f"bench{run_id}{mode}noop", noop=True)
                     r["ceiling_pps"] = c["acked_pps"]
                     r["ratio_to_ceiling"] = round(r["e2e_pps"] / c["acked_pps"], 3)
                 results.append(r)
-        finally:
-            if redis is not None:
-                redis.stop()
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     doc = {"machine": machine, "settings": opts.model_dump(mode="json"), "results": results}
     opts.output.parent.mkdir(parents=True, exist_ok=True)

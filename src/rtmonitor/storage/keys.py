@@ -27,6 +27,8 @@ Device ids cannot contain braces (validation refuses them), so a tag cannot be f
     {<p>}:j:<flush>             string journal of a flush: batch ids and merge calls (JSON)
     {<p>}:journals              zset   flush id -> prepare time (journals not yet finalized)
     {<p>}:alive:<inst>          string heartbeat of a live instance (TTL)
+    {<p>}:stats:<inst>          string an ingest instance's self-metrics (JSON, TTL)
+    {<p>}:instances             zset   instance -> when it last published its stats (ms)
     {<p>}:recovering:<flush>    string who replays a dead instance's journal (TTL)
 """
 
@@ -97,6 +99,13 @@ class KeyLayout:
 
     def alive(self, instance: str) -> str:
         return self._global(f"alive:{instance}")
+
+    def stats(self, instance: str) -> str:
+        return self._global(f"stats:{instance}")
+
+    @property
+    def instances(self) -> str:
+        return self._global("instances")
 
     def recovering(self, flush_id: str) -> str:
         return self._global(f"recovering:{flush_id}")

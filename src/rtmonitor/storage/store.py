@@ -298,6 +298,27 @@ class RedisStore:
     async def heartbeat(self, instance: str, ttl_s: int) -> None:
         await self.client.set(self.layout.alive(instance), "1", ex=ttl_s)
 
+    async def publish_stats(self, instance: str, doc: str, ttl_s: int) -> None:
+        """Publish an instance's self-metrics (JSON) for every API process to read; they
+        expire with the instance unless it publishes again."""
+        now_ms = int(time.time() * 1000)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self.layout.stats(instance), doc, ex=ttl_s)
+            pipe.zadd(self.layout.instances, {instance: now_ms})
+            # the index forgets instances whose stats expired
+            pipe.zremrangebyscore(self.layout.instances, "-inf", now_ms - ttl_s * 1000)
+            await pipe.execute()
+
+    async def published_stats(self) -> dict[str, str]:
+        """The self-metrics (JSON) of every instance that published them within its TTL."""
+        instances = cast(list[str], await self.client.zrange(self.layout.instances, 0, -1))
+        if not instances:
+            return {}
+        docs = cast(
+            list[str | None], await self.client.mget([self.layout.stats(i) for i in instances])
+        )
+        return {i: d for i, d in zip(instances, docs, strict=True) if d is not None}
+
     async def orphan_journals(self, instance: str) -> list[str]:
         """Journals (flush ids, oldest first) of instances other than `instance` whose
         heartbeat has expired: flushes that were prepared but never finalized."""

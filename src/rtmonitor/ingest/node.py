@@ -1,0 +1,205 @@
+"""The ingest node: a pipeline fed by the gRPC server (ingest, health, reflection), whose
+figures it publishes to Redis for every HTTP node to report."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import time
+from types import TracebackType
+from typing import Self
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from redis.exceptions import RedisError
+
+from rtmonitor.config import Settings, StartupError
+from rtmonitor.ingest.columnar import C_ROWS
+from rtmonitor.ingest.server import build_server
+from rtmonitor.ingest.servicer import SERVICE_NAME, IngestServicer
+from rtmonitor.ingest.validation import Limits, Validator
+from rtmonitor.pipeline.pipeline import Pipeline
+from rtmonitor.pipeline.recovery import HEARTBEAT_TTL_S
+from rtmonitor.pipeline.stats import IngestStats, InstanceStats, PipelineStats
+from rtmonitor.storage.store import RedisStore
+
+logger = logging.getLogger(__name__)
+
+# How often an ingest node publishes its figures (they expire with its heartbeat's TTL).
+STATS_INTERVAL_S = 1.0
+STATS_TIMEOUT_S = 2.0
+
+
+class IngestNode:
+    """`async with IngestNode(...)`: serving gRPC on entry; on exit stops in order (see
+    stop()) losing no acknowledged packet."""
+
+    def __init__(self, settings: Settings, store: RedisStore, *, reuse_port: bool = False) -> None:
+        s = self.settings = settings
+        self.store = store
+        self.reuse_port = reuse_port  # --workers: every worker binds the same port
+        self.pipeline = Pipeline(settings, store)
+        self.validator = Validator(
+            Limits(
+                max_payload_bytes=s.max_payload_bytes,
+                max_values_per_packet=s.max_values_per_packet,
+                max_kinds_per_device=s.max_kinds_per_device,
+                max_value_names_per_device=s.max_value_names_per_device,
+                max_devices=s.max_devices,
+            )
+        )
+        self.servicer = IngestServicer(
+            self.validator,
+            self.pipeline.queue,
+            self.pipeline.aggregator,
+            max_batch_packets=s.max_batch_packets,
+            max_inflight_batches=s.max_inflight_batches,
+            max_streams=s.max_streams,
+            max_streams_per_peer=s.max_streams_per_peer,
+            max_inflight_message_bytes=s.max_inflight_message_bytes,
+            idle_timeout=s.stream_idle_timeout,
+        )
+        self.health = health_aio.HealthServicer()
+        self.grpc_port: int | None = None
+        self.serving = False
+        self._server: grpc.aio.Server | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._started = time.monotonic()
+        self._stopped = False
+
+    @property
+    def instance_id(self) -> str:
+        return self.pipeline.instance_id
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        s = self.settings
+        if not C_ROWS:
+            logger.warning(
+                "the compiled row-batch reader (rtmonitor/ingest/_rows.c) is not built: row "
+                "batches are parsed by protobuf, several times slower. Reinstall with a C "
+                "compiler and Python's headers (e.g. apt-get install gcc python3-dev)"
+            )
+        await self.pipeline.start()
+        self._tasks["stats"] = asyncio.create_task(self._publish_stats(), name="stats")
+        self._server = build_server(
+            self.servicer,
+            self.health,
+            max_message_bytes=s.max_message_bytes,
+            noop=s.noop,
+            reuse_port=self.reuse_port,
+        )
+        try:
+            self.grpc_port = self._server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError as exc:
+            raise StartupError(
+                f"cannot listen for gRPC on {s.host}:{s.grpc_port} ({exc}): the port is in use "
+                "or the address is wrong; choose another with --grpc-port / RTM_GRPC_PORT"
+            ) from None
+        await self._server.start()
+        self._tasks["idle"] = asyncio.create_task(self.servicer.watch_idle(), name="idle-watch")
+        if s.retention > 0:
+            self._tasks["device-slots"] = asyncio.create_task(
+                self._rotate_devices(s.retention), name="device-slots"
+            )
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
+
+    async def stop(self) -> None:
+        """Stop in order, losing no acknowledged packet. Calling it twice is harmless."""
+        if self._stopped:
+            return
+        self._stopped = True
+        s = self.settings
+        # 1. Tell load balancers and health watchers to go elsewhere.
+        await self.health.enter_graceful_shutdown()
+        # 2. Stop accepting streams; open ones stop reading but still send the acks of what
+        #    they read, within the grace period (the pipeline keeps committing meanwhile).
+        self.servicer.stop_reading()
+        if self._server is not None:
+            await self._server.stop(s.grace_period)
+        self.serving = False
+        for name in ("idle", "device-slots"):
+            if (task := self._tasks.pop(name, None)) is not None:
+                task.cancel()
+        # 3-4. Drain the queue into the aggregator, then the final flush (retried up to
+        #      --shutdown-flush-timeout if Redis is away).
+        await self.pipeline.drain(s.shutdown_flush_timeout)
+        # The figures of the final flush, for whoever reads them before they expire.
+        if (task := self._tasks.pop("stats", None)) is not None:
+            task.cancel()
+            await self._publish_once()
+
+    @property
+    def redis_error(self) -> str | None:
+        """Why commits to Redis fail while they do (e.g. Redis is full), else None."""
+        return self.pipeline.redis_error
+
+    def stats(self) -> PipelineStats:
+        """The pipeline's figures and the receivers'."""
+        servicer = self.servicer
+        ingest = IngestStats(
+            active_streams=servicer.active_streams,
+            streams_refused=servicer.streams_refused,
+            streams_refused_by_reason=dict(servicer.streams_refused_by_reason),
+            messages_refused_by_reason=dict(servicer.messages_refused_by_reason),
+            inflight_message_bytes=servicer.budget.used,
+            streams_waiting_for_bytes=servicer.budget.waiting,
+            inflight_message_waits=servicer.budget.waits,
+            streams_idle_closed=servicer.streams_idle_closed,
+            devices_known=self.validator.device_count,
+        )
+        return dataclasses.replace(self.pipeline.stats(), ingest=ingest)
+
+    def instance_stats(self) -> InstanceStats:
+        return InstanceStats(
+            instance_id=self.instance_id,
+            pid=os.getpid(),
+            uptime_s=round(time.monotonic() - self._started, 3),
+            stats=self.stats(),
+        )
+
+    async def _publish_once(self) -> None:
+        doc = json.dumps(self.instance_stats().to_json(), separators=(",", ":"))
+        try:
+            await asyncio.wait_for(
+                self.store.publish_stats(self.instance_id, doc, HEARTBEAT_TTL_S), STATS_TIMEOUT_S
+            )
+        except (RedisError, OSError, TimeoutError) as exc:  # Redis away: the flusher says so
+            logger.debug("publishing the stats failed: %s", exc)
+
+    async def _publish_stats(self) -> None:
+        """Publish this node's figures every STATS_INTERVAL_S, next to its heartbeat."""
+        while True:
+            try:
+                await self._publish_once()
+            except Exception:  # never die silently
+                logger.exception("publishing the stats failed unexpectedly")
+            await asyncio.sleep(STATS_INTERVAL_S)
+
+    async def _rotate_devices(self, period_s: float) -> None:
+        """Free the --max-devices slots of devices silent past the retention (on a timer,
+        so slots come back even when no packet arrives)."""
+        while True:
+            await asyncio.sleep(period_s)
+            if freed := self.validator.rotate():
+                logger.info("%d devices silent for the retention freed their slots", freed)

@@ -1,0 +1,117 @@
+"""The pipeline of one ingest process: bounded queue -> aggregator -> flusher (-> Redis),
+recovery of dead instances' journals, and the backpressure policy that ties them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from rtmonitor.config import Settings
+from rtmonitor.pipeline.aggregator import Aggregator
+from rtmonitor.pipeline.flusher import Flusher
+from rtmonitor.pipeline.queue import PacketQueue
+from rtmonitor.pipeline.recovery import Recovery
+from rtmonitor.pipeline.stats import PendingStats, PipelineStats, QueueStats
+from rtmonitor.pipeline.work import Work
+from rtmonitor.storage.store import RedisStore
+
+
+class Pipeline:
+    """Built from Settings; start() runs its loops, drain() ends them without losing an
+    acknowledged packet, stats() reports it. Receivers put Work on `queue`."""
+
+    def __init__(self, settings: Settings, store: RedisStore) -> None:
+        self.settings = settings
+        self.queue: PacketQueue[Work] = PacketQueue(settings.queue_max_packets)
+        self.aggregator = Aggregator()
+        self.flusher = Flusher(
+            self.aggregator, store, settings.flush_interval, dedupe_window_s=settings.dedupe_window
+        )
+        self.recovery = Recovery(store, self.flusher.instance_id, settings.dedupe_window)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._drained = False
+
+    @property
+    def instance_id(self) -> str:
+        """Unique per process start: names this pipeline's markers, journals, heartbeat."""
+        return self.flusher.instance_id
+
+    @property
+    def redis_error(self) -> str | None:
+        """The last commit error while commits to Redis fail (e.g. Redis full), else None."""
+        return self.flusher.stats.redis_error
+
+    def over_budget(self) -> bool:
+        """Memory grows with packets (rows) and with per-device deltas (batches spread over
+        many devices): past either bound the aggregator stops taking from the queue, the
+        queue fills and receivers push their clients back."""
+        s, agg, flusher = self.settings, self.aggregator, self.flusher
+        return (
+            agg.pending_packets + flusher.inflight_packets >= s.max_pending_packets
+            or agg.pending_entries + flusher.inflight_entries >= s.max_pending_devices
+        )
+
+    async def start(self) -> None:
+        """Heartbeat first (no journal of ours may look orphaned), then the loops."""
+        s = self.settings
+        await self.recovery.heartbeat()
+        self._tasks["recovery"] = asyncio.create_task(self.recovery.run(), name="recovery")
+        self._tasks["aggregator"] = asyncio.create_task(
+            self.aggregator.consume(
+                self.queue,
+                s.flush_max_packets,
+                s.max_pending_devices // 2,
+                # A sender waits for acks with at most --max-inflight-batches batches out
+                # per stream: holding half of that before flushing keeps a stream's window
+                # ahead of the ack latency, whatever the batch size (small row batches
+                # would otherwise wait for the timer, and throughput = window / latency).
+                s.max_inflight_batches // 2,
+                self.flusher.request_flush,
+                self.over_budget,
+            ),
+            name="aggregator",
+        )
+        self._tasks["flusher"] = asyncio.create_task(self.flusher.run(), name="flusher")
+
+    async def drain(self, deadline_s: float) -> None:
+        """Close the queue, fold what it holds, make the final flush (retried up to
+        `deadline_s` if Redis is away), stop recovery. Call it once receivers stopped
+        putting; calling it twice is harmless."""
+        if self._drained:
+            return
+        self._drained = True
+        # The queue first: the aggregator takes what is left, then returns.
+        self.queue.close()
+        if (task := self._tasks.get("aggregator")) is not None:
+            await task
+        # The final flush has it all now.
+        self.flusher.stop(deadline_s)
+        if (task := self._tasks.get("flusher")) is not None:
+            await task
+        self.recovery.stop()
+        if (task := self._tasks.get("recovery")) is not None:
+            await task
+
+    def stats(self) -> PipelineStats:
+        """A snapshot (the receivers' section, `ingest`, is the ingest node's to fill)."""
+        s, agg, flusher = self.settings, self.aggregator, self.flusher
+        return PipelineStats(
+            rejected_by_reason=dict(sorted(agg.rejected_total.items())),
+            queue=QueueStats(
+                packets=self.queue.packets,
+                items=len(self.queue),
+                max_packets=s.queue_max_packets,
+            ),
+            pending=PendingStats(
+                packets=agg.pending_packets,
+                devices=agg.pending_devices,
+                batches=agg.pending_batches,
+                inflight_packets=flusher.inflight_packets,
+                device_entries=agg.pending_entries,
+                inflight_device_entries=flusher.inflight_entries,
+                max_device_entries=s.max_pending_devices,
+                max_pending_packets=s.max_pending_packets,
+            ),
+            flush=dataclasses.replace(flusher.stats),
+            recovery=dataclasses.replace(self.recovery.stats),
+        )

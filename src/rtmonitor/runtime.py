@@ -1,0 +1,398 @@
+"""Composes the nodes by role and owns the Redis lifecycle and the shutdown order.
+
+One process (`serve`): the HTTP node and an ingest node. `serve --workers N`: this process
+runs the HTTP node and supervises N worker processes, each an ingest node on one shared
+gRPC port. Either way the embedded Redis (when no REDIS_URL is given) is started, supervised
+and stopped by this process; every ingest node publishes its figures to Redis, where the
+HTTP node reads them for GET /stats and the Prometheus self-metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import json
+import logging
+import os
+import resource
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+from typing import Literal
+
+from redis.exceptions import RedisError
+
+from rtmonitor.api.node import HttpNode, fd_limit
+from rtmonitor.config import Settings, StartupError
+from rtmonitor.ingest.node import IngestNode
+from rtmonitor.logs import redact_url, setup_logging
+from rtmonitor.pipeline.stats import InstanceStats, PipelineStats, ServiceStats
+from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError, free_port
+from rtmonitor.storage.store import RedisStore
+from rtmonitor.supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+STARTUP_BACKOFF_MAX_S = 5.0
+# How long GET /stats waits for the published figures before it answers without them.
+STATS_READ_TIMEOUT_S = 2.0
+# "single": one process does everything. With --workers: one "api" process (HTTP, the
+# embedded Redis, supervision) and "worker" processes (ingest only).
+Role = Literal["single", "api", "worker"]
+
+
+# --- Redis: external, or embedded (started, supervised, stopped last) --------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RedisServer:
+    """The Redis this process uses: its URL (with the password: never log it), and the
+    embedded Redis if this process started it."""
+
+    url: str
+    embedded: EmbeddedRedis | None = None
+
+
+@contextlib.contextmanager
+def redis_server(
+    url: str | None, data_dir: Path, *, port: int = 0, maxmemory_mb: int = 0
+) -> Iterator[RedisServer]:
+    """An external Redis as given (`url`), else an embedded one under `data_dir`, started
+    here (on the calling, main thread: it dies with this process) and stopped on exit (it
+    saves on SIGTERM). Used by `serve`, `serve --workers` and `bench`."""
+    if url is not None:
+        yield RedisServer(url)
+        return
+    with EmbeddedRedis(data_dir, port, maxmemory_mb=maxmemory_mb) as embedded:
+        yield RedisServer(embedded.url, embedded)
+
+
+@contextlib.asynccontextmanager
+async def redis_client(
+    settings: Settings, server: RedisServer, should_exit: asyncio.Event
+) -> AsyncIterator[RedisStore]:
+    """The process's one Redis client, once Redis answers (or should_exit is set); the
+    embedded Redis supervised meanwhile (restarted on its port if it dies)."""
+    store = RedisStore.from_url(
+        server.url,
+        settings.key_prefix,
+        cluster=settings.redis_cluster,
+        retention_s=settings.retention,
+    )
+    supervise = None
+    if server.embedded is not None:
+        supervise = asyncio.create_task(server.embedded.supervise(), name="embedded-redis")
+    try:
+        await _wait_for_redis(store, server.url, should_exit)
+        yield store
+    finally:
+        await store.aclose()
+        if supervise is not None:
+            supervise.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervise
+
+
+async def _wait_for_redis(store: RedisStore, url: str, should_exit: asyncio.Event) -> None:
+    """Retry PING with capped backoff until Redis answers (or we are told to exit)."""
+    delay = 0.1
+    attempts = 0
+    while (error := await store.ping(timeout=3.0)) is not None:
+        attempts += 1
+        if attempts == 1 or attempts % 10 == 0:
+            logger.warning(
+                "Redis at %s is unreachable (%s); retrying every %.1fs at most",
+                redact_url(url),
+                redact_url(error),
+                STARTUP_BACKOFF_MAX_S,
+            )
+        try:
+            await asyncio.wait_for(should_exit.wait(), delay)
+            return
+        except TimeoutError:
+            delay = min(delay * 2, STARTUP_BACKOFF_MAX_S)
+    if attempts:
+        logger.info("Redis at %s is reachable", redact_url(url))
+
+
+# --- one process ------------------------------------------------------------------------------
+
+
+class Runtime:
+    """The nodes of one process, by role; its signals, readiness and self-metrics."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: RedisServer,
+        *,
+        role: Role = "single",
+        supervisor: Supervisor | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.role = role
+        self.supervisor = supervisor
+        self._on_ready = on_ready
+        self.should_exit = asyncio.Event()
+        self.store: RedisStore | None = None
+        self.http: HttpNode | None = None
+        self.ingest: IngestNode | None = None
+        self._signals = 0
+        self._started = time.monotonic()
+        self._stopping = False
+
+    # --- signals -------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        # A worker takes its orders from the supervisor (SIGTERM) only: a Ctrl-C reaches
+        # the whole process group, and a second signal would force an exit.
+        if self.role == "worker":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)
+        else:
+            signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, self.handle_exit, sig)
+
+    def handle_exit(self, sig: int) -> None:
+        """First signal: shut down in order. Second: exit now."""
+        self._signals += 1
+        if self._signals == 1:
+            logger.info(
+                "%s received: shutting down (send it again to force)", signal.Signals(sig).name
+            )
+            self.should_exit.set()
+            return
+        logger.warning("second signal: forcing exit; unacknowledged packets are not committed")
+        os._exit(1)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Start the nodes of this role, run until a signal, then stop them in order.
+
+        The nodes are entered in the reverse of the shutdown order, which is:
+          1. health answers NOT_SERVING (load balancers go elsewhere);
+          2. gRPC stops accepting streams; open ones stop reading and send the acks of what
+             they read, within --grace-period;
+          3. the queue is drained into the aggregator;
+          4. the final flush, retried up to --shutdown-flush-timeout if Redis is away
+             (1-4: IngestNode.stop; with --workers each worker does them on SIGTERM);
+          5. HTTP (readiness answers 503 "shutting down" until here), then the app's
+             lifespan closes the live feed;
+          6. the Redis client is closed, then the embedded Redis stops (it saves).
+        """
+        self.install_signal_handlers()
+        async with contextlib.AsyncExitStack() as stack:
+            # 6.
+            self.store = await stack.enter_async_context(
+                redis_client(self.settings, self.redis, self.should_exit)
+            )
+            if self.should_exit.is_set():
+                return
+            # 5.
+            if self.role != "worker":
+                self.http = await stack.enter_async_context(
+                    HttpNode(self.settings, self.store, self.readiness, self.stats)
+                )
+            # 1-4, in the workers.
+            if self.supervisor is not None:
+                stack.push_async_callback(self._stop_workers, self.supervisor)
+                self.supervisor.start()
+                watcher = asyncio.create_task(self.supervisor.watch(), name="supervisor")
+                stack.callback(watcher.cancel)
+            # 1-4.
+            if self.role != "api":
+                self.ingest = await stack.enter_async_context(
+                    IngestNode(self.settings, self.store, reuse_port=self.role == "worker")
+                )
+            self._log_ready()
+            _tune_gc()
+            if self._on_ready is not None:
+                self._on_ready()
+            await self.should_exit.wait()
+            self._stopping = True
+            logger.info("shutting down")
+        logger.info("stopped")
+
+    async def _stop_workers(self, supervisor: Supervisor) -> None:
+        """Workers before HTTP and Redis: their final flushes need Redis."""
+        s = self.settings
+        budget = s.grace_period + s.shutdown_flush_timeout + 10
+        await asyncio.to_thread(supervisor.stop, budget)
+
+    def _log_ready(self) -> None:
+        s = self.settings
+        ingest, http = self.ingest, self.http
+        logger.info(
+            "rtmonitor %sready: gRPC %s:%s, HTTP %s, Redis %s%s",
+            "" if self.role == "single" else f"{self.role} process {os.getpid()} ",
+            s.host,
+            ingest.grpc_port if ingest is not None else s.grpc_port,
+            f"http://{s.host}:{http.port} (docs /docs)" if http is not None else "-",
+            redact_url(self.redis.url),
+            " (embedded)" if self.redis.embedded is not None else "",
+        )
+
+    # --- what the HTTP node reports ---------------------------------------------------------
+
+    async def readiness(self) -> list[str]:
+        """Why the service cannot take traffic now (empty: ready)."""
+        reasons = []
+        if self._stopping or self.should_exit.is_set():
+            reasons.append("shutting down")
+        elif self.supervisor is not None:
+            reasons += self.supervisor.not_ready()
+        elif self.ingest is None or not self.ingest.serving:
+            reasons.append("gRPC ingest is not serving yet")
+        if self.redis.embedded is not None:
+            reasons += self.redis.embedded.not_ready()
+        if self.store is None:
+            reasons.append("Redis is not connected yet")
+        elif (error := await self.store.ping()) is not None:
+            reasons.append(f"Redis is unreachable: {redact_url(error)}")
+        elif self.ingest is not None and (error := self.ingest.redis_error):
+            # Up but failing commits, e.g. full (OOM): acks wait, receivers are pushed back.
+            reasons.append(f"commits to Redis fail: {redact_url(error)}")
+        return reasons
+
+    async def stats(self) -> ServiceStats:
+        """This process's self-metrics, and every ingest instance's on its Redis."""
+        reasons = await self.readiness()
+        instances, error = await self._published()
+        if self.ingest is not None:  # its live figures, not the ones it published
+            local = self.ingest.instance_stats()
+            instances[local.instance_id] = local
+        guard = self.http.guard if self.http is not None else None
+        embedded = self.redis.embedded
+        return ServiceStats(
+            instance_id=self.ingest.instance_id if self.ingest is not None else None,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            ready=not reasons,
+            not_ready_reasons=reasons,
+            instances=instances,
+            total=PipelineStats.total(i.stats for i in instances.values()),
+            instances_error=error,
+            http=guard.stats() if guard is not None else None,
+            embedded_redis=embedded.stats() if embedded is not None else None,
+        )
+
+    async def _published(self) -> tuple[dict[str, InstanceStats], str | None]:
+        """The figures the ingest instances published, or why they could not be read."""
+        if self.store is None:
+            return {}, "Redis is not connected yet"
+        try:
+            docs = await asyncio.wait_for(self.store.published_stats(), STATS_READ_TIMEOUT_S)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return {}, redact_url(f"{type(exc).__name__}: {exc}")
+        instances = {}
+        for instance, doc in docs.items():
+            try:
+                instances[instance] = InstanceStats.from_json(instance, json.loads(doc))
+            except (ValueError, TypeError, AttributeError) as exc:
+                logger.warning("unreadable stats of instance %s: %s", instance, exc)
+        return instances, None
+
+
+def _tune_gc() -> None:
+    """Once started: move everything alive into the permanent generation, and collect the
+    young generation less often.
+
+    Messages allocate objects at a high rate (one protobuf object and one row per packet on
+    StreamPackets); with the default threshold (700) the collector ran every few batches and
+    walked the whole heap of gRPC/FastAPI/numpy objects in its older generations
+    (benchmarks/RESULTS.md has the profile). Nothing here relies on cycles being freed
+    promptly.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft open-file limit to the hard one: each connection and stream holds a
+    file descriptor, and a soft limit of 1024 (a common default) is a few idle clients
+    away from refusing them all."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raised = fd_limit()
+    if raised != soft:
+        logger.info("open-file limit %d (raised from %d)", raised, soft)
+    else:
+        logger.info("open-file limit %d", raised)
+
+
+def check_data_dir(settings: Settings) -> None:
+    """Create the embedded Redis's --data-dir and check that it is writable, or say why not."""
+    if settings.external_redis_url is not None:
+        return
+    path = settings.data_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise StartupError(
+            f"cannot use --data-dir / RTM_DATA_DIR {str(path)!r} for the embedded Redis "
+            f"({exc.strerror or exc}): give a writable directory, or set REDIS_URL"
+        ) from None
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+def run(settings: Settings) -> int:
+    """`serve` (with --workers N: the HTTP node and N ingest workers) until a signal; the
+    process exit code."""
+    raise_fd_limit()  # the workers inherit it
+    try:
+        check_data_dir(settings)
+        with redis_server(
+            settings.external_redis_url,
+            settings.data_dir,
+            port=settings.embedded_redis_port,
+            maxmemory_mb=settings.embedded_redis_maxmemory,
+        ) as redis:
+            if settings.workers > 1:
+                if settings.grpc_port == 0:  # the workers must agree on one port
+                    settings = settings.model_copy(update={"grpc_port": free_port()})
+                # The workers reach the embedded Redis by its URL (with the password) like
+                # any Redis; this process supervises it and stops it last.
+                supervisor = Supervisor(settings, redis.url, worker_main)
+                asyncio.run(Runtime(settings, redis, role="api", supervisor=supervisor).serve())
+            else:
+                asyncio.run(Runtime(settings, redis).serve())
+    except (StartupError, EmbeddedRedisError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+def worker_main(settings: Settings, redis_url: str, index: int, serving: EventType) -> None:
+    """One ingest worker of `serve --workers N` (a fresh interpreter: multiprocessing's
+    spawn)."""
+    setup_logging(
+        settings.log_level, f"%(asctime)s %(levelname)-7s worker-{index} %(name)s: %(message)s"
+    )
+    # If the supervisor dies, even by SIGKILL, this worker gets SIGTERM and stops in order.
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    try:
+        runtime = Runtime(settings, RedisServer(redis_url), role="worker", on_ready=serving.set)
+        asyncio.run(runtime.serve())
+    except StartupError as exc:
+        logger.error("%s", exc)
+        raise SystemExit(2) from None
