@@ -9,9 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import RedisClusterFixture
-from helpers import ServiceProcess, get_json, run
-from test_faults import assert_exact, load
+from helpers import RedisClusterFixture, ServiceProcess, assert_exact, get_json, load, run
 
 from rtmonitor.loadgen.sender import SendReport, send
 from rtmonitor.storage.embedded import EmbeddedRedis
