@@ -331,7 +331,7 @@ class Service:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # Inherited by every accepted connection: without it a small response written in
-        # two parts waits for the client's delayed ACK (~40 ms per request, measured).
+        # two parts waits for the client's delayed ACK.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((s.host, s.http_port))
@@ -440,7 +440,6 @@ class Service:
         await self.health.enter_graceful_shutdown()
         # 2. Stop accepting streams; open ones stop reading but still send the acks of what
         #    they read, within the grace period (the pipeline keeps committing meanwhile).
-        #    关闭顺序的关键：先停止读，再等已读数据的确认发出，最后才排空队列、最终刷新。
         self.servicer.stop_reading()
         if self._grpc is not None:
             await self._grpc.stop(s.grace_period)
@@ -491,9 +490,8 @@ def _tune_gc() -> None:
     Messages allocate objects at a high rate (one protobuf object and one row per packet on
     StreamPackets; per packet on row batches too where the C reader is not built); with the
     default threshold (700) the collector ran every few batches and walked the whole heap of
-    gRPC/FastAPI/numpy objects in its older generations: 28% of the service's samples sat on
-    that allocation in a row-batch profile, 14% after freeze(), less with the higher
-    threshold (benchmarks/RESULTS.md). Nothing here relies on cycles being freed promptly.
+    gRPC/FastAPI/numpy objects in its older generations (profiles: benchmarks/RESULTS.md).
+    Nothing here relies on cycles being freed promptly.
     """
     gc.collect()
     gc.freeze()

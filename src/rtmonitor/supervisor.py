@@ -1,13 +1,10 @@
 """`serve --workers N`: N ingest processes on one gRPC port, one process for the HTTP API.
 
-The kernel spreads new gRPC connections over the workers (SO_REUSEPORT); each worker is a
-full ingest pipeline with its own instance id, so their counts add up exactly in Redis like
-separate replicas'. This process starts the embedded Redis (if any), serves HTTP, restarts
-a worker that dies, and on SIGTERM/SIGINT stops the workers (each in its ordered way)
-before it stops itself and Redis.
-
-多进程：Python 的一个进程只能用满一个核。N 个 ingest 进程共享同一个 gRPC 端口，
-由内核把新连接分给它们；每个进程都是独立的实例，计数照样精确相加。
+One Python process uses one core, hence processes. The kernel spreads new gRPC connections
+over the workers (SO_REUSEPORT); each worker is a full ingest pipeline with its own instance
+id, so their counts add up exactly in Redis like separate replicas'. This process starts the
+embedded Redis (if any), serves HTTP, restarts a worker that dies, and on SIGTERM/SIGINT
+stops the workers (each in its ordered way) before it stops itself and Redis.
 """
 
 from __future__ import annotations
