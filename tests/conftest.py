@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import ServiceProcess
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "faults"))
-
-from helpers import ServiceProcess  # noqa: E402
-
-from rtmonitor.storage.embedded import EmbeddedRedis  # noqa: E402
+from rtmonitor.storage.embedded import EmbeddedRedis
 
 
 @pytest.fixture

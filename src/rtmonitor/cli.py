@@ -132,6 +132,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(run_bench(bench_options))
     elif args.command == "top":
         top_options = _build(TopSettings, args)
-        from rtmonitor.loadgen.top import run_top
+        from rtmonitor.api.top import run_top
 
         sys.exit(run_top(top_options))

@@ -96,9 +96,8 @@ class Settings(BaseSettings):
         0.2, gt=0, le=60, description="Seconds between flushes of the aggregated deltas to Redis."
     )
     # Half the pending budget, as half of --max-pending-devices triggers a flush. Redis's
-    # work per flush grows with the devices in it, not the packets: at 200,000 a columnar
-    # load of ~7M packets/s flushed 30+ times a second and kept Redis busy ~26% of the
-    # time in merge scripts, so every read waited behind them.
+    # work per flush grows with the devices in it, not the packets: a lower count made a
+    # fast columnar load flush so often that every read waited behind the merge scripts.
     flush_max_packets: int = Field(
         1_000_000, ge=1, description="Flush sooner once this many packets are pending."
     )
@@ -170,7 +169,7 @@ class Settings(BaseSettings):
         1000, ge=0, description="Devices (the busiest) with their own Prometheus series."
     )
     # A scrape line is at most ~270 bytes (128-character device id, 64-character name, a
-    # 17-digit value): 30,000 series keep a scrape under ~8 MB, ~4 MB typically.
+    # 17-digit value): 30,000 series keep a scrape under ~8 MB.
     prometheus_max_series: int = Field(
         30_000,
         ge=0,
@@ -178,7 +177,7 @@ class Settings(BaseSettings):
         "series fit; the others are counted in rtm_scrape_devices_omitted.",
     )
     # Ranking a prefix's devices by a number reads every one of them (ids sorted by id are
-    # all an index can filter by prefix): bounded, ~20 ms of Redis and Python at 10,000.
+    # all an index can filter by prefix), so it is bounded.
     prefix_sort_max_devices: int = Field(
         10_000,
         ge=1,
@@ -187,9 +186,9 @@ class Settings(BaseSettings):
     )
     # Each subscriber holds at most one event in its socket's buffer and the ids of the
     # devices waiting for the next one (stream.py): ~1 MB at worst.
-    # A page of 1,000 devices with 64 readings each holds ~100 MB while it is fetched and
-    # rendered, a scrape up to ~30 MB: two at a time keep many concurrent readers from
-    # adding up; the others wait (they hold a connection, not memory).
+    # A page or a scrape of 1,000 devices with 64 readings each holds tens of MB while it
+    # is built: two at a time keep many concurrent readers from adding up; the others wait
+    # (they hold a connection, not memory).
     max_concurrent_pages: int = Field(
         2,
         ge=1,

@@ -1,10 +1,10 @@
 """`serve --workers N`: starts, watches and stops the N ingest worker processes.
 
-The kernel spreads new gRPC connections over the workers (SO_REUSEPORT); each worker is a
-full ingest node with its own instance id, so their counts add up exactly in Redis like
-separate replicas'. The process that supervises them serves HTTP (runtime.py), restarts a
-worker that dies, and on SIGTERM/SIGINT stops the workers (each in its ordered way) before
-it stops itself and Redis.
+One Python process uses one core, hence processes. The kernel spreads new gRPC connections
+over the workers (SO_REUSEPORT); each worker is a full ingest node with its own instance
+id, so their counts add up exactly in Redis like separate replicas'. The process that
+supervises them serves HTTP (runtime.py), restarts a worker that dies, and on SIGTERM/SIGINT
+stops the workers (each in its ordered way) before it stops itself and Redis.
 """
 
 from __future__ import annotations

@@ -13,41 +13,10 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import ServiceProcess, get_json, run
+from helpers import ServiceProcess, assert_exact, get_json, load, run
 
-from rtmonitor.config import SendSettings
 from rtmonitor.loadgen.sender import SendReport, send
 from rtmonitor.storage.embedded import EmbeddedRedis
-from rtmonitor.storage.store import RedisStore
-
-
-def load(target: str, **kw: object) -> SendSettings:
-    base: dict[str, object] = {
-        "target": target,
-        "devices": 40,
-        "batch_size": 250,
-        "streams": 3,
-        "inflight": 8,
-        "rate": 60_000,
-        "progress": False,
-    }
-    base.update(kw)
-    return SendSettings(**base)  # type: ignore[arg-type]
-
-
-async def redis_counts(url: str) -> tuple[int, dict[str, int]]:
-    async with RedisStore.from_url(url) as store:
-        totals = await store.totals()
-        _, devices = await store.list_devices(limit=1000)
-        return int(totals["packets"]), {d["device_id"]: d["packets"] for d in devices}
-
-
-def assert_exact(report: SendReport, redis_url: str) -> None:
-    assert report.errors == [], report.errors
-    assert report.accepted == report.sent, "every generated batch was acknowledged in the end"
-    total, per_device = run(redis_counts(redis_url))
-    assert total == report.sent
-    assert per_device == report.acked_per_device()
 
 
 def restart_mid_load(

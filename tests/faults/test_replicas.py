@@ -9,10 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import RedisClusterFixture
 from helpers import (
+    RedisClusterFixture,
     ServiceProcess,
+    assert_exact,
     get_json,
+    load,
     packet,
     run,
     self_metrics,
@@ -20,7 +22,6 @@ from helpers import (
     stream_packets,
     wait_for_committed,
 )
-from test_faults import assert_exact, load
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch
 from rtmonitor.loadgen.sender import SendReport, send

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import ServiceProcess, run
-from test_faults import assert_exact, load
+from helpers import ServiceProcess, assert_exact, load, run
 
 from rtmonitor.loadgen.sender import SendReport, send
 from rtmonitor.storage.embedded import EmbeddedRedis

@@ -4,18 +4,28 @@ redis-py's, and a write that stalls still times out and drops its connection."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from redis.asyncio.connection import Connection, ConnectionPool
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from rtmonitor.storage import wire
 from rtmonitor.storage.embedded import EmbeddedRedis
 from rtmonitor.storage.store import RedisStore
 from rtmonitor.storage.wire import LeanConnection, LeanSSLConnection, LeanUnixConnection
@@ -104,3 +114,79 @@ def test_a_large_value_is_sent_as_it_is_not_copied() -> None:
     chunks = LeanConnection().pack_command("EVALSHA", "sha", 1, "key", big)
     assert any(chunk is big for chunk in chunks)
     assert b"".join(chunks) == b"".join(Connection().pack_command("EVALSHA", "sha", 1, "key", big))
+
+
+# --- the redis-py internals storage/wire.py relies on ----------------------------------------
+# wire.py overrides redis-py's asyncio write path; these fail when an upgrade of redis-py
+# (pyproject.toml bounds it to the majors checked) changes what it overrides or calls.
+
+
+_NO_DEFAULT = inspect.Parameter.empty
+
+
+def _params(func: Any) -> list[tuple[str, object]]:
+    return [(p.name, p.default) for p in inspect.signature(func).parameters.values()]
+
+
+def test_the_overridden_write_path_has_the_signatures_wire_py_expects() -> None:
+    send = AbstractConnection.send_packed_command
+    assert inspect.iscoroutinefunction(send)
+    assert _params(send) == [
+        ("self", _NO_DEFAULT),
+        ("command", _NO_DEFAULT),
+        ("check_health", True),
+    ]
+    assert inspect.iscoroutinefunction(AbstractConnection.check_health)
+    assert _params(AbstractConnection.check_health) == [("self", _NO_DEFAULT)]
+    assert inspect.iscoroutinefunction(AbstractConnection.disconnect)
+    assert ("nowait", False) in _params(AbstractConnection.disconnect)
+    assert isinstance(inspect.getattr_static(AbstractConnection, "is_connected"), property)
+    for cls in (Connection, UnixDomainSocketConnection, SSLConnection):
+        assert cls.send_packed_command is AbstractConnection.send_packed_command, cls
+        assert cls.pack_command is AbstractConnection.pack_command, cls
+
+
+def test_redis_py_still_writes_through_a_task_and_packs_in_python() -> None:
+    """The two costs wire.py takes out: if redis-py drops either, so can wire.py."""
+    assert "asyncio.wait_for(" in inspect.getsource(AbstractConnection.send_packed_command)
+    assert "hiredis" not in inspect.getsource(AbstractConnection.pack_command)
+
+
+def test_the_packers_and_the_cutoff_wire_py_mirrors() -> None:
+    assert Connection()._buffer_cutoff == wire._INLINE_MAX
+    assert _params(HiredisRespSerializer.pack)[1][0] == "args"
+    # Buffers are turned into bytes before hiredis sees them (redis-py 8.0 and later).
+    assert HiredisRespSerializer().pack("CONFIG SET", bytearray(b"k"), memoryview(b"v")) == [
+        b"*4\r\n$6\r\nCONFIG\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+    ]
+    with pytest.raises(DataError):
+        HiredisRespSerializer().pack("SET", "k", None)
+
+
+def test_a_connected_connection_writes_through_a_stream_writer(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """After connect, `_writer` is the StreamWriter wire.py writes to and aborts; after
+    `disconnect(nowait=True)` the connection reports itself unconnected."""
+
+    async def main() -> None:
+        conn = LeanConnection(
+            host=redis_server.host,
+            port=redis_server.port,
+            password=redis_server.password,
+            socket_timeout=5,
+        )
+        assert conn.socket_timeout == 5
+        assert not conn.is_connected and conn._writer is None
+        await conn.connect()
+        try:
+            assert conn.is_connected
+            assert isinstance(conn._writer, asyncio.StreamWriter)
+            assert callable(conn._writer.transport.abort)
+            await conn.send_command("PING")
+            assert await conn.read_response() == b"PONG"
+        finally:
+            await conn.disconnect(nowait=True)
+        assert not conn.is_connected and conn._writer is None
+
+    asyncio.run(main())

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from helpers import ServiceProcess, get_json, packet, run, stream_packets
 
-from rtmonitor.loadgen.bench import child_env
+from rtmonitor.loadgen.launch import child_env
 from rtmonitor.logs import RepeatFilter, redact_url
 from rtmonitor.storage.embedded import EmbeddedRedis, free_port, redis_server_binary
 

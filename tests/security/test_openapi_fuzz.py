@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 import schemathesis
-from helpers import ServiceProcess, packet, run, stream_batches, stream_packets
+from helpers import ServiceProcess, encode_columns, packet, run, stream_batches, stream_packets
 from hypothesis import HealthCheck, given, settings
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch
-from rtmonitor.loadgen.columns import encode_columns
 from rtmonitor.storage.embedded import EmbeddedRedis
 
 

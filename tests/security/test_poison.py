@@ -11,10 +11,17 @@ import time
 from typing import Any
 
 import httpx
-from helpers import ServiceProcess, get_json, packet, run, stream_batches, stream_packets
+from helpers import (
+    ServiceProcess,
+    encode_columns,
+    get_json,
+    packet,
+    run,
+    stream_batches,
+    stream_packets,
+)
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch
-from rtmonitor.loadgen.columns import encode_columns
 
 HUGE = 1.7e308
 

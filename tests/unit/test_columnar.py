@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from helpers import encode_columns
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,6 @@ from rtmonitor.ingest import columnar
 from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows, parse_batch
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Columns, Packet, ValueColumn
 from rtmonitor.ingest.validation import Limits, Validator
-from rtmonitor.loadgen.columns import encode_columns
 from rtmonitor.pipeline.aggregator import fold
 from rtmonitor.storage.model import FlushDelta, merge_batches, merge_into
 

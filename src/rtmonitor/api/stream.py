@@ -8,8 +8,6 @@ holds is bounded three ways: at most PENDING_MAX devices waiting (more: the next
 `lagged`), events of at most ~EVENT_MAX_BYTES (the rest follow at once, counted in
 `pending`), and a write blocked longer than --stream-send-timeout closes the stream.
 --max-stream-subscribers bounds how many there are.
-
-实时推送：轮询只有一个，订阅者各自只保留“每个设备的最新状态”，慢客户端不会让内存增长。
 """
 
 from __future__ import annotations

@@ -11,18 +11,14 @@
  * Only the distinct strings of a batch become Python str objects (strict UTF-8, like
  * protobuf's parser). Proto3 semantics are kept: a repeated scalar field's last value
  * wins; a map key repeated inside one packet keeps its last value; unknown fields of a
- * batch or a packet are skipped. Anything this reader does not handle itself returns None, and the caller uses
- * protobuf's parser instead, which decides (and words the error, if the message is bad):
+ * batch or a packet are skipped. Anything this reader does not handle itself returns
+ * None, and the caller uses protobuf's parser instead, which decides (and words the error, if the message is bad):
  * a Columns field, a wire type that does not match the field, groups, truncated or
  * overlong data, invalid UTF-8, a map entry with unknown fields (protobuf keeps it out of
  * the map), a string field repeated where one is declared (protobuf checks the UTF-8 of
  * every occurrence, this reader only of the last one, which wins). So the result is always
  * exactly what protobuf's parser gives, only faster; tests/unit/test_rows_wire.py checks
  * that on random and mutated messages.
- *
- * 行批次直接从 protobuf 线格式读成列：两遍扫描，不为每个包创建 Python 对象；
- * 只有本批不同的设备/kind/数值名会变成 Python 字符串。遇到任何不常见的情况都返回 None，
- * 交给 protobuf 自己的解析器处理——结果与 protobuf 完全一致，只是更快。
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -16,10 +16,6 @@ kind and value name is checked once per batch, not once per packet). The result 
 batch's FlushDelta, exactly what folding the same packets one by one would give: counts
 and sums accumulate in packet order (np.bincount), min/max with ufunc.at, "last" as the
 latest packet among those with the newest timestamp (storage/model.latest_of_newest).
-
-批次的两种形式（行、列）都先变成同一张“列表格”，再走同一条 numpy 路径：
-逐包的 Python 循环换成整列运算（掩码、bincount、排序），
-Python 只对“本批出现的不同设备/kind/数值名”循环——每批的工作在 C 里完成。
 """
 
 from __future__ import annotations

@@ -13,13 +13,10 @@ import asyncio
 import json
 import multiprocessing
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,9 +28,9 @@ from rich.table import Table
 
 from rtmonitor.config import BenchMode, BenchSettings, SendSettings
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
+from rtmonitor.loadgen.launch import ServeProcess
 from rtmonitor.loadgen.sender import STREAM_PACKETS, run_loop, send
 from rtmonitor.runtime import redis_server
-from rtmonitor.storage.embedded import free_port
 
 console = Console(stderr=True)
 PROBE_DEVICE = "bench-probe"
@@ -52,82 +49,38 @@ def _sender_main(options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without RTM_*/REDIS_* settings (a child `serve` gets
-    its options from its flags only), plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RTM_", "REDIS_"))}
-    env.update(extra or {})
-    return env
+def _start_service(
+    redis_url: str, prefix: str, flush_interval: float, noop: bool, workers: int = 1
+) -> ServeProcess:
+    """A fresh `rtmonitor serve` for one measurement."""
+    flags = [
+        "--key-prefix", prefix,
+        "--flush-interval", str(flush_interval), "--log-level", "warning",
+    ]  # fmt: skip
+    if noop:
+        flags.append("--noop")
+    if workers > 1:
+        flags += ["--workers", str(workers)]
+    # By environment, not a flag: the embedded Redis's URL carries its password, and a
+    # command line is visible to every local user (ps).
+    return ServeProcess(*flags, env={"RTM_REDIS_URL": redis_url})
 
 
-def wait_until_ready(
-    proc: subprocess.Popen[bytes], http: str, timeout: float, log: Callable[[], str] = str
-) -> None:
-    """Wait until a child `serve` answers GET /readyz with 200; raise RuntimeError (with
-    `log()`) if it exits or stays unready past `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited with {proc.returncode}\n{log()}")
+def _peak_rss_mb(pid: int) -> float:
+    """Peak RSS of the service: its process and (with --workers) every child but Redis."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
         try:
-            if httpx.get(f"{http}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"the service did not become ready within {timeout:g}s\n{log()}")
-
-
-class _Service:
-    """`rtmonitor serve` as a child process on free ports."""
-
-    def __init__(
-        self, redis_url: str, prefix: str, flush_interval: float, noop: bool, workers: int = 1
-    ) -> None:
-        self.grpc_port, self.http_port = free_port(), free_port()
-        args = [
-            sys.executable, "-m", "rtmonitor", "serve", "--host", "127.0.0.1",
-            "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-            "--key-prefix", prefix,
-            "--flush-interval", str(flush_interval), "--log-level", "warning",
-        ]  # fmt: skip
-        if noop:
-            args.append("--noop")
-        if workers > 1:
-            args += ["--workers", str(workers)]
-        # By environment, not a flag: the embedded Redis's URL carries its password, and a
-        # command line is visible to every local user (ps).
-        env = child_env({"RTM_REDIS_URL": redis_url})
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
-        self.http = f"http://127.0.0.1:{self.http_port}"
-        self.target = f"127.0.0.1:{self.grpc_port}"
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        wait_until_ready(self.proc, self.http, timeout)
-
-    def peak_rss_mb(self) -> float:
-        """Peak RSS of the service: its process and (with --workers) every child but Redis."""
-        total = 0.0
-        for pid in [self.proc.pid, *_children(self.proc.pid)]:
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    status = f.read()
-            except OSError:
-                continue
-            if "redis-server" in status.split("\n", 1)[0]:
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) / 1024
-        return total
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            with open(f"/proc/{p}/status") as f:
+                status = f.read()
+        except OSError:
+            continue
+        if "redis-server" in status.split("\n", 1)[0]:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 def _children(pid: int) -> list[int]:
@@ -152,7 +105,7 @@ def _percentile(samples: list[float], q: int) -> float | None:
 
 
 async def _probe(
-    svc: _Service, until: asyncio.Event, sample_device: str, noop: bool, flush_interval: float
+    svc: ServeProcess, until: asyncio.Event, sample_device: str, noop: bool, flush_interval: float
 ) -> dict[str, list[float]]:
     """While the load runs: freshness (send one packet, poll until GET shows it) and the
     latency of GET /metrics/{id} and GET /metrics.
@@ -230,7 +183,7 @@ def run_mode(
     """One measurement: a fresh service, the load, the probes, the exact check."""
     label = f"{mode}{' (no-op ceiling)' if noop else ''}"
     console.print(f"[bold]{label}[/bold]: starting the service")
-    svc = _Service(redis_url, prefix, opts.flush_interval, noop, opts.workers)
+    svc = _start_service(redis_url, prefix, opts.flush_interval, noop, opts.workers)
     try:
         svc.wait_ready()
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
@@ -270,7 +223,7 @@ def run_mode(
                 result[f"{key}_p50"] = _round(_percentile(samples, 50))
                 result[f"{key}_p99"] = _round(_percentile(samples, 99))
                 result[f"{key}_samples"] = len(samples)
-        result["peak_rss_mb"] = round(svc.peak_rss_mb(), 1)
+        result["peak_rss_mb"] = round(_peak_rss_mb(svc.proc.pid), 1)
         return result
     finally:
         svc.stop()
@@ -281,7 +234,7 @@ def _round(x: float | None) -> float | None:
 
 
 def _verify(
-    svc: _Service, senders: list[dict[str, Any]], acked: int, first_send: float
+    svc: ServeProcess, senders: list[dict[str, Any]], acked: int, first_send: float
 ) -> dict[str, Any]:
     """Wait until Redis shows every acknowledged packet; compare every device."""
     expected: dict[str, int] = {}
@@ -314,7 +267,7 @@ def _verify(
     }
 
 
-def _probe_packets(svc: _Service) -> int:
+def _probe_packets(svc: ServeProcess) -> int:
     r = httpx.get(f"{svc.http}/metrics/{PROBE_DEVICE}", timeout=10)
     return int(r.json()["packets"]) if r.status_code == 200 else 0
 

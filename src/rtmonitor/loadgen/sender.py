@@ -435,9 +435,8 @@ _T = TypeVar("_T")
 def run_loop(main: Coroutine[Any, Any, _T]) -> _T:
     """Run a load generator on uvloop where it is installed (a dependency, except on
     Windows). The generator shares the machine with the service it measures, and every
-    cycle it spends is one the service does not get: per-packet `send` against
-    `serve --noop` costs 38-40 us of CPU per packet on uvloop, 44-50 us on asyncio's loop
-    (three alternated pairs). The service itself stays on asyncio's loop (see RESULTS.md)."""
+    cycle it spends is one the service does not get; uvloop spends fewer per packet sent.
+    The service itself stays on asyncio's loop (benchmarks/RESULTS.md has both figures)."""
     try:
         import uvloop
     except ImportError:

@@ -75,16 +75,18 @@ class _GiveUp(Exception):
 class Flusher:
     """Takes the aggregator's delta every `interval` seconds (or when asked) and commits it.
 
-    刷新策略（参考 OpenTelemetry 的 BatchProcessor）：按定时器刷新，积压太多时提前刷新，
-    关闭时做最后一次刷新。Redis 不可用时，同一次刷新带着同一个序号反复重试（幂等，见
-    storage/scripts.py），期间新数据在下一份增量里继续累积——不丢，也不重复。
+    As OpenTelemetry's BatchProcessor: on a timer, sooner when too much is pending, once
+    more at shutdown. While Redis is unreachable the same flush is retried with the same
+    sequence number (idempotent, storage/scripts.py) and new packets gather in the next
+    delta: nothing is lost or counted twice.
 
-    带 id 的批次（exactly-once）三步提交：
-      1. prepare：原子地“认领”这些批次 id 并写入本次刷新的日志（journal）；
-         已提交过的 id → 作为重复批次确认、不再计数；正被别的刷新认领的 id → 留到下一次刷新；
-      2. apply：执行合并脚本（幂等）；
-      3. finalize：把批次 id 标记为已提交（保留 dedupe 窗口那么久），删除日志。
-    实例在 1 和 3 之间崩溃时，其它实例会按日志重放（pipeline/recovery.py）。
+    Batches with an id (exactly once) commit in three steps:
+      1. prepare: atomically claim the batch ids and write this flush's journal; ids
+         already committed are acknowledged as duplicates and not counted, ids claimed by
+         another flush wait for the next one;
+      2. apply: run the merge scripts (idempotent);
+      3. finalize: mark the ids committed (for the dedupe window), delete the journal.
+    If the instance dies between 1 and 3, another replays the journal (pipeline/recovery.py).
     """
 
     def __init__(

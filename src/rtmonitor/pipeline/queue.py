@@ -16,8 +16,9 @@ class QueueClosed(Exception):
 class PacketQueue(Generic[T]):
     """Bounded queue whose capacity counts packets, so a 10,000-packet batch weighs 10,000.
 
-    背压（backpressure）就在这里发生：队列满时 put() 会等待，接收端于是停止读取
-    gRPC 流，HTTP/2 流控窗口被填满，客户端的发送随之阻塞——内存有上界，也没有静默丢包。
+    This is where backpressure starts: when full, put() waits, receivers stop reading
+    their gRPC streams, HTTP/2 flow-control windows fill and clients block. Memory stays
+    bounded and nothing is dropped silently.
     A single item larger than the whole capacity is still admitted when the queue is empty,
     so an oversized batch cannot deadlock.
     """

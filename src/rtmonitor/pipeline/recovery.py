@@ -33,9 +33,10 @@ class Recovery:
     """A background loop: heartbeat, finish any flush a dead instance left prepared, and
     (every RETENTION_INTERVAL_S) drop silent devices from the indexes.
 
-    崩溃恢复：实例在“认领批次 id + 写日志”之后、“标记已提交”之前崩溃时，日志还留在 Redis 里。
-    任何一个活着的实例发现日志主人的心跳过期，就按日志重放合并调用（幂等）并完成提交，
-    客户端重发的这些批次随后会被识别为重复批次——恰好计数一次。
+    An instance that dies between claiming its batch ids (journal written) and marking them
+    committed leaves its journal in Redis. Once its heartbeat expires, any live instance
+    replays the journal's merge calls (idempotent) and commits, so the client's resends of
+    those batches are then acknowledged as duplicates: each is counted exactly once.
     """
 
     def __init__(self, store: RedisStore, instance_id: str, dedupe_window_s: int) -> None:

@@ -21,7 +21,7 @@ class CommitFailed(Exception):
 class CommitTracker:
     """Counts work handed to the pipeline; `wait()` returns once all of it is committed.
 
-    端到端确认：接收端只有在 wait() 返回后才回 Ack——此时这些包的计数已经写进 Redis。
+    A receiver acknowledges only after `wait()` returns: by then the counts are in Redis.
     One tracker per batch, or one per StreamPackets stream (fed one packet at a time).
     """
 

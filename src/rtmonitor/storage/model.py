@@ -208,8 +208,8 @@ def latest_of_newest(which: IntArray, slots: int, ts: IntArray) -> IntArray:
     return ends
 
 
-# Per-device entries of batches merged in one numpy pass (~1.5 ms), between two yields to
-# the event loop: ~50 batches of 100 devices each, or one batch over 5,000 devices.
+# Per-device entries of batches merged in one numpy pass, between two yields to the event
+# loop (a pass this size is short): ~50 batches of 100 devices each, or one of 5,000.
 MERGE_ENTRIES = 5_000
 
 
@@ -241,10 +241,7 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     and reduced with numpy into one BatchDelta: counts and sums with add.at/bincount (in
     part order), min/max with minimum.at/maximum.at, "last" as the latest part among those
     with the newest timestamp, as in `_add_stats`. No sort: keys are numbered with a lookup
-    table. One part alone is applied as it is (the numpy pass would only cost time).
-
-    一次把多个待提交批次合并进 target：先给所有批次的设备/kind/数值名统一编号，拼接后用 numpy
-    归约；Python 只对“合并后不同的设备与读数”各做一次，而不是每批每设备一次。"""
+    table. One part alone is applied as it is (the numpy pass would only cost time)."""
     if len(parts) <= 1:
         for part in parts:
             part.merge_into(target)

@@ -1,10 +1,11 @@
 """Lua scripts that merge one flush into Redis atomically and idempotently.
 
-原子合并：每个脚本在 Redis 内部一次性执行完，多个服务实例同时写同一设备也不会互相覆盖；
-min/max/last 这类“比较后再写”的字段只能这样做到精确。
-幂等：每个实例的刷新按序号（seq）依次提交，脚本先比较标记键里记录的“已提交序号”，
-不小于本次序号就直接返回 0——重试同一次刷新（回复丢失、重连、或另一实例替崩溃的实例重放日志）
-都不会重复计数。标记键数量有上界（每个实例每个分组一个），不会随刷新次数增长。
+Atomic: a script runs whole inside Redis, so instances writing the same device never
+overwrite each other; compare-then-write fields (min, max, last) are exact only this way.
+Idempotent: an instance commits its flushes in sequence order, and a script that finds its
+marker key at this flush's sequence number or later returns 0, so a retried flush (a lost
+reply, a reconnect, a journal replayed for a dead instance) is never counted twice. The
+markers are bounded (one per instance and group), whatever the number of flushes.
 """
 
 # The marker check shared by the merge scripts. KEYS[1] holds the highest flush sequence

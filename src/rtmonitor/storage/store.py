@@ -467,8 +467,8 @@ class RedisStore:
             # One device (GET /metrics/{id}; the live feed's usual case): one script call.
             # A pipeline costs more turns of the event loop, which under load is most of
             # such a GET's time: redis-py hands a pipeline's connection back through
-            # asyncio.shield, a task of its own. Lua costs Redis ~4x a plain HGETALL per
-            # hash (52 vs 13 µs per device), so many devices still go through a pipeline.
+            # asyncio.shield, a task of its own. Lua costs Redis more than a plain HGETALL
+            # per hash, so many devices still go through a pipeline.
             keys = [layout.device(ids[0]), layout.rate(ids[0])]
             flat = await self._read_device(keys=keys)
             replies = [dict(zip(f[::2], f[1::2], strict=True)) for f in flat]

@@ -3,18 +3,21 @@
 Everything here shares one event loop with gRPC streams and HTTP requests, so what a
 command costs the loop is what a GET waits behind under load:
 
-- Packing. redis-py's asyncio connections serialize a command in Python and copy the
-  buffer built so far once per argument until it reaches 6 KB: a merge call of ~3,000
-  arguments took 2.6 ms to pack, in one step. hiredis (already the reply parser here)
-  packs the same bytes in C in a quarter of that; redis-py's synchronous client uses it,
-  its asyncio client does not.
+- Packing. redis-py's asyncio connections pack a command in Python, copying the buffer
+  built so far once per argument; hiredis (already the reply parser here) packs the same
+  bytes in C, as redis-py's synchronous client does.
 - The write timeout. redis-py bounds each write with `asyncio.wait_for`, which on
-  Python 3.11 runs the write as a task of its own: every command waits three turns of
-  the loop before its reply is even read (2.2 ms median under columnar load).
-  `asyncio.timeout` bounds the same write in place.
+  Python 3.11 runs the write as a task of its own: extra turns of the loop for every
+  command before its reply is even read. `asyncio.timeout` bounds the same write in place.
 
 The subclasses change nothing else. A Redis Cluster client builds its node connections
-itself and keeps redis-py's.
+itself and keeps redis-py's. (Figures: benchmarks/RESULTS.md.)
+
+No public redis-py API does this: the asyncio client has no packer option, and the way
+around `wait_for` (`socket_timeout=None`) leaves reads and writes unbounded. So this
+relies on redis-py internals (`AbstractConnection.send_packed_command`, `check_health`,
+`disconnect(nowait=...)`, `_writer`, `HiredisRespSerializer`, the 6,000-byte cutoff):
+pyproject.toml bounds redis to 8.x, and tests/faults/test_wire.py fails if they change.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""`rtmonitor top`: a terminal live view of the busiest devices and the total rate, for
-people on a server with no browser. Reads the HTTP API, like any client."""
+"""`rtmonitor top`: the dashboard for a terminal (busiest devices, total rate), for people
+on a server with no browser. A client of the HTTP API, like the browser dashboard."""
 
 from __future__ import annotations
 

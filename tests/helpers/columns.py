@@ -1,4 +1,5 @@
-"""Encode packets as a columnar batch (rtmonitor.v1.Columns)."""
+"""Encode packets as a columnar batch (rtmonitor.v1.Columns), the plain way: the tests' reference
+encoder, independent of the load generator's fast path (loadgen/sender.py)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
-"""Shared test helpers: real service processes, gRPC senders and HTTP readers."""
+"""What the tests share: real service processes, gRPC senders, HTTP readers, the fault
+suite's load and exactness check, columnar batches (helpers.columns) and a real Redis
+Cluster (helpers.cluster).
+
+`tests/` is on sys.path through pytest's `pythonpath` setting (pyproject.toml), so a test
+imports these as `from helpers import ...`."""
 
 from __future__ import annotations
 
 import asyncio
 import resource
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -15,16 +17,35 @@ from typing import Any
 import grpc
 import httpx
 
+from helpers.cluster import RedisClusterFixture
+from helpers.columns import encode_columns
+from rtmonitor.config import SendSettings
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
-from rtmonitor.loadgen.bench import child_env, wait_until_ready
-from rtmonitor.storage.embedded import free_port
+from rtmonitor.loadgen.launch import ServeProcess
+from rtmonitor.loadgen.sender import SendReport
+from rtmonitor.storage.store import RedisStore
+
+__all__ = [
+    "RedisClusterFixture",
+    "ServiceProcess",
+    "assert_exact",
+    "encode_columns",
+    "get_json",
+    "load",
+    "packet",
+    "redis_counts",
+    "run",
+    "stream_batches",
+    "stream_packets",
+]
 
 STREAM_PACKETS = "/rtmonitor.v1.TelemetryIngest/StreamPackets"
 STREAM_BATCHES = "/rtmonitor.v1.TelemetryIngest/StreamBatches"
 
 
-class ServiceProcess:
-    """A real `rtmonitor serve` process on free ports (never 50051/8000)."""
+class ServiceProcess(ServeProcess):
+    """A real `rtmonitor serve` process on free ports (never 50051/8000), its output in
+    `log_path`, with `--flush-interval 0.05` and optional resource limits."""
 
     def __init__(
         self,
@@ -40,32 +61,17 @@ class ServiceProcess:
         self.limits = limits
         self.extra = extra
         self.env = env
-        self.grpc_port = grpc_port or free_port()
-        self.http_port = http_port or free_port()
         self.log_path = log_path
-        args = [
-            sys.executable,
-            "-m",
-            "rtmonitor",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--grpc-port",
-            str(self.grpc_port),
-            "--http-port",
-            str(self.http_port),
-            "--flush-interval",
-            "0.05",
-            *extra,
-        ]
+        flags = ["--flush-interval", "0.05", *extra]
         if redis_url is not None:
-            args += ["--redis-url", redis_url]
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            args,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=child_env(env),
+            flags += ["--redis-url", redis_url]
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in terminate() and kill()
+        super().__init__(
+            *flags,
+            env=env,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            output=self._log,
             preexec_fn=_set_limits(limits) if limits else None,
         )
 
@@ -81,33 +87,17 @@ class ServiceProcess:
             limits=self.limits,
         )
 
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 30.0) -> ServiceProcess:
-        wait_until_ready(self.proc, self.http, timeout, self.log)
-        return self
-
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait: the clean stop."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
+        code = super().terminate(timeout)
         self._log.close()
         return code
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        super().kill()
         self._log.close()
 
 
@@ -190,3 +180,37 @@ def wait_for_committed(base: str, packets: int, timeout: float = 15.0) -> dict[s
         if stats["flush"]["packets_committed"] >= packets or time.monotonic() > deadline:
             return stats
         time.sleep(0.1)
+
+
+# --- the fault suite's load and its exactness check ----------------------------------------
+
+
+def load(target: str, **kw: object) -> SendSettings:
+    """The fault suite's load: 40 devices, batches of 250 over 3 streams at 60,000 pkt/s."""
+    base: dict[str, object] = {
+        "target": target,
+        "devices": 40,
+        "batch_size": 250,
+        "streams": 3,
+        "inflight": 8,
+        "rate": 60_000,
+        "progress": False,
+    }
+    base.update(kw)
+    return SendSettings(**base)  # type: ignore[arg-type]
+
+
+async def redis_counts(url: str) -> tuple[int, dict[str, int]]:
+    async with RedisStore.from_url(url) as store:
+        totals = await store.totals()
+        _, devices = await store.list_devices(limit=1000)
+        return int(totals["packets"]), {d["device_id"]: d["packets"] for d in devices}
+
+
+def assert_exact(report: SendReport, redis_url: str) -> None:
+    """Redis holds exactly what the load generator generated, device by device."""
+    assert report.errors == [], report.errors
+    assert report.accepted == report.sent, "every generated batch was acknowledged in the end"
+    total, per_device = run(redis_counts(redis_url))
+    assert total == report.sent
+    assert per_device == report.acked_per_device()

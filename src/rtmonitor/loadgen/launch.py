@@ -1,0 +1,108 @@
+"""`rtmonitor serve` as a child process on free ports: what `bench` measures, and what the
+tests start (tests/helpers adds log files, resource limits and restarts on top)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Self
+
+import httpx
+
+from rtmonitor.storage.embedded import free_port
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without RTM_*/REDIS_* settings (a child `serve` gets
+    its options from its flags only), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RTM_", "REDIS_"))}
+    env.update(extra or {})
+    return env
+
+
+def wait_until_ready(
+    proc: subprocess.Popen[bytes], http: str, timeout: float, log: Callable[[], str] = str
+) -> None:
+    """Wait until a child `serve` answers GET /readyz with 200; raise RuntimeError (with
+    `log()`) if it exits or stays unready past `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited with {proc.returncode}\n{log()}")
+        try:
+            if httpx.get(f"{http}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the service did not become ready within {timeout:g}s\n{log()}")
+
+
+class ServeProcess:
+    """`rtmonitor serve --host 127.0.0.1` on free ports (never 50051/8000) plus `flags`.
+
+    `env` is added to this process's environment minus its RTM_*/REDIS_* settings. With
+    `output`, the child's stdout and stderr go there; without, stdout is discarded and
+    stderr (warnings, errors) is inherited."""
+
+    def __init__(
+        self,
+        *flags: str,
+        env: dict[str, str] | None = None,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        output: IO[bytes] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        args = [
+            sys.executable, "-m", "rtmonitor", "serve", "--host", "127.0.0.1",
+            "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
+            *flags,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL if output is None else output,
+            stderr=None if output is None else subprocess.STDOUT,
+            env=child_env(env),
+            preexec_fn=preexec_fn,
+        )
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def log(self) -> str:
+        """What the child wrote, for error messages (nothing unless a subclass keeps it)."""
+        return ""
+
+    def wait_ready(self, timeout: float = 30.0) -> Self:
+        wait_until_ready(self.proc, self.http, timeout, self.log)
+        return self
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the clean stop (raises TimeoutExpired if it does not end)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL if it has not ended within `timeout` seconds."""
+        try:
+            self.terminate(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
