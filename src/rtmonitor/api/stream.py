@@ -112,7 +112,10 @@ class ChangeFeed:
         self.subscribers: set[Subscriber] = set()
         self.disconnected_slow = 0  # streams closed because their writes stayed blocked
         self._task: asyncio.Task[None] | None = None
-        self._sent: dict[str, int] = {}  # device -> last_seen already published
+        # device -> (packets already published, its last_seen): a device is published
+        # again when the packets index moves past it. Its last_seen alone misses packets
+        # received in the same millisecond but committed by a later flush.
+        self._sent: dict[str, tuple[int, int]] = {}
 
     @property
     def full(self) -> bool:
@@ -144,14 +147,21 @@ class ChangeFeed:
     async def poll_once(self) -> None:
         now = int(time.time() * 1000)
         seen = await self.store.recently_seen(now - LOOKBACK_MS, MAX_CHANGED)
-        changed = [d for d, last in seen if self._sent.get(d, -1) < last]
+        counts = await self.store.packet_counts([d for d, _ in seen])
+        changed = [
+            d
+            for (d, _), n in zip(seen, counts, strict=True)
+            if n is not None and n > self._sent.get(d, (-1, 0))[0]
+        ]
         records = await self.store.get_devices(changed)
         totals = await self.store.totals()
-        for d, last in seen:
-            self._sent[d] = last
+        last_seen = dict(seen)
+        for record in records:
+            d = record["device_id"]
+            self._sent[d] = (record["packets"], last_seen[d])
         if len(self._sent) > 4 * MAX_CHANGED:  # forget devices gone quiet
             cutoff = now - 2 * LOOKBACK_MS
-            self._sent = {d: t for d, t in self._sent.items() if t >= cutoff}
+            self._sent = {d: v for d, v in self._sent.items() if v[1] >= cutoff}
         for sub in list(self.subscribers):
             sub.offer(records, totals)
 

@@ -488,6 +488,14 @@ class RedisStore:
                 records.append(record)
         return records
 
+    async def packet_counts(self, ids: list[str]) -> list[int | None]:
+        """Each device's packets as the packets index has them (None: not there)."""
+        if not ids:
+            return []
+        client = cast(aioredis.Redis, self.client)
+        scores = await client.zmscore(self.layout.index("packets"), ids)
+        return [None if s is None else int(s) for s in scores]
+
     async def recently_seen(self, since_ms: int, limit: int) -> list[tuple[str, int]]:
         """Devices with a packet received after `since_ms`: (device, last_seen), newest last."""
         client = cast(aioredis.Redis, self.client)
