@@ -15,7 +15,7 @@ Validation runs on whole columns (masks) and on the dictionaries (each distinct 
 kind and value name is checked once per batch, not once per packet). The result is the
 batch's FlushDelta, exactly what folding the same packets one by one would give: counts
 and sums accumulate in packet order (np.bincount), min/max with ufunc.at, "last" as the
-latest packet among those with the newest timestamp (storage/model.latest_of_newest).
+latest packet among those with the newest timestamp (model.latest_of_newest).
 
 批次的两种形式（行、列）都先变成同一张“列表格”，再走同一条 numpy 路径：
 逐包的 Python 循环换成整列运算（掩码、bincount、排序），
@@ -41,7 +41,7 @@ from rtmonitor.ingest.validation import (
     Reason,
     Validator,
 )
-from rtmonitor.storage.model import BatchDelta, latest_of_newest, number_keys
+from rtmonitor.model import BatchDelta, latest_of_newest, number_keys
 
 try:
     from rtmonitor.ingest._rows import read_rows as _read_rows
@@ -312,7 +312,7 @@ def decode_columns(
     (see check_columns)."""
     check_columns(cols, validator.limits.max_values_per_packet)
     if cols.count == 0:
-        return _empty(), Counter()
+        return BatchDelta.empty(), Counter()
     return _validate_and_aggregate(_table_from_columns(cols), validator, recv_ms)
 
 
@@ -324,17 +324,12 @@ def decode_rows(
     sent as columns."""
     if not isinstance(rows, _Table):
         if not rows:
-            return _empty(), Counter()
+            return BatchDelta.empty(), Counter()
         # One list of protobuf's packet objects, so that each column pass reuses them.
         rows = _table_from_rows(list(rows))
     if rows.n == 0:
-        return _empty(), Counter()
+        return BatchDelta.empty(), Counter()
     return _validate_and_aggregate(rows, validator, recv_ms)
-
-
-def _empty() -> BatchDelta:
-    i, f = _NO_INTS, _NO_FLOATS
-    return BatchDelta([], i, i, i, i, [], i, i, i, [], i, i, i, f, f, f, f, i, 0, 0)
 
 
 def _validate_and_aggregate(
@@ -382,7 +377,7 @@ def _validate_and_aggregate(
         for c in np.flatnonzero(counts[1:]).tolist():
             rejected[str(_REASONS[c])] = int(counts[c + 1])
     if not ok.any():
-        return _empty(), rejected
+        return BatchDelta.empty(), rejected
 
     # Aggregation of the accepted packets: each device of the batch gets a row (numbered
     # over the device index), and everything per packet is a bincount over those rows.
@@ -402,24 +397,29 @@ def _validate_and_aggregate(
     values = _aggregate_values(t, group, u, recv_ms)
     device_ids = t.device_ids
     seen = np.full(u, recv_ms, dtype=np.int64)  # the batch's receive time, first and last
-    return (
-        BatchDelta(
-            [device_ids[d] for d in uniq.tolist()],
-            packets,
-            nbytes,
-            seen,
-            seen,
-            t.kinds,
-            pairs // n_kind,
-            pairs % n_kind,
-            pair_counts.astype(np.int64),
-            t.names,
-            *values,
-            int(packets.sum()),
-            int(nbytes.sum()),
-        ),
-        rejected,
+    delta = BatchDelta(
+        device_ids=[device_ids[d] for d in uniq.tolist()],
+        packets=packets,
+        nbytes=nbytes,
+        first_seen=seen,
+        last_seen=seen,
+        kinds=t.kinds,
+        kind_dev=pairs // n_kind,
+        kind_idx=pairs % n_kind,
+        kind_count=pair_counts.astype(np.int64),
+        names=t.names,
+        value_dev=values.dev,
+        value_name=values.name,
+        count=values.count,
+        total=values.total,
+        vmin=values.vmin,
+        vmax=values.vmax,
+        last=values.last,
+        last_ts=values.last_ts,
+        total_packets=int(packets.sum()),
+        total_bytes=int(nbytes.sum()),
     )
+    return delta, rejected
 
 
 def _admit(t: _Table, validator: Validator, code: npt.NDArray[np.uint8], ok: Any) -> None:
@@ -463,21 +463,41 @@ def _admit(t: _Table, validator: Validator, code: npt.NDArray[np.uint8], ok: Any
             code[mine & hit & (code == 0)] = _CODE[Reason.TOO_MANY_VALUE_NAMES]
 
 
-_ValueColumns = tuple[
-    IntArray, IntArray, IntArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray
-]
+@dataclass(slots=True, kw_only=True)
+class _ValueColumns:
+    """The statistics of a batch's readings, one entry per (device row, value name)."""
+
+    dev: IntArray
+    name: IntArray
+    count: IntArray
+    total: FloatArray
+    vmin: FloatArray
+    vmax: FloatArray
+    last: FloatArray
+    last_ts: IntArray
+
+
+_NO_VALUES = _ValueColumns(
+    dev=_NO_INTS,
+    name=_NO_INTS,
+    count=_NO_INTS,
+    total=_NO_FLOATS,
+    vmin=_NO_FLOATS,
+    vmax=_NO_FLOATS,
+    last=_NO_FLOATS,
+    last_ts=_NO_INTS,
+)
 
 
 def _aggregate_values(t: _Table, group: IntArray, u: int, recv_ms: int) -> _ValueColumns:
     """count/sum/min/max/last per (device row, value name) over the accepted readings."""
     n_names = len(t.names)
-    i, f = _NO_INTS, _NO_FLOATS
     if not len(t.v_pos):
-        return i, i, i, f, f, f, f, i
+        return _NO_VALUES
     owner = group[t.v_pos]
     sel = owner >= 0  # readings of accepted packets
     if not sel.any():
-        return i, i, i, f, f, f, f, i
+        return _NO_VALUES
     x = t.v_val[sel]
     # one slot per (device row, value name) present
     slot_keys, dense = number_keys(owner[sel] * n_names + t.v_name[sel], u * n_names)
@@ -498,13 +518,13 @@ def _aggregate_values(t: _Table, group: IntArray, u: int, recv_ms: int) -> _Valu
         ts = np.where(ts == 0, recv_ms, ts)
         ends = latest_of_newest(dense, slots, ts)
         last, last_ts = x[ends], ts[ends]
-    return (
-        slot_keys // n_names,
-        slot_keys % n_names,
-        count.astype(np.int64),
-        total.astype(np.float64),
-        vmin,
-        vmax,
-        last.astype(np.float64),
-        last_ts,
+    return _ValueColumns(
+        dev=slot_keys // n_names,
+        name=slot_keys % n_names,
+        count=count.astype(np.int64),
+        total=total.astype(np.float64),
+        vmin=vmin,
+        vmax=vmax,
+        last=last.astype(np.float64),
+        last_ts=last_ts,
     )

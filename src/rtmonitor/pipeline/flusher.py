@@ -14,15 +14,15 @@ from typing import TypeVar
 
 from redis.exceptions import RedisError
 
-from rtmonitor.pipeline.aggregator import Aggregator, PendingBatch
-from rtmonitor.pipeline.work import CommitFailed, CommitTracker
-from rtmonitor.storage.model import (
+from rtmonitor.model import (
     MERGE_ENTRIES,
     BatchDelta,
     FlushDelta,
     merge_batches,
     merge_into,
 )
+from rtmonitor.pipeline.aggregator import Aggregator, PendingBatch
+from rtmonitor.pipeline.work import CommitFailed, CommitTracker
 from rtmonitor.storage.store import RedisStore
 
 logger = logging.getLogger(__name__)

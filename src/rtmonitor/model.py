@@ -1,4 +1,10 @@
-"""What the storage room writes: one flush worth of per-device deltas."""
+"""The domain records every stage shares: validated rows, and the deltas a flush commits.
+
+Receivers make rows and batch deltas, the pipeline merges them into a flush's delta, and
+storage writes that. The merge rules live here with the records (sums add, min/max kept,
+the newest "last" wins), in Python for single deltas and in numpy for many batches at once.
+This module imports nothing from the rooms (ingest, pipeline, storage, api).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,23 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+_NO_INTS: IntArray = np.zeros(0, dtype=np.int64)
+_NO_FLOATS: FloatArray = np.zeros(0, dtype=np.float64)
+
+# A validated packet: (device_id, kind, payload bytes, device timestamp ms, values or None).
+# Made by the receivers (ingest/validation.py), folded by the aggregator. A plain tuple:
+# StreamPackets makes one per packet, and the fold unpacks it in one step.
+Row: TypeAlias = tuple[str, str, int, int, dict[str, float] | None]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class ValueStats:
     """Statistics of one named reading of one device over one flush."""
 
@@ -25,7 +40,7 @@ class ValueStats:
     last_ts: int  # device timestamp (ms) of `last`; the newest reading wins on merge
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class DeviceDelta:
     """Everything one device added during one flush interval."""
 
@@ -37,7 +52,7 @@ class DeviceDelta:
     values: dict[str, ValueStats] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class FlushDelta:
     """The unit of one commit to Redis: all devices' deltas plus rejections."""
 
@@ -61,7 +76,9 @@ def _device(
     """`device_id`'s delta in `devices` with these counts added (a new one if absent)."""
     dev = devices.get(device_id)
     if dev is None:
-        dev = devices[device_id] = DeviceDelta(packets, nbytes, first_seen, last_seen)
+        dev = devices[device_id] = DeviceDelta(
+            packets=packets, bytes=nbytes, first_seen=first_seen, last_seen=last_seen
+        )
         return dev
     dev.packets += packets
     dev.bytes += nbytes
@@ -84,7 +101,7 @@ def _add_stats(
     tie, the one merged later)."""
     t = stats.get(name)
     if t is None:
-        stats[name] = ValueStats(count, total, lo, hi, last, last_ts)
+        stats[name] = ValueStats(count=count, sum=total, min=lo, max=hi, last=last, last_ts=last_ts)
         return
     t.count += count
     t.sum += total
@@ -110,7 +127,7 @@ def merge_into(target: FlushDelta, source: FlushDelta) -> None:
             _add_stats(dev.values, name, v.count, v.sum, v.min, v.max, v.last, v.last_ts)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class BatchDelta:
     """One batch's counts kept as columns until its flush: ~150 bytes per device instead of
     ~1 KB of DeviceDelta/ValueStats objects. A pending batch stays separate until the flush
@@ -118,25 +135,36 @@ class BatchDelta:
     pending memory is made of. Entries are in the order the aggregation produced them."""
 
     device_ids: list[str]
-    packets: npt.NDArray[np.int64]  # per device
-    nbytes: npt.NDArray[np.int64]
-    first_seen: npt.NDArray[np.int64]  # receive times (one batch: its receive time)
-    last_seen: npt.NDArray[np.int64]
+    packets: IntArray  # per device
+    nbytes: IntArray
+    first_seen: IntArray  # receive times (one batch: its receive time)
+    last_seen: IntArray
     kinds: list[str]
-    kind_dev: npt.NDArray[np.int64]  # per (device, kind): row in device_ids
-    kind_idx: npt.NDArray[np.int64]  # index into kinds
-    kind_count: npt.NDArray[np.int64]
+    kind_dev: IntArray  # per (device, kind): row in device_ids
+    kind_idx: IntArray  # index into kinds
+    kind_count: IntArray
     names: list[str]
-    value_dev: npt.NDArray[np.int64]  # per (device, value name)
-    value_name: npt.NDArray[np.int64]
-    count: npt.NDArray[np.int64]
-    total: npt.NDArray[np.float64]
-    vmin: npt.NDArray[np.float64]
-    vmax: npt.NDArray[np.float64]
-    last: npt.NDArray[np.float64]
-    last_ts: npt.NDArray[np.int64]
+    value_dev: IntArray  # per (device, value name)
+    value_name: IntArray
+    count: IntArray
+    total: FloatArray
+    vmin: FloatArray
+    vmax: FloatArray
+    last: FloatArray
+    last_ts: IntArray
     total_packets: int
     total_bytes: int
+
+    @classmethod
+    def empty(cls) -> BatchDelta:
+        """A batch that adds nothing (every packet refused, or none sent)."""
+        i, f = _NO_INTS, _NO_FLOATS
+        return cls(
+            device_ids=[], packets=i, nbytes=i, first_seen=i, last_seen=i,
+            kinds=[], kind_dev=i, kind_idx=i, kind_count=i,
+            names=[], value_dev=i, value_name=i, count=i, total=f, vmin=f, vmax=f, last=f,
+            last_ts=i, total_packets=0, total_bytes=0,
+        )  # fmt: skip
 
     @property
     def entries(self) -> int:
@@ -241,10 +269,7 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     and reduced with numpy into one BatchDelta: counts and sums with add.at/bincount (in
     part order), min/max with minimum.at/maximum.at, "last" as the latest part among those
     with the newest timestamp, as in `_add_stats`. No sort: keys are numbered with a lookup
-    table. One part alone is applied as it is (the numpy pass would only cost time).
-
-    一次把多个待提交批次合并进 target：先给所有批次的设备/kind/数值名统一编号，拼接后用 numpy
-    归约；Python 只对“合并后不同的设备与读数”各做一次，而不是每批每设备一次。"""
+    table. One part alone is applied as it is (the numpy pass would only cost time)."""
     if len(parts) <= 1:
         for part in parts:
             part.merge_into(target)
@@ -285,9 +310,13 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     # The parts reduced to one, with one entry per distinct device, kind and reading:
     # applied to `target` by the same code as a single batch.
     BatchDelta(
-        devices, packets, nbytes, first, last_seen,
-        kinds, kind_pair // n_kinds, kind_pair % n_kinds, per_kind,
-        names, pair // n_names, pair % n_names, count, total, lo, hi,
-        cat([p.last for p in parts])[ends], ts[ends],
-        sum(p.total_packets for p in parts), sum(p.total_bytes for p in parts),
+        device_ids=devices, packets=packets, nbytes=nbytes,
+        first_seen=first, last_seen=last_seen,
+        kinds=kinds, kind_dev=kind_pair // n_kinds, kind_idx=kind_pair % n_kinds,
+        kind_count=per_kind,
+        names=names, value_dev=pair // n_names, value_name=pair % n_names,
+        count=count, total=total, vmin=lo, vmax=hi,
+        last=cat([p.last for p in parts])[ends], last_ts=ts[ends],
+        total_packets=sum(p.total_packets for p in parts),
+        total_bytes=sum(p.total_bytes for p in parts),
     ).merge_into(target)  # fmt: skip
