@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from itertools import chain
 from typing import TypeAlias
 
@@ -26,6 +27,21 @@ _NO_FLOATS: FloatArray = np.zeros(0, dtype=np.float64)
 # Made by the receivers (ingest/validation.py), folded by the aggregator. A plain tuple:
 # StreamPackets makes one per packet, and the fold unpacks it in one step.
 Row: TypeAlias = tuple[str, str, int, int, dict[str, float] | None]
+
+# A batch's identity for exactly-once counting: (producer_id, batch_id).
+BatchId: TypeAlias = tuple[str, int]
+
+
+class Claim(Enum):
+    """Why a flush may not count a batch id: another flush holds it."""
+
+    COMMITTED = "committed"  # counted by an earlier flush: the batch is a resend
+    PENDING = "pending"  # claimed by a flush not yet finalized: wait for it to settle
+
+
+class CommitUnavailable(Exception):
+    """Storage could not be reached (or refused a write for now): the same step may be
+    tried again, since every step of a commit is idempotent."""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -35,6 +35,7 @@ from rtmonitor.pipeline.flusher import Flusher
 from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.pipeline.recovery import Recovery
 from rtmonitor.pipeline.work import Work
+from rtmonitor.storage.committer import RedisCommitter
 from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError
 from rtmonitor.storage.store import RedisStore
 
@@ -209,10 +210,11 @@ class Service:
             )
         # 2. The pipeline: aggregator draining the queue, flusher committing to Redis, and
         #    recovery (heartbeat first: no journal of ours may look orphaned).
+        committer = RedisCommitter(self.store)
         self.flusher = flusher = Flusher(
-            self.aggregator, self.store, s.flush_interval, dedupe_window_s=s.dedupe_window
+            self.aggregator, committer, s.flush_interval, dedupe_window_s=s.dedupe_window
         )
-        self.recovery = Recovery(self.store, flusher.instance_id, s.dedupe_window)
+        self.recovery = Recovery(committer, flusher.instance_id, s.dedupe_window)
         await self.recovery.heartbeat()
         self._tasks["recovery"] = asyncio.create_task(self.recovery.run(), name="recovery")
 

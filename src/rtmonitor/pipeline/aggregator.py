@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from rtmonitor.model import (
     MERGE_ENTRIES,
     BatchDelta,
+    BatchId,
     DeviceDelta,
     FlushDelta,
     Row,
@@ -18,7 +19,7 @@ from rtmonitor.model import (
     merge_batches,
 )
 from rtmonitor.pipeline.queue import PacketQueue
-from rtmonitor.pipeline.work import BatchId, BatchWork, CommitTracker, RowsWork, Work
+from rtmonitor.pipeline.work import BatchWork, CommitTracker, RowsWork, Work
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from rtmonitor.model import BatchDelta, Row
+from rtmonitor.model import BatchDelta, BatchId, Row
 from rtmonitor.pipeline.queue import PacketQueue
 
 
@@ -59,10 +59,6 @@ class CommitTracker:
     async def wait(self) -> None:
         """Return once everything submitted is committed; raise CommitFailed otherwise."""
         await asyncio.shield(self._done)
-
-
-# A batch's identity for exactly-once counting: (producer_id, batch_id).
-BatchId: TypeAlias = tuple[str, int]
 
 
 @dataclass(slots=True, kw_only=True)
