@@ -44,6 +44,8 @@ from rtmonitor.ingest.validation import (
 from rtmonitor.model import BatchDelta, latest_of_newest, number_keys
 
 try:
+    from rtmonitor.ingest._rows import Rows as _WireRows
+    from rtmonitor.ingest._rows import TooLarge as _WireTooLarge
     from rtmonitor.ingest._rows import read_rows as _read_rows
 
     C_ROWS = True  # the compiled row reader is built (see setup.py)
@@ -232,27 +234,26 @@ def _table_from_rows(packets: Sequence[Packet]) -> _Table:
     )
 
 
-def _table_from_wire(fields: tuple[Any, ...]) -> _Table:
+def _table_from_wire(rows: _WireRows) -> _Table:
     """The C reader's columns (`_rows.read_rows`) as a table."""
-    _, _, device_ids, dev_idx, kinds, kind_col, size_col, ts_col, names, pos, name, val = fields
-    n = len(dev_idx) // 8
-    kind_idx: IntArray = np.frombuffer(kind_col, np.int64)
+    kinds = rows.kinds
+    kind_idx: IntArray = np.frombuffer(rows.kind_idx, np.int64)
     if "" in kinds:  # "" is read as "unspecified", which may be in the batch as well
         kinds, kind_idx = _dictionary(kinds, kind_idx, empty_as=UNSPECIFIED_KIND)
-    size: IntArray = np.frombuffer(size_col, np.int64)
-    ts: IntArray = np.frombuffer(ts_col, np.int64)
+    size: IntArray = np.frombuffer(rows.size, np.int64)
+    ts: IntArray = np.frombuffer(rows.ts, np.int64)
     return _Table(
-        n,
-        device_ids,
-        np.frombuffer(dev_idx, np.int64),
+        len(rows.dev_idx) // 8,
+        rows.device_ids,
+        np.frombuffer(rows.dev_idx, np.int64),
         kinds,
         kind_idx,
         size if size.any() else None,
         ts if ts.any() else None,
-        names,
-        np.frombuffer(pos, np.int64),
-        np.frombuffer(name, np.int64),
-        np.frombuffer(val, np.float64),
+        rows.names,
+        np.frombuffer(rows.v_pos, np.int64),
+        np.frombuffer(rows.v_name, np.int64),
+        np.frombuffer(rows.v_val, np.float64),
     )
 
 
@@ -286,11 +287,11 @@ def parse_batch(raw: bytes, max_packets: int, compiled: bool = C_ROWS) -> Parsed
     BatchTooLarge past `max_packets` (before building anything per packet). Row batches go
     through the C reader (`compiled`), which hands anything unusual back to protobuf."""
     if compiled:
-        fields = _read_rows(raw, max_packets)
-        if fields is not None:
-            if len(fields) == 2:
-                raise BatchTooLarge(fields[0], fields[1])
-            return ParsedBatch(fields[0], fields[1], None, _table_from_wire(fields))
+        read = _read_rows(raw, max_packets)
+        if isinstance(read, _WireTooLarge):
+            raise BatchTooLarge(read.batch_id, read.packets)
+        if read is not None:
+            return ParsedBatch(read.producer_id, read.batch_id, None, _table_from_wire(read))
     batch = Batch.FromString(raw)
     columns = batch.columns if batch.HasField("columns") else None
     parsed = ParsedBatch(batch.producer_id, batch.batch_id, columns, batch.packets)
