@@ -336,8 +336,24 @@ def decode_rows(
 def _validate_and_aggregate(
     t: _Table, validator: Validator, recv_ms: int
 ) -> tuple[BatchDelta, Counter[str]]:
+    code = _reason_codes(t, validator, recv_ms)
+    ok = code == 0
+    if ok.any():
+        _admit(t, validator, code, ok)
+        ok = code == 0
+    rejected: Counter[str] = Counter()
+    if not ok.all():
+        counts = np.bincount(code, minlength=len(_REASONS) + 1)
+        for c in np.flatnonzero(counts[1:]).tolist():
+            rejected[str(_REASONS[c])] = int(counts[c + 1])
+    if not ok.any():
+        return BatchDelta.empty(), rejected
+    return _aggregate(t, ok, recv_ms), rejected
+
+
+def _reason_codes(t: _Table, validator: Validator, recv_ms: int) -> npt.NDArray[np.uint8]:
+    """Per packet: 0 if it passes the stateless checks, else its reason's code."""
     n, lim = t.n, validator.limits
-    n_dev, n_kind = len(t.device_ids), len(t.kinds)
     # Reason codes, later checks first so that the earliest failing check wins (the same
     # precedence as Validator.check for one packet). Lookup tables have one extra slot at
     # the end for index -1 (past the client's dictionary).
@@ -367,21 +383,14 @@ def _validate_and_aggregate(
     if dev_code.any():
         by_dev = dev_code[t.dev_idx]
         code = np.where(by_dev != 0, by_dev, code)
+    return code
 
-    ok = code == 0
-    if ok.any():
-        _admit(t, validator, code, ok)
-        ok = code == 0
-    rejected: Counter[str] = Counter()
-    if not ok.all():
-        counts = np.bincount(code, minlength=len(_REASONS) + 1)
-        for c in np.flatnonzero(counts[1:]).tolist():
-            rejected[str(_REASONS[c])] = int(counts[c + 1])
-    if not ok.any():
-        return BatchDelta.empty(), rejected
 
-    # Aggregation of the accepted packets: each device of the batch gets a row (numbered
-    # over the device index), and everything per packet is a bincount over those rows.
+def _aggregate(t: _Table, ok: npt.NDArray[np.bool_], recv_ms: int) -> BatchDelta:
+    """The accepted packets (`ok`) as one delta: each device of the batch gets a row
+    (numbered over the device index), and everything per packet is a bincount over those
+    rows."""
+    n, n_dev, n_kind = t.n, len(t.device_ids), len(t.kinds)
     positions = np.flatnonzero(ok)
     uniq, rows = number_keys(t.dev_idx[positions], n_dev)
     u = len(uniq)
@@ -398,7 +407,7 @@ def _validate_and_aggregate(
     values = _aggregate_values(t, group, u, recv_ms)
     device_ids = t.device_ids
     seen = np.full(u, recv_ms, dtype=np.int64)  # the batch's receive time, first and last
-    delta = BatchDelta(
+    return BatchDelta(
         device_ids=[device_ids[d] for d in uniq.tolist()],
         packets=packets,
         nbytes=nbytes,
@@ -420,7 +429,6 @@ def _validate_and_aggregate(
         total_packets=int(packets.sum()),
         total_bytes=int(nbytes.sum()),
     )
-    return delta, rejected
 
 
 def _admit(t: _Table, validator: Validator, code: npt.NDArray[np.uint8], ok: Any) -> None:
