@@ -32,7 +32,7 @@ from rtmonitor.api.node import HttpNode, fd_limit
 from rtmonitor.config import Settings, StartupError
 from rtmonitor.ingest.node import IngestNode
 from rtmonitor.logs import redact_url, setup_logging
-from rtmonitor.pipeline.stats import InstanceStats, PipelineStats, ServiceStats
+from rtmonitor.model import InstanceStats, PipelineStats, ServiceStats
 from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError, free_port
 from rtmonitor.storage.store import RedisStore
 from rtmonitor.supervisor import Supervisor

@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
+from rtmonitor.model import DeviceDelta, FlushDelta, ValueStats
 from rtmonitor.storage import store as store_module
 from rtmonitor.storage.embedded import EmbeddedRedis
-from rtmonitor.storage.model import DeviceDelta, FlushDelta, ValueStats
 from rtmonitor.storage.store import RedisStore
 
 
@@ -35,9 +35,22 @@ def dev(packets: int, first: int, last: int, t: ValueStats | None = None) -> Dev
 def test_merge_is_exact_and_retries_are_idempotent(redis_server: EmbeddedRedis) -> None:
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "t") as store:
-            one = delta(a=dev(3, 100, 200, ValueStats(3, 0.1 + 0.2, -5.5, 1e300, 2.0, 150)))
+            one = delta(
+                a=dev(
+                    3,
+                    100,
+                    200,
+                    ValueStats(count=3, sum=0.1 + 0.2, min=-5.5, max=1e300, last=2.0, last_ts=150),
+                )
+            )
             two = delta(
-                a=dev(2, 50, 180, ValueStats(2, 1.0, -6.25, 3.0, 9.0, 140)), b=dev(1, 300, 300)
+                a=dev(
+                    2,
+                    50,
+                    180,
+                    ValueStats(count=2, sum=1.0, min=-6.25, max=3.0, last=9.0, last_ts=140),
+                ),
+                b=dev(1, 300, 300),
             )
             await store.commit(one, "i", 1)
             await store.commit(one, "i", 1)  # a retry after a lost reply: no double count
@@ -194,7 +207,7 @@ def test_one_device_reads_the_same_as_many(redis_server: EmbeddedRedis) -> None:
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "t") as store:
             now_ms = int(time.time() * 1000) - 2000
-            t = ValueStats(2, 1.5, -1.0, 2.5, 2.5, now_ms)
+            t = ValueStats(count=2, sum=1.5, min=-1.0, max=2.5, last=2.5, last_ts=now_ms)
             await store.commit(delta(a=dev(2, now_ms, now_ms, t), b=dev(1, now_ms, now_ms)), "i", 1)
             for _ in range(3):  # rates move with the clock: compare within one second
                 second = int(time.time())
@@ -261,7 +274,13 @@ def test_a_sum_lost_by_an_older_overflow_stays_unknown(redis_server: EmbeddedRed
             t = old["values"]["t"]
             assert t["overflow"] is True and t["mean"] is None
             await store.commit(
-                delta(old=dev(1, 3, 3, ValueStats(1, 1.0, 1.0, 1.0, 1.0, 3))), "i", 1
+                delta(
+                    old=dev(
+                        1, 3, 3, ValueStats(count=1, sum=1.0, min=1.0, max=1.0, last=1.0, last_ts=3)
+                    )
+                ),
+                "i",
+                1,
             )
             healed = await store.get_device("old")
             assert healed is not None

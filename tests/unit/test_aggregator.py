@@ -8,20 +8,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rtmonitor.model import BatchDelta
 from rtmonitor.pipeline.aggregator import Aggregator
-from rtmonitor.pipeline.work import CommitTracker, Work
-from rtmonitor.storage.model import BatchDelta
+from rtmonitor.pipeline.work import BatchWork, CommitTracker, RowsWork, Work
 
 
 def test_fold_counts_and_statistics() -> None:
     async def main() -> None:
         agg = Aggregator()
         t1, t2 = CommitTracker(), CommitTracker()
-        agg.add(Work([("a", "reading", 10, 100, {"t": 5.0}), ("b", "tcp", 3, 100, None)], 1000, t1))
-        agg.add(
-            Work([("a", "reading", 2, 50, {"t": 9.0}), ("a", "hb", 0, 200, {"t": -1.0})], 900, t2)
-        )
-        agg.add(Work([("a", "reading", 1, 200, {"t": 7.0})], 1100, t2))
+        rows = [("a", "reading", 10, 100, {"t": 5.0}), ("b", "tcp", 3, 100, None)]
+        agg.add(RowsWork(rows=rows, recv_ms=1000, tracker=t1))
+        rows = [("a", "reading", 2, 50, {"t": 9.0}), ("a", "hb", 0, 200, {"t": -1.0})]
+        agg.add(RowsWork(rows=rows, recv_ms=900, tracker=t2))
+        agg.add(RowsWork(rows=[("a", "reading", 1, 200, {"t": 7.0})], recv_ms=1100, tracker=t2))
         agg.count_rejected("empty_device_id", 3)
         assert agg.pending_packets == 5
         delta, trackers, batches = agg.swap()
@@ -60,7 +60,7 @@ def test_batches_with_ids_are_kept_apart_and_merge_exactly() -> None:
     from rtmonitor.ingest.columnar import decode_rows
     from rtmonitor.ingest.v1.telemetry_pb2 import Packet
     from rtmonitor.ingest.validation import Limits, Validator
-    from rtmonitor.storage.model import FlushDelta, merge_batches, merge_into
+    from rtmonitor.model import FlushDelta, merge_batches, merge_into
 
     def batch(recv_ms: int, *packets: Packet) -> tuple[BatchDelta, ...]:
         return (decode_rows(packets, Validator(Limits()), recv_ms)[0],)
@@ -68,7 +68,7 @@ def test_batches_with_ids_are_kept_apart_and_merge_exactly() -> None:
     async def main() -> None:
         agg = Aggregator()
         t = CommitTracker()
-        agg.add(Work([("a", "k", 1, 10, {"v": 1.0})], 100, t))
+        agg.add(RowsWork(rows=[("a", "k", 1, 10, {"v": 1.0})], recv_ms=100, tracker=t))
         p1 = batch(
             200,
             Packet(device_id="a", kind="k", payload=b"xx", timestamp_ms=30, values={"v": 5.0}),
@@ -77,8 +77,8 @@ def test_batches_with_ids_are_kept_apart_and_merge_exactly() -> None:
         p2 = batch(
             50, Packet(device_id="a", kind="j", payload=b"xxx", timestamp_ms=20, values={"v": -2.0})
         )
-        agg.add(Work([], 200, t, ("p", 1), p1))
-        agg.add(Work([], 50, t, ("p", 2), p2))
+        agg.add(BatchWork(parts=p1, tracker=t, batch_id=("p", 1)))
+        agg.add(BatchWork(parts=p2, tracker=t, batch_id=("p", 2)))
         assert agg.pending_packets == 4 and agg.pending_batches == 2
         main, trackers, batches = agg.swap()
         assert main.packets == 1 and trackers == {t: 1}
@@ -155,9 +155,9 @@ def test_batches_without_ids_are_merged_in_passes_exactly(
     from rtmonitor.ingest.columnar import decode_rows
     from rtmonitor.ingest.v1.telemetry_pb2 import Packet
     from rtmonitor.ingest.validation import Limits, Validator
+    from rtmonitor.model import FlushDelta
     from rtmonitor.pipeline import aggregator
     from rtmonitor.pipeline.aggregator import fold
-    from rtmonitor.storage.model import FlushDelta
 
     monkeypatch.setattr(aggregator, "MERGE_ENTRIES", merge_entries)
     v = Validator(Limits())
@@ -172,11 +172,11 @@ def test_batches_without_ids_are_merged_in_passes_exactly(
 
     async def main() -> None:
         t = CommitTracker()
-        items = [
-            Work([], 100, t, None, batch(100, ("a", "k", 1.5, 10), ("b", "j", 2.0, 10))),
-            Work([("a", "k", 4, 30, {"t": 9.0})], 110, t),
-            Work([], 120, t, None, batch(120, ("a", "j", -3.0, 20), ("c", "k", 0.5, 5))),
-            Work([], 130, t, None, batch(130, ("b", "k", 7.0, 10))),  # a tie on b's newest
+        items: list[Work] = [
+            BatchWork(parts=batch(100, ("a", "k", 1.5, 10), ("b", "j", 2.0, 10)), tracker=t),
+            RowsWork(rows=[("a", "k", 4, 30, {"t": 9.0})], recv_ms=110, tracker=t),
+            BatchWork(parts=batch(120, ("a", "j", -3.0, 20), ("c", "k", 0.5, 5)), tracker=t),
+            BatchWork(parts=batch(130, ("b", "k", 7.0, 10)), tracker=t),  # a tie on b's newest
         ]
         agg = Aggregator()
         agg.add_all(items[:2])
@@ -187,9 +187,11 @@ def test_batches_without_ids_are_merged_in_passes_exactly(
         assert agg.pending_entries == (3 if merge_entries == 3 else 6)
         want = FlushDelta()
         for work in items:
-            fold(want, work.rows, work.recv_ms)
-            for part in work.parts:
-                part.merge_into(want)
+            if isinstance(work, RowsWork):
+                fold(want, work.rows, work.recv_ms)
+            else:
+                for part in work.parts:
+                    part.merge_into(want)
         got, trackers, _ = agg.swap()
         assert agg.pending_packets == 0 and agg.pending_entries == 0
         assert trackers == {t: 4}
@@ -220,7 +222,7 @@ def test_enough_pending_batches_ask_for_a_flush(with_ids: bool) -> None:
         )
         for n in range(5):
             batch_id = ("p", n) if with_ids else None
-            await queue.put(Work([], 1, CommitTracker(), batch_id, parts), 1)
+            await queue.put(BatchWork(parts=parts, tracker=CommitTracker(), batch_id=batch_id), 1)
             await asyncio.sleep(0.01)
         queue.close()
         await consumer

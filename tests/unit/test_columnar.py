@@ -16,8 +16,8 @@ from rtmonitor.ingest import columnar
 from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows, parse_batch
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Columns, Packet, ValueColumn
 from rtmonitor.ingest.validation import Limits, Validator
+from rtmonitor.model import FlushDelta, merge_batches, merge_into
 from rtmonitor.pipeline.aggregator import fold
-from rtmonitor.storage.model import FlushDelta, merge_batches, merge_into
 
 NOW = 1_700_000_000_000
 LIMITS = Limits(max_payload_bytes=100, max_values_per_packet=3)

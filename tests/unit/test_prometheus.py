@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 from rtmonitor.api.prometheus import OPENMETRICS, TEXT, escape, exposition, negotiate
-from rtmonitor.pipeline.flusher import FlushStats
-from rtmonitor.pipeline.stats import IngestStats, InstanceStats, PipelineStats, ServiceStats
+from rtmonitor.model import FlushStats, IngestStats, InstanceStats, PipelineStats, ServiceStats
 
 PROMETHEUS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"

@@ -39,11 +39,12 @@ def _bits(x: float) -> bytes:
 def packets_of(raw: bytes, compiled: bool) -> tuple[str, int, list[tuple[Any, ...]]] | None:
     """(producer, batch id, one tuple per packet) as read by one reader; None if it declines."""
     if compiled:
-        fields = columnar._read_rows(raw)
-        if fields is None:
+        read = columnar._read_rows(raw)
+        if read is None:
             return None
-        t = columnar._table_from_wire(fields)
-        producer, batch_id = fields[0], fields[1]
+        assert isinstance(read, columnar._WireRows)
+        t = columnar._table_from_wire(read)
+        producer, batch_id = read.producer_id, read.batch_id
         size = t.size.tolist() if t.size is not None else [0] * t.n
         ts = t.ts.tolist() if t.ts is not None else [0] * t.n
         readings: list[dict[str, bytes]] = [{} for _ in range(t.n)]
@@ -310,4 +311,8 @@ def test_a_batch_over_the_limit_is_refused_before_it_is_built(compiled: bool) ->
     assert (refused.value.batch_id, refused.value.packets) == (77, 1001)
     assert parse_batch(raw, 1001, compiled=compiled).count == 1001
     if compiled:
-        assert columnar._read_rows(raw, 1000) == (77, 1001)
+        refused = columnar._read_rows(raw, 1000)
+        assert isinstance(refused, columnar._WireTooLarge)
+        assert (refused.batch_id, refused.packets) == (77, 1001)
+        read = columnar._read_rows(raw, 1001)
+        assert isinstance(read, columnar._WireRows) and len(read.device_ids) == 1001

@@ -21,7 +21,7 @@ from rtmonitor import __version__
 from rtmonitor.api.prometheus import OPENMETRICS, device_series, exposition, negotiate
 from rtmonitor.api.schemas import DeviceMetrics, MetricsPage, Problem, Readiness, Totals
 from rtmonitor.api.stream import TRANSPORT, ChangeFeed, EventStream
-from rtmonitor.pipeline.stats import ServiceStats
+from rtmonitor.model import ServiceStats
 from rtmonitor.storage.store import RedisStore, SortField, SortTooBroad
 
 logger = logging.getLogger(__name__)

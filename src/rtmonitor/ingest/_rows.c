@@ -350,14 +350,71 @@ static PyObject *column(Py_ssize_t count, size_t width)
 
 #define DATA(obj) ((void *)PyByteArray_AS_STRING(obj))
 
+/* The two results, each a type of its own (named tuples, like os.stat_result). */
+static PyStructSequence_Field rows_fields[] = {
+    {"producer_id", NULL},
+    {"batch_id", NULL},
+    {"device_ids", "distinct device ids, in first-appearance order"},
+    {"dev_idx", "per packet: index into device_ids (int64)"},
+    {"kinds", "distinct kinds (\"\" where a packet has none)"},
+    {"kind_idx", "per packet: index into kinds (int64)"},
+    {"size", "per packet: payload bytes (int64)"},
+    {"ts", "per packet: device timestamp in ms, 0 if unset (int64)"},
+    {"names", "distinct value names"},
+    {"v_pos", "per reading, in packet order: its packet (int64)"},
+    {"v_name", "per reading: index into names (int64)"},
+    {"v_val", "per reading: its value (float64)"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc rows_desc = {
+    "rtmonitor.ingest._rows.Rows",
+    "A row batch read into columns; the columns are bytearrays of native int64/float64.",
+    rows_fields,
+    12,
+};
+
+static PyStructSequence_Field too_large_fields[] = {
+    {"batch_id", NULL},
+    {"packets", "the packets the message carries"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc too_large_desc = {
+    "rtmonitor.ingest._rows.TooLarge",
+    "A batch with more than max_packets packets: nothing was built for it.",
+    too_large_fields,
+    2,
+};
+
+static PyTypeObject *RowsType, *TooLargeType;
+
+/* A new struct sequence of `type` holding `items` (references stolen, also on failure). */
+static PyObject *build(PyTypeObject *type, PyObject **items, Py_ssize_t count)
+{
+    PyObject *result = PyStructSequence_New(type);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (result && items[i])
+            PyStructSequence_SetItem(result, i, items[i]);
+        else
+            Py_XDECREF(items[i]);
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!items[i]) { /* building an item failed: its error is set */
+            Py_XDECREF(result);
+            return NULL;
+        }
+    }
+    return result;
+}
+
 PyDoc_STRVAR(read_rows_doc,
-"read_rows(data, max_packets=-1) -> tuple | None\n\n"
-"Read a serialized rtmonitor.v1.Batch of row packets into columns: (producer_id,\n"
-"batch_id, device_ids, dev_idx, kinds, kind_idx, size, ts, names, v_pos, v_name, v_val),\n"
-"the index and number columns as bytearrays of native int64 / float64 (readings\n"
-"in packet order). (batch_id, packets) only, when there are more than max_packets\n"
-"(counted in the first pass: nothing is built for a batch that will be refused).\n"
-"None when protobuf's parser must read the message instead.");
+"read_rows(data, max_packets=-1) -> Rows | TooLarge | None\n\n"
+"Read a serialized rtmonitor.v1.Batch of row packets into columns (Rows: the index\n"
+"and number columns as bytearrays of native int64 / float64, readings in packet\n"
+"order). TooLarge (batch_id, packets) when there are more than max_packets (counted\n"
+"in the first pass: nothing is built for a batch that will be refused). None when\n"
+"protobuf's parser must read the message instead.");
 
 static PyObject *read_rows(PyObject *self, PyObject *args)
 {
@@ -388,7 +445,8 @@ static PyObject *read_rows(PyObject *self, PyObject *args)
     Py_ssize_t n = st.n, m = st.m;
     if (max_packets >= 0 && n > max_packets) { /* refused whole: build nothing */
         PyBuffer_Release(&buf);
-        return Py_BuildValue("(Kn)", (unsigned long long)st.batch_id, n);
+        PyObject *items[2] = {PyLong_FromUnsignedLongLong(st.batch_id), PyLong_FromSsize_t(n)};
+        return build(TooLargeType, items, 2);
     }
     if (dict_init(&st.devices, n) || dict_init(&st.kinds, n) || dict_init(&st.names, m)) {
         PyErr_NoMemory();
@@ -436,10 +494,10 @@ static PyObject *read_rows(PyObject *self, PyObject *args)
         }
         goto done;
     }
-    /* "N" hands each reference over to the tuple (also when building it fails). */
-    result = Py_BuildValue("(NKNNNNNNNNNN)", producer, (unsigned long long)st.batch_id,
-                           device_ids, dev_idx, kinds, kind_idx, size, ts, names, v_pos, v_name,
-                           v_val);
+    /* build() takes each reference over (also when building fails). */
+    PyObject *items[12] = {producer, PyLong_FromUnsignedLongLong(st.batch_id), device_ids,
+                           dev_idx, kinds, kind_idx, size, ts, names, v_pos, v_name, v_val};
+    result = build(RowsType, items, 12);
     producer = device_ids = kinds = names = NULL;
     dev_idx = kind_idx = size = ts = v_pos = v_name = v_val = NULL;
 done:
@@ -478,5 +536,17 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__rows(void)
 {
-    return PyModule_Create(&module);
+    if (!RowsType && !(RowsType = PyStructSequence_NewType(&rows_desc)))
+        return NULL;
+    if (!TooLargeType && !(TooLargeType = PyStructSequence_NewType(&too_large_desc)))
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Rows", (PyObject *)RowsType) < 0 ||
+        PyModule_AddObjectRef(m, "TooLarge", (PyObject *)TooLargeType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

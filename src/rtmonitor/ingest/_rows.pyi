@@ -1,21 +1,22 @@
-def read_rows(
-    data: bytes,
-    max_packets: int = -1,
-) -> (
-    tuple[
-        str,
-        int,
-        list[str],
-        bytearray,
-        list[str],
-        bytearray,
-        bytearray,
-        bytearray,
-        list[str],
-        bytearray,
-        bytearray,
-        bytearray,
-    ]
-    | tuple[int, int]
-    | None
-): ...
+from typing import NamedTuple
+
+# Struct sequences in C (like os.stat_result): typed as named tuples.
+class Rows(NamedTuple):
+    producer_id: str
+    batch_id: int
+    device_ids: list[str]
+    dev_idx: bytearray
+    kinds: list[str]
+    kind_idx: bytearray
+    size: bytearray
+    ts: bytearray
+    names: list[str]
+    v_pos: bytearray
+    v_name: bytearray
+    v_val: bytearray
+
+class TooLarge(NamedTuple):
+    batch_id: int
+    packets: int
+
+def read_rows(data: bytes, max_packets: int = -1) -> Rows | TooLarge | None: ...

@@ -15,7 +15,7 @@ Validation runs on whole columns (masks) and on the dictionaries (each distinct 
 kind and value name is checked once per batch, not once per packet). The result is the
 batch's FlushDelta, exactly what folding the same packets one by one would give: counts
 and sums accumulate in packet order (np.bincount), min/max with ufunc.at, "last" as the
-latest packet among those with the newest timestamp (storage/model.latest_of_newest).
+latest packet among those with the newest timestamp (model.latest_of_newest).
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ from rtmonitor.ingest.validation import (
     Reason,
     Validator,
 )
-from rtmonitor.storage.model import BatchDelta, latest_of_newest, number_keys
+from rtmonitor.model import BatchDelta, latest_of_newest, number_keys
 
 try:
+    from rtmonitor.ingest._rows import Rows as _WireRows
+    from rtmonitor.ingest._rows import TooLarge as _WireTooLarge
     from rtmonitor.ingest._rows import read_rows as _read_rows
 
     C_ROWS = True  # the compiled row reader is built (see setup.py)
@@ -228,27 +230,26 @@ def _table_from_rows(packets: Sequence[Packet]) -> _Table:
     )
 
 
-def _table_from_wire(fields: tuple[Any, ...]) -> _Table:
+def _table_from_wire(rows: _WireRows) -> _Table:
     """The C reader's columns (`_rows.read_rows`) as a table."""
-    _, _, device_ids, dev_idx, kinds, kind_col, size_col, ts_col, names, pos, name, val = fields
-    n = len(dev_idx) // 8
-    kind_idx: IntArray = np.frombuffer(kind_col, np.int64)
+    kinds = rows.kinds
+    kind_idx: IntArray = np.frombuffer(rows.kind_idx, np.int64)
     if "" in kinds:  # "" is read as "unspecified", which may be in the batch as well
         kinds, kind_idx = _dictionary(kinds, kind_idx, empty_as=UNSPECIFIED_KIND)
-    size: IntArray = np.frombuffer(size_col, np.int64)
-    ts: IntArray = np.frombuffer(ts_col, np.int64)
+    size: IntArray = np.frombuffer(rows.size, np.int64)
+    ts: IntArray = np.frombuffer(rows.ts, np.int64)
     return _Table(
-        n,
-        device_ids,
-        np.frombuffer(dev_idx, np.int64),
+        len(rows.dev_idx) // 8,
+        rows.device_ids,
+        np.frombuffer(rows.dev_idx, np.int64),
         kinds,
         kind_idx,
         size if size.any() else None,
         ts if ts.any() else None,
-        names,
-        np.frombuffer(pos, np.int64),
-        np.frombuffer(name, np.int64),
-        np.frombuffer(val, np.float64),
+        rows.names,
+        np.frombuffer(rows.v_pos, np.int64),
+        np.frombuffer(rows.v_name, np.int64),
+        np.frombuffer(rows.v_val, np.float64),
     )
 
 
@@ -282,11 +283,11 @@ def parse_batch(raw: bytes, max_packets: int, compiled: bool = C_ROWS) -> Parsed
     BatchTooLarge past `max_packets` (before building anything per packet). Row batches go
     through the C reader (`compiled`), which hands anything unusual back to protobuf."""
     if compiled:
-        fields = _read_rows(raw, max_packets)
-        if fields is not None:
-            if len(fields) == 2:
-                raise BatchTooLarge(fields[0], fields[1])
-            return ParsedBatch(fields[0], fields[1], None, _table_from_wire(fields))
+        read = _read_rows(raw, max_packets)
+        if isinstance(read, _WireTooLarge):
+            raise BatchTooLarge(read.batch_id, read.packets)
+        if read is not None:
+            return ParsedBatch(read.producer_id, read.batch_id, None, _table_from_wire(read))
     batch = Batch.FromString(raw)
     columns = batch.columns if batch.HasField("columns") else None
     parsed = ParsedBatch(batch.producer_id, batch.batch_id, columns, batch.packets)
@@ -308,7 +309,7 @@ def decode_columns(
     (see check_columns)."""
     check_columns(cols, validator.limits.max_values_per_packet)
     if cols.count == 0:
-        return _empty(), Counter()
+        return BatchDelta.empty(), Counter()
     return _validate_and_aggregate(_table_from_columns(cols), validator, recv_ms)
 
 
@@ -320,24 +321,35 @@ def decode_rows(
     sent as columns."""
     if not isinstance(rows, _Table):
         if not rows:
-            return _empty(), Counter()
+            return BatchDelta.empty(), Counter()
         # One list of protobuf's packet objects, so that each column pass reuses them.
         rows = _table_from_rows(list(rows))
     if rows.n == 0:
-        return _empty(), Counter()
+        return BatchDelta.empty(), Counter()
     return _validate_and_aggregate(rows, validator, recv_ms)
-
-
-def _empty() -> BatchDelta:
-    i, f = _NO_INTS, _NO_FLOATS
-    return BatchDelta([], i, i, i, i, [], i, i, i, [], i, i, i, f, f, f, f, i, 0, 0)
 
 
 def _validate_and_aggregate(
     t: _Table, validator: Validator, recv_ms: int
 ) -> tuple[BatchDelta, Counter[str]]:
+    code = _reason_codes(t, validator, recv_ms)
+    ok = code == 0
+    if ok.any():
+        _admit(t, validator, code, ok)
+        ok = code == 0
+    rejected: Counter[str] = Counter()
+    if not ok.all():
+        counts = np.bincount(code, minlength=len(_REASONS) + 1)
+        for c in np.flatnonzero(counts[1:]).tolist():
+            rejected[str(_REASONS[c])] = int(counts[c + 1])
+    if not ok.any():
+        return BatchDelta.empty(), rejected
+    return _aggregate(t, ok, recv_ms), rejected
+
+
+def _reason_codes(t: _Table, validator: Validator, recv_ms: int) -> npt.NDArray[np.uint8]:
+    """Per packet: 0 if it passes the stateless checks, else its reason's code."""
     n, lim = t.n, validator.limits
-    n_dev, n_kind = len(t.device_ids), len(t.kinds)
     # Reason codes, later checks first so that the earliest failing check wins (the same
     # precedence as Validator.check for one packet). Lookup tables have one extra slot at
     # the end for index -1 (past the client's dictionary).
@@ -367,21 +379,14 @@ def _validate_and_aggregate(
     if dev_code.any():
         by_dev = dev_code[t.dev_idx]
         code = np.where(by_dev != 0, by_dev, code)
+    return code
 
-    ok = code == 0
-    if ok.any():
-        _admit(t, validator, code, ok)
-        ok = code == 0
-    rejected: Counter[str] = Counter()
-    if not ok.all():
-        counts = np.bincount(code, minlength=len(_REASONS) + 1)
-        for c in np.flatnonzero(counts[1:]).tolist():
-            rejected[str(_REASONS[c])] = int(counts[c + 1])
-    if not ok.any():
-        return _empty(), rejected
 
-    # Aggregation of the accepted packets: each device of the batch gets a row (numbered
-    # over the device index), and everything per packet is a bincount over those rows.
+def _aggregate(t: _Table, ok: npt.NDArray[np.bool_], recv_ms: int) -> BatchDelta:
+    """The accepted packets (`ok`) as one delta: each device of the batch gets a row
+    (numbered over the device index), and everything per packet is a bincount over those
+    rows."""
+    n, n_dev, n_kind = t.n, len(t.device_ids), len(t.kinds)
     positions = np.flatnonzero(ok)
     uniq, rows = number_keys(t.dev_idx[positions], n_dev)
     u = len(uniq)
@@ -398,23 +403,27 @@ def _validate_and_aggregate(
     values = _aggregate_values(t, group, u, recv_ms)
     device_ids = t.device_ids
     seen = np.full(u, recv_ms, dtype=np.int64)  # the batch's receive time, first and last
-    return (
-        BatchDelta(
-            [device_ids[d] for d in uniq.tolist()],
-            packets,
-            nbytes,
-            seen,
-            seen,
-            t.kinds,
-            pairs // n_kind,
-            pairs % n_kind,
-            pair_counts.astype(np.int64),
-            t.names,
-            *values,
-            int(packets.sum()),
-            int(nbytes.sum()),
-        ),
-        rejected,
+    return BatchDelta(
+        device_ids=[device_ids[d] for d in uniq.tolist()],
+        packets=packets,
+        nbytes=nbytes,
+        first_seen=seen,
+        last_seen=seen,
+        kinds=t.kinds,
+        kind_dev=pairs // n_kind,
+        kind_idx=pairs % n_kind,
+        kind_count=pair_counts.astype(np.int64),
+        names=t.names,
+        value_dev=values.dev,
+        value_name=values.name,
+        count=values.count,
+        total=values.total,
+        vmin=values.vmin,
+        vmax=values.vmax,
+        last=values.last,
+        last_ts=values.last_ts,
+        total_packets=int(packets.sum()),
+        total_bytes=int(nbytes.sum()),
     )
 
 
@@ -459,21 +468,41 @@ def _admit(t: _Table, validator: Validator, code: npt.NDArray[np.uint8], ok: Any
             code[mine & hit & (code == 0)] = _CODE[Reason.TOO_MANY_VALUE_NAMES]
 
 
-_ValueColumns = tuple[
-    IntArray, IntArray, IntArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray
-]
+@dataclass(slots=True, kw_only=True)
+class _ValueColumns:
+    """The statistics of a batch's readings, one entry per (device row, value name)."""
+
+    dev: IntArray
+    name: IntArray
+    count: IntArray
+    total: FloatArray
+    vmin: FloatArray
+    vmax: FloatArray
+    last: FloatArray
+    last_ts: IntArray
+
+
+_NO_VALUES = _ValueColumns(
+    dev=_NO_INTS,
+    name=_NO_INTS,
+    count=_NO_INTS,
+    total=_NO_FLOATS,
+    vmin=_NO_FLOATS,
+    vmax=_NO_FLOATS,
+    last=_NO_FLOATS,
+    last_ts=_NO_INTS,
+)
 
 
 def _aggregate_values(t: _Table, group: IntArray, u: int, recv_ms: int) -> _ValueColumns:
     """count/sum/min/max/last per (device row, value name) over the accepted readings."""
     n_names = len(t.names)
-    i, f = _NO_INTS, _NO_FLOATS
     if not len(t.v_pos):
-        return i, i, i, f, f, f, f, i
+        return _NO_VALUES
     owner = group[t.v_pos]
     sel = owner >= 0  # readings of accepted packets
     if not sel.any():
-        return i, i, i, f, f, f, f, i
+        return _NO_VALUES
     x = t.v_val[sel]
     # one slot per (device row, value name) present
     slot_keys, dense = number_keys(owner[sel] * n_names + t.v_name[sel], u * n_names)
@@ -494,13 +523,13 @@ def _aggregate_values(t: _Table, group: IntArray, u: int, recv_ms: int) -> _Valu
         ts = np.where(ts == 0, recv_ms, ts)
         ends = latest_of_newest(dense, slots, ts)
         last, last_ts = x[ends], ts[ends]
-    return (
-        slot_keys // n_names,
-        slot_keys % n_names,
-        count.astype(np.int64),
-        total.astype(np.float64),
-        vmin,
-        vmax,
-        last.astype(np.float64),
-        last_ts,
+    return _ValueColumns(
+        dev=slot_keys // n_names,
+        name=slot_keys % n_names,
+        count=count.astype(np.int64),
+        total=total.astype(np.float64),
+        vmin=vmin,
+        vmax=vmax,
+        last=last.astype(np.float64),
+        last_ts=last_ts,
     )

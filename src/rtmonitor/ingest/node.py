@@ -22,9 +22,10 @@ from rtmonitor.ingest.columnar import C_ROWS
 from rtmonitor.ingest.server import build_server
 from rtmonitor.ingest.servicer import SERVICE_NAME, IngestServicer
 from rtmonitor.ingest.validation import Limits, Validator
+from rtmonitor.model import IngestStats, InstanceStats, PipelineStats
 from rtmonitor.pipeline.pipeline import Pipeline
 from rtmonitor.pipeline.recovery import HEARTBEAT_TTL_S
-from rtmonitor.pipeline.stats import IngestStats, InstanceStats, PipelineStats
+from rtmonitor.storage.committer import RedisCommitter
 from rtmonitor.storage.store import RedisStore
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class IngestNode:
         s = self.settings = settings
         self.store = store
         self.reuse_port = reuse_port  # --workers: every worker binds the same port
-        self.pipeline = Pipeline(settings, store)
+        self.pipeline = Pipeline(settings, RedisCommitter(store))
         self.validator = Validator(
             Limits(
                 max_payload_bytes=s.max_payload_bytes,

@@ -26,7 +26,7 @@ from rtmonitor.ingest.v1.telemetry_pb2 import Ack, BatchAck, Packet
 from rtmonitor.ingest.validation import Reason, Validator
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.queue import PacketQueue, QueueClosed
-from rtmonitor.pipeline.work import CommitFailed, CommitTracker, StreamRows, Work
+from rtmonitor.pipeline.work import BatchWork, CommitFailed, CommitTracker, StreamRows, Work
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +412,8 @@ class IngestServicer:
         if accepted:
             # With a producer id the batch is counted exactly once, even if resent.
             batch_key = (producer, batch.batch_id) if producer else None
-            await self.queue.put(Work([], recv_ms, tracker, batch_key, tuple(parts)), accepted)
+            work = BatchWork(parts=tuple(parts), tracker=tracker, batch_id=batch_key)
+            await self.queue.put(work, accepted)
             tracker.submitted()
         tracker.close()
         return _Pending(batch.producer_id, batch.batch_id, accepted, rejected, tracker)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
-from rtmonitor.pipeline.work import Row
+from rtmonitor.model import Row
 
 # device ids: letters, digits and . _ : @ / -  — no braces (they are Redis Cluster hash-tag
 # delimiters), no quotes, spaces, or control characters (they break Prometheus labels, logs, URLs).

@@ -8,16 +8,18 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rtmonitor.pipeline.queue import PacketQueue
-from rtmonitor.pipeline.work import CommitTracker, Row, Work
-from rtmonitor.storage.model import (
+from rtmonitor.model import (
     MERGE_ENTRIES,
     BatchDelta,
+    BatchId,
     DeviceDelta,
     FlushDelta,
+    Row,
     ValueStats,
     merge_batches,
 )
+from rtmonitor.pipeline.queue import PacketQueue
+from rtmonitor.pipeline.work import BatchWork, CommitTracker, RowsWork, Work
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class PendingBatch:
     """A batch with an id, kept apart (in its compact column form) until its flush knows it
     is not a resend."""
 
-    batch_id: tuple[str, int]
+    batch_id: BatchId
     parts: tuple[BatchDelta, ...]
     tracker: CommitTracker
 
@@ -68,7 +70,9 @@ def fold(delta: FlushDelta, rows: list[Row], recv: int) -> None:
             for name, value in values.items():
                 s = stats.get(name)
                 if s is None:
-                    stats[name] = ValueStats(1, value, value, value, value, ts)
+                    stats[name] = ValueStats(
+                        count=1, sum=value, min=value, max=value, last=value, last_ts=ts
+                    )
                     continue
                 s.count += 1
                 s.sum += value
@@ -138,25 +142,27 @@ class Aggregator:
         defined anyway.)"""
         trackers = self._trackers
         for work in items:
-            if work.batch_id is None:
-                if work.rows:
-                    fold(self._delta, work.rows, work.recv_ms)
+            if isinstance(work, RowsWork):
+                fold(self._delta, work.rows, work.recv_ms)
+            elif work.batch_id is None:
                 for part in work.parts:
                     self._loose.append(part)
                     self._loose_packets += part.total_packets
                     self._loose_entries += part.entries
                 if work.parts:
                     self._loose_batches += 1
-                trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
+            else:
+                self._add_pending(work, work.batch_id)
                 continue
-            if work.rows:  # rows are StreamPackets' packets, which have no batch id
-                raise ValueError("a batch with an id carries decoded parts, not rows")
-            batch = PendingBatch(work.batch_id, work.parts, work.tracker)
-            self._batches.append(batch)
-            self._batch_packets += batch.packets
-            self._batch_devices += batch.entries
+            trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
         if self._loose_entries >= MERGE_ENTRIES:
             self._merge_loose()
+
+    def _add_pending(self, work: BatchWork, batch_id: BatchId) -> None:
+        batch = PendingBatch(batch_id, work.parts, work.tracker)
+        self._batches.append(batch)
+        self._batch_packets += batch.packets
+        self._batch_devices += batch.entries
 
     def _merge_loose(self) -> None:
         merge_batches(self._delta, self._loose)

@@ -1,4 +1,4 @@
-"""The flusher: commits the aggregator's deltas to Redis on a timer, exactly once."""
+"""The flusher: commits the aggregator's deltas through a committer on a timer, exactly once."""
 
 from __future__ import annotations
 
@@ -8,22 +8,22 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from redis.exceptions import RedisError
-
-from rtmonitor.pipeline.aggregator import Aggregator, PendingBatch
-from rtmonitor.pipeline.work import CommitFailed, CommitTracker
-from rtmonitor.storage.model import (
+from rtmonitor.model import (
     MERGE_ENTRIES,
     BatchDelta,
+    Claim,
+    CommitUnavailable,
     FlushDelta,
+    FlushStats,
     merge_batches,
     merge_into,
 )
-from rtmonitor.storage.store import RedisStore
+from rtmonitor.pipeline.aggregator import Aggregator, PendingBatch
+from rtmonitor.pipeline.commit import Committer
+from rtmonitor.pipeline.work import CommitFailed, CommitTracker
 
 logger = logging.getLogger(__name__)
 
@@ -50,24 +50,6 @@ T = TypeVar("T")
 _JITTER = random.Random()
 
 
-@dataclass(slots=True)
-class FlushStats:
-    """Self-metrics of the flusher."""
-
-    flushes: int = 0
-    packets_committed: int = 0
-    commit_errors: int = 0  # failed attempts to reach Redis
-    redis_recoveries: int = 0  # times Redis came back after failing
-    last_flush_ms: int = 0
-    last_flush_seconds: float = 0.0
-    duplicate_batches: int = 0
-    duplicate_packets: int = 0
-    carried_over_batches: int = 0
-    # packets that could not be committed by the shutdown deadline (never acknowledged)
-    packets_abandoned: int = 0
-    redis_error: str | None = None  # the last error while Redis is failing, else None
-
-
 class _GiveUp(Exception):
     """Redis stayed unreachable past the shutdown deadline."""
 
@@ -92,14 +74,14 @@ class Flusher:
     def __init__(
         self,
         aggregator: Aggregator,
-        store: RedisStore,
+        committer: Committer,
         interval: float,
         *,
         dedupe_window_s: int = 600,
         instance_id: str | None = None,
     ) -> None:
         self.aggregator = aggregator
-        self.store = store
+        self.committer = committer
         self.interval = interval
         self.dedupe_window_s = dedupe_window_s
         self.stats = FlushStats()
@@ -199,8 +181,7 @@ class Flusher:
         self, delta: FlushDelta, batches: list[PendingBatch], seq: int
     ) -> tuple[list[PendingBatch], list[PendingBatch], list[PendingBatch]]:
         """Commit; returns the batches (counted, duplicates skipped, carried over)."""
-        store, instance = self.store, self.instance_id
-        flush_id = f"{instance}:{seq}"
+        committer, instance = self.committer, self.instance_id
         duplicates: list[PendingBatch] = []
         carried: list[PendingBatch] = []
         fresh: list[PendingBatch] = []
@@ -220,39 +201,36 @@ class Flusher:
                     # requests the loop after each slice (and before the plan is encoded)
                     # instead of one long stall.
                     await asyncio.sleep(0)
-            # The calls carry everything from here on: a merged copy is consumed while it is
-            # encoded (with 100,000 devices it is ~100 MB, as large as the calls), so the two
-            # are never both whole in memory. `delta` itself stays whole: a conflict merges
-            # it again.
-            has_work = bool(merged)
-            calls = store.plan(merged, instance, seq, consume=merged is not delta)
+            # The encoded write carries everything from here on: a merged copy is consumed
+            # while it is encoded (with 100,000 devices it is ~100 MB, as large as the
+            # write), so the two are never both whole in memory. `delta` itself stays whole:
+            # a conflict merges it again.
+            batch_ids = [b.batch_id for b in fresh]
+            write = committer.encode(merged, batch_ids, instance, seq, consume=merged is not delta)
             del merged
-            keys = [store.layout.batch(*b.batch_id) for b in fresh]
-            if keys:
-                conflicts = await self._retry(partial(store.prepare, flush_id, keys, calls))
-                if conflicts:
-                    # Nothing was written: drop the resends and try again without them.
-                    for pos, state in conflicts.items():
-                        (duplicates if state == "c" else carried).append(fresh[pos])
-                    fresh = [b for pos, b in enumerate(fresh) if pos not in conflicts]
-                    continue
-            if has_work:
-                await self._retry(partial(store.apply, calls))
-            if keys:
-                await self._retry(partial(store.finalize, flush_id, keys, self.dedupe_window_s))
+            # Each step is retried alone with the same flush (instance, seq): all idempotent.
+            conflicts = await self._retry(write.prepare)
+            if conflicts:
+                # Nothing was written: drop the resends and try again without them.
+                for pos, claim in conflicts.items():
+                    (duplicates if claim is Claim.COMMITTED else carried).append(fresh[pos])
+                fresh = [b for pos, b in enumerate(fresh) if pos not in conflicts]
+                continue
+            await self._retry(write.apply)
+            await self._retry(partial(write.finalize, self.dedupe_window_s))
             return fresh, duplicates, carried
 
     async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run `attempt` until Redis answers; give up only past the shutdown deadline."""
+        """Run `attempt` until storage answers; give up only past the shutdown deadline."""
         backoff = BACKOFF_START_S
         failures = 0
         while True:
             try:
                 result = await attempt()
-            except (RedisError, OSError) as exc:
+            except CommitUnavailable as exc:
                 failures += 1
                 self.stats.commit_errors += 1
-                self.stats.redis_error = f"{type(exc).__name__}: {exc}"
+                self.stats.redis_error = str(exc)
                 if failures == 1 or failures % 20 == 0:
                     logger.warning(
                         "commit failed (%s); retrying (attempt %d)",

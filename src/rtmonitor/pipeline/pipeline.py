@@ -7,27 +7,30 @@ import asyncio
 import dataclasses
 
 from rtmonitor.config import Settings
+from rtmonitor.model import PendingStats, PipelineStats, QueueStats
 from rtmonitor.pipeline.aggregator import Aggregator
+from rtmonitor.pipeline.commit import Committer
 from rtmonitor.pipeline.flusher import Flusher
 from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.pipeline.recovery import Recovery
-from rtmonitor.pipeline.stats import PendingStats, PipelineStats, QueueStats
 from rtmonitor.pipeline.work import Work
-from rtmonitor.storage.store import RedisStore
 
 
 class Pipeline:
     """Built from Settings; start() runs its loops, drain() ends them without losing an
     acknowledged packet, stats() reports it. Receivers put Work on `queue`."""
 
-    def __init__(self, settings: Settings, store: RedisStore) -> None:
+    def __init__(self, settings: Settings, committer: Committer) -> None:
         self.settings = settings
         self.queue: PacketQueue[Work] = PacketQueue(settings.queue_max_packets)
         self.aggregator = Aggregator()
         self.flusher = Flusher(
-            self.aggregator, store, settings.flush_interval, dedupe_window_s=settings.dedupe_window
+            self.aggregator,
+            committer,
+            settings.flush_interval,
+            dedupe_window_s=settings.dedupe_window,
         )
-        self.recovery = Recovery(store, self.flusher.instance_id, settings.dedupe_window)
+        self.recovery = Recovery(committer, self.flusher.instance_id, settings.dedupe_window)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._drained = False
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
-from rtmonitor.storage.store import RedisStore
+from rtmonitor.model import CommitUnavailable, RecoveryStats
+from rtmonitor.pipeline.commit import Committer
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +20,6 @@ HEARTBEAT_TTL_S = 10
 RETENTION_INTERVAL_S = 30.0
 
 
-@dataclass(slots=True)
-class RecoveryStats:
-    journals_recovered: int = 0
-    devices_expired: int = 0
-    errors: int = 0
-
-
 class Recovery:
     """A background loop: heartbeat, finish any flush a dead instance left prepared, and
     (every RETENTION_INTERVAL_S) drop silent devices from the indexes.
@@ -39,8 +30,8 @@ class Recovery:
     those batches are then acknowledged as duplicates: each is counted exactly once.
     """
 
-    def __init__(self, store: RedisStore, instance_id: str, dedupe_window_s: int) -> None:
-        self.store = store
+    def __init__(self, committer: Committer, instance_id: str, dedupe_window_s: int) -> None:
+        self.committer = committer
         self.instance_id = instance_id
         self.dedupe_window_s = dedupe_window_s
         self.stats = RecoveryStats()
@@ -49,22 +40,23 @@ class Recovery:
 
     async def heartbeat(self) -> None:
         """Announce this instance as alive (before it prepares any journal)."""
-        await self.store.heartbeat(self.instance_id, HEARTBEAT_TTL_S)
+        await self.committer.heartbeat(self.instance_id, HEARTBEAT_TTL_S)
 
     async def run_once(self) -> int:
         """Heartbeat and recover what can be; the number of journals recovered."""
         await self.heartbeat()
         recovered = 0
-        for flush_id in await self.store.orphan_journals(self.instance_id):
-            if await self.store.recover(flush_id, self.instance_id, self.dedupe_window_s):
+        committer = self.committer
+        for flush_id in await committer.orphans(self.instance_id):
+            if await committer.recover(flush_id, self.instance_id, self.dedupe_window_s):
                 recovered += 1
                 self.stats.journals_recovered += 1
                 logger.warning("recovered flush %s of a dead instance from its journal", flush_id)
         if time.monotonic() >= self._next_retention:
             # a short retention (tests, demos) is enforced more often
-            interval = min(RETENTION_INTERVAL_S, max(1.0, self.store.retention_s / 4))
+            interval = min(RETENTION_INTERVAL_S, max(1.0, committer.retention_s / 4))
             self._next_retention = time.monotonic() + interval
-            expired = await self.store.expire_silent_devices(int(time.time() * 1000))
+            expired = await committer.expire_silent_devices(int(time.time() * 1000))
             self.stats.devices_expired += expired
             if expired:
                 logger.info("retention: dropped %d silent devices", expired)
@@ -74,7 +66,7 @@ class Recovery:
         while not self._stop.is_set():
             try:
                 await self.run_once()
-            except (RedisError, OSError) as exc:
+            except CommitUnavailable as exc:
                 self.stats.errors += 1
                 logger.debug("recovery pass failed: %s", exc)
             except Exception:  # never die silently

@@ -1,4 +1,5 @@
-"""What flows into the pipeline (validated rows) and how receivers learn of its commit."""
+"""What flows into the pipeline (queue items of rows or batches) and how receivers learn of
+its commit."""
 
 from __future__ import annotations
 
@@ -6,12 +7,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from rtmonitor.model import BatchDelta, BatchId, Row
 from rtmonitor.pipeline.queue import PacketQueue
-from rtmonitor.storage.model import BatchDelta
-
-# A validated packet: (device_id, kind, payload bytes, device timestamp ms, values or None).
-# Produced by ingest/validation.py, consumed by the aggregator.
-Row: TypeAlias = tuple[str, str, int, int, dict[str, float] | None]
 
 
 class CommitFailed(Exception):
@@ -64,19 +61,34 @@ class CommitTracker:
         await asyncio.shield(self._done)
 
 
-@dataclass(slots=True)
-class Work:
-    """One queue item: validated packets received together, and whom to tell on commit."""
+@dataclass(slots=True, kw_only=True)
+class RowsWork:
+    """A queue item of StreamPackets' validated packets, received in the same millisecond
+    (at-least-once: a stream's packets carry no id)."""
 
     rows: list[Row]
     recv_ms: int
     tracker: CommitTracker
-    # (producer_id, batch_id) of a batch to count exactly once; None for StreamPackets
-    # packets and for batches without a producer id (those are at-least-once).
-    batch_id: tuple[str, int] | None = None
-    # A batch arrives already aggregated, in column form (ingest/columnar.py): one part
-    # per form it was sent in (rows, columns). `rows` are only StreamPackets' packets.
-    parts: tuple[BatchDelta, ...] = ()
+
+
+@dataclass(slots=True, kw_only=True)
+class BatchWork:
+    """A queue item of one StreamBatches batch, already aggregated in column form
+    (ingest/columnar.py): one part per form it was sent in (rows, columns)."""
+
+    parts: tuple[BatchDelta, ...]
+    tracker: CommitTracker
+    # Counted exactly once when it has an id; None for a batch without a producer id
+    # (at-least-once).
+    batch_id: BatchId | None = None
+
+    @property
+    def packets(self) -> int:
+        return sum(p.total_packets for p in self.parts)
+
+
+# One queue item: told apart by type (isinstance / match), never by which field is empty.
+Work: TypeAlias = RowsWork | BatchWork
 
 
 class StreamRows:
@@ -93,7 +105,7 @@ class StreamRows:
     def __init__(self, queue: PacketQueue[Work], tracker: CommitTracker) -> None:
         self._queue = queue
         self._tracker = tracker
-        self._work: Work | None = None
+        self._work: RowsWork | None = None
         self._ticket = -1
 
     def append(self, row: Row, recv_ms: int) -> bool:
@@ -106,6 +118,6 @@ class StreamRows:
 
     async def put(self, row: Row, recv_ms: int) -> None:
         """Queue `row` as a new item, waiting while the queue is full (backpressure)."""
-        work = self._work = Work([row], recv_ms, self._tracker)
+        work = self._work = RowsWork(rows=[row], recv_ms=recv_ms, tracker=self._tracker)
         self._ticket = await self._queue.put(work, 1)
         self._tracker.submitted()

@@ -17,8 +17,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
+from rtmonitor.model import DeviceDelta, FlushDelta
 from rtmonitor.storage.keys import RATE_WINDOW_S, SORT_INDEXES, KeyLayout
-from rtmonitor.storage.model import DeviceDelta, FlushDelta
 from rtmonitor.storage.scripts import (
     FINALIZE,
     MERGE_DEVICES,

@@ -1,0 +1,547 @@
+"""The domain records every stage shares: validated rows, and the deltas a flush commits.
+
+Receivers make rows and batch deltas, the pipeline merges them into a flush's delta, and
+storage writes that. The merge rules live here with the records (sums add, min/max kept,
+the newest "last" wins), in Python for single deltas and in numpy for many batches at once.
+The pipeline's self-metrics records are here too: ingest processes publish them, the HTTP
+node sums and renders them. This module imports nothing from the rooms (ingest, pipeline,
+storage, api).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from itertools import chain
+from typing import Any, TypeAlias, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+_NO_INTS: IntArray = np.zeros(0, dtype=np.int64)
+_NO_FLOATS: FloatArray = np.zeros(0, dtype=np.float64)
+
+# A validated packet: (device_id, kind, payload bytes, device timestamp ms, values or None).
+# Made by the receivers (ingest/validation.py), folded by the aggregator. A plain tuple:
+# StreamPackets makes one per packet, and the fold unpacks it in one step.
+Row: TypeAlias = tuple[str, str, int, int, dict[str, float] | None]
+
+# A batch's identity for exactly-once counting: (producer_id, batch_id).
+BatchId: TypeAlias = tuple[str, int]
+
+
+class Claim(Enum):
+    """Why a flush may not count a batch id: another flush holds it."""
+
+    COMMITTED = "committed"  # counted by an earlier flush: the batch is a resend
+    PENDING = "pending"  # claimed by a flush not yet finalized: wait for it to settle
+
+
+class CommitUnavailable(Exception):
+    """Storage could not be reached (or refused a write for now): the same step may be
+    tried again, since every step of a commit is idempotent."""
+
+
+@dataclass(slots=True, kw_only=True)
+class ValueStats:
+    """Statistics of one named reading of one device over one flush."""
+
+    count: int
+    sum: float
+    min: float
+    max: float
+    last: float
+    last_ts: int  # device timestamp (ms) of `last`; the newest reading wins on merge
+
+
+@dataclass(slots=True, kw_only=True)
+class DeviceDelta:
+    """Everything one device added during one flush interval."""
+
+    packets: int = 0
+    bytes: int = 0
+    first_seen: int = 0  # receive time, ms since the epoch
+    last_seen: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+    values: dict[str, ValueStats] = field(default_factory=dict)
+
+
+@dataclass(slots=True, kw_only=True)
+class FlushDelta:
+    """The unit of one commit to Redis: all devices' deltas plus rejections."""
+
+    devices: dict[str, DeviceDelta] = field(default_factory=dict)
+    rejected: Counter[str] = field(default_factory=Counter)
+    packets: int = 0
+    bytes: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.devices or self.rejected)
+
+
+def _device(
+    devices: dict[str, DeviceDelta],
+    device_id: str,
+    packets: int,
+    nbytes: int,
+    first_seen: int,
+    last_seen: int,
+) -> DeviceDelta:
+    """`device_id`'s delta in `devices` with these counts added (a new one if absent)."""
+    dev = devices.get(device_id)
+    if dev is None:
+        dev = devices[device_id] = DeviceDelta(
+            packets=packets, bytes=nbytes, first_seen=first_seen, last_seen=last_seen
+        )
+        return dev
+    dev.packets += packets
+    dev.bytes += nbytes
+    dev.first_seen = min(dev.first_seen, first_seen)
+    dev.last_seen = max(dev.last_seen, last_seen)
+    return dev
+
+
+def _add_stats(
+    stats: dict[str, ValueStats],
+    name: str,
+    count: int,
+    total: float,
+    lo: float,
+    hi: float,
+    last: float,
+    last_ts: int,
+) -> None:
+    """Merge one reading's statistics: sums add, min/max kept, the newest `last` wins (on a
+    tie, the one merged later)."""
+    t = stats.get(name)
+    if t is None:
+        stats[name] = ValueStats(count=count, sum=total, min=lo, max=hi, last=last, last_ts=last_ts)
+        return
+    t.count += count
+    t.sum += total
+    t.min = min(t.min, lo)
+    t.max = max(t.max, hi)
+    if last_ts >= t.last_ts:
+        t.last, t.last_ts = last, last_ts
+
+
+def merge_into(target: FlushDelta, source: FlushDelta) -> None:
+    """Add `source` to `target` exactly; `source` is left untouched, so it can be merged
+    again elsewhere."""
+    target.packets += source.packets
+    target.bytes += source.bytes
+    target.rejected.update(source.rejected)
+    devices = target.devices
+    for device_id, src in source.devices.items():
+        dev = _device(devices, device_id, src.packets, src.bytes, src.first_seen, src.last_seen)
+        kinds = dev.kinds
+        for kind, count in src.kinds.items():
+            kinds[kind] = kinds.get(kind, 0) + count
+        for name, v in src.values.items():
+            _add_stats(dev.values, name, v.count, v.sum, v.min, v.max, v.last, v.last_ts)
+
+
+@dataclass(slots=True, kw_only=True)
+class BatchDelta:
+    """One batch's counts kept as columns until its flush: ~150 bytes per device instead of
+    ~1 KB of DeviceDelta/ValueStats objects. A pending batch stays separate until the flush
+    knows it is not a resend, so with batches spread over many devices this is what the
+    pending memory is made of. Entries are in the order the aggregation produced them."""
+
+    device_ids: list[str]
+    packets: IntArray  # per device
+    nbytes: IntArray
+    first_seen: IntArray  # receive times (one batch: its receive time)
+    last_seen: IntArray
+    kinds: list[str]
+    kind_dev: IntArray  # per (device, kind): row in device_ids
+    kind_idx: IntArray  # index into kinds
+    kind_count: IntArray
+    names: list[str]
+    value_dev: IntArray  # per (device, value name)
+    value_name: IntArray
+    count: IntArray
+    total: FloatArray
+    vmin: FloatArray
+    vmax: FloatArray
+    last: FloatArray
+    last_ts: IntArray
+    total_packets: int
+    total_bytes: int
+
+    @classmethod
+    def empty(cls) -> BatchDelta:
+        """A batch that adds nothing (every packet refused, or none sent)."""
+        i, f = _NO_INTS, _NO_FLOATS
+        return cls(
+            device_ids=[], packets=i, nbytes=i, first_seen=i, last_seen=i,
+            kinds=[], kind_dev=i, kind_idx=i, kind_count=i,
+            names=[], value_dev=i, value_name=i, count=i, total=f, vmin=f, vmax=f, last=f,
+            last_ts=i, total_packets=0, total_bytes=0,
+        )  # fmt: skip
+
+    @property
+    def entries(self) -> int:
+        return len(self.device_ids)
+
+    def merge_into(self, target: FlushDelta) -> None:
+        """Add this batch to `target`, exactly as merge_into() adds a FlushDelta."""
+        target.packets += self.total_packets
+        target.bytes += self.total_bytes
+        devices = target.devices
+        rows = [
+            _device(devices, device_id, *stats)
+            for device_id, *stats in zip(
+                self.device_ids, self.packets.tolist(), self.nbytes.tolist(),
+                self.first_seen.tolist(), self.last_seen.tolist(), strict=True,
+            )
+        ]  # fmt: skip
+        kinds = self.kinds
+        for row, k, count in zip(
+            self.kind_dev.tolist(), self.kind_idx.tolist(), self.kind_count.tolist(), strict=True
+        ):
+            of = rows[row].kinds
+            of[kinds[k]] = of.get(kinds[k], 0) + count
+        names = self.names
+        for row, j, *stats in zip(
+            self.value_dev.tolist(),
+            self.value_name.tolist(),
+            self.count.tolist(),
+            self.total.tolist(),
+            self.vmin.tolist(),
+            self.vmax.tolist(),
+            self.last.tolist(),
+            self.last_ts.tolist(),
+            strict=True,
+        ):
+            _add_stats(rows[row].values, names[j], *stats)
+
+    def to_flush_delta(self) -> FlushDelta:
+        delta = FlushDelta()
+        self.merge_into(delta)
+        return delta
+
+
+def number_keys(keys: IntArray, space: int) -> tuple[IntArray, IntArray]:
+    """Number the distinct keys (each in range(space)): the distinct keys, sorted, and the
+    number of each key. A lookup table when the key space is small, a sort otherwise (so
+    that a hostile batch of thousands of devices times thousands of kinds or value names
+    cannot allocate their product)."""
+    if space > 4 * len(keys) + 4096:
+        present, numbers = np.unique(keys, return_inverse=True)
+        return present, numbers.reshape(-1)
+    seen = np.zeros(space, dtype=np.bool_)
+    seen[keys] = True
+    present = np.flatnonzero(seen)
+    lut = np.zeros(space, dtype=np.int64)
+    lut[present] = np.arange(len(present))
+    return present, lut[keys]
+
+
+def latest_of_newest(which: IntArray, slots: int, ts: IntArray) -> IntArray:
+    """For each slot in range(slots): the index of its "last" entry — the latest one among
+    those with the newest `ts` (entries in arrival order; `which` gives each one's slot).
+    The same rule as `_add_stats` and the per-packet fold, without a sort."""
+    newest_ts = np.full(slots, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(newest_ts, which, ts)
+    newest = np.flatnonzero(ts == newest_ts[which])
+    ends = np.full(slots, -1, dtype=np.int64)
+    np.maximum.at(ends, which[newest], newest)
+    return ends
+
+
+# Per-device entries of batches merged in one numpy pass, between two yields to the event
+# loop (a pass this size is short): ~50 batches of 100 devices each, or one of 5,000.
+MERGE_ENTRIES = 5_000
+
+
+def _shifted(lists: list[list[str]], index: list[IntArray]) -> IntArray:
+    """Each part's index into its own list, as an index into the lists concatenated."""
+    offsets = np.cumsum([0] + [len(x) for x in lists[:-1]], dtype=np.int64)
+    shifted: IntArray = np.concatenate(index) + np.repeat(offsets, [len(i) for i in index])
+    return shifted
+
+
+def _unified(
+    lists: list[list[str]], *indexes: list[IntArray]
+) -> tuple[list[str], IntArray, list[IntArray]]:
+    """Number the strings of every part in one table (first-appearance order): the table,
+    each listed string's number, and each set of per-part indexes into the lists as
+    numbers in the table."""
+    table: dict[str, int] = {}
+    strings = chain.from_iterable(lists)
+    ids = np.array([table.setdefault(x, len(table)) for x in strings], dtype=np.int64)
+    return list(table), ids, [ids[_shifted(lists, index)] for index in indexes]
+
+
+def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
+    """Add pending batches to `target`: the same as `part.merge_into(target)` for each part
+    in turn (float sums are added in another order), with one Python step per distinct
+    device, kind and reading of all the parts instead of one per device of every part.
+
+    The parts are numbered into one set of devices, kinds and value names, concatenated,
+    and reduced with numpy into one BatchDelta: counts and sums with add.at/bincount (in
+    part order), min/max with minimum.at/maximum.at, "last" as the latest part among those
+    with the newest timestamp, as in `_add_stats`. No sort: keys are numbered with a lookup
+    table. One part alone is applied as it is (the numpy pass would only cost time)."""
+    if len(parts) <= 1:
+        for part in parts:
+            part.merge_into(target)
+        return
+    cat = np.concatenate
+    devices, all_dev, (kind_dev, value_dev) = _unified(
+        [p.device_ids for p in parts], [p.kind_dev for p in parts], [p.value_dev for p in parts]
+    )
+    kinds, _, (kind,) = _unified([p.kinds for p in parts], [p.kind_idx for p in parts])
+    names, _, (value_name,) = _unified([p.names for p in parts], [p.value_name for p in parts])
+    n = len(devices)
+    packets = np.zeros(n, dtype=np.int64)
+    nbytes = np.zeros(n, dtype=np.int64)
+    np.add.at(packets, all_dev, cat([p.packets for p in parts]))
+    np.add.at(nbytes, all_dev, cat([p.nbytes for p in parts]))
+    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    last_seen = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)
+    np.minimum.at(first, all_dev, cat([p.first_seen for p in parts]))
+    np.maximum.at(last_seen, all_dev, cat([p.last_seen for p in parts]))
+    n_kinds = max(len(kinds), 1)
+    kind_pair, which = number_keys(kind_dev * n_kinds + kind, n * n_kinds)
+    per_kind = np.zeros(len(kind_pair), dtype=np.int64)
+    np.add.at(per_kind, which, cat([p.kind_count for p in parts]))
+    n_names = max(len(names), 1)
+    pair, which = number_keys(value_dev * n_names + value_name, n * n_names)
+    m = len(pair)
+    count = np.zeros(m, dtype=np.int64)
+    np.add.at(count, which, cat([p.count for p in parts]))
+    total = np.asarray(
+        np.bincount(which, weights=cat([p.total for p in parts]), minlength=m), np.float64
+    )
+    lo = np.full(m, np.inf)
+    hi = np.full(m, -np.inf)
+    np.minimum.at(lo, which, cat([p.vmin for p in parts]))
+    np.maximum.at(hi, which, cat([p.vmax for p in parts]))
+    ts = cat([p.last_ts for p in parts])
+    ends = latest_of_newest(which, m, ts)
+    # The parts reduced to one, with one entry per distinct device, kind and reading:
+    # applied to `target` by the same code as a single batch.
+    BatchDelta(
+        device_ids=devices, packets=packets, nbytes=nbytes,
+        first_seen=first, last_seen=last_seen,
+        kinds=kinds, kind_dev=kind_pair // n_kinds, kind_idx=kind_pair % n_kinds,
+        kind_count=per_kind,
+        names=names, value_dev=pair // n_names, value_name=pair % n_names,
+        count=count, total=total, vmin=lo, vmax=hi,
+        last=cat([p.last for p in parts])[ends], last_ts=ts[ends],
+        total_packets=sum(p.total_packets for p in parts),
+        total_bytes=sum(p.total_bytes for p in parts),
+    ).merge_into(target)  # fmt: skip
+
+
+# --- self-metrics: what each pipeline reports, summed over the ingest processes --------
+
+
+@dataclass(slots=True)
+class FlushStats:
+    """Self-metrics of the flusher."""
+
+    flushes: int = 0
+    packets_committed: int = 0
+    commit_errors: int = 0  # failed attempts to reach Redis
+    redis_recoveries: int = 0  # times Redis came back after failing
+    last_flush_ms: int = 0
+    last_flush_seconds: float = 0.0
+    duplicate_batches: int = 0
+    duplicate_packets: int = 0
+    carried_over_batches: int = 0
+    # packets that could not be committed by the shutdown deadline (never acknowledged)
+    packets_abandoned: int = 0
+    redis_error: str | None = None  # the last error while Redis is failing, else None
+
+
+@dataclass(slots=True)
+class RecoveryStats:
+    journals_recovered: int = 0
+    devices_expired: int = 0
+    errors: int = 0
+
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IngestStats:
+    """The receivers' figures (gRPC streams, message budget, device slots)."""
+
+    active_streams: int = 0
+    streams_refused: int = 0
+    streams_refused_by_reason: dict[str, int] = field(default_factory=dict)
+    messages_refused_by_reason: dict[str, int] = field(default_factory=dict)
+    inflight_message_bytes: int = 0
+    streams_waiting_for_bytes: int = 0
+    inflight_message_waits: int = 0
+    streams_idle_closed: int = 0
+    devices_known: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueStats:
+    packets: int = 0
+    items: int = 0
+    max_packets: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingStats:
+    """Received but not yet committed: in the aggregator, and in the flush under way."""
+
+    packets: int = 0
+    devices: int = 0
+    batches: int = 0
+    inflight_packets: int = 0
+    device_entries: int = 0
+    inflight_device_entries: int = 0
+    max_device_entries: int = 0
+    max_pending_packets: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineStats:
+    """One ingest process's pipeline (or the sum of several): queue, pending deltas,
+    flushes, recovery, packets rejected by reason, and its receivers' figures."""
+
+    ingest: IngestStats = field(default_factory=IngestStats)
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    queue: QueueStats = field(default_factory=QueueStats)
+    pending: PendingStats = field(default_factory=PendingStats)
+    flush: FlushStats = field(default_factory=FlushStats)
+    recovery: RecoveryStats = field(default_factory=RecoveryStats)
+
+    def to_json(self) -> dict[str, Any]:
+        """The /stats sections (the shape GET /stats has always had)."""
+        return {
+            "ingest": {
+                **dataclasses.asdict(self.ingest),
+                "rejected_by_reason": dict(sorted(self.rejected_by_reason.items())),
+            },
+            "queue": dataclasses.asdict(self.queue),
+            "pending": dataclasses.asdict(self.pending),
+            "flush": dataclasses.asdict(self.flush),
+            "recovery": dataclasses.asdict(self.recovery),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> PipelineStats:
+        """The inverse of to_json(); fields it does not know (a newer replica's) are
+        ignored, missing ones take their default (an older replica's)."""
+        ingest = dict(doc.get("ingest") or {})
+        rejected = ingest.pop("rejected_by_reason", {})
+        return cls(
+            ingest=_build(IngestStats, ingest),
+            rejected_by_reason=dict(rejected),
+            queue=_build(QueueStats, doc.get("queue")),
+            pending=_build(PendingStats, doc.get("pending")),
+            flush=_build(FlushStats, doc.get("flush")),
+            recovery=_build(RecoveryStats, doc.get("recovery")),
+        )
+
+    @classmethod
+    def total(cls, parts: Iterable[PipelineStats]) -> PipelineStats:
+        """The sum over several processes: counts and gauges add up (limits too: the
+        capacity of all of them); the latest flush's duration, and any Redis error."""
+        items = list(parts)
+        flushes = [p.flush for p in items]
+        latest = max(flushes, key=lambda f: f.last_flush_ms, default=FlushStats())
+        flush = _sum(FlushStats, flushes)
+        flush.last_flush_ms = latest.last_flush_ms
+        flush.last_flush_seconds = latest.last_flush_seconds
+        flush.redis_error = next((f.redis_error for f in flushes if f.redis_error), None)
+        return cls(
+            ingest=_sum(IngestStats, [p.ingest for p in items]),
+            rejected_by_reason=_add_counts(p.rejected_by_reason for p in items),
+            queue=_sum(QueueStats, [p.queue for p in items]),
+            pending=_sum(PendingStats, [p.pending for p in items]),
+            flush=flush,
+            recovery=_sum(RecoveryStats, [p.recovery for p in items]),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceStats:
+    """What an ingest process publishes next to its heartbeat: who it is, and its stats."""
+
+    instance_id: str
+    pid: int
+    uptime_s: float
+    stats: PipelineStats
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "uptime_s": self.uptime_s, **self.stats.to_json()}
+
+    @classmethod
+    def from_json(cls, instance_id: str, doc: Mapping[str, Any]) -> InstanceStats:
+        return cls(
+            instance_id=instance_id,
+            pid=int(doc.get("pid") or 0),
+            uptime_s=float(doc.get("uptime_s") or 0.0),
+            stats=PipelineStats.from_json(doc),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceStats:
+    """GET /stats of one process: its readiness, the ingest instances sharing its Redis
+    (this process's own, if it ingests, and the published ones) and their sum, and the
+    sections of the parts this process runs (HTTP connections, the embedded Redis)."""
+
+    instance_id: str | None  # this process's ingest instance, if it ingests
+    uptime_s: float
+    ready: bool
+    not_ready_reasons: list[str]
+    instances: dict[str, InstanceStats]
+    total: PipelineStats
+    instances_error: str | None = None  # why the published instances could not be read
+    http: dict[str, Any] | None = None
+    embedded_redis: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "uptime_s": self.uptime_s,
+            "ready": self.ready,
+            "not_ready_reasons": self.not_ready_reasons,
+            # the pipeline sections are the sum over "instances"
+            **self.total.to_json(),
+            "instances": {i: s.to_json() for i, s in sorted(self.instances.items())},
+            "instances_error": self.instances_error,
+            "http": self.http,
+            "embedded_redis": self.embedded_redis,
+        }
+
+
+def _build(cls: type[R], doc: Mapping[str, Any] | None) -> R:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in (doc or {}).items() if k in names})
+
+
+def _sum(cls: type[R], items: list[R]) -> R:
+    """Field by field: numbers add up, counts by reason add up key by key; other fields
+    (text) keep their default."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        column = [getattr(item, f.name) for item in items]
+        if f.type in (int, float, "int", "float"):
+            values[f.name] = sum(column)
+        elif f.type in (dict[str, int], "dict[str, int]"):
+            values[f.name] = _add_counts(column)
+    return cls(**values)
+
+
+def _add_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for c in counts:
+        total.update(c)
+    return dict(sorted(total.items()))
