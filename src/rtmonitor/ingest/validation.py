@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import StrEnum
@@ -202,33 +202,60 @@ class Validator:
         new_names: set[str] | None = None
         readings = packet.values
         if readings:
-            if len(readings) > lim.max_values_per_packet:
-                return Reason.TOO_MANY_VALUES
-            # Keys, then lookups: protobuf's (upb) maps do this faster than items().
-            values = {name: readings[name] for name in readings}
-            if vocab is None or not vocab.names.issuperset(values):
-                new_names = values.keys() - vocab.names if vocab is not None else set(values)
-            for name, value in values.items():
-                if new_names and name in new_names and not name_ok(name):
-                    return Reason.INVALID_VALUE_NAME
-                if not math.isfinite(value):
-                    return Reason.NON_FINITE_VALUE
+            read = self._readings(readings, vocab)
+            if isinstance(read, Reason):
+                return read
+            values, new_names = read
         # Stateful limits last, and the vocabulary changes only once the packet is admitted,
         # so a refused packet leaves no trace (no phantom device, kind or value name).
+        if vocab is None or new_kind or new_names:
+            refused = self._remember(device_id, vocab, kind if new_kind else None, new_names)
+            if refused is not None:
+                return refused
+        return (device_id, kind, nbytes, ts, values)
+
+    def _readings(
+        self, readings: Mapping[str, float], vocab: _Vocabulary | None
+    ) -> tuple[dict[str, float], set[str] | None] | Reason:
+        """A packet's readings as a dict and the value names new to its device, or why
+        they are refused (the stateless checks: count, names, finite values)."""
+        if len(readings) > self.limits.max_values_per_packet:
+            return Reason.TOO_MANY_VALUES
+        # Keys, then lookups: protobuf's (upb) maps do this faster than items().
+        values = {name: readings[name] for name in readings}
+        new_names: set[str] | None = None
+        if vocab is None or not vocab.names.issuperset(values):
+            new_names = values.keys() - vocab.names if vocab is not None else set(values)
+        for name, value in values.items():
+            if new_names and name in new_names and not name_ok(name):
+                return Reason.INVALID_VALUE_NAME
+            if not math.isfinite(value):
+                return Reason.NON_FINITE_VALUE
+        return values, new_names
+
+    def _remember(
+        self,
+        device_id: str,
+        vocab: _Vocabulary | None,
+        new_kind: str | None,
+        new_names: set[str] | None,
+    ) -> Reason | None:
+        """Admit a new device, kind or value names within the per-device limits (None), or
+        the limit that refuses the packet (then nothing is remembered)."""
+        lim = self.limits
         if vocab is None:
             if self.device_count >= lim.max_devices:
                 return Reason.TOO_MANY_DEVICES
             vocab = _EMPTY
-        if new_kind and len(vocab.kinds) >= lim.max_kinds_per_device:
+        if new_kind is not None and len(vocab.kinds) >= lim.max_kinds_per_device:
             return Reason.TOO_MANY_KINDS
         if new_names and len(vocab.names) + len(new_names) > lim.max_value_names_per_device:
             return Reason.TOO_MANY_VALUE_NAMES
-        if new_kind or new_names:
-            self._devices[device_id] = self._intern(
-                vocab.kinds | {kind} if new_kind else vocab.kinds,
-                vocab.names | new_names if new_names else vocab.names,
-            )
-        return (device_id, kind, nbytes, ts, values)
+        self._devices[device_id] = self._intern(
+            vocab.kinds | {new_kind} if new_kind is not None else vocab.kinds,
+            vocab.names | new_names if new_names else vocab.names,
+        )
+        return None
 
     def covers(self, device_ids: list[str], kinds: list[str], names: list[str]) -> bool:
         """True if every device is known and may use every one of these kinds and names:

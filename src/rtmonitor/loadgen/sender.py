@@ -242,90 +242,119 @@ async def _stream_batches(
     and resend every unacknowledged batch first (the service skips the ones it had already
     committed, so each is counted exactly once). Acks come in order, so what is
     acknowledged is always a prefix of what was generated."""
-    producer = uuid.uuid4().hex
-    attempt = 0
-    unacked: deque[tuple[int, bytes, int]] = deque()  # (batch id, message, packets)
-    next_id = 0
-    pos = result.offset
-    backoff = 0.05
-    last_progress = time.monotonic()
+    await _BatchStream(pool, result, n, opts, pace, counter).run(channels)
 
-    def more() -> bool:
-        return (n is None or result.sent < n) and not pace.expired()
 
-    while True:
-        # Each reconnect moves on to the next target (a dead replica is left behind).
-        channel = channels[attempt % len(channels)]
-        attempt += 1
+class _BatchStream:
+    """One sender stream of batches across reconnects: what was generated and not yet
+    acknowledged, the next batch id, and the retry state."""
+
+    def __init__(
+        self,
+        pool: PacketPool,
+        result: StreamResult,
+        n: int | None,
+        opts: SendSettings,
+        pace: _Pacer,
+        counter: list[int],
+    ) -> None:
+        self.pool, self.result, self.n, self.opts = pool, result, n, opts
+        self.pace, self.counter = pace, counter
+        self.producer = uuid.uuid4().hex
+        self.unacked: deque[tuple[int, bytes, int]] = deque()  # (batch id, message, packets)
+        self.next_id = 0
+        self.pos = result.offset
+        self.backoff = 0.05
+        self.last_progress = time.monotonic()
+
+    async def run(self, channels: list[grpc.aio.Channel]) -> None:
+        attempt = 0
+        while True:
+            # Each reconnect moves on to the next target (a dead replica is left behind).
+            error = await self._one_call(channels[attempt % len(channels)])
+            attempt += 1
+            if error is None:
+                return
+            if time.monotonic() - self.last_progress > self.opts.retry_for:
+                self.result.error = (
+                    f"{error}; gave up after {self.opts.retry_for:.0f}s without progress"
+                )
+                return
+            self.result.reconnects += 1
+            await asyncio.sleep(self.backoff * _JITTER.uniform(0.5, 1.0))
+            self.backoff = min(self.backoff * 2, 2.0)
+
+    async def _one_call(self, channel: grpc.aio.Channel) -> str | None:
+        """One StreamBatches call: None when everything was sent and acknowledged, else
+        how the call ended."""
         method = channel.stream_stream(STREAM_BATCHES, _identity, BatchAck.FromString)
         # grpc.aio allows a call with no request iterator (then write()/done_writing());
         # the type stubs predate that.
         call = method()  # type: ignore[call-arg]
-        window = asyncio.Semaphore(opts.inflight)
-
-        async def read_acks(call: Any = call, window: asyncio.Semaphore = window) -> None:
-            nonlocal last_progress, backoff
-            try:
-                async for ack in call:
-                    expected, _, _ = unacked.popleft()
-                    if ack.batch_id != expected:
-                        raise RuntimeError(f"ack for batch {ack.batch_id}, expected {expected}")
-                    result.accepted += ack.accepted
-                    result.rejected.update(dict(ack.rejected_by_reason))
-                    result.duplicates += ack.duplicate
-                    counter[0] += ack.accepted + ack.rejected
-                    last_progress = time.monotonic()
-                    backoff = 0.05
-                    window.release()
-            finally:
-                # The stream is over: free a writer waiting for a window slot.
-                for _ in range(opts.inflight):
-                    window.release()
-
-        reader = asyncio.create_task(read_acks())
+        window = asyncio.Semaphore(self.opts.inflight)
+        reader = asyncio.create_task(self._read_acks(call, window))
         try:
-            for _, message, _ in list(unacked):  # resend what the last stream left unacked
-                await window.acquire()
-                if reader.done():
-                    break
-                await call.write(message)
-                result.resent += 1
-            while more() and not reader.done():
-                m = opts.batch_size if n is None else min(opts.batch_size, n - result.sent)
-                header = Batch(producer_id=producer, batch_id=next_id).SerializeToString()
-                body = pool.columns_body(pos, m) if opts.columnar else pool.batch_body(pos, m)
-                message = header + body
-                await window.acquire()
-                if reader.done():
-                    break
-                # Generated once: from here on it is resent until acknowledged, even if this
-                # write fails.
-                unacked.append((next_id, message, m))
-                next_id += 1
-                pos += m
-                result.sent += m
-                await call.write(message)
-                await pace.wait(m)
+            await self._write(call, window, reader)
             if not reader.done():
                 await call.done_writing()
             await reader
-            if not unacked:
-                return
-            error = "the stream ended with batches unacknowledged"
+            return None if not self.unacked else "the stream ended with batches unacknowledged"
         except grpc.aio.AioRpcError as exc:
-            error = f"{exc.code().name}: {exc.details()}"
+            return f"{exc.code().name}: {exc.details()}"
         except asyncio.InvalidStateError:
             # a write on a call that had just ended: report how the call ended
-            error = f"{(await call.code()).name}: {await call.details()}"
+            return f"{(await call.code()).name}: {await call.details()}"
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-        if time.monotonic() - last_progress > opts.retry_for:
-            result.error = f"{error}; gave up after {opts.retry_for:.0f}s without progress"
-            return
-        result.reconnects += 1
-        await asyncio.sleep(backoff * _JITTER.uniform(0.5, 1.0))
-        backoff = min(backoff * 2, 2.0)
+
+    async def _write(
+        self, call: Any, window: asyncio.Semaphore, reader: asyncio.Task[None]
+    ) -> None:
+        """Resend what the last call left unacknowledged, then generate new batches."""
+        result, opts, n = self.result, self.opts, self.n
+        for _, message, _ in list(self.unacked):
+            await window.acquire()
+            if reader.done():
+                return
+            await call.write(message)
+            result.resent += 1
+        while (n is None or result.sent < n) and not self.pace.expired() and not reader.done():
+            m = opts.batch_size if n is None else min(opts.batch_size, n - result.sent)
+            header = Batch(producer_id=self.producer, batch_id=self.next_id).SerializeToString()
+            pool = self.pool
+            body = pool.columns_body(self.pos, m) if opts.columnar else pool.batch_body(self.pos, m)
+            message = header + body
+            await window.acquire()
+            if reader.done():
+                return
+            # Generated once: from here on it is resent until acknowledged, even if this
+            # write fails.
+            self.unacked.append((self.next_id, message, m))
+            self.next_id += 1
+            self.pos += m
+            result.sent += m
+            await call.write(message)
+            await self.pace.wait(m)
+
+    async def _read_acks(self, call: Any, window: asyncio.Semaphore) -> None:
+        result = self.result
+        try:
+            async for ack in call:
+                expected, _, _ = self.unacked.popleft()
+                if ack.batch_id != expected:
+                    raise RuntimeError(f"ack for batch {ack.batch_id}, expected {expected}")
+                result.accepted += ack.accepted
+                result.rejected.update(dict(ack.rejected_by_reason))
+                result.duplicates += ack.duplicate
+                self.counter[0] += ack.accepted + ack.rejected
+                self.last_progress = time.monotonic()
+                self.backoff = 0.05
+                window.release()
+        finally:
+            # The stream is over: free a writer waiting for a window slot.
+            for _ in range(self.opts.inflight):
+                window.release()
 
 
 class _Pacer:
