@@ -204,7 +204,7 @@ async def redis_counts(url: str) -> tuple[int, dict[str, int]]:
     async with RedisStore.from_url(url) as store:
         totals = await store.totals()
         _, devices = await store.list_devices(limit=1000)
-        return int(totals["packets"]), {d["device_id"]: d["packets"] for d in devices}
+        return totals.packets, {d.device_id: d.packets for d in devices}
 
 
 def assert_exact(report: SendReport, redis_url: str) -> None:

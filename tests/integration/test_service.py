@@ -293,7 +293,7 @@ def test_clean_stop_mid_load_loses_no_acknowledged_packet(
 
     async def committed() -> int:
         async with RedisStore.from_url(redis_server.url) as store:
-            return int((await store.totals())["packets"])
+            return (await store.totals()).packets
 
     # Everything acknowledged is in Redis. Redis may hold more than the client saw acked:
     # grpc's client drops acks still in flight when the race above tears the call down.
