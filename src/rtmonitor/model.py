@@ -31,7 +31,8 @@ _NO_FLOATS: FloatArray = np.zeros(0, dtype=np.float64)
 # Device ids, and batch producer ids, kinds and value names: 1 to DEVICE_ID_MAX (NAME_MAX)
 # of these characters, all ASCII below 0x7f. No braces (Redis Cluster hash-tag delimiters),
 # quotes, spaces or control characters (they break Prometheus labels, logs and URLs).
-ID_CHARS = "A-Za-z0-9._:@/-"
+ID_ALPHABET = "A-Z a-z 0-9 . _ : @ / -"  # as error messages and the README name it
+ID_CHARS = ID_ALPHABET.replace(" ", "")  # as a regular expression's character class
 DEVICE_ID_MAX = 128
 NAME_MAX = 64
 

@@ -24,13 +24,13 @@ from rtmonitor.ingest.columnar import (
 )
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, BatchAck, Packet
 from rtmonitor.ingest.validation import Reason, Validator
+from rtmonitor.model import DEVICE_ID_MAX, ID_ALPHABET, ID_CHARS
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.queue import PacketQueue, QueueClosed
 from rtmonitor.pipeline.work import BatchWork, CommitFailed, CommitTracker, StreamRows, Work
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "rtmonitor.v1.TelemetryIngest"
 # A batch stream's reader gives the event loop back after this much work. gRPC hands over
 # messages it already holds without suspending the reader, so under load one stream could
 # decode batch after batch in a single turn of the loop while HTTP requests wait.
@@ -62,7 +62,7 @@ class _Pending:
 
 
 # producer ids share the device id alphabet: they become part of Redis keys and logs
-_PRODUCER_ID = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+_PRODUCER_ID = re.compile(f"[{ID_CHARS}]{{1,{DEVICE_ID_MAX}}}")
 
 
 class _Stream:
@@ -382,8 +382,8 @@ class IngestServicer:
             self.aggregator.count_rejected("invalid_producer_id", n)
             return _StreamError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"batch {batch.batch_id}: producer_id must be 1-128 characters of "
-                "A-Z a-z 0-9 . _ : @ / - (or empty, which turns off deduplication)",
+                f"batch {batch.batch_id}: producer_id must be 1-{DEVICE_ID_MAX} characters "
+                f"of {ID_ALPHABET} (or empty, which turns off deduplication)",
             )
         recv_ms = _now_ms()
         # Columns first: an inconsistent Columns message refuses the whole batch, and it must

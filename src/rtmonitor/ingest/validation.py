@@ -11,14 +11,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
-from rtmonitor.model import Row
+from rtmonitor.model import DEVICE_ID_MAX, ID_CHARS, NAME_MAX, Row
 
-# device ids: letters, digits and . _ : @ / -  — no braces (they are Redis Cluster hash-tag
-# delimiters), no quotes, spaces, or control characters (they break Prometheus labels, logs, URLs).
-DEVICE_ID_MAX = 128
-_DEVICE_ID = re.compile(r"[A-Za-z0-9._:@/-]+")
-NAME_MAX = 64
-_NAME = re.compile(r"[A-Za-z0-9._:@/-]+")
+# Device ids, kinds and value names share one alphabet (model.ID_CHARS: why it is safe).
+_DEVICE_ID = _NAME = re.compile(f"[{ID_CHARS}]+")
 UNSPECIFIED_KIND = "unspecified"
 # a device clock more than a day ahead is broken, and would pin "last" values forever
 MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000
