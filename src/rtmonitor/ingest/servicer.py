@@ -360,26 +360,22 @@ class IngestServicer:
         try:
             batch = parse_batch(raw, self.max_batch_packets)
         except DecodeError as exc:
-            self.messages_refused_by_reason["malformed_batch"] += 1
-            self.aggregator.count_rejected("malformed_batch")  # unit: messages
+            self.messages_refused_by_reason[Reason.MALFORMED_BATCH] += 1
             return _StreamError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"malformed Batch message ({exc}): send a rtmonitor.v1.Batch "
                 "serialized with protobuf",
             )
         except BatchTooLarge as big:
-            self.messages_refused_by_reason["batch_too_large"] += 1
-            self.aggregator.count_rejected("batch_too_large", big.packets)
+            self.messages_refused_by_reason[Reason.BATCH_TOO_LARGE] += 1
             return _StreamError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{big}; the limit is {self.max_batch_packets} "
                 "(--max-batch-packets): split it into smaller batches",
             )
-        n = batch.count
         producer = batch.producer_id
         if producer and not _PRODUCER_ID.fullmatch(producer):
-            self.messages_refused_by_reason["invalid_producer_id"] += 1
-            self.aggregator.count_rejected("invalid_producer_id", n)
+            self.messages_refused_by_reason[Reason.INVALID_PRODUCER_ID] += 1
             return _StreamError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"batch {batch.batch_id}: producer_id must be 1-{DEVICE_ID_MAX} characters "
@@ -395,8 +391,7 @@ class IngestServicer:
                 col_delta, col_rejected = decode_columns(batch.columns, self.validator, recv_ms)
                 parts.append(col_delta)
             except ColumnsError as exc:
-                self.messages_refused_by_reason["invalid_columns"] += 1
-                self.aggregator.count_rejected("invalid_columns", n)
+                self.messages_refused_by_reason[Reason.INVALID_COLUMNS] += 1
                 return _StreamError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.batch_id}: {exc}"
                 )

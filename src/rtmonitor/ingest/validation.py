@@ -39,7 +39,8 @@ def name_ok(name: str) -> bool:
 
 
 class Reason(StrEnum):
-    """Why a packet was not counted (these strings appear in acks, /metrics and logs)."""
+    """Why a packet, or a whole message, was not counted (these strings appear in acks,
+    /metrics, /stats and logs)."""
 
     MALFORMED = "malformed_packet"
     EMPTY_DEVICE_ID = "empty_device_id"
@@ -55,6 +56,13 @@ class Reason(StrEnum):
     TOO_MANY_VALUE_NAMES = "too_many_value_names"
     TOO_MANY_DEVICES = "too_many_devices"
     INVALID_COLUMN_INDEX = "invalid_column_index"  # columnar: an index past its dictionary
+    # A whole StreamBatches message refused: the stream ends, and the refusal is counted
+    # once, as a message (/stats ingest.messages_refused_by_reason), never as the packets
+    # the message claims to carry.
+    MALFORMED_BATCH = "malformed_batch"
+    BATCH_TOO_LARGE = "batch_too_large"
+    INVALID_PRODUCER_ID = "invalid_producer_id"
+    INVALID_COLUMNS = "invalid_columns"
 
 
 @dataclass(frozen=True, slots=True)
