@@ -41,13 +41,13 @@ def create_app(
     store: RedisStore,
     readiness: ReadinessCheck,
     stats: StatsSource,
-    limits: ApiLimits | None = None,
+    limits: ApiLimits,
 ) -> FastAPI:
     """Build the app around the process's one store (owned and closed by the runtime)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = app.state.api = ApiState.open(store, readiness, stats, limits or ApiLimits())
+        state = app.state.api = ApiState.open(store, readiness, stats, limits)
         try:
             yield
         finally:

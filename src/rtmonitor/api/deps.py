@@ -29,16 +29,16 @@ StatsSource = Callable[[], Awaitable[ServiceStats]]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ApiLimits:
-    """The HTTP API's settings (from Settings; the defaults are Settings' defaults)."""
+    """The HTTP API's settings, taken from Settings (which has the defaults)."""
 
-    offline_after_s: float = 30.0
-    prometheus_max_devices: int = 1000
-    prometheus_max_series: int = 30_000
-    prefix_sort_max_devices: int = 10_000
-    stream_interval_s: float = 0.2
-    max_stream_subscribers: int = 100
-    stream_send_timeout_s: float = 10.0
-    max_concurrent_pages: int = 2
+    offline_after_s: float
+    prometheus_max_devices: int
+    prometheus_max_series: int
+    prefix_sort_max_devices: int
+    stream_interval_s: float  # the live feed polls once per flush interval
+    max_stream_subscribers: int
+    stream_send_timeout_s: float
+    max_concurrent_pages: int
 
     @classmethod
     def from_settings(cls, s: Settings) -> Self:
