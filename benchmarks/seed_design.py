@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 import grpc
 import redis.asyncio as aioredis
 
-from rtmonitor.ingest.servicer import SERVICE_NAME
+from rtmonitor.ingest.rpc import PACKETS_METHOD, SERVICE_NAME
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
 from rtmonitor.storage.embedded import EmbeddedRedis
 
@@ -46,7 +46,7 @@ async def serve(port: int, redis_url: str) -> None:
     handler = grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
-            "StreamPackets": grpc.stream_unary_rpc_method_handler(
+            PACKETS_METHOD: grpc.stream_unary_rpc_method_handler(
                 stream_packets,
                 request_deserializer=Packet.FromString,
                 response_serializer=Ack.SerializeToString,

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
 from rtmonitor.logs import redact_url
+from rtmonitor.model import DEVICE_ID_MAX, ID_CHARS
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -288,7 +289,7 @@ class SendSettings(BaseSettings):
     )
     streams: int = Field(1, ge=1, le=1024, description="Concurrent gRPC streams.")
     device_prefix: str = Field(
-        "dev-", pattern=r"^[A-Za-z0-9._:@/-]{0,64}$", description="Device ids are PREFIX00042."
+        "dev-", pattern=f"^[{ID_CHARS}]{{0,64}}$", description="Device ids are PREFIX00042."
     )
     payload_size: int = Field(64, ge=0, description="Payload bytes per packet.")
     columnar: bool = Field(
@@ -366,7 +367,9 @@ class TopSettings(BaseSettings):
     url: str = Field("http://localhost:8000", description="HTTP address of the service.")
     interval: float = Field(1.0, gt=0, description="Seconds between refreshes.")
     limit: int = Field(20, ge=1, le=1000, description="Devices shown (the busiest).")
-    prefix: str = Field("", max_length=128, description="Only devices with this id prefix.")
+    prefix: str = Field(
+        "", max_length=DEVICE_ID_MAX, description="Only devices with this id prefix."
+    )
     once: bool = Field(False, description="Print one frame and exit (for scripts).")
 
 

@@ -4,19 +4,21 @@ Receivers make rows and batch deltas, the pipeline merges them into a flush's de
 storage writes that. The merge rules live here with the records (sums add, min/max kept,
 the newest "last" wins), in Python for single deltas and in numpy for many batches at once.
 The pipeline's self-metrics records are here too: ingest processes publish them, the HTTP
-node sums and renders them. This module imports nothing from the rooms (ingest, pipeline,
-storage, api).
+node sums and renders them; and the records storage reads back for the HTTP API (devices,
+totals, rates), with what defines them once: the id alphabet and the rate windows. This
+module imports nothing from the rooms (ingest, pipeline, storage, api).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from itertools import chain
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +27,19 @@ IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 _NO_INTS: IntArray = np.zeros(0, dtype=np.int64)
 _NO_FLOATS: FloatArray = np.zeros(0, dtype=np.float64)
+
+# Device ids, and batch producer ids, kinds and value names: 1 to DEVICE_ID_MAX (NAME_MAX)
+# of these characters, all ASCII below 0x7f. No braces (Redis Cluster hash-tag delimiters),
+# quotes, spaces or control characters (they break Prometheus labels, logs and URLs).
+ID_ALPHABET = "A-Z a-z 0-9 . _ : @ / -"  # as error messages and the README name it
+ID_CHARS = ID_ALPHABET.replace(" ", "")  # as a regular expression's character class
+DEVICE_ID_MAX = 128
+NAME_MAX = 64
+
+# The trailing windows of every rate (seconds): the store sums them, the JSON names them
+# `packets_per_s_<w>s` / `bytes_per_s_<w>s` (rate_key), Prometheus labels them `window`.
+RATE_WINDOWS_S = (10, 60)
+RateUnit: TypeAlias = Literal["packets", "bytes"]
 
 # A validated packet: (device_id, kind, payload bytes, device timestamp ms, values or None).
 # Made by the receivers (ingest/validation.py), folded by the aggregator. A plain tuple:
@@ -545,3 +560,86 @@ def _add_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
     for c in counts:
         total.update(c)
     return dict(sorted(total.items()))
+
+
+# --- what the API reads: device records, totals, rates ------------------------------------
+
+
+def rate_key(unit: RateUnit, window_s: int) -> str:
+    """A rate's field name in the JSON (`packets_per_s_10s`)."""
+    return f"{unit}_per_s_{window_s}s"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rates:
+    """Packets/s and bytes/s over each of RATE_WINDOWS_S, of complete seconds, summed over
+    every instance; keyed by the window in seconds."""
+
+    packets_per_s: dict[int, float]
+    bytes_per_s: dict[int, float]
+
+    def to_json(self) -> dict[str, float]:
+        """{"packets_per_s_10s": ..., "bytes_per_s_10s": ..., ...}, window by window."""
+        out: dict[str, float] = {}
+        for window in RATE_WINDOWS_S:
+            out[rate_key("packets", window)] = self.packets_per_s[window]
+            out[rate_key("bytes", window)] = self.bytes_per_s[window]
+        return out
+
+
+# Not frozen: a page of 1,000 devices with 64 readings each makes 64,000 of these, and a
+# frozen dataclass's __init__ is markedly slower.
+@dataclass(slots=True, kw_only=True)
+class ValueRecord:
+    """Statistics of one named reading of one device, over every packet counted.
+
+    `sum` is inf, -inf or nan once it left the range of a double: then `overflow` is set
+    and there is no `mean` (the JSON shows null, Prometheus +Inf, -Inf or NaN)."""
+
+    count: int
+    sum: float
+    min: float
+    max: float
+    last: float
+    last_timestamp_ms: int  # device timestamp of `last`
+
+    @property
+    def overflow(self) -> bool:
+        return not math.isfinite(self.sum)
+
+    @property
+    def mean(self) -> float | None:
+        return None if self.overflow or not self.count else self.sum / self.count
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceRecord:
+    """Everything counted for one device, across every instance (times: ms since epoch)."""
+
+    device_id: str
+    packets: int
+    bytes: int
+    first_seen: int | None  # receive time of the first packet
+    last_seen: int | None  # receive time of the latest packet
+    kinds: dict[str, int]
+    values: dict[str, ValueRecord]
+    rate: Rates
+
+    def online(self, now_ms: float, offline_after_s: float) -> bool:
+        """A packet arrived within the offline threshold."""
+        return now_ms - (self.last_seen or 0) <= offline_after_s * 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Totals:
+    """Totals over every device and instance."""
+
+    devices: int
+    packets: int
+    bytes: int
+    rejected_by_reason: dict[str, int]  # packets refused by validation
+    rate: Rates
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())

@@ -20,12 +20,15 @@ import httpx
 from helpers.cluster import RedisClusterFixture
 from helpers.columns import encode_columns
 from rtmonitor.config import SendSettings
+from rtmonitor.ingest.rpc import STREAM_BATCHES, STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
 from rtmonitor.loadgen.launch import ServeProcess
 from rtmonitor.loadgen.sender import SendReport
 from rtmonitor.storage.store import RedisStore
 
 __all__ = [
+    "STREAM_BATCHES",
+    "STREAM_PACKETS",
     "RedisClusterFixture",
     "ServiceProcess",
     "assert_exact",
@@ -38,9 +41,6 @@ __all__ = [
     "stream_batches",
     "stream_packets",
 ]
-
-STREAM_PACKETS = "/rtmonitor.v1.TelemetryIngest/StreamPackets"
-STREAM_BATCHES = "/rtmonitor.v1.TelemetryIngest/StreamBatches"
 
 
 class ServiceProcess(ServeProcess):
@@ -204,7 +204,7 @@ async def redis_counts(url: str) -> tuple[int, dict[str, int]]:
     async with RedisStore.from_url(url) as store:
         totals = await store.totals()
         _, devices = await store.list_devices(limit=1000)
-        return int(totals["packets"]), {d["device_id"]: d["packets"] for d in devices}
+        return totals.packets, {d.device_id: d.packets for d in devices}
 
 
 def assert_exact(report: SendReport, redis_url: str) -> None:

@@ -53,7 +53,7 @@ def settled(tracker: CommitTracker) -> bool:
 
 async def packets_of(store: RedisStore, device_id: str) -> int:
     record = await store.get_device(device_id)
-    return 0 if record is None else int(record["packets"])
+    return 0 if record is None else record.packets
 
 
 async def journals(store: RedisStore) -> int:

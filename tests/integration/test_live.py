@@ -82,22 +82,38 @@ def test_events_carry_only_changes_and_end_at_the_latest_state(service: ServiceP
 
 
 def test_a_stalled_subscriber_holds_the_latest_state_not_a_backlog() -> None:
+    from rtmonitor.api.schemas import JsonRender
     from rtmonitor.api.stream import Subscriber
+    from rtmonitor.model import RATE_WINDOWS_S, DeviceRecord, Rates, Totals
+
+    rate = Rates(packets_per_s=dict.fromkeys(RATE_WINDOWS_S, 1.0), bytes_per_s={10: 2.0, 60: 3.0})
+
+    def device(device_id: str, packets: int) -> DeviceRecord:
+        return DeviceRecord(device_id=device_id, packets=packets, bytes=0, first_seen=1,
+                            last_seen=1, kinds={}, values={}, rate=rate)  # fmt: skip
 
     async def scenario() -> dict[str, Any]:
         sub = Subscriber("d")
-        totals = {"packets": 0, "rejected": 0, "devices": 0}
         for n in range(1, 1001):  # 1000 updates, never read
-            totals = {**totals, "packets": n}
-            sub.offer([{"device_id": f"d{n % 3}", "packets": n}, {"device_id": "x"}], totals)
+            totals = Totals(devices=4, packets=n, bytes=0, rejected_by_reason={}, rate=rate)
+            sub.offer([device(f"d{n % 3}", n), device("x", n)], totals)
         assert len(sub.pending) == 3  # bounded by devices, not by updates
         await asyncio.wait_for(sub.ready.wait(), 1)
-        event = sub.take(lambda record: record)
+        event = sub.take(JsonRender(offline_after_s=30))
         return dict(json.loads(event.split("data: ", 1)[1]))
 
     update = run(scenario())
     assert sorted(d["packets"] for d in update["devices"]) == [998, 999, 1000]
     assert update["totals"]["packets"] == 1000
+    assert (update["pending"], update["lagged"]) == (0, False)
+    # the objects of GET /metrics, rates by window as the JSON names them
+    assert update["totals"]["rate"] == {
+        "packets_per_s_10s": 1.0,
+        "bytes_per_s_10s": 2.0,
+        "packets_per_s_60s": 1.0,
+        "bytes_per_s_60s": 3.0,
+    }
+    assert update["devices"][0]["online"] is False
 
 
 def test_rates_and_online_status(start_service: Any) -> None:

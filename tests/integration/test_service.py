@@ -164,8 +164,14 @@ def test_oversized_and_malformed_batches_end_the_stream_with_a_clear_status(
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # the service is still up and counting
     assert run(stream_packets(svc.target, [packet("ov-3")])).accepted == 1
-    totals = get_json(svc.http, "/metrics")["totals"]["rejected_by_reason"]
-    assert totals == {"batch_too_large": 6, "malformed_batch": 1}
+    # refused as whole messages: each counted once, as a message, not as the packets it
+    # claims to carry
+    assert get_json(svc.http, "/metrics")["totals"]["rejected_by_reason"] == {}
+    refused = get_json(svc.http, "/stats")["ingest"]["messages_refused_by_reason"]
+    assert refused == {"batch_too_large": 1, "malformed_batch": 1}
+    scrape = httpx.get(f"{svc.http}/metrics", params={"format": "prometheus"}).text.splitlines()
+    assert 'rtm_refused_messages_total{reason="batch_too_large"} 1' in scrape
+    assert not [line for line in scrape if line.startswith("rtm_rejected_packets_total")]
 
 
 def test_client_from_the_contract_alone_via_reflection(service: ServiceProcess) -> None:
@@ -293,7 +299,7 @@ def test_clean_stop_mid_load_loses_no_acknowledged_packet(
 
     async def committed() -> int:
         async with RedisStore.from_url(redis_server.url) as store:
-            return int((await store.totals())["packets"])
+            return (await store.totals()).packets
 
     # Everything acknowledged is in Redis. Redis may hold more than the client saw acked:
     # grpc's client drops acks still in flight when the race above tears the call down.
@@ -510,7 +516,7 @@ def test_inconsistent_columns_refuse_the_batch_without_a_trace(
     start_service: Callable[..., ServiceProcess],
 ) -> None:
     """A batch whose columns do not fit is refused whole, with a status that says what to
-    fix, its packets counted by reason — and its row packets admit no device."""
+    fix, counted once as a refused message — and its row packets admit no device."""
     from rtmonitor.ingest.v1.telemetry_pb2 import Columns
 
     svc = start_service("--max-devices", "1")
@@ -534,4 +540,6 @@ def test_inconsistent_columns_refuse_the_batch_without_a_trace(
     assert get_json(svc.http, "/metrics/real")["packets"] == 1
     assert httpx.get(f"{svc.http}/metrics/phantom").status_code == 404
     rejected = get_json(svc.http, "/metrics")["totals"]["rejected_by_reason"]
-    assert rejected == {"invalid_columns": 4, "too_many_devices": 1}
+    assert rejected == {"too_many_devices": 1}  # the refused batch is a message, not packets
+    refused = get_json(svc.http, "/stats")["ingest"]["messages_refused_by_reason"]
+    assert refused == {"invalid_columns": 1}

@@ -58,22 +58,16 @@ def test_merge_is_exact_and_retries_are_idempotent(redis_server: EmbeddedRedis) 
             await store.commit(one, "i", 1)  # a late replay of an older flush: skipped too
             a = await store.get_device("a")
             assert a is not None
-            assert (a["packets"], a["bytes"], a["first_seen"], a["last_seen"]) == (5, 50, 50, 200)
-            assert a["kinds"] == {"reading": 5}
-            t = a["values"]["t"]
-            assert (t["count"], t["min"], t["max"]) == (5, -6.25, 1e300)
-            assert t["sum"] == 0.1 + 0.2 + 1.0
+            assert (a.packets, a.bytes, a.first_seen, a.last_seen) == (5, 50, 50, 200)
+            assert a.kinds == {"reading": 5}
+            t = a.values["t"]
+            assert (t.count, t.min, t.max) == (5, -6.25, 1e300)
+            assert t.sum == 0.1 + 0.2 + 1.0
             # the newest device timestamp wins, whatever the commit order
-            assert (t["last"], t["last_timestamp_ms"]) == (2.0, 150)
+            assert (t.last, t.last_timestamp_ms) == (2.0, 150)
             totals = await store.totals()
-            totals.pop("rate")
-            assert totals == {
-                "devices": 2,
-                "packets": 6,
-                "bytes": 60,
-                "rejected": 2,
-                "rejected_by_reason": {"empty_device_id": 2},
-            }
+            assert (totals.devices, totals.packets, totals.bytes) == (2, 6, 60)
+            assert (totals.rejected, totals.rejected_by_reason) == (2, {"empty_device_id": 2})
             assert await store.get_device("missing") is None
 
     asyncio.run(main())
@@ -87,7 +81,7 @@ def test_listing_sort_filter_paginate(redis_server: EmbeddedRedis) -> None:
             devices.update({f"y-{i}": dev(100, 1, 1) for i in range(3)})
             await store.commit(delta(**devices), "i", 1)
             matched, page = await store.list_devices(prefix="x-", limit=4, offset=2)
-            assert matched == 10 and [d["device_id"] for d in page] == [
+            assert matched == 10 and [d.device_id for d in page] == [
                 "x-02",
                 "x-03",
                 "x-04",
@@ -95,13 +89,13 @@ def test_listing_sort_filter_paginate(redis_server: EmbeddedRedis) -> None:
             ]
             _, page = await store.list_devices(sort="packets", descending=True, limit=4)
             # ties are ordered by id in the same direction as the sort
-            assert [d["device_id"] for d in page] == ["y-2", "y-1", "y-0", "x-09"]
+            assert [d.device_id for d in page] == ["y-2", "y-1", "y-0", "x-09"]
             _, page = await store.list_devices(prefix="x-", sort="last_seen", limit=2)
-            assert [d["device_id"] for d in page] == ["x-09", "x-08"]
+            assert [d.device_id for d in page] == ["x-09", "x-08"]
             _, page = await store.list_devices(prefix="x-", sort="bytes", descending=True)
-            assert [d["packets"] for d in page] == list(range(10, 0, -1))
+            assert [d.packets for d in page] == list(range(10, 0, -1))
             _, page = await store.list_devices(descending=True, limit=1)
-            assert page[0]["device_id"] == "y-2"
+            assert page[0].device_id == "y-2"
             matched, page = await store.list_devices(prefix="zzz")
             assert (matched, page) == (0, [])
 
@@ -119,9 +113,7 @@ def test_two_writers_add_up(redis_server: EmbeddedRedis) -> None:
             )
         )
         a = await stores[0].get_device("a")
-        assert (
-            a is not None and a["packets"] == 100 and (a["first_seen"], a["last_seen"]) == (10, 59)
-        )
+        assert a is not None and a.packets == 100 and (a.first_seen, a.last_seen) == (10, 59)
         for s in stores:
             await s.aclose()
 
@@ -146,7 +138,7 @@ def test_exactly_once_prepare_finalize_and_conflicts(redis_server: EmbeddedRedis
             assert await store.client.ttl(keys[0]) > 0  # remembered for the dedupe window
             assert await store.client.zcard(store.layout.journals) == 0
             a = await store.get_device("a")
-            assert a is not None and a["packets"] == 2
+            assert a is not None and a.packets == 2
 
     asyncio.run(main())
 
@@ -170,7 +162,7 @@ def test_journal_of_a_dead_instance_is_replayed_once(redis_server: EmbeddedRedis
             assert not await store.recover("dead:7", "other", 60)  # claimed once
             assert await store.orphan_journals("me") == []
             totals = await store.totals()
-            assert (totals["packets"], totals["devices"]) == (5, 5)
+            assert (totals.packets, totals.devices) == (5, 5)
             assert await store.prepare("x:1", keys, calls) == {0: "c"}
 
     asyncio.run(main())
@@ -190,13 +182,12 @@ def test_rates_come_from_second_buckets_summed_over_instances(
             await store.commit(delta(a=dev(120, thirty_s_ago, thirty_s_ago)), "i1", 2)
             a = await store.get_device("a")
             assert a is not None
-            assert a["rate"]["packets_per_s_10s"] == 80 / 10
-            assert a["rate"]["packets_per_s_60s"] == 200 / 60
-            assert a["rate"]["bytes_per_s_10s"] == 800 / 10
+            assert a.rate.packets_per_s == {10: 80 / 10, 60: 200 / 60}
+            assert a.rate.bytes_per_s[10] == 800 / 10
             totals = await store.totals()
-            assert totals["rate"]["packets_per_s_60s"] == 200 / 60
+            assert totals.rate.packets_per_s[60] == 200 / 60
             _, page = await store.list_devices(sort="rate", descending=True)
-            assert page[0]["device_id"] == "a" and page[0]["rate"]["packets_per_s_10s"] == 8
+            assert page[0].device_id == "a" and page[0].rate.packets_per_s[10] == 8
 
     asyncio.run(main())
 
@@ -215,8 +206,8 @@ def test_one_device_reads_the_same_as_many(redis_server: EmbeddedRedis) -> None:
                 many = await store.get_devices(["nope", "a", "b"])
                 if int(time.time()) == second:
                     break
-            assert one[0]["rate"]["packets_per_s_10s"] == 0.2
-            assert one == many[:1] and [r["device_id"] for r in many] == ["a", "b"]
+            assert one[0].rate.packets_per_s[10] == 0.2
+            assert one == many[:1] and [r.device_id for r in many] == ["a", "b"]
             assert await store.get_devices(["nope"]) == []
 
     asyncio.run(main())
@@ -244,9 +235,9 @@ def test_a_plan_applied_in_slices_and_again_counts_once(
             stats = await store.client.info("commandstats")
             assert stats["cmdstat_script"]["calls"] == 3
             records = await store.get_devices([f"d{i}" for i in range(7)])
-            assert [r["packets"] for r in records] == list(range(1, 8))
+            assert [r.packets for r in records] == list(range(1, 8))
             totals = await store.totals()
-            assert (totals["packets"], totals["devices"]) == (28, 7)
+            assert (totals.packets, totals.devices) == (28, 7)
 
     asyncio.run(main())
 
@@ -270,9 +261,9 @@ def test_a_sum_lost_by_an_older_overflow_stays_unknown(redis_server: EmbeddedRed
                 },
             )  # fmt: skip
             old = await store.get_device("old")
-            assert old is not None and list(old["values"]) == ["t"]
-            t = old["values"]["t"]
-            assert t["overflow"] is True and t["mean"] is None
+            assert old is not None and list(old.values) == ["t"]
+            t = old.values["t"]
+            assert t.overflow is True and t.mean is None
             await store.commit(
                 delta(
                     old=dev(
@@ -284,6 +275,6 @@ def test_a_sum_lost_by_an_older_overflow_stays_unknown(redis_server: EmbeddedRed
             )
             healed = await store.get_device("old")
             assert healed is not None
-            assert healed["values"]["t"]["count"] == 3 and healed["values"]["t"]["overflow"]
+            assert healed.values["t"].count == 3 and healed.values["t"].overflow
 
     asyncio.run(main())

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rtmonitor.model import BatchDelta
+from rtmonitor.model import BatchDelta, rate_key
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.work import BatchWork, CommitTracker, RowsWork, Work
 
@@ -109,9 +109,9 @@ def test_rates_use_complete_seconds_only() -> None:
     buckets = {"1000": "99", "999": "10", "999b": "100", "991": "20", "990": "40", "941": "60"}
     r = rates(buckets, now)
     # the current second (1000) is still filling up; 10 s = 990..999, 60 s = 940..999
-    assert r["packets_per_s_10s"] == (10 + 20 + 40) / 10
-    assert r["packets_per_s_60s"] == (10 + 20 + 40 + 60) / 60
-    assert r["bytes_per_s_10s"] == 100 / 10
+    assert r.packets_per_s == {10: (10 + 20 + 40) / 10, 60: (10 + 20 + 40 + 60) / 60}
+    assert r.bytes_per_s[10] == 100 / 10
+    assert r.to_json()["packets_per_s_10s"] == r.packets_per_s[10]
 
 
 def _rates_by_walking(buckets: dict[str, str], now: int) -> dict[str, float]:
@@ -123,7 +123,7 @@ def _rates_by_walking(buckets: dict[str, str], now: int) -> dict[str, float]:
         for w in (10, 60):
             if 1 <= age <= w:
                 sums[w, unit] += int(value)
-    return {f"{unit}_per_s_{w}s": n / w for (w, unit), n in sums.items()}
+    return {rate_key(unit, w): n / w for (w, unit), n in sums.items()}
 
 
 @settings(max_examples=300)
@@ -142,7 +142,7 @@ def test_rates_look_up_what_walking_the_hash_counts(fields: dict[tuple[int, str]
 
     now = 1_700_000_000
     buckets = {f"{now + offset}{unit}": str(n) for (offset, unit), n in fields.items()}
-    assert rates(buckets, now) == _rates_by_walking(buckets, now)
+    assert rates(buckets, now).to_json() == _rates_by_walking(buckets, now)
 
 
 @pytest.mark.parametrize("merge_entries", [3, 5_000])

@@ -26,7 +26,7 @@ def imports_of(path: Path) -> set[str]:
 
 def modules(room: str) -> list[Path]:
     target = PACKAGE / room
-    return sorted(target.glob("*.py")) if target.is_dir() else [target]
+    return sorted(target.rglob("*.py")) if target.is_dir() else [target]
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import json
 
+from rtmonitor.api.deps import ApiStats
 from rtmonitor.api.prometheus import OPENMETRICS, TEXT, escape, exposition, negotiate
-from rtmonitor.model import FlushStats, IngestStats, InstanceStats, PipelineStats, ServiceStats
+from rtmonitor.api.stream import StreamStats
+from rtmonitor.model import (
+    RATE_WINDOWS_S,
+    DeviceRecord,
+    FlushStats,
+    IngestStats,
+    InstanceStats,
+    PipelineStats,
+    Rates,
+    ServiceStats,
+    Totals,
+    ValueRecord,
+)
 
 PROMETHEUS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
@@ -27,26 +40,45 @@ def test_label_values_are_escaped() -> None:
     assert escape('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
 
 
+NO_RATES = Rates(
+    packets_per_s=dict.fromkeys(RATE_WINDOWS_S, 0.0), bytes_per_s=dict.fromkeys(RATE_WINDOWS_S, 0.0)
+)
+
+
+def _value(x: float) -> ValueRecord:
+    return ValueRecord(count=1, sum=x, min=x, max=x, last=x, last_timestamp_ms=0)
+
+
+def _device(device_id: str, **fields: object) -> DeviceRecord:
+    record = {"packets": 1, "bytes": 0, "first_seen": 0, "last_seen": 0, "kinds": {},
+              "values": {}, "rate": NO_RATES, **fields}  # fmt: skip
+    return DeviceRecord(device_id=device_id, **record)  # type: ignore[arg-type]
+
+
+def _totals(**fields: object) -> Totals:
+    record = {"packets": 0, "bytes": 0, "devices": 0, "rejected_by_reason": {},
+              "rate": NO_RATES, **fields}  # fmt: skip
+    return Totals(**record)  # type: ignore[arg-type]
+
+
 def _render(openmetrics: bool) -> str:
-    device = {
-        "device_id": 'we"ird\\id',
-        "packets": 3,
-        "bytes": 30,
-        "last_seen": 0,
-        "kinds": {"reading": 3},
-        "values": {"t": {"count": 3, "sum": 1.5, "min": -1.0, "max": 2.0, "last": 0.5}},
-        "rate": {"packets_per_s_10s": 0.3, "packets_per_s_60s": 0.05,
-                 "bytes_per_s_10s": 3.0, "bytes_per_s_60s": 0.5},
-    }  # fmt: skip
-    totals = {
-        "packets": 3,
-        "bytes": 30,
-        "devices": 1,
-        "rejected_by_reason": {"empty_device_id": 2},
-        "rate": device["rate"],
-    }
+    rate = Rates(packets_per_s={10: 0.3, 60: 0.05}, bytes_per_s={10: 3.0, 60: 0.5})
+    device = _device(
+        'we"ird\\id',
+        packets=3,
+        bytes=30,
+        kinds={"reading": 3},
+        values={"t": ValueRecord(count=3, sum=1.5, min=-1.0, max=2.0, last=0.5,
+                                 last_timestamp_ms=0)},
+        rate=rate,
+    )  # fmt: skip
+    totals = _totals(
+        packets=3, bytes=30, devices=1, rejected_by_reason={"empty_device_id": 2}, rate=rate
+    )
     stats = _stats(PipelineStats(ingest=IngestStats(active_streams=1), flush=FlushStats(flushes=4)))
-    return exposition(totals, [device], stats, {}, offline_after_s=30, openmetrics=openmetrics)
+    return exposition(
+        totals, [device], stats, ApiStats(), offline_after_s=30, openmetrics=openmetrics
+    )
 
 
 def _stats(*instances: PipelineStats) -> ServiceStats:
@@ -75,11 +107,7 @@ def test_self_metrics_are_the_sum_of_the_instances() -> None:
         flush=FlushStats(flushes=3, packets_committed=7, last_flush_ms=9, last_flush_seconds=0.1),
     )
     stats = _stats(a, b)
-    text = exposition(
-        {"packets": 0, "bytes": 0, "devices": 0, "rejected_by_reason": {},
-         "rate": {"packets_per_s_10s": 0.0, "packets_per_s_60s": 0.0}},
-        [], stats, {}, offline_after_s=30, openmetrics=False,
-    )  # fmt: skip
+    text = exposition(_totals(), [], stats, ApiStats(), offline_after_s=30, openmetrics=False)
     assert "rtm_flushes_total 5" in text
     assert "rtm_committed_packets_total 17" in text
     assert "rtm_last_flush_seconds 0.1" in text  # the latest flush's
@@ -134,19 +162,13 @@ def test_device_series_counts_what_a_device_adds_and_omitted_devices_are_reporte
     from rtmonitor.api.prometheus import device_series
 
     stats = _stats(PipelineStats())
-    api = {"refused_by_reason": {"stream_subscribers": 2}, "stream": {"subscribers": 1}}
-    device = {
-        "device_id": "fat",
-        "packets": 1,
-        "bytes": 0,
-        "last_seen": 0,
-        "kinds": {f"k{i}": 1 for i in range(3)},
-        "values": {f"v{i}": {"count": 1, "sum": 1.0, "min": 1.0, "max": 1.0, "last": 1.0}
-                   for i in range(2)},
-        "rate": {f"{w}_per_s_{s}s": 0.0 for w in ("packets", "bytes") for s in (10, 60)},
-    }  # fmt: skip
-    totals = {"packets": 1, "bytes": 0, "devices": 5, "rejected_by_reason": {},
-              "rate": device["rate"]}  # fmt: skip
+    api = ApiStats(refused_by_reason={"stream_subscribers": 2}, stream=StreamStats(subscribers=1))
+    device = _device(
+        "fat",
+        kinds={f"k{i}": 1 for i in range(3)},
+        values={f"v{i}": _value(1.0) for i in range(2)},
+    )
+    totals = _totals(packets=1, devices=5)
 
     def device_lines(devices: list) -> tuple[list[str], str]:
         text = exposition(totals, devices, stats, api, offline_after_s=30, openmetrics=False,

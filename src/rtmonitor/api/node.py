@@ -13,8 +13,9 @@ from typing import Self
 
 import uvicorn
 
-from rtmonitor.api.app import ReadinessCheck, StatsSource, create_app
+from rtmonitor.api.app import create_app
 from rtmonitor.api.connections import ConnectionGuard
+from rtmonitor.api.deps import ApiLimits, ReadinessCheck, StatsSource
 from rtmonitor.config import Settings, StartupError
 from rtmonitor.storage.store import RedisStore
 
@@ -49,20 +50,8 @@ class HttpNode:
         readiness: ReadinessCheck,
         stats: StatsSource,
     ) -> None:
-        s = self.settings = settings
-        self.app = create_app(
-            store,
-            readiness,
-            stats,
-            offline_after_s=s.offline_after,
-            prometheus_max_devices=s.prometheus_max_devices,
-            prometheus_max_series=s.prometheus_max_series,
-            prefix_sort_max_devices=s.prefix_sort_max_devices,
-            stream_interval_s=s.flush_interval,
-            max_stream_subscribers=s.max_stream_subscribers,
-            max_concurrent_pages=s.max_concurrent_pages,
-            stream_send_timeout_s=s.stream_send_timeout,
-        )
+        self.settings = settings
+        self.app = create_app(store, readiness, stats, ApiLimits.from_settings(settings))
         self.port: int | None = None
         self._server: _HttpServer | None = None
         self._task: asyncio.Task[None] | None = None

@@ -12,21 +12,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from typing import Any
 
-from rtmonitor.model import ServiceStats
+from rtmonitor.api.deps import ApiStats
+from rtmonitor.model import RATE_WINDOWS_S, DeviceRecord, ServiceStats, Totals
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
 STATS = ("sum", "min", "max", "last")
-# Series of every device: packets, bytes, 2 x 2 rates, online, last_seen.
-DEVICE_BASE_SERIES = 8
+# Series of every device: packets, bytes, packets/s and bytes/s per rate window, online,
+# last_seen.
+DEVICE_BASE_SERIES = 4 + 2 * len(RATE_WINDOWS_S)
 
 
-def device_series(device: dict[str, Any]) -> int:
+def device_series(device: DeviceRecord) -> int:
     """The series `device` adds to a scrape: DEVICE_BASE_SERIES, one per kind, and per value
     name its readings and STATS."""
-    return DEVICE_BASE_SERIES + len(device["kinds"]) + (1 + len(STATS)) * len(device["values"])
+    return DEVICE_BASE_SERIES + len(device.kinds) + (1 + len(STATS)) * len(device.values)
 
 
 def negotiate(accept: str | None, explicit: str | None) -> str | None:
@@ -103,10 +104,10 @@ class _Writer:
 
 
 def exposition(
-    totals: dict[str, Any],
-    devices: list[dict[str, Any]],
+    totals: Totals,
+    devices: list[DeviceRecord],
     stats: ServiceStats,
-    api: dict[str, Any],
+    api: ApiStats,
     *,
     offline_after_s: float,
     openmetrics: bool,
@@ -115,64 +116,9 @@ def exposition(
     """Render the exposition for `devices` (already limited) and the totals; `omitted`:
     devices left out of this scrape, by the limit that left them out."""
     w = _Writer(openmetrics)
-    now_ms = time.time() * 1000
-    dev = [({"device": d["device_id"]}, d) for d in devices]
-    w.family("rtm_packets", "counter", "Packets counted, all devices and instances.",
-             [({}, totals["packets"])])  # fmt: skip
-    w.family("rtm_bytes", "counter", "Payload bytes counted, all devices and instances.",
-             [({}, totals["bytes"])])  # fmt: skip
-    w.family("rtm_devices", "gauge", "Devices known to Redis.", [({}, totals["devices"])])
-    w.family(
-        "rtm_rejected_packets",
-        "counter",
-        "Packets refused by validation, by reason.",
-        [({"reason": r}, n) for r, n in totals["rejected_by_reason"].items()],
-    )
-    w.family(
-        "rtm_packets_per_second",
-        "gauge",
-        "Packets per second over a trailing window, all devices and instances.",
-        [({"window": f"{s}s"}, totals["rate"][f"packets_per_s_{s}s"]) for s in (10, 60)],
-    )
-    w.family("rtm_device_packets", "counter", "Packets counted per device.",
-             [(lab, d["packets"]) for lab, d in dev])  # fmt: skip
-    w.family("rtm_device_bytes", "counter", "Payload bytes counted per device.",
-             [(lab, d["bytes"]) for lab, d in dev])  # fmt: skip
-    w.family(
-        "rtm_device_kind_packets",
-        "counter",
-        "Packets per device and kind.",
-        [({**lab, "kind": k}, n) for lab, d in dev for k, n in d["kinds"].items()],
-    )
-    for what, unit in (("packets", "Packets"), ("bytes", "Payload bytes")):
-        w.family(
-            f"rtm_device_{what}_per_second",
-            "gauge",
-            f"{unit} per second per device over a trailing window.",
-            [({**lab, "window": f"{s}s"}, d["rate"][f"{what}_per_s_{s}s"])
-             for lab, d in dev for s in (10, 60)],
-        )  # fmt: skip
-    w.family(
-        "rtm_device_online",
-        "gauge",
-        f"1 if the device sent a packet in the last {offline_after_s:g} s.",
-        [(lab, int(now_ms - (d["last_seen"] or 0) <= offline_after_s * 1000)) for lab, d in dev],
-    )
-    w.family(
-        "rtm_device_last_seen_seconds",
-        "gauge",
-        "Receive time of the device's latest packet (Unix seconds).",
-        [(lab, (d["last_seen"] or 0) / 1000) for lab, d in dev],
-    )
-    values = [({**lab, "name": n}, v) for lab, d in dev for n, v in d["values"].items()]
-    w.family("rtm_device_value_readings", "counter", "Readings per device and value name.",
-             [(lab, v["count"]) for lab, v in values])  # fmt: skip
-    w.family(
-        "rtm_device_value",
-        "gauge",
-        "Statistics of the readings: stat = sum, min, max, or last (newest device timestamp).",
-        [({**lab, "stat": stat}, v[stat]) for lab, v in values for stat in STATS],
-    )
+    _total_metrics(w, totals)
+    _device_metrics(w, devices, offline_after_s)
+    _value_metrics(w, devices)
     w.family(
         "rtm_scrape_series",
         "gauge",
@@ -189,6 +135,83 @@ def exposition(
     _self_metrics(w, stats)
     _process_metrics(w, stats, api)
     return w.render()
+
+
+def _total_metrics(w: _Writer, totals: Totals) -> None:
+    """All devices and instances together, as Redis has them."""
+    w.family("rtm_packets", "counter", "Packets counted, all devices and instances.",
+             [({}, totals.packets)])  # fmt: skip
+    w.family("rtm_bytes", "counter", "Payload bytes counted, all devices and instances.",
+             [({}, totals.bytes)])  # fmt: skip
+    w.family("rtm_devices", "gauge", "Devices known to Redis.", [({}, totals.devices)])
+    w.family(
+        "rtm_rejected_packets",
+        "counter",
+        "Packets refused by validation, by reason.",
+        [({"reason": r}, n) for r, n in totals.rejected_by_reason.items()],
+    )
+    w.family(
+        "rtm_packets_per_second",
+        "gauge",
+        "Packets per second over a trailing window, all devices and instances.",
+        [({"window": f"{s}s"}, totals.rate.packets_per_s[s]) for s in RATE_WINDOWS_S],
+    )
+
+
+def _device_metrics(w: _Writer, devices: list[DeviceRecord], offline_after_s: float) -> None:
+    """Each device's counts, rates and status."""
+    now_ms = time.time() * 1000
+    dev = [({"device": d.device_id}, d) for d in devices]
+    w.family("rtm_device_packets", "counter", "Packets counted per device.",
+             [(lab, d.packets) for lab, d in dev])  # fmt: skip
+    w.family("rtm_device_bytes", "counter", "Payload bytes counted per device.",
+             [(lab, d.bytes) for lab, d in dev])  # fmt: skip
+    w.family(
+        "rtm_device_kind_packets",
+        "counter",
+        "Packets per device and kind.",
+        [({**lab, "kind": k}, n) for lab, d in dev for k, n in d.kinds.items()],
+    )
+    _rate_family(w, "packets", "Packets", [(lab, d.rate.packets_per_s) for lab, d in dev])
+    _rate_family(w, "bytes", "Payload bytes", [(lab, d.rate.bytes_per_s) for lab, d in dev])
+    w.family(
+        "rtm_device_online",
+        "gauge",
+        f"1 if the device sent a packet in the last {offline_after_s:g} s.",
+        [(lab, int(d.online(now_ms, offline_after_s))) for lab, d in dev],
+    )
+    w.family(
+        "rtm_device_last_seen_seconds",
+        "gauge",
+        "Receive time of the device's latest packet (Unix seconds).",
+        [(lab, (d.last_seen or 0) / 1000) for lab, d in dev],
+    )
+
+
+def _value_metrics(w: _Writer, devices: list[DeviceRecord]) -> None:
+    """Each device's readings, by value name."""
+    values = [({"device": d.device_id, "name": n}, v) for d in devices for n, v in d.values.items()]
+    w.family("rtm_device_value_readings", "counter", "Readings per device and value name.",
+             [(lab, v.count) for lab, v in values])  # fmt: skip
+    w.family(
+        "rtm_device_value",
+        "gauge",
+        "Statistics of the readings: stat = sum, min, max, or last (newest device timestamp).",
+        [({**lab, "stat": stat}, getattr(v, stat)) for lab, v in values for stat in STATS],
+    )
+
+
+def _rate_family(
+    w: _Writer, what: str, unit: str, per_device: list[tuple[dict[str, str], dict[int, float]]]
+) -> None:
+    """Per device, a rate by window (RATE_WINDOWS_S)."""
+    w.family(
+        f"rtm_device_{what}_per_second",
+        "gauge",
+        f"{unit} per second per device over a trailing window.",
+        [({**lab, "window": f"{s}s"}, per_s[s])
+         for lab, per_s in per_device for s in RATE_WINDOWS_S],
+    )  # fmt: skip
 
 
 def _self_metrics(w: _Writer, stats: ServiceStats) -> None:
@@ -250,7 +273,7 @@ def _self_metrics(w: _Writer, stats: ServiceStats) -> None:
              [({}, total.recovery.journals_recovered)])  # fmt: skip
 
 
-def _process_metrics(w: _Writer, stats: ServiceStats, api: dict[str, Any]) -> None:
+def _process_metrics(w: _Writer, stats: ServiceStats, api: ApiStats) -> None:
     """This process's own parts: the embedded Redis, GET /stream, HTTP connections."""
     if (embedded := stats.embedded_redis) is not None:
         w.family("rtm_embedded_redis_restarts", "counter",
@@ -258,17 +281,16 @@ def _process_metrics(w: _Writer, stats: ServiceStats, api: dict[str, Any]) -> No
                  [({}, embedded["restarts"])])  # fmt: skip
         w.family("rtm_embedded_redis_up", "gauge", "1 if the embedded Redis is running.",
                  [({}, int(embedded["up"]))])  # fmt: skip
-    stream = api.get("stream") or {}
     w.family("rtm_stream_subscribers", "gauge", "Open GET /stream clients on this instance.",
-             [({}, stream.get("subscribers", 0))])  # fmt: skip
+             [({}, api.stream.subscribers)])  # fmt: skip
     w.family(
         "rtm_stream_disconnected_slow",
         "counter",
         "GET /stream clients closed because a write stayed blocked (--stream-send-timeout).",
-        [({}, stream.get("disconnected_slow", 0))],
+        [({}, api.stream.disconnected_slow)],
     )
     http = stats.http or {}
-    refused = dict(api.get("refused_by_reason") or {})
+    refused = dict(api.refused_by_reason)
     if http:
         refused["max_connections"] = http.get("refused", 0)
     w.family(

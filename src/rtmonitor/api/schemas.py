@@ -1,15 +1,23 @@
-"""Response models: they are also the contract shown in /docs."""
+"""Response models: they are also the contract shown in /docs. They are built from the
+records storage reads (rtmonitor.model), which the Prometheus and SSE renderers share."""
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_serializer
+
+from rtmonitor.model import RATE_WINDOWS_S, DeviceRecord, Rates, rate_key
+from rtmonitor.model import Totals as TotalsRecord
 
 
 class ValueStats(BaseModel):
     """Statistics of one named reading, over every packet of the device."""
+
+    model_config = ConfigDict(from_attributes=True)  # read from a model.ValueRecord
 
     count: int
     sum: float | None = Field(
@@ -33,13 +41,25 @@ class ValueStats(BaseModel):
     last_timestamp_ms: int = Field(description="Device timestamp of `last` (ms since epoch).")
 
 
-class Rate(BaseModel):
-    """Rates over the last 10 and 60 complete seconds, summed over every instance."""
+def _rate_model() -> type[BaseModel]:
+    """The `Rate` schema, with two fields per window of RATE_WINDOWS_S (defined once)."""
+    fields: dict[str, Any] = {}
+    for window in RATE_WINDOWS_S:
+        fields[rate_key("packets", window)] = (float, ...)
+        fields[rate_key("bytes", window)] = (float, ...)
+    seconds = " and ".join(map(str, RATE_WINDOWS_S))
+    return create_model(
+        "Rate",
+        __doc__=f"Rates over the last {seconds} complete seconds, summed over every instance.",
+        __module__=__name__,
+        **fields,
+    )
 
-    packets_per_s_10s: float
-    bytes_per_s_10s: float
-    packets_per_s_60s: float
-    bytes_per_s_60s: float
+
+if TYPE_CHECKING:
+    Rate = BaseModel
+else:
+    Rate = _rate_model()
 
 
 class DeviceMetrics(BaseModel):
@@ -88,3 +108,54 @@ class Problem(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     reasons: list[str] = Field(description="Why not ready (empty when ready).")
+
+
+def device_metrics(record: DeviceRecord, online: bool) -> DeviceMetrics:
+    """A device's JSON object, from its record."""
+    return DeviceMetrics.model_validate(
+        {
+            "device_id": record.device_id,
+            "packets": record.packets,
+            "bytes": record.bytes,
+            "first_seen": record.first_seen,
+            "last_seen": record.last_seen,
+            "kinds": record.kinds,
+            "values": record.values,
+            "rate": rates(record.rate),
+            "online": online,
+        }
+    )
+
+
+def totals(record: TotalsRecord) -> Totals:
+    """The totals' JSON object, from their record."""
+    return Totals(
+        devices=record.devices,
+        packets=record.packets,
+        bytes=record.bytes,
+        rejected=record.rejected,
+        rejected_by_reason=record.rejected_by_reason,
+        rate=rates(record.rate),
+    )
+
+
+def rates(record: Rates) -> Rate:
+    return Rate.model_validate(record.to_json())
+
+
+@dataclass(frozen=True, slots=True)
+class JsonRender:
+    """Records to their JSON objects, the same for GET /metrics pages and GET /stream
+    events; `online` is judged against the offline threshold at rendering time."""
+
+    offline_after_s: float
+
+    def device(self, record: DeviceRecord) -> DeviceMetrics:
+        online = record.online(time.time() * 1000, self.offline_after_s)
+        return device_metrics(record, online)
+
+    def device_json(self, record: DeviceRecord) -> str:
+        return self.device(record).model_dump_json()
+
+    def totals_json(self, record: TotalsRecord) -> str:
+        return totals(record).model_dump_json()

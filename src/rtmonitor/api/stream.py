@@ -19,13 +19,14 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from rtmonitor.model import DeviceRecord, Totals
 from rtmonitor.storage.store import RedisStore
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,22 @@ EVENT_MAX_BYTES = 256 * 1024
 TRANSPORT = "rtmonitor.transport"
 KEEPALIVE_S = 15.0  # a comment this often keeps proxies from closing an idle stream
 
-# Turns a stored record into the JSON-ready device object of an event.
-Render = Callable[[dict[str, Any]], Mapping[str, Any]]
+
+class Render(Protocol):
+    """Records to the JSON text of an event's objects (as GET /metrics shows them)."""
+
+    def device_json(self, record: DeviceRecord) -> str: ...
+
+    def totals_json(self, record: Totals) -> str: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamStats:
+    """GET /stream on this process: open clients, the limit, clients cut off as slow."""
+
+    subscribers: int = 0
+    max_subscribers: int = 0
+    disconnected_slow: int = 0
 
 
 class Subscriber:
@@ -49,25 +64,28 @@ class Subscriber:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.pending: dict[str, dict[str, Any]] = {}
-        self.totals: dict[str, Any] | None = None
+        self.pending: dict[str, DeviceRecord] = {}
+        self.totals: Totals | None = None
         # Devices that changed while PENDING_MAX others were already waiting: not kept, so
         # the next event says so ("lagged") and the client re-reads GET /metrics.
         self.lagged = False
         self.closed = False
         self.ready = asyncio.Event()
 
-    def offer(self, records: list[dict[str, Any]], totals: dict[str, Any]) -> None:
+    def offer(self, records: list[DeviceRecord], totals: Totals) -> None:
         pending = self.pending
         for record in records:
-            device_id = record["device_id"]
+            device_id = record.device_id
             if device_id.startswith(self.prefix):
                 if device_id in pending or len(pending) < PENDING_MAX:
                     pending[device_id] = record  # newer replaces older
                 else:
                     self.lagged = True
-        moved = self.totals is None or any(
-            self.totals[k] != totals[k] for k in ("packets", "rejected", "devices")
+        before = self.totals
+        moved = before is None or (before.packets, before.rejected, before.devices) != (
+            totals.packets,
+            totals.rejected,
+            totals.devices,
         )
         self.totals = totals
         if pending or moved or self.lagged:  # nothing new: no event (keep-alives cover it)
@@ -88,7 +106,7 @@ class Subscriber:
         for device_id, record in self.pending.items():
             if size >= EVENT_MAX_BYTES:
                 break
-            part = json.dumps(render(record), separators=(",", ":"))
+            part = render.device_json(record)
             parts.append(part)
             taken.append(device_id)
             size += len(part) + 1
@@ -96,9 +114,13 @@ class Subscriber:
             del self.pending[device_id]
         if self.pending:
             self.ready.set()
-        head = {"totals": self.totals, "pending": len(self.pending), "lagged": self.lagged}
+        totals = "null" if self.totals is None else render.totals_json(self.totals)
+        lagged = json.dumps(self.lagged)
         self.lagged = False
-        data = json.dumps(head, separators=(",", ":"))[:-1] + f',"devices":[{",".join(parts)}]}}'
+        data = (
+            f'{{"totals":{totals},"pending":{len(self.pending)},"lagged":{lagged},'
+            f'"devices":[{",".join(parts)}]}}'
+        )
         return f"event: update\ndata: {data}\n\n"
 
 
@@ -131,12 +153,12 @@ class ChangeFeed:
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
 
-    def stats(self) -> dict[str, int]:
-        return {
-            "subscribers": len(self.subscribers),
-            "max_subscribers": self.max_subscribers,
-            "disconnected_slow": self.disconnected_slow,
-        }
+    def stats(self) -> StreamStats:
+        return StreamStats(
+            subscribers=len(self.subscribers),
+            max_subscribers=self.max_subscribers,
+            disconnected_slow=self.disconnected_slow,
+        )
 
     async def close(self) -> None:
         if self._task is not None:
@@ -157,8 +179,8 @@ class ChangeFeed:
         totals = await self.store.totals()
         last_seen = dict(seen)
         for record in records:
-            d = record["device_id"]
-            self._sent[d] = (record["packets"], last_seen[d])
+            d = record.device_id
+            self._sent[d] = (record.packets, last_seen[d])
         if len(self._sent) > 4 * MAX_CHANGED:  # forget devices gone quiet
             cutoff = now - 2 * LOOKBACK_MS
             self._sent = {d: v for d, v in self._sent.items() if v[1] >= cutoff}
@@ -189,7 +211,7 @@ class EventStream(Response):
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.feed, self.sub, self.device_json, self.send_timeout = feed, sub, render, send_timeout
+        self.feed, self.sub, self.renderer, self.send_timeout = feed, sub, render, send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.sub
@@ -211,7 +233,7 @@ class EventStream(Response):
                     await self._write(send, ": keep-alive\n\n")
                     continue
                 if not sub.closed:
-                    await self._write(send, sub.take(self.device_json))
+                    await self._write(send, sub.take(self.renderer))
         except _Blocked:
             self.feed.disconnected_slow += 1
             # Closing would wait for the unread data to drain, which never happens: abort

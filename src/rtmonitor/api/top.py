@@ -13,6 +13,10 @@ from rich.table import Table
 from rich.text import Text
 
 from rtmonitor.config import TopSettings
+from rtmonitor.model import RATE_WINDOWS_S, rate_key
+
+# The header shows the rates of the shortest window; the table a column per window.
+_SHORT = min(RATE_WINDOWS_S)
 
 
 def _bytes(n: float) -> str:
@@ -38,21 +42,22 @@ def frame(page: dict[str, Any], opts: TopSettings) -> Group:
         f"{opts.url}  ",
         ("devices ", "dim"), f"{t['devices']:,}  ",
         ("packets ", "dim"), f"{t['packets']:,}  ",
-        ("rate ", "dim"), (f"{t['rate']['packets_per_s_10s']:,.1f} pkt/s", "bold cyan"), "  ",
-        ("bytes/s ", "dim"), f"{_bytes(t['rate']['bytes_per_s_10s'])}  ",
+        ("rate ", "dim"), (f"{t['rate'][rate_key('packets', _SHORT)]:,.1f} pkt/s", "bold cyan"),
+        "  ", ("bytes/s ", "dim"), f"{_bytes(t['rate'][rate_key('bytes', _SHORT)])}  ",
         ("rejected ", "dim"), f"{t['rejected']:,}",
     )  # fmt: skip
     table = Table(expand=True, title_justify="left")
-    for name, justify in (("device", "left"), ("status", "left"), ("pkt/s 10s", "right"),
-                          ("pkt/s 60s", "right"), ("packets", "right"), ("bytes", "right"),
-                          ("last seen", "right")):  # fmt: skip
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("device")
+    table.add_column("status")
+    for window in RATE_WINDOWS_S:
+        table.add_column(f"pkt/s {window}s", justify="right")
+    for name in ("packets", "bytes", "last seen"):
+        table.add_column(name, justify="right")
     for d in page["devices"]:
         table.add_row(
             d["device_id"],
             Text("online", "green") if d["online"] else Text("offline", "red"),
-            f"{d['rate']['packets_per_s_10s']:,.1f}",
-            f"{d['rate']['packets_per_s_60s']:,.1f}",
+            *(f"{d['rate'][rate_key('packets', w)]:,.1f}" for w in RATE_WINDOWS_S),
             f"{d['packets']:,}",
             _bytes(d["bytes"]),
             _ago(d["last_seen"]),

@@ -19,8 +19,9 @@ from redis.exceptions import RedisError
 
 from rtmonitor.config import Settings, StartupError
 from rtmonitor.ingest.columnar import C_ROWS
+from rtmonitor.ingest.rpc import SERVICE_NAME
 from rtmonitor.ingest.server import build_server
-from rtmonitor.ingest.servicer import SERVICE_NAME, IngestServicer
+from rtmonitor.ingest.servicer import IngestServicer
 from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.model import IngestStats, InstanceStats, PipelineStats
 from rtmonitor.pipeline.pipeline import Pipeline

@@ -10,7 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from rtmonitor.ingest.servicer import SERVICE_NAME, IngestServicer
+from rtmonitor.ingest.rpc import BATCHES_METHOD, PACKETS_METHOD, SERVICE_NAME
+from rtmonitor.ingest.servicer import IngestServicer
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -26,10 +27,10 @@ def ingest_handler(
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
-            "StreamPackets": grpc.stream_unary_rpc_method_handler(
+            PACKETS_METHOD: grpc.stream_unary_rpc_method_handler(
                 packets, response_serializer=Ack.SerializeToString
             ),
-            "StreamBatches": grpc.stream_stream_rpc_method_handler(
+            BATCHES_METHOD: grpc.stream_stream_rpc_method_handler(
                 batches, response_serializer=BatchAck.SerializeToString
             ),
         },

@@ -24,13 +24,13 @@ from rtmonitor.ingest.columnar import (
 )
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, BatchAck, Packet
 from rtmonitor.ingest.validation import Reason, Validator
+from rtmonitor.model import DEVICE_ID_MAX, ID_ALPHABET, ID_CHARS
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.queue import PacketQueue, QueueClosed
 from rtmonitor.pipeline.work import BatchWork, CommitFailed, CommitTracker, StreamRows, Work
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "rtmonitor.v1.TelemetryIngest"
 # A batch stream's reader gives the event loop back after this much work. gRPC hands over
 # messages it already holds without suspending the reader, so under load one stream could
 # decode batch after batch in a single turn of the loop while HTTP requests wait.
@@ -62,7 +62,7 @@ class _Pending:
 
 
 # producer ids share the device id alphabet: they become part of Redis keys and logs
-_PRODUCER_ID = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+_PRODUCER_ID = re.compile(f"[{ID_CHARS}]{{1,{DEVICE_ID_MAX}}}")
 
 
 class _Stream:
@@ -360,30 +360,26 @@ class IngestServicer:
         try:
             batch = parse_batch(raw, self.max_batch_packets)
         except DecodeError as exc:
-            self.messages_refused_by_reason["malformed_batch"] += 1
-            self.aggregator.count_rejected("malformed_batch")  # unit: messages
+            self.messages_refused_by_reason[Reason.MALFORMED_BATCH] += 1
             return _StreamError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"malformed Batch message ({exc}): send a rtmonitor.v1.Batch "
                 "serialized with protobuf",
             )
         except BatchTooLarge as big:
-            self.messages_refused_by_reason["batch_too_large"] += 1
-            self.aggregator.count_rejected("batch_too_large", big.packets)
+            self.messages_refused_by_reason[Reason.BATCH_TOO_LARGE] += 1
             return _StreamError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{big}; the limit is {self.max_batch_packets} "
                 "(--max-batch-packets): split it into smaller batches",
             )
-        n = batch.count
         producer = batch.producer_id
         if producer and not _PRODUCER_ID.fullmatch(producer):
-            self.messages_refused_by_reason["invalid_producer_id"] += 1
-            self.aggregator.count_rejected("invalid_producer_id", n)
+            self.messages_refused_by_reason[Reason.INVALID_PRODUCER_ID] += 1
             return _StreamError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"batch {batch.batch_id}: producer_id must be 1-128 characters of "
-                "A-Z a-z 0-9 . _ : @ / - (or empty, which turns off deduplication)",
+                f"batch {batch.batch_id}: producer_id must be 1-{DEVICE_ID_MAX} characters "
+                f"of {ID_ALPHABET} (or empty, which turns off deduplication)",
             )
         recv_ms = _now_ms()
         # Columns first: an inconsistent Columns message refuses the whole batch, and it must
@@ -395,8 +391,7 @@ class IngestServicer:
                 col_delta, col_rejected = decode_columns(batch.columns, self.validator, recv_ms)
                 parts.append(col_delta)
             except ColumnsError as exc:
-                self.messages_refused_by_reason["invalid_columns"] += 1
-                self.aggregator.count_rejected("invalid_columns", n)
+                self.messages_refused_by_reason[Reason.INVALID_COLUMNS] += 1
                 return _StreamError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.batch_id}: {exc}"
                 )

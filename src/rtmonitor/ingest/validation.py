@@ -11,14 +11,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
-from rtmonitor.model import Row
+from rtmonitor.model import DEVICE_ID_MAX, ID_CHARS, NAME_MAX, Row
 
-# device ids: letters, digits and . _ : @ / -  — no braces (they are Redis Cluster hash-tag
-# delimiters), no quotes, spaces, or control characters (they break Prometheus labels, logs, URLs).
-DEVICE_ID_MAX = 128
-_DEVICE_ID = re.compile(r"[A-Za-z0-9._:@/-]+")
-NAME_MAX = 64
-_NAME = re.compile(r"[A-Za-z0-9._:@/-]+")
+# Device ids, kinds and value names share one alphabet (model.ID_CHARS: why it is safe).
+_DEVICE_ID = _NAME = re.compile(f"[{ID_CHARS}]+")
 UNSPECIFIED_KIND = "unspecified"
 # a device clock more than a day ahead is broken, and would pin "last" values forever
 MAX_CLOCK_AHEAD_MS = 24 * 3600 * 1000
@@ -43,7 +39,8 @@ def name_ok(name: str) -> bool:
 
 
 class Reason(StrEnum):
-    """Why a packet was not counted (these strings appear in acks, /metrics and logs)."""
+    """Why a packet, or a whole message, was not counted (these strings appear in acks,
+    /metrics, /stats and logs)."""
 
     MALFORMED = "malformed_packet"
     EMPTY_DEVICE_ID = "empty_device_id"
@@ -59,6 +56,13 @@ class Reason(StrEnum):
     TOO_MANY_VALUE_NAMES = "too_many_value_names"
     TOO_MANY_DEVICES = "too_many_devices"
     INVALID_COLUMN_INDEX = "invalid_column_index"  # columnar: an index past its dictionary
+    # A whole StreamBatches message refused: the stream ends, and the refusal is counted
+    # once, as a message (/stats ingest.messages_refused_by_reason), never as the packets
+    # the message claims to carry.
+    MALFORMED_BATCH = "malformed_batch"
+    BATCH_TOO_LARGE = "batch_too_large"
+    INVALID_PRODUCER_ID = "invalid_producer_id"
+    INVALID_COLUMNS = "invalid_columns"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,9 +27,10 @@ from rich.console import Console
 from rich.table import Table
 
 from rtmonitor.config import BenchMode, BenchSettings, SendSettings
+from rtmonitor.ingest.rpc import STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
 from rtmonitor.loadgen.launch import ServeProcess
-from rtmonitor.loadgen.sender import STREAM_PACKETS, run_loop, send
+from rtmonitor.loadgen.sender import run_loop, send
 from rtmonitor.runtime import redis_server
 
 console = Console(stderr=True)

@@ -25,14 +25,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rtmonitor.config import SendSettings
+from rtmonitor.ingest.rpc import STREAM_BATCHES, STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Columns, Packet
 
 KINDS = ("heartbeat", "reading", "tcp")
 # Backoff jitter from a generator of our own: a library must not move the process-global
 # random state (other code, e.g. property tests, relies on it).
 _JITTER = random.Random()
-STREAM_PACKETS = "/rtmonitor.v1.TelemetryIngest/StreamPackets"
-STREAM_BATCHES = "/rtmonitor.v1.TelemetryIngest/StreamBatches"
 
 
 def _identity(data: bytes) -> bytes:

@@ -17,7 +17,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
-from rtmonitor.model import DeviceDelta, FlushDelta
+from rtmonitor.model import (
+    RATE_WINDOWS_S,
+    DeviceDelta,
+    DeviceRecord,
+    FlushDelta,
+    Rates,
+    Totals,
+    ValueRecord,
+)
 from rtmonitor.storage.keys import RATE_WINDOW_S, SORT_INDEXES, KeyLayout
 from rtmonitor.storage.scripts import (
     FINALIZE,
@@ -31,7 +39,6 @@ from rtmonitor.storage.wire import lean
 logger = logging.getLogger(__name__)
 
 SortField = Literal["device_id", "packets", "bytes", "last_seen", "rate"]
-RATE_WINDOWS_S = (10, 60)
 # Devices per merge-script call: big enough to amortise the call, small enough that one
 # script never blocks Redis for long (a few ms).
 GROUP_SIZE = 256
@@ -44,7 +51,8 @@ APPLY_SLICE = 16
 CLUSTER_CONCURRENCY = 64
 # A merge call: (script name, keys, args). A flush's plan is a list of them, journaled as JSON.
 Call = tuple[str, list[str], list[Any]]
-# Lexicographic upper bound for a prefix range: device ids only use ASCII below 0x7f.
+# Lexicographic upper bound for a prefix range: device ids only use ASCII below 0x7f
+# (model.ID_CHARS).
 _LEX_END = "\x7f"
 # Devices a prefix filter may match when a page is ordered by a number (--prefix-sort-max-
 # devices): the index can only filter by prefix in id order, so all of them are ranked.
@@ -352,7 +360,7 @@ class RedisStore:
 
     # --- reads -----------------------------------------------------------------------------
 
-    async def get_device(self, device_id: str) -> dict[str, Any] | None:
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
         """The device's counters and rates, or None if Redis has never seen it."""
         records = await self.get_devices([device_id])
         return records[0] if records else None
@@ -366,7 +374,7 @@ class RedisStore:
         offset: int = 0,
         limit: int = 100,
         max_ranked: int = PREFIX_SORT_MAX,
-    ) -> tuple[int, list[dict[str, Any]]]:
+    ) -> tuple[int, list[DeviceRecord]]:
         """One page of devices: (number matching the filter, their counters); see
         list_ids()."""
         matched, ids = await self.list_ids(
@@ -457,7 +465,7 @@ class RedisStore:
         client = cast(aioredis.Redis, self.client)
         return last if await client.exists(last) else now
 
-    async def get_devices(self, ids: list[str]) -> list[dict[str, Any]]:
+    async def get_devices(self, ids: list[str]) -> list[DeviceRecord]:
         """The counters and rates of `ids` (in that order; unknown ones left out)."""
         if not ids:
             return []
@@ -483,9 +491,7 @@ class RedisStore:
         for n, device_id in enumerate(ids):
             raw, buckets = replies[2 * n], replies[2 * n + 1]
             if raw:
-                record = parse_device(device_id, raw)
-                record["rate"] = rates(buckets, now)
-                records.append(record)
+                records.append(parse_device(device_id, raw, rates(buckets, now)))
         return records
 
     async def packet_counts(self, ids: list[str]) -> list[int | None]:
@@ -507,7 +513,7 @@ class RedisStore:
         )
         return [(str(d), int(score)) for d, score in rows]
 
-    async def totals(self) -> dict[str, Any]:
+    async def totals(self) -> Totals:
         """Totals over every device and instance."""
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(self.layout.totals)
@@ -515,18 +521,16 @@ class RedisStore:
         pipe.hgetall(self.layout.rejected)
         pipe.hgetall(self.layout.total_rate)
         totals, devices, rejected, buckets = await pipe.execute()
-        by_reason = {reason: int(n) for reason, n in sorted(rejected.items())}
-        return {
-            "devices": int(devices),
-            "packets": int(totals.get("packets", 0)),
-            "bytes": int(totals.get("bytes", 0)),
-            "rejected": sum(by_reason.values()),
-            "rejected_by_reason": by_reason,
-            "rate": rates(buckets, int(time.time())),
-        }
+        return Totals(
+            devices=int(devices),
+            packets=int(totals.get("packets", 0)),
+            bytes=int(totals.get("bytes", 0)),
+            rejected_by_reason={reason: int(n) for reason, n in sorted(rejected.items())},
+            rate=rates(buckets, int(time.time())),
+        )
 
 
-def rates(buckets: dict[str, str], now_s: int) -> dict[str, float]:
+def rates(buckets: dict[str, str], now_s: int) -> Rates:
     """Packets/s and bytes/s over the last 10 and 60 *complete* seconds (the current second
     is still filling up), from rate buckets {"<second>": packets, "<second>b": bytes}.
 
@@ -536,11 +540,10 @@ def rates(buckets: dict[str, str], now_s: int) -> dict[str, float]:
     packets_keys, bytes_keys = _rate_keys(now_s)
     packets = [int(v) if v is not None else 0 for v in map(get, packets_keys)]
     nbytes = [int(v) if v is not None else 0 for v in map(get, bytes_keys)]
-    out: dict[str, float] = {}
-    for window in RATE_WINDOWS_S:
-        out[f"packets_per_s_{window}s"] = sum(packets[:window]) / window
-        out[f"bytes_per_s_{window}s"] = sum(nbytes[:window]) / window
-    return out
+    return Rates(
+        packets_per_s={w: sum(packets[:w]) / w for w in RATE_WINDOWS_S},
+        bytes_per_s={w: sum(nbytes[:w]) / w for w in RATE_WINDOWS_S},
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -561,56 +564,50 @@ def _encode_device(dev: DeviceDelta, out: list[Any]) -> None:
         out += (name, s.count, s.sum, s.min, s.max, s.last, s.last_ts)
 
 
-_VALUE_FIELDS = {"min": "min", "max": "max", "last": "last"}
-
-
-def parse_device(device_id: str, raw: dict[str, str]) -> dict[str, Any]:
-    """Turn a device hash into the API's device object.
+def parse_device(device_id: str, raw: dict[str, str], rate: Rates) -> DeviceRecord:
+    """Turn a device hash (and its rates) into a record.
 
     A reading's sum that left the range of a double (stored as inf, -inf or nan by
     MERGE_DEVICES, or missing where an older script's HINCRBYFLOAT overflowed) keeps that
-    value (nan when missing) with `overflow` set and no mean; the JSON shows such a sum as
-    null, Prometheus as +Inf, -Inf or NaN. A reading whose statistics are incomplete
-    (a hash edited by hand) is left out rather than failing the read."""
+    value (nan when missing): the record says `overflow`. A reading whose statistics are
+    incomplete (a hash edited by hand) is left out rather than failing the read."""
     kinds: dict[str, int] = {}
-    stats: dict[str, dict[str, Any]] = {}
+    stats: dict[str, dict[str, str]] = {}
     base: dict[str, int] = {}
     for field, value in raw.items():
         if field.startswith("k:"):
             kinds[field[2:]] = int(value)
         elif field.startswith("v:"):
             name, stat = field[2:].rsplit(":", 1)
-            entry = stats.setdefault(name, {})
-            if stat == "ts":
-                entry["last_timestamp_ms"] = int(value)
-            elif stat == "n":
-                entry["count"] = int(value)
-            elif stat == "sum":
-                entry["sum"] = float(value)
-            elif stat in _VALUE_FIELDS:
-                entry[_VALUE_FIELDS[stat]] = float(value)
+            stats.setdefault(name, {})[stat] = value
         else:
             base[field] = int(value)
-    values: dict[str, dict[str, Any]] = {}
+    values: dict[str, ValueRecord] = {}
     for name, entry in sorted(stats.items()):
         if not _COMPLETE <= entry.keys():
             continue
-        total = entry.setdefault("sum", math.nan)
-        entry["overflow"] = overflow = not math.isfinite(total)
-        entry["mean"] = None if overflow or not entry["count"] else total / entry["count"]
-        values[name] = entry
-    return {
-        "device_id": device_id,
-        "packets": base.get("packets", 0),
-        "bytes": base.get("bytes", 0),
-        "first_seen": base.get("first_seen"),
-        "last_seen": base.get("last_seen"),
-        "kinds": dict(sorted(kinds.items())),
-        "values": values,
-    }
+        values[name] = ValueRecord(
+            count=int(entry["n"]),
+            sum=float(entry["sum"]) if "sum" in entry else math.nan,
+            min=float(entry["min"]),
+            max=float(entry["max"]),
+            last=float(entry["last"]),
+            last_timestamp_ms=int(entry["ts"]),
+        )
+    return DeviceRecord(
+        device_id=device_id,
+        packets=base.get("packets", 0),
+        bytes=base.get("bytes", 0),
+        first_seen=base.get("first_seen"),
+        last_seen=base.get("last_seen"),
+        kinds=dict(sorted(kinds.items())),
+        values=values,
+        rate=rate,
+    )
 
 
-_COMPLETE = frozenset({"count", "min", "max", "last", "last_timestamp_ms"})
+# The statistics a reading needs to be shown (the hash fields v:<name>:<stat>).
+_COMPLETE = frozenset({"n", "min", "max", "last", "ts"})
 
 
 @functools.cache

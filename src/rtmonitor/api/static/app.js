@@ -17,13 +17,23 @@ const ago = (ms) => {
   const s = Math.max(0, (Date.now() - ms) / 1000);
   return s < 60 ? `${s.toFixed(0)} s ago` : s < 3600 ? `${(s / 60).toFixed(0)} min ago` : `${(s / 3600).toFixed(1)} h ago`;
 };
+// Packets/s over the shortest window the API reports: the windows are defined once, on the
+// server, and named in the JSON as packets_per_s_<seconds>s.
+const packetRate = (rate) => {
+  let best = 0, window = Infinity;
+  for (const [key, value] of Object.entries(rate)) {
+    const m = /^packets_per_s_(\d+)s$/.exec(key);
+    if (m && Number(m[1]) < window) { window = Number(m[1]); best = value; }
+  }
+  return best;
+};
 const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 
 function renderTotals(t) {
   $("t-devices").textContent = fmt.format(t.devices);
   $("t-packets").textContent = fmt.format(t.packets);
   $("t-bytes").textContent = fmtBytes(t.bytes);
-  $("t-rate").textContent = fmtRate(t.rate.packets_per_s_10s);
+  $("t-rate").textContent = fmtRate(packetRate(t.rate));
   $("t-rejected").textContent = fmt.format(t.rejected);
 }
 
@@ -31,7 +41,7 @@ function rowHtml(d) {
   return `<td>${escapeHtml(d.device_id)}</td>` +
     `<td><span class="dot ${d.online ? "on" : ""}"></span>${d.online ? "online" : "offline"}</td>` +
     `<td class="num packets">${fmt.format(d.packets)}</td><td class="num">${fmtBytes(d.bytes)}</td>` +
-    `<td class="num">${fmtRate(d.rate.packets_per_s_10s)}</td><td class="num">${ago(d.last_seen)}</td>`;
+    `<td class="num">${fmtRate(packetRate(d.rate))}</td><td class="num">${ago(d.last_seen)}</td>`;
 }
 
 function renderTable() {
@@ -78,10 +88,10 @@ function applyUpdate(update) {
   renderTotals(update.totals);
   if (update.lagged) load();  // some changes could not be kept for this stream: re-read
   const now = Date.now();
-  state.totalSeries.push([now, update.totals.rate.packets_per_s_10s]);
+  state.totalSeries.push([now, packetRate(update.totals.rate)]);
   for (const d of update.devices) {
     const series = state.deviceSeries.get(d.device_id) || [];
-    series.push([now, d.rate.packets_per_s_10s]);
+    series.push([now, packetRate(d.rate)]);
     state.deviceSeries.set(d.device_id, series.slice(-300));
     if (!state.devices.has(d.device_id)) continue;  // not on this page
     state.devices.set(d.device_id, d);
@@ -116,7 +126,7 @@ function renderDetail(d) {
   $("detail").hidden = false;
   $("d-title").textContent = d.device_id;
   $("d-summary").textContent = `${d.online ? "online" : "offline"} · ${fmt.format(d.packets)} packets · ` +
-    `${fmtBytes(d.bytes)} · ${fmtRate(d.rate.packets_per_s_10s)} packets/s · first seen ${ago(d.first_seen)}`;
+    `${fmtBytes(d.bytes)} · ${fmtRate(packetRate(d.rate))} packets/s · first seen ${ago(d.first_seen)}`;
   $("d-kinds").querySelector("tbody").innerHTML = Object.entries(d.kinds)
     .map(([k, n]) => `<tr><td>${escapeHtml(k)}</td><td class="num">${fmt.format(n)}</td></tr>`).join("");
   const num = (x) => (x === null || x === undefined ? "–" : Number(x).toPrecision(6).replace(/\.?0+$/, ""));

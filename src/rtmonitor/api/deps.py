@@ -1,0 +1,122 @@
+"""What the HTTP app holds while it runs, and how a route asks for it.
+
+The lifespan (app.py) builds one ApiState and puts it on `app.state`; routes take it as a
+dependency, `api: ApiDep`, in the FastAPI template's `Annotated[..., Depends(...)]` form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Self
+
+from fastapi import Depends, Request
+
+from rtmonitor.api.schemas import JsonRender
+from rtmonitor.api.stream import ChangeFeed, StreamStats
+from rtmonitor.config import Settings
+from rtmonitor.model import ServiceStats
+from rtmonitor.storage.store import RedisStore
+
+# Returns the reasons the service is not ready to ingest (empty list: ready).
+ReadinessCheck = Callable[[], Awaitable[list[str]]]
+# Returns the self-metrics of this process and of the ingest instances on its Redis.
+StatsSource = Callable[[], Awaitable[ServiceStats]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiLimits:
+    """The HTTP API's settings, taken from Settings (which has the defaults)."""
+
+    offline_after_s: float
+    prometheus_max_devices: int
+    prometheus_max_series: int
+    prefix_sort_max_devices: int
+    stream_interval_s: float  # the live feed polls once per flush interval
+    max_stream_subscribers: int
+    stream_send_timeout_s: float
+    max_concurrent_pages: int
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Self:
+        return cls(
+            offline_after_s=s.offline_after,
+            prometheus_max_devices=s.prometheus_max_devices,
+            prometheus_max_series=s.prometheus_max_series,
+            prefix_sort_max_devices=s.prefix_sort_max_devices,
+            stream_interval_s=s.flush_interval,
+            max_stream_subscribers=s.max_stream_subscribers,
+            stream_send_timeout_s=s.stream_send_timeout,
+            max_concurrent_pages=s.max_concurrent_pages,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiStats:
+    """This API's own self-metrics: requests refused by a limit, and GET /stream."""
+
+    refused_by_reason: dict[str, int] = field(default_factory=dict)
+    stream: StreamStats = field(default_factory=StreamStats)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `api` section of GET /stats."""
+        return {
+            "refused_by_reason": dict(sorted(self.refused_by_reason.items())),
+            "stream": dataclasses.asdict(self.stream),
+        }
+
+
+@dataclass(slots=True, kw_only=True)
+class ApiState:
+    """The process's one store (owned and closed by the runtime), the readiness and stats
+    sources, the limits, and what the app owns: the live feed, the page semaphore and the
+    counts of refused requests."""
+
+    store: RedisStore
+    readiness: ReadinessCheck
+    stats: StatsSource
+    limits: ApiLimits
+    feed: ChangeFeed
+    render: JsonRender
+    # A page of 1,000 devices with 64 readings each, or a scrape, holds tens of MB while it
+    # is fetched and rendered: the rest wait their turn (the connection limit bounds how
+    # many wait), so many at once cannot add up.
+    pages: asyncio.Semaphore
+    refused: Counter[str] = field(default_factory=Counter)  # requests refused, by reason
+
+    @classmethod
+    def open(
+        cls,
+        store: RedisStore,
+        readiness: ReadinessCheck,
+        stats: StatsSource,
+        limits: ApiLimits,
+    ) -> Self:
+        return cls(
+            store=store,
+            readiness=readiness,
+            stats=stats,
+            limits=limits,
+            feed=ChangeFeed(store, limits.stream_interval_s, limits.max_stream_subscribers),
+            render=JsonRender(limits.offline_after_s),
+            pages=asyncio.Semaphore(limits.max_concurrent_pages),
+        )
+
+    async def aclose(self) -> None:
+        """Stop the live feed's poller (the store is the runtime's to close)."""
+        await self.feed.close()
+
+    def api_stats(self) -> ApiStats:
+        return ApiStats(refused_by_reason=dict(self.refused), stream=self.feed.stats())
+
+
+async def api_state(request: Request) -> ApiState:
+    """The app's state (async: FastAPI would run a plain function in a thread)."""
+    state: ApiState = request.app.state.api
+    return state
+
+
+ApiDep = Annotated[ApiState, Depends(api_state)]

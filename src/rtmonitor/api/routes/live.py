@@ -1,0 +1,54 @@
+"""GET /stream: live updates as Server-Sent Events (the feed is in api/stream.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
+
+from rtmonitor.api.deps import ApiDep
+from rtmonitor.api.stream import EventStream
+from rtmonitor.model import DEVICE_ID_MAX
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get(
+    "/stream",
+    summary="Live updates (Server-Sent Events)",
+    response_class=EventStream,
+    status_code=200,
+    responses={
+        503: {
+            "description": "--max-stream-subscribers clients are connected already.",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+    },
+)
+async def stream(
+    api: ApiDep,
+    prefix: Annotated[
+        str, Query(max_length=DEVICE_ID_MAX, description="Only devices whose id starts with this.")
+    ] = "",
+) -> Response:
+    """`event: update` with the devices that changed (at most once per flush interval)
+    and the totals; a comment every 15 s keeps proxies from closing an idle stream. A
+    client that reads slowly gets the latest state of each device, not a backlog: an
+    event carries at most ~256 KB of devices and says how many are still `pending`
+    (they follow at once); `lagged: true` means some changes could not be kept (re-read
+    GET /metrics). A client whose writes stay blocked for --stream-send-timeout is
+    disconnected."""
+    feed = api.feed
+    if feed.full:
+        api.refused["stream_subscribers"] += 1
+        return JSONResponse(
+            status_code=503,
+            content={
+                "detail": f"{feed.max_subscribers} GET /stream clients are connected, the "
+                "most this instance serves (--max-stream-subscribers); retry later or "
+                "use GET /metrics"
+            },
+            headers={"Retry-After": "10"},
+        )
+    return EventStream(feed, feed.subscribe(prefix), api.render, api.limits.stream_send_timeout_s)
