@@ -147,3 +147,31 @@ def test_top_shows_the_busiest_devices(service: ServiceProcess) -> None:
     assert busy < quiet, "sorted by rate, busiest first"
     assert "3.0" in out.splitlines()[[i for i, line in enumerate(out.splitlines())
                                       if "top-busy" in line][0]]  # fmt: skip
+
+
+def test_a_poll_renders_each_device_once_for_every_subscriber() -> None:
+    """A hundred clients of the same fat device cost one rendering of it, not a hundred."""
+    from rtmonitor.api.schemas import JsonRender
+    from rtmonitor.api.stream import Shared, Subscriber
+    from rtmonitor.model import RATE_WINDOWS_S, DeviceRecord, Rates, Totals
+
+    rate = Rates(packets_per_s=dict.fromkeys(RATE_WINDOWS_S, 0.0),
+                 bytes_per_s=dict.fromkeys(RATE_WINDOWS_S, 0.0))  # fmt: skip
+    record = DeviceRecord(device_id="fat", packets=1, bytes=0, first_seen=1, last_seen=1,
+                          kinds={}, values={}, rate=rate)  # fmt: skip
+    totals = Totals(devices=1, packets=1, bytes=0, rejected_by_reason={}, rate=rate)
+
+    class Counting(JsonRender):
+        calls = 0
+
+        def device_json(self, record: DeviceRecord) -> str:
+            Counting.calls += 1
+            return super().device_json(record)
+
+    render = Counting(offline_after_s=30)
+    shared = [Shared(record)]
+    subscribers = [Subscriber("") for _ in range(100)]
+    for sub in subscribers:
+        sub.offer(shared, totals)
+    events = {sub.take(render) for sub in subscribers}
+    assert Counting.calls == 1 and len(events) == 1

@@ -8,8 +8,6 @@ import logging
 import resource
 import socket
 from collections.abc import Iterator
-from types import TracebackType
-from typing import Self
 
 import uvicorn
 
@@ -17,6 +15,7 @@ from rtmonitor.api.app import create_app
 from rtmonitor.api.connections import ConnectionGuard
 from rtmonitor.api.deps import ApiLimits, ReadinessCheck, StatsSource
 from rtmonitor.config import Settings, StartupError
+from rtmonitor.lifecycle import Node
 from rtmonitor.storage.store import RedisStore
 
 logger = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ class _HttpServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-class HttpNode:
+class HttpNode(Node):
     """`async with HttpNode(...)`: serving HTTP on entry; on exit uvicorn stops (open
     requests get a grace period) and the app's lifespan closes the live feed."""
 
@@ -59,22 +58,6 @@ class HttpNode:
     @property
     def guard(self) -> ConnectionGuard | None:
         return self._server.guard if self._server is not None else None
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         s = self.settings

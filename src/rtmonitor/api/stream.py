@@ -19,6 +19,7 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,12 +60,28 @@ class StreamStats:
     disconnected_slow: int = 0
 
 
+class Shared:
+    """One changed device of a poll, rendered once for all the subscribers that send it
+    (a hundred clients of a fat fleet would otherwise each render the same JSON)."""
+
+    __slots__ = ("record", "_json")
+
+    def __init__(self, record: DeviceRecord) -> None:
+        self.record = record
+        self._json: str | None = None
+
+    def json(self, render: Render) -> str:
+        if self._json is None:
+            self._json = render.device_json(self.record)
+        return self._json
+
+
 class Subscriber:
     """One client: the latest record of each changed device matching its prefix."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.pending: dict[str, DeviceRecord] = {}
+        self.pending: dict[str, Shared] = {}
         self.totals: Totals | None = None
         # Devices that changed while PENDING_MAX others were already waiting: not kept, so
         # the next event says so ("lagged") and the client re-reads GET /metrics.
@@ -72,13 +89,14 @@ class Subscriber:
         self.closed = False
         self.ready = asyncio.Event()
 
-    def offer(self, records: list[DeviceRecord], totals: Totals) -> None:
+    def offer(self, records: Sequence[DeviceRecord | Shared], totals: Totals) -> None:
         pending = self.pending
-        for record in records:
-            device_id = record.device_id
+        for item in records:
+            shared = item if isinstance(item, Shared) else Shared(item)
+            device_id = shared.record.device_id
             if device_id.startswith(self.prefix):
                 if device_id in pending or len(pending) < PENDING_MAX:
-                    pending[device_id] = record  # newer replaces older
+                    pending[device_id] = shared  # newer replaces older
                 else:
                     self.lagged = True
         before = self.totals
@@ -103,10 +121,10 @@ class Subscriber:
         parts: list[str] = []
         taken: list[str] = []
         size = 0
-        for device_id, record in self.pending.items():
+        for device_id, shared in self.pending.items():
             if size >= EVENT_MAX_BYTES:
                 break
-            part = render.device_json(record)
+            part = shared.json(render)
             parts.append(part)
             taken.append(device_id)
             size += len(part) + 1
@@ -184,8 +202,9 @@ class ChangeFeed:
         if len(self._sent) > 4 * MAX_CHANGED:  # forget devices gone quiet
             cutoff = now - 2 * LOOKBACK_MS
             self._sent = {d: v for d, v in self._sent.items() if v[1] >= cutoff}
+        shared = [Shared(record) for record in records]
         for sub in list(self.subscribers):
-            sub.offer(records, totals)
+            sub.offer(shared, totals)
 
     async def _run(self) -> None:
         while self.subscribers:

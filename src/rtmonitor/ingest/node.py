@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import time
-from types import TracebackType
-from typing import Self
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -23,6 +21,7 @@ from rtmonitor.ingest.rpc import SERVICE_NAME
 from rtmonitor.ingest.server import build_server
 from rtmonitor.ingest.servicer import IngestServicer
 from rtmonitor.ingest.validation import Limits, Validator
+from rtmonitor.lifecycle import Node
 from rtmonitor.model import IngestStats, InstanceStats, PipelineStats
 from rtmonitor.pipeline.pipeline import Pipeline
 from rtmonitor.pipeline.recovery import HEARTBEAT_TTL_S
@@ -36,7 +35,7 @@ STATS_INTERVAL_S = 1.0
 STATS_TIMEOUT_S = 2.0
 
 
-class IngestNode:
+class IngestNode(Node):
     """`async with IngestNode(...)`: serving gRPC on entry; on exit stops in order (see
     stop()) losing no acknowledged packet."""
 
@@ -76,22 +75,6 @@ class IngestNode:
     @property
     def instance_id(self) -> str:
         return self.pipeline.instance_id
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         s = self.settings
