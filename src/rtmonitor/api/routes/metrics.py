@@ -19,7 +19,7 @@ from rtmonitor.storage.store import SortField, SortTooBroad
 # spent, so fat devices cost what fits in the scrape, not --prometheus-max-devices of them.
 SCRAPE_CHUNK = 100
 # Devices of a JSON page fetched and rendered per turn of the event loop.
-PAGE_SLICE = 50
+PAGE_SLICE = 100
 
 router = APIRouter(tags=["metrics"])
 
@@ -134,9 +134,10 @@ async def _page(
     # devices with 64 readings each is ~1 s of work, which must not stall the loop.
     parts: list[str] = []
     for start in range(0, len(ids), PAGE_SLICE):
+        if start:
+            await asyncio.sleep(0)
         records = await store.get_devices(ids[start : start + PAGE_SLICE])
         parts.extend(map(api.render.device_json, records))
-        await asyncio.sleep(0)
     body = "".join((head[:-2], ",".join(parts), "]}"))
     return Response(body, media_type="application/json")
 
