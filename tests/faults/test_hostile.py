@@ -15,6 +15,7 @@ from helpers import (
     STREAM_PACKETS,
     ServiceProcess,
     get_json,
+    held_streams,
     packet,
     run,
     stream_batches,
@@ -117,29 +118,14 @@ def test_too_many_concurrent_streams(start_service: Callable[..., ServiceProcess
     svc = start_service("--max-streams", "2")
 
     async def scenario() -> None:
-        async with grpc.aio.insecure_channel(svc.target) as channel:
-            gate = asyncio.Event()
-
-            async def held() -> AsyncIterator[bytes]:
-                yield packet("held").SerializeToString()
-                await gate.wait()
-
-            calls = [
-                asyncio.ensure_future(
-                    channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)(held())
-                )
-                for _ in range(2)
-            ]
-            await asyncio.sleep(0.5)
+        async with held_streams(svc.target, 2) as calls:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stream_packets(svc.target, [packet("third")])
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "--max-streams" in (refused.value.details() or "")
-            gate.set()
-            acks = await asyncio.gather(*calls)
-            assert [a.accepted for a in acks] == [1, 1]
-            # with the slots free again, new streams are served
-            assert (await stream_packets(svc.target, [packet("fourth")])).accepted == 1
+        assert [call.result().accepted for call in calls] == [1, 1]
+        # with the slots free again, new streams are served
+        assert (await stream_packets(svc.target, [packet("fourth")])).accepted == 1
 
     run(scenario())
 

@@ -8,6 +8,7 @@ imports these as `from helpers import ...`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -214,3 +215,24 @@ def assert_exact(report: SendReport, redis_url: str) -> None:
     total, per_device = run(redis_counts(redis_url))
     assert total == report.sent
     assert per_device == report.acked_per_device()
+
+
+@contextlib.asynccontextmanager
+async def held_streams(target: str, n: int) -> AsyncIterator[list[asyncio.Future[Ack]]]:
+    """`n` StreamPackets calls that each send one packet and stay open until the block
+    ends; yields the calls (each resolves to its Ack after the block)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        gate = asyncio.Event()
+
+        async def held() -> AsyncIterator[bytes]:
+            yield packet("held").SerializeToString()
+            await gate.wait()
+
+        method = channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)
+        calls = [asyncio.ensure_future(method(held())) for _ in range(n)]
+        await asyncio.sleep(0.5)  # the streams are open and counted
+        try:
+            yield calls
+        finally:
+            gate.set()
+            await asyncio.gather(*calls, return_exceptions=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import grpc
@@ -20,13 +20,14 @@ from helpers import (
     STREAM_PACKETS,
     ServiceProcess,
     get_json,
+    held_streams,
     packet,
     run,
     stream_batches,
     stream_packets,
 )
 
-from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Columns, ValueColumn
+from rtmonitor.ingest.v1.telemetry_pb2 import Batch, BatchAck, Columns, ValueColumn
 
 MB = 1024 * 1024
 
@@ -209,20 +210,7 @@ def test_one_peer_cannot_take_every_stream_slot(
     svc = start_service("--max-streams", "10", "--max-streams-per-peer", "3")
 
     async def scenario() -> None:
-        async with grpc.aio.insecure_channel(svc.target) as channel:
-            gate = asyncio.Event()
-
-            async def held() -> AsyncIterator[bytes]:
-                yield packet("held").SerializeToString()
-                await gate.wait()
-
-            calls = [
-                asyncio.ensure_future(
-                    channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)(held())
-                )
-                for _ in range(3)
-            ]
-            await asyncio.sleep(0.5)
+        async with held_streams(svc.target, 3) as calls:
             for method in (STREAM_PACKETS, STREAM_BATCHES):  # one more than the limit
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     if method == STREAM_PACKETS:
@@ -231,10 +219,9 @@ def test_one_peer_cannot_take_every_stream_slot(
                         await stream_batches(svc.target, [Batch(packets=[packet("fourth")])])
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert "--max-streams-per-peer 3" in (refused.value.details() or "")
-            gate.set()
-            assert [a.accepted for a in await asyncio.gather(*calls)] == [1, 1, 1]
-            # the peer's slots are free again
-            assert (await stream_packets(svc.target, [packet("fifth")])).accepted == 1
+        assert [call.result().accepted for call in calls] == [1, 1, 1]
+        # the peer's slots are free again
+        assert (await stream_packets(svc.target, [packet("fifth")])).accepted == 1
 
     run(scenario())
     ingest = get_json(svc.http, "/stats")["ingest"]

@@ -228,25 +228,12 @@ async def _stream_packets(
         result.error = "server stopped reading early (shutdown); resend the rest"
 
 
-async def _stream_batches(
-    channels: list[grpc.aio.Channel],
-    pool: PacketPool,
-    result: StreamResult,
-    n: int | None,
-    opts: SendSettings,
-    pace: _Pacer,
-    counter: list[int],
-) -> None:
-    """Batches with one producer id; after a broken stream, reconnect with capped backoff
-    and resend every unacknowledged batch first (the service skips the ones it had already
-    committed, so each is counted exactly once). Acks come in order, so what is
-    acknowledged is always a prefix of what was generated."""
-    await _BatchStream(pool, result, n, opts, pace, counter).run(channels)
-
-
 class _BatchStream:
-    """One sender stream of batches across reconnects: what was generated and not yet
-    acknowledged, the next batch id, and the retry state."""
+    """One sender stream of batches with one producer id, across reconnects: after a
+    broken stream, reconnect with capped backoff and resend every unacknowledged batch
+    first (the service skips the ones it had already committed, so each is counted exactly
+    once). Acks come in order, so what is acknowledged is always a prefix of what was
+    generated."""
 
     def __init__(
         self,
@@ -425,7 +412,7 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
             if opts.batch_size == 1:
                 await _stream_packets(channels[0], pool, results[s], shares[s], pace, counter)
             else:
-                await _stream_batches(channels, pool, results[s], shares[s], opts, pace, counter)
+                await _BatchStream(pool, results[s], shares[s], opts, pace, counter).run(channels)
         except grpc.aio.AioRpcError as exc:
             results[s].error = f"{exc.code().name}: {exc.details()}"
         finally:
