@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         0, ge=0, le=65535, description="TCP port of the embedded Redis (0 picks a free one)."
     )
     # What responses waiting for clients that do not read may hold (a page of fat devices
-    # is ~17 MB, a scrape ~7 MB): past it, connections that stopped reading are reset.
+    # or a scrape is megabytes): past it, connections that stopped reading are reset.
     http_max_unsent_bytes: int = Field(
         64 * 1024 * 1024,
         ge=0,
@@ -185,8 +185,6 @@ class Settings(BaseSettings):
         description="Devices a prefix filter may match when GET /metrics sorts by a number; "
         "more get 400 (narrow the prefix, or sort by device_id).",
     )
-    # Each subscriber holds at most one event in its socket's buffer and the ids of the
-    # devices waiting for the next one (stream.py): ~1 MB at worst.
     # A page or a scrape of 1,000 devices with 64 readings each holds tens of MB while it
     # is built: two at a time keep many concurrent readers from adding up; the others wait
     # (they hold a connection, not memory).
@@ -196,6 +194,8 @@ class Settings(BaseSettings):
         description="GET /metrics pages and Prometheus scrapes built at once; the others "
         "wait their turn.",
     )
+    # Each subscriber holds at most one event in its socket's buffer and the ids of the
+    # devices waiting for the next one (stream.py): ~1 MB at worst.
     max_stream_subscribers: int = Field(
         100, ge=1, description="Concurrent GET /stream clients; more get 503."
     )
