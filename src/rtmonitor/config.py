@@ -130,16 +130,16 @@ class Settings(BaseSettings):
     # --- validation limits ---------------------------------------------------
     max_payload_bytes: int = Field(65_536, ge=0, description="Largest accepted payload.")
     max_batch_packets: int = Field(10_000, ge=1, description="Most packets in one Batch.")
-    # A full batch at every other limit's default fits in 8 MiB: columns of 10,000
-    # packets with 64 readings each are ~5.3 MB plus ~1.3 MB of 128-character device ids;
-    # rows of 10,000 packets fit with up to ~800 bytes each (a 64-byte payload and 8
-    # readings take ~250). Payloads are only measured, never kept: a sender with big
-    # payloads sends fewer packets per batch. Every stream reading at once may hold one
-    # message of this size (gRPC receives it whole before the servicer sees it).
+    # gRPC's own default. Every stream that is being read may hold one message of this
+    # size, whole, in gRPC's buffers, several times over while it is decoded: with
+    # --max-streams-per-peer it bounds what one client address can make the process hold.
+    # It fits a batch of 10,000 packets with up to ~40 readings each in column form, or
+    # 10,000 rows of up to ~400 bytes (a 64-byte payload and 8 readings take ~250);
+    # payloads are only measured, never kept, so big payloads mean fewer per batch.
     max_message_bytes: int = Field(
-        8 * 1024 * 1024, ge=1024, description="Largest gRPC message the server accepts."
+        4 * 1024 * 1024, ge=1024, description="Largest gRPC message the server accepts."
     )
-    # Sixteen messages of the largest size: decoding is one at a time on the event loop,
+    # Thirty-two messages of the largest size: decoding is one at a time on the event loop,
     # so more buys no throughput, only memory.
     max_inflight_message_bytes: int = Field(
         128 * 1024 * 1024,
@@ -152,10 +152,11 @@ class Settings(BaseSettings):
     max_value_names_per_device: int = Field(64, ge=1, description="Distinct value names/device.")
     max_devices: int = Field(1_000_000, ge=1, description="Distinct devices one instance admits.")
     max_streams: int = Field(1024, ge=1, description="Concurrent gRPC streams one instance serves.")
-    # A sender needs a few streams per core, not hundreds; 64 leaves room for NAT (several
-    # hosts behind one address) while one client cannot take all --max-streams slots.
+    # A sender needs a few streams per core, not hundreds; 16 leaves room for a few hosts
+    # behind one NAT address, while one client can neither take all --max-streams slots
+    # nor make the process hold more than 16 messages in gRPC's buffers.
     max_streams_per_peer: int = Field(
-        64, ge=1, description="Concurrent gRPC streams from one client address."
+        16, ge=1, description="Concurrent gRPC streams from one client address."
     )
     stream_idle_timeout: float = Field(
         300.0, gt=0, description="Seconds a stream may send nothing before it is closed."

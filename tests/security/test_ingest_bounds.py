@@ -110,7 +110,8 @@ HOSTILE_COLUMNS = {
 def test_a_columnar_batch_is_bounded_before_it_is_decoded(
     case: str, start_service: Callable[..., ServiceProcess]
 ) -> None:
-    svc = start_service()
+    # messages up to 8 MiB here, so that the column bounds, not the message limit, refuse
+    svc = start_service("--max-message-bytes", str(8 * MB))
     build, limit = HOSTILE_COLUMNS[case]
     hostile = Batch(producer_id="evil", batch_id=1, columns=build())
     hwm_before = _hwm_mb(svc.proc.pid)
@@ -140,9 +141,14 @@ def _row_batch(batch_id: int, nbytes: int) -> Batch:
     return Batch(producer_id=f"big-{batch_id}", batch_id=batch_id, packets=packets)
 
 
-def test_a_message_over_the_default_limit_is_refused(service: ServiceProcess) -> None:
-    """The default --max-message-bytes (8 MiB) is what a full batch needs, not 64 MiB: 40
-    streams sending a 20 MB batch each are refused by gRPC, and the service holds none."""
+def test_a_message_over_the_default_limit_is_refused(
+    start_service: Callable[..., ServiceProcess],
+) -> None:
+    """The default --max-message-bytes (4 MiB, gRPC's own) is what a batch needs, not
+    64 MiB: 40 streams sending a 20 MB batch each are refused by gRPC, and the service holds
+    none; a 3 MB batch is served. (The 40 streams come from one address: its stream limit
+    is raised so that every one of them reaches the message limit.)"""
+    service = start_service("--max-streams-per-peer", "64")
     hwm_before = _hwm_mb(service.proc.pid)
     raw = _row_batch(1, 20 * MB).SerializeToString()
 
@@ -159,8 +165,8 @@ def test_a_message_over_the_default_limit_is_refused(service: ServiceProcess) ->
     assert run(scenario()) == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 40
     grown = _hwm_mb(service.proc.pid) - hwm_before
     assert grown < 600, f"peak RSS grew {grown:.0f} MiB for 40 refused 20 MB messages"
-    [ack] = run(stream_batches(service.target, [_row_batch(2, 7 * MB)]))
-    assert ack.accepted == 7 * MB // 16_011
+    [ack] = run(stream_batches(service.target, [_row_batch(2, 3 * MB)]))
+    assert ack.accepted == 3 * MB // 16_011
 
 
 def test_big_messages_in_flight_are_bounded_in_total(
@@ -171,6 +177,10 @@ def test_big_messages_in_flight_are_bounded_in_total(
     --max-inflight-message-bytes the others wait their turn, unread (none is refused), and
     memory stays bounded."""
     svc = start_service(
+        "--max-message-bytes",
+        str(8 * MB),
+        "--max-streams-per-peer",
+        "32",
         "--max-inflight-message-bytes",
         str(16 * MB),
         "--queue-max-packets",

@@ -51,12 +51,19 @@ def _sender_main(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _start_service(
-    redis_url: str, prefix: str, flush_interval: float, noop: bool, workers: int = 1
+    redis_url: str,
+    prefix: str,
+    flush_interval: float,
+    noop: bool,
+    workers: int = 1,
+    streams: int = 2,
 ) -> ServeProcess:
-    """A fresh `rtmonitor serve` for one measurement."""
+    """A fresh `rtmonitor serve` for one measurement; every load generator stream comes
+    from this machine's one address, so the per-address stream limit is raised to them."""
     flags = [
         "--key-prefix", prefix,
         "--flush-interval", str(flush_interval), "--log-level", "warning",
+        "--max-streams-per-peer", str(max(16, streams + 1)),
     ]  # fmt: skip
     if noop:
         flags.append("--noop")
@@ -184,7 +191,9 @@ def run_mode(
     """One measurement: a fresh service, the load, the probes, the exact check."""
     label = f"{mode}{' (no-op ceiling)' if noop else ''}"
     console.print(f"[bold]{label}[/bold]: starting the service")
-    svc = _start_service(redis_url, prefix, opts.flush_interval, noop, opts.workers)
+    svc = _start_service(
+        redis_url, prefix, opts.flush_interval, noop, opts.workers, opts.senders * opts.streams
+    )
     try:
         svc.wait_ready()
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
