@@ -247,17 +247,17 @@ def test_every_dimension_is_bounded_before_it_is_decoded() -> None:
         decode_columns(Columns(count=0, timestamp_ms=b"\x00" * 8), v, NOW)
 
 
-def test_a_claimed_count_over_the_limit_counts_what_the_message_carries() -> None:
-    """A columnar count over --max-batch-packets is refused; the packets counted as
-    refused are those with a device index in the message, not the claimed count."""
+def test_a_claimed_count_over_the_limit_is_refused_before_anything_is_built() -> None:
+    """A columnar count over --max-batch-packets is refused from the claim alone (the
+    servicer counts it as one refused message, never as the packets it claims)."""
     claim = Batch(batch_id=7, columns=Columns(count=2**32 - 1, device_ids=["a"]))
     with pytest.raises(columnar.BatchTooLarge) as refused:
         parse_batch(claim.SerializeToString(), 10_000)
-    assert (refused.value.batch_id, refused.value.packets) == (7, 0)
+    assert (refused.value.batch_id, refused.value.packets) == (7, 2**32 - 1)
     carried = Columns(count=20_000, device_index=np.zeros(12_000, "<u4").tobytes())
     with pytest.raises(columnar.BatchTooLarge) as refused:
         parse_batch(Batch(packets=[Packet()], columns=carried).SerializeToString(), 10_000)
-    assert refused.value.packets == 12_001
+    assert refused.value.packets == 20_001
 
 
 def test_payload_size_is_a_claim_bounded_per_packet() -> None:

@@ -292,12 +292,7 @@ def parse_batch(raw: bytes, max_packets: int, compiled: bool = C_ROWS) -> Parsed
     columns = batch.columns if batch.HasField("columns") else None
     parsed = ParsedBatch(batch.producer_id, batch.batch_id, columns, batch.packets)
     if parsed.count > max_packets:
-        # `count` is the client's claim: the refused packets counted are those the message
-        # carries (one device index each), not up to 2**32 from a 10-byte message.
-        carried = parsed.count
-        if columns is not None:
-            carried -= columns.count - min(columns.count, len(columns.device_index) // 4)
-        raise BatchTooLarge(batch.batch_id, carried)
+        raise BatchTooLarge(batch.batch_id, parsed.count)  # one refused message
     return parsed
 
 

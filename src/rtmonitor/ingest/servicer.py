@@ -217,11 +217,15 @@ class IngestServicer:
             async for raw in requests:
                 stream.last_activity = monotonic()
                 recv_ms = _now_ms()
-                held = len(raw) if len(raw) >= _SMALL_MESSAGE else 0
-                if held:
+                # Only a big message takes the byte budget (and waits its turn with the
+                # other streams); a single packet goes straight through.
+                held = len(raw)
+                if held >= _SMALL_MESSAGE:
                     stream.busy = True
                     await budget.acquire(held)
                     stream.busy = False
+                else:
+                    held = 0
                 try:
                     packet = Packet.FromString(raw)
                 except DecodeError:
@@ -231,7 +235,7 @@ class IngestServicer:
                 finally:
                     if held:
                         budget.release(held)
-                if budget.waiting:  # others wait for bytes: stop reading, as they do
+                if held and budget.waiting:  # others wait for bytes: stop reading, as they do
                     stream.busy = True
                     await budget.turn()
                     stream.busy = False

@@ -82,10 +82,6 @@ class BatchWork:
     # (at-least-once).
     batch_id: BatchId | None = None
 
-    @property
-    def packets(self) -> int:
-        return sum(p.total_packets for p in self.parts)
-
 
 # One queue item: told apart by type (isinstance / match), never by which field is empty.
 Work: TypeAlias = RowsWork | BatchWork
