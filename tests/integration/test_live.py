@@ -83,7 +83,7 @@ def test_events_carry_only_changes_and_end_at_the_latest_state(service: ServiceP
 
 def test_a_stalled_subscriber_holds_the_latest_state_not_a_backlog() -> None:
     from rtmonitor.api.schemas import JsonRender
-    from rtmonitor.api.stream import Subscriber
+    from rtmonitor.api.stream import Shared, Subscriber
     from rtmonitor.model import RATE_WINDOWS_S, DeviceRecord, Rates, Totals
 
     rate = Rates(packets_per_s=dict.fromkeys(RATE_WINDOWS_S, 1.0), bytes_per_s={10: 2.0, 60: 3.0})
@@ -96,7 +96,7 @@ def test_a_stalled_subscriber_holds_the_latest_state_not_a_backlog() -> None:
         sub = Subscriber("d")
         for n in range(1, 1001):  # 1000 updates, never read
             totals = Totals(devices=4, packets=n, bytes=0, rejected_by_reason={}, rate=rate)
-            sub.offer([device(f"d{n % 3}", n), device("x", n)], totals)
+            sub.offer([Shared(device(f"d{n % 3}", n)), Shared(device("x", n))], Shared(totals))
         assert len(sub.pending) == 3  # bounded by devices, not by updates
         await asyncio.wait_for(sub.ready.wait(), 1)
         event = sub.take(JsonRender(offline_after_s=30))
@@ -150,7 +150,7 @@ def test_top_shows_the_busiest_devices(service: ServiceProcess) -> None:
 
 
 def test_a_poll_renders_each_device_once_for_every_subscriber() -> None:
-    """A hundred clients of the same fat device cost one rendering of it, not a hundred."""
+    """A hundred clients of the same fat device and totals cost one rendering of each."""
     from rtmonitor.api.schemas import JsonRender
     from rtmonitor.api.stream import Shared, Subscriber
     from rtmonitor.model import RATE_WINDOWS_S, DeviceRecord, Rates, Totals
@@ -168,10 +168,17 @@ def test_a_poll_renders_each_device_once_for_every_subscriber() -> None:
             Counting.calls += 1
             return super().device_json(record)
 
-    render = Counting(offline_after_s=30)
-    shared = [Shared(record)]
+    class CountingTotals(Counting):
+        totals_calls = 0
+
+        def totals_json(self, record: Totals) -> str:
+            CountingTotals.totals_calls += 1
+            return super().totals_json(record)
+
+    render = CountingTotals(offline_after_s=30)
+    shared, shared_totals = [Shared(record)], Shared(totals)
     subscribers = [Subscriber("") for _ in range(100)]
     for sub in subscribers:
-        sub.offer(shared, totals)
+        sub.offer(shared, shared_totals)
     events = {sub.take(render) for sub in subscribers}
-    assert Counting.calls == 1 and len(events) == 1
+    assert Counting.calls == 1 and CountingTotals.totals_calls == 1 and len(events) == 1

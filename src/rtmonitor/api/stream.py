@@ -19,9 +19,9 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
@@ -60,19 +60,23 @@ class StreamStats:
     disconnected_slow: int = 0
 
 
-class Shared:
-    """One changed device of a poll, rendered once for all the subscribers that send it
-    (a hundred clients of a fat fleet would otherwise each render the same JSON)."""
+R = TypeVar("R")
+
+
+class Shared(Generic[R]):
+    """One record of a poll (a changed device, the totals), rendered once for all the
+    subscribers that send it (a hundred clients of a fat fleet would otherwise each render
+    the same JSON)."""
 
     __slots__ = ("record", "_json")
 
-    def __init__(self, record: DeviceRecord) -> None:
+    def __init__(self, record: R) -> None:
         self.record = record
         self._json: str | None = None
 
-    def json(self, render: Render) -> str:
+    def json(self, render: Callable[[R], str]) -> str:
         if self._json is None:
-            self._json = render.device_json(self.record)
+            self._json = render(self.record)
         return self._json
 
 
@@ -81,29 +85,28 @@ class Subscriber:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.pending: dict[str, Shared] = {}
-        self.totals: Totals | None = None
+        self.pending: dict[str, Shared[DeviceRecord]] = {}
+        self.totals: Shared[Totals] | None = None
         # Devices that changed while PENDING_MAX others were already waiting: not kept, so
         # the next event says so ("lagged") and the client re-reads GET /metrics.
         self.lagged = False
         self.closed = False
         self.ready = asyncio.Event()
 
-    def offer(self, records: Sequence[DeviceRecord | Shared], totals: Totals) -> None:
+    def offer(self, records: Sequence[Shared[DeviceRecord]], totals: Shared[Totals]) -> None:
         pending = self.pending
-        for item in records:
-            shared = item if isinstance(item, Shared) else Shared(item)
+        for shared in records:
             device_id = shared.record.device_id
             if device_id.startswith(self.prefix):
                 if device_id in pending or len(pending) < PENDING_MAX:
                     pending[device_id] = shared  # newer replaces older
                 else:
                     self.lagged = True
-        before = self.totals
+        before, now = (self.totals.record if self.totals else None), totals.record
         moved = before is None or (before.packets, before.rejected, before.devices) != (
-            totals.packets,
-            totals.rejected,
-            totals.devices,
+            now.packets,
+            now.rejected,
+            now.devices,
         )
         self.totals = totals
         if pending or moved or self.lagged:  # nothing new: no event (keep-alives cover it)
@@ -124,7 +127,7 @@ class Subscriber:
         for device_id, shared in self.pending.items():
             if size >= EVENT_MAX_BYTES:
                 break
-            part = shared.json(render)
+            part = shared.json(render.device_json)
             parts.append(part)
             taken.append(device_id)
             size += len(part) + 1
@@ -132,7 +135,7 @@ class Subscriber:
             del self.pending[device_id]
         if self.pending:
             self.ready.set()
-        totals = "null" if self.totals is None else render.totals_json(self.totals)
+        totals = "null" if self.totals is None else self.totals.json(render.totals_json)
         lagged = json.dumps(self.lagged)
         self.lagged = False
         data = (
@@ -193,8 +196,7 @@ class ChangeFeed:
             for (d, _), n in zip(seen, counts, strict=True)
             if n is not None and n > self._sent.get(d, (-1, 0))[0]
         ]
-        records = await self.store.get_devices(changed)
-        totals = await self.store.totals()
+        records, totals = await asyncio.gather(self.store.get_devices(changed), self.store.totals())
         last_seen = dict(seen)
         for record in records:
             d = record.device_id
@@ -203,8 +205,9 @@ class ChangeFeed:
             cutoff = now - 2 * LOOKBACK_MS
             self._sent = {d: v for d, v in self._sent.items() if v[1] >= cutoff}
         shared = [Shared(record) for record in records]
+        shared_totals = Shared(totals)
         for sub in list(self.subscribers):
-            sub.offer(shared, totals)
+            sub.offer(shared, shared_totals)
 
     async def _run(self) -> None:
         while self.subscribers:

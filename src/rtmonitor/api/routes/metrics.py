@@ -15,8 +15,7 @@ from rtmonitor.api.schemas import DeviceMetrics, MetricsPage, Problem, totals
 from rtmonitor.model import DEVICE_ID_MAX, DeviceRecord
 from rtmonitor.storage.store import SortField, SortTooBroad
 
-# Devices fetched per step of a scrape: it stops fetching once --prometheus-max-series is
-# spent, so fat devices cost what fits in the scrape, not --prometheus-max-devices of them.
+# Devices fetched per step of a scrape.
 SCRAPE_CHUNK = 100
 # Devices of a JSON page fetched and rendered per turn of the event loop.
 PAGE_SLICE = 100
@@ -144,12 +143,12 @@ async def _page(
 
 async def _scrape(api: ApiState, content_type: str) -> Response:
     """The Prometheus or OpenMetrics exposition."""
-    total = await api.store.totals()
+    total, stats = await asyncio.gather(api.store.totals(), api.stats())
     busiest, omitted = await _scrape_devices(api, total.devices)
     body = exposition(
         total,
         busiest,
-        await api.stats(),
+        stats,
         api.api_stats(),
         offline_after_s=api.limits.offline_after_s,
         openmetrics=content_type == OPENMETRICS,
@@ -164,19 +163,16 @@ async def _scrape_devices(api: ApiState, known: int) -> tuple[list[DeviceRecord]
     ranked = min(known, api.limits.prometheus_max_devices)
     kept: list[DeviceRecord] = []
     budget = api.limits.prometheus_max_series
-    offset = 0
-    while offset < ranked:
-        size = min(SCRAPE_CHUNK, ranked - offset)
-        _, chunk = await api.store.list_devices(
-            sort="packets", descending=True, offset=offset, limit=size
-        )
-        offset += size
-        for device in chunk:
+    # Ranked once (one consistent order), then fetched a chunk at a time until the series
+    # budget is spent: fat devices cost what fits, not --prometheus-max-devices of them.
+    _, ids = await api.store.list_ids(sort="packets", descending=True, limit=ranked)
+    for start in range(0, len(ids), SCRAPE_CHUNK):
+        for device in await api.store.get_devices(ids[start : start + SCRAPE_CHUNK]):
             budget -= device_series(device)
             if budget < 0:
                 break
             kept.append(device)
-        if budget < 0 or not chunk:
+        if budget < 0:
             break
     omitted = {"max_devices": known - ranked, "max_series": max(ranked - len(kept), 0)}
     return kept, omitted
