@@ -99,9 +99,24 @@ def _append(record: logging.LogRecord, note: str) -> None:
     record.args = None
 
 
+class RedactFilter(logging.Filter):
+    """Every record's message with URL passwords replaced by *** (a library's exception
+    text can quote a URL: no log site has to remember to redact it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_url(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def setup_logging(level: str, fmt: str = FORMAT) -> None:
-    """Log to stderr at `level`, with repeats rate-limited on the root handler."""
+    """Log to stderr at `level`, with URL passwords redacted and repeats rate-limited on the
+    root handler."""
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
     for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactFilter) for f in handler.filters):
+            handler.addFilter(RedactFilter())
         if not any(isinstance(f, RepeatFilter) for f in handler.filters):
             handler.addFilter(RepeatFilter())

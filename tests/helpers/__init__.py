@@ -64,12 +64,15 @@ class ServiceProcess(ServeProcess):
         self.env = env
         self.log_path = log_path
         flags = ["--flush-interval", "0.05", *extra]
+        # By environment, as bench does: a command line is visible to every local user (ps),
+        # and the embedded Redis's URL carries its password.
+        child = dict(env or {})
         if redis_url is not None:
-            flags += ["--redis-url", redis_url]
+            child.setdefault("RTM_REDIS_URL", redis_url)
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in terminate() and kill()
         super().__init__(
             *flags,
-            env=env,
+            env=child,
             grpc_port=grpc_port,
             http_port=http_port,
             output=self._log,
@@ -236,3 +239,11 @@ async def held_streams(target: str, n: int) -> AsyncIterator[list[asyncio.Future
         finally:
             gate.set()
             await asyncio.gather(*calls, return_exceptions=True)
+
+
+def healthz_seconds(base: str) -> float:
+    """Seconds a fresh connection takes to get 200 from /healthz (fails past 5 s)."""
+    t0 = time.monotonic()
+    with httpx.Client(timeout=5.0) as client:
+        assert client.get(f"{base}/healthz").status_code == 200
+    return time.monotonic() - t0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ServiceProcess, get_json, packet, run, stream_packets
+from helpers import ServiceProcess, get_json, healthz_seconds, packet, run, stream_packets
 
 from rtmonitor.loadgen.launch import child_env
 from rtmonitor.logs import RepeatFilter, redact_url
@@ -35,14 +35,6 @@ def _open_idle(port: int, n: int) -> list[socket.socket]:
         s.connect_ex(("127.0.0.1", port))
         conns.append(s)
     return conns
-
-
-def _healthz_seconds(base: str) -> float:
-    """Seconds a fresh connection takes to get 200 from /healthz (fails past 5 s)."""
-    t0 = time.monotonic()
-    with httpx.Client(timeout=5.0) as client:
-        assert client.get(f"{base}/healthz").status_code == 200
-    return time.monotonic() - t0
 
 
 @pytest.fixture
@@ -73,7 +65,7 @@ def test_idle_connections_beyond_the_open_file_limit_cannot_stall_the_service(
             for _ in range(10):  # in steps the listen backlog holds: no SYN is dropped
                 conns += _open_idle(svc.http_port, 10)
                 time.sleep(0.05)
-            assert _healthz_seconds(svc.http) < 1.0
+            assert healthz_seconds(svc.http) < 1.0
         ack = run(asyncio.wait_for(stream_packets(svc.target, [packet("edge-1")]), 10))
         assert ack.accepted == 1
         http = get_json(svc.http, "/stats")["http"]
@@ -81,7 +73,7 @@ def test_idle_connections_beyond_the_open_file_limit_cannot_stall_the_service(
         assert http["connections"] <= 32
         assert http["evicted"] >= 400 - 32
         time.sleep(max(0.0, 10 - (time.monotonic() - start)))
-        assert _healthz_seconds(svc.http) < 1.0
+        assert healthz_seconds(svc.http) < 1.0
         assert log.stat().st_size < 200_000, svc.log()[-3000:]
         assert "Traceback" not in svc.log()
     finally:
@@ -120,7 +112,7 @@ def test_connections_that_never_finish_a_request_are_closed(
         assert time.monotonic() - t0 < 4
         assert _closed_within(silent, 3.0), "a silent connection was not closed"
         assert get_json(svc.http, "/stats")["http"]["idle_closed"] >= 2
-        assert _healthz_seconds(svc.http) < 1.0
+        assert healthz_seconds(svc.http) < 1.0
     finally:
         silent.close()
         slow.close()
@@ -262,7 +254,10 @@ def test_a_redis_password_never_reaches_the_log_or_a_response(tmp_path: Path) ->
         good = ServiceProcess(f"redis://:{password}@127.0.0.1:{port}/0", tmp_path / "good.log")
         started.append(good)
         good.wait_ready()
-        bodies = [httpx.get(f"{good.http}{p}", timeout=5).text for p in ("/readyz", "/stats")]
+        # nor on its command line, which every local user can read (ps)
+        cmdline = Path(f"/proc/{good.proc.pid}/cmdline").read_bytes().decode(errors="replace")
+        bodies = [cmdline]
+        bodies += [httpx.get(f"{good.http}{p}", timeout=5).text for p in ("/readyz", "/stats")]
         redis.kill()
         redis.wait()
         deadline = time.monotonic() + 10

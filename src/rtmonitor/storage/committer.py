@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from redis.exceptions import RedisError
 
+from rtmonitor.logs import redact_url
 from rtmonitor.model import BatchId, Claim, CommitUnavailable, FlushDelta
 from rtmonitor.storage.store import Call, RedisStore
 
@@ -18,7 +19,7 @@ async def _unavailable() -> AsyncIterator[None]:
     try:
         yield
     except (RedisError, OSError) as exc:
-        raise CommitUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        raise CommitUnavailable(redact_url(f"{type(exc).__name__}: {exc}")) from exc
 
 
 def _flush_id(instance: str, seq: int) -> str:

@@ -293,7 +293,9 @@ class EmbeddedRedis:
         tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
         if "Address already in use" in stderr + " ".join(tail):
             return self._port_in_use_error()
-        return f"exited with {proc.returncode}: {stderr.strip()} {' | '.join(tail)}"
+        # Redis quotes a bad config line, which may be the requirepass line.
+        text = f"exited with {proc.returncode}: {stderr.strip()} {' | '.join(tail)}"
+        return text.replace(self.password, "***")
 
     # --- supervision -----------------------------------------------------------------------
 
