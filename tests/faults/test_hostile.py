@@ -23,6 +23,7 @@ from helpers import (
 )
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck
+from rtmonitor.loadgen.launch import memory_mb
 
 
 def test_hostile_device_ids_are_rejected_and_good_ones_counted(service: ServiceProcess) -> None:
@@ -130,14 +131,6 @@ def test_too_many_concurrent_streams(start_service: Callable[..., ServiceProcess
     run(scenario())
 
 
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_client_that_never_reads_acks_is_pushed_back(
     start_service: Callable[..., ServiceProcess],
 ) -> None:
@@ -145,7 +138,7 @@ def test_client_that_never_reads_acks_is_pushed_back(
     (kept at 64 KiB here by turning off BDP probing); then its writes block, its reader
     stops at --max-inflight-batches, and it reads nothing more from that stream."""
     svc = start_service("--max-inflight-batches", "4")
-    rss_before = _rss_mb(svc.proc.pid)
+    rss_before = memory_mb(svc.proc.pid)
 
     async def scenario() -> int:
         options = [("grpc.http2.bdp_probe", 0)]
@@ -172,7 +165,7 @@ def test_client_that_never_reads_acks_is_pushed_back(
     # matters is that the server stopped reading (seen: ~500 of 50,000 batches read).
     counted = get_json(svc.http, "/metrics/deaf")["packets"]
     assert 0 < counted < 5_000 < written
-    assert _rss_mb(svc.proc.pid) - rss_before < 100
+    assert memory_mb(svc.proc.pid) - rss_before < 100
 
 
 def test_retention_expires_silent_devices(start_service: Callable[..., ServiceProcess]) -> None:

@@ -17,18 +17,11 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 import redis
-from helpers import ServiceProcess, get_json, packet, run, stream_batches
+from helpers import ServiceProcess, get_json, healthz_seconds, packet, run, stream_batches
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch
+from rtmonitor.loadgen.launch import memory_mb
 from rtmonitor.storage.embedded import EmbeddedRedis
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def _batches(producer: str, packets: list, size: int = 500, first: int = 1) -> Iterator[Batch]:
@@ -46,12 +39,6 @@ def _never_reading_client(port: int) -> socket.socket:
     return s
 
 
-def _healthz_seconds(base: str) -> float:
-    started = time.monotonic()
-    assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
-    return time.monotonic() - started
-
-
 def test_stream_subscribers_are_capped_and_stalled_ones_disconnected(
     start_service: Callable[..., ServiceProcess],
 ) -> None:
@@ -65,7 +52,7 @@ def test_stream_subscribers_are_capped_and_stalled_ones_disconnected(
         run(stream_batches(svc.target, _batches(f"sse-{n}", packets, size=5000)))
 
     update(0)
-    rss_before = _rss_mb(svc.proc.pid)
+    rss_before = memory_mb(svc.proc.pid)
     clients = [_never_reading_client(svc.http_port) for _ in range(cap)]
     try:
         deadline = time.monotonic() + 10
@@ -80,8 +67,8 @@ def test_stream_subscribers_are_capped_and_stalled_ones_disconnected(
         worst_health, peak = 0.0, 0.0
         for n in range(1, 9):  # every device changes, again and again
             update(n)
-            worst_health = max(worst_health, _healthz_seconds(svc.http))
-            peak = max(peak, _rss_mb(svc.proc.pid))
+            worst_health = max(worst_health, healthz_seconds(svc.http))
+            peak = max(peak, memory_mb(svc.proc.pid))
         stats = get_json(svc.http, "/stats")["api"]
         assert worst_health < 1.0, f"/healthz took {worst_health:.2f} s"
         # old code: ~4.6 MB per stalled client with 5,000 devices changing
@@ -220,7 +207,7 @@ def test_many_readers_of_fat_pages_cannot_add_up(
     fat = [packet(f"fat-{i:04d}", kind=f"k{i % 8}", **names) for i in range(1000)]
     for ack in run(stream_batches(svc.target, _batches("fat", fat, size=100))):
         assert ack.accepted == 100
-    before = _rss_mb(svc.proc.pid)
+    before = memory_mb(svc.proc.pid)
 
     async def readers() -> list[int]:
         async with httpx.AsyncClient(base_url=svc.http, timeout=120) as http:
@@ -235,12 +222,12 @@ def test_many_readers_of_fat_pages_cannot_add_up(
     def sample() -> None:
         nonlocal peak
         while not task_done.is_set():
-            peak = max(peak, _rss_mb(svc.proc.pid))
+            peak = max(peak, memory_mb(svc.proc.pid))
             time.sleep(0.05)
 
     def probe() -> None:
         while not task_done.is_set():
-            healthz.append(_healthz_seconds(svc.http))
+            healthz.append(healthz_seconds(svc.http))
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample)
@@ -258,7 +245,7 @@ def test_many_readers_of_fat_pages_cannot_add_up(
     assert max(healthz) < 1.0, f"/healthz took {max(healthz):.2f} s"
     # measured: ~160 MB of growth two at a time, ~1.5 GB with all 32 built at once
     assert peak - before < 400, f"RSS grew {peak - before:.0f} MB"
-    assert _healthz_seconds(svc.http) < 1.0
+    assert healthz_seconds(svc.http) < 1.0
 
 
 def _never_reading_get(port: int, path: str) -> socket.socket:
@@ -289,22 +276,22 @@ def test_responses_nobody_reads_are_reset_past_the_unsent_budget(
     run(stream_batches(svc.target, _batches("fat", packets, size=200)))
     path = "/metrics?format=prometheus"
     size = len(httpx.get(f"{svc.http}{path}", timeout=30).content)
-    before = _rss_mb(svc.proc.pid)
+    before = memory_mb(svc.proc.pid)
     clients = []
     peak = before
     try:
         for _ in range(100):
             clients.append(_never_reading_get(svc.http_port, path))
             time.sleep(0.05)
-            peak = max(peak, _rss_mb(svc.proc.pid))
+            peak = max(peak, memory_mb(svc.proc.pid))
         # Once the responses are built and have stalled, the ones past the budget are
         # reset (measured without it: 162 MB unsent in 101 open connections).
         deadline = time.monotonic() + 30
         while (http := get_json(svc.http, "/stats")["http"])["unsent_bytes"] > budget:
             assert time.monotonic() < deadline, http
-            peak = max(peak, _rss_mb(svc.proc.pid))
+            peak = max(peak, memory_mb(svc.proc.pid))
             time.sleep(0.5)
-        assert _healthz_seconds(svc.http) < 1.0
+        assert healthz_seconds(svc.http) < 1.0
     finally:
         for c in clients:
             c.close()

@@ -28,17 +28,9 @@ from helpers import (
 )
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch, BatchAck, Columns, ValueColumn
+from rtmonitor.loadgen.launch import memory_mb
 
 MB = 1024 * 1024
-
-
-def _hwm_mb(pid: int) -> float:
-    """Peak resident memory of a process so far (VmHWM), in MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 @contextmanager
@@ -114,14 +106,14 @@ def test_a_columnar_batch_is_bounded_before_it_is_decoded(
     svc = start_service("--max-message-bytes", str(8 * MB))
     build, limit = HOSTILE_COLUMNS[case]
     hostile = Batch(producer_id="evil", batch_id=1, columns=build())
-    hwm_before = _hwm_mb(svc.proc.pid)
+    hwm_before = memory_mb(svc.proc.pid, "VmHWM")
     with _healthz_probe(svc.http) as latencies:
         err, seconds = _refusal(svc.target, hostile)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert limit in (err.details() or "")
     assert seconds < 2.0, f"refused after {seconds:.1f}s"
     assert max(latencies) < 2.0, f"/healthz waited {max(latencies):.1f}s"
-    assert _hwm_mb(svc.proc.pid) - hwm_before < 200
+    assert memory_mb(svc.proc.pid, "VmHWM") - hwm_before < 200
     # refused as a message, counted by reason; the next batch is served as usual
     refused = get_json(svc.http, "/stats")["ingest"]["messages_refused_by_reason"]
     assert refused == {"invalid_columns": 1}
@@ -149,7 +141,7 @@ def test_a_message_over_the_default_limit_is_refused(
     none; a 3 MB batch is served. (The 40 streams come from one address: its stream limit
     is raised so that every one of them reaches the message limit.)"""
     service = start_service("--max-streams-per-peer", "64")
-    hwm_before = _hwm_mb(service.proc.pid)
+    hwm_before = memory_mb(service.proc.pid, "VmHWM")
     raw = _row_batch(1, 20 * MB).SerializeToString()
 
     async def one() -> grpc.StatusCode:
@@ -163,7 +155,7 @@ def test_a_message_over_the_default_limit_is_refused(
         return await asyncio.gather(*(one() for _ in range(40)))
 
     assert run(scenario()) == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 40
-    grown = _hwm_mb(service.proc.pid) - hwm_before
+    grown = memory_mb(service.proc.pid, "VmHWM") - hwm_before
     assert grown < 600, f"peak RSS grew {grown:.0f} MiB for 40 refused 20 MB messages"
     [ack] = run(stream_batches(service.target, [_row_batch(2, 3 * MB)]))
     assert ack.accepted == 3 * MB // 16_011
@@ -189,7 +181,7 @@ def test_big_messages_in_flight_are_bounded_in_total(
         "1000",
     )
     streams = 24
-    hwm_before = _hwm_mb(svc.proc.pid)
+    hwm_before = memory_mb(svc.proc.pid, "VmHWM")
 
     async def scenario() -> list[list[BatchAck]]:
         async def one(i: int) -> list[BatchAck]:
@@ -203,7 +195,7 @@ def test_big_messages_in_flight_are_bounded_in_total(
     per_batch = 7 * MB // 16_011
     assert [[a.accepted for a in acks] for acks in results] == [[per_batch] * 2] * streams
     assert get_json(svc.http, "/metrics")["totals"]["packets"] == streams * 2 * per_batch
-    grown = _hwm_mb(svc.proc.pid) - hwm_before
+    grown = memory_mb(svc.proc.pid, "VmHWM") - hwm_before
     assert grown < 600, f"peak RSS grew {grown:.0f} MiB for {streams} x 2 x 7 MB"
     assert max(latencies) < 2.0, f"/healthz waited {max(latencies):.1f}s"
     ingest = get_json(svc.http, "/stats")["ingest"]

@@ -29,7 +29,7 @@ from rich.table import Table
 from rtmonitor.config import BenchMode, BenchSettings, SendSettings
 from rtmonitor.ingest.rpc import STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
-from rtmonitor.loadgen.launch import ServeProcess
+from rtmonitor.loadgen.launch import ServeProcess, memory_mb
 from rtmonitor.loadgen.sender import run_loop, send
 from rtmonitor.runtime import redis_server
 
@@ -79,15 +79,12 @@ def _peak_rss_mb(pid: int) -> float:
     total = 0.0
     for p in [pid, *_children(pid)]:
         try:
-            with open(f"/proc/{p}/status") as f:
-                status = f.read()
-        except OSError:
+            with open(f"/proc/{p}/comm") as f:
+                if f.read().startswith("redis-server"):
+                    continue
+            total += memory_mb(p, "VmHWM")
+        except (OSError, ValueError):
             continue
-        if "redis-server" in status.split("\n", 1)[0]:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                total += int(line.split()[1]) / 1024
     return total
 
 

@@ -106,3 +106,12 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's memory from /proc/<pid>/status, in MiB: VmRSS (now) or VmHWM (peak)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"no {field} for process {pid}")
