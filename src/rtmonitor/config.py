@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
+from urllib.parse import unquote, urlsplit
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
@@ -210,6 +212,63 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Seconds without a packet after which a device is offline."
     )
 
+    # --- MQTT bridge (ingest/mqtt.py) ---------------------------------------
+    mqtt_url: str | None = Field(
+        None,
+        description="Subscribe to this MQTT broker (mqtt://[user:password@]host[:1883], "
+        "mqtts:// for TLS on 8883); none: no bridge.",
+    )
+    mqtt_topic: str = Field(
+        "rtm/+/telemetry",
+        description="Topic filter (QoS 1) whose one `+` level is the device id; "
+        "$share/GROUP/... splits it between replicas.",
+    )
+    mqtt_client_id: str | None = Field(
+        None,
+        description="MQTT client id: its session (and the messages not yet acknowledged) "
+        "survives a restart with the same id. Default: rtmonitor-HOSTNAME.",
+    )
+    mqtt_username: str | None = Field(
+        None, description="Broker user name (or in the URL: mqtt://user:password@host)."
+    )
+    mqtt_password: SecretStr | None = Field(
+        None, description="Broker password (never logged; or in the URL)."
+    )
+    mqtt_tls_ca: Path | None = Field(
+        None,
+        description="mqtts://: CA file that signed the broker's certificate (default: "
+        "the system's CAs).",
+    )
+    mqtt_tls_cert: Path | None = Field(
+        None, description="mqtts://: client certificate, if the broker asks for one."
+    )
+    mqtt_tls_key: Path | None = Field(None, description="mqtts://: the client certificate's key.")
+    # MQTT 5's Receive Maximum: the broker sends at most this many messages before our
+    # PUBACKs, which leave after the commit (about one flush interval): the bridge's rate is
+    # at most this many messages per flush interval.
+    mqtt_max_inflight: int = Field(
+        5000,
+        ge=1,
+        le=65535,
+        description="Messages the broker may send before they are acknowledged (after "
+        "their commit): MQTT 5 Receive Maximum.",
+    )
+    mqtt_max_message_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest MQTT message read (MQTT 5 Maximum Packet Size: the broker "
+        "drops bigger ones for us).",
+    )
+    mqtt_session_expiry: int = Field(
+        86400,
+        ge=0,
+        description="Seconds the broker keeps the bridge's session (subscription and "
+        "unacknowledged messages) while it is disconnected.",
+    )
+    mqtt_reconnect_max: int = Field(
+        30, ge=1, description="Longest wait, in seconds, between reconnection attempts."
+    )
+
     # --- lifecycle -----------------------------------------------------------
     grace_period: float = Field(
         10.0, ge=0, description="Seconds open streams get to finish on shutdown."
@@ -255,6 +314,8 @@ class Settings(BaseSettings):
                 f"--max-inflight-message-bytes ({self.max_inflight_message_bytes}) must be at "
                 f"least --max-message-bytes ({self.max_message_bytes}): one message must fit"
             )
+        if self.mqtt_url is not None:
+            _check_mqtt(self)
         if self.redis_port is not None and self.redis_host is None:
             raise ValueError("REDIS_PORT is set but REDIS_HOST is not: set both, or REDIS_URL")
         return self
@@ -267,6 +328,81 @@ class Settings(BaseSettings):
         if self.redis_host:
             return f"redis://{self.redis_host}:{self.redis_port or 6379}/0"
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class MqttBroker:
+    """Where the MQTT bridge connects (parsed from --mqtt-url)."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+
+def parse_mqtt_url(url: str) -> MqttBroker:
+    """mqtt://[user[:password]@]host[:port] or mqtts://...; ValueError says what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError("must start with mqtt:// or mqtts://")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if not parts.hostname:
+        raise ValueError("names no host")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError("must be just scheme://[user:password@]host[:port]")
+    tls = parts.scheme == "mqtts"
+    return MqttBroker(
+        host=parts.hostname,
+        port=port or (8883 if tls else 1883),
+        tls=tls,
+        username=unquote(parts.username) if parts.username is not None else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+def mqtt_device_level(topic: str) -> int:
+    """The index of the `+` level (the device id) in a topic filter, after any
+    `$share/GROUP/` prefix; ValueError unless exactly one level is `+` and none is `#`."""
+    levels = topic.split("/")
+    if levels[0] == "$share":
+        if len(levels) < 3 or not levels[1] or "+" in levels[1] or "#" in levels[1]:
+            raise ValueError("a shared subscription is $share/GROUP/FILTER")
+        levels = levels[2:]
+    if any(("#" in level) or ("+" in level and level != "+") for level in levels):
+        raise ValueError("may use `+` only as a whole level, and no `#`")
+    if levels.count("+") != 1:
+        raise ValueError("needs exactly one `+` level: the device id")
+    if len(topic.encode()) > 65535 or "\x00" in topic:
+        raise ValueError("is not a valid MQTT topic")
+    return levels.index("+")
+
+
+def _check_mqtt(s: Settings) -> None:
+    """Refuse an MQTT configuration that cannot work, naming the flag."""
+    assert s.mqtt_url is not None
+    try:
+        broker = parse_mqtt_url(s.mqtt_url)
+    except ValueError as exc:
+        raise ValueError(f"RTM_MQTT_URL / --mqtt-url {redact_url(s.mqtt_url)!r} {exc}") from None
+    try:
+        mqtt_device_level(s.mqtt_topic)
+    except ValueError as exc:
+        raise ValueError(f"RTM_MQTT_TOPIC / --mqtt-topic {s.mqtt_topic!r} {exc}") from None
+    if not broker.tls and (s.mqtt_tls_ca or s.mqtt_tls_cert or s.mqtt_tls_key):
+        raise ValueError("--mqtt-tls-* need an mqtts:// --mqtt-url")
+    if (s.mqtt_tls_cert is None) != (s.mqtt_tls_key is None):
+        raise ValueError("--mqtt-tls-cert and --mqtt-tls-key go together")
+    if s.workers > 1 and not s.mqtt_topic.startswith("$share/"):
+        # Every worker subscribes: without a shared subscription each would count every
+        # message once.
+        raise ValueError(
+            "--workers > 1 with --mqtt-url needs a shared subscription: "
+            f"--mqtt-topic '$share/rtm/{s.mqtt_topic}'"
+        )
 
 
 class SendSettings(BaseSettings):

@@ -400,6 +400,13 @@ class IngestStats:
     inflight_message_waits: int = 0
     streams_idle_closed: int = 0
     devices_known: int = 0
+    # The MQTT bridge (ingest/mqtt.py), when --mqtt-url is set: bridges connected to their
+    # broker now, connections made, messages received, and acknowledged (after their commit).
+    mqtt_connected: int = 0
+    mqtt_connects: int = 0
+    mqtt_messages: int = 0
+    mqtt_messages_acked: int = 0
+    mqtt_messages_unacked: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

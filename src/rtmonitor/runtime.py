@@ -18,6 +18,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -254,6 +255,8 @@ class Runtime:
             reasons += self.supervisor.not_ready()
         elif self.ingest is None or not self.ingest.serving:
             reasons.append("gRPC ingest is not serving yet")
+        else:
+            reasons += self.ingest.not_ready()
         if self.redis.embedded is not None:
             reasons += self.redis.embedded.not_ready()
         if self.store is None:
@@ -390,6 +393,9 @@ def worker_main(settings: Settings, redis_url: str, index: int, serving: EventTy
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
+    if settings.mqtt_url is not None:  # each worker is its own MQTT client, with its session
+        base = settings.mqtt_client_id or f"rtmonitor-{socket.gethostname()}"
+        settings = settings.model_copy(update={"mqtt_client_id": f"{base}-{index}"})
     try:
         runtime = Runtime(settings, RedisServer(redis_url), role="worker", on_ready=serving.set)
         asyncio.run(runtime.serve())

@@ -254,6 +254,17 @@ def _self_metrics(w: _Writer, stats: ServiceStats) -> None:
     w.family("rtm_inflight_message_waits", "counter",
              "Times a stream waited for --max-inflight-message-bytes to free up.",
              [({}, ingest.inflight_message_waits)])  # fmt: skip
+    w.family("rtm_mqtt_connected", "gauge",
+             "MQTT bridges connected and subscribed to their broker (--mqtt-url).",
+             [({}, ingest.mqtt_connected)])  # fmt: skip
+    w.family("rtm_mqtt_messages", "counter", "MQTT messages received by the bridges.",
+             [({}, ingest.mqtt_messages)])  # fmt: skip
+    w.family("rtm_mqtt_messages_acked", "counter",
+             "MQTT messages acknowledged (PUBACK, sent after their commit).",
+             [({}, ingest.mqtt_messages_acked)])  # fmt: skip
+    w.family("rtm_mqtt_messages_unacked", "gauge",
+             "MQTT messages received and not yet acknowledged.",
+             [({}, ingest.mqtt_messages_unacked)])  # fmt: skip
     for name, value, help_text in (
         ("rtm_flushes", flush.flushes, "Flushes committed to Redis."),
         ("rtm_committed_packets", flush.packets_committed, "Packets committed to Redis."),

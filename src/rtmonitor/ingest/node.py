@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from rtmonitor.config import Settings, StartupError
 from rtmonitor.ingest.columnar import C_ROWS
+from rtmonitor.ingest.mqtt import MqttBridge
 from rtmonitor.ingest.rpc import SERVICE_NAME
 from rtmonitor.ingest.server import build_server
 from rtmonitor.ingest.servicer import IngestServicer
@@ -64,6 +65,11 @@ class IngestNode(Node):
             max_inflight_message_bytes=s.max_inflight_message_bytes,
             idle_timeout=s.stream_idle_timeout,
         )
+        self.mqtt = (
+            MqttBridge(s, self.validator, self.pipeline.queue, self.pipeline.aggregator)
+            if s.mqtt_url is not None
+            else None
+        )
         self.health = health_aio.HealthServicer()
         self.grpc_port: int | None = None
         self.serving = False
@@ -106,6 +112,8 @@ class IngestNode(Node):
             self._tasks["device-slots"] = asyncio.create_task(
                 self._rotate_devices(s.retention), name="device-slots"
             )
+        if self.mqtt is not None:
+            await self.mqtt.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self.serving = True
 
@@ -120,6 +128,8 @@ class IngestNode(Node):
         # 2. Stop accepting streams; open ones stop reading but still send the acks of what
         #    they read, within the grace period (the pipeline keeps committing meanwhile).
         self.servicer.stop_reading()
+        if self.mqtt is not None:  # what it queued is acknowledged after the final flush
+            self.mqtt.stop_reading()
         if self._server is not None:
             await self._server.stop(s.grace_period)
         self.serving = False
@@ -129,10 +139,17 @@ class IngestNode(Node):
         # 3-4. Drain the queue into the aggregator, then the final flush (retried up to
         #      --shutdown-flush-timeout if Redis is away).
         await self.pipeline.drain(s.shutdown_flush_timeout)
+        # 5. The MQTT bridge's last PUBACKs, then it disconnects (its session stays).
+        if self.mqtt is not None:
+            await self.mqtt.close(s.grace_period)
         # The figures of the final flush, for whoever reads them before they expire.
         if (task := self._tasks.pop("stats", None)) is not None:
             task.cancel()
             await self._publish_once()
+
+    def not_ready(self) -> list[str]:
+        """Why this node's receivers do not take traffic now (empty: they do)."""
+        return self.mqtt.not_ready() if self.mqtt is not None else []
 
     @property
     def redis_error(self) -> str | None:
@@ -152,6 +169,7 @@ class IngestNode(Node):
             inflight_message_waits=servicer.budget.waits,
             streams_idle_closed=servicer.streams_idle_closed,
             devices_known=self.validator.device_count,
+            **(self.mqtt.stats() if self.mqtt is not None else {}),
         )
         return dataclasses.replace(self.pipeline.stats(), ingest=ingest)
 

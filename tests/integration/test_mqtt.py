@@ -1,0 +1,312 @@
+"""The MQTT bridge against a real broker: Debian's mosquitto, started here on a free port
+with a generated configuration; devices are `mosquitto_pub` and a paho client."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as paho
+import pytest
+from helpers import ServiceProcess, get_json
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from rtmonitor.storage.embedded import EmbeddedRedis, free_port
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("mosquitto") is None or shutil.which("mosquitto_pub") is None,
+    reason="needs Debian's mosquitto and mosquitto-clients (.ci/run installs them)",
+)
+
+
+class Mosquitto:
+    """A real mosquitto on a free port, persistence on (a restart keeps sessions and their
+    queued messages), no limit on what it queues for a disconnected session."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.dir}/\n"
+            "max_queued_messages 0\n"
+            f"log_dest file {self.dir}/mosquitto.log\n"
+            # as root, mosquitto would drop to its own user, who cannot write here
+            f"user {getpass.getuser()}\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> Mosquitto:
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.2):
+                    return self
+            except OSError:
+                assert self.proc.poll() is None, "mosquitto exited"
+                assert time.monotonic() < deadline, "mosquitto did not listen"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM: mosquitto saves its persistence file and exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+
+    def pub(self, topic: str, *messages: str) -> None:
+        """mosquitto_pub, QoS 1, one message per line (-l)."""
+        subprocess.run(
+            ["mosquitto_pub", "-p", str(self.port), "-q", "1", "-t", topic, "-l"],
+            input="\n".join(messages).encode() + b"\n",
+            check=True,
+            timeout=30,
+        )
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    b = Mosquitto(tmp_path / "mosquitto").start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def start_bridge(
+    start_service: Callable[..., ServiceProcess], broker: Mosquitto
+) -> Callable[..., ServiceProcess]:
+    def start(client_id: str = "rtm-test", *extra: str) -> ServiceProcess:
+        return start_service("--mqtt-client-id", client_id, *extra, RTM_MQTT_URL=broker.url)
+
+    return start
+
+
+def paho_publish(port: int, messages: list[tuple[str, str]], pace: float = 0.0) -> None:
+    """A paho device: QoS 1 over MQTT 5 with a session of its own, so that what the broker
+    has not acknowledged is sent again after a reconnect; returns once all are."""
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"dev-{time.monotonic_ns()}",
+        protocol=MQTTProtocolVersion.MQTTv5,
+    )  # fmt: skip
+    client.reconnect_delay_set(1, 1)
+    client.max_queued_messages_set(0)
+    client.max_inflight_messages_set(100)
+    client.connect(
+        "127.0.0.1", port, clean_start=False,
+        properties=_session_props(),
+    )  # fmt: skip
+    acked: set[int] = set()
+    client.on_publish = lambda _c, _u, mid, _rc, _p: acked.add(mid)
+    client.loop_start()
+    try:
+        # (a message published while the connection is down is sent after the reconnect,
+        # but its MQTTMessageInfo keeps saying "not connected": watch the PUBACKs instead)
+        mids = []
+        for topic, payload in messages:
+            mids.append(client.publish(topic, payload, qos=1).mid)
+            if pace:
+                time.sleep(pace)
+        deadline = time.monotonic() + 60
+        while not acked.issuperset(mids):
+            assert time.monotonic() < deadline, f"{len(set(mids) - acked)} never acknowledged"
+            time.sleep(0.02)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _session_props() -> Any:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 300
+    return props
+
+
+def packets_of(svc: ServiceProcess, device: str) -> int:
+    r = httpx.get(f"{svc.http}/metrics/{device}", timeout=5)
+    return int(r.json()["packets"]) if r.status_code == 200 else 0
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 20, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def local_ingest(svc: ServiceProcess) -> dict[str, Any]:
+    """This process's own ingest figures (they do not need Redis)."""
+    doc = get_json(svc.http, "/stats")
+    return dict(doc["instances"][doc["instance_id"]]["ingest"])
+
+
+def test_messages_count_exactly_and_are_acknowledged(
+    start_bridge: Callable[..., ServiceProcess], broker: Mosquitto
+) -> None:
+    svc = start_bridge()
+    n = 300
+    broker.pub(
+        "rtm/cli-1/telemetry", *[json.dumps({"kind": "r", "values": {"t": i}}) for i in range(n)]
+    )
+    # paho: the flat form, a list of both forms, and a timestamp
+    both = [{"v": 1}, {"kind": "k", "ts": 1_700_000_000_000, "values": {"v": 2}}]
+    paho_publish(
+        broker.port,
+        [("rtm/paho-1/telemetry", json.dumps({"temperature": 21.5, "humidity": 40}))] * 50
+        + [("rtm/paho-2/telemetry", json.dumps(both))] * 25,
+    )
+    wait_for(lambda: packets_of(svc, "paho-2") == 50, what="paho-2")
+    wait_for(lambda: packets_of(svc, "cli-1") == n, what="cli-1")
+    cli = get_json(svc.http, "/metrics/cli-1")
+    assert cli["kinds"] == {"r": n} and cli["values"]["t"]["sum"] == sum(range(n))
+    one = get_json(svc.http, "/metrics/paho-1")
+    assert one["packets"] == 50 and one["kinds"] == {"mqtt": 50}
+    assert one["values"]["temperature"]["last"] == 21.5
+    two = get_json(svc.http, "/metrics/paho-2")
+    assert two["kinds"] == {"mqtt": 25, "k": 25} and two["values"]["v"]["sum"] == 75
+    # bytes: each message's size, shared by its packets
+    size = len(json.dumps({"temperature": 21.5, "humidity": 40}))
+    assert one["bytes"] == 50 * size
+    ingest = local_ingest(svc)
+    assert ingest["mqtt_messages"] == ingest["mqtt_messages_acked"] == n + 75
+    assert ingest["mqtt_messages_unacked"] == 0 and ingest["mqtt_connected"] == 1
+    assert httpx.get(f"{svc.http}/readyz").json()["ready"] is True
+
+
+def test_bad_messages_are_counted_by_reason_and_acknowledged(
+    start_bridge: Callable[..., ServiceProcess], broker: Mosquitto, tmp_path: Path
+) -> None:
+    svc = start_bridge("rtm-bad")
+    broker.pub("rtm/bad-1/telemetry", "not json", '{"t": "warm"}', "[]", '[{"t": 1}, 5]')
+    broker.pub("rtm/bad-1/telemetry", json.dumps({f"v{i}": i for i in range(65)}))
+    broker.pub("rtm/bad id/telemetry", '{"t": 1}')
+    broker.pub("rtm/bad-1/telemetry", json.dumps({"ts": -5, "values": {"t": 1}}))
+    expected = {
+        "mqtt_malformed_json": 1,
+        "mqtt_invalid_packet": 3,  # a string value, an empty list, and the 5 in a list
+        "too_many_values": 1,
+        "invalid_device_id": 1,
+        "bad_timestamp": 1,
+    }
+
+    def rejected() -> dict[str, int]:
+        return dict(get_json(svc.http, "/stats")["ingest"]["rejected_by_reason"])
+
+    wait_for(lambda: rejected() == expected, what=f"{expected}")
+    assert packets_of(svc, "bad-1") == 1  # the good half of the list
+    prom = httpx.get(f"{svc.http}/metrics", params={"format": "prometheus"}).text
+    assert 'rtm_rejected_packets_total{reason="mqtt_malformed_json"} 1' in prom
+    assert "rtm_mqtt_messages_acked_total 7" in prom, [
+        line for line in prom.splitlines() if "rtm_mqtt" in line and "#" not in line
+    ]
+    # Acknowledged: a new process with the same session is not sent them again.
+    svc.terminate()
+    again = svc.restarted(tmp_path / "again.log").wait_ready()
+    broker.pub("rtm/bad-1/telemetry", '{"t": 2}')
+    wait_for(lambda: packets_of(again, "bad-1") == 2, what="the sentinel")
+    assert local_ingest(again)["mqtt_messages"] == 1
+    assert dict(get_json(again.http, "/stats")["ingest"]["rejected_by_reason"]) == expected
+    again.kill()
+
+
+def test_broker_restart_mid_stream_loses_nothing(
+    start_bridge: Callable[..., ServiceProcess], broker: Mosquitto
+) -> None:
+    svc = start_bridge("rtm-restart")
+    devices = [f"br-{i}" for i in range(10)]
+    messages = [(f"rtm/{devices[i % 10]}/telemetry", json.dumps({"n": i})) for i in range(1000)]
+    publisher = threading.Thread(target=paho_publish, args=(broker.port, messages, 0.002))
+    publisher.start()
+    wait_for(lambda: packets_of(svc, "br-0") > 10, what="the first messages")
+    broker.stop()  # saves its sessions and their queued messages
+    time.sleep(0.5)
+    broker.start()
+    publisher.join(90)
+    assert not publisher.is_alive()
+    wait_for(lambda: all(packets_of(svc, d) >= 100 for d in devices), 30, "every message")
+    wait_for(lambda: httpx.get(f"{svc.http}/readyz").status_code == 200, what="ready")
+    counts = {d: packets_of(svc, d) for d in devices}
+    # At-least-once: a message whose PUBACK the broker lost in the restart is delivered,
+    # and counted, again; none is missing.
+    assert all(c >= 100 for c in counts.values()), counts
+    assert sum(counts.values()) <= 1000 + 2 * 5000, counts
+    print("broker restart: 1000 published, counted", sum(counts.values()))
+
+
+def test_sigkill_with_unacknowledged_messages_loses_nothing(
+    start_bridge: Callable[..., ServiceProcess],
+    broker: Mosquitto,
+    redis_server: EmbeddedRedis,
+    tmp_path: Path,
+) -> None:
+    svc = start_bridge("rtm-kill")
+    broker.pub("rtm/kill-1/telemetry", *['{"v": 1}'] * 40)
+    wait_for(lambda: packets_of(svc, "kill-1") == 40, what="the first 40")
+    redis_server.kill()  # commits cannot happen: PUBACKs wait
+    broker.pub("rtm/kill-1/telemetry", *['{"v": 1}'] * 60)
+    wait_for(lambda: local_ingest(svc)["mqtt_messages_unacked"] == 60, what="60 unacked")
+    svc.kill()  # SIGKILL: the 60 were received, never committed, never acknowledged
+    redis_server.start()
+    again = svc.restarted(tmp_path / "again.log").wait_ready()
+    wait_for(lambda: packets_of(again, "kill-1") == 100, what="all 100")
+    time.sleep(0.5)
+    assert packets_of(again, "kill-1") == 100
+    again.kill()
+
+
+def test_two_replicas_share_a_subscription_exactly(
+    start_service: Callable[..., ServiceProcess], broker: Mosquitto
+) -> None:
+    shared = "$share/rtm/rtm/+/telemetry"
+    replicas = [
+        start_service(
+            "--mqtt-client-id", f"rtm-r{i}", "--mqtt-topic", shared, RTM_MQTT_URL=broker.url
+        )
+        for i in range(2)
+    ]
+    messages = [(f"rtm/sh-{i % 20}/telemetry", '{"v": 1}') for i in range(600)]
+    paho_publish(broker.port, messages)
+
+    def total() -> int:
+        return int(
+            get_json(replicas[0].http, "/metrics", prefix="sh-", limit=1)["totals"]["packets"]
+        )
+
+    wait_for(lambda: total() == 600, what="600 packets")
+    time.sleep(0.3)
+    assert total() == 600
+    received = [local_ingest(r)["mqtt_messages"] for r in replicas]
+    assert sum(received) == 600 and min(received) > 0, received
+
+
+def test_refuses_a_topic_without_a_device_level(tmp_path: Path) -> None:
+    svc = ServiceProcess(
+        None, tmp_path / "svc.log", "--mqtt-topic", "rtm/telemetry",
+        env={"RTM_MQTT_URL": "mqtt://user:s3cret@127.0.0.1:1"},
+    )  # fmt: skip
+    try:
+        assert svc.proc.wait(30) != 0
+    finally:
+        svc.kill()
+    log = svc.log()
+    assert "--mqtt-topic" in log and "exactly one `+`" in log and "s3cret" not in log
