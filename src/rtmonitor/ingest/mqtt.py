@@ -119,10 +119,13 @@ def to_packet(device_id: str, obj: Any, max_values: int) -> Packet | str:
         if number is None:
             return MqttReason.INVALID_PACKET
         readings[name] = number
-    packet = Packet(device_id=device_id, kind=kind, timestamp_ms=ts)
+    try:
+        packet = Packet(device_id=device_id, kind=kind, timestamp_ms=ts)
+    except ValueError:  # not valid UTF-8 for protobuf (JSON allows lone surrogates)
+        return Reason.INVALID_KIND
     try:
         packet.values.update(readings)
-    except ValueError:  # a name that is not valid UTF-8 for protobuf (lone surrogates)
+    except ValueError:
         return Reason.INVALID_VALUE_NAME
     return packet
 
