@@ -3,11 +3,8 @@ with a generated configuration; devices are `mosquitto_pub` and a paho client.""
 
 from __future__ import annotations
 
-import getpass
 import json
-import shutil
-import signal
-import socket
+import os
 import subprocess
 import threading
 import time
@@ -21,69 +18,38 @@ import pytest
 from helpers import ServiceProcess, get_json
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from rtmonitor.storage.embedded import EmbeddedRedis, free_port
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("mosquitto") is None or shutil.which("mosquitto_pub") is None,
-    reason="needs Debian's mosquitto and mosquitto-clients (.ci/run installs them)",
-)
+from rtmonitor.loadgen.broker import Mosquitto as BrokerProcess
+from rtmonitor.loadgen.broker import mosquitto_binary
+from rtmonitor.storage.embedded import EmbeddedRedis
 
 
-class Mosquitto:
-    """A real mosquitto on a free port, persistence on (a restart keeps sessions and their
-    queued messages), no limit on what it queues for a disconnected session."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.dir}/\n"
-            "max_queued_messages 0\n"
-            f"log_dest file {self.dir}/mosquitto.log\n"
-            # as root, mosquitto would drop to its own user, who cannot write here
-            f"user {getpass.getuser()}\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> Mosquitto:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)])
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), 0.2):
-                    return self
-            except OSError:
-                assert self.proc.poll() is None, "mosquitto exited"
-                assert time.monotonic() < deadline, "mosquitto did not listen"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        """SIGTERM: mosquitto saves its persistence file and exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
+class Mosquitto(BrokerProcess):
+    """The launcher, plus `mosquitto_pub` as a device."""
 
     def pub(self, topic: str, *messages: str) -> None:
         """mosquitto_pub, QoS 1, one message per line (-l)."""
         subprocess.run(
-            ["mosquitto_pub", "-p", str(self.port), "-q", "1", "-t", topic, "-l"],
+            [binary("mosquitto_pub"), "-p", str(self.port), "-q", "1", "-t", topic, "-l"],
             input="\n".join(messages).encode() + b"\n",
             check=True,
             timeout=30,
         )
 
 
+def binary(name: str) -> str:
+    path = mosquitto_binary(name)
+    if path is None:
+        message = f"{name} is not installed (apt-get install mosquitto mosquitto-clients)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # .ci/run installs it: missing there is a real failure
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    binary("mosquitto")
+    binary("mosquitto_pub")
     b = Mosquitto(tmp_path / "mosquitto").start()
     yield b
     b.stop()

@@ -5,8 +5,11 @@ steps for real.)"""
 
 from __future__ import annotations
 
+import getpass
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import kubernetes_validate
@@ -71,6 +74,50 @@ def test_compose_file_matches_the_compose_specification() -> None:
     assert "appendonly" in " ".join(compose["services"]["redis"]["command"])
     assert compose["services"]["redis"]["healthcheck"] and compose["volumes"]
     assert compose["services"]["proxy"]["profiles"] == ["scale"]
+    broker, bridge = compose["services"]["mosquitto"], compose["services"]["mqtt-bridge"]
+    assert broker["profiles"] == bridge["profiles"] == ["mqtt"]
+    assert broker["image"].startswith("eclipse-mosquitto:2")
+    assert bridge["environment"]["RTM_MQTT_URL"] == "mqtt://mosquitto:1883"
+    # `$$` is Compose's escape: the service sees one `$`
+    assert bridge["environment"]["RTM_MQTT_TOPIC"] == "$$share/rtm/rtm/+/telemetry"
+    assert "mosquitto-data" in compose["volumes"]
+
+
+def test_mosquitto_config_mounted_by_compose_is_accepted_by_mosquitto(tmp_path: Path) -> None:
+    """The compose profile's broker configuration, run by Debian's mosquitto (paths moved
+    to a temporary directory): it starts and listens."""
+    from rtmonitor.loadgen.broker import mosquitto_binary
+
+    mosquitto = mosquitto_binary()
+    if mosquitto is None:
+        pytest.skip("needs Debian's mosquitto (.ci/run installs it)")
+    from rtmonitor.storage.embedded import free_port
+
+    port = free_port()
+    conf = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    assert "listener 1883" in conf and "persistence true" in conf
+    conf = conf.replace("listener 1883", f"listener {port} 127.0.0.1")
+    conf = conf.replace("/mosquitto/data/", f"{tmp_path}/")
+    conf += f"user {getpass.getuser()}\n"
+    (tmp_path / "m.conf").write_text(conf)
+    proc = subprocess.Popen(
+        [mosquitto, "-c", str(tmp_path / "m.conf")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
 
 
 def test_dockerfile_lint() -> None:
