@@ -405,15 +405,26 @@ def _check_mqtt(s: Settings) -> None:
         )
 
 
+SendProtocol = Literal["grpc", "mqtt"]
+
+
 class SendSettings(BaseSettings):
     """Options of `rtmonitor send` (the load generator); environment twins RTM_SEND_*."""
 
     model_config = SettingsConfigDict(env_prefix="RTM_SEND_", extra="forbid", frozen=True)
 
+    protocol: SendProtocol = Field(
+        "grpc", description="grpc: the service's own RPCs; mqtt: publish JSON to a broker."
+    )
     target: str = Field(
         "localhost:50051",
         description="gRPC address of the service; several, comma-separated, spread the "
-        "streams (a broken stream moves on to the next).",
+        "streams (a broken stream moves on to the next). mqtt: the broker's URL "
+        "(mqtt://host:1883).",
+    )
+    mqtt_topic: str = Field(
+        "rtm/{device}/telemetry",
+        description="mqtt: the topic of each device's messages ({device}: its id).",
     )
     devices: int = Field(100, ge=1, le=10_000_000, description="Distinct devices to simulate.")
     count: int | None = Field(
@@ -453,6 +464,8 @@ class SendSettings(BaseSettings):
             raise ValueError("give --count or --duration, not both")
         if self.columnar and self.batch_size < 2:
             raise ValueError("--columnar sends batches: give --batch-size 2 or more")
+        if self.protocol == "mqtt" and "{device}" not in self.mqtt_topic:
+            raise ValueError("--mqtt-topic needs {device} where the device id goes")
         return self
 
     @property
@@ -463,7 +476,8 @@ class SendSettings(BaseSettings):
         return self.count if self.count is not None else 10_000
 
 
-BenchMode = Literal["packets", "rows", "columns"]
+BenchMode = Literal["packets", "rows", "columns", "mqtt"]
+BENCH_MODES: tuple[BenchMode, ...] = ("packets", "rows", "columns", "mqtt")
 
 
 class BenchSettings(BaseSettings):
@@ -473,7 +487,10 @@ class BenchSettings(BaseSettings):
 
     redis_url: str | None = Field(None, description="External Redis (default: an embedded one).")
     modes: str = Field(
-        "packets,rows,columns", description="Comma-separated: packets, rows, columns."
+        "packets,rows,columns",
+        description="Comma-separated: packets, rows, columns, mqtt (needs mosquitto: one "
+        "JSON packet per QoS 1 message through a broker the bench starts; its ceiling is the "
+        "broker's own, delivering to mosquitto_sub).",
     )
     devices: int = Field(100, ge=1, le=1_000_000, description="Distinct devices.")
     duration: float = Field(5.0, gt=0, description="Seconds of load per mode.")
@@ -491,8 +508,8 @@ class BenchSettings(BaseSettings):
     def mode_list(self) -> list[BenchMode]:
         modes = [m.strip() for m in self.modes.split(",") if m.strip()]
         for m in modes:
-            if m not in ("packets", "rows", "columns"):
-                raise ValueError(f"unknown bench mode {m!r}: use packets, rows, columns")
+            if m not in BENCH_MODES:
+                raise ValueError(f"unknown bench mode {m!r}: use {', '.join(BENCH_MODES)}")
         return modes  # type: ignore[return-value]
 
 

@@ -10,12 +10,15 @@ measures the same transport with the work removed (`serve --noop`) as the ceilin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -29,6 +32,7 @@ from rich.table import Table
 from rtmonitor.config import BenchMode, BenchSettings, SendSettings
 from rtmonitor.ingest.rpc import STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
+from rtmonitor.loadgen.broker import Mosquitto, mosquitto_binary
 from rtmonitor.loadgen.launch import ServeProcess, memory_mb
 from rtmonitor.loadgen.sender import run_loop, send
 from rtmonitor.runtime import redis_server
@@ -57,6 +61,7 @@ def _start_service(
     noop: bool,
     workers: int = 1,
     streams: int = 2,
+    mqtt_url: str | None = None,
 ) -> ServeProcess:
     """A fresh `rtmonitor serve` for one measurement; every load generator stream comes
     from this machine's one address, so the per-address stream limit is raised to them."""
@@ -69,9 +74,12 @@ def _start_service(
         flags.append("--noop")
     if workers > 1:
         flags += ["--workers", str(workers)]
+    env = {"RTM_REDIS_URL": redis_url}
+    if mqtt_url is not None:  # its session ends with it: later runs queue nothing for it
+        env.update(RTM_MQTT_URL=mqtt_url, RTM_MQTT_CLIENT_ID=prefix, RTM_MQTT_SESSION_EXPIRY="0")
     # By environment, not a flag: the embedded Redis's URL carries its password, and a
     # command line is visible to every local user (ps).
-    return ServeProcess(*flags, env={"RTM_REDIS_URL": redis_url})
+    return ServeProcess(*flags, env=env)
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -167,8 +175,9 @@ async def _probe(
 
 
 def _send_options(opts: BenchSettings, mode: BenchMode, target: str, i: int) -> dict[str, Any]:
-    batch = {"packets": 1, "rows": opts.row_batch, "columns": opts.column_batch}[mode]
+    batch = {"packets": 1, "rows": opts.row_batch, "columns": opts.column_batch, "mqtt": 1}[mode]
     return {
+        "protocol": "mqtt" if mode == "mqtt" else "grpc",
         "target": target,
         "devices": opts.devices,
         "duration": opts.duration,
@@ -183,13 +192,25 @@ def _send_options(opts: BenchSettings, mode: BenchMode, target: str, i: int) -> 
 
 
 def run_mode(
-    opts: BenchSettings, mode: BenchMode, redis_url: str, prefix: str, noop: bool
+    opts: BenchSettings,
+    mode: BenchMode,
+    redis_url: str,
+    prefix: str,
+    noop: bool,
+    broker: Mosquitto | None = None,
 ) -> dict[str, Any]:
     """One measurement: a fresh service, the load, the probes, the exact check."""
     label = f"{mode}{' (no-op ceiling)' if noop else ''}"
     console.print(f"[bold]{label}[/bold]: starting the service")
+    mqtt_url = broker.url if broker is not None and mode == "mqtt" else None
     svc = _start_service(
-        redis_url, prefix, opts.flush_interval, noop, opts.workers, opts.senders * opts.streams
+        redis_url,
+        prefix,
+        opts.flush_interval,
+        noop,
+        opts.workers,
+        opts.senders * opts.streams,
+        mqtt_url,
     )
     try:
         svc.wait_ready()
@@ -197,7 +218,7 @@ def run_mode(
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
             futures = [
-                pool.submit(_sender_main, _send_options(opts, mode, svc.target, i))
+                pool.submit(_sender_main, _send_options(opts, mode, mqtt_url or svc.target, i))
                 for i in range(opts.senders)
             ]
 
@@ -234,6 +255,62 @@ def run_mode(
         return result
     finally:
         svc.stop()
+
+
+def broker_ceiling(opts: BenchSettings, broker: Mosquitto) -> dict[str, Any]:
+    """The broker's own ceiling: the same publishers, every message delivered (QoS 1) to
+    one mosquitto_sub (a C client that acknowledges at once) instead of the service."""
+    console.print("[bold]mqtt (broker ceiling)[/bold]: mosquitto_sub as the only subscriber")
+    sub_binary, pub_binary = mosquitto_binary("mosquitto_sub"), mosquitto_binary("mosquitto_pub")
+    if sub_binary is None or pub_binary is None:
+        raise RuntimeError(
+            "mosquitto_sub/mosquitto_pub are needed (apt-get install mosquitto-clients)"
+        )
+    port = str(broker.port)
+    sub = subprocess.Popen(
+        [sub_binary, "-p", port, "-q", "1", "-t", "ceiling/+/telemetry", "-F", "%t"],
+        stdout=subprocess.PIPE,
+    )
+    seen = [0, 0.0]  # messages delivered, when the last one was
+
+    def read() -> None:
+        assert sub.stdout is not None
+        for _ in sub.stdout:
+            seen[0] += 1
+            seen[1] = time.time()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        while seen[0] == 0:  # subscribed once a probe comes through
+            subprocess.run([pub_binary, "-p", port, "-t", "ceiling/probe/telemetry", "-m", "."])
+            time.sleep(0.1)
+        time.sleep(0.2)
+        probes = seen[0]
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
+            options = [
+                {
+                    **_send_options(opts, "mqtt", broker.url, i),
+                    "mqtt_topic": "ceiling/{device}/telemetry",
+                }
+                for i in range(opts.senders)
+            ]
+            senders = list(pool.map(_sender_main, options))
+        acked = sum(s["summary"]["accepted"] for s in senders)
+        deadline = time.monotonic() + 60
+        while seen[0] - probes < acked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first_send = min(s["started"] for s in senders)
+        delivered = seen[0] - probes
+        return {
+            "acked": acked,
+            "delivered": delivered,
+            "acked_pps": round(delivered / (seen[1] - first_send)),
+        }
+    finally:
+        sub.terminate()
+        sub.wait(10)
 
 
 def _round(x: float | None) -> float | None:
@@ -283,16 +360,22 @@ def run_bench(opts: BenchSettings) -> int:
     """The `bench` command; exit status 1 if any mode was not exact."""
     modes = opts.mode_list
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="rtm-bench-") as tmp:
-        with redis_server(opts.redis_url, Path(tmp) / "redis") as redis:
-            run_id = f"{int(time.time())}"
-            for mode in modes:
-                r = run_mode(opts, mode, redis.url, f"bench{run_id}{mode}", noop=False)
-                if opts.ceiling:
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rtm-bench-")))
+        redis = stack.enter_context(redis_server(opts.redis_url, tmp / "redis"))
+        # MQTT goes through a real broker, started here
+        broker = stack.enter_context(Mosquitto(tmp / "mqtt")) if "mqtt" in modes else None
+        run_id = f"{int(time.time())}"
+        for mode in modes:
+            r = run_mode(opts, mode, redis.url, f"bench{run_id}{mode}", False, broker)
+            if opts.ceiling:
+                if broker is not None and mode == "mqtt":
+                    c = broker_ceiling(opts, broker)
+                else:
                     c = run_mode(opts, mode, redis.url, f"bench{run_id}{mode}noop", noop=True)
-                    r["ceiling_pps"] = c["acked_pps"]
-                    r["ratio_to_ceiling"] = round(r["e2e_pps"] / c["acked_pps"], 3)
-                results.append(r)
+                r["ceiling_pps"] = c["acked_pps"]
+                r["ratio_to_ceiling"] = round(r["e2e_pps"] / c["acked_pps"], 3)
+            results.append(r)
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     doc = {"machine": machine, "settings": opts.model_dump(mode="json"), "results": results}
     opts.output.parent.mkdir(parents=True, exist_ok=True)
