@@ -235,6 +235,7 @@ class MqttBridge:
         self._connection = 0  # written by the network thread only
         self._inbox: deque[_Message] = deque()
         self._wake = asyncio.Event()
+        self._scheduled = False  # a wake-up is on its way to the event loop
         self._acks: asyncio.Queue[_Group | None] = asyncio.Queue()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -321,7 +322,10 @@ class MqttBridge:
         payload = msg.payload
         self.bytes.acquire(len(payload))  # backpressure: this thread stops reading
         self._inbox.append(_Message(msg._topic, payload, msg.mid, msg.qos, self._connection))
-        if not self._wake.is_set():
+        # One wake-up of the event loop per batch of messages, not per message (each is a
+        # write to the loop's self-pipe): the loop clears the flag before it drains.
+        if not self._scheduled:
+            self._scheduled = True
             self._loop.call_soon_threadsafe(self._wake.set)
 
     # --- the event loop's side -------------------------------------------------------------
@@ -376,6 +380,7 @@ class MqttBridge:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            self._scheduled = False
             while self._inbox:
                 group = [self._inbox.popleft() for _ in range(min(len(self._inbox), _GROUP_MAX))]
                 try:
