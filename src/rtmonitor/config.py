@@ -498,6 +498,9 @@ class BenchSettings(BaseSettings):
     streams: int = Field(2, ge=1, le=256, description="gRPC streams per load generator.")
     row_batch: int = Field(1000, ge=2, description="Packets per row batch.")
     column_batch: int = Field(10_000, ge=2, description="Packets per columnar batch.")
+    mqtt_batch: int = Field(
+        1, ge=1, description="mqtt: packets per message (a JSON list when more than one)."
+    )
     inflight: int = Field(128, ge=1, description="Unacknowledged batches per stream (send's).")
     flush_interval: float = Field(0.2, gt=0, description="The service's flush interval.")
     workers: int = Field(1, ge=1, le=64, description="The service's --workers.")

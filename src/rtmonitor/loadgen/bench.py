@@ -175,7 +175,12 @@ async def _probe(
 
 
 def _send_options(opts: BenchSettings, mode: BenchMode, target: str, i: int) -> dict[str, Any]:
-    batch = {"packets": 1, "rows": opts.row_batch, "columns": opts.column_batch, "mqtt": 1}[mode]
+    batch = {
+        "packets": 1,
+        "rows": opts.row_batch,
+        "columns": opts.column_batch,
+        "mqtt": opts.mqtt_batch,
+    }[mode]
     return {
         "protocol": "mqtt" if mode == "mqtt" else "grpc",
         "target": target,
@@ -297,16 +302,17 @@ def broker_ceiling(opts: BenchSettings, broker: Mosquitto) -> dict[str, Any]:
                 for i in range(opts.senders)
             ]
             senders = list(pool.map(_sender_main, options))
-        acked = sum(s["summary"]["accepted"] for s in senders)
+        acked = sum(s["summary"]["accepted"] for s in senders)  # packets
+        messages = acked // opts.mqtt_batch
         deadline = time.monotonic() + 60
-        while seen[0] - probes < acked and time.monotonic() < deadline:
+        while seen[0] - probes < messages and time.monotonic() < deadline:
             time.sleep(0.01)
         first_send = min(s["started"] for s in senders)
-        delivered = seen[0] - probes
+        delivered = (seen[0] - probes) * opts.mqtt_batch  # in packets, like the service's
         return {
             "acked": acked,
             "delivered": delivered,
-            "acked_pps": round(delivered / (seen[1] - first_send)),
+            "acked_pps": round(delivered / (seen[1] - first_send)) if delivered else 0,
         }
     finally:
         sub.terminate()
