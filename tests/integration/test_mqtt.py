@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -276,3 +277,95 @@ def test_refuses_a_topic_without_a_device_level(tmp_path: Path) -> None:
         svc.kill()
     log = svc.log()
     assert "--mqtt-topic" in log and "exactly one `+`" in log and "s3cret" not in log
+
+
+def _tls_files(directory: Path) -> dict[str, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 that it signed (openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs openssl")
+    f = {n: directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")}
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+
+    def run_openssl(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+    run_openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-keyout",
+        str(f["ca.key"]),
+        "-out",
+        str(f["ca.pem"]),
+        "-subj",
+        "/CN=rtm-test-ca",
+    )
+    run_openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(f["server.key"]),
+        "-out",
+        str(f["server.csr"]),
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    run_openssl("x509", "-req", "-in", str(f["server.csr"]), "-CA", str(f["ca.pem"]),
+                "-CAkey", str(f["ca.key"]), "-CAcreateserial", "-days", "1",
+                "-out", str(f["server.pem"]), "-extfile", str(ext))  # fmt: skip
+    return f
+
+
+def test_tls_and_the_bridges_own_credentials(
+    start_service: Callable[..., ServiceProcess], redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """mqtts:// with --mqtt-tls-ca, and a broker that refuses anonymous clients: the bridge
+    logs in with its own user (from the URL), never logging the password; a wrong password
+    keeps it unready, saying why."""
+    tls = _tls_files(tmp_path)
+    passwd = tmp_path / "passwd"
+    subprocess.run(
+        [binary("mosquitto_passwd"), "-b", "-c", str(passwd), "rtm-bridge", "br1dge-pw"],
+        check=True,
+    )
+    subprocess.run([binary("mosquitto_passwd"), "-b", str(passwd), "dev-7", "dev-pw"], check=True)
+    listener = (
+        f"cafile {tls['ca.pem']}\ncertfile {tls['server.pem']}\nkeyfile {tls['server.key']}\n"
+        f"password_file {passwd}\n"
+    )
+    broker = Mosquitto(tmp_path / "tls-broker", listener=listener, anonymous=False).start()
+    try:
+        url = f"mqtts://rtm-bridge:br1dge-pw@127.0.0.1:{broker.port}"
+        svc = start_service(
+            "--mqtt-client-id", "rtm-tls", "--mqtt-tls-ca", str(tls["ca.pem"]), RTM_MQTT_URL=url
+        )
+        subprocess.run(
+            [binary("mosquitto_pub"), "-h", "127.0.0.1", "-p", str(broker.port),
+             "--cafile", str(tls["ca.pem"]), "-u", "dev-7", "-P", "dev-pw", "-q", "1",
+             "-t", "rtm/tls-1/telemetry", "-m", '{"t": 1}'],
+            check=True, timeout=30,
+        )  # fmt: skip
+        wait_for(lambda: packets_of(svc, "tls-1") == 1, what="the TLS message")
+        bad = ServiceProcess(
+            redis_server.url, tmp_path / "bad.log", "--mqtt-client-id", "rtm-bad",
+            "--mqtt-tls-ca", str(tls["ca.pem"]),
+            env={"RTM_MQTT_URL": url.replace("br1dge-pw", "wrong-pw")},
+        )  # fmt: skip
+        try:
+            wait_for(lambda: "refused" in bad.log() or "reconnecting" in bad.log(), what="refusal")
+            reasons = httpx.get(f"{bad.http}/readyz", timeout=5).json()["reasons"]
+            assert any("MQTT bridge" in r for r in reasons), reasons
+        finally:
+            bad.kill()
+        for log in (svc.log(), bad.log()):
+            assert "br1dge-pw" not in log and "wrong-pw" not in log
+    finally:
+        broker.stop()

@@ -30,7 +30,8 @@ class Mosquitto:
     on (a restart keeps sessions and their queued messages) and nothing limits what it
     queues for a disconnected session."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, listener: str = "", anonymous: bool = True) -> None:
+        """`listener`: more lines for the listener (TLS files, password_file)."""
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
@@ -41,7 +42,8 @@ class Mosquitto:
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"{listener}"
+            f"allow_anonymous {'true' if anonymous else 'false'}\n"
             "persistence true\n"
             f"persistence_location {self.dir}/\n"
             "max_queued_messages 0\n"
