@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from rtmonitor.config import Settings, mqtt_device_level, parse_mqtt_url
 from rtmonitor.ingest.mqtt import MqttReason, TopicMatcher, decode, to_packet
-from rtmonitor.ingest.validation import Reason
+from rtmonitor.ingest.validation import Limits, Reason, Validator
 
 
 def test_url_forms_and_credentials() -> None:
@@ -100,12 +100,29 @@ def test_messages_refused_whole(payload: bytes, reason: MqttReason) -> None:
         ({"ts": -1, "values": {}}, Reason.BAD_TIMESTAMP),
         ({"ts": 2**64, "values": {}}, Reason.BAD_TIMESTAMP),
         ({f"v{i}": i for i in range(3)}, Reason.TOO_MANY_VALUES),
-        ({"kind": "\ud800", "values": {}}, Reason.INVALID_KIND),
-        ({"\ud800": 1}, Reason.INVALID_VALUE_NAME),
     ],
 )
 def test_packets_refused(obj: object, reason: str) -> None:
     assert to_packet("d", obj, 2) == reason
+
+
+@pytest.mark.parametrize(
+    ("obj", "reason"),
+    [
+        # JSON allows lone surrogates: the validator's alphabet refuses them
+        ({"kind": "\ud800", "values": {}}, Reason.INVALID_KIND),
+        ({"\ud800": 1}, Reason.INVALID_VALUE_NAME),
+        ({"t": float("nan")}, Reason.NON_FINITE_VALUE),
+        ({"kind": "", "values": {"t": 1}}, None),
+    ],
+)
+def test_the_validator_checks_json_packets_like_protobuf_ones(
+    obj: object, reason: Reason | None
+) -> None:
+    packet = to_packet("d", obj, 64)
+    assert not isinstance(packet, str)
+    result = Validator(Limits()).check(packet, 1000)
+    assert result == reason if reason is not None else isinstance(result, tuple)
 
 
 def test_numbers_beyond_a_double_are_not_finite() -> None:

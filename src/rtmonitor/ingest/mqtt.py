@@ -37,7 +37,6 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from rtmonitor.config import Settings, mqtt_device_level, parse_mqtt_url
-from rtmonitor.ingest.v1.telemetry_pb2 import Packet
 from rtmonitor.ingest.validation import Reason, Validator
 from rtmonitor.logs import redact_url
 from rtmonitor.model import Row
@@ -99,8 +98,19 @@ def _number(value: Any) -> float | None:
         return float("inf")
 
 
-def to_packet(device_id: str, obj: Any, max_values: int) -> Packet | str:
-    """One JSON packet as a Packet (without payload), or why it is refused. Forms:
+@dataclass(frozen=True, slots=True)
+class JsonPacket:
+    """One packet of a message, as the validator reads it (validation.PacketFields)."""
+
+    device_id: str
+    kind: str
+    timestamp_ms: int
+    values: dict[str, float]
+    payload: bytes = b""  # a packet's bytes are its share of the message (see _shares)
+
+
+def to_packet(device_id: str, obj: Any, max_values: int) -> JsonPacket | str:
+    """One JSON packet as the validator reads it, or why it is refused. Forms:
     {"kind": "...", "ts": <ms>, "values": {"name": number}} (kind and ts optional),
     or flat {"name": number, ...}."""
     if not isinstance(obj, dict):
@@ -121,15 +131,7 @@ def to_packet(device_id: str, obj: Any, max_values: int) -> Packet | str:
         if number is None:
             return MqttReason.INVALID_PACKET
         readings[name] = number
-    try:
-        packet = Packet(device_id=device_id, kind=kind, timestamp_ms=ts)
-    except ValueError:  # not valid UTF-8 for protobuf (JSON allows lone surrogates)
-        return Reason.INVALID_KIND
-    try:
-        packet.values.update(readings)
-    except ValueError:
-        return Reason.INVALID_VALUE_NAME
-    return packet
+    return JsonPacket(device_id, kind, ts, readings)
 
 
 def decode(payload: bytes | bytearray, max_packets: int) -> list[Any] | MqttReason:

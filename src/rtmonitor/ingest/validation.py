@@ -9,6 +9,7 @@ from collections.abc import Collection, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
 from rtmonitor.model import DEVICE_ID_MAX, ID_CHARS, NAME_MAX, Row
@@ -63,6 +64,22 @@ class Reason(StrEnum):
     BATCH_TOO_LARGE = "batch_too_large"
     INVALID_PRODUCER_ID = "invalid_producer_id"
     INVALID_COLUMNS = "invalid_columns"
+
+
+class PacketFields(Protocol):
+    """What check() reads of a packet: a protobuf Packet, or a receiver's own record of one
+    (the MQTT bridge's JSON packets skip building a protobuf message)."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def timestamp_ms(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def values(self) -> Mapping[str, float]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +197,7 @@ class Validator:
     def device_count(self) -> int:
         return len(self._devices) + len(self._previous)
 
-    def check(self, packet: Packet, recv_ms: int) -> Row | Reason:
+    def check(self, packet: Packet | PacketFields, recv_ms: int) -> Row | Reason:
         """Return the packet as a row ready to aggregate, or the reason it is refused."""
         lim = self.limits
         device_id = packet.device_id

@@ -331,13 +331,18 @@ def _verify(
     for s in senders:
         for device, n in s["per_device"].items():
             expected[device] = expected.get(device, 0) + n
+    # Up to 60 s without progress: MQTT's broker may hold a backlog that takes longer than
+    # that to drain, all of it counted in the figure.
     deadline = time.monotonic() + 60
+    before = -1
     while True:
         totals = httpx.get(f"{svc.http}/metrics", params={"limit": 1}, timeout=10).json()["totals"]
         committed = totals["packets"] - _probe_packets(svc)
         if committed >= acked or time.monotonic() > deadline:
             committed_at = time.time()
             break
+        if committed > before:
+            before, deadline = committed, time.monotonic() + 60
         time.sleep(0.01)
     seen: dict[str, int] = {}
     offset = 0
