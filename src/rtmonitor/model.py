@@ -407,6 +407,8 @@ class IngestStats:
     mqtt_messages: int = 0
     mqtt_messages_acked: int = 0
     mqtt_messages_unacked: int = 0
+    # delivered again after a reconnect while this process held them: counted once
+    mqtt_messages_redelivered: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

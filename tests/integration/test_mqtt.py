@@ -241,6 +241,28 @@ def test_sigkill_with_unacknowledged_messages_loses_nothing(
     again.kill()
 
 
+def test_redelivery_after_a_lost_connection_is_counted_once(
+    start_bridge: Callable[..., ServiceProcess], broker: Mosquitto, redis_server: EmbeddedRedis
+) -> None:
+    """Messages held unacknowledged when the connection drops come back (same packet ids,
+    DUP): the bridge knows them and acknowledges them once committed, without counting
+    them twice."""
+    svc = start_bridge("rtm-redeliver")
+    broker.pub("rtm/re-1/telemetry", *['{"v": 1}'] * 20)
+    wait_for(lambda: packets_of(svc, "re-1") == 20, what="the first 20")
+    redis_server.kill()  # commits wait: the next 30 stay unacknowledged
+    broker.pub("rtm/re-1/telemetry", *['{"v": 1}'] * 30)
+    wait_for(lambda: local_ingest(svc)["mqtt_messages_unacked"] == 30, what="30 unacked")
+    broker.stop()  # the connection drops; the session and its 30 in flight are saved
+    broker.start()
+    wait_for(lambda: local_ingest(svc)["mqtt_messages_redelivered"] == 30, what="redelivery")
+    redis_server.start()
+    wait_for(lambda: packets_of(svc, "re-1") == 50, what="all 50")
+    wait_for(lambda: local_ingest(svc)["mqtt_messages_unacked"] == 0, what="all acknowledged")
+    time.sleep(0.3)
+    assert packets_of(svc, "re-1") == 50
+
+
 def test_two_replicas_share_a_subscription_exactly(
     start_service: Callable[..., ServiceProcess], broker: Mosquitto
 ) -> None:

@@ -4,8 +4,10 @@ and acknowledges it (PUBACK) only once its packets are committed to Redis.
 Delivery is at-least-once, as MQTT's QoS 1 is: a message is acknowledged after its commit,
 so a crash, a Redis outage or a lost connection loses nothing (the broker keeps the
 session, and with it the unacknowledged messages, for --mqtt-session-expiry seconds and
-delivers them again), but a message committed whose PUBACK did not reach the broker is
-delivered, and counted, again.
+delivers them again). After a lost connection the broker delivers again, with their packet
+ids and the DUP flag, the messages this process holds unacknowledged: it recognizes them
+and acknowledges them once committed, counting them once. After a crash of this process
+the messages it had committed but not acknowledged are counted again.
 
 paho's network loop runs in its own thread. It hands messages over to the event loop in
 arrival order; while the messages read but not yet parsed hold --max-inflight-message-bytes,
@@ -198,7 +200,18 @@ class _Message:
     payload: bytes | bytearray
     mid: int
     qos: int
+    dup: bool  # the broker delivers it again (after a reconnect)
     connection: int  # which connection it came on: a PUBACK goes back on that one only
+
+
+@dataclass(slots=True)
+class _Unacked:
+    """A QoS 1 message received and not acknowledged yet."""
+
+    mid: int
+    key: int  # hash of its topic and payload: knows it again when the broker redelivers it
+    connection: int  # the connection its PUBACK must go on (a redelivery moves it)
+    committed: bool = False  # committed while its connection was gone: waits for the DUP
 
 
 @dataclass(slots=True)
@@ -206,7 +219,7 @@ class _Group:
     """Messages parsed together: acknowledged together once their packets are committed."""
 
     tracker: CommitTracker
-    acks: list[tuple[int, int, int]]  # (mid, qos, connection)
+    acks: list[_Unacked]
 
 
 class MqttBridge:
@@ -235,7 +248,9 @@ class MqttBridge:
         self.connects = 0
         self.messages = 0
         self.acked = 0  # acknowledged (or QoS 0: nothing to acknowledge)
-        self.stale = 0  # committed, but their connection is gone: delivered again
+        self.redelivered = 0  # delivered again after a reconnect, recognized: counted once
+        # By packet id: at most 65,535 (ids are reused only once acknowledged).
+        self._unacked: dict[int, _Unacked] = {}
         self._connection = 0  # written by the network thread only
         self._inbox: deque[_Message] = deque()
         self._wake = asyncio.Event()
@@ -325,7 +340,9 @@ class MqttBridge:
             return  # not acknowledged: the broker delivers it again (to the next session)
         payload = msg.payload
         self.bytes.acquire(len(payload))  # backpressure: this thread stops reading
-        self._inbox.append(_Message(msg._topic, payload, msg.mid, msg.qos, self._connection))
+        self._inbox.append(
+            _Message(msg._topic, payload, msg.mid, msg.qos, msg.dup, self._connection)
+        )
         # One wake-up of the event loop per batch of messages, not per message (each is a
         # write to the loop's self-pipe): the loop clears the flag before it drains.
         if not self._scheduled:
@@ -408,10 +425,13 @@ class MqttBridge:
     async def _process(self, group: list[_Message]) -> None:
         recv_ms = time.time_ns() // 1_000_000
         rows: list[Row] = []
+        acks: list[_Unacked] = []
         for msg in group:
             self.messages += 1
             try:
-                self._parse(msg, recv_ms, rows)
+                if (ack := self._admit(msg)) is not None:
+                    acks.append(ack)
+                    self._parse(msg, recv_ms, rows)
             finally:
                 self.bytes.release(len(msg.payload))
         tracker = CommitTracker()
@@ -419,7 +439,26 @@ class MqttBridge:
             await self.queue.put(RowsWork(rows=rows, recv_ms=recv_ms, tracker=tracker), len(rows))
             tracker.submitted()
         tracker.close()
-        self._acks.put_nowait(_Group(tracker, [(m.mid, m.qos, m.connection) for m in group]))
+        self._acks.put_nowait(_Group(tracker, acks))
+
+    def _admit(self, msg: _Message) -> _Unacked | None:
+        """The message's acknowledgement to send once committed, or None if it is one this
+        process already holds, delivered again after a reconnect (its first copy's
+        acknowledgement now goes on the new connection; at once if it is committed)."""
+        key = hash((msg.topic, bytes(msg.payload)))
+        held = self._unacked.get(msg.mid) if msg.dup else None
+        if held is not None and held.key == key and held.connection != msg.connection:
+            self.redelivered += 1
+            held.connection = msg.connection
+            if held.committed:
+                self._send_ack(held, msg.qos)
+            return None
+        ack = _Unacked(msg.mid, key, msg.connection)
+        if msg.qos:
+            self._unacked[msg.mid] = ack
+        else:
+            self.acked += 1  # nothing to acknowledge
+        return ack
 
     def _parse(self, msg: _Message, recv_ms: int, rows: list[Row]) -> None:
         """Append the message's valid packets to `rows`; count the others by reason."""
@@ -462,17 +501,23 @@ class MqttBridge:
                 await group.tracker.wait()
             except CommitFailed:
                 continue  # not acknowledged: delivered again
-            for mid, qos, connection in group.acks:
-                if connection != self._connection:
-                    self.stale += 1
-                    continue
-                if qos:
-                    self.client.ack(mid, qos)
-                self.acked += 1
+            for ack in group.acks:
+                if self._unacked.get(ack.mid) is not ack:
+                    continue  # QoS 0, or the id was reused since (the broker lost the session)
+                if ack.connection == self._connection:
+                    self._send_ack(ack, 1)
+                else:
+                    ack.committed = True  # its redelivery is acknowledged when it comes
+
+    def _send_ack(self, ack: _Unacked, qos: int) -> None:
+        del self._unacked[ack.mid]
+        self.client.ack(ack.mid, qos)
+        self.acked += 1
 
     @property
     def unacked(self) -> int:
-        return self.messages - self.acked - self.stale + len(self._inbox)
+        """Received and not acknowledged (some maybe already committed)."""
+        return len(self._unacked) + len(self._inbox)
 
     def stats(self) -> Mapping[str, int]:
         return {
@@ -481,4 +526,5 @@ class MqttBridge:
             "mqtt_messages": self.messages,
             "mqtt_messages_acked": self.acked,
             "mqtt_messages_unacked": self.unacked,
+            "mqtt_messages_redelivered": self.redelivered,
         }
