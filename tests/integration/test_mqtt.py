@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -201,7 +202,7 @@ def test_broker_restart_mid_stream_loses_nothing(
 ) -> None:
     svc = start_bridge("rtm-restart")
     devices = [f"br-{i}" for i in range(10)]
-    messages = [(f"rtm/{devices[i % 10]}/telemetry", json.dumps({"n": i})) for i in range(1000)]
+    messages = [(f"rtm/{devices[i % 10]}/telemetry", json.dumps({"n": i})) for i in range(600)]
     publisher = threading.Thread(target=paho_publish, args=(broker.port, messages, 0.002))
     publisher.start()
     wait_for(lambda: packets_of(svc, "br-0") > 10, what="the first messages")
@@ -210,14 +211,13 @@ def test_broker_restart_mid_stream_loses_nothing(
     broker.start()
     publisher.join(90)
     assert not publisher.is_alive()
-    wait_for(lambda: all(packets_of(svc, d) >= 100 for d in devices), 30, "every message")
+    wait_for(lambda: all(packets_of(svc, d) >= 60 for d in devices), 30, "every message")
     wait_for(lambda: httpx.get(f"{svc.http}/readyz").status_code == 200, what="ready")
     counts = {d: packets_of(svc, d) for d in devices}
-    # At-least-once: a message whose PUBACK the broker lost in the restart is delivered,
-    # and counted, again; none is missing.
-    assert all(c >= 100 for c in counts.values()), counts
-    assert sum(counts.values()) <= 1000 + 2 * 5000, counts
-    print("broker restart: 1000 published, counted", sum(counts.values()))
+    # At-least-once: a device whose PUBACK the restart lost publishes again, and the broker
+    # forwards that as a new message (counted again); none is missing.
+    assert all(c >= 60 for c in counts.values()), counts
+    assert sum(counts.values()) <= 600 + 2 * 5000, counts
 
 
 def test_sigkill_with_unacknowledged_messages_loses_nothing(
@@ -299,6 +299,33 @@ def test_refuses_a_topic_without_a_device_level(tmp_path: Path) -> None:
         svc.kill()
     log = svc.log()
     assert "--mqtt-topic" in log and "exactly one `+`" in log and "s3cret" not in log
+
+
+def test_send_and_bench_drive_the_bridge(
+    start_bridge: Callable[..., ServiceProcess], broker: Mosquitto, tmp_path: Path
+) -> None:
+    """`send --protocol mqtt` publishes what it says it did; `bench --modes mqtt` runs its
+    own broker, verifies exactly and reports the broker's ceiling beside it."""
+    svc = start_bridge("rtm-send")
+    sent = subprocess.run(
+        [sys.executable, "-m", "rtmonitor", "send", "--protocol", "mqtt", "--target", broker.url,
+         "--count", "500", "--devices", "5", "--device-prefix", "snd-", "--json-output"],
+        check=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    summary = json.loads(sent.stdout)
+    assert summary["accepted"] == 500 and summary["errors"] == []
+    for d in range(5):
+        wait_for(lambda d=d: packets_of(svc, f"snd-{d:05d}") == 100, what=f"snd-{d}")
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, "-m", "rtmonitor", "bench", "--modes", "mqtt", "--duration", "1",
+         "--devices", "10", "--mqtt-batch", "3", "--output", str(out)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["mode"] == "mqtt" and r["exact"] is True and r["errors"] == []
+    assert r["acked"] > 0 and r["acked"] % 3 == 0 and r["committed"] == r["acked"]
+    assert r["ceiling_pps"] > 0 and r["ratio_to_ceiling"] > 0
 
 
 def _tls_files(directory: Path) -> dict[str, Path]:
