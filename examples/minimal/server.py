@@ -155,7 +155,10 @@ def main() -> None:
         if url is None:
             # 临时目录 + 内嵌 Redis，退出时自动停止并删除
             data = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            url = stack.enter_context(EmbeddedRedis(data / "redis")).url
+            embedded = stack.enter_context(EmbeddedRedis(data / "redis"))
+            url = embedded.url
+            # 打印进程号：学习指南里要用 kill -STOP 暂停这个 Redis，看看会发生什么
+            print(f"minimal: 内嵌 Redis 进程号 {embedded.pid}", flush=True)
         asyncio.run(serve(args.grpc_port, args.http_port, url))
 
 

@@ -58,9 +58,8 @@ def _add_flags(parser: argparse.ArgumentParser, model: type[BaseSettings], env_p
 def _metavar(field: FieldInfo, kind: Any) -> str:
     """The field's own metavar if it declares one, else its type's."""
     extra = field.json_schema_extra
-    if isinstance(extra, dict) and isinstance(extra.get("metavar"), str):
-        return extra["metavar"]
-    return _METAVARS.get(kind, "TEXT")
+    declared = extra.get("metavar") if isinstance(extra, dict) else None
+    return declared if isinstance(declared, str) else _METAVARS.get(kind, "TEXT")
 
 
 def _base_type(annotation: Any) -> Any:

@@ -53,6 +53,25 @@ def test_send_once_against_the_service(service: ServiceProcess) -> None:
     assert out.strip() == "accepted=0 rejected=2 {'invalid_device_id': 2}"
 
 
+def resend_batch(target: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "resend_batch.py"), "--target", target],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.splitlines()
+
+
+def test_a_resent_batch_counts_once_in_the_service(service: ServiceProcess) -> None:
+    assert resend_batch(service.target) == [
+        "batch_id=1 accepted=10 duplicate=False",
+        "batch_id=1 accepted=10 duplicate=True",
+    ]
+    assert get_json(service.http, "/metrics/resend-1")["packets"] == 10
+
+
 @pytest.fixture
 def minimal(tmp_path: Path) -> Any:
     """examples/minimal/server.py as a learner runs it (its own embedded Redis), on free
@@ -108,6 +127,9 @@ def test_minimal_version_counts_exactly(minimal: tuple[str, str]) -> None:
     assert body["devices"] == expected
     assert get_json(http, "/metrics/demo-1") == {"device_id": "demo-1", "packets": 3}
     assert httpx.get(f"{http}/metrics/nobody", timeout=5).status_code == 404
+    # the guide's chapter 5: the minimal version counts a resent batch twice
+    assert resend_batch(target) == ["batch_id=1 accepted=10 duplicate=False"] * 2
+    assert wait_total(http, 2023)["devices"]["resend-1"] == 20
 
 
 def test_examples_pass_ruff() -> None:
