@@ -9,7 +9,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 from helpers import ServiceProcess
-from test_dashboard import CHROMIUM_ARGS, chromium
+from helpers.browser import CHROMIUM_ARGS, chromium
 
 # src="…", href="…", and the schema's url: '…' in Swagger UI's and ReDoc's init scripts
 REFERENCE = re.compile(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""")
