@@ -31,8 +31,8 @@ test-asan: $(STAMP)
 	$(BIN)/python tools/asan.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests tools benchmarks
-	$(BIN)/ruff format --check src tests tools benchmarks
+	$(BIN)/ruff check src tests tools benchmarks examples
+	$(BIN)/ruff format --check src tests tools benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -20,7 +20,9 @@ from rtmonitor.logs import redact_url, setup_logging
 
 # Settings fields that are environment-only (the seed's variables) or named differently.
 _NO_FLAG = {"redis_host", "redis_port"}
-_METAVARS = {int: "N", float: "SECONDS", Path: "DIR", str: "TEXT"}
+# By type; a field whose value is something else names it: Field(json_schema_extra=
+# {"metavar": "FILE"}). A float is seconds unless it says otherwise (test_config_cli checks).
+_METAVARS = {int: "N", float: "SECONDS", Path: "PATH", str: "TEXT"}
 
 
 def _add_flags(parser: argparse.ArgumentParser, model: type[BaseSettings], env_prefix: str) -> None:
@@ -48,9 +50,16 @@ def _add_flags(parser: argparse.ArgumentParser, model: type[BaseSettings], env_p
                 dest=name,
                 default=None,
                 type=cast(Callable[[str], Any], kind),
-                metavar=_METAVARS.get(kind, "TEXT"),
+                metavar=_metavar(field, kind),
                 help=help_text,
             )
+
+
+def _metavar(field: FieldInfo, kind: Any) -> str:
+    """The field's own metavar if it declares one, else its type's."""
+    extra = field.json_schema_extra
+    declared = extra.get("metavar") if isinstance(extra, dict) else None
+    return declared if isinstance(declared, str) else _METAVARS.get(kind, "TEXT")
 
 
 def _base_type(annotation: Any) -> Any:

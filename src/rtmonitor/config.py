@@ -62,7 +62,11 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(
         False, description="REDIS_URL names a node of a Redis Cluster (discovered from it)."
     )
-    data_dir: Path = Field(Path("data"), description="Where the embedded Redis keeps its data.")
+    data_dir: Path = Field(
+        Path("data"),
+        description="Where the embedded Redis keeps its data.",
+        json_schema_extra={"metavar": "DIR"},
+    )
     embedded_redis_port: int = Field(
         0, ge=0, le=65535, description="TCP port of the embedded Redis (0 picks a free one)."
     )
@@ -431,7 +435,12 @@ class SendSettings(BaseSettings):
         None, ge=1, description="Packets to send in all (default 10000 unless --duration)."
     )
     duration: float | None = Field(None, gt=0, description="Send for this many seconds.")
-    rate: float | None = Field(None, gt=0, description="Packets per second in all (unlimited).")
+    rate: float | None = Field(
+        None,
+        gt=0,
+        description="Packets per second in all (unlimited).",
+        json_schema_extra={"metavar": "PACKETS_PER_S"},
+    )
     batch_size: int = Field(
         1, ge=1, le=100_000, description="Packets per message: 1 uses StreamPackets, more batches."
     )
@@ -452,7 +461,7 @@ class SendSettings(BaseSettings):
     retry_for: float = Field(
         60.0,
         ge=0,
-        description="Batch mode: keep reconnecting and resending this long without progress.",
+        description="Batch mode: seconds to keep reconnecting and resending without progress.",
     )
     seed: int = Field(0, description="Random seed for the values.")
     progress: bool = Field(True, description="Show a progress bar (only on a terminal).")
@@ -502,10 +511,14 @@ class BenchSettings(BaseSettings):
         1, ge=1, description="mqtt: packets per message (a JSON list when more than one)."
     )
     inflight: int = Field(128, ge=1, description="Unacknowledged batches per stream (send's).")
-    flush_interval: float = Field(0.2, gt=0, description="The service's flush interval.")
+    flush_interval: float = Field(0.2, gt=0, description="The service's flush interval, seconds.")
     workers: int = Field(1, ge=1, le=64, description="The service's --workers.")
     ceiling: bool = Field(True, description="Also measure the no-op ceiling of each mode.")
-    output: Path = Field(Path("benchmarks/results.json"), description="Where to write JSON.")
+    output: Path = Field(
+        Path("benchmarks/results.json"),
+        description="The file the results are written to, as JSON.",
+        json_schema_extra={"metavar": "FILE"},
+    )
 
     @property
     def mode_list(self) -> list[BenchMode]:

@@ -7,32 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import threading
 from pathlib import Path
 
-import pytest
 from helpers import ServiceProcess
+from helpers.browser import CHROMIUM_ARGS, chromium
 
 from rtmonitor.config import SendSettings
 from rtmonitor.loadgen.sender import send
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        message = "chromium is not installed (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # .ci/run installs it: missing there is a real failure
-        pytest.skip(message)
-    return path
 
 
 def test_dashboard_shows_devices_and_updates_live(service: ServiceProcess) -> None:

@@ -67,3 +67,32 @@ def test_every_setting_has_a_flag() -> None:
             continue
         assert "--" + name.replace("_", "-") in help_text
         assert "RTM_" + name.upper() in help_text
+
+
+def test_each_flag_names_what_it_takes() -> None:
+    """A float is seconds and a path a directory or file only where the field says so:
+    `send --rate PACKETS_PER_S`, `bench --output FILE`, `serve --data-dir DIR`."""
+    import argparse
+
+    from rtmonitor.cli import _base_type
+    from rtmonitor.config import BenchSettings, TopSettings
+
+    sub = next(
+        a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    metavars = {
+        (command, action.dest): action.metavar
+        for command, parser in sub.items()
+        for action in parser._actions
+    }
+    assert metavars[("send", "rate")] == "PACKETS_PER_S"
+    assert metavars[("bench", "output")] == "FILE"
+    assert metavars[("serve", "data_dir")] == "DIR"
+    models = {"serve": Settings, "send": SendSettings, "bench": BenchSettings, "top": TopSettings}
+    for command, model in models.items():
+        for name, field in model.model_fields.items():
+            metavar = metavars.get((command, name))
+            if metavar == "SECONDS":
+                assert "second" in (field.description or "").lower(), (command, name)
+            if _base_type(field.annotation).__name__ == "Path":
+                assert metavar in ("FILE", "DIR"), (command, name, metavar)

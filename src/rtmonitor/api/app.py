@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from rtmonitor import __version__
 from rtmonitor.api.deps import ApiLimits, ApiState, ReadinessCheck, StatsSource
-from rtmonitor.api.routes import dashboard, live, metrics, ops
+from rtmonitor.api.routes import dashboard, docs, live, metrics, ops
 from rtmonitor.api.stream import TRANSPORT
 from rtmonitor.storage.store import RedisStore
 
@@ -55,6 +55,9 @@ def create_app(
 
     app = _Api(
         lifespan=lifespan,
+        # served by routes/docs.py from an installed package, not from a CDN
+        docs_url=None,
+        redoc_url=None,
         title="RealTimeDataMonitor",
         version=__version__,
         description=(
@@ -63,9 +66,10 @@ def create_app(
         ),
     )
     app.add_exception_handler(RedisError, redis_unavailable)  # type: ignore[arg-type]
-    for router in (metrics.router, live.router, ops.router, dashboard.router):
+    for router in (metrics.router, live.router, ops.router, dashboard.router, docs.router):
         app.include_router(router)
     app.mount("/static", dashboard.static_files(), name="static")
+    app.mount(docs.ASSETS_PATH, docs.assets(), name="docs-assets")
     return app
 
 

@@ -3,6 +3,7 @@ records storage reads (rtmonitor.model), which the Prometheus and SSE renderers 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -10,7 +11,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_serializer
 
-from rtmonitor.model import RATE_WINDOWS_S, DeviceRecord, Rates, rate_key
+from rtmonitor.model import (
+    RATE_WINDOWS_S,
+    DeviceRecord,
+    PipelineStats,
+    Rates,
+    ServiceStats,
+    rate_key,
+)
 from rtmonitor.model import Totals as TotalsRecord
 
 
@@ -75,6 +83,8 @@ class DeviceMetrics(BaseModel):
     rate: Rate
     online: bool = Field(description="A packet arrived within the offline threshold.")
 
+    model_config = ConfigDict(json_schema_extra=lambda s: s.update(examples=[DEVICE_EXAMPLE]))
+
 
 class Totals(BaseModel):
     """Totals over all devices."""
@@ -85,6 +95,8 @@ class Totals(BaseModel):
     rejected: int = Field(description="Packets refused by validation, all reasons.")
     rejected_by_reason: dict[str, int]
     rate: Rate
+
+    model_config = ConfigDict(json_schema_extra=lambda s: s.update(examples=[TOTALS_EXAMPLE]))
 
 
 class MetricsPage(BaseModel):
@@ -98,16 +110,31 @@ class MetricsPage(BaseModel):
     order: Literal["asc", "desc"]
     devices: list[DeviceMetrics]
 
+    model_config = ConfigDict(json_schema_extra=lambda s: s.update(examples=[PAGE_EXAMPLE]))
+
 
 class Problem(BaseModel):
     """An error: what went wrong and what to do about it."""
 
     detail: str
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"detail": "unknown device 'dev-9': no packet from it"}]}
+    )
+
 
 class Readiness(BaseModel):
     ready: bool
     reasons: list[str] = Field(description="Why not ready (empty when ready).")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"ready": True, "reasons": []},
+                {"ready": False, "reasons": ["Redis is unreachable: Connection refused"]},
+            ]
+        }
+    )
 
 
 def device_metrics(record: DeviceRecord, online: bool) -> DeviceMetrics:
@@ -159,3 +186,132 @@ class JsonRender:
 
     def totals_json(self, record: TotalsRecord) -> str:
         return totals(record).model_dump_json()
+
+
+# --- what /docs and /openapi.json show: examples and the responses every route shares ----
+
+
+def _rate_example(packets_per_s: float, bytes_per_s: float) -> dict[str, float]:
+    example: dict[str, float] = {}
+    for window in RATE_WINDOWS_S:
+        example[rate_key("packets", window)] = packets_per_s
+        example[rate_key("bytes", window)] = bytes_per_s
+    return example
+
+
+DEVICE_EXAMPLE: dict[str, Any] = {
+    "device_id": "dev-00042",
+    "packets": 1000,
+    "bytes": 64000,
+    "first_seen": 1767225600000,
+    "last_seen": 1767225660000,
+    "kinds": {"reading": 900, "heartbeat": 100},
+    "values": {
+        "temp": {
+            "count": 900,
+            "sum": 19350.0,
+            "min": 18.5,
+            "max": 24.0,
+            "mean": 21.5,
+            "overflow": False,
+            "last": 21.0,
+            "last_timestamp_ms": 1767225659990,
+        }
+    },
+    "rate": _rate_example(16.7, 1066.7),
+    "online": True,
+}
+TOTALS_EXAMPLE: dict[str, Any] = {
+    "devices": 100,
+    "packets": 100000,
+    "bytes": 6400000,
+    "rejected": 2,
+    "rejected_by_reason": {"invalid_device_id": 2},
+    "rate": _rate_example(1666.7, 106666.7),
+}
+PAGE_EXAMPLE: dict[str, Any] = {
+    "totals": TOTALS_EXAMPLE,
+    "matched": 100,
+    "offset": 0,
+    "limit": 1,
+    "sort": "device_id",
+    "order": "asc",
+    "devices": [DEVICE_EXAMPLE],
+}
+SCRAPE_EXAMPLE = (
+    "# HELP rtm_packets_total Packets counted, all devices.\n"
+    "# TYPE rtm_packets_total counter\n"
+    "rtm_packets_total 100000\n"
+    'rtm_device_packets_total{device_id="dev-00042"} 1000\n'
+)
+STREAM_EXAMPLE = "event: update\ndata: {}\n\n".format(
+    json.dumps(
+        {"totals": TOTALS_EXAMPLE, "pending": 0, "lagged": False, "devices": [DEVICE_EXAMPLE]},
+        separators=(",", ":"),
+    )
+)
+
+# GET /stats of a fresh single process (its pipeline sections are all zero)
+STATS_EXAMPLE = ServiceStats(
+    instance_id="5f0c9a1e",
+    uptime_s=12.5,
+    ready=True,
+    not_ready_reasons=[],
+    instances={},
+    total=PipelineStats(),
+).to_json()
+
+# A Redis outage: every read that needs Redis answers this (app.py:redis_unavailable).
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": Problem,
+        "description": "Redis is unavailable: retry after the number of seconds in Retry-After.",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying.",
+                "schema": {"type": "integer", "example": 1},
+            }
+        },
+        "content": {
+            "application/json": {
+                "example": {"detail": "Redis is unavailable (ConnectionError); retry shortly"}
+            }
+        },
+    }
+}
+
+# GET /stream: each event's `data` is one JSON object (OpenAPI 3.1 describes an event
+# stream one event at a time; contentSchema describes what `data` holds).
+STREAM_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"const": "update"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "type": "object",
+                "required": ["totals", "pending", "lagged", "devices"],
+                "properties": {
+                    "totals": {
+                        "anyOf": [{"$ref": "#/components/schemas/Totals"}, {"type": "null"}]
+                    },
+                    "pending": {
+                        "type": "integer",
+                        "description": "Changed devices that did not fit in this event; "
+                        "they follow at once.",
+                    },
+                    "lagged": {
+                        "type": "boolean",
+                        "description": "Some changes could not be kept: re-read GET /metrics.",
+                    },
+                    "devices": {
+                        "type": "array",
+                        "items": {"$ref": "#/components/schemas/DeviceMetrics"},
+                    },
+                },
+            },
+        },
+    },
+}

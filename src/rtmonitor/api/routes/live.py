@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 
 from rtmonitor.api.deps import ApiDep
+from rtmonitor.api.schemas import STREAM_EVENT_SCHEMA, STREAM_EXAMPLE
 from rtmonitor.api.stream import EventStream
 from rtmonitor.model import DEVICE_ID_MAX
 
@@ -20,10 +21,22 @@ router = APIRouter(tags=["metrics"])
     response_class=EventStream,
     status_code=200,
     responses={
+        200: {
+            "description": "An endless stream of `update` events.",
+            "content": {
+                "text/event-stream": {"schema": STREAM_EVENT_SCHEMA, "example": STREAM_EXAMPLE}
+            },
+        },
         503: {
             "description": "--max-stream-subscribers clients are connected already.",
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying.",
+                    "schema": {"type": "integer", "example": 10},
+                }
+            },
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-        }
+        },
     },
 )
 async def stream(

@@ -11,7 +11,14 @@ from fastapi.responses import JSONResponse, Response
 
 from rtmonitor.api.deps import ApiDep, ApiState
 from rtmonitor.api.prometheus import OPENMETRICS, device_series, exposition, negotiate
-from rtmonitor.api.schemas import DeviceMetrics, MetricsPage, Problem, totals
+from rtmonitor.api.schemas import (
+    SCRAPE_EXAMPLE,
+    UNAVAILABLE,
+    DeviceMetrics,
+    MetricsPage,
+    Problem,
+    totals,
+)
 from rtmonitor.model import DEVICE_ID_MAX, DeviceRecord
 from rtmonitor.storage.store import SortField, SortTooBroad
 
@@ -34,12 +41,24 @@ Order = Literal["asc", "desc"]
     responses={
         200: {
             "content": {
-                "text/plain; version=0.0.4": {},
-                "application/openmetrics-text; version=1.0.0": {},
+                "text/plain; version=0.0.4": {
+                    "schema": {"type": "string"},
+                    "example": SCRAPE_EXAMPLE,
+                },
+                "application/openmetrics-text; version=1.0.0": {
+                    "schema": {"type": "string"},
+                    "example": SCRAPE_EXAMPLE + "# EOF\n",
+                },
             },
             "description": "JSON; or the Prometheus/OpenMetrics exposition when the "
             "Accept header asks for it (as Prometheus does) or with `format`.",
-        }
+        },
+        400: {
+            "model": Problem,
+            "description": "The prefix matches more devices than a numeric sort may rank "
+            "(--prefix-sort-max-devices).",
+        },
+        **UNAVAILABLE,
     },
 )
 async def list_metrics(
@@ -72,7 +91,10 @@ async def list_metrics(
 @router.get(
     "/metrics/{device_id:path}",
     response_model=DeviceMetrics,
-    responses={404: {"model": Problem, "description": "No packet from this device yet."}},
+    responses={
+        404: {"model": Problem, "description": "No packet from this device yet."},
+        **UNAVAILABLE,
+    },
 )
 async def device_metrics(
     api: ApiDep,

@@ -8,12 +8,16 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from rtmonitor.api.deps import ApiDep
-from rtmonitor.api.schemas import Readiness
+from rtmonitor.api.schemas import STATS_EXAMPLE, Readiness
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness: the process is up")
+@router.get(
+    "/healthz",
+    summary="Liveness: the process is up",
+    responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -30,7 +34,11 @@ async def readyz(api: ApiDep) -> JSONResponse:
     return JSONResponse(status_code=503 if reasons else 200, content=body)
 
 
-@router.get("/stats", summary="Self-metrics of the ingest instances")
+@router.get(
+    "/stats",
+    summary="Self-metrics of the ingest instances",
+    responses={200: {"content": {"application/json": {"example": STATS_EXAMPLE}}}},
+)
 async def self_stats(api: ApiDep) -> dict[str, Any]:
     """Queue depth, pending deltas, flush latency, rejections by reason, Redis errors and
     recoveries, duplicate batches skipped, journals recovered: summed over the ingest
