@@ -242,11 +242,18 @@ class Settings(BaseSettings):
         None,
         description="mqtts://: CA file that signed the broker's certificate (default: "
         "the system's CAs).",
+        json_schema_extra={"metavar": "FILE"},
     )
     mqtt_tls_cert: Path | None = Field(
-        None, description="mqtts://: client certificate, if the broker asks for one."
+        None,
+        description="mqtts://: client certificate, if the broker asks for one.",
+        json_schema_extra={"metavar": "FILE"},
     )
-    mqtt_tls_key: Path | None = Field(None, description="mqtts://: the client certificate's key.")
+    mqtt_tls_key: Path | None = Field(
+        None,
+        description="mqtts://: the client certificate's key.",
+        json_schema_extra={"metavar": "FILE"},
+    )
     # MQTT 5's Receive Maximum: the broker sends at most this many messages before our
     # PUBACKs, which leave after the commit (about one flush interval): the bridge's rate is
     # at most this many messages per flush interval.
