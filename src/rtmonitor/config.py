@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -21,7 +22,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RTM_", extra="forbid", frozen=True)
 
     # --- where to listen ---------------------------------------------------
-    host: str = Field("0.0.0.0", description="Address the gRPC and HTTP servers bind to.")
+    # Protected by default (Redis' protected mode): without an auth file the service binds
+    # loopback only, and refuses a non-loopback address unless told it is meant to be open.
+    host: str = Field(
+        "127.0.0.1",  # _default_host: 0.0.0.0 with an auth file
+        description="Address the gRPC and HTTP servers bind to (default 0.0.0.0 with "
+        "--auth-file, else 127.0.0.1).",
+    )
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
     # Each open connection holds a file descriptor, idle or not; dashboards and scrapers
@@ -37,6 +44,27 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds an HTTP connection may wait for a complete request (after "
         "connecting or after its last response) before it is closed.",
+    )
+
+    # --- security -------------------------------------------------------------
+    auth_file: Path | None = Field(
+        None,
+        description="TOML file of bearer tokens (SHA-256 digests, scopes, device prefixes); "
+        "reloaded on SIGHUP and when it changes. None: no authentication.",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve a non-loopback --host without --auth-file (anyone who reaches "
+        "the ports can write and read everything).",
+    )
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate (chain) for TLS on gRPC and HTTPS; needs --tls-key."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="PEM CA bundle: clients must present a certificate it signed (mTLS) on "
+        "gRPC and HTTPS; needs --tls-cert.",
     )
 
     # --- Redis ---------------------------------------------------------------
@@ -231,8 +259,16 @@ class Settings(BaseSettings):
             data["log_level"] = data["log_level"].lower()
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_host(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("host") is None:
+            data["host"] = "0.0.0.0" if data.get("auth_file") else "127.0.0.1"
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Self:
+        self._check_security()
         if self.redis_url is not None and not self.redis_url.startswith(
             ("redis://", "rediss://", "unix://")
         ):
@@ -258,6 +294,32 @@ class Settings(BaseSettings):
         if self.redis_port is not None and self.redis_host is None:
             raise ValueError("REDIS_PORT is set but REDIS_HOST is not: set both, or REDIS_URL")
         return self
+
+    def _check_security(self) -> None:
+        if self.auth_file is None and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(
+                f"--host {self.host} is reachable from the network but no --auth-file "
+                "(RTM_AUTH_FILE) is given: anyone could write and read every device. Give "
+                "--auth-file PATH (tokens: `rtmonitor token new`), bind 127.0.0.1, or opt out "
+                "explicitly with --allow-unauthenticated (RTM_ALLOW_UNAUTHENTICATED=true)"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        for flag, path in (
+            ("--auth-file", self.auth_file),
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag} {str(path)!r} is not a readable file")
+
+    @property
+    def tls(self) -> bool:
+        """True if gRPC and HTTP serve TLS."""
+        return self.tls_cert is not None
 
     @property
     def external_redis_url(self) -> str | None:
@@ -372,6 +434,16 @@ class TopSettings(BaseSettings):
         "", max_length=DEVICE_ID_MAX, description="Only devices with this id prefix."
     )
     once: bool = Field(False, description="Print one frame and exit (for scripts).")
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class StartupError(RuntimeError):
