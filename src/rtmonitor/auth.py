@@ -286,6 +286,9 @@ class TokenRegistry:
         self.reloads = 0
         self.reload_errors = 0
         self.last_error: str | None = None
+        # Refusals by surface ("grpc", "http", a receiver's name), then `<reason>:<token>`.
+        self.refused: dict[str, Counter[str]] = {}
+        self.failures = FailureLog()
         if path is not None:
             self._install(load_tokens(path), self._stat())  # a bad file refuses to start
 
@@ -379,14 +382,31 @@ class TokenRegistry:
         """False once the token was removed or changed in the file (its streams end)."""
         return self.path is None or principal in self._current
 
+    def refuse(self, surface: str, peer: str, error: AuthError, count: int = 1) -> None:
+        """Count a refusal (`count` packets for device_not_permitted) by surface, reason and
+        token name, and log it (at most once per interval per peer)."""
+        counter = self.refused.setdefault(surface, Counter())
+        counter[refusal_key(error.reason, error.token_name)] += count
+        self.failures.refused(surface, peer, error)
+
+    def refusals(self, *, exclude: Iterable[str] = ()) -> dict[str, int]:
+        """Refusals summed over the surfaces not in `exclude`, by `<reason>:<token>`."""
+        total: Counter[str] = Counter()
+        skip = set(exclude)
+        for surface, counter in self.refused.items():
+            if surface not in skip:
+                total.update(counter)
+        return dict(total)
+
     def stats(self) -> dict[str, Any]:
         """The `auth` section of GET /stats (names only, never secrets or digests)."""
         return {
             "enabled": self.enabled,
-            "tokens": len(self._tokens),
+            "tokens": sorted(t.name for t in self._tokens),
             "reloads": self.reloads,
             "reload_errors": self.reload_errors,
             "last_reload_error": self.last_error,
+            "refused": {s: dict(sorted(c.items())) for s, c in sorted(self.refused.items())},
         }
 
 
@@ -407,5 +427,12 @@ def refusal_key(reason: str, token_name: str | None) -> str:
     return f"{reason}:{token_name or '-'}"
 
 
-def count_refusal(counter: Counter[str], error: AuthError) -> None:
-    counter[refusal_key(error.reason, error.token_name)] += 1
+def device_refusal(principal: Principal) -> AuthError:
+    """The refusal counted for packets outside `principal`'s device prefix."""
+    return AuthError(
+        "permission_denied",
+        DEVICE_NOT_PERMITTED,
+        f"token {principal.name!r} may only write devices whose id starts with "
+        f"{principal.device_prefix!r}",
+        principal.name,
+    )
