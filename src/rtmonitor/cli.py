@@ -22,7 +22,8 @@ from rtmonitor.logs import redact_url, setup_logging
 
 # Settings fields that are environment-only (the seed's variables) or named differently.
 _NO_FLAG = {"redis_host", "redis_port"}
-_PATHS = {"auth_file", "tls_cert", "tls_key", "tls_client_ca", "tls_ca"}
+_PATHS = {"auth_file", "tls_cert", "tls_key", "tls_client_ca", "tls_ca", "server_tls_cert",
+          "server_tls_key"}  # fmt: skip
 _METAVARS = {int: "N", float: "SECONDS", Path: "DIR", str: "TEXT"}
 
 
@@ -35,6 +36,8 @@ def _add_flags(parser: argparse.ArgumentParser, model: type[BaseSettings], env_p
         env = f"{env_prefix}{name.upper()}"
         if name == "redis_url":
             env += " or REDIS_URL"
+        if name == "token":
+            env = "RTM_TOKEN"
         help_text = f"{field.description or ''} [env {env}; default {_default(field)}]"
         kind = _base_type(field.annotation)
         if kind is bool:

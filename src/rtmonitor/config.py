@@ -331,7 +331,32 @@ class Settings(BaseSettings):
         return None
 
 
-class SendSettings(BaseSettings):
+class ClientSecuritySettings(BaseSettings):
+    """A client's token and TLS files (`send`, `bench`, `top`)."""
+
+    # RTM_TOKEN for every client: a secret belongs in the environment, not on a command
+    # line that every local user can read (ps).
+    token: str | None = Field(
+        None,
+        validation_alias=AliasChoices("token", "RTM_TOKEN"),
+        description="Bearer token (prefer the environment: a command line is visible to ps).",
+    )
+    tls_ca: Path | None = Field(
+        None, description="Use TLS and trust this PEM CA (the one that signed the server's)."
+    )
+    tls_cert: Path | None = Field(
+        None, description="Use TLS and present this PEM client certificate (mTLS)."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")
+
+    @model_validator(mode="after")
+    def _client_tls(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both, or neither")
+        return self
+
+
+class SendSettings(ClientSecuritySettings):
     """Options of `rtmonitor send` (the load generator); environment twins RTM_SEND_*."""
 
     model_config = SettingsConfigDict(env_prefix="RTM_SEND_", extra="forbid", frozen=True)
@@ -392,7 +417,7 @@ class SendSettings(BaseSettings):
 BenchMode = Literal["packets", "rows", "columns"]
 
 
-class BenchSettings(BaseSettings):
+class BenchSettings(ClientSecuritySettings):
     """Options of `rtmonitor bench`; environment twins RTM_BENCH_*."""
 
     model_config = SettingsConfigDict(env_prefix="RTM_BENCH_", extra="forbid", frozen=True)
@@ -411,6 +436,12 @@ class BenchSettings(BaseSettings):
     flush_interval: float = Field(0.2, gt=0, description="The service's flush interval.")
     workers: int = Field(1, ge=1, le=64, description="The service's --workers.")
     ceiling: bool = Field(True, description="Also measure the no-op ceiling of each mode.")
+    # The served side of --token / --tls-ca: the service bench starts uses these.
+    auth_file: Path | None = Field(None, description="The service's --auth-file (with --token).")
+    server_tls_cert: Path | None = Field(
+        None, description="The service's --tls-cert (with --tls-ca); needs --server-tls-key."
+    )
+    server_tls_key: Path | None = Field(None, description="The service's --tls-key.")
     output: Path = Field(Path("benchmarks/results.json"), description="Where to write JSON.")
 
     @property
@@ -422,7 +453,7 @@ class BenchSettings(BaseSettings):
         return modes  # type: ignore[return-value]
 
 
-class TopSettings(BaseSettings):
+class TopSettings(ClientSecuritySettings):
     """Options of `rtmonitor top`; environment twins RTM_TOP_*."""
 
     model_config = SettingsConfigDict(env_prefix="RTM_TOP_", extra="forbid", frozen=True)
