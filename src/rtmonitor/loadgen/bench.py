@@ -329,7 +329,11 @@ def run_bench(opts: BenchSettings) -> int:
                     r["ratio_to_ceiling"] = round(r["e2e_pps"] / c["acked_pps"], 3)
                 results.append(r)
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    doc = {"machine": machine, "settings": opts.model_dump(mode="json", exclude={"token"}), "results": results}
+    doc = {
+        "machine": machine,
+        "settings": opts.model_dump(mode="json", exclude={"token"}),
+        "results": results,
+    }
     opts.output.parent.mkdir(parents=True, exist_ok=True)
     opts.output.write_text(json.dumps(doc, indent=2) + "\n")
     _print_table(results)
