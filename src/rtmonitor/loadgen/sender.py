@@ -408,7 +408,6 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
         ("grpc.max_send_message_length", 256 * 1024 * 1024),
         ("grpc.use_local_subchannel_pool", 1),
     ]
-
     targets = [t.strip() for t in opts.target.split(",") if t.strip()]
     security = ClientSecurity.of(opts)
 
