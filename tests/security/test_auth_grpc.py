@@ -251,7 +251,7 @@ def test_removed_token_ends_its_stream(
                         await asyncio.to_thread(tokens.write, remaining)
             except grpc.aio.AioRpcError as exc:
                 assert started is not None and time.monotonic() - started < 5
-                assert "removed from the auth file" in (exc.details() or "")
+                assert "no longer in the auth file" in (exc.details() or "")
                 return exc.code()
             raise AssertionError("the stream was not ended")
 
