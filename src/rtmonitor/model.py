@@ -409,6 +409,8 @@ class IngestStats:
     mqtt_messages_unacked: int = 0
     # delivered again after a reconnect while this process held them: counted once
     mqtt_messages_redelivered: int = 0
+    # Refused tokens and packets outside a token's device prefix, by `<reason>:<token>`.
+    auth_refused: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -530,6 +532,7 @@ class ServiceStats:
     instances_error: str | None = None  # why the published instances could not be read
     http: dict[str, Any] | None = None
     embedded_redis: dict[str, Any] | None = None
+    auth: dict[str, Any] | None = None  # the tokens in force (names) and refusals
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -543,6 +546,7 @@ class ServiceStats:
             "instances_error": self.instances_error,
             "http": self.http,
             "embedded_redis": self.embedded_redis,
+            "auth": self.auth,
         }
 
 

@@ -2,7 +2,8 @@
 and a lifespan that owns the live feed.
 
 GET /metrics, /metrics/{device_id}, /stream, /healthz, /readyz, /stats, the dashboard at /,
-and the OpenAPI contract at /docs.
+POST /login and /logout (the dashboard's session cookie), and the OpenAPI contract at /docs.
+Who may read what: api/security.py.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from rtmonitor import __version__
+from rtmonitor.api import security
 from rtmonitor.api.deps import ApiLimits, ApiState, ReadinessCheck, StatsSource
 from rtmonitor.api.routes import dashboard, docs, live, metrics, ops
 from rtmonitor.api.stream import TRANSPORT
+from rtmonitor.auth import TokenRegistry
 from rtmonitor.storage.store import RedisStore
 
 logger = logging.getLogger(__name__)
@@ -42,12 +45,16 @@ def create_app(
     readiness: ReadinessCheck,
     stats: StatsSource,
     limits: ApiLimits,
+    *,
+    auth: TokenRegistry | None = None,
+    secure_cookies: bool = False,
 ) -> FastAPI:
-    """Build the app around the process's one store (owned and closed by the runtime)."""
+    """Build the app around the process's one store (owned and closed by the runtime);
+    `auth` None or disabled: every route is open (loopback, or --allow-unauthenticated)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = app.state.api = ApiState.open(store, readiness, stats, limits)
+        state = app.state.api = ApiState.open(store, readiness, stats, limits, auth, secure_cookies)
         try:
             yield
         finally:
@@ -66,7 +73,14 @@ def create_app(
         ),
     )
     app.add_exception_handler(RedisError, redis_unavailable)  # type: ignore[arg-type]
-    for router in (metrics.router, live.router, ops.router, dashboard.router, docs.router):
+    for router in (
+        metrics.router,
+        live.router,
+        ops.router,
+        security.router,
+        dashboard.router,
+        docs.router,
+    ):
         app.include_router(router)
     app.mount("/static", dashboard.static_files(), name="static")
     app.mount(docs.ASSETS_PATH, docs.assets(), name="docs-assets")

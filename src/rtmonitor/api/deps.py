@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 
 from rtmonitor.api.schemas import JsonRender
 from rtmonitor.api.stream import ChangeFeed, StreamStats
+from rtmonitor.auth import TokenRegistry
 from rtmonitor.config import Settings
 from rtmonitor.model import ServiceStats
 from rtmonitor.storage.store import RedisStore
@@ -86,6 +87,10 @@ class ApiState:
     # many wait), so many at once cannot add up.
     pages: asyncio.Semaphore
     refused: Counter[str] = field(default_factory=Counter)  # requests refused, by reason
+    # The tokens in force (disabled without an auth file), and whether the login cookie
+    # is marked Secure (the service serves TLS).
+    auth: TokenRegistry = field(default_factory=lambda: TokenRegistry(None))
+    secure_cookies: bool = False
 
     @classmethod
     def open(
@@ -94,8 +99,12 @@ class ApiState:
         readiness: ReadinessCheck,
         stats: StatsSource,
         limits: ApiLimits,
+        auth: TokenRegistry | None = None,
+        secure_cookies: bool = False,
     ) -> Self:
         return cls(
+            auth=auth if auth is not None else TokenRegistry(None),
+            secure_cookies=secure_cookies,
             store=store,
             readiness=readiness,
             stats=stats,

@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
+from rtmonitor.ingest.guard import authorize
 from rtmonitor.ingest.rpc import BATCHES_METHOD, PACKETS_METHOD, SERVICE_NAME
 from rtmonitor.ingest.servicer import IngestServicer
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
@@ -22,8 +23,8 @@ def ingest_handler(
 ) -> grpc.GenericRpcHandler[Any, Any]:
     """TelemetryIngest's method table. Requests stay raw bytes (no request_deserializer):
     the servicer parses them, to turn malformed input into a clear answer."""
-    packets = noop_stream_packets if noop else servicer.stream_packets
-    batches = noop_stream_batches if noop else servicer.stream_batches
+    packets = _checked_noop_packets(servicer) if noop else servicer.stream_packets
+    batches = _checked_noop_batches(servicer) if noop else servicer.stream_batches
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
@@ -57,6 +58,27 @@ async def noop_stream_batches(
         batch = Batch.FromString(raw)
         n = len(batch.packets) + batch.columns.count
         yield BatchAck(producer_id=batch.producer_id, batch_id=batch.batch_id, accepted=n)
+
+
+def _checked_noop_packets(servicer: IngestServicer) -> Any:
+    """The no-op StreamPackets behind the same token check as the real one."""
+
+    async def handler(requests: AsyncIterator[bytes], context: Any) -> Ack:
+        await authorize(context, servicer.auth)
+        return await noop_stream_packets(requests, context)
+
+    return handler
+
+
+def _checked_noop_batches(servicer: IngestServicer) -> Any:
+    """The no-op StreamBatches behind the same token check as the real one."""
+
+    async def handler(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[BatchAck]:
+        await authorize(context, servicer.auth)
+        async for ack in noop_stream_batches(requests, context):
+            yield ack
+
+    return handler
 
 
 def build_server(

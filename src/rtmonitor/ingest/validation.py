@@ -57,6 +57,9 @@ class Reason(StrEnum):
     TOO_MANY_VALUE_NAMES = "too_many_value_names"
     TOO_MANY_DEVICES = "too_many_devices"
     INVALID_COLUMN_INDEX = "invalid_column_index"  # columnar: an index past its dictionary
+    # A device outside the stream's token's device_prefix (auth.py): never validated,
+    # never written.
+    DEVICE_NOT_PERMITTED = "device_not_permitted"
     # A whole StreamBatches message refused: the stream ends, and the refusal is counted
     # once, as a message (/stats ingest.messages_refused_by_reason), never as the packets
     # the message claims to carry.

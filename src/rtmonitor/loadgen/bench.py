@@ -24,11 +24,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 from rich.console import Console
 from rich.table import Table
 
+from rtmonitor.clients import ClientSecurity
 from rtmonitor.config import BenchMode, BenchSettings, SendSettings
 from rtmonitor.ingest.rpc import STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
@@ -62,6 +62,7 @@ def _start_service(
     workers: int = 1,
     streams: int = 2,
     mqtt_url: str | None = None,
+    opts: BenchSettings | None = None,
 ) -> ServeProcess:
     """A fresh `rtmonitor serve` for one measurement; every load generator stream comes
     from this machine's one address, so the per-address stream limit is raised to them."""
@@ -77,9 +78,23 @@ def _start_service(
     env = {"RTM_REDIS_URL": redis_url}
     if mqtt_url is not None:  # its session ends with it: later runs queue nothing for it
         env.update(RTM_MQTT_URL=mqtt_url, RTM_MQTT_CLIENT_ID=prefix, RTM_MQTT_SESSION_EXPIRY="0")
+    client = None
+    if opts is not None:
+        flags += _security_flags(opts)
+        client = ClientSecurity.of(opts)
     # By environment, not a flag: the embedded Redis's URL carries its password, and a
     # command line is visible to every local user (ps).
-    return ServeProcess(*flags, env=env)
+    return ServeProcess(*flags, env=env, client=client)
+
+
+def _security_flags(opts: BenchSettings) -> list[str]:
+    """The served side of the client's --token / --tls-ca: --auth-file and TLS."""
+    flags = []
+    if opts.auth_file is not None:
+        flags += ["--auth-file", str(opts.auth_file)]
+    if opts.server_tls_cert is not None and opts.server_tls_key is not None:
+        flags += ["--tls-cert", str(opts.server_tls_cert), "--tls-key", str(opts.server_tls_key)]
+    return flags
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -92,6 +107,24 @@ def _peak_rss_mb(pid: int) -> float:
                     continue
             total += memory_mb(p, "VmHWM")
         except (OSError, ValueError):
+            continue
+    return total
+
+
+def _service_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of the service so far: its process and (with --workers)
+    every child but Redis."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in [pid, *_children(pid)]:
+        try:
+            with open(f"/proc/{p}/comm") as f:
+                if f.read().startswith("redis-server"):
+                    continue
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, ValueError, IndexError):
             continue
     return total
 
@@ -129,11 +162,16 @@ async def _probe(
     fresh: list[float] = []
     device_ms: list[float] = []
     list_ms: list[float] = []
+    client = svc.client
     async with (
-        httpx.AsyncClient(base_url=svc.http, timeout=10) as http,
-        grpc.aio.insecure_channel(svc.target) as channel,
+        client.async_http_client(base_url=svc.http, timeout=10) as http,
+        client.channel(svc.target) as channel,
     ):
-        call = channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)
+        method = channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)
+
+        def call(requests: Any) -> Any:
+            return method(requests, metadata=client.metadata)
+
         probe = Packet(device_id=PROBE_DEVICE, kind="probe").SerializeToString()
 
         async def latency() -> None:
@@ -193,6 +231,10 @@ def _send_options(opts: BenchSettings, mode: BenchMode, target: str, i: int) -> 
         "device_prefix": f"s{i}-",
         "progress": False,
         "retry_for": 0,
+        "token": opts.token,
+        "tls_ca": opts.tls_ca,
+        "tls_cert": opts.tls_cert,
+        "tls_key": opts.tls_key,
     }
 
 
@@ -216,9 +258,11 @@ def run_mode(
         opts.workers,
         opts.senders * opts.streams,
         mqtt_url,
+        opts,
     )
     try:
         svc.wait_ready()
+        cpu_at_start = _service_cpu_s(svc.proc.pid)
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
@@ -257,6 +301,11 @@ def run_mode(
                 result[f"{key}_p99"] = _round(_percentile(samples, 99))
                 result[f"{key}_samples"] = len(samples)
         result["peak_rss_mb"] = round(_peak_rss_mb(svc.proc.pid), 1)
+        # The service's CPU per packet depends far less on what else the shared machine
+        # does than its rate: the figure that compares two configurations.
+        cpu_s = _service_cpu_s(svc.proc.pid) - cpu_at_start
+        if acked:
+            result["service_cpu_ns_per_packet"] = round(cpu_s * 1e9 / acked)
         return result
     finally:
         svc.stop()
@@ -334,10 +383,17 @@ def _verify(
     # Up to 60 s without progress: MQTT's broker may hold a backlog that takes longer than
     # that to drain, all of it counted in the figure.
     deadline = time.monotonic() + 60
+    with svc.client.http_client(base_url=svc.http, timeout=30) as http:
+        return _verify_with(http, expected, acked, first_send, deadline)
+
+
+def _verify_with(
+    http: httpx.Client, expected: dict[str, int], acked: int, first_send: float, deadline: float
+) -> dict[str, Any]:
     before = -1
     while True:
-        totals = httpx.get(f"{svc.http}/metrics", params={"limit": 1}, timeout=10).json()["totals"]
-        committed = totals["packets"] - _probe_packets(svc)
+        totals = http.get("/metrics", params={"limit": 1}).json()["totals"]
+        committed = totals["packets"] - _probe_packets(http)
         if committed >= acked or time.monotonic() > deadline:
             committed_at = time.time()
             break
@@ -347,9 +403,7 @@ def _verify(
     seen: dict[str, int] = {}
     offset = 0
     while True:
-        page = httpx.get(
-            f"{svc.http}/metrics", params={"offset": offset, "limit": 1000}, timeout=30
-        ).json()
+        page = http.get("/metrics", params={"offset": offset, "limit": 1000}).json()
         seen.update({d["device_id"]: d["packets"] for d in page["devices"]})
         if len(page["devices"]) < 1000:
             break
@@ -362,8 +416,8 @@ def _verify(
     }
 
 
-def _probe_packets(svc: ServeProcess) -> int:
-    r = httpx.get(f"{svc.http}/metrics/{PROBE_DEVICE}", timeout=10)
+def _probe_packets(http: httpx.Client) -> int:
+    r = http.get(f"/metrics/{PROBE_DEVICE}")
     return int(r.json()["packets"]) if r.status_code == 200 else 0
 
 
@@ -388,7 +442,11 @@ def run_bench(opts: BenchSettings) -> int:
                 r["ratio_to_ceiling"] = round(r["e2e_pps"] / c["acked_pps"], 3)
             results.append(r)
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    doc = {"machine": machine, "settings": opts.model_dump(mode="json"), "results": results}
+    doc = {
+        "machine": machine,
+        "settings": opts.model_dump(mode="json", exclude={"token"}),
+        "results": results,
+    }
     opts.output.parent.mkdir(parents=True, exist_ok=True)
     opts.output.write_text(json.dumps(doc, indent=2) + "\n")
     _print_table(results)
@@ -404,6 +462,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         ("ratio", "ratio_to_ceiling"), ("fresh p50 ms", "freshness_ms_p50"),
         ("fresh p99 ms", "freshness_ms_p99"), ("GET id p99 ms", "get_device_ms_p99"),
         ("GET list p99 ms", "get_metrics_ms_p99"), ("peak RSS MB", "peak_rss_mb"),
+        ("CPU ns/pkt", "service_cpu_ns_per_packet"),
     ]  # fmt: skip
     for title, _ in columns:
         table.add_column(title, justify="right")

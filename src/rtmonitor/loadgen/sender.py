@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rtmonitor.clients import ClientSecurity
 from rtmonitor.config import SendSettings
 from rtmonitor.ingest.rpc import STREAM_BATCHES, STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Columns, Packet
@@ -32,6 +33,8 @@ KINDS = ("heartbeat", "reading", "tcp")
 # Backoff jitter from a generator of our own: a library must not move the process-global
 # random state (other code, e.g. property tests, relies on it).
 _JITTER = random.Random()
+# Calls that end this way are not retried: a resend would be refused the same way.
+_FINAL = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 
 
 def _identity(data: bytes) -> bytes:
@@ -209,6 +212,7 @@ async def _stream_packets(
     n: int | None,
     pace: _Pacer,
     counter: list[int],
+    metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> None:
     call = channel.stream_unary(STREAM_PACKETS, _identity, Ack.FromString)
 
@@ -225,7 +229,7 @@ async def _stream_packets(
             if paced:
                 await pace.wait(1)
 
-    ack: Ack = await call(packets())
+    ack: Ack = await call(packets(), metadata=metadata)
     result.accepted = ack.accepted
     result.rejected.update(dict(ack.rejected_by_reason))
     if ack.truncated:
@@ -251,6 +255,7 @@ class _BatchStream:
         self.pool, self.result, self.n, self.opts = pool, result, n, opts
         self.pace, self.counter = pace, counter
         self.producer = uuid.uuid4().hex
+        self.metadata = ClientSecurity.of(opts).metadata
         self.unacked: deque[tuple[int, bytes, int]] = deque()  # (batch id, message, packets)
         self.next_id = 0
         self.pos = result.offset
@@ -264,6 +269,9 @@ class _BatchStream:
             error = await self._one_call(channels[attempt % len(channels)])
             attempt += 1
             if error is None:
+                return
+            if error.startswith(_FINAL):
+                self.result.error = error  # a resend would be refused the same way
                 return
             if time.monotonic() - self.last_progress > self.opts.retry_for:
                 self.result.error = (
@@ -280,7 +288,7 @@ class _BatchStream:
         method = channel.stream_stream(STREAM_BATCHES, _identity, BatchAck.FromString)
         # grpc.aio allows a call with no request iterator (then write()/done_writing());
         # the type stubs predate that.
-        call = method()  # type: ignore[call-arg]
+        call = method(metadata=self.metadata)  # type: ignore[call-arg]
         window = asyncio.Semaphore(self.opts.inflight)
         reader = asyncio.create_task(self._read_acks(call, window))
         try:
@@ -368,6 +376,13 @@ class _Pacer:
             await asyncio.sleep(delay)
 
 
+def _shares(total: int | None, streams: int) -> list[int | None]:
+    """Each stream's part of `total` packets (None: until the duration ends)."""
+    if total is None:
+        return [None] * streams
+    return [total // streams + (1 if s < total % streams else 0) for s in range(streams)]
+
+
 async def send(opts: SendSettings, progress: Progress | None = None) -> SendReport:
     """Run the load as `opts` says and report what was acknowledged."""
     if opts.protocol != "grpc":
@@ -375,14 +390,7 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
     pool = PacketPool(opts)
     total = opts.total
     per_stream_rate = opts.rate / opts.streams if opts.rate else None
-    shares = (
-        [
-            total // opts.streams + (1 if s < total % opts.streams else 0)
-            for s in range(opts.streams)
-        ]
-        if total is not None
-        else [None] * opts.streams
-    )
+    shares = _shares(total, opts.streams)
     stride = max(1, len(pool) // opts.streams)
     results = [StreamResult(offset=s * stride) for s in range(opts.streams)]
     counter = [0]
@@ -406,17 +414,19 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
         ("grpc.max_send_message_length", 256 * 1024 * 1024),
         ("grpc.use_local_subchannel_pool", 1),
     ]
-
     targets = [t.strip() for t in opts.target.split(",") if t.strip()]
+    security = ClientSecurity.of(opts)
 
     async def one(s: int) -> None:
         pace = _Pacer(per_stream_rate, opts.duration)
         # stream s starts at target s (mod n), then rotates through the rest on reconnects
         order = targets[s % len(targets) :] + targets[: s % len(targets)]
-        channels = [grpc.aio.insecure_channel(t, options=options) for t in order]
+        channels = [security.channel(t, options) for t in order]
         try:
             if opts.batch_size == 1:
-                await _stream_packets(channels[0], pool, results[s], shares[s], pace, counter)
+                await _stream_packets(
+                    channels[0], pool, results[s], shares[s], pace, counter, security.metadata
+                )
             else:
                 await _BatchStream(pool, results[s], shares[s], opts, pace, counter).run(channels)
         except grpc.aio.AioRpcError as exc:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, Response
 
 from rtmonitor.api.deps import ApiDep
 from rtmonitor.api.schemas import STREAM_EVENT_SCHEMA, STREAM_EXAMPLE
+from rtmonitor.api.security import REFUSALS, ReadDep, read_access
 from rtmonitor.api.stream import EventStream
 from rtmonitor.model import DEVICE_ID_MAX
 
-router = APIRouter(tags=["metrics"])
+# A `read` token (header, or the dashboard's login cookie: EventSource sends no header).
+router = APIRouter(tags=["metrics"], dependencies=[Depends(read_access)], responses=REFUSALS)
 
 
 @router.get(
@@ -41,6 +43,7 @@ router = APIRouter(tags=["metrics"])
 )
 async def stream(
     api: ApiDep,
+    principal: ReadDep,
     prefix: Annotated[
         str, Query(max_length=DEVICE_ID_MAX, description="Only devices whose id starts with this.")
     ] = "",
@@ -64,4 +67,8 @@ async def stream(
             },
             headers={"Retry-After": "10"},
         )
-    return EventStream(feed, feed.subscribe(prefix), api.render, api.limits.stream_send_timeout_s)
+    # A stream outlives the request's token check: it ends once the token is removed.
+    allowed = (lambda: api.auth.is_current(principal)) if api.auth.enabled else None
+    return EventStream(
+        feed, feed.subscribe(prefix), api.render, api.limits.stream_send_timeout_s, allowed
+    )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from rtmonitor.api.deps import ApiDep
 from rtmonitor.api.schemas import STATS_EXAMPLE, Readiness
+from rtmonitor.api.security import REFUSALS, admin_access
 
 router = APIRouter(tags=["health"])
 
@@ -37,7 +38,8 @@ async def readyz(api: ApiDep) -> JSONResponse:
 @router.get(
     "/stats",
     summary="Self-metrics of the ingest instances",
-    responses={200: {"content": {"application/json": {"example": STATS_EXAMPLE}}}},
+    dependencies=[Depends(admin_access)],  # an `admin` token
+    responses={200: {"content": {"application/json": {"example": STATS_EXAMPLE}}}, **REFUSALS},
 )
 async def self_stats(api: ApiDep) -> dict[str, Any]:
     """Queue depth, pending deltas, flush latency, rejections by reason, Redis errors and
