@@ -365,6 +365,7 @@ class FlushStats:
 
     flushes: int = 0
     packets_committed: int = 0
+    devices_committed: int = 0  # device merges written (a device once per flush it is in)
     commit_errors: int = 0  # failed attempts to reach Redis
     redis_recoveries: int = 0  # times Redis came back after failing
     last_flush_ms: int = 0

@@ -19,10 +19,11 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import httpx
+import redis
 from rich.console import Console
 from rich.table import Table
 
@@ -182,6 +183,35 @@ def _send_options(opts: BenchSettings, mode: BenchMode, target: str, i: int) -> 
     }
 
 
+def _redis_work(url: str) -> dict[str, float]:
+    """Redis's CPU seconds so far (user + system, every command) and memory in use."""
+    with redis.Redis.from_url(url, decode_responses=True) as client:
+        cpu = cast(dict[str, Any], client.info("cpu"))
+        memory = cast(dict[str, Any], client.info("memory"))
+    return {
+        "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+        "memory": float(memory["used_memory"]),
+    }
+
+
+def _merge_cost(
+    before: dict[str, float], after: dict[str, float], svc: ServeProcess
+) -> dict[str, Any]:
+    """Redis µs per device merge: the Redis CPU spent during the run (writes, and the
+    probes' and the check's reads, which are a small part) over the device merges the
+    service wrote (FlushStats.devices_committed: a device once per flush it is in)."""
+    flush = httpx.get(f"{svc.http}/stats", timeout=10).json()["flush"]
+    merges = int(flush.get("devices_committed", 0))
+    cpu_s = after["cpu_s"] - before["cpu_s"]
+    return {
+        "device_merges": merges,
+        "flushes": int(flush.get("flushes", 0)),
+        "redis_cpu_s": round(cpu_s, 2),
+        "redis_us_per_merge": round(cpu_s * 1e6 / merges, 2) if merges else None,
+        "redis_memory_delta_mb": round((after["memory"] - before["memory"]) / 2**20, 1),
+    }
+
+
 def run_mode(
     opts: BenchSettings, mode: BenchMode, redis_url: str, prefix: str, noop: bool
 ) -> dict[str, Any]:
@@ -193,6 +223,7 @@ def run_mode(
     )
     try:
         svc.wait_ready()
+        work_before = _redis_work(redis_url)
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
@@ -226,6 +257,11 @@ def run_mode(
         if not noop:
             console.print(f"  {label}: verifying {acked:,} packets device by device")
             result.update(_verify(svc, senders, acked, first_send))
+            result.update(_merge_cost(work_before, _redis_work(redis_url), svc))
+            devices = opts.devices * opts.senders
+            result["redis_bytes_per_device"] = round(
+                result.pop("redis_memory_delta_mb") * 2**20 / devices
+            )
             for key, samples in probes.items():
                 result[f"{key}_p50"] = _round(_percentile(samples, 50))
                 result[f"{key}_p99"] = _round(_percentile(samples, 99))
@@ -310,6 +346,8 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         ("ratio", "ratio_to_ceiling"), ("fresh p50 ms", "freshness_ms_p50"),
         ("fresh p99 ms", "freshness_ms_p99"), ("GET id p99 ms", "get_device_ms_p99"),
         ("GET list p99 ms", "get_metrics_ms_p99"), ("peak RSS MB", "peak_rss_mb"),
+        ("merges", "device_merges"), ("flushes", "flushes"),
+        ("Redis µs/merge", "redis_us_per_merge"), ("Redis B/device", "redis_bytes_per_device"),
     ]  # fmt: skip
     for title, _ in columns:
         table.add_column(title, justify="right")

@@ -90,6 +90,7 @@ class Flusher:
         self.inflight_packets = 0
         self.inflight_entries = 0  # per-device deltas in the flush under way
         self._seq = 0
+        self._devices_written = 0  # devices of the write under way (FlushStats)
         self._wake = asyncio.Event()
         self._stopping = False
         self._deadline: float | None = None  # set by stop(): retries give up after it
@@ -155,6 +156,7 @@ class Flusher:
         stats = self.stats
         stats.flushes += 1
         stats.packets_committed += delta.packets + sum(b.packets for b in fresh)
+        stats.devices_committed += self._devices_written
         stats.last_flush_ms = int(time.time() * 1000)
         stats.last_flush_seconds = elapsed
         for tracker, items in trackers.items():
@@ -206,6 +208,7 @@ class Flusher:
             # write), so the two are never both whole in memory. `delta` itself stays whole:
             # a conflict merges it again.
             batch_ids = [b.batch_id for b in fresh]
+            self._devices_written = len(merged.devices)
             write = committer.encode(merged, batch_ids, instance, seq, consume=merged is not delta)
             del merged
             # Each step is retried alone with the same flush (instance, seq): all idempotent.
