@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -159,7 +160,10 @@ async def _probe(
                     await asyncio.sleep(_FRESHNESS_POLL_S)
                 else:
                     if not noop:
-                        raise RuntimeError("freshness probe: a packet stayed invisible for 30 s")
+                        # Kept as a 30 s sample (a lower bound) rather than ending the run:
+                        # a big fleet on a slow machine may get there, and the rest of the
+                        # figures still say how far it got.
+                        fresh.append(30_000.0)
                 await sent
                 await asyncio.sleep(0.2)
 
@@ -197,9 +201,10 @@ def _redis_work(url: str) -> dict[str, float]:
 def _merge_cost(
     before: dict[str, float], after: dict[str, float], svc: ServeProcess
 ) -> dict[str, Any]:
-    """Redis µs per device merge: the Redis CPU spent during the run (writes, and the
-    probes' and the check's reads, which are a small part) over the device merges the
-    service wrote (FlushStats.devices_committed: a device once per flush it is in)."""
+    """Redis µs per device merge: the Redis CPU spent from the start of the load until
+    everything was committed (the merges, and the probes' reads, a small part) over the
+    device merges the service wrote (FlushStats.devices_committed: a device once per flush
+    it is in)."""
     flush = httpx.get(f"{svc.http}/stats", timeout=10).json()["flush"]
     merges = int(flush.get("devices_committed", 0))
     cpu_s = after["cpu_s"] - before["cpu_s"]
@@ -256,8 +261,17 @@ def run_mode(
         }
         if not noop:
             console.print(f"  {label}: verifying {acked:,} packets device by device")
-            result.update(_verify(svc, senders, acked, first_send))
-            result.update(_merge_cost(work_before, _redis_work(redis_url), svc))
+            work_after: dict[str, float] = {}
+            result.update(
+                _verify(
+                    svc,
+                    senders,
+                    acked,
+                    first_send,
+                    lambda: work_after.update(_redis_work(redis_url)),
+                )
+            )
+            result.update(_merge_cost(work_before, work_after, svc))
             devices = opts.devices * opts.senders
             result["redis_bytes_per_device"] = round(
                 result.pop("redis_memory_delta_mb") * 2**20 / devices
@@ -277,9 +291,14 @@ def _round(x: float | None) -> float | None:
 
 
 def _verify(
-    svc: ServeProcess, senders: list[dict[str, Any]], acked: int, first_send: float
+    svc: ServeProcess,
+    senders: list[dict[str, Any]],
+    acked: int,
+    first_send: float,
+    on_committed: Callable[[], None],
 ) -> dict[str, Any]:
-    """Wait until Redis shows every acknowledged packet; compare every device."""
+    """Wait until Redis shows every acknowledged packet (then call `on_committed`, before
+    the check's own reads); compare every device."""
     expected: dict[str, int] = {}
     for s in senders:
         for device, n in s["per_device"].items():
@@ -290,6 +309,7 @@ def _verify(
         committed = totals["packets"] - _probe_packets(svc)
         if committed >= acked or time.monotonic() > deadline:
             committed_at = time.time()
+            on_committed()
             break
         time.sleep(0.01)
     seen: dict[str, int] = {}
