@@ -286,3 +286,29 @@ def test_the_service_refuses_an_old_layout_at_startup(redis_server: EmbeddedRedi
     )
     assert proc.returncode == 2, proc.stderr
     assert "key layout 1" in proc.stderr and "--key-prefix" in proc.stderr
+
+
+def test_indexes_follow_the_records_through_replays_and_expiry(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """The sorted indexes are written from the merge replies: a replay rewrites the same
+    figures, a record expired since a flush is left out, and a device back after its record
+    expired (retention) replaces its stale index entries instead of keeping the highest."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t", retention_s=60) as store:
+            await store.check_layout()
+            calls = store.plan(delta(a=dev(3, 10, 20), b=dev(4, 10, 30)), "i", 1)
+            await store.apply(calls)
+            await store.client.delete(store.layout.device("b"))  # b's record expired
+            await store.apply(calls)  # a replay: b has no record to index
+            assert await store.packet_counts(["a", "b"]) == [3, 4]
+            # b is back after its expiry, before the janitor dropped its entries: 1 packet
+            await store.commit(delta(b=dev(1, 40, 50)), "i", 2)
+            assert await store.packet_counts(["a", "b"]) == [3, 1]
+            _, page = await store.list_devices(sort="packets", descending=True)
+            assert [(r.device_id, r.packets) for r in page] == [("a", 3), ("b", 1)]
+            last = await store.client.zscore(store.layout.index("last_seen"), "b")
+            assert last == 50
+
+    asyncio.run(main())

@@ -254,22 +254,33 @@ class RedisStore:
         nbytes: tuple[list[Any], list[Any]] = ([], [])
         last_seen: list[Any] = []
         windows: dict[int, list[Any]] = {}
+        cut = len(layout.device("")) - 1  # the device id sits between this and the "}"
         for (name, keys, args), reply in zip(calls, replies, strict=True):
             if name != "devices":
                 continue
+            ids = [key[cut:-1] for key in keys[1:]]
+            created = reply[4::5]
+            if -1 in created:  # a replay, and some records have expired since
+                kept = [n for n, c in enumerate(created) if c >= 0]
+                ids = [ids[n] for n in kept]
+                reply = [x for n in kept for x in reply[5 * n : 5 * n + 5]]
+                created = reply[4::5]
+            devices += _pairs([0] * len(ids), ids)
+            fresh = [c == 1 for c in created] if replace and 1 in created else None
+            for n, scores in ((0, packets), (1, nbytes)):
+                if fresh is None:
+                    scores[0].extend(_pairs(reply[n::5], ids))
+                else:  # (rare) new records with retention on: written without GT
+                    for replaces, score, device_id in zip(fresh, reply[n::5], ids, strict=True):
+                        scores[replaces].extend((score, device_id))
+            last_seen += _pairs(reply[2::5], ids)
+            in_window = reply[3::5]
             in_flush = windows.setdefault(int(args[3]), [])
-            for n, key in enumerate(keys[1:]):
-                p, b, last, in_window, created = reply[5 * n : 5 * n + 5]
-                if created < 0:
-                    continue
-                device_id = layout.device_id(key)
-                fresh = replace and created == 1
-                devices += (0, device_id)
-                packets[fresh].extend((p, device_id))
-                nbytes[fresh].extend((b, device_id))
-                last_seen += (last, device_id)
-                if in_window:
-                    in_flush += (in_window, device_id)
+            if 0 in in_window:  # devices counted in a newer window than this flush's
+                sent = [(score, d) for score, d in zip(in_window, ids, strict=True) if score]
+                in_flush.extend(x for pair in sent for x in pair)
+            else:
+                in_flush.extend(_pairs(in_window, ids))
         commands = _zadds(layout.devices, "NX", devices)
         for field, (gt, fresh) in (("packets", packets), ("bytes", nbytes)):
             index = layout.index(field)
@@ -694,6 +705,14 @@ def parse_device(device_id: str, f: list[Any], now_s: int) -> DeviceRecord:
             bytes_per_s={w: n / w for w, n in nbytes.items()},
         ),
     )
+
+
+def _pairs(scores: list[Any], members: list[str]) -> list[Any]:
+    """Flat (score, member) pairs, interleaved by slice assignment (C speed)."""
+    flat: list[Any] = [None] * (2 * len(members))
+    flat[0::2] = scores
+    flat[1::2] = members
+    return flat
 
 
 def _zadds(key: str, flag: str, members: list[Any]) -> list[list[Any]]:
