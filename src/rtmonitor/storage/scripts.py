@@ -3,9 +3,10 @@
 Atomic: a script runs whole inside Redis, so instances writing the same device never
 overwrite each other; compare-then-write fields (min, max, last) are exact only this way.
 Idempotent: an instance commits its flushes in sequence order, and a script that finds its
-marker key at this flush's sequence number or later returns 0, so a retried flush (a lost
-reply, a reconnect, a journal replayed for a dead instance) is never counted twice. The
-markers are bounded (one per instance and group), whatever the number of flushes.
+marker key at this flush's sequence number or later merges nothing (the device script
+returns the records' figures as they are, for the sorted indexes), so a retried flush (a
+lost reply, a reconnect, a journal replayed for a dead instance) is never counted twice.
+The markers are bounded (one per instance and group), whatever the number of flushes.
 """
 
 # The marker check shared by the merge scripts. KEYS[1] holds the highest flush sequence

@@ -355,7 +355,7 @@ class RedisStore:
     # --- retention ---------------------------------------------------------------------------
 
     async def expire_silent_devices(self, now_ms: int, batch: int = 1000) -> int:
-        """Drop devices silent for longer than the retention from the indexes (their hashes
+        """Drop devices silent for longer than the retention from the indexes (their records
         expire by themselves); the number dropped. Idempotent: any instance may run it."""
         if self.retention_s <= 0:
             return 0
@@ -383,7 +383,7 @@ class RedisStore:
                 await pipe.execute()
                 dropped += len(gone)
             if len(gone) < len(candidates):
-                # some just sent again (their hash lives on): the next pass will see them
+                # some just sent again (their record lives on): the next pass will see them
                 return dropped
 
     # --- recovery of dead instances' journals ----------------------------------------------
@@ -609,7 +609,8 @@ class RedisStore:
 
 def rates(buckets: dict[str, str], now_s: int) -> Rates:
     """Packets/s and bytes/s over the last 10 and 60 *complete* seconds (the current second
-    is still filling up), from rate buckets {"<second>": packets, "<second>b": bytes}.
+    is still filling up), from rate buckets {"<second>": packets, "<second>b": bytes} (the
+    totals' hash; a device's buckets are in its record, see parse_device).
 
     Looks up each second of the longest window once, rather than walking the hash (which
     keeps up to ~240 fields between prunings); the shorter windows are its newest part."""
