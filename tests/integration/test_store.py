@@ -312,3 +312,27 @@ def test_indexes_follow_the_records_through_replays_and_expiry(
             assert last == 50
 
     asyncio.run(main())
+
+
+def test_a_device_with_hundreds_of_kinds_and_readings_reads_back(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """The record's counts are 16-bit: past 255 kinds or readings nothing is confused."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            for seq in (1, 2):
+                d = dev(2, 10, 20)
+                d.kinds = {f"k{i}": 1 for i in range(300)}
+                d.values = {
+                    f"v{i}": ValueStats(count=1, sum=i, min=i, max=i, last=i, last_ts=seq)
+                    for i in range(260)
+                }
+                await store.commit(delta(a=d, b=dev(1, 10, 20)), "i", seq)
+            a, b = await store.get_devices(["a", "b"])
+            assert a.kinds == {f"k{i}": 2 for i in sorted(range(300), key=lambda i: f"k{i}")}
+            assert len(a.values) == 260 and a.values["v259"].count == 2
+            assert a.values["v259"].sum == 518 and a.values["v7"].last_timestamp_ms == 2
+            assert (b.packets, b.kinds) == (2, {"reading": 2})
+
+    asyncio.run(main())

@@ -40,7 +40,7 @@ _RECORD = """
 local HEAD = '<ddddddHHH'
 local formats = {}
 local function body(nk, nv, nb)
-  local key = nk * 65536 + nv * 256 + nb
+  local key = (nk * 65536 + nv) * 65536 + nb  -- each < 2^16 (H), exact in a double
   local f = formats[key]
   if not f then
     f = '<' .. string.rep('sd', nk) .. string.rep('sdddddd', nv) .. string.rep('I4dd', nb)
