@@ -136,6 +136,21 @@ class Settings(BaseSettings):
     flush_interval: float = Field(
         0.2, gt=0, le=60, description="Seconds between flushes of the aggregated deltas to Redis."
     )
+    # Adaptive flushing: a flush of many devices costs Redis (and this process) time in
+    # proportion to them. The timer waits at least flush_stretch x the last flush's duration,
+    # up to flush_interval_max, so a big fleet is merged less often rather than keeping Redis
+    # busy back to back (reads wait behind merges); freshness degrades smoothly and /stats
+    # reports the interval in force. The flush-now triggers (budgets) are unchanged.
+    flush_stretch: float = Field(
+        2.0,
+        ge=0,
+        le=100,
+        description="Wait at least this many times the last flush's duration between flush "
+        "starts (0: never stretch the interval).",
+    )
+    flush_interval_max: float = Field(
+        2.0, gt=0, le=600, description="Longest interval adaptive flushing may stretch to."
+    )
     # Half the pending budget, as half of --max-pending-devices triggers a flush. Redis's
     # work per flush grows with the devices in it, not the packets: a lower count made a
     # fast columnar load flush so often that every read waited behind the merge scripts.

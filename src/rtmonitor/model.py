@@ -365,6 +365,9 @@ class FlushStats:
 
     flushes: int = 0
     packets_committed: int = 0
+    devices_committed: int = 0  # device merges written (a device once per flush it is in)
+    interval_s: float = 0.0  # the flush interval in force (adaptive: see Flusher.run)
+    stretched_flushes: int = 0  # flushes started later than --flush-interval after the last
     commit_errors: int = 0  # failed attempts to reach Redis
     redis_recoveries: int = 0  # times Redis came back after failing
     last_flush_ms: int = 0

@@ -36,7 +36,7 @@ from rtmonitor.ingest.node import IngestNode
 from rtmonitor.logs import redact_url, setup_logging
 from rtmonitor.model import InstanceStats, PipelineStats, ServiceStats
 from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError, free_port
-from rtmonitor.storage.store import RedisStore
+from rtmonitor.storage.store import LayoutMismatch, RedisStore
 from rtmonitor.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,11 @@ async def redis_client(
         supervise = asyncio.create_task(server.embedded.supervise(), name="embedded-redis")
     try:
         await _wait_for_redis(store, server.url, should_exit)
+        if not should_exit.is_set():
+            try:
+                await store.check_layout()
+            except LayoutMismatch as exc:
+                raise StartupError(str(exc)) from None
         yield store
     finally:
         await store.aclose()

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 
 import pytest
+import redis
 
 from rtmonitor.model import DeviceDelta, FlushDelta, ValueStats
 from rtmonitor.storage import store as store_module
 from rtmonitor.storage.embedded import EmbeddedRedis
-from rtmonitor.storage.store import RedisStore
+from rtmonitor.storage.keys import LAYOUT_VERSION
+from rtmonitor.storage.store import LayoutMismatch, RedisStore
 
 
 def delta(**devices: DeviceDelta) -> FlushDelta:
@@ -242,39 +247,92 @@ def test_a_plan_applied_in_slices_and_again_counts_once(
     asyncio.run(main())
 
 
-def test_a_sum_lost_by_an_older_overflow_stays_unknown(redis_server: EmbeddedRedis) -> None:
-    """A hash written before sums were kept as doubles: HINCRBYFLOAT refused an overflow,
-    so the reading has a count but no sum. Reads report an overflow (never fail), and the
-    next merge does not restart the sum from zero."""
+def test_a_redis_of_another_key_layout_is_refused(redis_server: EmbeddedRedis) -> None:
+    """Layout 2 (one record per device) claims a fresh prefix; a prefix written by layout 1
+    (hashes per device, no version key) or by another version is refused, by name."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "new") as store:
+            await store.check_layout()
+            await store.check_layout()  # again (a restart): the same layout goes on
+            assert await store.client.get("{new}:layout") == LAYOUT_VERSION
+            await store.commit(delta(a=dev(1, 1, 1)), "i", 1)
+            await store.check_layout()
+        async with RedisStore.from_url(redis_server.url, "old") as store:
+            # what layout 1 left: a device hash and the totals, no version key
+            await store.client.hset("old:d:{a}", mapping={"packets": 1, "bytes": 0})
+            await store.client.hset("{old}:totals", mapping={"packets": 1, "bytes": 0})
+            with pytest.raises(LayoutMismatch, match=r"'old' in key layout 1.*--key-prefix"):
+                await store.check_layout()
+            assert await store.client.exists("{old}:layout") == 0  # nothing written
+        async with RedisStore.from_url(redis_server.url, "future") as store:
+            await store.client.set("{future}:layout", "3")
+            with pytest.raises(LayoutMismatch, match="key layout 3"):
+                await store.check_layout()
+
+    asyncio.run(main())
+
+
+def test_the_service_refuses_an_old_layout_at_startup(redis_server: EmbeddedRedis) -> None:
+    """`serve` against a layout-1 Redis exits with status 2 and says what to do."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.hset("{rtm}:totals", mapping={"packets": 1, "bytes": 0})
+    proc = subprocess.run(
+        [sys.executable, "-m", "rtmonitor", "serve", "--grpc-port", "0", "--http-port", "0"],
+        env={**os.environ, "RTM_REDIS_URL": redis_server.url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "key layout 1" in proc.stderr and "--key-prefix" in proc.stderr
+
+
+def test_indexes_follow_the_records_through_replays_and_expiry(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """The sorted indexes are written from the merge replies: a replay rewrites the same
+    figures, a record expired since a flush is left out, and a device back after its record
+    expired (retention) replaces its stale index entries instead of keeping the highest."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t", retention_s=60) as store:
+            await store.check_layout()
+            calls = store.plan(delta(a=dev(3, 10, 20), b=dev(4, 10, 30)), "i", 1)
+            await store.apply(calls)
+            await store.client.delete(store.layout.device("b"))  # b's record expired
+            await store.apply(calls)  # a replay: b has no record to index
+            assert await store.packet_counts(["a", "b"]) == [3, 4]
+            # b is back after its expiry, before the janitor dropped its entries: 1 packet
+            await store.commit(delta(b=dev(1, 40, 50)), "i", 2)
+            assert await store.packet_counts(["a", "b"]) == [3, 1]
+            _, page = await store.list_devices(sort="packets", descending=True)
+            assert [(r.device_id, r.packets) for r in page] == [("a", 3), ("b", 1)]
+            last = await store.client.zscore(store.layout.index("last_seen"), "b")
+            assert last == 50
+
+    asyncio.run(main())
+
+
+def test_a_device_with_hundreds_of_kinds_and_readings_reads_back(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """The record's counts are 16-bit: past 255 kinds or readings nothing is confused."""
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "t") as store:
-            key = store.layout.device("old")
-            await store.client.hset(
-                key,
-                mapping={
-                    "packets": 2, "bytes": 0, "first_seen": 1, "last_seen": 2, "k:r": 2,
-                    "v:t:n": 2, "v:t:min": "1.7e308", "v:t:max": "1.7e308",
-                    "v:t:last": "1.7e308", "v:t:ts": 2,
-                    # an incomplete reading (a hash edited by hand): left out, not a 500
-                    "v:u:n": 1,
-                },
-            )  # fmt: skip
-            old = await store.get_device("old")
-            assert old is not None and list(old.values) == ["t"]
-            t = old.values["t"]
-            assert t.overflow is True and t.mean is None
-            await store.commit(
-                delta(
-                    old=dev(
-                        1, 3, 3, ValueStats(count=1, sum=1.0, min=1.0, max=1.0, last=1.0, last_ts=3)
-                    )
-                ),
-                "i",
-                1,
-            )
-            healed = await store.get_device("old")
-            assert healed is not None
-            assert healed.values["t"].count == 3 and healed.values["t"].overflow
+            for seq in (1, 2):
+                d = dev(2, 10, 20)
+                d.kinds = {f"k{i}": 1 for i in range(300)}
+                d.values = {
+                    f"v{i}": ValueStats(count=1, sum=i, min=i, max=i, last=i, last_ts=seq)
+                    for i in range(260)
+                }
+                await store.commit(delta(a=d, b=dev(1, 10, 20)), "i", seq)
+            a, b = await store.get_devices(["a", "b"])
+            assert a.kinds == {f"k{i}": 2 for i in sorted(range(300), key=lambda i: f"k{i}")}
+            assert len(a.values) == 260 and a.values["v259"].count == 2
+            assert a.values["v259"].sum == 518 and a.values["v7"].last_timestamp_ms == 2
+            assert (b.packets, b.kinds) == (2, {"reading": 2})
 
     asyncio.run(main())

@@ -79,17 +79,22 @@ class Flusher:
         *,
         dedupe_window_s: int = 600,
         instance_id: str | None = None,
+        stretch: float = 0.0,
+        interval_max: float | None = None,
     ) -> None:
         self.aggregator = aggregator
         self.committer = committer
         self.interval = interval
+        self.stretch = stretch
+        self.interval_max = max(interval, interval_max or interval)
         self.dedupe_window_s = dedupe_window_s
-        self.stats = FlushStats()
+        self.stats = FlushStats(interval_s=interval)
         # Unique per process start: markers and journals of instances never collide.
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.inflight_packets = 0
         self.inflight_entries = 0  # per-device deltas in the flush under way
         self._seq = 0
+        self._devices_written = 0  # devices of the write under way (FlushStats)
         self._wake = asyncio.Event()
         self._stopping = False
         self._deadline: float | None = None  # set by stop(): retries give up after it
@@ -106,19 +111,34 @@ class Flusher:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_tick - time.monotonic()))
             except TimeoutError:
                 pass
+            requested = self._wake.is_set()  # a budget asked for it: no stretching
             self._wake.clear()
             if self._stopping:
                 break
-            next_tick = time.monotonic() + self.interval
+            started = time.monotonic()
             try:
                 await self.flush_once()
             except Exception:  # never die silently: log, and try again next tick
                 logger.exception("flush failed unexpectedly")
+            next_tick = started + self._next_interval(time.monotonic() - started, requested)
         await self.flush_once()
         # Batches carried over at the very end (their id pending elsewhere) are not acked.
         _, _, leftover = self.aggregator.swap()
         if leftover:
             self._abandon(FlushDelta(), {}, leftover, "shutdown before their ids were settled")
+
+    def _next_interval(self, elapsed: float, requested: bool) -> float:
+        """Adaptive flushing: from the start of a flush to the next, wait `interval`, or
+        `stretch` times as long as the flush took if that is longer (capped at
+        `interval_max`). A big fleet is then merged less often, with more packets per
+        device per merge, instead of keeping Redis busy with back-to-back flushes; every
+        pending packet still goes in the next flush, and the budgets still flush at once."""
+        interval = min(max(self.interval, self.stretch * elapsed), self.interval_max)
+        stats = self.stats
+        stats.interval_s = round(interval, 3)
+        if interval > self.interval and not requested:
+            stats.stretched_flushes += 1
+        return interval
 
     def stop(self, deadline_s: float) -> None:
         """End the timer loop; run() then makes its final flush, retrying up to `deadline_s`.
@@ -155,6 +175,7 @@ class Flusher:
         stats = self.stats
         stats.flushes += 1
         stats.packets_committed += delta.packets + sum(b.packets for b in fresh)
+        stats.devices_committed += self._devices_written
         stats.last_flush_ms = int(time.time() * 1000)
         stats.last_flush_seconds = elapsed
         for tracker, items in trackers.items():
@@ -206,6 +227,7 @@ class Flusher:
             # write), so the two are never both whole in memory. `delta` itself stays whole:
             # a conflict merges it again.
             batch_ids = [b.batch_id for b in fresh]
+            self._devices_written = len(merged.devices)
             write = committer.encode(merged, batch_ids, instance, seq, consume=merged is not delta)
             del merged
             # Each step is retried alone with the same flush (instance, seq): all idempotent.

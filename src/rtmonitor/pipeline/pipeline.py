@@ -29,6 +29,8 @@ class Pipeline:
             committer,
             settings.flush_interval,
             dedupe_window_s=settings.dedupe_window,
+            stretch=settings.flush_stretch,
+            interval_max=settings.flush_interval_max,
         )
         self.recovery = Recovery(committer, self.flusher.instance_id, settings.dedupe_window)
         self._tasks: dict[str, asyncio.Task[None]] = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from rtmonitor.logs import redact_url
 from rtmonitor.model import BatchId, Claim, CommitUnavailable, FlushDelta
@@ -19,7 +19,9 @@ async def _unavailable() -> AsyncIterator[None]:
     try:
         yield
     except (RedisError, OSError) as exc:
-        raise CommitUnavailable(redact_url(f"{type(exc).__name__}: {exc}")) from exc
+        # redis-py takes the OOM code off Redis' message: say it, as a script error would
+        name = "OutOfMemoryError (OOM)" if isinstance(exc, OutOfMemoryError) else type(exc).__name__
+        raise CommitUnavailable(redact_url(f"{name}: {exc}")) from exc
 
 
 def _flush_id(instance: str, seq: int) -> str:

@@ -4,11 +4,11 @@ Every key of one device carries the device id as its hash tag ``{device_id}``, s
 them live in one Redis Cluster hash slot; the global keys share the tag ``{<prefix>}``.
 Device ids cannot contain braces (validation refuses them), so a tag cannot be forged.
 
-    <p>:d:{<device>}            hash   packets, bytes, first_seen, last_seen,
-                                       k:<kind> -> count,
-                                       v:<name>:n | :sum | :min | :max | :last | :ts
-    <p>:r:{<device>}            hash   rate buckets: <second> -> packets, <second>b -> bytes
-                                       (receive time; last ~61 s kept; 120 s TTL)
+    <p>:d:{<device>}            string the device's record (MessagePack, scripts.py): packets,
+                                       bytes, first/last seen, kinds, value statistics,
+                                       rate buckets of the last ~61 s, its sort=rate window
+    {<p>}:layout                string the key layout version (LAYOUT_VERSION); a store refuses
+                                       a Redis written with another layout
     {<p>}:rate                  hash   the same for all devices together
     <p>:m:{<tag>}:<inst>:<n>    string highest flush seq of instance <inst> applied to merge
                                        group n ({<tag>}: the group's hash slot) (24 h TTL)
@@ -19,6 +19,8 @@ Device ids cannot contain braces (validation refuses them), so a tag cannot be f
     {<p>}:rw:<window>           zset   device -> packets committed in the aligned 10-second
                                        window <window> = Unix seconds // 10 (sort by rate;
                                        30 s TTL)
+    The sorted sets are written once per flush by bulk ZADDs (GT: scores are the devices'
+    totals, which only grow, so a retry or another instance's older figure changes nothing).
     {<p>}:totals                hash   packets, bytes
     {<p>}:rejected              hash   reason -> packets
     {<p>}:m:<inst>              string highest flush seq of <inst> applied to the global keys
@@ -37,6 +39,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SORT_INDEXES = ("packets", "bytes", "last_seen")
+# The key layout written by this version: 2 = one MessagePack record per device (1, before
+# it, had a hash and a rate-bucket hash per device and no version key).
+LAYOUT_VERSION = "2"
 # Width of the aligned windows behind sort=rate: a flush adds its devices' packets to the
 # window of its newest receive time; reads rank by the last complete window.
 RATE_WINDOW_S = 10
@@ -51,8 +56,13 @@ class KeyLayout:
     def device(self, device_id: str) -> str:
         return f"{self.prefix}:d:{{{device_id}}}"
 
-    def rate(self, device_id: str) -> str:
-        return f"{self.prefix}:r:{{{device_id}}}"
+    def device_id(self, device_key: str) -> str:
+        """The device of a key built by device()."""
+        return device_key[len(self.prefix) + 4 : -1]
+
+    @property
+    def version(self) -> str:
+        return self._global("layout")
 
     @property
     def total_rate(self) -> str:

@@ -3,9 +3,10 @@
 Atomic: a script runs whole inside Redis, so instances writing the same device never
 overwrite each other; compare-then-write fields (min, max, last) are exact only this way.
 Idempotent: an instance commits its flushes in sequence order, and a script that finds its
-marker key at this flush's sequence number or later returns 0, so a retried flush (a lost
-reply, a reconnect, a journal replayed for a dead instance) is never counted twice. The
-markers are bounded (one per instance and group), whatever the number of flushes.
+marker key at this flush's sequence number or later merges nothing (the device script
+returns the records' figures as they are, for the sorted indexes), so a retried flush (a
+lost reply, a reconnect, a journal replayed for a dead instance) is never counted twice.
+The markers are bounded (one per instance and group), whatever the number of flushes.
 """
 
 # The marker check shared by the merge scripts. KEYS[1] holds the highest flush sequence
@@ -20,111 +21,189 @@ end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 """
 
+# A device's record (one string key, keys.py) and its delta in a flush are packed binary
+# (Redis' Lua `struct`, little-endian), so a merge is one GET and one SET whatever the
+# device sends, and no number is parsed from text:
+#   record  <ddddddHHH  packets, bytes, first_seen, last_seen (receive times, ms), the
+#                       newest aligned 10-second window it was counted in (sort=rate),
+#                       its packets in that window, nkinds, nvalues, nbuckets
+#           then (s d) * nkinds              kind, count
+#                (s dddddd) * nvalues        name, count, sum, min, max, last, last_ts
+#                (I4 dd) * nbuckets          receive second, packets, bytes (last ~61 s)
+#   delta   <ddddHH     packets, bytes, first_seen, last_seen, nkinds, nvalues
+#           then (s d) * nkinds, (s dddddd) * nvalues, as in the record
+# ("s" is a zero-terminated string: ids and names never hold a zero byte, model.ID_CHARS.)
+# Numbers are doubles (counts exact up to 2^53), so sums, minima and maxima keep every
+# bit; a sum that leaves the range of a double becomes inf, -inf or nan and stays so (the
+# reads report an overflow).
+_RECORD = """
+local HEAD = '<ddddddHHH'
+local formats = {}
+local function body(nk, nv, nb)
+  local key = (nk * 65536 + nv) * 65536 + nb  -- each < 2^16 (H), exact in a double
+  local f = formats[key]
+  if not f then
+    f = '<' .. string.rep('sd', nk) .. string.rep('sdddddd', nv) .. string.rep('I4dd', nb)
+    formats[key] = f
+  end
+  return f
+end
+"""
+
 # KEYS[1]   marker (same hash slot as every device key of this call)
-# KEYS[2..] per device: its hash, then its rate buckets (pairs)
+# KEYS[2..] the devices' records
 # ARGV[1]   marker TTL in seconds, ARGV[2] flush seq, ARGV[3] retention in ms (0: keep
-#           forever); then, per device in KEYS order:
-#   packets, bytes, first_seen, last_seen, nkinds, (kind, count) * nkinds,
-#   nvalues, (name, count, sum, min, max, last, last_ts) * nvalues
-# Numbers arrive as the client's exact decimal strings and are stored as such: comparing
-# with tonumber() is exact for doubles, while Lua's tostring() would round to 14 digits.
+#           forever), ARGV[4] this flush's rate window, ARGV[5] the devices' deltas, packed
+#           one after the other in KEYS order
+# Returns, per device, 5 integers for the sorted indexes (RedisStore._index_commands):
+#   packets, bytes, last_seen, packets in ARGV[4]'s window (0: none), and 1 if this call
+#   created the record, 0 if not, 2 if the call had been applied before (the records as
+#   they are now), -1 if so and the record has expired since (nothing to index).
 MERGE_DEVICES = (
-    _MARKER
+    _RECORD
     + """
+local window = tonumber(ARGV[4])
+local out = {}
+local applied = tonumber(redis.call('GET', KEYS[1]))
+if applied ~= nil and applied >= tonumber(ARGV[2]) then
+  -- a retry or a replay: nothing to merge, but the indexes may still need the figures
+  for k = 2, #KEYS do
+    local blob = redis.call('GET', KEYS[k])
+    local n = #out
+    if blob then
+      local p, b, _, l, w, wp = struct.unpack(HEAD, blob)
+      if w ~= window then wp = 0 end
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = p, b, l, wp, 2
+    else
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = 0, 0, 0, 0, -1
+    end
+  end
+  return out
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 local retention = tonumber(ARGV[3])
-local i = 4
-for k = 2, #KEYS, 2 do
+local deltas = ARGV[5]
+local at = 1
+for k = 2, #KEYS do
   local key = KEYS[k]
-  redis.call('HINCRBY', key, 'packets', ARGV[i])
-  redis.call('HINCRBY', key, 'bytes', ARGV[i + 1])
-  -- rate buckets: packets and bytes per second of receive time (keys.py)
-  local rkey = KEYS[k + 1]
-  local sec = math.floor(tonumber(ARGV[i + 3]) / 1000)
-  redis.call('HINCRBY', rkey, sec, ARGV[i])
-  redis.call('HINCRBY', rkey, sec .. 'b', ARGV[i + 1])
-  redis.call('EXPIRE', rkey, 120)
-  if redis.call('HLEN', rkey) > 240 then
-    -- amortised pruning: about once a minute per busy device, keep the last 61 seconds
-    for _, f in ipairs(redis.call('HKEYS', rkey)) do
-      if tonumber((string.gsub(f, 'b', ''))) < sec - 61 then
-        redis.call('HDEL', rkey, f)
+  local packets, nbytes, first, last, dk, dv
+  packets, nbytes, first, last, dk, dv, at = struct.unpack('<ddddHH', deltas, at)
+  local d = {struct.unpack(body(dk, dv, 0), deltas, at)}
+  at = d[#d]
+  local blob = redis.call('GET', key)
+  local p, b, f, l, w, wp, nk, nv, nb, r, created
+  if blob then
+    local pos
+    p, b, f, l, w, wp, nk, nv, nb, pos = struct.unpack(HEAD, blob)
+    r = {struct.unpack(body(nk, nv, nb), blob, pos)}
+    r[#r] = nil
+    p, b, created = p + packets, b + nbytes, 0
+    if first < f then f = first end
+    if last > l then l = last end
+  else
+    p, b, f, l, w, wp, nk, nv, nb, r, created = packets, nbytes, first, last, 0, 0, 0, 0, 0, {}, 1
+  end
+  -- kinds: r[1 .. 2 nk]
+  local j = 1
+  for _ = 1, dk do
+    local name, found = d[j], nil
+    for q = 1, 2 * nk, 2 do
+      if r[q] == name then found = q; break end
+    end
+    if found then
+      r[found + 1] = r[found + 1] + d[j + 1]
+    else
+      table.insert(r, 2 * nk + 1, name)
+      table.insert(r, 2 * nk + 2, d[j + 1])
+      nk = nk + 1
+    end
+    j = j + 2
+  end
+  -- values: r[2 nk + 1 .. 2 nk + 7 nv]
+  local base = 2 * nk
+  for _ = 1, dv do
+    local name, found = d[j], nil
+    for q = base + 1, base + 7 * nv, 7 do
+      if r[q] == name then found = q; break end
+    end
+    if found then
+      local q = found
+      r[q + 1] = r[q + 1] + d[j + 1]
+      r[q + 2] = r[q + 2] + d[j + 2]
+      if d[j + 3] < r[q + 3] then r[q + 3] = d[j + 3] end
+      if d[j + 4] > r[q + 4] then r[q + 4] = d[j + 4] end
+      if d[j + 6] >= r[q + 6] then r[q + 5], r[q + 6] = d[j + 5], d[j + 6] end
+    else
+      for e = 0, 6 do table.insert(r, base + 7 * nv + 1 + e, d[j + e]) end
+      nv = nv + 1
+    end
+    j = j + 7
+  end
+  -- rate buckets: packets and bytes per second of receive time; keep the last 61 seconds
+  local start = 2 * nk + 7 * nv
+  local sec = math.floor(last / 1000)
+  local found, stale = false, false
+  for q = start + 1, start + 3 * nb, 3 do
+    if r[q] == sec then
+      r[q + 1], r[q + 2], found = r[q + 1] + packets, r[q + 2] + nbytes, true
+    elseif r[q] < sec - 61 then
+      stale = true
+    end
+  end
+  if not found then
+    local n = start + 3 * nb
+    r[n + 1], r[n + 2], r[n + 3], nb = sec, packets, nbytes, nb + 1
+  end
+  if stale then
+    local to, kept = start, 0
+    for q = start + 1, start + 3 * nb, 3 do
+      if r[q] >= sec - 61 then
+        r[to + 1], r[to + 2], r[to + 3] = r[q], r[q + 1], r[q + 2]
+        to, kept = to + 3, kept + 1
       end
     end
+    for q = start + 3 * nb, to + 1, -1 do r[q] = nil end
+    nb = kept
   end
-  local cur = tonumber(redis.call('HGET', key, 'first_seen'))
-  if cur == nil or tonumber(ARGV[i + 2]) < cur then
-    redis.call('HSET', key, 'first_seen', ARGV[i + 2])
+  -- sort=rate: the packets of this flush's window, added up over flushes and instances
+  if window == w then
+    wp = wp + packets
+  elseif window > w then
+    w, wp = window, packets
   end
-  cur = tonumber(redis.call('HGET', key, 'last_seen'))
-  if cur == nil or tonumber(ARGV[i + 3]) > cur then
-    redis.call('HSET', key, 'last_seen', ARGV[i + 3])
-  end
-  local nkinds = tonumber(ARGV[i + 4])
-  i = i + 5
-  for _ = 1, nkinds do
-    redis.call('HINCRBY', key, 'k:' .. ARGV[i], ARGV[i + 1])
-    i = i + 2
-  end
-  local nvalues = tonumber(ARGV[i])
-  i = i + 1
-  for _ = 1, nvalues do
-    local p = 'v:' .. ARGV[i] .. ':'
-    local n = redis.call('HINCRBY', key, p .. 'n', ARGV[i + 1])
-    -- The sum is added as a double and kept with 17 significant digits, so it round-trips
-    -- exactly (HINCRBYFLOAT keeps 17 decimal places, and refuses a result that overflows).
-    -- A sum that leaves the range of a double becomes inf, -inf or nan and stays so: the
-    -- reads report it as an overflow. A count without a sum (written before this script
-    -- by an HINCRBYFLOAT that overflowed) stays unknown rather than restart from zero.
-    local sum = redis.call('HGET', key, p .. 'sum')
-    if sum then
-      sum = tonumber(sum) + tonumber(ARGV[i + 2])
-    elseif n == tonumber(ARGV[i + 1]) then
-      sum = tonumber(ARGV[i + 2])
-    else
-      sum = 0 / 0
-    end
-    redis.call('HSET', key, p .. 'sum', string.format('%.17g', sum))
-    cur = tonumber(redis.call('HGET', key, p .. 'min'))
-    if cur == nil or tonumber(ARGV[i + 3]) < cur then
-      redis.call('HSET', key, p .. 'min', ARGV[i + 3])
-    end
-    cur = tonumber(redis.call('HGET', key, p .. 'max'))
-    if cur == nil or tonumber(ARGV[i + 4]) > cur then
-      redis.call('HSET', key, p .. 'max', ARGV[i + 4])
-    end
-    cur = tonumber(redis.call('HGET', key, p .. 'ts'))
-    if cur == nil or tonumber(ARGV[i + 6]) >= cur then
-      redis.call('HSET', key, p .. 'last', ARGV[i + 5], p .. 'ts', ARGV[i + 6])
-    end
-    i = i + 7
-  end
+  local record = struct.pack(HEAD .. string.sub(body(nk, nv, nb), 2), p, b, f, l, w, wp, nk, nv,
+    nb, unpack(r))
   if retention > 0 then
-    -- after the writes (PEXPIRE on a key not yet created is a no-op): a device silent
-    -- for the retention expires with everything it counted
-    redis.call('PEXPIRE', key, retention)
+    -- a device silent for the retention expires with everything it counted
+    redis.call('SET', key, record, 'PX', retention)
+  else
+    redis.call('SET', key, record)
   end
+  if w ~= window then wp = 0 end
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = p, b, l, wp, created
 end
-return 1
+return out
 """
 )
 
-# KEYS: marker, totals, rejected, devices, idx:packets, idx:bytes, idx:last_seen, rate,
-#       rate window (absent from journals written before it existed)
-# ARGV: TTL, seq, packets, bytes, second, nrejected, (reason, count) * nrejected,
-#       (device, packets, bytes, last_seen) * rest
+# KEYS: marker, totals, rejected, rate
+# ARGV: TTL, seq, packets, bytes, second, nrejected, (reason, count) * nrejected
+# Per flush, not per device: the sorted indexes are written by plain bulk ZADDs after the
+# device calls, from their replies (RedisStore._index_commands).
 MERGE_GLOBAL = (
     _MARKER
     + """
 redis.call('HINCRBY', KEYS[2], 'packets', ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'bytes', ARGV[4])
 local sec = tonumber(ARGV[5])
-redis.call('HINCRBY', KEYS[8], sec, ARGV[3])
-redis.call('HINCRBY', KEYS[8], sec .. 'b', ARGV[4])
-redis.call('EXPIRE', KEYS[8], 120)
-if redis.call('HLEN', KEYS[8]) > 240 then
-  for _, f in ipairs(redis.call('HKEYS', KEYS[8])) do
+redis.call('HINCRBY', KEYS[4], sec, ARGV[3])
+redis.call('HINCRBY', KEYS[4], sec .. 'b', ARGV[4])
+redis.call('EXPIRE', KEYS[4], 120)
+if redis.call('HLEN', KEYS[4]) > 240 then
+  for _, f in ipairs(redis.call('HKEYS', KEYS[4])) do
     if tonumber((string.gsub(f, 'b', ''))) < sec - 61 then
-      redis.call('HDEL', KEYS[8], f)
+      redis.call('HDEL', KEYS[4], f)
     end
   end
 end
@@ -133,21 +212,6 @@ local i = 7
 for _ = 1, nrejected do
   redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   i = i + 2
-end
-while i <= #ARGV do
-  local dev = ARGV[i]
-  redis.call('ZADD', KEYS[4], 'NX', 0, dev)
-  redis.call('ZINCRBY', KEYS[5], ARGV[i + 1], dev)
-  redis.call('ZINCRBY', KEYS[6], ARGV[i + 2], dev)
-  redis.call('ZADD', KEYS[7], 'GT', ARGV[i + 3], dev)
-  if KEYS[9] then
-    redis.call('ZINCRBY', KEYS[9], ARGV[i + 1], dev)
-  end
-  i = i + 4
-end
-if KEYS[9] then
-  -- written during its 10 s, read during the next 10 s: 30 s after the last write is enough
-  redis.call('EXPIRE', KEYS[9], 30)
 end
 return 1
 """
@@ -192,8 +256,37 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
-# One device's hash and rate buckets in one call (KEYS: the two). A read that needs no Lua,
-# but one command instead of a pipeline: see RedisStore.get_devices.
-READ_DEVICE = """
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+# The records of KEYS (any number, one hash slot in a cluster) for the reads: per key an
+# empty array (no such device) or its fields flat, integers as integers and doubles as
+# 17-digit strings (a Lua number in a reply would be truncated to an integer):
+#   packets, bytes, first_seen, last_seen, nkinds, (kind, count) * nkinds,
+#   nvalues, (name, count, sum, min, max, last, last_ts) * nvalues,
+#   (second, packets, bytes) * the rest
+READ_DEVICES = (
+    _RECORD
+    + """
+local out = {}
+for k = 1, #KEYS do
+  local blob = redis.call('GET', KEYS[k])
+  local f = {}
+  if blob then
+    local p, b, first, last, _, _, nk, nv, nb, pos = struct.unpack(HEAD, blob)
+    local r = {struct.unpack(body(nk, nv, nb), blob, pos)}
+    f[1], f[2], f[3], f[4], f[5] = p, b, first, last, nk
+    for j = 1, 2 * nk do f[#f + 1] = r[j] end
+    f[#f + 1] = nv
+    for j = 2 * nk + 1, 2 * nk + 7 * nv, 7 do
+      f[#f + 1] = r[j]; f[#f + 1] = r[j + 1]
+      f[#f + 1] = string.format('%.17g', r[j + 2])
+      f[#f + 1] = string.format('%.17g', r[j + 3])
+      f[#f + 1] = string.format('%.17g', r[j + 4])
+      f[#f + 1] = string.format('%.17g', r[j + 5])
+      f[#f + 1] = r[j + 6]
+    end
+    for j = 2 * nk + 7 * nv + 1, 2 * nk + 7 * nv + 3 * nb do f[#f + 1] = r[j] end
+  end
+  out[k] = f
+end
+return out
 """
+)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import logging
-import math
+import struct
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -26,13 +27,13 @@ from rtmonitor.model import (
     Totals,
     ValueRecord,
 )
-from rtmonitor.storage.keys import RATE_WINDOW_S, SORT_INDEXES, KeyLayout
+from rtmonitor.storage.keys import LAYOUT_VERSION, RATE_WINDOW_S, SORT_INDEXES, KeyLayout
 from rtmonitor.storage.scripts import (
     FINALIZE,
     MERGE_DEVICES,
     MERGE_GLOBAL,
     PREPARE,
-    READ_DEVICE,
+    READ_DEVICES,
 )
 from rtmonitor.storage.wire import lean
 
@@ -47,6 +48,8 @@ GROUP_SIZE = 256
 MARKER_TTL_S = 24 * 3600
 # Merge calls per pipeline (16 x 256 devices, ~1.5 MB of commands).
 APPLY_SLICE = 16
+# Members per bulk ZADD of the sorted indexes (the index commands of a flush are pipelined).
+ZADD_CHUNK = 2_000
 # Merge calls in flight at once against a Redis Cluster (no pipelining of scripts there).
 CLUSTER_CONCURRENCY = 64
 # A merge call: (script name, keys, args). A flush's plan is a list of them, journaled as JSON.
@@ -57,6 +60,10 @@ _LEX_END = "\x7f"
 # Devices a prefix filter may match when a page is ordered by a number (--prefix-sort-max-
 # devices): the index can only filter by prefix in id order, so all of them are ranked.
 PREFIX_SORT_MAX = 10_000
+
+
+class LayoutMismatch(Exception):
+    """Redis holds this key prefix in another key layout than this version writes."""
 
 
 class SortTooBroad(Exception):
@@ -91,7 +98,7 @@ class RedisStore:
         }
         self._prepare = client.register_script(PREPARE)
         self._finalize = client.register_script(FINALIZE)
-        self._read_device = client.register_script(READ_DEVICE)
+        self._read_devices = client.register_script(READ_DEVICES)
 
     @classmethod
     def from_url(
@@ -137,6 +144,24 @@ class RedisStore:
         except (RedisError, OSError, TimeoutError) as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return None
+
+    async def check_layout(self) -> None:
+        """Claim this prefix for LAYOUT_VERSION, or raise LayoutMismatch if Redis holds it in
+        another layout (layout 1 had no version key: its totals or devices give it away)."""
+        client, layout = cast(aioredis.Redis, self.client), self.layout
+        found = cast(str | None, await client.get(layout.version))
+        if found is None and not await client.exists(layout.totals, layout.devices):
+            if await client.set(layout.version, LAYOUT_VERSION, nx=True):
+                return
+            # another instance claimed it first
+            found = cast(str | None, await client.get(layout.version))
+        if found != LAYOUT_VERSION:
+            raise LayoutMismatch(
+                f"Redis holds the key prefix {layout.prefix!r} in key layout "
+                f"{found or 1}, and this version writes layout {LAYOUT_VERSION}; there is no "
+                "migration: start with another --key-prefix, or delete that prefix's keys "
+                "(README: Redis key layout)"
+            )
 
     # --- writes ----------------------------------------------------------------------------
     #
@@ -188,46 +213,104 @@ class RedisStore:
         ]
         for reason, count in delta.rejected.items():
             gargs += (reason, count)
+        window = second // RATE_WINDOW_S
         for tag, n, group in self._groups(list(devices)):
             keys = [layout.group_marker(tag, instance, n)]
-            args: list[Any] = [self._marker_ttl, seq, self.retention_s * 1000]
+            deltas: list[bytes] = []
             for device_id in group:
-                keys += (layout.device(device_id), layout.rate(device_id))
+                keys.append(layout.device(device_id))
                 dev = devices.pop(device_id) if consume else devices[device_id]
-                _encode_device(dev, args)
-                gargs += (device_id, dev.packets, dev.bytes, dev.last_seen)
+                _encode_device(dev, deltas)
+            args = [self._marker_ttl, seq, self.retention_s * 1000, window, b"".join(deltas)]
             calls.append(("devices", keys, args))
-        gkeys = [
-            layout.global_marker(instance),
-            layout.totals,
-            layout.rejected,
-            layout.devices,
-            *(layout.index(f) for f in SORT_INDEXES),
-            layout.total_rate,
-            layout.rate_window(second // RATE_WINDOW_S),
-        ]
+        gkeys = [layout.global_marker(instance), layout.totals, layout.rejected, layout.total_rate]
         calls.append(("global", gkeys, gargs))
         return calls
 
     async def apply(self, calls: list[Call]) -> None:
-        """Run a plan in pipelined round trips (one per APPLY_SLICE calls). Raises
-        RedisError if Redis cannot be reached; calling it again with the same plan applies
-        only what was not applied."""
+        """Run a plan in pipelined round trips (one per APPLY_SLICE calls), then write the
+        sorted indexes from the device calls' replies. Raises RedisError if Redis cannot be
+        reached; calling it again with the same plan applies only what was not applied (and
+        writes the indexes again, which changes nothing written before)."""
+        replies = await self._run(calls)
+        commands = self._index_commands(calls, replies)
+        for start in range(0, len(commands), APPLY_SLICE * 16):
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands[start : start + APPLY_SLICE * 16]:
+                pipe.execute_command(*command)
+            await pipe.execute()
+
+    def _index_commands(self, calls: list[Call], replies: list[Any]) -> list[list[Any]]:
+        """Bulk ZADDs that bring the sorted indexes up to the device calls' replies.
+
+        Scores are totals, which only grow: ZADD GT keeps the highest, so a retry, a replay
+        or another instance's older reply never lowers one. A record created by this call
+        (retention on) may replace an index entry left by its expired predecessor, so it is
+        written without GT."""
+        layout = self.layout
+        replace = self.retention_s > 0
+        devices: list[Any] = []
+        packets: tuple[list[Any], list[Any]] = ([], [])  # (GT, replace)
+        nbytes: tuple[list[Any], list[Any]] = ([], [])
+        last_seen: list[Any] = []
+        windows: dict[int, list[Any]] = {}
+        cut = len(layout.device("")) - 1  # the device id sits between this and the "}"
+        for (name, keys, args), reply in zip(calls, replies, strict=True):
+            if name != "devices":
+                continue
+            ids = [key[cut:-1] for key in keys[1:]]
+            created = reply[4::5]
+            if -1 in created:  # a replay, and some records have expired since
+                kept = [n for n, c in enumerate(created) if c >= 0]
+                ids = [ids[n] for n in kept]
+                reply = [x for n in kept for x in reply[5 * n : 5 * n + 5]]
+                created = reply[4::5]
+            devices += _pairs([0] * len(ids), ids)
+            fresh = [c == 1 for c in created] if replace and 1 in created else None
+            for n, scores in ((0, packets), (1, nbytes)):
+                if fresh is None:
+                    scores[0].extend(_pairs(reply[n::5], ids))
+                else:  # (rare) new records with retention on: written without GT
+                    for replaces, score, device_id in zip(fresh, reply[n::5], ids, strict=True):
+                        scores[replaces].extend((score, device_id))
+            last_seen += _pairs(reply[2::5], ids)
+            in_window = reply[3::5]
+            in_flush = windows.setdefault(int(args[3]), [])
+            if 0 in in_window:  # devices counted in a newer window than this flush's
+                sent = [(score, d) for score, d in zip(in_window, ids, strict=True) if score]
+                in_flush.extend(x for pair in sent for x in pair)
+            else:
+                in_flush.extend(_pairs(in_window, ids))
+        commands = _zadds(layout.devices, "NX", devices)
+        for field, (gt, fresh) in (("packets", packets), ("bytes", nbytes)):
+            index = layout.index(field)
+            commands += _zadds(index, "GT", gt) + _zadds(index, "", fresh)
+        commands += _zadds(layout.index("last_seen"), "GT", last_seen)
+        for window, members in windows.items():
+            if members:
+                key = layout.rate_window(window)
+                # written during its 10 s, read during the next 10 s: 30 s after the last
+                # write is enough
+                commands += [*_zadds(key, "GT", members), ["EXPIRE", key, 30]]
+        return commands
+
+    async def _run(self, calls: list[Call]) -> list[Any]:
+        """The merge calls' replies, in order."""
         if self.cluster:
             # redis-py does not run scripts inside a cluster pipeline: issue the calls
             # concurrently instead (each goes to its slot's node; scripts are (re)loaded on
             # NOSCRIPT by redis-py). A failure of any call fails the plan, which is retried.
             limit = asyncio.Semaphore(CLUSTER_CONCURRENCY)
 
-            async def call(name: str, keys: list[str], args: list[Any]) -> None:
+            async def call(name: str, keys: list[str], args: list[Any]) -> Any:
                 async with limit:
-                    await self._scripts[name](keys=keys, args=args)
+                    return await self._scripts[name](keys=keys, args=args)
 
-            await asyncio.gather(*(call(*c) for c in calls))
-            return
+            return list(await asyncio.gather(*(call(*c) for c in calls)))
         # A pipeline's commands are packed, joined and buffered whole before they are sent
         # (~40 MB, three times over, for 100,000 devices): big plans go in slices. Each call
         # is idempotent by itself, so slices change nothing about retries.
+        replies: list[Any] = []
         for start in range(0, len(calls), APPLY_SLICE):
             pipe = self.client.pipeline(transaction=False)
             # redis-py runs registered scripts inside a pipeline (loading them first if
@@ -235,7 +318,8 @@ class RedisStore:
             target = cast(aioredis.Redis, pipe)
             for name, keys, args in calls[start : start + APPLY_SLICE]:
                 await self._scripts[name](keys=keys, args=args, client=target)
-            await pipe.execute()
+            replies += await pipe.execute()
+        return replies
 
     async def commit(self, delta: FlushDelta, instance: str, seq: int) -> None:
         """Write a flush that carries no batch ids (no journal needed)."""
@@ -252,7 +336,8 @@ class RedisStore:
         layout = self.layout
         # bytes, not str: redis-py sends bytes as they are (a str would be encoded into a
         # second copy of what is ~25 MB for a flush of 100,000 devices)
-        blob = json.dumps({"batches": batch_keys, "calls": calls}, separators=(",", ":")).encode()
+        journal = {"batches": batch_keys, "calls": _journaled(calls)}
+        blob = json.dumps(journal, separators=(",", ":")).encode()
         reply = await self._prepare(
             keys=[layout.journal(flush_id), layout.journals, *batch_keys],
             args=[flush_id, int(time.time() * 1000), blob],
@@ -270,7 +355,7 @@ class RedisStore:
     # --- retention ---------------------------------------------------------------------------
 
     async def expire_silent_devices(self, now_ms: int, batch: int = 1000) -> int:
-        """Drop devices silent for longer than the retention from the indexes (their hashes
+        """Drop devices silent for longer than the retention from the indexes (their records
         expire by themselves); the number dropped. Idempotent: any instance may run it."""
         if self.retention_s <= 0:
             return 0
@@ -298,7 +383,7 @@ class RedisStore:
                 await pipe.execute()
                 dropped += len(gone)
             if len(gone) < len(candidates):
-                # some just sent again (their hash lives on): the next pass will see them
+                # some just sent again (their record lives on): the next pass will see them
                 return dropped
 
     # --- recovery of dead instances' journals ----------------------------------------------
@@ -353,7 +438,7 @@ class RedisStore:
         if blob is None:
             return False
         journal = json.loads(blob)
-        calls = [(name, keys, args) for name, keys, args in journal["calls"]]
+        calls = _from_journal([(name, keys, args) for name, keys, args in journal["calls"]])
         await self.apply(calls)
         await self.finalize(flush_id, journal["batches"], window_s)
         return True
@@ -469,30 +554,22 @@ class RedisStore:
         """The counters and rates of `ids` (in that order; unknown ones left out)."""
         if not ids:
             return []
-        layout = self.layout
-        replies: list[dict[str, str]]
-        if len(ids) == 1:
-            # One device (GET /metrics/{id}; the live feed's usual case): one script call.
-            # A pipeline costs more turns of the event loop, which under load is most of
-            # such a GET's time: redis-py hands a pipeline's connection back through
-            # asyncio.shield, a task of its own. Lua costs Redis more than a plain HGETALL
-            # per hash, so many devices still go through a pipeline.
-            keys = [layout.device(ids[0]), layout.rate(ids[0])]
-            flat = await self._read_device(keys=keys)
-            replies = [dict(zip(f[::2], f[1::2], strict=True)) for f in flat]
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            for device_id in ids:
-                pipe.hgetall(layout.device(device_id))
-                pipe.hgetall(layout.rate(device_id))
-            replies = await pipe.execute()
+        keys = [self.layout.device(device_id) for device_id in ids]
+        replies: list[list[Any]]
+        if not self.cluster:
+            # One script call, whatever the number of devices: a pipeline costs more turns
+            # of the event loop, which under load is most of a GET's time (redis-py hands a
+            # pipeline's connection back through asyncio.shield, a task of its own).
+            replies = await self._read_devices(keys=keys)
+        else:  # one call per device: a script's keys must share a hash slot
+            each = await asyncio.gather(*(self._read_devices(keys=[k]) for k in keys))
+            replies = [r[0] for r in each]
         now = int(time.time())
-        records = []
-        for n, device_id in enumerate(ids):
-            raw, buckets = replies[2 * n], replies[2 * n + 1]
-            if raw:
-                records.append(parse_device(device_id, raw, rates(buckets, now)))
-        return records
+        return [
+            parse_device(device_id, fields, now)
+            for device_id, fields in zip(ids, replies, strict=True)
+            if fields
+        ]
 
     async def packet_counts(self, ids: list[str]) -> list[int | None]:
         """Each device's packets as the packets index has them (None: not there)."""
@@ -532,7 +609,8 @@ class RedisStore:
 
 def rates(buckets: dict[str, str], now_s: int) -> Rates:
     """Packets/s and bytes/s over the last 10 and 60 *complete* seconds (the current second
-    is still filling up), from rate buckets {"<second>": packets, "<second>b": bytes}.
+    is still filling up), from rate buckets {"<second>": packets, "<second>b": bytes} (the
+    totals' hash; a device's buckets are in its record, see parse_device).
 
     Looks up each second of the longest window once, rather than walking the hash (which
     keeps up to ~240 fields between prunings); the shorter windows are its newest part."""
@@ -554,60 +632,95 @@ def _rate_keys(now_s: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(map(str, seconds)), tuple(f"{s}b" for s in seconds)
 
 
-def _encode_device(dev: DeviceDelta, out: list[Any]) -> None:
-    """Append one device's delta in MERGE_DEVICES's argument order (floats as repr)."""
-    out += (dev.packets, dev.bytes, dev.first_seen, dev.last_seen, len(dev.kinds))
-    for kind, count in dev.kinds.items():
-        out += (kind, count)
-    out.append(len(dev.values))
-    for name, s in dev.values.items():
-        out += (name, s.count, s.sum, s.min, s.max, s.last, s.last_ts)
+_DELTA = struct.Struct("<ddddHH")
+_KIND = struct.Struct("<d")
+_VALUE = struct.Struct("<dddddd")
 
 
-def parse_device(device_id: str, raw: dict[str, str], rate: Rates) -> DeviceRecord:
-    """Turn a device hash (and its rates) into a record.
-
-    A reading's sum that left the range of a double (stored as inf, -inf or nan by
-    MERGE_DEVICES, or missing where an older script's HINCRBYFLOAT overflowed) keeps that
-    value (nan when missing): the record says `overflow`. A reading whose statistics are
-    incomplete (a hash edited by hand) is left out rather than failing the read."""
-    kinds: dict[str, int] = {}
-    stats: dict[str, dict[str, str]] = {}
-    base: dict[str, int] = {}
-    for field, value in raw.items():
-        if field.startswith("k:"):
-            kinds[field[2:]] = int(value)
-        elif field.startswith("v:"):
-            name, stat = field[2:].rsplit(":", 1)
-            stats.setdefault(name, {})[stat] = value
-        else:
-            base[field] = int(value)
-    values: dict[str, ValueRecord] = {}
-    for name, entry in sorted(stats.items()):
-        if not _COMPLETE <= entry.keys():
-            continue
-        values[name] = ValueRecord(
-            count=int(entry["n"]),
-            sum=float(entry["sum"]) if "sum" in entry else math.nan,
-            min=float(entry["min"]),
-            max=float(entry["max"]),
-            last=float(entry["last"]),
-            last_timestamp_ms=int(entry["ts"]),
+def _encode_device(dev: DeviceDelta, out: list[bytes]) -> None:
+    """Append one device's delta, packed as MERGE_DEVICES reads it (scripts.py)."""
+    out.append(
+        _DELTA.pack(
+            dev.packets, dev.bytes, dev.first_seen, dev.last_seen, len(dev.kinds), len(dev.values)
         )
+    )
+    for kind, count in dev.kinds.items():
+        out += (kind.encode(), b"\0", _KIND.pack(count))
+    for name, s in dev.values.items():
+        out += (name.encode(), b"\0", _VALUE.pack(s.count, s.sum, s.min, s.max, s.last, s.last_ts))
+
+
+def _journaled(calls: list[Call]) -> list[Call]:
+    """The calls as JSON can hold them: a device call's packed deltas in base64."""
+    return [
+        (n, k, [*a[:4], base64.b64encode(a[4]).decode()] if n == "devices" else a)
+        for n, k, a in calls
+    ]
+
+
+def _from_journal(calls: list[Call]) -> list[Call]:
+    """The inverse of _journaled()."""
+    return [(n, k, [*a[:4], base64.b64decode(a[4])] if n == "devices" else a) for n, k, a in calls]
+
+
+def parse_device(device_id: str, f: list[Any], now_s: int) -> DeviceRecord:
+    """Turn a device's fields, as READ_DEVICES returns them (scripts.py), into a record;
+    rates over the complete seconds before `now_s`.
+
+    A reading's sum that left the range of a double (inf, -inf or nan) keeps that value:
+    the record says `overflow`."""
+    nkinds = int(f[4])
+    i = 5 + 2 * nkinds
+    kinds = {str(f[j]): int(f[j + 1]) for j in range(5, i, 2)}
+    nvalues = int(f[i])
+    i += 1
+    values: dict[str, ValueRecord] = {}
+    for j in range(i, i + 7 * nvalues, 7):
+        values[str(f[j])] = ValueRecord(
+            count=int(f[j + 1]),
+            sum=float(f[j + 2]),
+            min=float(f[j + 3]),
+            max=float(f[j + 4]),
+            last=float(f[j + 5]),
+            last_timestamp_ms=int(f[j + 6]),
+        )
+    i += 7 * nvalues
+    packets = dict.fromkeys(RATE_WINDOWS_S, 0)
+    nbytes = dict.fromkeys(RATE_WINDOWS_S, 0)
+    for j in range(i, len(f), 3):  # (second, packets, bytes): complete seconds only
+        age = now_s - int(f[j])
+        for w in RATE_WINDOWS_S:
+            if 1 <= age <= w:
+                packets[w] += int(f[j + 1])
+                nbytes[w] += int(f[j + 2])
     return DeviceRecord(
         device_id=device_id,
-        packets=base.get("packets", 0),
-        bytes=base.get("bytes", 0),
-        first_seen=base.get("first_seen"),
-        last_seen=base.get("last_seen"),
+        packets=int(f[0]),
+        bytes=int(f[1]),
+        first_seen=int(f[2]),
+        last_seen=int(f[3]),
         kinds=dict(sorted(kinds.items())),
-        values=values,
-        rate=rate,
+        values=dict(sorted(values.items())),
+        rate=Rates(
+            packets_per_s={w: n / w for w, n in packets.items()},
+            bytes_per_s={w: n / w for w, n in nbytes.items()},
+        ),
     )
 
 
-# The statistics a reading needs to be shown (the hash fields v:<name>:<stat>).
-_COMPLETE = frozenset({"n", "min", "max", "last", "ts"})
+def _pairs(scores: list[Any], members: list[str]) -> list[Any]:
+    """Flat (score, member) pairs, interleaved by slice assignment (C speed)."""
+    flat: list[Any] = [None] * (2 * len(members))
+    flat[0::2] = scores
+    flat[1::2] = members
+    return flat
+
+
+def _zadds(key: str, flag: str, members: list[Any]) -> list[list[Any]]:
+    """ZADD commands for flat (score, member) pairs, ZADD_CHUNK members each."""
+    head = ["ZADD", key, flag] if flag else ["ZADD", key]
+    step = 2 * ZADD_CHUNK
+    return [[*head, *members[i : i + step]] for i in range(0, len(members), step)]
 
 
 @functools.cache
