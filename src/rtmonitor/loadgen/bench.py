@@ -439,11 +439,16 @@ def _verify(
     # that to drain, all of it counted in the figure.
     deadline = time.monotonic() + 60
     with svc.client.http_client(base_url=svc.http, timeout=30) as http:
-        return _verify_with(http, expected, acked, first_send, deadline)
+        return _verify_with(http, expected, acked, first_send, deadline, on_committed)
 
 
 def _verify_with(
-    http: httpx.Client, expected: dict[str, int], acked: int, first_send: float, deadline: float
+    http: httpx.Client,
+    expected: dict[str, int],
+    acked: int,
+    first_send: float,
+    deadline: float,
+    on_committed: Callable[[], None],
 ) -> dict[str, Any]:
     before = -1
     while True:
