@@ -161,6 +161,35 @@ class Settings(BaseSettings):
     stream_idle_timeout: float = Field(
         300.0, gt=0, description="Seconds a stream may send nothing before it is closed."
     )
+    # --- other receivers: OTLP metrics (gRPC and HTTP), HTTP JSON ---------------
+    otlp_device_attribute: str = Field(
+        "device.id",
+        min_length=1,
+        max_length=256,
+        description="OTLP resource attribute holding the device id (then service.instance.id, "
+        "then host.name; none: the data points are rejected as no_device_id).",
+    )
+    # A 1,000-packet JSON body is ~100 KB and 1,000 OTLP points ~60 KB (protobuf) to ~300 KB
+    # (JSON): 16 MB leaves room for the largest batches while bounding what one request holds.
+    http_ingest_max_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest body of POST /v1/telemetry and /v1/metrics, as sent and after "
+        "gzip decompression (larger: 413).",
+    )
+    receiver_queue_timeout: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds an OTLP or HTTP JSON request waits for room in the full queue "
+        "before it is answered UNAVAILABLE / 503 with Retry-After.",
+    )
+    receiver_commit_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds an OTLP or HTTP JSON request waits for its commit to Redis "
+        "before it is answered UNAVAILABLE / 503 (it may still be committed: resend with the "
+        "same Idempotency-Key to count it once).",
+    )
     retention: int = Field(
         7 * 86400,
         ge=0,

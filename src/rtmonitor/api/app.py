@@ -2,7 +2,7 @@
 and a lifespan that owns the live feed.
 
 GET /metrics, /metrics/{device_id}, /stream, /healthz, /readyz, /stats, the dashboard at /,
-and the OpenAPI contract at /docs.
+the HTTP receivers POST /v1/telemetry and /v1/metrics, and the OpenAPI contract at /docs.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from rtmonitor import __version__
-from rtmonitor.api.deps import ApiLimits, ApiState, ReadinessCheck, StatsSource
-from rtmonitor.api.routes import dashboard, live, metrics, ops
+from rtmonitor.api.deps import ApiLimits, ApiState, IngestSource, ReadinessCheck, StatsSource
+from rtmonitor.api.routes import dashboard, live, metrics, ops, receive
 from rtmonitor.api.stream import TRANSPORT
 from rtmonitor.storage.store import RedisStore
 
@@ -42,12 +42,14 @@ def create_app(
     readiness: ReadinessCheck,
     stats: StatsSource,
     limits: ApiLimits,
+    ingest: IngestSource | None = None,
 ) -> FastAPI:
-    """Build the app around the process's one store (owned and closed by the runtime)."""
+    """Build the app around the process's one store (owned and closed by the runtime);
+    `ingest`: the HTTP receivers of this process's ingest node (None: it has none)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = app.state.api = ApiState.open(store, readiness, stats, limits)
+        state = app.state.api = ApiState.open(store, readiness, stats, limits, ingest)
         try:
             yield
         finally:
@@ -63,7 +65,7 @@ def create_app(
         ),
     )
     app.add_exception_handler(RedisError, redis_unavailable)  # type: ignore[arg-type]
-    for router in (metrics.router, live.router, ops.router, dashboard.router):
+    for router in (metrics.router, live.router, ops.router, receive.router, dashboard.router):
         app.include_router(router)
     app.mount("/static", dashboard.static_files(), name="static")
     return app

@@ -13,7 +13,7 @@ import uvicorn
 
 from rtmonitor.api.app import create_app
 from rtmonitor.api.connections import ConnectionGuard
-from rtmonitor.api.deps import ApiLimits, ReadinessCheck, StatsSource
+from rtmonitor.api.deps import ApiLimits, IngestSource, ReadinessCheck, StatsSource
 from rtmonitor.config import Settings, StartupError
 from rtmonitor.lifecycle import Node
 from rtmonitor.storage.store import RedisStore
@@ -48,9 +48,10 @@ class HttpNode(Node):
         store: RedisStore,
         readiness: ReadinessCheck,
         stats: StatsSource,
+        ingest: IngestSource | None = None,
     ) -> None:
         self.settings = settings
-        self.app = create_app(store, readiness, stats, ApiLimits.from_settings(settings))
+        self.app = create_app(store, readiness, stats, ApiLimits.from_settings(settings), ingest)
         self.port: int | None = None
         self._server: _HttpServer | None = None
         self._task: asyncio.Task[None] | None = None

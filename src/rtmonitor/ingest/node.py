@@ -1,5 +1,6 @@
-"""The ingest node: a pipeline fed by the gRPC server (ingest, health, reflection), whose
-figures it publishes to Redis for every HTTP node to report."""
+"""The ingest node: a pipeline fed by the gRPC server (TelemetryIngest, OTLP metrics, health,
+reflection) and by the HTTP receivers the HTTP node serves in the same process (OTLP/HTTP,
+HTTP JSON), whose figures it publishes to Redis for every HTTP node to report."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ from redis.exceptions import RedisError
 
 from rtmonitor.config import Settings, StartupError
 from rtmonitor.ingest.columnar import C_ROWS
+from rtmonitor.ingest.http_json import JsonReceiver
+from rtmonitor.ingest.otlp import OtlpReceiver
+from rtmonitor.ingest.receiver import Receiver, ReceiverLimits
 from rtmonitor.ingest.rpc import SERVICE_NAME
 from rtmonitor.ingest.server import build_server
 from rtmonitor.ingest.servicer import IngestServicer
 from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.lifecycle import Node
-from rtmonitor.model import IngestStats, InstanceStats, PipelineStats
+from rtmonitor.model import HttpReply, IngestStats, InstanceStats, PipelineStats
 from rtmonitor.pipeline.pipeline import Pipeline
 from rtmonitor.pipeline.recovery import HEARTBEAT_TTL_S
 from rtmonitor.storage.committer import RedisCommitter
@@ -64,6 +68,21 @@ class IngestNode(Node):
             max_inflight_message_bytes=s.max_inflight_message_bytes,
             idle_timeout=s.stream_idle_timeout,
         )
+        self.receiver = Receiver(
+            self.validator,
+            self.pipeline.queue,
+            self.pipeline.aggregator,
+            ReceiverLimits(
+                max_body_bytes=s.http_ingest_max_bytes,
+                max_packets=s.max_batch_packets,
+                queue_timeout_s=s.receiver_queue_timeout,
+                commit_timeout_s=s.receiver_commit_timeout,
+                device_attribute=s.otlp_device_attribute,
+            ),
+            redis_error=lambda: self.pipeline.redis_error,
+        )
+        self.otlp = OtlpReceiver(self.receiver)
+        self.json = JsonReceiver(self.receiver)
         self.health = health_aio.HealthServicer()
         self.grpc_port: int | None = None
         self.serving = False
@@ -89,6 +108,7 @@ class IngestNode(Node):
         self._server = build_server(
             self.servicer,
             self.health,
+            otlp=self.otlp,
             max_message_bytes=s.max_message_bytes,
             noop=s.noop,
             reuse_port=self.reuse_port,
@@ -134,6 +154,18 @@ class IngestNode(Node):
             task.cancel()
             await self._publish_once()
 
+    # --- the HTTP receivers, served by the HTTP node of this process (api.deps.HttpIngest) ---
+
+    async def otlp_metrics(self, body: bytes, content_type: str, encoding: str) -> HttpReply:
+        """POST /v1/metrics."""
+        return await self.otlp.export_http(body, content_type, encoding)
+
+    async def telemetry(
+        self, body: bytes, encoding: str, idempotency_key: str | None, scope: str = ""
+    ) -> HttpReply:
+        """POST /v1/telemetry."""
+        return await self.json.telemetry(body, encoding, idempotency_key, scope)
+
     @property
     def redis_error(self) -> str | None:
         """Why commits to Redis fail while they do (e.g. Redis is full), else None."""
@@ -146,7 +178,9 @@ class IngestNode(Node):
             active_streams=servicer.active_streams,
             streams_refused=servicer.streams_refused,
             streams_refused_by_reason=dict(servicer.streams_refused_by_reason),
-            messages_refused_by_reason=dict(servicer.messages_refused_by_reason),
+            messages_refused_by_reason=dict(
+                servicer.messages_refused_by_reason + self.receiver.refused
+            ),
             inflight_message_bytes=servicer.budget.used,
             streams_waiting_for_bytes=servicer.budget.waiting,
             inflight_message_waits=servicer.budget.waits,

@@ -1,0 +1,303 @@
+"""The OTLP metrics receiver: `MetricsService/Export` on the gRPC port, `POST /v1/metrics`
+(protobuf or JSON, gzip accepted) on the HTTP port. The messages are the
+`opentelemetry-proto` package's generated ones.
+
+The mapping (README "OTLP metrics"):
+
+- the device id is a resource attribute: --otlp-device-attribute (default `device.id`),
+  else `service.instance.id`, else `host.name`; a resource with none of them has its data
+  points rejected as `no_device_id`;
+- one data point is one packet of kind `otlp`, timestamp the point's time (ms), bytes the
+  point's serialized size;
+- gauge and sum points: one reading, named after the metric, valued as the point is;
+  histogram, exponential histogram and summary points: `<name>.count` and `<name>.sum`
+  (a histogram without a sum: `.count` only);
+- a point's attributes, when it has any, are appended to the reading's name sorted by key,
+  as `/<key>:<value>` each, with characters outside `A-Z a-z 0-9 . _ @ -` replaced by
+  `_`; a name longer than 64 characters keeps its first 55 and ends with `@` and 8 hex
+  digits of a hash of the whole name. The same series always gets the same name; how many
+  a device may have is bounded by --max-value-names-per-device (`too_many_value_names`).
+
+The answer is sent once the points are committed; rejected points are reported in OTLP's
+partial success (`rejected_data_points`, `error_message`). A full queue answers UNAVAILABLE
+(HTTP 503 with Retry-After) and the SDK's exporter retries: at-least-once, as the
+OpenTelemetry Collector is (a retry of an export that was committed after all counts twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsPartialSuccess,
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
+
+from rtmonitor.ingest.columnar import Records
+from rtmonitor.ingest.receiver import RETRY_AFTER_S, Receiver, Refused, decode_body
+from rtmonitor.ingest.validation import Reason
+from rtmonitor.model import NAME_MAX, HttpReply
+
+_SERVICE = metrics_service_pb2.DESCRIPTOR.services_by_name["MetricsService"]
+SERVICE_NAME: str = _SERVICE.full_name  # opentelemetry.proto.collector.metrics.v1.MetricsService
+EXPORT_METHOD: str = _SERVICE.methods_by_name["Export"].name
+EXPORT = f"/{SERVICE_NAME}/{EXPORT_METHOD}"
+
+KIND = "otlp"
+FALLBACK_DEVICE_ATTRIBUTES = ("service.instance.id", "host.name")
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
+_HASHED_PREFIX = NAME_MAX - 9  # "@" and 8 hex digits follow
+_MAX_CACHED_NAMES = 65_536
+_SINGLE = ("gauge", "sum")  # data kinds with one value per point
+
+# google.rpc.Code of each refusal (OTLP/HTTP error bodies are google.rpc.Status)
+_RPC_CODE = {"invalid": 3, "too_large": 8, "unsupported": 3, "unavailable": 14}
+_GRPC_STATUS = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unsupported": grpc.StatusCode.INVALID_ARGUMENT,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+_HTTP_STATUS = {"invalid": 400, "too_large": 413, "unsupported": 415, "unavailable": 503}
+
+
+def text_of(value: AnyValue) -> str:
+    """An attribute value as text: strings as they are, numbers and booleans as JSON writes
+    them, anything else (arrays, maps, bytes) as a short hash of its encoding."""
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        return value.string_value
+    if which == "bool_value":
+        return "true" if value.bool_value else "false"
+    if which == "int_value":
+        return str(value.int_value)
+    if which == "double_value":
+        return repr(value.double_value)
+    if which is None:
+        return ""
+    return "h" + hashlib.blake2b(value.SerializeToString(), digest_size=4).hexdigest()
+
+
+def series_name(name: str, attributes: Iterable[tuple[str, str]]) -> str:
+    """A reading's name: the metric's (with its suffix) and its attributes, bounded."""
+    parts = [name]
+    for key, value in sorted(attributes):
+        parts.append(f"/{_UNSAFE.sub('_', key)}:{_UNSAFE.sub('_', value)}")
+    full = "".join(parts)
+    if len(full) <= NAME_MAX:
+        return full
+    digest = hashlib.blake2b(full.encode(), digest_size=4).hexdigest()
+    return f"{full[:_HASHED_PREFIX]}@{digest}"
+
+
+def device_of(attributes: Sequence[KeyValue], keys: Sequence[str]) -> str | None:
+    """The device id among a resource's attributes, by the first of `keys` present."""
+    found = {kv.key: kv.value for kv in attributes if kv.key in keys}
+    for key in keys:
+        if key in found and (text := text_of(found[key])):
+            return text
+    return None
+
+
+class OtlpReceiver:
+    """Maps OTLP metrics to packets and hands them to the pipeline (receiver.Receiver)."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+        attribute = receiver.limits.device_attribute
+        self.device_keys = (attribute,) + tuple(
+            k for k in FALLBACK_DEVICE_ATTRIBUTES if k != attribute
+        )
+        self._names: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+
+    def _series(self, name: str, attributes: Sequence[KeyValue]) -> str:
+        if not attributes and len(name) <= NAME_MAX:
+            return name
+        key = (name, tuple((kv.key, text_of(kv.value)) for kv in attributes))
+        found = self._names.get(key)
+        if found is None:
+            if len(self._names) >= _MAX_CACHED_NAMES:
+                self._names.clear()
+            found = self._names[key] = series_name(name, key[1])
+        return found
+
+    def gather(self, request: ExportMetricsServiceRequest) -> tuple[Records, Counter[str]]:
+        """The request's data points as packets, and those refused here by reason."""
+        records = Records.new()
+        rejected: Counter[str] = Counter()
+        for resource_metrics in request.resource_metrics:
+            device = device_of(resource_metrics.resource.attributes, self.device_keys)
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    self._gather_metric(metric, device, records, rejected)
+        return records, rejected
+
+    def _gather_metric(
+        self, metric: Metric, device: str | None, records: Records, rejected: Counter[str]
+    ) -> None:
+        which = metric.WhichOneof("data")
+        if which is None:
+            return
+        points: Sequence[Any] = getattr(metric, which).data_points
+        if device is None:
+            rejected[Reason.NO_DEVICE_ID] += len(points)
+            return
+        name, series = metric.name, self._series
+        device_ids, kinds, sizes, ts = records.device_ids, records.kinds, records.sizes, records.ts
+        v_pos, v_names, v_vals = records.v_pos, records.v_names, records.v_vals
+        single = which in _SINGLE
+        summary = which == "summary"  # a summary always has a sum; a histogram may not
+        for point in points:
+            if single:
+                value_field = point.WhichOneof("value")
+                if value_field is None:
+                    rejected[Reason.NO_VALUE] += 1
+                    continue
+            i = len(device_ids)
+            device_ids.append(device)
+            kinds.append(KIND)
+            sizes.append(point.ByteSize())
+            ts.append(point.time_unix_nano // 1_000_000)
+            if single:
+                v_pos.append(i)
+                v_names.append(series(name, point.attributes))
+                v_vals.append(float(getattr(point, value_field)))
+                continue
+            v_pos.append(i)
+            v_names.append(series(name + ".count", point.attributes))
+            v_vals.append(float(point.count))
+            if summary or point.HasField("sum"):
+                v_pos.append(i)
+                v_names.append(series(name + ".sum", point.attributes))
+                v_vals.append(point.sum)
+
+    async def export(self, request: ExportMetricsServiceRequest) -> ExportMetricsServiceResponse:
+        """Count a request's data points; the answer once they are committed. Raises
+        Refused when they cannot be taken now."""
+        records, rejected = self.gather(request)
+        outcome = await self.receiver.submit(records, rejected)
+        if not outcome.rejected:
+            return ExportMetricsServiceResponse()
+        total = outcome.rejected.total()
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(outcome.rejected.items()))
+        return ExportMetricsServiceResponse(
+            partial_success=ExportMetricsPartialSuccess(
+                rejected_data_points=total,
+                error_message=f"{total} data points rejected ({reasons}); see the README's "
+                "OTLP mapping and GET /stats",
+            )
+        )
+
+    # --- gRPC ---------------------------------------------------------------------------
+
+    async def export_rpc(
+        self, raw: bytes, context: grpc.aio.ServicerContext[bytes, ExportMetricsServiceResponse]
+    ) -> ExportMetricsServiceResponse:
+        """MetricsService/Export: the request arrives as bytes, to answer a malformed one
+        clearly."""
+        try:
+            request = ExportMetricsServiceRequest.FromString(raw)
+        except DecodeError as exc:
+            self.receiver.refuse(
+                refusal := Refused(
+                    Reason.MALFORMED_BODY,
+                    "invalid",
+                    f"malformed ExportMetricsServiceRequest ({exc})",
+                )
+            )
+            await context.abort(_GRPC_STATUS[refusal.kind], refusal.message)
+        try:
+            return await self.export(request)
+        except Refused as refusal:
+            await context.abort(_GRPC_STATUS[refusal.kind], refusal.message)
+
+    # --- HTTP ---------------------------------------------------------------------------
+
+    async def export_http(self, body: bytes, content_type: str, encoding: str) -> HttpReply:
+        """POST /v1/metrics (OTLP/HTTP): protobuf or JSON, answered in the same encoding."""
+        media = content_type.split(";", 1)[0].strip().lower()
+        try:
+            if media not in (PROTOBUF, JSON):
+                raise self.receiver.refuse(
+                    Refused(
+                        Reason.UNSUPPORTED_MEDIA_TYPE,
+                        "unsupported",
+                        f"Content-Type {media or '(none)'!r}: send {PROTOBUF} or {JSON}",
+                    )
+                )
+            data = self._decode_body(body, encoding)
+            request = self._parse(data, media)
+            response = await self.export(request)
+        except Refused as refusal:
+            return _http_refusal(refusal, media)
+        if media == JSON:
+            payload = json_format.MessageToJson(response, indent=None).encode()
+        else:
+            payload = response.SerializeToString()
+        return HttpReply(status=200, body=payload, media_type=media)
+
+    def _decode_body(self, body: bytes, encoding: str) -> bytes:
+        try:
+            return decode_body(body, encoding, self.receiver.limits.max_body_bytes)
+        except Refused as refusal:
+            raise self.receiver.refuse(refusal) from None
+
+    def _parse(self, data: bytes, media: str) -> ExportMetricsServiceRequest:
+        try:
+            if media == PROTOBUF:
+                return ExportMetricsServiceRequest.FromString(data)
+            request = ExportMetricsServiceRequest()
+            return json_format.Parse(data, request, ignore_unknown_fields=True)
+        except (DecodeError, json_format.ParseError, UnicodeDecodeError) as exc:
+            raise self.receiver.refuse(
+                Refused(
+                    Reason.MALFORMED_BODY,
+                    "invalid",
+                    f"the body is not an OTLP ExportMetricsServiceRequest in {media}: {exc}",
+                )
+            ) from None
+
+
+def _status_bytes(code: int, message: str) -> bytes:
+    """A google.rpc.Status message (code = 1, message = 2) in protobuf's encoding."""
+    text = message.encode()
+    return b"\x08" + _varint(code) + b"\x12" + _varint(len(text)) + text
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _http_refusal(refusal: Refused, media: str) -> HttpReply:
+    code = _RPC_CODE[refusal.kind]
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if refusal.kind == "unavailable" else {}
+    if media == PROTOBUF:
+        body = _status_bytes(code, refusal.message)
+    else:
+        media = JSON
+        body = json.dumps({"code": code, "message": refusal.message}).encode()
+    return HttpReply(
+        status=_HTTP_STATUS[refusal.kind], body=body, media_type=media, headers=headers
+    )
