@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -298,6 +299,10 @@ class Settings(BaseSettings):
         return None
 
 
+# What `send` speaks: gRPC TelemetryIngest, OTLP/gRPC metrics, HTTP JSON (loadgen/protocols.py).
+SendProtocol = Literal["grpc", "otlp", "http"]
+
+
 class SendSettings(BaseSettings):
     """Options of `rtmonitor send` (the load generator); environment twins RTM_SEND_*."""
 
@@ -307,6 +312,15 @@ class SendSettings(BaseSettings):
         "localhost:50051",
         description="gRPC address of the service; several, comma-separated, spread the "
         "streams (a broken stream moves on to the next).",
+    )
+    protocol: SendProtocol = Field(
+        "grpc",
+        description="grpc: TelemetryIngest (--batch-size 1: StreamPackets, more: batches); "
+        "otlp: OTLP/gRPC MetricsService/Export, --batch-size data points per export; http: "
+        "POST /v1/telemetry to --http-target, --batch-size packets per body.",
+    )
+    http_target: str = Field(
+        "http://localhost:8000", description="HTTP address of the service (--protocol http)."
     )
     devices: int = Field(100, ge=1, le=10_000_000, description="Distinct devices to simulate.")
     count: int | None = Field(
@@ -346,6 +360,8 @@ class SendSettings(BaseSettings):
             raise ValueError("give --count or --duration, not both")
         if self.columnar and self.batch_size < 2:
             raise ValueError("--columnar sends batches: give --batch-size 2 or more")
+        if self.columnar and self.protocol != "grpc":
+            raise ValueError("--columnar is a gRPC batch form: use it with --protocol grpc")
         return self
 
     @property
@@ -356,7 +372,8 @@ class SendSettings(BaseSettings):
         return self.count if self.count is not None else 10_000
 
 
-BenchMode = Literal["packets", "rows", "columns"]
+# packets, rows, columns: gRPC TelemetryIngest; otlp: OTLP/gRPC exports; http: HTTP JSON.
+BenchMode = Literal["packets", "rows", "columns", "otlp", "http"]
 
 
 class BenchSettings(BaseSettings):
@@ -366,7 +383,9 @@ class BenchSettings(BaseSettings):
 
     redis_url: str | None = Field(None, description="External Redis (default: an embedded one).")
     modes: str = Field(
-        "packets,rows,columns", description="Comma-separated: packets, rows, columns."
+        "packets,rows,columns",
+        description="Comma-separated: packets, rows, columns (gRPC), otlp (OTLP/gRPC), "
+        "http (HTTP JSON).",
     )
     devices: int = Field(100, ge=1, le=1_000_000, description="Distinct devices.")
     duration: float = Field(5.0, gt=0, description="Seconds of load per mode.")
@@ -374,6 +393,8 @@ class BenchSettings(BaseSettings):
     streams: int = Field(2, ge=1, le=256, description="gRPC streams per load generator.")
     row_batch: int = Field(1000, ge=2, description="Packets per row batch.")
     column_batch: int = Field(10_000, ge=2, description="Packets per columnar batch.")
+    otlp_batch: int = Field(1000, ge=1, description="Data points per OTLP export (mode otlp).")
+    http_batch: int = Field(1000, ge=1, description="Packets per HTTP JSON body (mode http).")
     inflight: int = Field(128, ge=1, description="Unacknowledged batches per stream (send's).")
     flush_interval: float = Field(0.2, gt=0, description="The service's flush interval.")
     workers: int = Field(1, ge=1, le=64, description="The service's --workers.")
@@ -383,9 +404,10 @@ class BenchSettings(BaseSettings):
     @property
     def mode_list(self) -> list[BenchMode]:
         modes = [m.strip() for m in self.modes.split(",") if m.strip()]
+        known = typing.get_args(BenchMode)
         for m in modes:
-            if m not in ("packets", "rows", "columns"):
-                raise ValueError(f"unknown bench mode {m!r}: use packets, rows, columns")
+            if m not in known:
+                raise ValueError(f"unknown bench mode {m!r}: use {', '.join(known)}")
         return modes  # type: ignore[return-value]
 
 

@@ -1,9 +1,10 @@
 """`rtmonitor bench`: the service under load from separate processes, verified exactly.
 
-For each mode (per-packet StreamPackets, row batches, columnar batches) it starts a fresh
-`rtmonitor serve` on free ports (one Redis for all, each mode with its own key prefix),
-drives it from load-generator processes, probes freshness and HTTP latency while the load
-runs, waits until every acknowledged packet is visible, checks every device's count, and
+For each mode (per-packet StreamPackets, row batches, columnar batches; OTLP/gRPC exports
+and HTTP JSON bodies: MODES) it starts a fresh `rtmonitor serve` on free ports (one Redis
+for all, each mode with its own key prefix), drives it from load-generator processes,
+probes freshness and HTTP latency while the load runs, waits until every acknowledged
+packet is visible, checks every device's count, and, for the TelemetryIngest modes,
 measures the same transport with the work removed (`serve --noop`) as the ceiling.
 """
 
@@ -17,7 +18,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,14 +169,38 @@ async def _probe(
     return {"freshness_ms": fresh, "get_device_ms": device_ms, "get_metrics_ms": list_ms}
 
 
-def _send_options(opts: BenchSettings, mode: BenchMode, target: str, i: int) -> dict[str, Any]:
-    batch = {"packets": 1, "rows": opts.row_batch, "columns": opts.column_batch}[mode]
+@dataclass(frozen=True, slots=True)
+class _Mode:
+    """How `send` drives one bench mode: its protocol, packets per message, and whether the
+    no-op ceiling (`serve --noop`, TelemetryIngest only) applies."""
+
+    protocol: str
+    batch: Callable[[BenchSettings], int]
+    columnar: bool = False
+    ceiling: bool = True
+
+
+MODES: dict[str, _Mode] = {
+    "packets": _Mode("grpc", lambda o: 1),
+    "rows": _Mode("grpc", lambda o: o.row_batch),
+    "columns": _Mode("grpc", lambda o: o.column_batch, columnar=True),
+    "otlp": _Mode("otlp", lambda o: o.otlp_batch, ceiling=False),
+    "http": _Mode("http", lambda o: o.http_batch, ceiling=False),
+}
+
+
+def _send_options(
+    opts: BenchSettings, mode: BenchMode, svc: ServeProcess, i: int
+) -> dict[str, Any]:
+    spec = MODES[mode]
     return {
-        "target": target,
+        "protocol": spec.protocol,
+        "target": svc.target,
+        "http_target": svc.http,
         "devices": opts.devices,
         "duration": opts.duration,
-        "batch_size": batch,
-        "columnar": mode == "columns",
+        "batch_size": spec.batch(opts),
+        "columnar": spec.columnar,
         "streams": opts.streams,
         "inflight": opts.inflight,
         "device_prefix": f"s{i}-",
@@ -197,7 +224,7 @@ def run_mode(
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
             futures = [
-                pool.submit(_sender_main, _send_options(opts, mode, svc.target, i))
+                pool.submit(_sender_main, _send_options(opts, mode, svc, i))
                 for i in range(opts.senders)
             ]
 
@@ -288,7 +315,7 @@ def run_bench(opts: BenchSettings) -> int:
             run_id = f"{int(time.time())}"
             for mode in modes:
                 r = run_mode(opts, mode, redis.url, f"bench{run_id}{mode}", noop=False)
-                if opts.ceiling:
+                if opts.ceiling and MODES[mode].ceiling:
                     c = run_mode(opts, mode, redis.url, f"bench{run_id}{mode}noop", noop=True)
                     r["ceiling_pps"] = c["acked_pps"]
                     r["ratio_to_ceiling"] = round(r["e2e_pps"] / c["acked_pps"], 3)
