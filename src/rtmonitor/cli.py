@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import types
 import typing
@@ -15,11 +16,14 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from rtmonitor import __version__
+from rtmonitor.auth import SCOPES, AuthFileError, new_token
 from rtmonitor.config import BenchSettings, SendSettings, Settings, TopSettings
 from rtmonitor.logs import redact_url, setup_logging
 
 # Settings fields that are environment-only (the seed's variables) or named differently.
 _NO_FLAG = {"redis_host", "redis_port"}
+_PATHS = {"auth_file", "tls_cert", "tls_key", "tls_client_ca", "tls_ca", "server_tls_cert",
+          "server_tls_key"}  # fmt: skip
 _METAVARS = {int: "N", float: "SECONDS", Path: "DIR", str: "TEXT"}
 
 
@@ -32,6 +36,8 @@ def _add_flags(parser: argparse.ArgumentParser, model: type[BaseSettings], env_p
         env = f"{env_prefix}{name.upper()}"
         if name == "redis_url":
             env += " or REDIS_URL"
+        if name == "token":
+            env = "RTM_TOKEN"
         help_text = f"{field.description or ''} [env {env}; default {_default(field)}]"
         kind = _base_type(field.annotation)
         if kind is bool:
@@ -48,7 +54,7 @@ def _add_flags(parser: argparse.ArgumentParser, model: type[BaseSettings], env_p
                 dest=name,
                 default=None,
                 type=cast(Callable[[str], Any], kind),
-                metavar=_METAVARS.get(kind, "TEXT"),
+                metavar="PATH" if name in _PATHS else _METAVARS.get(kind, "TEXT"),
                 help=help_text,
             )
 
@@ -107,7 +113,41 @@ def make_parser() -> argparse.ArgumentParser:
     _add_flags(bench, BenchSettings, "RTM_BENCH_")
     top = sub.add_parser("top", help="terminal live view of the busiest devices")
     _add_flags(top, TopSettings, "RTM_TOP_")
+    token = sub.add_parser("token", help="manage bearer tokens of the auth file")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    new = token_sub.add_parser(
+        "new",
+        help="print a fresh secret (once, on stderr) and the [[token]] block for --auth-file "
+        "(on stdout: `rtmonitor token new ... >> tokens.toml`)",
+    )
+    new.add_argument("--name", required=True, help="who the token is for (logs, /stats)")
+    new.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        choices=SCOPES,
+        help="ingest, read or admin (ingest + read + /stats); repeat for several",
+    )
+    new.add_argument("--device-prefix", help="may only write devices whose id starts with this")
+    new.add_argument("--json", action="store_true", help="print name, secret and block as JSON")
     return parser
+
+
+def _token_new(args: argparse.Namespace) -> int:
+    try:
+        secret, block = new_token(args.name, args.scope, args.device_prefix)
+    except AuthFileError as exc:
+        sys.exit(f"rtmonitor token new: {exc}")
+    if args.json:
+        print(json.dumps({"name": args.name, "secret": secret, "toml": block}))
+        return 0
+    print(
+        f"# secret of token {args.name!r} (shown once, stored nowhere; clients send it as "
+        f"`authorization: Bearer <secret>`, e.g. RTM_TOKEN):\n{secret}",
+        file=sys.stderr,
+    )
+    print(block, end="")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -130,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from rtmonitor.loadgen.bench import run_bench
 
         sys.exit(run_bench(bench_options))
+    elif args.command == "token":
+        sys.exit(_token_new(args))
     elif args.command == "top":
         top_options = _build(TopSettings, args)
         from rtmonitor.api.top import run_top

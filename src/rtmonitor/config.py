@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import typing
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -22,7 +23,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RTM_", extra="forbid", frozen=True)
 
     # --- where to listen ---------------------------------------------------
-    host: str = Field("0.0.0.0", description="Address the gRPC and HTTP servers bind to.")
+    # Protected by default (Redis' protected mode): without an auth file the service binds
+    # loopback only, and refuses a non-loopback address unless told it is meant to be open.
+    host: str = Field(
+        "127.0.0.1",  # _default_host: 0.0.0.0 with an auth file
+        description="Address the gRPC and HTTP servers bind to (default 0.0.0.0 with "
+        "--auth-file, else 127.0.0.1).",
+    )
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
     # Each open connection holds a file descriptor, idle or not; dashboards and scrapers
@@ -38,6 +45,27 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds an HTTP connection may wait for a complete request (after "
         "connecting or after its last response) before it is closed.",
+    )
+
+    # --- security -------------------------------------------------------------
+    auth_file: Path | None = Field(
+        None,
+        description="TOML file of bearer tokens (SHA-256 digests, scopes, device prefixes); "
+        "reloaded on SIGHUP and when it changes. None: no authentication.",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve a non-loopback --host without --auth-file (anyone who reaches "
+        "the ports can write and read everything).",
+    )
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate (chain) for TLS on gRPC and HTTPS; needs --tls-key."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="PEM CA bundle: clients must present a certificate it signed (mTLS) on "
+        "gRPC and HTTPS; needs --tls-cert.",
     )
 
     # --- Redis ---------------------------------------------------------------
@@ -261,8 +289,16 @@ class Settings(BaseSettings):
             data["log_level"] = data["log_level"].lower()
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_host(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("host") is None:
+            data["host"] = "0.0.0.0" if data.get("auth_file") else "127.0.0.1"
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Self:
+        self._check_security()
         if self.redis_url is not None and not self.redis_url.startswith(
             ("redis://", "rediss://", "unix://")
         ):
@@ -289,6 +325,32 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_PORT is set but REDIS_HOST is not: set both, or REDIS_URL")
         return self
 
+    def _check_security(self) -> None:
+        if self.auth_file is None and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(
+                f"--host {self.host} is reachable from the network but no --auth-file "
+                "(RTM_AUTH_FILE) is given: anyone could write and read every device. Give "
+                "--auth-file PATH (tokens: `rtmonitor token new`), bind 127.0.0.1, or opt out "
+                "explicitly with --allow-unauthenticated (RTM_ALLOW_UNAUTHENTICATED=true)"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        for flag, path in (
+            ("--auth-file", self.auth_file),
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag} {str(path)!r} is not a readable file")
+
+    @property
+    def tls(self) -> bool:
+        """True if gRPC and HTTP serve TLS."""
+        return self.tls_cert is not None
+
     @property
     def external_redis_url(self) -> str | None:
         """The external Redis to use, or None for the embedded one."""
@@ -303,7 +365,32 @@ class Settings(BaseSettings):
 SendProtocol = Literal["grpc", "otlp", "http"]
 
 
-class SendSettings(BaseSettings):
+class ClientSecuritySettings(BaseSettings):
+    """A client's token and TLS files (`send`, `bench`, `top`)."""
+
+    # RTM_TOKEN for every client: a secret belongs in the environment, not on a command
+    # line that every local user can read (ps).
+    token: str | None = Field(
+        None,
+        validation_alias=AliasChoices("token", "RTM_TOKEN"),
+        description="Bearer token (prefer the environment: a command line is visible to ps).",
+    )
+    tls_ca: Path | None = Field(
+        None, description="Use TLS and trust this PEM CA (the one that signed the server's)."
+    )
+    tls_cert: Path | None = Field(
+        None, description="Use TLS and present this PEM client certificate (mTLS)."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")
+
+    @model_validator(mode="after")
+    def _client_tls(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both, or neither")
+        return self
+
+
+class SendSettings(ClientSecuritySettings):
     """Options of `rtmonitor send` (the load generator); environment twins RTM_SEND_*."""
 
     model_config = SettingsConfigDict(env_prefix="RTM_SEND_", extra="forbid", frozen=True)
@@ -376,7 +463,7 @@ class SendSettings(BaseSettings):
 BenchMode = Literal["packets", "rows", "columns", "otlp", "http"]
 
 
-class BenchSettings(BaseSettings):
+class BenchSettings(ClientSecuritySettings):
     """Options of `rtmonitor bench`; environment twins RTM_BENCH_*."""
 
     model_config = SettingsConfigDict(env_prefix="RTM_BENCH_", extra="forbid", frozen=True)
@@ -399,6 +486,12 @@ class BenchSettings(BaseSettings):
     flush_interval: float = Field(0.2, gt=0, description="The service's flush interval.")
     workers: int = Field(1, ge=1, le=64, description="The service's --workers.")
     ceiling: bool = Field(True, description="Also measure the no-op ceiling of each mode.")
+    # The served side of --token / --tls-ca: the service bench starts uses these.
+    auth_file: Path | None = Field(None, description="The service's --auth-file (with --token).")
+    server_tls_cert: Path | None = Field(
+        None, description="The service's --tls-cert (with --tls-ca); needs --server-tls-key."
+    )
+    server_tls_key: Path | None = Field(None, description="The service's --tls-key.")
     output: Path = Field(Path("benchmarks/results.json"), description="Where to write JSON.")
 
     @property
@@ -411,7 +504,7 @@ class BenchSettings(BaseSettings):
         return modes  # type: ignore[return-value]
 
 
-class TopSettings(BaseSettings):
+class TopSettings(ClientSecuritySettings):
     """Options of `rtmonitor top`; environment twins RTM_TOP_*."""
 
     model_config = SettingsConfigDict(env_prefix="RTM_TOP_", extra="forbid", frozen=True)
@@ -423,6 +516,16 @@ class TopSettings(BaseSettings):
         "", max_length=DEVICE_ID_MAX, description="Only devices with this id prefix."
     )
     once: bool = Field(False, description="Print one frame and exit (for scripts).")
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class StartupError(RuntimeError):

@@ -411,6 +411,8 @@ class IngestStats:
     inflight_message_waits: int = 0
     streams_idle_closed: int = 0
     devices_known: int = 0
+    # Refused tokens and packets outside a token's device prefix, by `<reason>:<token>`.
+    auth_refused: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -532,6 +534,7 @@ class ServiceStats:
     instances_error: str | None = None  # why the published instances could not be read
     http: dict[str, Any] | None = None
     embedded_redis: dict[str, Any] | None = None
+    auth: dict[str, Any] | None = None  # the tokens in force (names) and refusals
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -545,6 +548,7 @@ class ServiceStats:
             "instances_error": self.instances_error,
             "http": self.http,
             "embedded_redis": self.embedded_redis,
+            "auth": self.auth,
         }
 
 

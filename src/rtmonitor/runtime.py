@@ -29,7 +29,8 @@ from typing import Literal
 from redis.exceptions import RedisError
 
 from rtmonitor.api.node import HttpNode, fd_limit
-from rtmonitor.config import Settings, StartupError
+from rtmonitor.auth import AuthFileError, TokenRegistry
+from rtmonitor.config import Settings, StartupError, is_loopback
 from rtmonitor.ingest.node import IngestNode
 from rtmonitor.logs import redact_url, setup_logging
 from rtmonitor.model import InstanceStats, PipelineStats, ServiceStats
@@ -135,8 +136,11 @@ class Runtime:
         role: Role = "single",
         supervisor: Supervisor | None = None,
         on_ready: Callable[[], None] | None = None,
+        auth: TokenRegistry | None = None,
     ) -> None:
         self.settings = settings
+        # The tokens in force, shared by this process's nodes (disabled without a file).
+        self.auth = auth if auth is not None else TokenRegistry(None)
         self.redis = redis
         self.role = role
         self.supervisor = supervisor
@@ -162,6 +166,7 @@ class Runtime:
             signals = (signal.SIGINT, signal.SIGTERM)
         for sig in signals:
             loop.add_signal_handler(sig, self.handle_exit, sig)
+        self.auth.install_sighup(loop)  # reload the auth file
 
     def handle_exit(self, sig: int) -> None:
         """First signal: shut down in order. Second: exit now."""
@@ -199,6 +204,9 @@ class Runtime:
             )
             if self.should_exit.is_set():
                 return
+            if self.auth.enabled:
+                watch = asyncio.create_task(self.auth.watch(), name="auth-file")
+                stack.callback(watch.cancel)
             # 5.
             if self.role != "worker":
                 # The HTTP receivers (POST /v1/telemetry, /v1/metrics) feed this process's
@@ -206,7 +214,14 @@ class Runtime:
                 # this process has none.
                 receivers = None if self.role == "api" else self._receivers
                 self.http = await stack.enter_async_context(
-                    HttpNode(self.settings, self.store, self.readiness, self.stats, receivers)
+                    HttpNode(
+                        self.settings,
+                        self.store,
+                        self.readiness,
+                        self.stats,
+                        receivers,
+                        auth=self.auth,
+                    )
                 )
             # 1-4, in the workers.
             if self.supervisor is not None:
@@ -217,7 +232,12 @@ class Runtime:
             # 1-4.
             if self.role != "api":
                 self.ingest = await stack.enter_async_context(
-                    IngestNode(self.settings, self.store, reuse_port=self.role == "worker")
+                    IngestNode(
+                        self.settings,
+                        self.store,
+                        reuse_port=self.role == "worker",
+                        auth=self.auth,
+                    )
                 )
             self._log_ready()
             _tune_gc()
@@ -293,6 +313,7 @@ class Runtime:
             instances_error=error,
             http=guard.stats() if guard is not None else None,
             embedded_redis=embedded.stats() if embedded is not None else None,
+            auth=self.auth.stats(),
         )
 
     async def _published(self) -> tuple[dict[str, InstanceStats], str | None]:
@@ -358,6 +379,26 @@ def check_data_dir(settings: Settings) -> None:
         ) from None
 
 
+def open_auth(settings: Settings) -> TokenRegistry:
+    """The auth file's tokens (StartupError naming the line if it is malformed); without
+    one, a warning when the service is reachable from the network (the operator's
+    explicit --allow-unauthenticated: config.Settings refuses it otherwise)."""
+    if settings.auth_file is None:
+        if not is_loopback(settings.host):
+            logger.warning(
+                "no --auth-file and --allow-unauthenticated: anyone who reaches %s can write "
+                "and read every device",
+                settings.host,
+            )
+        return TokenRegistry(None)
+    try:
+        auth = TokenRegistry(settings.auth_file)
+    except AuthFileError as exc:
+        raise StartupError(str(exc)) from None
+    logger.info("auth file %s: %d tokens", settings.auth_file, len(auth.tokens))
+    return auth
+
+
 # --- entry points ---------------------------------------------------------------------------
 
 
@@ -366,6 +407,7 @@ def run(settings: Settings) -> int:
     process exit code."""
     raise_fd_limit()  # the workers inherit it
     try:
+        auth = open_auth(settings)
         check_data_dir(settings)
         with redis_server(
             settings.external_redis_url,
@@ -379,9 +421,10 @@ def run(settings: Settings) -> int:
                 # The workers reach the embedded Redis by its URL (with the password) like
                 # any Redis; this process supervises it and stops it last.
                 supervisor = Supervisor(settings, redis.url, worker_main)
-                asyncio.run(Runtime(settings, redis, role="api", supervisor=supervisor).serve())
+                runtime = Runtime(settings, redis, role="api", supervisor=supervisor, auth=auth)
+                asyncio.run(runtime.serve())
             else:
-                asyncio.run(Runtime(settings, redis).serve())
+                asyncio.run(Runtime(settings, redis, auth=auth).serve())
     except (StartupError, EmbeddedRedisError) as exc:
         logger.error("%s", exc)
         return 2
@@ -400,7 +443,10 @@ def worker_main(settings: Settings, redis_url: str, index: int, serving: EventTy
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
     try:
-        runtime = Runtime(settings, RedisServer(redis_url), role="worker", on_ready=serving.set)
+        auth = open_auth(settings)
+        runtime = Runtime(
+            settings, RedisServer(redis_url), role="worker", on_ready=serving.set, auth=auth
+        )
         asyncio.run(runtime.serve())
     except StartupError as exc:
         logger.error("%s", exc)

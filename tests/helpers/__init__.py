@@ -20,6 +20,7 @@ import httpx
 
 from helpers.cluster import RedisClusterFixture
 from helpers.columns import encode_columns
+from rtmonitor.clients import ClientSecurity
 from rtmonitor.config import SendSettings
 from rtmonitor.ingest.rpc import STREAM_BATCHES, STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
@@ -57,6 +58,7 @@ class ServiceProcess(ServeProcess):
         grpc_port: int | None = None,
         http_port: int | None = None,
         limits: dict[int, tuple[int, int]] | None = None,
+        client: ClientSecurity | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.limits = limits
@@ -77,6 +79,7 @@ class ServiceProcess(ServeProcess):
             http_port=http_port,
             output=self._log,
             preexec_fn=_set_limits(limits) if limits else None,
+            client=client,
         )
 
     def restarted(self, log_path: Path) -> ServiceProcess:
@@ -89,6 +92,7 @@ class ServiceProcess(ServeProcess):
             grpc_port=self.grpc_port,
             http_port=self.http_port,
             limits=self.limits,
+            client=self.client,
         )
 
     def log(self) -> str:

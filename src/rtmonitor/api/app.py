@@ -2,7 +2,9 @@
 and a lifespan that owns the live feed.
 
 GET /metrics, /metrics/{device_id}, /stream, /healthz, /readyz, /stats, the dashboard at /,
-the HTTP receivers POST /v1/telemetry and /v1/metrics, and the OpenAPI contract at /docs.
+the HTTP receivers POST /v1/telemetry and /v1/metrics, POST /login and /logout (the
+dashboard's session cookie), and the OpenAPI contract at /docs. Who may read what:
+api/security.py.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from rtmonitor import __version__
+from rtmonitor.api import security
 from rtmonitor.api.deps import ApiLimits, ApiState, IngestSource, ReadinessCheck, StatsSource
 from rtmonitor.api.routes import dashboard, live, metrics, ops, receive
 from rtmonitor.api.stream import TRANSPORT
+from rtmonitor.auth import TokenRegistry
 from rtmonitor.storage.store import RedisStore
 
 logger = logging.getLogger(__name__)
@@ -43,13 +47,19 @@ def create_app(
     stats: StatsSource,
     limits: ApiLimits,
     ingest: IngestSource | None = None,
+    *,
+    auth: TokenRegistry | None = None,
+    secure_cookies: bool = False,
 ) -> FastAPI:
     """Build the app around the process's one store (owned and closed by the runtime);
-    `ingest`: the HTTP receivers of this process's ingest node (None: it has none)."""
+    `ingest`: the HTTP receivers of this process's ingest node (None: it has none);
+    `auth` None or disabled: every route is open (loopback, or --allow-unauthenticated)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = app.state.api = ApiState.open(store, readiness, stats, limits, ingest)
+        state = app.state.api = ApiState.open(
+            store, readiness, stats, limits, auth, secure_cookies, ingest
+        )
         try:
             yield
         finally:
@@ -65,7 +75,8 @@ def create_app(
         ),
     )
     app.add_exception_handler(RedisError, redis_unavailable)  # type: ignore[arg-type]
-    for router in (metrics.router, live.router, ops.router, receive.router, dashboard.router):
+    routers = (metrics.router, live.router, ops.router, receive.router, security.router)
+    for router in (*routers, dashboard.router):
         app.include_router(router)
     app.mount("/static", dashboard.static_files(), name="static")
     return app

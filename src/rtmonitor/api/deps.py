@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 
 from rtmonitor.api.schemas import JsonRender
 from rtmonitor.api.stream import ChangeFeed, StreamStats
+from rtmonitor.auth import TokenRegistry
 from rtmonitor.config import Settings
 from rtmonitor.model import HttpReply, ServiceStats
 from rtmonitor.storage.store import RedisStore
@@ -108,6 +109,10 @@ class ApiState:
     # many wait), so many at once cannot add up.
     pages: asyncio.Semaphore
     refused: Counter[str] = field(default_factory=Counter)  # requests refused, by reason
+    # The tokens in force (disabled without an auth file), and whether the login cookie
+    # is marked Secure (the service serves TLS).
+    auth: TokenRegistry = field(default_factory=lambda: TokenRegistry(None))
+    secure_cookies: bool = False
     # None: this process serves no HTTP receivers (`serve --workers`' HTTP process)
     ingest: IngestSource | None = None
 
@@ -118,9 +123,13 @@ class ApiState:
         readiness: ReadinessCheck,
         stats: StatsSource,
         limits: ApiLimits,
+        auth: TokenRegistry | None = None,
+        secure_cookies: bool = False,
         ingest: IngestSource | None = None,
     ) -> Self:
         return cls(
+            auth=auth if auth is not None else TokenRegistry(None),
+            secure_cookies=secure_cookies,
             ingest=ingest,
             store=store,
             readiness=readiness,

@@ -7,13 +7,16 @@ import contextlib
 import logging
 import resource
 import socket
+import ssl
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 
 from rtmonitor.api.app import create_app
 from rtmonitor.api.connections import ConnectionGuard
 from rtmonitor.api.deps import ApiLimits, IngestSource, ReadinessCheck, StatsSource
+from rtmonitor.auth import TokenRegistry
 from rtmonitor.config import Settings, StartupError
 from rtmonitor.lifecycle import Node
 from rtmonitor.storage.store import RedisStore
@@ -49,9 +52,19 @@ class HttpNode(Node):
         readiness: ReadinessCheck,
         stats: StatsSource,
         ingest: IngestSource | None = None,
+        *,
+        auth: TokenRegistry | None = None,
     ) -> None:
         self.settings = settings
-        self.app = create_app(store, readiness, stats, ApiLimits.from_settings(settings), ingest)
+        self.app = create_app(
+            store,
+            readiness,
+            stats,
+            ApiLimits.from_settings(settings),
+            ingest,
+            auth=auth,
+            secure_cookies=settings.tls,
+        )
         self.port: int | None = None
         self._server: _HttpServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -86,6 +99,7 @@ class HttpNode(Node):
             timeout_graceful_shutdown=5,
             timeout_keep_alive=max(1, round(s.http_idle_timeout)),
             backlog=min(2048, max(16, max_connections)),
+            **tls_options(s),
         )
         server = self._server = _HttpServer(config, guard)
         self._task = task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
@@ -121,6 +135,17 @@ class HttpNode(Node):
             ) from None
         sock.set_inheritable(True)
         return sock
+
+
+def tls_options(s: Settings) -> dict[str, Any]:
+    """uvicorn's HTTPS options from --tls-cert/--tls-key (client certificates required with
+    --tls-client-ca), or none."""
+    if s.tls_cert is None or s.tls_key is None:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": str(s.tls_cert), "ssl_keyfile": str(s.tls_key)}
+    if s.tls_client_ca is not None:
+        options |= {"ssl_ca_certs": str(s.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options
 
 
 def fd_limit() -> int:

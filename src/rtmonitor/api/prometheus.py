@@ -134,6 +134,7 @@ def exposition(
     )
     _self_metrics(w, stats)
     _process_metrics(w, stats, api)
+    _auth_metrics(w, stats)
     return w.render()
 
 
@@ -312,3 +313,30 @@ def _process_metrics(w: _Writer, stats: ServiceStats, api: ApiStats) -> None:
              ({"reason": "evicted"}, http.get("evicted", 0)),
              ({"reason": "stalled"}, http.get("stalled_reset", 0))],
         )  # fmt: skip
+
+
+def _auth_metrics(w: _Writer, stats: ServiceStats) -> None:
+    """Refused tokens and out-of-prefix packets, by surface, reason and token name: the
+    ingest side summed over the instances, the HTTP side this process's."""
+    samples: list[tuple[dict[str, str], float]] = []
+    auth = stats.auth or {}
+    sides = [("ingest", stats.total.ingest.auth_refused)]
+    sides.append(("http", auth.get("refused", {}).get("http", {})))
+    for surface, counts in sides:
+        for key, n in sorted(counts.items()):
+            reason, _, token = key.partition(":")
+            samples.append(({"surface": surface, "reason": reason, "token": token}, n))
+    w.family(
+        "rtm_auth_refused",
+        "counter",
+        "Requests, streams and packets refused by authentication or authorization, by "
+        "surface, reason and token name (`-`: no known token); device_not_permitted counts "
+        "packets.",
+        samples,
+    )
+    if auth.get("enabled"):
+        w.family("rtm_auth_tokens", "gauge", "Tokens in force (the auth file).",
+                 [({}, len(auth.get("tokens", ())))])  # fmt: skip
+        w.family("rtm_auth_reload_errors", "counter",
+                 "Auth file reloads refused (the previous tokens stayed in force).",
+                 [({}, auth.get("reload_errors", 0))])  # fmt: skip

@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from rtmonitor.clients import ClientSecurity
 from rtmonitor.config import TopSettings
 from rtmonitor.model import RATE_WINDOWS_S, rate_key
 
@@ -77,7 +78,7 @@ def fetch(client: httpx.Client, opts: TopSettings) -> dict[str, Any]:
 
 def run_top(opts: TopSettings) -> int:
     console = Console()
-    with httpx.Client(base_url=opts.url, timeout=5) as client:
+    with ClientSecurity.of(opts).http_client(base_url=opts.url, timeout=5) as client:
         try:
             page = fetch(client, opts)
         except httpx.HTTPError as exc:

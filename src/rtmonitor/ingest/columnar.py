@@ -297,23 +297,27 @@ def parse_batch(raw: bytes, max_packets: int, compiled: bool = C_ROWS) -> Parsed
 
 
 def decode_columns(
-    cols: Columns, validator: Validator, recv_ms: int
+    cols: Columns, validator: Validator, recv_ms: int, device_prefix: str | None = None
 ) -> tuple[BatchDelta, Counter[str]]:
     """A columnar batch: the aggregated delta of its accepted packets, and the refused ones
     by reason. Raises ColumnsError if the message itself is inconsistent or exceeds a bound
-    (see check_columns)."""
+    (see check_columns). With `device_prefix`, packets of other devices are refused
+    (`device_not_permitted`)."""
     check_columns(cols, validator.limits.max_values_per_packet)
     if cols.count == 0:
         return BatchDelta.empty(), Counter()
-    return _validate_and_aggregate(_table_from_columns(cols), validator, recv_ms)
+    return _validate_and_aggregate(_table_from_columns(cols), validator, recv_ms, device_prefix)
 
 
 def decode_rows(
-    rows: _Table | Sequence[Packet], validator: Validator, recv_ms: int
+    rows: _Table | Sequence[Packet],
+    validator: Validator,
+    recv_ms: int,
+    device_prefix: str | None = None,
 ) -> tuple[BatchDelta, Counter[str]]:
     """A row batch (read by the C reader, or protobuf's packets): the aggregated delta of its
     accepted packets, and the refused ones by reason — the same result as the same packets
-    sent as columns."""
+    sent as columns (`device_prefix` as for decode_columns)."""
     if not isinstance(rows, _Table):
         if not rows:
             return BatchDelta.empty(), Counter()
@@ -321,13 +325,13 @@ def decode_rows(
         rows = _table_from_rows(list(rows))
     if rows.n == 0:
         return BatchDelta.empty(), Counter()
-    return _validate_and_aggregate(rows, validator, recv_ms)
+    return _validate_and_aggregate(rows, validator, recv_ms, device_prefix)
 
 
 def _validate_and_aggregate(
-    t: _Table, validator: Validator, recv_ms: int
+    t: _Table, validator: Validator, recv_ms: int, device_prefix: str | None = None
 ) -> tuple[BatchDelta, Counter[str]]:
-    code = _reason_codes(t, validator, recv_ms)
+    code = _reason_codes(t, validator, recv_ms, device_prefix)
     ok = code == 0
     if ok.any():
         _admit(t, validator, code, ok)
@@ -342,7 +346,9 @@ def _validate_and_aggregate(
     return _aggregate(t, ok, recv_ms), rejected
 
 
-def _reason_codes(t: _Table, validator: Validator, recv_ms: int) -> npt.NDArray[np.uint8]:
+def _reason_codes(
+    t: _Table, validator: Validator, recv_ms: int, device_prefix: str | None
+) -> npt.NDArray[np.uint8]:
     """Per packet: 0 if it passes the stateless checks, else its reason's code."""
     n, lim = t.n, validator.limits
     # Reason codes, later checks first so that the earliest failing check wins (the same
@@ -367,14 +373,26 @@ def _reason_codes(t: _Table, validator: Validator, recv_ms: int) -> npt.NDArray[
         code[(t.ts < 0) | (t.ts > recv_ms + MAX_CLOCK_AHEAD_MS)] = _CODE[Reason.BAD_TIMESTAMP]
     if t.size is not None:
         code[t.size > lim.max_payload_bytes] = _CODE[Reason.PAYLOAD_TOO_LARGE]
-    dev_code = np.array(
-        [_CODE[r] if (r := validator.device_reason(d)) else 0 for d in t.device_ids] + [_BAD_INDEX],
-        dtype=np.uint8,
-    )
+    dev_code = _device_codes(t.device_ids, validator, device_prefix)
     if dev_code.any():
         by_dev = dev_code[t.dev_idx]
         code = np.where(by_dev != 0, by_dev, code)
     return code
+
+
+def _device_codes(
+    device_ids: list[str], validator: Validator, prefix: str | None
+) -> npt.NDArray[np.uint8]:
+    """Per distinct device of the batch (plus a last slot for an index past the client's
+    dictionary): its refusal code, or 0. A device outside the token's prefix is refused
+    before anything else is checked (it must not take a --max-devices slot)."""
+    codes = [_CODE[r] if (r := validator.device_reason(d)) else 0 for d in device_ids]
+    if prefix is not None:
+        deny = _CODE[Reason.DEVICE_NOT_PERMITTED]
+        codes = [
+            c if d.startswith(prefix) else deny for c, d in zip(codes, device_ids, strict=True)
+        ]
+    return np.array([*codes, _BAD_INDEX], dtype=np.uint8)
 
 
 def _aggregate(t: _Table, ok: npt.NDArray[np.bool_], recv_ms: int) -> BatchDelta:

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from redis.exceptions import RedisError
 
+from rtmonitor.auth import TokenRegistry
 from rtmonitor.config import Settings, StartupError
 from rtmonitor.ingest.columnar import C_ROWS
 from rtmonitor.ingest.http_json import JsonReceiver
@@ -39,13 +40,34 @@ STATS_INTERVAL_S = 1.0
 STATS_TIMEOUT_S = 2.0
 
 
+def server_credentials(s: Settings) -> grpc.ServerCredentials | None:
+    """TLS for gRPC from --tls-cert/--tls-key (and mTLS with --tls-client-ca), or None."""
+    if s.tls_cert is None or s.tls_key is None:
+        return None
+    client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class IngestNode(Node):
     """`async with IngestNode(...)`: serving gRPC on entry; on exit stops in order (see
     stop()) losing no acknowledged packet."""
 
-    def __init__(self, settings: Settings, store: RedisStore, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: RedisStore,
+        *,
+        reuse_port: bool = False,
+        auth: TokenRegistry | None = None,
+    ) -> None:
         s = self.settings = settings
         self.store = store
+        # The tokens in force (the runtime's, shared with HTTP); disabled without a file.
+        self.auth = auth if auth is not None else TokenRegistry(None)
         self.reuse_port = reuse_port  # --workers: every worker binds the same port
         self.pipeline = Pipeline(settings, RedisCommitter(store))
         self.validator = Validator(
@@ -67,6 +89,7 @@ class IngestNode(Node):
             max_streams_per_peer=s.max_streams_per_peer,
             max_inflight_message_bytes=s.max_inflight_message_bytes,
             idle_timeout=s.stream_idle_timeout,
+            auth=self.auth,
         )
         self.receiver = Receiver(
             self.validator,
@@ -113,8 +136,15 @@ class IngestNode(Node):
             noop=s.noop,
             reuse_port=self.reuse_port,
         )
+        address = f"{s.host}:{s.grpc_port}"
         try:
-            self.grpc_port = self._server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            credentials = server_credentials(s)
+            if credentials is None:
+                self.grpc_port = self._server.add_insecure_port(address)
+            else:
+                self.grpc_port = self._server.add_secure_port(address, credentials)
+        except OSError as exc:
+            raise StartupError(f"cannot read the TLS files: {exc}") from None
         except RuntimeError as exc:
             raise StartupError(
                 f"cannot listen for gRPC on {s.host}:{s.grpc_port} ({exc}): the port is in use "
@@ -186,6 +216,7 @@ class IngestNode(Node):
             inflight_message_waits=servicer.budget.waits,
             streams_idle_closed=servicer.streams_idle_closed,
             devices_known=self.validator.device_count,
+            auth_refused=self.auth.refusals(exclude=("http",)),
         )
         return dataclasses.replace(self.pipeline.stats(), ingest=ingest)
 

@@ -7,13 +7,20 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from rtmonitor.auth import (
+    TOKEN_REVOKED,
+    AuthError,
+    Principal,
+    TokenRegistry,
+    device_refusal,
+)
 from rtmonitor.ingest.budget import ByteBudget
 from rtmonitor.ingest.columnar import (
     BatchTooLarge,
@@ -22,9 +29,10 @@ from rtmonitor.ingest.columnar import (
     decode_rows,
     parse_batch,
 )
+from rtmonitor.ingest.guard import SURFACE, authorize, peer_host
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, BatchAck, Packet
 from rtmonitor.ingest.validation import Reason, Validator
-from rtmonitor.model import DEVICE_ID_MAX, ID_ALPHABET, ID_CHARS
+from rtmonitor.model import DEVICE_ID_MAX, ID_ALPHABET, ID_CHARS, Row
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.queue import PacketQueue, QueueClosed
 from rtmonitor.pipeline.work import BatchWork, CommitFailed, CommitTracker, StreamRows, Work
@@ -66,27 +74,21 @@ _PRODUCER_ID = re.compile(f"[{ID_CHARS}]{{1,{DEVICE_ID_MAX}}}")
 
 
 class _Stream:
-    """One open stream's reader, watched for idleness."""
+    """One open stream's reader, watched for idleness and for its token's removal."""
 
-    __slots__ = ("task", "last_activity", "busy", "idle")
+    __slots__ = ("task", "last_activity", "busy", "idle", "principal", "revoked")
 
-    def __init__(self) -> None:
+    def __init__(self, principal: Principal) -> None:
         self.task: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         self.busy = False  # processing a message (maybe waiting on backpressure): not idle
         self.idle = False  # ended by the idle timeout
+        self.principal = principal
+        self.revoked = False  # ended because its token left the auth file
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def peer_host(peer: str) -> str:
-    """A client's address without its port ("ipv4:10.0.0.7:53211" -> "ipv4:10.0.0.7",
-    "ipv6:[::1]:53211" -> "ipv6:[::1]"): every connection of one host is one peer."""
-    if peer.startswith(("ipv4:", "ipv6:")):
-        return peer.rpartition(":")[0]
-    return peer  # unix sockets and anything else: as given
 
 
 class IngestServicer:
@@ -106,8 +108,10 @@ class IngestServicer:
         max_streams_per_peer: int = 64,
         max_inflight_message_bytes: int = 128 * 1024 * 1024,
         idle_timeout: float = 300.0,
+        auth: TokenRegistry | None = None,
     ) -> None:
         self.validator = validator
+        self.auth = auth if auth is not None else TokenRegistry(None)
         self.queue = queue
         self.aggregator = aggregator
         self.max_batch_packets = max_batch_packets
@@ -139,18 +143,40 @@ class IngestServicer:
                 stream.task.cancel()
 
     async def watch_idle(self) -> None:
-        """Close streams that sent nothing for `idle_timeout` seconds (one loop for all:
-        nothing is added per message but two attribute writes)."""
+        """Close streams that sent nothing for `idle_timeout` seconds, and those whose token
+        left the auth file (one loop for all: nothing is added per message but two
+        attribute writes)."""
         period = min(1.0, self.idle_timeout / 4)
+        is_current = self.auth.is_current
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             for stream in list(self._streams):
+                if stream.task is None or stream.revoked:
+                    continue
+                if not is_current(stream.principal):
+                    stream.revoked = True
+                    stream.task.cancel()
+                    continue
                 idle_for = now - stream.last_activity
-                if not stream.busy and idle_for > self.idle_timeout and stream.task is not None:
+                if not stream.busy and idle_for > self.idle_timeout:
                     stream.idle = True
                     self.streams_idle_closed += 1
                     stream.task.cancel()
+
+    async def _end_revoked(
+        self, context: grpc.aio.ServicerContext[Any, Any], stream: _Stream, done: str
+    ) -> None:
+        """End a stream whose token was removed: UNAUTHENTICATED, after its acks."""
+        name = stream.principal.name
+        error = AuthError(
+            "unauthenticated",
+            TOKEN_REVOKED,
+            f"token {name!r} was removed from the auth file: stream closed; {done}",
+            name,
+        )
+        self.auth.refuse(SURFACE, peer_host(context.peer() or ""), error)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, error.message)
 
     def _spawn(self, stream: _Stream, reader: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = stream.task = asyncio.create_task(reader)
@@ -200,16 +226,17 @@ class IngestServicer:
     async def stream_packets(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, Ack]
     ) -> Ack:
+        principal = await authorize(context, self.auth)
         tracker = CommitTracker()
         rejected: Counter[str] = Counter()
         accepted = 0
 
-        stream = _Stream()
+        stream = _Stream(principal)
         monotonic = time.monotonic
 
         async def read() -> None:
             nonlocal accepted
-            check = self.validator.check
+            check = self._packet_check(principal, context)
             rows = StreamRows(self.queue, tracker)
             append = rows.append
             count_rejected = self.aggregator.count_rejected
@@ -227,11 +254,7 @@ class IngestServicer:
                 else:
                     held = 0
                 try:
-                    packet = Packet.FromString(raw)
-                except DecodeError:
-                    result: object = Reason.MALFORMED
-                else:
-                    result = check(packet, recv_ms)
+                    result = check(raw, recv_ms)
                 finally:
                     if held:
                         budget.release(held)
@@ -257,14 +280,14 @@ class IngestServicer:
                 await tracker.wait()
             except CommitFailed as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; resend this stream")
+            done = (
+                f"its first {accepted + rejected.total()} packets were processed "
+                f"({accepted} counted); "
+            )
+            if stream.revoked:
+                await self._end_revoked(context, stream, done + "use a valid token")
             if stream.idle:
-                await context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    self._idle_message(
-                        f"its first {accepted + rejected.total()} packets were "
-                        f"processed ({accepted} counted); "
-                    ),
-                )
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._idle_message(done))
         finally:
             self._leave(peer)
         return Ack(
@@ -273,6 +296,26 @@ class IngestServicer:
             rejected_by_reason=rejected,
             truncated=truncated,
         )
+
+    def _packet_check(
+        self, principal: Principal, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Callable[[bytes, int], Row | Reason]:
+        """StreamPackets' per-packet step: parse, the token's device prefix, validate."""
+        check = self.validator.check
+        parse = Packet.FromString
+        prefix = principal.device_prefix
+
+        def checked(raw: bytes, recv_ms: int) -> Row | Reason:
+            try:
+                packet = parse(raw)
+            except DecodeError:
+                return Reason.MALFORMED
+            if prefix is not None and not packet.device_id.startswith(prefix):
+                self._denied(context, principal, 1)
+                return Reason.DEVICE_NOT_PERMITTED  # never reaches the validator
+            return check(packet, recv_ms)
+
+        return checked
 
     async def _run_reader(self, stream: _Stream, coro: Coroutine[Any, Any, None]) -> bool:
         """Run a stream's reader; True if shutdown cut it short. Cancels it if we are cancelled."""
@@ -295,11 +338,12 @@ class IngestServicer:
     async def stream_batches(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, BatchAck]
     ) -> AsyncIterator[BatchAck]:
+        principal = await authorize(context, self.auth)
         pending: asyncio.Queue[_Pending | _StreamError | None] = asyncio.Queue()
         # At most this many batches wait for their ack: a client that never reads its acks
         # stops our writes, then this reader, then (flow control) its own sends.
         window = asyncio.Semaphore(self.max_inflight_batches)
-        stream = _Stream()
+        stream = _Stream(principal)
 
         async def read() -> None:
             turn_started = time.perf_counter()
@@ -311,7 +355,7 @@ class IngestServicer:
                     size = len(raw)
                     await budget.acquire(size)
                     try:
-                        item = await self._accept_batch(raw)
+                        item = await self._accept_batch(raw, principal, context)
                     finally:
                         budget.release(size)
                     pending.put_nowait(item)
@@ -349,6 +393,10 @@ class IngestServicer:
                 )
                 window.release()
             await asyncio.wait({reader})
+            if stream.revoked:
+                await self._end_revoked(
+                    context, stream, "every batch acknowledged before was counted"
+                )
             if stream.idle:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._idle_message(""))
             if reader.cancelled() or isinstance(reader.exception(), QueueClosed):
@@ -359,7 +407,16 @@ class IngestServicer:
             reader.cancel()
             self._leave(peer)
 
-    async def _accept_batch(self, raw: bytes) -> _Pending | _StreamError:
+    def _denied(
+        self, context: grpc.aio.ServicerContext[Any, Any], principal: Principal, count: int
+    ) -> None:
+        """Count packets outside the token's device prefix (by the aggregator too: they
+        are rejected packets like any other)."""
+        self.auth.refuse(SURFACE, peer_host(context.peer() or ""), device_refusal(principal), count)
+
+    async def _accept_batch(
+        self, raw: bytes, principal: Principal, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> _Pending | _StreamError:
         """Validate one batch and queue its good packets; an error ends the stream."""
         try:
             batch = parse_batch(raw, self.max_batch_packets)
@@ -392,7 +449,9 @@ class IngestServicer:
         col_rejected: Counter[str] = Counter()
         if batch.columns is not None:
             try:
-                col_delta, col_rejected = decode_columns(batch.columns, self.validator, recv_ms)
+                col_delta, col_rejected = decode_columns(
+                    batch.columns, self.validator, recv_ms, principal.device_prefix
+                )
                 parts.append(col_delta)
             except ColumnsError as exc:
                 self.messages_refused_by_reason[Reason.INVALID_COLUMNS] += 1
@@ -400,17 +459,22 @@ class IngestServicer:
                     grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.batch_id}: {exc}"
                 )
         # Rows go through the same column code (ingest/columnar.py): no per-packet loop.
-        row_delta, rejected = decode_rows(batch.rows, self.validator, recv_ms)
+        row_delta, rejected = decode_rows(
+            batch.rows, self.validator, recv_ms, principal.device_prefix
+        )
         parts.append(row_delta)  # a batch may carry both forms
         rejected.update(col_rejected)
         for reason, count in rejected.items():
             self.aggregator.count_rejected(reason, count)
+        if denied := rejected.get(Reason.DEVICE_NOT_PERMITTED):
+            self._denied(context, principal, denied)
         parts = [p for p in parts if p.total_packets]
         accepted = sum(p.total_packets for p in parts)
         tracker = CommitTracker()
         if accepted:
-            # With a producer id the batch is counted exactly once, even if resent.
-            batch_key = (producer, batch.batch_id) if producer else None
+            # With a producer id the batch is counted exactly once, even if resent; the id
+            # is the token's own (`<token>/<producer>`): no token can claim another's.
+            batch_key = (principal.producer_key(producer), batch.batch_id) if producer else None
             work = BatchWork(parts=tuple(parts), tracker=tracker, batch_id=batch_key)
             await self.queue.put(work, accepted)
             tracker.submitted()

@@ -59,6 +59,9 @@ class Reason(StrEnum):
     # OTLP: a resource without any device id attribute; a data point without a value
     NO_DEVICE_ID = "no_device_id"
     NO_VALUE = "no_value"
+    # A device outside the stream's token's device_prefix (auth.py): never validated,
+    # never written.
+    DEVICE_NOT_PERMITTED = "device_not_permitted"
     # A whole StreamBatches message refused: the stream ends, and the refusal is counted
     # once, as a message (/stats ingest.messages_refused_by_reason), never as the packets
     # the message claims to carry.

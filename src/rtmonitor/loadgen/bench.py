@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 from rich.console import Console
 from rich.table import Table
 
+from rtmonitor.clients import ClientSecurity
 from rtmonitor.config import BenchMode, BenchSettings, SendSettings
 from rtmonitor.ingest.rpc import STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
@@ -60,6 +60,7 @@ def _start_service(
     noop: bool,
     workers: int = 1,
     streams: int = 2,
+    opts: BenchSettings | None = None,
 ) -> ServeProcess:
     """A fresh `rtmonitor serve` for one measurement; every load generator stream comes
     from this machine's one address, so the per-address stream limit is raised to them."""
@@ -72,9 +73,23 @@ def _start_service(
         flags.append("--noop")
     if workers > 1:
         flags += ["--workers", str(workers)]
+    client = None
+    if opts is not None:
+        flags += _security_flags(opts)
+        client = ClientSecurity.of(opts)
     # By environment, not a flag: the embedded Redis's URL carries its password, and a
     # command line is visible to every local user (ps).
-    return ServeProcess(*flags, env={"RTM_REDIS_URL": redis_url})
+    return ServeProcess(*flags, env={"RTM_REDIS_URL": redis_url}, client=client)
+
+
+def _security_flags(opts: BenchSettings) -> list[str]:
+    """The served side of the client's --token / --tls-ca: --auth-file and TLS."""
+    flags = []
+    if opts.auth_file is not None:
+        flags += ["--auth-file", str(opts.auth_file)]
+    if opts.server_tls_cert is not None and opts.server_tls_key is not None:
+        flags += ["--tls-cert", str(opts.server_tls_cert), "--tls-key", str(opts.server_tls_key)]
+    return flags
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -124,11 +139,16 @@ async def _probe(
     fresh: list[float] = []
     device_ms: list[float] = []
     list_ms: list[float] = []
+    client = svc.client
     async with (
-        httpx.AsyncClient(base_url=svc.http, timeout=10) as http,
-        grpc.aio.insecure_channel(svc.target) as channel,
+        client.async_http_client(base_url=svc.http, timeout=10) as http,
+        client.channel(svc.target) as channel,
     ):
-        call = channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)
+        method = channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)
+
+        def call(requests: Any) -> Any:
+            return method(requests, metadata=client.metadata)
+
         probe = Packet(device_id=PROBE_DEVICE, kind="probe").SerializeToString()
 
         async def latency() -> None:
@@ -206,6 +226,10 @@ def _send_options(
         "device_prefix": f"s{i}-",
         "progress": False,
         "retry_for": 0,
+        "token": opts.token,
+        "tls_ca": opts.tls_ca,
+        "tls_cert": opts.tls_cert,
+        "tls_key": opts.tls_key,
     }
 
 
@@ -216,7 +240,13 @@ def run_mode(
     label = f"{mode}{' (no-op ceiling)' if noop else ''}"
     console.print(f"[bold]{label}[/bold]: starting the service")
     svc = _start_service(
-        redis_url, prefix, opts.flush_interval, noop, opts.workers, opts.senders * opts.streams
+        redis_url,
+        prefix,
+        opts.flush_interval,
+        noop,
+        opts.workers,
+        opts.senders * opts.streams,
+        opts,
     )
     try:
         svc.wait_ready()
@@ -276,9 +306,16 @@ def _verify(
         for device, n in s["per_device"].items():
             expected[device] = expected.get(device, 0) + n
     deadline = time.monotonic() + 60
+    with svc.client.http_client(base_url=svc.http, timeout=30) as http:
+        return _verify_with(http, expected, acked, first_send, deadline)
+
+
+def _verify_with(
+    http: httpx.Client, expected: dict[str, int], acked: int, first_send: float, deadline: float
+) -> dict[str, Any]:
     while True:
-        totals = httpx.get(f"{svc.http}/metrics", params={"limit": 1}, timeout=10).json()["totals"]
-        committed = totals["packets"] - _probe_packets(svc)
+        totals = http.get("/metrics", params={"limit": 1}).json()["totals"]
+        committed = totals["packets"] - _probe_packets(http)
         if committed >= acked or time.monotonic() > deadline:
             committed_at = time.time()
             break
@@ -286,9 +323,7 @@ def _verify(
     seen: dict[str, int] = {}
     offset = 0
     while True:
-        page = httpx.get(
-            f"{svc.http}/metrics", params={"offset": offset, "limit": 1000}, timeout=30
-        ).json()
+        page = http.get("/metrics", params={"offset": offset, "limit": 1000}).json()
         seen.update({d["device_id"]: d["packets"] for d in page["devices"]})
         if len(page["devices"]) < 1000:
             break
@@ -301,8 +336,8 @@ def _verify(
     }
 
 
-def _probe_packets(svc: ServeProcess) -> int:
-    r = httpx.get(f"{svc.http}/metrics/{PROBE_DEVICE}", timeout=10)
+def _probe_packets(http: httpx.Client) -> int:
+    r = http.get(f"/metrics/{PROBE_DEVICE}")
     return int(r.json()["packets"]) if r.status_code == 200 else 0
 
 
@@ -321,7 +356,11 @@ def run_bench(opts: BenchSettings) -> int:
                     r["ratio_to_ceiling"] = round(r["e2e_pps"] / c["acked_pps"], 3)
                 results.append(r)
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    doc = {"machine": machine, "settings": opts.model_dump(mode="json"), "results": results}
+    doc = {
+        "machine": machine,
+        "settings": opts.model_dump(mode="json", exclude={"token"}),
+        "results": results,
+    }
     opts.output.parent.mkdir(parents=True, exist_ok=True)
     opts.output.write_text(json.dumps(doc, indent=2) + "\n")
     _print_table(results)

@@ -13,6 +13,7 @@ from typing import IO, Self
 
 import httpx
 
+from rtmonitor.clients import ClientSecurity
 from rtmonitor.storage.embedded import free_port
 
 
@@ -25,20 +26,25 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def wait_until_ready(
-    proc: subprocess.Popen[bytes], http: str, timeout: float, log: Callable[[], str] = str
+    proc: subprocess.Popen[bytes],
+    http: str,
+    timeout: float,
+    log: Callable[[], str] = str,
+    client: ClientSecurity | None = None,
 ) -> None:
     """Wait until a child `serve` answers GET /readyz with 200; raise RuntimeError (with
     `log()`) if it exits or stays unready past `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited with {proc.returncode}\n{log()}")
-        try:
-            if httpx.get(f"{http}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
+    with (client or ClientSecurity()).http_client(timeout=1) as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {proc.returncode}\n{log()}")
+            try:
+                if session.get(f"{http}/readyz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
     raise RuntimeError(f"the service did not become ready within {timeout:g}s\n{log()}")
 
 
@@ -57,7 +63,10 @@ class ServeProcess:
         http_port: int | None = None,
         output: IO[bytes] | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        client: ClientSecurity | None = None,
     ) -> None:
+        # How to reach it: its token, and its CA when it serves TLS (http becomes https).
+        self.client = client or ClientSecurity()
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         args = [
@@ -79,14 +88,15 @@ class ServeProcess:
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.client.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         """What the child wrote, for error messages (nothing unless a subclass keeps it)."""
         return ""
 
     def wait_ready(self, timeout: float = 30.0) -> Self:
-        wait_until_ready(self.proc, self.http, timeout, self.log)
+        wait_until_ready(self.proc, self.http, timeout, self.log, self.client)
         return self
 
     def terminate(self, timeout: float = 30.0) -> int:

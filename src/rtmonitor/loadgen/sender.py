@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rtmonitor.clients import ClientSecurity
 from rtmonitor.config import SendSettings
 from rtmonitor.ingest.rpc import STREAM_BATCHES, STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Columns, Packet
@@ -32,6 +33,8 @@ KINDS = ("heartbeat", "reading", "tcp")
 # Backoff jitter from a generator of our own: a library must not move the process-global
 # random state (other code, e.g. property tests, relies on it).
 _JITTER = random.Random()
+# Calls that end this way are not retried: a resend would be refused the same way.
+_FINAL = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 
 
 def _identity(data: bytes) -> bytes:
@@ -205,6 +208,7 @@ async def _stream_packets(
     n: int | None,
     pace: Pacer,
     counter: list[int],
+    metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> None:
     call = channel.stream_unary(STREAM_PACKETS, _identity, Ack.FromString)
 
@@ -221,7 +225,7 @@ async def _stream_packets(
             if paced:
                 await pace.wait(1)
 
-    ack: Ack = await call(packets())
+    ack: Ack = await call(packets(), metadata=metadata)
     result.accepted = ack.accepted
     result.rejected.update(dict(ack.rejected_by_reason))
     if ack.truncated:
@@ -247,6 +251,7 @@ class _BatchStream:
         self.pool, self.result, self.n, self.opts = pool, result, n, opts
         self.pace, self.counter = pace, counter
         self.producer = uuid.uuid4().hex
+        self.metadata = ClientSecurity.of(opts).metadata
         self.unacked: deque[tuple[int, bytes, int]] = deque()  # (batch id, message, packets)
         self.next_id = 0
         self.pos = result.offset
@@ -260,6 +265,9 @@ class _BatchStream:
             error = await self._one_call(channels[attempt % len(channels)])
             attempt += 1
             if error is None:
+                return
+            if error.startswith(_FINAL):
+                self.result.error = error  # a resend would be refused the same way
                 return
             if time.monotonic() - self.last_progress > self.opts.retry_for:
                 self.result.error = (
@@ -276,7 +284,7 @@ class _BatchStream:
         method = channel.stream_stream(STREAM_BATCHES, _identity, BatchAck.FromString)
         # grpc.aio allows a call with no request iterator (then write()/done_writing());
         # the type stubs predate that.
-        call = method()  # type: ignore[call-arg]
+        call = method(metadata=self.metadata)  # type: ignore[call-arg]
         window = asyncio.Semaphore(self.opts.inflight)
         reader = asyncio.create_task(self._read_acks(call, window))
         try:
@@ -381,10 +389,11 @@ async def _grpc_stream(
         ("grpc.max_send_message_length", 256 * 1024 * 1024),
         ("grpc.use_local_subchannel_pool", 1),
     ]
-    channels = [grpc.aio.insecure_channel(t, options=options) for t in order]
+    security = ClientSecurity.of(opts)
+    channels = [security.channel(t, options) for t in order]
     try:
         if opts.batch_size == 1:
-            await _stream_packets(channels[0], pool, result, n, pace, counter)
+            await _stream_packets(channels[0], pool, result, n, pace, counter, security.metadata)
         else:
             await _BatchStream(pool, result, n, opts, pace, counter).run(channels)
     except grpc.aio.AioRpcError as exc:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, Response
 
 from rtmonitor.api.deps import ApiDep
+from rtmonitor.api.security import REFUSALS, read_access
 from rtmonitor.api.stream import EventStream
 from rtmonitor.model import DEVICE_ID_MAX
 
-router = APIRouter(tags=["metrics"])
+# A `read` token (header, or the dashboard's login cookie: EventSource sends no header).
+router = APIRouter(tags=["metrics"], dependencies=[Depends(read_access)], responses=REFUSALS)
 
 
 @router.get(

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from rtmonitor.api.deps import ApiDep, ApiState
 from rtmonitor.api.prometheus import OPENMETRICS, device_series, exposition, negotiate
 from rtmonitor.api.schemas import DeviceMetrics, MetricsPage, Problem, totals
+from rtmonitor.api.security import REFUSALS, read_access
 from rtmonitor.model import DEVICE_ID_MAX, DeviceRecord
 from rtmonitor.storage.store import SortField, SortTooBroad
 
@@ -20,7 +21,8 @@ SCRAPE_CHUNK = 100
 # Devices of a JSON page fetched and rendered per turn of the event loop.
 PAGE_SLICE = 100
 
-router = APIRouter(tags=["metrics"])
+# A `read` token (header, or the dashboard's login cookie) for every route here.
+router = APIRouter(tags=["metrics"], dependencies=[Depends(read_access)], responses=REFUSALS)
 
 Prefix = Annotated[
     str, Query(max_length=DEVICE_ID_MAX, description="Only devices whose id starts with this.")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from rtmonitor.api.deps import ApiDep
 from rtmonitor.api.schemas import Readiness
+from rtmonitor.api.security import REFUSALS, admin_access
 
 router = APIRouter(tags=["health"])
 
@@ -30,7 +31,12 @@ async def readyz(api: ApiDep) -> JSONResponse:
     return JSONResponse(status_code=503 if reasons else 200, content=body)
 
 
-@router.get("/stats", summary="Self-metrics of the ingest instances")
+@router.get(
+    "/stats",
+    summary="Self-metrics of the ingest instances",
+    dependencies=[Depends(admin_access)],  # an `admin` token
+    responses=REFUSALS,
+)
 async def self_stats(api: ApiDep) -> dict[str, Any]:
     """Queue depth, pending deltas, flush latency, rejections by reason, Redis errors and
     recoveries, duplicate batches skipped, journals recovered: summed over the ingest

@@ -1,5 +1,7 @@
 // RealTimeDataMonitor dashboard: GET /metrics for the table, GET /stream (Server-Sent
-// Events) for live updates. No framework, no build step.
+// Events) for live updates. No framework, no build step. With an auth file the reads answer
+// 401 until POST /login has set the session cookie (HttpOnly: this script never holds the
+// token; EventSource cannot send an Authorization header, but it sends the cookie).
 "use strict";
 
 const state = { sort: "packets", order: "desc", prefix: "", devices: new Map(),
@@ -74,7 +76,8 @@ async function load() {
     params.set("sort", "device_id"); params.set("order", "asc");
     r = await get();
   }
-  if (!r.ok) return;
+  if (r.status === 401 || r.status === 403) { showLogin(r.status === 403 ? (await r.json()).detail : ""); return false; }
+  if (!r.ok) return true;
   const page = await r.json();
   state.devices = new Map(page.devices.map((d) => [d.device_id, d]));
   $("matched").textContent = `${fmt.format(page.matched)} matching${note}`;
@@ -82,7 +85,25 @@ async function load() {
   renderTotals(page.totals);
   renderTable();
   if (state.selected) renderDetail(state.devices.get(state.selected));
+  return true;
 }
+
+function showLogin(message) {
+  if (state.source) { state.source.close(); state.source = null; }
+  $("live").textContent = "logged out"; $("live").className = "badge off";
+  $("login").hidden = false;
+  $("login-error").textContent = message || "";
+}
+
+$("login").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const r = await fetch("/login", { method: "POST", headers: { "Content-Type": "application/json" },
+                                    body: JSON.stringify({ token: $("token").value }) });
+  $("token").value = "";
+  if (!r.ok) { $("login-error").textContent = (await r.json()).detail || `error ${r.status}`; return; }
+  $("login").hidden = true;
+  if (await load()) connect();
+});
 
 function applyUpdate(update) {
   renderTotals(update.totals);
@@ -173,4 +194,4 @@ $("filter").addEventListener("input", (e) => {
   filterTimer = setTimeout(() => { state.prefix = e.target.value.trim(); load(); connect(); }, 250);
 });
 setInterval(load, 10000);  // re-rank and pick up devices that appeared (the stream updates values)
-load().then(connect);
+load().then((ok) => { if (ok) connect(); });

@@ -1,0 +1,267 @@
+"""gRPC with an auth file, against a real service: no token or an unknown one is
+UNAUTHENTICATED, a token without `ingest` PERMISSION_DENIED; a prefix-bound token's other
+devices are refused (`device_not_permitted`, counted) in every message form while its own
+count exactly; two tokens with the same producer and batch ids both count; a token removed
+from the file ends its open stream UNAUTHENTICATED with every acknowledged packet counted;
+health and reflection stay open."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import ServiceProcess, encode_columns, packet
+from helpers.security import Tokens, make_tokens
+
+from rtmonitor.clients import ClientSecurity
+from rtmonitor.ingest.rpc import STREAM_BATCHES, STREAM_PACKETS
+from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
+
+TOKENS: dict[str, tuple[list[str], str | None]] = {
+    "writer": (["ingest"], None),
+    "reader": (["read"], None),
+    "boss": (["admin"], None),
+    "fleet-a": (["ingest"], "fleet-a/"),
+    "twin-1": (["ingest"], None),
+    "twin-2": (["ingest"], None),
+    "doomed": (["ingest"], None),
+}
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, Tokens]]:
+    tmp = tmp_path_factory.mktemp("auth-grpc")
+    tokens = make_tokens(tmp / "tokens.toml", TOKENS)
+    svc = ServiceProcess(
+        None,
+        tmp / "service.log",
+        "--data-dir", str(tmp / "data"), "--auth-file", str(tokens.path),
+        client=tokens.client("boss"),
+    )  # fmt: skip
+    try:
+        yield svc.wait_ready(), tokens
+    finally:
+        svc.kill()
+
+
+def md(tokens: Tokens, name: str | None) -> tuple[tuple[str, str], ...] | None:
+    return tokens.client(name).metadata
+
+
+async def packets_call(target: str, items: Iterable[Packet], metadata: Any) -> Ack:
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)
+
+        async def gen() -> AsyncIterator[bytes]:
+            for p in items:
+                yield p.SerializeToString()
+
+        ack: Ack = await call(gen(), metadata=metadata)
+        return ack
+
+
+async def batches_call(target: str, batches: Iterable[Batch], metadata: Any) -> list[BatchAck]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.stream_stream(STREAM_BATCHES, lambda b: b, BatchAck.FromString)
+
+        async def gen() -> AsyncIterator[bytes]:
+            for b in batches:
+                yield b.SerializeToString()
+
+        return [ack async for ack in call(gen(), metadata=metadata)]
+
+
+def counts(svc: ServiceProcess, tokens: Tokens, prefix: str) -> dict[str, int]:
+    r = httpx.get(
+        f"{svc.http}/metrics",
+        params={"prefix": prefix, "limit": 1000},
+        headers=tokens.header("boss"),
+        timeout=10,
+    )
+    r.raise_for_status()
+    return {d["device_id"]: d["packets"] for d in r.json()["devices"]}
+
+
+def stats(svc: ServiceProcess, tokens: Tokens) -> dict[str, Any]:
+    r = httpx.get(f"{svc.http}/stats", headers=tokens.header("boss"), timeout=10)
+    r.raise_for_status()
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+def wait_for(check: Any, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+        ("reader", grpc.StatusCode.PERMISSION_DENIED),
+    ],
+)
+def test_ingest_needs_an_ingest_token(
+    secured: tuple[ServiceProcess, Tokens], name: str | None, code: grpc.StatusCode
+) -> None:
+    svc, tokens = secured
+    for call in (
+        packets_call(svc.target, [packet("nobody")], md(tokens, name)),
+        batches_call(svc.target, [Batch(batch_id=1, packets=[packet("nobody")])], md(tokens, name)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            asyncio.run(call)  # type: ignore[arg-type]
+        assert err.value.code() == code, err.value.details()
+    bad = (("authorization", "Bearer not-a-token"),)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        asyncio.run(packets_call(svc.target, [packet("nobody")], bad))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "unknown token" in (err.value.details() or "")
+    assert counts(svc, tokens, "nobody") == {}
+    refused = stats(svc, tokens)["ingest"]["auth_refused"]
+    assert refused.get("unknown_token:-", 0) >= 1
+    assert refused.get("missing_scope:reader" if name else "missing_token:-", 0) >= 2
+
+
+def test_health_and_reflection_stay_open(secured: tuple[ServiceProcess, Tokens]) -> None:
+    svc, _ = secured
+
+    async def check() -> tuple[int, list[str]]:
+        async with grpc.aio.insecure_channel(svc.target) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="")
+            )
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            names: list[str] = []
+            async for answer in stub.ServerReflectionInfo(iter([request])):
+                names += [s.name for s in answer.list_services_response.service]
+            return health.status, names
+
+    status, names = asyncio.run(check())
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert "rtmonitor.v1.TelemetryIngest" in names
+
+
+def test_device_prefix_in_every_form(secured: tuple[ServiceProcess, Tokens]) -> None:
+    svc, tokens = secured
+    meta = md(tokens, "fleet-a")
+    mixed = [packet("fleet-a/p1"), packet("fleet-b/p1"), packet("fleet-a/p1"), packet("x")]
+    ack = asyncio.run(packets_call(svc.target, mixed, meta))
+    assert (ack.accepted, dict(ack.rejected_by_reason)) == (2, {"device_not_permitted": 2})
+    rows = Batch(
+        producer_id="p",
+        batch_id=1,
+        packets=[packet(f"fleet-{c}/r{i}") for i in range(50) for c in "ab"],
+    )
+    cols = Batch(
+        producer_id="p",
+        batch_id=2,
+        columns=encode_columns([packet(f"fleet-{c}/c{i % 7}") for i in range(300) for c in "abc"]),
+    )
+    acks = asyncio.run(batches_call(svc.target, [rows, cols], meta))
+    assert [(a.accepted, dict(a.rejected_by_reason)) for a in acks] == [
+        (50, {"device_not_permitted": 50}),
+        (300, {"device_not_permitted": 600}),
+    ]
+    expected = {"fleet-a/p1": 2} | {f"fleet-a/r{i}": 1 for i in range(50)}
+    expected |= {f"fleet-a/c{i}": len(range(i, 300, 7)) for i in range(7)}
+    assert wait_for(lambda: counts(svc, tokens, "fleet-") == expected) or (
+        counts(svc, tokens, "fleet-") == expected
+    )
+    doc = stats(svc, tokens)
+    assert doc["ingest"]["auth_refused"]["device_not_permitted:fleet-a"] == 652
+    assert doc["ingest"]["rejected_by_reason"]["device_not_permitted"] == 652
+    scrape = httpx.get(
+        f"{svc.http}/metrics", params={"format": "prometheus"}, headers=tokens.header("boss")
+    ).text
+    assert (
+        'rtm_auth_refused_total{surface="ingest",reason="device_not_permitted",token="fleet-a"} 652'
+        in scrape
+    )
+
+
+def test_two_tokens_cannot_squat_each_others_batch_ids(
+    secured: tuple[ServiceProcess, Tokens],
+) -> None:
+    svc, tokens = secured
+
+    def batches(owner: str) -> list[Batch]:
+        return [
+            Batch(
+                producer_id="shared",
+                batch_id=n,
+                packets=[packet(f"twin/{owner}-{n % 3}") for _ in range(10)],
+            )
+            for n in range(1, 6)
+        ]
+
+    first = asyncio.run(batches_call(svc.target, batches("one"), md(tokens, "twin-1")))
+    second = asyncio.run(batches_call(svc.target, batches("two"), md(tokens, "twin-2")))
+    assert not any(a.duplicate for a in first + second)
+    assert all(a.producer_id == "shared" for a in first + second)  # as the client sent it
+    # a resend by the same token is still a duplicate (exactly once per token)
+    again = asyncio.run(batches_call(svc.target, batches("one"), md(tokens, "twin-1")))
+    assert all(a.duplicate for a in again)
+    expected = {f"twin/{o}-{i}": (10 if i == 0 else 20) for o in ("one", "two") for i in range(3)}
+    assert wait_for(lambda: counts(svc, tokens, "twin/") == expected), counts(svc, tokens, "twin/")
+
+
+def test_removed_token_ends_its_stream(
+    secured: tuple[ServiceProcess, Tokens], tmp_path: Path
+) -> None:
+    svc, tokens = secured
+    acked = 0
+    client = ClientSecurity(tokens.secrets["doomed"])
+
+    async def stream() -> grpc.StatusCode:
+        nonlocal acked
+        async with client.channel(svc.target) as channel:
+            method = channel.stream_stream(STREAM_BATCHES, lambda b: b, BatchAck.FromString)
+
+            async def gen() -> AsyncIterator[bytes]:
+                n = 0
+                while True:
+                    n += 1
+                    yield Batch(
+                        producer_id="d", batch_id=n, packets=[packet(f"doomed/{n % 5}")] * 20
+                    ).SerializeToString()
+                    await asyncio.sleep(0.01)
+
+            call = method(gen(), metadata=client.metadata)
+            started = None
+            try:
+                async for ack in call:
+                    acked += ack.accepted
+                    if started is None and acked >= 200:
+                        started = time.monotonic()
+                        remaining = {k: v for k, v in TOKENS.items() if k != "doomed"}
+                        await asyncio.to_thread(tokens.write, remaining)
+            except grpc.aio.AioRpcError as exc:
+                assert started is not None and time.monotonic() - started < 5
+                assert "removed from the auth file" in (exc.details() or "")
+                return exc.code()
+            raise AssertionError("the stream was not ended")
+
+    assert asyncio.run(asyncio.wait_for(stream(), 30)) == grpc.StatusCode.UNAUTHENTICATED
+    assert acked >= 200
+    assert wait_for(lambda: sum(counts(svc, tokens, "doomed/").values()) == acked), (
+        counts(svc, tokens, "doomed/"),
+        acked,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # and the token is refused from now on
+        asyncio.run(packets_call(svc.target, [packet("doomed/x")], client.metadata))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stats(svc, tokens)["ingest"]["auth_refused"]["token_revoked:doomed"] == 1
