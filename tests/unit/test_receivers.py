@@ -13,7 +13,7 @@ import pytest
 from rtmonitor.ingest.columnar import Records, decode_records
 from rtmonitor.ingest.http_json import JsonReceiver, parse_packets
 from rtmonitor.ingest.otlp import series_name
-from rtmonitor.ingest.receiver import Receiver, ReceiverLimits, Refused, gunzip
+from rtmonitor.ingest.receiver import Receiver, ReceiverLimits, Refused, Sender, gunzip
 from rtmonitor.ingest.validation import Limits, Reason, Validator, name_ok
 from rtmonitor.model import NAME_MAX
 from rtmonitor.pipeline.aggregator import Aggregator
@@ -77,7 +77,7 @@ def test_a_full_queue_answers_unavailable_and_counts_nothing() -> None:
         await queue.put(object(), 10)  # type: ignore[arg-type]  # held full, never taken
         rx = receiver(queue)
         reply = await JsonReceiver(rx).telemetry(
-            b'[{"device_id": "x"}, {"device_id": "?"}]', "", None
+            b'[{"device_id": "x"}, {"device_id": "?"}]', "", None, Sender()
         )
         assert reply.status == 503 and reply.headers["Retry-After"] == "1"
         assert json.loads(reply.body)["reason"] == "queue_full"
@@ -93,7 +93,7 @@ def test_a_closed_queue_answers_shutting_down() -> None:
         queue: PacketQueue[Work] = PacketQueue(10)
         queue.close()
         rx = receiver(queue)
-        reply = await JsonReceiver(rx).telemetry(b'{"device_id": "x"}', "", None)
+        reply = await JsonReceiver(rx).telemetry(b'{"device_id": "x"}', "", None, Sender())
         assert reply.status == 503 and json.loads(reply.body)["reason"] == "shutting_down"
 
     asyncio.run(scenario())

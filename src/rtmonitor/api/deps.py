@@ -17,7 +17,7 @@ from fastapi import Depends, Request
 
 from rtmonitor.api.schemas import JsonRender
 from rtmonitor.api.stream import ChangeFeed, StreamStats
-from rtmonitor.auth import TokenRegistry
+from rtmonitor.auth import Principal, TokenRegistry
 from rtmonitor.config import Settings
 from rtmonitor.model import HttpReply, ServiceStats
 from rtmonitor.storage.store import RedisStore
@@ -33,14 +33,21 @@ class HttpIngest(Protocol):
     the routes hand them the body and the headers that matter, and send back their reply.
     The api room knows them only by this protocol (tests/unit/test_layering.py)."""
 
-    async def otlp_metrics(self, body: bytes, content_type: str, encoding: str) -> HttpReply:
-        """POST /v1/metrics."""
+    async def otlp_metrics(
+        self, body: bytes, content_type: str, encoding: str, principal: Principal, peer: str
+    ) -> HttpReply:
+        """POST /v1/metrics, from `principal` (its `ingest` scope checked) at `peer`."""
         ...
 
     async def telemetry(
-        self, body: bytes, encoding: str, idempotency_key: str | None, scope: str = ""
+        self,
+        body: bytes,
+        encoding: str,
+        idempotency_key: str | None,
+        principal: Principal,
+        peer: str,
     ) -> HttpReply:
-        """POST /v1/telemetry; `scope` scopes the Idempotency-Key (a token's name)."""
+        """POST /v1/telemetry; the Idempotency-Key is scoped by the principal's token."""
         ...
 
 

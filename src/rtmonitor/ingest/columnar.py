@@ -570,10 +570,11 @@ class Records:
 
 
 def decode_records(
-    records: Records, validator: Validator, recv_ms: int
+    records: Records, validator: Validator, recv_ms: int, device_prefix: str | None = None
 ) -> tuple[BatchDelta, Counter[str]]:
     """A receiver's packets: the aggregated delta of the accepted ones and the refused ones
-    by reason, through the same validation and aggregation as a batch."""
+    by reason, through the same validation and aggregation as a batch (`device_prefix` as
+    for decode_columns)."""
     n = len(records)
     if n == 0:
         return BatchDelta.empty(), Counter()
@@ -600,4 +601,4 @@ def decode_records(
         v_name,
         v_val,
     )
-    return _validate_and_aggregate(table, validator, recv_ms)
+    return _validate_and_aggregate(table, validator, recv_ms, device_prefix)

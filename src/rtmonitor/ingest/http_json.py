@@ -26,6 +26,7 @@ from rtmonitor.ingest.receiver import (
     Outcome,
     Receiver,
     Refused,
+    Sender,
     decode_body,
     idempotency_batch,
 )
@@ -34,8 +35,10 @@ from rtmonitor.model import HttpReply
 
 FIELDS = frozenset({"device_id", "kind", "ts", "values", "payload_size"})
 IDEMPOTENCY_KEY_MAX = 256
-# The producer id of bodies sent with an Idempotency-Key (batch ids are their keys' hashes).
-IDEMPOTENCY_SCOPE = "http"
+# The producer id of bodies sent with an Idempotency-Key (batch ids are their keys' hashes),
+# under the token's name when there is an auth file (Principal.producer_key).
+IDEMPOTENCY_PRODUCER = "http"
+SURFACE = "http-json"  # auth refusals are counted under this name
 _HTTP_STATUS = {"invalid": 422, "too_large": 413, "unsupported": 415, "unavailable": 503}
 
 
@@ -122,27 +125,27 @@ class JsonReceiver:
         self.receiver = receiver
 
     async def telemetry(
-        self, body: bytes, encoding: str, idempotency_key: str | None, scope: str = ""
+        self, body: bytes, encoding: str, idempotency_key: str | None, sender: Sender
     ) -> HttpReply:
-        """Count a body's packets; `scope` (e.g. the token's name) scopes its
-        Idempotency-Key."""
+        """Count a body's packets; an Idempotency-Key is scoped by the sender's token."""
         receiver = self.receiver
         try:
             batch_id = None
             if idempotency_key is not None:
-                batch_id = self._batch_id(idempotency_key, scope)
+                producer = sender.principal.producer_key(IDEMPOTENCY_PRODUCER)
+                batch_id = self._batch_id(idempotency_key, producer)
             data = decode_body(body, encoding, receiver.limits.max_body_bytes)
             records = parse_packets(data, receiver.limits.max_packets)
         except Refused as refusal:
             return _refusal(receiver.refuse(refusal))
         try:
-            outcome = await receiver.submit(records, Counter(), batch_id=batch_id)
+            outcome = await receiver.submit(records, Counter(), sender, batch_id=batch_id)
         except Refused as refusal:  # counted by submit
             return _refusal(refusal)
         return HttpReply(status=200, body=json.dumps(answer(outcome)).encode())
 
     @staticmethod
-    def _batch_id(key: str, scope: str) -> tuple[str, int]:
+    def _batch_id(key: str, producer: str) -> tuple[str, int]:
         if not key or len(key) > IDEMPOTENCY_KEY_MAX or not key.isprintable():
             raise Refused(
                 Reason.INVALID_BODY,
@@ -150,7 +153,6 @@ class JsonReceiver:
                 f"Idempotency-Key: 1-{IDEMPOTENCY_KEY_MAX} printable characters",
                 field="Idempotency-Key",
             )
-        producer = f"{IDEMPOTENCY_SCOPE}.{scope}" if scope else IDEMPOTENCY_SCOPE
         return idempotency_batch(producer, key)
 
 

@@ -16,12 +16,14 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from redis.exceptions import RedisError
 
-from rtmonitor.auth import TokenRegistry
+from rtmonitor.auth import Principal, TokenRegistry
 from rtmonitor.config import Settings, StartupError
 from rtmonitor.ingest.columnar import C_ROWS
+from rtmonitor.ingest.http_json import SURFACE as JSON_SURFACE
 from rtmonitor.ingest.http_json import JsonReceiver
+from rtmonitor.ingest.otlp import SURFACE as OTLP_SURFACE
 from rtmonitor.ingest.otlp import OtlpReceiver
-from rtmonitor.ingest.receiver import Receiver, ReceiverLimits
+from rtmonitor.ingest.receiver import Receiver, ReceiverLimits, Sender
 from rtmonitor.ingest.rpc import SERVICE_NAME
 from rtmonitor.ingest.server import build_server
 from rtmonitor.ingest.servicer import IngestServicer
@@ -103,6 +105,7 @@ class IngestNode(Node):
                 device_attribute=s.otlp_device_attribute,
             ),
             redis_error=lambda: self.pipeline.redis_error,
+            auth=self.auth,
         )
         self.otlp = OtlpReceiver(self.receiver)
         self.json = JsonReceiver(self.receiver)
@@ -186,15 +189,24 @@ class IngestNode(Node):
 
     # --- the HTTP receivers, served by the HTTP node of this process (api.deps.HttpIngest) ---
 
-    async def otlp_metrics(self, body: bytes, content_type: str, encoding: str) -> HttpReply:
-        """POST /v1/metrics."""
-        return await self.otlp.export_http(body, content_type, encoding)
+    async def otlp_metrics(
+        self, body: bytes, content_type: str, encoding: str, principal: Principal, peer: str
+    ) -> HttpReply:
+        """POST /v1/metrics (the route checked the token's `ingest` scope)."""
+        sender = Sender(principal, peer, OTLP_SURFACE)
+        return await self.otlp.export_http(body, content_type, encoding, sender)
 
     async def telemetry(
-        self, body: bytes, encoding: str, idempotency_key: str | None, scope: str = ""
+        self,
+        body: bytes,
+        encoding: str,
+        idempotency_key: str | None,
+        principal: Principal,
+        peer: str,
     ) -> HttpReply:
-        """POST /v1/telemetry."""
-        return await self.json.telemetry(body, encoding, idempotency_key, scope)
+        """POST /v1/telemetry (the route checked the token's `ingest` scope)."""
+        sender = Sender(principal, peer, JSON_SURFACE)
+        return await self.json.telemetry(body, encoding, idempotency_key, sender)
 
     @property
     def redis_error(self) -> str | None:

@@ -46,7 +46,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 
 from rtmonitor.ingest.columnar import Records
-from rtmonitor.ingest.receiver import RETRY_AFTER_S, Receiver, Refused, decode_body
+from rtmonitor.ingest.guard import authorize, peer_host
+from rtmonitor.ingest.receiver import RETRY_AFTER_S, Receiver, Refused, Sender, decode_body
 from rtmonitor.ingest.validation import Reason
 from rtmonitor.model import NAME_MAX, HttpReply
 
@@ -56,6 +57,7 @@ EXPORT_METHOD: str = _SERVICE.methods_by_name["Export"].name
 EXPORT = f"/{SERVICE_NAME}/{EXPORT_METHOD}"
 
 KIND = "otlp"
+SURFACE = "otlp"  # auth refusals are counted under this name
 FALLBACK_DEVICE_ATTRIBUTES = ("service.instance.id", "host.name")
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -185,11 +187,13 @@ class OtlpReceiver:
                 v_names.append(series(name + ".sum", point.attributes))
                 v_vals.append(point.sum)
 
-    async def export(self, request: ExportMetricsServiceRequest) -> ExportMetricsServiceResponse:
+    async def export(
+        self, request: ExportMetricsServiceRequest, sender: Sender
+    ) -> ExportMetricsServiceResponse:
         """Count a request's data points; the answer once they are committed. Raises
         Refused when they cannot be taken now."""
         records, rejected = self.gather(request)
-        outcome = await self.receiver.submit(records, rejected)
+        outcome = await self.receiver.submit(records, rejected, sender)
         if not outcome.rejected:
             return ExportMetricsServiceResponse()
         total = outcome.rejected.total()
@@ -207,8 +211,11 @@ class OtlpReceiver:
     async def export_rpc(
         self, raw: bytes, context: grpc.aio.ServicerContext[bytes, ExportMetricsServiceResponse]
     ) -> ExportMetricsServiceResponse:
-        """MetricsService/Export: the request arrives as bytes, to answer a malformed one
+        """MetricsService/Export: the token (`authorization` metadata) needs the `ingest`
+        scope, as TelemetryIngest's; the request arrives as bytes, to answer a malformed one
         clearly."""
+        principal = await authorize(context, self.receiver.auth, "ingest", surface=SURFACE)
+        sender = Sender(principal, peer_host(context.peer() or ""), SURFACE)
         try:
             request = ExportMetricsServiceRequest.FromString(raw)
         except DecodeError as exc:
@@ -221,13 +228,15 @@ class OtlpReceiver:
             )
             await context.abort(_GRPC_STATUS[refusal.kind], refusal.message)
         try:
-            return await self.export(request)
+            return await self.export(request, sender)
         except Refused as refusal:
             await context.abort(_GRPC_STATUS[refusal.kind], refusal.message)
 
     # --- HTTP ---------------------------------------------------------------------------
 
-    async def export_http(self, body: bytes, content_type: str, encoding: str) -> HttpReply:
+    async def export_http(
+        self, body: bytes, content_type: str, encoding: str, sender: Sender
+    ) -> HttpReply:
         """POST /v1/metrics (OTLP/HTTP): protobuf or JSON, answered in the same encoding."""
         media = content_type.split(";", 1)[0].strip().lower()
         try:
@@ -241,7 +250,7 @@ class OtlpReceiver:
                 )
             data = self._decode_body(body, encoding)
             request = self._parse(data, media)
-            response = await self.export(request)
+            response = await self.export(request, sender)
         except Refused as refusal:
             return _http_refusal(refusal, media)
         if media == JSON:

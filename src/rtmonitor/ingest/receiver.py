@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from rtmonitor.auth import ANONYMOUS, Principal, TokenRegistry, device_refusal
 from rtmonitor.ingest.columnar import Records, decode_records
 from rtmonitor.ingest.validation import Reason, Validator
 from rtmonitor.model import BatchId
@@ -48,6 +49,16 @@ class Refused(Exception):
         self.kind = kind
         self.message = message
         self.field = field  # for a 422: the bad field, as a path into the body
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who sent a request: its token (checked for the `ingest` scope before the request
+    reaches a receiver), its address and the receiver's name, for refusal counts and logs."""
+
+    principal: Principal = ANONYMOUS
+    peer: str = ""
+    surface: str = "otlp"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -110,12 +121,12 @@ def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
     )
 
 
-def idempotency_batch(scope: str, key: str) -> BatchId:
-    """The batch id of an Idempotency-Key: the key hashed to 63 bits, under the producer id
-    `scope` (keys of different scopes never collide). A resend with the same key within
-    --dedupe-window seconds is counted once."""
+def idempotency_batch(producer: str, key: str) -> BatchId:
+    """The batch id of an Idempotency-Key: the key hashed to 63 bits, under `producer` (a
+    producer id scoped by token, Principal.producer_key: two tokens' keys never collide).
+    A resend with the same key within --dedupe-window seconds is counted once."""
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return scope, int.from_bytes(digest, "big") >> 1
+    return producer, int.from_bytes(digest, "big") >> 1
 
 
 class Receiver:
@@ -128,12 +139,14 @@ class Receiver:
         aggregator: Aggregator,
         limits: ReceiverLimits,
         redis_error: Callable[[], str | None] = lambda: None,
+        auth: TokenRegistry | None = None,
     ) -> None:
         self.validator = validator
         self.queue = queue
         self.aggregator = aggregator
         self.limits = limits
         self.redis_error = redis_error
+        self.auth = auth if auth is not None else TokenRegistry(None)
         # Whole requests refused, by reason (GET /stats ingest.messages_refused_by_reason).
         self.refused: Counter[str] = Counter()
 
@@ -146,20 +159,27 @@ class Receiver:
         return self.refuse(Refused(reason, "unavailable", message))
 
     async def submit(
-        self, records: Records, rejected: Counter[str], *, batch_id: BatchId | None = None
+        self,
+        records: Records,
+        rejected: Counter[str],
+        sender: Sender,
+        *,
+        batch_id: BatchId | None = None,
     ) -> Outcome:
         """Validate `records`, queue the good ones and wait for their commit. `rejected`:
         packets the receiver refused already (e.g. OTLP's no_device_id); they are counted
-        with the validator's refusals. Raises Refused (unavailable) when the packets cannot
-        be taken or committed in time: nothing of a request refused before it was queued
-        is counted."""
+        with the validator's refusals, and packets outside the sender's device prefix as
+        `device_not_permitted`. Raises Refused (unavailable) when the packets cannot be
+        taken or committed in time: nothing of a request refused before it was queued is
+        counted."""
         if self.queue.closed:
             raise self._unavailable(Reason.SHUTTING_DOWN, "the service is shutting down")
         if (error := self.redis_error()) is not None:
             raise self._unavailable(
                 Reason.REDIS_UNAVAILABLE, f"commits to Redis fail ({error}): retry shortly"
             )
-        delta, refused = decode_records(records, self.validator, now_ms())
+        prefix = sender.principal.device_prefix
+        delta, refused = decode_records(records, self.validator, now_ms(), prefix)
         rejected = rejected + refused
         accepted = delta.total_packets
         tracker = CommitTracker()
@@ -181,6 +201,9 @@ class Receiver:
         tracker.close()
         for reason, count in rejected.items():
             self.aggregator.count_rejected(reason, count)
+        if denied := rejected.get(Reason.DEVICE_NOT_PERMITTED, 0):
+            refusal = device_refusal(sender.principal)
+            self.auth.refuse(sender.surface, sender.peer, refusal, denied)
         try:
             await asyncio.wait_for(tracker.wait(), self.limits.commit_timeout_s)
         except TimeoutError:

@@ -1,19 +1,24 @@
 """The HTTP receivers: POST /v1/telemetry (JSON packets) and POST /v1/metrics (OTLP/HTTP).
 
-Thin: the body is read here, bounded (--http-ingest-max-bytes, 413 past it), and handed
-with the headers that matter to this process's ingest node (deps.HttpIngest), whose reply
-is sent as it is.
+Thin: the token is checked here (`Authorization: Bearer`, the `ingest` scope, as gRPC's
+ingest RPCs require; never the dashboard's cookie: a cookie route must stay a read), the
+body is read, bounded (--http-ingest-max-bytes, 413 past it), and handed with the headers
+that matter to this process's ingest node (deps.HttpIngest), whose reply is sent as it is.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Security
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 
 from rtmonitor.api.deps import ApiDep, ApiState, HttpIngest
 from rtmonitor.api.schemas import IngestRefusal, TelemetryAnswer, TelemetryPacket
+from rtmonitor.api.security import REFUSALS as AUTH_REFUSALS
+from rtmonitor.api.security import bearer
+from rtmonitor.auth import AuthError, Principal, require
 from rtmonitor.model import HttpReply
 
 router = APIRouter(tags=["ingest"])
@@ -48,6 +53,7 @@ _OTLP_BODY: dict[str, Any] = {
     }
 }
 _REFUSALS: dict[int | str, dict[str, Any]] = {
+    **AUTH_REFUSALS,
     413: {"model": IngestRefusal, "description": "Body over --http-ingest-max-bytes"},
     503: {"model": IngestRefusal, "description": "Queue full or Redis away: retry"},
 }
@@ -58,6 +64,30 @@ def _refusal(status: int, reason: str, detail: str, retry: bool = False) -> JSON
     return JSONResponse(
         status_code=status, content={"detail": detail, "reason": reason}, headers=headers
     )
+
+
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+
+
+def _peer(request: Request) -> str:
+    return request.client.host if request.client is not None else ""
+
+
+def _principal(api: ApiState, request: Request, surface: str) -> Principal | JSONResponse:
+    """The sender's token, with the `ingest` scope; else 401/403, counted and logged."""
+    try:
+        principal = api.auth.authenticate(request.headers.get("authorization"))
+        require(principal, "ingest")
+    except AuthError as exc:
+        api.auth.refuse(surface, _peer(request), exc)
+        if exc.status == "unauthenticated":
+            return JSONResponse(
+                status_code=401,
+                content={"detail": exc.message},
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return JSONResponse(status_code=403, content={"detail": exc.message})
+    return principal
 
 
 def _receivers(api: ApiState) -> HttpIngest | JSONResponse:
@@ -121,6 +151,7 @@ def _send(reply: HttpReply) -> Response:
 async def telemetry(
     request: Request,
     api: ApiDep,
+    _: BearerDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -133,6 +164,9 @@ async def telemetry(
     committed, with the refused ones by reason. Gzip bodies are accepted
     (`Content-Encoding: gzip`). Limits: --http-ingest-max-bytes per body (as sent and
     inflated), --max-batch-packets packets per body."""
+    principal = _principal(api, request, "http-json")
+    if isinstance(principal, Response):
+        return principal
     receivers = _receivers(api)
     if isinstance(receivers, Response):
         return receivers
@@ -140,7 +174,8 @@ async def telemetry(
     if isinstance(body, Response):
         return body
     encoding = request.headers.get("content-encoding", "")
-    return _send(await receivers.telemetry(body, encoding, idempotency_key))
+    reply = await receivers.telemetry(body, encoding, idempotency_key, principal, _peer(request))
+    return _send(reply)
 
 
 @router.post(
@@ -149,10 +184,13 @@ async def telemetry(
     responses={**_REFUSALS, 400: {"description": "Not an ExportMetricsServiceRequest"}},
     openapi_extra=_OTLP_BODY,
 )
-async def otlp_metrics(request: Request, api: ApiDep) -> Response:
+async def otlp_metrics(request: Request, api: ApiDep, _: BearerDep) -> Response:
     """An OpenTelemetry exporter's endpoint (`OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`): data
     points counted per the README's mapping, answered after their commit with OTLP's
     partial success for the rejected ones."""
+    principal = _principal(api, request, "otlp")
+    if isinstance(principal, Response):
+        return principal
     receivers = _receivers(api)
     if isinstance(receivers, Response):
         return receivers
@@ -161,4 +199,5 @@ async def otlp_metrics(request: Request, api: ApiDep) -> Response:
         return body
     content_type = request.headers.get("content-type", "")
     encoding = request.headers.get("content-encoding", "")
-    return _send(await receivers.otlp_metrics(body, content_type, encoding))
+    reply = await receivers.otlp_metrics(body, content_type, encoding, principal, _peer(request))
+    return _send(reply)
