@@ -31,6 +31,8 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import compress, repeat
+from operator import add, attrgetter, floordiv, methodcaller
 from typing import Any
 
 import grpc
@@ -65,6 +67,14 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
 _HASHED_PREFIX = NAME_MAX - 9  # "@" and 8 hex digits follow
 _MAX_CACHED_NAMES = 65_536
 _SINGLE = ("gauge", "sum")  # data kinds with one value per point
+_as_double = attrgetter("as_double")
+_as_int = attrgetter("as_int")
+_time = attrgetter("time_unix_nano")
+_count = attrgetter("count")
+_sum = attrgetter("sum")
+_attributes = attrgetter("attributes")
+_byte_size = methodcaller("ByteSize")
+_has_sum = methodcaller("HasField", "sum")
 
 # google.rpc.Code of each refusal (OTLP/HTTP error bodies are google.rpc.Status)
 _RPC_CODE = {"invalid": 3, "too_large": 8, "unsupported": 3, "unavailable": 14}
@@ -104,6 +114,16 @@ def series_name(name: str, attributes: Iterable[tuple[str, str]]) -> str:
         return full
     digest = hashlib.blake2b(full.encode(), digest_size=4).hexdigest()
     return f"{full[:_HASHED_PREFIX]}@{digest}"
+
+
+def _with_values(
+    points: Sequence[Any], values: list[float], rejected: Counter[str]
+) -> tuple[list[Any], list[float]]:
+    """The points that have a value (and their values); the others counted as no_value."""
+    keep = [j for j, v in enumerate(values) if v or points[j].WhichOneof("value") is not None]
+    if len(keep) < len(points):
+        rejected[Reason.NO_VALUE] += len(points) - len(keep)
+    return [points[j] for j in keep], [values[j] for j in keep]
 
 
 def device_of(attributes: Sequence[KeyValue], keys: Sequence[str]) -> str | None:
@@ -151,6 +171,8 @@ class OtlpReceiver:
     def _gather_metric(
         self, metric: Metric, device: str | None, records: Records, rejected: Counter[str]
     ) -> None:
+        """One metric's data points as packets, in C-level passes over protobuf's objects
+        (map, attrgetter): no Python statement per point on the common path."""
         which = metric.WhichOneof("data")
         if which is None:
             return
@@ -158,34 +180,49 @@ class OtlpReceiver:
         if device is None:
             rejected[Reason.NO_DEVICE_ID] += len(points)
             return
-        name, series = metric.name, self._series
-        device_ids, kinds, sizes, ts = records.device_ids, records.kinds, records.sizes, records.ts
-        v_pos, v_names, v_vals = records.v_pos, records.v_names, records.v_vals
         single = which in _SINGLE
-        summary = which == "summary"  # a summary always has a sum; a histogram may not
-        for point in points:
-            if single:
-                value_field = point.WhichOneof("value")
-                if value_field is None:
-                    rejected[Reason.NO_VALUE] += 1
-                    continue
-            i = len(device_ids)
-            device_ids.append(device)
-            kinds.append(KIND)
-            sizes.append(point.ByteSize())
-            ts.append(point.time_unix_nano // 1_000_000)
-            if single:
-                v_pos.append(i)
-                v_names.append(series(name, point.attributes))
-                v_vals.append(float(getattr(point, value_field)))
-                continue
-            v_pos.append(i)
-            v_names.append(series(name + ".count", point.attributes))
-            v_vals.append(float(point.count))
-            if summary or point.HasField("sum"):
-                v_pos.append(i)
-                v_names.append(series(name + ".sum", point.attributes))
-                v_vals.append(point.sum)
+        if single:
+            # value is a oneof: the field not set reads 0, so the sum is the point's value
+            values = list(map(add, map(_as_double, points), map(_as_int, points)))
+            if 0 in values:  # maybe a point without a value (rare): look closer
+                points, values = _with_values(points, values, rejected)
+        k = len(points)
+        first = len(records.device_ids)
+        records.device_ids.extend(repeat(device, k))
+        records.kinds.extend(repeat(KIND, k))
+        records.sizes.extend(map(_byte_size, points))
+        records.ts.extend(map(floordiv, map(_time, points), repeat(1_000_000, k)))
+        positions = range(first, first + k)
+        name = metric.name
+        if single:
+            self._readings(records, positions, self._reading_names(name, points), values)
+            return
+        counts = map(float, map(_count, points))
+        self._readings(records, positions, self._reading_names(name + ".count", points), counts)
+        sums: Sequence[Any] = points
+        sum_positions: Sequence[int] = positions
+        if which != "summary":  # a histogram's sum is optional
+            with_sum = list(map(_has_sum, points))
+            if not all(with_sum):
+                sums = list(compress(points, with_sum))
+                sum_positions = list(compress(positions, with_sum))
+        self._readings(
+            records, sum_positions, self._reading_names(name + ".sum", sums), map(_sum, sums)
+        )
+
+    @staticmethod
+    def _readings(
+        records: Records, positions: Iterable[int], names: Iterable[str], values: Iterable[float]
+    ) -> None:
+        records.v_pos.extend(positions)
+        records.v_names.extend(names)
+        records.v_vals.extend(values)
+
+    def _reading_names(self, name: str, points: Sequence[Any]) -> Iterable[str]:
+        """The reading name of each point: the metric's, with its attributes if it has any."""
+        if not any(map(len, map(_attributes, points))):
+            return repeat(self._series(name, ()), len(points))
+        return [self._series(name, p.attributes) for p in points]
 
     async def export(
         self, request: ExportMetricsServiceRequest, sender: Sender
