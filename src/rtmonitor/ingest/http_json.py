@@ -16,9 +16,10 @@ resend with the same key is counted once (exactly-once, the StreamBatches machin
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
+
+import orjson
 
 from rtmonitor.ingest.columnar import Records
 from rtmonitor.ingest.receiver import (
@@ -78,7 +79,7 @@ def _packet(obj: Any, where: str, records: Records) -> None:
                 raise _invalid(f"{where}.values.{name}", "must be a number")
             records.v_pos.append(i)
             records.v_names.append(name)
-            records.v_vals.append(value)  # NaN, Infinity (json reads them): non_finite_value
+            records.v_vals.append(value)
     elif values is not None and type(values) is not dict:
         raise _invalid(f"{where}.values", "must be an object of name: number")
     records.device_ids.append(device_id)
@@ -90,7 +91,7 @@ def _packet(obj: Any, where: str, records: Records) -> None:
 def parse_packets(data: bytes, max_packets: int) -> Records:
     """A body's packets, or Refused naming what is wrong with it."""
     try:
-        doc = json.loads(data)
+        doc = orjson.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Refused(Reason.MALFORMED_BODY, "invalid", f"the body is not JSON: {exc}") from None
     records = Records.new()
@@ -142,7 +143,7 @@ class JsonReceiver:
             outcome = await receiver.submit(records, Counter(), sender, batch_id=batch_id)
         except Refused as refusal:  # counted by submit
             return _refusal(refusal)
-        return HttpReply(status=200, body=json.dumps(answer(outcome)).encode())
+        return HttpReply(status=200, body=orjson.dumps(answer(outcome)))
 
     @staticmethod
     def _batch_id(key: str, producer: str) -> tuple[str, int]:
@@ -164,4 +165,4 @@ def _refusal(refusal: Refused) -> HttpReply:
     if refusal.field is not None:
         body["field"] = refusal.field
     headers = {"Retry-After": str(RETRY_AFTER_S)} if refusal.kind == "unavailable" else {}
-    return HttpReply(status=status, body=json.dumps(body).encode(), headers=headers)
+    return HttpReply(status=status, body=orjson.dumps(body), headers=headers)
