@@ -35,6 +35,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 )
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
+from rtmonitor.clients import ClientSecurity
 from rtmonitor.config import SendSettings
 from rtmonitor.ingest.otlp import EXPORT
 
@@ -108,11 +109,13 @@ class Protocol:
 
 
 class _OtlpClient:
-    """OTLP/gRPC exports over one channel."""
+    """OTLP/gRPC exports over one channel (TLS and the token as `send`'s gRPC streams)."""
 
     def __init__(self, opts: SendSettings, target: str) -> None:
-        self.channel = grpc.aio.insecure_channel(
-            target, options=[("grpc.max_send_message_length", 256 * 1024 * 1024)]
+        security = ClientSecurity.of(opts)
+        self.metadata = security.metadata
+        self.channel = security.channel(
+            target, [("grpc.max_send_message_length", 256 * 1024 * 1024)]
         )
         self.export = self.channel.unary_unary(
             EXPORT,
@@ -129,7 +132,7 @@ class _OtlpClient:
     async def post(self, body: bytes, m: int, seq: int) -> Outcome:
         del seq  # OTLP has no request id: at-least-once
         try:
-            response = await self.export(body, timeout=60)
+            response = await self.export(body, timeout=60, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise Transient(f"{exc.code().name}: {exc.details()}") from None
@@ -144,7 +147,9 @@ class _HttpClient:
     def __init__(self, opts: SendSettings, target: str) -> None:
         del target
         limits = httpx.Limits(max_connections=MAX_CONCURRENCY)
-        self.client = httpx.AsyncClient(base_url=opts.http_target, timeout=60, limits=limits)
+        self.client = ClientSecurity.of(opts).async_http_client(
+            base_url=opts.http_target, timeout=60, limits=limits
+        )
         self.producer = uuid.uuid4().hex
 
     async def __aenter__(self) -> Post:
