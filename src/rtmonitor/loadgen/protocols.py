@@ -18,9 +18,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import grpc
-import httpx
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -142,39 +142,85 @@ class _OtlpClient:
 
 
 class _HttpClient:
-    """POST /v1/telemetry with an Idempotency-Key per body (a resend counts once)."""
+    """POST /v1/telemetry over kept-alive HTTP/1.1 connections, one request at a time each,
+    with an Idempotency-Key per body (a resend counts once).
+
+    A few lines of asyncio streams rather than httpx: the generator shares the machine
+    with the service it measures, and httpx spent more CPU per request than the service
+    (its connection pool re-tries a failing `import sniffio` on every request)."""
 
     def __init__(self, opts: SendSettings, target: str) -> None:
         del target
-        limits = httpx.Limits(max_connections=MAX_CONCURRENCY)
-        self.client = ClientSecurity.of(opts).async_http_client(
-            base_url=opts.http_target, timeout=60, limits=limits
-        )
+        url = urlsplit(opts.http_target)
+        security = ClientSecurity.of(opts)
+        self.tls = security.ssl_context() if url.scheme == "https" else None
+        self.host = url.hostname or "localhost"
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        auth = "".join(f"{k}: {v}\r\n" for k, v in security.headers.items())
+        self.head = (
+            f"POST /v1/telemetry HTTP/1.1\r\nHost: {url.netloc}\r\n{auth}"
+            "Content-Type: application/json\r\n"
+        ).encode()
         self.producer = uuid.uuid4().hex
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def __aenter__(self) -> Post:
         return self.post
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.client.aclose()
+        for _, writer in self.idle:
+            writer.close()
+
+    async def _exchange(
+        self, request: bytes, *, reuse: bool
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, Any]:
+        if reuse and self.idle:
+            reader, writer = self.idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls)
+        try:
+            writer.write(request)
+            status, answer = await _response(reader)
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer, status, answer
 
     async def post(self, body: bytes, m: int, seq: int) -> Outcome:
         del m
         key = f"{self.producer}-{seq}"  # the same for every resend of this body
+        request = (
+            self.head
+            + f"Idempotency-Key: {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         try:
-            r = await self.client.post(
-                "/v1/telemetry",
-                content=body,
-                headers={"content-type": "application/json", "idempotency-key": key},
-            )
-        except httpx.TransportError as exc:
+            try:
+                reader, writer, status, answer = await self._exchange(request, reuse=True)
+            except (OSError, asyncio.IncompleteReadError):
+                # a kept-alive connection the server had closed (idle): once more, afresh
+                reader, writer, status, answer = await self._exchange(request, reuse=False)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             raise Transient(f"{type(exc).__name__}: {exc}") from None
-        if r.status_code == 503:
-            raise Transient(f"503: {r.json().get('detail')}")
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        answer = r.json()
+        self.idle.append((reader, writer))
+        if status == 503:
+            raise Transient(f"503: {answer.get('detail')}")
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {answer}")
         return int(answer["accepted"]), Counter(answer["rejected"])
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[int, Any]:
+    """One HTTP/1.1 response with a Content-Length: its status and JSON body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    return status, json.loads(await reader.readexactly(length)) if length else {}
 
 
 PROTOCOLS: dict[str, Protocol] = {
