@@ -42,8 +42,12 @@ from rtmonitor.ingest.otlp import EXPORT
 if TYPE_CHECKING:
     from rtmonitor.loadgen.sender import Pacer, PacketPool, StreamResult
 
-# Concurrent requests of one stream (each waits for its commit, about a flush interval).
+# Concurrent requests of one stream, at most (each waits for its commit, about a flush
+# interval). HTTP/1.1 takes a connection per request in flight: few enough that a bench's
+# streams stay far below the service's --http-max-connections (at most 1/8 of its open-file
+# limit), where the probes' connections would be evicted.
 MAX_CONCURRENCY = 64
+MAX_HTTP_CONCURRENCY = 16
 _MAX_CACHED_BODIES = 256
 _BACKOFF_MAX_S = 2.0
 
@@ -106,6 +110,7 @@ class Protocol:
     mode: str  # as the report names it
     body: Callable[[PacketPool, int, int], bytes]
     connect: Callable[[SendSettings, str], Any]  # an async context manager yielding Post
+    max_concurrency: int = MAX_CONCURRENCY
 
 
 class _OtlpClient:
@@ -225,7 +230,7 @@ async def _response(reader: asyncio.StreamReader) -> tuple[int, Any]:
 
 PROTOCOLS: dict[str, Protocol] = {
     "otlp": Protocol("OTLP/gRPC Export", otlp_body, _OtlpClient),
-    "http": Protocol("HTTP JSON POST /v1/telemetry", http_body, _HttpClient),
+    "http": Protocol("HTTP JSON POST /v1/telemetry", http_body, _HttpClient, MAX_HTTP_CONCURRENCY),
 }
 
 
@@ -239,7 +244,7 @@ async def drive(
     counter: list[int],
     target: str,
 ) -> None:
-    """One stream of `protocol` requests: up to MAX_CONCURRENCY (and --inflight) at once,
+    """One stream of `protocol` requests: up to its max_concurrency (and --inflight) at once,
     each of --batch-size packets, until `n` are sent or the pace's duration ends."""
     bodies: dict[int, bytes] = {}
 
@@ -274,7 +279,7 @@ async def drive(
             await pace.wait(m)
 
     async with protocol.connect(opts, target) as post:
-        concurrency = max(1, min(opts.inflight, MAX_CONCURRENCY))
+        concurrency = max(1, min(opts.inflight, protocol.max_concurrency))
         workers = [asyncio.create_task(worker(post)) for _ in range(concurrency)]
         try:
             await asyncio.gather(*workers)
