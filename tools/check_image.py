@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import venv
 from pathlib import Path
@@ -148,7 +149,18 @@ def smoke(runtime: Stage, base: Path) -> None:
     if built.returncode != 0:
         raise SystemExit(f"check-image: the wheel has no compiled row reader:\n{built.stderr}")
     log(f"the compiled row reader is installed: {built.stdout.strip()}")
-    log(f"starting {bin_dir / 'rtmonitor'} serve (embedded Redis) on {grpc_port}/{http_port}")
+    # As the image runs: with an auth file (the Dockerfile sets RTM_AUTH_FILE), made by the
+    # installed `rtmonitor token new`.
+    made = subprocess.run(
+        [str(bin_dir / "rtmonitor"), "token", "new", "--name", "check", "--scope", "admin",
+         "--json"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    token = json.loads(made.stdout)
+    (base / "tokens.toml").write_text(token["toml"])
+    env["RTM_AUTH_FILE"] = str(base / "tokens.toml")
+    log(f"starting {bin_dir / 'rtmonitor'} serve (embedded Redis, auth file) on "
+        f"{grpc_port}/{http_port}")  # fmt: skip
     service = subprocess.Popen([str(bin_dir / "rtmonitor"), "serve"], env=env, cwd=base)
     try:
         health = [str(bin_dir / "python") if healthcheck_command()[0] == "python" else ""]
@@ -163,10 +175,19 @@ def smoke(runtime: Stage, base: Path) -> None:
         subprocess.run(
             [str(bin_dir / "rtmonitor"), "send", "--target", f"127.0.0.1:{grpc_port}",
              "--devices", "10", "--count", "5000", "--batch-size", "100", "--no-progress"],
-            check=True, env=env,
+            check=True, env={**env, "RTM_TOKEN": token["secret"]},
         )  # fmt: skip
         url = f"http://127.0.0.1:{http_port}/metrics?limit=1"
-        totals = json.load(urllib.request.urlopen(url, timeout=5))["totals"]
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            raise SystemExit("check-image: GET /metrics without a token was not refused")
+        except urllib.error.HTTPError as exc:
+            if exc.code != 401:
+                raise
+        request = urllib.request.Request(
+            url, headers={"Authorization": f"Bearer {token['secret']}"}
+        )
+        totals = json.load(urllib.request.urlopen(request, timeout=5))["totals"]
         if totals["packets"] != 5000 or totals["devices"] != 10:
             raise SystemExit(f"check-image: wrong counts from the installed service: {totals}")
         log(f"the installed service counted exactly: {totals}")

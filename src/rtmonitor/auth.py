@@ -147,6 +147,13 @@ def _token_lines(text: str) -> list[int]:
     return [i for i, line in enumerate(text.splitlines(), 1) if header.match(line)]
 
 
+def _last_line(text: str) -> int:
+    """The number of the last line that is not blank (an error "at end of document" is
+    about something left open above it)."""
+    lines = text.splitlines()
+    return max((i for i, line in enumerate(lines, 1) if line.strip()), default=1)
+
+
 def _principal(entry: Mapping[str, Any], where: str) -> Principal:
     """One [[token]] table checked; AuthFileError (prefixed with `where`) if it is wrong."""
     unknown = set(entry) - _TOKEN_KEYS
@@ -185,7 +192,8 @@ def parse_tokens(text: str, source: str = "auth file") -> list[Principal]:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise AuthFileError(f"{source}: not valid TOML: {exc}") from None
+        where = "" if "line" in str(exc) else f" (the file ends at line {_last_line(text)})"
+        raise AuthFileError(f"{source}: not valid TOML: {exc}{where}") from None
     extra = set(doc) - {"token"}
     if extra:
         raise AuthFileError(f"{source}: unknown table(s) {sorted(extra)}; only [[token]] is read")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import httpx
+
+if TYPE_CHECKING:  # httpx is for `top` and `bench` (and the tests), not the service
+    import httpx
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,11 @@ class ClientSecurity:
         return options
 
     def http_client(self, **kwargs: Any) -> httpx.Client:
+        import httpx
+
         return httpx.Client(**self.http_options(), **kwargs)
 
     def async_http_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        import httpx
+
         return httpx.AsyncClient(**self.http_options(), **kwargs)

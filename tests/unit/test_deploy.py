@@ -52,6 +52,17 @@ def test_kustomization_lists_every_manifest_and_the_deployment_is_sound() -> Non
     grpc = next(d for _, d in k8s_documents() if d["kind"] == "Service" and "grpc" in
                 d["metadata"]["name"])  # type: ignore[index]  # fmt: skip
     assert grpc["spec"]["clusterIP"] == "None", "gRPC needs per-pod addresses (headless)"
+    # auth on: the token file comes from a Secret volume at the configured path
+    config = next(d for _, d in k8s_documents() if d["kind"] == "ConfigMap")
+    auth_file = config["data"]["RTM_AUTH_FILE"]  # type: ignore[index]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tokens")
+    assert auth_file.startswith(mount["mountPath"] + "/")
+    volume = next(v for v in pod["volumes"] if v["name"] == "tokens")
+    secret = next(
+        d for _, d in k8s_documents()
+        if d["kind"] == "Secret" and d["metadata"]["name"] == volume["secret"]["secretName"]  # type: ignore[index]
+    )  # fmt: skip
+    assert auth_file.rsplit("/", 1)[1] in secret["stringData"]  # type: ignore[operator]
 
 
 def test_compose_file_matches_the_compose_specification() -> None:
@@ -71,6 +82,14 @@ def test_compose_file_matches_the_compose_specification() -> None:
     assert "appendonly" in " ".join(compose["services"]["redis"]["command"])
     assert compose["services"]["redis"]["healthcheck"] and compose["volumes"]
     assert compose["services"]["proxy"]["profiles"] == ["scale"]
+    # auth on: the token file is a secret of every service instance
+    assert service["environment"]["RTM_AUTH_FILE"] == "/run/secrets/rtm-tokens.toml"
+    for name in ("rtmonitor", "ingest"):
+        assert "rtm-tokens" in compose["services"][name]["secrets"]
+    assert compose["secrets"]["rtm-tokens"]["file"] == "./deploy/tokens.toml"
+    assert compose["services"]["tokens"]["command"][:2] == ["token", "new"]
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "deploy/tokens.toml" in ignored and "deploy/prometheus/token" in ignored
 
 
 def test_dockerfile_lint() -> None:
@@ -96,5 +115,7 @@ def test_dockerfile_lint() -> None:
         assert "curl" not in run and "wget" not in run, "no downloads outside package managers"
     copies = [i["value"] for i in final if i["instruction"] == "COPY"]
     assert copies and all(c.startswith("--from=build") for c in copies), "only the wheel"
+    env = " ".join(i["value"] for i in final if i["instruction"] == "ENV")
+    assert "RTM_AUTH_FILE=/run/secrets/rtm-tokens.toml" in env, "the image ships with auth on"
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "data"} <= set(dockerignore)

@@ -106,6 +106,24 @@ def _peak_rss_mb(pid: int) -> float:
     return total
 
 
+def _service_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of the service so far: its process and (with --workers)
+    every child but Redis."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in [pid, *_children(pid)]:
+        try:
+            with open(f"/proc/{p}/comm") as f:
+                if f.read().startswith("redis-server"):
+                    continue
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -250,6 +268,7 @@ def run_mode(
     )
     try:
         svc.wait_ready()
+        cpu_at_start = _service_cpu_s(svc.proc.pid)
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
@@ -288,6 +307,11 @@ def run_mode(
                 result[f"{key}_p99"] = _round(_percentile(samples, 99))
                 result[f"{key}_samples"] = len(samples)
         result["peak_rss_mb"] = round(_peak_rss_mb(svc.proc.pid), 1)
+        # The service's CPU per packet depends far less on what else the shared machine
+        # does than its rate: the figure that compares two configurations.
+        cpu_s = _service_cpu_s(svc.proc.pid) - cpu_at_start
+        if acked:
+            result["service_cpu_ns_per_packet"] = round(cpu_s * 1e9 / acked)
         return result
     finally:
         svc.stop()
@@ -376,6 +400,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         ("ratio", "ratio_to_ceiling"), ("fresh p50 ms", "freshness_ms_p50"),
         ("fresh p99 ms", "freshness_ms_p99"), ("GET id p99 ms", "get_device_ms_p99"),
         ("GET list p99 ms", "get_metrics_ms_p99"), ("peak RSS MB", "peak_rss_mb"),
+        ("CPU ns/pkt", "service_cpu_ns_per_packet"),
     ]  # fmt: skip
     for title, _ in columns:
         table.add_column(title, justify="right")
