@@ -13,6 +13,8 @@ import grpc
 import httpx
 import pytest
 from google.protobuf import json_format
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import ServiceProcess, get_json, run
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
@@ -47,6 +49,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMe
 from opentelemetry.sdk.resources import Resource
 
 from rtmonitor.ingest.otlp import EXPORT, SERVICE_NAME
+from rtmonitor.storage.embedded import EmbeddedRedis
 
 FLUSHES = 3
 
@@ -348,3 +351,53 @@ def test_reflection_lists_the_metrics_service(service: ServiceProcess) -> None:
 def test_empty_exports_are_fine(service: ServiceProcess, body: bytes, media: str) -> None:
     r = httpx.post(f"{service.http}/v1/metrics", content=body, headers={"content-type": media})
     assert r.status_code == 200
+
+
+def test_redis_away_answers_unavailable_and_503(
+    start_service: Callable[..., ServiceProcess], redis_server: EmbeddedRedis
+) -> None:
+    """The exporters retry UNAVAILABLE and 503 (with Retry-After): at-least-once."""
+    svc = start_service("--receiver-commit-timeout", "1")
+    request = request_for(
+        [
+            (
+                attrs(**{"device.id": "outage"}),
+                [Metric(name="up", gauge=Gauge(data_points=[NumberDataPoint(as_double=1)]))],
+            )
+        ]
+    )
+
+    async def over_grpc() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(svc.target) as channel:
+            export = channel.unary_unary(
+                EXPORT,
+                request_serializer=ExportMetricsServiceRequest.SerializeToString,
+                response_deserializer=ExportMetricsServiceResponse.FromString,
+            )
+            try:
+                await export(request, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                trailers = dict(exc.trailing_metadata() or ())
+                retry = RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"])
+                assert retry.retry_delay.seconds == 1  # what the official exporter waits
+                status = Status.FromString(trailers["grpc-status-details-bin"])
+                assert status.details[0].Is(RetryInfo.DESCRIPTOR)
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    redis_server.stop()
+    try:
+        assert run(over_grpc()) == grpc.StatusCode.UNAVAILABLE
+        r = httpx.post(
+            f"{svc.http}/v1/metrics",
+            content=request.SerializeToString(),
+            headers={"content-type": "application/x-protobuf"},
+            timeout=30,
+        )
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert Status.FromString(r.content).code == 14  # google.rpc.Status, UNAVAILABLE
+    finally:
+        redis_server.start()
+    # the first export was queued and is committed once Redis is back (a retry would count
+    # it again: at-least-once); the second was refused before queueing, or queued as well
+    assert wait_for_packets(svc.http, "outage", 1, timeout=30)["packets"] in (1, 2)

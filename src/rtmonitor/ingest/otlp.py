@@ -267,7 +267,8 @@ class OtlpReceiver:
         try:
             return await self.export(request, sender)
         except Refused as refusal:
-            await context.abort(_GRPC_STATUS[refusal.kind], refusal.message)
+            trailers = _RETRY_TRAILERS if refusal.kind == "unavailable" else ()
+            await context.abort(_GRPC_STATUS[refusal.kind], refusal.message, trailers)
 
     # --- HTTP ---------------------------------------------------------------------------
 
@@ -318,12 +319,6 @@ class OtlpReceiver:
             ) from None
 
 
-def _status_bytes(code: int, message: str) -> bytes:
-    """A google.rpc.Status message (code = 1, message = 2) in protobuf's encoding."""
-    text = message.encode()
-    return b"\x08" + _varint(code) + b"\x12" + _varint(len(text)) + text
-
-
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -336,11 +331,35 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _status_bytes(code: int, message: str, details: bytes = b"") -> bytes:
+    """A google.rpc.Status (code = 1, message = 2, details = 3) in protobuf's encoding."""
+    out = b"\x08" + _varint(code) + _field(2, message.encode())
+    return out + (_field(3, details) if details else b"")
+
+
+# google.rpc.RetryInfo{retry_delay: Duration{seconds: RETRY_AFTER_S}}, hand-encoded (its
+# generated module is not a dependency), and as a google.protobuf.Any for Status.details.
+_RETRY_INFO = _field(1, b"\x08" + bytes([RETRY_AFTER_S]))
+_RETRY_ANY = _field(1, b"type.googleapis.com/google.rpc.RetryInfo") + _field(2, _RETRY_INFO)
+# What an UNAVAILABLE answer carries: the official exporters read RetryInfo from
+# `google.rpc.retryinfo-bin` (and others from the status details) and wait that long.
+_RETRY_TRAILERS: tuple[tuple[str, str | bytes], ...] = (
+    ("google.rpc.retryinfo-bin", _RETRY_INFO),
+    ("grpc-status-details-bin", _status_bytes(14, "retry shortly", _RETRY_ANY)),
+)
+
+
 def _http_refusal(refusal: Refused, media: str) -> HttpReply:
     code = _RPC_CODE[refusal.kind]
     headers = {"Retry-After": str(RETRY_AFTER_S)} if refusal.kind == "unavailable" else {}
     if media == PROTOBUF:
-        body = _status_bytes(code, refusal.message)
+        details = _RETRY_ANY if refusal.kind == "unavailable" else b""
+        body = _status_bytes(code, refusal.message, details)
     else:
         media = JSON
         body = json.dumps({"code": code, "message": refusal.message}).encode()
