@@ -251,7 +251,7 @@ def test_removed_token_ends_its_stream(
                         await asyncio.to_thread(tokens.write, remaining)
             except grpc.aio.AioRpcError as exc:
                 assert started is not None and time.monotonic() - started < 5
-                assert "removed from the auth file" in (exc.details() or "")
+                assert "no longer in the auth file" in (exc.details() or "")
                 return exc.code()
             raise AssertionError("the stream was not ended")
 
@@ -265,3 +265,23 @@ def test_removed_token_ends_its_stream(
         asyncio.run(packets_call(svc.target, [packet("doomed/x")], client.metadata))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert stats(svc, tokens)["ingest"]["auth_refused"]["token_revoked:doomed"] == 1
+
+
+def test_noop_ceiling_checks_tokens_too(tmp_path: Path) -> None:
+    """`serve --noop` (bench's ceiling) counts nothing but refuses the same callers."""
+    tokens = make_tokens(tmp_path / "tokens.toml", {"writer": (["ingest"], None)})
+    svc = ServiceProcess(
+        None, tmp_path / "noop.log", "--noop", "--data-dir", str(tmp_path / "data"),
+        "--auth-file", str(tokens.path),
+    )  # fmt: skip
+    try:
+        svc.wait_ready()
+        for call in (packets_call, batches_call):
+            items: Any = [packet("n")] if call is packets_call else [Batch(batch_id=1)]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                asyncio.run(call(svc.target, items, None))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ack = asyncio.run(packets_call(svc.target, [packet("n")] * 3, md(tokens, "writer")))
+        assert ack.accepted == 3
+    finally:
+        svc.kill()

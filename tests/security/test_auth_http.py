@@ -30,6 +30,7 @@ TOKENS: dict[str, tuple[list[str], str | None]] = {
     "reader": (["read"], None),
     "boss": (["admin"], None),
     "scraper": (["read"], None),
+    "viewer": (["read"], None),
 }
 
 
@@ -154,7 +155,7 @@ def test_refusals_counted_and_logged_once_per_peer(
         f"{svc.http}/metrics", params={"format": "prometheus"}, headers=tokens.header("boss")
     ).text
     assert 'rtm_auth_refused_total{surface="http",reason="unknown_token",token="-"}' in scrape
-    assert "rtm_auth_tokens 4" in scrape
+    assert f"rtm_auth_tokens {len(TOKENS)}" in scrape
 
 
 def test_real_prometheus_scrapes_with_a_token(
@@ -217,3 +218,19 @@ def test_real_prometheus_scrapes_with_a_token(
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_removed_token_ends_its_live_stream(secured: tuple[ServiceProcess, Tokens]) -> None:
+    svc, tokens = secured
+    with httpx.Client(base_url=svc.http, timeout=10) as client:
+        with client.stream("GET", "/stream", headers=tokens.header("viewer")) as live:
+            assert live.status_code == 200
+            lines = live.iter_lines()
+            assert next(lines).startswith("retry:")
+            started = time.monotonic()
+            tokens.write({k: v for k, v in TOKENS.items() if k != "viewer"})
+            rest = list(lines)  # until the server ends the response
+            assert time.monotonic() - started < 5
+        assert "event: error" in rest and "data: token revoked: log in again" in rest
+        assert client.get("/metrics", headers=tokens.header("viewer")).status_code == 401
+    tokens.write(TOKENS)  # the other tests' tokens, unchanged (viewer back, same secret)

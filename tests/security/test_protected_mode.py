@@ -4,12 +4,15 @@ the opt-out it starts and warns; a malformed auth file refuses to start naming t
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import ServiceProcess
 
+from rtmonitor.config import Settings
 from rtmonitor.loadgen.launch import child_env
 from rtmonitor.storage.embedded import free_port
 
@@ -62,12 +65,11 @@ def test_opt_out_starts_with_a_warning(tmp_path: Path) -> None:
         svc.kill()
 
 
-def test_default_is_loopback(tmp_path: Path) -> None:
-    svc = ServiceProcess(None, tmp_path / "svc.log", "--data-dir", str(tmp_path / "data"))
-    # ServeProcess passes --host 127.0.0.1; the default itself is checked on Settings
-    svc.kill()
-    from rtmonitor.config import Settings
-
+def test_default_is_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(ServeProcess passes --host 127.0.0.1 itself: the default is checked on Settings,
+    with no RTM_* variable of this process in the way.)"""
+    for name in [k for k in os.environ if k.startswith("RTM_")]:
+        monkeypatch.delenv(name)
     assert Settings().host == "127.0.0.1"
     auth = tmp_path / "t.toml"
     auth.write_text("")

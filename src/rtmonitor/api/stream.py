@@ -41,6 +41,7 @@ EVENT_MAX_BYTES = 256 * 1024
 # Where the app puts the server's transport for the connection in the ASGI scope (app.py).
 TRANSPORT = "rtmonitor.transport"
 KEEPALIVE_S = 15.0  # a comment this often keeps proxies from closing an idle stream
+REVOKE_CHECK_S = 1.0  # how soon a stream whose token was removed ends
 
 
 class Render(Protocol):
@@ -228,12 +229,21 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, feed: ChangeFeed, sub: Subscriber, render: Render, send_timeout: float
+        self,
+        feed: ChangeFeed,
+        sub: Subscriber,
+        render: Render,
+        send_timeout: float,
+        allowed: Callable[[], bool] | None = None,
     ) -> None:
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.feed, self.sub, self.renderer, self.send_timeout = feed, sub, render, send_timeout
+        # False once the client's token is no longer valid (removed from the auth file):
+        # checked every REVOKE_CHECK_S, then the stream ends.
+        self.allowed = allowed
+        self.revoked = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.sub
@@ -244,6 +254,9 @@ class EventStream(Response):
             sub.close()
 
         watcher = asyncio.create_task(watch(), name="stream-disconnect")
+        if (allowed := self.allowed) is not None:
+            revoke = asyncio.create_task(self._watch_token(allowed), name="stream-token")
+            watcher.add_done_callback(lambda _: revoke.cancel())
         try:
             await self._send(send, {"type": "http.response.start", "status": 200,
                                     "headers": self.raw_headers})  # fmt: skip
@@ -256,6 +269,9 @@ class EventStream(Response):
                     continue
                 if not sub.closed:
                     await self._write(send, sub.take(self.renderer))
+            if self.revoked:  # the client is still there: say why, and end the response
+                await self._write(send, "event: error\ndata: token revoked: log in again\n\n")
+                await self._send(send, {"type": "http.response.body", "body": b""})
         except _Blocked:
             self.feed.disconnected_slow += 1
             # Closing would wait for the unread data to drain, which never happens: abort
@@ -275,6 +291,13 @@ class EventStream(Response):
         finally:
             watcher.cancel()
             self.feed.unsubscribe(sub)
+
+    async def _watch_token(self, allowed: Callable[[], bool]) -> None:
+        while not self.sub.closed:
+            await asyncio.sleep(REVOKE_CHECK_S)
+            if not allowed():
+                self.revoked = True
+                self.sub.close()
 
     async def _write(self, send: Send, text: str) -> None:
         await self._send(

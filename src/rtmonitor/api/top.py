@@ -81,6 +81,11 @@ def run_top(opts: TopSettings) -> int:
     with ClientSecurity.of(opts).http_client(base_url=opts.url, timeout=5) as client:
         try:
             page = fetch(client, opts)
+        except httpx.HTTPStatusError as exc:
+            hint = " (give a read token: --token or RTM_TOKEN)" if exc.response.status_code in (
+                401, 403) else ""  # fmt: skip
+            console.print(f"[red]cannot read {opts.url}/metrics: {exc}[/red]{hint}")
+            return 1
         except httpx.HTTPError as exc:
             console.print(
                 f"[red]cannot read {opts.url}/metrics: {exc}[/red] (is the service running?)"

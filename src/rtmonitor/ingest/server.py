@@ -14,6 +14,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
+from rtmonitor.ingest.guard import authorize
 from rtmonitor.ingest.otlp import EXPORT_METHOD, OtlpReceiver
 from rtmonitor.ingest.otlp import SERVICE_NAME as OTLP_SERVICE_NAME
 from rtmonitor.ingest.rpc import BATCHES_METHOD, PACKETS_METHOD, SERVICE_NAME
@@ -28,8 +29,8 @@ def ingest_handler(
 ) -> grpc.GenericRpcHandler[Any, Any]:
     """TelemetryIngest's method table. Requests stay raw bytes (no request_deserializer):
     the servicer parses them, to turn malformed input into a clear answer."""
-    packets = noop_stream_packets if noop else servicer.stream_packets
-    batches = noop_stream_batches if noop else servicer.stream_batches
+    packets = _checked_noop_packets(servicer) if noop else servicer.stream_packets
+    batches = _checked_noop_batches(servicer) if noop else servicer.stream_batches
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
@@ -75,6 +76,27 @@ def otlp_handler(otlp: OtlpReceiver) -> grpc.GenericRpcHandler[Any, Any]:
             )
         },
     )
+
+
+def _checked_noop_packets(servicer: IngestServicer) -> Any:
+    """The no-op StreamPackets behind the same token check as the real one."""
+
+    async def handler(requests: AsyncIterator[bytes], context: Any) -> Ack:
+        await authorize(context, servicer.auth)
+        return await noop_stream_packets(requests, context)
+
+    return handler
+
+
+def _checked_noop_batches(servicer: IngestServicer) -> Any:
+    """The no-op StreamBatches behind the same token check as the real one."""
+
+    async def handler(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[BatchAck]:
+        await authorize(context, servicer.auth)
+        async for ack in noop_stream_batches(requests, context):
+            yield ack
+
+    return handler
 
 
 def build_server(

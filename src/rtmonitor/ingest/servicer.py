@@ -172,7 +172,8 @@ class IngestServicer:
         error = AuthError(
             "unauthenticated",
             TOKEN_REVOKED,
-            f"token {name!r} was removed from the auth file: stream closed; {done}",
+            f"token {name!r} is no longer in the auth file (removed or changed): stream closed; "
+            f"{done}",
             name,
         )
         self.auth.refuse(SURFACE, peer_host(context.peer() or ""), error)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, Response
 
 from rtmonitor.api.deps import ApiDep
-from rtmonitor.api.security import REFUSALS, read_access
+from rtmonitor.api.security import REFUSALS, ReadDep, read_access
 from rtmonitor.api.stream import EventStream
 from rtmonitor.model import DEVICE_ID_MAX
 
@@ -30,6 +30,7 @@ router = APIRouter(tags=["metrics"], dependencies=[Depends(read_access)], respon
 )
 async def stream(
     api: ApiDep,
+    principal: ReadDep,
     prefix: Annotated[
         str, Query(max_length=DEVICE_ID_MAX, description="Only devices whose id starts with this.")
     ] = "",
@@ -53,4 +54,8 @@ async def stream(
             },
             headers={"Retry-After": "10"},
         )
-    return EventStream(feed, feed.subscribe(prefix), api.render, api.limits.stream_send_timeout_s)
+    # A stream outlives the request's token check: it ends once the token is removed.
+    allowed = (lambda: api.auth.is_current(principal)) if api.auth.enabled else None
+    return EventStream(
+        feed, feed.subscribe(prefix), api.render, api.limits.stream_send_timeout_s, allowed
+    )
