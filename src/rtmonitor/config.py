@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -147,9 +148,13 @@ class Settings(BaseSettings):
         le=100,
         description="Wait at least this many times the last flush's duration between flush "
         "starts (0: never stretch the interval).",
+        json_schema_extra={"metavar": "FACTOR"},
     )
     flush_interval_max: float = Field(
-        2.0, gt=0, le=600, description="Longest interval adaptive flushing may stretch to."
+        2.0,
+        gt=0,
+        le=600,
+        description="Longest interval, in seconds, adaptive flushing may stretch to.",
     )
     # Half the pending budget, as half of --max-pending-devices triggers a flush. Redis's
     # work per flush grows with the devices in it, not the packets: a lower count made a
@@ -215,6 +220,35 @@ class Settings(BaseSettings):
     )
     stream_idle_timeout: float = Field(
         300.0, gt=0, description="Seconds a stream may send nothing before it is closed."
+    )
+    # --- other receivers: OTLP metrics (gRPC and HTTP), HTTP JSON ---------------
+    otlp_device_attribute: str = Field(
+        "device.id",
+        min_length=1,
+        max_length=256,
+        description="OTLP resource attribute holding the device id (then service.instance.id, "
+        "then host.name; none: the data points are rejected as no_device_id).",
+    )
+    # A 1,000-packet JSON body is ~100 KB and 1,000 OTLP points ~60 KB (protobuf) to ~300 KB
+    # (JSON): 16 MB leaves room for the largest batches while bounding what one request holds.
+    http_ingest_max_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest body of POST /v1/telemetry and /v1/metrics, as sent and after "
+        "gzip decompression (larger: 413).",
+    )
+    receiver_queue_timeout: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds an OTLP or HTTP JSON request waits for room in the full queue "
+        "before it is answered UNAVAILABLE / 503 with Retry-After.",
+    )
+    receiver_commit_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds an OTLP or HTTP JSON request waits for its commit to Redis "
+        "before it is answered UNAVAILABLE / 503 (it may still be committed: resend with the "
+        "same Idempotency-Key to count it once).",
     )
     retention: int = Field(
         7 * 86400,
@@ -499,7 +533,9 @@ def _check_mqtt(s: Settings) -> None:
         )
 
 
-SendProtocol = Literal["grpc", "mqtt"]
+# What `send` speaks: gRPC TelemetryIngest, OTLP/gRPC metrics, HTTP JSON (loadgen/protocols.py),
+# MQTT (loadgen/mqtt.py).
+SendProtocol = Literal["grpc", "otlp", "http", "mqtt"]
 
 
 class ClientSecuritySettings(BaseSettings):
@@ -538,9 +574,6 @@ class SendSettings(ClientSecuritySettings):
 
     model_config = SettingsConfigDict(env_prefix="RTM_SEND_", extra="forbid", frozen=True)
 
-    protocol: SendProtocol = Field(
-        "grpc", description="grpc: the service's own RPCs; mqtt: publish JSON to a broker."
-    )
     target: str = Field(
         "localhost:50051",
         description="gRPC address of the service; several, comma-separated, spread the "
@@ -550,6 +583,16 @@ class SendSettings(ClientSecuritySettings):
     mqtt_topic: str = Field(
         "rtm/{device}/telemetry",
         description="mqtt: the topic of each device's messages ({device}: its id).",
+    )
+    protocol: SendProtocol = Field(
+        "grpc",
+        description="grpc: TelemetryIngest (--batch-size 1: StreamPackets, more: batches); "
+        "otlp: OTLP/gRPC MetricsService/Export, --batch-size data points per export; http: "
+        "POST /v1/telemetry to --http-target, --batch-size packets per body; mqtt: publish JSON "
+        "(QoS 1) to the broker at --target.",
+    )
+    http_target: str = Field(
+        "http://localhost:8000", description="HTTP address of the service (--protocol http)."
     )
     devices: int = Field(100, ge=1, le=10_000_000, description="Distinct devices to simulate.")
     count: int | None = Field(
@@ -596,6 +639,8 @@ class SendSettings(ClientSecuritySettings):
             raise ValueError("--columnar sends batches: give --batch-size 2 or more")
         if self.protocol == "mqtt" and "{device}" not in self.mqtt_topic:
             raise ValueError("--mqtt-topic needs {device} where the device id goes")
+        if self.columnar and self.protocol != "grpc":
+            raise ValueError("--columnar is a gRPC batch form: use it with --protocol grpc")
         return self
 
     @property
@@ -606,8 +651,9 @@ class SendSettings(ClientSecuritySettings):
         return self.count if self.count is not None else 10_000
 
 
-BenchMode = Literal["packets", "rows", "columns", "mqtt"]
-BENCH_MODES: tuple[BenchMode, ...] = ("packets", "rows", "columns", "mqtt")
+# packets, rows, columns: gRPC TelemetryIngest; otlp: OTLP/gRPC exports; http: HTTP JSON;
+# mqtt: JSON messages through a broker the bench starts.
+BenchMode = Literal["packets", "rows", "columns", "otlp", "http", "mqtt"]
 
 
 class BenchSettings(ClientSecuritySettings):
@@ -618,9 +664,10 @@ class BenchSettings(ClientSecuritySettings):
     redis_url: str | None = Field(None, description="External Redis (default: an embedded one).")
     modes: str = Field(
         "packets,rows,columns",
-        description="Comma-separated: packets, rows, columns, mqtt (needs mosquitto: one "
-        "JSON packet per QoS 1 message through a broker the bench starts; its ceiling is the "
-        "broker's own, delivering to mosquitto_sub).",
+        description="Comma-separated: packets, rows, columns (gRPC), otlp (OTLP/gRPC), "
+        "http (HTTP JSON), mqtt (needs mosquitto: JSON packets in QoS 1 messages through a "
+        "broker the bench starts; its ceiling is the broker's own, delivering to "
+        "mosquitto_sub).",
     )
     devices: int = Field(100, ge=1, le=1_000_000, description="Distinct devices.")
     duration: float = Field(5.0, gt=0, description="Seconds of load per mode.")
@@ -631,6 +678,8 @@ class BenchSettings(ClientSecuritySettings):
     mqtt_batch: int = Field(
         1, ge=1, description="mqtt: packets per message (a JSON list when more than one)."
     )
+    otlp_batch: int = Field(1000, ge=1, description="Data points per OTLP export (mode otlp).")
+    http_batch: int = Field(1000, ge=1, description="Packets per HTTP JSON body (mode http).")
     inflight: int = Field(128, ge=1, description="Unacknowledged batches per stream (send's).")
     flush_interval: float = Field(0.2, gt=0, description="The service's flush interval, seconds.")
     workers: int = Field(1, ge=1, le=64, description="The service's --workers.")
@@ -658,9 +707,10 @@ class BenchSettings(ClientSecuritySettings):
     @property
     def mode_list(self) -> list[BenchMode]:
         modes = [m.strip() for m in self.modes.split(",") if m.strip()]
+        known = typing.get_args(BenchMode)
         for m in modes:
-            if m not in BENCH_MODES:
-                raise ValueError(f"unknown bench mode {m!r}: use {', '.join(BENCH_MODES)}")
+            if m not in known:
+                raise ValueError(f"unknown bench mode {m!r}: use {', '.join(known)}")
         return modes  # type: ignore[return-value]
 
 

@@ -391,6 +391,17 @@ R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HttpReply:
+    """An HTTP receiver's answer (POST /v1/telemetry, /v1/metrics): built by the receiver
+    in ingest/, sent as it is by the route in api/."""
+
+    status: int
+    body: bytes
+    media_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class IngestStats:
     """The receivers' figures (gRPC streams, message budget, device slots)."""
 

@@ -215,8 +215,19 @@ class Runtime:
                 stack.callback(watch.cancel)
             # 5.
             if self.role != "worker":
+                # The HTTP receivers (POST /v1/telemetry, /v1/metrics) feed this process's
+                # ingest node, started after HTTP: looked up per request. With --workers
+                # this process has none.
+                receivers = None if self.role == "api" else self._receivers
                 self.http = await stack.enter_async_context(
-                    HttpNode(self.settings, self.store, self.readiness, self.stats, auth=self.auth)
+                    HttpNode(
+                        self.settings,
+                        self.store,
+                        self.readiness,
+                        self.stats,
+                        receivers,
+                        auth=self.auth,
+                    )
                 )
             # 1-4, in the workers.
             if self.supervisor is not None:
@@ -261,6 +272,11 @@ class Runtime:
             redact_url(self.redis.url),
             " (embedded)" if self.redis.embedded is not None else "",
         )
+
+    def _receivers(self) -> IngestNode | None:
+        """The ingest node's HTTP receivers, once it serves."""
+        ingest = self.ingest
+        return ingest if ingest is not None and ingest.serving else None
 
     # --- what the HTTP node reports ---------------------------------------------------------
 

@@ -2,8 +2,9 @@
 and a lifespan that owns the live feed.
 
 GET /metrics, /metrics/{device_id}, /stream, /healthz, /readyz, /stats, the dashboard at /,
-POST /login and /logout (the dashboard's session cookie), and the OpenAPI contract at /docs.
-Who may read what: api/security.py.
+the HTTP receivers POST /v1/telemetry and /v1/metrics, POST /login and /logout (the
+dashboard's session cookie), and the OpenAPI contract at /docs. Who may read what:
+api/security.py.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from starlette.types import Receive, Scope, Send
 
 from rtmonitor import __version__
 from rtmonitor.api import security
-from rtmonitor.api.deps import ApiLimits, ApiState, ReadinessCheck, StatsSource
-from rtmonitor.api.routes import dashboard, docs, live, metrics, ops
+from rtmonitor.api.deps import ApiLimits, ApiState, IngestSource, ReadinessCheck, StatsSource
+from rtmonitor.api.routes import dashboard, docs, live, metrics, ops, receive
 from rtmonitor.api.stream import TRANSPORT
 from rtmonitor.auth import TokenRegistry
 from rtmonitor.storage.store import RedisStore
@@ -45,16 +46,20 @@ def create_app(
     readiness: ReadinessCheck,
     stats: StatsSource,
     limits: ApiLimits,
+    ingest: IngestSource | None = None,
     *,
     auth: TokenRegistry | None = None,
     secure_cookies: bool = False,
 ) -> FastAPI:
     """Build the app around the process's one store (owned and closed by the runtime);
+    `ingest`: the HTTP receivers of this process's ingest node (None: it has none);
     `auth` None or disabled: every route is open (loopback, or --allow-unauthenticated)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = app.state.api = ApiState.open(store, readiness, stats, limits, auth, secure_cookies)
+        state = app.state.api = ApiState.open(
+            store, readiness, stats, limits, auth, secure_cookies, ingest
+        )
         try:
             yield
         finally:
@@ -73,14 +78,8 @@ def create_app(
         ),
     )
     app.add_exception_handler(RedisError, redis_unavailable)  # type: ignore[arg-type]
-    for router in (
-        metrics.router,
-        live.router,
-        ops.router,
-        security.router,
-        dashboard.router,
-        docs.router,
-    ):
+    routers = (metrics.router, live.router, ops.router, receive.router, security.router)
+    for router in (*routers, dashboard.router, docs.router):
         app.include_router(router)
     app.mount("/static", dashboard.static_files(), name="static")
     app.mount(docs.ASSETS_PATH, docs.assets(), name="docs-assets")

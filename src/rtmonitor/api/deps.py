@@ -11,21 +11,48 @@ import dataclasses
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Protocol, Self
 
 from fastapi import Depends, Request
 
 from rtmonitor.api.schemas import JsonRender
 from rtmonitor.api.stream import ChangeFeed, StreamStats
-from rtmonitor.auth import TokenRegistry
+from rtmonitor.auth import Principal, TokenRegistry
 from rtmonitor.config import Settings
-from rtmonitor.model import ServiceStats
+from rtmonitor.model import HttpReply, ServiceStats
 from rtmonitor.storage.store import RedisStore
 
 # Returns the reasons the service is not ready to ingest (empty list: ready).
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
 # Returns the self-metrics of this process and of the ingest instances on its Redis.
 StatsSource = Callable[[], Awaitable[ServiceStats]]
+
+
+class HttpIngest(Protocol):
+    """The HTTP receivers of this process's ingest node (ingest/otlp.py, ingest/http_json.py):
+    the routes hand them the body and the headers that matter, and send back their reply.
+    The api room knows them only by this protocol (tests/unit/test_layering.py)."""
+
+    async def otlp_metrics(
+        self, body: bytes, content_type: str, encoding: str, principal: Principal, peer: str
+    ) -> HttpReply:
+        """POST /v1/metrics, from `principal` (its `ingest` scope checked) at `peer`."""
+        ...
+
+    async def telemetry(
+        self,
+        body: bytes,
+        encoding: str,
+        idempotency_key: str | None,
+        principal: Principal,
+        peer: str,
+    ) -> HttpReply:
+        """POST /v1/telemetry; the Idempotency-Key is scoped by the principal's token."""
+        ...
+
+
+# This process's HTTP receivers, or None while its ingest node is not running (starting up).
+IngestSource = Callable[[], HttpIngest | None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,6 +67,7 @@ class ApiLimits:
     max_stream_subscribers: int
     stream_send_timeout_s: float
     max_concurrent_pages: int
+    ingest_max_body_bytes: int = 16 * 1024 * 1024  # POST /v1/telemetry and /v1/metrics
 
     @classmethod
     def from_settings(cls, s: Settings) -> Self:
@@ -52,6 +80,7 @@ class ApiLimits:
             max_stream_subscribers=s.max_stream_subscribers,
             stream_send_timeout_s=s.stream_send_timeout,
             max_concurrent_pages=s.max_concurrent_pages,
+            ingest_max_body_bytes=s.http_ingest_max_bytes,
         )
 
 
@@ -91,6 +120,8 @@ class ApiState:
     # is marked Secure (the service serves TLS).
     auth: TokenRegistry = field(default_factory=lambda: TokenRegistry(None))
     secure_cookies: bool = False
+    # None: this process serves no HTTP receivers (`serve --workers`' HTTP process)
+    ingest: IngestSource | None = None
 
     @classmethod
     def open(
@@ -101,10 +132,12 @@ class ApiState:
         limits: ApiLimits,
         auth: TokenRegistry | None = None,
         secure_cookies: bool = False,
+        ingest: IngestSource | None = None,
     ) -> Self:
         return cls(
             auth=auth if auth is not None else TokenRegistry(None),
             secure_cookies=secure_cookies,
+            ingest=ingest,
             store=store,
             readiness=readiness,
             stats=stats,

@@ -15,7 +15,7 @@ import uvicorn
 
 from rtmonitor.api.app import create_app
 from rtmonitor.api.connections import ConnectionGuard
-from rtmonitor.api.deps import ApiLimits, ReadinessCheck, StatsSource
+from rtmonitor.api.deps import ApiLimits, IngestSource, ReadinessCheck, StatsSource
 from rtmonitor.auth import TokenRegistry
 from rtmonitor.config import Settings, StartupError
 from rtmonitor.lifecycle import Node
@@ -51,6 +51,7 @@ class HttpNode(Node):
         store: RedisStore,
         readiness: ReadinessCheck,
         stats: StatsSource,
+        ingest: IngestSource | None = None,
         *,
         auth: TokenRegistry | None = None,
     ) -> None:
@@ -60,6 +61,7 @@ class HttpNode(Node):
             readiness,
             stats,
             ApiLimits.from_settings(settings),
+            ingest,
             auth=auth,
             secure_cookies=settings.tls,
         )

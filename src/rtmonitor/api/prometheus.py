@@ -246,7 +246,8 @@ def _self_metrics(w: _Writer, stats: ServiceStats) -> None:
     w.family(
         "rtm_refused_messages",
         "counter",
-        "Whole gRPC messages refused (not counted as packets), by reason.",
+        "Whole messages refused (gRPC batches, OTLP and HTTP JSON requests; not counted "
+        "as packets), by reason.",
         [({"reason": r}, n) for r, n in ingest.messages_refused_by_reason.items()],
     )
     w.family("rtm_inflight_message_bytes", "gauge",

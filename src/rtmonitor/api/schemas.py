@@ -315,3 +315,49 @@ STREAM_EVENT_SCHEMA: dict[str, Any] = {
         },
     },
 }
+
+
+# --- the HTTP receivers (POST /v1/telemetry): documentation of what ingest/http_json.py reads
+
+
+class TelemetryPacket(BaseModel):
+    """One packet of POST /v1/telemetry (the body is one of these or a list of them)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "device_id": "sensor-1",
+                "kind": "env",
+                "ts": 1767225600000,
+                "values": {"temp": 21.5, "humidity": 40},
+                "payload_size": 12,
+            }
+        },
+    )
+
+    device_id: str = Field(description="1-128 characters of A-Z a-z 0-9 . _ : @ / -")
+    kind: str = Field("unspecified", description="1-64 characters of the same alphabet.")
+    ts: int = Field(0, ge=0, description="Device time, ms since the epoch; 0: receive time.")
+    values: dict[str, float] = Field(
+        default_factory=dict, description="Named readings (finite numbers)."
+    )
+    payload_size: int = Field(0, ge=0, description="Bytes counted for this packet.")
+
+
+class TelemetryAnswer(BaseModel):
+    """What became of a body's packets, once the accepted ones are committed."""
+
+    accepted: int
+    rejected: dict[str, int] = Field(description="Packets refused by validation, by reason.")
+    duplicate: bool = Field(
+        description="The Idempotency-Key was committed already: not counted again."
+    )
+
+
+class IngestRefusal(BaseModel):
+    """A body refused whole."""
+
+    detail: str
+    reason: str
+    field: str | None = Field(None, description="The bad field (422), as a path into the body.")

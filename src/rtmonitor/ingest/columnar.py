@@ -546,3 +546,59 @@ def _aggregate_values(t: _Table, group: IntArray, u: int, recv_ms: int) -> _Valu
         last=last.astype(np.float64),
         last_ts=last_ts,
     )
+
+
+@dataclass(slots=True)
+class Records:
+    """Packets gathered by a receiver that is not protobuf rows (OTLP, HTTP JSON), one list
+    entry per packet and one per reading, in packet order: the same columns a batch has."""
+
+    device_ids: list[str]
+    kinds: list[str]
+    sizes: list[int]  # payload bytes
+    ts: list[int]  # device clock in ms, 0 = receive time
+    v_pos: list[int]  # per reading: its packet (index into the lists above)
+    v_names: list[str]
+    v_vals: list[float]
+
+    @classmethod
+    def new(cls) -> Records:
+        return cls([], [], [], [], [], [], [])
+
+    def __len__(self) -> int:
+        return len(self.device_ids)
+
+
+def decode_records(
+    records: Records, validator: Validator, recv_ms: int, device_prefix: str | None = None
+) -> tuple[BatchDelta, Counter[str]]:
+    """A receiver's packets: the aggregated delta of the accepted ones and the refused ones
+    by reason, through the same validation and aggregation as a batch (`device_prefix` as
+    for decode_columns)."""
+    n = len(records)
+    if n == 0:
+        return BatchDelta.empty(), Counter()
+    device_ids, dev_idx = _encode(records.device_ids)
+    kinds, kind_idx = _encode(records.kinds, empty_as=UNSPECIFIED_KIND)
+    size = np.array(records.sizes, dtype=np.int64)
+    ts = np.array(records.ts, dtype=np.int64)
+    if records.v_names:
+        names, v_name = _encode(records.v_names)
+        v_pos = np.array(records.v_pos, dtype=np.int64)
+        v_val = np.array(records.v_vals, dtype=np.float64)
+    else:
+        names, v_name, v_pos, v_val = [], _NO_INTS, _NO_INTS, _NO_FLOATS
+    table = _Table(
+        n,
+        device_ids,
+        dev_idx,
+        kinds,
+        kind_idx,
+        size if size.any() else None,
+        ts if ts.any() else None,
+        names,
+        v_pos,
+        v_name,
+        v_val,
+    )
+    return _validate_and_aggregate(table, validator, recv_ms, device_prefix)

@@ -1,5 +1,6 @@
-"""The ingest node: a pipeline fed by the gRPC server (ingest, health, reflection), whose
-figures it publishes to Redis for every HTTP node to report."""
+"""The ingest node: a pipeline fed by the gRPC server (TelemetryIngest, OTLP metrics, health,
+reflection) and by the HTTP receivers the HTTP node serves in the same process (OTLP/HTTP,
+HTTP JSON), whose figures it publishes to Redis for every HTTP node to report."""
 
 from __future__ import annotations
 
@@ -15,16 +16,21 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from redis.exceptions import RedisError
 
-from rtmonitor.auth import TokenRegistry
+from rtmonitor.auth import Principal, TokenRegistry
 from rtmonitor.config import Settings, StartupError
 from rtmonitor.ingest.columnar import C_ROWS
+from rtmonitor.ingest.http_json import SURFACE as JSON_SURFACE
+from rtmonitor.ingest.http_json import JsonReceiver
 from rtmonitor.ingest.mqtt import MqttBridge
+from rtmonitor.ingest.otlp import SURFACE as OTLP_SURFACE
+from rtmonitor.ingest.otlp import OtlpReceiver
+from rtmonitor.ingest.receiver import Receiver, ReceiverLimits, Sender
 from rtmonitor.ingest.rpc import SERVICE_NAME
 from rtmonitor.ingest.server import build_server
 from rtmonitor.ingest.servicer import IngestServicer
 from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.lifecycle import Node
-from rtmonitor.model import IngestStats, InstanceStats, PipelineStats
+from rtmonitor.model import HttpReply, IngestStats, InstanceStats, PipelineStats
 from rtmonitor.pipeline.pipeline import Pipeline
 from rtmonitor.pipeline.recovery import HEARTBEAT_TTL_S
 from rtmonitor.storage.committer import RedisCommitter
@@ -93,6 +99,22 @@ class IngestNode(Node):
             if s.mqtt_url is not None
             else None
         )
+        self.receiver = Receiver(
+            self.validator,
+            self.pipeline.queue,
+            self.pipeline.aggregator,
+            ReceiverLimits(
+                max_body_bytes=s.http_ingest_max_bytes,
+                max_packets=s.max_batch_packets,
+                queue_timeout_s=s.receiver_queue_timeout,
+                commit_timeout_s=s.receiver_commit_timeout,
+                device_attribute=s.otlp_device_attribute,
+            ),
+            redis_error=lambda: self.pipeline.redis_error,
+            auth=self.auth,
+        )
+        self.otlp = OtlpReceiver(self.receiver)
+        self.json = JsonReceiver(self.receiver)
         self.health = health_aio.HealthServicer()
         self.grpc_port: int | None = None
         self.serving = False
@@ -118,6 +140,7 @@ class IngestNode(Node):
         self._server = build_server(
             self.servicer,
             self.health,
+            otlp=self.otlp,
             max_message_bytes=s.max_message_bytes,
             noop=s.noop,
             reuse_port=self.reuse_port,
@@ -181,6 +204,27 @@ class IngestNode(Node):
         """Why this node's receivers do not take traffic now (empty: they do)."""
         return self.mqtt.not_ready() if self.mqtt is not None else []
 
+    # --- the HTTP receivers, served by the HTTP node of this process (api.deps.HttpIngest) ---
+
+    async def otlp_metrics(
+        self, body: bytes, content_type: str, encoding: str, principal: Principal, peer: str
+    ) -> HttpReply:
+        """POST /v1/metrics (the route checked the token's `ingest` scope)."""
+        sender = Sender(principal, peer, OTLP_SURFACE)
+        return await self.otlp.export_http(body, content_type, encoding, sender)
+
+    async def telemetry(
+        self,
+        body: bytes,
+        encoding: str,
+        idempotency_key: str | None,
+        principal: Principal,
+        peer: str,
+    ) -> HttpReply:
+        """POST /v1/telemetry (the route checked the token's `ingest` scope)."""
+        sender = Sender(principal, peer, JSON_SURFACE)
+        return await self.json.telemetry(body, encoding, idempotency_key, sender)
+
     @property
     def redis_error(self) -> str | None:
         """Why commits to Redis fail while they do (e.g. Redis is full), else None."""
@@ -193,7 +237,9 @@ class IngestNode(Node):
             active_streams=servicer.active_streams,
             streams_refused=servicer.streams_refused,
             streams_refused_by_reason=dict(servicer.streams_refused_by_reason),
-            messages_refused_by_reason=dict(servicer.messages_refused_by_reason),
+            messages_refused_by_reason=dict(
+                servicer.messages_refused_by_reason + self.receiver.refused
+            ),
             inflight_message_bytes=servicer.budget.used,
             streams_waiting_for_bytes=servicer.budget.waiting,
             inflight_message_waits=servicer.budget.waits,

@@ -1,4 +1,5 @@
-"""Builds the gRPC server: TelemetryIngest, plus the standard health and reflection services."""
+"""Builds the gRPC server: TelemetryIngest and OTLP's MetricsService, plus the standard health
+and reflection services."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceResponse,
+)
 
 from rtmonitor.ingest.guard import authorize
+from rtmonitor.ingest.otlp import EXPORT_METHOD, OtlpReceiver
+from rtmonitor.ingest.otlp import SERVICE_NAME as OTLP_SERVICE_NAME
 from rtmonitor.ingest.rpc import BATCHES_METHOD, PACKETS_METHOD, SERVICE_NAME
 from rtmonitor.ingest.servicer import IngestServicer
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
@@ -60,6 +66,18 @@ async def noop_stream_batches(
         yield BatchAck(producer_id=batch.producer_id, batch_id=batch.batch_id, accepted=n)
 
 
+def otlp_handler(otlp: OtlpReceiver) -> grpc.GenericRpcHandler[Any, Any]:
+    """OTLP's MetricsService/Export; the request stays raw bytes, as TelemetryIngest's do."""
+    return grpc.method_handlers_generic_handler(
+        OTLP_SERVICE_NAME,
+        {
+            EXPORT_METHOD: grpc.unary_unary_rpc_method_handler(
+                otlp.export_rpc, response_serializer=ExportMetricsServiceResponse.SerializeToString
+            )
+        },
+    )
+
+
 def _checked_noop_packets(servicer: IngestServicer) -> Any:
     """The no-op StreamPackets behind the same token check as the real one."""
 
@@ -85,6 +103,7 @@ def build_server(
     servicer: IngestServicer,
     health: health_aio.HealthServicer,
     *,
+    otlp: OtlpReceiver | None = None,
     max_message_bytes: int,
     reuse_port: bool = False,
     noop: bool = False,
@@ -99,9 +118,14 @@ def build_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    server.add_generic_rpc_handlers((ingest_handler(servicer, noop=noop),))
+    handlers = [ingest_handler(servicer, noop=noop)]
+    services = [SERVICE_NAME]
+    if otlp is not None:
+        handlers.append(otlp_handler(otlp))
+        services.append(OTLP_SERVICE_NAME)
+    server.add_generic_rpc_handlers(handlers)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*services, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     return server

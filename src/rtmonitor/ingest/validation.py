@@ -57,6 +57,9 @@ class Reason(StrEnum):
     TOO_MANY_VALUE_NAMES = "too_many_value_names"
     TOO_MANY_DEVICES = "too_many_devices"
     INVALID_COLUMN_INDEX = "invalid_column_index"  # columnar: an index past its dictionary
+    # OTLP: a resource without any device id attribute; a data point without a value
+    NO_DEVICE_ID = "no_device_id"
+    NO_VALUE = "no_value"
     # A device outside the stream's token's device_prefix (auth.py): never validated,
     # never written.
     DEVICE_NOT_PERMITTED = "device_not_permitted"
@@ -67,6 +70,16 @@ class Reason(StrEnum):
     BATCH_TOO_LARGE = "batch_too_large"
     INVALID_PRODUCER_ID = "invalid_producer_id"
     INVALID_COLUMNS = "invalid_columns"
+    # A whole OTLP or HTTP JSON request refused (its answer says why; the client may resend
+    # the transient ones: queue_full, commit_timeout, redis_unavailable, shutting_down).
+    BODY_TOO_LARGE = "body_too_large"
+    MALFORMED_BODY = "malformed_body"
+    INVALID_BODY = "invalid_body"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    QUEUE_FULL = "queue_full"
+    COMMIT_TIMEOUT = "commit_timeout"
+    REDIS_UNAVAILABLE = "redis_unavailable"
+    SHUTTING_DOWN = "shutting_down"
 
 
 class PacketFields(Protocol):

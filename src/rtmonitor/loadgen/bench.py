@@ -1,9 +1,10 @@
 """`rtmonitor bench`: the service under load from separate processes, verified exactly.
 
-For each mode (per-packet StreamPackets, row batches, columnar batches) it starts a fresh
-`rtmonitor serve` on free ports (one Redis for all, each mode with its own key prefix),
-drives it from load-generator processes, probes freshness and HTTP latency while the load
-runs, waits until every acknowledged packet is visible, checks every device's count, and
+For each mode (per-packet StreamPackets, row batches, columnar batches; OTLP/gRPC exports
+and HTTP JSON bodies: MODES) it starts a fresh `rtmonitor serve` on free ports (one Redis
+for all, each mode with its own key prefix), drives it from load-generator processes,
+probes freshness and HTTP latency while the load runs, waits until every acknowledged
+packet is visible, checks every device's count, and, for the TelemetryIngest modes,
 measures the same transport with the work removed (`serve --noop`) as the ceiling.
 """
 
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -217,20 +219,40 @@ async def _probe(
     return {"freshness_ms": fresh, "get_device_ms": device_ms, "get_metrics_ms": list_ms}
 
 
-def _send_options(opts: BenchSettings, mode: BenchMode, target: str, i: int) -> dict[str, Any]:
-    batch = {
-        "packets": 1,
-        "rows": opts.row_batch,
-        "columns": opts.column_batch,
-        "mqtt": opts.mqtt_batch,
-    }[mode]
+@dataclass(frozen=True, slots=True)
+class _Mode:
+    """How `send` drives one bench mode: its protocol, packets per message, and whether the
+    no-op ceiling (`serve --noop`, TelemetryIngest only) applies."""
+
+    protocol: str
+    batch: Callable[[BenchSettings], int]
+    columnar: bool = False
+    ceiling: bool = True
+
+
+MODES: dict[str, _Mode] = {
+    "packets": _Mode("grpc", lambda o: 1),
+    "rows": _Mode("grpc", lambda o: o.row_batch),
+    "columns": _Mode("grpc", lambda o: o.column_batch, columnar=True),
+    "otlp": _Mode("otlp", lambda o: o.otlp_batch, ceiling=False),
+    "http": _Mode("http", lambda o: o.http_batch, ceiling=False),
+    # its ceiling is the broker's own (broker_ceiling), not serve --noop
+    "mqtt": _Mode("mqtt", lambda o: o.mqtt_batch, ceiling=False),
+}
+
+
+def _send_options(
+    opts: BenchSettings, mode: BenchMode, target: str, i: int, http_target: str | None = None
+) -> dict[str, Any]:
+    spec = MODES[mode]
     return {
-        "protocol": "mqtt" if mode == "mqtt" else "grpc",
+        "protocol": spec.protocol,
         "target": target,
+        **({"http_target": http_target} if http_target is not None else {}),
         "devices": opts.devices,
         "duration": opts.duration,
-        "batch_size": batch,
-        "columnar": mode == "columns",
+        "batch_size": spec.batch(opts),
+        "columnar": spec.columnar,
         "streams": opts.streams,
         "inflight": opts.inflight,
         "device_prefix": f"s{i}-",
@@ -303,7 +325,9 @@ def run_mode(
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
             futures = [
-                pool.submit(_sender_main, _send_options(opts, mode, mqtt_url or svc.target, i))
+                pool.submit(
+                    _sender_main, _send_options(opts, mode, mqtt_url or svc.target, i, svc.http)
+                )
                 for i in range(opts.senders)
             ]
 
@@ -331,25 +355,7 @@ def run_mode(
         }
         if not noop:
             console.print(f"  {label}: verifying {acked:,} packets device by device")
-            work_after: dict[str, float] = {}
-            result.update(
-                _verify(
-                    svc,
-                    senders,
-                    acked,
-                    first_send,
-                    lambda: work_after.update(_redis_work(redis_url)),
-                )
-            )
-            result.update(_merge_cost(work_before, work_after, svc))
-            devices = opts.devices * opts.senders
-            result["redis_bytes_per_device"] = round(
-                result.pop("redis_memory_delta_mb") * 2**20 / devices
-            )
-            for key, samples in probes.items():
-                result[f"{key}_p50"] = _round(_percentile(samples, 50))
-                result[f"{key}_p99"] = _round(_percentile(samples, 99))
-                result[f"{key}_samples"] = len(samples)
+            result.update(_check(opts, svc, senders, redis_url, work_before, probes))
         result["peak_rss_mb"] = round(_peak_rss_mb(svc.proc.pid), 1)
         # The service's CPU per packet depends far less on what else the shared machine
         # does than its rate: the figure that compares two configurations.
@@ -359,6 +365,31 @@ def run_mode(
         return result
     finally:
         svc.stop()
+
+
+def _check(
+    opts: BenchSettings,
+    svc: ServeProcess,
+    senders: list[dict[str, Any]],
+    redis_url: str,
+    work_before: dict[str, float],
+    probes: dict[str, list[float]],
+) -> dict[str, Any]:
+    """The exact check, Redis's work per device merge, and the probes' percentiles."""
+    acked = sum(s["summary"]["accepted"] for s in senders)
+    first_send = min(s["started"] for s in senders)
+    work_after: dict[str, float] = {}
+    result = _verify(
+        svc, senders, acked, first_send, lambda: work_after.update(_redis_work(redis_url))
+    )
+    result.update(_merge_cost(work_before, work_after, svc))
+    devices = opts.devices * opts.senders
+    result["redis_bytes_per_device"] = round(result.pop("redis_memory_delta_mb") * 2**20 / devices)
+    for key, samples in probes.items():
+        result[f"{key}_p50"] = _round(_percentile(samples, 50))
+        result[f"{key}_p99"] = _round(_percentile(samples, 99))
+        result[f"{key}_samples"] = len(samples)
+    return result
 
 
 def broker_ceiling(opts: BenchSettings, broker: Mosquitto) -> dict[str, Any]:
@@ -494,7 +525,7 @@ def run_bench(opts: BenchSettings) -> int:
         run_id = f"{int(time.time())}"
         for mode in modes:
             r = run_mode(opts, mode, redis.url, f"bench{run_id}{mode}", False, broker)
-            if opts.ceiling:
+            if opts.ceiling and (mode == "mqtt" or MODES[mode].ceiling):
                 if broker is not None and mode == "mqtt":
                     c = broker_ceiling(opts, broker)
                 else:

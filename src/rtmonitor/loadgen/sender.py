@@ -210,7 +210,7 @@ async def _stream_packets(
     pool: PacketPool,
     result: StreamResult,
     n: int | None,
-    pace: _Pacer,
+    pace: Pacer,
     counter: list[int],
     metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> None:
@@ -249,7 +249,7 @@ class _BatchStream:
         result: StreamResult,
         n: int | None,
         opts: SendSettings,
-        pace: _Pacer,
+        pace: Pacer,
         counter: list[int],
     ) -> None:
         self.pool, self.result, self.n, self.opts = pool, result, n, opts
@@ -355,7 +355,7 @@ class _BatchStream:
                 window.release()
 
 
-class _Pacer:
+class Pacer:
     """Spaces one stream's sends to its share of --rate, and ends a --duration run."""
 
     def __init__(self, rate: float | None, duration: float | None) -> None:
@@ -383,9 +383,46 @@ def _shares(total: int | None, streams: int) -> list[int | None]:
     return [total // streams + (1 if s < total % streams else 0) for s in range(streams)]
 
 
+async def _grpc_stream(
+    opts: SendSettings,
+    pool: PacketPool,
+    result: StreamResult,
+    n: int | None,
+    pace: Pacer,
+    counter: list[int],
+    order: list[str],
+) -> None:
+    """One TelemetryIngest stream; `order`: its targets, the first first."""
+    # One connection per stream (its own subchannel pool: grpc would otherwise share one
+    # TCP connection between identical channels), so that several ingest workers or a
+    # connection-level load balancer spread the streams.
+    options = [
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    security = ClientSecurity.of(opts)
+    channels = [security.channel(t, options) for t in order]
+    try:
+        if opts.batch_size == 1:
+            await _stream_packets(channels[0], pool, result, n, pace, counter, security.metadata)
+        else:
+            await _BatchStream(pool, result, n, opts, pace, counter).run(channels)
+    except grpc.aio.AioRpcError as exc:
+        result.error = f"{exc.code().name}: {exc.details()}"
+    finally:
+        for channel in channels:
+            await channel.close(None)
+
+
+def _grpc_mode(opts: SendSettings) -> str:
+    if opts.batch_size == 1:
+        return "StreamPackets"
+    return "StreamBatches (columns)" if opts.columnar else "StreamBatches (rows)"
+
+
 async def send(opts: SendSettings, progress: Progress | None = None) -> SendReport:
     """Run the load as `opts` says and report what was acknowledged."""
-    if opts.protocol != "grpc":
+    if opts.protocol == "mqtt":  # its own publishers (loadgen/mqtt.py)
         return await _other_protocol(opts, progress)
     pool = PacketPool(opts)
     total = opts.total
@@ -394,46 +431,27 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
     stride = max(1, len(pool) // opts.streams)
     results = [StreamResult(offset=s * stride) for s in range(opts.streams)]
     counter = [0]
-    mode = (
-        "StreamPackets"
-        if opts.batch_size == 1
-        else "StreamBatches (columns)"
-        if opts.columnar
-        else "StreamBatches (rows)"
-    )
+    # The other receivers (loadgen/protocols.py); imported here: they use this module's pool.
+    from rtmonitor.loadgen.protocols import PROTOCOLS, drive
+
+    protocol = PROTOCOLS.get(opts.protocol)
+    mode = protocol.mode if protocol is not None else _grpc_mode(opts)
     task_id = None
     if progress is not None:
         task_id = progress.add_task(
             f"{mode} -> {opts.target}", total=total if total is not None else None
         )
     started = time.monotonic()
-    # One connection per stream (its own subchannel pool: grpc would otherwise share one
-    # TCP connection between identical channels), so that several ingest workers or a
-    # connection-level load balancer spread the streams.
-    options = [
-        ("grpc.max_send_message_length", 256 * 1024 * 1024),
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
     targets = [t.strip() for t in opts.target.split(",") if t.strip()]
-    security = ClientSecurity.of(opts)
 
     async def one(s: int) -> None:
-        pace = _Pacer(per_stream_rate, opts.duration)
+        pace = Pacer(per_stream_rate, opts.duration)
         # stream s starts at target s (mod n), then rotates through the rest on reconnects
         order = targets[s % len(targets) :] + targets[: s % len(targets)]
-        channels = [security.channel(t, options) for t in order]
-        try:
-            if opts.batch_size == 1:
-                await _stream_packets(
-                    channels[0], pool, results[s], shares[s], pace, counter, security.metadata
-                )
-            else:
-                await _BatchStream(pool, results[s], shares[s], opts, pace, counter).run(channels)
-        except grpc.aio.AioRpcError as exc:
-            results[s].error = f"{exc.code().name}: {exc.details()}"
-        finally:
-            for channel in channels:
-                await channel.close(None)
+        if protocol is not None:
+            await drive(opts, protocol, pool, results[s], shares[s], pace, counter, order[0])
+        else:
+            await _grpc_stream(opts, pool, results[s], shares[s], pace, counter, order)
 
     tasks = [asyncio.create_task(one(s)) for s in range(opts.streams)]
     try:
@@ -461,12 +479,10 @@ async def send(opts: SendSettings, progress: Progress | None = None) -> SendRepo
 
 
 async def _other_protocol(opts: SendSettings, progress: Progress | None) -> SendReport:
-    """The senders of the other receivers (imported on use: their client libraries)."""
-    if opts.protocol == "mqtt":
-        from rtmonitor.loadgen.mqtt import send_mqtt
+    """MQTT's publishers (imported on use: paho)."""
+    from rtmonitor.loadgen.mqtt import send_mqtt
 
-        return await send_mqtt(opts, progress)
-    raise ValueError(f"no sender for --protocol {opts.protocol}")
+    return await send_mqtt(opts, progress)
 
 
 _T = TypeVar("_T")

@@ -1,0 +1,168 @@
+"""The HTTP JSON receiver: `POST /v1/telemetry` with one packet object or a list of them.
+
+    {"device_id": "sensor-1", "kind": "env", "ts": 1767225600000,
+     "values": {"temp": 21.5}, "payload_size": 12}
+
+`device_id` is required; `kind` (default "unspecified"), `ts` (ms since the epoch, 0 or
+absent: receive time), `values` (name -> number) and `payload_size` (bytes counted, default
+0) are optional. A body of the wrong shape (not JSON, a field of the wrong type, an unknown
+field) is refused whole: 400 or 422 naming the field. Packets of the right shape that fail
+validation (a bad device id, a name outside the alphabet, too many values...) are counted by
+reason and reported in the answer, as gRPC acks do.
+
+An `Idempotency-Key` makes the body a batch with an id (receiver.idempotency_batch): a
+resend with the same key is counted once (exactly-once, the StreamBatches machinery).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import orjson
+
+from rtmonitor.ingest.columnar import Records
+from rtmonitor.ingest.receiver import (
+    RETRY_AFTER_S,
+    Outcome,
+    Receiver,
+    Refused,
+    Sender,
+    decode_body,
+    idempotency_batch,
+)
+from rtmonitor.ingest.validation import Reason
+from rtmonitor.model import HttpReply
+
+FIELDS = frozenset({"device_id", "kind", "ts", "values", "payload_size"})
+IDEMPOTENCY_KEY_MAX = 256
+# The producer id of bodies sent with an Idempotency-Key (batch ids are their keys' hashes),
+# under the token's name when there is an auth file (Principal.producer_key).
+IDEMPOTENCY_PRODUCER = "http"
+SURFACE = "http-json"  # auth refusals are counted under this name
+_HTTP_STATUS = {"invalid": 422, "too_large": 413, "unsupported": 415, "unavailable": 503}
+
+
+def _invalid(field: str, message: str) -> Refused:
+    return Refused(Reason.INVALID_BODY, "invalid", f"{field}: {message}", field=field)
+
+
+def _integer(obj: dict[str, Any], key: str, where: str) -> int:
+    value = obj.get(key, 0)
+    if type(value) is not int or value < 0:  # bool is an int subclass: refused too
+        raise _invalid(f"{where}.{key}", "must be a non-negative integer")
+    return value
+
+
+def _packet(obj: Any, where: str, records: Records) -> None:
+    """Check one packet object's shape and append it to `records`."""
+    if type(obj) is not dict:
+        raise _invalid(where, "must be a packet object")
+    if not FIELDS.issuperset(obj):
+        unknown = sorted(set(obj) - FIELDS)[0]
+        raise _invalid(f"{where}.{unknown}", f"unknown field; a packet has {sorted(FIELDS)}")
+    device_id = obj.get("device_id")
+    if type(device_id) is not str:
+        raise _invalid(f"{where}.device_id", "required, a string")
+    kind = obj.get("kind", "")
+    if type(kind) is not str:
+        raise _invalid(f"{where}.kind", "must be a string")
+    ts = _integer(obj, "ts", where) if "ts" in obj else 0
+    size = _integer(obj, "payload_size", where) if "payload_size" in obj else 0
+    i = len(records.device_ids)
+    values = obj.get("values")
+    if values:
+        if type(values) is not dict:
+            raise _invalid(f"{where}.values", "must be an object of name: number")
+        for name, value in values.items():
+            if type(value) is not float and type(value) is not int:
+                raise _invalid(f"{where}.values.{name}", "must be a number")
+            records.v_pos.append(i)
+            records.v_names.append(name)
+            records.v_vals.append(value)
+    elif values is not None and type(values) is not dict:
+        raise _invalid(f"{where}.values", "must be an object of name: number")
+    records.device_ids.append(device_id)
+    records.kinds.append(kind)
+    records.ts.append(ts)
+    records.sizes.append(size)
+
+
+def parse_packets(data: bytes, max_packets: int) -> Records:
+    """A body's packets, or Refused naming what is wrong with it."""
+    try:
+        doc = orjson.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Refused(Reason.MALFORMED_BODY, "invalid", f"the body is not JSON: {exc}") from None
+    records = Records.new()
+    if type(doc) is list:
+        if len(doc) > max_packets:
+            raise Refused(
+                Reason.BODY_TOO_LARGE,
+                "too_large",
+                f"{len(doc)} packets in one body; at most {max_packets} "
+                "(--max-batch-packets): split it",
+            )
+        for i, obj in enumerate(doc):
+            _packet(obj, f"body[{i}]", records)
+    else:
+        _packet(doc, "body", records)
+    return records
+
+
+def answer(outcome: Outcome) -> dict[str, Any]:
+    """The 200 answer's body."""
+    return {
+        "accepted": outcome.accepted,
+        "rejected": dict(sorted(outcome.rejected.items())),
+        "duplicate": outcome.duplicate,
+    }
+
+
+class JsonReceiver:
+    """POST /v1/telemetry: a body in, its packets committed, the answer out."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+
+    async def telemetry(
+        self, body: bytes, encoding: str, idempotency_key: str | None, sender: Sender
+    ) -> HttpReply:
+        """Count a body's packets; an Idempotency-Key is scoped by the sender's token."""
+        receiver = self.receiver
+        try:
+            batch_id = None
+            if idempotency_key is not None:
+                producer = sender.principal.producer_key(IDEMPOTENCY_PRODUCER)
+                batch_id = self._batch_id(idempotency_key, producer)
+            data = decode_body(body, encoding, receiver.limits.max_body_bytes)
+            records = parse_packets(data, receiver.limits.max_packets)
+        except Refused as refusal:
+            return _refusal(receiver.refuse(refusal))
+        try:
+            outcome = await receiver.submit(records, Counter(), sender, batch_id=batch_id)
+        except Refused as refusal:  # counted by submit
+            return _refusal(refusal)
+        return HttpReply(status=200, body=orjson.dumps(answer(outcome)))
+
+    @staticmethod
+    def _batch_id(key: str, producer: str) -> tuple[str, int]:
+        if not key or len(key) > IDEMPOTENCY_KEY_MAX or not key.isprintable():
+            raise Refused(
+                Reason.INVALID_BODY,
+                "invalid",
+                f"Idempotency-Key: 1-{IDEMPOTENCY_KEY_MAX} printable characters",
+                field="Idempotency-Key",
+            )
+        return idempotency_batch(producer, key)
+
+
+def _refusal(refusal: Refused) -> HttpReply:
+    status = _HTTP_STATUS[refusal.kind]
+    if refusal.reason == Reason.MALFORMED_BODY:
+        status = 400
+    body: dict[str, Any] = {"detail": refusal.message, "reason": str(refusal.reason)}
+    if refusal.field is not None:
+        body["field"] = refusal.field
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if refusal.kind == "unavailable" else {}
+    return HttpReply(status=status, body=orjson.dumps(body), headers=headers)
