@@ -33,6 +33,10 @@ _NO_FLOATS: FloatArray = np.zeros(0, dtype=np.float64)
 # quotes, spaces or control characters (they break Prometheus labels, logs and URLs).
 ID_ALPHABET = "A-Z a-z 0-9 . _ : @ / -"  # as error messages and the README name it
 ID_CHARS = ID_ALPHABET.replace(" ", "")  # as a regular expression's character class
+# POST /v1/telemetry's Idempotency-Key: visible ASCII, single spaces inside (what survives
+# HTTP's header whitespace rules), checked by the receiver and declared in the schema.
+IDEMPOTENCY_KEY_MAX = 256
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]+( [!-~]+)*$"
 DEVICE_ID_MAX = 128
 NAME_MAX = 64
 

@@ -3,7 +3,9 @@ OpenAPI schema — `/stream` included — is fuzzed by schemathesis (hypothesis)
 positive and negative data and every check (no 500, status codes, headers, content types
 and bodies as declared, invalid input refused), against a real service whose Redis holds
 what hostile devices could leave there (overflowed sums, odd but valid names); and again
-with that Redis stopped (503 with Retry-After, as declared)."""
+with that Redis stopped (503 with Retry-After, as declared). Auth is on, as a service exposed
+to a network has it: schemathesis calls with an admin token, and its `ignored_auth` check
+sends invalid ones that must be refused."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import httpx
 import pytest
 import schemathesis
 from helpers import ServiceProcess, encode_columns, packet, run, stream_batches, stream_packets
+from helpers.security import make_tokens
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS, load_all_checks, not_a_server_error
@@ -36,11 +39,34 @@ class Fuzzed:
 
     def __init__(self, tmp: Path) -> None:
         self.redis = EmbeddedRedis(tmp / "redis").start()
-        self.svc = ServiceProcess(self.redis.url, tmp / "service.log").wait_ready()
+        # the hostile data first, from a service without auth (the helpers send no token)
+        seeder = ServiceProcess(self.redis.url, tmp / "seeder.log").wait_ready()
+        try:
+            self.seed_hostile_data(seeder.target)
+        finally:
+            seeder.kill()
+        tokens = make_tokens(tmp / "tokens.toml", {"admin": (["admin"], None)})
+        self.headers = tokens.header("admin")
+        self.svc = ServiceProcess(
+            self.redis.url, tmp / "service.log", "--auth-file", str(tokens.path)
+        ).wait_ready()
         self.schema = schemathesis.openapi.from_url(f"{self.svc.http}/openapi.json")
+        secret = tokens.secrets["admin"]
+        # a body over its declared bounds (maxItems, the size limit) is refused with 413
+        self.schema.config.checks.negative_data_rejection.expected_statuses.append("413")
 
-    def seed_hostile_data(self) -> None:
-        target = self.svc.target
+        # Every case carries the admin token (the `ignored_auth` check still sends invalid
+        # ones, which must be refused).
+        @self.schema.auth()
+        class Admin:
+            def get(self, case: Any, context: Any) -> str:
+                return secret
+
+            def set(self, case: Any, data: str, context: Any) -> None:
+                case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
+
+    @staticmethod
+    def seed_hostile_data(target: str) -> None:
         run(stream_packets(target, [packet("over", t=1.7e308)] * 2))
         run(stream_packets(target, [packet("under", t=-1.7e308)] * 2))
         odd = [packet("a:b/c@d.e-f_", kind="k:1", **{"v:n:sum": 1.0, "x.y": -0.0})]
@@ -56,7 +82,6 @@ class Fuzzed:
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     f = Fuzzed(tmp_path_factory.mktemp("fuzz"))
     try:
-        f.seed_hostile_data()
         yield f
     finally:
         f.close()
@@ -115,7 +140,7 @@ def test_every_operation_conforms_with_redis_stopped(fuzzed: Fuzzed) -> None:
         fuzz(fuzzed, seen, outage=True)
         # the outage is answered as declared: 503 with Retry-After
         assert seen.get(("/metrics", 503)) and seen.get(("/metrics/{device_id}", 503)), seen
-        r = httpx.get(f"{fuzzed.svc.http}/metrics", timeout=5)
+        r = httpx.get(f"{fuzzed.svc.http}/metrics", headers=fuzzed.headers, timeout=5)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
     finally:
         fuzzed.redis.start()

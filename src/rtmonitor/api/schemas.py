@@ -338,15 +338,23 @@ class TelemetryPacket(BaseModel):
 
     device_id: str = Field(description="1-128 characters of A-Z a-z 0-9 . _ : @ / -")
     kind: str = Field("unspecified", description="1-64 characters of the same alphabet.")
-    ts: int = Field(0, ge=0, description="Device time, ms since the epoch; 0: receive time.")
+    ts: int = Field(
+        0, ge=0, le=2**63 - 1, description="Device time, ms since the epoch; 0: receive time."
+    )
     values: dict[str, float] = Field(
         default_factory=dict, description="Named readings (finite numbers)."
     )
-    payload_size: int = Field(0, ge=0, description="Bytes counted for this packet.")
+    payload_size: int = Field(0, ge=0, le=2**63 - 1, description="Bytes counted for this packet.")
 
 
 class TelemetryAnswer(BaseModel):
     """What became of a body's packets, once the accepted ones are committed."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"accepted": 2, "rejected": {"invalid_value": 1}, "duplicate": False}]
+        }
+    )
 
     accepted: int
     rejected: dict[str, int] = Field(description="Packets refused by validation, by reason.")
@@ -358,6 +366,29 @@ class TelemetryAnswer(BaseModel):
 class IngestRefusal(BaseModel):
     """A body refused whole."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "detail": "body[3].values.temp: a finite number is required",
+                    "reason": "invalid_body",
+                    "field": "body[3].values.temp",
+                }
+            ]
+        }
+    )
+
     detail: str
     reason: str
     field: str | None = Field(None, description="The bad field (422), as a path into the body.")
+
+
+class OtlpStatus(BaseModel):
+    """OTLP/HTTP's error body: a google.rpc.Status (in protobuf or JSON, as the request)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"code": 14, "message": "the queue is full: retry"}]}
+    )
+
+    code: int = Field(description="A gRPC status code (14: UNAVAILABLE, retry).")
+    message: str

@@ -16,6 +16,7 @@ resend with the same key is counted once (exactly-once, the StreamBatches machin
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -32,13 +33,13 @@ from rtmonitor.ingest.receiver import (
     idempotency_batch,
 )
 from rtmonitor.ingest.validation import Reason
-from rtmonitor.model import HttpReply
+from rtmonitor.model import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTERN, HttpReply
 
 FIELDS = frozenset({"device_id", "kind", "ts", "values", "payload_size"})
-IDEMPOTENCY_KEY_MAX = 256
 # The producer id of bodies sent with an Idempotency-Key (batch ids are their keys' hashes),
 # under the token's name when there is an auth file (Principal.producer_key).
 IDEMPOTENCY_PRODUCER = "http"
+_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 SURFACE = "http-json"  # auth refusals are counted under this name
 _HTTP_STATUS = {"invalid": 422, "too_large": 413, "unsupported": 415, "unavailable": 503}
 
@@ -49,8 +50,11 @@ def _invalid(field: str, message: str) -> Refused:
 
 def _integer(obj: dict[str, Any], key: str, where: str) -> int:
     value = obj.get(key, 0)
-    if type(value) is not int or value < 0:  # bool is an int subclass: refused too
-        raise _invalid(f"{where}.{key}", "must be a non-negative integer")
+    # JSON Schema's integer: 12 and 12.0 alike (JavaScript writes no other); bool refused
+    if type(value) is float and value.is_integer() and 0 <= value < 2**63:
+        value = int(value)
+    if type(value) is not int or not 0 <= value < 2**63:  # bool is an int: refused too
+        raise _invalid(f"{where}.{key}", "must be an integer from 0 to 2^63-1")
     return value
 
 
@@ -147,11 +151,12 @@ class JsonReceiver:
 
     @staticmethod
     def _batch_id(key: str, producer: str) -> tuple[str, int]:
-        if not key or len(key) > IDEMPOTENCY_KEY_MAX or not key.isprintable():
+        if len(key) > IDEMPOTENCY_KEY_MAX or not _KEY.match(key):
             raise Refused(
                 Reason.INVALID_BODY,
                 "invalid",
-                f"Idempotency-Key: 1-{IDEMPOTENCY_KEY_MAX} printable characters",
+                f"Idempotency-Key: 1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters (single "
+                "spaces inside)",
                 field="Idempotency-Key",
             )
         return idempotency_batch(producer, key)

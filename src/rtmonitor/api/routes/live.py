@@ -39,6 +39,17 @@ router = APIRouter(tags=["metrics"], dependencies=[Depends(read_access)], respon
             },
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
         },
+        # the refusals are JSON, not events (the router's REFUSALS would take the route's
+        # response class, text/event-stream)
+        **{
+            status: {
+                "description": refusal["description"],
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+                },
+            }
+            for status, refusal in REFUSALS.items()
+        },
     },
 )
 async def stream(

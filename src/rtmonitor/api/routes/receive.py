@@ -15,11 +15,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 
 from rtmonitor.api.deps import ApiDep, ApiState, HttpIngest
-from rtmonitor.api.schemas import IngestRefusal, TelemetryAnswer, TelemetryPacket
+from rtmonitor.api.schemas import IngestRefusal, OtlpStatus, TelemetryAnswer, TelemetryPacket
 from rtmonitor.api.security import REFUSALS as AUTH_REFUSALS
 from rtmonitor.api.security import bearer
 from rtmonitor.auth import AuthError, Principal, require
-from rtmonitor.model import HttpReply
+from rtmonitor.model import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTERN, HttpReply
 
 router = APIRouter(tags=["ingest"])
 
@@ -57,6 +57,36 @@ _REFUSALS: dict[int | str, dict[str, Any]] = {
     413: {"model": IngestRefusal, "description": "Body over --http-ingest-max-bytes"},
     503: {"model": IngestRefusal, "description": "Queue full or Redis away: retry"},
 }
+
+
+def _otlp_error(description: str, retry: bool = False) -> dict[str, Any]:
+    """A /v1/metrics error: OTLP's Status (JSON or protobuf, as the request) or, from the
+    route itself, an IngestRefusal."""
+    either = {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in _ERRORS]}
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {
+            "application/json": {
+                "schema": either,
+                "example": {"code": 14, "message": "the queue is full: retry"},
+            },
+            "application/x-protobuf": {
+                "schema": {"type": "string", "format": "binary"},
+                "example": "",
+            },
+        },
+    }
+    if retry:
+        response["headers"] = {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying.",
+                "schema": {"type": "integer", "example": 1},
+            }
+        }
+    return response
+
+
+_ERRORS = (OtlpStatus, IngestRefusal)
 
 
 def _refusal(status: int, reason: str, detail: str, retry: bool = False) -> JSONResponse:
@@ -155,8 +185,14 @@ async def telemetry(
     idempotency_key: Annotated[
         str | None,
         Header(
-            description="Counts a retried POST once (within --dedupe-window seconds): any "
-            "1-256 printable characters, unique per body."
+            description="Counts a retried POST once (within --dedupe-window seconds): "
+            "1-256 visible ASCII characters (single spaces inside), unique per body.",
+            # documented, checked by the receiver (its 422 names the header)
+            json_schema_extra={
+                "minLength": 1,
+                "maxLength": IDEMPOTENCY_KEY_MAX,
+                "pattern": IDEMPOTENCY_KEY_PATTERN,
+            },
         ),
     ] = None,
 ) -> Response:
@@ -181,7 +217,34 @@ async def telemetry(
 @router.post(
     "/v1/metrics",
     summary="Ingest OTLP metrics (OTLP/HTTP: protobuf or JSON)",
-    responses={**_REFUSALS, 400: {"description": "Not an ExportMetricsServiceRequest"}},
+    responses={
+        200: {
+            "description": "An ExportMetricsServiceResponse, in the request's encoding",
+            "content": {
+                # all accepted: an empty message, zero bytes
+                "application/x-protobuf": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "example": "",
+                },
+                "application/json": {
+                    "schema": {"type": "object"},
+                    "example": {
+                        "partialSuccess": {
+                            "rejectedDataPoints": "1",
+                            "errorMessage": "1 data point(s) rejected: no_device_id=1",
+                        }
+                    },
+                },
+            },
+        },
+        **AUTH_REFUSALS,
+        # a google.rpc.Status from the receiver, or the route's own refusal (the body
+        # over the limit as sent, no ingest node yet)
+        400: _otlp_error("Not an ExportMetricsServiceRequest"),
+        413: _otlp_error("Body over --http-ingest-max-bytes (as sent or inflated)"),
+        415: _otlp_error("Neither application/x-protobuf nor application/json"),
+        503: _otlp_error("Queue full or Redis away: retry after Retry-After", retry=True),
+    },
     openapi_extra=_OTLP_BODY,
 )
 async def otlp_metrics(request: Request, api: ApiDep, _: BearerDep) -> Response:
