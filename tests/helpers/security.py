@@ -9,6 +9,7 @@ from pathlib import Path
 
 import trustme
 
+from helpers import ServiceProcess
 from rtmonitor.auth import hash_secret, new_token
 from rtmonitor.clients import ClientSecurity
 
@@ -46,6 +47,21 @@ def make_tokens(path: Path, specs: dict[str, tuple[list[str], str | None]]) -> T
     tokens = Tokens(path, {})
     tokens.write(specs)
     return tokens
+
+
+def secured_service(
+    tmp: Path, specs: dict[str, tuple[list[str], str | None]], admin: str = "boss"
+) -> tuple[ServiceProcess, Tokens]:
+    """A service on its own embedded Redis with an auth file of `specs`; its own probes and
+    helpers use the `admin` token. Not yet waited for: call wait_ready()."""
+    tokens = make_tokens(tmp / "tokens.toml", specs)
+    svc = ServiceProcess(
+        None,
+        tmp / "service.log",
+        "--data-dir", str(tmp / "data"), "--auth-file", str(tokens.path),
+        client=tokens.client(admin),
+    )  # fmt: skip
+    return svc, tokens
 
 
 @dataclass

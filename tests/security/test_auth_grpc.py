@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import ServiceProcess, encode_columns, packet
-from helpers.security import Tokens, make_tokens
+from helpers.security import Tokens, make_tokens, secured_service
 
 from rtmonitor.clients import ClientSecurity
 from rtmonitor.ingest.rpc import STREAM_BATCHES, STREAM_PACKETS
@@ -39,13 +39,7 @@ TOKENS: dict[str, tuple[list[str], str | None]] = {
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, Tokens]]:
     tmp = tmp_path_factory.mktemp("auth-grpc")
-    tokens = make_tokens(tmp / "tokens.toml", TOKENS)
-    svc = ServiceProcess(
-        None,
-        tmp / "service.log",
-        "--data-dir", str(tmp / "data"), "--auth-file", str(tokens.path),
-        client=tokens.client("boss"),
-    )  # fmt: skip
+    svc, tokens = secured_service(tmp, TOKENS)
     try:
         yield svc.wait_ready(), tokens
     finally:

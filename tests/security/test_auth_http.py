@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 from helpers import ServiceProcess, packet
-from helpers.security import Tokens, make_tokens
+from helpers.security import Tokens, secured_service
 
 from rtmonitor.ingest.rpc import STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack
@@ -37,13 +37,7 @@ TOKENS: dict[str, tuple[list[str], str | None]] = {
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, Tokens]]:
     tmp = tmp_path_factory.mktemp("auth-http")
-    tokens = make_tokens(tmp / "tokens.toml", TOKENS)
-    svc = ServiceProcess(
-        None,
-        tmp / "service.log",
-        "--data-dir", str(tmp / "data"), "--auth-file", str(tokens.path),
-        client=tokens.client("boss"),
-    )  # fmt: skip
+    svc, tokens = secured_service(tmp, TOKENS)
     svc.wait_ready()
 
     async def send() -> None:

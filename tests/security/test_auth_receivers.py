@@ -13,7 +13,7 @@ import grpc
 import httpx
 import pytest
 from helpers import ServiceProcess, run
-from helpers.security import Tokens, make_tokens
+from helpers.security import Tokens, secured_service
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -47,13 +47,7 @@ TOKENS: dict[str, tuple[list[str], str | None]] = {
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, Tokens]]:
     tmp = tmp_path_factory.mktemp("auth-receivers")
-    tokens = make_tokens(tmp / "tokens.toml", TOKENS)
-    svc = ServiceProcess(
-        None,
-        tmp / "service.log",
-        "--data-dir", str(tmp / "data"), "--auth-file", str(tokens.path),
-        client=tokens.client("boss"),
-    )  # fmt: skip
+    svc, tokens = secured_service(tmp, TOKENS)
     try:
         yield svc.wait_ready(), tokens
     finally:

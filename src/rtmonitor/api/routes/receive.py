@@ -158,6 +158,23 @@ async def _read_body(request: Request, api: ApiState) -> bytes | JSONResponse:
     return b"".join(chunks)
 
 
+async def _admit(
+    request: Request, api: ApiState, surface: str
+) -> tuple[Principal, HttpIngest, bytes] | Response:
+    """The sender's token, this process's receivers and the bounded body; or the refusal
+    of the first that is missing, in that order (no body is read for a stranger)."""
+    principal = _principal(api, request, surface)
+    if isinstance(principal, Response):
+        return principal
+    receivers = _receivers(api)
+    if isinstance(receivers, Response):
+        return receivers
+    body = await _read_body(request, api)
+    if isinstance(body, Response):
+        return body
+    return principal, receivers, body
+
+
 def _send(reply: HttpReply) -> Response:
     return Response(
         reply.body,
@@ -200,15 +217,10 @@ async def telemetry(
     committed, with the refused ones by reason. Gzip bodies are accepted
     (`Content-Encoding: gzip`). Limits: --http-ingest-max-bytes per body (as sent and
     inflated), --max-batch-packets packets per body."""
-    principal = _principal(api, request, "http-json")
-    if isinstance(principal, Response):
-        return principal
-    receivers = _receivers(api)
-    if isinstance(receivers, Response):
-        return receivers
-    body = await _read_body(request, api)
-    if isinstance(body, Response):
-        return body
+    admitted = await _admit(request, api, "http-json")
+    if isinstance(admitted, Response):
+        return admitted
+    principal, receivers, body = admitted
     encoding = request.headers.get("content-encoding", "")
     reply = await receivers.telemetry(body, encoding, idempotency_key, principal, _peer(request))
     return _send(reply)
@@ -251,15 +263,10 @@ async def otlp_metrics(request: Request, api: ApiDep, _: BearerDep) -> Response:
     """An OpenTelemetry exporter's endpoint (`OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`): data
     points counted per the README's mapping, answered after their commit with OTLP's
     partial success for the rejected ones."""
-    principal = _principal(api, request, "otlp")
-    if isinstance(principal, Response):
-        return principal
-    receivers = _receivers(api)
-    if isinstance(receivers, Response):
-        return receivers
-    body = await _read_body(request, api)
-    if isinstance(body, Response):
-        return body
+    admitted = await _admit(request, api, "otlp")
+    if isinstance(admitted, Response):
+        return admitted
+    principal, receivers, body = admitted
     content_type = request.headers.get("content-type", "")
     encoding = request.headers.get("content-encoding", "")
     reply = await receivers.otlp_metrics(body, content_type, encoding, principal, _peer(request))
