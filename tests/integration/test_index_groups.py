@@ -9,12 +9,13 @@ import itertools
 import time
 from collections import Counter
 
+import pytest
 import redis.asyncio as aioredis
 
 from rtmonitor.model import DeviceDelta, FlushDelta, ValueStats
 from rtmonitor.storage.embedded import EmbeddedRedis
 from rtmonitor.storage.keys import KeyLayout
-from rtmonitor.storage.store import RedisStore, SortTooBroad
+from rtmonitor.storage.store import LayoutMismatch, RedisStore, SortTooBroad
 
 
 def fleet(n: int, seq: int, now_ms: int) -> FlushDelta:
@@ -94,5 +95,24 @@ def test_groups_expire_silent_devices(redis_server: EmbeddedRedis) -> None:
             assert await s.expire_silent_devices(now_ms + 60_000) == 200
             assert (await s.totals()).devices == 0
             assert await s.list_ids(sort="packets") == (0, [])
+
+    asyncio.run(main())
+
+
+def test_a_layout_2_prefix_is_refused_with_groups(redis_server: EmbeddedRedis) -> None:
+    """A prefix written with one group (layout 2) is not mixed with a grouped layout, nor
+    the other way round."""
+
+    async def main() -> None:
+        async with store(redis_server.url, "p", 1) as one, store(redis_server.url, "p", 16) as many:
+            await one.check_layout()
+            with pytest.raises(
+                LayoutMismatch, match="key layout 2, and this version writes layout 3/16"
+            ):
+                await many.check_layout()
+        async with store(redis_server.url, "q", 16) as many, store(redis_server.url, "q", 1) as one:
+            await many.check_layout()
+            with pytest.raises(LayoutMismatch, match="key layout 3/16"):
+                await one.check_layout()
 
     asyncio.run(main())
