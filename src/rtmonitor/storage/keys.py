@@ -1,29 +1,39 @@
 """The Redis key layout (documented in README "Key layout").
 
 Every key of one device carries the device id as its hash tag ``{device_id}``, so all of
-them live in one Redis Cluster hash slot; the global keys share the tag ``{<prefix>}``.
-Device ids cannot contain braces (validation refuses them), so a tag cannot be forged.
+them live in one Redis Cluster hash slot. The indexes and totals are split into index
+groups (1 on a single Redis, CLUSTER_GROUPS on a cluster): group n holds the devices whose
+hash slot lies in the n-th share of the 16384 slots, under a tag <g> of a slot of that
+share, so that, with a cluster's slots assigned in ranges, a group lives on (about) its
+devices' node and every node carries its share of each flush's index writes. With one
+group, <g> is the prefix: the keys are layout 2's. The other global keys share the tag
+``{<prefix>}``. Device ids cannot contain braces (validation refuses them), so a tag cannot
+be forged.
 
-    <p>:d:{<device>}            string the device's record (MessagePack, scripts.py): packets,
+    <p>:d:{<device>}            string the device's record (packed binary, scripts.py): packets,
                                        bytes, first/last seen, kinds, value statistics,
                                        rate buckets of the last ~61 s, its sort=rate window
-    {<p>}:layout                string the key layout version (LAYOUT_VERSION); a store refuses
-                                       a Redis written with another layout
-    {<p>}:rate                  hash   the same for all devices together
+    {<p>}:layout                string the key layout version (KeyLayout.layout_version); a
+                                       store refuses a Redis written with another layout
     <p>:m:{<tag>}:<inst>:<n>    string highest flush seq of instance <inst> applied to merge
                                        group n ({<tag>}: the group's hash slot) (24 h TTL)
-    {<p>}:devices               zset   every device, score 0 (lexicographic: prefix filter)
-    {<p>}:idx:packets           zset   device -> packets (sort by packets)
-    {<p>}:idx:bytes             zset   device -> bytes
-    {<p>}:idx:last_seen         zset   device -> last_seen ms
-    {<p>}:rw:<window>           zset   device -> packets committed in the aligned 10-second
+    Per index group (<g>: the prefix with one group, else "<p>.<n>.<k>", see _group_tags):
+    {<g>}:devices               zset   the group's devices, score 0 (lexicographic: prefix
+                                       filter)
+    {<g>}:idx:packets           zset   device -> packets (sort by packets)
+    {<g>}:idx:bytes             zset   device -> bytes
+    {<g>}:idx:last_seen         zset   device -> last_seen ms
+    {<g>}:rw:<window>           zset   device -> packets committed in the aligned 10-second
                                        window <window> = Unix seconds // 10 (sort by rate;
                                        30 s TTL)
     The sorted sets are written once per flush by bulk ZADDs (GT: scores are the devices'
     totals, which only grow, so a retry or another instance's older figure changes nothing).
-    {<p>}:totals                hash   packets, bytes
-    {<p>}:rejected              hash   reason -> packets
-    {<p>}:m:<inst>              string highest flush seq of <inst> applied to the global keys
+    Reads merge the groups' ranges (the first offset + limit of each).
+    {<g>}:totals                hash   packets, bytes    (each of the three: of the flushes
+    {<g>}:rejected              hash   reason -> packets  whose turn fell on this group,
+    {<g>}:rate                  hash   rate buckets       flush_group; reads add them up)
+    {<g>}:m:<inst>              string highest flush seq of <inst> applied to these totals
+    Per-flush and per-instance keys, on the prefix's slot (O(batches), not O(devices)):
     {<p>}:b:<producer>:<batch>  string a batch id: "p:<flush>" claimed, "c" committed (TTL =
                                        the dedupe window)
     {<p>}:j:<flush>             string journal of a flush: batch ids and merge calls (JSON)
@@ -36,12 +46,19 @@ Device ids cannot contain braces (validation refuses them), so a tag cannot be f
 
 from __future__ import annotations
 
+import functools
+import zlib
 from dataclasses import dataclass
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 SORT_INDEXES = ("packets", "bytes", "last_seen")
 # The key layout written by this version: 2 = one MessagePack record per device (1, before
 # it, had a hash and a rate-bucket hash per device and no version key).
 LAYOUT_VERSION = "2"
+# Index groups on a Redis Cluster (one on a single Redis). Changing it changes key names:
+# it is part of the layout version.
+CLUSTER_GROUPS = 16
 # Width of the aligned windows behind sort=rate: a flush adds its devices' packets to the
 # window of its newest receive time; reads rank by the last complete window.
 RATE_WINDOW_S = 10
@@ -52,6 +69,32 @@ class KeyLayout:
     """Builds every key name from one prefix."""
 
     prefix: str = "rtm"
+    # Index groups: each holds the totals, the device index, the sorted indexes and the rate
+    # windows of the devices whose hash slot falls in its share of the slots, under a tag of
+    # a slot of that share (so, with the slots split in ranges, on the devices' own node).
+    groups: int = 1
+
+    @property
+    def layout_version(self) -> str:
+        """LAYOUT_VERSION with one group (the same key names); "3/<groups>" with more."""
+        return LAYOUT_VERSION if self.groups == 1 else f"3/{self.groups}"
+
+    def tag(self, group: int) -> str:
+        """The hash tag of a group's keys (the prefix itself with one group)."""
+        return _group_tags(self.prefix, self.groups)[group]
+
+    def group_of(self, device_id: str) -> int:
+        """The index group of a device: its hash slot's share of the slots."""
+        if self.groups == 1:
+            return 0
+        return key_slot(device_id.encode()) * self.groups // REDIS_CLUSTER_HASH_SLOTS
+
+    def flush_group(self, instance: str, seq: int) -> int:
+        """The group whose totals a flush adds to: flushes take the groups in turn."""
+        return (zlib.crc32(instance.encode()) + seq) % self.groups
+
+    def _in(self, group: int, name: str) -> str:
+        return f"{{{self.tag(group)}}}:{name}"
 
     def device(self, device_id: str) -> str:
         return f"{self.prefix}:d:{{{device_id}}}"
@@ -64,9 +107,8 @@ class KeyLayout:
     def version(self) -> str:
         return self._global("layout")
 
-    @property
-    def total_rate(self) -> str:
-        return self._global("rate")
+    def total_rate(self, group: int = 0) -> str:
+        return self._in(group, "rate")
 
     def group_marker(self, tag: str, instance: str, n: int) -> str:
         return f"{self.prefix}:m:{{{tag}}}:{instance}:{n}"
@@ -74,28 +116,29 @@ class KeyLayout:
     def _global(self, name: str) -> str:
         return f"{{{self.prefix}}}:{name}"
 
-    @property
-    def devices(self) -> str:
-        return self._global("devices")
+    def devices(self, group: int = 0) -> str:
+        return self._in(group, "devices")
 
-    def index(self, field: str) -> str:
+    def index(self, field: str, group: int = 0) -> str:
         if field not in SORT_INDEXES:
             raise ValueError(f"no index for {field!r}")
-        return self._global(f"idx:{field}")
+        return self._in(group, f"idx:{field}")
 
-    def rate_window(self, window: int) -> str:
-        return self._global(f"rw:{window}")
+    def rate_window(self, window: int, group: int = 0) -> str:
+        return self._in(group, f"rw:{window}")
 
-    @property
-    def totals(self) -> str:
-        return self._global("totals")
+    def totals(self, group: int = 0) -> str:
+        return self._in(group, "totals")
 
-    @property
-    def rejected(self) -> str:
-        return self._global("rejected")
+    def rejected(self, group: int = 0) -> str:
+        return self._in(group, "rejected")
 
-    def global_marker(self, instance: str) -> str:
-        return self._global(f"m:{instance}")
+    def global_marker(self, instance: str, group: int = 0) -> str:
+        return self._in(group, f"m:{instance}")
+
+    def layout1_keys(self) -> tuple[str, str]:
+        """Keys only a Redis written in layout 1 (no version key) can hold."""
+        return self._global("totals"), self._global("devices")
 
     def batch(self, producer_id: str, batch_id: int) -> str:
         return self._global(f"b:{producer_id}:{batch_id}")
@@ -119,3 +162,20 @@ class KeyLayout:
 
     def recovering(self, flush_id: str) -> str:
         return self._global(f"recovering:{flush_id}")
+
+
+@functools.cache
+def _group_tags(prefix: str, groups: int) -> tuple[str, ...]:
+    """Per group, the first of "<prefix>.<n>.0", "<prefix>.<n>.1", ... whose hash slot lies
+    in the group's share of the slots (the prefix itself with one group)."""
+    if groups == 1:
+        return (prefix,)
+    tags = []
+    for n in range(groups):
+        low = n * REDIS_CLUSTER_HASH_SLOTS // groups
+        high = (n + 1) * REDIS_CLUSTER_HASH_SLOTS // groups
+        k = 0
+        while not low <= key_slot(f"{prefix}.{n}.{k}".encode()) < high:
+            k += 1
+        tags.append(f"{prefix}.{n}.{k}")
+    return tuple(tags)

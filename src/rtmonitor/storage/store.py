@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import heapq
 import json
 import logging
 import struct
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from itertools import islice
 from types import TracebackType
 from typing import Any, Literal, Self, cast
 
@@ -27,7 +31,7 @@ from rtmonitor.model import (
     Totals,
     ValueRecord,
 )
-from rtmonitor.storage.keys import LAYOUT_VERSION, RATE_WINDOW_S, SORT_INDEXES, KeyLayout
+from rtmonitor.storage.keys import CLUSTER_GROUPS, RATE_WINDOW_S, SORT_INDEXES, KeyLayout
 from rtmonitor.storage.scripts import (
     FINALIZE,
     MERGE_DEVICES,
@@ -102,9 +106,16 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, prefix: str = "rtm", *, cluster: bool = False, retention_s: int = 0
+        cls,
+        url: str,
+        prefix: str = "rtm",
+        *,
+        cluster: bool = False,
+        retention_s: int = 0,
+        groups: int | None = None,
     ) -> Self:
-        """Build a store for `url` (redis://, rediss://, unix://)."""
+        """Build a store for `url` (redis://, rediss://, unix://); `groups` index groups
+        (default: CLUSTER_GROUPS on a cluster, 1 on a single Redis)."""
         opts: dict[str, Any] = {
             "decode_responses": True,
             "socket_timeout": 5.0,
@@ -119,7 +130,11 @@ class RedisStore:
             # Chosen by scheme (TCP, TLS, unix socket) before any connection exists.
             pool = client.connection_pool
             pool.connection_class = lean(pool.connection_class)
-        return cls(client, KeyLayout(prefix), retention_s=retention_s)
+        # A single Redis is one node: one group keeps the indexes whole and a read one command.
+        if groups is None:
+            groups = CLUSTER_GROUPS if cluster else 1
+        layout = KeyLayout(prefix, groups=groups)
+        return cls(client, layout, retention_s=retention_s)
 
     async def __aenter__(self) -> Self:
         return self
@@ -149,16 +164,19 @@ class RedisStore:
         """Claim this prefix for LAYOUT_VERSION, or raise LayoutMismatch if Redis holds it in
         another layout (layout 1 had no version key: its totals or devices give it away)."""
         client, layout = cast(aioredis.Redis, self.client), self.layout
+        version = layout.layout_version
         found = cast(str | None, await client.get(layout.version))
-        if found is None and not await client.exists(layout.totals, layout.devices):
-            if await client.set(layout.version, LAYOUT_VERSION, nx=True):
+        old = layout.layout1_keys()
+        # one key per call: in a cluster they need not share a slot
+        if found is None and not sum([await client.exists(key) for key in old]):
+            if await client.set(layout.version, version, nx=True):
                 return
             # another instance claimed it first
             found = cast(str | None, await client.get(layout.version))
-        if found != LAYOUT_VERSION:
+        if found != version:
             raise LayoutMismatch(
                 f"Redis holds the key prefix {layout.prefix!r} in key layout "
-                f"{found or 1}, and this version writes layout {LAYOUT_VERSION}; there is no "
+                f"{found or 1}, and this version writes layout {version}; there is no "
                 "migration: start with another --key-prefix, or delete that prefix's keys "
                 "(README: Redis key layout)"
             )
@@ -173,10 +191,20 @@ class RedisStore:
     def _groups(self, device_ids: list[str]) -> Iterator[tuple[str, int, list[str]]]:
         """Split devices into merge calls: (marker tag, index under that tag, devices).
 
-        Standalone: fixed-size chunks. Cluster: each call stays in one hash slot, and its
-        marker uses a tag of that slot, so the number of marker keys stays bounded.
+        Standalone: fixed-size chunks (of one index group each). Cluster: each call stays in
+        one hash slot, and its marker uses a tag of that slot, so the number of marker keys
+        stays bounded.
         """
         size = self._group_size
+        groups = self.layout.groups
+        if not self.cluster and groups > 1:  # a single Redis with index groups: a call each
+            by_group: dict[int, list[str]] = {}
+            for device_id in device_ids:
+                by_group.setdefault(self.layout.group_of(device_id), []).append(device_id)
+            for g, ids in by_group.items():
+                for n, start in enumerate(range(0, len(ids), size)):
+                    yield f"g{g}", n, ids[start : start + size]
+            return
         if not self.cluster:
             for n, start in enumerate(range(0, len(device_ids), size)):
                 yield "g", n, device_ids[start : start + size]
@@ -223,7 +251,13 @@ class RedisStore:
                 _encode_device(dev, deltas)
             args = [self._marker_ttl, seq, self.retention_s * 1000, window, b"".join(deltas)]
             calls.append(("devices", keys, args))
-        gkeys = [layout.global_marker(instance), layout.totals, layout.rejected, layout.total_rate]
+        g = layout.flush_group(instance, seq)
+        gkeys = [
+            layout.global_marker(instance, g),
+            layout.totals(g),
+            layout.rejected(g),
+            layout.total_rate(g),
+        ]
         calls.append(("global", gkeys, gargs))
         return calls
 
@@ -241,57 +275,28 @@ class RedisStore:
             await pipe.execute()
 
     def _index_commands(self, calls: list[Call], replies: list[Any]) -> list[list[Any]]:
-        """Bulk ZADDs that bring the sorted indexes up to the device calls' replies.
+        """Bulk ZADDs that bring the sorted indexes up to the device calls' replies, each to
+        the index group of its devices (a device call's devices share a hash slot, so a
+        group).
 
         Scores are totals, which only grow: ZADD GT keeps the highest, so a retry, a replay
         or another instance's older reply never lowers one. A record created by this call
         (retention on) may replace an index entry left by its expired predecessor, so it is
         written without GT."""
         layout = self.layout
-        replace = self.retention_s > 0
-        devices: list[Any] = []
-        packets: tuple[list[Any], list[Any]] = ([], [])  # (GT, replace)
-        nbytes: tuple[list[Any], list[Any]] = ([], [])
-        last_seen: list[Any] = []
-        windows: dict[int, list[Any]] = {}
+        groups: dict[int, _GroupIndex] = {}
         cut = len(layout.device("")) - 1  # the device id sits between this and the "}"
         for (name, keys, args), reply in zip(calls, replies, strict=True):
-            if name != "devices":
+            if name != "devices" or len(keys) < 2:
                 continue
             ids = [key[cut:-1] for key in keys[1:]]
-            created = reply[4::5]
-            if -1 in created:  # a replay, and some records have expired since
-                kept = [n for n, c in enumerate(created) if c >= 0]
-                ids = [ids[n] for n in kept]
-                reply = [x for n in kept for x in reply[5 * n : 5 * n + 5]]
-                created = reply[4::5]
-            devices += _pairs([0] * len(ids), ids)
-            fresh = [c == 1 for c in created] if replace and 1 in created else None
-            for n, scores in ((0, packets), (1, nbytes)):
-                if fresh is None:
-                    scores[0].extend(_pairs(reply[n::5], ids))
-                else:  # (rare) new records with retention on: written without GT
-                    for replaces, score, device_id in zip(fresh, reply[n::5], ids, strict=True):
-                        scores[replaces].extend((score, device_id))
-            last_seen += _pairs(reply[2::5], ids)
-            in_window = reply[3::5]
-            in_flush = windows.setdefault(int(args[3]), [])
-            if 0 in in_window:  # devices counted in a newer window than this flush's
-                sent = [(score, d) for score, d in zip(in_window, ids, strict=True) if score]
-                in_flush.extend(x for pair in sent for x in pair)
-            else:
-                in_flush.extend(_pairs(in_window, ids))
-        commands = _zadds(layout.devices, "NX", devices)
-        for field, (gt, fresh) in (("packets", packets), ("bytes", nbytes)):
-            index = layout.index(field)
-            commands += _zadds(index, "GT", gt) + _zadds(index, "", fresh)
-        commands += _zadds(layout.index("last_seen"), "GT", last_seen)
-        for window, members in windows.items():
-            if members:
-                key = layout.rate_window(window)
-                # written during its 10 s, read during the next 10 s: 30 s after the last
-                # write is enough
-                commands += [*_zadds(key, "GT", members), ["EXPIRE", key, 30]]
+            group = groups.get(g := layout.group_of(ids[0]))
+            if group is None:
+                group = groups[g] = _GroupIndex()
+            group.add(ids, reply, int(args[3]), self.retention_s > 0)
+        commands: list[list[Any]] = []
+        for g, group in groups.items():
+            commands += group.commands(layout, g)
         return commands
 
     async def _run(self, calls: list[Call]) -> list[Any]:
@@ -359,14 +364,21 @@ class RedisStore:
         expire by themselves); the number dropped. Idempotent: any instance may run it."""
         if self.retention_s <= 0:
             return 0
+        cutoff = now_ms - self.retention_s * 1000
+        dropped = 0
+        for g in range(self.layout.groups):
+            dropped += await self._expire_group(g, cutoff, batch)
+        return dropped
+
+    async def _expire_group(self, g: int, cutoff: int, batch: int) -> int:
+        """expire_silent_devices() in index group `g`."""
         layout = self.layout
         client = cast(aioredis.Redis, self.client)
-        cutoff = now_ms - self.retention_s * 1000
         dropped = 0
         while True:
             candidates = cast(
                 list[str],
-                await client.zrangebyscore(layout.index("last_seen"), "-inf", cutoff, 0, batch),
+                await client.zrangebyscore(layout.index("last_seen", g), "-inf", cutoff, 0, batch),
             )
             if not candidates:
                 return dropped
@@ -377,9 +389,9 @@ class RedisStore:
             gone = [d for d, e in zip(candidates, exists, strict=True) if not e]
             if gone:
                 pipe = self.client.pipeline(transaction=False)
-                pipe.zrem(layout.devices, *gone)
+                pipe.zrem(layout.devices(g), *gone)
                 for field in SORT_INDEXES:
-                    pipe.zrem(layout.index(field), *gone)
+                    pipe.zrem(layout.index(field, g), *gone)
                 await pipe.execute()
                 dropped += len(gone)
             if len(gone) < len(candidates):
@@ -484,71 +496,123 @@ class RedisStore:
     ) -> tuple[int, list[str]]:
         """One page of device ids: (number matching the filter, the ids in order).
 
-        Costs O(log N + limit) Redis work whatever the order and offset, except a prefix
-        with a numeric order, which ranks every match: more than `max_ranked` raise
-        SortTooBroad (counted first, in O(log N)). `rate` orders by the packets of the last
-        complete aligned 10-second window (the current one while that is empty, e.g. just
-        after a start) and lists only devices that sent in it.
+        Costs O(log N + limit) Redis work whatever the order and offset (times the index
+        groups, and O(offset + limit) with more than one), except a prefix with a numeric
+        order, which ranks every match: more than `max_ranked` raise SortTooBroad (counted
+        first, in O(log N)). `rate` orders by the packets of the last complete aligned
+        10-second window (the current one while that is empty, e.g. just after a start) and
+        lists only devices that sent in it.
         """
-        # decode_responses=True: every reply is str (the type hints allow bytes too).
-        client, layout = cast(aioredis.Redis, self.client), self.layout
-        ids: list[str]
-        if sort == "rate":
-            index = await self._rate_window()
-        elif sort != "device_id":
-            index = layout.index(sort)
+        window = await self._rate_window() if sort == "rate" else 0
+        page = _Page(prefix, sort, descending, offset, limit, window)
+        if sort != "device_id" and prefix:
+            return await self._rank_prefix(page, max_ranked)
+        if self.layout.groups > 1:
+            return await self._list_groups(page)
         if sort == "device_id":
-            # Every member of the devices set has score 0, so rank order is id order: the
-            # prefix's first rank and size are two O(log N) counts, and a page is a range
-            # of ranks (ZRANGEBYLEX with an offset would walk the offset).
-            if prefix:
-                pipe = self.client.pipeline(transaction=False)
-                pipe.zlexcount(layout.devices, "-", f"({prefix}")
-                pipe.zlexcount(layout.devices, f"[{prefix}", f"({prefix}{_LEX_END}")
-                first, matched = (int(n) for n in await pipe.execute())
-            else:
-                # one command: a pipeline costs the loop more turns (see get_devices)
-                first, matched = 0, int(await client.zcard(layout.devices))
-            start = offset if not descending else max(matched - offset - limit, 0)
-            stop = min(offset + limit, matched) if not descending else matched - offset
-            ids = []
-            if start < stop:
-                ids = cast(
-                    list[str], await client.zrange(layout.devices, first + start, first + stop - 1)
-                )
-                if descending:
-                    ids.reverse()
-                if prefix:  # a device added or expired between the calls shifts the ranks
-                    ids = [d for d in ids if d.startswith(prefix)]
-        elif not prefix:
-            matched = await client.zcard(index)
-            ids = cast(
-                list[str], await client.zrange(index, offset, offset + limit - 1, desc=descending)
-            )
-        else:
-            # A prefix and a numeric order: rank the matching ids here, if few enough.
-            lo, hi = f"[{prefix}", f"({prefix}{_LEX_END}"
-            matched = await client.zlexcount(layout.devices, lo, hi)
-            if matched > max_ranked:
-                raise SortTooBroad(matched)
-            candidates = cast(
-                list[str], await client.zrangebylex(layout.devices, lo, hi, 0, max_ranked)
-            )
-            scores = await client.zmscore(index, candidates) if candidates else []
-            pairs = list(zip(candidates, scores, strict=True))
-            if sort == "rate":  # as without a prefix: the devices that sent in the window
-                pairs = [(d, score) for d, score in pairs if score is not None]
-                matched = len(pairs)
-            ranked = sorted(pairs, key=lambda p: (p[1] or 0.0, p[0]), reverse=descending)
-            ids = [device_id for device_id, _ in ranked[offset : offset + limit]]
+            return await self._list_by_id(page)
+        client = cast(aioredis.Redis, self.client)
+        index = page.key(self.layout, 0)
+        matched = await client.zcard(index)
+        ids = cast(list[str], await client.zrange(index, offset, page.stop - 1, desc=descending))
         return matched, ids
 
-    async def _rate_window(self) -> str:
+    async def _list_by_id(self, page: _Page) -> tuple[int, list[str]]:
+        """A page in id order from the one devices set."""
+        # decode_responses=True: every reply is str (the type hints allow bytes too).
+        client, key, prefix = cast(aioredis.Redis, self.client), self.layout.devices(), page.prefix
+        offset, limit, descending = page.offset, page.limit, page.descending
+        # Every member of the devices set has score 0, so rank order is id order: the
+        # prefix's first rank and size are two O(log N) counts, and a page is a range
+        # of ranks (ZRANGEBYLEX with an offset would walk the offset).
+        if prefix:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zlexcount(key, "-", f"({prefix}")
+            pipe.zlexcount(key, f"[{prefix}", f"({prefix}{_LEX_END}")
+            first, matched = (int(n) for n in await pipe.execute())
+        else:
+            # one command: a pipeline costs the loop more turns (see get_devices)
+            first, matched = 0, int(await client.zcard(key))
+        start = offset if not descending else max(matched - offset - limit, 0)
+        stop = min(offset + limit, matched) if not descending else matched - offset
+        ids: list[str] = []
+        if start < stop:
+            ids = cast(list[str], await client.zrange(key, first + start, first + stop - 1))
+            if descending:
+                ids.reverse()
+            if prefix:  # a device added or expired between the calls shifts the ranks
+                ids = [d for d in ids if d.startswith(prefix)]
+        return matched, ids
+
+    async def _list_groups(self, page: _Page) -> tuple[int, list[str]]:
+        """A page without a prefix filter (or in id order) from several index groups: each
+        group's first offset + limit, merged here."""
+        layout, want, desc = self.layout, page.stop, page.descending
+        lo, hi = page.lex_range()
+        pipe = self.client.pipeline(transaction=False)
+        for g in range(layout.groups):
+            key = page.key(layout, g)
+            if page.sort == "device_id":
+                pipe.zlexcount(key, lo, hi)
+                if desc:
+                    pipe.zrevrangebylex(key, hi, lo, 0, want)
+                else:
+                    pipe.zrangebylex(key, lo, hi, 0, want)
+            else:
+                pipe.zcard(key)
+                pipe.zrange(key, 0, max(want, 1) - 1, desc=desc, withscores=True)
+        replies = await pipe.execute()
+        matched = sum(int(n) for n in replies[0::2])
+        if want <= page.offset:
+            return matched, []
+        if page.sort == "device_id":
+            return matched, list(
+                islice(heapq.merge(*replies[1::2], reverse=desc), page.offset, want)
+            )
+        # ZRANGE's order: by score, then by id (both reversed when descending)
+        merged = heapq.merge(*replies[1::2], key=lambda p: (p[1], p[0]), reverse=desc)
+        return matched, [d for d, _ in islice(merged, page.offset, want)]
+
+    async def _rank_prefix(self, page: _Page, max_ranked: int) -> tuple[int, list[str]]:
+        """A prefix and a numeric order: rank the matching ids here, if few enough."""
+        layout, groups = self.layout, range(self.layout.groups)
+        lo, hi = page.lex_range()
+        pipe = self.client.pipeline(transaction=False)
+        for g in groups:
+            pipe.zlexcount(layout.devices(g), lo, hi)
+        matched = sum(int(n) for n in await pipe.execute())
+        if matched > max_ranked:
+            raise SortTooBroad(matched)
+        pipe = self.client.pipeline(transaction=False)
+        for g in groups:
+            pipe.zrangebylex(layout.devices(g), lo, hi, 0, max_ranked)
+        found: list[list[str]] = await pipe.execute()
+        pipe = self.client.pipeline(transaction=False)
+        for g in groups:
+            if found[g]:
+                pipe.zmscore(page.key(layout, g), found[g])
+        scores = iter(await pipe.execute())
+        pairs = [p for ids in found if ids for p in zip(ids, next(scores), strict=True)]
+        if page.sort == "rate":  # as without a prefix: the devices that sent in the window
+            pairs = [(d, score) for d, score in pairs if score is not None]
+            matched = len(pairs)
+        ranked = sorted(pairs, key=lambda p: (p[1] or 0.0, p[0]), reverse=page.descending)
+        return matched, [device_id for device_id, _ in ranked[page.offset : page.stop]]
+
+    async def _rate_window(self) -> int:
         """The window sort=rate reads: the last complete one, or the current one if empty."""
         current = int(time.time()) // RATE_WINDOW_S
-        last, now = self.layout.rate_window(current - 1), self.layout.rate_window(current)
-        client = cast(aioredis.Redis, self.client)
-        return last if await client.exists(last) else now
+        if self.layout.groups == 1:  # one command: a pipeline costs the loop more turns
+            client = cast(aioredis.Redis, self.client)
+            return (
+                current - 1
+                if await client.exists(self.layout.rate_window(current - 1))
+                else current
+            )
+        pipe = self.client.pipeline(transaction=False)
+        for g in range(self.layout.groups):
+            pipe.exists(self.layout.rate_window(current - 1, g))
+        return current - 1 if any(await pipe.execute()) else current
 
     async def get_devices(self, ids: list[str]) -> list[DeviceRecord]:
         """The counters and rates of `ids` (in that order; unknown ones left out)."""
@@ -575,39 +639,151 @@ class RedisStore:
         """Each device's packets as the packets index has them (None: not there)."""
         if not ids:
             return []
-        client = cast(aioredis.Redis, self.client)
-        scores = await client.zmscore(self.layout.index("packets"), ids)
-        return [None if s is None else int(s) for s in scores]
+        layout = self.layout
+        if layout.groups == 1:
+            client = cast(aioredis.Redis, self.client)
+            scores = await client.zmscore(layout.index("packets"), ids)
+            return [None if s is None else int(s) for s in scores]
+        by_group: dict[int, list[int]] = {}
+        for n, device_id in enumerate(ids):
+            by_group.setdefault(layout.group_of(device_id), []).append(n)
+        pipe = self.client.pipeline(transaction=False)
+        for g, positions in by_group.items():
+            pipe.zmscore(layout.index("packets", g), [ids[n] for n in positions])
+        counts: list[int | None] = [None] * len(ids)
+        for positions, scores in zip(by_group.values(), await pipe.execute(), strict=True):
+            for n, score in zip(positions, scores, strict=True):
+                counts[n] = None if score is None else int(score)
+        return counts
 
     async def recently_seen(self, since_ms: int, limit: int) -> list[tuple[str, int]]:
         """Devices with a packet received after `since_ms`: (device, last_seen), newest last."""
-        client = cast(aioredis.Redis, self.client)
-        rows = cast(
-            list[tuple[str, float]],
-            await client.zrangebyscore(
-                self.layout.index("last_seen"), f"({since_ms}", "+inf", 0, limit, withscores=True
-            ),
-        )
-        return [(str(d), int(score)) for d, score in rows]
+        if self.layout.groups == 1:
+            client = cast(aioredis.Redis, self.client)
+            key = self.layout.index("last_seen")
+            rows = cast(
+                list[tuple[str, float]],
+                await client.zrangebyscore(key, f"({since_ms}", "+inf", 0, limit, withscores=True),
+            )
+            return [(str(d), int(score)) for d, score in rows]
+        pipe = self.client.pipeline(transaction=False)
+        for g in range(self.layout.groups):
+            key = self.layout.index("last_seen", g)
+            pipe.zrangebyscore(key, f"({since_ms}", "+inf", 0, limit, withscores=True)
+        each = cast(list[list[tuple[str, float]]], await pipe.execute())
+        merged = heapq.merge(*each, key=lambda p: (p[1], p[0]))
+        return [(str(d), int(score)) for d, score in islice(merged, limit)]
 
     async def totals(self) -> Totals:
-        """Totals over every device and instance."""
+        """Totals over every device and instance (the sums of the index groups')."""
+        layout = self.layout
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self.layout.totals)
-        pipe.zcard(self.layout.devices)
-        pipe.hgetall(self.layout.rejected)
-        pipe.hgetall(self.layout.total_rate)
-        totals, devices, rejected, buckets = await pipe.execute()
+        for g in range(layout.groups):
+            pipe.hgetall(layout.totals(g))
+            pipe.zcard(layout.devices(g))
+            pipe.hgetall(layout.rejected(g))
+            pipe.hgetall(layout.total_rate(g))
+        replies = await pipe.execute()
+        totals, rejected, buckets = Counter[str](), Counter[str](), Counter[str]()
+        for part, into in (
+            (replies[0::4], totals),
+            (replies[2::4], rejected),
+            (replies[3::4], buckets),
+        ):
+            for fields in part:
+                into.update({k: int(v) for k, v in fields.items()})
         return Totals(
-            devices=int(devices),
-            packets=int(totals.get("packets", 0)),
-            bytes=int(totals.get("bytes", 0)),
-            rejected_by_reason={reason: int(n) for reason, n in sorted(rejected.items())},
+            devices=sum(int(n) for n in replies[1::4]),
+            packets=totals["packets"],
+            bytes=totals["bytes"],
+            rejected_by_reason=dict(sorted(rejected.items())),
             rate=rates(buckets, int(time.time())),
         )
 
 
-def rates(buckets: dict[str, str], now_s: int) -> Rates:
+@dataclass(frozen=True, slots=True)
+class _Page:
+    """What list_ids() was asked for."""
+
+    prefix: str
+    sort: SortField
+    descending: bool
+    offset: int
+    limit: int
+    window: int  # sort=rate's window
+
+    @property
+    def stop(self) -> int:
+        return self.offset + max(self.limit, 0)
+
+    def key(self, layout: KeyLayout, g: int) -> str:
+        """The sorted set of group `g` this page is ordered by."""
+        if self.sort == "device_id":
+            return layout.devices(g)
+        if self.sort == "rate":
+            return layout.rate_window(self.window, g)
+        return layout.index(self.sort, g)
+
+    def lex_range(self) -> tuple[str, str]:
+        """The prefix filter as a ZRANGEBYLEX range (everything without one)."""
+        if not self.prefix:
+            return "-", "+"
+        return f"[{self.prefix}", f"({self.prefix}{_LEX_END}"
+
+
+class _GroupIndex:
+    """One index group's share of a flush's index writes (flat score, member pairs)."""
+
+    __slots__ = ("devices", "packets", "bytes", "last_seen", "windows")
+
+    def __init__(self) -> None:
+        self.devices: list[Any] = []
+        self.packets: tuple[list[Any], list[Any]] = ([], [])  # (GT, replace)
+        self.bytes: tuple[list[Any], list[Any]] = ([], [])
+        self.last_seen: list[Any] = []
+        self.windows: dict[int, list[Any]] = {}
+
+    def add(self, ids: list[str], reply: list[Any], window: int, replace: bool) -> None:
+        """One device call's reply (MERGE_DEVICES: 5 integers per device)."""
+        created = reply[4::5]
+        if -1 in created:  # a replay, and some records have expired since
+            kept = [n for n, c in enumerate(created) if c >= 0]
+            ids = [ids[n] for n in kept]
+            reply = [x for n in kept for x in reply[5 * n : 5 * n + 5]]
+            created = reply[4::5]
+        self.devices += _pairs([0] * len(ids), ids)
+        fresh = [c == 1 for c in created] if replace and 1 in created else None
+        for n, scores in ((0, self.packets), (1, self.bytes)):
+            if fresh is None:
+                scores[0].extend(_pairs(reply[n::5], ids))
+            else:  # (rare) new records with retention on: written without GT
+                for replaces, score, device_id in zip(fresh, reply[n::5], ids, strict=True):
+                    scores[replaces].extend((score, device_id))
+        self.last_seen += _pairs(reply[2::5], ids)
+        in_window = reply[3::5]
+        in_flush = self.windows.setdefault(window, [])
+        if 0 in in_window:  # devices counted in a newer window than this flush's
+            sent = [(score, d) for score, d in zip(in_window, ids, strict=True) if score]
+            in_flush.extend(x for pair in sent for x in pair)
+        else:
+            in_flush.extend(_pairs(in_window, ids))
+
+    def commands(self, layout: KeyLayout, g: int) -> list[list[Any]]:
+        commands = _zadds(layout.devices(g), "NX", self.devices)
+        for field, (gt, fresh) in (("packets", self.packets), ("bytes", self.bytes)):
+            index = layout.index(field, g)
+            commands += _zadds(index, "GT", gt) + _zadds(index, "", fresh)
+        commands += _zadds(layout.index("last_seen", g), "GT", self.last_seen)
+        for window, members in self.windows.items():
+            if members:
+                key = layout.rate_window(window, g)
+                # written during its 10 s, read during the next 10 s: 30 s after the last
+                # write is enough
+                commands += [*_zadds(key, "GT", members), ["EXPIRE", key, 30]]
+        return commands
+
+
+def rates(buckets: Mapping[str, str | int], now_s: int) -> Rates:
     """Packets/s and bytes/s over the last 10 and 60 *complete* seconds (the current second
     is still filling up), from rate buckets {"<second>": packets, "<second>b": bytes} (the
     totals' hash; a device's buckets are in its record, see parse_device).

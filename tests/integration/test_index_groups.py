@@ -1,0 +1,118 @@
+"""Index groups (a Redis Cluster's layout) read exactly like one index: the same data
+written with 1 and with 7 groups on one real Redis gives the same pages, counts, totals,
+rates, expiry and retries."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+
+import pytest
+import redis.asyncio as aioredis
+
+from rtmonitor.model import DeviceDelta, FlushDelta, ValueStats
+from rtmonitor.storage.embedded import EmbeddedRedis
+from rtmonitor.storage.keys import KeyLayout
+from rtmonitor.storage.store import LayoutMismatch, RedisStore, SortTooBroad
+
+
+def fleet(n: int, seq: int, now_ms: int) -> FlushDelta:
+    """`n` devices with packet counts that tie often (so the id breaks ties)."""
+    devices = {}
+    for i in range(n):
+        packets = (i * 7919 + seq) % 13 + 1
+        devices[f"d{i % 5}-{i:04d}"] = DeviceDelta(
+            packets=packets,
+            bytes=packets * (i % 3 + 1),
+            first_seen=now_ms - 5000,
+            last_seen=now_ms - (i % 50),
+            kinds={"reading": packets},
+            values={"t": ValueStats(count=1, sum=i, min=i, max=i, last=i, last_ts=now_ms)},
+        )
+    delta = FlushDelta(devices=devices, rejected=Counter({"empty_device_id": seq}))
+    delta.packets = sum(d.packets for d in devices.values())
+    delta.bytes = sum(d.bytes for d in devices.values())
+    return delta
+
+
+def store(url: str, prefix: str, groups: int, retention_s: int = 0) -> RedisStore:
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    return RedisStore(client, KeyLayout(prefix, groups=groups), retention_s=retention_s)
+
+
+def test_seven_groups_read_like_one(redis_server: EmbeddedRedis) -> None:
+    async def main() -> None:
+        now_ms = int(time.time() * 1000)
+        one, seven = store(redis_server.url, "one", 1), store(redis_server.url, "seven", 7)
+        async with one, seven:
+            assert seven.layout.layout_version == "3/7" and one.layout.layout_version == "2"
+            assert len({seven.layout.tag(g) for g in range(7)}) == 7
+            for s in (one, seven):
+                await s.check_layout()
+                for seq in (1, 2):
+                    calls = s.plan(fleet(600, seq, now_ms), "i", seq)
+                    await s.apply(calls)
+                    await s.apply(calls)  # a retry counts nothing twice
+                await s.commit(fleet(100, 3, now_ms), "j", 1)  # a second instance
+            used = {s.layout.group_of(f"d{i % 5}-{i:04d}") for i in range(600)}
+            assert used == set(range(7)), "the devices spread over every group"
+            sorts = ("device_id", "packets", "bytes", "last_seen", "rate")
+            for sort, desc, prefix, (offset, limit) in itertools.product(
+                sorts, (False, True), ("", "d3", "d3-01", "zz"), ((0, 10), (5, 37), (590, 20))
+            ):
+                args = {"sort": sort, "descending": desc, "prefix": prefix}
+                page = {"offset": offset, "limit": limit, **args}
+                expected = await one.list_ids(**page)  # type: ignore[arg-type]
+                assert await seven.list_ids(**page) == expected, page  # type: ignore[arg-type]
+            ids = [f"d{i % 5}-{i:04d}" for i in range(0, 700, 7)]
+            assert await seven.packet_counts(ids) == await one.packet_counts(ids)
+            assert await seven.get_devices(ids) == await one.get_devices(ids)
+            since = now_ms - 30
+            assert await seven.recently_seen(since, 50) == await one.recently_seen(since, 50)
+            t1, t7 = await one.totals(), await seven.totals()
+            assert (
+                t7 == t1 and t7.devices == 600 and t7.rejected_by_reason == {"empty_device_id": 6}
+            )
+            try:
+                await seven.list_ids(prefix="d", sort="packets", max_ranked=599)
+            except SortTooBroad as exc:
+                assert exc.matched == 600
+            else:
+                raise AssertionError("600 matches ranked with max_ranked=599")
+
+    asyncio.run(main())
+
+
+def test_groups_expire_silent_devices(redis_server: EmbeddedRedis) -> None:
+    async def main() -> None:
+        now_ms = int(time.time() * 1000)
+        async with store(redis_server.url, "r", 5, retention_s=1) as s:
+            await s.commit(fleet(200, 1, now_ms), "i", 1)
+            for i in range(200):
+                await s.client.delete(s.layout.device(f"d{i % 5}-{i:04d}"))
+            assert await s.expire_silent_devices(now_ms + 60_000) == 200
+            assert (await s.totals()).devices == 0
+            assert await s.list_ids(sort="packets") == (0, [])
+
+    asyncio.run(main())
+
+
+def test_a_layout_2_prefix_is_refused_with_groups(redis_server: EmbeddedRedis) -> None:
+    """A prefix written with one group (layout 2) is not mixed with a grouped layout, nor
+    the other way round."""
+
+    async def main() -> None:
+        async with store(redis_server.url, "p", 1) as one, store(redis_server.url, "p", 16) as many:
+            await one.check_layout()
+            with pytest.raises(
+                LayoutMismatch, match="key layout 2, and this version writes layout 3/16"
+            ):
+                await many.check_layout()
+        async with store(redis_server.url, "q", 16) as many, store(redis_server.url, "q", 1) as one:
+            await many.check_layout()
+            with pytest.raises(LayoutMismatch, match="key layout 3/16"):
+                await one.check_layout()
+
+    asyncio.run(main())
