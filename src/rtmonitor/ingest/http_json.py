@@ -43,12 +43,13 @@ IDEMPOTENCY_KEY_MAX = 256
 IDEMPOTENCY_PRODUCER = "http"
 SURFACE = "http-json"  # auth refusals are counted under this name
 _HTTP_STATUS = {"invalid": 422, "too_large": 413, "unsupported": 415, "unavailable": 503}
-_STR = {str}
-_INT = {int}
-_NUMBER = {float, int}
-_VALUES = {dict, type(None)}
+# the types a field's values may have (bool is not an int here, as in _integer)
+_STR: frozenset[type] = frozenset({str})
+_INT: frozenset[type] = frozenset({int})
+_NUMBER: frozenset[type] = frozenset({float, int})
+_VALUES: frozenset[type] = frozenset({dict, type(None)})
+_DICT: frozenset[type] = frozenset({dict})
 _EMPTY: dict[str, Any] = {}
-_DICT = {dict}
 _MISSING = object()
 
 
@@ -97,7 +98,7 @@ def _packet(obj: Any, where: str, records: Records) -> None:
     records.sizes.append(size)
 
 
-def _field(packets: list[dict[str, Any]], key: str, default: Any, types: set[type]) -> Any:
+def _field(packets: list[dict[str, Any]], key: str, default: Any, types: frozenset[type]) -> Any:
     """One field of every packet in C-level passes, and how many packets have it; None if
     one is missing without a `default`, or is not of `types`."""
     column = list(map(dict.get, packets, repeat(key), repeat(_MISSING)))
