@@ -97,9 +97,7 @@ def _resource_attrs(odd: bool) -> st.SearchStrategy[list[KeyValue]]:
 
 _point_attrs = st.lists(
     st.builds(
-        lambda k, v: KeyValue(key=k, value=AnyValue(string_value=v)),
-        st.sampled_from(["core", "route"]),
-        _text,
+        lambda k, v: KeyValue(key=k, value=v), st.sampled_from(["core", "route"]), _any_value
     ),
     max_size=2,
 )
@@ -131,7 +129,7 @@ def _number_point(draw: st.DrawFn, with_attributes: bool) -> NumberDataPoint:
 
 @st.composite
 def _metric(draw: st.DrawFn, odd: bool) -> Metric:
-    with_attributes = odd and draw(st.booleans())
+    with_attributes = draw(st.booleans())
     metric = Metric(name=draw(_text), unit=draw(st.sampled_from(["", "C"])))
     kinds = ["gauge", "sum", "histogram", "none"] if odd else ["gauge", "sum"]
     kind = draw(st.sampled_from(kinds))
@@ -214,12 +212,25 @@ def test_gauges_are_read_by_the_c_reader_with_each_points_byte_size() -> None:
     assert records.device_ids == ["d-1"] and records.names == ["temp"]
 
 
+def test_points_with_attributes_are_named_once_per_series() -> None:
+    rx = _receiver(True)
+
+    def point(core: str, route: str) -> NumberDataPoint:
+        attributes = [
+            KeyValue(key="route", value=AnyValue(string_value=route)),
+            KeyValue(key="core", value=AnyValue(string_value=core)),
+        ]
+        return NumberDataPoint(as_double=1.0, attributes=attributes)
+
+    points = [point("0", "/a"), point("1", "/a"), point("0", "/a"), NumberDataPoint(as_int=2)]
+    records, _ = rx.gather(_gauge_request(points))
+    assert isinstance(records, PacketTable)
+    assert records.names == ["temp/core:0/route:_a", "temp/core:1/route:_a", "temp"]
+    assert records.v_name.tolist() == [0, 1, 0, 2]
+
+
 def test_the_c_reader_declines_what_the_python_mapping_reads() -> None:
     rx = _receiver(True)
-    with_attrs = NumberDataPoint(
-        as_double=1.0, attributes=[KeyValue(key="k", value=AnyValue(string_value="v"))]
-    )
-    assert isinstance(rx.gather(_gauge_request([with_attrs]))[0], Records)
     request = _gauge_request([NumberDataPoint(as_double=1.0)])
     request.resource_metrics[0].resource.attributes[0].value.CopyFrom(AnyValue(int_value=3))
     assert isinstance(rx.gather(request)[0], Records)  # a device id that is not a string

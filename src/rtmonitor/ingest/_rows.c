@@ -529,10 +529,12 @@ done:
  * ByteSize(), and every string is valid UTF-8). One entry per gauge or sum data point, in
  * request order: its device (index into the distinct device ids, -1 when the resource has
  * none of the device attributes), its metric's name, its serialized size, its time in ms,
- * its value (as_double + as_int: the one not set reads 0) and whether a value is set.
- * Anything else — a histogram, exponential histogram or summary, a data point with
- * attributes, a device attribute whose value is not a string — returns None and the
- * Python mapping (otlp.OtlpReceiver.gather) reads the request instead.
+ * its value (as_double + as_int: the one not set reads 0), whether a value is set, and its
+ * attributes: the bytes of its KeyValue fields (contiguous in a canonical serialization),
+ * interned, so that Python names each distinct set once (otlp.OtlpReceiver._table).
+ * Anything else — a histogram, exponential histogram or summary, a device attribute whose
+ * value is not a string — returns None and the Python mapping (otlp.OtlpReceiver.gather)
+ * reads the request instead.
  */
 
 #define MAX_DEVICE_KEYS 8
@@ -548,8 +550,8 @@ typedef struct {
     int has_device;
     Py_ssize_t device_at, name_at;
     slice_t name;
-    dict_t devices, names;
-    int64_t *dev_idx, *name_idx, *size, *ts;
+    dict_t devices, names, attrs;
+    int64_t *dev_idx, *name_idx, *size, *ts, *attr_idx;
     double *val;
     uint8_t *has_val;
 } otlp_t;
@@ -579,10 +581,21 @@ static int otlp_point(otlp_t *st, slice_t point)
     uint64_t time = 0, as_double = 0, as_int = 0, skip;
     int has_value = 0;
     uint32_t field, wire;
+    slice_t attrs = {p, 0}, kv;
+    int attrs_done = 0;
     while (p < end) {
+        const uint8_t *at = p;
         if (read_tag(&p, end, &field, &wire))
             return FALLBACK;
-        if (field == 3) {
+        if (attrs.len && field != 7)
+            attrs_done = 1;
+        if (field == 7) {
+            if (attrs_done || bytes_field(&p, end, wire, &kv))
+                return FALLBACK; /* not contiguous: not a canonical serialization */
+            if (!attrs.len)
+                attrs.ptr = at;
+            attrs.len = p - attrs.ptr;
+        } else if (field == 3) {
             if (otlp_fixed64(&p, end, wire, &time))
                 return FALLBACK;
         } else if (field == 4 || field == 6) { /* a oneof: the last one set wins */
@@ -593,8 +606,6 @@ static int otlp_point(otlp_t *st, slice_t point)
             else
                 as_double = 0;
             has_value = 1;
-        } else if (field == 7) {
-            return FALLBACK; /* attributes: the reading's name needs them (Python) */
         } else if (field == 2) {
             if (otlp_fixed64(&p, end, wire, &skip))
                 return FALLBACK;
@@ -616,6 +627,7 @@ static int otlp_point(otlp_t *st, slice_t point)
         st->ts[i] = (int64_t)(time / 1000000u);
         st->val[i] = d + (double)(int64_t)as_int; /* as protobuf's fields add up in Python */
         st->has_val[i] = (uint8_t)has_value;
+        st->attr_idx[i] = attrs.len ? dict_intern(&st->attrs, attrs) : -1;
     }
     st->n++;
     return 0;
@@ -804,6 +816,8 @@ static PyStructSequence_Field otlp_fields[] = {
     {"ts", "per data point: time_unix_nano // 1e6 (int64)"},
     {"val", "per data point: its value (float64)"},
     {"has_val", "per data point: 1 if a value is set (uint8)"},
+    {"attrs", "distinct attribute sets: the bytes of a point's KeyValue fields (field 7)"},
+    {"attr_idx", "per data point: index into attrs, -1 = no attributes (int64)"},
     {NULL, NULL},
 };
 
@@ -811,7 +825,7 @@ static PyStructSequence_Desc otlp_desc = {
     "rtmonitor.ingest._rows.OtlpPoints",
     "An OTLP request's number data points as columns (bytearrays of native int64/float64).",
     otlp_fields,
-    8,
+    10,
 };
 
 static PyTypeObject *OtlpType;
@@ -833,7 +847,7 @@ static PyObject *read_otlp(PyObject *self, PyObject *args)
     memset(&st, 0, sizeof st);
     PyObject *result = NULL, *device_ids = NULL, *names = NULL;
     PyObject *dev_idx = NULL, *name_idx = NULL, *size = NULL, *ts = NULL, *val = NULL;
-    PyObject *has_val = NULL;
+    PyObject *has_val = NULL, *attrs = NULL, *attr_idx = NULL;
     st.nkeys = PyTuple_GET_SIZE(keys);
     if (buf.len > INT32_MAX || st.nkeys > MAX_DEVICE_KEYS) {
         PyBuffer_Release(&buf);
@@ -858,14 +872,15 @@ static PyObject *read_otlp(PyObject *self, PyObject *args)
         Py_RETURN_NONE;
     }
     Py_ssize_t n = st.n;
-    if (dict_init(&st.devices, n) || dict_init(&st.names, n)) {
+    if (dict_init(&st.devices, n) || dict_init(&st.names, n) || dict_init(&st.attrs, n)) {
         PyErr_NoMemory();
         goto done;
     }
     dev_idx = column(n, 8), name_idx = column(n, 8), size = column(n, 8), ts = column(n, 8);
-    val = column(n, 8), has_val = column(n, 1);
-    if (!dev_idx || !name_idx || !size || !ts || !val || !has_val)
+    val = column(n, 8), has_val = column(n, 1), attr_idx = column(n, 8);
+    if (!dev_idx || !name_idx || !size || !ts || !val || !has_val || !attr_idx)
         goto done;
+    st.attr_idx = DATA(attr_idx);
     st.dev_idx = DATA(dev_idx), st.name_idx = DATA(name_idx);
     st.size = DATA(size), st.ts = DATA(ts), st.val = DATA(val), st.has_val = DATA(has_val);
     st.fill = 1;
@@ -886,10 +901,21 @@ static PyObject *read_otlp(PyObject *self, PyObject *args)
         }
         goto done;
     }
-    PyObject *items[8] = {device_ids, dev_idx, names, name_idx, size, ts, val, has_val};
-    result = build(OtlpType, items, 8);
-    device_ids = names = NULL;
-    dev_idx = name_idx = size = ts = val = has_val = NULL;
+    attrs = PyList_New(st.attrs.count);
+    if (!attrs)
+        goto done;
+    for (Py_ssize_t k = 0; k < st.attrs.count; k++) {
+        slice_t a = st.attrs.entries[k];
+        PyObject *b = PyBytes_FromStringAndSize((const char *)a.ptr, a.len);
+        if (!b)
+            goto done;
+        PyList_SET_ITEM(attrs, k, b);
+    }
+    PyObject *items[10] = {device_ids, dev_idx, names, name_idx, size,
+                           ts, val, has_val, attrs, attr_idx};
+    result = build(OtlpType, items, 10);
+    device_ids = names = attrs = NULL;
+    dev_idx = name_idx = size = ts = val = has_val = attr_idx = NULL;
 done:
     Py_XDECREF(device_ids);
     Py_XDECREF(names);
@@ -899,8 +925,11 @@ done:
     Py_XDECREF(ts);
     Py_XDECREF(val);
     Py_XDECREF(has_val);
+    Py_XDECREF(attrs);
+    Py_XDECREF(attr_idx);
     dict_free(&st.devices);
     dict_free(&st.names);
+    dict_free(&st.attrs);
     PyBuffer_Release(&buf);
     return result;
 }

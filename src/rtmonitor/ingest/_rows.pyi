@@ -28,6 +28,8 @@ class OtlpPoints(NamedTuple):
     ts: bytearray
     val: bytearray
     has_val: bytearray
+    attrs: list[bytes]
+    attr_idx: bytearray
 
 def read_otlp(data: bytes, device_keys: tuple[bytes, ...]) -> OtlpPoints | None: ...
 def read_rows(data: bytes, max_packets: int = -1) -> Rows | TooLarge | None: ...

@@ -46,9 +46,9 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
+from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric, NumberDataPoint
 
-from rtmonitor.ingest.columnar import PacketTable, Records, compact, dictionary
+from rtmonitor.ingest.columnar import IntArray, PacketTable, Records, compact, dictionary
 from rtmonitor.ingest.guard import authorize, peer_host
 from rtmonitor.ingest.receiver import RETRY_AFTER_S, Receiver, Refused, Sender, decode_body
 from rtmonitor.ingest.validation import Reason
@@ -155,6 +155,8 @@ class OtlpReceiver:
         )
         self._device_keys_utf8 = tuple(k.encode() for k in self.device_keys)
         self._names: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        # (metric name, a point's attribute bytes as the C reader hands them) -> reading name
+        self._wire_names: dict[tuple[str, bytes], str] = {}
         self.compiled = compiled
 
     def _series(self, name: str, attributes: Sequence[KeyValue]) -> str:
@@ -172,7 +174,7 @@ class OtlpReceiver:
         self, request: ExportMetricsServiceRequest
     ) -> tuple[Records | PacketTable, Counter[str]]:
         """The request's data points as packets, and those refused here by reason: read by
-        the C reader (gauges and sums without point attributes, the common export) from the
+        the C reader (gauges and sums, the common export) from the
         request's canonical serialization, else by the Python mapping; both give the same
         packets (tests/unit/test_otlp_reader.py)."""
         if self.compiled:
@@ -190,6 +192,7 @@ class OtlpReceiver:
         ts = np.frombuffer(read.ts, np.int64)
         val = np.frombuffer(read.val, np.float64)
         has_value = np.frombuffer(read.has_val, np.bool_)
+        attr_idx = np.frombuffer(read.attr_idx, np.int64)
         device_ids, names = read.device_ids, read.names
         rejected: Counter[str] = Counter()
         no_device = dev < 0
@@ -200,17 +203,11 @@ class OtlpReceiver:
             if n := int(np.count_nonzero(~has_value & ~no_device)):
                 rejected[Reason.NO_VALUE] += n
             kept = np.flatnonzero(keep)
-            dev, name_idx, size, ts, val = (
-                dev[kept],
-                name_idx[kept],
-                size[kept],
-                ts[kept],
-                val[kept],
-            )
+            dev, name_idx, size, ts = dev[kept], name_idx[kept], size[kept], ts[kept]
+            val, attr_idx = val[kept], attr_idx[kept]
             device_ids, dev = compact(device_ids, dev)
             names, name_idx = compact(names, name_idx)
-        # a long metric name is hashed (series_name): two of them may meet in one entry
-        names, name_idx = dictionary([self._series(name, ()) for name in names], name_idx)
+        names, name_idx = self._wire_series(names, name_idx, read.attrs, attr_idx)
         k = len(dev)
         table = PacketTable(
             k,
@@ -226,6 +223,38 @@ class OtlpReceiver:
             val,
         )
         return table, rejected
+
+    def _wire_series(
+        self, names: list[str], name_idx: IntArray, attrs: list[bytes], attr_idx: IntArray
+    ) -> tuple[list[str], IntArray]:
+        """The reading names of the C reader's points, one per distinct (metric, attribute
+        set), in order of first appearance, and each point's index into them."""
+        if not attrs:
+            # a long metric name is hashed (series_name): two may meet in one entry
+            return dictionary([self._series(name, ()) for name in names], name_idx)
+        width = len(attrs) + 1
+        pairs, first, inverse = np.unique(
+            name_idx * width + attr_idx + 1, return_index=True, return_inverse=True
+        )
+        order = np.argsort(first, kind="stable")
+        rank = np.zeros(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order), dtype=np.int64)
+        series = [
+            self._attributed(names[pair // width], attrs[pair % width - 1] if pair % width else b"")
+            for pair in pairs[order].tolist()
+        ]
+        return dictionary(series, rank[inverse.reshape(-1)])
+
+    def _attributed(self, name: str, attrs: bytes) -> str:
+        """A reading name from a metric's name and a point's attribute bytes (cached)."""
+        key = (name, attrs)
+        found = self._wire_names.get(key)
+        if found is None:
+            if len(self._wire_names) >= _MAX_CACHED_NAMES:
+                self._wire_names.clear()
+            attributes = NumberDataPoint.FromString(attrs).attributes if attrs else ()
+            found = self._wire_names[key] = self._series(name, attributes)
+        return found
 
     def gather_python(self, request: ExportMetricsServiceRequest) -> tuple[Records, Counter[str]]:
         """The request's data points as packets, and those refused here by reason (the
