@@ -59,6 +59,22 @@ def test_a_body_read_by_columns_is_read_as_packet_by_packet(body: list[Any]) -> 
     assert _read(data, columns=True) == _read(data, columns=False)
 
 
+@settings(max_examples=300, deadline=None)
+@given(_packet(), st.lists(st.tuples(_packet(), st.booleans()), max_size=8))
+def test_a_body_of_one_shape_is_read_as_packet_by_packet(
+    first: Any, others: list[tuple[Any, bool]]
+) -> None:
+    """Packets with the same keys in the same order (read in one transposing pass): the
+    others take the first's keys with their own values, or keep their own shape."""
+    body = [first]
+    for packet, same in others:
+        if same and type(first) is dict and type(packet) is dict:
+            packet = {k: packet.get(k, v) for k, v in first.items()}
+        body.append(packet)
+    data = orjson.dumps(body)
+    assert _read(data, columns=True) == _read(data, columns=False)
+
+
 def test_a_good_list_is_read_by_columns() -> None:
     body = [
         {"device_id": "d", "values": {"a": 1, "b": 2.5}},

@@ -98,6 +98,16 @@ def _packet(obj: Any, where: str, records: Records) -> None:
     records.sizes.append(size)
 
 
+# A packet's fields: (name, default when absent (_MISSING: required), the types allowed).
+_FIELDS: tuple[tuple[str, Any, frozenset[type]], ...] = (
+    ("device_id", _MISSING, _STR),
+    ("kind", "", _STR),
+    ("ts", 0, _INT),
+    ("payload_size", 0, _INT),
+    ("values", None, _VALUES),
+)
+
+
 def _field(packets: list[dict[str, Any]], key: str, default: Any, types: frozenset[type]) -> Any:
     """One field of every packet in C-level passes, and how many packets have it; None if
     one is missing without a `default`, or is not of `types`."""
@@ -115,22 +125,46 @@ def _field(packets: list[dict[str, Any]], key: str, default: Any, types: frozens
     return column, len(column) - missing
 
 
+def _uniform(doc: list[dict[str, Any]], shape: tuple[str, ...]) -> list[list[Any]] | None:
+    """The fields of packets that all have the same keys in the same order (`shape`, as a
+    generator's body has): transposed in one pass, or None if a field is missing, unknown
+    or mistyped."""
+    if not FIELDS.issuperset(shape):
+        return None
+    given = dict(zip(shape, map(list, zip(*map(dict.values, doc), strict=True)), strict=True))
+    n = len(doc)
+    columns = []
+    for key, default, types in _FIELDS:
+        column = given.get(key)
+        if column is None:
+            if default is _MISSING:
+                return None
+            column = [default] * n
+        if not set(map(type, column)) <= types:
+            return None
+        columns.append(column)
+    return columns
+
+
+def _fields(doc: list[dict[str, Any]]) -> list[list[Any]] | None:
+    """The fields of packets with different keys, a field at a time."""
+    read = [_field(doc, key, default, types) for key, default, types in _FIELDS]
+    if None in read or sum(map(len, doc)) != sum(present for _, present in read):
+        return None  # a field missing or of the wrong type, or an unknown field
+    return [column for column, _ in read]
+
+
 def _columns(doc: list[Any]) -> Records | None:
     """A list body's packets read a field at a time (C-level passes, no Python statement per
     packet), or None as soon as anything is off: then `_packet` reads them one by one and
     words the error (the same checks; tests/unit/test_http_columns.py compares both)."""
-    if not set(map(type, doc)) <= _DICT:
+    if not doc or not set(map(type, doc)) <= _DICT:
         return None
-    fields = [
-        _field(doc, "device_id", _MISSING, _STR),
-        _field(doc, "kind", "", _STR),
-        _field(doc, "ts", 0, _INT),
-        _field(doc, "payload_size", 0, _INT),
-        _field(doc, "values", None, _VALUES),
-    ]
-    if None in fields or sum(map(len, doc)) != sum(present for _, present in fields):
-        return None  # a field missing or of the wrong type, or an unknown field
-    (device_ids, _), (kinds, _), (ts, _), (sizes, _), (values, _) = fields
+    shapes = set(map(tuple, doc))
+    columns = _uniform(doc, shapes.pop()) if len(shapes) == 1 else _fields(doc)
+    if columns is None:
+        return None
+    device_ids, kinds, ts, sizes, values = columns
     if (ts and min(ts) < 0) or (sizes and min(sizes) < 0):
         return None
     if None in values:
