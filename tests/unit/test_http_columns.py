@@ -52,7 +52,7 @@ def _read(body: bytes, columns: bool) -> Records | tuple[str, str | None, str]:
         return str(refusal.reason), refusal.field, refusal.message
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(_packet(), max_size=12))
 def test_a_body_read_by_columns_is_read_as_packet_by_packet(body: list[Any]) -> None:
     data = orjson.dumps(body)

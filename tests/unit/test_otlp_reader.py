@@ -167,7 +167,7 @@ _limits = st.sampled_from(
 )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_request(), _limits, st.sampled_from(["device.id", "host.name"]))
 def test_the_c_reader_maps_requests_as_the_python_mapping(
     request: ExportMetricsServiceRequest, limits: Limits, attribute: str
