@@ -1,8 +1,9 @@
-"""The one compiled part: the row-batch reader (src/rtmonitor/ingest/_rows.c).
+"""The one compiled part: the row-batch and OTLP readers (src/rtmonitor/ingest/_rows.c).
 
 Everything else about the package is in pyproject.toml. The extension is optional: without
-a C compiler the install still succeeds and row batches use protobuf's parser instead (the
-service logs which reader it uses; `make test` insists on the compiled one).
+a C compiler the install still succeeds, row batches use protobuf's parser and OTLP
+requests the Python mapping instead (the service logs which reader it uses; `make test`
+insists on the compiled one).
 """
 
 from setuptools import Extension, setup

@@ -1,8 +1,9 @@
-"""`make test-asan`: the C row reader under AddressSanitizer and UBSan.
+"""`make test-asan`: the C row and OTLP readers under AddressSanitizer and UBSan.
 
 Builds src/rtmonitor/ingest/_rows.c with -fsanitize=address,undefined into a copy of the
-package, then runs the differential tests (tests/unit/test_rows_wire.py and
-test_columnar.py: random, mutated and hand-built wire data against protobuf) with the
+package, then runs the differential tests (tests/unit/test_rows_wire.py,
+test_columnar.py: random, mutated and hand-built wire data against protobuf;
+test_otlp_reader.py: random OTLP requests against the Python mapping) with the
 sanitizer runtimes preloaded. Any out-of-bounds read, overflow or undefined behaviour
 aborts the run. Needs gcc with libasan/libubsan (Debian's gcc has them).
 """
@@ -57,7 +58,11 @@ def main() -> int:
         if not where.startswith(tmp):
             raise SystemExit(f"test-asan: imported {where}, not the sanitized build")
         print(f"test-asan: sanitized reader at {where}", flush=True)
-        tests = ["tests/unit/test_rows_wire.py", "tests/unit/test_columnar.py"]
+        tests = [
+            "tests/unit/test_rows_wire.py",
+            "tests/unit/test_columnar.py",
+            "tests/unit/test_otlp_reader.py",
+        ]
         return subprocess.run(
             # -s: a sanitizer report is written to stderr as the process exits; pytest's
             # capture would swallow it

@@ -521,8 +521,422 @@ done:
     return result;
 }
 
+/* ---- OTLP metrics: number data points read into columns ------------------------------
+ *
+ * read_otlp reads an ExportMetricsServiceRequest (opentelemetry-proto) as protobuf itself
+ * serialized it (ingest/otlp.py parses a request first and hands this reader the message's
+ * SerializeToString(): canonical, so the length of a data point's bytes here is exactly its
+ * ByteSize(), and every string is valid UTF-8). One entry per gauge or sum data point, in
+ * request order: its device (index into the distinct device ids, -1 when the resource has
+ * none of the device attributes), its metric's name, its serialized size, its time in ms,
+ * its value (as_double + as_int: the one not set reads 0), whether a value is set, and its
+ * attributes: the bytes of its KeyValue fields (contiguous in a canonical serialization),
+ * interned, so that Python names each distinct set once (otlp.OtlpReceiver._table).
+ * Anything else — a histogram, exponential histogram or summary, a device attribute whose
+ * value is not a string — returns None and the Python mapping (otlp.OtlpReceiver.gather)
+ * reads the request instead.
+ */
+
+#define MAX_DEVICE_KEYS 8
+
+typedef struct {
+    int fill;
+    Py_ssize_t n; /* data points so far */
+    slice_t keys[MAX_DEVICE_KEYS];
+    Py_ssize_t nkeys;
+    /* the current resource's device and metric's name; interned at their first point, so
+       that the dictionaries hold only entries with points, in first-appearance order */
+    slice_t device;
+    int has_device;
+    Py_ssize_t device_at, name_at;
+    slice_t name;
+    dict_t devices, names, attrs;
+    int64_t *dev_idx, *name_idx, *size, *ts, *attr_idx;
+    double *val;
+    uint8_t *has_val;
+} otlp_t;
+
+static uint64_t le64(const uint8_t *f)
+{
+    uint64_t bits = 0;
+    for (int i = 0; i < 8; i++) /* little-endian on every host */
+        bits |= (uint64_t)f[i] << (8 * i);
+    return bits;
+}
+
+static int otlp_fixed64(const uint8_t **pp, const uint8_t *end, uint32_t wire, uint64_t *out)
+{
+    const uint8_t *f;
+    if (wire != 1 || read_fixed(pp, end, 8, &f))
+        return FALLBACK;
+    *out = le64(f);
+    return 0;
+}
+
+/* NumberDataPoint: start_time 2, time 3, as_double 4, exemplars 5, as_int 6, attributes 7,
+   flags 8. */
+static int otlp_point(otlp_t *st, slice_t point)
+{
+    const uint8_t *p = point.ptr, *end = p + point.len;
+    uint64_t time = 0, as_double = 0, as_int = 0, skip;
+    int has_value = 0;
+    uint32_t field, wire;
+    slice_t attrs = {p, 0}, kv;
+    int attrs_done = 0;
+    while (p < end) {
+        const uint8_t *at = p;
+        if (read_tag(&p, end, &field, &wire))
+            return FALLBACK;
+        if (attrs.len && field != 7)
+            attrs_done = 1;
+        if (field == 7) {
+            if (attrs_done || bytes_field(&p, end, wire, &kv))
+                return FALLBACK; /* not contiguous: not a canonical serialization */
+            if (!attrs.len)
+                attrs.ptr = at;
+            attrs.len = p - attrs.ptr;
+        } else if (field == 3) {
+            if (otlp_fixed64(&p, end, wire, &time))
+                return FALLBACK;
+        } else if (field == 4 || field == 6) { /* a oneof: the last one set wins */
+            if (otlp_fixed64(&p, end, wire, field == 4 ? &as_double : &as_int))
+                return FALLBACK;
+            if (field == 4)
+                as_int = 0;
+            else
+                as_double = 0;
+            has_value = 1;
+        } else if (field == 2) {
+            if (otlp_fixed64(&p, end, wire, &skip))
+                return FALLBACK;
+        } else if (skip_field(&p, end, wire)) {
+            return FALLBACK;
+        }
+    }
+    if (st->fill) {
+        Py_ssize_t i = st->n;
+        if (st->has_device && st->device_at < 0)
+            st->device_at = dict_intern(&st->devices, st->device);
+        if (st->name_at < 0)
+            st->name_at = dict_intern(&st->names, st->name);
+        double d;
+        memcpy(&d, &as_double, 8);
+        st->dev_idx[i] = st->has_device ? st->device_at : -1;
+        st->name_idx[i] = st->name_at;
+        st->size[i] = point.len;
+        st->ts[i] = (int64_t)(time / 1000000u);
+        st->val[i] = d + (double)(int64_t)as_int; /* as protobuf's fields add up in Python */
+        st->has_val[i] = (uint8_t)has_value;
+        st->attr_idx[i] = attrs.len ? dict_intern(&st->attrs, attrs) : -1;
+    }
+    st->n++;
+    return 0;
+}
+
+/* Gauge (data_points 1) or Sum (data_points 1, temporality 2, monotonic 3). */
+static int otlp_points(otlp_t *st, slice_t data)
+{
+    const uint8_t *p = data.ptr, *end = p + data.len;
+    uint32_t field, wire;
+    slice_t s;
+    while (p < end) {
+        if (read_tag(&p, end, &field, &wire))
+            return FALLBACK;
+        if (field == 1) {
+            if (bytes_field(&p, end, wire, &s) || otlp_point(st, s))
+                return FALLBACK;
+        } else if (skip_field(&p, end, wire)) {
+            return FALLBACK;
+        }
+    }
+    return 0;
+}
+
+/* Metric: name 1, gauge 5, sum 7; histogram 9, exponential_histogram 10, summary 11. */
+static int otlp_metric(otlp_t *st, slice_t metric)
+{
+    const uint8_t *p = metric.ptr, *end = p + metric.len;
+    uint32_t field, wire;
+    int name_seen = 0, data_seen = 0;
+    slice_t s;
+    st->name = (slice_t){p, 0};
+    st->name_at = -1;
+    while (p < end) {
+        if (read_tag(&p, end, &field, &wire))
+            return FALLBACK;
+        if (field == 1) {
+            if (data_seen || string_field(&p, end, wire, &st->name, &name_seen))
+                return FALLBACK; /* canonical order puts the name first */
+        } else if (field == 5 || field == 7) {
+            if (data_seen || bytes_field(&p, end, wire, &s) || otlp_points(st, s))
+                return FALLBACK;
+            data_seen = 1;
+        } else if (field == 9 || field == 10 || field == 11) {
+            return FALLBACK; /* two readings per point: the Python mapping */
+        } else if (skip_field(&p, end, wire)) {
+            return FALLBACK;
+        }
+    }
+    return 0;
+}
+
+/* AnyValue: string_value 1 is the only one read here; no value at all reads "". */
+static int otlp_text(slice_t any, slice_t *out)
+{
+    const uint8_t *p = any.ptr, *end = p + any.len;
+    uint32_t field, wire;
+    int seen = 0;
+    *out = (slice_t){p, 0};
+    while (p < end) {
+        if (read_tag(&p, end, &field, &wire))
+            return FALLBACK;
+        if (field != 1 || string_field(&p, end, wire, out, &seen))
+            return FALLBACK; /* a number, bool, array...: otlp.text_of words it */
+    }
+    return 0;
+}
+
+/* Resource attributes: the device id is the first of `keys` present with a non-empty value
+   (otlp.device_of; a key repeated: its last value). */
+static int otlp_resource(otlp_t *st, slice_t resource)
+{
+    const uint8_t *p = resource.ptr, *end = p + resource.len;
+    uint32_t field, wire;
+    slice_t found[MAX_DEVICE_KEYS], kv;
+    int present[MAX_DEVICE_KEYS] = {0};
+    while (p < end) {
+        if (read_tag(&p, end, &field, &wire))
+            return FALLBACK;
+        if (field != 1) {
+            if (skip_field(&p, end, wire))
+                return FALLBACK;
+            continue;
+        }
+        if (bytes_field(&p, end, wire, &kv))
+            return FALLBACK;
+        const uint8_t *q = kv.ptr, *kv_end = q + kv.len;
+        slice_t key = {q, 0}, value = {q, 0};
+        int key_seen = 0, value_seen = 0;
+        while (q < kv_end) {
+            if (read_tag(&q, kv_end, &field, &wire))
+                return FALLBACK;
+            if (field == 1) {
+                if (string_field(&q, kv_end, wire, &key, &key_seen))
+                    return FALLBACK;
+            } else if (field == 2) {
+                if (value_seen || bytes_field(&q, kv_end, wire, &value))
+                    return FALLBACK;
+                value_seen = 1;
+            } else if (skip_field(&q, kv_end, wire)) {
+                return FALLBACK;
+            }
+        }
+        for (Py_ssize_t k = 0; k < st->nkeys; k++) {
+            if (key.len == st->keys[k].len && memcmp(key.ptr, st->keys[k].ptr, key.len) == 0) {
+                if (otlp_text(value, &found[k]))
+                    return FALLBACK;
+                present[k] = 1;
+            }
+        }
+    }
+    for (Py_ssize_t k = 0; k < st->nkeys; k++) {
+        if (present[k] && found[k].len > 0) {
+            st->device = found[k];
+            st->has_device = 1;
+            return 0;
+        }
+    }
+    return 0;
+}
+
+/* ResourceMetrics: resource 1, scope_metrics 2 (ScopeMetrics: metrics 2). */
+static int otlp_resource_metrics(otlp_t *st, slice_t rm)
+{
+    const uint8_t *p = rm.ptr, *end = p + rm.len;
+    uint32_t field, wire;
+    int resource_seen = 0, scopes_seen = 0;
+    slice_t s, m;
+    st->has_device = 0;
+    st->device_at = -1;
+    while (p < end) {
+        if (read_tag(&p, end, &field, &wire))
+            return FALLBACK;
+        if (field == 1) {
+            /* canonical order puts the resource first, once */
+            if (resource_seen || scopes_seen || bytes_field(&p, end, wire, &s) ||
+                otlp_resource(st, s))
+                return FALLBACK;
+            resource_seen = 1;
+        } else if (field == 2) {
+            scopes_seen = 1;
+            if (bytes_field(&p, end, wire, &s))
+                return FALLBACK;
+            const uint8_t *q = s.ptr, *s_end = q + s.len;
+            while (q < s_end) {
+                if (read_tag(&q, s_end, &field, &wire))
+                    return FALLBACK;
+                if (field == 2) {
+                    if (bytes_field(&q, s_end, wire, &m) || otlp_metric(st, m))
+                        return FALLBACK;
+                } else if (skip_field(&q, s_end, wire)) {
+                    return FALLBACK;
+                }
+            }
+        } else if (skip_field(&p, end, wire)) {
+            return FALLBACK;
+        }
+    }
+    return 0;
+}
+
+static int otlp_request(otlp_t *st, const uint8_t *p, const uint8_t *end)
+{
+    uint32_t field, wire;
+    slice_t s;
+    st->n = 0;
+    while (p < end) {
+        if (read_tag(&p, end, &field, &wire))
+            return FALLBACK;
+        if (field == 1) {
+            if (bytes_field(&p, end, wire, &s) || otlp_resource_metrics(st, s))
+                return FALLBACK;
+        } else if (skip_field(&p, end, wire)) {
+            return FALLBACK;
+        }
+    }
+    return 0;
+}
+
+static PyStructSequence_Field otlp_fields[] = {
+    {"device_ids", "distinct device ids, in first-appearance order"},
+    {"dev_idx", "per data point: index into device_ids, -1 = no device attribute (int64)"},
+    {"names", "distinct metric names, in first-appearance order"},
+    {"name_idx", "per data point: index into names (int64)"},
+    {"size", "per data point: its serialized size (int64)"},
+    {"ts", "per data point: time_unix_nano // 1e6 (int64)"},
+    {"val", "per data point: its value (float64)"},
+    {"has_val", "per data point: 1 if a value is set (uint8)"},
+    {"attrs", "distinct attribute sets: the bytes of a point's KeyValue fields (field 7)"},
+    {"attr_idx", "per data point: index into attrs, -1 = no attributes (int64)"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc otlp_desc = {
+    "rtmonitor.ingest._rows.OtlpPoints",
+    "An OTLP request's number data points as columns (bytearrays of native int64/float64).",
+    otlp_fields,
+    10,
+};
+
+static PyTypeObject *OtlpType;
+
+PyDoc_STRVAR(read_otlp_doc,
+"read_otlp(data, device_keys) -> OtlpPoints | None\n\n"
+"Read a serialized ExportMetricsServiceRequest, as protobuf serialized it, into\n"
+"columns: one entry per gauge or sum data point. device_keys: the resource attributes\n"
+"naming the device (bytes), by preference. None when the Python mapping must read it.");
+
+static PyObject *read_otlp(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer buf;
+    PyObject *keys;
+    if (!PyArg_ParseTuple(args, "y*O!:read_otlp", &buf, &PyTuple_Type, &keys))
+        return NULL;
+    otlp_t st;
+    memset(&st, 0, sizeof st);
+    PyObject *result = NULL, *device_ids = NULL, *names = NULL;
+    PyObject *dev_idx = NULL, *name_idx = NULL, *size = NULL, *ts = NULL, *val = NULL;
+    PyObject *has_val = NULL, *attrs = NULL, *attr_idx = NULL;
+    st.nkeys = PyTuple_GET_SIZE(keys);
+    if (buf.len > INT32_MAX || st.nkeys > MAX_DEVICE_KEYS) {
+        PyBuffer_Release(&buf);
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t k = 0; k < st.nkeys; k++) {
+        PyObject *key = PyTuple_GET_ITEM(keys, k);
+        if (!PyBytes_Check(key)) {
+            PyBuffer_Release(&buf);
+            PyErr_SetString(PyExc_TypeError, "read_otlp: device_keys must be bytes");
+            return NULL;
+        }
+        st.keys[k] = (slice_t){(const uint8_t *)PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)};
+    }
+    const uint8_t *start = buf.buf, *end = start + buf.len;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = otlp_request(&st, start, end);
+    Py_END_ALLOW_THREADS
+    if (status) {
+        PyBuffer_Release(&buf);
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = st.n;
+    if (dict_init(&st.devices, n) || dict_init(&st.names, n) || dict_init(&st.attrs, n)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    dev_idx = column(n, 8), name_idx = column(n, 8), size = column(n, 8), ts = column(n, 8);
+    val = column(n, 8), has_val = column(n, 1), attr_idx = column(n, 8);
+    if (!dev_idx || !name_idx || !size || !ts || !val || !has_val || !attr_idx)
+        goto done;
+    st.attr_idx = DATA(attr_idx);
+    st.dev_idx = DATA(dev_idx), st.name_idx = DATA(name_idx);
+    st.size = DATA(size), st.ts = DATA(ts), st.val = DATA(val), st.has_val = DATA(has_val);
+    st.fill = 1;
+    Py_BEGIN_ALLOW_THREADS
+    status = otlp_request(&st, start, end); /* pass 1 checked the framing: this succeeds */
+    Py_END_ALLOW_THREADS
+    if (status || st.n != n) {
+        PyErr_SetString(PyExc_RuntimeError, "read_otlp: second pass disagrees with the first");
+        goto done;
+    }
+    device_ids = dict_strings(&st.devices);
+    if (device_ids)
+        names = dict_strings(&st.names);
+    if (!names) {
+        if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+            result = Py_NewRef(Py_None);
+        }
+        goto done;
+    }
+    attrs = PyList_New(st.attrs.count);
+    if (!attrs)
+        goto done;
+    for (Py_ssize_t k = 0; k < st.attrs.count; k++) {
+        slice_t a = st.attrs.entries[k];
+        PyObject *b = PyBytes_FromStringAndSize((const char *)a.ptr, a.len);
+        if (!b)
+            goto done;
+        PyList_SET_ITEM(attrs, k, b);
+    }
+    PyObject *items[10] = {device_ids, dev_idx, names, name_idx, size,
+                           ts, val, has_val, attrs, attr_idx};
+    result = build(OtlpType, items, 10);
+    device_ids = names = attrs = NULL;
+    dev_idx = name_idx = size = ts = val = has_val = attr_idx = NULL;
+done:
+    Py_XDECREF(device_ids);
+    Py_XDECREF(names);
+    Py_XDECREF(dev_idx);
+    Py_XDECREF(name_idx);
+    Py_XDECREF(size);
+    Py_XDECREF(ts);
+    Py_XDECREF(val);
+    Py_XDECREF(has_val);
+    Py_XDECREF(attrs);
+    Py_XDECREF(attr_idx);
+    dict_free(&st.devices);
+    dict_free(&st.names);
+    dict_free(&st.attrs);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"read_rows", read_rows, METH_VARARGS, read_rows_doc},
+    {"read_otlp", read_otlp, METH_VARARGS, read_otlp_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -540,11 +954,14 @@ PyMODINIT_FUNC PyInit__rows(void)
         return NULL;
     if (!TooLargeType && !(TooLargeType = PyStructSequence_NewType(&too_large_desc)))
         return NULL;
+    if (!OtlpType && !(OtlpType = PyStructSequence_NewType(&otlp_desc)))
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
     if (PyModule_AddObjectRef(m, "Rows", (PyObject *)RowsType) < 0 ||
-        PyModule_AddObjectRef(m, "TooLarge", (PyObject *)TooLargeType) < 0) {
+        PyModule_AddObjectRef(m, "TooLarge", (PyObject *)TooLargeType) < 0 ||
+        PyModule_AddObjectRef(m, "OtlpPoints", (PyObject *)OtlpType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -19,4 +19,17 @@ class TooLarge(NamedTuple):
     batch_id: int
     packets: int
 
+class OtlpPoints(NamedTuple):
+    device_ids: list[str]
+    dev_idx: bytearray
+    names: list[str]
+    name_idx: bytearray
+    size: bytearray
+    ts: bytearray
+    val: bytearray
+    has_val: bytearray
+    attrs: list[bytes]
+    attr_idx: bytearray
+
+def read_otlp(data: bytes, device_keys: tuple[bytes, ...]) -> OtlpPoints | None: ...
 def read_rows(data: bytes, max_packets: int = -1) -> Rows | TooLarge | None: ...

@@ -569,12 +569,40 @@ class Records:
         return len(self.device_ids)
 
 
+# A receiver that builds the columns itself (OTLP's C reader) hands over a table: one
+# entry per packet in dev_idx/kind_idx/size/ts, one per reading in v_pos/v_name/v_val.
+PacketTable = _Table
+
+
+def compact(entries: Sequence[str], index: IntArray) -> tuple[list[str], IntArray]:
+    """A dictionary cut down to the entries `index` uses, in order of first use (as
+    _encode would have built it from the used entries alone), and the index re-pointed."""
+    used, first = np.unique(index, return_index=True)
+    order = used[np.argsort(first, kind="stable")]
+    remap = np.zeros(len(entries), dtype=np.int64)
+    remap[order] = np.arange(len(order), dtype=np.int64)
+    return [entries[i] for i in order.tolist()], remap[index]
+
+
+def dictionary(entries: Sequence[str], index: IntArray) -> tuple[list[str], IntArray]:
+    """A dictionary whose entries may repeat, made distinct (first appearance) and the
+    index re-pointed (see _dictionary)."""
+    return _dictionary(entries, index)
+
+
 def decode_records(
-    records: Records, validator: Validator, recv_ms: int, device_prefix: str | None = None
+    records: Records | PacketTable,
+    validator: Validator,
+    recv_ms: int,
+    device_prefix: str | None = None,
 ) -> tuple[BatchDelta, Counter[str]]:
     """A receiver's packets: the aggregated delta of the accepted ones and the refused ones
     by reason, through the same validation and aggregation as a batch (`device_prefix` as
     for decode_columns)."""
+    if isinstance(records, _Table):
+        if records.n == 0:
+            return BatchDelta.empty(), Counter()
+        return _validate_and_aggregate(records, validator, recv_ms, device_prefix)
     n = len(records)
     if n == 0:
         return BatchDelta.empty(), Counter()

@@ -36,6 +36,7 @@ from operator import add, attrgetter, floordiv, methodcaller
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
@@ -45,13 +46,21 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
+from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric, NumberDataPoint
 
-from rtmonitor.ingest.columnar import Records
+from rtmonitor.ingest.columnar import IntArray, PacketTable, Records, compact, dictionary
 from rtmonitor.ingest.guard import authorize, peer_host
 from rtmonitor.ingest.receiver import RETRY_AFTER_S, Receiver, Refused, Sender, decode_body
 from rtmonitor.ingest.validation import Reason
 from rtmonitor.model import NAME_MAX, HttpReply
+
+try:
+    from rtmonitor.ingest._rows import OtlpPoints
+    from rtmonitor.ingest._rows import read_otlp as _read_otlp
+
+    C_OTLP = True  # the compiled reader is built (see setup.py)
+except ImportError:  # installed without a C compiler: the Python mapping reads every request
+    C_OTLP = False
 
 _SERVICE = metrics_service_pb2.DESCRIPTOR.services_by_name["MetricsService"]
 SERVICE_NAME: str = _SERVICE.full_name  # opentelemetry.proto.collector.metrics.v1.MetricsService
@@ -138,13 +147,17 @@ def device_of(attributes: Sequence[KeyValue], keys: Sequence[str]) -> str | None
 class OtlpReceiver:
     """Maps OTLP metrics to packets and hands them to the pipeline (receiver.Receiver)."""
 
-    def __init__(self, receiver: Receiver) -> None:
+    def __init__(self, receiver: Receiver, compiled: bool = C_OTLP) -> None:
         self.receiver = receiver
         attribute = receiver.limits.device_attribute
         self.device_keys = (attribute,) + tuple(
             k for k in FALLBACK_DEVICE_ATTRIBUTES if k != attribute
         )
+        self._device_keys_utf8 = tuple(k.encode() for k in self.device_keys)
         self._names: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        # (metric name, a point's attribute bytes as the C reader hands them) -> reading name
+        self._wire_names: dict[tuple[str, bytes], str] = {}
+        self.compiled = compiled
 
     def _series(self, name: str, attributes: Sequence[KeyValue]) -> str:
         if not attributes and len(name) <= NAME_MAX:
@@ -157,8 +170,95 @@ class OtlpReceiver:
             found = self._names[key] = series_name(name, key[1])
         return found
 
-    def gather(self, request: ExportMetricsServiceRequest) -> tuple[Records, Counter[str]]:
-        """The request's data points as packets, and those refused here by reason."""
+    def gather(
+        self, request: ExportMetricsServiceRequest
+    ) -> tuple[Records | PacketTable, Counter[str]]:
+        """The request's data points as packets, and those refused here by reason: read by
+        the C reader (gauges and sums, the common export) from the
+        request's canonical serialization, else by the Python mapping; both give the same
+        packets (tests/unit/test_otlp_reader.py)."""
+        if self.compiled:
+            read = _read_otlp(request.SerializeToString(), self._device_keys_utf8)
+            if read is not None:
+                return self._table(read)
+        return self.gather_python(request)
+
+    def _table(self, read: OtlpPoints) -> tuple[PacketTable, Counter[str]]:
+        """The C reader's columns as packets: points without a device or a value refused,
+        as the Python mapping refuses them, and the rest in request order."""
+        dev = np.frombuffer(read.dev_idx, np.int64)
+        name_idx = np.frombuffer(read.name_idx, np.int64)
+        size = np.frombuffer(read.size, np.int64)
+        ts = np.frombuffer(read.ts, np.int64)
+        val = np.frombuffer(read.val, np.float64)
+        has_value = np.frombuffer(read.has_val, np.bool_)
+        attr_idx = np.frombuffer(read.attr_idx, np.int64)
+        device_ids, names = read.device_ids, read.names
+        rejected: Counter[str] = Counter()
+        no_device = dev < 0
+        keep = has_value & ~no_device
+        if not keep.all():
+            if n := int(np.count_nonzero(no_device)):
+                rejected[Reason.NO_DEVICE_ID] += n
+            if n := int(np.count_nonzero(~has_value & ~no_device)):
+                rejected[Reason.NO_VALUE] += n
+            kept = np.flatnonzero(keep)
+            dev, name_idx, size, ts = dev[kept], name_idx[kept], size[kept], ts[kept]
+            val, attr_idx = val[kept], attr_idx[kept]
+            device_ids, dev = compact(device_ids, dev)
+            names, name_idx = compact(names, name_idx)
+        names, name_idx = self._wire_series(names, name_idx, read.attrs, attr_idx)
+        k = len(dev)
+        table = PacketTable(
+            k,
+            device_ids,
+            dev,
+            [KIND],
+            np.zeros(k, dtype=np.int64),
+            size if size.any() else None,
+            ts if ts.any() else None,
+            names,
+            np.arange(k, dtype=np.int64),
+            name_idx,
+            val,
+        )
+        return table, rejected
+
+    def _wire_series(
+        self, names: list[str], name_idx: IntArray, attrs: list[bytes], attr_idx: IntArray
+    ) -> tuple[list[str], IntArray]:
+        """The reading names of the C reader's points, one per distinct (metric, attribute
+        set), in order of first appearance, and each point's index into them."""
+        if not attrs:
+            # a long metric name is hashed (series_name): two may meet in one entry
+            return dictionary([self._series(name, ()) for name in names], name_idx)
+        width = len(attrs) + 1
+        pairs, first, inverse = np.unique(
+            name_idx * width + attr_idx + 1, return_index=True, return_inverse=True
+        )
+        order = np.argsort(first, kind="stable")
+        rank = np.zeros(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order), dtype=np.int64)
+        series = [
+            self._attributed(names[pair // width], attrs[pair % width - 1] if pair % width else b"")
+            for pair in pairs[order].tolist()
+        ]
+        return dictionary(series, rank[inverse.reshape(-1)])
+
+    def _attributed(self, name: str, attrs: bytes) -> str:
+        """A reading name from a metric's name and a point's attribute bytes (cached)."""
+        key = (name, attrs)
+        found = self._wire_names.get(key)
+        if found is None:
+            if len(self._wire_names) >= _MAX_CACHED_NAMES:
+                self._wire_names.clear()
+            attributes = NumberDataPoint.FromString(attrs).attributes if attrs else ()
+            found = self._wire_names[key] = self._series(name, attributes)
+        return found
+
+    def gather_python(self, request: ExportMetricsServiceRequest) -> tuple[Records, Counter[str]]:
+        """The request's data points as packets, and those refused here by reason (the
+        Python mapping: every kind of metric, attributes and all)."""
         records = Records.new()
         rejected: Counter[str] = Counter()
         for resource_metrics in request.resource_metrics:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rtmonitor.auth import ANONYMOUS, Principal, TokenRegistry, device_refusal
-from rtmonitor.ingest.columnar import Records, decode_records
+from rtmonitor.ingest.columnar import PacketTable, Records, decode_records
 from rtmonitor.ingest.validation import Reason, Validator
 from rtmonitor.model import BatchId
 from rtmonitor.pipeline.aggregator import Aggregator
@@ -160,7 +160,7 @@ class Receiver:
 
     async def submit(
         self,
-        records: Records,
+        records: Records | PacketTable,
         rejected: Counter[str],
         sender: Sender,
         *,
