@@ -169,7 +169,10 @@ def _columns(doc: list[Any]) -> Records | None:
     if columns is None:
         return None
     device_ids, kinds, ts, sizes, values = columns
-    if (ts and min(ts) < 0) or (sizes and min(sizes) < 0):
+    # int64 both (numpy's columns); anything else is worded by _packet
+    if ts and not (0 <= min(ts) and max(ts) < 2**63):
+        return None
+    if sizes and not (0 <= min(sizes) and max(sizes) < 2**63):
         return None
     if None in values:
         values = [v if v is not None else _EMPTY for v in values]
