@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from rtmonitor.logs import redact_url
 from rtmonitor.model import DEVICE_ID_MAX, ID_CHARS
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+# gRPC core's own log levels (GRPC_VERBOSITY), lowest first.
+GrpcVerbosity = Literal["debug", "info", "error", "none"]
 
 
 class Settings(BaseSettings):
@@ -371,6 +374,15 @@ class Settings(BaseSettings):
         30.0, ge=0, description="Seconds the final flush may retry an unreachable Redis."
     )
     log_level: LogLevel = "info"
+    # gRPC core (C++) writes to stderr itself, outside Python's logging and its per-peer
+    # limits: one or two lines per failed TLS handshake, so anyone who can connect could
+    # fill the disk. Off by default; the user's own GRPC_VERBOSITY is kept.
+    grpc_verbosity: GrpcVerbosity = Field(
+        "none",
+        validation_alias=AliasChoices("grpc_verbosity", "RTM_GRPC_VERBOSITY", "GRPC_VERBOSITY"),
+        description="gRPC core's own stderr logging (none: off; error shows each failed TLS "
+        "handshake, unbounded: for debugging only).",
+    )
     noop: bool = Field(
         False,
         description="Benchmarks only: parse and acknowledge, count nothing (the transport "
@@ -380,8 +392,10 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _lowercase_log_level(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("log_level"), str):
-            data["log_level"] = data["log_level"].lower()
+        if isinstance(data, dict):
+            for name in ("log_level", "grpc_verbosity", "GRPC_VERBOSITY", "RTM_GRPC_VERBOSITY"):
+                if isinstance(data.get(name), str):
+                    data[name] = data[name].lower()
         return data
 
     @model_validator(mode="before")
@@ -442,6 +456,11 @@ class Settings(BaseSettings):
         ):
             if path is not None and not path.is_file():
                 raise ValueError(f"{flag} {str(path)!r} is not a readable file")
+
+    def export_grpc_verbosity(self) -> None:
+        """Hand --grpc-verbosity to gRPC core, which reads GRPC_VERBOSITY once, when grpc is
+        imported: call it before that (the worker processes inherit it)."""
+        os.environ["GRPC_VERBOSITY"] = self.grpc_verbosity.upper()
 
     @property
     def tls(self) -> bool:
