@@ -134,6 +134,34 @@ def test_compose_file_matches_the_compose_specification() -> None:
     assert "mosquitto-data" in compose["volumes"]
 
 
+# Published on every interface only where a token is checked (the service, the proxy in
+# front of its replicas); whatever else answers without one is published on loopback.
+AUTHENTICATED = {"rtmonitor", "proxy"}
+
+
+def test_compose_publishes_nothing_unauthenticated_beyond_loopback() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str), (name, port)
+            if name not in AUTHENTICATED:
+                assert port.startswith("127.0.0.1:"), f"{name} publishes {port} to the network"
+    assert {"prometheus", "grafana", "mosquitto"} <= {
+        n for n, s in compose["services"].items() if s.get("ports")
+    }
+    grafana = compose["services"]["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in grafana
+    # its admin password is a secret of the user's, not Grafana's admin/admin
+    password = grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    assert password in secret_paths(compose["services"]["grafana"])
+    source = compose["secrets"]["grafana-admin-password"]["file"].removeprefix("./")
+    assert source in (ROOT / ".gitignore").read_text().split()
+    conf = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    if "allow_anonymous true" in conf:  # then only this machine may reach it
+        assert compose["services"]["mosquitto"]["ports"] == ["127.0.0.1:1883:1883"]
+
+
 def test_mosquitto_config_mounted_by_compose_is_accepted_by_mosquitto(tmp_path: Path) -> None:
     """The compose profile's broker configuration, run by Debian's mosquitto (paths moved
     to a temporary directory): it starts and listens."""
