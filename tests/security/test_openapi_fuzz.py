@@ -3,7 +3,9 @@ OpenAPI schema — `/stream` included — is fuzzed by schemathesis (hypothesis)
 positive and negative data and every check (no 500, status codes, headers, content types
 and bodies as declared, invalid input refused), against a real service whose Redis holds
 what hostile devices could leave there (overflowed sums, odd but valid names); and again
-with that Redis stopped (503 with Retry-After, as declared)."""
+with that Redis stopped (503 with Retry-After, as declared). Auth is on: generated requests
+keep their Authorization header's presence, with an admin token's secret in it, so the
+cases without one, and schemathesis's own bad tokens (ignored_auth), must be refused."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import httpx
 import pytest
 import schemathesis
 from helpers import ServiceProcess, encode_columns, packet, run, stream_batches, stream_packets
+from helpers.security import make_tokens
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS, load_all_checks, not_a_server_error
@@ -36,16 +39,25 @@ class Fuzzed:
 
     def __init__(self, tmp: Path) -> None:
         self.redis = EmbeddedRedis(tmp / "redis").start()
-        self.svc = ServiceProcess(self.redis.url, tmp / "service.log").wait_ready()
+        self.tokens = make_tokens(tmp / "tokens.toml", {"boss": (["admin"], None)})
+        self.client = self.tokens.client("boss")
+        self.svc = ServiceProcess(
+            self.redis.url,
+            tmp / "service.log",
+            "--auth-file",
+            str(self.tokens.path),
+            client=self.client,
+        ).wait_ready()
         self.schema = schemathesis.openapi.from_url(f"{self.svc.http}/openapi.json")
 
     def seed_hostile_data(self) -> None:
-        target = self.svc.target
-        run(stream_packets(target, [packet("over", t=1.7e308)] * 2))
-        run(stream_packets(target, [packet("under", t=-1.7e308)] * 2))
+        target, token = self.svc.target, self.client.metadata
+        run(stream_packets(target, [packet("over", t=1.7e308)] * 2, token))
+        run(stream_packets(target, [packet("under", t=-1.7e308)] * 2, token))
         odd = [packet("a:b/c@d.e-f_", kind="k:1", **{"v:n:sum": 1.0, "x.y": -0.0})]
         cols = encode_columns([packet(f"c-{i}", t=float(i)) for i in range(50)] + odd)
-        run(stream_batches(target, [Batch(producer_id="f", batch_id=1, columns=cols)]))
+        batch = Batch(producer_id="f", batch_id=1, columns=cols)
+        run(stream_batches(target, [batch], metadata=token))
 
     def close(self) -> None:
         self.svc.kill()
@@ -88,6 +100,8 @@ def fuzz(f: Fuzzed, seen: dict[tuple[str, int], int], outage: bool = False) -> N
             )
             def conforms(case: Any) -> None:
                 timeout = (5.0, STREAM_READ_S) if case.operation.path == "/stream" else 10.0
+                if case.headers and "Authorization" in case.headers:
+                    case.headers["Authorization"] = f"Bearer {f.client.token}"
                 response = case.call(base_url=base, timeout=timeout)
                 key = (case.operation.path, response.status_code)
                 seen[key] = seen.get(key, 0) + 1
@@ -115,7 +129,7 @@ def test_every_operation_conforms_with_redis_stopped(fuzzed: Fuzzed) -> None:
         fuzz(fuzzed, seen, outage=True)
         # the outage is answered as declared: 503 with Retry-After
         assert seen.get(("/metrics", 503)) and seen.get(("/metrics/{device_id}", 503)), seen
-        r = httpx.get(f"{fuzzed.svc.http}/metrics", timeout=5)
+        r = httpx.get(f"{fuzzed.svc.http}/metrics", headers=fuzzed.client.headers, timeout=5)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
     finally:
         fuzzed.redis.start()
