@@ -175,9 +175,11 @@ def _principal(entry: Mapping[str, Any], where: str) -> Principal:
         or any(s not in SCOPES for s in scopes)
         or len(set(scopes)) != len(scopes)
     ):
+        # The field and what it allows, never what it holds: a secret pasted into the
+        # wrong field would otherwise reach the log and /stats (last_reload_error).
         raise AuthFileError(
-            f"{where} ({name}): scopes must be a non-empty list of distinct "
-            f"{', '.join(SCOPES)}; got {scopes!r}"
+            f"{where} ({name}): scopes must be a non-empty list of distinct values among "
+            f'{", ".join(SCOPES)}, e.g. scopes = ["read"]'
         )
     prefix = entry.get("device_prefix")
     if prefix is not None and (not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix)):
@@ -225,7 +227,7 @@ def parse_tokens(text: str, source: str = "auth file") -> list[Principal]:
 def load_tokens(path: Path) -> list[Principal]:
     """The tokens of the auth file at `path`; AuthFileError if it cannot be read or used."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no TOML
     except (OSError, UnicodeDecodeError) as exc:
         raise AuthFileError(f"cannot read auth file {str(path)!r}: {exc}") from None
     return parse_tokens(text, f"auth file {str(path)!r}")

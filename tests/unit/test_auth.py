@@ -67,6 +67,33 @@ def test_parse_refuses_with_the_line(text: str, message: str) -> None:
         parse_tokens(text)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        block("a", "1", '["rtm_pasted-secret"]'),
+        block("a", "1", '"rtm_pasted-secret"'),
+        block("a", "1", '["read", "rtm_pasted-secret"]'),
+        block("a", "1", extra='device_prefix = "rtm_pasted secret"'),
+        '[[token]]\nname = "a"\nsha256 = "rtm_pasted-secret"\nscopes = ["read"]\n',
+    ],
+)
+def test_errors_name_the_field_never_the_value(text: str) -> None:
+    """A secret pasted into the wrong field must not reach the log or /stats through the
+    error: the message names the field and what it allows."""
+    with pytest.raises(AuthFileError) as err:
+        parse_tokens(text)
+    assert "pasted" not in str(err.value), err.value
+    if "scopes" in str(err.value):
+        assert "ingest, read, admin" in str(err.value)
+
+
+def test_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Editors on Windows save UTF-8 with a BOM: it is not part of the TOML."""
+    path = tmp_path / "t.toml"
+    path.write_text("\ufeff" + block("a", "s1"), encoding="utf-8")
+    assert TokenRegistry(path).authenticate("Bearer s1").name == "a"
+
+
 def test_authenticate_and_require(tmp_path: Path) -> None:
     reg = TokenRegistry(write(tmp_path / "t.toml", block("a", "s1") + block("r", "s2", '["read"]')))
     assert reg.authenticate("Bearer s1").name == "a"
