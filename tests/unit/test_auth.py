@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,47 @@ def test_watch_and_sighup_reload(tmp_path: Path) -> None:
         finally:
             watch.cancel()
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+    asyncio.run(main())
+
+
+def test_a_removed_file_revokes_every_token(tmp_path: Path) -> None:
+    """Fail closed: deleting (or renaming away) the auth file leaves no token in force,
+    said in /stats, until a file is back. A file gone for one poll only (replaced by a
+    tool that deletes then writes) changes nothing."""
+    path = write(tmp_path / "t.toml", block("a", "s1"))
+
+    async def wait_for(condition: Callable[[], bool]) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    async def main() -> None:
+        reg = TokenRegistry(path, poll_interval_s=0.05)
+        a = reg.authenticate("Bearer s1")
+        watch = asyncio.create_task(reg.watch())
+        try:
+            path.rename(tmp_path / "elsewhere.toml")
+            await wait_for(lambda: not reg.is_current(a))
+            with pytest.raises(AuthError, match="unknown token"):
+                reg.authenticate("Bearer s1")
+            stats = reg.stats()
+            assert stats["tokens"] == [] and "missing" in stats["last_reload_error"]
+            write(path, block("a", "s1"))
+            await wait_for(lambda: reg.stats()["tokens"] == ["a"])
+            assert reg.authenticate("Bearer s1").name == "a" and reg.last_error is None
+            # gone for less than a poll: nothing changes
+            path.unlink()
+            write(path, block("a", "s1"))
+            await asyncio.sleep(0.2)
+            assert reg.authenticate("Bearer s1").name == "a"
+        finally:
+            watch.cancel()
+        path.unlink()
+        assert not reg.reload()  # SIGHUP with the file gone: at once
+        assert reg.tokens == ()
 
     asyncio.run(main())
 
