@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import ssl
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,6 +458,8 @@ class Settings(BaseSettings):
         ):
             if path is not None and not path.is_file():
                 raise ValueError(f"{flag} {str(path)!r} is not a readable file")
+        if self.tls_cert is not None and self.tls_key is not None:
+            _check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     def export_grpc_verbosity(self) -> None:
         """Hand --grpc-verbosity to gRPC core, which reads GRPC_VERBOSITY once, when grpc is
@@ -475,6 +479,41 @@ class Settings(BaseSettings):
         if self.redis_host:
             return f"redis://{self.redis_host}:{self.redis_port or 6379}/0"
         return None
+
+
+def _no_passphrase() -> bytes:
+    """ssl asks for an encrypted key's passphrase on the terminal: there is none to give."""
+    raise ValueError("the key is encrypted")
+
+
+def _check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Load the TLS files once, as the servers will: a key of another certificate, a file
+    that is no PEM, an encrypted key refused here in a line naming the flags (gRPC and
+    uvicorn would fail later, with a traceback)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        raise ValueError(
+            f"--tls-cert {str(cert)!r} and --tls-key {str(key)!r} cannot be used together "
+            f"({_ssl_reason(exc)}): give a PEM certificate (chain) and its own unencrypted "
+            "PEM private key"
+        ) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, ValueError, OSError) as exc:
+            raise ValueError(
+                f"--tls-client-ca {str(client_ca)!r} is not a PEM CA bundle ({_ssl_reason(exc)})"
+            ) from None
+
+
+def _ssl_reason(exc: Exception) -> str:
+    """What ssl says went wrong, without its source location."""
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    return re.sub(r"\s*\(_ssl\.c:\d+\)|\[\w+\]\s*", "", str(exc)) or type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
