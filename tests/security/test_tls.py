@@ -103,6 +103,7 @@ def test_tls_clients(tls_service: tuple[ServiceProcess, Tokens], pki: Pki) -> No
     )
     assert report.accepted == 500 and not report.errors
     reader = ClientSecurity(tokens.secrets["reader"], pki.ca)
+    assert f"HTTP https://127.0.0.1:{svc.http_port}" in svc.log()  # the ready line
     with reader.http_client(base_url=svc.http, timeout=10) as http:
         assert svc.http.startswith("https://")
         assert http.get("/metrics/tls-1").json()["packets"] == 1
