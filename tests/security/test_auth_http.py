@@ -161,6 +161,15 @@ def test_a_malformed_login_does_not_echo_the_secret(
             assert set(error) == {"loc", "msg", "type"}, error
 
 
+def test_the_dashboard_cannot_be_framed(secured: tuple[ServiceProcess, Tokens]) -> None:
+    """The login form takes a token: no other site may show it in a frame (clickjacking)."""
+    svc, _ = secured
+    r = httpx.get(f"{svc.http}/", timeout=10)
+    assert r.status_code == 200 and "<html" in r.text.lower()
+    assert r.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
 def test_refusals_counted_and_logged_once_per_peer(
     secured: tuple[ServiceProcess, Tokens],
 ) -> None:
