@@ -348,6 +348,12 @@ class TelemetryPacket(BaseModel):
 class TelemetryAnswer(BaseModel):
     """What became of a body's packets, once the accepted ones are committed."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"accepted": 2, "rejected": {"invalid_device_id": 1}, "duplicate": False}]
+        }
+    )
+
     accepted: int
     rejected: dict[str, int] = Field(description="Packets refused by validation, by reason.")
     duplicate: bool = Field(
@@ -357,6 +363,18 @@ class TelemetryAnswer(BaseModel):
 
 class IngestRefusal(BaseModel):
     """A body refused whole."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "detail": "body[0].ts: must be a non-negative integer",
+                    "reason": "invalid_body",
+                    "field": "body[0].ts",
+                }
+            ]
+        }
+    )
 
     detail: str
     reason: str

@@ -181,7 +181,30 @@ async def telemetry(
 @router.post(
     "/v1/metrics",
     summary="Ingest OTLP metrics (OTLP/HTTP: protobuf or JSON)",
-    responses={**_REFUSALS, 400: {"description": "Not an ExportMetricsServiceRequest"}},
+    responses={
+        200: {
+            "description": "ExportMetricsServiceResponse, in the request's encoding: empty, "
+            "or a partial success counting the rejected data points.",
+            "content": {
+                "application/json": {
+                    "schema": {"type": "object"},
+                    "example": {
+                        "partialSuccess": {
+                            "rejectedDataPoints": "1",
+                            "errorMessage": "1 data points rejected (no_device_id: 1); see "
+                            "the README's OTLP mapping and GET /stats",
+                        }
+                    },
+                },
+                "application/x-protobuf": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "example": "",
+                },
+            },
+        },
+        **_REFUSALS,
+        400: {"description": "Not an ExportMetricsServiceRequest"},
+    },
     openapi_extra=_OTLP_BODY,
 )
 async def otlp_metrics(request: Request, api: ApiDep, _: BearerDep) -> Response:
