@@ -374,7 +374,7 @@ class TokenRegistry:
                 # Gone at one poll may be a tool replacing it (delete, then write): a
                 # missing file is acted on when the next poll finds it missing too.
                 gone = self._stat() is None
-                if self.changed() and not (gone and not self._gone_once):
+                if self.changed() and (self._gone_once or not gone):
                     self.reload()
                 self._gone_once = gone
             except Exception:  # never die silently

@@ -393,7 +393,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _lowercase_log_level(cls, data: Any) -> Any:
+    def _lowercase_levels(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for name in ("log_level", "grpc_verbosity", "GRPC_VERBOSITY", "RTM_GRPC_VERBOSITY"):
                 if isinstance(data.get(name), str):
