@@ -72,6 +72,10 @@ class AuthFileError(ValueError):
     """The auth file cannot be used; the message names the file and the line."""
 
 
+class AuthFileMissing(AuthFileError):
+    """The auth file is not there (deleted, renamed away): no token is in force."""
+
+
 class AuthError(Exception):
     """A request refused: `status` says which (no valid token, or a token without the
     scope), `reason` is counted, `message` tells the client what to fix (never a secret)."""
@@ -175,9 +179,11 @@ def _principal(entry: Mapping[str, Any], where: str) -> Principal:
         or any(s not in SCOPES for s in scopes)
         or len(set(scopes)) != len(scopes)
     ):
+        # The field and what it allows, never what it holds: a secret pasted into the
+        # wrong field would otherwise reach the log and /stats (last_reload_error).
         raise AuthFileError(
-            f"{where} ({name}): scopes must be a non-empty list of distinct "
-            f"{', '.join(SCOPES)}; got {scopes!r}"
+            f"{where} ({name}): scopes must be a non-empty list of distinct values among "
+            f'{", ".join(SCOPES)}, e.g. scopes = ["read"]'
         )
     prefix = entry.get("device_prefix")
     if prefix is not None and (not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix)):
@@ -225,7 +231,11 @@ def parse_tokens(text: str, source: str = "auth file") -> list[Principal]:
 def load_tokens(path: Path) -> list[Principal]:
     """The tokens of the auth file at `path`; AuthFileError if it cannot be read or used."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no TOML
+    except FileNotFoundError:
+        raise AuthFileMissing(
+            f"auth file {str(path)!r} is missing: no token is in force until it is back"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise AuthFileError(f"cannot read auth file {str(path)!r}: {exc}") from None
     return parse_tokens(text, f"auth file {str(path)!r}")
@@ -283,7 +293,11 @@ class FailureLog:
 
 class TokenRegistry:
     """The tokens in force, reloaded on SIGHUP and when the file changes; a reload that
-    fails keeps the tokens in force and logs why. `path` None: no auth (ANONYMOUS)."""
+    fails keeps the tokens in force and logs why. `path` None: no auth (ANONYMOUS).
+
+    A file that is gone (deleted, renamed away) fails closed: no token is in force, and
+    /stats says why, until a file is there again. Keeping the last tokens would let an
+    operator believe that removing the file revoked them."""
 
     def __init__(self, path: Path | None, *, poll_interval_s: float = POLL_INTERVAL_S) -> None:
         self.path = path
@@ -291,6 +305,7 @@ class TokenRegistry:
         self._tokens: tuple[Principal, ...] = ()
         self._current: frozenset[Principal] = frozenset()
         self._stamp: tuple[int, int, int] | None = None
+        self._gone_once = False  # the watcher saw the file missing at its last poll
         self.reloads = 0
         self.reload_errors = 0
         self.last_error: str | None = None
@@ -328,6 +343,12 @@ class TokenRegistry:
         stamp = self._stat()
         try:
             tokens = load_tokens(self.path)
+        except AuthFileMissing as exc:
+            self._install([], stamp)  # fail closed: streams opened with them end
+            self.reload_errors += 1
+            self.last_error = str(exc)
+            logger.error("%s", exc)
+            return False
         except AuthFileError as exc:
             self.reload_errors += 1
             self.last_error = str(exc)
@@ -350,8 +371,12 @@ class TokenRegistry:
         while True:
             await asyncio.sleep(self.poll_interval_s)
             try:
-                if self.changed():
+                # Gone at one poll may be a tool replacing it (delete, then write): a
+                # missing file is acted on when the next poll finds it missing too.
+                gone = self._stat() is None
+                if self.changed() and (self._gone_once or not gone):
                     self.reload()
+                self._gone_once = gone
             except Exception:  # never die silently
                 logger.exception("watching the auth file failed")
 

@@ -36,6 +36,8 @@ def _add_flags(parser: argparse.ArgumentParser, model: type[BaseSettings], env_p
         env = f"{env_prefix}{name.upper()}"
         if name == "redis_url":
             env += " or REDIS_URL"
+        if name == "grpc_verbosity":
+            env += " or GRPC_VERBOSITY"
         if name == "token":
             env = "RTM_TOKEN"
         help_text = f"{field.description or ''} [env {env}; default {_default(field)}]"
@@ -162,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         settings = _build(Settings, args)
         setup_logging(settings.log_level)
+        settings.export_grpc_verbosity()  # before grpc is imported: it reads it then
         from rtmonitor.runtime import run
 
         sys.exit(run(settings))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
+import ssl
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,8 @@ from rtmonitor.logs import redact_url
 from rtmonitor.model import DEVICE_ID_MAX, ID_CHARS
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+# gRPC core's own log levels (GRPC_VERBOSITY), lowest first.
+GrpcVerbosity = Literal["debug", "info", "error", "none"]
 
 
 class Settings(BaseSettings):
@@ -371,6 +376,15 @@ class Settings(BaseSettings):
         30.0, ge=0, description="Seconds the final flush may retry an unreachable Redis."
     )
     log_level: LogLevel = "info"
+    # gRPC core (C++) writes to stderr itself, outside Python's logging and its per-peer
+    # limits: one or two lines per failed TLS handshake, so anyone who can connect could
+    # fill the disk. Off by default; the user's own GRPC_VERBOSITY is kept.
+    grpc_verbosity: GrpcVerbosity = Field(
+        "none",
+        validation_alias=AliasChoices("grpc_verbosity", "RTM_GRPC_VERBOSITY", "GRPC_VERBOSITY"),
+        description="gRPC core's own stderr logging (none: off; error shows each failed TLS "
+        "handshake, unbounded: for debugging only).",
+    )
     noop: bool = Field(
         False,
         description="Benchmarks only: parse and acknowledge, count nothing (the transport "
@@ -379,9 +393,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _lowercase_log_level(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("log_level"), str):
-            data["log_level"] = data["log_level"].lower()
+    def _lowercase_levels(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in ("log_level", "grpc_verbosity", "GRPC_VERBOSITY", "RTM_GRPC_VERBOSITY"):
+                if isinstance(data.get(name), str):
+                    data[name] = data[name].lower()
         return data
 
     @model_validator(mode="before")
@@ -442,6 +458,13 @@ class Settings(BaseSettings):
         ):
             if path is not None and not path.is_file():
                 raise ValueError(f"{flag} {str(path)!r} is not a readable file")
+        if self.tls_cert is not None and self.tls_key is not None:
+            _check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    def export_grpc_verbosity(self) -> None:
+        """Hand --grpc-verbosity to gRPC core, which reads GRPC_VERBOSITY once, when grpc is
+        imported: call it before that (the worker processes inherit it)."""
+        os.environ["GRPC_VERBOSITY"] = self.grpc_verbosity.upper()
 
     @property
     def tls(self) -> bool:
@@ -456,6 +479,41 @@ class Settings(BaseSettings):
         if self.redis_host:
             return f"redis://{self.redis_host}:{self.redis_port or 6379}/0"
         return None
+
+
+def _no_passphrase() -> bytes:
+    """ssl asks for an encrypted key's passphrase on the terminal: there is none to give."""
+    raise ValueError("the key is encrypted")
+
+
+def _check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Load the TLS files once, as the servers will: a key of another certificate, a file
+    that is no PEM, an encrypted key refused here in a line naming the flags (gRPC and
+    uvicorn would fail later, with a traceback)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        raise ValueError(
+            f"--tls-cert {str(cert)!r} and --tls-key {str(key)!r} cannot be used together "
+            f"({_ssl_reason(exc)}): give a PEM certificate (chain) and its own unencrypted "
+            "PEM private key"
+        ) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, ValueError, OSError) as exc:
+            raise ValueError(
+                f"--tls-client-ca {str(client_ca)!r} is not a PEM CA bundle ({_ssl_reason(exc)})"
+            ) from None
+
+
+def _ssl_reason(exc: Exception) -> str:
+    """What ssl says went wrong, without its source location."""
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    return re.sub(r"\s*\(_ssl\.c:\d+\)|\[\w+\]\s*", "", str(exc)) or type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)

@@ -268,7 +268,9 @@ class Runtime:
             "" if self.role == "single" else f"{self.role} process {os.getpid()} ",
             s.host,
             ingest.grpc_port if ingest is not None else s.grpc_port,
-            f"http://{s.host}:{http.port} (docs /docs)" if http is not None else "-",
+            f"{'https' if s.tls else 'http'}://{s.host}:{http.port} (docs /docs)"
+            if http is not None
+            else "-",
             redact_url(self.redis.url),
             " (embedded)" if self.redis.embedded is not None else "",
         )

@@ -28,6 +28,9 @@ from rtmonitor.loadgen.launch import ServeProcess
 from rtmonitor.loadgen.sender import SendReport
 from rtmonitor.storage.store import RedisStore
 
+# gRPC call metadata: a token's (ClientSecurity.metadata), or none.
+Metadata = tuple[tuple[str, str], ...] | None
+
 __all__ = [
     "STREAM_BATCHES",
     "STREAM_PACKETS",
@@ -130,7 +133,9 @@ def packet(device_id: str, kind: str = "reading", payload: bytes = b"", **values
     return p
 
 
-async def stream_packets(target: str, packets: Iterable[Packet | bytes]) -> Ack:
+async def stream_packets(
+    target: str, packets: Iterable[Packet | bytes], metadata: Metadata = None
+) -> Ack:
     """StreamPackets over a real channel; bytes are sent as they are (to send garbage)."""
     async with grpc.aio.insecure_channel(target) as channel:
         call = channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)
@@ -139,12 +144,15 @@ async def stream_packets(target: str, packets: Iterable[Packet | bytes]) -> Ack:
             for p in packets:
                 yield p if isinstance(p, bytes) else p.SerializeToString()
 
-        ack: Ack = await call(gen())
+        ack: Ack = await call(gen(), metadata=metadata)
         return ack
 
 
 async def stream_batches(
-    target: str, batches: Iterable[Batch | bytes], acks: list[BatchAck] | None = None
+    target: str,
+    batches: Iterable[Batch | bytes],
+    acks: list[BatchAck] | None = None,
+    metadata: Metadata = None,
 ) -> list[BatchAck]:
     """StreamBatches over a real channel; returns every ack (raises on a status, after
     appending the acks read before it to `acks`)."""
@@ -156,7 +164,7 @@ async def stream_batches(
             for b in batches:
                 yield b if isinstance(b, bytes) else b.SerializeToString()
 
-        async for ack in call(gen()):
+        async for ack in call(gen(), metadata=metadata):
             acks.append(ack)
         return acks
 

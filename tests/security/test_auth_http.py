@@ -130,6 +130,40 @@ def test_login_cookie_for_the_dashboard(secured: tuple[ServiceProcess, Tokens]) 
         assert browser.get("/metrics").status_code == 401
 
 
+def test_a_malformed_login_does_not_echo_the_secret(
+    secured: tuple[ServiceProcess, Tokens],
+) -> None:
+    """A 422 names the field and what is wrong, never the value sent (FastAPI's default
+    handler echoes it in `input`): a token pasted as a form, or too long, stays unseen."""
+    svc, tokens = secured
+    secret = tokens.secrets["reader"]
+    bodies: list[dict[str, Any]] = [
+        {
+            "content": f"token={secret}",
+            "headers": {"content-type": "application/x-www-form-urlencoded"},
+        },
+        {"content": secret, "headers": {"content-type": "text/plain"}},
+        {"content": f'{{"token": "{secret}"', "headers": {"content-type": "application/json"}},
+        {"json": {"token": secret + "x" * 600}},
+        {"json": {"token": 7, "other": secret}},
+    ]
+    for body in bodies:
+        r = httpx.post(f"{svc.http}/login", timeout=10, **body)
+        assert r.status_code == 422, r.text
+        assert secret not in r.text, r.text
+        for error in r.json()["detail"]:
+            assert set(error) == {"loc", "msg", "type"}, error
+
+
+def test_the_dashboard_cannot_be_framed(secured: tuple[ServiceProcess, Tokens]) -> None:
+    """The login form takes a token: no other site may show it in a frame (clickjacking)."""
+    svc, _ = secured
+    r = httpx.get(f"{svc.http}/", timeout=10)
+    assert r.status_code == 200 and "<html" in r.text.lower()
+    assert r.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
 def test_refusals_counted_and_logged_once_per_peer(
     secured: tuple[ServiceProcess, Tokens],
 ) -> None:

@@ -174,6 +174,30 @@ def test_the_embedded_redis_wants_a_password_that_is_never_shown(tmp_path: Path)
     assert password not in svc.log()
 
 
+def test_the_embedded_redis_data_is_this_users_only(tmp_path: Path) -> None:
+    """The AOF and RDB hold every device's counts: the data directory is 0700 (also one
+    an older version left 0755) and what Redis writes in it is not group/other-readable."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    embedded = EmbeddedRedis(data).start()
+    try:
+        client = redis.Redis.from_url(embedded.url)
+        client.set("k", "v")
+        client.save()
+        client.close()
+    finally:
+        embedded.stop()
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    fresh = EmbeddedRedis(tmp_path / "new" / "data").start()
+    fresh.stop()
+    assert stat.S_IMODE((tmp_path / "new" / "data").stat().st_mode) == 0o700
+    written = [p for p in data.rglob("*") if p.name != ".rtmonitor.lock"]
+    assert any("appendonly" in p.name for p in written) and (data / "dump.rdb").exists()
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, (path, oct(path.stat().st_mode))
+
+
 def test_a_full_embedded_redis_refuses_writes_and_loses_nothing(tmp_path: Path) -> None:
     """--embedded-redis-maxmemory: past it Redis refuses writes (OOM); the service stays up,
     says why it is not ready, holds the acks, and commits everything once there is room."""

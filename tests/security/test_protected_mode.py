@@ -53,6 +53,36 @@ def test_malformed_auth_file_refuses_to_start(tmp_path: Path) -> None:
     assert "tokens.toml" in done.stderr and "line 3" in done.stderr, done.stderr
 
 
+def test_tls_files_that_do_not_fit_refuse_to_start_in_one_line(tmp_path: Path) -> None:
+    """A key of another certificate, or a client CA that is no PEM: one line naming the
+    flags, no traceback."""
+    import trustme
+
+    ca = trustme.CA()
+    cert, other = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
+    paths = {name: tmp_path / f"{name}.pem" for name in ("cert", "key", "other_key", "ca")}
+    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    cert.private_key_pem.write_to_path(str(paths["key"]))
+    other.private_key_pem.write_to_path(str(paths["other_key"]))
+    paths["ca"].write_text("not a certificate\n")
+    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port())]
+    cases = [
+        (["--tls-cert", str(paths["cert"]), "--tls-key", str(paths["other_key"])], "--tls-key"),
+        (["--tls-cert", str(paths["key"]), "--tls-key", str(paths["key"])], "--tls-cert"),
+        (
+            ["--tls-cert", str(paths["cert"]), "--tls-key", str(paths["key"]),
+             "--tls-client-ca", str(paths["ca"])],
+            "--tls-client-ca",
+        ),
+    ]  # fmt: skip
+    for flags, named in cases:
+        done = serve(*flags, *ports, "--data-dir", str(tmp_path / "data"))
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr, done.stderr
+        lines = [line for line in done.stderr.splitlines() if named in line]
+        assert lines and len(done.stderr.splitlines()) <= 3, done.stderr
+
+
 def test_opt_out_starts_with_a_warning(tmp_path: Path) -> None:
     svc = ServiceProcess(
         None, tmp_path / "svc.log", "--data-dir", str(tmp_path / "data"),

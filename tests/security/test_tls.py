@@ -6,9 +6,12 @@ works; the dashboard loads over HTTPS in headless Chromium after logging in."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,6 +103,7 @@ def test_tls_clients(tls_service: tuple[ServiceProcess, Tokens], pki: Pki) -> No
     )
     assert report.accepted == 500 and not report.errors
     reader = ClientSecurity(tokens.secrets["reader"], pki.ca)
+    assert f"HTTP https://127.0.0.1:{svc.http_port}" in svc.log()  # the ready line
     with reader.http_client(base_url=svc.http, timeout=10) as http:
         assert svc.http.startswith("https://")
         assert http.get("/metrics/tls-1").json()["packets"] == 1
@@ -110,6 +114,37 @@ def test_tls_clients(tls_service: tuple[ServiceProcess, Tokens], pki: Pki) -> No
         httpx.get(svc.http.replace("https://", "http://") + "/healthz", timeout=5)
     with pytest.raises(httpx.ConnectError):  # a CA that did not sign the server's
         ClientSecurity(None, pki.other_ca).http_client().get(f"{svc.http}/healthz")
+
+
+def bad_connections(port: int, count: int) -> None:
+    """Strangers on the TLS gRPC port: plaintext HTTP/2, and TLS naming another server."""
+    for i in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            if i % 2:
+                sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(24))
+                continue
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.set_alpn_protocols(["h2"])
+            with (
+                contextlib.suppress(OSError),
+                context.wrap_socket(sock, server_hostname="stranger.example") as tls,
+            ):
+                tls.sendall(b"not http/2")
+
+
+def test_failed_handshakes_do_not_flood_the_log(
+    tls_service: tuple[ServiceProcess, Tokens],
+) -> None:
+    """gRPC core logs each failed handshake on stderr, outside the per-peer log limit:
+    the service turns its logging off (GRPC_VERBOSITY, --grpc-verbosity) by default."""
+    svc, _ = tls_service
+    before = len(svc.log().splitlines())
+    bad_connections(svc.grpc_port, 100)
+    time.sleep(0.5)
+    new = svc.log().splitlines()[before:]
+    assert len(new) <= 5, "\n".join(new[:20])
 
 
 def test_mtls(tmp_path: Path, pki: Pki) -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,33 @@ def test_parse_reads_tokens() -> None:
 def test_parse_refuses_with_the_line(text: str, message: str) -> None:
     with pytest.raises(AuthFileError, match=message):
         parse_tokens(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        block("a", "1", '["rtm_pasted-secret"]'),
+        block("a", "1", '"rtm_pasted-secret"'),
+        block("a", "1", '["read", "rtm_pasted-secret"]'),
+        block("a", "1", extra='device_prefix = "rtm_pasted secret"'),
+        '[[token]]\nname = "a"\nsha256 = "rtm_pasted-secret"\nscopes = ["read"]\n',
+    ],
+)
+def test_errors_name_the_field_never_the_value(text: str) -> None:
+    """A secret pasted into the wrong field must not reach the log or /stats through the
+    error: the message names the field and what it allows."""
+    with pytest.raises(AuthFileError) as err:
+        parse_tokens(text)
+    assert "pasted" not in str(err.value), err.value
+    if "scopes" in str(err.value):
+        assert "ingest, read, admin" in str(err.value)
+
+
+def test_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Editors on Windows save UTF-8 with a BOM: it is not part of the TOML."""
+    path = tmp_path / "t.toml"
+    path.write_text("\ufeff" + block("a", "s1"), encoding="utf-8")
+    assert TokenRegistry(path).authenticate("Bearer s1").name == "a"
 
 
 def test_authenticate_and_require(tmp_path: Path) -> None:
@@ -149,6 +177,47 @@ def test_watch_and_sighup_reload(tmp_path: Path) -> None:
         finally:
             watch.cancel()
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+    asyncio.run(main())
+
+
+def test_a_removed_file_revokes_every_token(tmp_path: Path) -> None:
+    """Fail closed: deleting (or renaming away) the auth file leaves no token in force,
+    said in /stats, until a file is back. A file gone for one poll only (replaced by a
+    tool that deletes then writes) changes nothing."""
+    path = write(tmp_path / "t.toml", block("a", "s1"))
+
+    async def wait_for(condition: Callable[[], bool]) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    async def main() -> None:
+        reg = TokenRegistry(path, poll_interval_s=0.05)
+        a = reg.authenticate("Bearer s1")
+        watch = asyncio.create_task(reg.watch())
+        try:
+            path.rename(tmp_path / "elsewhere.toml")
+            await wait_for(lambda: not reg.is_current(a))
+            with pytest.raises(AuthError, match="unknown token"):
+                reg.authenticate("Bearer s1")
+            stats = reg.stats()
+            assert stats["tokens"] == [] and "missing" in stats["last_reload_error"]
+            write(path, block("a", "s1"))
+            await wait_for(lambda: reg.stats()["tokens"] == ["a"])
+            assert reg.authenticate("Bearer s1").name == "a" and reg.last_error is None
+            # gone for less than a poll: nothing changes
+            path.unlink()
+            write(path, block("a", "s1"))
+            await asyncio.sleep(0.2)
+            assert reg.authenticate("Bearer s1").name == "a"
+        finally:
+            watch.cancel()
+        path.unlink()
+        assert not reg.reload()  # SIGHUP with the file gone: at once
+        assert reg.tokens == ()
 
     asyncio.run(main())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from rtmonitor.cli import _build, make_parser
@@ -20,6 +22,20 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     s = build([])
     assert (s.grpc_port, s.http_port, s.flush_interval) == (50051, 8000, 0.2)
     assert s.external_redis_url is None
+
+
+def test_grpc_verbosity_off_by_default_and_the_users_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("GRPC_VERBOSITY", "RTM_GRPC_VERBOSITY"):
+        monkeypatch.delenv(var, raising=False)
+    settings = build([])
+    monkeypatch.setenv("GRPC_VERBOSITY", "placeholder")  # restored after the test
+    settings.export_grpc_verbosity()
+    assert os.environ["GRPC_VERBOSITY"] == "NONE"
+    monkeypatch.setenv("GRPC_VERBOSITY", "ERROR")
+    assert build([]).grpc_verbosity == "error"
+    assert build(["--grpc-verbosity", "info"]).grpc_verbosity == "info"
 
 
 def test_env_twin_and_flag_precedence(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -68,6 +69,34 @@ def test_kustomization_lists_every_manifest_and_the_deployment_is_sound() -> Non
     assert auth_file.rsplit("/", 1)[1] in secret["stringData"]  # type: ignore[operator]
 
 
+def image_env() -> dict[str, str]:
+    """The ENV of the Dockerfile's final stage."""
+    parser = DockerfileParser(path=str(ROOT / "deploy" / "Dockerfile"))
+    return dict(parser.envs)
+
+
+def auth_file(service: dict[str, Any]) -> str | None:
+    """The RTM_AUTH_FILE a Compose service runs `serve` with: its own, else the image's
+    (None: it does not run the service, e.g. `token new`)."""
+    if service.get("image") != "rtmonitor:local" or service.get("command", ["serve"])[0] != "serve":
+        return None
+    environment = service.get("environment") or {}
+    return environment.get("RTM_AUTH_FILE", image_env().get("RTM_AUTH_FILE"))
+
+
+def secret_paths(service: dict[str, Any]) -> set[str]:
+    """Where a Compose service's secrets are mounted: the short form `- name` at
+    /run/secrets/name, the long form at its `target` (relative: under /run/secrets)."""
+    paths = set()
+    for secret in service.get("secrets", []):
+        if isinstance(secret, str):
+            paths.add(f"/run/secrets/{secret}")
+        else:
+            target = secret.get("target", secret["source"])
+            paths.add(target if target.startswith("/") else f"/run/secrets/{target}")
+    return paths
+
+
 def test_compose_file_matches_the_compose_specification() -> None:
     checker = shutil.which("check-jsonschema") or str(
         Path(__file__).parents[2] / ".venv/bin/check-jsonschema"
@@ -85,10 +114,13 @@ def test_compose_file_matches_the_compose_specification() -> None:
     assert "appendonly" in " ".join(compose["services"]["redis"]["command"])
     assert compose["services"]["redis"]["healthcheck"] and compose["volumes"]
     assert compose["services"]["proxy"]["profiles"] == ["scale"]
-    # auth on: the token file is a secret of every service instance
+    # auth on: the token file is a secret of every service instance, mounted where
+    # RTM_AUTH_FILE (the service's, else the image's) says it is
     assert service["environment"]["RTM_AUTH_FILE"] == "/run/secrets/rtm-tokens.toml"
-    for name in ("rtmonitor", "ingest", "mqtt-bridge"):
-        assert "rtm-tokens" in compose["services"][name]["secrets"]
+    serving = [n for n, s in compose["services"].items() if auth_file(s) is not None]
+    assert {"rtmonitor", "ingest", "mqtt-bridge"} <= set(serving)
+    for name in serving:
+        assert auth_file(compose["services"][name]) in secret_paths(compose["services"][name])
     assert compose["secrets"]["rtm-tokens"]["file"] == "./deploy/tokens.toml"
     assert compose["services"]["tokens"]["command"][:2] == ["token", "new"]
     ignored = (ROOT / ".gitignore").read_text().split()
@@ -100,6 +132,34 @@ def test_compose_file_matches_the_compose_specification() -> None:
     # `$$` is Compose's escape: the service sees one `$`
     assert bridge["environment"]["RTM_MQTT_TOPIC"] == "$$share/rtm/rtm/+/telemetry"
     assert "mosquitto-data" in compose["volumes"]
+
+
+# Published on every interface only where a token is checked (the service, the proxy in
+# front of its replicas); whatever else answers without one is published on loopback.
+AUTHENTICATED = {"rtmonitor", "proxy"}
+
+
+def test_compose_publishes_nothing_unauthenticated_beyond_loopback() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str), (name, port)
+            if name not in AUTHENTICATED:
+                assert port.startswith("127.0.0.1:"), f"{name} publishes {port} to the network"
+    assert {"prometheus", "grafana", "mosquitto"} <= {
+        n for n, s in compose["services"].items() if s.get("ports")
+    }
+    grafana = compose["services"]["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in grafana
+    # its admin password is a secret of the user's, not Grafana's admin/admin
+    password = grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    assert password in secret_paths(compose["services"]["grafana"])
+    source = compose["secrets"]["grafana-admin-password"]["file"].removeprefix("./")
+    assert source in (ROOT / ".gitignore").read_text().split()
+    conf = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    if "allow_anonymous true" in conf:  # then only this machine may reach it
+        assert compose["services"]["mosquitto"]["ports"] == ["127.0.0.1:1883:1883"]
 
 
 def test_mosquitto_config_mounted_by_compose_is_accepted_by_mosquitto(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
@@ -78,6 +80,7 @@ def create_app(
         ),
     )
     app.add_exception_handler(RedisError, redis_unavailable)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
     routers = (metrics.router, live.router, ops.router, receive.router, security.router)
     for router in (*routers, dashboard.router, docs.router):
         app.include_router(router)
@@ -94,3 +97,17 @@ async def redis_unavailable(request: Request, exc: RedisError) -> JSONResponse:
         content={"detail": f"Redis is unavailable ({type(exc).__name__}); retry shortly"},
         headers={"Retry-After": "1"},
     )
+
+
+# What a 422 keeps of each of pydantic's errors: where and what, never the value sent.
+_ERROR_KEYS = ("loc", "msg", "type")
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A request of the wrong shape: 422 naming each bad field and what is wrong with it.
+
+    FastAPI's own handler also echoes the value (`input`, and `ctx` may quote it): a
+    token posted to /login as a form, or pasted into the wrong field, would come back in
+    the response and in any log or proxy that keeps responses."""
+    errors = [{k: error[k] for k in _ERROR_KEYS if k in error} for error in exc.errors()]
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})

@@ -12,6 +12,7 @@ on the same port and data directory if it dies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -211,11 +212,16 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            umask=0o077,  # its AOF, RDB and log: readable by this user only
         )
 
     def start(self, timeout: float = 15.0) -> Self:
         """Start redis-server and wait until it answers as our child."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Every device's counts are in there (and the password, in redis.conf): this user
+        # only, also a directory an older version left 0755. Redis runs with umask 077.
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(PermissionError):  # not ours: its owner decides
+            self.data_dir.chmod(0o700)
         if self._lock is None:
             self._take_lock()
         self._stopping = False

@@ -13,6 +13,7 @@ from rtmonitor.api.security import REFUSALS, ReadDep, read_access
 from rtmonitor.api.stream import EventStream
 from rtmonitor.model import DEVICE_ID_MAX
 
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 # A `read` token (header, or the dashboard's login cookie: EventSource sends no header).
 router = APIRouter(tags=["metrics"], dependencies=[Depends(read_access)], responses=REFUSALS)
 
@@ -29,6 +30,15 @@ router = APIRouter(tags=["metrics"], dependencies=[Depends(read_access)], respon
                 "text/event-stream": {"schema": STREAM_EVENT_SCHEMA, "example": STREAM_EXAMPLE}
             },
         },
+        # JSON, not the event stream: refused before it starts (a `model` here would be
+        # declared under the route's text/event-stream)
+        **{
+            status: {
+                "description": refusal["description"],
+                "content": {"application/json": {"schema": PROBLEM_REF}},
+            }
+            for status, refusal in REFUSALS.items()
+        },
         503: {
             "description": "--max-stream-subscribers clients are connected already.",
             "headers": {
@@ -37,18 +47,7 @@ router = APIRouter(tags=["metrics"], dependencies=[Depends(read_access)], respon
                     "schema": {"type": "integer", "example": 10},
                 }
             },
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-        },
-        # the refusals are JSON, not events (the router's REFUSALS would take the route's
-        # response class, text/event-stream)
-        **{
-            status: {
-                "description": refusal["description"],
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}
-                },
-            }
-            for status, refusal in REFUSALS.items()
+            "content": {"application/json": {"schema": PROBLEM_REF}},
         },
     },
 )
