@@ -41,18 +41,6 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def device_name(prefix: str, index: int, devices: int) -> str:
     return f"{prefix}{index:0{max(5, len(str(devices - 1)))}d}"
 
@@ -69,6 +57,7 @@ class PacketPool:
         payload = bytes(opts.payload_size)
         self.payload_size = opts.payload_size
         self.packets: list[bytes] = []
+        self.framed: list[bytes] = []
         # The same pool as columns, for --columnar (NaN: the packet has no such reading).
         self.temperature = np.full(size, np.nan)
         self.humidity = np.full(size, np.nan)
@@ -81,8 +70,8 @@ class PacketPool:
                 )
                 packet.values["humidity"] = self.humidity[e] = round(rng.uniform(0.0, 100.0), 1)
             self.packets.append(packet.SerializeToString())
-        # Each packet framed as field 3 of Batch: concatenating frames builds a Batch body.
-        self.framed = [b"\x1a" + _varint(len(p)) + p for p in self.packets]
+            # The packet framed as field 3 of Batch: concatenating frames builds a Batch body.
+            self.framed.append(Batch(packets=[packet]).SerializeToString())
 
     def __len__(self) -> int:
         return len(self.packets)
@@ -94,20 +83,21 @@ class PacketPool:
         dev = e % self.devices
         uniq, inv = np.unique(dev, return_inverse=True)
         kind = (e // self.devices) % len(KINDS)
-        cols = Columns(
-            count=n,
-            device_ids=[self.names[d] for d in uniq.tolist()],
-            kinds=list(KINDS),
-            device_index=inv.astype("<u4").tobytes(),
-            kind_index=kind.astype("<u4").tobytes(),
-            payload_size=np.full(n, self.payload_size, dtype="<u4").tobytes(),
+        batch = Batch(
+            columns=Columns(
+                count=n,
+                device_ids=[self.names[d] for d in uniq.tolist()],
+                kinds=list(KINDS),
+                device_index=inv.astype("<u4").tobytes(),
+                kind_index=kind.astype("<u4").tobytes(),
+                payload_size=np.full(n, self.payload_size, dtype="<u4").tobytes(),
+            )
         )
         for name, column in (("temperature", self.temperature), ("humidity", self.humidity)):
             values = column[e]
             if not np.isnan(values).all():
-                cols.values.add(name=name, values=values.astype("<f8").tobytes())
-        body = cols.SerializeToString()
-        return b"\x22" + _varint(len(body)) + body
+                batch.columns.values.add(name=name, values=values.astype("<f8").tobytes())
+        return batch.SerializeToString()
 
     def batch_body(self, start: int, n: int) -> bytes:
         """The framed packets start .. start+n-1 (cyclic)."""
