@@ -445,6 +445,9 @@ class MqttBridge:
         """The message's acknowledgement to send once committed, or None if it is one this
         process already holds, delivered again after a reconnect (its first copy's
         acknowledgement now goes on the new connection; at once if it is committed)."""
+        if not msg.qos:
+            self.acked += 1  # nothing to acknowledge, and never delivered again: no key
+            return _Unacked(msg.mid, 0, msg.connection)
         key = hash((msg.topic, bytes(msg.payload)))
         held = self._unacked.get(msg.mid) if msg.dup else None
         if held is not None and held.key == key and held.connection != msg.connection:
@@ -453,11 +456,7 @@ class MqttBridge:
             if held.committed:
                 self._send_ack(held, msg.qos)
             return None
-        ack = _Unacked(msg.mid, key, msg.connection)
-        if msg.qos:
-            self._unacked[msg.mid] = ack
-        else:
-            self.acked += 1  # nothing to acknowledge
+        ack = self._unacked[msg.mid] = _Unacked(msg.mid, key, msg.connection)
         return ack
 
     def _parse(self, msg: _Message, recv_ms: int, rows: list[Row]) -> None:
