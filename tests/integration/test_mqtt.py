@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import httpx
 import paho.mqtt.client as paho
 import pytest
 from helpers import ServiceProcess, get_json
+from helpers.security import make_pki
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from rtmonitor.loadgen.broker import Mosquitto as BrokerProcess
@@ -328,58 +328,13 @@ def test_send_and_bench_drive_the_bridge(
     assert r["ceiling_pps"] > 0 and r["ratio_to_ceiling"] > 0
 
 
-def _tls_files(directory: Path) -> dict[str, Path]:
-    """A throwaway CA and a certificate for 127.0.0.1 that it signed (openssl)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("needs openssl")
-    f = {n: directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")}
-    ext = directory / "san.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-
-    def run_openssl(*args: str) -> None:
-        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
-
-    run_openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-keyout",
-        str(f["ca.key"]),
-        "-out",
-        str(f["ca.pem"]),
-        "-subj",
-        "/CN=rtm-test-ca",
-    )
-    run_openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        str(f["server.key"]),
-        "-out",
-        str(f["server.csr"]),
-        "-subj",
-        "/CN=127.0.0.1",
-    )
-    run_openssl("x509", "-req", "-in", str(f["server.csr"]), "-CA", str(f["ca.pem"]),
-                "-CAkey", str(f["ca.key"]), "-CAcreateserial", "-days", "1",
-                "-out", str(f["server.pem"]), "-extfile", str(ext))  # fmt: skip
-    return f
-
-
 def test_tls_and_the_bridges_own_credentials(
     start_service: Callable[..., ServiceProcess], redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
     """mqtts:// with --mqtt-tls-ca, and a broker that refuses anonymous clients: the bridge
     logs in with its own user (from the URL), never logging the password; a wrong password
     keeps it unready, saying why."""
-    tls = _tls_files(tmp_path)
+    tls = make_pki(tmp_path / "pki")
     passwd = tmp_path / "passwd"
     subprocess.run(
         [binary("mosquitto_passwd"), "-b", "-c", str(passwd), "rtm-bridge", "br1dge-pw"],
@@ -387,25 +342,25 @@ def test_tls_and_the_bridges_own_credentials(
     )
     subprocess.run([binary("mosquitto_passwd"), "-b", str(passwd), "dev-7", "dev-pw"], check=True)
     listener = (
-        f"cafile {tls['ca.pem']}\ncertfile {tls['server.pem']}\nkeyfile {tls['server.key']}\n"
+        f"cafile {tls.ca}\ncertfile {tls.server_cert}\nkeyfile {tls.server_key}\n"
         f"password_file {passwd}\n"
     )
     broker = Mosquitto(tmp_path / "tls-broker", listener=listener, anonymous=False).start()
     try:
         url = f"mqtts://rtm-bridge:br1dge-pw@127.0.0.1:{broker.port}"
         svc = start_service(
-            "--mqtt-client-id", "rtm-tls", "--mqtt-tls-ca", str(tls["ca.pem"]), RTM_MQTT_URL=url
+            "--mqtt-client-id", "rtm-tls", "--mqtt-tls-ca", str(tls.ca), RTM_MQTT_URL=url
         )
         subprocess.run(
             [binary("mosquitto_pub"), "-h", "127.0.0.1", "-p", str(broker.port),
-             "--cafile", str(tls["ca.pem"]), "-u", "dev-7", "-P", "dev-pw", "-q", "1",
+             "--cafile", str(tls.ca), "-u", "dev-7", "-P", "dev-pw", "-q", "1",
              "-t", "rtm/tls-1/telemetry", "-m", '{"t": 1}'],
             check=True, timeout=30,
         )  # fmt: skip
         wait_for(lambda: packets_of(svc, "tls-1") == 1, what="the TLS message")
         bad = ServiceProcess(
             redis_server.url, tmp_path / "bad.log", "--mqtt-client-id", "rtm-bad",
-            "--mqtt-tls-ca", str(tls["ca.pem"]),
+            "--mqtt-tls-ca", str(tls.ca),
             env={"RTM_MQTT_URL": url.replace("br1dge-pw", "wrong-pw")},
         )  # fmt: skip
         try:
