@@ -403,11 +403,14 @@ def _device_codes(
     """Per distinct device of the batch (plus a last slot for an index past the client's
     dictionary): its refusal code, or 0. A device outside the token's prefix is refused
     before anything else is checked (it must not take a --max-devices slot)."""
-    codes = [_CODE[r] if (r := validator.device_reason(d)) else 0 for d in device_ids]
-    if prefix is not None:
+    reason = validator.device_reason
+    if prefix is None:
+        codes = [_CODE[r] if (r := reason(d)) else 0 for d in device_ids]
+    else:
         deny = _CODE[Reason.DEVICE_NOT_PERMITTED]
         codes = [
-            c if d.startswith(prefix) else deny for c, d in zip(codes, device_ids, strict=True)
+            deny if not d.startswith(prefix) else _CODE[r] if (r := reason(d)) else 0
+            for d in device_ids
         ]
     return np.array([*codes, _BAD_INDEX], dtype=np.uint8)
 
