@@ -215,6 +215,23 @@ def _table_from_rows(packets: Sequence[Packet]) -> _Table:
         v_pos = np.repeat(np.arange(n, dtype=np.int64), per_packet)
     else:
         names, v_name, v_val, v_pos = [], _NO_INTS, _NO_FLOATS, _NO_INTS
+    return _packed(n, device_ids, dev_idx, kinds, kind_idx, size, ts, names, v_pos, v_name, v_val)
+
+
+def _packed(
+    n: int,
+    device_ids: list[str],
+    dev_idx: IntArray,
+    kinds: list[str],
+    kind_idx: IntArray,
+    size: IntArray,
+    ts: IntArray,
+    names: list[str],
+    v_pos: IntArray,
+    v_name: IntArray,
+    v_val: FloatArray,
+) -> _Table:
+    """A table from full columns: an all-zero size or ts column is left out (None)."""
     return _Table(
         n,
         device_ids,
@@ -238,14 +255,14 @@ def _table_from_wire(rows: _WireRows) -> _Table:
         kinds, kind_idx = _dictionary(kinds, kind_idx, empty_as=UNSPECIFIED_KIND)
     size: IntArray = np.frombuffer(rows.size, np.int64)
     ts: IntArray = np.frombuffer(rows.ts, np.int64)
-    return _Table(
+    return _packed(
         len(rows.dev_idx) // 8,
         rows.device_ids,
         np.frombuffer(rows.dev_idx, np.int64),
         kinds,
         kind_idx,
-        size if size.any() else None,
-        ts if ts.any() else None,
+        size,
+        ts,
         rows.names,
         np.frombuffer(rows.v_pos, np.int64),
         np.frombuffer(rows.v_name, np.int64),
@@ -386,11 +403,14 @@ def _device_codes(
     """Per distinct device of the batch (plus a last slot for an index past the client's
     dictionary): its refusal code, or 0. A device outside the token's prefix is refused
     before anything else is checked (it must not take a --max-devices slot)."""
-    codes = [_CODE[r] if (r := validator.device_reason(d)) else 0 for d in device_ids]
-    if prefix is not None:
+    reason = validator.device_reason
+    if prefix is None:
+        codes = [_CODE[r] if (r := reason(d)) else 0 for d in device_ids]
+    else:
         deny = _CODE[Reason.DEVICE_NOT_PERMITTED]
         codes = [
-            c if d.startswith(prefix) else deny for c, d in zip(codes, device_ids, strict=True)
+            deny if not d.startswith(prefix) else _CODE[r] if (r := reason(d)) else 0
+            for d in device_ids
         ]
     return np.array([*codes, _BAD_INDEX], dtype=np.uint8)
 
@@ -616,17 +636,5 @@ def decode_records(
         v_val = np.array(records.v_vals, dtype=np.float64)
     else:
         names, v_name, v_pos, v_val = [], _NO_INTS, _NO_INTS, _NO_FLOATS
-    table = _Table(
-        n,
-        device_ids,
-        dev_idx,
-        kinds,
-        kind_idx,
-        size if size.any() else None,
-        ts if ts.any() else None,
-        names,
-        v_pos,
-        v_name,
-        v_val,
-    )
+    table = _packed(n, device_ids, dev_idx, kinds, kind_idx, size, ts, names, v_pos, v_name, v_val)
     return _validate_and_aggregate(table, validator, recv_ms, device_prefix)

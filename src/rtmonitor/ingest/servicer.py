@@ -305,6 +305,11 @@ class IngestServicer:
         check = self.validator.check
         parse = Packet.FromString
         prefix = principal.device_prefix
+        if prefix is not None:
+            # The stream's peer and refusal, built once: not again for every denied packet.
+            refuse = self.auth.refuse
+            peer = peer_host(context.peer() or "")
+            refusal = device_refusal(principal)
 
         def checked(raw: bytes, recv_ms: int) -> Row | Reason:
             try:
@@ -312,7 +317,7 @@ class IngestServicer:
             except DecodeError:
                 return Reason.MALFORMED
             if prefix is not None and not packet.device_id.startswith(prefix):
-                self._denied(context, principal, 1)
+                refuse(SURFACE, peer, refusal)
                 return Reason.DEVICE_NOT_PERMITTED  # never reaches the validator
             return check(packet, recv_ms)
 
