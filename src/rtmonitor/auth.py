@@ -304,6 +304,8 @@ class TokenRegistry:
         self.poll_interval_s = poll_interval_s
         self._tokens: tuple[Principal, ...] = ()
         self._current: frozenset[Principal] = frozenset()
+        # (digest as bytes, token): encoded once per reload, not once per request
+        self._digests: tuple[tuple[bytes, Principal], ...] = ()
         self._stamp: tuple[int, int, int] | None = None
         self._gone_once = False  # the watcher saw the file missing at its last poll
         self.reloads = 0
@@ -334,6 +336,7 @@ class TokenRegistry:
     def _install(self, tokens: list[Principal], stamp: tuple[int, int, int] | None) -> None:
         self._tokens = tuple(tokens)
         self._current = frozenset(tokens)
+        self._digests = tuple((t.digest.encode(), t) for t in tokens)
         self._stamp = stamp
 
     def reload(self) -> bool:
@@ -391,10 +394,10 @@ class TokenRegistry:
         compared, in constant time, whatever matches: the time says nothing of the secret."""
         if self.path is None:
             return ANONYMOUS
-        digest = hashlib.sha256(secret.encode()).hexdigest().encode()
+        digest = hash_secret(secret).encode()
         found: Principal | None = None
-        for token in self._tokens:
-            if hmac.compare_digest(digest, token.digest.encode()):
+        for stored, token in self._digests:
+            if hmac.compare_digest(digest, stored):
                 found = token
         if found is None:
             raise AuthError(

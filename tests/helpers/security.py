@@ -43,6 +43,19 @@ class Tokens:
         tmp.replace(self.path)  # atomic, as an operator's editor or a Secret volume does
 
 
+# The ingest tokens both ingest-auth suites (gRPC, the other receivers) run against:
+# a plain writer, a reader and an admin (wrong or broader scopes), a device-prefixed
+# writer, and two writers that must not share producer ids.
+INGEST_TOKENS: dict[str, tuple[list[str], str | None]] = {
+    "writer": (["ingest"], None),
+    "reader": (["read"], None),
+    "boss": (["admin"], None),
+    "fleet-a": (["ingest"], "fleet-a/"),
+    "twin-1": (["ingest"], None),
+    "twin-2": (["ingest"], None),
+}
+
+
 def make_tokens(path: Path, specs: dict[str, tuple[list[str], str | None]]) -> Tokens:
     tokens = Tokens(path, {})
     tokens.write(specs)

@@ -3,28 +3,13 @@ default-style scrape config, and a device's counter is read back through its que
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
-import pytest
-import yaml
 from helpers import ServiceProcess, packet, run, stream_packets
-
-from rtmonitor.storage.embedded import free_port
-
-
-def binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # .ci/run installs it: missing there is a real failure
-        pytest.skip(message)
-    return path
+from helpers.prometheus import binary, prometheus
 
 
 def test_promtool_accepts_the_exposition(service: ServiceProcess) -> None:
@@ -47,43 +32,19 @@ def test_promtool_accepts_the_exposition(service: ServiceProcess) -> None:
 
 
 def test_real_prometheus_scrapes_a_device_counter(service: ServiceProcess, tmp_path: Path) -> None:
-    prometheus = binary("prometheus")
     run(stream_packets(service.target, [packet("prom-1", payload=b"abc")] * 7))
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-                # the defaults: metrics_path /metrics, scheme http
-                "scrape_configs": [
-                    {
-                        "job_name": "rtmonitor",
-                        "static_configs": [{"targets": [f"127.0.0.1:{service.http_port}"]}],
-                    }
-                ],
-            }
-        )
-    )
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    # the defaults: metrics_path /metrics, scheme http
+    job = {
+        "job_name": "rtmonitor",
+        "static_configs": [{"targets": [f"127.0.0.1:{service.http_port}"]}],
+    }
+    with prometheus(tmp_path, [job]) as base:
         query = 'rtm_device_packets_total{device="prom-1"}'
         deadline = time.monotonic() + 60
         value = None
         while time.monotonic() < deadline:
             try:
-                r = httpx.get(
-                    f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=2
-                )
+                r = httpx.get(f"{base}/api/v1/query", params={"query": query}, timeout=2)
                 result = r.json()["data"]["result"]
                 if result:
                     value = result[0]["value"][1]
@@ -92,8 +53,5 @@ def test_real_prometheus_scrapes_a_device_counter(service: ServiceProcess, tmp_p
                 pass
             time.sleep(0.5)
         assert value == "7", f"Prometheus never saw the counter (last: {value})"
-        targets = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets").json()["data"]
+        targets = httpx.get(f"{base}/api/v1/targets").json()["data"]
         assert targets["activeTargets"][0]["health"] == "up"
-    finally:
-        proc.terminate()
-        proc.wait(30)

@@ -19,21 +19,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import ServiceProcess, encode_columns, packet
-from helpers.security import Tokens, make_tokens, secured_service
+from helpers.security import INGEST_TOKENS, Tokens, make_tokens, secured_service
 
 from rtmonitor.clients import ClientSecurity
 from rtmonitor.ingest.rpc import STREAM_BATCHES, STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Batch, BatchAck, Packet
 
-TOKENS: dict[str, tuple[list[str], str | None]] = {
-    "writer": (["ingest"], None),
-    "reader": (["read"], None),
-    "boss": (["admin"], None),
-    "fleet-a": (["ingest"], "fleet-a/"),
-    "twin-1": (["ingest"], None),
-    "twin-2": (["ingest"], None),
-    "doomed": (["ingest"], None),
-}
+TOKENS = {**INGEST_TOKENS, "doomed": (["ingest"], None)}  # removed mid-stream
 
 
 @pytest.fixture(scope="module")

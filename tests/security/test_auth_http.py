@@ -7,22 +7,18 @@ and a real Prometheus scrapes with `authorization: {credentials: ...}`."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 from helpers import ServiceProcess, packet
+from helpers.prometheus import prometheus
 from helpers.security import Tokens, secured_service
 
 from rtmonitor.ingest.rpc import STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack
-from rtmonitor.storage.embedded import free_port
 
 OPEN = {"/healthz", "/readyz", "/login", "/logout"}
 TOKENS: dict[str, tuple[list[str], str | None]] = {
@@ -189,52 +185,27 @@ def test_refusals_counted_and_logged_once_per_peer(
 def test_real_prometheus_scrapes_with_a_token(
     secured: tuple[ServiceProcess, Tokens], tmp_path: Any
 ) -> None:
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        message = "prometheus is not installed (apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # .ci/run installs it: missing there is a real failure
-        pytest.skip(message)
     svc, tokens = secured
-    config = tmp_path / "prometheus.yml"
     target = {"targets": [f"127.0.0.1:{svc.http_port}"]}
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-                "scrape_configs": [
-                    {
-                        "job_name": "with-token",
-                        "authorization": {"credentials": tokens.secrets["scraper"]},
-                        "static_configs": [target],
-                    },
-                    {"job_name": "without", "static_configs": [target]},
-                ],
-            }
-        )
-    )
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    jobs = [
+        {
+            "job_name": "with-token",
+            "authorization": {"credentials": tokens.secrets["scraper"]},
+            "static_configs": [target],
+        },
+        {"job_name": "without", "static_configs": [target]},
+    ]
+    with prometheus(tmp_path, jobs) as base:
         deadline = time.monotonic() + 60
         health: dict[str, str] = {}
         value = None
         while time.monotonic() < deadline:
             try:
                 query = 'rtm_device_packets_total{device="web-1",job="with-token"}'
-                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query})
+                r = httpx.get(f"{base}/api/v1/query", params={"query": query})
                 result = r.json()["data"]["result"]
                 value = result[0]["value"][1] if result else None
-                targets = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets").json()
+                targets = httpx.get(f"{base}/api/v1/targets").json()
                 health = {t["labels"]["job"]: t["health"] for t in targets["data"]["activeTargets"]}
                 if value == "3" and health.get("without") == "down":
                     break
@@ -243,9 +214,6 @@ def test_real_prometheus_scrapes_with_a_token(
             time.sleep(0.5)
         assert value == "3", f"Prometheus never saw the counter (last: {value})"
         assert health == {"with-token": "up", "without": "down"}
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_removed_token_ends_its_live_stream(secured: tuple[ServiceProcess, Tokens]) -> None:

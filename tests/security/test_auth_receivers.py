@@ -13,7 +13,7 @@ import grpc
 import httpx
 import pytest
 from helpers import ServiceProcess, run
-from helpers.security import Tokens, secured_service
+from helpers.security import INGEST_TOKENS, Tokens, secured_service
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -34,14 +34,7 @@ from opentelemetry.sdk.resources import Resource
 
 from rtmonitor.ingest.otlp import EXPORT
 
-TOKENS: dict[str, tuple[list[str], str | None]] = {
-    "writer": (["ingest"], None),
-    "reader": (["read"], None),
-    "boss": (["admin"], None),
-    "fleet-a": (["ingest"], "fleet-a/"),
-    "twin-1": (["ingest"], None),
-    "twin-2": (["ingest"], None),
-}
+TOKENS = INGEST_TOKENS
 
 
 @pytest.fixture(scope="module")

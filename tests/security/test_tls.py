@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import socket
 import ssl
 import time
@@ -19,6 +17,7 @@ import grpc
 import httpx
 import pytest
 from helpers import ServiceProcess, packet
+from helpers.browser import CHROMIUM_ARGS, chromium
 from helpers.security import Pki, Tokens, make_pki, make_tokens
 
 from rtmonitor.clients import ClientSecurity
@@ -27,10 +26,6 @@ from rtmonitor.ingest.rpc import STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack
 from rtmonitor.loadgen.sender import run_loop, send
 
-CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 TOKENS: dict[str, tuple[list[str], str | None]] = {
     "writer": (["ingest"], None),
     "reader": (["read"], None),
@@ -171,12 +166,7 @@ def test_mtls(tmp_path: Path, pki: Pki) -> None:
 def test_dashboard_over_https_after_login(
     tls_service: tuple[ServiceProcess, Tokens], pki: Pki
 ) -> None:
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser_path is None:
-        message = "chromium is not installed (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # .ci/run installs it: missing there is a real failure
-        pytest.skip(message)
+    browser_path = chromium()
     from playwright.sync_api import sync_playwright
 
     svc, tokens = tls_service
