@@ -285,11 +285,10 @@ class RedisStore:
         written without GT."""
         layout = self.layout
         groups: dict[int, _GroupIndex] = {}
-        cut = len(layout.device("")) - 1  # the device id sits between this and the "}"
         for (name, keys, args), reply in zip(calls, replies, strict=True):
             if name != "devices" or len(keys) < 2:
                 continue
-            ids = [key[cut:-1] for key in keys[1:]]
+            ids = [layout.device_id(key) for key in keys[1:]]
             group = groups.get(g := layout.group_of(ids[0]))
             if group is None:
                 group = groups[g] = _GroupIndex()
