@@ -166,9 +166,8 @@ class RedisStore:
         client, layout = cast(aioredis.Redis, self.client), self.layout
         version = layout.layout_version
         found = cast(str | None, await client.get(layout.version))
-        old = layout.layout1_keys()
-        # one key per call: in a cluster they need not share a slot
-        if found is None and not sum([await client.exists(key) for key in old]):
+        # one EXISTS: layout 1's keys share the prefix's hash slot
+        if found is None and not await client.exists(*layout.layout1_keys()):
             if await client.set(layout.version, version, nx=True):
                 return
             # another instance claimed it first
