@@ -283,7 +283,8 @@ def _merge_cost(
     everything was committed (the merges, and the probes' reads, a small part) over the
     device merges the service wrote (FlushStats.devices_committed: a device once per flush
     it is in); and the memory Redis gained over those `devices`."""
-    flush = httpx.get(f"{svc.http}/stats", timeout=10).json()["flush"]
+    with svc.client.http_client(base_url=svc.http, timeout=10) as http:  # token, TLS: as _verify
+        flush = http.get("/stats").json()["flush"]
     merges = int(flush.get("devices_committed", 0))
     cpu_s = after["cpu_s"] - before["cpu_s"]
     return {
