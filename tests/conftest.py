@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ServiceProcess
+from helpers import RedisClusterFixture, ServiceProcess
 
 from rtmonitor.storage.embedded import EmbeddedRedis
 
@@ -20,6 +20,16 @@ def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterFixture]:
+    """A fresh real 3-master Redis Cluster on free ports (helpers.cluster)."""
+    cluster = RedisClusterFixture(tmp_path / "cluster").start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from helpers import (
     RedisClusterFixture,
     ServiceProcess,
@@ -26,15 +24,6 @@ from helpers import (
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch
 from rtmonitor.loadgen.sender import SendReport, send
 from rtmonitor.storage.embedded import EmbeddedRedis
-
-
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterFixture]:
-    cluster = RedisClusterFixture(tmp_path / "cluster").start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def kill_one_mid_load(replicas: list[ServiceProcess], count: int) -> SendReport:

@@ -36,6 +36,7 @@ def test_bench_runs_and_verifies_exactly(tmp_path: Path) -> None:
         assert r["e2e_pps"] > 0 and r["ceiling_pps"] > 0 and 0 < r["ratio_to_ceiling"]
         assert r["freshness_ms_samples"] > 0 and r["freshness_ms_p99"] >= r["freshness_ms_p50"]
         assert r["get_device_ms_samples"] > 0 and r["peak_rss_mb"] > 0
+        assert isinstance(r["redis_bytes_per_device"], int)
 
 
 def test_the_seed_baseline_counts_what_send_sends(redis_server: EmbeddedRedis) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,15 +22,6 @@ from rtmonitor.storage.store import RedisStore
 
 # Most work any master may do, as a multiple of the masters' mean.
 MAX_OVER_MEAN = 1.5
-
-
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterFixture]:
-    cluster = RedisClusterFixture(tmp_path / "cluster").start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def node_clients(cluster: RedisClusterFixture) -> list[redis.Redis]:

@@ -277,13 +277,14 @@ def _redis_work(url: str) -> dict[str, float]:
 
 
 def _merge_cost(
-    before: dict[str, float], after: dict[str, float], svc: ServeProcess
+    before: dict[str, float], after: dict[str, float], svc: ServeProcess, devices: int
 ) -> dict[str, Any]:
     """Redis µs per device merge: the Redis CPU spent from the start of the load until
     everything was committed (the merges, and the probes' reads, a small part) over the
     device merges the service wrote (FlushStats.devices_committed: a device once per flush
-    it is in)."""
-    flush = httpx.get(f"{svc.http}/stats", timeout=10).json()["flush"]
+    it is in); and the memory Redis gained over those `devices`."""
+    with svc.client.http_client(base_url=svc.http, timeout=10) as http:  # token, TLS: as _verify
+        flush = http.get("/stats").json()["flush"]
     merges = int(flush.get("devices_committed", 0))
     cpu_s = after["cpu_s"] - before["cpu_s"]
     return {
@@ -291,7 +292,7 @@ def _merge_cost(
         "flushes": int(flush.get("flushes", 0)),
         "redis_cpu_s": round(cpu_s, 2),
         "redis_us_per_merge": round(cpu_s * 1e6 / merges, 2) if merges else None,
-        "redis_memory_delta_mb": round((after["memory"] - before["memory"]) / 2**20, 1),
+        "redis_bytes_per_device": round((after["memory"] - before["memory"]) / devices),
     }
 
 
@@ -382,9 +383,7 @@ def _check(
     result = _verify(
         svc, senders, acked, first_send, lambda: work_after.update(_redis_work(redis_url))
     )
-    result.update(_merge_cost(work_before, work_after, svc))
-    devices = opts.devices * opts.senders
-    result["redis_bytes_per_device"] = round(result.pop("redis_memory_delta_mb") * 2**20 / devices)
+    result.update(_merge_cost(work_before, work_after, svc, opts.devices * opts.senders))
     for key, samples in probes.items():
         result[f"{key}_p50"] = _round(_percentile(samples, 50))
         result[f"{key}_p99"] = _round(_percentile(samples, 99))

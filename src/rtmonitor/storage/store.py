@@ -166,9 +166,8 @@ class RedisStore:
         client, layout = cast(aioredis.Redis, self.client), self.layout
         version = layout.layout_version
         found = cast(str | None, await client.get(layout.version))
-        old = layout.layout1_keys()
-        # one key per call: in a cluster they need not share a slot
-        if found is None and not sum([await client.exists(key) for key in old]):
+        # one EXISTS: layout 1's keys share the prefix's hash slot
+        if found is None and not await client.exists(*layout.layout1_keys()):
             if await client.set(layout.version, version, nx=True):
                 return
             # another instance claimed it first
@@ -285,11 +284,10 @@ class RedisStore:
         written without GT."""
         layout = self.layout
         groups: dict[int, _GroupIndex] = {}
-        cut = len(layout.device("")) - 1  # the device id sits between this and the "}"
         for (name, keys, args), reply in zip(calls, replies, strict=True):
             if name != "devices" or len(keys) < 2:
                 continue
-            ids = [key[cut:-1] for key in keys[1:]]
+            ids = [layout.device_id(key) for key in keys[1:]]
             group = groups.get(g := layout.group_of(ids[0]))
             if group is None:
                 group = groups[g] = _GroupIndex()
