@@ -53,7 +53,9 @@ def _refuse(api: ApiState, request: Request, exc: AuthError) -> HTTPException:
 
 def _authenticate(api: ApiState, request: Request, scope: Scope) -> Principal:
     header = request.headers.get("authorization")
-    if header is None and (cookie := request.cookies.get(COOKIE)):
+    # The login cookie stands in for the header on the read routes only (EventSource sends
+    # no header); /stats wants the header, whatever token the browser logged in with.
+    if header is None and scope == "read" and (cookie := request.cookies.get(COOKIE)):
         header = f"Bearer {cookie}"
     try:
         principal = api.auth.authenticate(header)
@@ -77,7 +79,7 @@ async def admin_access(
     api: ApiDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> Principal:
-    """A token with the `admin` scope (header or login cookie)."""
+    """A token with the `admin` scope, in the header (never the login cookie)."""
     return _authenticate(api, request, "admin")
 
 
