@@ -164,7 +164,15 @@ def test_http_json_device_prefix_and_keys_scoped_by_token(
     while True:  # refusals by surface, reason and token (published each second)
         stats = httpx.get(f"{svc.http}/stats", headers=tokens.header("boss"), timeout=10).json()
         refused = stats["auth"]["refused"]
-        if "http-json" in refused or time.monotonic() > deadline:
+        # each surface's counts are published once a second: wait for all three
+        wanted = [
+            ("http-json", "device_not_permitted:fleet-a"),
+            ("http-json", "missing_token:-"),
+            ("otlp", "missing_token:-"),
+        ]
+        if all(key in refused.get(surface, {}) for surface, key in wanted):
+            break
+        if time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert refused["http-json"]["device_not_permitted:fleet-a"] == 1
