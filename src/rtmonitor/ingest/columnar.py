@@ -215,10 +215,12 @@ def _table_from_rows(packets: Sequence[Packet]) -> _Table:
         v_pos = np.repeat(np.arange(n, dtype=np.int64), per_packet)
     else:
         names, v_name, v_val, v_pos = [], _NO_INTS, _NO_FLOATS, _NO_INTS
-    return _packed(n, device_ids, dev_idx, kinds, kind_idx, size, ts, names, v_pos, v_name, v_val)
+    return packed_table(
+        n, device_ids, dev_idx, kinds, kind_idx, size, ts, names, v_pos, v_name, v_val
+    )
 
 
-def _packed(
+def packed_table(
     n: int,
     device_ids: list[str],
     dev_idx: IntArray,
@@ -255,7 +257,7 @@ def _table_from_wire(rows: _WireRows) -> _Table:
         kinds, kind_idx = _dictionary(kinds, kind_idx, empty_as=UNSPECIFIED_KIND)
     size: IntArray = np.frombuffer(rows.size, np.int64)
     ts: IntArray = np.frombuffer(rows.ts, np.int64)
-    return _packed(
+    return packed_table(
         len(rows.dev_idx) // 8,
         rows.device_ids,
         np.frombuffer(rows.dev_idx, np.int64),
@@ -636,5 +638,7 @@ def decode_records(
         v_val = np.array(records.v_vals, dtype=np.float64)
     else:
         names, v_name, v_pos, v_val = [], _NO_INTS, _NO_INTS, _NO_FLOATS
-    table = _packed(n, device_ids, dev_idx, kinds, kind_idx, size, ts, names, v_pos, v_name, v_val)
+    table = packed_table(
+        n, device_ids, dev_idx, kinds, kind_idx, size, ts, names, v_pos, v_name, v_val
+    )
     return _validate_and_aggregate(table, validator, recv_ms, device_prefix)

@@ -48,7 +48,14 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric, NumberDataPoint
 
-from rtmonitor.ingest.columnar import IntArray, PacketTable, Records, compact, dictionary
+from rtmonitor.ingest.columnar import (
+    IntArray,
+    PacketTable,
+    Records,
+    compact,
+    dictionary,
+    packed_table,
+)
 from rtmonitor.ingest.guard import authorize, peer_host
 from rtmonitor.ingest.receiver import RETRY_AFTER_S, Receiver, Refused, Sender, decode_body
 from rtmonitor.ingest.validation import Reason
@@ -209,18 +216,10 @@ class OtlpReceiver:
             names, name_idx = compact(names, name_idx)
         names, name_idx = self._wire_series(names, name_idx, read.attrs, attr_idx)
         k = len(dev)
-        table = PacketTable(
-            k,
-            device_ids,
-            dev,
-            [KIND],
-            np.zeros(k, dtype=np.int64),
-            size if size.any() else None,
-            ts if ts.any() else None,
-            names,
-            np.arange(k, dtype=np.int64),
-            name_idx,
-            val,
+        one_kind = np.zeros(k, dtype=np.int64)
+        points = np.arange(k, dtype=np.int64)  # one reading per point
+        table = packed_table(
+            k, device_ids, dev, [KIND], one_kind, size, ts, names, points, name_idx, val
         )
         return table, rejected
 
