@@ -325,7 +325,8 @@ static void dict_free(dict_t *d)
     PyMem_RawFree(d->slots);
 }
 
-/* The distinct entries as a list of str; NULL with the error cleared if one is not UTF-8. */
+/* The distinct entries as a list of str; NULL with UnicodeDecodeError set if one is not
+   UTF-8 (the callers check for it and hand the request back to the Python mapping). */
 static PyObject *dict_strings(const dict_t *d)
 {
     PyObject *list = PyList_New(d->count);
