@@ -326,7 +326,8 @@ static void dict_free(dict_t *d)
 }
 
 /* The distinct entries as a list of str; NULL with UnicodeDecodeError set if one is not
-   UTF-8 (the callers check for it and hand the request back to the Python mapping). */
+   UTF-8 (the callers check for it and fall back: protobuf for row batches, the Python
+   mapping for OTLP). */
 static PyObject *dict_strings(const dict_t *d)
 {
     PyObject *list = PyList_New(d->count);
