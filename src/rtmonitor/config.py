@@ -181,7 +181,7 @@ class Settings(BaseSettings):
         description="Received but uncommitted packets before receivers are pushed back.",
     )
     max_pending_devices: int = Field(
-        200_000,
+        1_000_000,
         ge=1,
         description="Per-device deltas (one per device per pending batch) held before "
         "receivers are pushed back: bounds memory when batches spread over many devices.",

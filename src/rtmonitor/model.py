@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from itertools import chain
@@ -92,15 +93,38 @@ class DeviceDelta:
 
 @dataclass(slots=True, kw_only=True)
 class FlushDelta:
-    """The unit of one commit to Redis: all devices' deltas plus rejections."""
+    """The unit of one commit to Redis: all devices' deltas plus rejections.
+
+    Devices come in two forms, both counted in `packets` and `bytes`: `devices`, folded
+    packet by packet (StreamPackets' rows), and `parts`, batches kept as columns (a fleet's
+    batches touch a device once each: a Python object per device and batch would cost more
+    than the rest of the pipeline). `batches()` gives both as columns, for the store."""
 
     devices: dict[str, DeviceDelta] = field(default_factory=dict)
+    parts: list[BatchDelta] = field(default_factory=list)
     rejected: Counter[str] = field(default_factory=Counter)
     packets: int = 0
     bytes: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.devices or self.rejected)
+        return bool(self.devices or self.rejected or any(p.entries for p in self.parts))
+
+    @property
+    def entries(self) -> int:
+        """Per-device deltas held: one per folded device, one per device of each part."""
+        return len(self.devices) + sum(p.entries for p in self.parts)
+
+    def add_part(self, part: BatchDelta) -> None:
+        """Count a batch's columns in (kept as they are until batches() reduces them)."""
+        self.parts.append(part)
+        self.packets += part.total_packets
+        self.bytes += part.total_bytes
+
+    def batches(self) -> list[BatchDelta]:
+        """Everything this delta adds, as columns (not reduced: see reduce_batches)."""
+        if not self.devices:
+            return list(self.parts)
+        return [BatchDelta.from_devices(self.devices), *self.parts]
 
 
 def _device(
@@ -245,6 +269,38 @@ class BatchDelta:
         self.merge_into(delta)
         return delta
 
+    @classmethod
+    def from_devices(cls, devices: Mapping[str, DeviceDelta]) -> BatchDelta:
+        """The same deltas as columns (entries grouped by device, in `devices`' order)."""
+        kinds: dict[str, int] = {}
+        names: dict[str, int] = {}
+        kind_rows: list[tuple[int, int, int]] = []
+        value_rows: list[tuple[Any, ...]] = []
+        for row, dev in enumerate(devices.values()):
+            for kind, count in dev.kinds.items():
+                kind_rows.append((row, kinds.setdefault(kind, len(kinds)), count))
+            for name, s in dev.values.items():
+                j = names.setdefault(name, len(names))
+                value_rows.append((row, j, s.count, s.sum, s.min, s.max, s.last, s.last_ts))
+        k = np.array(kind_rows, dtype=np.int64).reshape(-1, 3)
+        v = np.array(value_rows, dtype=np.float64).reshape(-1, 8)
+        ints = [np.fromiter(_attrs(devices.values(), f), np.int64, len(devices))
+                for f in ("packets", "bytes", "first_seen", "last_seen")]  # fmt: skip
+        # the integers of the readings again from Python (a double holds counts and
+        # timestamps exactly, but not every int64 a client may send)
+        counts = np.array([r[2] for r in value_rows], dtype=np.int64)
+        last_ts = np.array([r[7] for r in value_rows], dtype=np.int64)
+        return cls(
+            device_ids=list(devices), packets=ints[0], nbytes=ints[1],
+            first_seen=ints[2], last_seen=ints[3],
+            kinds=list(kinds), kind_dev=k[:, 0].copy(), kind_idx=k[:, 1].copy(),
+            kind_count=k[:, 2].copy(),
+            names=list(names), value_dev=v[:, 0].astype(np.int64),
+            value_name=v[:, 1].astype(np.int64), count=counts, total=v[:, 3].copy(),
+            vmin=v[:, 4].copy(), vmax=v[:, 5].copy(), last=v[:, 6].copy(), last_ts=last_ts,
+            total_packets=int(ints[0].sum()), total_bytes=int(ints[1].sum()),
+        )  # fmt: skip
+
 
 def number_keys(keys: IntArray, space: int) -> tuple[IntArray, IntArray]:
     """Number the distinct keys (each in range(space)): the distinct keys, sorted, and the
@@ -301,17 +357,27 @@ def _unified(
 def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     """Add pending batches to `target`: the same as `part.merge_into(target)` for each part
     in turn (float sums are added in another order), with one Python step per distinct
-    device, kind and reading of all the parts instead of one per device of every part.
-
-    The parts are numbered into one set of devices, kinds and value names, concatenated,
-    and reduced with numpy into one BatchDelta: counts and sums with add.at/bincount (in
-    part order), min/max with minimum.at/maximum.at, "last" as the latest part among those
-    with the newest timestamp, as in `_add_stats`. No sort: keys are numbered with a lookup
-    table. One part alone is applied as it is (the numpy pass would only cost time)."""
+    device, kind and reading of all the parts instead of one per device of every part."""
     if len(parts) <= 1:
         for part in parts:
             part.merge_into(target)
         return
+    reduce_batches(parts).merge_into(target)
+
+
+def reduce_batches(parts: Sequence[BatchDelta]) -> BatchDelta:
+    """The parts as one BatchDelta, with one entry per distinct device, (device, kind) and
+    (device, value name), entries grouped by device: what applying the parts in turn adds.
+
+    The parts are numbered into one set of devices, kinds and value names, concatenated,
+    and reduced with numpy: counts and sums with add.at/bincount (in part order), min/max
+    with minimum.at/maximum.at, "last" as the latest part among those with the newest
+    timestamp, as in `_add_stats`. No sort: keys are numbered with a lookup table. One part
+    alone is returned as it is (its entries are grouped by device already)."""
+    if not parts:
+        return BatchDelta.empty()
+    if len(parts) == 1:
+        return parts[0]
     cat = np.concatenate
     devices, all_dev, (kind_dev, value_dev) = _unified(
         [p.device_ids for p in parts], [p.kind_dev for p in parts], [p.value_dev for p in parts]
@@ -345,9 +411,7 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     np.maximum.at(hi, which, cat([p.vmax for p in parts]))
     ts = cat([p.last_ts for p in parts])
     ends = latest_of_newest(which, m, ts)
-    # The parts reduced to one, with one entry per distinct device, kind and reading:
-    # applied to `target` by the same code as a single batch.
-    BatchDelta(
+    return BatchDelta(
         device_ids=devices, packets=packets, nbytes=nbytes,
         first_seen=first, last_seen=last_seen,
         kinds=kinds, kind_dev=kind_pair // n_kinds, kind_idx=kind_pair % n_kinds,
@@ -357,7 +421,12 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
         last=cat([p.last for p in parts])[ends], last_ts=ts[ends],
         total_packets=sum(p.total_packets for p in parts),
         total_bytes=sum(p.total_bytes for p in parts),
-    ).merge_into(target)  # fmt: skip
+    )  # fmt: skip
+
+
+def _attrs(items: Iterable[Any], name: str) -> Iterator[Any]:
+    """`name` of each item, lazily (to fill a numpy array without a list in between)."""
+    return map(operator.attrgetter(name), items)
 
 
 # --- self-metrics: what each pipeline reports, summed over the ingest processes --------

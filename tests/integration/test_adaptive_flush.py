@@ -64,10 +64,8 @@ class SlowCommitter(RedisCommitter):
         batch_ids: Sequence[BatchId],
         instance: str,
         seq: int,
-        *,
-        consume: bool = False,
     ) -> SlowWrite:  # type: ignore[override]
-        return SlowWrite(super().encode(delta, batch_ids, instance, seq, consume=consume))
+        return SlowWrite(super().encode(delta, batch_ids, instance, seq))
 
 
 def test_a_slow_merge_stretches_the_interval_and_loses_nothing(

@@ -69,7 +69,7 @@ async def commit_fleet(
             expected.update({d: x.packets for d, x in delta.devices.items()})
             batches = [(f"producer-{p}", seq) for p in range(8)]
             instance = f"instance-{seq % 2}"
-            plan = committer.encode(delta, batches, instance, seq, consume=True)
+            plan = committer.encode(delta, batches, instance, seq)
             assert await plan.prepare() == {}
             await plan.apply()
             await plan.finalize(600)

@@ -113,10 +113,8 @@ class FaultyCommitter:
         batch_ids: Sequence[BatchId],
         instance: str,
         seq: int,
-        *,
-        consume: bool = False,
     ) -> FaultyWrite:
-        write = self.inner.encode(delta, batch_ids, instance, seq, consume=consume)
+        write = self.inner.encode(delta, batch_ids, instance, seq)
         return FaultyWrite(write, (instance, seq), self.faults)
 
     async def heartbeat(self, instance: str, ttl_s: int) -> None:
@@ -150,9 +148,7 @@ def test_a_batch_id_claimed_by_another_flush_waits_then_counts_as_a_resend(
         async with RedisStore.from_url(redis_server.url, "t") as store:
             committer = RedisCommitter(store)
             # Another instance's flush holds ("p", 1): prepared, not yet applied.
-            held = committer.encode(
-                parts("a")[0].to_flush_delta(), [("p", 1)], "other", 1, consume=False
-            )
+            held = committer.encode(parts("a")[0].to_flush_delta(), [("p", 1)], "other", 1)
             assert await held.prepare() == {}
 
             agg, flusher = flusher_for(committer, "me")

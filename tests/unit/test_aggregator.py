@@ -155,7 +155,7 @@ def test_batches_without_ids_are_merged_in_passes_exactly(
     from rtmonitor.ingest.columnar import decode_rows
     from rtmonitor.ingest.v1.telemetry_pb2 import Packet
     from rtmonitor.ingest.validation import Limits, Validator
-    from rtmonitor.model import FlushDelta
+    from rtmonitor.model import FlushDelta, merge_batches
     from rtmonitor.pipeline import aggregator
     from rtmonitor.pipeline.aggregator import fold
 
@@ -182,9 +182,10 @@ def test_batches_without_ids_are_merged_in_passes_exactly(
         agg.add_all(items[:2])
         agg.add_all(items[2:])
         assert agg.pending_packets == 6
-        # merged once the loose parts reach MERGE_ENTRIES: a, b, c in the delta; else the
-        # delta's a and the five waiting per-device entries
-        assert agg.pending_entries == (3 if merge_entries == 3 else 6)
+        # the folded row's a, and the parts: reduced to one (a, b, c) once they reach
+        # MERGE_ENTRIES, else the five per-device entries as they came
+        assert agg.pending_entries == (4 if merge_entries == 3 else 6)
+        assert len(agg._delta.parts) == (1 if merge_entries == 3 else 3)
         want = FlushDelta()
         for work in items:
             if isinstance(work, RowsWork):
@@ -195,8 +196,11 @@ def test_batches_without_ids_are_merged_in_passes_exactly(
         got, trackers, _ = agg.swap()
         assert agg.pending_packets == 0 and agg.pending_entries == 0
         assert trackers == {t: 4}
-        assert got == want
-        b = got.devices["b"]
+        assert (got.packets, got.bytes) == (want.packets, want.bytes)
+        folded = FlushDelta(devices=got.devices)
+        merge_batches(folded, got.parts)
+        assert folded.devices == want.devices
+        b = folded.devices["b"]
         assert (b.packets, b.first_seen, b.last_seen, b.kinds) == (2, 100, 130, {"j": 1, "k": 1})
         assert (b.values["t"].last, b.values["t"].last_ts) == (7.0, 10)  # the later batch wins
 

@@ -16,7 +16,7 @@ from rtmonitor.model import (
     FlushDelta,
     Row,
     ValueStats,
-    merge_batches,
+    reduce_batches,
 )
 from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.pipeline.work import BatchWork, CommitTracker, RowsWork, Work
@@ -101,18 +101,20 @@ class Aggregator:
         self._batches: list[PendingBatch] = []
         self._batch_packets = 0
         self._batch_devices = 0
-        # Parts of batches without an id, merged into the delta MERGE_ENTRIES at a time.
-        self._loose: list[BatchDelta] = []
-        self._loose_packets = 0
+        # Parts of batches without an id, in the delta as columns: reduced to one when the
+        # unreduced ones hold as many entries as the reduced one (and MERGE_ENTRIES at
+        # least), so a small fleet's many small parts stay few and a big fleet's are not
+        # reduced again and again (each reduction costs what the reduced part holds).
+        self._reduced_entries = 0
         self._loose_entries = 0
-        self._loose_batches = 0  # id-less batches folded since the swap (merged or not)
+        self._loose_batches = 0  # id-less batches folded since the swap
         # Since this process started, for /stats (Redis has the totals of every instance).
         self.rejected_total: Counter[str] = Counter()
 
     @property
     def pending_packets(self) -> int:
         """Packets folded in since the last swap()."""
-        return self._delta.packets + self._batch_packets + self._loose_packets
+        return self._delta.packets + self._batch_packets
 
     @property
     def pending_devices(self) -> int:
@@ -122,7 +124,12 @@ class Aggregator:
     def pending_entries(self) -> int:
         """Per-device deltas held (one per device per pending batch): what the memory of
         the pending work grows with when each batch spreads over many devices."""
-        return len(self._delta.devices) + self._batch_devices + self._loose_entries
+        return (
+            len(self._delta.devices)
+            + self._reduced_entries
+            + self._loose_entries
+            + (self._batch_devices)
+        )
 
     @property
     def pending_batches(self) -> int:
@@ -135,19 +142,18 @@ class Aggregator:
 
     def add_all(self, items: list[Work]) -> None:
         """Fold queue items into the current delta. Rows are folded at once; the parts of
-        batches without an id (nothing to deduplicate) are merged MERGE_ENTRIES at a time
-        in one numpy pass (merge_batches), and at the swap; batches with an id wait, each
-        apart, for the flush to settle their id. (So a tie on the newest timestamp between
-        a packet and a batch part goes to the part: across streams, arrival order is not
-        defined anyway.)"""
+        batches without an id (nothing to deduplicate) join the delta as columns (reduced
+        from time to time, see __init__); batches with an id wait, each apart, for the
+        flush to settle their id. (So a tie on the newest timestamp between a packet and a
+        batch part goes to the part: across streams, arrival order is not defined anyway.)"""
         trackers = self._trackers
+        delta = self._delta
         for work in items:
             if isinstance(work, RowsWork):
-                fold(self._delta, work.rows, work.recv_ms)
+                fold(delta, work.rows, work.recv_ms)
             elif work.batch_id is None:
                 for part in work.parts:
-                    self._loose.append(part)
-                    self._loose_packets += part.total_packets
+                    delta.add_part(part)
                     self._loose_entries += part.entries
                 if work.parts:
                     self._loose_batches += 1
@@ -155,8 +161,8 @@ class Aggregator:
                 self._add_pending(work, work.batch_id)
                 continue
             trackers[work.tracker] = trackers.get(work.tracker, 0) + 1
-        if self._loose_entries >= MERGE_ENTRIES:
-            self._merge_loose()
+        if self._loose_entries >= max(MERGE_ENTRIES, self._reduced_entries):
+            self._reduce_loose()
 
     def _add_pending(self, work: BatchWork, batch_id: BatchId) -> None:
         batch = PendingBatch(batch_id, work.parts, work.tracker)
@@ -164,9 +170,12 @@ class Aggregator:
         self._batch_packets += batch.packets
         self._batch_devices += batch.entries
 
-    def _merge_loose(self) -> None:
-        merge_batches(self._delta, self._loose)
-        self._loose, self._loose_packets, self._loose_entries = [], 0, 0
+    def _reduce_loose(self) -> None:
+        parts = self._delta.parts
+        if len(parts) > 1:
+            parts[:] = [reduce_batches(parts)]
+        self._reduced_entries = sum(p.entries for p in parts)
+        self._loose_entries = 0
 
     def carry_over(self, batches: list[PendingBatch]) -> None:
         """Put batches back for the next flush (their id is pending in another flush)."""
@@ -181,12 +190,11 @@ class Aggregator:
 
     def swap(self) -> tuple[FlushDelta, dict[CommitTracker, int], list[PendingBatch]]:
         """Take the current delta, its trackers and the pending batches; start afresh."""
-        self._merge_loose()
         taken = self._delta, self._trackers, self._batches
         self._delta, self._trackers, self._batches = FlushDelta(), {}, []
         self._batch_packets = 0
         self._batch_devices = 0
-        self._loose_batches = 0
+        self._reduced_entries = self._loose_entries = self._loose_batches = 0
         return taken
 
     async def consume(

@@ -43,16 +43,10 @@ class Committer(Protocol):
     """Commits flushes, replays dead instances' journals, and keeps this one alive."""
 
     def encode(
-        self,
-        delta: FlushDelta,
-        batch_ids: Sequence[BatchId],
-        instance: str,
-        seq: int,
-        *,
-        consume: bool = False,
+        self, delta: FlushDelta, batch_ids: Sequence[BatchId], instance: str, seq: int
     ) -> FlushWrite:
-        """Flush number `seq` of `instance`, ready to commit. With `consume`, `delta` is
-        emptied as it is encoded (the two are never both whole in memory)."""
+        """Flush number `seq` of `instance`, ready to commit. Called in a worker thread
+        (it is CPU work on a whole flush): it may not touch the event loop."""
         ...
 
     async def heartbeat(self, instance: str, ttl_s: int) -> None:

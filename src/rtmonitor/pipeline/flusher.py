@@ -7,40 +7,23 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
 
 from rtmonitor.model import (
-    MERGE_ENTRIES,
-    BatchDelta,
+    BatchId,
     Claim,
     CommitUnavailable,
     FlushDelta,
     FlushStats,
-    merge_batches,
-    merge_into,
+    reduce_batches,
 )
 from rtmonitor.pipeline.aggregator import Aggregator, PendingBatch
-from rtmonitor.pipeline.commit import Committer
+from rtmonitor.pipeline.commit import Committer, FlushWrite
 from rtmonitor.pipeline.work import CommitFailed, CommitTracker
 
 logger = logging.getLogger(__name__)
-
-
-def _slices(batches: list[PendingBatch]) -> Iterator[list[BatchDelta]]:
-    """The batches' parts in order, cut into slices of about MERGE_ENTRIES entries."""
-    part_slice: list[BatchDelta] = []
-    entries = 0
-    for batch in batches:
-        for part in batch.parts:
-            part_slice.append(part)
-            entries += part.entries
-            if entries >= MERGE_ENTRIES:
-                yield part_slice
-                part_slice, entries = [], 0
-    if part_slice:
-        yield part_slice
 
 
 BACKOFF_START_S = 0.05
@@ -157,7 +140,7 @@ class Flusher:
         self._seq += 1
         started = time.monotonic()
         self.inflight_packets = delta.packets + sum(b.packets for b in batches)
-        self.inflight_entries = len(delta.devices) + sum(b.entries for b in batches)
+        self.inflight_entries = delta.entries + sum(b.entries for b in batches)
         try:
             fresh, duplicates, carried = await self._write(delta, batches, self._seq)
         except _GiveUp as exc:
@@ -174,7 +157,8 @@ class Flusher:
         elapsed = time.monotonic() - started
         stats = self.stats
         stats.flushes += 1
-        stats.packets_committed += delta.packets + sum(b.packets for b in fresh)
+        committed = delta.packets + sum(b.packets for b in fresh)
+        stats.packets_committed += committed
         stats.devices_committed += self._devices_written
         stats.last_flush_ms = int(time.time() * 1000)
         stats.last_flush_seconds = elapsed
@@ -192,9 +176,9 @@ class Flusher:
             self.aggregator.carry_over(carried)
         if elapsed > max(1.0, 5 * self.interval):
             logger.warning(
-                "flush of %d packets / %d devices took %.2fs",
-                delta.packets,
-                len(delta.devices),
+                "flush of %d packets / %d device merges took %.2fs",
+                committed,
+                self._devices_written,
                 elapsed,
             )
 
@@ -202,7 +186,6 @@ class Flusher:
         self, delta: FlushDelta, batches: list[PendingBatch], seq: int
     ) -> tuple[list[PendingBatch], list[PendingBatch], list[PendingBatch]]:
         """Commit; returns the batches (counted, duplicates skipped, carried over)."""
-        committer, instance = self.committer, self.instance_id
         duplicates: list[PendingBatch] = []
         carried: list[PendingBatch] = []
         fresh: list[PendingBatch] = []
@@ -212,24 +195,14 @@ class Flusher:
             (carried if batch.batch_id in seen else fresh).append(batch)
             seen.add(batch.batch_id)
         while True:
-            merged = delta
-            if fresh:
-                merged = FlushDelta()
-                merge_into(merged, delta)
-                for parts in _slices(fresh):
-                    merge_batches(merged, parts)
-                    # Hundreds of batches per flush under load: give receivers and HTTP
-                    # requests the loop after each slice (and before the plan is encoded)
-                    # instead of one long stall.
-                    await asyncio.sleep(0)
-            # The encoded write carries everything from here on: a merged copy is consumed
-            # while it is encoded (with 100,000 devices it is ~100 MB, as large as the
-            # write), so the two are never both whole in memory. `delta` itself stays whole:
-            # a conflict merges it again.
             batch_ids = [b.batch_id for b in fresh]
-            self._devices_written = len(merged.devices)
-            write = committer.encode(merged, batch_ids, instance, seq, consume=merged is not delta)
-            del merged
+            # Reduced and encoded off the event loop: with a fleet that is numpy over one
+            # entry per device of every batch (and a dict step each), hundreds of ms that
+            # receivers and HTTP requests would otherwise wait behind. `delta` itself stays
+            # whole: a conflict reduces it again.
+            write, self._devices_written = await asyncio.to_thread(
+                self._encode, delta, fresh, batch_ids, seq
+            )
             # Each step is retried alone with the same flush (instance, seq): all idempotent.
             conflicts = await self._retry(write.prepare)
             if conflicts:
@@ -241,6 +214,18 @@ class Flusher:
             await self._retry(write.apply)
             await self._retry(partial(write.finalize, self.dedupe_window_s))
             return fresh, duplicates, carried
+
+    def _encode(
+        self, delta: FlushDelta, fresh: list[PendingBatch], batch_ids: list[BatchId], seq: int
+    ) -> tuple[FlushWrite, int]:
+        """The write of `delta` plus the `fresh` batches (reduced to one set of columns),
+        and the device merges it makes."""
+        parts = delta.batches() + [part for batch in fresh for part in batch.parts]
+        merged = FlushDelta(rejected=delta.rejected)
+        reduced = reduce_batches(parts)
+        merged.add_part(reduced)
+        write = self.committer.encode(merged, batch_ids, self.instance_id, seq)
+        return write, reduced.entries
 
     async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt` until storage answers; give up only past the shutdown deadline."""

@@ -70,19 +70,12 @@ class RedisCommitter:
         self.store = store
 
     def encode(
-        self,
-        delta: FlushDelta,
-        batch_ids: Sequence[BatchId],
-        instance: str,
-        seq: int,
-        *,
-        consume: bool = False,
+        self, delta: FlushDelta, batch_ids: Sequence[BatchId], instance: str, seq: int
     ) -> RedisFlush:
         store = self.store
-        writes = bool(delta)  # before `consume` empties it
-        calls = store.plan(delta, instance, seq, consume=consume)
+        calls = store.plan(delta, instance, seq)
         keys = [store.layout.batch(producer, n) for producer, n in batch_ids]
-        return RedisFlush(store, _flush_id(instance, seq), keys, calls, writes)
+        return RedisFlush(store, _flush_id(instance, seq), keys, calls, bool(delta))
 
     async def heartbeat(self, instance: str, ttl_s: int) -> None:
         async with _unavailable():

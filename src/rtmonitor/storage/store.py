@@ -8,7 +8,6 @@ import functools
 import heapq
 import json
 import logging
-import struct
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -17,6 +16,7 @@ from itertools import islice
 from types import TracebackType
 from typing import Any, Literal, Self, cast
 
+import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
@@ -24,14 +24,16 @@ from redis.exceptions import RedisError
 
 from rtmonitor.model import (
     RATE_WINDOWS_S,
-    DeviceDelta,
     DeviceRecord,
     FlushDelta,
+    IntArray,
     Rates,
     Totals,
     ValueRecord,
+    reduce_batches,
 )
 from rtmonitor.storage.keys import CLUSTER_GROUPS, RATE_WINDOW_S, SORT_INDEXES, KeyLayout
+from rtmonitor.storage.packing import pack_deltas
 from rtmonitor.storage.scripts import (
     FINALIZE,
     MERGE_DEVICES,
@@ -51,7 +53,7 @@ GROUP_SIZE = 256
 # longest time a flush can wait to be retried or replayed (a Redis outage, a dead instance).
 MARKER_TTL_S = 24 * 3600
 # Merge calls per pipeline (16 x 256 devices, ~1.5 MB of commands).
-APPLY_SLICE = 16
+APPLY_SLICE = 4
 # Members per bulk ZADD of the sorted indexes (the index commands of a flush are pipelined).
 ZADD_CHUNK = 2_000
 # Merge calls in flight at once against a Redis Cluster (no pipelining of scripts there).
@@ -187,48 +189,41 @@ class RedisStore:
     # marker (scripts.py), so a plan can be applied again after any failure, by this
     # instance or — from its journal — by another.
 
-    def _groups(self, device_ids: list[str]) -> Iterator[tuple[str, int, list[str]]]:
-        """Split devices into merge calls: (marker tag, index under that tag, devices).
+    def _groups(self, device_ids: list[str]) -> Iterator[tuple[str, int, int, IntArray]]:
+        """Split devices into merge calls: (marker tag, index under that tag, index group,
+        the devices' positions in `device_ids`).
 
         Standalone: fixed-size chunks (of one index group each). Cluster: each call stays in
         one hash slot, and its marker uses a tag of that slot, so the number of marker keys
         stays bounded.
         """
         size = self._group_size
-        groups = self.layout.groups
-        if not self.cluster and groups > 1:  # a single Redis with index groups: a call each
-            by_group: dict[int, list[str]] = {}
-            for device_id in device_ids:
-                by_group.setdefault(self.layout.group_of(device_id), []).append(device_id)
-            for g, ids in by_group.items():
-                for n, start in enumerate(range(0, len(ids), size)):
-                    yield f"g{g}", n, ids[start : start + size]
-            return
-        if not self.cluster:
+        layout = self.layout
+        if not self.cluster and layout.groups == 1:
             for n, start in enumerate(range(0, len(device_ids), size)):
-                yield "g", n, device_ids[start : start + size]
+                yield "g", n, 0, np.arange(start, min(start + size, len(device_ids)))
             return
-        by_slot: dict[int, list[str]] = {}
-        for device_id in device_ids:
-            by_slot.setdefault(key_slot(device_id.encode()), []).append(device_id)
-        for slot, ids in by_slot.items():
-            tag = slot_tag(slot)
-            for n, start in enumerate(range(0, len(ids), size)):
-                yield tag, n, ids[start : start + size]
+        by_key: dict[int, list[int]] = {}
+        for row, device_id in enumerate(device_ids):
+            # a cluster's calls by hash slot, a single Redis' by index group
+            key = key_slot(device_id.encode()) if self.cluster else layout.group_of(device_id)
+            by_key.setdefault(key, []).append(row)
+        for key, rows in by_key.items():
+            tag = slot_tag(key) if self.cluster else f"g{key}"
+            g = layout.group_of(device_ids[rows[0]]) if self.cluster else key
+            for n, start in enumerate(range(0, len(rows), size)):
+                yield tag, n, g, np.array(rows[start : start + size], dtype=np.int64)
 
-    def plan(
-        self, delta: FlushDelta, instance: str, seq: int, *, consume: bool = False
-    ) -> list[Call]:
+    def plan(self, delta: FlushDelta, instance: str, seq: int) -> list[Call]:
         """The merge calls that write `delta` as flush number `seq` of `instance`.
 
-        With `consume`, each device is removed from `delta` once encoded, so the deltas and
-        the calls are never both whole in memory (a flush of 100,000 devices holds ~100 MB
-        of each).
-        """
+        On a single Redis a device call also writes its devices' entries of the sorted
+        indexes (their keys come first, ARGV[6] says how many); on a cluster those live in
+        other slots, so the calls return the figures and apply() writes them."""
         layout = self.layout
         calls: list[Call] = []
-        devices = delta.devices
-        last_ms = max((d.last_seen for d in devices.values()), default=0)
+        batch = reduce_batches(delta.batches())
+        last_ms = int(batch.last_seen.max()) if batch.entries else 0
         second = (last_ms or int(time.time() * 1000)) // 1000
         gargs: list[Any] = [
             self._marker_ttl,
@@ -241,14 +236,22 @@ class RedisStore:
         for reason, count in delta.rejected.items():
             gargs += (reason, count)
         window = second // RATE_WINDOW_S
-        for tag, n, group in self._groups(list(devices)):
+        ids = batch.device_ids
+        groups = list(self._groups(ids))
+        order = np.concatenate([rows for *_, rows in groups]) if groups else np.zeros(0, np.int64)
+        blob, offsets = pack_deltas(batch, order)
+        # bytes before a device's id in its key: MERGE_DEVICES reads ids back from keys
+        id_at = len(layout.device("")) - 1
+        at = 0
+        for tag, n, g, rows in groups:
             keys = [layout.group_marker(tag, instance, n)]
-            deltas: list[bytes] = []
-            for device_id in group:
-                keys.append(layout.device(device_id))
-                dev = devices.pop(device_id) if consume else devices[device_id]
-                _encode_device(dev, deltas)
-            args = [self._marker_ttl, seq, self.retention_s * 1000, window, b"".join(deltas)]
+            if not self.cluster:
+                keys += self._index_keys(g, window)
+            keys += [layout.device(ids[row]) for row in rows.tolist()]
+            part = blob[offsets[at] : offsets[at + len(rows)]]
+            at += len(rows)
+            indexes = 0 if self.cluster else len(SORT_INDEXES) + 2
+            args = [self._marker_ttl, seq, self.retention_s * 1000, window, part, indexes, id_at]
             calls.append(("devices", keys, args))
         g = layout.flush_group(instance, seq)
         gkeys = [
@@ -259,6 +262,15 @@ class RedisStore:
         ]
         calls.append(("global", gkeys, gargs))
         return calls
+
+    def _index_keys(self, g: int, window: int) -> list[str]:
+        """The sorted indexes a device call on a single Redis writes, in MERGE_DEVICES' order."""
+        layout = self.layout
+        return [
+            layout.devices(g),
+            *(layout.index(field, g) for field in SORT_INDEXES),
+            layout.rate_window(window, g),
+        ]
 
     async def apply(self, calls: list[Call]) -> None:
         """Run a plan in pipelined round trips (one per APPLY_SLICE calls), then write the
@@ -285,8 +297,8 @@ class RedisStore:
         layout = self.layout
         groups: dict[int, _GroupIndex] = {}
         for (name, keys, args), reply in zip(calls, replies, strict=True):
-            if name != "devices" or len(keys) < 2:
-                continue
+            if name != "devices" or len(keys) < 2 or (len(args) > 5 and int(args[5])):
+                continue  # (a call that writes its own index entries)
             ids = [layout.device_id(key) for key in keys[1:]]
             group = groups.get(g := layout.group_of(ids[0]))
             if group is None:
@@ -806,35 +818,20 @@ def _rate_keys(now_s: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(map(str, seconds)), tuple(f"{s}b" for s in seconds)
 
 
-_DELTA = struct.Struct("<ddddHH")
-_KIND = struct.Struct("<d")
-_VALUE = struct.Struct("<dddddd")
-
-
-def _encode_device(dev: DeviceDelta, out: list[bytes]) -> None:
-    """Append one device's delta, packed as MERGE_DEVICES reads it (scripts.py)."""
-    out.append(
-        _DELTA.pack(
-            dev.packets, dev.bytes, dev.first_seen, dev.last_seen, len(dev.kinds), len(dev.values)
-        )
-    )
-    for kind, count in dev.kinds.items():
-        out += (kind.encode(), b"\0", _KIND.pack(count))
-    for name, s in dev.values.items():
-        out += (name.encode(), b"\0", _VALUE.pack(s.count, s.sum, s.min, s.max, s.last, s.last_ts))
-
-
 def _journaled(calls: list[Call]) -> list[Call]:
     """The calls as JSON can hold them: a device call's packed deltas in base64."""
     return [
-        (n, k, [*a[:4], base64.b64encode(a[4]).decode()] if n == "devices" else a)
+        (n, k, [*a[:4], base64.b64encode(a[4]).decode(), *a[5:]] if n == "devices" else a)
         for n, k, a in calls
     ]
 
 
 def _from_journal(calls: list[Call]) -> list[Call]:
     """The inverse of _journaled()."""
-    return [(n, k, [*a[:4], base64.b64decode(a[4])] if n == "devices" else a) for n, k, a in calls]
+    return [
+        (n, k, [*a[:4], base64.b64decode(a[4]), *a[5:]] if n == "devices" else a)
+        for n, k, a in calls
+    ]
 
 
 def parse_device(device_id: str, f: list[Any], now_s: int) -> DeviceRecord:
