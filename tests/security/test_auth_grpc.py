@@ -44,25 +44,31 @@ def md(tokens: Tokens, name: str | None) -> tuple[tuple[str, str], ...] | None:
 
 async def packets_call(target: str, items: Iterable[Packet], metadata: Any) -> Ack:
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)
-
-        async def gen() -> AsyncIterator[bytes]:
-            for p in items:
-                yield p.SerializeToString()
-
-        ack: Ack = await call(gen(), metadata=metadata)
+        call = channel.stream_unary(STREAM_PACKETS, lambda b: b, Ack.FromString)(metadata=metadata)
+        await _write_all(call, [p.SerializeToString() for p in items])
+        ack: Ack = await call
         return ack
 
 
 async def batches_call(target: str, batches: Iterable[Batch], metadata: Any) -> list[BatchAck]:
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.stream_stream(STREAM_BATCHES, lambda b: b, BatchAck.FromString)
+        call = channel.stream_stream(STREAM_BATCHES, lambda b: b, BatchAck.FromString)(
+            metadata=metadata
+        )
+        await _write_all(call, [b.SerializeToString() for b in batches])
+        return [ack async for ack in call]
 
-        async def gen() -> AsyncIterator[bytes]:
-            for b in batches:
-                yield b.SerializeToString()
 
-        return [ack async for ack in call(gen(), metadata=metadata)]
+async def _write_all(call: Any, messages: list[bytes]) -> None:
+    """Write the requests; a refused call may end while they are written (its status is
+    then what awaiting or reading the call raises). With a request iterator instead, gRPC
+    reports such a race as INTERNAL "Failed execute_batch", hiding the server's status."""
+    try:
+        for message in messages:
+            await call.write(message)
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass
 
 
 def counts(svc: ServiceProcess, tokens: Tokens, prefix: str) -> dict[str, int]:

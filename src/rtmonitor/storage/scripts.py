@@ -38,13 +38,23 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 # reads report an overflow).
 _RECORD = """
 local HEAD = '<ddddddHHH'
-local formats = {}
+local formats, wholes = {}, {}
 local function body(nk, nv, nb)
   local key = (nk * 65536 + nv) * 65536 + nb  -- each < 2^16 (H), exact in a double
   local f = formats[key]
   if not f then
     f = '<' .. string.rep('sd', nk) .. string.rep('sdddddd', nv) .. string.rep('I4dd', nb)
     formats[key] = f
+  end
+  return f
+end
+-- a whole record: HEAD, then body()
+local function whole(nk, nv, nb)
+  local key = (nk * 65536 + nv) * 65536 + nb
+  local f = wholes[key]
+  if not f then
+    f = HEAD .. string.sub(body(nk, nv, nb), 2)
+    wholes[key] = f
   end
   return f
 end
@@ -85,7 +95,10 @@ local function emit(key, p, b, l, wp, created)
   if created < 0 then return end
   local id = string.sub(key, id_at + 1, -2)
   local fresh = created == 1 and retention > 0
-  local t = ix[1]; t[#t + 1] = 0; t[#t + 1] = id
+  local t
+  -- a record that existed is in the device index since its creation (indexed by the same
+  -- call), unless retention is on: then the expiry may have dropped it meanwhile
+  if created ~= 0 or retention > 0 then t = ix[1]; t[#t + 1] = 0; t[#t + 1] = id end
   t = fresh and ix[3] or ix[2]; t[#t + 1] = p; t[#t + 1] = id
   t = fresh and ix[5] or ix[4]; t[#t + 1] = b; t[#t + 1] = id
   t = ix[6]; t[#t + 1] = l; t[#t + 1] = id
@@ -217,8 +230,7 @@ for k = 2 + ni, #KEYS do
   elseif window > w then
     w, wp = window, packets
   end
-  local record = struct.pack(HEAD .. string.sub(body(nk, nv, nb), 2), p, b, f, l, w, wp, nk, nv,
-    nb, unpack(r))
+  local record = struct.pack(whole(nk, nv, nb), p, b, f, l, w, wp, nk, nv, nb, unpack(r))
   if retention > 0 then
     -- a device silent for the retention expires with everything it counted
     redis.call('SET', key, record, 'PX', retention)
