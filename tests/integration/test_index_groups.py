@@ -47,7 +47,7 @@ def test_seven_groups_read_like_one(redis_server: EmbeddedRedis) -> None:
         now_ms = int(time.time() * 1000)
         one, seven = store(redis_server.url, "one", 1), store(redis_server.url, "seven", 7)
         async with one, seven:
-            assert seven.layout.layout_version == "3/7" and one.layout.layout_version == "2"
+            assert seven.layout.layout_version == "4/7" and one.layout.layout_version == "4"
             assert len({seven.layout.tag(g) for g in range(7)}) == 7
             for s in (one, seven):
                 await s.check_layout()
@@ -99,20 +99,20 @@ def test_groups_expire_silent_devices(redis_server: EmbeddedRedis) -> None:
     asyncio.run(main())
 
 
-def test_a_layout_2_prefix_is_refused_with_groups(redis_server: EmbeddedRedis) -> None:
-    """A prefix written with one group (layout 2) is not mixed with a grouped layout, nor
+def test_a_one_group_prefix_is_refused_with_groups(redis_server: EmbeddedRedis) -> None:
+    """A prefix written with one group (layout 4) is not mixed with a grouped layout, nor
     the other way round."""
 
     async def main() -> None:
         async with store(redis_server.url, "p", 1) as one, store(redis_server.url, "p", 16) as many:
             await one.check_layout()
             with pytest.raises(
-                LayoutMismatch, match="key layout 2, and this version writes layout 3/16"
+                LayoutMismatch, match="key layout 4, and this version writes layout 4/16"
             ):
                 await many.check_layout()
         async with store(redis_server.url, "q", 16) as many, store(redis_server.url, "q", 1) as one:
             await many.check_layout()
-            with pytest.raises(LayoutMismatch, match="key layout 3/16"):
+            with pytest.raises(LayoutMismatch, match="key layout 4/16"):
                 await one.check_layout()
 
     asyncio.run(main())

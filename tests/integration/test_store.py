@@ -248,8 +248,9 @@ def test_a_plan_applied_in_slices_and_again_counts_once(
 
 
 def test_a_redis_of_another_key_layout_is_refused(redis_server: EmbeddedRedis) -> None:
-    """Layout 2 (one record per device) claims a fresh prefix; a prefix written by layout 1
-    (hashes per device, no version key) or by another version is refused, by name."""
+    """This layout claims a fresh prefix; a prefix written by layout 1 (hashes per device,
+    no version key) or by another version (layout 2: records with up to 61 rate seconds)
+    is refused, by name."""
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "new") as store:
@@ -266,8 +267,8 @@ def test_a_redis_of_another_key_layout_is_refused(redis_server: EmbeddedRedis) -
                 await store.check_layout()
             assert await store.client.exists("{old}:layout") == 0  # nothing written
         async with RedisStore.from_url(redis_server.url, "future") as store:
-            await store.client.set("{future}:layout", "3")
-            with pytest.raises(LayoutMismatch, match="key layout 3"):
+            await store.client.set("{future}:layout", "2")
+            with pytest.raises(LayoutMismatch, match="key layout 2, and this version writes"):
                 await store.check_layout()
 
     asyncio.run(main())

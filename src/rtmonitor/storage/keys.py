@@ -6,13 +6,14 @@ groups (1 on a single Redis, CLUSTER_GROUPS on a cluster): group n holds the dev
 hash slot lies in the n-th share of the 16384 slots, under a tag <g> of a slot of that
 share, so that, with a cluster's slots assigned in ranges, a group lives on (about) its
 devices' node and every node carries its share of each flush's index writes. With one
-group, <g> is the prefix: the keys are layout 2's. The other global keys share the tag
+group, <g> is the prefix (the key names of layout 2). The other global keys share the tag
 ``{<prefix>}``. Device ids cannot contain braces (validation refuses them), so a tag cannot
 be forged.
 
     <p>:d:{<device>}            string the device's record (packed binary, scripts.py): packets,
                                        bytes, first/last seen, kinds, value statistics,
-                                       rate buckets of the last ~61 s, its sort=rate window
+                                       rate buckets of the last ~61 s (seconds, then
+                                       10-second spans), its sort=rate window
     {<p>}:layout                string the key layout version (KeyLayout.layout_version); a
                                        store refuses a Redis written with another layout
     <p>:m:{<tag>}:<inst>:<n>    string highest flush seq of instance <inst> applied to merge
@@ -53,9 +54,10 @@ from dataclasses import dataclass
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 SORT_INDEXES = ("packets", "bytes", "last_seen")
-# The key layout written by this version: 2 = one MessagePack record per device (1, before
-# it, had a hash and a rate-bucket hash per device and no version key).
-LAYOUT_VERSION = "2"
+# The key layout written by this version: 4 = one packed record per device whose rate
+# buckets are seconds for the newest 11 and 10-second spans before (2 had up to 61 seconds;
+# 1 had a hash and a rate-bucket hash per device and no version key).
+LAYOUT_VERSION = "4"
 # Index groups on a Redis Cluster (one on a single Redis). Changing it changes key names:
 # it is part of the layout version.
 CLUSTER_GROUPS = 16
@@ -76,8 +78,10 @@ class KeyLayout:
 
     @property
     def layout_version(self) -> str:
-        """LAYOUT_VERSION with one group (the same key names); "3/<groups>" with more."""
-        return LAYOUT_VERSION if self.groups == 1 else f"3/{self.groups}"
+        """LAYOUT_VERSION with one group; "<LAYOUT_VERSION>/<groups>" with more (the same
+        records, the indexes and totals under other key names). Earlier versions wrote
+        "2" and "3/<groups>"."""
+        return LAYOUT_VERSION if self.groups == 1 else f"{LAYOUT_VERSION}/{self.groups}"
 
     def tag(self, group: int) -> str:
         """The hash tag of a group's keys (the prefix itself with one group)."""

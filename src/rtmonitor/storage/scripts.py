@@ -24,12 +24,17 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 # A device's record (one string key, keys.py) and its delta in a flush are packed binary
 # (Redis' Lua `struct`, little-endian), so a merge is one GET and one SET whatever the
 # device sends, and no number is parsed from text:
-#   record  <ddddddHHH  packets, bytes, first_seen, last_seen (receive times, ms), the
+#   record  <ddddddHHHH packets, bytes, first_seen, last_seen (receive times, ms), the
 #                       newest aligned 10-second window it was counted in (sort=rate),
-#                       its packets in that window, nkinds, nvalues, nbuckets
+#                       its packets in that window, nkinds, nvalues, nseconds, nspans
 #           then (s d) * nkinds              kind, count
 #                (s dddddd) * nvalues        name, count, sum, min, max, last, last_ts
-#                (I4 dd) * nbuckets          receive second, packets, bytes (last ~61 s)
+#                (I4 dd) * nseconds          receive second, packets, bytes: the newest
+#                                            FINE_S + 1 seconds (the 10 s window's)
+#                (I4 dd) * nspans            the same for aligned 10-second spans: older
+#                                            seconds folded in, dropped after 61 s
+#           (layout 4; layout 2 kept up to 61 one-second buckets: ~1.2 KB per device that
+#           sends every second, and as much to unpack and pack at each merge)
 #   delta   <ddddHH     packets, bytes, first_seen, last_seen, nkinds, nvalues
 #           then (s d) * nkinds, (s dddddd) * nvalues, as in the record
 # ("s" is a zero-terminated string: ids and names never hold a zero byte, model.ID_CHARS.)
@@ -37,10 +42,11 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 # bit; a sum that leaves the range of a double becomes inf, -inf or nan and stays so (the
 # reads report an overflow).
 _RECORD = """
-local HEAD = '<ddddddHHH'
+local HEAD = '<ddddddHHHH'
 local formats, wholes = {}, {}
+-- (nk, nv < 2^16; nseconds + nspans < 2^16: the key is exact in a double)
 local function body(nk, nv, nb)
-  local key = (nk * 65536 + nv) * 65536 + nb  -- each < 2^16 (H), exact in a double
+  local key = (nk * 65536 + nv) * 65536 + nb
   local f = formats[key]
   if not f then
     f = '<' .. string.rep('sd', nk) .. string.rep('sdddddd', nv) .. string.rep('I4dd', nb)
@@ -48,7 +54,7 @@ local function body(nk, nv, nb)
   end
   return f
 end
--- a whole record: HEAD, then body()
+-- a whole record: HEAD, then body() with its seconds and spans (nb = nf + nc)
 local function whole(nk, nv, nb)
   local key = (nk * 65536 + nv) * 65536 + nb
   local f = wholes[key]
@@ -141,6 +147,65 @@ if applied ~= nil and applied >= tonumber(ARGV[2]) then
   return indexes()
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+-- Rate buckets (the record's seconds and spans, from r[base + 1] on): add this delta's
+-- packets and bytes to its newest receive second `sec`; fold seconds older than the last
+-- FINE_S + 1 into their aligned 10-second span, and drop spans that ended over 61 s ago
+-- (only when a second is folded: a silent device's record is not written anyway). In
+-- place, as most merges only add to a second. Returns the new counts of seconds and spans.
+local FINE_S = 10
+local function buckets(r, base, nf, nc, sec, packets, nbytes)
+  local fold_before = sec - FINE_S
+  local stop = base + 3 * nf
+  local found, stale = false, false
+  for q = base + 1, stop, 3 do
+    local s = r[q]
+    if s == sec then
+      r[q + 1], r[q + 2], found = r[q + 1] + packets, r[q + 2] + nbytes, true
+    elseif s < fold_before then
+      stale = true
+    end
+  end
+  if not found then  -- a new second, after the others: the spans move up by one
+    for q = stop + 3 * nc, stop + 1, -1 do r[q + 3] = r[q] end
+    r[stop + 1], r[stop + 2], r[stop + 3] = sec, packets, nbytes
+    nf, stop = nf + 1, stop + 3
+  end
+  if not stale then return nf, nc end
+  local last = stop + 3 * nc
+  local folded, to = {}, base
+  for q = base + 1, stop, 3 do  -- keep the newest seconds, take out the others
+    local s = r[q]
+    if s < fold_before then
+      local n = #folded
+      folded[n + 1], folded[n + 2], folded[n + 3] = s - s % 10, r[q + 1], r[q + 2]
+    else
+      r[to + 1], r[to + 2], r[to + 3], to = s, r[q + 1], r[q + 2], to + 3
+    end
+  end
+  local drop_before, sp = sec - 61, to
+  for q = stop + 1, last, 3 do  -- the spans, after the seconds kept
+    if r[q] + 10 > drop_before then
+      r[sp + 1], r[sp + 2], r[sp + 3], sp = r[q], r[q + 1], r[q + 2], sp + 3
+    end
+  end
+  for i = 1, #folded, 3 do
+    local c = folded[i]
+    if c + 10 > drop_before then
+      local hit = false
+      for q = to + 1, sp, 3 do
+        if r[q] == c then
+          r[q + 1], r[q + 2], hit = r[q + 1] + folded[i + 1], r[q + 2] + folded[i + 2], true
+          break
+        end
+      end
+      if not hit then
+        r[sp + 1], r[sp + 2], r[sp + 3], sp = c, folded[i + 1], folded[i + 2], sp + 3
+      end
+    end
+  end
+  for q = last, sp + 1, -1 do r[q] = nil end
+  return (to - base) / 3, (sp - to) / 3
+end
 local deltas = ARGV[5]
 local at = 1
 for k = 2 + ni, #KEYS do
@@ -150,17 +215,18 @@ for k = 2 + ni, #KEYS do
   local d = {struct.unpack(body(dk, dv, 0), deltas, at)}
   at = d[#d]
   local blob = redis.call('GET', key)
-  local p, b, f, l, w, wp, nk, nv, nb, r, created
+  local p, b, f, l, w, wp, nk, nv, nf, nc, r, created
   if blob then
     local pos
-    p, b, f, l, w, wp, nk, nv, nb, pos = struct.unpack(HEAD, blob)
-    r = {struct.unpack(body(nk, nv, nb), blob, pos)}
+    p, b, f, l, w, wp, nk, nv, nf, nc, pos = struct.unpack(HEAD, blob)
+    r = {struct.unpack(body(nk, nv, nf + nc), blob, pos)}
     r[#r] = nil
     p, b, created = p + packets, b + nbytes, 0
     if first < f then f = first end
     if last > l then l = last end
   else
-    p, b, f, l, w, wp, nk, nv, nb, r, created = packets, nbytes, first, last, 0, 0, 0, 0, 0, {}, 1
+    p, b, f, l, w, wp, nk, nv, nf, nc, r, created =
+      packets, nbytes, first, last, 0, 0, 0, 0, 0, 0, {}, 1
   end
   -- kinds: r[1 .. 2 nk]
   local j = 1
@@ -198,39 +264,14 @@ for k = 2 + ni, #KEYS do
     end
     j = j + 7
   end
-  -- rate buckets: packets and bytes per second of receive time; keep the last 61 seconds
-  local start = 2 * nk + 7 * nv
-  local sec = math.floor(last / 1000)
-  local found, stale = false, false
-  for q = start + 1, start + 3 * nb, 3 do
-    if r[q] == sec then
-      r[q + 1], r[q + 2], found = r[q + 1] + packets, r[q + 2] + nbytes, true
-    elseif r[q] < sec - 61 then
-      stale = true
-    end
-  end
-  if not found then
-    local n = start + 3 * nb
-    r[n + 1], r[n + 2], r[n + 3], nb = sec, packets, nbytes, nb + 1
-  end
-  if stale then
-    local to, kept = start, 0
-    for q = start + 1, start + 3 * nb, 3 do
-      if r[q] >= sec - 61 then
-        r[to + 1], r[to + 2], r[to + 3] = r[q], r[q + 1], r[q + 2]
-        to, kept = to + 3, kept + 1
-      end
-    end
-    for q = start + 3 * nb, to + 1, -1 do r[q] = nil end
-    nb = kept
-  end
+  nf, nc = buckets(r, 2 * nk + 7 * nv, nf, nc, math.floor(last / 1000), packets, nbytes)
   -- sort=rate: the packets of this flush's window, added up over flushes and instances
   if window == w then
     wp = wp + packets
   elseif window > w then
     w, wp = window, packets
   end
-  local record = struct.pack(whole(nk, nv, nb), p, b, f, l, w, wp, nk, nv, nb, unpack(r))
+  local record = struct.pack(whole(nk, nv, nf + nc), p, b, f, l, w, wp, nk, nv, nf, nc, unpack(r))
   if retention > 0 then
     -- a device silent for the retention expires with everything it counted
     redis.call('SET', key, record, 'PX', retention)
@@ -318,7 +359,7 @@ return 1
 # 17-digit strings (a Lua number in a reply would be truncated to an integer):
 #   packets, bytes, first_seen, last_seen, nkinds, (kind, count) * nkinds,
 #   nvalues, (name, count, sum, min, max, last, last_ts) * nvalues,
-#   (second, packets, bytes) * the rest
+#   nseconds, (second, packets, bytes) * nseconds, (span start, packets, bytes) * the rest
 READ_DEVICES = (
     _RECORD
     + """
@@ -327,8 +368,8 @@ for k = 1, #KEYS do
   local blob = redis.call('GET', KEYS[k])
   local f = {}
   if blob then
-    local p, b, first, last, _, _, nk, nv, nb, pos = struct.unpack(HEAD, blob)
-    local r = {struct.unpack(body(nk, nv, nb), blob, pos)}
+    local p, b, first, last, _, _, nk, nv, nf, nc, pos = struct.unpack(HEAD, blob)
+    local r = {struct.unpack(body(nk, nv, nf + nc), blob, pos)}
     f[1], f[2], f[3], f[4], f[5] = p, b, first, last, nk
     for j = 1, 2 * nk do f[#f + 1] = r[j] end
     f[#f + 1] = nv
@@ -340,7 +381,8 @@ for k = 1, #KEYS do
       f[#f + 1] = string.format('%.17g', r[j + 5])
       f[#f + 1] = r[j + 6]
     end
-    for j = 2 * nk + 7 * nv + 1, 2 * nk + 7 * nv + 3 * nb do f[#f + 1] = r[j] end
+    f[#f + 1] = nf
+    for j = 2 * nk + 7 * nv + 1, 2 * nk + 7 * nv + 3 * (nf + nc) do f[#f + 1] = r[j] end
   end
   out[k] = f
 end

@@ -60,6 +60,8 @@ ZADD_CHUNK = 2_000
 CLUSTER_CONCURRENCY = 64
 # A merge call: (script name, keys, args). A flush's plan is a list of them, journaled as JSON.
 Call = tuple[str, list[str], list[Any]]
+# Width of the rate spans of a device record (scripts.py: older seconds folded together).
+SPAN_S = 10
 # Lexicographic upper bound for a prefix range: device ids only use ASCII below 0x7f
 # (model.ID_CHARS).
 _LEX_END = "\x7f"
@@ -836,7 +838,9 @@ def _from_journal(calls: list[Call]) -> list[Call]:
 
 def parse_device(device_id: str, f: list[Any], now_s: int) -> DeviceRecord:
     """Turn a device's fields, as READ_DEVICES returns them (scripts.py), into a record;
-    rates over the complete seconds before `now_s`.
+    rates over the complete seconds before `now_s` (exact over the seconds a record keeps
+    one by one; older seconds, in 10-second spans, count by the share of each span the
+    window covers).
 
     A reading's sum that left the range of a double (inf, -inf or nan) keeps that value:
     the record says `overflow`."""
@@ -856,14 +860,19 @@ def parse_device(device_id: str, f: list[Any], now_s: int) -> DeviceRecord:
             last_timestamp_ms=int(f[j + 6]),
         )
     i += 7 * nvalues
-    packets = dict.fromkeys(RATE_WINDOWS_S, 0)
-    nbytes = dict.fromkeys(RATE_WINDOWS_S, 0)
-    for j in range(i, len(f), 3):  # (second, packets, bytes): complete seconds only
-        age = now_s - int(f[j])
+    seconds_end = i + 1 + 3 * int(f[i])
+    packets: dict[int, float] = dict.fromkeys(RATE_WINDOWS_S, 0)
+    nbytes: dict[int, float] = dict.fromkeys(RATE_WINDOWS_S, 0)
+    for j in range(i + 1, len(f), 3):
+        # complete seconds only: a second's age 1..w, or the share of a 10-second span's
+        # seconds inside the window (spans hold seconds older than any 10 s window asks for)
+        start = int(f[j])
+        width = 1 if j < seconds_end else SPAN_S
         for w in RATE_WINDOWS_S:
-            if 1 <= age <= w:
-                packets[w] += int(f[j + 1])
-                nbytes[w] += int(f[j + 2])
+            inside = min(start + width, now_s) - max(start, now_s - w)
+            if inside > 0:
+                packets[w] += int(f[j + 1]) * inside / width
+                nbytes[w] += int(f[j + 2]) * inside / width
     return DeviceRecord(
         device_id=device_id,
         packets=int(f[0]),
