@@ -517,12 +517,16 @@ def _admit(
     if len(t.kinds) > _MASK_BITS or len(t.names) > _MASK_BITS:
         _admit_each(t, validator, code, used, needed)
         return
-    known = np.array(vocabs, dtype=object)[needed]  # the needed devices' vocabularies
+    rows = rows[needed]
     if None in distinct:
-        unknown = rows[needed] == distinct.index(None)
-        needed, known = _admit_devices(t, validator, code, used, needed, known, unknown)
+        missing = rows == distinct.index(None)
+        needed, rows, distinct = _admit_devices(
+            t, validator, code, used, needed, rows, distinct, missing
+        )
     if len(needed):
-        _admit_groups(t, validator, code, ok, used, needed, known)
+        _admit_groups(
+            t, validator, code, ok, used, needed, _group_keys(t, used, needed, rows), distinct
+        )
 
 
 class _Used:
@@ -624,25 +628,29 @@ def _admit_devices(
     code: npt.NDArray[np.uint8],
     used: _Used,
     needed: IntArray,
-    known: npt.NDArray[np.object_],
+    rows: IntArray,
+    distinct: list[Vocabulary | None],
     missing: npt.NDArray[np.bool_],
-) -> tuple[IntArray, npt.NDArray[np.object_]]:
+) -> tuple[IntArray, IntArray, list[Vocabulary | None]]:
     """The `missing` ones of the needed devices (not in the current generation): moved up
     from the previous one, or new ones admitted while --max-devices has room, in order of
-    first appearance (the others' packets are refused). Returns the needed devices left
-    and their vocabularies (None: a new device)."""
+    first appearance (the others' packets are refused). Returns the needed devices left,
+    their vocabularies' rows and the vocabularies (None: a new device's)."""
     found = validator.promote(list(map(t.device_ids.__getitem__, needed[missing].tolist())))
-    known[missing] = np.array(found, dtype=object)
+    found_distinct = list(dict.fromkeys(found))
+    rows = rows.copy()
+    rows[missing] = len(distinct) + _numbered(found, found_distinct)
+    distinct = distinct + found_distinct
     new = needed[missing][np.fromiter(map(is_, found, repeat(None)), np.bool_, len(found))]
     room = validator.room
     if len(new) <= room:
-        return needed, known
+        return needed, rows, distinct
     refused = _first_seen(t, used, new)[room:]
     mine = np.zeros(len(t.device_ids) + 1, dtype=np.bool_)
     mine[refused] = True
     code[(code == 0) & mine[t.dev_idx]] = _CODE[Reason.TOO_MANY_DEVICES]
     keep = ~mine[needed]
-    return needed[keep], known[keep]
+    return needed[keep], rows[keep], distinct
 
 
 def _group_keys(
@@ -675,22 +683,20 @@ def _admit_groups(
     ok: npt.NDArray[np.bool_],
     used: _Used,
     needed: IntArray,
-    known: npt.NDArray[np.object_],
+    grouped: tuple[list[tuple[int, int, int]], IntArray, IntArray],
+    distinct: list[Vocabulary | None],
 ) -> None:
     """Admission for devices grouped by (vocabulary, kinds used, value names used): what one
     device of a group is admitted, every device of it is (Validator.extend)."""
-    vocabs = known.tolist()
-    distinct = list(dict.fromkeys(vocabs))
-    groups, order, bounds = _group_keys(t, used, needed, _numbered(vocabs, distinct))
-    ids = np.array(list(map(t.device_ids.__getitem__, needed.tolist())), dtype=object)
-    for (row, km, nm), members in zip(groups, np.split(order, bounds), strict=True):
+    groups, order, bounds = grouped
+    for (row, km, nm), members in zip(groups, np.split(needed[order], bounds), strict=True):
         kinds = [k for j, k in enumerate(t.kinds) if km >> j & 1]
         names = [x for j, x in enumerate(t.names) if nm >> j & 1]
         vocab, refused_kinds, refused_names = validator.extend(distinct[row], kinds, names)
-        validator.settle(ids[members].tolist(), vocab)
+        validator.settle(map(t.device_ids.__getitem__, members.tolist()), vocab)
         if refused_kinds or refused_names:
             in_group = np.zeros(len(t.device_ids) + 1, dtype=np.bool_)
-            in_group[needed[members]] = True
+            in_group[members] = True
             _refuse(t, code, ok & in_group[t.dev_idx], None, refused_kinds, refused_names)
 
 
