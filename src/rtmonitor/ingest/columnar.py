@@ -431,7 +431,7 @@ def _device_codes(
         return codes  # every device known: nothing to check
     unknown = np.flatnonzero(np.fromiter(map(is_, vocabs, repeat(None)), np.bool_, n))
     unknown = unknown[codes[unknown] == 0].tolist()
-    ids = [device_ids[i] for i in unknown]
+    ids = list(map(device_ids.__getitem__, unknown))
     if not device_ids_ok(ids):
         reason = validator.device_reason
         codes[unknown] = [_CODE[r] if (r := reason(d)) else 0 for d in ids]
@@ -457,12 +457,12 @@ def _aggregate(t: _Table, ok: npt.NDArray[np.bool_], recv_ms: int) -> BatchDelta
     pairs, pair_numbers = number_keys(rows * n_kind + t.kind_idx[positions], u * n_kind)
     pair_counts = np.bincount(pair_numbers, minlength=len(pairs))
     values = _aggregate_values(t, group, u, recv_ms)
-    device_ids = t.device_ids
+    # uniq is sorted: with every device of the batch accepted, it is all of them in order
+    ids = t.device_ids
+    kept = list(ids) if u == n_dev else list(map(ids.__getitem__, uniq.tolist()))
     seen = np.full(u, recv_ms, dtype=np.int64)  # the batch's receive time, first and last
     return BatchDelta(
-        device_ids=list(device_ids)
-        if u == n_dev
-        else list(map(device_ids.__getitem__, uniq.tolist())),
+        device_ids=kept,
         packets=packets,
         nbytes=nbytes,
         first_seen=seen,
