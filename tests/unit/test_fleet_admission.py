@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtmonitor.ingest import columnar
-from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows
-from rtmonitor.ingest.v1.telemetry_pb2 import Packet
+from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows, parse_batch
+from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Packet
 from rtmonitor.ingest.validation import Limits, Reason, Validator, device_ids_ok
 from rtmonitor.model import number_keys
 
@@ -108,9 +108,10 @@ def packets(draw: st.DrawFn) -> Packet:
 
 @st.composite
 def steps(draw: st.DrawFn) -> tuple[str, list[Packet], list[str]]:
-    """A batch sent as rows or columns (these with unused kinds in their dictionary, and
-    maybe their device dictionary reversed), or a rotation of the device generations."""
-    how = draw(st.sampled_from(["rows", "columns", "reversed", "rotate"]))
+    """A batch sent as rows (read by protobuf or by the C reader) or columns (these with
+    unused kinds in their dictionary, and maybe their device dictionary reversed), or a
+    rotation of the device generations."""
+    how = draw(st.sampled_from(["rows", "wire", "columns", "reversed", "rotate"]))
     batch = [] if how == "rotate" else draw(st.lists(packets(), min_size=1, max_size=30))
     return how, batch, draw(st.lists(st.sampled_from(["k1", "k4", "k5"]), max_size=2))
 
@@ -124,8 +125,11 @@ def run(
         if how == "rotate":
             results.append(v.rotate())
             continue
-        if how == "rows":
+        if how == "rows":  # protobuf's packets
             delta, rejected = decode_rows(batch, v, NOW, prefix)
+        elif how == "wire":  # the C reader's table
+            rows = parse_batch(Batch(packets=batch).SerializeToString(), len(batch)).rows
+            delta, rejected = decode_rows(rows, v, NOW, prefix)
         else:
             cols = encode_columns(batch)
             if how == "reversed":  # the device dictionary not in order of first appearance
