@@ -177,10 +177,15 @@ def test_stateful_limits_apply_per_batch() -> None:
     assert {d: x.kinds for d, x in delta.devices.items()} == {"a": {"x": 1}, "b": {"x": 1}}
 
 
-def test_known_devices_skip_admission_only_when_nothing_is_new() -> None:
+def test_known_devices_skip_admission_only_when_nothing_is_new(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The steady state (every device known, no new kind or name) skips the per-device
     admission; anything new in a later batch still meets the limits."""
     v = Validator(Limits(max_devices=3, max_kinds_per_device=1, max_value_names_per_device=1))
+    extended: list[tuple[object, ...]] = []
+    extend = v.extend
+    monkeypatch.setattr(v, "extend", lambda *a: extended.append(a) or extend(*a))
 
     def packet(device: str, kind: str, name: str) -> Packet:
         p = Packet(device_id=device, kind=kind)
@@ -188,14 +193,16 @@ def test_known_devices_skip_admission_only_when_nothing_is_new() -> None:
         return p
 
     steady = [packet("a", "x", "t"), packet("b", "x", "t")]
-    assert decode_rows(steady, v, NOW)[1] == {}
-    assert v.covers(["a", "b"], ["x"], ["t"])
+    assert decode_rows(steady, v, NOW)[1] == {} and len(extended) == 1  # a and b: one group
+    extended.clear()
     assert decode_rows(steady, v, NOW)[0].total_packets == 2
-    assert not v.covers(["a", "b"], ["x", "y"], ["t"]) and not v.covers(["c"], ["x"], ["t"])
+    assert decode_columns(encode_columns(steady), v, NOW)[0].total_packets == 2
+    assert extended == []  # nothing new: nothing admitted
     later = [packet("b", "y", "t"), packet("a", "x", "h"), packet("c", "x", "t")]
     delta, rejected = decode_rows(later, v, NOW)
     assert rejected == {"too_many_kinds": 1, "too_many_value_names": 1}
     assert delta.device_ids == ["c"]
+    assert len(extended) == 3  # each device with something new, and only those
     assert decode_rows([packet("d", "x", "t")], v, NOW)[1] == {"too_many_devices": 1}
 
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from itertools import chain, repeat
-from operator import attrgetter, getitem
+from operator import attrgetter, getitem, is_
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,8 @@ from rtmonitor.ingest.validation import (
     UNSPECIFIED_KIND,
     Reason,
     Validator,
+    Vocabulary,
+    device_ids_ok,
 )
 from rtmonitor.model import BatchDelta, latest_of_newest, number_keys
 
@@ -92,6 +95,9 @@ def _encode(strings: list[str], empty_as: str | None = None) -> tuple[list[str],
     """Dictionary-encode a column of strings (first-appearance order) in C-level passes;
     with `empty_as`, "" is read as that entry."""
     distinct = dict.fromkeys(strings)
+    if len(distinct) == len(strings) and (empty_as is None or "" not in distinct):
+        # all distinct (a batch spread over a large fleet): the index is the position
+        return list(distinct), np.arange(len(strings), dtype=np.int64)
     if empty_as is not None and "" in distinct:
         slot: dict[str, int] = {}
         lookup = {s: slot.setdefault(s or empty_as, len(slot)) for s in distinct}
@@ -350,10 +356,11 @@ def decode_rows(
 def _validate_and_aggregate(
     t: _Table, validator: Validator, recv_ms: int, device_prefix: str | None = None
 ) -> tuple[BatchDelta, Counter[str]]:
-    code = _reason_codes(t, validator, recv_ms, device_prefix)
+    vocabs = validator.vocabularies(t.device_ids)
+    code = _reason_codes(t, validator, recv_ms, device_prefix, vocabs)
     ok = code == 0
     if ok.any():
-        _admit(t, validator, code, ok)
+        _admit(t, validator, vocabs, code, ok)
         ok = code == 0
     rejected: Counter[str] = Counter()
     if not ok.all():
@@ -366,7 +373,11 @@ def _validate_and_aggregate(
 
 
 def _reason_codes(
-    t: _Table, validator: Validator, recv_ms: int, device_prefix: str | None
+    t: _Table,
+    validator: Validator,
+    recv_ms: int,
+    device_prefix: str | None,
+    vocabs: list[Vocabulary | None],
 ) -> npt.NDArray[np.uint8]:
     """Per packet: 0 if it passes the stateless checks, else its reason's code."""
     n, lim = t.n, validator.limits
@@ -392,7 +403,7 @@ def _reason_codes(
         code[(t.ts < 0) | (t.ts > recv_ms + MAX_CLOCK_AHEAD_MS)] = _CODE[Reason.BAD_TIMESTAMP]
     if t.size is not None:
         code[t.size > lim.max_payload_bytes] = _CODE[Reason.PAYLOAD_TOO_LARGE]
-    dev_code = _device_codes(t.device_ids, validator, device_prefix)
+    dev_code = _device_codes(t.device_ids, vocabs, validator, device_prefix)
     if dev_code.any():
         by_dev = dev_code[t.dev_idx]
         code = np.where(by_dev != 0, by_dev, code)
@@ -400,21 +411,31 @@ def _reason_codes(
 
 
 def _device_codes(
-    device_ids: list[str], validator: Validator, prefix: str | None
+    device_ids: list[str],
+    vocabs: list[Vocabulary | None],
+    validator: Validator,
+    prefix: str | None,
 ) -> npt.NDArray[np.uint8]:
     """Per distinct device of the batch (plus a last slot for an index past the client's
     dictionary): its refusal code, or 0. A device outside the token's prefix is refused
-    before anything else is checked (it must not take a --max-devices slot)."""
-    reason = validator.device_reason
-    if prefix is None:
-        codes = [_CODE[r] if (r := reason(d)) else 0 for d in device_ids]
-    else:
-        deny = _CODE[Reason.DEVICE_NOT_PERMITTED]
-        codes = [
-            deny if not d.startswith(prefix) else _CODE[r] if (r := reason(d)) else 0
-            for d in device_ids
-        ]
-    return np.array([*codes, _BAD_INDEX], dtype=np.uint8)
+    before anything else is checked (it must not take a --max-devices slot). A device in
+    the current generation (`vocabs`) is valid; the others' ids are checked together, one
+    by one only if one of them is refused."""
+    n = len(device_ids)
+    codes = np.zeros(n + 1, dtype=np.uint8)
+    codes[n] = _BAD_INDEX
+    if prefix is not None:
+        permitted = np.fromiter(map(str.startswith, device_ids, repeat(prefix)), np.bool_, n)
+        codes[:n][~permitted] = _CODE[Reason.DEVICE_NOT_PERMITTED]
+    if None not in vocabs:
+        return codes  # every device known: nothing to check
+    unknown = np.flatnonzero(np.fromiter(map(is_, vocabs, repeat(None)), np.bool_, n))
+    unknown = unknown[codes[unknown] == 0].tolist()
+    ids = list(map(device_ids.__getitem__, unknown))
+    if not device_ids_ok(ids):
+        reason = validator.device_reason
+        codes[unknown] = [_CODE[r] if (r := reason(d)) else 0 for d in ids]
+    return codes
 
 
 def _aggregate(t: _Table, ok: npt.NDArray[np.bool_], recv_ms: int) -> BatchDelta:
@@ -436,10 +457,12 @@ def _aggregate(t: _Table, ok: npt.NDArray[np.bool_], recv_ms: int) -> BatchDelta
     pairs, pair_numbers = number_keys(rows * n_kind + t.kind_idx[positions], u * n_kind)
     pair_counts = np.bincount(pair_numbers, minlength=len(pairs))
     values = _aggregate_values(t, group, u, recv_ms)
-    device_ids = t.device_ids
+    # uniq is sorted: with every device of the batch accepted, it is all of them in order
+    ids = t.device_ids
+    kept = list(ids) if u == n_dev else list(map(ids.__getitem__, uniq.tolist()))
     seen = np.full(u, recv_ms, dtype=np.int64)  # the batch's receive time, first and last
     return BatchDelta(
-        device_ids=[device_ids[d] for d in uniq.tolist()],
+        device_ids=kept,
         packets=packets,
         nbytes=nbytes,
         first_seen=seen,
@@ -462,45 +485,219 @@ def _aggregate(t: _Table, ok: npt.NDArray[np.bool_], recv_ms: int) -> BatchDelta
     )
 
 
-def _admit(t: _Table, validator: Validator, code: npt.NDArray[np.uint8], ok: Any) -> None:
-    """The stateful limits (devices, kinds and value names per device), once per distinct
-    device of the batch, in order of first appearance; refusals are written into `code`."""
-    if validator.covers(t.device_ids, t.kinds, t.names):
-        return  # every device known, nothing new in the batch: nothing to admit or refuse
+# Admission groups devices by the kinds and value names they use in a batch, as bit masks:
+# up to this many distinct kinds (and names) in a batch; past it, one device at a time.
+_MASK_BITS = 62
+
+
+def _admit(
+    t: _Table,
+    validator: Validator,
+    vocabs: list[Vocabulary | None],
+    code: npt.NDArray[np.uint8],
+    ok: npt.NDArray[np.bool_],
+) -> None:
+    """The stateful limits (devices, kinds and value names per device) for the devices of
+    the batch with something new (not in the current generation, or a kind or value name
+    not in their vocabulary); refusals are written into `code`. A device with nothing new
+    is skipped: admit() would neither change nor refuse anything for it."""
+    distinct = list(dict.fromkeys(vocabs))
+    if None not in distinct and all(v.has(t.kinds, t.names) for v in distinct if v):
+        return  # the steady state: every device known, nothing in the batch new to any
+    used = _Used(t, ok)
+    rows = _numbered(vocabs, distinct)
+    need = np.zeros(len(t.device_ids), dtype=np.bool_)
+    need[used.k_dev[_uncovered(distinct, rows[used.k_dev], used.k_item, t.kinds, "kinds")]] = True
+    if len(used.n_dev):
+        uncovered = _uncovered(distinct, rows[used.n_dev], used.n_item, t.names, "names")
+        need[used.n_dev[uncovered]] = True
+    if not need.any():
+        return  # the steady state: every device known, nothing new
+    needed = np.flatnonzero(need)
+    if len(t.kinds) > _MASK_BITS or len(t.names) > _MASK_BITS:
+        _admit_each(t, validator, code, used, needed)
+        return
+    rows = rows[needed]
+    if None in distinct:
+        missing = rows == distinct.index(None)
+        needed, rows, distinct = _admit_devices(
+            t, validator, code, used, needed, rows, distinct, missing
+        )
+    if len(needed):
+        _admit_groups(
+            t, validator, code, ok, used, needed, _group_keys(t, used, needed, rows), distinct
+        )
+
+
+class _Used:
+    """What the batch's packets that passed so far (`ok`) use: (device, kind) per packet,
+    (device, value name) per reading."""
+
+    __slots__ = ("positions", "k_dev", "k_item", "n_dev", "n_item")
+
+    def __init__(self, t: _Table, ok: npt.NDArray[np.bool_]) -> None:
+        self.positions: IntArray = np.flatnonzero(ok)
+        self.k_dev: IntArray = t.dev_idx[self.positions]
+        self.k_item: IntArray = t.kind_idx[self.positions]
+        self.n_dev: IntArray = _NO_INTS
+        self.n_item: IntArray = _NO_INTS
+        if len(t.v_pos):
+            v_ok = ok[t.v_pos]
+            self.n_dev = t.dev_idx[t.v_pos[v_ok]]
+            self.n_item = t.v_name[v_ok]
+
+
+def _numbered(vocabs: list[Vocabulary | None], distinct: list[Vocabulary | None]) -> IntArray:
+    """Each device's number among the `distinct` vocabularies (a fleet's devices share a
+    handful), in a C-level pass."""
+    if len(distinct) == 1:
+        return np.zeros(len(vocabs), dtype=np.int64)
+    number = dict(zip(distinct, range(len(distinct)), strict=True))
+    return np.fromiter(map(number.__getitem__, vocabs), np.int64, len(vocabs))
+
+
+def _uncovered(
+    distinct: list[Vocabulary | None], rows: IntArray, items: IntArray, entries: list[str],
+    field: str,
+) -> npt.NDArray[np.bool_]:  # fmt: skip
+    """Per (vocabulary row, item) entry: True if the item (kind or value name) is not in
+    that vocabulary, or there is none. Checked once per distinct pair."""
+    width = len(entries)
+    pairs, numbers = number_keys(rows * width + items, len(distinct) * width)
+    missing = [
+        (v := distinct[p // width]) is None or entries[p % width] not in getattr(v, field)
+        for p in pairs.tolist()
+    ]
+    return np.array(missing, dtype=np.bool_)[numbers]
+
+
+def _first_seen(t: _Table, used: _Used, devices: IntArray) -> IntArray:
+    """These devices in order of their first packet that passed so far."""
+    first = np.full(len(t.device_ids), t.n, dtype=np.int64)
+    np.minimum.at(first, used.k_dev, used.positions)
+    return devices[np.argsort(first[devices], kind="stable")]
+
+
+def _admit_each(
+    t: _Table, validator: Validator, code: npt.NDArray[np.uint8], used: _Used, needed: IntArray
+) -> None:
+    """admit() for each of these devices in order of first appearance (a batch with too many
+    distinct kinds or value names to group its devices by)."""
     n_dev, n_kind, n_names = len(t.device_ids), len(t.kinds), len(t.names)
-    positions = np.flatnonzero(ok)
-    d_ok = t.dev_idx[positions]
-    first = np.full(n_dev, t.n, dtype=np.int64)
-    np.minimum.at(first, d_ok, positions)
-    order = np.flatnonzero(first < t.n)
-    order = order[np.argsort(first[order], kind="stable")]
     kinds_of: dict[int, list[str]] = {}
-    for key in number_keys(d_ok * n_kind + t.kind_idx[positions], n_dev * n_kind)[0].tolist():
+    for key in number_keys(used.k_dev * n_kind + used.k_item, n_dev * n_kind)[0].tolist():
         kinds_of.setdefault(key // n_kind, []).append(t.kinds[key % n_kind])
     names_of: dict[int, list[str]] = {}
-    if len(t.v_pos):
-        v_ok = ok[t.v_pos]
-        v_dev = t.dev_idx[t.v_pos[v_ok]]
-        for key in number_keys(v_dev * n_names + t.v_name[v_ok], n_dev * n_names)[0].tolist():
-            names_of.setdefault(key // n_names, []).append(t.names[key % n_names])
-    for d in order.tolist():
+    for key in number_keys(used.n_dev * n_names + used.n_item, n_dev * n_names)[0].tolist():
+        names_of.setdefault(key // n_names, []).append(t.names[key % n_names])
+    ok = code == 0
+    for d in _first_seen(t, used, needed).tolist():
         reason, refused_kinds, refused_names = validator.admit(
             t.device_ids[d], kinds_of.get(d, ()), names_of.get(d, ())
         )
-        if reason is None and not refused_kinds and not refused_names:
-            continue
-        # Refusals are rare (a limit was reached): full-length masks are fine here.
-        mine = ok & (t.dev_idx == d)
-        if reason is not None:
-            code[mine] = _CODE[reason]
-            continue
-        for kind in refused_kinds:
-            code[mine & (t.kind_idx == t.kinds.index(kind))] = _CODE[Reason.TOO_MANY_KINDS]
-        for name in refused_names:
-            j = t.names.index(name)
-            hit = np.zeros(t.n, dtype=np.bool_)
-            hit[t.v_pos[t.v_name == j]] = True
-            code[mine & hit & (code == 0)] = _CODE[Reason.TOO_MANY_VALUE_NAMES]
+        if reason is not None or refused_kinds or refused_names:
+            mine = ok & (t.dev_idx == d)
+            _refuse(t, code, mine, reason, refused_kinds, refused_names)
+
+
+def _refuse(
+    t: _Table,
+    code: npt.NDArray[np.uint8],
+    mine: npt.NDArray[np.bool_],
+    reason: Reason | None,
+    refused_kinds: AbstractSet[str],
+    refused_names: AbstractSet[str],
+) -> None:
+    """Refusals of admission for the packets `mine` (rare, a limit was reached: full-length
+    masks are fine here)."""
+    if reason is not None:
+        code[mine] = _CODE[reason]
+        return
+    for kind in refused_kinds:
+        code[mine & (t.kind_idx == t.kinds.index(kind))] = _CODE[Reason.TOO_MANY_KINDS]
+    for name in refused_names:
+        j = t.names.index(name)
+        hit = np.zeros(t.n, dtype=np.bool_)
+        hit[t.v_pos[t.v_name == j]] = True
+        code[mine & hit & (code == 0)] = _CODE[Reason.TOO_MANY_VALUE_NAMES]
+
+
+def _admit_devices(
+    t: _Table,
+    validator: Validator,
+    code: npt.NDArray[np.uint8],
+    used: _Used,
+    needed: IntArray,
+    rows: IntArray,
+    distinct: list[Vocabulary | None],
+    missing: npt.NDArray[np.bool_],
+) -> tuple[IntArray, IntArray, list[Vocabulary | None]]:
+    """The `missing` ones of the needed devices (not in the current generation): moved up
+    from the previous one, or new ones admitted while --max-devices has room, in order of
+    first appearance (the others' packets are refused). Returns the needed devices left,
+    their vocabularies' rows and the vocabularies (None: a new device's)."""
+    found = validator.promote(list(map(t.device_ids.__getitem__, needed[missing].tolist())))
+    found_distinct = list(dict.fromkeys(found))
+    rows = rows.copy()
+    rows[missing] = len(distinct) + _numbered(found, found_distinct)
+    distinct = distinct + found_distinct
+    new = needed[missing][np.fromiter(map(is_, found, repeat(None)), np.bool_, len(found))]
+    room = validator.room
+    if len(new) <= room:
+        return needed, rows, distinct
+    refused = _first_seen(t, used, new)[room:]
+    mine = np.zeros(len(t.device_ids) + 1, dtype=np.bool_)
+    mine[refused] = True
+    code[(code == 0) & mine[t.dev_idx]] = _CODE[Reason.TOO_MANY_DEVICES]
+    keep = ~mine[needed]
+    return needed[keep], rows[keep], distinct
+
+
+def _group_keys(
+    t: _Table, used: _Used, needed: IntArray, rows: IntArray
+) -> tuple[list[tuple[int, int, int]], IntArray, IntArray]:
+    """The needed devices grouped by (vocabulary row, kinds used, value names used), the
+    last two as bit masks over the batch's dictionaries: the distinct groups, and the
+    needed devices' positions in group order with the bounds between groups."""
+    n_dev = len(t.device_ids)
+    kmask = np.zeros(n_dev, dtype=np.int64)
+    np.bitwise_or.at(kmask, used.k_dev, np.left_shift(1, used.k_item))
+    nmask = np.zeros(n_dev, dtype=np.int64)
+    np.bitwise_or.at(nmask, used.n_dev, np.left_shift(1, used.n_item))
+    kinds_used, k_num = number_keys(kmask[needed], 1 << len(t.kinds))
+    names_used, n_num = number_keys(nmask[needed], 1 << len(t.names))
+    a, b = len(kinds_used), len(names_used)
+    keys, which = number_keys((rows * a + k_num) * b + n_num, (int(rows.max()) + 1) * a * b)
+    groups = [
+        (key // (a * b), int(kinds_used[key // b % a]), int(names_used[key % b]))
+        for key in keys.tolist()
+    ]
+    order = np.argsort(which, kind="stable")
+    return groups, order, np.cumsum(np.bincount(which, minlength=len(keys)))[:-1]
+
+
+def _admit_groups(
+    t: _Table,
+    validator: Validator,
+    code: npt.NDArray[np.uint8],
+    ok: npt.NDArray[np.bool_],
+    used: _Used,
+    needed: IntArray,
+    grouped: tuple[list[tuple[int, int, int]], IntArray, IntArray],
+    distinct: list[Vocabulary | None],
+) -> None:
+    """Admission for devices grouped by (vocabulary, kinds used, value names used): what one
+    device of a group is admitted, every device of it is (Validator.extend)."""
+    groups, order, bounds = grouped
+    for (row, km, nm), members in zip(groups, np.split(needed[order], bounds), strict=True):
+        kinds = [k for j, k in enumerate(t.kinds) if km >> j & 1]
+        names = [x for j, x in enumerate(t.names) if nm >> j & 1]
+        vocab, refused_kinds, refused_names = validator.extend(distinct[row], kinds, names)
+        validator.settle(map(t.device_ids.__getitem__, members.tolist()), vocab)
+        if refused_kinds or refused_names:
+            in_group = np.zeros(len(t.device_ids) + 1, dtype=np.bool_)
+            in_group[members] = True
+            _refuse(t, code, ok & in_group[t.dev_idx], None, refused_kinds, refused_names)
 
 
 @dataclass(slots=True, kw_only=True)

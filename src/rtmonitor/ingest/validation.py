@@ -9,7 +9,9 @@ from collections.abc import Collection, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from itertools import compress, repeat
+from operator import is_not
+from typing import Protocol, cast
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
 from rtmonitor.model import DEVICE_ID_MAX, ID_CHARS, NAME_MAX, Row
@@ -32,6 +34,19 @@ def device_id_reason(device_id: str) -> Reason | None:
     if not _DEVICE_ID.fullmatch(device_id):
         return Reason.INVALID_DEVICE_ID
     return None
+
+
+def device_ids_ok(device_ids: list[str]) -> bool:
+    """True if device_id_reason() is None for every one of these ids: the lengths in one
+    C-level pass, the characters by one regular expression over all of them joined."""
+    if not device_ids:
+        return True
+    lengths = list(map(len, device_ids))
+    return (
+        min(lengths) > 0
+        and max(lengths) <= DEVICE_ID_MAX
+        and _DEVICE_ID.fullmatch("".join(device_ids)) is not None
+    )
 
 
 def name_ok(name: str) -> bool:
@@ -109,7 +124,7 @@ class Limits:
     max_devices: int = 1_000_000
 
 
-class _Vocabulary:
+class Vocabulary:
     """What a device has used so far in this process (kinds, value names). Immutable and
     shared: devices of a fleet mostly use the same kinds and names, so 100,000 devices hold
     a handful of these instead of two sets each (~450 B per device)."""
@@ -140,7 +155,7 @@ def _admit_new(
     return (known | added if added else known), refused
 
 
-_EMPTY = _Vocabulary(_NOTHING, _NOTHING)
+_EMPTY = Vocabulary(_NOTHING, _NOTHING)
 
 
 class Validator:
@@ -160,23 +175,23 @@ class Validator:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self._devices: dict[str, _Vocabulary] = {}  # the current generation
-        self._previous: dict[str, _Vocabulary] = {}  # disjoint from _devices
+        self._devices: dict[str, Vocabulary] = {}  # the current generation
+        self._previous: dict[str, Vocabulary] = {}  # disjoint from _devices
         # Interned vocabularies; one disappears once no device uses it any more.
         self._vocabularies: weakref.WeakValueDictionary[
-            tuple[frozenset[str], frozenset[str]], _Vocabulary
+            tuple[frozenset[str], frozenset[str]], Vocabulary
         ] = weakref.WeakValueDictionary()
         # Kinds and value names that passed name_ok(): batches look each distinct one up
         # once per batch, so the regex runs once per name, not once per batch. Bounded.
         self._good_names: set[str] = set()
 
-    def _intern(self, kinds: frozenset[str], names: frozenset[str]) -> _Vocabulary:
+    def _intern(self, kinds: frozenset[str], names: frozenset[str]) -> Vocabulary:
         vocab = self._vocabularies.get((kinds, names))
         if vocab is None:
-            vocab = self._vocabularies[(kinds, names)] = _Vocabulary(kinds, names)
+            vocab = self._vocabularies[(kinds, names)] = Vocabulary(kinds, names)
         return vocab
 
-    def _lookup(self, device_id: str) -> _Vocabulary | None:
+    def _lookup(self, device_id: str) -> Vocabulary | None:
         """The device's vocabulary, moving it up from the previous generation (a miss in
         the current one: the first packet of a device after a rotation, or a new device)."""
         vocab = self._previous.pop(device_id, None)
@@ -252,7 +267,7 @@ class Validator:
         return (device_id, kind, nbytes, ts, values)
 
     def _readings(
-        self, readings: Mapping[str, float], vocab: _Vocabulary | None
+        self, readings: Mapping[str, float], vocab: Vocabulary | None
     ) -> tuple[dict[str, float], set[str] | None] | Reason:
         """A packet's readings as a dict and the value names new to its device, or why
         they are refused (the stateless checks: count, names, finite values)."""
@@ -273,7 +288,7 @@ class Validator:
     def _remember(
         self,
         device_id: str,
-        vocab: _Vocabulary | None,
+        vocab: Vocabulary | None,
         new_kind: str | None,
         new_names: set[str] | None,
     ) -> Reason | None:
@@ -294,13 +309,46 @@ class Validator:
         )
         return None
 
-    def covers(self, device_ids: list[str], kinds: list[str], names: list[str]) -> bool:
-        """True if every device is known and may use every one of these kinds and names:
-        the steady state, where `admit` would admit nothing new and refuse nothing. Checked
-        once per distinct vocabulary (devices of a fleet share a handful), not per device."""
-        vocabs = {id(v): v for v in map(self._devices.get, device_ids)}
-        # A device only in the previous generation misses here: admit() moves it up.
-        return all(v is not None and v.has(kinds, names) for v in vocabs.values())
+    def vocabularies(self, device_ids: list[str]) -> list[Vocabulary | None]:
+        """Each device's vocabulary in the current generation, or None (a new device, or one
+        only in the previous generation): a batch looks its devices up in one C-level pass,
+        without a Python call per device."""
+        return list(map(self._devices.get, device_ids))
+
+    def promote(self, device_ids: list[str]) -> list[Vocabulary | None]:
+        """Devices missing from the current generation: each one's vocabulary, moved up from
+        the previous generation, or None for a new device (what admit() does first)."""
+        found = list(map(self._previous.pop, device_ids, repeat(None)))
+        if found.count(None) < len(found):
+            moved = map(is_not, found, repeat(None))
+            pairs = compress(zip(device_ids, found, strict=True), moved)
+            self._devices.update(cast("Iterable[tuple[str, Vocabulary]]", pairs))
+        return found
+
+    @property
+    def room(self) -> int:
+        """How many more devices --max-devices admits."""
+        return max(self.limits.max_devices - self.device_count, 0)
+
+    def extend(
+        self, vocab: Vocabulary | None, kinds: Collection[str], names: Collection[str]
+    ) -> tuple[Vocabulary, AbstractSet[str], AbstractSet[str]]:
+        """`vocab` (None: a new device's) grown by these kinds and names within the
+        per-device limits, in order: (the new vocabulary, the kinds refused, the value names
+        refused). Depends on nothing else, so devices sharing a vocabulary and a batch's
+        kinds and names share the answer."""
+        lim = self.limits
+        if vocab is None:
+            vocab = _EMPTY
+        if vocab.has(kinds, names):
+            return vocab, _NOTHING, _NOTHING
+        known_kinds, refused_kinds = _admit_new(vocab.kinds, kinds, lim.max_kinds_per_device)
+        known_names, refused_names = _admit_new(vocab.names, names, lim.max_value_names_per_device)
+        return self._intern(known_kinds, known_names), refused_kinds, refused_names
+
+    def settle(self, device_ids: Iterable[str], vocab: Vocabulary) -> None:
+        """Give these (admitted) devices this vocabulary."""
+        self._devices.update(zip(device_ids, repeat(vocab)))
 
     def admit(
         self, device_id: str, kinds: Collection[str], names: Collection[str]
@@ -308,15 +356,10 @@ class Validator:
         """The stateful limits for a whole columnar batch of one device (first-seen order):
         (a reason refusing every packet of the device, or None; the kinds refused; the value
         names refused). The vocabulary grows only by what is admitted."""
-        lim = self.limits
         vocab = self._devices.get(device_id) or self._lookup(device_id)
         if vocab is not None and vocab.has(kinds, names):
             return None, _NOTHING, _NOTHING  # the steady state: nothing new
-        if vocab is None:
-            if self.device_count >= lim.max_devices:
-                return Reason.TOO_MANY_DEVICES, _NOTHING, _NOTHING
-            vocab = _EMPTY
-        known_kinds, refused_kinds = _admit_new(vocab.kinds, kinds, lim.max_kinds_per_device)
-        known_names, refused_names = _admit_new(vocab.names, names, lim.max_value_names_per_device)
-        self._devices[device_id] = self._intern(known_kinds, known_names)
+        if vocab is None and self.device_count >= self.limits.max_devices:
+            return Reason.TOO_MANY_DEVICES, _NOTHING, _NOTHING
+        self._devices[device_id], refused_kinds, refused_names = self.extend(vocab, kinds, names)
         return None, refused_kinds, refused_names
