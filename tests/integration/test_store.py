@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -148,7 +149,13 @@ def test_exactly_once_prepare_finalize_and_conflicts(redis_server: EmbeddedRedis
     asyncio.run(main())
 
 
-def test_journal_of_a_dead_instance_is_replayed_once(redis_server: EmbeddedRedis) -> None:
+def test_journal_of_a_dead_instance_is_replayed_once(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal goes in chunks (here 2 merge calls each: 4 calls make 2 chunks): kept
+    while the journal lives, replayed in order, dropped with it."""
+    monkeypatch.setattr(store_module, "JOURNAL_CHUNK", 2)
+
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "t") as store:
             store._group_size = 2
@@ -157,6 +164,9 @@ def test_journal_of_a_dead_instance_is_replayed_once(redis_server: EmbeddedRedis
             keys = [store.layout.batch("prod", 9)]
             await store.heartbeat("dead", 1)
             assert await store.prepare("dead:7", keys, calls) == {}
+            chunks = [store.layout.journal_chunk("dead:7", n) for n in range(2)]
+            assert len(calls) == 4 and await store.client.exists(*chunks) == 2
+            assert [await store.client.ttl(c) for c in chunks] == [-1, -1]  # kept by PREPARE
             # "dead" applied one group, then crashed before the rest and before finalize
             await store.apply(calls[:1])
             assert await store.orphan_journals("me") == []  # its heartbeat is still alive
@@ -166,9 +176,42 @@ def test_journal_of_a_dead_instance_is_replayed_once(redis_server: EmbeddedRedis
             assert await store.recover("dead:7", "me", 60)
             assert not await store.recover("dead:7", "other", 60)  # claimed once
             assert await store.orphan_journals("me") == []
+            assert await store.client.exists(*chunks) == 0  # dropped with the journal
             totals = await store.totals()
             assert (totals.packets, totals.devices) == (5, 5)
             assert await store.prepare("x:1", keys, calls) == {0: "c"}
+            # a flush whose ids were taken claims nothing: its chunks only wait to expire
+            assert await store.prepare("x:2", keys, calls) == {0: "c"}
+            assert 0 < await store.client.ttl(store.layout.journal_chunk("x:2", 0))
+            assert await store.client.exists(store.layout.journal("x:2")) == 0
+
+    asyncio.run(main())
+
+
+def test_a_journal_written_whole_by_an_earlier_version_is_replayed(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """Before chunks, a journal was one value with its calls inline: an instance that died
+    during an upgrade leaves one, and it is replayed the same."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            calls = store.plan(delta(a=dev(3, 5, 5), b=dev(4, 5, 5)), "old", 3)
+            # its device calls: the marker and the records (no index keys), 5 arguments
+            old = [(n, [k[0], *k[6:]], a[:5]) if n == "devices" else (n, k, a) for n, k, a in calls]
+            keys = [store.layout.batch("prod", 1)]
+            whole = {"batches": keys, "calls": store_module._journaled(old)}
+            await store.client.set(store.layout.journal("old:3"), json.dumps(whole))
+            await store.client.zadd(store.layout.journals, {"old:3": 1})
+            await store.client.set(keys[0], "p:old:3")
+            assert await store.orphan_journals("me") == ["old:3"]
+            assert await store.recover("old:3", "me", 60)
+            totals = await store.totals()
+            assert (totals.packets, totals.devices) == (7, 2)
+            _, page = await store.list_devices(sort="packets", descending=True)
+            assert [(d.device_id, d.packets) for d in page] == [("b", 4), ("a", 3)]
+            assert await store.client.get(keys[0]) == "c"
+            assert await store.orphan_journals("me") == []
 
     asyncio.run(main())
 

@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rtmonitor.clients import ClientSecurity
-from rtmonitor.config import BenchMode, BenchSettings, SendSettings
+from rtmonitor.config import BenchMode, BenchSettings, SendSettings, Settings
 from rtmonitor.ingest.rpc import STREAM_PACKETS
 from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
 from rtmonitor.loadgen.broker import Mosquitto, mosquitto_binary
@@ -77,6 +77,12 @@ def _start_service(
     ]  # fmt: skip
     if noop:
         flags.append("--noop")
+    if opts is not None:
+        # the fleet and the freshness probe's device: past the default --max-devices (a
+        # million), the last new device would be refused (counted, not verified as sent)
+        fleet = opts.devices * opts.senders + 1
+        if fleet > Settings.model_fields["max_devices"].default:
+            flags += ["--max-devices", str(fleet)]
     if workers > 1:
         flags += ["--workers", str(workers)]
     env = {"RTM_REDIS_URL": redis_url}

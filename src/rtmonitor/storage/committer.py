@@ -10,7 +10,7 @@ from redis.exceptions import OutOfMemoryError, RedisError
 
 from rtmonitor.logs import redact_url
 from rtmonitor.model import BatchId, Claim, CommitUnavailable, FlushDelta
-from rtmonitor.storage.store import Call, RedisStore
+from rtmonitor.storage.store import Call, RedisStore, journal_chunks
 
 
 @asynccontextmanager
@@ -60,7 +60,9 @@ class RedisFlush:
     async def finalize(self, dedupe_window_s: int) -> None:
         if self._keys:
             async with _unavailable():
-                await self._store.finalize(self._flush_id, self._keys, dedupe_window_s)
+                await self._store.finalize(
+                    self._flush_id, self._keys, dedupe_window_s, journal_chunks(len(self._calls))
+                )
 
 
 class RedisCommitter:

@@ -38,6 +38,7 @@ be forged.
     {<p>}:b:<producer>:<batch>  string a batch id: "p:<flush>" claimed, "c" committed (TTL =
                                        the dedupe window)
     {<p>}:j:<flush>             string journal of a flush: batch ids and merge calls (JSON)
+    {<p>}:jc:<flush>:<n>        string chunk n of that journal: JOURNAL_CHUNK merge calls (JSON)
     {<p>}:journals              zset   flush id -> prepare time (journals not yet finalized)
     {<p>}:alive:<inst>          string heartbeat of a live instance (TTL)
     {<p>}:stats:<inst>          string an ingest instance's self-metrics (JSON, TTL)
@@ -149,6 +150,9 @@ class KeyLayout:
 
     def journal(self, flush_id: str) -> str:
         return self._global(f"j:{flush_id}")
+
+    def journal_chunk(self, flush_id: str, n: int) -> str:
+        return self._global(f"jc:{flush_id}:{n}")
 
     @property
     def journals(self) -> str:

@@ -316,26 +316,34 @@ return 1
 )
 
 # Exactly-once, step 1 of 3 (all keys share the {prefix} hash slot).
-# KEYS: journal, journal index, batch-id keys...; ARGV: flush id, now ms, journal blob.
-# Claims every batch id for this flush and stores the flush's journal, atomically — or,
-# if any batch id is already taken by another flush, writes nothing and returns the
-# conflicts as a flat list {position, state, ...} (state "c" = committed, "p:<flush>" =
-# pending in another flush). A retry of the same flush finds its own claims and goes on.
+# KEYS: journal, journal index, journal chunks..., batch-id keys...
+# ARGV: flush id, now ms, the journal's head (its batch ids and number of chunks), the
+#       number of chunk keys
+# The chunks (the merge calls, RedisStore.prepare) were written before, with a TTL: this
+# claims every batch id for this flush, stores the head and keeps the chunks for as long
+# as it lives, atomically — or, if any batch id is already taken by another flush, writes
+# nothing and returns the conflicts as a flat list {position, state, ...} (state "c" =
+# committed, "p:<flush>" = pending in another flush; the unclaimed chunks expire). A retry
+# of the same flush finds its own claims and goes on.
 PREPARE = """
 local mine = 'p:' .. ARGV[1]
+local first = 3 + tonumber(ARGV[4])
 local conflicts = {}
-for i = 3, #KEYS do
+for i = first, #KEYS do
   local state = redis.call('GET', KEYS[i])
   if state and state ~= mine then
-    table.insert(conflicts, i - 2)
+    table.insert(conflicts, i - first + 1)
     table.insert(conflicts, state)
   end
 end
 if #conflicts > 0 then
   return conflicts
 end
-for i = 3, #KEYS do
+for i = first, #KEYS do
   redis.call('SET', KEYS[i], mine)
+end
+for i = 3, first - 1 do
+  redis.call('PERSIST', KEYS[i])
 end
 redis.call('SET', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
@@ -343,11 +351,16 @@ return conflicts
 """
 
 # Exactly-once, step 3 of 3 (after every merge call of the journal was applied).
-# KEYS: journal, journal index, batch-id keys...; ARGV: flush id, dedupe window seconds.
+# KEYS: journal, journal index, journal chunks..., batch-id keys...
+# ARGV: flush id, dedupe window seconds, the number of chunk keys
 # The batch ids become "committed" for the dedupe window; the journal is dropped.
 FINALIZE = """
-for i = 3, #KEYS do
+local first = 3 + tonumber(ARGV[3] or '0')
+for i = first, #KEYS do
   redis.call('SET', KEYS[i], 'c', 'EX', ARGV[2])
+end
+for i = 3, first - 1 do
+  redis.call('DEL', KEYS[i])
 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])

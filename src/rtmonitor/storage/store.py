@@ -52,6 +52,8 @@ GROUP_SIZE = 256
 # How long a merge group's marker lives without being written again. It must outlast the
 # longest time a flush can wait to be retried or replayed (a Redis outage, a dead instance).
 MARKER_TTL_S = 24 * 3600
+# Merge calls per journal chunk (~4 MB of JSON: 64 x 256 devices).
+JOURNAL_CHUNK = 64
 # Merge calls per pipeline (16 x 256 devices, ~1.5 MB of commands).
 APPLY_SLICE = 4
 # Members per bulk ZADD of the sorted indexes (the index commands of a flush are pipelined).
@@ -345,29 +347,44 @@ class RedisStore:
     async def prepare(
         self, flush_id: str, batch_keys: list[str], calls: list[Call]
     ) -> dict[int, str]:
-        """Exactly-once step 1: claim `batch_keys` and journal `calls`, atomically.
+        """Exactly-once step 1: journal `calls` and claim `batch_keys`, atomically.
 
+        The calls go first, JOURNAL_CHUNK to a key (with a TTL, so that chunks of a flush
+        that never claims its ids expire), one chunk at a time: a flush of a million
+        devices is ~300 MB of journal, more than one Redis value may hold. PREPARE then
+        claims the ids, writes the journal's head and keeps the chunks, in one step.
         Returns {position in batch_keys: state} for ids already taken ("c" committed, or
-        "p:<flush>" pending in another flush); then nothing was written.
+        "p:<flush>" pending in another flush); then nothing was claimed.
         """
         layout = self.layout
-        # bytes, not str: redis-py sends bytes as they are (a str would be encoded into a
-        # second copy of what is ~25 MB for a flush of 100,000 devices)
-        journal = {"batches": batch_keys, "calls": _journaled(calls)}
-        blob = json.dumps(journal, separators=(",", ":")).encode()
+        chunks = journal_chunks(len(calls))
+        for n in range(chunks):
+            part = calls[n * JOURNAL_CHUNK : (n + 1) * JOURNAL_CHUNK]
+            # bytes, not str: redis-py sends bytes as they are
+            blob = json.dumps(_journaled(part), separators=(",", ":")).encode()
+            await self.client.set(layout.journal_chunk(flush_id, n), blob, ex=self._marker_ttl)
+        head = json.dumps({"batches": batch_keys, "chunks": chunks}, separators=(",", ":"))
         reply = await self._prepare(
-            keys=[layout.journal(flush_id), layout.journals, *batch_keys],
-            args=[flush_id, int(time.time() * 1000), blob],
-        )
+            keys=[layout.journal(flush_id), layout.journals, *self._chunk_keys(flush_id, chunks),
+                  *batch_keys],
+            args=[flush_id, int(time.time() * 1000), head, chunks],
+        )  # fmt: skip
         return {int(reply[i]) - 1: str(reply[i + 1]) for i in range(0, len(reply), 2)}
 
-    async def finalize(self, flush_id: str, batch_keys: list[str], window_s: int) -> None:
-        """Exactly-once step 3: mark the batch ids committed and drop the journal."""
+    async def finalize(
+        self, flush_id: str, batch_keys: list[str], window_s: int, chunks: int = 0
+    ) -> None:
+        """Exactly-once step 3: mark the batch ids committed and drop the journal (and its
+        `chunks` chunks)."""
         layout = self.layout
         await self._finalize(
-            keys=[layout.journal(flush_id), layout.journals, *batch_keys],
-            args=[flush_id, window_s],
-        )
+            keys=[layout.journal(flush_id), layout.journals, *self._chunk_keys(flush_id, chunks),
+                  *batch_keys],
+            args=[flush_id, window_s, chunks],
+        )  # fmt: skip
+
+    def _chunk_keys(self, flush_id: str, chunks: int) -> list[str]:
+        return [self.layout.journal_chunk(flush_id, n) for n in range(chunks)]
 
     # --- retention ---------------------------------------------------------------------------
 
@@ -462,9 +479,18 @@ class RedisStore:
         if blob is None:
             return False
         journal = json.loads(blob)
-        calls = _from_journal([(name, keys, args) for name, keys, args in journal["calls"]])
-        await self.apply(calls)
-        await self.finalize(flush_id, journal["batches"], window_s)
+        chunks = int(journal.get("chunks", 0))
+        if chunks:
+            calls: list[Call] = []
+            for n in range(chunks):
+                part = await self.client.get(layout.journal_chunk(flush_id, n))
+                if part is None:  # PREPARE kept every chunk: only a hand could remove one
+                    raise LookupError(f"journal {flush_id}: chunk {n} of {chunks} is gone")
+                calls += json.loads(part)
+        else:  # (a journal written whole, by an earlier version)
+            calls = journal["calls"]
+        await self.apply(_from_journal([(name, keys, args) for name, keys, args in calls]))
+        await self.finalize(flush_id, journal["batches"], window_s, chunks)
         return True
 
     # --- reads -----------------------------------------------------------------------------
@@ -818,6 +844,11 @@ def _rate_keys(now_s: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     `now_s`, newest first."""
     seconds = range(now_s - 1, now_s - 1 - max(RATE_WINDOWS_S), -1)
     return tuple(map(str, seconds)), tuple(f"{s}b" for s in seconds)
+
+
+def journal_chunks(calls: int) -> int:
+    """The chunks a journal of `calls` merge calls is written in."""
+    return -(-calls // JOURNAL_CHUNK)
 
 
 def _journaled(calls: list[Call]) -> list[Call]:
