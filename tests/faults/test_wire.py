@@ -114,6 +114,18 @@ def test_a_large_value_is_sent_as_it_is_not_copied() -> None:
     chunks = LeanConnection().pack_command("EVALSHA", "sha", 1, "key", big)
     assert any(chunk is big for chunk in chunks)
     assert b"".join(chunks) == b"".join(Connection().pack_command("EVALSHA", "sha", 1, "key", big))
+    # a merge call: hundreds of keys, the deltas, numbers after them (and buffers, values
+    # of two words in the name): the same bytes as redis-py's packer
+    keys = [f"rtm:d:{{dev-{i:06d}}}" for i in range(300)]
+    call = ("EVALSHA", "sha", 300, *keys, 86400, 7, 0, 179, big, 5, 1.25, bytearray(b"ba"))
+    chunks = LeanConnection().pack_command(*call)
+    assert any(chunk is big for chunk in chunks)
+    assert b"".join(chunks) == b"".join(Connection().pack_command(*call))
+    assert b"".join(LeanConnection().pack_command("SCRIPT LOAD", big)) == b"".join(
+        Connection().pack_command("SCRIPT LOAD", big)
+    )
+    with pytest.raises(DataError):
+        LeanConnection().pack_command("SET", "k", None, big)
 
 
 # --- the redis-py internals storage/wire.py relies on ----------------------------------------

@@ -55,9 +55,14 @@ class _Lean:
         if any(
             isinstance(a, bytes | bytearray | memoryview) and len(a) > _INLINE_MAX for a in args
         ):
-            # A large value (a flush's journal: ~25 MB for 100,000 devices) would be
-            # copied into the packed command; redis-py's packer sends it as a chunk.
-            return cast(list[bytes], super().pack_command(*args))  # type: ignore[misc]
+            # A large value (a merge call's deltas, a journal chunk: up to a few MB) would
+            # be copied into the packed command: it goes as a chunk of its own, as
+            # redis-py's packer sends it, and hiredis packs the rest (a merge call has
+            # hundreds of keys, which redis-py's packer takes one by one in Python).
+            try:
+                return _with_large_values(args)
+            except TypeError:  # a wrong type: redis-py's own error (DataError)
+                return cast(list[bytes], super().pack_command(*args))  # type: ignore[misc]
         # Bytes, buffers, wrong types (DataError): redis-py's own hiredis packer.
         return cast(list[bytes], _HIREDIS.pack(*cast(Any, args)))
 
@@ -94,6 +99,34 @@ class _Lean:
             if isinstance(exc, OSError):
                 raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
             raise
+
+
+def _with_large_values(args: tuple[EncodableT, ...]) -> list[bytes]:
+    """The command in the Redis protocol: the values over _INLINE_MAX bytes as chunks of
+    their own (not copied), runs of the other arguments packed by hiredis."""
+    name = args[0]
+    words = name.encode().split() if isinstance(name, str) else [name]
+    items = [*words, *args[1:]]
+    out: list[bytes] = [b"*%d\r\n" % len(items)]
+    run: list[Any] = []
+
+    def pack_run() -> None:
+        if run:
+            packed: bytes = hiredis.pack_command(tuple(run))
+            out.append(packed[packed.index(b"\r\n") + 2 :])  # without its own "*<n>"
+            run.clear()
+
+    for item in items:
+        if isinstance(item, bytes | bytearray | memoryview):
+            if len(item) > _INLINE_MAX:
+                pack_run()
+                value = item if isinstance(item, bytes) else bytes(item)
+                out += (b"$%d\r\n" % len(value), value, b"\r\n")
+                continue
+            item = bytes(item)
+        run.append(item)
+    pack_run()
+    return out
 
 
 class LeanConnection(_Lean, Connection):
