@@ -197,10 +197,8 @@ def test_a_journal_written_whole_by_an_earlier_version_is_replayed(
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "t") as store:
             calls = store.plan(delta(a=dev(3, 5, 5), b=dev(4, 5, 5)), "old", 3)
-            # its device calls: the marker and the records (no index keys), 5 arguments
-            old = [(n, [k[0], *k[6:]], a[:5]) if n == "devices" else (n, k, a) for n, k, a in calls]
             keys = [store.layout.batch("prod", 1)]
-            whole = {"batches": keys, "calls": store_module._journaled(old)}
+            whole = {"batches": keys, "calls": store_module._journaled(calls)}
             await store.client.set(store.layout.journal("old:3"), json.dumps(whole))
             await store.client.zadd(store.layout.journals, {"old:3": 1})
             await store.client.set(keys[0], "p:old:3")

@@ -67,84 +67,41 @@ end
 """
 
 # KEYS[1]   marker (same hash slot as every device key of this call)
-# KEYS[2..] on a single Redis (ARGV[6] = 5): the device index, the packets, bytes and
-#           last_seen indexes and the sort=rate window ARGV[4] of the devices' index group;
-#           then the devices' records (keys.py KeyLayout.device: the id is read back from
-#           each, after ARGV[7] bytes and before the closing brace)
+# KEYS[2..] the devices' records
 # ARGV[1]   marker TTL in seconds, ARGV[2] flush seq, ARGV[3] retention in ms (0: keep
 #           forever), ARGV[4] this flush's rate window, ARGV[5] the devices' deltas, packed
-#           one after the other in KEYS order, ARGV[6] index keys (0 or 5), ARGV[7] as above
-# With index keys, the script writes the devices' index entries itself (bulk ZADDs, the same
-# rules as RedisStore._index_commands) and returns the number of devices. Without (a
-# cluster: the indexes live in other slots), it returns, per device, 5 integers for them:
+#           one after the other in KEYS order
+# Returns, per device, 5 integers for the sorted indexes (RedisStore._index_commands):
 #   packets, bytes, last_seen, packets in ARGV[4]'s window (0: none), and 1 if this call
 #   created the record, 0 if not, 2 if the call had been applied before (the records as
 #   they are now), -1 if so and the record has expired since (nothing to index).
+# (Writing the index entries from here instead, with bulk ZADDs, cost Redis ~3-9 us more
+# per device: each score goes from a Lua number to text and back to a double in Redis.
+# The service formats them instead, and Redis, shared by every replica, does less.)
 MERGE_DEVICES = (
     _RECORD
     + """
 local window = tonumber(ARGV[4])
 local retention = tonumber(ARGV[3])
-local ni = tonumber(ARGV[6] or '0')
-local id_at = tonumber(ARGV[7] or '0')
 local out = {}
--- index entries: devices (NX), packets and bytes (GT, or replacing for a record created
--- anew while retention is on: its predecessor's entries may be higher), last_seen (GT),
--- the rate window (GT)
-local ix = {{}, {}, {}, {}, {}, {}, {}}
-local function emit(key, p, b, l, wp, created)
-  if ni == 0 then
-    local n = #out
-    out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = p, b, l, wp, created
-    return
-  end
-  if created < 0 then return end
-  local id = string.sub(key, id_at + 1, -2)
-  local fresh = created == 1 and retention > 0
-  local t
-  -- a record that existed is in the device index since its creation (indexed by the same
-  -- call), unless retention is on: then the expiry may have dropped it meanwhile
-  if created ~= 0 or retention > 0 then t = ix[1]; t[#t + 1] = 0; t[#t + 1] = id end
-  t = fresh and ix[3] or ix[2]; t[#t + 1] = p; t[#t + 1] = id
-  t = fresh and ix[5] or ix[4]; t[#t + 1] = b; t[#t + 1] = id
-  t = ix[6]; t[#t + 1] = l; t[#t + 1] = id
-  if wp ~= 0 then t = ix[7]; t[#t + 1] = wp; t[#t + 1] = id end
-end
-local function zadd(key, flag, t)
-  if #t == 0 then return end
-  if flag then
-    redis.call('ZADD', key, flag, unpack(t))
-  else
-    redis.call('ZADD', key, unpack(t))
-  end
-end
-local function indexes()
-  if ni == 0 then return out end
-  zadd(KEYS[2], 'NX', ix[1])
-  zadd(KEYS[3], 'GT', ix[2]); zadd(KEYS[3], nil, ix[3])
-  zadd(KEYS[4], 'GT', ix[4]); zadd(KEYS[4], nil, ix[5])
-  zadd(KEYS[5], 'GT', ix[6])
-  if #ix[7] > 0 then
-    zadd(KEYS[6], 'GT', ix[7])
-    -- written during its 10 s, read during the next 10 s: 30 s after the last write
-    redis.call('EXPIRE', KEYS[6], 30)
-  end
-  return #KEYS - 1 - ni
+local function emit(p, b, l, wp, created)
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = p, b, l, wp, created
 end
 local applied = tonumber(redis.call('GET', KEYS[1]))
 if applied ~= nil and applied >= tonumber(ARGV[2]) then
   -- a retry or a replay: nothing to merge, but the indexes may still need the figures
-  for k = 2 + ni, #KEYS do
+  for k = 2, #KEYS do
     local blob = redis.call('GET', KEYS[k])
     if blob then
       local p, b, _, l, w, wp = struct.unpack(HEAD, blob)
       if w ~= window then wp = 0 end
-      emit(KEYS[k], p, b, l, wp, 2)
+      emit(p, b, l, wp, 2)
     else
-      emit(KEYS[k], 0, 0, 0, 0, -1)
+      emit(0, 0, 0, 0, -1)
     end
   end
-  return indexes()
+  return out
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 -- Rate buckets (the record's seconds and spans, from r[base + 1] on): add this delta's
@@ -208,7 +165,7 @@ local function buckets(r, base, nf, nc, sec, packets, nbytes)
 end
 local deltas = ARGV[5]
 local at = 1
-for k = 2 + ni, #KEYS do
+for k = 2, #KEYS do
   local key = KEYS[k]
   local packets, nbytes, first, last, dk, dv
   packets, nbytes, first, last, dk, dv, at = struct.unpack('<ddddHH', deltas, at)
@@ -279,9 +236,9 @@ for k = 2 + ni, #KEYS do
     redis.call('SET', key, record)
   end
   if w ~= window then wp = 0 end
-  emit(key, p, b, l, wp, created)
+  emit(p, b, l, wp, created)
 end
-return indexes()
+return out
 """
 )
 

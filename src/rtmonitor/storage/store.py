@@ -54,7 +54,9 @@ GROUP_SIZE = 256
 MARKER_TTL_S = 24 * 3600
 # Merge calls per journal chunk (~4 MB of JSON: 64 x 256 devices).
 JOURNAL_CHUNK = 64
-# Merge calls per pipeline (16 x 256 devices, ~1.5 MB of commands).
+# Merge calls per pipeline (4 x 256 devices, ~200 KB of commands). Redis runs a pipeline's
+# scripts back to back, so a read waits behind up to one pipeline (~10-15 ms of scripts);
+# with 16 it waited up to ~60 ms.
 APPLY_SLICE = 4
 # Members per bulk ZADD of the sorted indexes (the index commands of a flush are pipelined).
 ZADD_CHUNK = 2_000
@@ -189,13 +191,13 @@ class RedisStore:
     # --- writes ----------------------------------------------------------------------------
     #
     # One flush of one instance = a list of merge calls (a "plan"), applied in pipelined
-    # round trips (one for up to 4,096 devices). Every call is idempotent through its
+    # round trips (one for up to 1,024 devices). Every call is idempotent through its
     # marker (scripts.py), so a plan can be applied again after any failure, by this
     # instance or — from its journal — by another.
 
-    def _groups(self, device_ids: list[str]) -> Iterator[tuple[str, int, int, IntArray]]:
-        """Split devices into merge calls: (marker tag, index under that tag, index group,
-        the devices' positions in `device_ids`).
+    def _groups(self, device_ids: list[str]) -> Iterator[tuple[str, int, IntArray]]:
+        """Split devices into merge calls: (marker tag, index under that tag, the devices'
+        positions in `device_ids`).
 
         Standalone: fixed-size chunks (of one index group each). Cluster: each call stays in
         one hash slot, and its marker uses a tag of that slot, so the number of marker keys
@@ -205,7 +207,7 @@ class RedisStore:
         layout = self.layout
         if not self.cluster and layout.groups == 1:
             for n, start in enumerate(range(0, len(device_ids), size)):
-                yield "g", n, 0, np.arange(start, min(start + size, len(device_ids)))
+                yield "g", n, np.arange(start, min(start + size, len(device_ids)))
             return
         by_key: dict[int, list[int]] = {}
         for row, device_id in enumerate(device_ids):
@@ -214,16 +216,12 @@ class RedisStore:
             by_key.setdefault(key, []).append(row)
         for key, rows in by_key.items():
             tag = slot_tag(key) if self.cluster else f"g{key}"
-            g = layout.group_of(device_ids[rows[0]]) if self.cluster else key
             for n, start in enumerate(range(0, len(rows), size)):
-                yield tag, n, g, np.array(rows[start : start + size], dtype=np.int64)
+                yield tag, n, np.array(rows[start : start + size], dtype=np.int64)
 
     def plan(self, delta: FlushDelta, instance: str, seq: int) -> list[Call]:
-        """The merge calls that write `delta` as flush number `seq` of `instance`.
-
-        On a single Redis a device call also writes its devices' entries of the sorted
-        indexes (their keys come first, ARGV[6] says how many); on a cluster those live in
-        other slots, so the calls return the figures and apply() writes them."""
+        """The merge calls that write `delta` as flush number `seq` of `instance` (the
+        devices' deltas packed in columns, storage/packing.py)."""
         layout = self.layout
         calls: list[Call] = []
         batch = reduce_batches(delta.batches())
@@ -244,18 +242,13 @@ class RedisStore:
         groups = list(self._groups(ids))
         order = np.concatenate([rows for *_, rows in groups]) if groups else np.zeros(0, np.int64)
         blob, offsets = pack_deltas(batch, order)
-        # bytes before a device's id in its key: MERGE_DEVICES reads ids back from keys
-        id_at = len(layout.device("")) - 1
         at = 0
-        for tag, n, g, rows in groups:
+        for tag, n, rows in groups:
             keys = [layout.group_marker(tag, instance, n)]
-            if not self.cluster:
-                keys += self._index_keys(g, window)
             keys += [layout.device(ids[row]) for row in rows.tolist()]
             part = blob[offsets[at] : offsets[at + len(rows)]]
             at += len(rows)
-            indexes = 0 if self.cluster else len(SORT_INDEXES) + 2
-            args = [self._marker_ttl, seq, self.retention_s * 1000, window, part, indexes, id_at]
+            args = [self._marker_ttl, seq, self.retention_s * 1000, window, part]
             calls.append(("devices", keys, args))
         g = layout.flush_group(instance, seq)
         gkeys = [
@@ -266,15 +259,6 @@ class RedisStore:
         ]
         calls.append(("global", gkeys, gargs))
         return calls
-
-    def _index_keys(self, g: int, window: int) -> list[str]:
-        """The sorted indexes a device call on a single Redis writes, in MERGE_DEVICES' order."""
-        layout = self.layout
-        return [
-            layout.devices(g),
-            *(layout.index(field, g) for field in SORT_INDEXES),
-            layout.rate_window(window, g),
-        ]
 
     async def apply(self, calls: list[Call]) -> None:
         """Run a plan in pipelined round trips (one per APPLY_SLICE calls), then write the
@@ -301,8 +285,8 @@ class RedisStore:
         layout = self.layout
         groups: dict[int, _GroupIndex] = {}
         for (name, keys, args), reply in zip(calls, replies, strict=True):
-            if name != "devices" or len(keys) < 2 or (len(args) > 5 and int(args[5])):
-                continue  # (a call that writes its own index entries)
+            if name != "devices" or len(keys) < 2:
+                continue
             ids = [layout.device_id(key) for key in keys[1:]]
             group = groups.get(g := layout.group_of(ids[0]))
             if group is None:
