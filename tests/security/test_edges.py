@@ -118,6 +118,26 @@ def test_connections_that_never_finish_a_request_are_closed(
         slow.close()
 
 
+def test_a_connection_in_use_is_not_closed_as_idle(
+    start_service: Callable[..., ServiceProcess],
+) -> None:
+    """The idle timeout counts from the end of the last response: a client asking every
+    0.1 s keeps its one connection well past it (it was closed once `--http-idle-timeout`
+    had passed since it opened, unless the once-a-second sweep caught a request)."""
+    svc = start_service("--http-idle-timeout", "1")
+    with httpx.Client(base_url=svc.http, timeout=5) as client:
+        ports = set()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.5:
+            r = client.get("/healthz")
+            assert r.status_code == 200
+            stream = r.extensions["network_stream"]
+            ports.add(stream.get_extra_info("client_addr")[1])
+            time.sleep(0.1)
+    assert len(ports) == 1, "the connection was closed and reopened"
+    assert get_json(svc.http, "/stats")["http"]["idle_closed"] == 0
+
+
 def test_one_connection_more_than_the_limit_is_refused_when_none_is_idle(
     start_service: Callable[..., ServiceProcess],
 ) -> None:

@@ -74,6 +74,12 @@ class ConnectionGuard:
         self._open.pop(conn, None)
         self._refusing.pop(conn, None)
 
+    def responded(self, conn: _Guarded) -> None:
+        """A response ended: the connection waits for its next request from now on."""
+        if conn in self._open:
+            del self._open[conn]  # (to the end: the order stays longest-waiting first)
+            self._open[conn] = self._clock()
+
     def sweep(self) -> None:
         """Close connections that waited too long for a request (called about once a second)."""
         now = self._clock()
@@ -171,6 +177,13 @@ class _Guarded(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.closed(self)
         super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        # (uvicorn's h11 and httptools protocols both call it when a response has ended;
+        # the sweep alone, once a second, missed quick requests: a client sending one
+        # every 200 ms was closed as idle, sometimes with its next request in flight)
+        super().on_response_complete()  # type: ignore[misc]
+        self.guard.responded(self)
 
 
 def _busy(conn: Any) -> bool:
