@@ -58,8 +58,11 @@ JOURNAL_CHUNK = 64
 # scripts back to back, so a read waits behind up to one pipeline (~10-15 ms of scripts);
 # with 16 it waited up to ~60 ms.
 APPLY_SLICE = 4
-# Members per bulk ZADD of the sorted indexes (the index commands of a flush are pipelined).
-ZADD_CHUNK = 2_000
+# Members per bulk ZADD of the sorted indexes, and ZADDs per pipeline: a read waits
+# behind at most one pipeline (with 64 x 2,000, GET /metrics/{id} p99 was 66-80 ms under a
+# 100,000-device load; with 8 x 1,000, 27-43 ms: benchmarks/RESULTS.md).
+ZADD_CHUNK = 1_000
+INDEX_SLICE = 8
 # Merge calls in flight at once against a Redis Cluster (no pipelining of scripts there).
 CLUSTER_CONCURRENCY = 64
 # A merge call: (script name, keys, args). A flush's plan is a list of them, journaled as JSON.
@@ -266,10 +269,12 @@ class RedisStore:
         reached; calling it again with the same plan applies only what was not applied (and
         writes the indexes again, which changes nothing written before)."""
         replies = await self._run(calls)
-        commands = self._index_commands(calls, replies)
-        for start in range(0, len(commands), APPLY_SLICE * 16):
+        # Python over every device of the flush (~0.1 s for 100,000): off the event loop,
+        # like the plan
+        commands = await asyncio.to_thread(self._index_commands, calls, replies)
+        for start in range(0, len(commands), INDEX_SLICE):
             pipe = self.client.pipeline(transaction=False)
-            for command in commands[start : start + APPLY_SLICE * 16]:
+            for command in commands[start : start + INDEX_SLICE]:
                 pipe.execute_command(*command)
             await pipe.execute()
 
