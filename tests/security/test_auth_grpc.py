@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,20 @@ async def batches_call(target: str, batches: Iterable[Batch], metadata: Any) -> 
         )
         await _write_all(call, [b.SerializeToString() for b in batches])
         return [ack async for ack in call]
+
+
+def refused(make_call: Callable[[], Coroutine[Any, Any, Any]]) -> tuple[grpc.aio.AioRpcError, int]:
+    """How a call that must be refused ends, and the calls it took. gRPC's client reports a
+    write that raced the server's early close as INTERNAL 'Failed "execute_batch"' now and
+    then (under load), hiding the server's status: such a call is made again."""
+    calls = 0
+    while True:
+        calls += 1
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            asyncio.run(make_call())
+        raced = "execute_batch" in (err.value.debug_error_string() or "")
+        if calls == 5 or not (err.value.code() == grpc.StatusCode.INTERNAL and raced):
+            return err.value, calls
 
 
 async def _write_all(call: Any, messages: list[bytes]) -> None:
@@ -109,22 +123,22 @@ def test_ingest_needs_an_ingest_token(
     secured: tuple[ServiceProcess, Tokens], name: str | None, code: grpc.StatusCode
 ) -> None:
     svc, tokens = secured
+    meta = md(tokens, name)
+    batch = Batch(batch_id=1, packets=[packet("nobody")])
     for call in (
-        packets_call(svc.target, [packet("nobody")], md(tokens, name)),
-        batches_call(svc.target, [Batch(batch_id=1, packets=[packet("nobody")])], md(tokens, name)),
+        lambda: packets_call(svc.target, [packet("nobody")], meta),
+        lambda: batches_call(svc.target, [batch], meta),
     ):
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            asyncio.run(call)  # type: ignore[arg-type]
-        assert err.value.code() == code, err.value.details()
+        error, _ = refused(call)
+        assert error.code() == code, error.details()
     bad = (("authorization", "Bearer not-a-token"),)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        asyncio.run(packets_call(svc.target, [packet("nobody")], bad))
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "unknown token" in (err.value.details() or "")
+    error, _ = refused(lambda: packets_call(svc.target, [packet("nobody")], bad))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "unknown token" in (error.details() or "")
     assert counts(svc, tokens, "nobody") == {}
-    refused = stats(svc, tokens)["ingest"]["auth_refused"]
-    assert refused.get("unknown_token:-", 0) >= 1
-    assert refused.get("missing_scope:reader" if name else "missing_token:-", 0) >= 2
+    counted = stats(svc, tokens)["ingest"]["auth_refused"]
+    assert counted.get("unknown_token:-", 0) >= 1
+    assert counted.get("missing_scope:reader" if name else "missing_token:-", 0) >= 2
 
 
 def test_health_and_reflection_stay_open(secured: tuple[ServiceProcess, Tokens]) -> None:
@@ -253,10 +267,10 @@ def test_removed_token_ends_its_stream(
         counts(svc, tokens, "doomed/"),
         acked,
     )
-    with pytest.raises(grpc.aio.AioRpcError) as err:  # and the token is refused from now on
-        asyncio.run(packets_call(svc.target, [packet("doomed/x")], client.metadata))
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert stats(svc, tokens)["ingest"]["auth_refused"]["token_revoked:doomed"] == 1
+    # and the token is refused from now on
+    error, calls = refused(lambda: packets_call(svc.target, [packet("doomed/x")], client.metadata))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stats(svc, tokens)["ingest"]["auth_refused"]["token_revoked:doomed"] == calls
 
 
 def test_noop_ceiling_checks_tokens_too(tmp_path: Path) -> None:
@@ -270,9 +284,8 @@ def test_noop_ceiling_checks_tokens_too(tmp_path: Path) -> None:
         svc.wait_ready()
         for call in (packets_call, batches_call):
             items: Any = [packet("n")] if call is packets_call else [Batch(batch_id=1)]
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                asyncio.run(call(svc.target, items, None))
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            error, _ = refused(lambda: call(svc.target, items, None))  # noqa: B023
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
         ack = asyncio.run(packets_call(svc.target, [packet("n")] * 3, md(tokens, "writer")))
         assert ack.accepted == 3
     finally:
