@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from itertools import chain
@@ -274,32 +273,34 @@ class BatchDelta:
         """The same deltas as columns (entries grouped by device, in `devices`' order)."""
         kinds: dict[str, int] = {}
         names: dict[str, int] = {}
-        kind_rows: list[tuple[int, int, int]] = []
-        value_rows: list[tuple[Any, ...]] = []
+        kind_ints: list[tuple[int, int, int]] = []  # device row, kind, count
+        value_ints: list[tuple[int, int, int, int]] = []  # device row, name, count, last_ts
+        value_floats: list[tuple[float, float, float, float]] = []  # sum, min, max, last
         for row, dev in enumerate(devices.values()):
             for kind, count in dev.kinds.items():
-                kind_rows.append((row, kinds.setdefault(kind, len(kinds)), count))
+                kind_ints.append((row, kinds.setdefault(kind, len(kinds)), count))
             for name, s in dev.values.items():
-                j = names.setdefault(name, len(names))
-                value_rows.append((row, j, s.count, s.sum, s.min, s.max, s.last, s.last_ts))
-        k = np.array(kind_rows, dtype=np.int64).reshape(-1, 3)
-        v = np.array(value_rows, dtype=np.float64).reshape(-1, 8)
-        ints = [np.fromiter(_attrs(devices.values(), f), np.int64, len(devices))
-                for f in ("packets", "bytes", "first_seen", "last_seen")]  # fmt: skip
-        # the integers of the readings again from Python (a double holds counts and
-        # timestamps exactly, but not every int64 a client may send)
-        counts = np.array([r[2] for r in value_rows], dtype=np.int64)
-        last_ts = np.array([r[7] for r in value_rows], dtype=np.int64)
+                value_ints.append((row, names.setdefault(name, len(names)), s.count, s.last_ts))
+                value_floats.append((s.sum, s.min, s.max, s.last))
+        heads = [(d.packets, d.bytes, d.first_seen, d.last_seen) for d in devices.values()]
+        packets, nbytes, first, last = _columns(heads, 4, np.int64)
+        kind_dev, kind_idx, kind_count = _columns(kind_ints, 3, np.int64)
+        value_dev, value_name, count, last_ts = _columns(value_ints, 4, np.int64)
+        total, vmin, vmax, last_value = _columns(value_floats, 4, np.float64)
         return cls(
-            device_ids=list(devices), packets=ints[0], nbytes=ints[1],
-            first_seen=ints[2], last_seen=ints[3],
-            kinds=list(kinds), kind_dev=k[:, 0].copy(), kind_idx=k[:, 1].copy(),
-            kind_count=k[:, 2].copy(),
-            names=list(names), value_dev=v[:, 0].astype(np.int64),
-            value_name=v[:, 1].astype(np.int64), count=counts, total=v[:, 3].copy(),
-            vmin=v[:, 4].copy(), vmax=v[:, 5].copy(), last=v[:, 6].copy(), last_ts=last_ts,
-            total_packets=int(ints[0].sum()), total_bytes=int(ints[1].sum()),
+            device_ids=list(devices), packets=packets, nbytes=nbytes, first_seen=first,
+            last_seen=last, kinds=list(kinds), kind_dev=kind_dev, kind_idx=kind_idx,
+            kind_count=kind_count, names=list(names), value_dev=value_dev,
+            value_name=value_name, count=count, total=total, vmin=vmin, vmax=vmax,
+            last=last_value, last_ts=last_ts,
+            total_packets=int(packets.sum()), total_bytes=int(nbytes.sum()),
         )  # fmt: skip
+
+
+def _columns(rows: list[Any], width: int, dtype: type[Any]) -> list[Any]:
+    """Tuples of `width` numbers as `width` contiguous arrays (empty ones for no rows)."""
+    table = np.array(rows, dtype=dtype).reshape(-1, width)
+    return [np.ascontiguousarray(table[:, j]) for j in range(width)]
 
 
 def number_keys(keys: IntArray, space: int) -> tuple[IntArray, IntArray]:
@@ -422,11 +423,6 @@ def reduce_batches(parts: Sequence[BatchDelta]) -> BatchDelta:
         total_packets=sum(p.total_packets for p in parts),
         total_bytes=sum(p.total_bytes for p in parts),
     )  # fmt: skip
-
-
-def _attrs(items: Iterable[Any], name: str) -> Iterator[Any]:
-    """`name` of each item, lazily (to fill a numpy array without a list in between)."""
-    return map(operator.attrgetter(name), items)
 
 
 # --- self-metrics: what each pipeline reports, summed over the ingest processes --------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -10,22 +9,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
+from helpers.tools import installed
 from rtmonitor.storage.embedded import free_port
 
 
 def binary(name: str) -> str:
     """The `name` executable of the prometheus package; skips the test without it, fails
     it on CI."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # .ci/run installs it: missing there is a real failure
-        pytest.skip(message)
-    return path
+    return installed(shutil.which(name), name, "prometheus")
 
 
 @contextmanager

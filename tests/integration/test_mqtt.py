@@ -4,7 +4,6 @@ with a generated configuration; devices are `mosquitto_pub` and a paho client.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import paho.mqtt.client as paho
 import pytest
 from helpers import ServiceProcess, get_json
 from helpers.security import make_pki
+from helpers.tools import installed
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from rtmonitor.loadgen.broker import Mosquitto as BrokerProcess
@@ -39,13 +39,7 @@ class Mosquitto(BrokerProcess):
 
 
 def binary(name: str) -> str:
-    path = mosquitto_binary(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install mosquitto mosquitto-clients)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # .ci/run installs it: missing there is a real failure
-        pytest.skip(message)
-    return path
+    return installed(mosquitto_binary(name), name, "mosquitto mosquitto-clients")
 
 
 @pytest.fixture

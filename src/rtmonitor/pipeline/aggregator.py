@@ -124,12 +124,8 @@ class Aggregator:
     def pending_entries(self) -> int:
         """Per-device deltas held (one per device per pending batch): what the memory of
         the pending work grows with when each batch spreads over many devices."""
-        return (
-            len(self._delta.devices)
-            + self._reduced_entries
-            + self._loose_entries
-            + (self._batch_devices)
-        )
+        in_delta = len(self._delta.devices) + self._reduced_entries + self._loose_entries
+        return in_delta + self._batch_devices
 
     @property
     def pending_batches(self) -> int:

@@ -843,17 +843,14 @@ def journal_chunks(calls: int) -> int:
 def _journaled(calls: list[Call]) -> list[Call]:
     """The calls as JSON can hold them: a device call's packed deltas in base64."""
     return [
-        (n, k, [*a[:4], base64.b64encode(a[4]).decode(), *a[5:]] if n == "devices" else a)
+        (n, k, [*a[:4], base64.b64encode(a[4]).decode()] if n == "devices" else a)
         for n, k, a in calls
     ]
 
 
 def _from_journal(calls: list[Call]) -> list[Call]:
     """The inverse of _journaled()."""
-    return [
-        (n, k, [*a[:4], base64.b64decode(a[4]), *a[5:]] if n == "devices" else a)
-        for n, k, a in calls
-    ]
+    return [(n, k, [*a[:4], base64.b64decode(a[4])] if n == "devices" else a) for n, k, a in calls]
 
 
 def parse_device(device_id: str, f: list[Any], now_s: int) -> DeviceRecord:

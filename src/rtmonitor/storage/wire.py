@@ -105,7 +105,8 @@ def _with_large_values(args: tuple[EncodableT, ...]) -> list[bytes]:
     """The command in the Redis protocol: the values over _INLINE_MAX bytes as chunks of
     their own (not copied), runs of the other arguments packed by hiredis."""
     name = args[0]
-    words = name.encode().split() if isinstance(name, str) else [name]
+    # a name may carry words of its own ("SCRIPT LOAD"), as in _Lean.pack_command
+    words = (name.encode() if isinstance(name, str) else bytes(cast(bytes, name))).split()
     items = [*words, *args[1:]]
     out: list[bytes] = [b"*%d\r\n" % len(items)]
     run: list[Any] = []
