@@ -8,8 +8,9 @@ health and reflection stay open."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,13 @@ def refused(make_call: Callable[[], Coroutine[Any, Any, Any]]) -> tuple[grpc.aio
         calls += 1
         with pytest.raises(grpc.aio.AioRpcError) as err:
             asyncio.run(make_call())
-        raced = "execute_batch" in (err.value.debug_error_string() or "")
-        if calls == 5 or not (err.value.code() == grpc.StatusCode.INTERNAL and raced):
+        if calls == 5 or not (err.value.code() == grpc.StatusCode.INTERNAL and raced(err.value)):
             return err.value, calls
+
+
+def raced(error: grpc.aio.AioRpcError) -> bool:
+    """gRPC's client reported its own failed write instead of the server's status."""
+    return "execute_batch" in (error.debug_error_string() or "")
 
 
 async def _write_all(call: Any, messages: list[bytes]) -> None:
@@ -232,21 +237,24 @@ def test_removed_token_ends_its_stream(
     acked = 0
     client = ClientSecurity(tokens.secrets["doomed"])
 
-    async def stream() -> grpc.StatusCode:
+    async def stream() -> grpc.aio.AioRpcError:
         nonlocal acked
         async with client.channel(svc.target) as channel:
             method = channel.stream_stream(STREAM_BATCHES, lambda b: b, BatchAck.FromString)
+            call = method(metadata=client.metadata)
 
-            async def gen() -> AsyncIterator[bytes]:
+            async def write() -> None:
                 n = 0
-                while True:
-                    n += 1
-                    yield Batch(
-                        producer_id="d", batch_id=n, packets=[packet(f"doomed/{n % 5}")] * 20
-                    ).SerializeToString()
-                    await asyncio.sleep(0.01)
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    while not call.done():
+                        n += 1
+                        batch = Batch(
+                            producer_id="d", batch_id=n, packets=[packet(f"doomed/{n % 5}")] * 20
+                        )
+                        await call.write(batch.SerializeToString())
+                        await asyncio.sleep(0.01)
 
-            call = method(gen(), metadata=client.metadata)
+            writer = asyncio.create_task(write())
             started = None
             try:
                 async for ack in call:
@@ -257,20 +265,33 @@ def test_removed_token_ends_its_stream(
                         await asyncio.to_thread(tokens.write, remaining)
             except grpc.aio.AioRpcError as exc:
                 assert started is not None and time.monotonic() - started < 5
-                assert "no longer in the auth file" in (exc.details() or "")
-                return exc.code()
+                return exc
+            finally:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
             raise AssertionError("the stream was not ended")
 
-    assert asyncio.run(asyncio.wait_for(stream(), 30)) == grpc.StatusCode.UNAUTHENTICATED
+    error = asyncio.run(asyncio.wait_for(stream(), 30))
+    # The server ends the stream UNAUTHENTICATED and counts it, once. Now and then (under
+    # load) gRPC's client hides that status behind INTERNAL 'Failed "execute_batch"' (a write
+    # racing the server's close): the count below is then the server's word for it.
+    if not (error.code() == grpc.StatusCode.INTERNAL and raced(error)):
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+        assert "no longer in the auth file" in (error.details() or "")
+    assert wait_for(
+        lambda: stats(svc, tokens)["ingest"]["auth_refused"].get("token_revoked:doomed") == 1
+    )
     assert acked >= 200
     assert wait_for(lambda: sum(counts(svc, tokens, "doomed/").values()) == acked), (
         counts(svc, tokens, "doomed/"),
         acked,
     )
-    # and the token is refused from now on
-    error, calls = refused(lambda: packets_call(svc.target, [packet("doomed/x")], client.metadata))
+    # and the token is refused from now on, as an unknown one
+    error, _ = refused(lambda: packets_call(svc.target, [packet("doomed/x")], client.metadata))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert stats(svc, tokens)["ingest"]["auth_refused"]["token_revoked:doomed"] == calls
+    assert "unknown token" in (error.details() or "")
+    assert stats(svc, tokens)["ingest"]["auth_refused"]["token_revoked:doomed"] == 1
 
 
 def test_noop_ceiling_checks_tokens_too(tmp_path: Path) -> None:
