@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-slow test-asan lint typecheck proto install clean check-image
 
-$(STAMP): pyproject.toml setup.py src/rtmonitor/ingest/_rows.c
+$(STAMP): pyproject.toml setup.py src/rtmonitor/ingest/_rows.c src/rtmonitor/storage/_merge.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -46,4 +46,4 @@ proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info src/rtmonitor/ingest/*.so .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info src/rtmonitor/ingest/*.so src/rtmonitor/storage/*.so .mypy_cache .pytest_cache .ruff_cache

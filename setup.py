@@ -1,9 +1,11 @@
-"""The one compiled part: the row-batch and OTLP readers (src/rtmonitor/ingest/_rows.c).
+"""The compiled parts: the row-batch and OTLP readers (src/rtmonitor/ingest/_rows.c), and
+the device merge as a Redis module (src/rtmonitor/storage/_merge.c, loaded by the embedded
+Redis; built like an extension, but Redis loads it, not Python).
 
-Everything else about the package is in pyproject.toml. The extension is optional: without
-a C compiler the install still succeeds, row batches use protobuf's parser and OTLP
-requests the Python mapping instead (the service logs which reader it uses; `make test`
-insists on the compiled one).
+Everything else about the package is in pyproject.toml. Both are optional: without a C
+compiler the install still succeeds, row batches use protobuf's parser and OTLP requests
+the Python mapping instead, and Redis merges devices with the Lua script (the service logs
+which it uses; `make test` insists on the compiled ones).
 """
 
 from setuptools import Extension, setup
@@ -15,6 +17,13 @@ setup(
             ["src/rtmonitor/ingest/_rows.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=vla"],
             optional=True,
-        )
+        ),
+        Extension(
+            "rtmonitor.storage._merge",
+            ["src/rtmonitor/storage/_merge.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=vla"],
+            libraries=["m"],
+            optional=True,
+        ),
     ]
 )

@@ -127,6 +127,14 @@ class Settings(BaseSettings):
         description="Memory limit of the embedded Redis, in MB (0: none); full, it refuses "
         "writes (acks wait) instead of exhausting the machine.",
     )
+    # The device merge in C (storage/_merge.c): the embedded Redis loads the module, and a
+    # Redis that has it (an external one given `loadmodule`) merges devices with it instead
+    # of the Lua script; same records, replies and guarantees (README: "The rtm module").
+    redis_merge_module: bool = Field(
+        True,
+        description="Merge devices with the rtm Redis module where Redis has it (the "
+        "embedded Redis loads it); off: always with the Lua script.",
+    )
     key_prefix: str = Field(
         "rtm", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key."
     )

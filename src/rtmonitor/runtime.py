@@ -63,7 +63,12 @@ class RedisServer:
 
 @contextlib.contextmanager
 def redis_server(
-    url: str | None, data_dir: Path, *, port: int = 0, maxmemory_mb: int = 0
+    url: str | None,
+    data_dir: Path,
+    *,
+    port: int = 0,
+    maxmemory_mb: int = 0,
+    merge_module: bool = True,
 ) -> Iterator[RedisServer]:
     """An external Redis as given (`url`), else an embedded one under `data_dir`, started
     here (on the calling, main thread: it dies with this process) and stopped on exit (it
@@ -71,7 +76,9 @@ def redis_server(
     if url is not None:
         yield RedisServer(url)
         return
-    with EmbeddedRedis(data_dir, port, maxmemory_mb=maxmemory_mb) as embedded:
+    with EmbeddedRedis(
+        data_dir, port, maxmemory_mb=maxmemory_mb, merge_module=merge_module
+    ) as embedded:
         yield RedisServer(embedded.url, embedded)
 
 
@@ -86,6 +93,7 @@ async def redis_client(
         settings.key_prefix,
         cluster=settings.redis_cluster,
         retention_s=settings.retention,
+        merge_module=settings.redis_merge_module,
     )
     supervise = None
     if server.embedded is not None:
@@ -424,6 +432,7 @@ def run(settings: Settings) -> int:
             settings.data_dir,
             port=settings.embedded_redis_port,
             maxmemory_mb=settings.embedded_redis_maxmemory,
+            merge_module=settings.redis_merge_module,
         ) as redis:
             if settings.workers > 1:
                 if settings.grpc_port == 0:  # the workers must agree on one port

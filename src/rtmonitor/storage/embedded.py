@@ -61,6 +61,12 @@ def redis_server_binary() -> str:
     )
 
 
+def merge_module_path() -> Path | None:
+    """The rtm Redis module built with this package (storage/_merge.c), if it was built."""
+    found = sorted(Path(__file__).parent.glob("_merge.*.so"))
+    return found[0] if found else None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -78,6 +84,11 @@ def _command(*args: str) -> bytes:
         data = arg.encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+def _quoted(value: str) -> str:
+    """A redis.conf argument in double quotes (a path may hold spaces)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _parent_death_wrapper() -> list[str]:
@@ -109,8 +120,12 @@ class EmbeddedRedis:
         extra_config: dict[str, str] | None = None,
         password: str | None = None,
         maxmemory_mb: int = 0,
+        merge_module: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
+        # The rtm module (RTM.MERGE4: device merges in C). Its writes reach the AOF as plain
+        # SETs, so the data directory never needs it; without it the store uses the script.
+        self.merge_module = merge_module_path() if merge_module else None
         self.host = host
         self.port = port
         self.extra_config = dict(extra_config or {})
@@ -157,6 +172,8 @@ class EmbeddedRedis:
             "logfile": str(self.data_dir / "redis.log"),
             "loglevel": "notice",
         }
+        if self.merge_module is not None:
+            conf["loadmodule"] = _quoted(str(self.merge_module))
         conf.update(self.extra_config)
         lines = []
         for key, value in conf.items():

@@ -20,7 +20,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from rtmonitor.model import (
     RATE_WINDOWS_S,
@@ -65,6 +65,9 @@ ZADD_CHUNK = 1_000
 INDEX_SLICE = 8
 # Merge calls in flight at once against a Redis Cluster (no pipelining of scripts there).
 CLUSTER_CONCURRENCY = 64
+# The device merge as a command of the rtm Redis module (storage/_merge.c): MERGE_DEVICES
+# in C, same keys, arguments, reply and records. Its name carries the record layout.
+MERGE_COMMAND = "rtm.merge4"
 # A merge call: (script name, keys, args). A flush's plan is a list of them, journaled as JSON.
 Call = tuple[str, list[str], list[Any]]
 # Width of the rate spans of a device record (scripts.py: older seconds folded together).
@@ -100,10 +103,14 @@ class RedisStore:
         group_size: int = GROUP_SIZE,
         marker_ttl: int = MARKER_TTL_S,
         retention_s: int = 0,
+        merge_module: bool = True,
     ) -> None:
         self.client = client
         self.layout = layout
         self.cluster = isinstance(client, RedisCluster)
+        # Device merges by the rtm module when this Redis has it (None: not asked yet);
+        # a Redis Cluster's calls go to many nodes, which may differ: always the script.
+        self.merge_module: bool | None = None if merge_module and not self.cluster else False
         self._group_size = group_size
         self._marker_ttl = marker_ttl
         self.retention_s = retention_s
@@ -124,9 +131,11 @@ class RedisStore:
         cluster: bool = False,
         retention_s: int = 0,
         groups: int | None = None,
+        merge_module: bool = True,
     ) -> Self:
         """Build a store for `url` (redis://, rediss://, unix://); `groups` index groups
-        (default: CLUSTER_GROUPS on a cluster, 1 on a single Redis)."""
+        (default: CLUSTER_GROUPS on a cluster, 1 on a single Redis); `merge_module` False:
+        merge with the Lua script even where Redis has the rtm module."""
         opts: dict[str, Any] = {
             "decode_responses": True,
             "socket_timeout": 5.0,
@@ -145,7 +154,7 @@ class RedisStore:
         if groups is None:
             groups = CLUSTER_GROUPS if cluster else 1
         layout = KeyLayout(prefix, groups=groups)
-        return cls(client, layout, retention_s=retention_s)
+        return cls(client, layout, retention_s=retention_s, merge_module=merge_module)
 
     async def __aenter__(self) -> Self:
         return self
@@ -315,6 +324,20 @@ class RedisStore:
                     return await self._scripts[name](keys=keys, args=args)
 
             return list(await asyncio.gather(*(call(*c) for c in calls)))
+        if self.merge_module is None:
+            self.merge_module = await self._has_merge_module()
+        try:
+            return await self._pipelined(calls, self.merge_module)
+        except ResponseError as exc:
+            # A Redis restarted without the module: the script does the same (each call is
+            # idempotent, so the calls that went through change nothing when run again).
+            if not (self.merge_module and MERGE_COMMAND in str(exc).lower()):
+                raise
+            logger.warning("Redis no longer has the rtm module (%s): merging with the script", exc)
+            self.merge_module = False
+            return await self._pipelined(calls, False)
+
+    async def _pipelined(self, calls: list[Call], module: bool) -> list[Any]:
         # A pipeline's commands are packed, joined and buffered whole before they are sent
         # (~40 MB, three times over, for 100,000 devices): big plans go in slices. Each call
         # is idempotent by itself, so slices change nothing about retries.
@@ -325,9 +348,30 @@ class RedisStore:
             # needed); its type hints only name clients, hence the cast.
             target = cast(aioredis.Redis, pipe)
             for name, keys, args in calls[start : start + APPLY_SLICE]:
-                await self._scripts[name](keys=keys, args=args, client=target)
+                if module and name == "devices":
+                    pipe.execute_command(MERGE_COMMAND, len(keys), *keys, *args)
+                else:
+                    await self._scripts[name](keys=keys, args=args, client=target)
             replies += await pipe.execute()
         return replies
+
+    async def _has_merge_module(self) -> bool:
+        """Whether this Redis has the rtm module's merge (logged once, either way). Asked
+        by calling it without arguments: the module refuses the arity, a Redis without it
+        the command (redis-py cannot parse COMMAND INFO's reply for an unknown command)."""
+        pipe = self.client.pipeline(transaction=False)  # (typed, unlike the client's)
+        pipe.execute_command(MERGE_COMMAND)
+        try:
+            await pipe.execute()
+        except ResponseError as exc:
+            if "wrong number of arguments" in str(exc):
+                logger.info("device merges: the rtm Redis module (%s)", MERGE_COMMAND)
+                return True
+            why = str(exc)
+        else:
+            why = f"{MERGE_COMMAND} answered a call without arguments"
+        logger.info("device merges: the Lua script (%s)", why)
+        return False
 
     async def commit(self, delta: FlushDelta, instance: str, seq: int) -> None:
         """Write a flush that carries no batch ids (no journal needed)."""

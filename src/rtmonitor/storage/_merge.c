@@ -1,0 +1,571 @@
+/* A Redis module: RTM.MERGE4, the device merge of scripts.MERGE_DEVICES in C.
+ *
+ * Why: a fleet's flush is one merge per device, and in Lua most of a merge is the
+ * machinery around it, not the arithmetic: two redis.call()s (GET, SET) and unpacking a
+ * ~300-byte record into a Lua table of ~80 values, then packing it again. In C the record
+ * is read where Redis keeps it and written once. (Figures: benchmarks/RESULTS.md.)
+ *
+ * The contract is the script's, byte for byte, so either may run a flush, a retry or a
+ * replayed journal, and the records they write are the same bytes
+ * (tests/integration/test_merge_module.py checks them against each other):
+ *
+ *   RTM.MERGE4 numkeys marker device-key... ttl seq retention-ms window deltas
+ *
+ * as `EVALSHA <MERGE_DEVICES> numkeys marker device-key... ttl seq retention window
+ * deltas`, with the same reply (5 integers per device). Record and delta formats: see
+ * scripts.py. The writes are replicated (and written to the AOF) as the plain SETs the
+ * script's effects would be, so a data directory never needs the module to be loaded.
+ *
+ * Unlike the script, a malformed deltas argument is refused before anything is written.
+ *
+ * No Redis header is needed: the few module API functions used are declared here and
+ * looked up by name when Redis loads the module, as redismodule.h does.
+ */
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "records are little-endian doubles: this module assumes a little-endian machine"
+#endif
+
+/* ---- the module API (the subset used; names and values as in redismodule.h) ---- */
+
+#define REDISMODULE_OK 0
+#define REDISMODULE_ERR 1
+#define REDISMODULE_APIVER_1 1
+#define REDISMODULE_READ (1 << 0)
+#define REDISMODULE_WRITE (1 << 1)
+#define REDISMODULE_KEYTYPE_EMPTY 0
+#define REDISMODULE_KEYTYPE_STRING 1
+
+typedef struct RedisModuleCtx RedisModuleCtx;
+typedef struct RedisModuleKey RedisModuleKey;
+typedef struct RedisModuleString RedisModuleString;
+typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+
+#define API(X)                                                                              \
+    X(int, CreateCommand,                                                                   \
+      (RedisModuleCtx *, const char *, RedisModuleCmdFunc, const char *, int, int, int))     \
+    X(void, SetModuleAttribs, (RedisModuleCtx *, const char *, int, int))                   \
+    X(int, IsModuleNameBusy, (const char *))                                                \
+    X(int, WrongArity, (RedisModuleCtx *))                                                  \
+    X(int, ReplyWithError, (RedisModuleCtx *, const char *))                                \
+    X(int, ReplyWithArray, (RedisModuleCtx *, long))                                        \
+    X(int, ReplyWithLongLong, (RedisModuleCtx *, long long))                                \
+    X(int, ReplyWithSimpleString, (RedisModuleCtx *, const char *))                         \
+    X(void *, OpenKey, (RedisModuleCtx *, RedisModuleString *, int))                        \
+    X(void, CloseKey, (RedisModuleKey *))                                                   \
+    X(int, KeyType, (RedisModuleKey *))                                                     \
+    X(char *, StringDMA, (RedisModuleKey *, size_t *, int))                                 \
+    X(int, StringSet, (RedisModuleKey *, RedisModuleString *))                              \
+    X(int, SetExpire, (RedisModuleKey *, long long))                                        \
+    X(RedisModuleString *, CreateString, (RedisModuleCtx *, const char *, size_t))          \
+    X(void, FreeString, (RedisModuleCtx *, RedisModuleString *))                            \
+    X(const char *, StringPtrLen, (const RedisModuleString *, size_t *))                    \
+    X(int, StringToLongLong, (const RedisModuleString *, long long *))                      \
+    X(int, StringToDouble, (const RedisModuleString *, double *))                           \
+    X(int, Replicate, (RedisModuleCtx *, const char *, const char *, ...))                  \
+    X(int, IsKeysPositionRequest, (RedisModuleCtx *))                                       \
+    X(void, KeyAtPos, (RedisModuleCtx *, int))                                              \
+    X(void *, Alloc, (size_t))                                                              \
+    X(void *, Realloc, (void *, size_t))                                                    \
+    X(void, Free, (void *))
+
+#define DECLARE(TYPE, NAME, ARGS) static TYPE(*RM_##NAME) ARGS = NULL;
+API(DECLARE)
+#undef DECLARE
+
+/* ---- reading and writing the packed forms (scripts.py) ---- */
+
+#define HEAD_SIZE 56  /* record: <ddddddHHHH */
+#define DHEAD_SIZE 36 /* delta:  <ddddHH */
+#define KIND_SIZE 8   /* after the name: d */
+#define VALUE_SIZE 48 /* after the name: dddddd */
+#define BUCKET_SIZE 20 /* I4 d d */
+#define FINE_S 10     /* seconds kept one by one past the newest (scripts.py: FINE_S) */
+
+typedef struct {
+    const unsigned char *p;
+    size_t n, at;
+    int bad;
+} reader;
+
+static double get_d(reader *r) {
+    double d = 0;
+    if (r->bad || r->n - r->at < 8) {
+        r->bad = 1;
+        return 0;
+    }
+    memcpy(&d, r->p + r->at, 8);
+    r->at += 8;
+    return d;
+}
+
+static double get_u(reader *r, size_t size) {
+    uint32_t v = 0;
+    if (r->bad || r->n - r->at < size) {
+        r->bad = 1;
+        return 0;
+    }
+    for (size_t i = 0; i < size; i++) v |= (uint32_t)r->p[r->at + i] << (8 * i);
+    r->at += size;
+    return (double)v;
+}
+
+/* a zero-terminated string (Lua struct's "s"): its start and length */
+static const char *get_s(reader *r, size_t *len) {
+    if (r->bad || r->at >= r->n) {
+        r->bad = 1;
+        return NULL;
+    }
+    const unsigned char *start = r->p + r->at;
+    const unsigned char *end = memchr(start, 0, r->n - r->at);
+    if (end == NULL) {
+        r->bad = 1;
+        return NULL;
+    }
+    *len = (size_t)(end - start);
+    r->at += *len + 1;
+    return (const char *)start;
+}
+
+/* Lua struct's integer packing: through a C long, then the low bytes */
+static void put_u(unsigned char **w, double n, size_t size) {
+    unsigned long v = n < (double)LONG_MAX ? (unsigned long)(long)n : (unsigned long)n;
+    for (size_t i = 0; i < size; i++) *(*w)++ = (unsigned char)(v >> (8 * i));
+}
+
+static void put_d(unsigned char **w, double d) {
+    memcpy(*w, &d, 8);
+    *w += 8;
+}
+
+static void put_s(unsigned char **w, const char *s, size_t len) {
+    memcpy(*w, s, len);
+    (*w)[len] = 0;
+    *w += len + 1;
+}
+
+/* ---- one device's merge ---- */
+
+typedef struct {
+    const char *name;
+    size_t len;
+    double v[6]; /* a kind: its count; a value: count, sum, min, max, last, last_ts */
+} entry;
+
+typedef struct {
+    double s, p, b; /* second (or span start), packets, bytes */
+} bucket;
+
+typedef struct {
+    double packets, bytes, first, last;
+    size_t nk, nv;
+    entry *kinds, *values; /* into the scratch area */
+} delta;
+
+/* Growable arrays, reused across the devices of a call. */
+typedef struct {
+    entry *kinds, *values, *dentries;
+    bucket *secs, *spans, *folded;
+    size_t kcap, vcap, dcap, bcap;
+    unsigned char *out;
+    size_t outcap;
+} scratch;
+
+static int grow(void **p, size_t *cap, size_t need, size_t size) {
+    if (need <= *cap) return 1;
+    size_t n = *cap ? *cap : 16;
+    while (n < need) n *= 2;
+    void *q = RM_Realloc(*p, n * size);
+    if (q == NULL) return 0;
+    *p = q;
+    *cap = n;
+    return 1;
+}
+
+/* Seconds, spans and folded seconds: never more of each than seconds and spans together
+ * plus the new second, so one capacity serves the three. */
+static int grow_buckets(scratch *s, size_t need) {
+    if (need <= s->bcap) return 1;
+    size_t n = s->bcap ? s->bcap : 32;
+    while (n < need) n *= 2;
+    bucket **arrays[3] = {&s->secs, &s->spans, &s->folded};
+    for (size_t i = 0; i < 3; i++) {
+        bucket *q = RM_Realloc(*arrays[i], n * sizeof(bucket));
+        if (q == NULL) return 0;
+        *arrays[i] = q;
+    }
+    s->bcap = n;
+    return 1;
+}
+
+static void scratch_free(scratch *s) {
+    RM_Free(s->kinds);
+    RM_Free(s->values);
+    RM_Free(s->dentries);
+    RM_Free(s->secs);
+    RM_Free(s->spans);
+    RM_Free(s->folded);
+    RM_Free(s->out);
+}
+
+static const char *parse_delta(reader *r, delta *d) {
+    d->packets = get_d(r);
+    d->bytes = get_d(r);
+    d->first = get_d(r);
+    d->last = get_d(r);
+    d->nk = (size_t)get_u(r, 2);
+    d->nv = (size_t)get_u(r, 2);
+    return r->bad ? "a delta is cut short" : NULL;
+}
+
+/* The entries of a delta or a record: (s d) * nk then (s dddddd) * nv. */
+static int parse_entries(reader *r, entry *out, size_t n, size_t numbers) {
+    for (size_t i = 0; i < n; i++) {
+        out[i].name = get_s(r, &out[i].len);
+        for (size_t j = 0; j < numbers; j++) out[i].v[j] = get_d(r);
+        if (r->bad) return 0;
+    }
+    return 1;
+}
+
+static size_t find(const entry *list, size_t n, const entry *e) {
+    for (size_t i = 0; i < n; i++)
+        if (list[i].len == e->len && memcmp(list[i].name, e->name, e->len) == 0) return i;
+    return n;
+}
+
+/* scripts.py buckets(): add the packets and bytes to receive second `sec`; fold seconds
+ * older than FINE_S into aligned 10-second spans, drop spans that ended over 61 s ago. */
+static void buckets(scratch *s, size_t *nf, size_t *nc, double sec, double packets,
+                    double nbytes) {
+    double fold_before = sec - FINE_S;
+    int found = 0, stale = 0;
+    for (size_t i = 0; i < *nf; i++) {
+        bucket *b = &s->secs[i];
+        if (b->s == sec) {
+            b->p += packets;
+            b->b += nbytes;
+            found = 1;
+        } else if (b->s < fold_before) {
+            stale = 1;
+        }
+    }
+    if (!found) {
+        s->secs[*nf] = (bucket){sec, packets, nbytes};
+        (*nf)++;
+    }
+    if (!stale) return;
+    size_t kept = 0, nfold = 0;
+    for (size_t i = 0; i < *nf; i++) {
+        bucket b = s->secs[i];
+        if (b.s < fold_before) {
+            double m = b.s - floor(b.s / 10) * 10; /* Lua's % */
+            s->folded[nfold++] = (bucket){b.s - m, b.p, b.b};
+        } else {
+            s->secs[kept++] = b;
+        }
+    }
+    double drop_before = sec - 61;
+    size_t sp = 0;
+    for (size_t i = 0; i < *nc; i++)
+        if (s->spans[i].s + 10 > drop_before) s->spans[sp++] = s->spans[i];
+    for (size_t i = 0; i < nfold; i++) {
+        bucket f = s->folded[i];
+        if (!(f.s + 10 > drop_before)) continue;
+        size_t q = 0;
+        while (q < sp && s->spans[q].s != f.s) q++;
+        if (q < sp) {
+            s->spans[q].p += f.p;
+            s->spans[q].b += f.b;
+        } else {
+            s->spans[sp++] = f;
+        }
+    }
+    *nf = kept;
+    *nc = sp;
+}
+
+/* Merge delta `d` into the record held by `key` and write it; the 5 reply integers into
+ * `reply`. Returns an error message, or NULL. */
+static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, delta *d,
+                             double window, long long retention, scratch *s,
+                             long long *reply) {
+    RedisModuleKey *key = RM_OpenKey(ctx, keyname, REDISMODULE_READ | REDISMODULE_WRITE);
+    int type = RM_KeyType(key);
+    if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_STRING) {
+        RM_CloseKey(key);
+        return "WRONGTYPE Operation against a key holding the wrong kind of value";
+    }
+    double p, b, f, l, w, wp;
+    size_t nk = 0, nv = 0, nf = 0, nc = 0;
+    long long created;
+    reader r = {0};
+    if (type == REDISMODULE_KEYTYPE_STRING) {
+        size_t len;
+        r.p = (const unsigned char *)RM_StringDMA(key, &len, REDISMODULE_READ);
+        r.n = len;
+        p = get_d(&r), b = get_d(&r), f = get_d(&r), l = get_d(&r);
+        w = get_d(&r), wp = get_d(&r);
+        nk = (size_t)get_u(&r, 2), nv = (size_t)get_u(&r, 2);
+        nf = (size_t)get_u(&r, 2), nc = (size_t)get_u(&r, 2);
+        p += d->packets, b += d->bytes, created = 0;
+        if (d->first < f) f = d->first;
+        if (d->last > l) l = d->last;
+    } else {
+        p = d->packets, b = d->bytes, f = d->first, l = d->last, w = 0, wp = 0, created = 1;
+    }
+    if (!grow((void **)&s->kinds, &s->kcap, nk + d->nk, sizeof(entry)) ||
+        !grow((void **)&s->values, &s->vcap, nv + d->nv, sizeof(entry)) ||
+        !grow_buckets(s, nf + nc + 1)) {
+        RM_CloseKey(key);
+        return "ERR out of memory";
+    }
+    if (r.p != NULL) {
+        if (r.bad || !parse_entries(&r, s->kinds, nk, 1) ||
+            !parse_entries(&r, s->values, nv, 6)) {
+            RM_CloseKey(key);
+            return "ERR a device record is cut short (not written by this layout?)";
+        }
+        for (size_t i = 0; i < nf + nc; i++) {
+            bucket *bk = i < nf ? &s->secs[i] : &s->spans[i - nf];
+            bk->s = get_u(&r, 4), bk->p = get_d(&r), bk->b = get_d(&r);
+        }
+        if (r.bad) {
+            RM_CloseKey(key);
+            return "ERR a device record is cut short (not written by this layout?)";
+        }
+    }
+    for (size_t i = 0; i < d->nk; i++) {
+        size_t q = find(s->kinds, nk, &d->kinds[i]);
+        if (q < nk) {
+            s->kinds[q].v[0] += d->kinds[i].v[0];
+        } else {
+            s->kinds[nk++] = d->kinds[i];
+        }
+    }
+    for (size_t i = 0; i < d->nv; i++) {
+        const double *dv = d->values[i].v;
+        size_t q = find(s->values, nv, &d->values[i]);
+        if (q < nv) {
+            double *rv = s->values[q].v;
+            rv[0] += dv[0];
+            rv[1] += dv[1];
+            if (dv[2] < rv[2]) rv[2] = dv[2];
+            if (dv[3] > rv[3]) rv[3] = dv[3];
+            if (dv[5] >= rv[5]) rv[4] = dv[4], rv[5] = dv[5];
+        } else {
+            s->values[nv++] = d->values[i];
+        }
+    }
+    buckets(s, &nf, &nc, floor(d->last / 1000), d->packets, d->bytes);
+    if (window == w) {
+        wp += d->packets;
+    } else if (window > w) {
+        w = window, wp = d->packets;
+    }
+    /* the new record (its names still point into the old one: built before the write) */
+    size_t size = HEAD_SIZE + (nk * (KIND_SIZE + 1)) + nv * (VALUE_SIZE + 1);
+    for (size_t i = 0; i < nk; i++) size += s->kinds[i].len;
+    for (size_t i = 0; i < nv; i++) size += s->values[i].len;
+    size += (nf + nc) * BUCKET_SIZE;
+    if (!grow((void **)&s->out, &s->outcap, size, 1)) {
+        RM_CloseKey(key);
+        return "ERR out of memory";
+    }
+    unsigned char *o = s->out;
+    put_d(&o, p), put_d(&o, b), put_d(&o, f), put_d(&o, l), put_d(&o, w), put_d(&o, wp);
+    put_u(&o, (double)nk, 2), put_u(&o, (double)nv, 2);
+    put_u(&o, (double)nf, 2), put_u(&o, (double)nc, 2);
+    for (size_t i = 0; i < nk; i++) {
+        put_s(&o, s->kinds[i].name, s->kinds[i].len);
+        put_d(&o, s->kinds[i].v[0]);
+    }
+    for (size_t i = 0; i < nv; i++) {
+        put_s(&o, s->values[i].name, s->values[i].len);
+        for (size_t j = 0; j < 6; j++) put_d(&o, s->values[i].v[j]);
+    }
+    for (size_t i = 0; i < nf + nc; i++) {
+        const bucket *bk = i < nf ? &s->secs[i] : &s->spans[i - nf];
+        put_u(&o, bk->s, 4), put_d(&o, bk->p), put_d(&o, bk->b);
+    }
+    RedisModuleString *value = RM_CreateString(ctx, (const char *)s->out, size);
+    RM_StringSet(key, value); /* (a plain SET: the TTL goes, as with the script's SET) */
+    if (retention > 0) {
+        /* a device silent for the retention expires with everything it counted */
+        RM_SetExpire(key, retention);
+        RM_Replicate(ctx, "SET", "sscl", keyname, value, "PX", retention);
+    } else {
+        RM_Replicate(ctx, "SET", "ss", keyname, value);
+    }
+    RM_FreeString(ctx, value);
+    RM_CloseKey(key);
+    if (w != window) wp = 0;
+    reply[0] = (long long)p, reply[1] = (long long)b, reply[2] = (long long)l;
+    reply[3] = (long long)wp, reply[4] = created;
+    return NULL;
+}
+
+/* A retry or a replay: the records' figures as they are (2), or -1 for one gone since. */
+static const char *figures(RedisModuleCtx *ctx, RedisModuleString *keyname, double window,
+                           long long *reply) {
+    RedisModuleKey *key = RM_OpenKey(ctx, keyname, REDISMODULE_READ);
+    int type = RM_KeyType(key);
+    const char *error = NULL;
+    if (type == REDISMODULE_KEYTYPE_EMPTY) {
+        reply[0] = reply[1] = reply[2] = reply[3] = 0, reply[4] = -1;
+    } else if (type != REDISMODULE_KEYTYPE_STRING) {
+        error = "WRONGTYPE Operation against a key holding the wrong kind of value";
+    } else {
+        size_t len;
+        reader r = {(const unsigned char *)RM_StringDMA(key, &len, REDISMODULE_READ), 0, 0, 0};
+        r.n = len;
+        double p = get_d(&r), b = get_d(&r);
+        get_d(&r);
+        double l = get_d(&r), w = get_d(&r), wp = get_d(&r);
+        if (r.bad) {
+            error = "ERR a device record is cut short (not written by this layout?)";
+        } else {
+            if (w != window) wp = 0;
+            reply[0] = (long long)p, reply[1] = (long long)b, reply[2] = (long long)l;
+            reply[3] = (long long)wp, reply[4] = 2;
+        }
+    }
+    RM_CloseKey(key);
+    return error;
+}
+
+/* The marker: the highest flush seq of this instance applied to these keys. */
+static const char *marker_applied(RedisModuleCtx *ctx, RedisModuleString *keyname,
+                                  double seq, int *applied) {
+    RedisModuleKey *key = RM_OpenKey(ctx, keyname, REDISMODULE_READ);
+    int type = RM_KeyType(key);
+    *applied = 0;
+    if (type == REDISMODULE_KEYTYPE_STRING) {
+        size_t len;
+        const char *v = RM_StringDMA(key, &len, REDISMODULE_READ);
+        char text[64];
+        if (len > 0 && len < sizeof text) {
+            memcpy(text, v, len);
+            text[len] = 0;
+            char *end;
+            double n = strtod(text, &end);
+            while (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r') end++;
+            if (end != text && *end == 0 && n >= seq) *applied = 1;
+        }
+    } else if (type != REDISMODULE_KEYTYPE_EMPTY) {
+        RM_CloseKey(key);
+        return "WRONGTYPE Operation against a key holding the wrong kind of value";
+    }
+    RM_CloseKey(key);
+    return NULL;
+}
+
+static int reply_error(RedisModuleCtx *ctx, scratch *s, long long *replies, const char *e) {
+    scratch_free(s);
+    RM_Free(replies);
+    return RM_ReplyWithError(ctx, e);
+}
+
+/* RTM.MERGE4 numkeys marker device-key... ttl seq retention-ms window deltas */
+static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    long long numkeys;
+    if (argc < 3 || RM_StringToLongLong(argv[1], &numkeys) != REDISMODULE_OK ||
+        numkeys < 1 || numkeys != (long long)argc - 7)
+        return RM_WrongArity(ctx);
+    if (RM_IsKeysPositionRequest(ctx)) {
+        for (int i = 2; i < 2 + (int)numkeys; i++) RM_KeyAtPos(ctx, i);
+        return REDISMODULE_OK;
+    }
+    RedisModuleString **keys = argv + 2, **args = argv + 2 + numkeys;
+    size_t devices = (size_t)numkeys - 1;
+    long long ttl, retention;
+    double seq, window;
+    if (RM_StringToLongLong(args[0], &ttl) != REDISMODULE_OK || ttl <= 0 ||
+        RM_StringToDouble(args[1], &seq) != REDISMODULE_OK ||
+        RM_StringToLongLong(args[2], &retention) != REDISMODULE_OK || retention < 0 ||
+        RM_StringToDouble(args[3], &window) != REDISMODULE_OK)
+        return RM_ReplyWithError(ctx, "ERR ttl, seq, retention and window must be numbers");
+    scratch s = {0};
+    long long *replies = RM_Alloc((5 * devices + 1) * sizeof(long long));
+    int applied;
+    const char *error = marker_applied(ctx, keys[0], seq, &applied);
+    if (error != NULL) return reply_error(ctx, &s, replies, error);
+    if (applied) {
+        for (size_t k = 0; k < devices; k++) {
+            error = figures(ctx, keys[1 + k], window, replies + 5 * k);
+            if (error != NULL) return reply_error(ctx, &s, replies, error);
+        }
+    } else {
+        /* every delta read before anything is written */
+        size_t len;
+        reader r = {(const unsigned char *)RM_StringPtrLen(args[4], &len), 0, 0, 0};
+        r.n = len;
+        delta *deltas = RM_Alloc((devices + 1) * sizeof(delta));
+        size_t entries = 0;
+        for (size_t k = 0; k < devices && error == NULL; k++) {
+            error = parse_delta(&r, &deltas[k]);
+            if (error != NULL) break;
+            size_t n = deltas[k].nk + deltas[k].nv;
+            if (!grow((void **)&s.dentries, &s.dcap, entries + n, sizeof(entry))) {
+                error = "ERR out of memory";
+                break;
+            }
+            /* (entries are kept as offsets until the array stops moving) */
+            deltas[k].kinds = (entry *)(uintptr_t)entries;
+            if (!parse_entries(&r, s.dentries + entries, deltas[k].nk, 1) ||
+                !parse_entries(&r, s.dentries + entries + deltas[k].nk, deltas[k].nv, 6))
+                error = "ERR a delta's kinds or values are cut short";
+            entries += n;
+        }
+        if (error != NULL) {
+            RM_Free(deltas);
+            return reply_error(ctx, &s, replies, error);
+        }
+        for (size_t k = 0; k < devices; k++) {
+            size_t at = (size_t)(uintptr_t)deltas[k].kinds;
+            deltas[k].kinds = s.dentries + at;
+            deltas[k].values = s.dentries + at + deltas[k].nk;
+        }
+        RedisModuleKey *marker = RM_OpenKey(ctx, keys[0], REDISMODULE_WRITE);
+        RM_StringSet(marker, args[1]);
+        RM_SetExpire(marker, ttl * 1000);
+        RM_CloseKey(marker);
+        RM_Replicate(ctx, "SET", "sscs", keys[0], args[1], "EX", args[0]);
+        for (size_t k = 0; k < devices; k++) {
+            error = merge_one(ctx, keys[1 + k], &deltas[k], window, retention, &s,
+                              replies + 5 * k);
+            if (error != NULL) break;
+        }
+        RM_Free(deltas);
+        if (error != NULL) return reply_error(ctx, &s, replies, error);
+    }
+    RM_ReplyWithArray(ctx, (long)(5 * devices));
+    for (size_t i = 0; i < 5 * devices; i++) RM_ReplyWithLongLong(ctx, replies[i]);
+    scratch_free(&s);
+    RM_Free(replies);
+    return REDISMODULE_OK;
+}
+
+int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    (void)argv, (void)argc;
+    int (*getapi)(const char *, void *) = (int (*)(const char *, void *))((void **)ctx)[0];
+#define LOOKUP(TYPE, NAME, ARGS)                                                  \
+    if (getapi("RedisModule_" #NAME, (void *)&RM_##NAME) != REDISMODULE_OK ||     \
+        RM_##NAME == NULL)                                                        \
+        return REDISMODULE_ERR;
+    API(LOOKUP)
+#undef LOOKUP
+    if (RM_IsModuleNameBusy("rtm")) return REDISMODULE_ERR;  /* (loaded twice) */
+    RM_SetModuleAttribs(ctx, "rtm", 1, REDISMODULE_APIVER_1);
+    if (RM_CreateCommand(ctx, "rtm.merge4", merge_command, "write deny-oom getkeys-api", 0, 0,
+                         0) != REDISMODULE_OK)
+        return REDISMODULE_ERR;
+    return REDISMODULE_OK;
+}

@@ -1,0 +1,210 @@
+"""The rtm Redis module's device merge (storage/_merge.c, RTM.MERGE4) against the Lua script
+it stands in for (scripts.MERGE_DEVICES), on a real Redis with the module loaded: the same
+replies and the same record bytes and TTLs for any flushes (kinds and readings old and new,
+sums that overflowed, receive seconds folded into spans and dropped, windows, retries,
+retention); malformed input refused before anything is written; a data directory that
+needs no module; a store that goes back to the script when Redis loses the module."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rtmonitor.model import DeviceDelta, FlushDelta, ValueStats
+from rtmonitor.storage.embedded import EmbeddedRedis, merge_module_path
+from rtmonitor.storage.packing import pack_deltas
+from rtmonitor.storage.store import MERGE_COMMAND, RedisStore
+
+T0 = 1_764_000_000_000  # ms
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    assert merge_module_path() is not None, "the rtm module was not built (setup.py)"
+    embedded = EmbeddedRedis(tmp_path_factory.mktemp("merge-module") / "redis").start()
+    try:
+        yield embedded
+    finally:
+        embedded.stop()
+
+
+stats = st.builds(
+    ValueStats,
+    count=st.integers(1, 2**40),
+    sum=st.floats(allow_nan=True, allow_infinity=True),
+    min=st.floats(allow_nan=True, allow_infinity=True),
+    max=st.floats(allow_nan=True, allow_infinity=True),
+    last=st.floats(allow_nan=True, allow_infinity=True),
+    last_ts=st.integers(0, 2**45) | st.sampled_from([0, 7, T0]),  # ties: the later wins
+)
+# few names, so that flushes meet the same ones again
+kinds = st.dictionaries(
+    st.sampled_from(["sensor", "heartbeat", "event", "k" * 40]), st.integers(1, 2**40), max_size=4
+)
+values = st.dictionaries(st.sampled_from(["temp", "hum", "v", "w" * 50]), stats, max_size=4)
+device_ids = st.sampled_from(["d1", "d2", "x" * 60])
+# seconds between flushes: the same second, the next, within the 10 s of seconds kept one
+# by one, past them (folded into spans), around a span's 61 s (dropped), and backwards
+steps = st.sampled_from([0, 1, 1, 2, 9, 10, 11, 300]) | st.integers(-15, 75)
+
+
+@st.composite
+def flushes(draw: st.DrawFn) -> list[tuple[int, FlushDelta]]:
+    out = []
+    second = T0 // 1000
+    for _ in range(draw(st.integers(1, 20))):
+        second += draw(steps)
+        devices = {}
+        for device_id in draw(st.lists(device_ids, min_size=1, max_size=5, unique=True)):
+            last = second * 1000 + draw(st.integers(0, 999))
+            devices[device_id] = DeviceDelta(
+                packets=draw(st.integers(1, 2**40)),
+                bytes=draw(st.integers(0, 2**45)),
+                first_seen=last - draw(st.integers(0, 5000)),
+                last_seen=last,
+                kinds=draw(kinds),
+                values=draw(values),
+            )
+        flush = FlushDelta(
+            devices=devices,
+            packets=sum(d.packets for d in devices.values()),
+            bytes=sum(d.bytes for d in devices.values()),
+        )
+        out.append((draw(st.sampled_from([1, 1, 1, 2])), flush))  # 2: applied twice
+    return out
+
+
+_prefixes = itertools.count()
+
+
+async def _both(url: str, plan: list[tuple[int, FlushDelta]], retention_s: int) -> None:
+    n = next(_prefixes)
+    script = RedisStore.from_url(url, f"s{n}", retention_s=retention_s, merge_module=False)
+    module = RedisStore.from_url(url, f"m{n}", retention_s=retention_s)
+    raw = redis.asyncio.Redis.from_url(url)  # records are bytes
+    try:
+        for seq, (times, flush) in enumerate(plan, start=1):
+            for _ in range(times):
+                # the module's reply, then the script's: the same integers
+                want = await script._run(script.plan(flush, "i", seq))
+                got = await module._run(module.plan(flush, "i", seq))
+                assert got == want
+        assert module.merge_module is True and script.merge_module is False
+        ids = sorted({d for _, flush in plan for d in flush.devices})
+        for device_id in ids:
+            a, b = script.layout.device(device_id), module.layout.device(device_id)
+            assert await raw.get(b) == await raw.get(a), device_id
+            ttl_a, ttl_b = await raw.pttl(a), await raw.pttl(b)
+            assert (ttl_a > 0) == (ttl_b > 0) and (ttl_a == -1) == (ttl_b == -1)
+    finally:
+        await raw.aclose()
+        await script.aclose()
+        await module.aclose()
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan=flushes(), retention_s=st.sampled_from([0, 0, 3600]))
+def test_the_module_merges_as_the_script_does(
+    server: EmbeddedRedis, plan: list[tuple[int, FlushDelta]], retention_s: int
+) -> None:
+    asyncio.run(_both(server.url, plan, retention_s))
+
+
+def _delta_bytes(device_id: str) -> bytes:
+    import numpy as np
+
+    from rtmonitor.model import BatchDelta
+
+    batch = BatchDelta.from_devices(
+        {device_id: DeviceDelta(packets=3, bytes=30, first_seen=T0, last_seen=T0, kinds={"k": 3})}
+    )
+    blob, _ = pack_deltas(batch, np.arange(1, dtype=np.int64))
+    return blob
+
+
+def test_malformed_calls_are_refused_before_anything_is_written(server: EmbeddedRedis) -> None:
+    client = redis.Redis.from_url(server.url)
+    try:
+        good = _delta_bytes("a")
+        keys = ["bad:m", "bad:a", "bad:b"]
+        cases: list[tuple[list[Any], str]] = [
+            ([*keys, 60, 1, 0, 5, good], "cut short"),  # 2 devices, 1 delta
+            ([*keys, 60, 1, 0, 5, good + good[:-3]], "cut short"),
+            ([*keys, 60, 1, 0, 5, good + b"\xff" * 36], "cut short"),  # 65535 kinds
+            ([*keys, 60, 1, 0, 5, (good[:-9] + b"x" * 9) * 2], "cut short"),  # no zero
+            ([*keys, "x", 1, 0, 5, good * 2], "must be numbers"),
+            ([*keys, 60, 1, -5, 5, good * 2], "must be numbers"),
+        ]
+        for args, why in cases:
+            with pytest.raises(redis.ResponseError, match=why):
+                client.execute_command(MERGE_COMMAND, 3, *args)
+            assert client.exists(*keys) == 0
+        with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+            client.execute_command(MERGE_COMMAND, 5, *keys, 60, 1, 0, 5, good)
+        client.hset("bad:h", "f", "v")  # a key of another type
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            client.execute_command(MERGE_COMMAND, 2, "bad:m2", "bad:h", 60, 1, 0, 5, good)
+        client.set("bad:r", b"\x00" * 20)  # a record cut short
+        with pytest.raises(redis.ResponseError, match="record is cut short"):
+            client.execute_command(MERGE_COMMAND, 2, "bad:m3", "bad:r", 60, 1, 0, 5, good)
+        assert client.ping()
+    finally:
+        client.close()
+
+
+def test_the_data_needs_no_module_and_the_store_goes_back_to_the_script(
+    tmp_path: Path,
+) -> None:
+    """The module's writes reach the AOF as plain SETs: the same directory opens without the
+    module, and a store that merged with it goes on with the script."""
+    data = tmp_path / "redis"
+    first = EmbeddedRedis(data).start()
+    flush = FlushDelta(
+        devices={
+            "a": DeviceDelta(packets=2, bytes=20, first_seen=T0, last_seen=T0, kinds={"k": 2})
+        },
+        packets=2,
+        bytes=20,
+    )
+
+    async def merge(store: RedisStore, seq: int) -> None:
+        await store.apply(store.plan(flush, "i", seq))
+
+    async def read(store: RedisStore) -> int:
+        record = await store.get_device("a")
+        assert record is not None
+        return record.packets
+
+    async def run() -> None:
+        store = RedisStore.from_url(first.url)
+        try:
+            await merge(store, 1)
+            assert store.merge_module is True
+            first.stop()
+            plain = EmbeddedRedis(
+                data, port=first.port, password=first.password, merge_module=False
+            ).start()
+            try:
+                other = RedisStore.from_url(plain.url)
+                assert await read(other) == 2  # (from the AOF)
+                await other.aclose()
+                # the same store, on a new connection (the flusher retries one that broke),
+                # and the module is gone
+                await store.client.connection_pool.disconnect()
+                await merge(store, 2)
+                assert await read(store) == 4
+                assert store.merge_module is False
+            finally:
+                plain.stop()
+        finally:
+            await store.aclose()
+
+    asyncio.run(run())
