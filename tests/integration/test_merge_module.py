@@ -57,7 +57,7 @@ steps = st.sampled_from([0, 1, 1, 2, 9, 10, 11, 300]) | st.integers(-15, 75)
 
 
 @st.composite
-def flushes(draw: st.DrawFn) -> list[tuple[int, FlushDelta]]:
+def flushes(draw: st.DrawFn) -> list[tuple[int, FlushDelta, list[str]]]:
     out = []
     second = T0 // 1000
     for _ in range(draw(st.integers(1, 20))):
@@ -78,32 +78,47 @@ def flushes(draw: st.DrawFn) -> list[tuple[int, FlushDelta]]:
             packets=sum(d.packets for d in devices.values()),
             bytes=sum(d.bytes for d in devices.values()),
         )
-        out.append((draw(st.sampled_from([1, 1, 1, 2])), flush))  # 2: applied twice
+        # 2: applied twice; and records that expired before it (their index entries stay)
+        expired = draw(st.lists(device_ids, max_size=2, unique=True))
+        out.append((draw(st.sampled_from([1, 1, 1, 2])), flush, expired))
     return out
 
 
 _prefixes = itertools.count()
 
 
-async def _both(url: str, plan: list[tuple[int, FlushDelta]], retention_s: int) -> None:
+async def _indexes(raw: redis.asyncio.Redis, prefix: str) -> dict[str, Any]:
+    """Every sorted index of a prefix (by name without the prefix): members and scores, and
+    whether it expires."""
+    out: dict[str, Any] = {}
+    async for key in raw.scan_iter(match=f"{{{prefix}}}:*", count=1000):
+        if await raw.type(key) == b"zset":
+            name = key.decode().split(":", 1)[1]
+            out[name] = (await raw.zrange(key, 0, -1, withscores=True), await raw.ttl(key) > 0)
+    return out
+
+
+async def _both(url: str, plan: list[tuple[int, FlushDelta, list[str]]], retention_s: int) -> None:
     n = next(_prefixes)
     script = RedisStore.from_url(url, f"s{n}", retention_s=retention_s, merge_module=False)
     module = RedisStore.from_url(url, f"m{n}", retention_s=retention_s)
     raw = redis.asyncio.Redis.from_url(url)  # records are bytes
     try:
-        for seq, (times, flush) in enumerate(plan, start=1):
+        for seq, (times, flush, expired) in enumerate(plan, start=1):
+            for store in (script, module):
+                for device_id in expired:  # (as if --retention had passed)
+                    await raw.delete(store.layout.device(device_id))
             for _ in range(times):
-                # the module's reply, then the script's: the same integers
-                want = await script._run(script.plan(flush, "i", seq))
-                got = await module._run(module.plan(flush, "i", seq))
-                assert got == want
+                await script.apply(script.plan(flush, "i", seq))
+                await module.apply(module.plan(flush, "i", seq))
         assert module.merge_module is True and script.merge_module is False
-        ids = sorted({d for _, flush in plan for d in flush.devices})
+        ids = sorted({d for _, flush, _ in plan for d in flush.devices})
         for device_id in ids:
             a, b = script.layout.device(device_id), module.layout.device(device_id)
             assert await raw.get(b) == await raw.get(a), device_id
             ttl_a, ttl_b = await raw.pttl(a), await raw.pttl(b)
             assert (ttl_a > 0) == (ttl_b > 0) and (ttl_a == -1) == (ttl_b == -1)
+        assert await _indexes(raw, f"m{n}") == await _indexes(raw, f"s{n}")
     finally:
         await raw.aclose()
         await script.aclose()
@@ -113,7 +128,7 @@ async def _both(url: str, plan: list[tuple[int, FlushDelta]], retention_s: int) 
 @settings(max_examples=200, deadline=None)
 @given(plan=flushes(), retention_s=st.sampled_from([0, 0, 3600]))
 def test_the_module_merges_as_the_script_does(
-    server: EmbeddedRedis, plan: list[tuple[int, FlushDelta]], retention_s: int
+    server: EmbeddedRedis, plan: list[tuple[int, FlushDelta, list[str]]], retention_s: int
 ) -> None:
     asyncio.run(_both(server.url, plan, retention_s))
 
@@ -132,30 +147,59 @@ def _delta_bytes(device_id: str) -> bytes:
 
 def test_malformed_calls_are_refused_before_anything_is_written(server: EmbeddedRedis) -> None:
     client = redis.Redis.from_url(server.url)
+    indexes = ["bad:ix:devices", "bad:ix:packets", "bad:ix:bytes", "bad:ix:last", "bad:ix:rw"]
     try:
         good = _delta_bytes("a")
-        keys = ["bad:m", "bad:a", "bad:b"]
+        keys = ["bad:m", *indexes, "bad:{a}", "bad:{b}"]
         cases: list[tuple[list[Any], str]] = [
-            ([*keys, 60, 1, 0, 5, good], "cut short"),  # 2 devices, 1 delta
-            ([*keys, 60, 1, 0, 5, good + good[:-3]], "cut short"),
-            ([*keys, 60, 1, 0, 5, good + b"\xff" * 36], "cut short"),  # 65535 kinds
-            ([*keys, 60, 1, 0, 5, (good[:-9] + b"x" * 9) * 2], "cut short"),  # no zero
-            ([*keys, "x", 1, 0, 5, good * 2], "must be numbers"),
-            ([*keys, 60, 1, -5, 5, good * 2], "must be numbers"),
+            ([*keys, 60, 1, 0, 5, good, 5], "cut short"),  # 2 devices, 1 delta
+            ([*keys, 60, 1, 0, 5, good + good[:-3], 5], "cut short"),
+            ([*keys, 60, 1, 0, 5, good + b"\xff" * 36, 5], "cut short"),  # 65535 kinds
+            ([*keys, 60, 1, 0, 5, (good[:-9] + b"x" * 9) * 2, 5], "cut short"),  # no zero
+            ([*keys, "x", 1, 0, 5, good * 2, 5], "must be numbers"),
+            ([*keys, 60, 1, -5, 5, good * 2, 5], "must be numbers"),
+            ([*keys, 60, 1, 0, 5, good * 2, 9], "shorter than id-offset"),
         ]
         for args, why in cases:
             with pytest.raises(redis.ResponseError, match=why):
-                client.execute_command(MERGE_COMMAND, 3, *args)
+                client.execute_command(MERGE_COMMAND, 8, *args)
             assert client.exists(*keys) == 0
-        with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
-            client.execute_command(MERGE_COMMAND, 5, *keys, 60, 1, 0, 5, good)
-        client.hset("bad:h", "f", "v")  # a key of another type
+        for numkeys in (9, 5, 1):  # one key too many; no index keys
+            with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+                client.execute_command(MERGE_COMMAND, numkeys, *keys, 60, 1, 0, 5, good, 5)
+        client.hset("bad:{h}", "f", "v")  # a key of another type
         with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-            client.execute_command(MERGE_COMMAND, 2, "bad:m2", "bad:h", 60, 1, 0, 5, good)
-        client.set("bad:r", b"\x00" * 20)  # a record cut short
+            client.execute_command(
+                MERGE_COMMAND, 7, "bad:m2", *indexes, "bad:{h}", 60, 1, 0, 5, good, 5
+            )
+        client.set("bad:{r}", b"\x00" * 20)  # a record cut short
         with pytest.raises(redis.ResponseError, match="record is cut short"):
-            client.execute_command(MERGE_COMMAND, 2, "bad:m3", "bad:r", 60, 1, 0, 5, good)
+            client.execute_command(
+                MERGE_COMMAND, 7, "bad:m3", *indexes, "bad:{r}", 60, 1, 0, 5, good, 5
+            )
+        client.set("bad:ix:bytes", "x")  # an index of another type
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            client.execute_command(
+                MERGE_COMMAND, 7, "bad:m4", *indexes, "bad:{c}", 60, 1, 0, 5, good, 5
+            )
         assert client.ping()
+        assert (
+            client.execute_command(
+                MERGE_COMMAND,
+                7,
+                "ok:m",
+                *[f"ok{k}" for k in indexes],
+                "ok:{a}",
+                60,
+                1,
+                0,
+                5,
+                good,
+                4,
+            )
+            == 1
+        )
+        assert client.zrange("okbad:ix:devices", 0, -1) == [b"a"]
     finally:
         client.close()
 

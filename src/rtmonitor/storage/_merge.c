@@ -1,21 +1,24 @@
-/* A Redis module: RTM.MERGE4, the device merge of scripts.MERGE_DEVICES in C.
+/* A Redis module: RTM.MERGE4, the device merge of scripts.MERGE_DEVICES in C, with the
+ * sorted-index writes that follow it.
  *
  * Why: a fleet's flush is one merge per device, and in Lua most of a merge is the
- * machinery around it, not the arithmetic: two redis.call()s (GET, SET) and unpacking a
- * ~300-byte record into a Lua table of ~80 values, then packing it again. In C the record
- * is read where Redis keeps it and written once. (Figures: benchmarks/RESULTS.md.)
+ * machinery around it, not the arithmetic: two redis.call()s (GET, SET) and a ~300-byte
+ * record unpacked into a Lua table of ~80 values, then packed again. In C the record is
+ * read where Redis keeps it and written once, and the index entries go straight into the
+ * sorted sets instead of through the service as text. (Figures: benchmarks/RESULTS.md.)
  *
- * The contract is the script's, byte for byte, so either may run a flush, a retry or a
- * replayed journal, and the records they write are the same bytes
- * (tests/integration/test_merge_module.py checks them against each other):
+ *   RTM.MERGE4 numkeys marker ix-devices ix-packets ix-bytes ix-last-seen ix-rate-window
+ *              device-key... ttl seq retention-ms window deltas id-offset
  *
- *   RTM.MERGE4 numkeys marker device-key... ttl seq retention-ms window deltas
+ * The merge is the script's, byte for byte (`EVALSHA <MERGE_DEVICES> numkeys marker
+ * device-key... ttl seq retention window deltas`: record and delta formats in scripts.py),
+ * and the index entries are what RedisStore._index_commands writes from the script's
+ * reply; so either path may run a flush, a retry or a replayed journal, and they leave the
+ * same bytes and scores (tests/integration/test_merge_module.py checks them against each
+ * other). Replies the number of devices.
  *
- * as `EVALSHA <MERGE_DEVICES> numkeys marker device-key... ttl seq retention window
- * deltas`, with the same reply (5 integers per device). Record and delta formats: see
- * scripts.py. The writes are replicated (and written to the AOF) as the plain SETs the
- * script's effects would be, so a data directory never needs the module to be loaded.
- *
+ * What it writes is replicated (and written to the AOF) as plain SET, ZADD and EXPIRE
+ * commands, as the script's effects are, so a data directory never needs the module.
  * Unlike the script, a malformed deltas argument is refused before anything is written.
  *
  * No Redis header is needed: the few module API functions used are declared here and
@@ -27,6 +30,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -42,6 +46,7 @@
 #define REDISMODULE_WRITE (1 << 1)
 #define REDISMODULE_KEYTYPE_EMPTY 0
 #define REDISMODULE_KEYTYPE_STRING 1
+#define REDISMODULE_KEYTYPE_ZSET 5
 
 typedef struct RedisModuleCtx RedisModuleCtx;
 typedef struct RedisModuleKey RedisModuleKey;
@@ -72,6 +77,9 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(int, Replicate, (RedisModuleCtx *, const char *, const char *, ...))                  \
     X(int, IsKeysPositionRequest, (RedisModuleCtx *))                                       \
     X(void, KeyAtPos, (RedisModuleCtx *, int))                                              \
+    X(int, ZsetAdd, (RedisModuleKey *, double, RedisModuleString *, int *))                 \
+    X(int, ZsetScore, (RedisModuleKey *, RedisModuleString *, double *))                    \
+    X(int, StringCompare, (RedisModuleString *, RedisModuleString *))                       \
     X(void *, Alloc, (size_t))                                                              \
     X(void *, Realloc, (void *, size_t))                                                    \
     X(void, Free, (void *))
@@ -467,90 +475,192 @@ static const char *marker_applied(RedisModuleCtx *ctx, RedisModuleString *keynam
     return NULL;
 }
 
-static int reply_error(RedisModuleCtx *ctx, scratch *s, long long *replies, const char *e) {
-    scratch_free(s);
-    RM_Free(replies);
-    return RM_ReplyWithError(ctx, e);
+/* ---- the sorted indexes (INDEXED mode): what RedisStore._index_commands writes ---- */
+
+enum { IX_DEVICES, IX_PACKETS, IX_BYTES, IX_LAST_SEEN, IX_RATE, IX_COUNT };
+
+/* An index key and what changed in it, replicated as one ZADD: "score member" pairs. */
+typedef struct {
+    RedisModuleKey *key;
+    RedisModuleString **argv; /* the scores are ours to free, the members are shared */
+    size_t n, cap;
+} zindex;
+
+static int zindex_push(zindex *z, RedisModuleString *score, RedisModuleString *member) {
+    if (!grow((void **)&z->argv, &z->cap, z->n + 2, sizeof(RedisModuleString *))) return 0;
+    z->argv[z->n++] = score;
+    z->argv[z->n++] = member;
+    return 1;
 }
 
-/* RTM.MERGE4 numkeys marker device-key... ttl seq retention-ms window deltas */
+/* ZADD key [NX|GT] score member as Redis would apply it: `mode` 'N' (NX), 'G' (GT) or
+ * 0 (set); what changed is kept for replication (as a plain ZADD: the replica holds the
+ * same scores, so it changes the same members the same way). */
+static const char *zadd(RedisModuleCtx *ctx, zindex *z, double score, RedisModuleString *member,
+                        char mode) {
+    double old;
+    if (mode && RM_ZsetScore(z->key, member, &old) == REDISMODULE_OK &&
+        (mode == 'N' || !(score > old)))
+        return NULL;
+    if (RM_ZsetAdd(z->key, score, member, NULL) != REDISMODULE_OK)
+        return "WRONGTYPE an index key holds the wrong kind of value";
+    char text[32];
+    int len = snprintf(text, sizeof text, "%lld", (long long)score);
+    RedisModuleString *s = RM_CreateString(ctx, text, (size_t)len);
+    if (!zindex_push(z, s, member)) {
+        RM_FreeString(ctx, s);
+        return "ERR out of memory";
+    }
+    return NULL;
+}
+
+/* One device's index entries, from its merge's 5 reply integers. */
+static const char *index_device(RedisModuleCtx *ctx, zindex *ix, RedisModuleString *member,
+                                const long long *reply, int replace) {
+    if (reply[4] < 0) return NULL; /* a replay, and the record has expired since */
+    /* a record created with retention on may replace the entry of its expired predecessor */
+    char grow_only = replace && reply[4] == 1 ? 0 : 'G';
+    const char *error = zadd(ctx, &ix[IX_DEVICES], 0, member, 'N');
+    if (!error) error = zadd(ctx, &ix[IX_PACKETS], (double)reply[0], member, grow_only);
+    if (!error) error = zadd(ctx, &ix[IX_BYTES], (double)reply[1], member, grow_only);
+    if (!error) error = zadd(ctx, &ix[IX_LAST_SEEN], (double)reply[2], member, 'G');
+    if (!error && reply[3] != 0) error = zadd(ctx, &ix[IX_RATE], (double)reply[3], member, 'G');
+    return error;
+}
+
+static const char *open_indexes(RedisModuleCtx *ctx, RedisModuleString **keys, zindex *ix) {
+    for (int i = 0; i < IX_COUNT; i++) {
+        ix[i] = (zindex){0};
+        ix[i].key = RM_OpenKey(ctx, keys[i], REDISMODULE_READ | REDISMODULE_WRITE);
+        int type = RM_KeyType(ix[i].key);
+        if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_ZSET)
+            return "WRONGTYPE an index key holds the wrong kind of value";
+    }
+    return NULL;
+}
+
+/* Replicate what changed (one ZADD per index; the rate window's TTL), close, free. */
+static void close_indexes(RedisModuleCtx *ctx, RedisModuleString **keys, zindex *ix) {
+    for (int i = 0; i < IX_COUNT; i++) {
+        if (ix[i].n) {
+            RM_Replicate(ctx, "ZADD", "sv", keys[i], ix[i].argv, ix[i].n);
+            if (i == IX_RATE) {
+                /* written during its 10 s, read during the next 10 s (as the store does) */
+                RM_SetExpire(ix[i].key, 30000);
+                RM_Replicate(ctx, "EXPIRE", "sc", keys[i], "30");
+            }
+        }
+        for (size_t j = 0; j < ix[i].n; j += 2) RM_FreeString(ctx, ix[i].argv[j]);
+        RM_Free(ix[i].argv);
+        if (ix[i].key) RM_CloseKey(ix[i].key);
+    }
+}
+
+/* Every delta of the call, read before anything is written. */
+static const char *parse_deltas(RedisModuleString *arg, size_t devices, scratch *s,
+                                delta *deltas) {
+    size_t len, entries = 0;
+    reader r = {(const unsigned char *)RM_StringPtrLen(arg, &len), 0, 0, 0};
+    r.n = len;
+    size_t *at = RM_Alloc((devices + 1) * sizeof(size_t));
+    for (size_t k = 0; k < devices; k++) {
+        const char *error = parse_delta(&r, &deltas[k]);
+        if (error != NULL) {
+            RM_Free(at);
+            return error;
+        }
+        size_t n = deltas[k].nk + deltas[k].nv;
+        if (!grow((void **)&s->dentries, &s->dcap, entries + n, sizeof(entry))) {
+            RM_Free(at);
+            return "ERR out of memory";
+        }
+        at[k] = entries;
+        if (!parse_entries(&r, s->dentries + entries, deltas[k].nk, 1) ||
+            !parse_entries(&r, s->dentries + entries + deltas[k].nk, deltas[k].nv, 6)) {
+            RM_Free(at);
+            return "ERR a delta's kinds or values are cut short";
+        }
+        entries += n;
+    }
+    for (size_t k = 0; k < devices; k++) { /* (the array has stopped moving) */
+        deltas[k].kinds = s->dentries + at[k];
+        deltas[k].values = s->dentries + at[k] + deltas[k].nk;
+    }
+    RM_Free(at);
+    return NULL;
+}
+
+/* RTM.MERGE4 numkeys marker ix-devices ix-packets ix-bytes ix-last-seen ix-rate-window
+ *            device-key... ttl seq retention-ms window deltas id-offset
+ * MERGE_DEVICES' merge, then the sorted indexes as RedisStore._index_commands writes them
+ * from the script's reply (a device's member: its key less the first id-offset bytes and
+ * the closing brace). Replies the number of devices. */
 static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    long long numkeys;
+    long long numkeys, offset;
     if (argc < 3 || RM_StringToLongLong(argv[1], &numkeys) != REDISMODULE_OK ||
-        numkeys < 1 || numkeys != (long long)argc - 7)
+        numkeys < 1 + IX_COUNT || numkeys != (long long)argc - 8)
         return RM_WrongArity(ctx);
     if (RM_IsKeysPositionRequest(ctx)) {
         for (int i = 2; i < 2 + (int)numkeys; i++) RM_KeyAtPos(ctx, i);
         return REDISMODULE_OK;
     }
     RedisModuleString **keys = argv + 2, **args = argv + 2 + numkeys;
-    size_t devices = (size_t)numkeys - 1;
+    RedisModuleString **ixkeys = keys + 1, **devkeys = keys + 1 + IX_COUNT;
+    size_t devices = (size_t)numkeys - 1 - IX_COUNT;
     long long ttl, retention;
     double seq, window;
     if (RM_StringToLongLong(args[0], &ttl) != REDISMODULE_OK || ttl <= 0 ||
         RM_StringToDouble(args[1], &seq) != REDISMODULE_OK ||
         RM_StringToLongLong(args[2], &retention) != REDISMODULE_OK || retention < 0 ||
-        RM_StringToDouble(args[3], &window) != REDISMODULE_OK)
-        return RM_ReplyWithError(ctx, "ERR ttl, seq, retention and window must be numbers");
+        RM_StringToDouble(args[3], &window) != REDISMODULE_OK ||
+        RM_StringToLongLong(args[5], &offset) != REDISMODULE_OK || offset < 0)
+        return RM_ReplyWithError(
+            ctx, "ERR ttl, seq, retention, window and id-offset must be numbers");
+    for (size_t k = 0; k < devices; k++) {
+        size_t len;
+        RM_StringPtrLen(devkeys[k], &len);
+        if (len < (size_t)offset + 1)
+            return RM_ReplyWithError(ctx, "ERR a device key is shorter than id-offset");
+    }
     scratch s = {0};
-    long long *replies = RM_Alloc((5 * devices + 1) * sizeof(long long));
+    long long reply[5];
+    delta *deltas = NULL;
     int applied;
     const char *error = marker_applied(ctx, keys[0], seq, &applied);
-    if (error != NULL) return reply_error(ctx, &s, replies, error);
-    if (applied) {
-        for (size_t k = 0; k < devices; k++) {
-            error = figures(ctx, keys[1 + k], window, replies + 5 * k);
-            if (error != NULL) return reply_error(ctx, &s, replies, error);
-        }
-    } else {
-        /* every delta read before anything is written */
+    if (error == NULL && !applied) {
+        deltas = RM_Alloc((devices + 1) * sizeof(delta));
+        error = parse_deltas(args[4], devices, &s, deltas);
+    }
+    zindex ix[IX_COUNT] = {{0}};
+    RedisModuleString **members = RM_Alloc((devices + 1) * sizeof(RedisModuleString *));
+    for (size_t k = 0; k < devices; k++) {
         size_t len;
-        reader r = {(const unsigned char *)RM_StringPtrLen(args[4], &len), 0, 0, 0};
-        r.n = len;
-        delta *deltas = RM_Alloc((devices + 1) * sizeof(delta));
-        size_t entries = 0;
-        for (size_t k = 0; k < devices && error == NULL; k++) {
-            error = parse_delta(&r, &deltas[k]);
-            if (error != NULL) break;
-            size_t n = deltas[k].nk + deltas[k].nv;
-            if (!grow((void **)&s.dentries, &s.dcap, entries + n, sizeof(entry))) {
-                error = "ERR out of memory";
-                break;
-            }
-            /* (entries are kept as offsets until the array stops moving) */
-            deltas[k].kinds = (entry *)(uintptr_t)entries;
-            if (!parse_entries(&r, s.dentries + entries, deltas[k].nk, 1) ||
-                !parse_entries(&r, s.dentries + entries + deltas[k].nk, deltas[k].nv, 6))
-                error = "ERR a delta's kinds or values are cut short";
-            entries += n;
-        }
-        if (error != NULL) {
-            RM_Free(deltas);
-            return reply_error(ctx, &s, replies, error);
-        }
-        for (size_t k = 0; k < devices; k++) {
-            size_t at = (size_t)(uintptr_t)deltas[k].kinds;
-            deltas[k].kinds = s.dentries + at;
-            deltas[k].values = s.dentries + at + deltas[k].nk;
-        }
+        const char *key = RM_StringPtrLen(devkeys[k], &len);
+        members[k] = RM_CreateString(ctx, key + offset, len - (size_t)offset - 1);
+    }
+    if (error == NULL) error = open_indexes(ctx, ixkeys, ix);
+    if (error == NULL && !applied) {
         RedisModuleKey *marker = RM_OpenKey(ctx, keys[0], REDISMODULE_WRITE);
         RM_StringSet(marker, args[1]);
         RM_SetExpire(marker, ttl * 1000);
         RM_CloseKey(marker);
         RM_Replicate(ctx, "SET", "sscs", keys[0], args[1], "EX", args[0]);
-        for (size_t k = 0; k < devices; k++) {
-            error = merge_one(ctx, keys[1 + k], &deltas[k], window, retention, &s,
-                              replies + 5 * k);
-            if (error != NULL) break;
-        }
-        RM_Free(deltas);
-        if (error != NULL) return reply_error(ctx, &s, replies, error);
     }
-    RM_ReplyWithArray(ctx, (long)(5 * devices));
-    for (size_t i = 0; i < 5 * devices; i++) RM_ReplyWithLongLong(ctx, replies[i]);
+    for (size_t k = 0; error == NULL && k < devices; k++) {
+        if (applied) {
+            error = figures(ctx, devkeys[k], window, reply);
+        } else {
+            error = merge_one(ctx, devkeys[k], &deltas[k], window, retention, &s, reply);
+        }
+        if (error == NULL) error = index_device(ctx, ix, members[k], reply, retention > 0);
+    }
+    close_indexes(ctx, ixkeys, ix); /* (what was written, even before an error) */
+    for (size_t k = 0; k < devices; k++) RM_FreeString(ctx, members[k]);
+    RM_Free(members);
+    RM_Free(deltas);
     scratch_free(&s);
-    RM_Free(replies);
-    return REDISMODULE_OK;
+    if (error != NULL) return RM_ReplyWithError(ctx, error);
+    return RM_ReplyWithLongLong(ctx, (long long)devices);
 }
 
 int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {

@@ -106,7 +106,12 @@ class KeyLayout:
 
     def device_id(self, device_key: str) -> str:
         """The device of a key built by device()."""
-        return device_key[len(self.prefix) + 4 : -1]
+        return device_key[self.device_id_offset : -1]
+
+    @property
+    def device_id_offset(self) -> int:
+        """Where the id starts in a key built by device() (it ends with the closing brace)."""
+        return len(self.prefix) + 4
 
     @property
     def version(self) -> str:

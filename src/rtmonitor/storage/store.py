@@ -299,8 +299,8 @@ class RedisStore:
         layout = self.layout
         groups: dict[int, _GroupIndex] = {}
         for (name, keys, args), reply in zip(calls, replies, strict=True):
-            if name != "devices" or len(keys) < 2:
-                continue
+            if name != "devices" or len(keys) < 2 or not isinstance(reply, list):
+                continue  # (the rtm module writes its calls' index entries itself)
             ids = [layout.device_id(key) for key in keys[1:]]
             group = groups.get(g := layout.group_of(ids[0]))
             if group is None:
@@ -349,11 +349,27 @@ class RedisStore:
             target = cast(aioredis.Redis, pipe)
             for name, keys, args in calls[start : start + APPLY_SLICE]:
                 if module and name == "devices":
-                    pipe.execute_command(MERGE_COMMAND, len(keys), *keys, *args)
+                    pipe.execute_command(MERGE_COMMAND, *self._module_call(keys, args))
                 else:
                     await self._scripts[name](keys=keys, args=args, client=target)
             replies += await pipe.execute()
         return replies
+
+    def _module_call(self, keys: list[str], args: list[Any]) -> list[Any]:
+        """A device merge call (MERGE_DEVICES' keys and args) as RTM.MERGE4's arguments: the
+        module also writes the sorted indexes of the call's index group (its devices share
+        one), which the script leaves to _index_commands."""
+        layout = self.layout
+        g = layout.group_of(layout.device_id(keys[1])) if len(keys) > 1 else 0
+        indexes = [
+            layout.devices(g),
+            layout.index("packets", g),
+            layout.index("bytes", g),
+            layout.index("last_seen", g),
+            layout.rate_window(int(args[3]), g),
+        ]
+        head = [len(keys) + len(indexes), keys[0], *indexes]
+        return [*head, *keys[1:], *args, layout.device_id_offset]
 
     async def _has_merge_module(self) -> bool:
         """Whether this Redis has the rtm module's merge (logged once, either way). Asked
