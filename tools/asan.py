@@ -1,11 +1,15 @@
-"""`make test-asan`: the C row and OTLP readers under AddressSanitizer and UBSan.
+"""`make test-asan`: the C parts under AddressSanitizer and UBSan.
 
-Builds src/rtmonitor/ingest/_rows.c with -fsanitize=address,undefined into a copy of the
-package, then runs the differential tests (tests/unit/test_rows_wire.py,
-test_columnar.py: random, mutated and hand-built wire data against protobuf;
-test_otlp_reader.py: random OTLP requests against the Python mapping) with the
-sanitizer runtimes preloaded. Any out-of-bounds read, overflow or undefined behaviour
-aborts the run. Needs gcc with libasan/libubsan (Debian's gcc has them).
+Builds src/rtmonitor/ingest/_rows.c and the rtm Redis module (src/rtmonitor/storage/
+_merge.c) with -fsanitize=address,undefined into a copy of the package, then runs the
+differential tests (tests/unit/test_rows_wire.py, test_columnar.py: random, mutated and
+hand-built wire data against protobuf; test_otlp_reader.py: random OTLP requests against
+the Python mapping; tests/integration/test_merge_module.py: random flushes merged by the
+module and by the Lua script, and malformed calls) with the sanitizer runtimes preloaded,
+in Python and in the embedded redis-server that loads the module (it inherits the
+environment; its libc malloc is then the sanitizer's). Any out-of-bounds access, overflow
+or undefined behaviour aborts the process that hit it: the run fails and prints the
+reports. Needs gcc with libasan/libubsan (Debian's gcc has them).
 """
 
 from __future__ import annotations
@@ -35,40 +39,52 @@ def main() -> int:
         package = Path(tmp) / "rtmonitor"
         shutil.copytree(ROOT / "src" / "rtmonitor", package, ignore=shutil.ignore_patterns("*.so"))
         suffix = sysconfig.get_config_var("EXT_SUFFIX")
-        subprocess.run(
-            ["gcc", "-shared", "-fPIC", "-O1", "-g", "-std=c11", "-Wall", "-Wextra",
-             "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-             "-fno-omit-frame-pointer", f"-I{sysconfig.get_paths()['include']}",
-             str(package / "ingest" / "_rows.c"), "-o", str(package / "ingest" / f"_rows{suffix}")],
-            check=True,
-        )  # fmt: skip
+        for source in ("ingest/_rows", "storage/_merge"):
+            subprocess.run(
+                ["gcc", "-shared", "-fPIC", "-O1", "-g", "-std=c11", "-Wall", "-Wextra",
+                 "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                 "-fno-omit-frame-pointer", f"-I{sysconfig.get_paths()['include']}",
+                 str(package / f"{source}.c"), "-o", str(package / f"{source}{suffix}"), "-lm"],
+                check=True,
+            )  # fmt: skip
+        reports = Path(tmp) / "reports"
+        reports.mkdir()
         env = {
             **os.environ,
             "PYTHONPATH": tmp,  # the sanitized copy comes before the installed package
             "LD_PRELOAD": f"{runtime('libasan.so')} {runtime('libubsan.so')}",
-            "ASAN_OPTIONS": "detect_leaks=0",  # CPython's own allocations are not leaks
+            # CPython's own allocations are not leaks; a report goes to a file of the
+            # process that wrote it (redis-server's stderr is not the terminal's)
+            "ASAN_OPTIONS": f"detect_leaks=0:log_path={reports}/asan",
+            "UBSAN_OPTIONS": f"print_stacktrace=1:log_path={reports}/ubsan",
             # every object its own malloc block, so a read past a bytes object hits a
             # redzone instead of the next object in a pymalloc arena
             "PYTHONMALLOC": "malloc",
         }
-        probe = "import rtmonitor.ingest._rows as m; print(m.__file__)"
-        where = subprocess.run(
+        probe = (
+            "import rtmonitor.ingest._rows as m; from rtmonitor.storage.embedded import "
+            "merge_module_path as p; print(m.__file__); print(p())"
+        )
+        found = subprocess.run(
             [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        if not where.startswith(tmp):
-            raise SystemExit(f"test-asan: imported {where}, not the sanitized build")
-        print(f"test-asan: sanitized reader at {where}", flush=True)
+        ).stdout.split()
+        if len(found) != 2 or not all(where.startswith(tmp) for where in found):
+            raise SystemExit(f"test-asan: found {found}, not the sanitized builds")
+        print(f"test-asan: sanitized reader and module at {found}", flush=True)
         tests = [
             "tests/unit/test_rows_wire.py",
             "tests/unit/test_columnar.py",
             "tests/unit/test_otlp_reader.py",
+            "tests/integration/test_merge_module.py",
         ]
-        return subprocess.run(
-            # -s: a sanitizer report is written to stderr as the process exits; pytest's
-            # capture would swallow it
-            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *tests],
+        code = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
             env=env, cwd=ROOT,
         ).returncode  # fmt: skip
+        for report in sorted(reports.iterdir()):
+            print(f"test-asan: {report.name}:\n{report.read_text(errors='replace')}")
+            code = code or 1
+        return code
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ module imports nothing from the rooms (ingest, pipeline, storage, api).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -349,9 +350,12 @@ def _unified(
     """Number the strings of every part in one table (first-appearance order): the table,
     each listed string's number, and each set of per-part indexes into the lists as
     numbers in the table."""
-    table: dict[str, int] = {}
-    strings = chain.from_iterable(lists)
-    ids = np.array([table.setdefault(x, len(table)) for x in strings], dtype=np.int64)
+    # Two C-level passes (number the distinct strings, then look each one up) instead of a
+    # Python call per string: a fleet's flush numbers every device of every part here. The
+    # second pass hashes nothing: a str keeps its hash.
+    table = dict(zip(dict.fromkeys(chain.from_iterable(lists)), itertools.count(), strict=False))
+    total = sum(map(len, lists))
+    ids = np.fromiter(map(table.__getitem__, chain.from_iterable(lists)), np.int64, total)
     return list(table), ids, [ids[_shifted(lists, index)] for index in indexes]
 
 
