@@ -373,6 +373,10 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
         }
     }
     buckets(s, &nf, &nc, floor(d->last / 1000), d->packets, d->bytes);
+    if (nk > 65535 || nv > 65535 || nf > 65535 || nc > 65535) { /* (the head's uint16s) */
+        RM_CloseKey(key);
+        return "ERR a device record would hold more than 65,535 kinds, values or buckets";
+    }
     if (window == w) {
         wp += d->packets;
     } else if (window > w) {
