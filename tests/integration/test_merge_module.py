@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,8 @@ def test_malformed_calls_are_refused_before_anything_is_written(server: Embedded
         cases: list[tuple[list[Any], str]] = [
             ([*keys, 60, 1, 0, 5, good, 5], "cut short"),  # 2 devices, 1 delta
             ([*keys, 60, 1, 0, 5, good + good[:-3], 5], "cut short"),
-            ([*keys, 60, 1, 0, 5, good + b"\xff" * 36, 5], "cut short"),  # 65535 kinds
-            ([*keys, 60, 1, 0, 5, (good[:-9] + b"x" * 9) * 2, 5], "cut short"),  # no zero
+            ([*keys, 60, 1, 0, 5, good + b"\xff" * 36, 5], "too many kinds or values"),  # 65535
+            ([*keys, 60, 1, 0, 5, (good[:-9] + b"x" * 9) * 2, 5], "cut short|too many"),  # misread
             ([*keys, "x", 1, 0, 5, good * 2, 5], "must be numbers"),
             ([*keys, 60, 1, -5, 5, good * 2, 5], "must be numbers"),
             ([*keys, 60, 1, 0, 5, good * 2, 9], "shorter than id-offset"),
@@ -200,6 +201,91 @@ def test_malformed_calls_are_refused_before_anything_is_written(server: Embedded
             == 1
         )
         assert client.zrange("okbad:ix:devices", 0, -1) == [b"a"]
+    finally:
+        client.close()
+
+
+INDEXES = ["k:ix:devices", "k:ix:packets", "k:ix:bytes", "k:ix:last", "k:ix:rw"]
+
+
+def test_key_positions_acl_and_aliased_keys_never_crash_redis(server: EmbeddedRedis) -> None:
+    """Redis asks a module for a command's keys without a client (COMMAND GETKEYS, ACL key
+    patterns, a cluster): answered for any arguments, the service's argument-less probe
+    included. Keys that would be written through two handles at once are refused."""
+    client = redis.Redis.from_url(server.url)
+    good = _delta_bytes("a")
+    call = [MERGE_COMMAND, 7, "k:m", *INDEXES, "k:{a}", 60, 1, 0, 5, good, 3]
+    try:
+        assert [
+            str(k, "utf-8") if isinstance(k, bytes) else k for k in client.command_getkeys(*call)
+        ] == ["k:m", *INDEXES, "k:{a}"]
+        for malformed in ([MERGE_COMMAND, "x"], [MERGE_COMMAND, 99, "a"], [MERGE_COMMAND]):
+            with pytest.raises(redis.ResponseError):
+                client.command_getkeys(*malformed)
+        client.acl_setuser("svc", enabled=True, passwords=["+pw"], keys=["k:*"], commands=["+@all"])
+        user = redis.Redis(host=server.host, port=server.port, username="svc", password="pw")
+        try:
+            with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+                user.execute_command(MERGE_COMMAND)  # (RedisStore._has_merge_module)
+            assert user.execute_command(*call) == 1
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                user.execute_command(*[x if x != "k:{a}" else "other:{a}" for x in call])
+        finally:
+            user.close()
+        aliased = [
+            ["k:m2", "k:m2", *INDEXES[1:], "k:{b}"],  # the marker is an index
+            ["k:m2", *INDEXES[:4], INDEXES[0], "k:{b}"],  # two indexes are one
+            ["k:m2", *INDEXES, INDEXES[4]],  # a device key is an index (absent yet)
+            ["k:m2", *INDEXES, "k:m2"],  # a device key is the marker
+        ]
+        for keys in aliased:
+            with pytest.raises(redis.ResponseError, match="must differ|is the marker or an index"):
+                client.execute_command(MERGE_COMMAND, 7, *keys, 60, 1, 0, 5, good, 3)
+        assert client.ping() and client.exists("k:m2", "k:{b}") == 0
+    finally:
+        client.close()
+
+
+def test_a_refused_call_writes_nothing(server: EmbeddedRedis) -> None:
+    """A device the call cannot merge (a key of another type, a record cut short, a record
+    that would outgrow what the script can unpack) refuses the whole call before its marker
+    or any device is written: a retry merges every device once the cause is gone."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        good = _delta_bytes("a")
+        keys = ["w:m", *[f"w{k}" for k in INDEXES], "w:{a}", "w:{h}", "w:{b}"]
+        client.hset("w:{h}", "f", "v")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            client.execute_command(MERGE_COMMAND, 9, *keys, 60, 1, 0, 5, good * 3, 3)
+        assert client.exists("w:m", "w:{a}", "w:{b}", *keys[1:6]) == 0
+        client.delete("w:{h}")
+        assert client.execute_command(MERGE_COMMAND, 9, *keys, 60, 1, 0, 5, good * 3, 3) == 3
+        assert client.exists("w:{a}", "w:{h}", "w:{b}") == 3
+        # a delta of 1,200 value names: more than the script could unpack
+        names = b"".join(b"v%d\x00" % i + b"\x00" * 48 for i in range(1200))
+        big = struct.pack("<ddddHH", 1, 1, T0, T0, 0, 1200) + names
+        with pytest.raises(redis.ResponseError, match="too many kinds or values"):
+            client.execute_command(
+                MERGE_COMMAND, 7, "w:m2", *keys[1:6], "w:{c}", 60, 1, 0, 5, big, 3
+            )
+        assert client.exists("w:m2", "w:{c}") == 0
+    finally:
+        client.close()
+
+
+def test_a_retry_keeps_the_rate_window_alive(server: EmbeddedRedis) -> None:
+    """The rate window's index expires 30 s after the last call with entries for it, a
+    retry's (which changes no score) included, as the script's path does."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        good = _delta_bytes("a")
+        keys = ["t:m", *[f"t{k}" for k in INDEXES], "t:{a}"]
+        window = T0 // 10_000
+        assert client.execute_command(MERGE_COMMAND, 7, *keys, 60, 1, 0, window, good, 3) == 1
+        assert client.zscore("tk:ix:rw", "a") == 3
+        client.expire("tk:ix:rw", 5)  # as if 25 s had passed
+        assert client.execute_command(MERGE_COMMAND, 7, *keys, 60, 1, 0, window, good, 3) == 1
+        assert client.ttl("tk:ix:rw") > 25 and client.zscore("tk:ix:rw", "a") == 3
     finally:
         client.close()
 

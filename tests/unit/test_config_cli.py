@@ -69,6 +69,15 @@ def test_nonsense_fails_fast_with_the_name(
     assert "flush_interval" in str(exc.value)
 
 
+def test_per_device_limits_fit_what_a_merge_can_unpack() -> None:
+    """Kinds and value names per device beyond what one record can hold (the merge script
+    unpacks it in one Lua call) are refused at startup, naming both flags."""
+    build(["--max-kinds-per-device", "500", "--max-value-names-per-device", "900"])
+    with pytest.raises(SystemExit) as exc:
+        build(["--max-kinds-per-device", "500", "--max-value-names-per-device", "1000"])
+    assert "--max-value-names-per-device (1000)" in str(exc.value)
+
+
 def test_send_count_or_duration() -> None:
     assert SendSettings().total == 10_000
     assert SendSettings(duration=1.0).total is None

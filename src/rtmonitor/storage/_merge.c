@@ -96,6 +96,12 @@ API(DECLARE)
 #define VALUE_SIZE 48 /* after the name: dddddd */
 #define BUCKET_SIZE 20 /* I4 d d */
 #define FINE_S 10     /* seconds kept one by one past the newest (scripts.py: FINE_S) */
+/* The script unpacks a record or a delta into one Lua call's results, which Lua caps near
+ * 8,000 values (2 per kind, 7 per value name, 3 per rate bucket): past it the script
+ * fails, so this refuses the same, and a record stays one that either can merge. */
+#define MAX_VALUES 7900
+#define MAX_TTL_S (1LL << 40)        /* markers: far beyond any use, no overflow in ms */
+#define MAX_RETENTION_MS (1LL << 50)
 
 typedef struct {
     const unsigned char *p;
@@ -230,7 +236,9 @@ static const char *parse_delta(reader *r, delta *d) {
     d->last = get_d(r);
     d->nk = (size_t)get_u(r, 2);
     d->nv = (size_t)get_u(r, 2);
-    return r->bad ? "a delta is cut short" : NULL;
+    if (r->bad) return "ERR a delta is cut short";
+    if (2 * d->nk + 7 * d->nv > MAX_VALUES) return "ERR a delta holds too many kinds or values";
+    return NULL;
 }
 
 /* The entries of a delta or a record: (s d) * nk then (s dddddd) * nv. */
@@ -373,9 +381,9 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
         }
     }
     buckets(s, &nf, &nc, floor(d->last / 1000), d->packets, d->bytes);
-    if (nk > 65535 || nv > 65535 || nf > 65535 || nc > 65535) { /* (the head's uint16s) */
+    if (2 * nk + 7 * nv + 3 * (nf + nc) > MAX_VALUES) { /* (check_device refuses it first) */
         RM_CloseKey(key);
-        return "ERR a device record would hold more than 65,535 kinds, values or buckets";
+        return "ERR a device record would hold too many kinds, values or buckets";
     }
     if (window == w) {
         wp += d->packets;
@@ -488,6 +496,7 @@ typedef struct {
     RedisModuleKey *key;
     RedisModuleString **argv; /* the scores are ours to free, the members are shared */
     size_t n, cap;
+    size_t due; /* entries this call had for it, written or not (GT) */
 } zindex;
 
 static int zindex_push(zindex *z, RedisModuleString *score, RedisModuleString *member) {
@@ -503,6 +512,7 @@ static int zindex_push(zindex *z, RedisModuleString *score, RedisModuleString *m
 static const char *zadd(RedisModuleCtx *ctx, zindex *z, double score, RedisModuleString *member,
                         char mode) {
     double old;
+    z->due++;
     if (mode && RM_ZsetScore(z->key, member, &old) == REDISMODULE_OK &&
         (mode == 'N' || !(score > old)))
         return NULL;
@@ -546,13 +556,12 @@ static const char *open_indexes(RedisModuleCtx *ctx, RedisModuleString **keys, z
 /* Replicate what changed (one ZADD per index; the rate window's TTL), close, free. */
 static void close_indexes(RedisModuleCtx *ctx, RedisModuleString **keys, zindex *ix) {
     for (int i = 0; i < IX_COUNT; i++) {
-        if (ix[i].n) {
-            RM_Replicate(ctx, "ZADD", "sv", keys[i], ix[i].argv, ix[i].n);
-            if (i == IX_RATE) {
-                /* written during its 10 s, read during the next 10 s (as the store does) */
-                RM_SetExpire(ix[i].key, 30000);
-                RM_Replicate(ctx, "EXPIRE", "sc", keys[i], "30");
-            }
+        if (ix[i].n) RM_Replicate(ctx, "ZADD", "sv", keys[i], ix[i].argv, ix[i].n);
+        if (i == IX_RATE && ix[i].due) {
+            /* written during its 10 s, read during the next 10 s: its TTL is set again by
+             * every call with entries for it, retries included (as the store does) */
+            RM_SetExpire(ix[i].key, 30000);
+            RM_Replicate(ctx, "EXPIRE", "sc", keys[i], "30");
         }
         for (size_t j = 0; j < ix[i].n; j += 2) RM_FreeString(ctx, ix[i].argv[j]);
         RM_Free(ix[i].argv);
@@ -594,6 +603,48 @@ static const char *parse_deltas(RedisModuleString *arg, size_t devices, scratch 
     return NULL;
 }
 
+/* Before anything is written: the device's key holds nothing or a whole record, and the
+ * record merged with delta `d` (NULL on a replay) stays within MAX_VALUES; so that a call
+ * is refused whole, never after some of its devices were merged. */
+static const char *check_device(RedisModuleCtx *ctx, RedisModuleString *keyname,
+                                const delta *d) {
+    RedisModuleKey *key = RM_OpenKey(ctx, keyname, REDISMODULE_READ);
+    int type = RM_KeyType(key);
+    const char *error = NULL;
+    if (type == REDISMODULE_KEYTYPE_STRING) {
+        size_t len, name;
+        reader r = {(const unsigned char *)RM_StringDMA(key, &len, REDISMODULE_READ), 0, 0, 0};
+        r.n = len;
+        for (int i = 0; i < 6; i++) get_d(&r);
+        size_t nk = (size_t)get_u(&r, 2), nv = (size_t)get_u(&r, 2);
+        size_t nb = (size_t)get_u(&r, 2) + (size_t)get_u(&r, 2);
+        for (size_t i = 0; i < nk + nv && !r.bad; i++) {
+            get_s(&r, &name);
+            r.bad |= r.n - r.at < (i < nk ? KIND_SIZE : VALUE_SIZE);
+            r.at += i < nk ? KIND_SIZE : VALUE_SIZE;
+        }
+        r.bad |= !r.bad && (r.n - r.at) / BUCKET_SIZE < nb;
+        if (r.bad) {
+            error = "ERR a device record is cut short (not written by this layout?)";
+        } else if (d != NULL &&
+                   2 * (nk + d->nk) + 7 * (nv + d->nv) + 3 * (nb + 1) > MAX_VALUES) {
+            error = "ERR a device record would hold too many kinds, values or buckets";
+        }
+    } else if (type != REDISMODULE_KEYTYPE_EMPTY) {
+        error = "WRONGTYPE Operation against a key holding the wrong kind of value";
+    }
+    RM_CloseKey(key);
+    return error;
+}
+
+/* Two of the keys a call writes through handles open at once must not be one key: a
+ * handle would not see what the other wrote (Redis asserts). */
+static int same_key(RedisModuleString *a, RedisModuleString *b) {
+    size_t la, lb;
+    const char *pa = RM_StringPtrLen(a, &la), *pb = RM_StringPtrLen(b, &lb);
+    return la == lb && memcmp(pa, pb, la) == 0;
+}
+
 /* RTM.MERGE4 numkeys marker ix-devices ix-packets ix-bytes ix-last-seen ix-rate-window
  *            device-key... ttl seq retention-ms window deltas id-offset
  * MERGE_DEVICES' merge, then the sorted indexes as RedisStore._index_commands writes them
@@ -601,13 +652,15 @@ static const char *parse_deltas(RedisModuleString *arg, size_t devices, scratch 
  * the closing brace). Replies the number of devices. */
 static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     long long numkeys, offset;
-    if (argc < 3 || RM_StringToLongLong(argv[1], &numkeys) != REDISMODULE_OK ||
-        numkeys < 1 + IX_COUNT || numkeys != (long long)argc - 8)
-        return RM_WrongArity(ctx);
+    int wellformed = argc >= 2 && RM_StringToLongLong(argv[1], &numkeys) == REDISMODULE_OK &&
+                     numkeys >= 1 + IX_COUNT && numkeys == (long long)argc - 8;
     if (RM_IsKeysPositionRequest(ctx)) {
-        for (int i = 2; i < 2 + (int)numkeys; i++) RM_KeyAtPos(ctx, i);
+        /* Redis asks for the keys (ACL key patterns, COMMAND GETKEYS, a cluster) without a
+         * client to reply to: answer nothing else, whatever the arguments */
+        for (int i = 2; wellformed && i < 2 + (int)numkeys; i++) RM_KeyAtPos(ctx, i);
         return REDISMODULE_OK;
     }
+    if (!wellformed) return RM_WrongArity(ctx);
     RedisModuleString **keys = argv + 2, **args = argv + 2 + numkeys;
     RedisModuleString **ixkeys = keys + 1, **devkeys = keys + 1 + IX_COUNT;
     size_t devices = (size_t)numkeys - 1 - IX_COUNT;
@@ -617,14 +670,22 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         RM_StringToDouble(args[1], &seq) != REDISMODULE_OK ||
         RM_StringToLongLong(args[2], &retention) != REDISMODULE_OK || retention < 0 ||
         RM_StringToDouble(args[3], &window) != REDISMODULE_OK ||
-        RM_StringToLongLong(args[5], &offset) != REDISMODULE_OK || offset < 0)
+        RM_StringToLongLong(args[5], &offset) != REDISMODULE_OK || offset < 0 ||
+        ttl > MAX_TTL_S || retention > MAX_RETENTION_MS)
         return RM_ReplyWithError(
-            ctx, "ERR ttl, seq, retention, window and id-offset must be numbers");
+            ctx, "ERR ttl, seq, retention, window and id-offset must be numbers in range");
+    for (int i = 0; i <= IX_COUNT; i++)
+        for (int j = i + 1; j <= IX_COUNT; j++)
+            if (same_key(keys[i], keys[j]))
+                return RM_ReplyWithError(ctx, "ERR the marker and index keys must differ");
     for (size_t k = 0; k < devices; k++) {
         size_t len;
         RM_StringPtrLen(devkeys[k], &len);
         if (len < (size_t)offset + 1)
             return RM_ReplyWithError(ctx, "ERR a device key is shorter than id-offset");
+        for (int i = 0; i <= IX_COUNT; i++)
+            if (same_key(devkeys[k], keys[i]))
+                return RM_ReplyWithError(ctx, "ERR a device key is the marker or an index key");
     }
     scratch s = {0};
     long long reply[5];
@@ -635,6 +696,8 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         deltas = RM_Alloc((devices + 1) * sizeof(delta));
         error = parse_deltas(args[4], devices, &s, deltas);
     }
+    for (size_t k = 0; error == NULL && k < devices; k++)
+        error = check_device(ctx, devkeys[k], applied ? NULL : &deltas[k]);
     zindex ix[IX_COUNT] = {{0}};
     RedisModuleString **members = RM_Alloc((devices + 1) * sizeof(RedisModuleString *));
     for (size_t k = 0; k < devices; k++) {
