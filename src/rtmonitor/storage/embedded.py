@@ -124,7 +124,8 @@ class EmbeddedRedis:
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         # The rtm module (RTM.MERGE4: device merges in C). Its writes reach the AOF as plain
-        # SETs, so the data directory never needs it; without it the store uses the script.
+        # SET, ZADD and EXPIRE commands, so the data directory never needs it; without it
+        # the store merges with the script.
         self.merge_module = merge_module_path() if merge_module else None
         self.host = host
         self.port = port

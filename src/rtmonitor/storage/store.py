@@ -66,7 +66,8 @@ INDEX_SLICE = 8
 # Merge calls in flight at once against a Redis Cluster (no pipelining of scripts there).
 CLUSTER_CONCURRENCY = 64
 # The device merge as a command of the rtm Redis module (storage/_merge.c): MERGE_DEVICES
-# in C, same keys, arguments, reply and records. Its name carries the record layout.
+# in C (the same records), writing the index entries too (RedisStore._module_call). Its name
+# carries the record layout.
 MERGE_COMMAND = "rtm.merge4"
 # A merge call: (script name, keys, args). A flush's plan is a list of them, journaled as JSON.
 Call = tuple[str, list[str], list[Any]]
