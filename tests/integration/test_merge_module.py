@@ -14,12 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rtmonitor.model import DeviceDelta, FlushDelta, ValueStats
+from rtmonitor.model import BatchDelta, DeviceDelta, FlushDelta, ValueStats
 from rtmonitor.storage.embedded import EmbeddedRedis, merge_module_path
 from rtmonitor.storage.packing import pack_deltas
 from rtmonitor.storage.store import MERGE_COMMAND, RedisStore
@@ -135,10 +136,6 @@ def test_the_module_merges_as_the_script_does(
 
 
 def _delta_bytes(device_id: str) -> bytes:
-    import numpy as np
-
-    from rtmonitor.model import BatchDelta
-
     batch = BatchDelta.from_devices(
         {device_id: DeviceDelta(packets=3, bytes=30, first_seen=T0, last_seen=T0, kinds={"k": 3})}
     )
@@ -293,8 +290,9 @@ def test_a_retry_keeps_the_rate_window_alive(server: EmbeddedRedis) -> None:
 def test_the_data_needs_no_module_and_the_store_goes_back_to_the_script(
     tmp_path: Path,
 ) -> None:
-    """The module's writes reach the AOF as plain SETs: the same directory opens without the
-    module, and a store that merged with it goes on with the script."""
+    """The module's writes reach the AOF as plain SET, ZADD and EXPIRE commands: the same
+    directory opens without the module with the same record and indexes, and a store that
+    merged with it goes on with the script."""
     data = tmp_path / "redis"
     first = EmbeddedRedis(data).start()
     flush = FlushDelta(
@@ -313,18 +311,28 @@ def test_the_data_needs_no_module_and_the_store_goes_back_to_the_script(
         assert record is not None
         return record.packets
 
+    async def written(url: str) -> tuple[Any, ...]:
+        raw = redis.asyncio.Redis.from_url(url)
+        try:
+            return await raw.get("rtm:d:{a}"), await _indexes(raw, "rtm")
+        finally:
+            await raw.aclose()
+
     async def run() -> None:
         store = RedisStore.from_url(first.url)
         try:
             await merge(store, 1)
             assert store.merge_module is True
+            before = await written(first.url)
+            assert before[0] and len(before[1]) == 5  # devices, 3 sort indexes, rate window
             first.stop()
             plain = EmbeddedRedis(
                 data, port=first.port, password=first.password, merge_module=False
             ).start()
             try:
+                assert await written(plain.url) == before  # (from the AOF)
                 other = RedisStore.from_url(plain.url)
-                assert await read(other) == 2  # (from the AOF)
+                assert await read(other) == 2
                 await other.aclose()
                 # the same store, on a new connection (the flusher retries one that broke),
                 # and the module is gone

@@ -192,31 +192,25 @@ typedef struct {
     size_t outcap;
 } scratch;
 
-static int grow(void **p, size_t *cap, size_t need, size_t size) {
-    if (need <= *cap) return 1;
+/* (RM_Realloc does not return NULL: out of memory, Redis stops, as for its own commands) */
+static void grow(void **p, size_t *cap, size_t need, size_t size) {
+    if (need <= *cap) return;
     size_t n = *cap ? *cap : 16;
     while (n < need) n *= 2;
-    void *q = RM_Realloc(*p, n * size);
-    if (q == NULL) return 0;
-    *p = q;
+    *p = RM_Realloc(*p, n * size);
     *cap = n;
-    return 1;
 }
 
 /* Seconds, spans and folded seconds: never more of each than seconds and spans together
  * plus the new second, so one capacity serves the three. */
-static int grow_buckets(scratch *s, size_t need) {
-    if (need <= s->bcap) return 1;
+static void grow_buckets(scratch *s, size_t need) {
+    if (need <= s->bcap) return;
     size_t n = s->bcap ? s->bcap : 32;
     while (n < need) n *= 2;
-    bucket **arrays[3] = {&s->secs, &s->spans, &s->folded};
-    for (size_t i = 0; i < 3; i++) {
-        bucket *q = RM_Realloc(*arrays[i], n * sizeof(bucket));
-        if (q == NULL) return 0;
-        *arrays[i] = q;
-    }
+    s->secs = RM_Realloc(s->secs, n * sizeof(bucket));
+    s->spans = RM_Realloc(s->spans, n * sizeof(bucket));
+    s->folded = RM_Realloc(s->folded, n * sizeof(bucket));
     s->bcap = n;
-    return 1;
 }
 
 static void scratch_free(scratch *s) {
@@ -227,6 +221,28 @@ static void scratch_free(scratch *s) {
     RM_Free(s->spans);
     RM_Free(s->folded);
     RM_Free(s->out);
+}
+
+/* A stored value's bytes, to read from (a record: kept raw by Redis, so not copied). */
+static reader string_reader(RedisModuleKey *key) {
+    size_t len;
+    const char *p = RM_StringDMA(key, &len, REDISMODULE_READ);
+    return (reader){(const unsigned char *)p, len, 0, 0};
+}
+
+/* A record's head: <ddddddHHHH (scripts.py). */
+typedef struct {
+    double p, b, f, l, w, wp;
+    size_t nk, nv, nf, nc;
+} head;
+
+static head read_head(reader *r) {
+    head h;
+    h.p = get_d(r), h.b = get_d(r), h.f = get_d(r), h.l = get_d(r);
+    h.w = get_d(r), h.wp = get_d(r);
+    h.nk = (size_t)get_u(r, 2), h.nv = (size_t)get_u(r, 2);
+    h.nf = (size_t)get_u(r, 2), h.nc = (size_t)get_u(r, 2);
+    return h;
 }
 
 static const char *parse_delta(reader *r, delta *d) {
@@ -324,25 +340,19 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
     long long created;
     reader r = {0};
     if (type == REDISMODULE_KEYTYPE_STRING) {
-        size_t len;
-        r.p = (const unsigned char *)RM_StringDMA(key, &len, REDISMODULE_READ);
-        r.n = len;
-        p = get_d(&r), b = get_d(&r), f = get_d(&r), l = get_d(&r);
-        w = get_d(&r), wp = get_d(&r);
-        nk = (size_t)get_u(&r, 2), nv = (size_t)get_u(&r, 2);
-        nf = (size_t)get_u(&r, 2), nc = (size_t)get_u(&r, 2);
+        r = string_reader(key);
+        head h = read_head(&r);
+        p = h.p, b = h.b, f = h.f, l = h.l, w = h.w, wp = h.wp;
+        nk = h.nk, nv = h.nv, nf = h.nf, nc = h.nc;
         p += d->packets, b += d->bytes, created = 0;
         if (d->first < f) f = d->first;
         if (d->last > l) l = d->last;
     } else {
         p = d->packets, b = d->bytes, f = d->first, l = d->last, w = 0, wp = 0, created = 1;
     }
-    if (!grow((void **)&s->kinds, &s->kcap, nk + d->nk, sizeof(entry)) ||
-        !grow((void **)&s->values, &s->vcap, nv + d->nv, sizeof(entry)) ||
-        !grow_buckets(s, nf + nc + 1)) {
-        RM_CloseKey(key);
-        return "ERR out of memory";
-    }
+    grow((void **)&s->kinds, &s->kcap, nk + d->nk, sizeof(entry));
+    grow((void **)&s->values, &s->vcap, nv + d->nv, sizeof(entry));
+    grow_buckets(s, nf + nc + 1);
     if (r.p != NULL) {
         if (r.bad || !parse_entries(&r, s->kinds, nk, 1) ||
             !parse_entries(&r, s->values, nv, 6)) {
@@ -395,10 +405,7 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
     for (size_t i = 0; i < nk; i++) size += s->kinds[i].len;
     for (size_t i = 0; i < nv; i++) size += s->values[i].len;
     size += (nf + nc) * BUCKET_SIZE;
-    if (!grow((void **)&s->out, &s->outcap, size, 1)) {
-        RM_CloseKey(key);
-        return "ERR out of memory";
-    }
+    grow((void **)&s->out, &s->outcap, size, 1);
     unsigned char *o = s->out;
     put_d(&o, p), put_d(&o, b), put_d(&o, f), put_d(&o, l), put_d(&o, w), put_d(&o, wp);
     put_u(&o, (double)nk, 2), put_u(&o, (double)nv, 2);
@@ -443,18 +450,13 @@ static const char *figures(RedisModuleCtx *ctx, RedisModuleString *keyname, doub
     } else if (type != REDISMODULE_KEYTYPE_STRING) {
         error = "WRONGTYPE Operation against a key holding the wrong kind of value";
     } else {
-        size_t len;
-        reader r = {(const unsigned char *)RM_StringDMA(key, &len, REDISMODULE_READ), 0, 0, 0};
-        r.n = len;
-        double p = get_d(&r), b = get_d(&r);
-        get_d(&r);
-        double l = get_d(&r), w = get_d(&r), wp = get_d(&r);
+        reader r = string_reader(key);
+        head h = read_head(&r);
         if (r.bad) {
             error = "ERR a device record is cut short (not written by this layout?)";
         } else {
-            if (w != window) wp = 0;
-            reply[0] = (long long)p, reply[1] = (long long)b, reply[2] = (long long)l;
-            reply[3] = (long long)wp, reply[4] = 2;
+            reply[0] = (long long)h.p, reply[1] = (long long)h.b, reply[2] = (long long)h.l;
+            reply[3] = h.w == window ? (long long)h.wp : 0, reply[4] = 2;
         }
     }
     RM_CloseKey(key);
@@ -487,7 +489,7 @@ static const char *marker_applied(RedisModuleCtx *ctx, RedisModuleString *keynam
     return NULL;
 }
 
-/* ---- the sorted indexes (INDEXED mode): what RedisStore._index_commands writes ---- */
+/* ---- the sorted indexes: what RedisStore._index_commands writes from the script's reply ---- */
 
 enum { IX_DEVICES, IX_PACKETS, IX_BYTES, IX_LAST_SEEN, IX_RATE, IX_COUNT };
 
@@ -499,11 +501,10 @@ typedef struct {
     size_t due; /* entries this call had for it, written or not (GT) */
 } zindex;
 
-static int zindex_push(zindex *z, RedisModuleString *score, RedisModuleString *member) {
-    if (!grow((void **)&z->argv, &z->cap, z->n + 2, sizeof(RedisModuleString *))) return 0;
+static void zindex_push(zindex *z, RedisModuleString *score, RedisModuleString *member) {
+    grow((void **)&z->argv, &z->cap, z->n + 2, sizeof(RedisModuleString *));
     z->argv[z->n++] = score;
     z->argv[z->n++] = member;
-    return 1;
 }
 
 /* ZADD key [NX|GT] score member as Redis would apply it: `mode` 'N' (NX), 'G' (GT) or
@@ -520,11 +521,7 @@ static const char *zadd(RedisModuleCtx *ctx, zindex *z, double score, RedisModul
         return "WRONGTYPE an index key holds the wrong kind of value";
     char text[32];
     int len = snprintf(text, sizeof text, "%lld", (long long)score);
-    RedisModuleString *s = RM_CreateString(ctx, text, (size_t)len);
-    if (!zindex_push(z, s, member)) {
-        RM_FreeString(ctx, s);
-        return "ERR out of memory";
-    }
+    zindex_push(z, RM_CreateString(ctx, text, (size_t)len), member);
     return NULL;
 }
 
@@ -583,10 +580,7 @@ static const char *parse_deltas(RedisModuleString *arg, size_t devices, scratch 
             return error;
         }
         size_t n = deltas[k].nk + deltas[k].nv;
-        if (!grow((void **)&s->dentries, &s->dcap, entries + n, sizeof(entry))) {
-            RM_Free(at);
-            return "ERR out of memory";
-        }
+        grow((void **)&s->dentries, &s->dcap, entries + n, sizeof(entry));
         at[k] = entries;
         if (!parse_entries(&r, s->dentries + entries, deltas[k].nk, 1) ||
             !parse_entries(&r, s->dentries + entries + deltas[k].nk, deltas[k].nv, 6)) {
@@ -612,12 +606,10 @@ static const char *check_device(RedisModuleCtx *ctx, RedisModuleString *keyname,
     int type = RM_KeyType(key);
     const char *error = NULL;
     if (type == REDISMODULE_KEYTYPE_STRING) {
-        size_t len, name;
-        reader r = {(const unsigned char *)RM_StringDMA(key, &len, REDISMODULE_READ), 0, 0, 0};
-        r.n = len;
-        for (int i = 0; i < 6; i++) get_d(&r);
-        size_t nk = (size_t)get_u(&r, 2), nv = (size_t)get_u(&r, 2);
-        size_t nb = (size_t)get_u(&r, 2) + (size_t)get_u(&r, 2);
+        size_t name;
+        reader r = string_reader(key);
+        head h = read_head(&r);
+        size_t nk = h.nk, nv = h.nv, nb = h.nf + h.nc;
         for (size_t i = 0; i < nk + nv && !r.bad; i++) {
             get_s(&r, &name);
             r.bad |= r.n - r.at < (i < nk ? KIND_SIZE : VALUE_SIZE);

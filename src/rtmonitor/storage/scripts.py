@@ -77,7 +77,8 @@ end
 #   they are now), -1 if so and the record has expired since (nothing to index).
 # (Writing the index entries from here instead, with bulk ZADDs, cost Redis ~3-9 us more
 # per device: each score goes from a Lua number to text and back to a double in Redis.
-# The service formats them instead, and Redis, shared by every replica, does less.)
+# The service formats them instead, and Redis, shared by every replica, does less; the rtm
+# module, storage/_merge.c, writes them itself, as doubles, with no text in between.)
 MERGE_DEVICES = (
     _RECORD
     + """

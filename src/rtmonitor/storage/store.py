@@ -361,12 +361,10 @@ class RedisStore:
         module also writes the sorted indexes of the call's index group (its devices share
         one), which the script leaves to _index_commands."""
         layout = self.layout
-        g = layout.group_of(layout.device_id(keys[1])) if len(keys) > 1 else 0
+        g = layout.group_of(layout.device_id(keys[1]))
         indexes = [
             layout.devices(g),
-            layout.index("packets", g),
-            layout.index("bytes", g),
-            layout.index("last_seen", g),
+            *(layout.index(field, g) for field in SORT_INDEXES),  # (the module's order)
             layout.rate_window(int(args[3]), g),
         ]
         head = [len(keys) + len(indexes), keys[0], *indexes]
