@@ -120,6 +120,12 @@ class FlushDelta:
         self.packets += part.total_packets
         self.bytes += part.total_bytes
 
+    def release(self) -> None:
+        """Let the devices and columns go once a prepared write holds what they add (the
+        totals stay, for the stats)."""
+        self.devices = {}
+        self.parts = []
+
     def batches(self) -> list[BatchDelta]:
         """Everything this delta adds, as columns (not reduced: see reduce_batches)."""
         if not self.devices:

@@ -18,7 +18,7 @@ from rtmonitor.ingest.columnar import decode_rows
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
 from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.model import BatchDelta, BatchId, Claim, CommitUnavailable, FlushDelta
-from rtmonitor.pipeline.aggregator import Aggregator
+from rtmonitor.pipeline.aggregator import Aggregator, PendingBatch
 from rtmonitor.pipeline.commit import Committer, FlushWrite
 from rtmonitor.pipeline.flusher import Flusher
 from rtmonitor.pipeline.recovery import Recovery
@@ -224,6 +224,52 @@ def test_a_failed_step_is_retried_with_the_same_flush_id(
             await flusher.flush_once()
             assert settled(resend) and resend.duplicate
             assert await packets_of(store, "a") == 1
+
+    asyncio.run(main())
+
+
+def test_a_prepared_flush_lets_its_columns_go(redis_server: EmbeddedRedis) -> None:
+    """Once a flush is prepared (journaled), its batches' and delta's columns are let go
+    and the pending budget counts the write's device merges instead: receivers gather the
+    next flush while this one is applied. A batch carried over keeps its columns."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            seen: dict[str, Any] = {}
+            batches: list[PendingBatch] = []
+
+            class Observed(FaultyWrite):
+                async def apply(self) -> None:
+                    seen["entries"] = flusher.inflight_entries
+                    seen["packets"] = flusher.inflight_packets
+                    seen["parts"] = [len(b.parts) for b in batches]
+                    await super().apply()
+
+            class Observing(FaultyCommitter):
+                def encode(self, *args: Any) -> FaultyWrite:
+                    write = self.inner.encode(*args)
+                    return Observed(write, (args[2], args[3]), self.faults)
+
+            agg, flusher = flusher_for(Observing(RedisCommitter(store), Faults()), "me")
+            # Another flush holds ("p", 3): that batch waits for the next flush, whole.
+            other = await store.prepare("other:1", [store.layout.batch("p", 3)], [])
+            assert other == {}
+            for n, devices in enumerate([("a", "b"), ("a", "b", "c"), ("d",)], start=1):
+                submit(agg, ("p", n), *devices)
+            agg.add(BatchWork(parts=parts("a", "e"), tracker=CommitTracker()))  # no id
+            batches += agg._batches
+            assert agg.pending_entries == 8
+            await flusher.flush_once()
+            # a b c e merged; the batch of "d" waits for the next flush, whole (its packet and
+            # entry in flight until it is put back)
+            assert seen == {"entries": 5, "packets": 8, "parts": [0, 0, 1]}
+            assert (flusher.inflight_entries, flusher.inflight_packets) == (0, 0)
+            assert agg.pending_entries == 1 and flusher.stats.carried_over_batches == 1
+            await store.finalize("other:1", [], WINDOW_S, 0)
+            await store.client.delete(store.layout.batch("p", 3))
+            await flusher.flush_once()
+            counts = [await packets_of(store, d) for d in "abcde"]
+            assert counts == [3, 2, 1, 1, 1]
 
     asyncio.run(main())
 

@@ -289,6 +289,41 @@ def test_a_plan_applied_in_slices_and_again_counts_once(
     asyncio.run(main())
 
 
+def test_a_failed_slice_stops_the_plan_and_the_retry_counts_once(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slices run APPLY_IN_FLIGHT at a time; one that fails fails the apply with Redis'
+    own error (what the committer maps to "retry"), stops the slices not yet run, and the
+    retried plan counts every device exactly once."""
+    monkeypatch.setattr(store_module, "APPLY_SLICE", 1)
+    monkeypatch.setattr(store_module, "APPLY_IN_FLIGHT", 3)
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t", merge_module=True) as store:
+            store._group_size = 2
+            d = delta(**{f"d{i:02}": dev(i + 1, 10, 20) for i in range(40)})
+            calls = store.plan(d, "i", 1)
+            assert len(calls) == 21  # twenty device calls of two devices, and the global one
+            # A device key of another type: the module refuses that call, writing nothing.
+            broken = calls[7][1][1]
+            await store.client.rpush(broken, "not a record")
+            with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE|wrong kind"):
+                await store.apply(calls)
+            await store.client.delete(broken)
+            records = await store.get_devices([f"d{i:02}" for i in range(40)])
+            applied = sum(r is not None for r in records)
+            assert applied < 38, "the slices after the failure were not all run"
+            await store.apply(calls)
+            assert store.merge_module is True, "a refusal by the module is not its absence"
+            await store.apply(calls)  # and once more: nothing changes
+            records = await store.get_devices([f"d{i:02}" for i in range(40)])
+            assert [r.packets if r else 0 for r in records] == list(range(1, 41))
+            totals = await store.totals()
+            assert (totals.packets, totals.devices) == (820, 40)
+
+    asyncio.run(main())
+
+
 def test_a_redis_of_another_key_layout_is_refused(redis_server: EmbeddedRedis) -> None:
     """This layout claims a fresh prefix; a prefix written by layout 1 (hashes per device,
     no version key) or by another version (layout 2: records with up to 61 rate seconds)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rtmonitor.model import (
     MERGE_ENTRIES,
@@ -38,14 +38,17 @@ class PendingBatch:
     batch_id: BatchId
     parts: tuple[BatchDelta, ...]
     tracker: CommitTracker
+    packets: int = field(init=False)
+    entries: int = field(init=False)  # per-device deltas: what the pending budget counts
 
-    @property
-    def packets(self) -> int:
-        return sum(p.total_packets for p in self.parts)
+    def __post_init__(self) -> None:
+        self.packets = sum(p.total_packets for p in self.parts)
+        self.entries = sum(p.entries for p in self.parts)
 
-    @property
-    def entries(self) -> int:
-        return sum(p.entries for p in self.parts)
+    def release(self) -> None:
+        """Let the columns go once a prepared write holds what they add (the counts stay,
+        for the ack and the stats)."""
+        self.parts = ()
 
 
 def fold(delta: FlushDelta, rows: list[Row], recv: int) -> None:

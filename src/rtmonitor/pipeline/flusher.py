@@ -211,6 +211,14 @@ class Flusher:
                     (duplicates if claim is Claim.COMMITTED else carried).append(fresh[pos])
                 fresh = [b for pos, b in enumerate(fresh) if pos not in conflicts]
                 continue
+            # Prepared: the write (and the journal) holds what the delta and the batches
+            # add, so their columns are let go and the pending budget counts the write's
+            # device merges instead. Receivers then gather the next flush while Redis
+            # applies this one: a fleet's batches hold several entries per device merge.
+            delta.release()
+            for batch in fresh + duplicates:
+                batch.release()
+            self.inflight_entries = self._devices_written + sum(b.entries for b in carried)
             await self._retry(write.apply)
             await self._retry(partial(write.finalize, self.dedupe_window_s))
             return fresh, duplicates, carried

@@ -58,6 +58,9 @@ JOURNAL_CHUNK = 64
 # scripts back to back, so a read waits behind up to one pipeline (~10-15 ms of scripts);
 # with 16 it waited up to ~60 ms.
 APPLY_SLICE = 4
+# Slices in flight at once (each on its own connection): two keep Redis and this process
+# busy at the same time; a read still waits behind about one slice.
+APPLY_IN_FLIGHT = 2
 # Members per bulk ZADD of the sorted indexes, and ZADDs per pipeline: a read waits
 # behind at most one pipeline (with 64 x 2,000, GET /metrics/{id} p99 was 66-80 ms under a
 # 100,000-device load; with 8 x 1,000, 27-43 ms: benchmarks/RESULTS.md).
@@ -91,6 +94,13 @@ class SortTooBroad(Exception):
     def __init__(self, matched: int) -> None:
         super().__init__(f"{matched} devices match the prefix")
         self.matched = matched
+
+
+def _module_missing(exc: ResponseError) -> bool:
+    """Whether Redis refused the rtm module's command as unknown, not the module a call
+    (redis-py's message names the pipeline's command, whatever the error was)."""
+    said = str(exc).rpartition("of pipeline caused error: ")[2].lower()
+    return "unknown command" in said and MERGE_COMMAND in said
 
 
 class RedisStore:
@@ -332,7 +342,7 @@ class RedisStore:
         except ResponseError as exc:
             # A Redis restarted without the module: the script does the same (each call is
             # idempotent, so the calls that went through change nothing when run again).
-            if not (self.merge_module and MERGE_COMMAND in str(exc).lower()):
+            if not (self.merge_module and _module_missing(exc)):
                 raise
             logger.warning("Redis no longer has the rtm module (%s): merging with the script", exc)
             self.merge_module = False
@@ -341,20 +351,41 @@ class RedisStore:
     async def _pipelined(self, calls: list[Call], module: bool) -> list[Any]:
         # A pipeline's commands are packed, joined and buffered whole before they are sent
         # (~40 MB, three times over, for 100,000 devices): big plans go in slices. Each call
-        # is idempotent by itself, so slices change nothing about retries.
-        replies: list[Any] = []
-        for start in range(0, len(calls), APPLY_SLICE):
-            pipe = self.client.pipeline(transaction=False)
-            # redis-py runs registered scripts inside a pipeline (loading them first if
-            # needed); its type hints only name clients, hence the cast.
-            target = cast(aioredis.Redis, pipe)
-            for name, keys, args in calls[start : start + APPLY_SLICE]:
-                if module and name == "devices":
-                    pipe.execute_command(MERGE_COMMAND, *self._module_call(keys, args))
-                else:
-                    await self._scripts[name](keys=keys, args=args, client=target)
-            replies += await pipe.execute()
-        return replies
+        # is idempotent by itself, so slices change nothing about retries. APPLY_IN_FLIGHT
+        # slices go at once, each on its own connection: this process packs the next slice
+        # while Redis runs the one before (one at a time, Redis waited for every packing
+        # and this process for every slice's scripts).
+        slices = [calls[i : i + APPLY_SLICE] for i in range(0, len(calls), APPLY_SLICE)]
+        replies: list[list[Any]] = [[] for _ in slices]
+        turn = asyncio.Semaphore(APPLY_IN_FLIGHT)
+
+        async def run(k: int) -> None:
+            async with turn:
+                replies[k] = await self._pipeline(slices[k], module)
+
+        tasks = [asyncio.create_task(run(k)) for k in range(len(slices))]
+        try:
+            await asyncio.gather(*tasks)  # the first error as it is (ResponseError: _run)
+        finally:
+            # A failure (or our own cancellation) stops the other slices; the caller retries
+            # the plan whole. (A cancelled round trip's connection is closed by redis-py.)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return [reply for part in replies for reply in part]
+
+    async def _pipeline(self, calls: list[Call], module: bool) -> list[Any]:
+        """One slice of a plan in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        # redis-py runs registered scripts inside a pipeline (loading them first if
+        # needed); its type hints only name clients, hence the cast.
+        target = cast(aioredis.Redis, pipe)
+        for name, keys, args in calls:
+            if module and name == "devices":
+                pipe.execute_command(MERGE_COMMAND, *self._module_call(keys, args))
+            else:
+                await self._scripts[name](keys=keys, args=args, client=target)
+        return list(await pipe.execute())
 
     def _module_call(self, keys: list[str], args: list[Any]) -> list[Any]:
         """A device merge call (MERGE_DEVICES' keys and args) as RTM.MERGE4's arguments: the
