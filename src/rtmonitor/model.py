@@ -350,18 +350,34 @@ def _shifted(lists: list[list[str]], index: list[IntArray]) -> IntArray:
     return shifted
 
 
+# Strings per C-level pass in _unified: one pass holds the GIL throughout, so a flush's
+# millions of device ids in one pass (~0.4 s per million) stalled the event loop's
+# receivers and reads while a worker thread reduced; 16,384 take a few ms.
+_UNIFY_SLICE = 16_384
+
+
 def _unified(
     lists: list[list[str]], *indexes: list[IntArray]
 ) -> tuple[list[str], IntArray, list[IntArray]]:
     """Number the strings of every part in one table (first-appearance order): the table,
     each listed string's number, and each set of per-part indexes into the lists as
     numbers in the table."""
-    # Two C-level passes (number the distinct strings, then look each one up) instead of a
+    # C-level passes (number the distinct strings, then look each one up) instead of a
     # Python call per string: a fleet's flush numbers every device of every part here. The
-    # second pass hashes nothing: a str keeps its hash.
-    table = dict(zip(dict.fromkeys(chain.from_iterable(lists)), itertools.count(), strict=False))
-    total = sum(map(len, lists))
-    ids = np.fromiter(map(table.__getitem__, chain.from_iterable(lists)), np.int64, total)
+    # lookups hash nothing: a str keeps its hash.
+    slices = [s[i : i + _UNIFY_SLICE] for s in lists for i in range(0, len(s), _UNIFY_SLICE)]
+    seen: dict[str, None] = {}
+    for strings in slices:
+        seen.update(dict.fromkeys(strings))
+    table: dict[str, int] = {}
+    numbers = zip(seen, itertools.count())
+    while chunk := dict(itertools.islice(numbers, _UNIFY_SLICE)):
+        table.update(chunk)
+    lookup = table.__getitem__
+    ids = np.concatenate(
+        [np.fromiter(map(lookup, strings), np.int64, len(strings)) for strings in slices]
+        or [_NO_INTS]
+    )
     return list(table), ids, [ids[_shifted(lists, index)] for index in indexes]
 
 

@@ -324,6 +324,22 @@ def test_a_failed_slice_stops_the_plan_and_the_retry_counts_once(
     asyncio.run(main())
 
 
+def test_a_journal_chunk_is_the_json_recovery_reads() -> None:
+    """A journal chunk is built a call at a time (off the event loop, with the GIL let go
+    between calls): byte for byte the one json.dumps of the list it replaced, which
+    recovery (and an older version's) parses."""
+    calls: list[store_module.Call] = [
+        ("devices", ["t:d:{g}:a", "t:d:{g}:\u00e9\"x"], [86400, 3, 0, 170, b"\x00\xff\n"]),
+        ("global", ["t:m", "t:tot"], [86400, 3, 12, 340, 170, 1, "empty_device_id", 1]),
+    ]
+    chunk = store_module._journal_chunk(calls)
+    assert chunk == json.dumps(store_module._journaled(calls), separators=(",", ":")).encode()
+    assert store_module._from_journal([tuple(c) for c in json.loads(chunk)]) == [
+        (n, k, list(a)) for n, k, a in calls
+    ]
+    assert store_module._journal_chunk([]) == b"[]"
+
+
 def test_a_redis_of_another_key_layout_is_refused(redis_server: EmbeddedRedis) -> None:
     """This layout claims a fresh prefix; a prefix written by layout 1 (hashes per device,
     no version key) or by another version (layout 2: records with up to 61 rate seconds)

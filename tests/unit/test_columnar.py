@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from helpers import encode_columns
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rtmonitor import model
 from rtmonitor.ingest import columnar
 from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows, parse_batch
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Columns, Packet, ValueColumn
@@ -382,13 +384,36 @@ def test_batches_merged_at_the_flush_equal_one_by_one(
     st.lists(st.booleans(), min_size=6, max_size=6),
     st.booleans(),
     st.lists(valid_packets(), max_size=5),
+    st.sampled_from([1, 2, 16_384]),
 )
 def test_merging_many_batches_at_once_equals_one_by_one(
-    parts: list[list[Packet]], as_cols: list[bool], same_recv: bool, earlier: list[Packet]
+    parts: list[list[Packet]],
+    as_cols: list[bool],
+    same_recv: bool,
+    earlier: list[Packet],
+    unify_slice: int,
 ) -> None:
     """The flush merges its pending batches in one numpy pass (merge_batches): the same
     result as merging them in turn, into a delta that already holds other packets; with
-    equal receive times, "last" ties go to the later batch as in the one-by-one merge."""
+    equal receive times, "last" ties go to the later batch as in the one-by-one merge.
+    (Device ids are numbered a slice at a time: slices of 1 and 2 cut every part.)"""
+    with _unify_slice(unify_slice):
+        _merging_many_batches_at_once_equals_one_by_one(parts, as_cols, same_recv, earlier)
+
+
+@contextlib.contextmanager
+def _unify_slice(size: int) -> Iterator[None]:
+    saved = model._UNIFY_SLICE
+    model._UNIFY_SLICE = size
+    try:
+        yield
+    finally:
+        model._UNIFY_SLICE = saved
+
+
+def _merging_many_batches_at_once_equals_one_by_one(
+    parts: list[list[Packet]], as_cols: list[bool], same_recv: bool, earlier: list[Packet]
+) -> None:
     v = Validator(LIMITS)
     decoded = [
         (decode_columns(encode_columns(p), v, t) if cols else decode_rows(p, v, t))[0]

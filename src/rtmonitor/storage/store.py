@@ -439,8 +439,10 @@ class RedisStore:
         chunks = journal_chunks(len(calls))
         for n in range(chunks):
             part = calls[n * JOURNAL_CHUNK : (n + 1) * JOURNAL_CHUNK]
-            # bytes, not str: redis-py sends bytes as they are
-            blob = json.dumps(_journaled(part), separators=(",", ":")).encode()
+            # Encoded off the event loop (~4 MB of JSON a chunk: tens of ms that reads and
+            # receivers would wait behind), one chunk at a time (a million devices' whole
+            # journal is ~300 MB).
+            blob = await asyncio.to_thread(_journal_chunk, part)
             await self.client.set(layout.journal_chunk(flush_id, n), blob, ex=self._marker_ttl)
         head = json.dumps({"batches": batch_keys, "chunks": chunks}, separators=(",", ":"))
         reply = await self._prepare(
@@ -928,6 +930,14 @@ def _rate_keys(now_s: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def journal_chunks(calls: int) -> int:
     """The chunks a journal of `calls` merge calls is written in."""
     return -(-calls // JOURNAL_CHUNK)
+
+
+def _journal_chunk(calls: list[Call]) -> bytes:
+    """One chunk of a journal, as it is stored (bytes: redis-py sends them as they are):
+    json.dumps of the list, a call at a time (one json.dumps of a chunk holds the GIL for
+    tens of ms, which a worker thread's event loop would wait for)."""
+    dumps = functools.partial(json.dumps, separators=(",", ":"))
+    return ("[" + ",".join(map(dumps, _journaled(calls))) + "]").encode()
 
 
 def _journaled(calls: list[Call]) -> list[Call]:
