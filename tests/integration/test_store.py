@@ -329,7 +329,7 @@ def test_a_journal_chunk_is_the_json_recovery_reads() -> None:
     between calls): byte for byte the one json.dumps of the list it replaced, which
     recovery (and an older version's) parses."""
     calls: list[store_module.Call] = [
-        ("devices", ["t:d:{g}:a", "t:d:{g}:\u00e9\"x"], [86400, 3, 0, 170, b"\x00\xff\n"]),
+        ("devices", ["t:d:{g}:a", 't:d:{g}:\u00e9"x'], [86400, 3, 0, 170, b"\x00\xff\n"]),
         ("global", ["t:m", "t:tot"], [86400, 3, 12, 340, 170, 1, "empty_device_id", 1]),
     ]
     chunk = store_module._journal_chunk(calls)
