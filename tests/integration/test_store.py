@@ -324,6 +324,34 @@ def test_a_failed_slice_stops_the_plan_and_the_retry_counts_once(
     asyncio.run(main())
 
 
+def test_failed_applies_give_their_connections_back(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing apply (a Redis that refuses writes, retried every few seconds) cancels its
+    other slices, some of them while redis-py checks their scripts: every connection goes
+    back to the pool, or the process would end up without Redis (MaxConnectionsError)."""
+    monkeypatch.setattr(store_module, "APPLY_SLICE", 1)
+    monkeypatch.setattr(store_module, "APPLY_IN_FLIGHT", 3)
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t", merge_module=False) as store:
+            store._group_size = 2
+            d = delta(**{f"d{i:02}": dev(1, 10, 20) for i in range(40)})
+            pool = store.client.connection_pool
+            for n in range(30):
+                calls = store.plan(d, "i", n + 1)
+                broken = calls[1 + n % 20][1][1]
+                await store.client.delete(broken)
+                await store.client.rpush(broken, "not a record")
+                with pytest.raises(redis.exceptions.ResponseError):
+                    await store.apply(calls)
+                await store.client.delete(broken)
+            assert not pool._in_use_connections, "connections leaked"
+            await store.client.ping()
+
+    asyncio.run(main())
+
+
 def test_a_journal_chunk_is_the_json_recovery_reads() -> None:
     """A journal chunk is built a call at a time (off the event loop, with the GIL let go
     between calls): byte for byte the one json.dumps of the list it replaced, which

@@ -4,8 +4,10 @@ packet reader, and a full queue answered "unavailable" (a real PacketQueue, held
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import json
+import weakref
 from collections import Counter
 
 import pytest
@@ -18,7 +20,7 @@ from rtmonitor.ingest.validation import Limits, Reason, Validator, name_ok
 from rtmonitor.model import NAME_MAX
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.queue import PacketQueue
-from rtmonitor.pipeline.work import Work
+from rtmonitor.pipeline.work import BatchWork, Work
 
 
 def test_series_names_are_deterministic_bounded_and_valid() -> None:
@@ -95,5 +97,31 @@ def test_a_closed_queue_answers_shutting_down() -> None:
         rx = receiver(queue)
         reply = await JsonReceiver(rx).telemetry(b'{"device_id": "x"}', "", None, Sender())
         assert reply.status == 503 and json.loads(reply.body)["reason"] == "shutting_down"
+
+    asyncio.run(scenario())
+
+
+def test_a_waiting_request_does_not_hold_its_columns() -> None:
+    """While an HTTP/OTLP request waits for its commit, only the pipeline holds its columns:
+    a prepared flush lets them go (and stops counting them against --max-pending-devices),
+    which frees nothing if the waiting request still holds them."""
+
+    async def scenario() -> None:
+        queue: PacketQueue[Work] = PacketQueue(1000)
+        rx = receiver(queue)
+        body = b'[{"device_id": "a", "values": {"t": 1}}, {"device_id": "b"}]'
+        request = asyncio.create_task(JsonReceiver(rx).telemetry(body, "", None, Sender()))
+        (work,) = await queue.get_all()
+        assert isinstance(work, BatchWork)
+        columns = weakref.ref(work.parts[0].packets)
+        tracker = work.tracker
+        del work  # what the flusher does once the flush is prepared
+        await asyncio.sleep(0.01)
+        gc.collect()
+        assert not request.done()
+        assert columns() is None, gc.get_referrers(columns())
+        tracker.committed(1)
+        reply = await request
+        assert reply.status == 200 and json.loads(reply.body)["accepted"] == 2
 
     asyncio.run(scenario())

@@ -198,6 +198,10 @@ class Receiver:
                     Reason.SHUTTING_DOWN, "the service is shutting down"
                 ) from None
             tracker.submitted()
+            del work
+        # The columns are the pipeline's now: a prepared flush lets them go (and stops
+        # counting them against --max-pending-devices) while this request waits.
+        del delta
         tracker.close()
         for reason, count in rejected.items():
             self.aggregator.count_rejected(reason, count)

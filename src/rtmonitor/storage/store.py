@@ -376,16 +376,19 @@ class RedisStore:
 
     async def _pipeline(self, calls: list[Call], module: bool) -> list[Any]:
         """One slice of a plan in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        # redis-py runs registered scripts inside a pipeline (loading them first if
-        # needed); its type hints only name clients, hence the cast.
-        target = cast(aioredis.Redis, pipe)
-        for name, keys, args in calls:
-            if module and name == "devices":
-                pipe.execute_command(MERGE_COMMAND, *self._module_call(keys, args))
-            else:
-                await self._scripts[name](keys=keys, args=args, client=target)
-        return list(await pipe.execute())
+        # As a context manager: a slice cancelled while redis-py checks its scripts
+        # (SCRIPT EXISTS, before execute()'s own cleanup) gives its connection back to the
+        # pool; without it, each failed apply leaked one until the pool ran dry.
+        async with self.client.pipeline(transaction=False) as pipe:
+            # redis-py runs registered scripts inside a pipeline (loading them first if
+            # needed); its type hints only name clients, hence the cast.
+            target = cast(aioredis.Redis, pipe)
+            for name, keys, args in calls:
+                if module and name == "devices":
+                    pipe.execute_command(MERGE_COMMAND, *self._module_call(keys, args))
+                else:
+                    await self._scripts[name](keys=keys, args=args, client=target)
+            return list(await pipe.execute())
 
     def _module_call(self, keys: list[str], args: list[Any]) -> list[Any]:
         """A device merge call (MERGE_DEVICES' keys and args) as RTM.MERGE4's arguments: the
