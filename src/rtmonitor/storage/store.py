@@ -97,8 +97,9 @@ class SortTooBroad(Exception):
 
 
 def _module_missing(exc: ResponseError) -> bool:
-    """Whether Redis refused the rtm module's command as unknown, not the module a call
-    (redis-py's message names the pipeline's command, whatever the error was)."""
+    """Whether Redis refused the rtm module's command as unknown (the module is gone), not
+    the module one of its calls (redis-py's message names the pipeline's command, whatever
+    the error was)."""
     said = str(exc).rpartition("of pipeline caused error: ")[2].lower()
     return "unknown command" in said and MERGE_COMMAND in said
 
@@ -368,7 +369,8 @@ class RedisStore:
             await asyncio.gather(*tasks)  # the first error as it is (ResponseError: _run)
         finally:
             # A failure (or our own cancellation) stops the other slices; the caller retries
-            # the plan whole. (A cancelled round trip's connection is closed by redis-py.)
+            # the plan whole. (A cancelled round trip's connection is closed by redis-py and
+            # given back to the pool by _pipeline.)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
