@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
@@ -198,7 +199,7 @@ def test_a_journal_written_whole_by_an_earlier_version_is_replayed(
         async with RedisStore.from_url(redis_server.url, "t") as store:
             calls = store.plan(delta(a=dev(3, 5, 5), b=dev(4, 5, 5)), "old", 3)
             keys = [store.layout.batch("prod", 1)]
-            whole = {"batches": keys, "calls": store_module._journaled(calls)}
+            whole = {"batches": keys, "calls": old_json(calls)}
             await store.client.set(store.layout.journal("old:3"), json.dumps(whole))
             await store.client.zadd(store.layout.journals, {"old:3": 1})
             await store.client.set(keys[0], "p:old:3")
@@ -352,20 +353,58 @@ def test_failed_applies_give_their_connections_back(
     asyncio.run(main())
 
 
-def test_a_journal_chunk_is_the_json_recovery_reads() -> None:
-    """A journal chunk is built a call at a time (off the event loop, with the GIL let go
-    between calls): byte for byte the one json.dumps of the list it replaced, which
-    recovery (and an older version's) parses."""
+def old_json(calls: list[store_module.Call]) -> list[store_module.Call]:
+    """Calls as versions before the binary chunks journaled them: JSON, deltas in base64."""
+    return [
+        (n, k, [*a[:4], base64.b64encode(a[4]).decode()] if n == "devices" else a)
+        for n, k, a in calls
+    ]
+
+
+def test_a_journal_chunk_reads_back_as_its_calls() -> None:
+    """A journal chunk holds its calls' keys and packed deltas raw (no JSON, no base64);
+    recovery reads it back exactly, reads an earlier version's JSON chunk too, and refuses
+    a chunk cut short rather than replaying part of it."""
     calls: list[store_module.Call] = [
-        ("devices", ["t:d:{g}:a", 't:d:{g}:\u00e9"x'], [86400, 3, 0, 170, b"\x00\xff\n"]),
+        ("devices", ["t:d:{g}:a", "t:d:{g}:b.c/d@e"], [86400, 3, 0, 170, b"\x00\xff\n\n"]),
         ("global", ["t:m", "t:tot"], [86400, 3, 12, 340, 170, 1, "empty_device_id", 1]),
+        ("devices", ["t:m:{g}:i:3"], [86400, 3, 0, 170, b""]),
     ]
     chunk = store_module._journal_chunk(calls)
-    assert chunk == json.dumps(store_module._journaled(calls), separators=(",", ":")).encode()
-    assert store_module._from_journal([tuple(c) for c in json.loads(chunk)]) == [
-        (n, k, list(a)) for n, k, a in calls
-    ]
-    assert store_module._journal_chunk([]) == b"[]"
+    assert chunk.startswith(store_module.JOURNAL_MAGIC)
+    assert b"\x00\xff\n\n" in chunk  # raw
+    assert store_module._read_chunk(chunk) == calls
+    assert store_module._read_chunk(store_module._journal_chunk([])) == []
+    earlier = json.dumps(old_json(calls), separators=(",", ":")).encode()
+    assert store_module._read_chunk(earlier) == calls
+    for cut in (len(chunk) - 1, len(chunk) - 5, chunk.index(b"\n", 6) + 3):
+        with pytest.raises(ValueError):
+            store_module._read_chunk(chunk[:cut])
+    with pytest.raises(ValueError):
+        store_module._read_chunk(chunk + b"x")
+
+
+def test_a_journal_of_json_chunks_is_replayed(redis_server: EmbeddedRedis) -> None:
+    """An instance of the previous version that died between PREPARE and FINALIZE left its
+    chunks in JSON: they are replayed the same."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            calls = store.plan(delta(a=dev(3, 5, 5), b=dev(4, 5, 5)), "old", 4)
+            keys = [store.layout.batch("prod", 2)]
+            chunk = json.dumps(old_json(calls), separators=(",", ":"))
+            await store.client.set(store.layout.journal_chunk("old:4", 0), chunk)
+            head = json.dumps({"batches": keys, "chunks": 1})
+            await store.client.set(store.layout.journal("old:4"), head)
+            await store.client.zadd(store.layout.journals, {"old:4": 1})
+            await store.client.set(keys[0], "p:old:4")
+            assert await store.recover("old:4", "me", 60)
+            records = await store.get_devices(["a", "b"])
+            assert [r.packets for r in records if r] == [3, 4]
+            assert await store.client.get(keys[0]) == "c"
+            assert await store.orphan_journals("me") == []
+
+    asyncio.run(main())
 
 
 def test_a_redis_of_another_key_layout_is_refused(redis_server: EmbeddedRedis) -> None:
