@@ -37,8 +37,9 @@ be forged.
     Per-flush and per-instance keys, on the prefix's slot (O(batches), not O(devices)):
     {<p>}:b:<producer>:<batch>  string a batch id: "p:<flush>" claimed, "c" committed (TTL =
                                        the dedupe window)
-    {<p>}:j:<flush>             string journal of a flush: batch ids and merge calls (JSON)
-    {<p>}:jc:<flush>:<n>        string chunk n of that journal: JOURNAL_CHUNK merge calls (JSON)
+    {<p>}:j:<flush>             string journal of a flush: batch ids and its number of chunks (JSON)
+    {<p>}:jc:<flush>:<n>        string chunk n of that journal: JOURNAL_CHUNK merge calls (a JSON
+                                       line, then keys and packed deltas raw)
     {<p>}:journals              zset   flush id -> prepare time (journals not yet finalized)
     {<p>}:alive:<inst>          string heartbeat of a live instance (TTL)
     {<p>}:stats:<inst>          string an ingest instance's self-metrics (JSON, TTL)
