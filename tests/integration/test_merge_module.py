@@ -20,6 +20,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rtmonitor.config import RECORD_VALUES_MAX
 from rtmonitor.model import BatchDelta, DeviceDelta, FlushDelta, ValueStats
 from rtmonitor.storage.embedded import EmbeddedRedis, merge_module_path
 from rtmonitor.storage.packing import pack_deltas
@@ -346,3 +347,32 @@ def test_the_data_needs_no_module_and_the_store_goes_back_to_the_script(
             await store.aclose()
 
     asyncio.run(run())
+
+
+def test_the_record_bound_is_the_one_settings_check(server: EmbeddedRedis) -> None:
+    """Settings refuse per-device limits past RECORD_VALUES_MAX values a record; the module
+    and the script take a record up to exactly that bound (a new device with one rate
+    bucket: 7 values per value name, 3 for the bucket), and the module refuses one value
+    name more: the Python constant and the module's MAX_VALUES cannot drift apart."""
+    fits = (RECORD_VALUES_MAX - 3) // 7
+
+    def device(names: int) -> FlushDelta:
+        stats = {f"v{i}": ValueStats(count=1, sum=1.0, min=1.0, max=1.0, last=1.0, last_ts=1)
+                 for i in range(names)}  # fmt: skip
+        dev = DeviceDelta(packets=1, bytes=1, first_seen=T0, last_seen=T0, values=stats)
+        return FlushDelta(devices={"big": dev}, packets=1, bytes=1)
+
+    async def main() -> None:
+        for module in (True, False):
+            async with RedisStore.from_url(server.url, f"b{module}", merge_module=module) as s:
+                await s.apply(s.plan(device(fits), "i", 1))
+                assert s.merge_module is module
+                record = await s.get_device("big")
+                assert record is not None and len(record.values) == fits
+                if module:  # (the script's own limit, Lua's stack, lies a little past it)
+                    with pytest.raises(redis.ResponseError, match="too many kinds or values"):
+                        await s.apply(s.plan(device(fits + 1), "j", 1))
+                    record = await s.get_device("big")
+                    assert record is not None and len(record.values) == fits
+
+    asyncio.run(main())

@@ -73,7 +73,8 @@ CLUSTER_CONCURRENCY = 64
 # in C (the same records), writing the index entries too (RedisStore._module_call). Its name
 # carries the record layout.
 MERGE_COMMAND = "rtm.merge4"
-# A merge call: (script name, keys, args). A flush's plan is a list of them, journaled as JSON.
+# A merge call: (script name, keys, args). A flush's plan is a list of them (journaled by
+# _journal_chunk).
 Call = tuple[str, list[str], list[Any]]
 # Width of the rate spans of a device record (scripts.py: older seconds folded together).
 SPAN_S = 10
@@ -99,10 +100,9 @@ class SortTooBroad(Exception):
 
 def _module_missing(exc: ResponseError) -> bool:
     """Whether Redis refused the rtm module's command as unknown (the module is gone), not
-    the module one of its calls (redis-py's message names the pipeline's command, whatever
-    the error was)."""
-    said = str(exc).rpartition("of pipeline caused error: ")[2].lower()
-    return "unknown command" in said and MERGE_COMMAND in said
+    the module one of its calls (Redis' own message: _pipeline raises it unannotated)."""
+    said = str(exc).lower()
+    return said.startswith("unknown command") and MERGE_COMMAND in said
 
 
 class RedisStore:
@@ -391,7 +391,13 @@ class RedisStore:
                     pipe.execute_command(MERGE_COMMAND, *self._module_call(keys, args))
                 else:
                     await self._scripts[name](keys=keys, args=args, client=target)
-            return list(await pipe.execute())
+            # Errors as Redis said them: redis-py's annotation of a raised one quotes the
+            # command's first arguments (device keys) into the message and the logs.
+            replies = list(await pipe.execute(raise_on_error=False))
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies
 
     def _module_call(self, keys: list[str], args: list[Any]) -> list[Any]:
         """A device merge call (MERGE_DEVICES' keys and args) as RTM.MERGE4's arguments: the
@@ -576,7 +582,7 @@ class RedisStore:
                     raise LookupError(f"journal {flush_id}: chunk {n} of {chunks} is gone")
                 calls += _read_chunk(part)
         else:  # (a journal written whole, by an earlier version)
-            calls = _from_journal([(name, keys, args) for name, keys, args in journal["calls"]])
+            calls = _from_journal(journal["calls"])
         await self.apply(calls)
         await self.finalize(flush_id, journal["batches"], window_s, chunks)
         return True
@@ -966,7 +972,7 @@ def _journal_chunk(calls: list[Call]) -> bytes:
 def _read_chunk(chunk: bytes) -> list[Call]:
     """The calls of a journal chunk, binary or (an earlier version's) JSON."""
     if not chunk.startswith(JOURNAL_MAGIC):
-        return _from_journal([(name, keys, args) for name, keys, args in json.loads(chunk)])
+        return _from_journal(json.loads(chunk))
     start = len(JOURNAL_MAGIC)
     end = chunk.index(b"\n", start)
     at = end + 1
@@ -989,9 +995,9 @@ def _read_chunk(chunk: bytes) -> list[Call]:
     return calls
 
 
-def _from_journal(calls: list[Call]) -> list[Call]:
-    """Calls as earlier versions journaled them in JSON (a device call's packed deltas in
-    base64)."""
+def _from_journal(calls: list[list[Any]]) -> list[Call]:
+    """Calls as earlier versions journaled them in JSON ([name, keys, args], a device call's
+    packed deltas in base64)."""
     return [(n, k, [*a[:4], base64.b64decode(a[4])] if n == "devices" else a) for n, k, a in calls]
 
 
