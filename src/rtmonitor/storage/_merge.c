@@ -100,6 +100,10 @@ API(DECLARE)
  * 8,000 values (2 per kind, 7 per value name, 3 per rate bucket): past it the script
  * fails, so this refuses the same, and a record stays one that either can merge. */
 #define MAX_VALUES 7900
+/* Refusals several checks give (Redis' own wording for the first). */
+#define WRONGTYPE "WRONGTYPE Operation against a key holding the wrong kind of value"
+#define CUT_SHORT "ERR a device record is cut short (not written by this layout?)"
+#define IX_WRONGTYPE "WRONGTYPE an index key holds the wrong kind of value"
 #define MAX_TTL_S (1LL << 40)        /* markers: far beyond any use, no overflow in ms */
 #define MAX_RETENTION_MS (1LL << 50)
 
@@ -333,7 +337,7 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
     int type = RM_KeyType(key);
     if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_STRING) {
         RM_CloseKey(key);
-        return "WRONGTYPE Operation against a key holding the wrong kind of value";
+        return WRONGTYPE;
     }
     double p, b, f, l, w, wp;
     size_t nk = 0, nv = 0, nf = 0, nc = 0;
@@ -357,7 +361,7 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
         if (r.bad || !parse_entries(&r, s->kinds, nk, 1) ||
             !parse_entries(&r, s->values, nv, 6)) {
             RM_CloseKey(key);
-            return "ERR a device record is cut short (not written by this layout?)";
+            return CUT_SHORT;
         }
         for (size_t i = 0; i < nf + nc; i++) {
             bucket *bk = i < nf ? &s->secs[i] : &s->spans[i - nf];
@@ -365,7 +369,7 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
         }
         if (r.bad) {
             RM_CloseKey(key);
-            return "ERR a device record is cut short (not written by this layout?)";
+            return CUT_SHORT;
         }
     }
     for (size_t i = 0; i < d->nk; i++) {
@@ -448,12 +452,12 @@ static const char *figures(RedisModuleCtx *ctx, RedisModuleString *keyname, doub
     if (type == REDISMODULE_KEYTYPE_EMPTY) {
         reply[0] = reply[1] = reply[2] = reply[3] = 0, reply[4] = -1;
     } else if (type != REDISMODULE_KEYTYPE_STRING) {
-        error = "WRONGTYPE Operation against a key holding the wrong kind of value";
+        error = WRONGTYPE;
     } else {
         reader r = string_reader(key);
         head h = read_head(&r);
         if (r.bad) {
-            error = "ERR a device record is cut short (not written by this layout?)";
+            error = CUT_SHORT;
         } else {
             reply[0] = (long long)h.p, reply[1] = (long long)h.b, reply[2] = (long long)h.l;
             reply[3] = h.w == window ? (long long)h.wp : 0, reply[4] = 2;
@@ -483,7 +487,7 @@ static const char *marker_applied(RedisModuleCtx *ctx, RedisModuleString *keynam
         }
     } else if (type != REDISMODULE_KEYTYPE_EMPTY) {
         RM_CloseKey(key);
-        return "WRONGTYPE Operation against a key holding the wrong kind of value";
+        return WRONGTYPE;
     }
     RM_CloseKey(key);
     return NULL;
@@ -518,7 +522,7 @@ static const char *zadd(RedisModuleCtx *ctx, zindex *z, double score, RedisModul
         (mode == 'N' || !(score > old)))
         return NULL;
     if (RM_ZsetAdd(z->key, score, member, NULL) != REDISMODULE_OK)
-        return "WRONGTYPE an index key holds the wrong kind of value";
+        return IX_WRONGTYPE;
     char text[32];
     int len = snprintf(text, sizeof text, "%lld", (long long)score);
     zindex_push(z, RM_CreateString(ctx, text, (size_t)len), member);
@@ -545,7 +549,7 @@ static const char *open_indexes(RedisModuleCtx *ctx, RedisModuleString **keys, z
         ix[i].key = RM_OpenKey(ctx, keys[i], REDISMODULE_READ | REDISMODULE_WRITE);
         int type = RM_KeyType(ix[i].key);
         if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_ZSET)
-            return "WRONGTYPE an index key holds the wrong kind of value";
+            return IX_WRONGTYPE;
     }
     return NULL;
 }
@@ -617,13 +621,13 @@ static const char *check_device(RedisModuleCtx *ctx, RedisModuleString *keyname,
         }
         r.bad |= !r.bad && (r.n - r.at) / BUCKET_SIZE < nb;
         if (r.bad) {
-            error = "ERR a device record is cut short (not written by this layout?)";
+            error = CUT_SHORT;
         } else if (d != NULL &&
                    2 * (nk + d->nk) + 7 * (nv + d->nv) + 3 * (nb + 1) > MAX_VALUES) {
             error = "ERR a device record would hold too many kinds, values or buckets";
         }
     } else if (type != REDISMODULE_KEYTYPE_EMPTY) {
-        error = "WRONGTYPE Operation against a key holding the wrong kind of value";
+        error = WRONGTYPE;
     }
     RM_CloseKey(key);
     return error;
