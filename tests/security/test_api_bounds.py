@@ -104,6 +104,8 @@ def test_stream_subscribers_are_capped_and_stalled_ones_disconnected(
                 if event["devices"]:
                     break
                 assert events < 5, event
+        else:
+            raise AssertionError(f"the stream ended after {events} events, none with devices")
     metrics = httpx.get(f"{svc.http}/metrics", params={"format": "prometheus"}).text
     assert f"rtm_stream_disconnected_slow_total {cap}" in metrics
     assert 'rtm_http_refused_total{reason="stream_subscribers"} 1' in metrics
