@@ -98,3 +98,43 @@ def test_only_our_password_opens_it(tmp_path: Path) -> None:
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         client.close()
         assert server.password not in server.display_url
+
+
+def test_the_aof_is_rewritten_after_it_grows_fourfold_not_twofold(tmp_path: Path) -> None:
+    """A fleet's flushes append to the AOF fast: at Redis' default (a rewrite at +100%) the
+    rewrites ran back to back. The embedded Redis waits for +400%."""
+    # (a small minimum size, so that a test can grow the AOF past it)
+    with EmbeddedRedis(tmp_path, extra_config={"auto-aof-rewrite-min-size": "1mb"}) as server:
+        client = redis.Redis.from_url(server.url)
+
+        def persistence() -> dict[str, int]:
+            info = client.info("persistence")
+            return {k: int(info[k]) for k in ("aof_base_size", "aof_current_size",
+                                              "aof_rewrite_in_progress")}  # fmt: skip
+
+        def settled() -> dict[str, int]:
+            time.sleep(0.5)  # serverCron (10 times a second) starts an automatic rewrite
+            for _ in range(100):
+                state = persistence()
+                if not state["aof_rewrite_in_progress"]:
+                    return state
+                time.sleep(0.1)
+            raise AssertionError("an AOF rewrite did not finish in 10 s")
+
+        client.set("base", os.urandom(1 << 20))  # (random: the rewrite compresses)
+        client.bgrewriteaof()
+        base = settled()["aof_base_size"]
+        assert base >= 1 << 20
+        value = os.urandom(1 << 16)
+        n = 0
+        while persistence()["aof_current_size"] < base * 3:  # +200%: no rewrite
+            client.set(f"k{n % 4}", value)
+            n += 1
+        assert settled()["aof_base_size"] == base
+        while persistence()["aof_current_size"] < base * 5 + (1 << 20):  # past +400%
+            client.set(f"k{n % 4}", value)
+            n += 1
+        after = settled()
+        assert after["aof_base_size"] != base  # rewritten: the base is the dataset again
+        assert after["aof_current_size"] < base * 2
+        client.close()

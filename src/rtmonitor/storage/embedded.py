@@ -36,6 +36,8 @@ RESTART_BACKOFF_MAX_S = 10.0
 # Up this long after a restart: the next crash starts the backoff over.
 RESTART_STABLE_S = 30.0
 SUPERVISE_POLL_S = 0.1
+# Growth (%) of the AOF over its last rewritten size that triggers a rewrite (_config).
+AOF_REWRITE_PERCENTAGE = 400
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -168,6 +170,13 @@ class EmbeddedRedis:
             # Written (write()) before Redis replies, fsynced every second: a crash of the
             # process loses nothing acknowledged, one of the machine up to a second.
             "appendfsync": "everysec",
+            # Redis rewrites the AOF (a forked child writes the whole dataset again) each
+            # time it has grown by this much over its last rewritten size. A fleet's flushes
+            # append ~700 bytes per device merge, so at Redis' default (100) rewrites ran
+            # back to back: at a million devices the children took ~35% of a core, beside a
+            # parent copying its writes to them (benchmarks/RESULTS.md). At 400 the AOF may
+            # reach five times the dataset's compact size on disk before it is rewritten.
+            "auto-aof-rewrite-percentage": str(AOF_REWRITE_PERCENTAGE),
             "save": "900 1 300 10 60 10000",
             "dbfilename": "dump.rdb",
             "logfile": str(self.data_dir / "redis.log"),
