@@ -30,7 +30,6 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <stdio.h>
 #include <string.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -47,6 +46,9 @@
 #define REDISMODULE_KEYTYPE_EMPTY 0
 #define REDISMODULE_KEYTYPE_STRING 1
 #define REDISMODULE_KEYTYPE_ZSET 5
+#define REDISMODULE_ZADD_NX (1 << 1)
+#define REDISMODULE_ZADD_NOP (1 << 4)
+#define REDISMODULE_ZADD_GT (1 << 5) /* (Redis 6.2, as ZADD GT) */
 
 typedef struct RedisModuleCtx RedisModuleCtx;
 typedef struct RedisModuleKey RedisModuleKey;
@@ -70,6 +72,7 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(int, StringSet, (RedisModuleKey *, RedisModuleString *))                              \
     X(int, SetExpire, (RedisModuleKey *, long long))                                        \
     X(RedisModuleString *, CreateString, (RedisModuleCtx *, const char *, size_t))          \
+    X(RedisModuleString *, CreateStringFromLongLong, (RedisModuleCtx *, long long))         \
     X(void, FreeString, (RedisModuleCtx *, RedisModuleString *))                            \
     X(const char *, StringPtrLen, (const RedisModuleString *, size_t *))                    \
     X(int, StringToLongLong, (const RedisModuleString *, long long *))                      \
@@ -78,7 +81,6 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(int, IsKeysPositionRequest, (RedisModuleCtx *))                                       \
     X(void, KeyAtPos, (RedisModuleCtx *, int))                                              \
     X(int, ZsetAdd, (RedisModuleKey *, double, RedisModuleString *, int *))                 \
-    X(int, ZsetScore, (RedisModuleKey *, RedisModuleString *, double *))                    \
     X(int, StringCompare, (RedisModuleString *, RedisModuleString *))                       \
     X(void *, Alloc, (size_t))                                                              \
     X(void *, Realloc, (void *, size_t))                                                    \
@@ -511,21 +513,17 @@ static void zindex_push(zindex *z, RedisModuleString *score, RedisModuleString *
     z->argv[z->n++] = member;
 }
 
-/* ZADD key [NX|GT] score member as Redis would apply it: `mode` 'N' (NX), 'G' (GT) or
- * 0 (set); what changed is kept for replication (as a plain ZADD: the replica holds the
- * same scores, so it changes the same members the same way). */
-static const char *zadd(RedisModuleCtx *ctx, zindex *z, double score, RedisModuleString *member,
-                        char mode) {
-    double old;
+/* ZADD key [NX|GT] score member, by Redis' own ZADD (one lookup of the member): `mode`
+ * 'N' (NX), 'G' (GT) or 0 (set); what changed is kept for replication (as a plain ZADD: the
+ * replica holds the same scores, so it changes the same members the same way). */
+static const char *zadd(RedisModuleCtx *ctx, zindex *z, long long score,
+                        RedisModuleString *member, char mode) {
+    int flags = mode == 'N' ? REDISMODULE_ZADD_NX : mode == 'G' ? REDISMODULE_ZADD_GT : 0;
     z->due++;
-    if (mode && RM_ZsetScore(z->key, member, &old) == REDISMODULE_OK &&
-        (mode == 'N' || !(score > old)))
-        return NULL;
-    if (RM_ZsetAdd(z->key, score, member, NULL) != REDISMODULE_OK)
+    if (RM_ZsetAdd(z->key, (double)score, member, &flags) != REDISMODULE_OK)
         return IX_WRONGTYPE;
-    char text[32];
-    int len = snprintf(text, sizeof text, "%lld", (long long)score);
-    zindex_push(z, RM_CreateString(ctx, text, (size_t)len), member);
+    if (!(flags & REDISMODULE_ZADD_NOP))
+        zindex_push(z, RM_CreateStringFromLongLong(ctx, score), member);
     return NULL;
 }
 
@@ -536,10 +534,10 @@ static const char *index_device(RedisModuleCtx *ctx, zindex *ix, RedisModuleStri
     /* a record created with retention on may replace the entry of its expired predecessor */
     char grow_only = replace && reply[4] == 1 ? 0 : 'G';
     const char *error = zadd(ctx, &ix[IX_DEVICES], 0, member, 'N');
-    if (!error) error = zadd(ctx, &ix[IX_PACKETS], (double)reply[0], member, grow_only);
-    if (!error) error = zadd(ctx, &ix[IX_BYTES], (double)reply[1], member, grow_only);
-    if (!error) error = zadd(ctx, &ix[IX_LAST_SEEN], (double)reply[2], member, 'G');
-    if (!error && reply[3] != 0) error = zadd(ctx, &ix[IX_RATE], (double)reply[3], member, 'G');
+    if (!error) error = zadd(ctx, &ix[IX_PACKETS], reply[0], member, grow_only);
+    if (!error) error = zadd(ctx, &ix[IX_BYTES], reply[1], member, grow_only);
+    if (!error) error = zadd(ctx, &ix[IX_LAST_SEEN], reply[2], member, 'G');
+    if (!error && reply[3] != 0) error = zadd(ctx, &ix[IX_RATE], reply[3], member, 'G');
     return error;
 }
 
