@@ -1,11 +1,12 @@
-"""The compiled parts: the row-batch and OTLP readers (src/rtmonitor/ingest/_rows.c), and
-the device merge as a Redis module (src/rtmonitor/storage/_merge.c, loaded by the embedded
-Redis; built like an extension, but Redis loads it, not Python).
+"""The compiled parts: the row-batch and OTLP readers (src/rtmonitor/ingest/_rows.c), the
+flush's row scatter (src/rtmonitor/storage/_pack.c), and the device merge as a Redis module
+(src/rtmonitor/storage/_merge.c, loaded by the embedded Redis; built like an extension, but
+Redis loads it, not Python).
 
-Everything else about the package is in pyproject.toml. Both are optional: without a C
-compiler the install still succeeds, row batches use protobuf's parser and OTLP requests
-the Python mapping instead, and Redis merges devices with the Lua script (the service logs
-which it uses; `make test` insists on the compiled ones).
+Everything else about the package is in pyproject.toml. All are optional: without a C
+compiler the install still succeeds, row batches use protobuf's parser, OTLP requests the
+Python mapping, the flush's packing numpy's indexing, and Redis merges devices with the Lua
+script instead (the service logs which it uses; `make test` insists on the compiled ones).
 """
 
 from setuptools import Extension, setup
@@ -15,6 +16,12 @@ setup(
         Extension(
             "rtmonitor.ingest._rows",
             ["src/rtmonitor/ingest/_rows.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=vla"],
+            optional=True,
+        ),
+        Extension(
+            "rtmonitor.storage._pack",
+            ["src/rtmonitor/storage/_pack.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=vla"],
             optional=True,
         ),

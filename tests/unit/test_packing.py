@@ -5,12 +5,16 @@ MERGE_DEVICES reads."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtmonitor.model import BatchDelta, DeviceDelta, FlushDelta, ValueStats, reduce_batches
+from rtmonitor.storage import packing
 from rtmonitor.storage.packing import pack_deltas
 
 _HEAD = struct.Struct("<ddddHH")
@@ -32,6 +36,16 @@ def reference(devices: dict[str, DeviceDelta], order: list[str]) -> bytes:
             out += name.encode() + b"\0"
             out += _VALUE.pack(s.count, s.sum, s.min, s.max, s.last, s.last_ts)
     return bytes(out)
+
+
+@contextmanager
+def numpy_only() -> Iterator[None]:
+    """packing.py as it runs without its C scatter (a build without a compiler)."""
+    saved, packing._c_scatter = packing._c_scatter, None
+    try:
+        yield
+    finally:
+        packing._c_scatter = saved
 
 
 names = st.text("abcXYZ._-:/@019", min_size=1, max_size=70)
@@ -68,6 +82,8 @@ def test_packed_as_struct_packs_each_device(
     blob, offsets = pack_deltas(batch, np.array(order, dtype=np.int64))
     want = reference(devices, [ids[i] for i in order])
     assert blob == want
+    with numpy_only():
+        assert pack_deltas(batch, np.array(order, dtype=np.int64))[0] == want
     assert offsets[0] == 0 and offsets[-1] == len(want)
     for n, i in enumerate(order):  # each device alone is its slice
         assert blob[offsets[n] : offsets[n + 1]] == reference(devices, [ids[i]])
@@ -92,6 +108,43 @@ def test_entries_in_any_order_are_grouped_by_device() -> None:
     b.values["t"] = ValueStats(count=1, sum=1.5, min=0, max=9, last=1, last_ts=11)
     b.values["u"] = ValueStats(count=3, sum=3.5, min=0, max=9, last=3, last_ts=13)
     assert blob == reference({"a": a, "b": b}, ["a", "b"])
+
+
+def test_the_compiled_packer_is_built() -> None:
+    """The package is built with its C scatter: without it a fleet's flushes are packed
+    by numpy's indexing, about twice as slowly."""
+    assert packing.C_PACK, (
+        "rtmonitor/storage/_pack.c was not compiled: install a C compiler and Python's "
+        "headers (apt-get install gcc python3-dev), then `make clean test`"
+    )
+
+
+def test_the_scatter_writes_nothing_outside_its_buffer() -> None:
+    """Every row is checked before any is written: a bad one raises and leaves the buffer
+    as it was."""
+    scatter = packing._c_scatter
+    assert scatter is not None
+    buf = np.zeros(16, dtype=np.uint8)
+    rows = np.arange(1, 9, dtype=np.uint8).reshape(2, 4)
+    at = lambda *x: np.array(x, dtype=np.int64)  # noqa: E731
+    scatter(buf, at(0, 12), rows, 4)
+    assert buf.tolist() == [1, 2, 3, 4] + [0] * 8 + [5, 6, 7, 8]
+    scatter(buf, at(4, 8), rows, 4, at(1, 3))  # the first lengths[i] bytes of each row
+    assert buf[4:12].tolist() == [1, 0, 0, 0, 5, 6, 7, 0]
+    before = buf.copy()
+    for bad_at, lengths in [((0, 13), None), ((-1, 0), None), ((0, 2**62), None),
+                            ((0, 0), at(1, 5)), ((0, 0), at(1, -1))]:  # fmt: skip
+        with pytest.raises(ValueError, match="outside the buffer"):
+            scatter(buf, at(*bad_at), rows, 4, lengths)
+    with pytest.raises(ValueError, match="rows must be"):
+        scatter(buf, at(0), rows, 4)  # two rows, one offset
+    with pytest.raises(ValueError, match="rows must be"):
+        scatter(buf, at(0, 4), rows, 4, at(1))
+    with pytest.raises(TypeError, match="int64"):
+        scatter(buf, np.array([0, 4], dtype=np.int32), rows, 4)
+    with pytest.raises(BufferError, match="not writable"):
+        scatter(bytes(16), at(0, 4), rows, 4)
+    assert buf.tolist() == before.tolist()
 
 
 def test_nothing_to_pack() -> None:

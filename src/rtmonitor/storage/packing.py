@@ -6,15 +6,26 @@ A device's delta is, little-endian and byte for byte what `struct.pack` would ma
   then      (name \\0 <d) per kind                 its count
             (name \\0 <dddddd) per value name       count, sum, min, max, last, last_ts
 The sizes of every piece are known from the columns, so each device's offset in one buffer
-is a cumulative sum, and every piece is written by one scatter per kind of piece.
+is a cumulative sum, and every piece is written by one scatter per kind of piece (a memcpy
+per piece in storage/_pack.c; numpy's indexing if it was not compiled).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
 
 from rtmonitor.model import BatchDelta, IntArray
+
+_Scatter = Callable[..., None]
+_c_scatter: _Scatter | None
+try:  # one memcpy per piece (storage/_pack.c); numpy's fancy indexing without a compiler
+    from rtmonitor.storage._pack import scatter as _c_scatter
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _c_scatter = None
+C_PACK = _c_scatter is not None
 
 _HEAD = np.dtype(
     [("p", "<f8"), ("b", "<f8"), ("f", "<f8"), ("l", "<f8"), ("nk", "<u2"), ("nv", "<u2")]
@@ -103,12 +114,24 @@ def _within(dev: IntArray, size: IntArray, n: int) -> IntArray:
 
 def _scatter(buf: _Bytes, at: IntArray, rows: _Bytes) -> None:
     """Write row i of `rows` at buf[at[i]:]."""
-    if len(at):
+    if not len(at):
+        return
+    if _c_scatter is not None:
+        _c_scatter(buf, _int64(at), np.ascontiguousarray(rows), rows.shape[1])
+    else:  # (an index of 8 bytes per byte written)
         buf[at[:, None] + np.arange(rows.shape[1])] = rows
 
 
+def _int64(a: IntArray) -> IntArray:
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
 def _names(
-    buf: _Bytes, at: IntArray, which: IntArray, names: list[bytes], lengths: IntArray
+    buf: _Bytes,
+    at: IntArray,
+    which: IntArray,
+    names: list[bytes],
+    lengths: IntArray,
 ) -> None:
     """Write names[which[i]] at buf[at[i]:] (the zero after it is already there)."""
     if not len(at):
@@ -117,5 +140,8 @@ def _names(
     table = np.zeros((len(names), width), dtype=np.uint8)
     for i, name in enumerate(names):
         table[i, : len(name)] = np.frombuffer(name, dtype=np.uint8)
+    if _c_scatter is not None:
+        _c_scatter(buf, _int64(at), table[which], width, _int64(lengths[which]))
+        return
     inside = np.arange(width) < lengths[which][:, None]
     buf[(at[:, None] + np.arange(width))[inside]] = table[which][inside]
