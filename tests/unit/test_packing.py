@@ -191,3 +191,19 @@ def test_a_flush_delta_reduced_to_columns_is_the_same_delta(
                 s.last_ts,
             )
             assert np.isclose(m.sum, s.sum, equal_nan=True) or m.sum == s.sum
+
+
+def test_a_store_without_the_compiled_packer_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from redis import asyncio as aioredis
+
+    from rtmonitor.storage import store
+    from rtmonitor.storage.keys import KeyLayout
+
+    client = aioredis.Redis(port=1)  # (never connected)
+    store.RedisStore(client, KeyLayout())
+    assert "_pack.c" not in caplog.text
+    monkeypatch.setattr(store, "C_PACK", False)
+    store.RedisStore(client, KeyLayout())
+    assert "rtmonitor/storage/_pack.c) is not built" in caplog.text

@@ -10,8 +10,10 @@
  * writes row i of `rows` (a C-contiguous buffer of len(at) rows of `width` bytes), or its
  * first lengths[i] bytes, at buf[at[i]:]. `at` and `lengths` are int64 buffers. Every
  * offset and length is checked against `buf` before anything is written: a bad one
- * raises ValueError and leaves `buf` as it was. packing.py falls back to numpy without
- * this module (tests/unit/test_packing.py checks both against struct.pack).
+ * raises ValueError and leaves `buf` as it was (and one that another thread changes
+ * during the copy, which runs without the GIL, stops it there: never written outside
+ * `buf`). packing.py falls back to numpy without this module (tests/unit/test_packing.py
+ * checks both against struct.pack).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -84,10 +86,24 @@ static PyObject *scatter(PyObject *self, PyObject *args)
     }
     const char *src = rows.buf;
     char *dst = buf.buf;
+    Py_ssize_t changed = -1;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        memcpy(dst + offsets[i], src + i * width, (size_t)(sizes ? sizes[i] : width));
+    /* Without the GIL another thread may write `at` or `lengths` (holding their buffers
+     * only stops a resize): each is read once and checked again where it is used. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t at_i = offsets[i], size = sizes ? sizes[i] : width;
+        if (size < 0 || size > width || at_i < 0 || at_i > buf.len - size) {
+            changed = i;
+            break;
+        }
+        memcpy(dst + at_i, src + i * width, (size_t)size);
+    }
     Py_END_ALLOW_THREADS
+    if (changed >= 0) {
+        PyErr_Format(PyExc_ValueError, "row %zd's offset or length changed while it was copied",
+                     changed);
+        goto done;
+    }
     result = Py_NewRef(Py_None);
 done:
     if (have_lens)

@@ -34,7 +34,7 @@ from rtmonitor.model import (
     reduce_batches,
 )
 from rtmonitor.storage.keys import CLUSTER_GROUPS, RATE_WINDOW_S, SORT_INDEXES, KeyLayout
-from rtmonitor.storage.packing import pack_deltas
+from rtmonitor.storage.packing import C_PACK, pack_deltas
 from rtmonitor.storage.scripts import (
     FINALIZE,
     MERGE_DEVICES,
@@ -134,6 +134,12 @@ class RedisStore:
         self._prepare = client.register_script(PREPARE)
         self._finalize = client.register_script(FINALIZE)
         self._read_devices = client.register_script(READ_DEVICES)
+        if not C_PACK:
+            logger.warning(
+                "the compiled packing scatter (rtmonitor/storage/_pack.c) is not built: "
+                "flushes are packed by numpy's indexing, about twice as slowly. Reinstall "
+                "with a C compiler and Python's headers (e.g. apt-get install gcc python3-dev)"
+            )
 
     @classmethod
     def from_url(
