@@ -47,6 +47,34 @@ def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(
     assert b"".join(ours.pack_command(name, *args)) == b"".join(theirs.pack_command(name, *args))
 
 
+_LARGE = st.builds(
+    lambda n, kind: kind(b"v" * n),
+    st.integers(min_value=wire._INLINE_MAX - 2, max_value=wire._INLINE_MAX + 2),
+    st.sampled_from([bytes, bytearray, memoryview]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(["EVALSHA", "SCRIPT LOAD", b"rtm.merge4"]),
+    args=st.lists(st.one_of(_ARG, st.binary().map(bytearray))),
+    large=st.lists(_LARGE, min_size=1, max_size=4),
+    data=st.data(),
+)
+def test_commands_with_large_values_are_packed_as_redis_py_packs_them(
+    name: str | bytes, args: list[Any], large: list[Any], data: st.DataObject
+) -> None:
+    """Values around the cutoff, of each buffer type, anywhere among the other arguments:
+    the same bytes as redis-py's packer, and a large bytes value is not copied."""
+    for value in large:
+        args.insert(data.draw(st.integers(0, len(args))), value)
+    chunks = LeanConnection().pack_command(name, *args)
+    assert b"".join(chunks) == b"".join(Connection().pack_command(name, *args))
+    for arg in args:
+        if type(arg) is bytes and len(arg) > wire._INLINE_MAX:
+            assert any(chunk is arg for chunk in chunks)
+
+
 def test_buffers_and_bad_arguments_are_taken_as_redis_py_takes_them() -> None:
     assert LeanConnection().pack_command("SET", bytearray(b"k"), memoryview(b"v")) == [
         b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"

@@ -23,7 +23,7 @@ pyproject.toml bounds redis to 8.x, and tests/faults/test_wire.py fails if they 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
 import hiredis
@@ -52,8 +52,9 @@ class _Lean:
             # words of its own ("CONFIG GET"), which Redis wants apart.
             name = cast(str, args[0])
             return [hiredis.pack_command(cast(Any, (*name.encode().split(), *args[1:])))]
-        if any(
-            isinstance(a, bytes | bytearray | memoryview) and len(a) > _INLINE_MAX for a in args
+        if any(  # (from the end: a merge call's deltas come after its hundreds of keys)
+            isinstance(a, bytes | bytearray | memoryview) and len(a) > _INLINE_MAX
+            for a in reversed(args)
         ):
             # A large value (a merge call's deltas, a journal chunk: up to a few MB) would
             # be copied into the packed command: it goes as a chunk of its own, as
@@ -103,31 +104,49 @@ class _Lean:
 
 def _with_large_values(args: tuple[EncodableT, ...]) -> list[bytes]:
     """The command in the Redis protocol: the values over _INLINE_MAX bytes as chunks of
-    their own (not copied), runs of the other arguments packed by hiredis."""
+    their own (not copied), the runs of arguments between them packed by hiredis."""
     name = args[0]
     # a name may carry words of its own ("SCRIPT LOAD"), as in _Lean.pack_command
     words = (name.encode() if isinstance(name, str) else bytes(cast(bytes, name))).split()
     items = [*words, *args[1:]]
     out: list[bytes] = [b"*%d\r\n" % len(items)]
-    run: list[Any] = []
-
-    def pack_run() -> None:
-        if run:
-            packed: bytes = hiredis.pack_command(tuple(run))
-            out.append(packed[packed.index(b"\r\n") + 2 :])  # without its own "*<n>"
-            run.clear()
-
-    for item in items:
-        if isinstance(item, bytes | bytearray | memoryview):
-            if len(item) > _INLINE_MAX:
-                pack_run()
-                value = item if isinstance(item, bytes) else bytes(item)
-                out += (b"$%d\r\n" % len(value), value, b"\r\n")
-                continue
-            item = bytes(item)
-        run.append(item)
-    pack_run()
+    # Where the buffers are, found by C-level searches of the items' types: a merge call
+    # has hundreds of keys and one or two buffers, and a Python step per item cost more
+    # than hiredis' packing of them.
+    types = list(map(type, items))
+    start = 0
+    for at in sorted(i for kind in _BUFFERS for i in _positions(types, kind)):
+        item = cast(bytes | bytearray | memoryview, items[at])
+        if len(item) > _INLINE_MAX:
+            _pack_run(out, items[start:at])
+            value = item if isinstance(item, bytes) else bytes(item)
+            out += (b"$%d\r\n" % len(value), value, b"\r\n")
+            start = at + 1
+        elif not isinstance(item, bytes):
+            items[at] = bytes(item)
+    _pack_run(out, items[start:])
     return out
+
+
+_BUFFERS = (bytes, bytearray, memoryview)
+
+
+def _positions(types: list[type], kind: type) -> Iterator[int]:
+    """Where `kind` is in `types` (list.index: a C loop between two finds)."""
+    at = -1
+    while True:
+        try:
+            at = types.index(kind, at + 1)
+        except ValueError:
+            return
+        yield at
+
+
+def _pack_run(out: list[bytes], run: list[Any]) -> None:
+    """Append `run` packed by hiredis, without its own "*<n>" header."""
+    if run:
+        packed: bytes = hiredis.pack_command(tuple(run))
+        out.append(packed[packed.index(b"\r\n") + 2 :])
 
 
 class LeanConnection(_Lean, Connection):
