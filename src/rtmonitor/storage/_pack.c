@@ -41,6 +41,12 @@ PyDoc_STRVAR(scatter_doc,
 "Write row i of rows (len(at) rows of width bytes), or its first lengths[i] bytes, at\n"
 "buf[at[i]:]. Every offset is checked first (ValueError, nothing written).");
 
+/* Whether `size` bytes at `at` fall outside a buffer of `len` (or a row of `width`). */
+static int outside(int64_t at, int64_t size, Py_ssize_t width, Py_ssize_t len)
+{
+    return size < 0 || size > width || at < 0 || at > len - size;
+}
+
 static PyObject *scatter(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -48,26 +54,15 @@ static PyObject *scatter(PyObject *self, PyObject *args)
     Py_ssize_t width;
     if (!PyArg_ParseTuple(args, "OOOn|O", &buf_obj, &at_obj, &rows_obj, &width, &len_obj))
         return NULL;
-    Py_buffer buf, at, rows, lens = {0};
-    int have_lens = len_obj != Py_None;
-    if (PyObject_GetBuffer(buf_obj, &buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
-        return NULL;
-    if (int64_buffer(at_obj, &at, "at") < 0) {
-        PyBuffer_Release(&buf);
-        return NULL;
-    }
-    if (PyObject_GetBuffer(rows_obj, &rows, PyBUF_C_CONTIGUOUS) < 0) {
-        PyBuffer_Release(&at);
-        PyBuffer_Release(&buf);
-        return NULL;
-    }
-    if (have_lens && int64_buffer(len_obj, &lens, "lengths") < 0) {
-        PyBuffer_Release(&rows);
-        PyBuffer_Release(&at);
-        PyBuffer_Release(&buf);
-        return NULL;
-    }
+    /* (zeroed: PyBuffer_Release does nothing to one never filled) */
+    Py_buffer buf = {0}, at = {0}, rows = {0}, lens = {0};
     PyObject *result = NULL;
+    int have_lens = len_obj != Py_None;
+    if (PyObject_GetBuffer(buf_obj, &buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0 ||
+        int64_buffer(at_obj, &at, "at") < 0 ||
+        PyObject_GetBuffer(rows_obj, &rows, PyBUF_C_CONTIGUOUS) < 0 ||
+        (have_lens && int64_buffer(len_obj, &lens, "lengths") < 0))
+        goto done;
     Py_ssize_t n = at.len / 8;
     const int64_t *offsets = at.buf, *sizes = have_lens ? lens.buf : NULL;
     if (width < 0 || (width > 0 && n > PY_SSIZE_T_MAX / width) || rows.len != n * width ||
@@ -78,7 +73,7 @@ static PyObject *scatter(PyObject *self, PyObject *args)
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t size = sizes ? sizes[i] : width;
-        if (size < 0 || size > width || offsets[i] < 0 || offsets[i] > buf.len - size) {
+        if (outside(offsets[i], size, width, buf.len)) {
             PyErr_Format(PyExc_ValueError, "row %zd (offset %lld, %lld bytes) is outside the buffer",
                          i, (long long)offsets[i], (long long)size);
             goto done;
@@ -92,7 +87,7 @@ static PyObject *scatter(PyObject *self, PyObject *args)
      * only stops a resize): each is read once and checked again where it is used. */
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t at_i = offsets[i], size = sizes ? sizes[i] : width;
-        if (size < 0 || size > width || at_i < 0 || at_i > buf.len - size) {
+        if (outside(at_i, size, width, buf.len)) {
             changed = i;
             break;
         }
@@ -106,8 +101,7 @@ static PyObject *scatter(PyObject *self, PyObject *args)
     }
     result = Py_NewRef(Py_None);
 done:
-    if (have_lens)
-        PyBuffer_Release(&lens);
+    PyBuffer_Release(&lens);
     PyBuffer_Release(&rows);
     PyBuffer_Release(&at);
     PyBuffer_Release(&buf);

@@ -175,7 +175,7 @@ class EmbeddedRedis:
             # append ~700 bytes per device merge, so at Redis' default (100) rewrites ran
             # back to back: at a million devices the children took ~35% of a core, beside a
             # parent copying its writes to them (benchmarks/RESULTS.md). At 400 the AOF may
-            # reach five times the dataset's compact size on disk before it is rewritten.
+            # reach five times its size at the last rewrite before it is rewritten again.
             "auto-aof-rewrite-percentage": str(AOF_REWRITE_PERCENTAGE),
             "save": "900 1 300 10 60 10000",
             "dbfilename": "dump.rdb",

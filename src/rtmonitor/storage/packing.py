@@ -19,8 +19,7 @@ import numpy.typing as npt
 
 from rtmonitor.model import BatchDelta, IntArray
 
-_Scatter = Callable[..., None]
-_c_scatter: _Scatter | None
+_c_scatter: Callable[..., None] | None
 try:  # one memcpy per piece (storage/_pack.c); numpy's fancy indexing without a compiler
     from rtmonitor.storage._pack import scatter as _c_scatter
 except ImportError:  # pragma: no cover - a build without a C compiler
@@ -127,11 +126,7 @@ def _int64(a: IntArray) -> IntArray:
 
 
 def _names(
-    buf: _Bytes,
-    at: IntArray,
-    which: IntArray,
-    names: list[bytes],
-    lengths: IntArray,
+    buf: _Bytes, at: IntArray, which: IntArray, names: list[bytes], lengths: IntArray
 ) -> None:
     """Write names[which[i]] at buf[at[i]:] (the zero after it is already there)."""
     if not len(at):

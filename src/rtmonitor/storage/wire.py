@@ -40,6 +40,8 @@ from redis.typing import EncodableT
 
 # Arguments longer than this are not copied into the packed command (redis-py's cutoff).
 _INLINE_MAX = 6000
+# What redis-py sends as a value's bytes.
+_BUFFERS = (bytes, bytearray, memoryview)
 _PLAIN = frozenset({str, int, float})
 _HIREDIS = HiredisRespSerializer()
 
@@ -53,8 +55,7 @@ class _Lean:
             name = cast(str, args[0])
             return [hiredis.pack_command(cast(Any, (*name.encode().split(), *args[1:])))]
         if any(  # (from the end: a merge call's deltas come after its hundreds of keys)
-            isinstance(a, bytes | bytearray | memoryview) and len(a) > _INLINE_MAX
-            for a in reversed(args)
+            isinstance(a, _BUFFERS) and len(a) > _INLINE_MAX for a in reversed(args)
         ):
             # A large value (a merge call's deltas, a journal chunk: up to a few MB) would
             # be copied into the packed command: it goes as a chunk of its own, as
@@ -126,9 +127,6 @@ def _with_large_values(args: tuple[EncodableT, ...]) -> list[bytes]:
             items[at] = bytes(item)
     _pack_run(out, items[start:])
     return out
-
-
-_BUFFERS = (bytes, bytearray, memoryview)
 
 
 def _positions(types: list[type], kind: type) -> Iterator[int]:
