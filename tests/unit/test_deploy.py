@@ -111,7 +111,11 @@ def test_compose_file_matches_the_compose_specification() -> None:
     service = compose["services"]["rtmonitor"]
     assert service["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "REDIS_URL" in service["environment"]
-    assert "appendonly" in " ".join(compose["services"]["redis"]["command"])
+    redis_command = " ".join(compose["services"]["redis"]["command"])
+    assert "appendonly" in redis_command
+    # as the embedded Redis: rewrites at +400%, expired rate windows freed off the main thread
+    assert "--auto-aof-rewrite-percentage 400" in redis_command
+    assert "--lazyfree-lazy-expire yes" in redis_command
     assert compose["services"]["redis"]["healthcheck"] and compose["volumes"]
     assert compose["services"]["proxy"]["profiles"] == ["scale"]
     # auth on: the token file is a secret of every service instance, mounted where
