@@ -365,8 +365,8 @@ def _unified(
     # position of its first appearance (the dict keeps them in that order), and numpy turns
     # positions into numbers. A fleet's flush numbers every device of every part here, and
     # each dict operation on a string is a cache miss: the two passes this replaced (number
-    # the distinct strings, then look each one up) took twice as long at 200,000 devices.
-    # A str keeps its hash: nothing is rehashed.
+    # the distinct strings, then look each one up) took twice as long (benchmarks/RESULTS.md,
+    # sixth pass).
     slices = [s[i : i + _UNIFY_SLICE] for s in lists for i in range(0, len(s), _UNIFY_SLICE)]
     seen: dict[str, int] = {}
     position = itertools.count()

@@ -179,7 +179,8 @@ class EmbeddedRedis:
             "auto-aof-rewrite-percentage": str(AOF_REWRITE_PERCENTAGE),
             # An expired key is freed by a background thread, not by the one that serves
             # every command: a rate window (sort=rate) is a sorted set of every device that
-            # sent in its 10 s, and freeing one of 600,000 members stalled Redis ~0.3 s.
+            # sent in its 10 s, and freeing one synchronously stalls every command for as
+            # long (0.1-0.4 s at a fleet's size: benchmarks/RESULTS.md, sixth pass).
             "lazyfree-lazy-expire": "yes",
             "save": "900 1 300 10 60 10000",
             "dbfilename": "dump.rdb",
