@@ -168,4 +168,9 @@ def test_an_expired_fleet_sized_key_is_freed_off_the_main_thread(tmp_path: Path)
             time.sleep(0.05)
         events = {e[0]: e for e in client.execute_command("LATENCY", "LATEST")}
         assert b"expire-del" not in events, events
+        # and it was the background thread that freed it (not a delete too fast to notice)
+        while (memory := client.info("memory"))["lazyfree_pending_objects"]:
+            assert time.monotonic() < deadline, "the background free did not finish"
+            time.sleep(0.05)
+        assert memory["lazyfreed_objects"] == 1
         client.close()
