@@ -17,15 +17,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
 from rtmonitor.logs import redact_url
-from rtmonitor.model import DEVICE_ID_MAX, ID_CHARS
+from rtmonitor.model import DEVICE_ID_MAX, ID_CHARS, RECORD_NAMES_MAX
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 # gRPC core's own log levels (GRPC_VERBOSITY), lowest first.
 GrpcVerbosity = Literal["debug", "info", "error", "none"]
-
-
-# The most values a device record may unpack to (storage/_merge.c: MAX_VALUES).
-RECORD_VALUES_MAX = 7900
 
 
 class Settings(BaseSettings):
@@ -446,16 +442,16 @@ class Settings(BaseSettings):
             )
         if self.mqtt_url is not None:
             _check_mqtt(self)
-        # A device record is unpacked by one Lua call (or checked against the same bound by
-        # the rtm module): ~8,000 values at most, 2 per kind, 7 per value name, 3 for each
-        # of up to 18 rate buckets. Past it a device's merges would fail at every flush.
-        record = 2 * self.max_kinds_per_device + 7 * self.max_value_names_per_device + 54
-        if record > RECORD_VALUES_MAX:
+        # A device record's kinds and value names take at most RECORD_NAMES_MAX values (2
+        # per kind, 7 per value name; model.py): one instance's limits must fit in it, or
+        # the merge would drop names this instance admitted and acknowledged.
+        names = 2 * self.max_kinds_per_device + 7 * self.max_value_names_per_device
+        if names > RECORD_NAMES_MAX:
             raise ValueError(
                 f"--max-kinds-per-device ({self.max_kinds_per_device}) and "
                 f"--max-value-names-per-device ({self.max_value_names_per_device}) allow a "
-                f"device record of {record} values (2 per kind, 7 per value name, 54 for its "
-                f"rate buckets); the merge takes at most {RECORD_VALUES_MAX}: lower them"
+                f"device record {names} values of kinds and value names (2 per kind, 7 per "
+                f"value name); a record holds at most {RECORD_NAMES_MAX}: lower them"
             )
         if self.redis_port is not None and self.redis_host is None:
             raise ValueError("REDIS_PORT is set but REDIS_HOST is not: set both, or REDIS_URL")

@@ -39,6 +39,12 @@ IDEMPOTENCY_KEY_MAX = 256
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]+( [!-~]+)*$"
 DEVICE_ID_MAX = 128
 NAME_MAX = 64
+# A device record holds at most RECORD_VALUES_MAX values (what one Lua call unpacks: 2 per
+# kind, 7 per value name, 3 per rate bucket), kinds and value names at most
+# RECORD_NAMES_MAX of them, so at least 40 rate buckets fit (a device keeps ~18). The merge
+# (storage/scripts.py MERGE_DEVICES, storage/_merge.c) records no new name past it.
+RECORD_VALUES_MAX = 7900
+RECORD_NAMES_MAX = RECORD_VALUES_MAX - 3 * 40
 
 # The trailing windows of every rate (seconds): the store sums them, the JSON names them
 # `packets_per_s_<w>s` / `bytes_per_s_<w>s` (rate_key), Prometheus labels them `window`.
@@ -474,6 +480,9 @@ class FlushStats:
     carried_over_batches: int = 0
     # packets that could not be committed by the shutdown deadline (never acknowledged)
     packets_abandoned: int = 0
+    # new kinds, value names and rate buckets that full device records could not take
+    # (RECORD_NAMES_MAX; the packets are counted, the names are not)
+    record_full_drops: int = 0
     redis_error: str | None = None  # the last error while Redis is failing, else None
 
 

@@ -47,9 +47,9 @@ class SlowWrite:
     async def prepare(self) -> dict[int, Claim]:
         return await self.inner.prepare()
 
-    async def apply(self) -> None:
+    async def apply(self) -> int:
         await asyncio.sleep(APPLY_S)
-        await self.inner.apply()
+        return await self.inner.apply()
 
     async def finalize(self, dedupe_window_s: int) -> None:
         await self.inner.finalize(dedupe_window_s)

@@ -94,8 +94,9 @@ class FaultyWrite:
         result: dict[int, Claim] = await self._step("prepare", self.inner.prepare)
         return result
 
-    async def apply(self) -> None:
-        await self._step("apply", self.inner.apply)
+    async def apply(self) -> int:
+        result: int = await self._step("apply", self.inner.apply)
+        return result
 
     async def finalize(self, dedupe_window_s: int) -> None:
         await self._step("finalize", lambda: self.inner.finalize(dedupe_window_s))
@@ -239,11 +240,11 @@ def test_a_prepared_flush_lets_its_columns_go(redis_server: EmbeddedRedis) -> No
             batches: list[PendingBatch] = []
 
             class Observed(FaultyWrite):
-                async def apply(self) -> None:
+                async def apply(self) -> int:
                     seen["entries"] = flusher.inflight_entries
                     seen["packets"] = flusher.inflight_packets
                     seen["parts"] = [len(b.parts) for b in batches]
-                    await super().apply()
+                    return await super().apply()
 
             class Observing(FaultyCommitter):
                 def encode(self, *args: Any) -> FaultyWrite:

@@ -20,8 +20,14 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rtmonitor.config import RECORD_VALUES_MAX
-from rtmonitor.model import BatchDelta, DeviceDelta, FlushDelta, ValueStats
+from rtmonitor.model import (
+    RECORD_NAMES_MAX,
+    RECORD_VALUES_MAX,
+    BatchDelta,
+    DeviceDelta,
+    FlushDelta,
+    ValueStats,
+)
 from rtmonitor.storage.embedded import EmbeddedRedis, merge_module_path
 from rtmonitor.storage.packing import pack_deltas
 from rtmonitor.storage.store import MERGE_COMMAND, RedisStore
@@ -182,22 +188,19 @@ def test_malformed_calls_are_refused_before_anything_is_written(server: Embedded
                 MERGE_COMMAND, 7, "bad:m4", *indexes, "bad:{c}", 60, 1, 0, 5, good, 5
             )
         assert client.ping()
-        assert (
-            client.execute_command(
-                MERGE_COMMAND,
-                7,
-                "ok:m",
-                *[f"ok{k}" for k in indexes],
-                "ok:{a}",
-                60,
-                1,
-                0,
-                5,
-                good,
-                4,
-            )
-            == 1
-        )
+        assert client.execute_command(
+            MERGE_COMMAND,
+            7,
+            "ok:m",
+            *[f"ok{k}" for k in indexes],
+            "ok:{a}",
+            60,
+            1,
+            0,
+            5,
+            good,
+            4,
+        ) == [1, 0]
         assert client.zrange("okbad:ix:devices", 0, -1) == [b"a"]
     finally:
         client.close()
@@ -225,7 +228,7 @@ def test_key_positions_acl_and_aliased_keys_never_crash_redis(server: EmbeddedRe
         try:
             with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
                 user.execute_command(MERGE_COMMAND)  # (RedisStore._has_merge_module)
-            assert user.execute_command(*call) == 1
+            assert user.execute_command(*call) == [1, 0]
             with pytest.raises(redis.exceptions.NoPermissionError):
                 user.execute_command(*[x if x != "k:{a}" else "other:{a}" for x in call])
         finally:
@@ -246,8 +249,9 @@ def test_key_positions_acl_and_aliased_keys_never_crash_redis(server: EmbeddedRe
 
 def test_a_refused_call_writes_nothing(server: EmbeddedRedis) -> None:
     """A device the call cannot merge (a key of another type, a record cut short, a record
-    that would outgrow what the script can unpack) refuses the whole call before its marker
-    or any device is written: a retry merges every device once the cause is gone."""
+    larger than any merge leaves: all written by something else) refuses the whole call
+    before its marker or any device is written: a retry merges every device once the cause
+    is gone."""
     client = redis.Redis.from_url(server.url)
     try:
         good = _delta_bytes("a")
@@ -257,7 +261,7 @@ def test_a_refused_call_writes_nothing(server: EmbeddedRedis) -> None:
             client.execute_command(MERGE_COMMAND, 9, *keys, 60, 1, 0, 5, good * 3, 3)
         assert client.exists("w:m", "w:{a}", "w:{b}", *keys[1:6]) == 0
         client.delete("w:{h}")
-        assert client.execute_command(MERGE_COMMAND, 9, *keys, 60, 1, 0, 5, good * 3, 3) == 3
+        assert client.execute_command(MERGE_COMMAND, 9, *keys, 60, 1, 0, 5, good * 3, 3) == [3, 0]
         assert client.exists("w:{a}", "w:{h}", "w:{b}") == 3
         # a delta of 1,200 value names: more than the script could unpack
         names = b"".join(b"v%d\x00" % i + b"\x00" * 48 for i in range(1200))
@@ -267,6 +271,13 @@ def test_a_refused_call_writes_nothing(server: EmbeddedRedis) -> None:
                 MERGE_COMMAND, 7, "w:m2", *keys[1:6], "w:{c}", 60, 1, 0, 5, big, 3
             )
         assert client.exists("w:m2", "w:{c}") == 0
+        kinds = b"".join(b"k%d\x00" % i + b"\x00" * 8 for i in range(3950))  # 7,900 values
+        client.set("w:{d}", struct.pack("<ddddddHHHH", 1, 1, T0, T0, 0, 0, 3950, 0, 0, 0) + kinds)
+        with pytest.raises(redis.ResponseError, match="more kinds and values than a merge takes"):
+            client.execute_command(
+                MERGE_COMMAND, 7, "w:m3", *keys[1:6], "w:{d}", 60, 1, 0, 5, good, 3
+            )
+        assert client.exists("w:m3") == 0
     finally:
         client.close()
 
@@ -279,10 +290,10 @@ def test_a_retry_keeps_the_rate_window_alive(server: EmbeddedRedis) -> None:
         good = _delta_bytes("a")
         keys = ["t:m", *[f"t{k}" for k in INDEXES], "t:{a}"]
         window = T0 // 10_000
-        assert client.execute_command(MERGE_COMMAND, 7, *keys, 60, 1, 0, window, good, 3) == 1
+        assert client.execute_command(MERGE_COMMAND, 7, *keys, 60, 1, 0, window, good, 3) == [1, 0]
         assert client.zscore("tk:ix:rw", "a") == 3
         client.expire("tk:ix:rw", 5)  # as if 25 s had passed
-        assert client.execute_command(MERGE_COMMAND, 7, *keys, 60, 1, 0, window, good, 3) == 1
+        assert client.execute_command(MERGE_COMMAND, 7, *keys, 60, 1, 0, window, good, 3) == [1, 0]
         assert client.ttl("tk:ix:rw") > 25 and client.zscore("tk:ix:rw", "a") == 3
     finally:
         client.close()
@@ -349,30 +360,99 @@ def test_the_data_needs_no_module_and_the_store_goes_back_to_the_script(
     asyncio.run(run())
 
 
-def test_the_record_bound_is_the_one_settings_check(server: EmbeddedRedis) -> None:
-    """Settings refuse per-device limits past RECORD_VALUES_MAX values a record; the module
-    and the script take a record up to exactly that bound (a new device with one rate
-    bucket: 7 values per value name, 3 for the bucket), and the module refuses one value
-    name more: the Python constant and the module's MAX_VALUES cannot drift apart."""
-    fits = (RECORD_VALUES_MAX - 3) // 7
+def _names(device_id: str, start: int, kinds: int, names: int, second: int) -> DeviceDelta:
+    """A delta of `kinds` kinds and `names` value names numbered from `start`."""
+    stats = ValueStats(count=1, sum=1.0, min=1.0, max=1.0, last=1.0, last_ts=1)
+    ms = T0 + 1000 * second
+    return DeviceDelta(
+        packets=kinds + names, bytes=10 * (kinds + names), first_seen=ms, last_seen=ms,
+        kinds={f"k{start + i}": 1 for i in range(kinds)},
+        values={f"v{start + i}": stats for i in range(names)},
+    )  # fmt: skip
 
-    def device(names: int) -> FlushDelta:
-        stats = {f"v{i}": ValueStats(count=1, sum=1.0, min=1.0, max=1.0, last=1.0, last_ts=1)
-                 for i in range(names)}  # fmt: skip
-        dev = DeviceDelta(packets=1, bytes=1, first_seen=T0, last_seen=T0, values=stats)
-        return FlushDelta(devices={"big": dev}, packets=1, bytes=1)
+
+def test_a_full_record_never_stalls_a_flush(server: EmbeddedRedis) -> None:
+    """A device whose names outgrow its record (several instances, or one restarted, each
+    admit its 64 kinds and 64 value names anew) is still merged: the record keeps what fits
+    in RECORD_NAMES_MAX and drops the rest, counting it; its packets and bytes, and every
+    other device of the flush, are counted exactly; the module and the script leave the
+    same bytes and count the same. (Before, every retry of such a flush was refused: the
+    pipeline stalled for good.)"""
+    rounds = RECORD_NAMES_MAX // (64 * (2 + 7)) + 3  # past the bound, by instances "i<n>"
+
+    async def main() -> None:
+        records = []
+        for module in (True, False):
+            async with RedisStore.from_url(server.url, f"full{module}", merge_module=module) as s:
+                dropped = []
+                for n in range(rounds):
+                    big = _names("big", 64 * n, 64, 64, n)
+                    devices = {"big": big, "x": _names("x", 0, 1, 1, n)}
+                    flush = FlushDelta(devices=devices, packets=130, bytes=1300)
+                    dropped.append(await s.apply(s.plan(flush, f"i{n}", 1)))
+                    assert await s.apply(s.plan(flush, f"i{n}", 1)) == 0  # a retry
+                assert s.merge_module is module
+                big, x = await s.get_device("big"), await s.get_device("x")
+                assert big is not None and x is not None
+                assert big.packets == 128 * rounds and big.bytes == 1280 * rounds
+                assert x.packets == 2 * rounds and len(x.kinds) == 1
+                kinds, names = len(big.kinds), len(big.values)
+                assert 2 * kinds + 7 * names <= RECORD_NAMES_MAX
+                assert 2 * kinds + 7 * (names + 1) > RECORD_NAMES_MAX  # (filled up to it)
+                assert big.kinds == {f"k{i}": 1 for i in range(kinds)}  # the first ones kept
+                assert sum(dropped) == 128 * rounds - kinds - names
+                assert dropped[0] == 0 and dropped[-1] == 128
+                raw = redis.asyncio.Redis.from_url(server.url)
+                records.append((await raw.get(s.layout.device("big")), dropped))
+                await raw.aclose()
+        assert records[0] == records[1]
+
+    asyncio.run(main())
+
+
+def test_a_record_full_of_names_keeps_its_newest_rate_buckets(server: EmbeddedRedis) -> None:
+    """Rate buckets take what names leave of the record (at least 40 when the names were
+    merged here; a record written otherwise may leave fewer): past it the last spans, then
+    the last seconds go, counted, the same way in the module and in the script."""
+    kinds = 3942  # 7,884 values: room for 5 rate buckets
+    body = b"".join(b"k%d\x00" % i + struct.pack("<d", 1) for i in range(kinds))
+    record = struct.pack("<ddddddHHHH", 1, 10, T0, T0, 0, 0, kinds, 0, 0, 0) + body
+
+    async def main() -> None:
+        seen = []
+        for module in (True, False):
+            async with RedisStore.from_url(server.url, f"room{module}", merge_module=module) as s:
+                raw = redis.asyncio.Redis.from_url(server.url)
+                await raw.set(s.layout.device("r"), record)
+                dropped = []
+                for n, second in enumerate([0, 1, 2, 3, 4, 5, 6, 20, 21, 3, 40]):
+                    flush = FlushDelta(devices={"r": _names("r", 0, 1, 0, second)})
+                    dropped.append(await s.apply(s.plan(flush, "i", n + 1)))
+                assert s.merge_module is module
+                got = await s.get_device("r")
+                assert got is not None and got.packets == 12 and len(got.kinds) == kinds
+                seen.append((await raw.get(s.layout.device("r")), dropped))
+                await raw.aclose()
+        assert seen[0] == seen[1]
+        assert seen[0][1][:5] == [0, 0, 0, 0, 0] and sum(seen[0][1]) > 0
+
+    asyncio.run(main())
+
+
+def test_the_record_bound_is_the_one_settings_check(server: EmbeddedRedis) -> None:
+    """Settings refuse per-device limits past RECORD_NAMES_MAX values of kinds and value
+    names; the module and the script keep names up to exactly that bound and drop (and
+    count) one more: the Python constants and the module's cannot drift apart."""
+    fits = RECORD_NAMES_MAX // 7
+    assert RECORD_NAMES_MAX + 3 * 40 == RECORD_VALUES_MAX  # (the buckets' room)
 
     async def main() -> None:
         for module in (True, False):
             async with RedisStore.from_url(server.url, f"b{module}", merge_module=module) as s:
-                await s.apply(s.plan(device(fits), "i", 1))
+                big = FlushDelta(devices={"big": _names("big", 0, 0, fits + 1, 0)})
+                assert await s.apply(s.plan(big, "i", 1)) == 1
                 assert s.merge_module is module
                 record = await s.get_device("big")
                 assert record is not None and len(record.values) == fits
-                if module:  # (the script's own limit, Lua's stack, lies a little past it)
-                    with pytest.raises(redis.ResponseError, match="too many kinds or values"):
-                        await s.apply(s.plan(device(fits + 1), "j", 1))
-                    record = await s.get_device("big")
-                    assert record is not None and len(record.values) == fits
 
     asyncio.run(main())

@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,11 +18,14 @@ from helpers import (
     get_json,
     packet,
     run,
+    self_metrics,
     stream_batches,
     stream_packets,
+    wait_for_committed,
 )
 
-from rtmonitor.ingest.v1.telemetry_pb2 import Batch
+from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Packet
+from rtmonitor.model import RECORD_NAMES_MAX
 
 HUGE = 1.7e308
 
@@ -113,3 +117,35 @@ def test_sums_keep_17_significant_digits(service: ServiceProcess) -> None:
     stats = get_json(service.http, "/metrics/tiny")["values"]["t"]
     assert stats["sum"] == expected  # HINCRBYFLOAT kept 17 decimal places: 2e-17
     assert stats["mean"] == expected / 5
+
+
+def test_a_device_that_outgrows_its_record_cannot_stall_the_others(
+    start_service: Callable[..., ServiceProcess],
+) -> None:
+    """Each instance admits a device's kinds anew (here 3,886 each, the most one record's
+    names hold with one value name), so two instances sharing Redis can send it twice as
+    many as a record holds. The second instance's flush merges what fits, drops the rest
+    (counted), and counts every packet, its other device's included. Before, the merge was
+    refused and retried for ever: nothing of any device was committed or acknowledged."""
+    limits = ("--max-kinds-per-device", "3886", "--max-value-names-per-device", "1")
+    first, second = start_service(*limits), start_service(*limits)
+    n = 3886
+
+    async def send(svc: ServiceProcess, packets: list[Packet]) -> Any:
+        return await asyncio.wait_for(stream_packets(svc.target, packets), 60)
+
+    ack = run(send(first, [packet("big", f"a{i}", b"x", v=1.0) for i in range(n)]))
+    assert (ack.accepted, ack.rejected) == (n, 0)
+    late = [packet("big", f"b{i}", b"x", v=2.0) for i in range(n)] + [packet("ok", "k", b"y")]
+    ack = run(send(second, late))
+    assert (ack.accepted, ack.rejected) == (n + 1, 0)
+    big = _reads_all_answer(second, "big")
+    assert (big["packets"], big["bytes"]) == (2 * n, 2 * n)
+    kept = (RECORD_NAMES_MAX - 7) // 2  # kinds that fit beside the one value name
+    assert len(big["kinds"]) == kept and sum(big["kinds"].values()) == kept
+    assert big["values"]["v"]["count"] == 2 * n
+    assert get_json(second.http, "/metrics/ok")["packets"] == 1
+    stats = wait_for_committed(second.http, 2 * n + 1)
+    assert stats["flush"]["record_full_drops"] == 2 * n - kept
+    assert self_metrics(second.http)["rtm_record_full_drops_total"] == 2 * n - kept
+    assert "device records full: " in second.log()  # (at most once a minute)

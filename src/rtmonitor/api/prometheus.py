@@ -278,6 +278,11 @@ def _self_metrics(w: _Writer, stats: ServiceStats) -> None:
             "Resent batches skipped (exactly-once).",
         ),
         ("rtm_abandoned_packets", flush.packets_abandoned, "Packets not committed by shutdown."),
+        (
+            "rtm_record_full_drops",
+            flush.record_full_drops,
+            "New kinds, value names and rate buckets full device records could not take.",
+        ),
     ):
         w.family(name, "counter", help_text, [({}, value)])
     w.family("rtm_last_flush_seconds", "gauge", "Duration of the latest flush.",

@@ -30,8 +30,10 @@ class FlushWrite(Protocol):
         holds, by position in the batch ids; when there are any, nothing was written."""
         ...
 
-    async def apply(self) -> None:
-        """Step 2: write the deltas (what a failed attempt wrote is not written again)."""
+    async def apply(self) -> int:
+        """Step 2: write the deltas (what a failed attempt wrote is not written again).
+        Returns how many new kinds, value names and rate buckets the device records had no
+        room for (model.RECORD_NAMES_MAX: their packets are counted, the names are not)."""
         ...
 
     async def finalize(self, dedupe_window_s: int) -> None:

@@ -1,4 +1,4 @@
-/* A Redis module: RTM.MERGE4, the device merge of scripts.MERGE_DEVICES in C, with the
+/* A Redis module: RTM.MERGE5, the device merge of scripts.MERGE_DEVICES in C, with the
  * sorted-index writes that follow it.
  *
  * Why: a fleet's flush is one merge per device, and in Lua most of a merge is the
@@ -7,7 +7,7 @@
  * read where Redis keeps it and written once, and the index entries go straight into the
  * sorted sets instead of through the service as text. (Figures: benchmarks/RESULTS.md.)
  *
- *   RTM.MERGE4 numkeys marker ix-devices ix-packets ix-bytes ix-last-seen ix-rate-window
+ *   RTM.MERGE5 numkeys marker ix-devices ix-packets ix-bytes ix-last-seen ix-rate-window
  *              device-key... ttl seq retention-ms window deltas id-offset
  *
  * The merge is the script's, byte for byte (`EVALSHA <MERGE_DEVICES> numkeys marker
@@ -15,7 +15,7 @@
  * and the index entries are what RedisStore._index_commands writes from the script's
  * reply; so either path may run a flush, a retry or a replayed journal, and they leave the
  * same bytes and scores (tests/integration/test_merge_module.py checks them against each
- * other). Replies the number of devices.
+ * other). Replies [the number of devices, what the records had no room for] (below).
  *
  * What it writes is replicated (and written to the AOF) as plain SET, ZADD and EXPIRE
  * commands, as the script's effects are, so a data directory never needs the module.
@@ -102,6 +102,16 @@ API(DECLARE)
  * 8,000 values (2 per kind, 7 per value name, 3 per rate bucket): past it the script
  * fails, so this refuses the same, and a record stays one that either can merge. */
 #define MAX_VALUES 7900
+/* A record never outgrows MAX_VALUES, whatever its devices send: a merge refused for it
+ * would be refused at every retry, and the flush (every device in it) with it. Kinds and
+ * value names take at most NAME_ROOM values; a new one past it is not recorded (its
+ * packets still count in the record's packets and bytes), and the rate buckets take the
+ * rest (>= 40, where a device keeps ~18; past it the newest spans, then the newest
+ * seconds go). Both are counted in the reply. One instance's --max-kinds-per-device and
+ * --max-value-names-per-device fit in NAME_ROOM (config.py); several instances, or one
+ * restarted, each admit a device's names anew, which is how a record reaches it. */
+#define BUCKET_ROOM 40
+#define NAME_ROOM (MAX_VALUES - 3 * BUCKET_ROOM)
 /* Refusals several checks give (Redis' own wording for the first). */
 #define WRONGTYPE "WRONGTYPE Operation against a key holding the wrong kind of value"
 #define CUT_SHORT "ERR a device record is cut short (not written by this layout?)"
@@ -331,10 +341,11 @@ static void buckets(scratch *s, size_t *nf, size_t *nc, double sec, double packe
 }
 
 /* Merge delta `d` into the record held by `key` and write it; the 5 reply integers into
- * `reply`. Returns an error message, or NULL. */
+ * `reply`, and what the record had no room for (NAME_ROOM) added to `dropped`. Returns an
+ * error message, or NULL (never one check_device let through). */
 static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, delta *d,
                              double window, long long retention, scratch *s,
-                             long long *reply) {
+                             long long *reply, long long *dropped) {
     RedisModuleKey *key = RM_OpenKey(ctx, keyname, REDISMODULE_READ | REDISMODULE_WRITE);
     int type = RM_KeyType(key);
     if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_STRING) {
@@ -378,8 +389,10 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
         size_t q = find(s->kinds, nk, &d->kinds[i]);
         if (q < nk) {
             s->kinds[q].v[0] += d->kinds[i].v[0];
-        } else {
+        } else if (2 * (nk + 1) + 7 * nv <= NAME_ROOM) {
             s->kinds[nk++] = d->kinds[i];
+        } else {
+            (*dropped)++;
         }
     }
     for (size_t i = 0; i < d->nv; i++) {
@@ -392,14 +405,23 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
             if (dv[2] < rv[2]) rv[2] = dv[2];
             if (dv[3] > rv[3]) rv[3] = dv[3];
             if (dv[5] >= rv[5]) rv[4] = dv[4], rv[5] = dv[5];
-        } else {
+        } else if (2 * nk + 7 * (nv + 1) <= NAME_ROOM) {
             s->values[nv++] = d->values[i];
+        } else {
+            (*dropped)++;
         }
     }
     buckets(s, &nf, &nc, floor(d->last / 1000), d->packets, d->bytes);
-    if (2 * nk + 7 * nv + 3 * (nf + nc) > MAX_VALUES) { /* (check_device refuses it first) */
-        RM_CloseKey(key);
-        return "ERR a device record would hold too many kinds, values or buckets";
+    /* (names <= MAX_VALUES - 3: check_device) */
+    size_t room = (MAX_VALUES - (2 * nk + 7 * nv)) / 3;
+    if (nf + nc > room) { /* the last spans, then the last seconds, as the script does */
+        size_t excess = nf + nc - room;
+        *dropped += (long long)excess;
+        if (nc >= excess) {
+            nc -= excess;
+        } else {
+            nf = room, nc = 0;
+        }
     }
     if (window == w) {
         wp += d->packets;
@@ -599,11 +621,10 @@ static const char *parse_deltas(RedisModuleString *arg, size_t devices, scratch 
     return NULL;
 }
 
-/* Before anything is written: the device's key holds nothing or a whole record, and the
- * record merged with delta `d` (NULL on a replay) stays within MAX_VALUES; so that a call
- * is refused whole, never after some of its devices were merged. */
-static const char *check_device(RedisModuleCtx *ctx, RedisModuleString *keyname,
-                                const delta *d) {
+/* Before anything is written: the device's key holds nothing or a whole record with room
+ * for a rate bucket (merge_one keeps it so), so that a call is refused whole, never after
+ * some of its devices were merged. Only a key written by something else fails it. */
+static const char *check_device(RedisModuleCtx *ctx, RedisModuleString *keyname) {
     RedisModuleKey *key = RM_OpenKey(ctx, keyname, REDISMODULE_READ);
     int type = RM_KeyType(key);
     const char *error = NULL;
@@ -620,9 +641,9 @@ static const char *check_device(RedisModuleCtx *ctx, RedisModuleString *keyname,
         r.bad |= !r.bad && (r.n - r.at) / BUCKET_SIZE < nb;
         if (r.bad) {
             error = CUT_SHORT;
-        } else if (d != NULL &&
-                   2 * (nk + d->nk) + 7 * (nv + d->nv) + 3 * (nb + 1) > MAX_VALUES) {
-            error = "ERR a device record would hold too many kinds, values or buckets";
+        } else if (2 * nk + 7 * nv + 3 > MAX_VALUES) {
+            error = "ERR a device record holds more kinds and values than a merge takes (not "
+                    "written by this layout?)";
         }
     } else if (type != REDISMODULE_KEYTYPE_EMPTY) {
         error = WRONGTYPE;
@@ -639,11 +660,13 @@ static int same_key(RedisModuleString *a, RedisModuleString *b) {
     return la == lb && memcmp(pa, pb, la) == 0;
 }
 
-/* RTM.MERGE4 numkeys marker ix-devices ix-packets ix-bytes ix-last-seen ix-rate-window
+/* RTM.MERGE5 numkeys marker ix-devices ix-packets ix-bytes ix-last-seen ix-rate-window
  *            device-key... ttl seq retention-ms window deltas id-offset
  * MERGE_DEVICES' merge, then the sorted indexes as RedisStore._index_commands writes them
  * from the script's reply (a device's member: its key less the first id-offset bytes and
- * the closing brace). Replies the number of devices. */
+ * the closing brace). Replies [the number of devices, the kinds, value names and rate
+ * buckets the records had no room for] (MERGE_DEVICES' last reply value). (RTM.MERGE4, of
+ * earlier versions, refused a record's growth past MAX_VALUES and replied an integer.) */
 static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     long long numkeys, offset;
     int wellformed = argc >= 2 && RM_StringToLongLong(argv[1], &numkeys) == REDISMODULE_OK &&
@@ -682,7 +705,7 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
                 return RM_ReplyWithError(ctx, "ERR a device key is the marker or an index key");
     }
     scratch s = {0};
-    long long reply[5];
+    long long reply[5], dropped = 0;
     delta *deltas = NULL;
     int applied;
     const char *error = marker_applied(ctx, keys[0], seq, &applied);
@@ -691,7 +714,7 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         error = parse_deltas(args[4], devices, &s, deltas);
     }
     for (size_t k = 0; error == NULL && k < devices; k++)
-        error = check_device(ctx, devkeys[k], applied ? NULL : &deltas[k]);
+        error = check_device(ctx, devkeys[k]);
     zindex ix[IX_COUNT] = {{0}};
     RedisModuleString **members = RM_Alloc((devices + 1) * sizeof(RedisModuleString *));
     for (size_t k = 0; k < devices; k++) {
@@ -711,7 +734,8 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         if (applied) {
             error = figures(ctx, devkeys[k], window, reply);
         } else {
-            error = merge_one(ctx, devkeys[k], &deltas[k], window, retention, &s, reply);
+            error = merge_one(ctx, devkeys[k], &deltas[k], window, retention, &s, reply,
+                              &dropped);
         }
         if (error == NULL) error = index_device(ctx, ix, members[k], reply, retention > 0);
     }
@@ -721,7 +745,9 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
     RM_Free(deltas);
     scratch_free(&s);
     if (error != NULL) return RM_ReplyWithError(ctx, error);
-    return RM_ReplyWithLongLong(ctx, (long long)devices);
+    RM_ReplyWithArray(ctx, 2);
+    RM_ReplyWithLongLong(ctx, (long long)devices);
+    return RM_ReplyWithLongLong(ctx, dropped);
 }
 
 int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
@@ -735,7 +761,7 @@ int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
 #undef LOOKUP
     if (RM_IsModuleNameBusy("rtm")) return REDISMODULE_ERR;  /* (loaded twice) */
     RM_SetModuleAttribs(ctx, "rtm", 1, REDISMODULE_APIVER_1);
-    if (RM_CreateCommand(ctx, "rtm.merge4", merge_command, "write deny-oom getkeys-api", 0, 0,
+    if (RM_CreateCommand(ctx, "rtm.merge5", merge_command, "write deny-oom getkeys-api", 0, 0,
                          0) != REDISMODULE_OK)
         return REDISMODULE_ERR;
     return REDISMODULE_OK;

@@ -52,10 +52,11 @@ class RedisFlush:
             pos: Claim.COMMITTED if state == "c" else Claim.PENDING for pos, state in taken.items()
         }
 
-    async def apply(self) -> None:
-        if self._writes:
-            async with _unavailable():
-                await self._store.apply(self._calls)
+    async def apply(self) -> int:
+        if not self._writes:
+            return 0
+        async with _unavailable():
+            return await self._store.apply(self._calls)
 
     async def finalize(self, dedupe_window_s: int) -> None:
         if self._keys:

@@ -9,6 +9,8 @@ lost reply, a reconnect, a journal replayed for a dead instance) is never counte
 The markers are bounded (one per instance and group), whatever the number of flushes.
 """
 
+from rtmonitor.model import RECORD_NAMES_MAX, RECORD_VALUES_MAX
+
 # The marker check shared by the merge scripts. KEYS[1] holds the highest flush sequence
 # number of this instance applied to this group; ARGV[1] is its TTL, ARGV[2] this flush's seq.
 # One instance commits its flushes strictly in order (and recovery replays them in order),
@@ -74,17 +76,27 @@ end
 # Returns, per device, 5 integers for the sorted indexes (RedisStore._index_commands):
 #   packets, bytes, last_seen, packets in ARGV[4]'s window (0: none), and 1 if this call
 #   created the record, 0 if not, 2 if the call had been applied before (the records as
-#   they are now), -1 if so and the record has expired since (nothing to index).
+#   they are now), -1 if so and the record has expired since (nothing to index); then, last,
+#   how many kinds, value names and rate buckets the records had no room for (below).
+# A record never outgrows what one Lua call unpacks (RECORD_VALUES_MAX values), whatever
+# its device sends: a merge that failed for it would fail at every retry, and the flush
+# (every device in it) with it. Kinds and value names take at most NAME_ROOM values, and a
+# new one past it is not recorded (its packets still count in the record's packets and
+# bytes); the rate buckets take the rest (>= 40, where a device keeps ~18; past it the
+# newest spans go, then the newest seconds). One instance's per-device limits fit in
+# NAME_ROOM (config.py); several instances, or one restarted, each admit a device's names
+# anew, which is how a record can reach it. The rtm module does the same (_merge.c).
 # (Writing the index entries from here instead, with bulk ZADDs, cost Redis ~3-9 us more
 # per device: each score goes from a Lua number to text and back to a double in Redis.
 # The service formats them instead, and Redis, shared by every replica, does less; the rtm
 # module, storage/_merge.c, writes them itself, as doubles, with no text in between.)
 MERGE_DEVICES = (
     _RECORD
+    + f"local MAX_VALUES, NAME_ROOM = {RECORD_VALUES_MAX}, {RECORD_NAMES_MAX}\n"
     + """
 local window = tonumber(ARGV[4])
 local retention = tonumber(ARGV[3])
-local out = {}
+local out, dropped = {}, 0
 local function emit(p, b, l, wp, created)
   local n = #out
   out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = p, b, l, wp, created
@@ -102,6 +114,7 @@ if applied ~= nil and applied >= tonumber(ARGV[2]) then
       emit(0, 0, 0, 0, -1)
     end
   end
+  out[#out + 1] = 0
   return out
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
@@ -195,10 +208,12 @@ for k = 2, #KEYS do
     end
     if found then
       r[found + 1] = r[found + 1] + d[j + 1]
-    else
+    elseif 2 * (nk + 1) + 7 * nv <= NAME_ROOM then
       table.insert(r, 2 * nk + 1, name)
       table.insert(r, 2 * nk + 2, d[j + 1])
       nk = nk + 1
+    else
+      dropped = dropped + 1
     end
     j = j + 2
   end
@@ -216,13 +231,23 @@ for k = 2, #KEYS do
       if d[j + 3] < r[q + 3] then r[q + 3] = d[j + 3] end
       if d[j + 4] > r[q + 4] then r[q + 4] = d[j + 4] end
       if d[j + 6] >= r[q + 6] then r[q + 5], r[q + 6] = d[j + 5], d[j + 6] end
-    else
+    elseif 2 * nk + 7 * (nv + 1) <= NAME_ROOM then
       for e = 0, 6 do table.insert(r, base + 7 * nv + 1 + e, d[j + e]) end
       nv = nv + 1
+    else
+      dropped = dropped + 1
     end
     j = j + 7
   end
-  nf, nc = buckets(r, 2 * nk + 7 * nv, nf, nc, math.floor(last / 1000), packets, nbytes)
+  local names = 2 * nk + 7 * nv
+  nf, nc = buckets(r, names, nf, nc, math.floor(last / 1000), packets, nbytes)
+  local room = math.floor((MAX_VALUES - names) / 3)
+  if nf + nc > room then  -- the last spans, then the last seconds
+    local excess = nf + nc - room
+    dropped = dropped + excess
+    if nc >= excess then nc = nc - excess else nf, nc = room, 0 end
+    for q = #r, names + 3 * (nf + nc) + 1, -1 do r[q] = nil end
+  end
   -- sort=rate: the packets of this flush's window, added up over flushes and instances
   if window == w then
     wp = wp + packets
@@ -239,6 +264,7 @@ for k = 2, #KEYS do
   if w ~= window then wp = 0 end
   emit(p, b, l, wp, created)
 end
+out[#out + 1] = dropped
 return out
 """
 )

@@ -72,7 +72,7 @@ CLUSTER_CONCURRENCY = 64
 # The device merge as a command of the rtm Redis module (storage/_merge.c): MERGE_DEVICES
 # in C (the same records), writing the index entries too (RedisStore._module_call). Its name
 # carries the record layout.
-MERGE_COMMAND = "rtm.merge4"
+MERGE_COMMAND = "rtm.merge5"
 # A merge call: (script name, keys, args). A flush's plan is a list of them (journaled by
 # _journal_chunk).
 Call = tuple[str, list[str], list[Any]]
@@ -291,12 +291,21 @@ class RedisStore:
         calls.append(("global", gkeys, gargs))
         return calls
 
-    async def apply(self, calls: list[Call]) -> None:
+    async def apply(self, calls: list[Call]) -> int:
         """Run a plan in pipelined round trips (one per APPLY_SLICE calls), then write the
         sorted indexes from the device calls' replies. Raises RedisError if Redis cannot be
         reached; calling it again with the same plan applies only what was not applied (and
-        writes the indexes again, which changes nothing written before)."""
-        replies = await self._run(calls)
+        writes the indexes again, which changes nothing written before).
+
+        Returns how many kinds, value names and rate buckets the device records had no room
+        for (model.RECORD_NAMES_MAX; 0 for calls applied before)."""
+        replies, module = await self._run(calls)
+        dropped = sum(
+            int(reply[-1]) for (name, _, _), reply in zip(calls, replies, strict=True)
+            if name == "devices"
+        )  # fmt: skip
+        if module:  # (the rtm module wrote its calls' index entries itself)
+            return dropped
         # Python over every device of the flush (~0.1 s for 100,000): off the event loop,
         # like the plan
         commands = await asyncio.to_thread(self._index_commands, calls, replies)
@@ -305,6 +314,7 @@ class RedisStore:
             for command in commands[start : start + INDEX_SLICE]:
                 pipe.execute_command(*command)
             await pipe.execute()
+        return dropped
 
     def _index_commands(self, calls: list[Call], replies: list[Any]) -> list[list[Any]]:
         """Bulk ZADDs that bring the sorted indexes up to the device calls' replies, each to
@@ -318,20 +328,21 @@ class RedisStore:
         layout = self.layout
         groups: dict[int, _GroupIndex] = {}
         for (name, keys, args), reply in zip(calls, replies, strict=True):
-            if name != "devices" or len(keys) < 2 or not isinstance(reply, list):
-                continue  # (the rtm module writes its calls' index entries itself)
+            if name != "devices" or len(keys) < 2:
+                continue
             ids = [layout.device_id(key) for key in keys[1:]]
             group = groups.get(g := layout.group_of(ids[0]))
             if group is None:
                 group = groups[g] = _GroupIndex()
-            group.add(ids, reply, int(args[3]), self.retention_s > 0)
+            group.add(ids, reply[:-1], int(args[3]), self.retention_s > 0)
         commands: list[list[Any]] = []
         for g, group in groups.items():
             commands += group.commands(layout, g)
         return commands
 
-    async def _run(self, calls: list[Call]) -> list[Any]:
-        """The merge calls' replies, in order."""
+    async def _run(self, calls: list[Call]) -> tuple[list[Any], bool]:
+        """The merge calls' replies, in order, and whether the rtm module made the device
+        calls."""
         if self.cluster:
             # redis-py does not run scripts inside a cluster pipeline: issue the calls
             # concurrently instead (each goes to its slot's node; scripts are (re)loaded on
@@ -342,19 +353,20 @@ class RedisStore:
                 async with limit:
                     return await self._scripts[name](keys=keys, args=args)
 
-            return list(await asyncio.gather(*(call(*c) for c in calls)))
+            return list(await asyncio.gather(*(call(*c) for c in calls))), False
         if self.merge_module is None:
             self.merge_module = await self._has_merge_module()
+        module = self.merge_module  # (another apply may change it meanwhile: recovery's)
         try:
-            return await self._pipelined(calls, self.merge_module)
+            return await self._pipelined(calls, module), module
         except ResponseError as exc:
             # A Redis restarted without the module: the script does the same (each call is
             # idempotent, so the calls that went through change nothing when run again).
-            if not (self.merge_module and _module_missing(exc)):
+            if not (module and _module_missing(exc)):
                 raise
             logger.warning("Redis no longer has the rtm module (%s): merging with the script", exc)
             self.merge_module = False
-            return await self._pipelined(calls, False)
+            return await self._pipelined(calls, False), False
 
     async def _pipelined(self, calls: list[Call], module: bool) -> list[Any]:
         # A pipeline's commands are packed, joined and buffered whole before they are sent
@@ -406,7 +418,7 @@ class RedisStore:
         return replies
 
     def _module_call(self, keys: list[str], args: list[Any]) -> list[Any]:
-        """A device merge call (MERGE_DEVICES' keys and args) as RTM.MERGE4's arguments: the
+        """A device merge call (MERGE_DEVICES' keys and args) as RTM.MERGE5's arguments: the
         module also writes the sorted indexes of the call's index group (its devices share
         one), which the script leaves to _index_commands."""
         layout = self.layout
@@ -437,9 +449,9 @@ class RedisStore:
         logger.info("device merges: the Lua script (%s)", why)
         return False
 
-    async def commit(self, delta: FlushDelta, instance: str, seq: int) -> None:
-        """Write a flush that carries no batch ids (no journal needed)."""
-        await self.apply(self.plan(delta, instance, seq))
+    async def commit(self, delta: FlushDelta, instance: str, seq: int) -> int:
+        """Write a flush that carries no batch ids (no journal needed); apply's count."""
+        return await self.apply(self.plan(delta, instance, seq))
 
     async def prepare(
         self, flush_id: str, batch_keys: list[str], calls: list[Call]
