@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 import redis
+from redis.client import NEVER_DECODE
 
 from rtmonitor.model import DeviceDelta, FlushDelta, ValueStats
 from rtmonitor.storage import store as store_module
@@ -185,6 +186,33 @@ def test_journal_of_a_dead_instance_is_replayed_once(
             assert await store.prepare("x:2", keys, calls) == {0: "c"}
             assert 0 < await store.client.ttl(store.layout.journal_chunk("x:2", 0))
             assert await store.client.exists(store.layout.journal("x:2")) == 0
+
+    asyncio.run(main())
+
+
+def test_a_failed_replay_gives_its_claim_back(redis_server: EmbeddedRedis) -> None:
+    """A replay that fails (here a journal chunk missing) gives back its claim at once, and
+    only its own: the next attempt, of any instance, does not wait for the claim's TTL."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            calls = store.plan(delta(a=dev(2, 5, 5)), "dead", 1)
+            await store.heartbeat("dead", 1)
+            assert await store.prepare("dead:1", [store.layout.batch("p", 1)], calls) == {}
+            chunk = store.layout.journal_chunk("dead:1", 0)
+            saved = await store.client.execute_command("DUMP", chunk, **{NEVER_DECODE: True})
+            await store.client.delete(chunk)
+            with pytest.raises(LookupError, match="chunk 0 of 1 is gone"):
+                await store.recover("dead:1", "me", 60)
+            assert await store.client.exists(store.layout.recovering("dead:1")) == 0
+            await store.client.restore(chunk, 0, saved)
+            assert await store.recover("dead:1", "other", 60)  # at once, not in 60 s
+            assert (await store.totals()).packets == 2
+            # a claim another instance holds is not given back by a failed replay of ours
+            claim = store.layout.recovering("x:1")
+            await store.client.set(claim, "someone")
+            assert await store._release(keys=[claim], args=["me"]) == 0
+            assert await store.client.get(claim) == "someone"
 
     asyncio.run(main())
 

@@ -351,6 +351,15 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
+# A claim given back: KEYS[1] deleted if it still holds ARGV[1] (its owner's), so that an
+# owner whose claim expired never drops the next one's.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # The records of KEYS (any number, one hash slot in a cluster) for the reads: per key an
 # empty array (no such device) or its fields flat, integers as integers and doubles as
 # 17-digit strings (a Lua number in a reply would be truncated to an integer):

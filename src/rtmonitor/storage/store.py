@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import heapq
 import json
@@ -41,6 +42,7 @@ from rtmonitor.storage.scripts import (
     MERGE_GLOBAL,
     PREPARE,
     READ_DEVICES,
+    RELEASE,
 )
 from rtmonitor.storage.wire import lean
 
@@ -53,6 +55,9 @@ GROUP_SIZE = 256
 # How long a merge group's marker lives without being written again. It must outlast the
 # longest time a flush can wait to be retried or replayed (a Redis outage, a dead instance).
 MARKER_TTL_S = 24 * 3600
+# How long an instance's claim to replay a dead instance's journal lasts (given back at
+# once if the replay fails).
+RECOVERY_CLAIM_S = 60
 # Merge calls per journal chunk (~3 MB: 64 x 256 devices, _journal_chunk).
 JOURNAL_CHUNK = 64
 # Merge calls per pipeline (4 x 256 devices, ~200 KB of commands). Redis runs a pipeline's
@@ -134,6 +139,7 @@ class RedisStore:
         self._prepare = client.register_script(PREPARE)
         self._finalize = client.register_script(FINALIZE)
         self._read_devices = client.register_script(READ_DEVICES)
+        self._release = client.register_script(RELEASE)
         if not C_PACK:
             logger.warning(
                 "the compiled packing scatter (rtmonitor/storage/_pack.c) is not built: "
@@ -580,11 +586,25 @@ class RedisStore:
 
     async def recover(self, flush_id: str, instance: str, window_s: int) -> bool:
         """Replay and finalize a dead instance's journal. False if another instance has
-        claimed it (or it is already gone)."""
-        layout = self.layout
-        claimed = await self.client.set(layout.recovering(flush_id), instance, nx=True, ex=60)
-        if not claimed:
+        claimed it (or it is already gone).
+
+        The claim lasts RECOVERY_CLAIM_S (a replay that outlives it may meet another one:
+        both are idempotent). A replay that fails gives its claim back, so the next pass
+        (of any instance) tries again at once rather than after the claim's TTL, while the
+        batches of the journal wait for it."""
+        claim = self.layout.recovering(flush_id)
+        if not await self.client.set(claim, instance, nx=True, ex=RECOVERY_CLAIM_S):
             return False
+        try:
+            return await self._replay(flush_id, window_s)
+        except Exception:
+            # (if Redis is what failed, this may fail too: then the TTL ends the claim)
+            with contextlib.suppress(RedisError, OSError):
+                await self._release(keys=[claim], args=[instance])
+            raise
+
+    async def _replay(self, flush_id: str, window_s: int) -> bool:
+        layout = self.layout
         blob = await self.client.get(layout.journal(flush_id))
         if blob is None:
             return False
