@@ -449,9 +449,10 @@ class Settings(BaseSettings):
         if names > RECORD_NAMES_MAX:
             raise ValueError(
                 f"--max-kinds-per-device ({self.max_kinds_per_device}) and "
-                f"--max-value-names-per-device ({self.max_value_names_per_device}) allow a "
-                f"device record {names} values of kinds and value names (2 per kind, 7 per "
-                f"value name); a record holds at most {RECORD_NAMES_MAX}: lower them"
+                f"--max-value-names-per-device ({self.max_value_names_per_device}) let a "
+                f"device's kinds and value names take {names} values of its record (2 per "
+                f"kind, 7 per value name); a record keeps at most {RECORD_NAMES_MAX}: lower "
+                f"them"
             )
         if self.redis_port is not None and self.redis_host is None:
             raise ValueError("REDIS_PORT is set but REDIS_HOST is not: set both, or REDIS_URL")

@@ -1,4 +1,4 @@
-"""The rtm Redis module's device merge (storage/_merge.c, RTM.MERGE4) against the Lua script
+"""The rtm Redis module's device merge (storage/_merge.c, RTM.MERGE5) against the Lua script
 it stands in for (scripts.MERGE_DEVICES), on a real Redis with the module loaded: the same
 replies and the same record bytes and TTLs for any flushes (kinds and readings old and new,
 sums that overflowed, receive seconds folded into spans and dropped, windows, retries,
@@ -410,10 +410,11 @@ def test_a_full_record_never_stalls_a_flush(server: EmbeddedRedis) -> None:
     asyncio.run(main())
 
 
-def test_a_record_full_of_names_keeps_its_newest_rate_buckets(server: EmbeddedRedis) -> None:
+def test_a_record_full_of_names_keeps_what_rate_buckets_fit(server: EmbeddedRedis) -> None:
     """Rate buckets take what names leave of the record (at least 40 when the names were
-    merged here; a record written otherwise may leave fewer): past it the last spans, then
-    the last seconds go, counted, the same way in the module and in the script."""
+    merged here; a record written otherwise may leave fewer): past it the record's first,
+    oldest, spans, then its first seconds go, counted, the same way in the module and in
+    the script; the newest second (this flush's) stays."""
     kinds = 3942  # 7,884 values: room for 5 rate buckets
     body = b"".join(b"k%d\x00" % i + struct.pack("<d", 1) for i in range(kinds))
     record = struct.pack("<ddddddHHHH", 1, 10, T0, T0, 0, 0, kinds, 0, 0, 0) + body
@@ -435,6 +436,47 @@ def test_a_record_full_of_names_keeps_its_newest_rate_buckets(server: EmbeddedRe
                 await raw.aclose()
         assert seen[0] == seen[1]
         assert seen[0][1][:5] == [0, 0, 0, 0, 0] and sum(seen[0][1]) > 0
+        stored = seen[0][0]
+        nf, nc = struct.unpack_from("<HH", stored, 52)
+        assert 0 < nf + nc <= 5
+        tail = stored[len(stored) - 20 * (nf + nc) :]
+        seconds = [struct.unpack_from("<I", tail, 20 * i)[0] for i in range(nf)]
+        assert T0 // 1000 + 40 in seconds  # this flush's
+
+    asyncio.run(main())
+
+
+def test_the_script_too_refuses_a_call_whole(server: EmbeddedRedis) -> None:
+    """The script reads and checks every record of a call before it writes anything, as
+    the module does: a key of another type, a record cut short or one holding more names
+    than a merge takes refuses the call, and a retry once the cause is gone merges every
+    device (before, the devices ahead of it were merged and the marker set, so the retry
+    skipped the devices after it: their counts were lost)."""
+    kinds = b"".join(b"k%d\x00" % i + b"\x00" * 8 for i in range(3950))  # 7,900 values
+    too_big = struct.pack("<ddddddHHHH", 1, 1, T0, T0, 0, 0, 3950, 0, 0, 0) + kinds
+    cases = [
+        (lambda raw, key: raw.hset(key, "f", "v"), "WRONGTYPE"),
+        (lambda raw, key: raw.set(key, b"\x00" * 20), "record is cut short"),
+        (lambda raw, key: raw.set(key, too_big), "more kinds and values than a merge takes"),
+    ]
+
+    async def main() -> None:
+        for n, (spoil, why) in enumerate(cases):
+            async with RedisStore.from_url(server.url, f"whole{n}", merge_module=False) as s:
+                raw = redis.asyncio.Redis.from_url(server.url)
+                ids = ["a", "b", "c", "d"]
+                flush = FlushDelta(devices={d: _names(d, 0, 1, 0, 0) for d in ids})
+                calls = s.plan(flush, "i", 1)
+                assert len([c for c in calls if c[0] == "devices"]) == 1  # (one call)
+                await spoil(raw, s.layout.device("c"))
+                with pytest.raises(redis.ResponseError, match=why):
+                    await s.apply(calls)
+                others = [s.layout.device(d) for d in ids if d != "c"]
+                assert await raw.exists(*others) == 0
+                await raw.delete(s.layout.device("c"))
+                assert await s.apply(calls) == 0
+                assert await raw.exists(*others, s.layout.device("c")) == 4
+                await raw.aclose()
 
     asyncio.run(main())
 

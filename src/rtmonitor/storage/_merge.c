@@ -100,19 +100,20 @@ API(DECLARE)
 #define FINE_S 10     /* seconds kept one by one past the newest (scripts.py: FINE_S) */
 /* The script unpacks a record or a delta into one Lua call's results, which Lua caps near
  * 8,000 values (2 per kind, 7 per value name, 3 per rate bucket): past it the script
- * fails, so this refuses the same, and a record stays one that either can merge. */
+ * would fail, so a delta past it is refused and a record is never merged past it (below). */
 #define MAX_VALUES 7900
 /* A record never outgrows MAX_VALUES, whatever its devices send: a merge refused for it
  * would be refused at every retry, and the flush (every device in it) with it. Kinds and
  * value names take at most NAME_ROOM values; a new one past it is not recorded (its
  * packets still count in the record's packets and bytes), and the rate buckets take the
- * rest (>= 40, where a device keeps ~18; past it the newest spans, then the newest
- * seconds go). Both are counted in the reply. One instance's --max-kinds-per-device and
+ * rest (>= 40, where a device keeps ~18; past it the record's first, oldest, spans, then
+ * its first seconds go: only a record written by something else comes near). Both are counted in the reply. One instance's --max-kinds-per-device and
  * --max-value-names-per-device fit in NAME_ROOM (config.py); several instances, or one
  * restarted, each admit a device's names anew, which is how a record reaches it. */
 #define BUCKET_ROOM 40
 #define NAME_ROOM (MAX_VALUES - 3 * BUCKET_ROOM)
-/* Refusals several checks give (Redis' own wording for the first). */
+/* Refusals several checks give (Redis' own wording for the first; the script's refusals
+ * of a record are worded the same, scripts.py). */
 #define WRONGTYPE "WRONGTYPE Operation against a key holding the wrong kind of value"
 #define CUT_SHORT "ERR a device record is cut short (not written by this layout?)"
 #define IX_WRONGTYPE "WRONGTYPE an index key holds the wrong kind of value"
@@ -414,14 +415,14 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
     buckets(s, &nf, &nc, floor(d->last / 1000), d->packets, d->bytes);
     /* (names <= MAX_VALUES - 3: check_device) */
     size_t room = (MAX_VALUES - (2 * nk + 7 * nv)) / 3;
-    if (nf + nc > room) { /* the last spans, then the last seconds, as the script does */
+    if (nf + nc > room) { /* the first (oldest) spans, then the first seconds, as the
+                             * script does */
         size_t excess = nf + nc - room;
+        size_t spans = excess < nc ? excess : nc, seconds = excess - spans;
+        memmove(s->secs, s->secs + seconds, (nf - seconds) * sizeof(bucket));
+        memmove(s->spans, s->spans + spans, (nc - spans) * sizeof(bucket));
+        nf -= seconds, nc -= spans;
         *dropped += (long long)excess;
-        if (nc >= excess) {
-            nc -= excess;
-        } else {
-            nf = room, nc = 0;
-        }
     }
     if (window == w) {
         wp += d->packets;

@@ -125,7 +125,7 @@ class EmbeddedRedis:
         merge_module: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
-        # The rtm module (RTM.MERGE4: device merges in C). Its writes reach the AOF as plain
+        # The rtm module (RTM.MERGE5: device merges in C). Its writes reach the AOF as plain
         # SET, ZADD and EXPIRE commands, so the data directory never needs it; without it
         # the store merges with the script.
         self.merge_module = merge_module_path() if merge_module else None

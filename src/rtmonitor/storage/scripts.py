@@ -68,6 +68,13 @@ local function whole(nk, nv, nb)
 end
 """
 
+# Refusals of a record the merge cannot take (the rtm module's words too, _merge.c).
+_CUT_SHORT = "ERR a device record is cut short (not written by this layout?)"
+_TOO_BIG = (
+    "ERR a device record holds more kinds and values than a merge takes (not written by "
+    "this layout?)"
+)
+
 # KEYS[1]   marker (same hash slot as every device key of this call)
 # KEYS[2..] the devices' records
 # ARGV[1]   marker TTL in seconds, ARGV[2] flush seq, ARGV[3] retention in ms (0: keep
@@ -93,6 +100,7 @@ end
 MERGE_DEVICES = (
     _RECORD
     + f"local MAX_VALUES, NAME_ROOM = {RECORD_VALUES_MAX}, {RECORD_NAMES_MAX}\n"
+    + f"local CUT_SHORT, TOO_BIG = '{_CUT_SHORT}', '{_TOO_BIG}'\n"
     + """
 local window = tonumber(ARGV[4])
 local retention = tonumber(ARGV[3])
@@ -116,6 +124,28 @@ if applied ~= nil and applied >= tonumber(ARGV[2]) then
   end
   out[#out + 1] = 0
   return out
+end
+-- Every record is read and checked before anything is written, so that a call is refused
+-- whole, as the rtm module's is, never after some of its devices were merged (a retry
+-- would find the marker set and skip the others): a key of another type, a record cut
+-- short, or one holding more names than a merge takes (none of them written by this).
+local records = {}
+for k = 2, #KEYS do
+  local blob = redis.pcall('GET', KEYS[k])
+  if type(blob) == 'table' then return blob end  -- WRONGTYPE, as Redis says it
+  if blob then
+    local h = {pcall(struct.unpack, HEAD, blob)}
+    if not h[1] then return redis.error_reply(CUT_SHORT) end
+    table.remove(h, 1)  -- p, b, f, l, w, wp, nk, nv, nf, nc, pos
+    local nk, nv, nf, nc, pos = h[7], h[8], h[9], h[10], h[11]
+    if 2 * nk + 7 * nv + 3 > MAX_VALUES then return redis.error_reply(TOO_BIG) end
+    local r = {pcall(struct.unpack, body(nk, nv, nf + nc), blob, pos)}
+    if not r[1] then return redis.error_reply(CUT_SHORT) end
+    table.remove(r, 1)
+    r[#r] = nil
+    h[11] = r
+    records[k] = h  -- p, b, f, l, w, wp, nk, nv, nf, nc, the body's values
+  end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 -- Rate buckets (the record's seconds and spans, from r[base + 1] on): add this delta's
@@ -185,13 +215,10 @@ for k = 2, #KEYS do
   packets, nbytes, first, last, dk, dv, at = struct.unpack('<ddddHH', deltas, at)
   local d = {struct.unpack(body(dk, dv, 0), deltas, at)}
   at = d[#d]
-  local blob = redis.call('GET', key)
+  local record = records[k]
   local p, b, f, l, w, wp, nk, nv, nf, nc, r, created
-  if blob then
-    local pos
-    p, b, f, l, w, wp, nk, nv, nf, nc, pos = struct.unpack(HEAD, blob)
-    r = {struct.unpack(body(nk, nv, nf + nc), blob, pos)}
-    r[#r] = nil
+  if record then
+    p, b, f, l, w, wp, nk, nv, nf, nc, r = unpack(record)
     p, b, created = p + packets, b + nbytes, 0
     if first < f then f = first end
     if last > l then l = last end
@@ -242,11 +269,21 @@ for k = 2, #KEYS do
   local names = 2 * nk + 7 * nv
   nf, nc = buckets(r, names, nf, nc, math.floor(last / 1000), packets, nbytes)
   local room = math.floor((MAX_VALUES - names) / 3)
-  if nf + nc > room then  -- the last spans, then the last seconds
+  if nf + nc > room then  -- the first (oldest) spans, then the first seconds
     local excess = nf + nc - room
-    dropped = dropped + excess
-    if nc >= excess then nc = nc - excess else nf, nc = room, 0 end
-    for q = #r, names + 3 * (nf + nc) + 1, -1 do r[q] = nil end
+    local spans = math.min(excess, nc)
+    local seconds = excess - spans
+    local to = names
+    for q = names + 3 * seconds + 1, names + 3 * nf do
+      to = to + 1
+      r[to] = r[q]
+    end
+    for q = names + 3 * (nf + spans) + 1, names + 3 * (nf + nc) do
+      to = to + 1
+      r[to] = r[q]
+    end
+    for q = #r, to + 1, -1 do r[q] = nil end
+    nf, nc, dropped = nf - seconds, nc - spans, dropped + excess
   end
   -- sort=rate: the packets of this flush's window, added up over flushes and instances
   if window == w then

@@ -76,7 +76,8 @@ INDEX_SLICE = 8
 CLUSTER_CONCURRENCY = 64
 # The device merge as a command of the rtm Redis module (storage/_merge.c): MERGE_DEVICES
 # in C (the same records), writing the index entries too (RedisStore._module_call). Its name
-# carries the record layout.
+# changes with the record layout or the reply (5: the count of what full records dropped),
+# so a Redis holding another release's module is merged with the script.
 MERGE_COMMAND = "rtm.merge5"
 # A merge call: (script name, keys, args). A flush's plan is a list of them (journaled by
 # _journal_chunk).
@@ -621,7 +622,13 @@ class RedisStore:
                 calls += _read_chunk(part)
         else:  # (a journal written whole, by an earlier version)
             calls = _from_journal(journal["calls"])
-        await self.apply(calls)
+        if dropped := await self.apply(calls):
+            logger.warning(
+                "journal %s: full device records did not take %d new kinds, value names or "
+                "rate buckets (their packets are counted)",
+                flush_id,
+                dropped,
+            )
         await self.finalize(flush_id, journal["batches"], window_s, chunks)
         return True
 
