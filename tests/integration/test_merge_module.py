@@ -457,6 +457,7 @@ def test_the_script_too_refuses_a_call_whole(server: EmbeddedRedis) -> None:
     cases = [
         (lambda raw, key: raw.hset(key, "f", "v"), "WRONGTYPE"),
         (lambda raw, key: raw.set(key, b"\x00" * 20), "record is cut short"),
+        (lambda raw, key: raw.set(key, too_big[:70]), "record is cut short"),  # a head, 1 kind
         (lambda raw, key: raw.set(key, too_big), "more kinds and values than a merge takes"),
     ]
 
