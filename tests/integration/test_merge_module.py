@@ -448,22 +448,26 @@ def test_a_record_full_of_names_keeps_what_rate_buckets_fit(server: EmbeddedRedi
 
 def test_the_script_too_refuses_a_call_whole(server: EmbeddedRedis) -> None:
     """The script reads and checks every record of a call before it writes anything, as
-    the module does: a key of another type, a record cut short or one holding more names
-    than a merge takes refuses the call, and a retry once the cause is gone merges every
-    device (before, the devices ahead of it were merged and the marker set, so the retry
+    the module does: a key of another type, a record cut short or one holding more than a
+    merge takes refuses the call, and a retry once the cause is gone merges every device
+    (before, the script merged the devices ahead of it and set the marker, so the retry
     skipped the devices after it: their counts were lost)."""
     kinds = b"".join(b"k%d\x00" % i + b"\x00" * 8 for i in range(3950))  # 7,900 values
     too_big = struct.pack("<ddddddHHHH", 1, 1, T0, T0, 0, 0, 3950, 0, 0, 0) + kinds
+    spans = b"".join(struct.pack("<Idd", 10 * i, 1, 1) for i in range(2700))  # 8,100 values
+    buckets = struct.pack("<ddddddHHHH", 1, 1, T0, T0, 0, 0, 0, 0, 0, 2700) + spans
     cases = [
         (lambda raw, key: raw.hset(key, "f", "v"), "WRONGTYPE"),
         (lambda raw, key: raw.set(key, b"\x00" * 20), "record is cut short"),
         (lambda raw, key: raw.set(key, too_big[:70]), "record is cut short"),  # a head, 1 kind
         (lambda raw, key: raw.set(key, too_big), "more kinds and values than a merge takes"),
+        (lambda raw, key: raw.set(key, buckets), "more kinds and values than a merge takes"),
     ]
 
     async def main() -> None:
-        for n, (spoil, why) in enumerate(cases):
-            async with RedisStore.from_url(server.url, f"whole{n}", merge_module=False) as s:
+        for (n, (spoil, why)), module in itertools.product(enumerate(cases), (False, True)):
+            prefix = f"whole{n}{module}"
+            async with RedisStore.from_url(server.url, prefix, merge_module=module) as s:
                 raw = redis.asyncio.Redis.from_url(server.url)
                 ids = ["a", "b", "c", "d"]
                 flush = FlushDelta(devices={d: _names(d, 0, 1, 0, 0) for d in ids})

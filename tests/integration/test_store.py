@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 import redis
@@ -190,22 +191,38 @@ def test_journal_of_a_dead_instance_is_replayed_once(
     asyncio.run(main())
 
 
-def test_a_failed_replay_gives_its_claim_back(redis_server: EmbeddedRedis) -> None:
-    """A replay that fails (here a journal chunk missing) gives back its claim at once, and
-    only its own: the next attempt, of any instance, does not wait for the claim's TTL."""
+def test_a_replay_that_redis_interrupts_gives_its_claim_back(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay that Redis interrupts (a connection lost, injected around the real store)
+    gives back its claim at once, and only its own: the next attempt, of any instance, does
+    not wait for the claim's TTL. One that would fail again (a journal chunk gone) keeps it:
+    tried once per claim, not at every recovery pass."""
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "t") as store:
             calls = store.plan(delta(a=dev(2, 5, 5)), "dead", 1)
             await store.heartbeat("dead", 1)
             assert await store.prepare("dead:1", [store.layout.batch("p", 1)], calls) == {}
+            claim = store.layout.recovering("dead:1")
             chunk = store.layout.journal_chunk("dead:1", 0)
             saved = await store.client.execute_command("DUMP", chunk, **{NEVER_DECODE: True})
             await store.client.delete(chunk)
             with pytest.raises(LookupError, match="chunk 0 of 1 is gone"):
                 await store.recover("dead:1", "me", 60)
-            assert await store.client.exists(store.layout.recovering("dead:1")) == 0
+            assert str(await store.client.get(claim)).startswith("me:")  # kept
+            await store.client.delete(claim)  # (as its TTL would)
             await store.client.restore(chunk, 0, saved)
+            real = store.apply
+
+            async def lost(calls: Any) -> int:
+                monkeypatch.setattr(store, "apply", real)
+                raise redis.exceptions.ConnectionError("injected: connection lost mid-replay")
+
+            monkeypatch.setattr(store, "apply", lost)
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await store.recover("dead:1", "me", 60)
+            assert await store.client.exists(claim) == 0  # given back
             assert await store.recover("dead:1", "other", 60)  # at once, not in 60 s
             assert (await store.totals()).packets == 2
             # a claim another instance holds is not given back by a failed replay of ours

@@ -107,7 +107,8 @@ API(DECLARE)
  * value names take at most NAME_ROOM values; a new one past it is not recorded (its
  * packets still count in the record's packets and bytes), and the rate buckets take the
  * rest (>= 40, where a device keeps ~18; past it the record's first, oldest, spans, then
- * its first seconds go: only a record written by something else comes near). Both are counted in the reply. One instance's --max-kinds-per-device and
+ * its first seconds go: only a record written by something else comes near). Both are
+ * counted in the reply. One instance's --max-kinds-per-device and
  * --max-value-names-per-device fit in NAME_ROOM (config.py); several instances, or one
  * restarted, each admit a device's names anew, which is how a record reaches it. */
 #define BUCKET_ROOM 40
@@ -622,10 +623,12 @@ static const char *parse_deltas(RedisModuleString *arg, size_t devices, scratch 
     return NULL;
 }
 
-/* Before anything is written: the device's key holds nothing or a whole record with room
- * for a rate bucket (merge_one keeps it so), so that a call is refused whole, never after
- * some of its devices were merged. Only a key written by something else fails it. */
-static const char *check_device(RedisModuleCtx *ctx, RedisModuleString *keyname) {
+/* Before anything is written: the device's key holds nothing or a whole record within
+ * MAX_VALUES, with room for a rate bucket (merge_one keeps it so; `merging`: not a replay,
+ * which reads the head only), so that a call is refused whole, never after some of its
+ * devices were merged. Only a key written by something else fails it. */
+static const char *check_device(RedisModuleCtx *ctx, RedisModuleString *keyname,
+                                int merging) {
     RedisModuleKey *key = RM_OpenKey(ctx, keyname, REDISMODULE_READ);
     int type = RM_KeyType(key);
     const char *error = NULL;
@@ -642,7 +645,8 @@ static const char *check_device(RedisModuleCtx *ctx, RedisModuleString *keyname)
         r.bad |= !r.bad && (r.n - r.at) / BUCKET_SIZE < nb;
         if (r.bad) {
             error = CUT_SHORT;
-        } else if (2 * nk + 7 * nv + 3 > MAX_VALUES) {
+        } else if (merging && (2 * nk + 7 * nv + 3 > MAX_VALUES ||
+                               2 * nk + 7 * nv + 3 * nb > MAX_VALUES)) {
             error = "ERR a device record holds more kinds and values than a merge takes (not "
                     "written by this layout?)";
         }
@@ -715,7 +719,7 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         error = parse_deltas(args[4], devices, &s, deltas);
     }
     for (size_t k = 0; error == NULL && k < devices; k++)
-        error = check_device(ctx, devkeys[k]);
+        error = check_device(ctx, devkeys[k], !applied);
     zindex ix[IX_COUNT] = {{0}};
     RedisModuleString **members = RM_Alloc((devices + 1) * sizeof(RedisModuleString *));
     for (size_t k = 0; k < devices; k++) {

@@ -90,7 +90,7 @@ _TOO_BIG = (
 # (every device in it) with it. Kinds and value names take at most NAME_ROOM values, and a
 # new one past it is not recorded (its packets still count in the record's packets and
 # bytes); the rate buckets take the rest (>= 40, where a device keeps ~18; past it the
-# newest spans go, then the newest seconds). One instance's per-device limits fit in
+# record's first, oldest, spans go, then its first seconds). One instance's per-device limits fit in
 # NAME_ROOM (config.py); several instances, or one restarted, each admit a device's names
 # anew, which is how a record can reach it. The rtm module does the same (_merge.c).
 # (Writing the index entries from here instead, with bulk ZADDs, cost Redis ~3-9 us more
@@ -128,9 +128,10 @@ end
 -- Every record is read and checked before anything is written, so that a call is refused
 -- whole, as the rtm module's is, never after some of its devices were merged (a retry
 -- would find the marker set and skip the others): a key of another type, a record shorter
--- than its head says, or one holding more names than a merge takes (none of them written
--- by this). (Only the head is unpacked here: unpacking whole records up front, and keeping
--- them, cost ~20% more Redis CPU per merge.)
+-- than its head says, or one holding more than a merge takes (none of them written by
+-- this). Only the head and the length are checked here (unpacking whole records up front,
+-- and keeping them, cost ~20% more Redis CPU per merge): a record of the right length
+-- whose names lack their zero bytes still fails below; the module checks those too.
 local blobs = {}
 for k = 2, #KEYS do
   local blob = redis.pcall('GET', KEYS[k])
@@ -140,7 +141,10 @@ for k = 2, #KEYS do
     if not ok or #blob < 56 + 9 * nk + 49 * nv + 20 * (nf + nc) then
       return redis.error_reply(CUT_SHORT)
     end
-    if 2 * nk + 7 * nv + 3 > MAX_VALUES then return redis.error_reply(TOO_BIG) end
+    local names = 2 * nk + 7 * nv
+    if names + 3 > MAX_VALUES or names + 3 * (nf + nc) > MAX_VALUES then
+      return redis.error_reply(TOO_BIG)
+    end
   end
   blobs[k] = blob
 end

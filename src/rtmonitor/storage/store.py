@@ -10,6 +10,7 @@ import heapq
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,7 +23,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.client import NEVER_DECODE
 from redis.crc import key_slot
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from rtmonitor.model import (
     RATE_WINDOWS_S,
@@ -102,6 +109,13 @@ class SortTooBroad(Exception):
     def __init__(self, matched: int) -> None:
         super().__init__(f"{matched} devices match the prefix")
         self.matched = matched
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a Redis error may pass by itself (unreachable, timing out, loading, out of
+    memory, read-only), unlike a refusal of what was sent."""
+    passing = (OutOfMemoryError, ReadOnlyError, BusyLoadingError)
+    return not isinstance(exc, ResponseError) or isinstance(exc, passing)
 
 
 def _module_missing(exc: ResponseError) -> bool:
@@ -590,18 +604,22 @@ class RedisStore:
         claimed it (or it is already gone).
 
         The claim lasts RECOVERY_CLAIM_S (a replay that outlives it may meet another one:
-        both are idempotent). A replay that fails gives its claim back, so the next pass
-        (of any instance) tries again at once rather than after the claim's TTL, while the
-        batches of the journal wait for it."""
+        both are idempotent). A replay that Redis interrupts gives its claim back, so the
+        next pass (of any instance) tries again at once rather than after the claim's TTL,
+        while the batches of the journal wait for it."""
         claim = self.layout.recovering(flush_id)
-        if not await self.client.set(claim, instance, nx=True, ex=RECOVERY_CLAIM_S):
+        token = f"{instance}:{uuid.uuid4().hex[:12]}"  # this attempt's, not a later one's
+        if not await self.client.set(claim, token, nx=True, ex=RECOVERY_CLAIM_S):
             return False
         try:
             return await self._replay(flush_id, window_s)
-        except Exception:
-            # (if Redis is what failed, this may fail too: then the TTL ends the claim)
-            with contextlib.suppress(RedisError, OSError):
-                await self._release(keys=[claim], args=[instance])
+        except (RedisError, OSError) as exc:
+            # Redis failed (a refusal such as WRONGTYPE, or a journal that cannot be read,
+            # would fail again: those keep the claim, and are tried once per claim). If
+            # Redis is still failing, this fails too, and the TTL ends the claim.
+            if _transient(exc):
+                with contextlib.suppress(RedisError, OSError):
+                    await self._release(keys=[claim], args=[token])
             raise
 
     async def _replay(self, flush_id: str, window_s: int) -> bool:
