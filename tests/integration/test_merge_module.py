@@ -486,6 +486,32 @@ def test_the_script_too_refuses_a_call_whole(server: EmbeddedRedis) -> None:
     asyncio.run(main())
 
 
+def test_a_replay_answers_over_a_record_a_merge_refuses(server: EmbeddedRedis) -> None:
+    """A call applied before (a retry, a replayed journal) only reads its records' heads,
+    in the module as in the script: a record past what a merge takes, written after the
+    call, does not refuse it, and its figures go to the indexes."""
+    kinds = b"".join(b"k%d\x00" % i + b"\x00" * 8 for i in range(3950))  # 7,900 values
+    too_big = struct.pack("<ddddddHHHH", 7, 70, T0, T0, 0, 0, 3950, 0, 0, 0) + kinds
+
+    async def main() -> None:
+        for module in (False, True):
+            async with RedisStore.from_url(server.url, f"replay{module}", merge_module=module) as s:
+                raw = redis.asyncio.Redis.from_url(server.url)
+                flush = FlushDelta(devices={d: _names(d, 0, 1, 0, 0) for d in ("a", "b")})
+                calls = s.plan(flush, "i", 1)
+                assert await s.apply(calls) == 0
+                await raw.set(s.layout.device("b"), too_big)
+                with pytest.raises(redis.ResponseError, match="more kinds and values"):
+                    await s.apply(s.plan(flush, "i", 2))  # a merge refuses it
+                assert await s.apply(calls) == 0  # the replay answers
+                assert s.merge_module is module
+                got = await s.get_device("a")
+                assert got is not None and got.packets == 1
+                await raw.aclose()
+
+    asyncio.run(main())
+
+
 def test_the_record_bound_is_the_one_settings_check(server: EmbeddedRedis) -> None:
     """Settings refuse per-device limits past RECORD_NAMES_MAX values of kinds and value
     names; the module and the script keep names up to exactly that bound and drop (and
