@@ -142,6 +142,18 @@ def test_the_module_merges_as_the_script_does(
     asyncio.run(_both(server.url, plan, retention_s))
 
 
+def _record(kinds: int = 0, spans: int = 0) -> bytes:
+    """A packed record (scripts.py) written by hand: kinds k0, k1, ... counted once each,
+    `spans` 10-second spans of one packet; 1 packet and 10 bytes in all."""
+    head = struct.pack("<ddddddHHHH", 1, 10, T0, T0, 0, 0, kinds, 0, 0, spans)
+    body = b"".join(b"k%d\x00" % i + struct.pack("<d", 1) for i in range(kinds))
+    return head + body + b"".join(struct.pack("<Idd", 10 * i, 1, 1) for i in range(spans))
+
+
+# A record of 7,900 values (3,950 kinds): more than a merge takes (room for no bucket).
+TOO_BIG = _record(kinds=3950)
+
+
 def _delta_bytes(device_id: str) -> bytes:
     batch = BatchDelta.from_devices(
         {device_id: DeviceDelta(packets=3, bytes=30, first_seen=T0, last_seen=T0, kinds={"k": 3})}
@@ -271,8 +283,7 @@ def test_a_refused_call_writes_nothing(server: EmbeddedRedis) -> None:
                 MERGE_COMMAND, 7, "w:m2", *keys[1:6], "w:{c}", 60, 1, 0, 5, big, 3
             )
         assert client.exists("w:m2", "w:{c}") == 0
-        kinds = b"".join(b"k%d\x00" % i + b"\x00" * 8 for i in range(3950))  # 7,900 values
-        client.set("w:{d}", struct.pack("<ddddddHHHH", 1, 1, T0, T0, 0, 0, 3950, 0, 0, 0) + kinds)
+        client.set("w:{d}", TOO_BIG)
         with pytest.raises(redis.ResponseError, match="more kinds and values than a merge takes"):
             client.execute_command(
                 MERGE_COMMAND, 7, "w:m3", *keys[1:6], "w:{d}", 60, 1, 0, 5, good, 3
@@ -416,8 +427,7 @@ def test_a_record_full_of_names_keeps_what_rate_buckets_fit(server: EmbeddedRedi
     oldest, spans, then its first seconds go, counted, the same way in the module and in
     the script; the newest second (this flush's) stays."""
     kinds = 3942  # 7,884 values: room for 5 rate buckets
-    body = b"".join(b"k%d\x00" % i + struct.pack("<d", 1) for i in range(kinds))
-    record = struct.pack("<ddddddHHHH", 1, 10, T0, T0, 0, 0, kinds, 0, 0, 0) + body
+    record = _record(kinds)
 
     async def main() -> None:
         seen = []
@@ -452,15 +462,12 @@ def test_the_script_too_refuses_a_call_whole(server: EmbeddedRedis) -> None:
     merge takes refuses the call, and a retry once the cause is gone merges every device
     (before, the script merged the devices ahead of it and set the marker, so the retry
     skipped the devices after it: their counts were lost)."""
-    kinds = b"".join(b"k%d\x00" % i + b"\x00" * 8 for i in range(3950))  # 7,900 values
-    too_big = struct.pack("<ddddddHHHH", 1, 1, T0, T0, 0, 0, 3950, 0, 0, 0) + kinds
-    spans = b"".join(struct.pack("<Idd", 10 * i, 1, 1) for i in range(2700))  # 8,100 values
-    buckets = struct.pack("<ddddddHHHH", 1, 1, T0, T0, 0, 0, 0, 0, 0, 2700) + spans
+    buckets = _record(spans=2700)  # 8,100 values
     cases = [
         (lambda raw, key: raw.hset(key, "f", "v"), "WRONGTYPE"),
         (lambda raw, key: raw.set(key, b"\x00" * 20), "record is cut short"),
-        (lambda raw, key: raw.set(key, too_big[:70]), "record is cut short"),  # a head, 1 kind
-        (lambda raw, key: raw.set(key, too_big), "more kinds and values than a merge takes"),
+        (lambda raw, key: raw.set(key, TOO_BIG[:70]), "record is cut short"),  # a head, 1 kind
+        (lambda raw, key: raw.set(key, TOO_BIG), "more kinds and values than a merge takes"),
         (lambda raw, key: raw.set(key, buckets), "more kinds and values than a merge takes"),
     ]
 
@@ -490,8 +497,6 @@ def test_a_replay_answers_over_a_record_a_merge_refuses(server: EmbeddedRedis) -
     """A call applied before (a retry, a replayed journal) only reads its records' heads,
     in the module as in the script: a record past what a merge takes, written after the
     call, does not refuse it, and its figures go to the indexes."""
-    kinds = b"".join(b"k%d\x00" % i + b"\x00" * 8 for i in range(3950))  # 7,900 values
-    too_big = struct.pack("<ddddddHHHH", 7, 70, T0, T0, 0, 0, 3950, 0, 0, 0) + kinds
 
     async def main() -> None:
         for module in (False, True):
@@ -500,7 +505,7 @@ def test_a_replay_answers_over_a_record_a_merge_refuses(server: EmbeddedRedis) -
                 flush = FlushDelta(devices={d: _names(d, 0, 1, 0, 0) for d in ("a", "b")})
                 calls = s.plan(flush, "i", 1)
                 assert await s.apply(calls) == 0
-                await raw.set(s.layout.device("b"), too_big)
+                await raw.set(s.layout.device("b"), TOO_BIG)
                 with pytest.raises(redis.ResponseError, match="more kinds and values"):
                     await s.apply(s.plan(flush, "i", 2))  # a merge refuses it
                 assert await s.apply(calls) == 0  # the replay answers

@@ -148,4 +148,4 @@ def test_a_device_that_outgrows_its_record_cannot_stall_the_others(
     stats = wait_for_committed(second.http, 2 * n + 1)
     assert stats["flush"]["record_full_drops"] == 2 * n - kept
     assert self_metrics(second.http)["rtm_record_full_drops_total"] == 2 * n - kept
-    assert "device records full: " in second.log()  # (at most once a minute)
+    assert "device records full: " in second.log()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 import uuid
@@ -29,8 +28,6 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
-# Full device records are reported in the log at most this often (with a count).
-DROPS_LOG_INTERVAL_S = 60.0
 T = TypeVar("T")
 # Backoff jitter from a generator of our own, never the process-global random state.
 _JITTER = random.Random()
@@ -81,7 +78,6 @@ class Flusher:
         self.inflight_entries = 0  # per-device deltas in the flush under way
         self._seq = 0
         self._devices_written = 0  # devices of the write under way (FlushStats)
-        self._drops_logged = (0, -math.inf)  # (record_full_drops, monotonic time) last logged
         self._wake = asyncio.Event()
         self._stopping = False
         self._deadline: float | None = None  # set by stop(): retries give up after it
@@ -224,7 +220,15 @@ class Flusher:
                 batch.release()
             self.inflight_entries = self._devices_written + sum(b.entries for b in carried)
             if dropped := await self._retry(write.apply):
-                self._record_full(dropped)
+                self.stats.record_full_drops += dropped
+                # (a device that keeps sending new names logs at every flush: the log's
+                # RepeatFilter keeps a few of these lines per window, as for any line)
+                logger.warning(
+                    "device records full: %d new kinds, value names or rate buckets not "
+                    "recorded (their packets are counted; rtm_record_full_drops, README: "
+                    "Limits)",
+                    dropped,
+                )
             await self._retry(partial(write.finalize, self.dedupe_window_s))
             return fresh, duplicates, carried
 
@@ -239,21 +243,6 @@ class Flusher:
         merged.add_part(reduced)
         write = self.committer.encode(merged, batch_ids, self.instance_id, seq)
         return write, reduced.entries
-
-    def _record_full(self, dropped: int) -> None:
-        """Count what full device records could not take; say so at most once a minute (a
-        device that keeps sending new names would otherwise log at every flush)."""
-        stats = self.stats
-        stats.record_full_drops += dropped
-        logged, when = self._drops_logged
-        if time.monotonic() - when >= DROPS_LOG_INTERVAL_S:
-            logger.warning(
-                "device records full: %d new kinds, value names or rate buckets not recorded "
-                "since the last report (their packets are counted; rtm_record_full_drops, "
-                "README: Limits)",
-                stats.record_full_drops - logged,
-            )
-            self._drops_logged = (stats.record_full_drops, time.monotonic())
 
     async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt` until storage answers; give up only past the shutdown deadline."""

@@ -138,6 +138,7 @@ for k = 2, #KEYS do
   if type(blob) == 'table' then return blob end  -- WRONGTYPE, as Redis says it
   if blob then
     local ok, _, _, _, _, _, _, nk, nv, nf, nc = pcall(struct.unpack, HEAD, blob)
+    -- (the head is 56 bytes; a kind at least 1 + 8, a value name 1 + 48, a bucket 20)
     if not ok or #blob < 56 + 9 * nk + 49 * nv + 20 * (nf + nc) then
       return redis.error_reply(CUT_SHORT)
     end
