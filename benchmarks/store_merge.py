@@ -6,6 +6,7 @@ INFO before and after each apply; the median is over flushes 2 and later (the fi
 create the records and the indexes).
 
     .venv/bin/python benchmarks/store_merge.py [--devices 100000] [--flushes 5] [--script]
+        [--uneven]
 
 Prints per flush: Redis µs per device merge, the apply's wall time, the plan's µs per
 device; then the record size and Redis memory per device.
@@ -27,12 +28,16 @@ from rtmonitor.storage.embedded import EmbeddedRedis
 from rtmonitor.storage.store import RedisStore
 
 
-def flush(n: int, t0: int) -> FlushDelta:
+def flush(n: int, t0: int, rng: np.random.Generator | None = None) -> FlushDelta:
+    """Every device with 10 packets, in id order; with `rng`, 1-99 packets each (so the
+    devices' totals, the sorted indexes' scores, drift apart) in a shuffled order."""
     rows = np.arange(n, dtype=np.int64)
+    order = rng.permutation(n) if rng is not None else rows
+    packets = rng.integers(1, 100, n) if rng is not None else np.full(n, 10, np.int64)
     batch = BatchDelta(
-        device_ids=[f"dev{i:07d}" for i in range(n)],
-        packets=np.full(n, 10, np.int64),
-        nbytes=np.full(n, 1000, np.int64),
+        device_ids=[f"dev{i:07d}" for i in order.tolist()],
+        packets=packets.astype(np.int64),
+        nbytes=packets.astype(np.int64) * 100,
         first_seen=np.full(n, t0, np.int64),
         last_seen=np.full(n, t0, np.int64),
         kinds=["sensor", "heartbeat", "event"],
@@ -48,21 +53,22 @@ def flush(n: int, t0: int) -> FlushDelta:
         vmax=np.full(2 * n, 30.0),
         last=np.full(2 * n, 20.0),
         last_ts=np.full(2 * n, t0, np.int64),
-        total_packets=10 * n,
-        total_bytes=1000 * n,
+        total_packets=int(packets.sum()),
+        total_bytes=int(packets.sum()) * 100,
     )
-    return FlushDelta(parts=[batch], packets=10 * n, bytes=1000 * n)
+    return FlushDelta(parts=[batch], packets=batch.total_packets, bytes=batch.total_bytes)
 
 
-async def run(url: str, devices: int, flushes: int, module: bool) -> None:
+async def run(url: str, devices: int, flushes: int, module: bool, uneven: bool) -> None:
     store = RedisStore.from_url(url, "b", merge_module=module)
     client = store.client
     now = int(time.time() * 1000)
+    rng = np.random.default_rng(1) if uneven else None
     per_merge: list[float] = []
     try:
         for f in range(flushes):
             started = time.perf_counter()
-            calls = store.plan(flush(devices, now + 1000 * f), "bench", f + 1)
+            calls = store.plan(flush(devices, now + 1000 * f, rng), "bench", f + 1)
             plan_s = time.perf_counter() - started
             before = await client.info("cpu")
             started = time.perf_counter()
@@ -90,11 +96,18 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=100_000)
     parser.add_argument("--flushes", type=int, default=5)
     parser.add_argument("--script", action="store_true", help="the Lua script, not the module")
+    parser.add_argument(
+        "--uneven",
+        action="store_true",
+        help="1-99 packets per device per flush, devices in a new random order each flush "
+        "(a fleet's arrivals; the default sends each 10, in id order, which keeps every "
+        "sorted-index update next to the one before)",
+    )
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rtm-store-merge-") as tmp:
         redis = EmbeddedRedis(Path(tmp) / "redis").start()
         try:
-            asyncio.run(run(redis.url, opts.devices, opts.flushes, not opts.script))
+            asyncio.run(run(redis.url, opts.devices, opts.flushes, not opts.script, opts.uneven))
         finally:
             redis.stop()
 
