@@ -29,6 +29,7 @@ from rtmonitor.model import (
     ValueStats,
 )
 from rtmonitor.storage.embedded import EmbeddedRedis, merge_module_path
+from rtmonitor.storage.keys import COLUMNS
 from rtmonitor.storage.packing import pack_deltas
 from rtmonitor.storage.store import MERGE_COMMAND, RedisStore
 
@@ -97,13 +98,23 @@ _prefixes = itertools.count()
 
 
 async def _indexes(raw: redis.asyncio.Redis, prefix: str) -> dict[str, Any]:
-    """Every sorted index of a prefix (by name without the prefix): members and scores, and
-    whether it expires."""
+    """Every key of a prefix's index group (by name without the prefix): the devices set,
+    the slots, the free list and the columns' bytes, and whether it expires."""
     out: dict[str, Any] = {}
     async for key in raw.scan_iter(match=f"{{{prefix}}}:*", count=1000):
-        if await raw.type(key) == b"zset":
-            name = key.decode().split(":", 1)[1]
-            out[name] = (await raw.zrange(key, 0, -1, withscores=True), await raw.ttl(key) > 0)
+        name, kind = key.decode().split(":", 1)[1], await raw.type(key)
+        if name in ("totals", "rejected", "rate") or name.startswith(("m:", "layout")):
+            continue
+        if kind == b"zset":
+            value: Any = await raw.zrange(key, 0, -1, withscores=True)
+        elif kind == b"hash":
+            value = await raw.hgetall(key)
+        elif kind == b"list":
+            value = await raw.lrange(key, 0, -1)
+        else:
+            value = await raw.get(key)
+        out[name] = (value, await raw.ttl(key) > 0)
+    assert set(out) <= {"devices", "slot", "id", "free", *(f"c:{c}" for c in COLUMNS)}, out
     return out
 
 
@@ -164,7 +175,7 @@ def _delta_bytes(device_id: str) -> bytes:
 
 def test_malformed_calls_are_refused_before_anything_is_written(server: EmbeddedRedis) -> None:
     client = redis.Redis.from_url(server.url)
-    indexes = ["bad:ix:devices", "bad:ix:packets", "bad:ix:bytes", "bad:ix:last", "bad:ix:rw"]
+    indexes = _group("bad")
     try:
         good = _delta_bytes("a")
         keys = ["bad:m", *indexes, "bad:{a}", "bad:{b}"]
@@ -179,30 +190,36 @@ def test_malformed_calls_are_refused_before_anything_is_written(server: Embedded
         ]
         for args, why in cases:
             with pytest.raises(redis.ResponseError, match=why):
-                client.execute_command(MERGE_COMMAND, 8, *args)
+                client.execute_command(MERGE_COMMAND, 11, *args)
             assert client.exists(*keys) == 0
-        for numkeys in (9, 5, 1):  # one key too many; no index keys
+        for numkeys in (12, 5, 1):  # one key too many; too few index keys; none
             with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
                 client.execute_command(MERGE_COMMAND, numkeys, *keys, 60, 1, 0, 5, good, 5)
         client.hset("bad:{h}", "f", "v")  # a key of another type
         with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
             client.execute_command(
-                MERGE_COMMAND, 7, "bad:m2", *indexes, "bad:{h}", 60, 1, 0, 5, good, 5
+                MERGE_COMMAND, 10, "bad:m2", *indexes, "bad:{h}", 60, 1, 0, 5, good, 5
             )
         client.set("bad:{r}", b"\x00" * 20)  # a record cut short
         with pytest.raises(redis.ResponseError, match="record is cut short"):
             client.execute_command(
-                MERGE_COMMAND, 7, "bad:m3", *indexes, "bad:{r}", 60, 1, 0, 5, good, 5
+                MERGE_COMMAND, 10, "bad:m3", *indexes, "bad:{r}", 60, 1, 0, 5, good, 5
             )
-        client.set("bad:ix:bytes", "x")  # an index of another type
-        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-            client.execute_command(
-                MERGE_COMMAND, 7, "bad:m4", *indexes, "bad:{c}", 60, 1, 0, 5, good, 5
-            )
+        for wrong in (indexes[0], indexes[1], indexes[3], indexes[4]):  # another type
+            client.delete(*indexes)
+            if wrong == indexes[0]:
+                client.set(wrong, "x")
+            else:
+                client.zadd(wrong, {"x": 1})
+            with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+                client.execute_command(
+                    MERGE_COMMAND, 10, "bad:m4", *indexes, "bad:{c}", 60, 1, 0, 5, good, 5
+                )
+            assert client.exists("bad:m4", "bad:{c}") == 0
         assert client.ping()
         assert client.execute_command(
             MERGE_COMMAND,
-            7,
+            10,
             "ok:m",
             *[f"ok{k}" for k in indexes],
             "ok:{a}",
@@ -218,7 +235,13 @@ def test_malformed_calls_are_refused_before_anything_is_written(server: Embedded
         client.close()
 
 
-INDEXES = ["k:ix:devices", "k:ix:packets", "k:ix:bytes", "k:ix:last", "k:ix:rw"]
+def _group(prefix: str) -> list[str]:
+    """An index group's 8 keys, as RTM.MERGE6 takes them (KeyLayout.group_keys)."""
+    names = ("devices", "slot", "id", "free", "packets", "bytes", "last", "rate")
+    return [f"{prefix}:ix:{name}" for name in names]
+
+
+INDEXES = _group("k")
 
 
 def test_key_positions_acl_and_aliased_keys_never_crash_redis(server: EmbeddedRedis) -> None:
@@ -227,7 +250,7 @@ def test_key_positions_acl_and_aliased_keys_never_crash_redis(server: EmbeddedRe
     included. Keys that would be written through two handles at once are refused."""
     client = redis.Redis.from_url(server.url)
     good = _delta_bytes("a")
-    call = [MERGE_COMMAND, 7, "k:m", *INDEXES, "k:{a}", 60, 1, 0, 5, good, 3]
+    call = [MERGE_COMMAND, 10, "k:m", *INDEXES, "k:{a}", 60, 1, 0, 5, good, 3]
     try:
         assert [
             str(k, "utf-8") if isinstance(k, bytes) else k for k in client.command_getkeys(*call)
@@ -247,13 +270,13 @@ def test_key_positions_acl_and_aliased_keys_never_crash_redis(server: EmbeddedRe
             user.close()
         aliased = [
             ["k:m2", "k:m2", *INDEXES[1:], "k:{b}"],  # the marker is an index
-            ["k:m2", *INDEXES[:4], INDEXES[0], "k:{b}"],  # two indexes are one
-            ["k:m2", *INDEXES, INDEXES[4]],  # a device key is an index (absent yet)
+            ["k:m2", *INDEXES[:7], INDEXES[0], "k:{b}"],  # two indexes are one
+            ["k:m2", *INDEXES, INDEXES[7]],  # a device key is an index (absent yet)
             ["k:m2", *INDEXES, "k:m2"],  # a device key is the marker
         ]
         for keys in aliased:
             with pytest.raises(redis.ResponseError, match="must differ|is the marker or an index"):
-                client.execute_command(MERGE_COMMAND, 7, *keys, 60, 1, 0, 5, good, 3)
+                client.execute_command(MERGE_COMMAND, 10, *keys, 60, 1, 0, 5, good, 3)
         assert client.ping() and client.exists("k:m2", "k:{b}") == 0
     finally:
         client.close()
@@ -267,45 +290,59 @@ def test_a_refused_call_writes_nothing(server: EmbeddedRedis) -> None:
     client = redis.Redis.from_url(server.url)
     try:
         good = _delta_bytes("a")
-        keys = ["w:m", *[f"w{k}" for k in INDEXES], "w:{a}", "w:{h}", "w:{b}"]
+        keys = ["w:m", *_group("w"), "w:{a}", "w:{h}", "w:{b}"]
         client.hset("w:{h}", "f", "v")
         with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-            client.execute_command(MERGE_COMMAND, 9, *keys, 60, 1, 0, 5, good * 3, 3)
-        assert client.exists("w:m", "w:{a}", "w:{b}", *keys[1:6]) == 0
+            client.execute_command(MERGE_COMMAND, 12, *keys, 60, 1, 0, 5, good * 3, 3)
+        assert client.exists("w:m", "w:{a}", "w:{b}", *keys[1:9]) == 0
         client.delete("w:{h}")
-        assert client.execute_command(MERGE_COMMAND, 9, *keys, 60, 1, 0, 5, good * 3, 3) == [3, 0]
+        assert client.execute_command(MERGE_COMMAND, 12, *keys, 60, 1, 0, 5, good * 3, 3) == [3, 0]
         assert client.exists("w:{a}", "w:{h}", "w:{b}") == 3
         # a delta of 1,200 value names: more than the script could unpack
         names = b"".join(b"v%d\x00" % i + b"\x00" * 48 for i in range(1200))
         big = struct.pack("<ddddHH", 1, 1, T0, T0, 0, 1200) + names
         with pytest.raises(redis.ResponseError, match="too many kinds or values"):
             client.execute_command(
-                MERGE_COMMAND, 7, "w:m2", *keys[1:6], "w:{c}", 60, 1, 0, 5, big, 3
+                MERGE_COMMAND, 10, "w:m2", *keys[1:9], "w:{c}", 60, 1, 0, 5, big, 3
             )
         assert client.exists("w:m2", "w:{c}") == 0
         client.set("w:{d}", TOO_BIG)
         with pytest.raises(redis.ResponseError, match="more kinds and values than a merge takes"):
             client.execute_command(
-                MERGE_COMMAND, 7, "w:m3", *keys[1:6], "w:{d}", 60, 1, 0, 5, good, 3
+                MERGE_COMMAND, 10, "w:m3", *keys[1:9], "w:{d}", 60, 1, 0, 5, good, 3
             )
         assert client.exists("w:m3") == 0
     finally:
         client.close()
 
 
-def test_a_retry_keeps_the_rate_window_alive(server: EmbeddedRedis) -> None:
-    """The rate window's index expires 30 s after the last call with entries for it, a
-    retry's (which changes no score) included, as the script's path does."""
+def test_the_rate_column_keeps_the_newest_two_windows(server: EmbeddedRedis) -> None:
+    """A device's rate row holds the packets of the newest window it sent in and of one
+    before: a retry changes nothing, a newer window moves the newest to second place, and a
+    flush late for an older window than its record's adds nothing."""
     client = redis.Redis.from_url(server.url)
     try:
-        good = _delta_bytes("a")
-        keys = ["t:m", *[f"t{k}" for k in INDEXES], "t:{a}"]
-        window = T0 // 10_000
-        assert client.execute_command(MERGE_COMMAND, 7, *keys, 60, 1, 0, window, good, 3) == [1, 0]
-        assert client.zscore("tk:ix:rw", "a") == 3
-        client.expire("tk:ix:rw", 5)  # as if 25 s had passed
-        assert client.execute_command(MERGE_COMMAND, 7, *keys, 60, 1, 0, window, good, 3) == [1, 0]
-        assert client.ttl("tk:ix:rw") > 25 and client.zscore("tk:ix:rw", "a") == 3
+        good = _delta_bytes("a")  # 3 packets
+        group = _group("t")
+        w = T0 // 10_000
+
+        def merge(seq: int, window: int) -> None:
+            keys = [f"t:m{seq}", *group, "t:{a}"]
+            args = [60, 1, 0, window, good, 3]
+            assert client.execute_command(MERGE_COMMAND, 10, *keys, *args) == [1, 0]
+
+        def row() -> tuple[int, ...]:
+            return struct.unpack("<qqqq", client.get(group[7]) or b"")
+
+        merge(1, w)
+        assert row() == (w, 3, 0, 0)
+        merge(1, w)  # a retry (the marker is set)
+        assert row() == (w, 3, 0, 0)
+        merge(2, w + 1)
+        assert row() == (w + 1, 3, w, 3)
+        merge(3, w)  # late: the record counts window w + 1 now
+        assert row() == (w + 1, 3, w, 3)
+        assert client.hgetall(group[1]) == {b"a": b"0"} and client.hgetall(group[2]) == {b"0": b"a"}
     finally:
         client.close()
 
@@ -313,9 +350,10 @@ def test_a_retry_keeps_the_rate_window_alive(server: EmbeddedRedis) -> None:
 def test_the_data_needs_no_module_and_the_store_goes_back_to_the_script(
     tmp_path: Path,
 ) -> None:
-    """The module's writes reach the AOF as plain SET, ZADD and EXPIRE commands: the same
-    directory opens without the module with the same record and indexes, and a store that
-    merged with it goes on with the script."""
+    """The module's writes reach the AOF as plain commands (SET, ZADD, HSET, LPOP, and an
+    EVAL of SETRANGEs for the columns): the same directory opens without the module with
+    the same record and index group, and a store that merged with it goes on with the
+    script."""
     data = tmp_path / "redis"
     first = EmbeddedRedis(data).start()
     flush = FlushDelta(
@@ -347,7 +385,7 @@ def test_the_data_needs_no_module_and_the_store_goes_back_to_the_script(
             await merge(store, 1)
             assert store.merge_module is True
             before = await written(first.url)
-            assert before[0] and len(before[1]) == 5  # devices, 3 sort indexes, rate window
+            assert before[0] and len(before[1]) == 7  # devices, slot, id, the 4 columns
             first.stop()
             plain = EmbeddedRedis(
                 data, port=first.port, password=first.password, merge_module=False

@@ -1,5 +1,5 @@
-/* A Redis module: RTM.MERGE5, the device merge of scripts.MERGE_DEVICES in C, with the
- * sorted-index writes that follow it.
+/* A Redis module: RTM.MERGE6, the device merge of scripts.MERGE_DEVICES in C, with the
+ * index group's writes that follow it.
  *
  * Why: a fleet's flush is one merge per device, and in Lua most of a merge is the
  * machinery around it, not the arithmetic: two redis.call()s (GET, SET) and a ~300-byte
@@ -45,10 +45,12 @@
 #define REDISMODULE_WRITE (1 << 1)
 #define REDISMODULE_KEYTYPE_EMPTY 0
 #define REDISMODULE_KEYTYPE_STRING 1
+#define REDISMODULE_KEYTYPE_LIST 2
+#define REDISMODULE_KEYTYPE_HASH 3
 #define REDISMODULE_KEYTYPE_ZSET 5
 #define REDISMODULE_ZADD_NX (1 << 1)
 #define REDISMODULE_ZADD_NOP (1 << 4)
-#define REDISMODULE_ZADD_GT (1 << 5) /* (Redis 6.2, as ZADD GT) */
+#define REDISMODULE_HASH_NONE 0
 
 typedef struct RedisModuleCtx RedisModuleCtx;
 typedef struct RedisModuleKey RedisModuleKey;
@@ -82,6 +84,11 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(void, KeyAtPos, (RedisModuleCtx *, int))                                              \
     X(int, ZsetAdd, (RedisModuleKey *, double, RedisModuleString *, int *))                 \
     X(int, StringCompare, (RedisModuleString *, RedisModuleString *))                       \
+    X(int, StringTruncate, (RedisModuleKey *, size_t))                                      \
+    X(size_t, ValueLength, (RedisModuleKey *))                                              \
+    X(int, HashGet, (RedisModuleKey *, int, ...))                                           \
+    X(int, HashSet, (RedisModuleKey *, int, ...))                                           \
+    X(RedisModuleString *, ListPop, (RedisModuleKey *, int))                                \
     X(void *, Alloc, (size_t))                                                              \
     X(void *, Realloc, (void *, size_t))                                                    \
     X(void, Free, (void *))
@@ -519,77 +526,189 @@ static const char *marker_applied(RedisModuleCtx *ctx, RedisModuleString *keynam
     return NULL;
 }
 
-/* ---- the sorted indexes: what RedisStore._index_commands writes from the script's reply ---- */
+/* ---- the group's rows: what scripts.WRITE_ROWS writes from the merge script's reply ----
+ *
+ * Each device of an index group has a slot (ix-slot: id -> slot, ix-id: slot -> id; freed
+ * slots wait in ix-free) and, at that slot, a row in four column strings: packets, bytes
+ * and last_seen (little-endian int64 at 8 * slot) and rate (4 int64 at 32 * slot: the
+ * newest window the device sent in and its packets there, then an older one). Sorted
+ * listings rank these columns when they are read (storage/ranking.py): a merge writes a
+ * few bytes where a sorted set would have moved a node in each of four skip lists. */
 
-enum { IX_DEVICES, IX_PACKETS, IX_BYTES, IX_LAST_SEEN, IX_RATE, IX_COUNT };
+enum { IX_DEVICES, IX_SLOT, IX_ID, IX_FREE, IX_PACKETS, IX_BYTES, IX_LAST_SEEN, IX_RATE, IX_COUNT };
 
-/* An index key and what changed in it, replicated as one ZADD: "score member" pairs. */
+#define ROW_SIZE 64          /* replicated per device: slot, packets, bytes, last_seen, rate */
+#define MAX_SLOTS (1 << 24)  /* 512 MB of rate column: far past --max-devices */
+
+/* Replayed on a replica, and when Redis loads its AOF: the rows as the merge left them. */
+static const char *WRITE_ROWS_EFFECT =
+    "local b = ARGV[1] "
+    "for o = 1, #b, 64 do "
+    "local s = struct.unpack('<i8', b, o) "
+    "redis.call('SETRANGE', KEYS[1], s * 8, b:sub(o + 8, o + 15)) "
+    "redis.call('SETRANGE', KEYS[2], s * 8, b:sub(o + 16, o + 23)) "
+    "redis.call('SETRANGE', KEYS[3], s * 8, b:sub(o + 24, o + 31)) "
+    "redis.call('SETRANGE', KEYS[4], s * 32, b:sub(o + 32, o + 63)) "
+    "end";
+
 typedef struct {
-    RedisModuleKey *key;
-    RedisModuleString **argv; /* the scores are ours to free, the members are shared */
-    size_t n, cap;
-    size_t due; /* entries this call had for it, written or not (GT) */
-} zindex;
+    RedisModuleKey *key[IX_COUNT];
+    RedisModuleString **added; /* devices newly in ix-devices, for one replicated ZADD */
+    size_t nadded, addcap;
+    RedisModuleString **slots; /* new (member, slot) pairs, for one HSET on each hash */
+    size_t nslots, slotcap;
+    long long popped;          /* slots taken from ix-free, for one LPOP */
+    unsigned char *rows;       /* ROW_SIZE per device written, for one EVAL */
+    size_t nrows, rowcap;
+    long long next;            /* the first slot never used: rate column length / 32 */
+} group;
 
-static void zindex_push(zindex *z, RedisModuleString *score, RedisModuleString *member) {
-    grow((void **)&z->argv, &z->cap, z->n + 2, sizeof(RedisModuleString *));
-    z->argv[z->n++] = score;
-    z->argv[z->n++] = member;
+static void put_i64(unsigned char *p, long long v) { memcpy(p, &v, 8); }
+static long long get_i64(const unsigned char *p) {
+    long long v;
+    memcpy(&v, p, 8);
+    return v;
 }
 
-/* ZADD key [NX|GT] score member, by Redis' own ZADD (one lookup of the member): `mode`
- * 'N' (NX), 'G' (GT) or 0 (set); what changed is kept for replication (as a plain ZADD: the
- * replica holds the same scores, so it changes the same members the same way). */
-static const char *zadd(RedisModuleCtx *ctx, zindex *z, long long score,
-                        RedisModuleString *member, char mode) {
-    int flags = mode == 'N' ? REDISMODULE_ZADD_NX : mode == 'G' ? REDISMODULE_ZADD_GT : 0;
-    z->due++;
-    if (RM_ZsetAdd(z->key, (double)score, member, &flags) != REDISMODULE_OK)
-        return IX_WRONGTYPE;
-    if (!(flags & REDISMODULE_ZADD_NOP))
-        zindex_push(z, RM_CreateStringFromLongLong(ctx, score), member);
+static const char *open_group(RedisModuleCtx *ctx, RedisModuleString **keys, group *g) {
+    static const int types[IX_COUNT] = {
+        REDISMODULE_KEYTYPE_ZSET,   REDISMODULE_KEYTYPE_HASH,   REDISMODULE_KEYTYPE_HASH,
+        REDISMODULE_KEYTYPE_LIST,   REDISMODULE_KEYTYPE_STRING, REDISMODULE_KEYTYPE_STRING,
+        REDISMODULE_KEYTYPE_STRING, REDISMODULE_KEYTYPE_STRING};
+    *g = (group){0};
+    for (int i = 0; i < IX_COUNT; i++) {
+        g->key[i] = RM_OpenKey(ctx, keys[i], REDISMODULE_READ | REDISMODULE_WRITE);
+        int type = RM_KeyType(g->key[i]);
+        if (type != REDISMODULE_KEYTYPE_EMPTY && type != types[i]) return IX_WRONGTYPE;
+    }
+    g->next = (long long)(RM_ValueLength(g->key[IX_RATE]) / 32);
     return NULL;
 }
 
-/* One device's index entries, from its merge's 5 reply integers. */
-static const char *index_device(RedisModuleCtx *ctx, zindex *ix, RedisModuleString *member,
-                                const long long *reply, int replace) {
+/* The device's slot: the one it has, else a freed one, else the next. */
+static const char *slot_of(RedisModuleCtx *ctx, group *g, RedisModuleString *member,
+                           long long *slot, int *fresh) {
+    RedisModuleString *value = NULL;
+    RM_HashGet(g->key[IX_SLOT], REDISMODULE_HASH_NONE, member, &value, NULL);
+    *fresh = value == NULL;
+    if (value != NULL) {
+        int ok = RM_StringToLongLong(value, slot) == REDISMODULE_OK && *slot >= 0 &&
+                 *slot < MAX_SLOTS;
+        RM_FreeString(ctx, value);
+        return ok ? NULL : "ERR a device's slot (ix-slot) is not a slot number";
+    }
+    RedisModuleString *freed = NULL;
+    if (RM_ValueLength(g->key[IX_FREE]) > 0) freed = RM_ListPop(g->key[IX_FREE], 0);
+    if (freed != NULL) {
+        int ok = RM_StringToLongLong(freed, slot) == REDISMODULE_OK && *slot >= 0 &&
+                 *slot < MAX_SLOTS;
+        RM_FreeString(ctx, freed);
+        g->popped++;
+        if (!ok) return "ERR a freed slot (ix-free) is not a slot number";
+    } else {
+        if (g->next >= MAX_SLOTS) return "ERR an index group has no slot left";
+        *slot = g->next;
+    }
+    if (*slot >= g->next) g->next = *slot + 1;
+    RedisModuleString *text = RM_CreateStringFromLongLong(ctx, *slot);
+    RM_HashSet(g->key[IX_SLOT], REDISMODULE_HASH_NONE, member, text, NULL);
+    RM_HashSet(g->key[IX_ID], REDISMODULE_HASH_NONE, text, member, NULL);
+    grow((void **)&g->slots, &g->slotcap, g->nslots + 2, sizeof(RedisModuleString *));
+    g->slots[g->nslots++] = member;
+    g->slots[g->nslots++] = text;
+    return NULL;
+}
+
+/* A column's bytes, grown (zeros) to hold `slot`. */
+static unsigned char *column_at(group *g, int ix, long long slot, size_t width) {
+    size_t len, need = (size_t)(slot + 1) * width;
+    unsigned char *p = (unsigned char *)RM_StringDMA(g->key[ix], &len, REDISMODULE_WRITE);
+    if (len < need) {
+        /* (Redis grows a string's buffer geometrically: amortized O(1) per slot) */
+        RM_StringTruncate(g->key[ix], need);
+        p = (unsigned char *)RM_StringDMA(g->key[ix], &len, REDISMODULE_WRITE);
+    }
+    return p + (size_t)slot * width;
+}
+
+/* One device's row, from its merge's 5 reply integers and the call's window (the same
+ * arithmetic as scripts.WRITE_ROWS). */
+static const char *row_device(RedisModuleCtx *ctx, group *g, RedisModuleString *member,
+                              const long long *reply, long long window, int replace) {
     if (reply[4] < 0) return NULL; /* a replay, and the record has expired since */
-    /* a record created with retention on may replace the entry of its expired predecessor */
-    char grow_only = replace && reply[4] == 1 ? 0 : 'G';
-    const char *error = zadd(ctx, &ix[IX_DEVICES], 0, member, 'N');
-    if (!error) error = zadd(ctx, &ix[IX_PACKETS], reply[0], member, grow_only);
-    if (!error) error = zadd(ctx, &ix[IX_BYTES], reply[1], member, grow_only);
-    if (!error) error = zadd(ctx, &ix[IX_LAST_SEEN], reply[2], member, 'G');
-    if (!error && reply[3] != 0) error = zadd(ctx, &ix[IX_RATE], reply[3], member, 'G');
-    return error;
-}
-
-static const char *open_indexes(RedisModuleCtx *ctx, RedisModuleString **keys, zindex *ix) {
-    for (int i = 0; i < IX_COUNT; i++) {
-        ix[i] = (zindex){0};
-        ix[i].key = RM_OpenKey(ctx, keys[i], REDISMODULE_READ | REDISMODULE_WRITE);
-        int type = RM_KeyType(ix[i].key);
-        if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_ZSET)
+    long long slot;
+    int fresh;
+    const char *error = slot_of(ctx, g, member, &slot, &fresh);
+    if (error != NULL) return error;
+    if (fresh) { /* (a device has a slot exactly while it is in ix-devices) */
+        int flags = REDISMODULE_ZADD_NX;
+        if (RM_ZsetAdd(g->key[IX_DEVICES], 0, member, &flags) != REDISMODULE_OK)
             return IX_WRONGTYPE;
+        if (!(flags & REDISMODULE_ZADD_NOP)) {
+            grow((void **)&g->added, &g->addcap, g->nadded + 1, sizeof(RedisModuleString *));
+            g->added[g->nadded++] = member;
+        }
     }
+    unsigned char *pc = column_at(g, IX_PACKETS, slot, 8), *bc = column_at(g, IX_BYTES, slot, 8);
+    unsigned char *lc = column_at(g, IX_LAST_SEEN, slot, 8), *rc = column_at(g, IX_RATE, slot, 32);
+    /* a record created with retention on replaces what its expired predecessor counted */
+    int reset = fresh || (replace && reply[4] == 1);
+    long long p = get_i64(pc), b = get_i64(bc), l = get_i64(lc);
+    put_i64(pc, reset || reply[0] > p ? reply[0] : p);
+    put_i64(bc, reset || reply[1] > b ? reply[1] : b);
+    put_i64(lc, fresh || reply[2] > l ? reply[2] : l);
+    long long w1 = get_i64(rc), p1 = get_i64(rc + 8), w2 = get_i64(rc + 16), p2 = get_i64(rc + 24);
+    if (fresh) w1 = p1 = w2 = p2 = 0;
+    if (reply[3] > 0) { /* its packets in the call's window */
+        if (window == w1) {
+            if (reply[3] > p1) p1 = reply[3];
+        } else if (window > w1) {
+            w2 = w1, p2 = p1, w1 = window, p1 = reply[3];
+        } else if (window == w2) {
+            if (reply[3] > p2) p2 = reply[3];
+        } else if (window > w2) {
+            w2 = window, p2 = reply[3];
+        }
+    }
+    put_i64(rc, w1), put_i64(rc + 8, p1), put_i64(rc + 16, w2), put_i64(rc + 24, p2);
+    grow((void **)&g->rows, &g->rowcap, (g->nrows + 1) * ROW_SIZE, 1);
+    unsigned char *row = g->rows + g->nrows++ * ROW_SIZE;
+    put_i64(row, slot);
+    memcpy(row + 8, pc, 8), memcpy(row + 16, bc, 8), memcpy(row + 24, lc, 8);
+    memcpy(row + 32, rc, 32);
     return NULL;
 }
 
-/* Replicate what changed (one ZADD per index; the rate window's TTL), close, free. */
-static void close_indexes(RedisModuleCtx *ctx, RedisModuleString **keys, zindex *ix) {
-    for (int i = 0; i < IX_COUNT; i++) {
-        if (ix[i].n) RM_Replicate(ctx, "ZADD", "sv", keys[i], ix[i].argv, ix[i].n);
-        if (i == IX_RATE && ix[i].due) {
-            /* written during its 10 s, read during the next 10 s: its TTL is set again by
-             * every call with entries for it, retries included (as the store does) */
-            RM_SetExpire(ix[i].key, 30000);
-            RM_Replicate(ctx, "EXPIRE", "sc", keys[i], "30");
-        }
-        for (size_t j = 0; j < ix[i].n; j += 2) RM_FreeString(ctx, ix[i].argv[j]);
-        RM_Free(ix[i].argv);
-        if (ix[i].key) RM_CloseKey(ix[i].key);
+/* Replicate what the call wrote to the group (one command per key, whatever the number of
+ * devices), close, free. */
+static void close_group(RedisModuleCtx *ctx, RedisModuleString **keys, group *g) {
+    if (g->nadded) {
+        RedisModuleString **argv = RM_Alloc(2 * g->nadded * sizeof(RedisModuleString *));
+        RedisModuleString *zero = RM_CreateStringFromLongLong(ctx, 0);
+        for (size_t i = 0; i < g->nadded; i++) argv[2 * i] = zero, argv[2 * i + 1] = g->added[i];
+        RM_Replicate(ctx, "ZADD", "scv", keys[IX_DEVICES], "NX", argv, 2 * g->nadded);
+        RM_FreeString(ctx, zero);
+        RM_Free(argv);
     }
+    if (g->popped) RM_Replicate(ctx, "LPOP", "sl", keys[IX_FREE], g->popped);
+    if (g->nslots) {
+        RM_Replicate(ctx, "HSET", "sv", keys[IX_SLOT], g->slots, g->nslots);
+        for (size_t i = 0; i < g->nslots; i += 2) { /* (id, slot) pairs the other way */
+            RedisModuleString *t = g->slots[i];
+            g->slots[i] = g->slots[i + 1], g->slots[i + 1] = t;
+        }
+        RM_Replicate(ctx, "HSET", "sv", keys[IX_ID], g->slots, g->nslots);
+        for (size_t i = 0; i < g->nslots; i += 2) RM_FreeString(ctx, g->slots[i]);
+    }
+    if (g->nrows)
+        RM_Replicate(ctx, "EVAL", "ccssssb", WRITE_ROWS_EFFECT, "4", keys[IX_PACKETS],
+                     keys[IX_BYTES], keys[IX_LAST_SEEN], keys[IX_RATE], (const char *)g->rows,
+                     g->nrows * ROW_SIZE);
+    for (int i = 0; i < IX_COUNT; i++)
+        if (g->key[i]) RM_CloseKey(g->key[i]);
+    RM_Free(g->added);
+    RM_Free(g->slots);
+    RM_Free(g->rows);
 }
 
 /* Every delta of the call, read before anything is written. */
@@ -665,13 +784,13 @@ static int same_key(RedisModuleString *a, RedisModuleString *b) {
     return la == lb && memcmp(pa, pb, la) == 0;
 }
 
-/* RTM.MERGE5 numkeys marker ix-devices ix-packets ix-bytes ix-last-seen ix-rate-window
- *            device-key... ttl seq retention-ms window deltas id-offset
- * MERGE_DEVICES' merge, then the sorted indexes as RedisStore._index_commands writes them
- * from the script's reply (a device's member: its key less the first id-offset bytes and
- * the closing brace). Replies [the number of devices, the kinds, value names and rate
- * buckets the records had no room for] (MERGE_DEVICES' last reply value). (RTM.MERGE4, of
- * earlier versions, refused a record's growth past MAX_VALUES and replied an integer.) */
+/* RTM.MERGE6 numkeys marker ix-devices ix-slot ix-id ix-free ix-packets ix-bytes
+ *            ix-last-seen ix-rate device-key... ttl seq retention-ms window deltas id-offset
+ * MERGE_DEVICES' merge, then the group's rows as scripts.WRITE_ROWS writes them from the
+ * script's reply (a device's member: its key less the first id-offset bytes and the
+ * closing brace). Replies [the number of devices, the kinds, value names and rate buckets
+ * the records had no room for] (MERGE_DEVICES' last reply value). (RTM.MERGE5, of key
+ * layout 4, wrote sorted sets; RTM.MERGE4 refused a record's growth past MAX_VALUES.) */
 static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     long long numkeys, offset;
     int wellformed = argc >= 2 && RM_StringToLongLong(argv[1], &numkeys) == REDISMODULE_OK &&
@@ -720,14 +839,14 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
     }
     for (size_t k = 0; error == NULL && k < devices; k++)
         error = check_device(ctx, devkeys[k], !applied);
-    zindex ix[IX_COUNT] = {{0}};
+    group g = {0};
     RedisModuleString **members = RM_Alloc((devices + 1) * sizeof(RedisModuleString *));
     for (size_t k = 0; k < devices; k++) {
         size_t len;
         const char *key = RM_StringPtrLen(devkeys[k], &len);
         members[k] = RM_CreateString(ctx, key + offset, len - (size_t)offset - 1);
     }
-    if (error == NULL) error = open_indexes(ctx, ixkeys, ix);
+    if (error == NULL) error = open_group(ctx, ixkeys, &g);
     if (error == NULL && !applied) {
         RedisModuleKey *marker = RM_OpenKey(ctx, keys[0], REDISMODULE_WRITE);
         RM_StringSet(marker, args[1]);
@@ -742,9 +861,10 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
             error = merge_one(ctx, devkeys[k], &deltas[k], window, retention, &s, reply,
                               &dropped);
         }
-        if (error == NULL) error = index_device(ctx, ix, members[k], reply, retention > 0);
+        if (error == NULL)
+            error = row_device(ctx, &g, members[k], reply, (long long)window, retention > 0);
     }
-    close_indexes(ctx, ixkeys, ix); /* (what was written, even before an error) */
+    close_group(ctx, ixkeys, &g); /* (what was written, even before an error) */
     for (size_t k = 0; k < devices; k++) RM_FreeString(ctx, members[k]);
     RM_Free(members);
     RM_Free(deltas);
@@ -766,7 +886,7 @@ int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
 #undef LOOKUP
     if (RM_IsModuleNameBusy("rtm")) return REDISMODULE_ERR;  /* (loaded twice) */
     RM_SetModuleAttribs(ctx, "rtm", 1, REDISMODULE_APIVER_1);
-    if (RM_CreateCommand(ctx, "rtm.merge5", merge_command, "write deny-oom getkeys-api", 0, 0,
+    if (RM_CreateCommand(ctx, "rtm.merge6", merge_command, "write deny-oom getkeys-api", 0, 0,
                          0) != REDISMODULE_OK)
         return REDISMODULE_ERR;
     return REDISMODULE_OK;

@@ -21,15 +21,22 @@ be forged.
     Per index group (<g>: the prefix with one group, else "<p>.<n>.<k>", see _group_tags):
     {<g>}:devices               zset   the group's devices, score 0 (lexicographic: prefix
                                        filter)
-    {<g>}:idx:packets           zset   device -> packets (sort by packets)
-    {<g>}:idx:bytes             zset   device -> bytes
-    {<g>}:idx:last_seen         zset   device -> last_seen ms
-    {<g>}:rw:<window>           zset   device -> packets committed in the aligned 10-second
-                                       window <window> = Unix seconds // 10 (sort by rate;
-                                       30 s TTL)
-    The sorted sets are written once per flush by bulk ZADDs (GT: scores are the devices'
-    totals, which only grow, so a retry or another instance's older figure changes nothing).
-    Reads merge the groups' ranges (the first offset + limit of each).
+    {<g>}:slot                  hash   device -> its slot in the group's columns
+    {<g>}:id                    hash   slot -> device
+    {<g>}:free                  list   slots freed by retention, taken again first
+    {<g>}:c:packets             string per slot, the device's packets (int64, little-endian,
+                                       at 8 * slot); zeros: a free slot
+    {<g>}:c:bytes               string per slot, its bytes
+    {<g>}:c:last_seen           string per slot, its last_seen ms (> 0: the slot is in use)
+    {<g>}:c:rate                string per slot, 4 int64 at 32 * slot: the newest aligned
+                                       10-second window (Unix seconds // 10) it sent in and
+                                       its packets there, then the same for an older one
+    The columns are written by every device merge (the rtm module, or scripts.WRITE_ROWS
+    after the script): a few bytes at the device's slot, kept at the highest figure any
+    merge reported (totals only grow), so a retry or another instance's older figure
+    changes nothing. Sorted listings rank them when read (ranking.py): the sort orders
+    are not kept up to date by every merge, which in sorted sets cost a fleet most of its
+    Redis time (benchmarks/RESULTS.md, eighth pass).
     {<g>}:totals                hash   packets, bytes    (each of the three: of the flushes
     {<g>}:rejected              hash   reason -> packets  whose turn fell on this group,
     {<g>}:rate                  hash   rate buckets       flush_group; reads add them up)
@@ -55,11 +62,13 @@ from dataclasses import dataclass
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-SORT_INDEXES = ("packets", "bytes", "last_seen")
-# The key layout written by this version: 4 = one packed record per device whose rate
-# buckets are seconds for the newest 11 and 10-second spans before (2 had up to 61 seconds;
-# 1 had a hash and a rate-bucket hash per device and no version key).
-LAYOUT_VERSION = "4"
+# The columns of an index group, in the order the rtm module takes their keys.
+COLUMNS = ("packets", "bytes", "last_seen", "rate")
+# The key layout written by this version: 5 = the sorted listings ranked at read time from
+# per-group columns (4 kept them in sorted sets; 4 and 5 share the device records, whose
+# rate buckets are seconds for the newest 11 and 10-second spans before; 2 had up to 61
+# seconds; 1 had a hash and a rate-bucket hash per device and no version key).
+LAYOUT_VERSION = "5"
 # Index groups on a Redis Cluster (one on a single Redis). Changing it changes key names:
 # it is part of the layout version.
 CLUSTER_GROUPS = 16
@@ -73,8 +82,8 @@ class KeyLayout:
     """Builds every key name from one prefix."""
 
     prefix: str = "rtm"
-    # Index groups: each holds the totals, the device index, the sorted indexes and the rate
-    # windows of the devices whose hash slot falls in its share of the slots, under a tag of
+    # Index groups: each holds the totals, the device index, the slots and the columns of
+    # the devices whose hash slot falls in its share of the slots, under a tag of
     # a slot of that share (so, with the slots split in ranges, on the devices' own node).
     groups: int = 1
 
@@ -130,13 +139,29 @@ class KeyLayout:
     def devices(self, group: int = 0) -> str:
         return self._in(group, "devices")
 
-    def index(self, field: str, group: int = 0) -> str:
-        if field not in SORT_INDEXES:
-            raise ValueError(f"no index for {field!r}")
-        return self._in(group, f"idx:{field}")
+    def column(self, field: str, group: int = 0) -> str:
+        if field not in COLUMNS:
+            raise ValueError(f"no column {field!r}")
+        return self._in(group, f"c:{field}")
 
-    def rate_window(self, window: int, group: int = 0) -> str:
-        return self._in(group, f"rw:{window}")
+    def slots(self, group: int = 0) -> str:
+        return self._in(group, "slot")
+
+    def slot_ids(self, group: int = 0) -> str:
+        return self._in(group, "id")
+
+    def free_slots(self, group: int = 0) -> str:
+        return self._in(group, "free")
+
+    def group_keys(self, group: int = 0) -> list[str]:
+        """An index group's keys as the rtm module and scripts.WRITE_ROWS take them."""
+        return [
+            self.devices(group),
+            self.slots(group),
+            self.slot_ids(group),
+            self.free_slots(group),
+            *(self.column(field, group) for field in COLUMNS),
+        ]
 
     def totals(self, group: int = 0) -> str:
         return self._in(group, "totals")

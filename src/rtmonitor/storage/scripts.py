@@ -80,7 +80,7 @@ _TOO_BIG = (
 # ARGV[1]   marker TTL in seconds, ARGV[2] flush seq, ARGV[3] retention in ms (0: keep
 #           forever), ARGV[4] this flush's rate window, ARGV[5] the devices' deltas, packed
 #           one after the other in KEYS order
-# Returns, per device, 5 integers for the sorted indexes (RedisStore._index_commands):
+# Returns, per device, 5 integers for the index group (WRITE_ROWS, after this call):
 #   packets, bytes, last_seen, packets in ARGV[4]'s window (0: none), and 1 if this call
 #   created the record, 0 if not, 2 if the call had been applied before (the records as
 #   they are now), -1 if so and the record has expired since (nothing to index); then, last,
@@ -311,10 +311,120 @@ return out
 """
 )
 
+# An index group's columns (keys.py) brought up to a device call's reply: what the rtm
+# module does after each device's merge, byte for byte (tests/integration/
+# test_merge_module.py), for a Redis without it and for a Redis Cluster (the group's keys
+# share its tag, the devices' keys do not: a second call).
+# KEYS: devices, slot, id, free, c:packets, c:bytes, c:last_seen, c:rate (KeyLayout.group_keys)
+# ARGV: replace (1: retention on, a record the call created replaces its predecessor's
+#       figures), the call's window, then per device: id, packets, bytes, last_seen,
+#       packets in the window, created (MERGE_DEVICES' reply: -1 skips the device)
+WRITE_ROWS = """
+local kinds = {'zset', 'hash', 'hash', 'list', 'string', 'string', 'string', 'string'}
+for i = 1, 8 do
+  local t = redis.call('TYPE', KEYS[i]).ok
+  if t ~= 'none' and t ~= kinds[i] then
+    return redis.error_reply('WRONGTYPE an index key holds the wrong kind of value')
+  end
+end
+local MAX_SLOTS = 16777216
+local replace, window = ARGV[1] == '1', tonumber(ARGV[2])
+local nxt = math.floor(redis.call('STRLEN', KEYS[8]) / 32)
+local function int64(key, at)
+  local s = redis.call('GETRANGE', key, at, at + 7)
+  if #s < 8 then return 0 end
+  return struct.unpack('<i8', s)
+end
+local function slot_number(text, what)
+  local n = tonumber(text)
+  if n == nil or n < 0 or n >= MAX_SLOTS or n ~= math.floor(n) then
+    error({err = 'ERR ' .. what .. ' is not a slot number'})
+  end
+  return n
+end
+for i = 3, #ARGV, 6 do
+  local id, created = ARGV[i], tonumber(ARGV[i + 5])
+  if created >= 0 then
+    local slot = redis.call('HGET', KEYS[2], id)
+    local fresh = not slot
+    if fresh then
+      -- (a device has a slot exactly while it is in the devices set)
+      redis.call('ZADD', KEYS[1], 'NX', 0, id)
+      local freed = redis.call('LPOP', KEYS[4])
+      if freed then
+        slot = slot_number(freed, 'a freed slot (ix-free)')
+      else
+        if nxt >= MAX_SLOTS then error({err = 'ERR an index group has no slot left'}) end
+        slot = nxt
+      end
+      if slot >= nxt then nxt = slot + 1 end
+      redis.call('HSET', KEYS[2], id, slot)
+      redis.call('HSET', KEYS[3], slot, id)
+    else
+      slot = slot_number(slot, "a device's slot (ix-slot)")
+    end
+    local p, b, l, wp = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
+      tonumber(ARGV[i + 4])
+    local reset = fresh or (replace and created == 1)
+    local at = slot * 8
+    local op, ob, ol = int64(KEYS[5], at), int64(KEYS[6], at), int64(KEYS[7], at)
+    if not reset and op > p then p = op end
+    if not reset and ob > b then b = ob end
+    if not fresh and ol > l then l = ol end
+    local w1, p1, w2, p2 = 0, 0, 0, 0
+    if not fresh then
+      local r = redis.call('GETRANGE', KEYS[8], slot * 32, slot * 32 + 31)
+      if #r == 32 then w1, p1, w2, p2 = struct.unpack('<i8i8i8i8', r) end
+    end
+    if wp > 0 then
+      if window == w1 then
+        if wp > p1 then p1 = wp end
+      elseif window > w1 then
+        w2, p2, w1, p1 = w1, p1, window, wp
+      elseif window == w2 then
+        if wp > p2 then p2 = wp end
+      elseif window > w2 then
+        w2, p2 = window, wp
+      end
+    end
+    redis.call('SETRANGE', KEYS[5], at, struct.pack('<i8', p))
+    redis.call('SETRANGE', KEYS[6], at, struct.pack('<i8', b))
+    redis.call('SETRANGE', KEYS[7], at, struct.pack('<i8', l))
+    redis.call('SETRANGE', KEYS[8], slot * 32, struct.pack('<i8i8i8i8', w1, p1, w2, p2))
+  end
+end
+return 1
+"""
+
+# Retention: free the slots of devices silent since the cutoff, whose records have expired
+# (RedisStore.expire_silent_devices checked them just before). A slot is freed only if it
+# still holds that device and its last_seen is still at or before the cutoff: a device that
+# sent again meanwhile (a merge wrote a newer last_seen at its slot) keeps it.
+# KEYS: as WRITE_ROWS. ARGV: cutoff ms, then (slot, id) pairs. Returns the number freed.
+FREE_SLOTS = """
+local cutoff, freed = tonumber(ARGV[1]), 0
+local zero8, zero32 = string.rep('\\0', 8), string.rep('\\0', 32)
+for i = 2, #ARGV, 2 do
+  local slot, id = tonumber(ARGV[i]), ARGV[i + 1]
+  if redis.call('HGET', KEYS[2], id) == ARGV[i] then
+    local s = redis.call('GETRANGE', KEYS[7], slot * 8, slot * 8 + 7)
+    local l = #s == 8 and struct.unpack('<i8', s) or 0
+    if l > 0 and l <= cutoff then
+      for k = 5, 7 do redis.call('SETRANGE', KEYS[k], slot * 8, zero8) end
+      redis.call('SETRANGE', KEYS[8], slot * 32, zero32)
+      redis.call('HDEL', KEYS[2], id)
+      redis.call('HDEL', KEYS[3], slot)
+      redis.call('RPUSH', KEYS[4], slot)
+      redis.call('ZREM', KEYS[1], id)
+      freed = freed + 1
+    end
+  end
+end
+return freed
+"""
+
 # KEYS: marker, totals, rejected, rate
 # ARGV: TTL, seq, packets, bytes, second, nrejected, (reason, count) * nrejected
-# Per flush, not per device: the sorted indexes are written by plain bulk ZADDs after the
-# device calls, from their replies (RedisStore._index_commands).
 MERGE_GLOBAL = (
     _MARKER
     + """

@@ -41,15 +41,18 @@ from rtmonitor.model import (
     ValueRecord,
     reduce_batches,
 )
-from rtmonitor.storage.keys import CLUSTER_GROUPS, RATE_WINDOW_S, SORT_INDEXES, KeyLayout
+from rtmonitor.storage import ranking
+from rtmonitor.storage.keys import CLUSTER_GROUPS, RATE_WINDOW_S, KeyLayout
 from rtmonitor.storage.packing import C_PACK, pack_deltas
 from rtmonitor.storage.scripts import (
     FINALIZE,
+    FREE_SLOTS,
     MERGE_DEVICES,
     MERGE_GLOBAL,
     PREPARE,
     READ_DEVICES,
     RELEASE,
+    WRITE_ROWS,
 )
 from rtmonitor.storage.wire import lean
 
@@ -74,18 +77,14 @@ APPLY_SLICE = 4
 # Slices in flight at once (each on its own connection): two keep Redis and this process
 # busy at the same time; a read still waits behind about one slice.
 APPLY_IN_FLIGHT = 2
-# Members per bulk ZADD of the sorted indexes, and ZADDs per pipeline: a read waits
-# behind at most one pipeline (with 64 x 2,000, GET /metrics/{id} p99 was 66-80 ms under a
-# 100,000-device load; with 8 x 1,000, 27-43 ms: benchmarks/RESULTS.md).
-ZADD_CHUNK = 1_000
-INDEX_SLICE = 8
 # Merge calls in flight at once against a Redis Cluster (no pipelining of scripts there).
 CLUSTER_CONCURRENCY = 64
 # The device merge as a command of the rtm Redis module (storage/_merge.c): MERGE_DEVICES
-# in C (the same records), writing the index entries too (RedisStore._module_call). Its name
-# changes with the record layout or the reply (5: the count of what full records dropped),
-# so a Redis holding another release's module is merged with the script.
-MERGE_COMMAND = "rtm.merge5"
+# in C (the same records), writing the index group's rows too (RedisStore._module_call). Its
+# name changes with the key layout or the reply (6: the rows of key layout 5; 5: the count
+# of what full records dropped), so a Redis holding another release's module is merged
+# with the script.
+MERGE_COMMAND = "rtm.merge6"
 # A merge call: (script name, keys, args). A flush's plan is a list of them (journaled by
 # _journal_chunk).
 Call = tuple[str, list[str], list[Any]]
@@ -150,7 +149,9 @@ class RedisStore:
         self._scripts = {
             "devices": client.register_script(MERGE_DEVICES),
             "global": client.register_script(MERGE_GLOBAL),
+            "rows": client.register_script(WRITE_ROWS),
         }
+        self._free_slots = client.register_script(FREE_SLOTS)
         self._prepare = client.register_script(PREPARE)
         self._finalize = client.register_script(FINALIZE)
         self._read_devices = client.register_script(READ_DEVICES)
@@ -313,10 +314,10 @@ class RedisStore:
         return calls
 
     async def apply(self, calls: list[Call]) -> int:
-        """Run a plan in pipelined round trips (one per APPLY_SLICE calls), then write the
-        sorted indexes from the device calls' replies. Raises RedisError if Redis cannot be
-        reached; calling it again with the same plan applies only what was not applied (and
-        writes the indexes again, which changes nothing written before).
+        """Run a plan in pipelined round trips (one per APPLY_SLICE calls), then bring the
+        index groups' columns up to the device calls' replies. Raises RedisError if Redis
+        cannot be reached; calling it again with the same plan applies only what was not
+        applied (and writes the columns again, which changes nothing written before).
 
         Returns how many kinds, value names and rate buckets the device records had no room
         for (model.RECORD_NAMES_MAX; 0 for calls applied before)."""
@@ -325,56 +326,52 @@ class RedisStore:
             int(reply[-1]) for (name, _, _), reply in zip(calls, replies, strict=True)
             if name == "devices"
         )  # fmt: skip
-        if module:  # (the rtm module wrote its calls' index entries itself)
+        if module:  # (the rtm module wrote its calls' rows itself)
             return dropped
         # Python over every device of the flush (~0.1 s for 100,000): off the event loop,
         # like the plan
-        commands = await asyncio.to_thread(self._index_commands, calls, replies)
-        for start in range(0, len(commands), INDEX_SLICE):
-            pipe = self.client.pipeline(transaction=False)
-            for command in commands[start : start + INDEX_SLICE]:
-                pipe.execute_command(*command)
-            await pipe.execute()
+        rows = await asyncio.to_thread(self._row_calls, calls, replies)
+        if self.cluster:
+            await self._cluster_calls(rows)
+        else:
+            await self._pipelined(rows, False)
         return dropped
 
-    def _index_commands(self, calls: list[Call], replies: list[Any]) -> list[list[Any]]:
-        """Bulk ZADDs that bring the sorted indexes up to the device calls' replies, each to
-        the index group of its devices (a device call's devices share a hash slot, so a
-        group).
-
-        Scores are totals, which only grow: ZADD GT keeps the highest, so a retry, a replay
-        or another instance's older reply never lowers one. A record created by this call
-        (retention on) may replace an index entry left by its expired predecessor, so it is
-        written without GT."""
+    def _row_calls(self, calls: list[Call], replies: list[Any]) -> list[Call]:
+        """scripts.WRITE_ROWS calls that bring the columns up to the device calls' replies,
+        one per device call (whose devices share a hash slot, so an index group), in the
+        plan's order: slots are taken in the order the rtm module takes them."""
         layout = self.layout
-        groups: dict[int, _GroupIndex] = {}
+        replace = 1 if self.retention_s > 0 else 0
+        rows: list[Call] = []
         for (name, keys, args), reply in zip(calls, replies, strict=True):
             if name != "devices" or len(keys) < 2:
                 continue
             ids = [layout.device_id(key) for key in keys[1:]]
-            group = groups.get(g := layout.group_of(ids[0]))
-            if group is None:
-                group = groups[g] = _GroupIndex()
-            group.add(ids, reply[:-1], int(args[3]), self.retention_s > 0)
-        commands: list[list[Any]] = []
-        for g, group in groups.items():
-            commands += group.commands(layout, g)
-        return commands
+            row_args: list[Any] = [replace, int(args[3])]
+            for n, device_id in enumerate(ids):
+                row_args.append(device_id)
+                row_args += reply[5 * n : 5 * n + 5]
+            rows.append(("rows", layout.group_keys(layout.group_of(ids[0])), row_args))
+        return rows
+
+    async def _cluster_calls(self, calls: list[Call]) -> list[Any]:
+        """Script calls against a Redis Cluster: redis-py does not run scripts inside a
+        cluster pipeline, so they go concurrently (each to its slot's node; scripts are
+        (re)loaded on NOSCRIPT by redis-py). A failure of any call fails them all."""
+        limit = asyncio.Semaphore(CLUSTER_CONCURRENCY)
+
+        async def call(name: str, keys: list[str], args: list[Any]) -> Any:
+            async with limit:
+                return await self._scripts[name](keys=keys, args=args)
+
+        return list(await asyncio.gather(*(call(*c) for c in calls)))
 
     async def _run(self, calls: list[Call]) -> tuple[list[Any], bool]:
         """The merge calls' replies, in order, and whether the rtm module made the device
         calls."""
-        if self.cluster:
-            # redis-py does not run scripts inside a cluster pipeline: issue the calls
-            # concurrently instead (each goes to its slot's node; scripts are (re)loaded on
-            # NOSCRIPT by redis-py). A failure of any call fails the plan, which is retried.
-            limit = asyncio.Semaphore(CLUSTER_CONCURRENCY)
-
-            async def call(name: str, keys: list[str], args: list[Any]) -> Any:
-                async with limit:
-                    return await self._scripts[name](keys=keys, args=args)
-
-            return list(await asyncio.gather(*(call(*c) for c in calls))), False
+        if self.cluster:  # (a failure of any call fails the plan, which is retried)
+            return await self._cluster_calls(calls), False
         if self.merge_module is None:
             self.merge_module = await self._has_merge_module()
         module = self.merge_module  # (another apply may change it meanwhile: recovery's)
@@ -439,17 +436,12 @@ class RedisStore:
         return replies
 
     def _module_call(self, keys: list[str], args: list[Any]) -> list[Any]:
-        """A device merge call (MERGE_DEVICES' keys and args) as RTM.MERGE5's arguments: the
-        module also writes the sorted indexes of the call's index group (its devices share
-        one), which the script leaves to _index_commands."""
+        """A device merge call (MERGE_DEVICES' keys and args) as RTM.MERGE6's arguments: the
+        module also writes the rows of the call's index group (its devices share one),
+        which the script leaves to WRITE_ROWS."""
         layout = self.layout
-        g = layout.group_of(layout.device_id(keys[1]))
-        indexes = [
-            layout.devices(g),
-            *(layout.index(field, g) for field in SORT_INDEXES),  # (the module's order)
-            layout.rate_window(int(args[3]), g),
-        ]
-        head = [len(keys) + len(indexes), keys[0], *indexes]
+        group = layout.group_keys(layout.group_of(layout.device_id(keys[1])))
+        head = [len(keys) + len(group), keys[0], *group]
         return [*head, *keys[1:], *args, layout.device_id_offset]
 
     async def _has_merge_module(self) -> bool:
@@ -520,42 +512,36 @@ class RedisStore:
     # --- retention ---------------------------------------------------------------------------
 
     async def expire_silent_devices(self, now_ms: int, batch: int = 1000) -> int:
-        """Drop devices silent for longer than the retention from the indexes (their records
-        expire by themselves); the number dropped. Idempotent: any instance may run it."""
+        """Drop devices silent for longer than the retention from the index groups (their
+        records expire by themselves; their slots are freed for new devices); the number
+        dropped. Idempotent: any instance may run it."""
         if self.retention_s <= 0:
             return 0
         cutoff = now_ms - self.retention_s * 1000
         dropped = 0
-        for g in range(self.layout.groups):
-            dropped += await self._expire_group(g, cutoff, batch)
-        return dropped
-
-    async def _expire_group(self, g: int, cutoff: int, batch: int) -> int:
-        """expire_silent_devices() in index group `g`."""
-        layout = self.layout
-        client = cast(aioredis.Redis, self.client)
-        dropped = 0
         while True:
-            candidates = cast(
-                list[str],
-                await client.zrangebyscore(layout.index("last_seen", g), "-inf", cutoff, 0, batch),
-            )
-            if not candidates:
+            last_seen = await self._columns(("last_seen",))
+            silent = ranking.silent([c["last_seen"] for c in last_seen], cutoff, batch)
+            if not silent:
                 return dropped
+            ids = await self._ids_at(silent)
+            found = [(g, slot, d) for (g, slot), d in zip(silent, ids, strict=True) if d]
             pipe = self.client.pipeline(transaction=False)
-            for device_id in candidates:
-                pipe.exists(layout.device(device_id))
-            exists = await pipe.execute()
-            gone = [d for d, e in zip(candidates, exists, strict=True) if not e]
-            if gone:
-                pipe = self.client.pipeline(transaction=False)
-                pipe.zrem(layout.devices(g), *gone)
-                for field in SORT_INDEXES:
-                    pipe.zrem(layout.index(field, g), *gone)
-                await pipe.execute()
-                dropped += len(gone)
-            if len(gone) < len(candidates):
-                # some just sent again (their record lives on): the next pass will see them
+            for _, _, device_id in found:
+                pipe.exists(self.layout.device(device_id))
+            exists = await pipe.execute() if found else []
+            gone = [f for f, e in zip(found, exists, strict=True) if not e]
+            by_group: dict[int, list[Any]] = {}
+            for g, slot, device_id in gone:
+                by_group.setdefault(g, []).extend((slot, device_id))
+            freed = 0
+            for g, pairs in by_group.items():
+                keys = self.layout.group_keys(g)
+                freed += int(await self._free_slots(keys=keys, args=[cutoff, *pairs]))
+            dropped += freed
+            if freed < len(silent):
+                # some sent again (their record lives on, or the slot moved on): the next
+                # pass will see them
                 return dropped
 
     # --- recovery of dead instances' journals ----------------------------------------------
@@ -691,26 +677,24 @@ class RedisStore:
     ) -> tuple[int, list[str]]:
         """One page of device ids: (number matching the filter, the ids in order).
 
-        Costs O(log N + limit) Redis work whatever the order and offset (times the index
-        groups, and O(offset + limit) with more than one), except a prefix with a numeric
-        order, which ranks every match: more than `max_ranked` raise SortTooBroad (counted
-        first, in O(log N)). `rate` orders by the packets of the last complete aligned
-        10-second window (the current one while that is empty, e.g. just after a start) and
-        lists only devices that sent in it.
+        In id order: O(log N + limit) Redis work (times the index groups, and O(offset +
+        limit) with more than one). In a numeric order the groups' columns are read and
+        ranked here (ranking.py: O(N) numpy, ~25 ms for a million devices; ties go by the
+        device's slot, the order the group first stored them, reversed with the order). A
+        prefix with a numeric order ranks only its matches: more than `max_ranked` raise
+        SortTooBroad (counted first, in O(log N)). `rate` orders by the packets of the last
+        complete aligned 10-second window (the current one while that is empty, e.g. just
+        after a start) and lists only devices that sent in it.
         """
-        window = await self._rate_window() if sort == "rate" else 0
-        page = _Page(prefix, sort, descending, offset, limit, window)
-        if sort != "device_id" and prefix:
-            return await self._rank_prefix(page, max_ranked)
-        if self.layout.groups > 1:
-            return await self._list_groups(page)
+        page = _Page(prefix, sort, descending, offset, limit)
         if sort == "device_id":
+            if self.layout.groups > 1:
+                return await self._list_groups(page)
             return await self._list_by_id(page)
-        client = cast(aioredis.Redis, self.client)
-        index = page.key(self.layout, 0)
-        matched = await client.zcard(index)
-        ids = cast(list[str], await client.zrange(index, offset, page.stop - 1, desc=descending))
-        return matched, ids
+        only: list[list[str]] | None = None
+        if prefix:
+            only = await self._prefix_matches(page, max_ranked)
+        return await self._list_ranked(page, only)
 
     async def _list_by_id(self, page: _Page) -> tuple[int, list[str]]:
         """A page in id order from the one devices set."""
@@ -740,36 +724,26 @@ class RedisStore:
         return matched, ids
 
     async def _list_groups(self, page: _Page) -> tuple[int, list[str]]:
-        """A page without a prefix filter (or in id order) from several index groups: each
-        group's first offset + limit, merged here."""
+        """A page in id order from several index groups: each group's first offset +
+        limit, merged here."""
         layout, want, desc = self.layout, page.stop, page.descending
         lo, hi = page.lex_range()
         pipe = self.client.pipeline(transaction=False)
         for g in range(layout.groups):
-            key = page.key(layout, g)
-            if page.sort == "device_id":
-                pipe.zlexcount(key, lo, hi)
-                if desc:
-                    pipe.zrevrangebylex(key, hi, lo, 0, want)
-                else:
-                    pipe.zrangebylex(key, lo, hi, 0, want)
+            key = layout.devices(g)
+            pipe.zlexcount(key, lo, hi)
+            if desc:
+                pipe.zrevrangebylex(key, hi, lo, 0, want)
             else:
-                pipe.zcard(key)
-                pipe.zrange(key, 0, max(want, 1) - 1, desc=desc, withscores=True)
+                pipe.zrangebylex(key, lo, hi, 0, want)
         replies = await pipe.execute()
         matched = sum(int(n) for n in replies[0::2])
         if want <= page.offset:
             return matched, []
-        if page.sort == "device_id":
-            return matched, list(
-                islice(heapq.merge(*replies[1::2], reverse=desc), page.offset, want)
-            )
-        # ZRANGE's order: by score, then by id (both reversed when descending)
-        merged = heapq.merge(*replies[1::2], key=lambda p: (p[1], p[0]), reverse=desc)
-        return matched, [d for d, _ in islice(merged, page.offset, want)]
+        return matched, list(islice(heapq.merge(*replies[1::2], reverse=desc), page.offset, want))
 
-    async def _rank_prefix(self, page: _Page, max_ranked: int) -> tuple[int, list[str]]:
-        """A prefix and a numeric order: rank the matching ids here, if few enough."""
+    async def _prefix_matches(self, page: _Page, max_ranked: int) -> list[list[str]]:
+        """Per group, the ids a prefix matches, if few enough to rank by a number."""
         layout, groups = self.layout, range(self.layout.groups)
         lo, hi = page.lex_range()
         pipe = self.client.pipeline(transaction=False)
@@ -781,33 +755,76 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         for g in groups:
             pipe.zrangebylex(layout.devices(g), lo, hi, 0, max_ranked)
-        found: list[list[str]] = await pipe.execute()
-        pipe = self.client.pipeline(transaction=False)
-        for g in groups:
-            if found[g]:
-                pipe.zmscore(page.key(layout, g), found[g])
-        scores = iter(await pipe.execute())
-        pairs = [p for ids in found if ids for p in zip(ids, next(scores), strict=True)]
-        if page.sort == "rate":  # as without a prefix: the devices that sent in the window
-            pairs = [(d, score) for d, score in pairs if score is not None]
-            matched = len(pairs)
-        ranked = sorted(pairs, key=lambda p: (p[1] or 0.0, p[0]), reverse=page.descending)
-        return matched, [device_id for device_id, _ in ranked[page.offset : page.stop]]
+        return cast(list[list[str]], await pipe.execute())
 
-    async def _rate_window(self) -> int:
-        """The window sort=rate reads: the last complete one, or the current one if empty."""
-        current = int(time.time()) // RATE_WINDOW_S
-        if self.layout.groups == 1:  # one command: a pipeline costs the loop more turns
-            client = cast(aioredis.Redis, self.client)
-            return (
-                current - 1
-                if await client.exists(self.layout.rate_window(current - 1))
-                else current
-            )
+    async def _list_ranked(
+        self, page: _Page, only: list[list[str]] | None
+    ) -> tuple[int, list[str]]:
+        """A page in a numeric order, ranked from the columns of every group (of the ids
+        in `only`, per group, if given)."""
+        field = "rate" if page.sort == "rate" else page.sort
+        fields = (field,) if field == "last_seen" else (field, "last_seen")
+        columns = await self._columns(fields)
+        live = [c["last_seen"] > 0 for c in columns]
+        if only is not None:
+            pipe = self.client.pipeline(transaction=False)
+            for g, ids in enumerate(only):
+                if ids:
+                    pipe.hmget(self.layout.slots(g), ids)
+            found = iter(await pipe.execute())
+            for g, ids in enumerate(only):
+                mask = np.zeros(len(live[g]), np.bool_)
+                if ids:
+                    slots = [int(s) for s in next(found) if s is not None and s.isdigit()]
+                    mask[[s for s in slots if s < len(mask)]] = True
+                live[g] &= mask
+        if page.sort == "rate":
+            current = int(time.time()) // RATE_WINDOW_S
+            rates = [c["rate"] for c in columns]
+            previous = [ranking.window_packets(r, current - 1) for r in rates]
+            if any(bool(((p > 0) & ok).any()) for p, ok in zip(previous, live, strict=True)):
+                scores = previous
+            else:
+                scores = [ranking.window_packets(r, current) for r in rates]
+            live = [ok & (p > 0) for p, ok in zip(scores, live, strict=True)]
+        else:
+            scores = [c[field] for c in columns]
+        matched, picked = ranking.page(scores, live, page.offset, page.stop, page.descending)
+        names = await self._ids_at(picked)
+        return matched, [d for d in names if d is not None]
+
+    async def _columns(self, fields: tuple[str, ...]) -> list[dict[str, IntArray]]:
+        """Per index group, the columns `fields` as int64 arrays of its slot count (the
+        longest of them; a slot past a column's end reads 0)."""
+        layout = self.layout
         pipe = self.client.pipeline(transaction=False)
-        for g in range(self.layout.groups):
-            pipe.exists(self.layout.rate_window(current - 1, g))
-        return current - 1 if any(await pipe.execute()) else current
+        for g in range(layout.groups):
+            for field in fields:
+                # raw bytes: the client decodes replies as str
+                pipe.execute_command("GET", layout.column(field, g), **{NEVER_DECODE: True})
+        blobs = iter(cast(list[bytes | None], await pipe.execute()))
+        out: list[dict[str, IntArray]] = []
+        for _ in range(layout.groups):
+            group = {field: next(blobs) for field in fields}
+            slots = ranking.slot_count(group)
+            out.append({f: ranking.column(blob, f, slots) for f, blob in group.items()})
+        return out
+
+    async def _ids_at(self, picked: list[tuple[int, int]]) -> list[str | None]:
+        """The devices at (group, slot) pairs (None: a slot freed since)."""
+        if not picked:
+            return []
+        by_group: dict[int, list[int]] = {}
+        for n, (g, _) in enumerate(picked):
+            by_group.setdefault(g, []).append(n)
+        pipe = self.client.pipeline(transaction=False)
+        for g, positions in by_group.items():
+            pipe.hmget(self.layout.slot_ids(g), [picked[n][1] for n in positions])
+        ids: list[str | None] = [None] * len(picked)
+        for positions, found in zip(by_group.values(), await pipe.execute(), strict=True):
+            for n, device_id in zip(positions, found, strict=True):
+                ids[n] = device_id
+        return ids
 
     async def get_devices(self, ids: list[str]) -> list[DeviceRecord]:
         """The counters and rates of `ids` (in that order; unknown ones left out)."""
@@ -831,43 +848,35 @@ class RedisStore:
         ]
 
     async def packet_counts(self, ids: list[str]) -> list[int | None]:
-        """Each device's packets as the packets index has them (None: not there)."""
+        """Each device's packets as its group's column has them (None: not there)."""
         if not ids:
             return []
         layout = self.layout
-        if layout.groups == 1:
-            client = cast(aioredis.Redis, self.client)
-            scores = await client.zmscore(layout.index("packets"), ids)
-            return [None if s is None else int(s) for s in scores]
         by_group: dict[int, list[int]] = {}
         for n, device_id in enumerate(ids):
             by_group.setdefault(layout.group_of(device_id), []).append(n)
         pipe = self.client.pipeline(transaction=False)
         for g, positions in by_group.items():
-            pipe.zmscore(layout.index("packets", g), [ids[n] for n in positions])
+            pipe.hmget(layout.slots(g), [ids[n] for n in positions])
+        at: list[tuple[int, int]] = []  # (position in ids, slot)
+        for positions, slots in zip(by_group.values(), await pipe.execute(), strict=True):
+            at += [(n, int(s)) for n, s in zip(positions, slots, strict=True) if s is not None]
+        pipe = self.client.pipeline(transaction=False)
+        for n, slot in at:
+            key = layout.column("packets", layout.group_of(ids[n]))
+            pipe.execute_command("GETRANGE", key, 8 * slot, 8 * slot + 7, **{NEVER_DECODE: True})
         counts: list[int | None] = [None] * len(ids)
-        for positions, scores in zip(by_group.values(), await pipe.execute(), strict=True):
-            for n, score in zip(positions, scores, strict=True):
-                counts[n] = None if score is None else int(score)
+        for (n, _), raw in zip(at, await pipe.execute() if at else [], strict=True):
+            if len(raw) == 8:
+                counts[n] = int.from_bytes(raw, "little", signed=True)
         return counts
 
     async def recently_seen(self, since_ms: int, limit: int) -> list[tuple[str, int]]:
         """Devices with a packet received after `since_ms`: (device, last_seen), newest last."""
-        if self.layout.groups == 1:
-            client = cast(aioredis.Redis, self.client)
-            key = self.layout.index("last_seen")
-            rows = cast(
-                list[tuple[str, float]],
-                await client.zrangebyscore(key, f"({since_ms}", "+inf", 0, limit, withscores=True),
-            )
-            return [(str(d), int(score)) for d, score in rows]
-        pipe = self.client.pipeline(transaction=False)
-        for g in range(self.layout.groups):
-            key = self.layout.index("last_seen", g)
-            pipe.zrangebyscore(key, f"({since_ms}", "+inf", 0, limit, withscores=True)
-        each = cast(list[list[tuple[str, float]]], await pipe.execute())
-        merged = heapq.merge(*each, key=lambda p: (p[1], p[0]))
-        return [(str(d), int(score)) for d, score in islice(merged, limit)]
+        columns = await self._columns(("last_seen",))
+        seen = ranking.since([c["last_seen"] for c in columns], since_ms, limit)
+        ids = await self._ids_at([(g, slot) for g, slot, _ in seen])
+        return [(d, ms) for d, (_, _, ms) in zip(ids, seen, strict=True) if d is not None]
 
     async def totals(self) -> Totals:
         """Totals over every device and instance (the sums of the index groups')."""
@@ -905,77 +914,16 @@ class _Page:
     descending: bool
     offset: int
     limit: int
-    window: int  # sort=rate's window
 
     @property
     def stop(self) -> int:
         return self.offset + max(self.limit, 0)
-
-    def key(self, layout: KeyLayout, g: int) -> str:
-        """The sorted set of group `g` this page is ordered by."""
-        if self.sort == "device_id":
-            return layout.devices(g)
-        if self.sort == "rate":
-            return layout.rate_window(self.window, g)
-        return layout.index(self.sort, g)
 
     def lex_range(self) -> tuple[str, str]:
         """The prefix filter as a ZRANGEBYLEX range (everything without one)."""
         if not self.prefix:
             return "-", "+"
         return f"[{self.prefix}", f"({self.prefix}{_LEX_END}"
-
-
-class _GroupIndex:
-    """One index group's share of a flush's index writes (flat score, member pairs)."""
-
-    __slots__ = ("devices", "packets", "bytes", "last_seen", "windows")
-
-    def __init__(self) -> None:
-        self.devices: list[Any] = []
-        self.packets: tuple[list[Any], list[Any]] = ([], [])  # (GT, replace)
-        self.bytes: tuple[list[Any], list[Any]] = ([], [])
-        self.last_seen: list[Any] = []
-        self.windows: dict[int, list[Any]] = {}
-
-    def add(self, ids: list[str], reply: list[Any], window: int, replace: bool) -> None:
-        """One device call's reply (MERGE_DEVICES: 5 integers per device)."""
-        created = reply[4::5]
-        if -1 in created:  # a replay, and some records have expired since
-            kept = [n for n, c in enumerate(created) if c >= 0]
-            ids = [ids[n] for n in kept]
-            reply = [x for n in kept for x in reply[5 * n : 5 * n + 5]]
-            created = reply[4::5]
-        self.devices += _pairs([0] * len(ids), ids)
-        fresh = [c == 1 for c in created] if replace and 1 in created else None
-        for n, scores in ((0, self.packets), (1, self.bytes)):
-            if fresh is None:
-                scores[0].extend(_pairs(reply[n::5], ids))
-            else:  # (rare) new records with retention on: written without GT
-                for replaces, score, device_id in zip(fresh, reply[n::5], ids, strict=True):
-                    scores[replaces].extend((score, device_id))
-        self.last_seen += _pairs(reply[2::5], ids)
-        in_window = reply[3::5]
-        in_flush = self.windows.setdefault(window, [])
-        if 0 in in_window:  # devices counted in a newer window than this flush's
-            sent = [(score, d) for score, d in zip(in_window, ids, strict=True) if score]
-            in_flush.extend(x for pair in sent for x in pair)
-        else:
-            in_flush.extend(_pairs(in_window, ids))
-
-    def commands(self, layout: KeyLayout, g: int) -> list[list[Any]]:
-        commands = _zadds(layout.devices(g), "NX", self.devices)
-        for field, (gt, fresh) in (("packets", self.packets), ("bytes", self.bytes)):
-            index = layout.index(field, g)
-            commands += _zadds(index, "GT", gt) + _zadds(index, "", fresh)
-        commands += _zadds(layout.index("last_seen", g), "GT", self.last_seen)
-        for window, members in self.windows.items():
-            if members:
-                key = layout.rate_window(window, g)
-                # written during its 10 s, read during the next 10 s: 30 s after the last
-                # write is enough
-                commands += [*_zadds(key, "GT", members), ["EXPIRE", key, 30]]
-        return commands
 
 
 def rates(buckets: Mapping[str, str | int], now_s: int) -> Rates:
@@ -1114,21 +1062,6 @@ def parse_device(device_id: str, f: list[Any], now_s: int) -> DeviceRecord:
             bytes_per_s={w: n / w for w, n in nbytes.items()},
         ),
     )
-
-
-def _pairs(scores: list[Any], members: list[str]) -> list[Any]:
-    """Flat (score, member) pairs, interleaved by slice assignment (C speed)."""
-    flat: list[Any] = [None] * (2 * len(members))
-    flat[0::2] = scores
-    flat[1::2] = members
-    return flat
-
-
-def _zadds(key: str, flag: str, members: list[Any]) -> list[list[Any]]:
-    """ZADD commands for flat (score, member) pairs, ZADD_CHUNK members each."""
-    head = ["ZADD", key, flag] if flag else ["ZADD", key]
-    step = 2 * ZADD_CHUNK
-    return [[*head, *members[i : i + step]] for i in range(0, len(members), step)]
 
 
 @functools.cache
