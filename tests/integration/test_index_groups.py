@@ -132,3 +132,42 @@ def test_a_one_group_prefix_is_refused_with_groups(redis_server: EmbeddedRedis) 
                 await one.check_layout()
 
     asyncio.run(main())
+
+
+def test_retention_frees_slots_and_new_devices_take_them(redis_server: EmbeddedRedis) -> None:
+    """A device silent past the retention gives its slot back once its record has expired;
+    the next new device takes that slot, and listings see the fleet as it is. A slot whose
+    device sent again after the cutoff is kept, whoever asks to free it."""
+
+    def one(device_id: str, packets: int, last_ms: int) -> FlushDelta:
+        d = DeviceDelta(packets=packets, bytes=packets, first_seen=last_ms, last_seen=last_ms)
+        return FlushDelta(devices={device_id: d}, packets=packets, bytes=packets)
+
+    async def main() -> None:
+        now_ms = int(time.time() * 1000)
+        async with store(redis_server.url, "slots", 1, retention_s=60) as s:
+            await s.check_layout()
+            for seq, (device_id, packets) in enumerate((("a", 5), ("b", 7), ("c", 3)), 1):
+                await s.commit(one(device_id, packets, now_ms - 120_000), "i", seq)
+            slots = await s.client.hgetall(s.layout.slots())
+            assert slots == {"a": "0", "b": "1", "c": "2"}
+            await s.client.delete(s.layout.device("a"), s.layout.device("c"))  # expired
+            # b sent again: its record lives on, and its last_seen is past the cutoff
+            await s.commit(one("b", 1, now_ms), "i", 4)
+            assert await s.expire_silent_devices(now_ms) == 2
+            assert await s.client.hgetall(s.layout.slots()) == {"b": "1"}
+            assert await s.client.lrange(s.layout.free_slots(), 0, -1) == ["0", "2"]
+            assert await s.list_ids(sort="packets") == (1, ["b"])
+            # the script refuses to free a slot whose device was seen after the cutoff
+            keys = s.layout.group_keys()
+            assert await s._free_slots(keys=keys, args=[now_ms - 60_000, 1, "b"]) == 0
+            assert await s._free_slots(keys=keys, args=[now_ms, 0, "b"]) == 0  # not b's slot
+            await s.commit(one("d", 2, now_ms), "i", 5)
+            assert await s.client.hget(s.layout.slots(), "d") == "0"  # a freed slot, first
+            assert await s.list_ids(sort="packets", descending=True) == (2, ["b", "d"])
+            # (both at now_ms: the tie goes by slot, d took slot 0)
+            assert [d for d, _ in await s.recently_seen(now_ms - 1, 10)] == ["d", "b"]
+            assert await s.packet_counts(["a", "b", "d"]) == [None, 8, 2]
+            assert (await s.totals()).devices == 2
+
+    asyncio.run(main())

@@ -332,7 +332,7 @@ def test_the_rate_column_keeps_the_newest_two_windows(server: EmbeddedRedis) -> 
             assert client.execute_command(MERGE_COMMAND, 10, *keys, *args) == [1, 0]
 
         def row() -> tuple[int, ...]:
-            return struct.unpack("<qqqq", client.get(group[7]) or b"")
+            return struct.unpack(">qqqq", client.get(group[7]) or b"")
 
         merge(1, w)
         assert row() == (w, 3, 0, 0)

@@ -530,7 +530,7 @@ static const char *marker_applied(RedisModuleCtx *ctx, RedisModuleString *keynam
  *
  * Each device of an index group has a slot (ix-slot: id -> slot, ix-id: slot -> id; freed
  * slots wait in ix-free) and, at that slot, a row in four column strings: packets, bytes
- * and last_seen (little-endian int64 at 8 * slot) and rate (4 int64 at 32 * slot: the
+ * and last_seen (big-endian int64 at 8 * slot) and rate (4 int64 at 32 * slot: the
  * newest window the device sent in and its packets there, then an older one). Sorted
  * listings rank these columns when they are read (storage/ranking.py): a merge writes a
  * few bytes where a sorted set would have moved a node in each of four skip lists. */
@@ -563,11 +563,15 @@ typedef struct {
     long long next;            /* the first slot never used: rate column length / 32 */
 } group;
 
-static void put_i64(unsigned char *p, long long v) { memcpy(p, &v, 8); }
+/* Columns hold big-endian int64s, as BITFIELD reads and writes an i64 (WRITE_ROWS). */
+static void put_i64(unsigned char *p, long long v) {
+    uint64_t u = __builtin_bswap64((uint64_t)v);
+    memcpy(p, &u, 8);
+}
 static long long get_i64(const unsigned char *p) {
-    long long v;
-    memcpy(&v, p, 8);
-    return v;
+    uint64_t u;
+    memcpy(&u, p, 8);
+    return (long long)__builtin_bswap64(u);
 }
 
 static const char *open_group(RedisModuleCtx *ctx, RedisModuleString **keys, group *g) {
@@ -673,7 +677,7 @@ static const char *row_device(RedisModuleCtx *ctx, group *g, RedisModuleString *
     put_i64(rc, w1), put_i64(rc + 8, p1), put_i64(rc + 16, w2), put_i64(rc + 24, p2);
     grow((void **)&g->rows, &g->rowcap, (g->nrows + 1) * ROW_SIZE, 1);
     unsigned char *row = g->rows + g->nrows++ * ROW_SIZE;
-    put_i64(row, slot);
+    memcpy(row, &slot, 8); /* (native: only the effect script reads it) */
     memcpy(row + 8, pc, 8), memcpy(row + 16, bc, 8), memcpy(row + 24, lc, 8);
     memcpy(row + 32, rc, 32);
     return NULL;

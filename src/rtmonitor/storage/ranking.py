@@ -1,6 +1,6 @@
 """Device rankings from column strings: pages by a number, recently seen and silent devices.
 
-Each index group keeps one column string per field (raw little-endian int64s, one record
+Each index group keeps one column string per field (raw big-endian int64s, one record
 per device slot), written by the merge and ranked here at read time instead of being kept
 sorted on every merge. A column grows lazily, so a short or missing one reads as zeros past
 its end; a slot holds a device iff its last_seen is above zero. Everything here is pure:
@@ -23,8 +23,8 @@ BoolArray = npt.NDArray[np.bool_]
 
 # Bytes per slot of each column: one int64, or (w1, p1, w2, p2) for the rate.
 WIDTHS = {"packets": 8, "bytes": 8, "last_seen": 8, "rate": 32}
-# Columns are written little-endian whatever the host (Redis and the merge module agree).
-_INT = np.dtype("<i8")
+# Big-endian, as Redis' BITFIELD reads and writes an i64 (scripts.WRITE_ROWS, the module).
+_INT = np.dtype(">i8")
 _NO_INTS: IntArray = np.zeros(0, dtype=np.int64)
 
 
@@ -34,9 +34,8 @@ def slot_count(blobs: Mapping[str, bytes | None]) -> int:
 
 
 def column(blob: bytes | None, field: str, slots: int) -> IntArray:
-    """A column string as int64s over `slots` slots: shape (slots,), or (slots, 4) for the
-    rate; zeros past its end. A string at least `slots` long is viewed, not copied, so the
-    result may be read-only."""
+    """A column string (big-endian int64s, as BITFIELD keeps them) as native int64s over
+    `slots` slots: shape (slots,), or (slots, 4) for the rate; zeros past its end."""
     width = WIDTHS.get(field)
     if width is None:
         raise ValueError(f"unknown column {field!r} (known: {', '.join(WIDTHS)})")
@@ -47,7 +46,7 @@ def column(blob: bytes | None, field: str, slots: int) -> IntArray:
     view: IntArray = _NO_INTS
     if blob and have:
         # A partial record at the end (a write in progress) is ignored, not misread.
-        view = np.frombuffer(blob, dtype=_INT, count=have * ints).astype(np.int64, copy=False)
+        view = np.frombuffer(blob, dtype=_INT, count=have * ints).astype(np.int64)
     if have < slots:
         full = np.zeros(slots * ints, dtype=np.int64)
         full[: have * ints] = view

@@ -330,11 +330,6 @@ end
 local MAX_SLOTS = 16777216
 local replace, window = ARGV[1] == '1', tonumber(ARGV[2])
 local nxt = math.floor(redis.call('STRLEN', KEYS[8]) / 32)
-local function int64(key, at)
-  local s = redis.call('GETRANGE', key, at, at + 7)
-  if #s < 8 then return 0 end
-  return struct.unpack('<i8', s)
-end
 local function slot_number(text, what)
   local n = tonumber(text)
   if n == nil or n < 0 or n >= MAX_SLOTS or n ~= math.floor(n) then
@@ -342,58 +337,95 @@ local function slot_number(text, what)
   end
   return n
 end
+-- the devices to write (created -1: a replay, the record has expired since: none)
+local dev = {}
 for i = 3, #ARGV, 6 do
-  local id, created = ARGV[i], tonumber(ARGV[i + 5])
-  if created >= 0 then
-    local slot = redis.call('HGET', KEYS[2], id)
-    local fresh = not slot
-    if fresh then
-      -- (a device has a slot exactly while it is in the devices set)
-      redis.call('ZADD', KEYS[1], 'NX', 0, id)
-      local freed = redis.call('LPOP', KEYS[4])
-      if freed then
-        slot = slot_number(freed, 'a freed slot (ix-free)')
-      else
-        if nxt >= MAX_SLOTS then error({err = 'ERR an index group has no slot left'}) end
-        slot = nxt
-      end
-      if slot >= nxt then nxt = slot + 1 end
-      redis.call('HSET', KEYS[2], id, slot)
-      redis.call('HSET', KEYS[3], slot, id)
+  if tonumber(ARGV[i + 5]) >= 0 then dev[#dev + 1] = i end
+end
+if #dev == 0 then return 0 end
+local ids = {}
+for k, i in ipairs(dev) do ids[k] = ARGV[i] end
+local have = redis.call('HMGET', KEYS[2], unpack(ids))
+-- slots in the devices' order (the module's): the one it has, else a freed one, else the next
+local slot, fresh = {}, {}
+for k, i in ipairs(dev) do
+  if have[k] then
+    slot[k], fresh[k] = slot_number(have[k], "a device's slot (ix-slot)"), false
+  else
+    local freed = redis.call('LPOP', KEYS[4])
+    local s
+    if freed then
+      s = slot_number(freed, 'a freed slot (ix-free)')
     else
-      slot = slot_number(slot, "a device's slot (ix-slot)")
+      if nxt >= MAX_SLOTS then error({err = 'ERR an index group has no slot left'}) end
+      s = nxt
     end
-    local p, b, l, wp = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
-      tonumber(ARGV[i + 4])
-    local reset = fresh or (replace and created == 1)
-    local at = slot * 8
-    local op, ob, ol = int64(KEYS[5], at), int64(KEYS[6], at), int64(KEYS[7], at)
-    if not reset and op > p then p = op end
-    if not reset and ob > b then b = ob end
-    if not fresh and ol > l then l = ol end
-    local w1, p1, w2, p2 = 0, 0, 0, 0
-    if not fresh then
-      local r = redis.call('GETRANGE', KEYS[8], slot * 32, slot * 32 + 31)
-      if #r == 32 then w1, p1, w2, p2 = struct.unpack('<i8i8i8i8', r) end
-    end
-    if wp > 0 then
-      if window == w1 then
-        if wp > p1 then p1 = wp end
-      elseif window > w1 then
-        w2, p2, w1, p1 = w1, p1, window, wp
-      elseif window == w2 then
-        if wp > p2 then p2 = wp end
-      elseif window > w2 then
-        w2, p2 = window, wp
-      end
-    end
-    redis.call('SETRANGE', KEYS[5], at, struct.pack('<i8', p))
-    redis.call('SETRANGE', KEYS[6], at, struct.pack('<i8', b))
-    redis.call('SETRANGE', KEYS[7], at, struct.pack('<i8', l))
-    redis.call('SETRANGE', KEYS[8], slot * 32, struct.pack('<i8i8i8i8', w1, p1, w2, p2))
+    if s >= nxt then nxt = s + 1 end
+    slot[k], fresh[k] = s, true
+    -- (a device has a slot exactly while it is in the devices set)
+    redis.call('ZADD', KEYS[1], 'NX', 0, ids[k])
+    redis.call('HSET', KEYS[2], ids[k], s)
+    redis.call('HSET', KEYS[3], s, ids[k])
   end
 end
-return 1
+-- Packets, bytes and last_seen: one BITFIELD per column reads the call's rows and one
+-- writes them (big-endian i64s; 0 past the end). Offsets and figures go as the strings
+-- they came in where they can: formatting a Lua number for Redis costs more than the rest.
+local at = {}
+for k = 1, #dev do
+  at[k] = '#' .. (have[k] or slot[k])
+end
+local function read(key)
+  local ops = {}
+  for k = 1, #dev do
+    ops[#ops + 1] = 'GET'
+    ops[#ops + 1] = 'i64'
+    ops[#ops + 1] = at[k]
+  end
+  return redis.call('BITFIELD', KEYS[key], unpack(ops))
+end
+local op, ob, ol = read(5), read(6), read(7)
+local sp, sb, sl = {}, {}, {}
+local function set(ops, k, v)
+  ops[#ops + 1] = 'SET'
+  ops[#ops + 1] = 'i64'
+  ops[#ops + 1] = at[k]
+  ops[#ops + 1] = v
+end
+for k, i in ipairs(dev) do
+  local created, s = tonumber(ARGV[i + 5]), slot[k]
+  -- a record created with retention on replaces what its expired predecessor counted
+  local reset = fresh[k] or (replace and created == 1)
+  local p, b, l = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if not reset and op[k] > tonumber(p) then p = op[k] end
+  if not reset and ob[k] > tonumber(b) then b = ob[k] end
+  if not fresh[k] and ol[k] > tonumber(l) then l = ol[k] end
+  set(sp, k, p)
+  set(sb, k, b)
+  set(sl, k, l)
+  -- the rate row: 4 i64s, read and written whole
+  local wp, w1, p1, w2, p2 = tonumber(ARGV[i + 4]), 0, 0, 0, 0
+  if not fresh[k] then
+    local r = redis.call('GETRANGE', KEYS[8], s * 32, s * 32 + 31)
+    if #r == 32 then w1, p1, w2, p2 = struct.unpack('>i8>i8>i8>i8', r) end
+  end
+  if wp > 0 then -- its packets in the call's window
+    if window == w1 then
+      if wp > p1 then p1 = wp end
+    elseif window > w1 then
+      w2, p2, w1, p1 = w1, p1, window, wp
+    elseif window == w2 then
+      if wp > p2 then p2 = wp end
+    elseif window > w2 then
+      w2, p2 = window, wp
+    end
+  end
+  redis.call('SETRANGE', KEYS[8], s * 32, struct.pack('>i8>i8>i8>i8', w1, p1, w2, p2))
+end
+redis.call('BITFIELD', KEYS[5], unpack(sp))
+redis.call('BITFIELD', KEYS[6], unpack(sb))
+redis.call('BITFIELD', KEYS[7], unpack(sl))
+return #dev
 """
 
 # Retention: free the slots of devices silent since the cutoff, whose records have expired
@@ -407,8 +439,7 @@ local zero8, zero32 = string.rep('\\0', 8), string.rep('\\0', 32)
 for i = 2, #ARGV, 2 do
   local slot, id = tonumber(ARGV[i]), ARGV[i + 1]
   if redis.call('HGET', KEYS[2], id) == ARGV[i] then
-    local s = redis.call('GETRANGE', KEYS[7], slot * 8, slot * 8 + 7)
-    local l = #s == 8 and struct.unpack('<i8', s) or 0
+    local l = redis.call('BITFIELD', KEYS[7], 'GET', 'i64', '#' .. slot)[1]
     if l > 0 and l <= cutoff then
       for k = 5, 7 do redis.call('SETRANGE', KEYS[k], slot * 8, zero8) end
       redis.call('SETRANGE', KEYS[8], slot * 32, zero32)

@@ -868,7 +868,7 @@ class RedisStore:
         counts: list[int | None] = [None] * len(ids)
         for (n, _), raw in zip(at, await pipe.execute() if at else [], strict=True):
             if len(raw) == 8:
-                counts[n] = int.from_bytes(raw, "little", signed=True)
+                counts[n] = int.from_bytes(raw, "big", signed=True)
         return counts
 
     async def recently_seen(self, since_ms: int, limit: int) -> list[tuple[str, int]]:
