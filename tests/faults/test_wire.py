@@ -56,7 +56,7 @@ _LARGE = st.builds(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    name=st.sampled_from(["EVALSHA", "SCRIPT LOAD", b"rtm.merge5"]),
+    name=st.sampled_from(["EVALSHA", "SCRIPT LOAD", b"rtm.merge6"]),
     args=st.lists(st.one_of(_ARG, st.binary().map(bytearray))),
     large=st.lists(_LARGE, min_size=1, max_size=4),
     data=st.data(),

@@ -1,4 +1,4 @@
-"""The rtm Redis module's device merge (storage/_merge.c, RTM.MERGE5) against the Lua script
+"""The rtm Redis module's device merge (storage/_merge.c, RTM.MERGE6) against the Lua script
 it stands in for (scripts.MERGE_DEVICES), on a real Redis with the module loaded: the same
 replies and the same record bytes and TTLs for any flushes (kinds and readings old and new,
 sums that overflowed, receive seconds folded into spans and dropped, windows, retries,

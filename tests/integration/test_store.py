@@ -30,6 +30,11 @@ def delta(**devices: DeviceDelta) -> FlushDelta:
     return d
 
 
+async def indexed(store: RedisStore) -> dict[str, int]:
+    """Each device's packets as its index group's column holds them."""
+    return {d: n for d, _, n in await store.recent(0, 1000)}
+
+
 def dev(packets: int, first: int, last: int, t: ValueStats | None = None) -> DeviceDelta:
     return DeviceDelta(
         packets=packets,
@@ -508,13 +513,14 @@ def test_indexes_follow_the_records_through_replays_and_expiry(
             await store.apply(calls)
             await store.client.delete(store.layout.device("b"))  # b's record expired
             await store.apply(calls)  # a replay: b has no record to index
-            assert await store.packet_counts(["a", "b"]) == [3, 4]
-            # b is back after its expiry, before the janitor dropped its entries: 1 packet
-            await store.commit(delta(b=dev(1, 40, 50)), "i", 2)
-            assert await store.packet_counts(["a", "b"]) == [3, 1]
+            assert await indexed(store) == {"a": 3, "b": 4}
+            # b is back after its expiry (a retention, 60 s, of silence), before the janitor
+            # freed its slot: its new record's 1 packet replaces the old figures
+            await store.commit(delta(b=dev(1, 60_040, 60_050)), "i", 2)
+            assert await indexed(store) == {"a": 3, "b": 1}
             _, page = await store.list_devices(sort="packets", descending=True)
             assert [(r.device_id, r.packets) for r in page] == [("a", 3), ("b", 1)]
-            assert dict(await store.recently_seen(0, 10))["b"] == 50
+            assert dict(await store.recently_seen(0, 10))["b"] == 60_050
 
     asyncio.run(main())
 
@@ -539,5 +545,28 @@ def test_a_device_with_hundreds_of_kinds_and_readings_reads_back(
             assert len(a.values) == 260 and a.values["v259"].count == 2
             assert a.values["v259"].sum == 518 and a.values["v7"].last_timestamp_ms == 2
             assert (b.packets, b.kinds) == (2, {"reading": 2})
+
+    asyncio.run(main())
+
+
+def test_an_older_reply_never_lowers_a_row(redis_server: EmbeddedRedis) -> None:
+    """Two instances merge into a device's new record; the second's reply (more packets) may
+    reach the index group first: the first's, although it created the record, lowers
+    nothing. Only a row older than the retention (its record expired since) is replaced."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "o", retention_s=60) as store:
+            keys = store.layout.group_keys(0)
+            rows = store._scripts["rows"]
+
+            async def write(packets: int, last: int, created: int) -> None:
+                args = [60_000, 1, "x", packets, packets, last, packets, created]
+                await rows(keys=keys, args=args)
+
+            await write(7, 1_000, 0)  # instance B: its merge went second, its reply first
+            await write(3, 900, 1)  # instance A: created the record
+            assert await indexed(store) == {"x": 7}
+            await write(2, 61_001, 1)  # 60.001 s later: a new record after an expiry
+            assert await indexed(store) == {"x": 2}
 
     asyncio.run(main())

@@ -190,13 +190,9 @@ class ChangeFeed:
 
     async def poll_once(self) -> None:
         now = int(time.time() * 1000)
-        seen = await self.store.recently_seen(now - LOOKBACK_MS, MAX_CHANGED)
-        counts = await self.store.packet_counts([d for d, _ in seen])
-        changed = [
-            d
-            for (d, _), n in zip(seen, counts, strict=True)
-            if n is not None and n > self._sent.get(d, (-1, 0))[0]
-        ]
+        recent = await self.store.recent(now - LOOKBACK_MS, MAX_CHANGED)
+        seen = [(d, ms) for d, ms, _ in recent]
+        changed = [d for d, _, n in recent if n > self._sent.get(d, (-1, 0))[0]]
         records, totals = await asyncio.gather(self.store.get_devices(changed), self.store.totals())
         last_seen = dict(seen)
         for record in records:

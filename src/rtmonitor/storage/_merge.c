@@ -1,25 +1,26 @@
 /* A Redis module: RTM.MERGE6, the device merge of scripts.MERGE_DEVICES in C, with the
- * index group's writes that follow it.
+ * index group's writes that follow it (scripts.WRITE_ROWS).
  *
  * Why: a fleet's flush is one merge per device, and in Lua most of a merge is the
  * machinery around it, not the arithmetic: two redis.call()s (GET, SET) and a ~300-byte
  * record unpacked into a Lua table of ~80 values, then packed again. In C the record is
- * read where Redis keeps it and written once, and the index entries go straight into the
- * sorted sets instead of through the service as text. (Figures: benchmarks/RESULTS.md.)
+ * read where Redis keeps it and written once, and the device's row goes straight into its
+ * group's columns. (Figures: benchmarks/RESULTS.md.)
  *
- *   RTM.MERGE5 numkeys marker ix-devices ix-packets ix-bytes ix-last-seen ix-rate-window
- *              device-key... ttl seq retention-ms window deltas id-offset
+ *   RTM.MERGE6 numkeys marker ix-devices ix-slot ix-id ix-free ix-packets ix-bytes
+ *              ix-last-seen ix-rate device-key... ttl seq retention-ms window deltas id-offset
  *
  * The merge is the script's, byte for byte (`EVALSHA <MERGE_DEVICES> numkeys marker
  * device-key... ttl seq retention window deltas`: record and delta formats in scripts.py),
- * and the index entries are what RedisStore._index_commands writes from the script's
- * reply; so either path may run a flush, a retry or a replayed journal, and they leave the
- * same bytes and scores (tests/integration/test_merge_module.py checks them against each
- * other). Replies [the number of devices, what the records had no room for] (below).
+ * and the group's writes are WRITE_ROWS' from the script's reply; so either path may run a
+ * flush, a retry or a replayed journal, and they leave the same bytes, slots and columns
+ * (tests/integration/test_merge_module.py checks them against each other). Replies [the
+ * number of devices, what the records had no room for] (below).
  *
- * What it writes is replicated (and written to the AOF) as plain SET, ZADD and EXPIRE
- * commands, as the script's effects are, so a data directory never needs the module.
- * Unlike the script, a malformed deltas argument is refused before anything is written.
+ * What it writes is replicated (and written to the AOF) as plain commands: SET, ZADD,
+ * HSET, LPOP, and one EVAL of SETRANGEs per call for the column rows, so a data directory
+ * never needs the module. Unlike the script, a malformed deltas argument is refused before
+ * anything is written.
  *
  * No Redis header is needed: the few module API functions used are declared here and
  * looked up by name when Redis loads the module, as redismodule.h does.
@@ -589,30 +590,35 @@ static const char *open_group(RedisModuleCtx *ctx, RedisModuleString **keys, gro
     return NULL;
 }
 
-/* The device's slot: the one it has, else a freed one, else the next. */
-static const char *slot_of(RedisModuleCtx *ctx, group *g, RedisModuleString *member,
-                           long long *slot, int *fresh) {
+static int slot_number(RedisModuleString *text, long long *slot) {
+    return RM_StringToLongLong(text, slot) == REDISMODULE_OK && *slot >= 0 && *slot < MAX_SLOTS;
+}
+
+/* The device's slot: the one it has, else a freed one, else the next (open_group made sure
+ * there is one). Only something else writes a slot that is not a number, or a freed slot
+ * that is not one or is in use: such a device takes a new slot, such an entry is dropped
+ * (WRITE_ROWS does the same), rather than the call failing once its records are merged. */
+static void slot_of(RedisModuleCtx *ctx, group *g, RedisModuleString *member, long long *slot,
+                    int *fresh) {
     RedisModuleString *value = NULL;
     RM_HashGet(g->key[IX_SLOT], REDISMODULE_HASH_NONE, member, &value, NULL);
-    *fresh = value == NULL;
-    if (value != NULL) {
-        int ok = RM_StringToLongLong(value, slot) == REDISMODULE_OK && *slot >= 0 &&
-                 *slot < MAX_SLOTS;
-        RM_FreeString(ctx, value);
-        return ok ? NULL : "ERR a device's slot (ix-slot) is not a slot number";
-    }
-    RedisModuleString *freed = NULL;
-    if (RM_ValueLength(g->key[IX_FREE]) > 0) freed = RM_ListPop(g->key[IX_FREE], 0);
-    if (freed != NULL) {
-        int ok = RM_StringToLongLong(freed, slot) == REDISMODULE_OK && *slot >= 0 &&
-                 *slot < MAX_SLOTS;
-        RM_FreeString(ctx, freed);
+    *fresh = value == NULL || !slot_number(value, slot);
+    if (value != NULL) RM_FreeString(ctx, value);
+    if (!*fresh) return;
+    *slot = -1;
+    while (*slot < 0 && RM_ValueLength(g->key[IX_FREE]) > 0) {
+        RedisModuleString *freed = RM_ListPop(g->key[IX_FREE], 0), *owner = NULL;
+        if (freed == NULL) break;
         g->popped++;
-        if (!ok) return "ERR a freed slot (ix-free) is not a slot number";
-    } else {
-        if (g->next >= MAX_SLOTS) return "ERR an index group has no slot left";
-        *slot = g->next;
+        if (slot_number(freed, slot)) {
+            RM_HashGet(g->key[IX_ID], REDISMODULE_HASH_NONE, freed, &owner, NULL);
+            if (owner != NULL) *slot = -1, RM_FreeString(ctx, owner);
+        } else {
+            *slot = -1;
+        }
+        RM_FreeString(ctx, freed);
     }
+    if (*slot < 0) *slot = g->next;
     if (*slot >= g->next) g->next = *slot + 1;
     RedisModuleString *text = RM_CreateStringFromLongLong(ctx, *slot);
     RM_HashSet(g->key[IX_SLOT], REDISMODULE_HASH_NONE, member, text, NULL);
@@ -620,7 +626,6 @@ static const char *slot_of(RedisModuleCtx *ctx, group *g, RedisModuleString *mem
     grow((void **)&g->slots, &g->slotcap, g->nslots + 2, sizeof(RedisModuleString *));
     g->slots[g->nslots++] = member;
     g->slots[g->nslots++] = text;
-    return NULL;
 }
 
 /* A column's bytes, grown (zeros) to hold `slot`. */
@@ -628,9 +633,10 @@ static unsigned char *column_at(group *g, int ix, long long slot, size_t width) 
     size_t len, need = (size_t)(slot + 1) * width;
     unsigned char *p = (unsigned char *)RM_StringDMA(g->key[ix], &len, REDISMODULE_WRITE);
     if (len < need) {
-        /* (Redis grows a string's buffer geometrically: amortized O(1) per slot) */
-        RM_StringTruncate(g->key[ix], need);
+        /* (Redis keeps room past a string's end: doubled up to 1 MB, then 1 MB more) */
+        if (RM_StringTruncate(g->key[ix], need) != REDISMODULE_OK) return NULL;
         p = (unsigned char *)RM_StringDMA(g->key[ix], &len, REDISMODULE_WRITE);
+        if (len < need) return NULL;
     }
     return p + (size_t)slot * width;
 }
@@ -638,12 +644,11 @@ static unsigned char *column_at(group *g, int ix, long long slot, size_t width) 
 /* One device's row, from its merge's 5 reply integers and the call's window (the same
  * arithmetic as scripts.WRITE_ROWS). */
 static const char *row_device(RedisModuleCtx *ctx, group *g, RedisModuleString *member,
-                              const long long *reply, long long window, int replace) {
+                              const long long *reply, long long window, long long retention) {
     if (reply[4] < 0) return NULL; /* a replay, and the record has expired since */
     long long slot;
     int fresh;
-    const char *error = slot_of(ctx, g, member, &slot, &fresh);
-    if (error != NULL) return error;
+    slot_of(ctx, g, member, &slot, &fresh);
     if (fresh) { /* (a device has a slot exactly while it is in ix-devices) */
         int flags = REDISMODULE_ZADD_NX;
         if (RM_ZsetAdd(g->key[IX_DEVICES], 0, member, &flags) != REDISMODULE_OK)
@@ -655,14 +660,20 @@ static const char *row_device(RedisModuleCtx *ctx, group *g, RedisModuleString *
     }
     unsigned char *pc = column_at(g, IX_PACKETS, slot, 8), *bc = column_at(g, IX_BYTES, slot, 8);
     unsigned char *lc = column_at(g, IX_LAST_SEEN, slot, 8), *rc = column_at(g, IX_RATE, slot, 32);
-    /* a record created with retention on replaces what its expired predecessor counted */
-    int reset = fresh || (replace && reply[4] == 1);
+    if (!pc || !bc || !lc || !rc) return "ERR an index column cannot grow";
     long long p = get_i64(pc), b = get_i64(bc), l = get_i64(lc);
+    /* Figures only grow, so the highest reported is kept: a retry, a replay or another
+     * instance's older reply changes nothing. Except when the row is older than the
+     * retention: its device's record expired since (its TTL runs from its last write), and
+     * the record now replying is a new one, whose figures replace the old ones. (Not
+     * "this call created the record": another instance's merge into the new record may
+     * have been written here first.) */
+    int reset = fresh || (retention > 0 && l > 0 && reply[2] - l > retention);
     put_i64(pc, reset || reply[0] > p ? reply[0] : p);
     put_i64(bc, reset || reply[1] > b ? reply[1] : b);
-    put_i64(lc, fresh || reply[2] > l ? reply[2] : l);
+    put_i64(lc, reset || reply[2] > l ? reply[2] : l);
     long long w1 = get_i64(rc), p1 = get_i64(rc + 8), w2 = get_i64(rc + 16), p2 = get_i64(rc + 24);
-    if (fresh) w1 = p1 = w2 = p2 = 0;
+    if (reset) w1 = p1 = w2 = p2 = 0;
     if (reply[3] > 0) { /* its packets in the call's window */
         if (window == w1) {
             if (reply[3] > p1) p1 = reply[3];
@@ -851,6 +862,9 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         members[k] = RM_CreateString(ctx, key + offset, len - (size_t)offset - 1);
     }
     if (error == NULL) error = open_group(ctx, ixkeys, &g);
+    /* (a slot for every device, even if none had one: refused before anything is written) */
+    if (error == NULL && g.next + (long long)devices > MAX_SLOTS)
+        error = "ERR an index group has no slot left";
     if (error == NULL && !applied) {
         RedisModuleKey *marker = RM_OpenKey(ctx, keys[0], REDISMODULE_WRITE);
         RM_StringSet(marker, args[1]);
@@ -866,7 +880,7 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
                               &dropped);
         }
         if (error == NULL)
-            error = row_device(ctx, &g, members[k], reply, (long long)window, retention > 0);
+            error = row_device(ctx, &g, members[k], reply, (long long)window, retention);
     }
     close_group(ctx, ixkeys, &g); /* (what was written, even before an error) */
     for (size_t k = 0; k < devices; k++) RM_FreeString(ctx, members[k]);

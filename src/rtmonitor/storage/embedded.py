@@ -125,9 +125,9 @@ class EmbeddedRedis:
         merge_module: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
-        # The rtm module (RTM.MERGE5: device merges in C). Its writes reach the AOF as plain
-        # SET, ZADD and EXPIRE commands, so the data directory never needs it; without it
-        # the store merges with the script.
+        # The rtm module (RTM.MERGE6: device merges in C). Its writes reach the AOF as plain
+        # commands (SET, ZADD, HSET, LPOP, an EVAL of SETRANGEs), so the data directory never
+        # needs it; without it the store merges with the script.
         self.merge_module = merge_module_path() if merge_module else None
         self.host = host
         self.port = port
@@ -178,9 +178,9 @@ class EmbeddedRedis:
             # reach five times its size at the last rewrite before it is rewritten again.
             "auto-aof-rewrite-percentage": str(AOF_REWRITE_PERCENTAGE),
             # An expired key is freed by a background thread, not by the one that serves
-            # every command: a rate window (sort=rate) is a sorted set of every device that
-            # sent in its 10 s, and freeing one synchronously stalls every command for as
-            # long (0.1-0.4 s at a fleet's size: benchmarks/RESULTS.md, sixth pass).
+            # every command: freeing a large one synchronously stalls every command for as
+            # long (a sorted set of a fleet's devices, as key layout 4 kept per rate
+            # window: 0.1-0.4 s, benchmarks/RESULTS.md, sixth pass).
             "lazyfree-lazy-expire": "yes",
             "save": "900 1 300 10 60 10000",
             "dbfilename": "dump.rdb",

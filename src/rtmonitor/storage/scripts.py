@@ -4,7 +4,7 @@ Atomic: a script runs whole inside Redis, so instances writing the same device n
 overwrite each other; compare-then-write fields (min, max, last) are exact only this way.
 Idempotent: an instance commits its flushes in sequence order, and a script that finds its
 marker key at this flush's sequence number or later merges nothing (the device script
-returns the records' figures as they are, for the sorted indexes), so a retried flush (a
+returns the records' figures as they are, for the index columns), so a retried flush (a
 lost reply, a reconnect, a journal replayed for a dead instance) is never counted twice.
 The markers are bounded (one per instance and group), whatever the number of flushes.
 """
@@ -93,10 +93,9 @@ _TOO_BIG = (
 # record's first, oldest, spans go, then its first seconds). One instance's per-device limits fit in
 # NAME_ROOM (config.py); several instances, or one restarted, each admit a device's names
 # anew, which is how a record can reach it. The rtm module does the same (_merge.c).
-# (Writing the index entries from here instead, with bulk ZADDs, cost Redis ~3-9 us more
-# per device: each score goes from a Lua number to text and back to a double in Redis.
-# The service formats them instead, and Redis, shared by every replica, does less; the rtm
-# module, storage/_merge.c, writes them itself, as doubles, with no text in between.)
+# (The index group's columns are written by WRITE_ROWS, a second call: on a Redis Cluster
+# the group's keys and the devices' keys live in different hash slots. The rtm module,
+# storage/_merge.c, writes them in the same command.)
 MERGE_DEVICES = (
     _RECORD
     + f"local MAX_VALUES, NAME_ROOM = {RECORD_VALUES_MAX}, {RECORD_NAMES_MAX}\n"
@@ -316,9 +315,16 @@ return out
 # test_merge_module.py), for a Redis without it and for a Redis Cluster (the group's keys
 # share its tag, the devices' keys do not: a second call).
 # KEYS: devices, slot, id, free, c:packets, c:bytes, c:last_seen, c:rate (KeyLayout.group_keys)
-# ARGV: replace (1: retention on, a record the call created replaces its predecessor's
-#       figures), the call's window, then per device: id, packets, bytes, last_seen,
-#       packets in the window, created (MERGE_DEVICES' reply: -1 skips the device)
+# ARGV: the call's retention in ms (0: none) and window, then per device: id, packets,
+#       bytes, last_seen, packets in the window, created (MERGE_DEVICES' reply: -1 skips the
+#       device)
+# A device takes a slot if it has none: a freed one (ix-free, its head first), else the
+# next. Only something else writes a slot that is not a number, or a freed slot that is
+# not one or is in use: such a device takes a new slot, such an entry is dropped, rather
+# than the call failing once the records are merged. Figures only grow, so the highest
+# reported is kept (a retry, a replay or another instance's older reply changes nothing),
+# except over a row older than the retention: its device's record expired since, and the
+# record now replying is a new one.
 WRITE_ROWS = """
 local kinds = {'zset', 'hash', 'hash', 'list', 'string', 'string', 'string', 'string'}
 for i = 1, 8 do
@@ -328,38 +334,46 @@ for i = 1, 8 do
   end
 end
 local MAX_SLOTS = 16777216
-local replace, window = ARGV[1] == '1', tonumber(ARGV[2])
+local retention, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local nxt = math.floor(redis.call('STRLEN', KEYS[8]) / 32)
-local function slot_number(text, what)
-  local n = tonumber(text)
-  if n == nil or n < 0 or n >= MAX_SLOTS or n ~= math.floor(n) then
-    error({err = 'ERR ' .. what .. ' is not a slot number'})
+local function slot_number(text)
+  if text == '0' or string.match(text, '^[1-9]%d*$') then
+    local n = tonumber(text)
+    if n < MAX_SLOTS then return n end
   end
-  return n
+  return nil
 end
 -- the devices to write (created -1: a replay, the record has expired since: none)
 local dev = {}
 for i = 3, #ARGV, 6 do
   if tonumber(ARGV[i + 5]) >= 0 then dev[#dev + 1] = i end
 end
+-- (a slot for every device, even if none had one: refused before anything is written)
+if nxt + (#ARGV - 2) / 6 > MAX_SLOTS then
+  return redis.error_reply('ERR an index group has no slot left')
+end
 if #dev == 0 then return 0 end
 local ids = {}
 for k, i in ipairs(dev) do ids[k] = ARGV[i] end
 local have = redis.call('HMGET', KEYS[2], unpack(ids))
--- slots in the devices' order (the module's): the one it has, else a freed one, else the next
+-- slots in the devices' order (the module's)
 local slot, fresh = {}, {}
-for k, i in ipairs(dev) do
-  if have[k] then
-    slot[k], fresh[k] = slot_number(have[k], "a device's slot (ix-slot)"), false
+for k = 1, #dev do
+  local s = have[k] and slot_number(have[k])
+  if s then
+    slot[k], fresh[k] = s, false
   else
-    local freed = redis.call('LPOP', KEYS[4])
-    local s
-    if freed then
-      s = slot_number(freed, 'a freed slot (ix-free)')
-    else
-      if nxt >= MAX_SLOTS then error({err = 'ERR an index group has no slot left'}) end
-      s = nxt
+    s = nil
+    while true do
+      local freed = redis.call('LPOP', KEYS[4])
+      if not freed then break end
+      local n = slot_number(freed)
+      if n and redis.call('HEXISTS', KEYS[3], freed) == 0 then
+        s = n
+        break
+      end
     end
+    if s == nil then s = nxt end
     if s >= nxt then nxt = s + 1 end
     slot[k], fresh[k] = s, true
     -- (a device has a slot exactly while it is in the devices set)
@@ -373,7 +387,7 @@ end
 -- they came in where they can: formatting a Lua number for Redis costs more than the rest.
 local at = {}
 for k = 1, #dev do
-  at[k] = '#' .. (have[k] or slot[k])
+  at[k] = '#' .. (fresh[k] and slot[k] or have[k])
 end
 local function read(key)
   local ops = {}
@@ -393,19 +407,18 @@ local function set(ops, k, v)
   ops[#ops + 1] = v
 end
 for k, i in ipairs(dev) do
-  local created, s = tonumber(ARGV[i + 5]), slot[k]
-  -- a record created with retention on replaces what its expired predecessor counted
-  local reset = fresh[k] or (replace and created == 1)
+  local s = slot[k]
   local p, b, l = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local reset = fresh[k] or (retention > 0 and ol[k] > 0 and tonumber(l) - ol[k] > retention)
   if not reset and op[k] > tonumber(p) then p = op[k] end
   if not reset and ob[k] > tonumber(b) then b = ob[k] end
-  if not fresh[k] and ol[k] > tonumber(l) then l = ol[k] end
+  if not reset and ol[k] > tonumber(l) then l = ol[k] end
   set(sp, k, p)
   set(sb, k, b)
   set(sl, k, l)
   -- the rate row: 4 i64s, read and written whole
   local wp, w1, p1, w2, p2 = tonumber(ARGV[i + 4]), 0, 0, 0, 0
-  if not fresh[k] then
+  if not reset then
     local r = redis.call('GETRANGE', KEYS[8], s * 32, s * 32 + 31)
     if #r == 32 then w1, p1, w2, p2 = struct.unpack('>i8>i8>i8>i8', r) end
   end

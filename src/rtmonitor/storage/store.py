@@ -44,6 +44,7 @@ from rtmonitor.model import (
 from rtmonitor.storage import ranking
 from rtmonitor.storage.keys import CLUSTER_GROUPS, RATE_WINDOW_S, KeyLayout
 from rtmonitor.storage.packing import C_PACK, pack_deltas
+from rtmonitor.storage.ranking import BoolArray
 from rtmonitor.storage.scripts import (
     FINALIZE,
     FREE_SLOTS,
@@ -340,15 +341,14 @@ class RedisStore:
     def _row_calls(self, calls: list[Call], replies: list[Any]) -> list[Call]:
         """scripts.WRITE_ROWS calls that bring the columns up to the device calls' replies,
         one per device call (whose devices share a hash slot, so an index group), in the
-        plan's order: slots are taken in the order the rtm module takes them."""
+        plan's order (a call's devices take slots in the order the rtm module gives them)."""
         layout = self.layout
-        replace = 1 if self.retention_s > 0 else 0
         rows: list[Call] = []
         for (name, keys, args), reply in zip(calls, replies, strict=True):
             if name != "devices" or len(keys) < 2:
                 continue
             ids = [layout.device_id(key) for key in keys[1:]]
-            row_args: list[Any] = [replace, int(args[3])]
+            row_args: list[Any] = [int(args[2]), int(args[3])]  # the call's retention, window
             for n, device_id in enumerate(ids):
                 row_args.append(device_id)
                 row_args += reply[5 * n : 5 * n + 5]
@@ -513,36 +513,32 @@ class RedisStore:
 
     async def expire_silent_devices(self, now_ms: int, batch: int = 1000) -> int:
         """Drop devices silent for longer than the retention from the index groups (their
-        records expire by themselves; their slots are freed for new devices); the number
-        dropped. Idempotent: any instance may run it."""
+        records expire by themselves; their slots are freed for new devices), `batch` at a
+        time; the number dropped. Idempotent: any instance may run it."""
         if self.retention_s <= 0:
             return 0
         cutoff = now_ms - self.retention_s * 1000
+        columns = await self._columns(("last_seen",))
+        silent = ranking.silent([c["last_seen"] for c in columns], cutoff, 1 << 62)
         dropped = 0
-        while True:
-            last_seen = await self._columns(("last_seen",))
-            silent = ranking.silent([c["last_seen"] for c in last_seen], cutoff, batch)
-            if not silent:
-                return dropped
-            ids = await self._ids_at(silent)
-            found = [(g, slot, d) for (g, slot), d in zip(silent, ids, strict=True) if d]
+        for start in range(0, len(silent), batch):
+            part = silent[start : start + batch]
+            ids = await self._ids_at(part)
+            found = [(g, slot, d) for (g, slot), d in zip(part, ids, strict=True) if d]
+            if not found:
+                continue
             pipe = self.client.pipeline(transaction=False)
             for _, _, device_id in found:
                 pipe.exists(self.layout.device(device_id))
-            exists = await pipe.execute() if found else []
-            gone = [f for f, e in zip(found, exists, strict=True) if not e]
+            exists = await pipe.execute()
             by_group: dict[int, list[Any]] = {}
-            for g, slot, device_id in gone:
-                by_group.setdefault(g, []).extend((slot, device_id))
-            freed = 0
+            for (g, slot, device_id), e in zip(found, exists, strict=True):
+                if not e:  # (a device whose record lives on sent again: it keeps its slot)
+                    by_group.setdefault(g, []).extend((slot, device_id))
             for g, pairs in by_group.items():
                 keys = self.layout.group_keys(g)
-                freed += int(await self._free_slots(keys=keys, args=[cutoff, *pairs]))
-            dropped += freed
-            if freed < len(silent):
-                # some sent again (their record lives on, or the slot moved on): the next
-                # pass will see them
-                return dropped
+                dropped += int(await self._free_slots(keys=keys, args=[cutoff, *pairs]))
+        return dropped
 
     # --- recovery of dead instances' journals ----------------------------------------------
 
@@ -766,6 +762,7 @@ class RedisStore:
         fields = (field,) if field == "last_seen" else (field, "last_seen")
         columns = await self._columns(fields)
         live = [c["last_seen"] > 0 for c in columns]
+        window = self._rate_window(columns, live) if page.sort == "rate" else 0
         if only is not None:
             pipe = self.client.pipeline(transaction=False)
             for g, ids in enumerate(only):
@@ -779,19 +776,23 @@ class RedisStore:
                     mask[[s for s in slots if s < len(mask)]] = True
                 live[g] &= mask
         if page.sort == "rate":
-            current = int(time.time()) // RATE_WINDOW_S
-            rates = [c["rate"] for c in columns]
-            previous = [ranking.window_packets(r, current - 1) for r in rates]
-            if any(bool(((p > 0) & ok).any()) for p, ok in zip(previous, live, strict=True)):
-                scores = previous
-            else:
-                scores = [ranking.window_packets(r, current) for r in rates]
+            scores = [ranking.window_packets(c["rate"], window) for c in columns]
             live = [ok & (p > 0) for p, ok in zip(scores, live, strict=True)]
         else:
             scores = [c[field] for c in columns]
         matched, picked = ranking.page(scores, live, page.offset, page.stop, page.descending)
         names = await self._ids_at(picked)
         return matched, [d for d in names if d is not None]
+
+    @staticmethod
+    def _rate_window(columns: list[dict[str, IntArray]], live: list[BoolArray]) -> int:
+        """The window sort=rate ranks by: the last complete one, or the current one if no
+        device sent in that one (decided over every device, whatever the page's filter)."""
+        current = int(time.time()) // RATE_WINDOW_S
+        for c, ok in zip(columns, live, strict=True):
+            if bool(((ranking.window_packets(c["rate"], current - 1) > 0) & ok).any()):
+                return current - 1
+        return current
 
     async def _columns(self, fields: tuple[str, ...]) -> list[dict[str, IntArray]]:
         """Per index group, the columns `fields` as int64 arrays of its slot count (the
@@ -847,36 +848,22 @@ class RedisStore:
             if fields
         ]
 
-    async def packet_counts(self, ids: list[str]) -> list[int | None]:
-        """Each device's packets as its group's column has them (None: not there)."""
-        if not ids:
-            return []
-        layout = self.layout
-        by_group: dict[int, list[int]] = {}
-        for n, device_id in enumerate(ids):
-            by_group.setdefault(layout.group_of(device_id), []).append(n)
-        pipe = self.client.pipeline(transaction=False)
-        for g, positions in by_group.items():
-            pipe.hmget(layout.slots(g), [ids[n] for n in positions])
-        at: list[tuple[int, int]] = []  # (position in ids, slot)
-        for positions, slots in zip(by_group.values(), await pipe.execute(), strict=True):
-            at += [(n, int(s)) for n, s in zip(positions, slots, strict=True) if s is not None]
-        pipe = self.client.pipeline(transaction=False)
-        for n, slot in at:
-            key = layout.column("packets", layout.group_of(ids[n]))
-            pipe.execute_command("GETRANGE", key, 8 * slot, 8 * slot + 7, **{NEVER_DECODE: True})
-        counts: list[int | None] = [None] * len(ids)
-        for (n, _), raw in zip(at, await pipe.execute() if at else [], strict=True):
-            if len(raw) == 8:
-                counts[n] = int.from_bytes(raw, "big", signed=True)
-        return counts
-
     async def recently_seen(self, since_ms: int, limit: int) -> list[tuple[str, int]]:
-        """Devices with a packet received after `since_ms`: (device, last_seen), newest last."""
-        columns = await self._columns(("last_seen",))
+        """Devices with a packet received after `since_ms`: (device, last_seen), newest last
+        (ties by slot)."""
+        return [(d, ms) for d, ms, _ in await self.recent(since_ms, limit)]
+
+    async def recent(self, since_ms: int, limit: int) -> list[tuple[str, int, int]]:
+        """recently_seen() with each device's packets: (device, last_seen, packets), from
+        one read of the two columns."""
+        columns = await self._columns(("last_seen", "packets"))
         seen = ranking.since([c["last_seen"] for c in columns], since_ms, limit)
         ids = await self._ids_at([(g, slot) for g, slot, _ in seen])
-        return [(d, ms) for d, (_, _, ms) in zip(ids, seen, strict=True) if d is not None]
+        return [
+            (d, ms, int(columns[g]["packets"][slot]))
+            for d, (g, slot, ms) in zip(ids, seen, strict=True)
+            if d is not None
+        ]
 
     async def totals(self) -> Totals:
         """Totals over every device and instance (the sums of the index groups')."""
