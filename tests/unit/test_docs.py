@@ -41,6 +41,7 @@ SCRIPTS = [
     "examples/send_once.py",
     "examples/resend_batch.py",
     "benchmarks/seed_design.py",
+    "benchmarks/store_merge.py",
 ]
 # Flags of other tools that the docs name in prose (not rtmonitor's).
 OTHER_TOOLS_FLAGS = {"--profile", "--pdeathsig"}
