@@ -757,30 +757,40 @@ class RedisStore:
         self, page: _Page, only: list[list[str]] | None
     ) -> tuple[int, list[str]]:
         """A page in a numeric order, ranked from the columns of every group (of the ids
-        in `only`, per group, if given)."""
+        in `only`, per group, if given). The numpy work (~25 ms for a million devices) runs
+        off the event loop, beside the receivers."""
         field = "rate" if page.sort == "rate" else page.sort
         fields = (field,) if field == "last_seen" else (field, "last_seen")
-        columns = await self._columns(fields)
-        live = [c["last_seen"] > 0 for c in columns]
-        window = self._rate_window(columns, live) if page.sort == "rate" else 0
+        blobs = await self._column_blobs(fields)
+        slots: list[list[int]] | None = None
         if only is not None:
             pipe = self.client.pipeline(transaction=False)
             for g, ids in enumerate(only):
                 if ids:
                     pipe.hmget(self.layout.slots(g), ids)
             found = iter(await pipe.execute())
-            for g, ids in enumerate(only):
-                mask = np.zeros(len(live[g]), np.bool_)
-                if ids:
-                    slots = [int(s) for s in next(found) if s is not None and s.isdigit()]
-                    mask[[s for s in slots if s < len(mask)]] = True
-                live[g] &= mask
-        if page.sort == "rate":
-            scores = [ranking.window_packets(c["rate"], window) for c in columns]
-            live = [ok & (p > 0) for p, ok in zip(scores, live, strict=True)]
-        else:
-            scores = [c[field] for c in columns]
-        matched, picked = ranking.page(scores, live, page.offset, page.stop, page.descending)
+            slots = [
+                [int(s) for s in next(found) if s is not None and s.isdigit()] if ids else []
+                for ids in only
+            ]
+
+        def rank() -> tuple[int, list[tuple[int, int]]]:
+            columns = self._parse_columns(blobs)
+            live = [c["last_seen"] > 0 for c in columns]
+            window = self._rate_window(columns, live) if page.sort == "rate" else 0
+            if slots is not None:
+                for g, matching in enumerate(slots):
+                    mask = np.zeros(len(live[g]), np.bool_)
+                    mask[[s for s in matching if s < len(mask)]] = True
+                    live[g] &= mask
+            if page.sort == "rate":
+                scores = [ranking.window_packets(c["rate"], window) for c in columns]
+                live = [ok & (p > 0) for p, ok in zip(scores, live, strict=True)]
+            else:
+                scores = [c[field] for c in columns]
+            return ranking.page(scores, live, page.offset, page.stop, page.descending)
+
+        matched, picked = await asyncio.to_thread(rank)
         names = await self._ids_at(picked)
         return matched, [d for d in names if d is not None]
 
@@ -797,6 +807,11 @@ class RedisStore:
     async def _columns(self, fields: tuple[str, ...]) -> list[dict[str, IntArray]]:
         """Per index group, the columns `fields` as int64 arrays of its slot count (the
         longest of them; a slot past a column's end reads 0)."""
+        blobs = await self._column_blobs(fields)
+        return await asyncio.to_thread(self._parse_columns, blobs)
+
+    async def _column_blobs(self, fields: tuple[str, ...]) -> list[dict[str, bytes | None]]:
+        """Per index group, the column strings `fields`, raw."""
         layout = self.layout
         pipe = self.client.pipeline(transaction=False)
         for g in range(layout.groups):
@@ -804,9 +819,12 @@ class RedisStore:
                 # raw bytes: the client decodes replies as str
                 pipe.execute_command("GET", layout.column(field, g), **{NEVER_DECODE: True})
         blobs = iter(cast(list[bytes | None], await pipe.execute()))
+        return [{field: next(blobs) for field in fields} for _ in range(layout.groups)]
+
+    @staticmethod
+    def _parse_columns(blobs: list[dict[str, bytes | None]]) -> list[dict[str, IntArray]]:
         out: list[dict[str, IntArray]] = []
-        for _ in range(layout.groups):
-            group = {field: next(blobs) for field in fields}
+        for group in blobs:
             slots = ranking.slot_count(group)
             out.append({f: ranking.column(blob, f, slots) for f, blob in group.items()})
         return out
