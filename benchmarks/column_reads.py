@@ -12,6 +12,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import redis
@@ -30,7 +31,7 @@ def measure(url: str, devices: int, groups: int) -> None:
     for _ in range(10):
         info = client.info("cpu")
         started = time.perf_counter()
-        blobs = [client.get(f"c:{g}") for g in range(groups)]
+        blobs = [cast(bytes | None, client.get(f"c:{g}")) for g in range(groups)]
         fetched = time.perf_counter()
         after = client.info("cpu")
         scores = [ranking.column(b, "packets", len(b or b"") // 8) for b in blobs]

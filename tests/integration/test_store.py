@@ -552,21 +552,24 @@ def test_a_device_with_hundreds_of_kinds_and_readings_reads_back(
 def test_an_older_reply_never_lowers_a_row(redis_server: EmbeddedRedis) -> None:
     """Two instances merge into a device's new record; the second's reply (more packets) may
     reach the index group first: the first's, although it created the record, lowers
-    nothing. Only a row older than the retention (its record expired since) is replaced."""
+    nothing. A row is replaced only by a record whose first packet came after the row's
+    last one (its predecessor expired), however soon after."""
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "o", retention_s=60) as store:
             keys = store.layout.group_keys(0)
             rows = store._scripts["rows"]
 
-            async def write(packets: int, last: int, created: int) -> None:
-                args = [60_000, 1, "x", packets, packets, last, packets, created]
+            async def write(packets: int, first: int, last: int, created: int) -> None:
+                args = [1, "x", packets, packets, last, packets, created, first]
                 await rows(keys=keys, args=args)
 
-            await write(7, 1_000, 0)  # instance B: its merge went second, its reply first
-            await write(3, 900, 1)  # instance A: created the record
+            await write(7, 900, 1_000, 0)  # instance B: its merge went second, its reply first
+            await write(3, 900, 900, 1)  # instance A: created the record
             assert await indexed(store) == {"x": 7}
-            await write(2, 61_001, 1)  # 60.001 s later: a new record after an expiry
+            await write(2, 1_200, 1_300, 1)  # a new record, its first packet after the row's last
+            assert await indexed(store) == {"x": 2}
+            await write(1, 1_200, 1_250, 0)  # an older reply of that record: nothing lowered
             assert await indexed(store) == {"x": 2}
 
     asyncio.run(main())

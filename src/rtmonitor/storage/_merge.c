@@ -473,7 +473,7 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
     RM_CloseKey(key);
     if (w != window) wp = 0;
     reply[0] = (long long)p, reply[1] = (long long)b, reply[2] = (long long)l;
-    reply[3] = (long long)wp, reply[4] = created;
+    reply[3] = (long long)wp, reply[4] = created, reply[5] = (long long)f;
     return NULL;
 }
 
@@ -484,7 +484,7 @@ static const char *figures(RedisModuleCtx *ctx, RedisModuleString *keyname, doub
     int type = RM_KeyType(key);
     const char *error = NULL;
     if (type == REDISMODULE_KEYTYPE_EMPTY) {
-        reply[0] = reply[1] = reply[2] = reply[3] = 0, reply[4] = -1;
+        reply[0] = reply[1] = reply[2] = reply[3] = reply[5] = 0, reply[4] = -1;
     } else if (type != REDISMODULE_KEYTYPE_STRING) {
         error = WRONGTYPE;
     } else {
@@ -495,6 +495,7 @@ static const char *figures(RedisModuleCtx *ctx, RedisModuleString *keyname, doub
         } else {
             reply[0] = (long long)h.p, reply[1] = (long long)h.b, reply[2] = (long long)h.l;
             reply[3] = h.w == window ? (long long)h.wp : 0, reply[4] = 2;
+            reply[5] = (long long)h.f;
         }
     }
     RM_CloseKey(key);
@@ -610,7 +611,7 @@ static void slot_of(RedisModuleCtx *ctx, group *g, RedisModuleString *member, lo
         RedisModuleString *freed = RM_ListPop(g->key[IX_FREE], 0), *owner = NULL;
         if (freed == NULL) break;
         g->popped++;
-        if (slot_number(freed, slot)) {
+        if (slot_number(freed, slot) && *slot < g->next) { /* (past the columns: never used) */
             RM_HashGet(g->key[IX_ID], REDISMODULE_HASH_NONE, freed, &owner, NULL);
             if (owner != NULL) *slot = -1, RM_FreeString(ctx, owner);
         } else {
@@ -641,10 +642,10 @@ static unsigned char *column_at(group *g, int ix, long long slot, size_t width) 
     return p + (size_t)slot * width;
 }
 
-/* One device's row, from its merge's 5 reply integers and the call's window (the same
+/* One device's row, from its merge's 6 reply integers and the call's window (the same
  * arithmetic as scripts.WRITE_ROWS). */
 static const char *row_device(RedisModuleCtx *ctx, group *g, RedisModuleString *member,
-                              const long long *reply, long long window, long long retention) {
+                              const long long *reply, long long window) {
     if (reply[4] < 0) return NULL; /* a replay, and the record has expired since */
     long long slot;
     int fresh;
@@ -663,12 +664,13 @@ static const char *row_device(RedisModuleCtx *ctx, group *g, RedisModuleString *
     if (!pc || !bc || !lc || !rc) return "ERR an index column cannot grow";
     long long p = get_i64(pc), b = get_i64(bc), l = get_i64(lc);
     /* Figures only grow, so the highest reported is kept: a retry, a replay or another
-     * instance's older reply changes nothing. Except when the row is older than the
-     * retention: its device's record expired since (its TTL runs from its last write), and
-     * the record now replying is a new one, whose figures replace the old ones. (Not
-     * "this call created the record": another instance's merge into the new record may
-     * have been written here first.) */
-    int reset = fresh || (retention > 0 && l > 0 && reply[2] - l > retention);
+     * instance's older reply changes nothing. Except over a row last seen before the
+     * replying record's first packet (reply[5]): that row is an expired predecessor's
+     * (retention), and the record now replying is a new one, whose figures replace it.
+     * (Not "this call created the record": another instance's merge into the new record
+     * may have been written here first; and not a retention's worth of silence: a record's
+     * TTL runs from its write, not from its packets' receive times.) */
+    int reset = fresh || (l > 0 && reply[5] > l);
     put_i64(pc, reset || reply[0] > p ? reply[0] : p);
     put_i64(bc, reset || reply[1] > b ? reply[1] : b);
     put_i64(lc, reset || reply[2] > l ? reply[2] : l);
@@ -844,7 +846,7 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
                 return RM_ReplyWithError(ctx, "ERR a device key is the marker or an index key");
     }
     scratch s = {0};
-    long long reply[5], dropped = 0;
+    long long reply[6], dropped = 0;
     delta *deltas = NULL;
     int applied;
     const char *error = marker_applied(ctx, keys[0], seq, &applied);
@@ -880,7 +882,7 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
                               &dropped);
         }
         if (error == NULL)
-            error = row_device(ctx, &g, members[k], reply, (long long)window, retention);
+            error = row_device(ctx, &g, members[k], reply, (long long)window);
     }
     close_group(ctx, ixkeys, &g); /* (what was written, even before an error) */
     for (size_t k = 0; k < devices; k++) RM_FreeString(ctx, members[k]);

@@ -80,11 +80,12 @@ _TOO_BIG = (
 # ARGV[1]   marker TTL in seconds, ARGV[2] flush seq, ARGV[3] retention in ms (0: keep
 #           forever), ARGV[4] this flush's rate window, ARGV[5] the devices' deltas, packed
 #           one after the other in KEYS order
-# Returns, per device, 5 integers for the index group (WRITE_ROWS, after this call):
+# Returns, per device, 6 integers for the index group (WRITE_ROWS, after this call):
 #   packets, bytes, last_seen, packets in ARGV[4]'s window (0: none), and 1 if this call
 #   created the record, 0 if not, 2 if the call had been applied before (the records as
-#   they are now), -1 if so and the record has expired since (nothing to index); then, last,
-#   how many kinds, value names and rate buckets the records had no room for (below).
+#   they are now), -1 if so and the record has expired since (nothing to index), and the
+#   record's first_seen; then, last, how many kinds, value names and rate buckets the
+#   records had no room for (below).
 # A record never outgrows what one Lua call unpacks (RECORD_VALUES_MAX values), whatever
 # its device sends: a merge that failed for it would fail at every retry, and the flush
 # (every device in it) with it. Kinds and value names take at most NAME_ROOM values, and a
@@ -104,9 +105,9 @@ MERGE_DEVICES = (
 local window = tonumber(ARGV[4])
 local retention = tonumber(ARGV[3])
 local out, dropped = {}, 0
-local function emit(p, b, l, wp, created)
+local function emit(p, b, l, wp, created, f)
   local n = #out
-  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = p, b, l, wp, created
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = p, b, l, wp, created, f
 end
 local applied = tonumber(redis.call('GET', KEYS[1]))
 if applied ~= nil and applied >= tonumber(ARGV[2]) then
@@ -114,11 +115,11 @@ if applied ~= nil and applied >= tonumber(ARGV[2]) then
   for k = 2, #KEYS do
     local blob = redis.call('GET', KEYS[k])
     if blob then
-      local p, b, _, l, w, wp = struct.unpack(HEAD, blob)
+      local p, b, f, l, w, wp = struct.unpack(HEAD, blob)
       if w ~= window then wp = 0 end
-      emit(p, b, l, wp, 2)
+      emit(p, b, l, wp, 2, f)
     else
-      emit(0, 0, 0, 0, -1)
+      emit(0, 0, 0, 0, -1, 0)
     end
   end
   out[#out + 1] = 0
@@ -303,7 +304,7 @@ for k = 2, #KEYS do
     redis.call('SET', key, record)
   end
   if w ~= window then wp = 0 end
-  emit(p, b, l, wp, created)
+  emit(p, b, l, wp, created, f)
 end
 out[#out + 1] = dropped
 return out
@@ -315,16 +316,15 @@ return out
 # test_merge_module.py), for a Redis without it and for a Redis Cluster (the group's keys
 # share its tag, the devices' keys do not: a second call).
 # KEYS: devices, slot, id, free, c:packets, c:bytes, c:last_seen, c:rate (KeyLayout.group_keys)
-# ARGV: the call's retention in ms (0: none) and window, then per device: id, packets,
-#       bytes, last_seen, packets in the window, created (MERGE_DEVICES' reply: -1 skips the
-#       device)
+# ARGV: the call's window, then per device: id, packets, bytes, last_seen, packets in the
+#       window, created, first_seen (MERGE_DEVICES' reply: created -1 skips the device)
 # A device takes a slot if it has none: a freed one (ix-free, its head first), else the
 # next. Only something else writes a slot that is not a number, or a freed slot that is
 # not one or is in use: such a device takes a new slot, such an entry is dropped, rather
 # than the call failing once the records are merged. Figures only grow, so the highest
 # reported is kept (a retry, a replay or another instance's older reply changes nothing),
-# except over a row older than the retention: its device's record expired since, and the
-# record now replying is a new one.
+# except over a row last seen before the replying record's first packet: that row is an
+# expired predecessor's (retention), and the record now replying is a new one.
 WRITE_ROWS = """
 local kinds = {'zset', 'hash', 'hash', 'list', 'string', 'string', 'string', 'string'}
 for i = 1, 8 do
@@ -334,7 +334,7 @@ for i = 1, 8 do
   end
 end
 local MAX_SLOTS = 16777216
-local retention, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local window = tonumber(ARGV[1])
 local nxt = math.floor(redis.call('STRLEN', KEYS[8]) / 32)
 local function slot_number(text)
   if text == '0' or string.match(text, '^[1-9]%d*$') then
@@ -345,11 +345,11 @@ local function slot_number(text)
 end
 -- the devices to write (created -1: a replay, the record has expired since: none)
 local dev = {}
-for i = 3, #ARGV, 6 do
+for i = 2, #ARGV, 7 do
   if tonumber(ARGV[i + 5]) >= 0 then dev[#dev + 1] = i end
 end
 -- (a slot for every device, even if none had one: refused before anything is written)
-if nxt + (#ARGV - 2) / 6 > MAX_SLOTS then
+if nxt + (#ARGV - 1) / 7 > MAX_SLOTS then
   return redis.error_reply('ERR an index group has no slot left')
 end
 if #dev == 0 then return 0 end
@@ -368,7 +368,8 @@ for k = 1, #dev do
       local freed = redis.call('LPOP', KEYS[4])
       if not freed then break end
       local n = slot_number(freed)
-      if n and redis.call('HEXISTS', KEYS[3], freed) == 0 then
+      -- (a slot past the columns was never used, so never freed)
+      if n and n < nxt and redis.call('HEXISTS', KEYS[3], freed) == 0 then
         s = n
         break
       end
@@ -409,7 +410,7 @@ end
 for k, i in ipairs(dev) do
   local s = slot[k]
   local p, b, l = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local reset = fresh[k] or (retention > 0 and ol[k] > 0 and tonumber(l) - ol[k] > retention)
+  local reset = fresh[k] or (ol[k] > 0 and tonumber(ARGV[i + 6]) > ol[k])
   if not reset and op[k] > tonumber(p) then p = op[k] end
   if not reset and ob[k] > tonumber(b) then b = ob[k] end
   if not reset and ol[k] > tonumber(l) then l = ol[k] end

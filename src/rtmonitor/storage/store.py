@@ -91,6 +91,9 @@ MERGE_COMMAND = "rtm.merge6"
 Call = tuple[str, list[str], list[Any]]
 # Width of the rate spans of a device record (scripts.py: older seconds folded together).
 SPAN_S = 10
+# Batches of silent devices one retention pass frees at most: the recovery loop that runs
+# it also sends this instance's heartbeat.
+SILENT_PER_PASS = 16
 # Lexicographic upper bound for a prefix range: device ids only use ASCII below 0x7f
 # (model.ID_CHARS).
 _LEX_END = "\x7f"
@@ -348,10 +351,10 @@ class RedisStore:
             if name != "devices" or len(keys) < 2:
                 continue
             ids = [layout.device_id(key) for key in keys[1:]]
-            row_args: list[Any] = [int(args[2]), int(args[3])]  # the call's retention, window
+            row_args: list[Any] = [int(args[3])]  # the call's window
             for n, device_id in enumerate(ids):
                 row_args.append(device_id)
-                row_args += reply[5 * n : 5 * n + 5]
+                row_args += reply[6 * n : 6 * n + 6]
             rows.append(("rows", layout.group_keys(layout.group_of(ids[0])), row_args))
         return rows
 
@@ -514,12 +517,14 @@ class RedisStore:
     async def expire_silent_devices(self, now_ms: int, batch: int = 1000) -> int:
         """Drop devices silent for longer than the retention from the index groups (their
         records expire by themselves; their slots are freed for new devices), `batch` at a
-        time; the number dropped. Idempotent: any instance may run it."""
+        time and at most SILENT_PER_PASS batches per call (the next call goes on); the number
+        dropped. Idempotent: any instance may run it."""
         if self.retention_s <= 0:
             return 0
         cutoff = now_ms - self.retention_s * 1000
         columns = await self._columns(("last_seen",))
-        silent = ranking.silent([c["last_seen"] for c in columns], cutoff, 1 << 62)
+        last_seen = [c["last_seen"] for c in columns]
+        silent = await asyncio.to_thread(ranking.silent, last_seen, cutoff, SILENT_PER_PASS * batch)
         dropped = 0
         for start in range(0, len(silent), batch):
             part = silent[start : start + batch]
@@ -770,7 +775,9 @@ class RedisStore:
                     pipe.hmget(self.layout.slots(g), ids)
             found = iter(await pipe.execute())
             slots = [
-                [int(s) for s in next(found) if s is not None and s.isdigit()] if ids else []
+                [int(s) for s in next(found) if s is not None and s.isascii() and s.isdigit()]
+                if ids
+                else []
                 for ids in only
             ]
 
@@ -792,7 +799,8 @@ class RedisStore:
 
         matched, picked = await asyncio.to_thread(rank)
         names = await self._ids_at(picked)
-        return matched, [d for d in names if d is not None]
+        # (a slot freed and taken by another device since the columns were read: left out)
+        return matched, [d for d in names if d is not None and d.startswith(page.prefix)]
 
     @staticmethod
     def _rate_window(columns: list[dict[str, IntArray]], live: list[BoolArray]) -> int:
