@@ -86,23 +86,26 @@ def since(last_seen: Sequence[IntArray], since_ms: int, limit: int) -> list[tupl
     """The first `limit` devices seen after `since_ms`, as (group, slot, last_seen) ascending
     by (last_seen, group, slot)."""
     # Free slots are zero: a floor of 0 keeps them out whatever `since_ms` is.
-    live = [seen > max(since_ms, 0) for seen in last_seen]
-    values, starts, slots = _gather(last_seen, live)
-    if limit <= 0 or not len(values):
-        return []
-    ranked = _first(values, min(limit, len(values)), descending=False)
-    pairs = _pairs(ranked, starts, slots)
-    return [(g, s, int(v)) for (g, s), v in zip(pairs, values[ranked].tolist(), strict=True)]
+    return _earliest(last_seen, [seen > max(since_ms, 0) for seen in last_seen], limit)
 
 
 def silent(last_seen: Sequence[IntArray], cutoff_ms: int, limit: int) -> list[tuple[int, int]]:
     """Up to `limit` devices not seen after `cutoff_ms`, as (group, slot), the longest
     silent first (ties by group, slot)."""
     live = [(seen > 0) & (seen <= cutoff_ms) for seen in last_seen]
+    return [(g, s) for g, s, _ in _earliest(last_seen, live, limit)]
+
+
+def _earliest(
+    last_seen: Sequence[IntArray], live: Sequence[BoolArray], limit: int
+) -> list[tuple[int, int, int]]:
+    """The first `limit` live slots by (last_seen, group, slot): (group, slot, last_seen)."""
     values, starts, slots = _gather(last_seen, live)
     if limit <= 0 or not len(values):
         return []
-    return _pairs(_first(values, min(limit, len(values)), descending=False), starts, slots)
+    ranked = _first(values, min(limit, len(values)), descending=False)
+    pairs = _pairs(ranked, starts, slots)
+    return [(g, s, int(v)) for (g, s), v in zip(pairs, values[ranked].tolist(), strict=True)]
 
 
 def _gather(

@@ -12,11 +12,11 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from types import TracebackType
-from typing import Any, Literal, Self, cast
+from typing import Any, Literal, Self, TypeVar, cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -58,6 +58,7 @@ from rtmonitor.storage.scripts import (
 from rtmonitor.storage.wire import lean
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SortField = Literal["device_id", "packets", "bytes", "last_seen", "rate"]
 # Devices per merge-script call: big enough to amortise the call, small enough that one
@@ -522,13 +523,14 @@ class RedisStore:
         if self.retention_s <= 0:
             return 0
         cutoff = now_ms - self.retention_s * 1000
-        columns = await self._columns(("last_seen",))
-        last_seen = [c["last_seen"] for c in columns]
-        silent = await asyncio.to_thread(ranking.silent, last_seen, cutoff, SILENT_PER_PASS * batch)
+        silent = await self._ranked(
+            ("last_seen",),
+            lambda c: ranking.silent([g["last_seen"] for g in c], cutoff, SILENT_PER_PASS * batch),
+        )
         dropped = 0
         for start in range(0, len(silent), batch):
             part = silent[start : start + batch]
-            ids = await self._ids_at(part)
+            ids, _ = await self._at(part)
             found = [(g, slot, d) for (g, slot), d in zip(part, ids, strict=True) if d]
             if not found:
                 continue
@@ -762,11 +764,8 @@ class RedisStore:
         self, page: _Page, only: list[list[str]] | None
     ) -> tuple[int, list[str]]:
         """A page in a numeric order, ranked from the columns of every group (of the ids
-        in `only`, per group, if given). The numpy work (~25 ms for a million devices) runs
-        off the event loop, beside the receivers."""
-        field = "rate" if page.sort == "rate" else page.sort
-        fields = (field,) if field == "last_seen" else (field, "last_seen")
-        blobs = await self._column_blobs(fields)
+        in `only`, per group, if given)."""
+        field = page.sort
         slots: list[list[int]] | None = None
         if only is not None:
             pipe = self.client.pipeline(transaction=False)
@@ -781,24 +780,24 @@ class RedisStore:
                 for ids in only
             ]
 
-        def rank() -> tuple[int, list[tuple[int, int]]]:
-            columns = self._parse_columns(blobs)
+        def rank(columns: list[dict[str, IntArray]]) -> tuple[int, list[tuple[int, int]]]:
             live = [c["last_seen"] > 0 for c in columns]
-            window = self._rate_window(columns, live) if page.sort == "rate" else 0
+            window = self._rate_window(columns, live) if field == "rate" else 0
             if slots is not None:
                 for g, matching in enumerate(slots):
                     mask = np.zeros(len(live[g]), np.bool_)
                     mask[[s for s in matching if s < len(mask)]] = True
                     live[g] &= mask
-            if page.sort == "rate":
+            if field == "rate":
                 scores = [ranking.window_packets(c["rate"], window) for c in columns]
                 live = [ok & (p > 0) for p, ok in zip(scores, live, strict=True)]
             else:
                 scores = [c[field] for c in columns]
             return ranking.page(scores, live, page.offset, page.stop, page.descending)
 
-        matched, picked = await asyncio.to_thread(rank)
-        names = await self._ids_at(picked)
+        fields = (field,) if field == "last_seen" else (field, "last_seen")
+        matched, picked = await self._ranked(fields, rank)
+        names, _ = await self._at(picked)
         # (a slot freed and taken by another device since the columns were read: left out)
         return matched, [d for d in names if d is not None and d.startswith(page.prefix)]
 
@@ -812,46 +811,57 @@ class RedisStore:
                 return current - 1
         return current
 
-    async def _columns(self, fields: tuple[str, ...]) -> list[dict[str, IntArray]]:
-        """Per index group, the columns `fields` as int64 arrays of its slot count (the
-        longest of them; a slot past a column's end reads 0)."""
-        blobs = await self._column_blobs(fields)
-        return await asyncio.to_thread(self._parse_columns, blobs)
-
-    async def _column_blobs(self, fields: tuple[str, ...]) -> list[dict[str, bytes | None]]:
-        """Per index group, the column strings `fields`, raw."""
+    async def _ranked(
+        self, fields: tuple[str, ...], rank: Callable[[list[dict[str, IntArray]]], T]
+    ) -> T:
+        """`rank` over every index group's columns `fields` (int64 arrays of the group's
+        slot count, the longest of them; a slot past a column's end reads 0), parsed and
+        ranked off the event loop (~25 ms of numpy for a million devices)."""
         layout = self.layout
         pipe = self.client.pipeline(transaction=False)
         for g in range(layout.groups):
             for field in fields:
                 # raw bytes: the client decodes replies as str
                 pipe.execute_command("GET", layout.column(field, g), **{NEVER_DECODE: True})
-        blobs = iter(cast(list[bytes | None], await pipe.execute()))
-        return [{field: next(blobs) for field in fields} for _ in range(layout.groups)]
+        replies = iter(cast(list[bytes | None], await pipe.execute()))
+        blobs = [{field: next(replies) for field in fields} for _ in range(layout.groups)]
 
-    @staticmethod
-    def _parse_columns(blobs: list[dict[str, bytes | None]]) -> list[dict[str, IntArray]]:
-        out: list[dict[str, IntArray]] = []
-        for group in blobs:
-            slots = ranking.slot_count(group)
-            out.append({f: ranking.column(blob, f, slots) for f, blob in group.items()})
-        return out
+        def parse_and_rank() -> T:
+            columns = []
+            for group in blobs:
+                slots = ranking.slot_count(group)
+                columns.append({f: ranking.column(b, f, slots) for f, b in group.items()})
+            return rank(columns)
 
-    async def _ids_at(self, picked: list[tuple[int, int]]) -> list[str | None]:
-        """The devices at (group, slot) pairs (None: a slot freed since)."""
+        return await asyncio.to_thread(parse_and_rank)
+
+    async def _at(
+        self, picked: list[tuple[int, int]], column: str | None = None
+    ) -> tuple[list[str | None], list[int]]:
+        """The devices at (group, slot) pairs (None: a slot freed since), and, if `column`
+        is named (packets, bytes, last_seen), their figures in it, read in the same round
+        trip (one BITFIELD per group: O(pairs), not the whole column)."""
         if not picked:
-            return []
+            return [], []
         by_group: dict[int, list[int]] = {}
         for n, (g, _) in enumerate(picked):
             by_group.setdefault(g, []).append(n)
         pipe = self.client.pipeline(transaction=False)
         for g, positions in by_group.items():
             pipe.hmget(self.layout.slot_ids(g), [picked[n][1] for n in positions])
+            if column is not None:
+                gets = [x for n in positions for x in ("GET", "i64", f"#{picked[n][1]}")]
+                pipe.execute_command("BITFIELD", self.layout.column(column, g), *gets)
+        replies = iter(await pipe.execute())
         ids: list[str | None] = [None] * len(picked)
-        for positions, found in zip(by_group.values(), await pipe.execute(), strict=True):
-            for n, device_id in zip(positions, found, strict=True):
+        figures = [0] * len(picked) if column is not None else []
+        for positions in by_group.values():
+            for n, device_id in zip(positions, next(replies), strict=True):
                 ids[n] = device_id
-        return ids
+            if column is not None:
+                for n, figure in zip(positions, next(replies), strict=True):
+                    figures[n] = int(figure)
+        return ids, figures
 
     async def get_devices(self, ids: list[str]) -> list[DeviceRecord]:
         """The counters and rates of `ids` (in that order; unknown ones left out)."""
@@ -880,15 +890,13 @@ class RedisStore:
         return [(d, ms) for d, ms, _ in await self.recent(since_ms, limit)]
 
     async def recent(self, since_ms: int, limit: int) -> list[tuple[str, int, int]]:
-        """recently_seen() with each device's packets: (device, last_seen, packets), from
-        one read of the two columns."""
-        columns = await self._columns(("last_seen", "packets"))
-        seen = ranking.since([c["last_seen"] for c in columns], since_ms, limit)
-        ids = await self._ids_at([(g, slot) for g, slot, _ in seen])
+        """recently_seen() with each device's packets: (device, last_seen, packets)."""
+        seen = await self._ranked(
+            ("last_seen",), lambda c: ranking.since([g["last_seen"] for g in c], since_ms, limit)
+        )
+        ids, packets = await self._at([(g, slot) for g, slot, _ in seen], "packets")
         return [
-            (d, ms, int(columns[g]["packets"][slot]))
-            for d, (g, slot, ms) in zip(ids, seen, strict=True)
-            if d is not None
+            (d, ms, n) for d, (_, _, ms), n in zip(ids, seen, packets, strict=True) if d is not None
         ]
 
     async def totals(self) -> Totals:
