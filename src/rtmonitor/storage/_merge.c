@@ -125,7 +125,7 @@ API(DECLARE)
  * of a record are worded the same, scripts.py). */
 #define WRONGTYPE "WRONGTYPE Operation against a key holding the wrong kind of value"
 #define CUT_SHORT "ERR a device record is cut short (not written by this layout?)"
-#define IX_WRONGTYPE "WRONGTYPE an index key holds the wrong kind of value"
+#define IX_WRONGTYPE "WRONGTYPE an index key holds the wrong kind of value" /* keys.py */
 #define MAX_TTL_S (1LL << 40)        /* markers: far beyond any use, no overflow in ms */
 #define MAX_RETENTION_MS (1LL << 50)
 
@@ -540,7 +540,7 @@ static const char *marker_applied(RedisModuleCtx *ctx, RedisModuleString *keynam
 enum { IX_DEVICES, IX_SLOT, IX_ID, IX_FREE, IX_PACKETS, IX_BYTES, IX_LAST_SEEN, IX_RATE, IX_COUNT };
 
 #define ROW_SIZE 64          /* replicated per device: slot, packets, bytes, last_seen, rate */
-#define MAX_SLOTS (1 << 24)  /* 512 MB of rate column: far past --max-devices */
+#define MAX_SLOTS (1 << 24)  /* keys.MAX_SLOTS: 512 MB of rate column */
 
 /* Replayed on a replica, and when Redis loads its AOF: the rows as the merge left them. */
 static const char *WRITE_ROWS_EFFECT =

@@ -69,6 +69,11 @@ COLUMNS = ("packets", "bytes", "last_seen", "rate")
 # rate buckets are seconds for the newest 11 and 10-second spans before; 2 had up to 61
 # seconds; 1 had a hash and a rate-bucket hash per device and no version key).
 LAYOUT_VERSION = "5"
+# Slots an index group gives out at most (its rate column then holds 512 MB, Redis' largest
+# string: far past --max-devices). The rtm module has the same bound (_merge.c MAX_SLOTS).
+MAX_SLOTS = 1 << 24
+# Refusal of an index group's key holding another type (the rtm module's words too).
+IX_WRONGTYPE = "WRONGTYPE an index key holds the wrong kind of value"
 # Index groups on a Redis Cluster (one on a single Redis). Changing it changes key names:
 # it is part of the layout version.
 CLUSTER_GROUPS = 16

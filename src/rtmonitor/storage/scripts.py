@@ -10,6 +10,7 @@ The markers are bounded (one per instance and group), whatever the number of flu
 """
 
 from rtmonitor.model import RECORD_NAMES_MAX, RECORD_VALUES_MAX
+from rtmonitor.storage.keys import IX_WRONGTYPE, MAX_SLOTS
 
 # The marker check shared by the merge scripts. KEYS[1] holds the highest flush sequence
 # number of this instance applied to this group; ARGV[1] is its TTL, ARGV[2] this flush's seq.
@@ -325,15 +326,16 @@ return out
 # reported is kept (a retry, a replay or another instance's older reply changes nothing),
 # except over a row last seen before the replying record's first packet: that row is an
 # expired predecessor's (retention), and the record now replying is a new one.
-WRITE_ROWS = """
+WRITE_ROWS = (
+    f"local MAX_SLOTS, IX_WRONGTYPE = {MAX_SLOTS}, '{IX_WRONGTYPE}'\n"
+    + """
 local kinds = {'zset', 'hash', 'hash', 'list', 'string', 'string', 'string', 'string'}
 for i = 1, 8 do
   local t = redis.call('TYPE', KEYS[i]).ok
   if t ~= 'none' and t ~= kinds[i] then
-    return redis.error_reply('WRONGTYPE an index key holds the wrong kind of value')
+    return redis.error_reply(IX_WRONGTYPE)
   end
 end
-local MAX_SLOTS = 16777216
 local window = tonumber(ARGV[1])
 local nxt = math.floor(redis.call('STRLEN', KEYS[8]) / 32)
 local function slot_number(text)
@@ -441,6 +443,7 @@ redis.call('BITFIELD', KEYS[6], unpack(sb))
 redis.call('BITFIELD', KEYS[7], unpack(sl))
 return #dev
 """
+)
 
 # Retention: free the slots of devices silent since the cutoff, whose records have expired
 # (RedisStore.expire_silent_devices checked them just before). A slot is freed only if it
