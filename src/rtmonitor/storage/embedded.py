@@ -24,7 +24,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -78,11 +77,12 @@ JEMALLOC_SONAME = "libjemalloc.so.2"
 
 
 def _library_dirs() -> list[Path]:
-    """Where distributions put shared libraries (Debian's multiarch directory first)."""
-    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
-    dirs = [f"/usr/lib/{multiarch}", f"/lib/{multiarch}"] if multiarch else []
-    dirs += ["/usr/lib64", "/usr/lib", "/usr/local/lib", "/lib64", "/lib"]
-    return [Path(d) for d in dirs]
+    """Where distributions put shared libraries: Debian's multiarch directories (any, as a
+    Python built elsewhere may not name the system's), then the usual ones."""
+    multiarch = sorted(Path("/usr/lib").glob("*-linux-gnu")) + sorted(
+        Path("/lib").glob("*-linux-gnu")
+    )
+    return multiarch + [Path(d) for d in ("/usr/lib64", "/usr/lib", "/usr/local/lib", "/lib64")]
 
 
 def find_jemalloc() -> Path | None:
@@ -96,23 +96,25 @@ def find_jemalloc() -> Path | None:
 
 def allocator_library(allocator: str) -> Path | None:
     """The shared library to preload into redis-server (LD_PRELOAD, Linux) for `allocator`,
-    or None for the binary's own malloc: "auto" is jemalloc where the system has it,
-    "jemalloc" must be found, "libc" preloads nothing, and anything else is the path of a
-    malloc library, which must exist."""
-    if allocator == LIBC or (allocator == AUTO and not sys.platform.startswith("linux")):
+    or None for none: "auto" is jemalloc where the system has it, unless LD_PRELOAD is set
+    already (a sanitizer's runtime, tools/asan.py, must come first and keep its own
+    malloc); "jemalloc" must be found; "libc" preloads nothing; anything else is the path
+    of a malloc library, which must exist."""
+    if allocator == LIBC:
         return None
-    if allocator in (AUTO, JEMALLOC):
+    linux = sys.platform.startswith("linux")
+    if allocator == AUTO:
+        return find_jemalloc() if linux and not os.environ.get("LD_PRELOAD") else None
+    if not linux:
+        raise EmbeddedRedisError(
+            f"embedded Redis allocator {allocator!r}: preloading an allocator is for Linux "
+            f"only (LD_PRELOAD); use {AUTO} or {LIBC} here"
+        )
+    if allocator == JEMALLOC:
         found = find_jemalloc()
-        if found is None and allocator == AUTO:
-            logger.info(
-                "no %s here: the embedded Redis runs on glibc's malloc (a fleet's device "
-                "merges cost ~10-30%% more Redis CPU than with jemalloc: apt-get install "
-                "libjemalloc2; README, --embedded-redis-allocator)",
-                JEMALLOC_SONAME,
-            )
-        if found is None and allocator == JEMALLOC:
+        if found is None:
             raise EmbeddedRedisError(
-                f"--embedded-redis-allocator jemalloc: no {JEMALLOC_SONAME} in "
+                f"embedded Redis allocator jemalloc: no {JEMALLOC_SONAME} in "
                 f"{', '.join(map(str, _library_dirs()))}; install it (Debian/Ubuntu: "
                 "apt-get install libjemalloc2), give its path, or use auto or libc"
             )
@@ -120,8 +122,8 @@ def allocator_library(allocator: str) -> Path | None:
     path = Path(allocator).expanduser()
     if not path.is_file():
         raise EmbeddedRedisError(
-            f"--embedded-redis-allocator {allocator!r}: no such file; give {AUTO}, "
-            f"{JEMALLOC}, {LIBC}, or the path of a malloc shared library"
+            f"embedded Redis allocator {allocator!r}: no such file; give {AUTO}, {JEMALLOC}, "
+            f"{LIBC}, or the path of a malloc shared library"
         )
     return path.resolve()
 
@@ -191,6 +193,8 @@ class EmbeddedRedis:
         self.data_dir = Path(data_dir).resolve()
         # Preloaded into redis-server (LD_PRELOAD); None: the binary's own (libc's) malloc.
         self.allocator_library = allocator_library(allocator)
+        self._allocator_asked = allocator
+        self.allocator_in_use: str | None = None  # read from the memory maps at each start
         self._allocator_name = (
             JEMALLOC
             if self.allocator_library is not None and self.allocator_library.name == JEMALLOC_SONAME
@@ -311,13 +315,16 @@ class EmbeddedRedis:
         load)."""
         library = self.allocator_library
         pid = self.pid
-        if library is None or pid is None:
+        if pid is None:
             return LIBC
         try:
             maps = Path(f"/proc/{pid}/maps").read_text()
         except OSError:
             return LIBC
-        return self._allocator_name if str(library) in maps else LIBC
+        if library is not None:
+            return self._allocator_name if str(library) in maps else LIBC
+        # none of ours; one inherited through LD_PRELOAD shows in the maps too
+        return JEMALLOC if f"/{JEMALLOC_SONAME}" in maps else LIBC
 
     def _environment(self) -> dict[str, str] | None:
         """redis-server's environment: ours, with the allocator preloaded (None: ours)."""
@@ -367,7 +374,7 @@ class EmbeddedRedis:
             error = self._wait_ready(timeout)
             if error is None:
                 assert self._proc is not None
-                allocator = self.allocator
+                allocator = self.allocator_in_use = self.allocator
                 logger.info(
                     "embedded Redis %s ready at %s (data in %s, allocator %s)",
                     self._proc.pid,
@@ -379,6 +386,14 @@ class EmbeddedRedis:
                     logger.warning(
                         "the embedded Redis did not load %s (LD_PRELOAD): it runs on libc's malloc",
                         self.allocator_library,
+                    )
+                elif self._allocator_asked == AUTO and allocator == LIBC and self.restarts == 0:
+                    logger.info(
+                        "the embedded Redis runs on glibc's malloc (no %s found, or "
+                        "LD_PRELOAD set): a fleet's device merges cost ~20-30%% more Redis "
+                        "CPU than with jemalloc (apt-get install libjemalloc2; README, "
+                        "--embedded-redis-allocator)",
+                        JEMALLOC_SONAME,
                     )
                 return self
             self._kill()
@@ -457,6 +472,7 @@ class EmbeddedRedis:
             "up": self.up,
             "restarts": self.restarts,
             "maxmemory_mb": self.maxmemory_mb,
+            "allocator": self.allocator_in_use,
             "down_reason": self._down,
         }
 
