@@ -252,3 +252,20 @@ def test_auto_leaves_a_preload_that_is_already_set_alone(
     named = EmbeddedRedis(tmp_path / "n", allocator="jemalloc")
     env = named._environment()
     assert env is not None and env["LD_PRELOAD"] == f"{jemalloc}:libinherited.so"
+
+
+def test_a_library_that_does_not_load_leaves_redis_on_libc_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A path that is not a shared library: the dynamic loader skips it (Redis still
+    starts, on glibc's malloc), and the log says the allocator did not load."""
+    junk = tmp_path / "libnot-an-allocator.so"
+    junk.write_bytes(b"not an ELF file")
+    with caplog.at_level("WARNING", logger="rtmonitor.storage.embedded"):
+        server = EmbeddedRedis(tmp_path / "r", allocator=str(junk)).start()
+    try:
+        assert server.allocator == "libc" == server.stats()["allocator"]
+        assert redis.Redis.from_url(server.url).ping()
+        assert any("did not load" in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop()
