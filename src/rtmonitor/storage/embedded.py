@@ -69,7 +69,7 @@ def redis_server_binary() -> str:
 # redis-server is built with glibc's malloc (INFO says mem_allocator:libc); Redis's own
 # builds use jemalloc. A fleet's device merge allocates a new record and frees the old one:
 # glibc's malloc was ~19% of Redis's main thread under merges (perf), and with jemalloc
-# preloaded a merge costs ~10-30% less Redis CPU (benchmarks/RESULTS.md, ninth pass).
+# preloaded a merge costs ~15-30% less Redis CPU (benchmarks/RESULTS.md, ninth pass).
 AUTO = "auto"  # jemalloc where it is installed, else libc
 JEMALLOC = "jemalloc"
 LIBC = "libc"
@@ -390,8 +390,8 @@ class EmbeddedRedis:
                 elif self._allocator_asked == AUTO and allocator == LIBC and self.restarts == 0:
                     logger.info(
                         "the embedded Redis runs on glibc's malloc (no %s found, or "
-                        "LD_PRELOAD set): a fleet's device merges cost ~20-30%% more Redis "
-                        "CPU than with jemalloc (apt-get install libjemalloc2; README, "
+                        "LD_PRELOAD set); with jemalloc a fleet's device merges cost ~15-30%% "
+                        "less Redis CPU (apt-get install libjemalloc2; README, "
                         "--embedded-redis-allocator)",
                         JEMALLOC_SONAME,
                     )
@@ -505,12 +505,14 @@ class EmbeddedRedis:
                 continue
             self.restarts += 1
             self._down = None
+            self.allocator_in_use = self.allocator
             up_since = time.monotonic()
             logger.warning(
-                "embedded Redis restarted as %s on %s (restart %d)",
+                "embedded Redis restarted as %s on %s (restart %d, allocator %s)",
                 self.pid,
                 self.display_url,
                 self.restarts,
+                self.allocator_in_use,
             )
 
     async def _restart(self, timeout: float = 60.0) -> None:
