@@ -194,12 +194,8 @@ class EmbeddedRedis:
         # Preloaded into redis-server (LD_PRELOAD); None: the binary's own (libc's) malloc.
         self.allocator_library = allocator_library(allocator)
         self._allocator_asked = allocator
-        self.allocator_in_use: str | None = None  # read from the memory maps at each start
-        self._allocator_name = (
-            JEMALLOC
-            if self.allocator_library is not None and self.allocator_library.name == JEMALLOC_SONAME
-            else str(self.allocator_library)
-        )
+        # What the running Redis allocates with (_loaded_allocator), read at each start.
+        self.allocator: str | None = None
         # The rtm module (RTM.MERGE6: device merges in C). Its writes reach the AOF as plain
         # commands (SET, ZADD, HSET, LPOP, an EVAL of SETRANGEs), so the data directory never
         # needs it; without it the store merges with the script.
@@ -308,22 +304,17 @@ class EmbeddedRedis:
         except OSError:
             return False
 
-    @property
-    def allocator(self) -> str:
-        """The allocator the running Redis uses, as its memory maps show: "jemalloc" or the
-        preloaded library's path, else "libc" (none was asked for or found, or it did not
-        load)."""
-        library = self.allocator_library
-        pid = self.pid
-        if pid is None:
-            return LIBC
+    def _loaded_allocator(self) -> str:
+        """What the running Redis allocates with, as its memory maps show: "jemalloc" (ours,
+        or one inherited through LD_PRELOAD), the path of the library we preloaded, else
+        "libc"."""
         try:
-            maps = Path(f"/proc/{pid}/maps").read_text()
+            maps = Path(f"/proc/{self.pid}/maps").read_text()
         except OSError:
             return LIBC
-        if library is not None:
-            return self._allocator_name if str(library) in maps else LIBC
-        # none of ours; one inherited through LD_PRELOAD shows in the maps too
+        library = self.allocator_library
+        if library is not None and str(library) in maps:
+            return JEMALLOC if library.name == JEMALLOC_SONAME else str(library)
         return JEMALLOC if f"/{JEMALLOC_SONAME}" in maps else LIBC
 
     def _environment(self) -> dict[str, str] | None:
@@ -374,7 +365,7 @@ class EmbeddedRedis:
             error = self._wait_ready(timeout)
             if error is None:
                 assert self._proc is not None
-                allocator = self.allocator_in_use = self.allocator
+                allocator = self.allocator = self._loaded_allocator()
                 logger.info(
                     "embedded Redis %s ready at %s (data in %s, allocator %s)",
                     self._proc.pid,
@@ -472,7 +463,7 @@ class EmbeddedRedis:
             "up": self.up,
             "restarts": self.restarts,
             "maxmemory_mb": self.maxmemory_mb,
-            "allocator": self.allocator_in_use,
+            "allocator": self.allocator,
             "down_reason": self._down,
         }
 
@@ -505,14 +496,14 @@ class EmbeddedRedis:
                 continue
             self.restarts += 1
             self._down = None
-            self.allocator_in_use = self.allocator
+            self.allocator = self._loaded_allocator()
             up_since = time.monotonic()
             logger.warning(
                 "embedded Redis restarted as %s on %s (restart %d, allocator %s)",
                 self.pid,
                 self.display_url,
                 self.restarts,
-                self.allocator_in_use,
+                self.allocator,
             )
 
     async def _restart(self, timeout: float = 60.0) -> None:
