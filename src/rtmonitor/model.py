@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from operator import getitem
 from typing import Any, Literal, TypeAlias, TypeVar
 
 import numpy as np
@@ -200,6 +201,22 @@ def merge_into(target: FlushDelta, source: FlushDelta) -> None:
             _add_stats(dev.values, name, v.count, v.sum, v.min, v.max, v.last, v.last_ts)
 
 
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """What names a batch's devices across batches, one per device row: objects that stay
+    the same for a device while it is known (the validator's entries), and their id()s.
+    The batch holds the objects, so no identity is reused while it is pending; a flush
+    then numbers a fleet's devices over these integers in numpy (`reduce_batches`)
+    instead of looking every device id of every batch up in a dict."""
+
+    holders: list[object]
+    ids: IntArray
+
+    @classmethod
+    def of(cls, holders: list[Any]) -> Keys:
+        return cls(holders, np.fromiter(map(id, holders), np.int64, len(holders)))
+
+
 @dataclass(slots=True, kw_only=True)
 class BatchDelta:
     """One batch's counts kept as columns until its flush: ~150 bytes per device instead of
@@ -227,6 +244,7 @@ class BatchDelta:
     last_ts: IntArray
     total_packets: int
     total_bytes: int
+    keys: Keys | None = None  # what names each device row across batches, if known
 
     @classmethod
     def empty(cls) -> BatchDelta:
@@ -389,6 +407,35 @@ def _unified(
     return table, ids, [ids[_shifted(lists, index)] for index in indexes]
 
 
+def _keyed(
+    parts: Sequence[BatchDelta], *indexes: list[IntArray]
+) -> tuple[list[str], IntArray, list[IntArray]] | None:
+    """_unified() for the parts' device ids, from their keys (first-appearance order): the
+    same numbering, without touching the strings of every entry. None if a part has no
+    keys, or if two keys name one device id (a device forgotten by the validator and
+    admitted again between two batches): then the strings decide."""
+    held = [p.keys for p in parts]
+    if None in held:
+        return None
+    keys = np.concatenate([k.ids for k in held if k is not None])
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order), dtype=np.int64)
+    numbers = rank[inverse.reshape(-1)]
+    # Each distinct device's id, read from the part it first appears in.
+    lists = [p.device_ids for p in parts]
+    starts = np.cumsum([0] + [len(x) for x in lists], dtype=np.int64)
+    at = first[order]
+    part = np.searchsorted(starts, at, side="right") - 1
+    table: list[str] = list(
+        map(getitem, map(lists.__getitem__, part.tolist()), (at - starts[part]).tolist())
+    )
+    if len(set(table)) != len(table):
+        return None
+    return table, numbers, [numbers[_shifted(lists, index)] for index in indexes]
+
+
 def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     """Add pending batches to `target`: the same as `part.merge_into(target)` for each part
     in turn (float sums are added in another order), with one Python step per distinct
@@ -414,8 +461,9 @@ def reduce_batches(parts: Sequence[BatchDelta]) -> BatchDelta:
     if len(parts) == 1:
         return parts[0]
     cat = np.concatenate
-    devices, all_dev, (kind_dev, value_dev) = _unified(
-        [p.device_ids for p in parts], [p.kind_dev for p in parts], [p.value_dev for p in parts]
+    dev_index = [p.kind_dev for p in parts], [p.value_dev for p in parts]
+    devices, all_dev, (kind_dev, value_dev) = _keyed(parts, *dev_index) or _unified(
+        [p.device_ids for p in parts], *dev_index
     )
     kinds, _, (kind,) = _unified([p.kinds for p in parts], [p.kind_idx for p in parts])
     names, _, (value_name,) = _unified([p.names for p in parts], [p.value_name for p in parts])

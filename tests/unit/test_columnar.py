@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -385,6 +386,7 @@ def test_batches_merged_at_the_flush_equal_one_by_one(
     st.booleans(),
     st.lists(valid_packets(), max_size=5),
     st.sampled_from([1, 2, 16_384]),
+    st.lists(st.sampled_from(["kept", "forgotten", "unkeyed"]), min_size=6, max_size=6),
 )
 def test_merging_many_batches_at_once_equals_one_by_one(
     parts: list[list[Packet]],
@@ -392,13 +394,16 @@ def test_merging_many_batches_at_once_equals_one_by_one(
     same_recv: bool,
     earlier: list[Packet],
     unify_slice: int,
+    after: list[str],
 ) -> None:
     """The flush merges its pending batches in one numpy pass (merge_batches): the same
     result as merging them in turn, into a delta that already holds other packets; with
     equal receive times, "last" ties go to the later batch as in the one-by-one merge.
-    (Device ids are numbered a slice at a time: slices of 1 and 2 cut every part.)"""
+    Devices are numbered by the batches' keys, or by their ids (slices of 1 and 2 cut
+    every part) when a part has none or when the validator forgot its devices between two
+    batches (two keys for one device)."""
     with _unify_slice(unify_slice):
-        _merging_many_batches_at_once_equals_one_by_one(parts, as_cols, same_recv, earlier)
+        _merging_many_batches_at_once_equals_one_by_one(parts, as_cols, same_recv, earlier, after)
 
 
 @contextlib.contextmanager
@@ -412,14 +417,24 @@ def _unify_slice(size: int) -> Iterator[None]:
 
 
 def _merging_many_batches_at_once_equals_one_by_one(
-    parts: list[list[Packet]], as_cols: list[bool], same_recv: bool, earlier: list[Packet]
+    parts: list[list[Packet]],
+    as_cols: list[bool],
+    same_recv: bool,
+    earlier: list[Packet],
+    after: list[str],
 ) -> None:
     v = Validator(LIMITS)
-    decoded = [
-        (decode_columns(encode_columns(p), v, t) if cols else decode_rows(p, v, t))[0]
-        for i, (p, cols) in enumerate(zip(parts, as_cols, strict=False))
-        for t in [NOW if same_recv else NOW + 7 * i]
-    ]
+    decoded = []
+    for i, (p, cols, then) in enumerate(zip(parts, as_cols, after, strict=False)):
+        t = NOW if same_recv else NOW + 7 * i
+        d = (decode_columns(encode_columns(p), v, t) if cols else decode_rows(p, v, t))[0]
+        assert d.keys is not None and len(d.keys.ids) == d.entries
+        if then == "forgotten":  # two rotations: the next batch's devices are new again
+            v.rotate()
+            v.rotate()
+        if then == "unkeyed":
+            d = dataclasses.replace(d, keys=None)
+        decoded.append(d)
     base = one_by_one(earlier)[0]
     want, got = FlushDelta(), FlushDelta()
     merge_into(want, base)
@@ -428,3 +443,31 @@ def _merging_many_batches_at_once_equals_one_by_one(
         d.merge_into(want)
     merge_batches(got, decoded)
     _same_but_float_sums(got, want)
+
+
+def test_a_flush_numbers_devices_by_their_keys_as_by_their_ids() -> None:
+    """The validator's entries name each device across batches, so the flush numbers a
+    fleet's devices over integers (model._keyed) exactly as over their ids (_unified):
+    the same table in the same order, the same numbers. Two keys for one id (a device
+    forgotten and admitted again between batches) or a part without keys: the ids decide."""
+    v = Validator(LIMITS)
+    batches = [["a", "b", "c"], ["c", "d"], ["b", "e", "a"], ["f"]]
+    parts = [
+        decode_rows([Packet(device_id=d, kind="k", values={"t": 1.0}) for d in ids], v, NOW)[0]
+        for ids in batches
+    ]
+    kind_dev = [p.kind_dev for p in parts]
+    value_dev = [p.value_dev for p in parts]
+    keyed = model._keyed(parts, kind_dev, value_dev)
+    by_id = model._unified([p.device_ids for p in parts], kind_dev, value_dev)
+    assert keyed is not None
+    assert keyed[0] == by_id[0] == ["a", "b", "c", "d", "e", "f"]
+    assert keyed[1].tolist() == by_id[1].tolist() == [0, 1, 2, 2, 3, 1, 4, 0, 5]
+    assert [x.tolist() for x in keyed[2]] == [x.tolist() for x in by_id[2]]
+    assert model._keyed([parts[0], dataclasses.replace(parts[1], keys=None)]) is None
+    v.rotate()
+    v.rotate()  # "a" is forgotten: admitted again, it has a new entry
+    again = decode_rows([Packet(device_id="a", kind="k")], v, NOW)[0]
+    assert again.keys is not None and parts[0].keys is not None
+    assert again.keys.ids[0] != parts[0].keys.ids[0]
+    assert model._keyed([parts[0], again]) is None

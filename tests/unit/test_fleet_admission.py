@@ -78,7 +78,7 @@ def reference_admit(t: Any, validator: Validator, vocabs: Any, code: Any, ok: An
 def memory(v: Validator) -> tuple[dict[str, Any], dict[str, Any]]:
     """What the validator remembers, per generation: each device's kinds and names."""
     return tuple(  # type: ignore[return-value]
-        {d: (x.kinds, x.names) for d, x in generation.items()}
+        {d: (x.vocab.kinds, x.vocab.names) for d, x in generation.items()}
         for generation in (v._devices, v._previous)
     )
 

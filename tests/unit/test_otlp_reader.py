@@ -47,9 +47,11 @@ def _receiver(compiled: bool, attribute: str = "device.id") -> otlp.OtlpReceiver
 
 
 def _plain(delta: Any) -> dict[str, Any]:
+    """The delta's columns (not its keys: identities of each validator's own entries)."""
     return {
         f.name: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
         for f in dataclasses.fields(delta)
+        if f.name != "keys"
         for v in [getattr(delta, f.name)]
     }
 

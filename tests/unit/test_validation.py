@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
-from rtmonitor.ingest.validation import Limits, Reason, Validator
+from rtmonitor.ingest.validation import UNKNOWN, Limits, Reason, Validator
 
 NOW = 1_700_000_000_000
 
@@ -168,9 +168,9 @@ def test_silent_devices_lose_their_slot_after_a_full_rotation() -> None:
     assert v.device_count == 3 and v.check(make("d"), NOW) is Reason.TOO_MANY_DEVICES
     assert v.device_reason("c") is None  # still a known device
     assert isinstance(v.check(make("a", kind="k1"), NOW), tuple)  # a moves up
-    assert v.vocabularies(["a", "b"])[1] is None  # b is in the previous generation only
+    assert v.entries(["a", "b"])[1] is UNKNOWN  # b is in the previous generation only
     assert v.admit("b", ["k1"], []) == (None, frozenset(), frozenset())  # b moves up
-    assert None not in v.vocabularies(["a", "b"])
+    assert UNKNOWN not in v.entries(["a", "b"])
     assert v.check(make("a", kind="k2"), NOW) is Reason.TOO_MANY_KINDS  # budget kept
     assert v.rotate() == 1  # c was silent through a whole period
     assert v.device_count == 2

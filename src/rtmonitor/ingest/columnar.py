@@ -34,13 +34,15 @@ import numpy.typing as npt
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Columns, Packet
 from rtmonitor.ingest.validation import (
     MAX_CLOCK_AHEAD_MS,
+    UNKNOWN,
     UNSPECIFIED_KIND,
+    Known,
     Reason,
     Validator,
     Vocabulary,
     device_ids_ok,
 )
-from rtmonitor.model import BatchDelta, latest_of_newest, number_keys
+from rtmonitor.model import BatchDelta, Keys, latest_of_newest, number_keys
 
 try:
     from rtmonitor.ingest._rows import Rows as _WireRows
@@ -65,6 +67,7 @@ _kind = attrgetter("kind")
 _payload = attrgetter("payload")
 _timestamp = attrgetter("timestamp_ms")
 _values = attrgetter("values")
+_vocab = attrgetter("vocab")
 
 
 class ColumnsError(ValueError):
@@ -356,12 +359,14 @@ def decode_rows(
 def _validate_and_aggregate(
     t: _Table, validator: Validator, recv_ms: int, device_prefix: str | None = None
 ) -> tuple[BatchDelta, Counter[str]]:
-    vocabs = validator.vocabularies(t.device_ids)
+    entries = validator.entries(t.device_ids)
+    vocabs = list(map(_vocab, entries))
     code = _reason_codes(t, validator, recv_ms, device_prefix, vocabs)
     ok = code == 0
     if ok.any():
         _admit(t, validator, vocabs, code, ok)
         ok = code == 0
+        entries = validator.known(t.device_ids, entries)
     rejected: Counter[str] = Counter()
     if not ok.all():
         counts = np.bincount(code, minlength=len(_REASONS) + 1)
@@ -369,7 +374,7 @@ def _validate_and_aggregate(
             rejected[str(_REASONS[c])] = int(counts[c + 1])
     if not ok.any():
         return BatchDelta.empty(), rejected
-    return _aggregate(t, ok, recv_ms), rejected
+    return _aggregate(t, ok, recv_ms, entries), rejected
 
 
 def _reason_codes(
@@ -438,10 +443,12 @@ def _device_codes(
     return codes
 
 
-def _aggregate(t: _Table, ok: npt.NDArray[np.bool_], recv_ms: int) -> BatchDelta:
+def _aggregate(
+    t: _Table, ok: npt.NDArray[np.bool_], recv_ms: int, entries: list[Known]
+) -> BatchDelta:
     """The accepted packets (`ok`) as one delta: each device of the batch gets a row
     (numbered over the device index), and everything per packet is a bincount over those
-    rows."""
+    rows. The delta keeps the devices' validator `entries` (model.BatchDelta.keys)."""
     n, n_dev, n_kind = t.n, len(t.device_ids), len(t.kinds)
     positions = np.flatnonzero(ok)
     uniq, rows = number_keys(t.dev_idx[positions], n_dev)
@@ -459,7 +466,14 @@ def _aggregate(t: _Table, ok: npt.NDArray[np.bool_], recv_ms: int) -> BatchDelta
     values = _aggregate_values(t, group, u, recv_ms)
     # uniq is sorted: with every device of the batch accepted, it is all of them in order
     ids = t.device_ids
-    kept = list(ids) if u == n_dev else list(map(ids.__getitem__, uniq.tolist()))
+    if u == n_dev:
+        kept, held = list(ids), entries
+    else:
+        rows_kept = uniq.tolist()
+        kept, held = (
+            list(map(ids.__getitem__, rows_kept)),
+            list(map(entries.__getitem__, rows_kept)),
+        )
     seen = np.full(u, recv_ms, dtype=np.int64)  # the batch's receive time, first and last
     return BatchDelta(
         device_ids=kept,
@@ -482,7 +496,15 @@ def _aggregate(t: _Table, ok: npt.NDArray[np.bool_], recv_ms: int) -> BatchDelta
         last_ts=values.last_ts,
         total_packets=int(packets.sum()),
         total_bytes=int(nbytes.sum()),
+        keys=_keys(held),
     )
+
+
+def _keys(held: list[Known]) -> Keys | None:
+    """The batch's keys; None (the flush then numbers its devices by their ids) if one of
+    them has no entry, which admission rules out: exactness does not rest on it."""
+    keys = Keys.of(held)
+    return None if (keys.ids == id(UNKNOWN)).any() else keys
 
 
 # Admission groups devices by the kinds and value names they use in a batch, as bit masks:

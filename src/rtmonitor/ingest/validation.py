@@ -158,6 +158,25 @@ def _admit_new(
 _EMPTY = Vocabulary(_NOTHING, _NOTHING)
 
 
+class Known:
+    """A device's entry in the Validator's table: its vocabulary, replaced as it grows.
+
+    The entry stays the same object for as long as the device is known (promotions move
+    it, rotations drop it), so its identity names the device: a batch keeps its devices'
+    entries, and a flush numbers a fleet's devices by these identities in numpy instead of
+    looking their ids up in a dict (model.reduce_batches). Holding the entry keeps its
+    identity from being reused."""
+
+    __slots__ = ("vocab",)
+
+    def __init__(self, vocab: Vocabulary | None) -> None:
+        self.vocab = vocab
+
+
+# What entries() gives for a device not in the current generation (never in the table).
+UNKNOWN = Known(None)
+
+
 class Validator:
     """Checks packets against the limits; remembers each device's kinds and value names.
 
@@ -175,8 +194,8 @@ class Validator:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self._devices: dict[str, Vocabulary] = {}  # the current generation
-        self._previous: dict[str, Vocabulary] = {}  # disjoint from _devices
+        self._devices: dict[str, Known] = {}  # the current generation
+        self._previous: dict[str, Known] = {}  # disjoint from _devices
         # Interned vocabularies; one disappears once no device uses it any more.
         self._vocabularies: weakref.WeakValueDictionary[
             tuple[frozenset[str], frozenset[str]], Vocabulary
@@ -194,10 +213,24 @@ class Validator:
     def _lookup(self, device_id: str) -> Vocabulary | None:
         """The device's vocabulary, moving it up from the previous generation (a miss in
         the current one: the first packet of a device after a rotation, or a new device)."""
-        vocab = self._previous.pop(device_id, None)
-        if vocab is not None:
-            self._devices[device_id] = vocab
-        return vocab
+        known = self._previous.pop(device_id, None)
+        if known is None:
+            return None
+        self._devices[device_id] = known
+        return known.vocab
+
+    def _vocabulary(self, device_id: str) -> Vocabulary | None:
+        """The device's vocabulary (None: a new device), moved up to the current generation."""
+        known = self._devices.get(device_id)
+        return known.vocab if known is not None else self._lookup(device_id)
+
+    def _settle(self, device_id: str, vocab: Vocabulary) -> None:
+        """Give one device (in the current generation, or new) this vocabulary."""
+        known = self._devices.get(device_id)
+        if known is None:
+            self._devices[device_id] = Known(vocab)
+        else:
+            known.vocab = vocab
 
     def rotate(self) -> int:
         """Start a new generation: devices not seen since the last rotation lose their slot.
@@ -235,7 +268,7 @@ class Validator:
         # A device, kind or value name in the vocabulary passed these checks before: skip
         # the regular expressions (the hot path is a dict and a set lookup). The order of
         # the checks, and so the reason reported, is the same either way.
-        vocab = self._devices.get(device_id) or self._lookup(device_id)
+        vocab = self._vocabulary(device_id)
         if vocab is None and (bad_id := device_id_reason(device_id)) is not None:
             return bad_id
         nbytes = len(packet.payload)
@@ -303,17 +336,29 @@ class Validator:
             return Reason.TOO_MANY_KINDS
         if new_names and len(vocab.names) + len(new_names) > lim.max_value_names_per_device:
             return Reason.TOO_MANY_VALUE_NAMES
-        self._devices[device_id] = self._intern(
-            vocab.kinds | {new_kind} if new_kind is not None else vocab.kinds,
-            vocab.names | new_names if new_names else vocab.names,
+        self._settle(
+            device_id,
+            self._intern(
+                vocab.kinds | {new_kind} if new_kind is not None else vocab.kinds,
+                vocab.names | new_names if new_names else vocab.names,
+            ),
         )
         return None
 
-    def vocabularies(self, device_ids: list[str]) -> list[Vocabulary | None]:
-        """Each device's vocabulary in the current generation, or None (a new device, or one
+    def entries(self, device_ids: list[str]) -> list[Known]:
+        """Each device's entry in the current generation, or UNKNOWN (a new device, or one
         only in the previous generation): a batch looks its devices up in one C-level pass,
         without a Python call per device."""
-        return list(map(self._devices.get, device_ids))
+        return list(map(self._devices.get, device_ids, repeat(UNKNOWN)))
+
+    def known(self, device_ids: list[str], entries: list[Known]) -> list[Known]:
+        """`entries` (of entries()) with each UNKNOWN one looked up again, after admission:
+        the device's entry now, or UNKNOWN if it was not admitted."""
+        if UNKNOWN not in entries:
+            return entries
+        get = self._devices.get
+        pairs = zip(device_ids, entries, strict=True)
+        return [e if e is not UNKNOWN else get(d, UNKNOWN) for d, e in pairs]
 
     def promote(self, device_ids: list[str]) -> list[Vocabulary | None]:
         """Devices missing from the current generation: each one's vocabulary, moved up from
@@ -322,8 +367,8 @@ class Validator:
         if found.count(None) < len(found):
             moved = map(is_not, found, repeat(None))
             pairs = compress(zip(device_ids, found, strict=True), moved)
-            self._devices.update(cast("Iterable[tuple[str, Vocabulary]]", pairs))
-        return found
+            self._devices.update(cast("Iterable[tuple[str, Known]]", pairs))
+        return [k.vocab if k is not None else None for k in found]
 
     @property
     def room(self) -> int:
@@ -348,7 +393,8 @@ class Validator:
 
     def settle(self, device_ids: Iterable[str], vocab: Vocabulary) -> None:
         """Give these (admitted) devices this vocabulary."""
-        self._devices.update(zip(device_ids, repeat(vocab)))
+        for device_id in device_ids:
+            self._settle(device_id, vocab)
 
     def admit(
         self, device_id: str, kinds: Collection[str], names: Collection[str]
@@ -356,10 +402,11 @@ class Validator:
         """The stateful limits for a whole columnar batch of one device (first-seen order):
         (a reason refusing every packet of the device, or None; the kinds refused; the value
         names refused). The vocabulary grows only by what is admitted."""
-        vocab = self._devices.get(device_id) or self._lookup(device_id)
+        vocab = self._vocabulary(device_id)
         if vocab is not None and vocab.has(kinds, names):
             return None, _NOTHING, _NOTHING  # the steady state: nothing new
         if vocab is None and self.device_count >= self.limits.max_devices:
             return Reason.TOO_MANY_DEVICES, _NOTHING, _NOTHING
-        self._devices[device_id], refused_kinds, refused_names = self.extend(vocab, kinds, names)
+        grown, refused_kinds, refused_names = self.extend(vocab, kinds, names)
+        self._settle(device_id, grown)
         return None, refused_kinds, refused_names
