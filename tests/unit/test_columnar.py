@@ -315,11 +315,20 @@ def test_repeated_dictionary_entries_do_not_split_counts() -> None:
         device_index=np.array([0, 2, 1, 2], "<u4").tobytes(),
         kind_index=np.array([0, 2, 1, 3], "<u4").tobytes(),
     )
-    compact, rejected = decode_columns(cols, Validator(Limits()), NOW)
-    delta = compact.to_flush_delta()
-    assert not rejected and delta.packets == 4
-    assert delta.devices["a"].packets == 3 and delta.devices["b"].packets == 1
-    assert delta.devices["a"].kinds == {"unspecified": 2, "x": 1}
+    v = Validator(Limits())
+    # Twice: new devices are told apart by their ids, known ones by their entries.
+    for _ in range(2):
+        compact, rejected = decode_columns(cols, v, NOW)
+        assert sorted(compact.device_ids) == ["a", "b"]
+        delta = compact.to_flush_delta()
+        assert not rejected and delta.packets == 4
+        assert delta.devices["a"].packets == 3 and delta.devices["b"].packets == 1
+        assert delta.devices["a"].kinds == {"unspecified": 2, "x": 1}
+    # An index past the dictionary is refused by its own reason, after deduplication too.
+    cols.device_index = np.array([0, 2, 3, 2], "<u4").tobytes()
+    compact, rejected = decode_columns(cols, v, NOW)
+    assert rejected == {"invalid_column_index": 1}
+    assert compact.to_flush_delta().devices["a"].packets == 3
     rows = [Packet(device_id="a", kind=k) for k in ("", "unspecified", "x")]
     row_delta = decode_rows(rows, Validator(Limits()), NOW)[0].to_flush_delta()
     assert row_delta.devices["a"].kinds == {"unspecified": 2, "x": 1}
