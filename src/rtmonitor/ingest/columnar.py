@@ -296,6 +296,13 @@ class ParsedBatch:
         rows = self.rows.n if isinstance(self.rows, _Table) else len(self.rows)
         return rows + (self.columns.count if self.columns is not None else 0)
 
+    @property
+    def device_entries(self) -> int:
+        """The entries of its device dictionaries (for protobuf's rows, its packets): a
+        bound on its distinct devices, read without decoding anything."""
+        rows = len(self.rows.device_ids) if isinstance(self.rows, _Table) else len(self.rows)
+        return rows + (len(self.columns.device_ids) if self.columns is not None else 0)
+
 
 class BatchTooLarge(ValueError):
     """A batch with more packets than allowed: refused whole, before it is decoded."""

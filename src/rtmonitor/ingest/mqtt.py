@@ -461,6 +461,10 @@ class MqttBridge:
 
     def _parse(self, msg: _Message, recv_ms: int, rows: list[Row]) -> None:
         """Append the message's valid packets to `rows`; count the others by reason."""
+        with self.validator.lock:
+            self._validate(msg, recv_ms, rows)
+
+    def _validate(self, msg: _Message, recv_ms: int, rows: list[Row]) -> None:
         s = self.settings
         try:
             device_id = self.topics.device_id(msg.topic.decode())

@@ -281,5 +281,7 @@ class IngestNode(Node):
         so slots come back even when no packet arrives)."""
         while True:
             await asyncio.sleep(period_s)
-            if freed := self.validator.rotate():
+            with self.validator.lock:
+                freed = self.validator.rotate()
+            if freed:
                 logger.info("%d devices silent for the retention freed their slots", freed)

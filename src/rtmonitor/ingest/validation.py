@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import weakref
 from collections.abc import Collection, Iterable, Mapping
 from collections.abc import Set as AbstractSet
@@ -194,6 +195,12 @@ class Validator:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        # Held by whoever validates, for a whole batch or packet: a fleet's batches are
+        # validated in a worker thread (servicer.DECODE_THREAD_DEVICES) while the event loop
+        # checks single packets (StreamPackets, MQTT) and rotates. A batch's admission
+        # reads, then grows, the table: interleaved, a limit could be passed or a device's
+        # vocabulary lose what another step added.
+        self.lock = threading.Lock()
         self._devices: dict[str, Known] = {}  # the current generation
         self._previous: dict[str, Known] = {}  # disjoint from _devices
         # Interned vocabularies; one disappears once no device uses it any more.
