@@ -222,8 +222,8 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest gRPC message the server accepts."
     )
-    # Thirty-two messages of the largest size: decoding is one at a time on the event loop,
-    # so more buys no throughput, only memory.
+    # Thirty-two messages of the largest size: decoding is one at a time (on the event loop,
+    # or a fleet's batches in the decode thread), so more buys no throughput, only memory.
     max_inflight_message_bytes: int = Field(
         128 * 1024 * 1024,
         ge=1024,

@@ -409,11 +409,11 @@ def _unified(
 
 def _keyed(
     parts: Sequence[BatchDelta], *indexes: list[IntArray]
-) -> tuple[list[str], IntArray, list[IntArray]] | None:
+) -> tuple[list[str], IntArray, list[IntArray], Keys] | None:
     """_unified() for the parts' device ids, from their keys (first-appearance order): the
-    same numbering, without touching the strings of every entry. None if a part has no
-    keys, or if two keys name one device id (a device forgotten by the validator and
-    admitted again between two batches): then the strings decide."""
+    same numbering, without touching the strings of every entry, and the table's keys. None
+    if a part has no keys, or if two keys name one device id (a device forgotten by the
+    validator and admitted again between two batches): then the strings decide."""
     held = [p.keys for p in parts]
     if None in held:
         return None
@@ -423,17 +423,27 @@ def _keyed(
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order), dtype=np.int64)
     numbers = rank[inverse.reshape(-1)]
-    # Each distinct device's id, read from the part it first appears in.
+    # Each distinct device's id and holder, read from the part it first appears in, a
+    # slice at a time (one C-level pass holds the GIL throughout: _UNIFY_SLICE).
     lists = [p.device_ids for p in parts]
+    holders = [k.holders for k in held if k is not None]
     starts = np.cumsum([0] + [len(x) for x in lists], dtype=np.int64)
     at = first[order]
     part = np.searchsorted(starts, at, side="right") - 1
-    table: list[str] = list(
-        map(getitem, map(lists.__getitem__, part.tolist()), (at - starts[part]).tolist())
-    )
-    if len(set(table)) != len(table):
+    local = at - starts[part]
+    table: list[str] = []
+    kept: list[object] = []
+    distinct: set[str] = set()
+    for i in range(0, len(at), _UNIFY_SLICE):
+        p, x = part[i : i + _UNIFY_SLICE].tolist(), local[i : i + _UNIFY_SLICE].tolist()
+        ids: list[str] = list(map(getitem, map(lists.__getitem__, p), x))
+        distinct.update(ids)
+        table += ids
+        kept += map(getitem, map(holders.__getitem__, p), x)
+    if len(distinct) != len(table):
         return None
-    return table, numbers, [numbers[_shifted(lists, index)] for index in indexes]
+    indexed = [numbers[_shifted(lists, index)] for index in indexes]
+    return table, numbers, indexed, Keys(kept, keys[at])
 
 
 def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
@@ -462,9 +472,16 @@ def reduce_batches(parts: Sequence[BatchDelta]) -> BatchDelta:
         return parts[0]
     cat = np.concatenate
     dev_index = [p.kind_dev for p in parts], [p.value_dev for p in parts]
-    devices, all_dev, (kind_dev, value_dev) = _keyed(parts, *dev_index) or _unified(
-        [p.device_ids for p in parts], *dev_index
-    )
+    # The reduced batch keeps its devices' keys, so that reducing it again (the
+    # aggregator's loose batches) numbers them by key too.
+    keyed = _keyed(parts, *dev_index)
+    if keyed is None:
+        devices, all_dev, (kind_dev, value_dev) = _unified(
+            [p.device_ids for p in parts], *dev_index
+        )
+        keys = None
+    else:
+        devices, all_dev, (kind_dev, value_dev), keys = keyed
     kinds, _, (kind,) = _unified([p.kinds for p in parts], [p.kind_idx for p in parts])
     names, _, (value_name,) = _unified([p.names for p in parts], [p.value_name for p in parts])
     n = len(devices)
@@ -504,6 +521,7 @@ def reduce_batches(parts: Sequence[BatchDelta]) -> BatchDelta:
         last=cat([p.last for p in parts])[ends], last_ts=ts[ends],
         total_packets=sum(p.total_packets for p in parts),
         total_bytes=sum(p.total_bytes for p in parts),
+        keys=keys,
     )  # fmt: skip
 
 

@@ -473,6 +473,17 @@ def test_a_flush_numbers_devices_by_their_keys_as_by_their_ids() -> None:
     assert keyed[0] == by_id[0] == ["a", "b", "c", "d", "e", "f"]
     assert keyed[1].tolist() == by_id[1].tolist() == [0, 1, 2, 2, 3, 1, 4, 0, 5]
     assert [x.tolist() for x in keyed[2]] == [x.tolist() for x in by_id[2]]
+    # A reduced batch keeps its devices' keys: reduced again (the aggregator's loose
+    # batches), it is numbered by key as well, the same way.
+    reduced = [model.reduce_batches(parts[:2]), *parts[2:]]
+    kind_dev = [p.kind_dev for p in reduced]
+    value_dev = [p.value_dev for p in reduced]
+    again = model._keyed(reduced, kind_dev, value_dev)
+    by_id = model._unified([p.device_ids for p in reduced], kind_dev, value_dev)
+    assert again is not None and again[0] == by_id[0]
+    assert again[1].tolist() == by_id[1].tolist()
+    assert [x.tolist() for x in again[2]] == [x.tolist() for x in by_id[2]]
+    assert again[3].ids.tolist() == [id(h) for h in again[3].holders]
     assert model._keyed([parts[0], dataclasses.replace(parts[1], keys=None)]) is None
     v.rotate()
     v.rotate()  # "a" is forgotten: admitted again, it has a new entry

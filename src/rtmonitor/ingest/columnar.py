@@ -366,14 +366,17 @@ def decode_rows(
 def _validate_and_aggregate(
     t: _Table, validator: Validator, recv_ms: int, device_prefix: str | None = None
 ) -> tuple[BatchDelta, Counter[str]]:
-    entries = validator.entries(t.device_ids)
-    vocabs = list(map(_vocab, entries))
-    code = _reason_codes(t, validator, recv_ms, device_prefix, vocabs)
-    ok = code == 0
-    if ok.any():
-        _admit(t, validator, vocabs, code, ok)
+    # The validator's lock for what reads or grows its table, not for building the table
+    # or aggregating: the entries kept stay valid once it is let go (see Known).
+    with validator.lock:
+        entries = validator.entries(t.device_ids)
+        vocabs: list[Vocabulary | None] = list(map(_vocab, entries))
+        code = _reason_codes(t, validator, recv_ms, device_prefix, vocabs)
         ok = code == 0
-        entries = validator.known(t.device_ids, entries)
+        if ok.any():
+            _admit(t, validator, vocabs, code, ok)
+            ok = code == 0
+            entries = validator.known(t.device_ids, entries)
     rejected: Counter[str] = Counter()
     if not ok.all():
         counts = np.bincount(code, minlength=len(_REASONS) + 1)

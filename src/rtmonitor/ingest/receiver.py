@@ -179,8 +179,7 @@ class Receiver:
                 Reason.REDIS_UNAVAILABLE, f"commits to Redis fail ({error}): retry shortly"
             )
         prefix = sender.principal.device_prefix
-        with self.validator.lock:
-            delta, refused = decode_records(records, self.validator, now_ms(), prefix)
+        delta, refused = decode_records(records, self.validator, now_ms(), prefix)
         rejected = rejected + refused
         accepted = delta.total_packets
         tracker = CommitTracker()

@@ -439,12 +439,12 @@ class IngestServicer:
         recv_ms = _now_ms()
         parts = []
         rejected: Counter[str] = Counter()
-        with self.validator.lock:
-            if batch.columns is not None:
-                col_delta, rejected = decode_columns(batch.columns, self.validator, recv_ms, prefix)
-                parts.append(col_delta)
-            # Rows go through the same column code (ingest/columnar.py): no per-packet loop.
-            row_delta, row_rejected = decode_rows(batch.rows, self.validator, recv_ms, prefix)
+        # (each decode holds the validator's lock while it reads and grows its table)
+        if batch.columns is not None:
+            col_delta, rejected = decode_columns(batch.columns, self.validator, recv_ms, prefix)
+            parts.append(col_delta)
+        # Rows go through the same column code (ingest/columnar.py): no per-packet loop.
+        row_delta, row_rejected = decode_rows(batch.rows, self.validator, recv_ms, prefix)
         parts.append(row_delta)
         rejected.update(row_rejected)
         return parts, rejected

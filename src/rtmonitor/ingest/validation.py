@@ -195,11 +195,11 @@ class Validator:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        # Held by whoever validates, for a whole batch or packet: a fleet's batches are
-        # validated in a worker thread (servicer.DECODE_THREAD_DEVICES) while the event loop
-        # checks single packets (StreamPackets, MQTT) and rotates. A batch's admission
-        # reads, then grows, the table: interleaved, a limit could be passed or a device's
-        # vocabulary lose what another step added.
+        # Held by whoever reads or grows the table: a batch while it is validated and
+        # admitted (columnar._validate_and_aggregate), a packet (check: StreamPackets, MQTT),
+        # a rotation. A fleet's batches are validated in a worker thread
+        # (servicer.DECODE_THREAD_DEVICES) while the event loop does the rest; interleaved,
+        # a limit could be passed, or a device's vocabulary lose what another step added.
         self.lock = threading.Lock()
         self._devices: dict[str, Known] = {}  # the current generation
         self._previous: dict[str, Known] = {}  # disjoint from _devices
