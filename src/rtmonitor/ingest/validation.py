@@ -217,19 +217,16 @@ class Validator:
             vocab = self._vocabularies[(kinds, names)] = Vocabulary(kinds, names)
         return vocab
 
-    def _lookup(self, device_id: str) -> Vocabulary | None:
-        """The device's vocabulary, moving it up from the previous generation (a miss in
-        the current one: the first packet of a device after a rotation, or a new device)."""
-        known = self._previous.pop(device_id, None)
-        if known is None:
-            return None
-        self._devices[device_id] = known
-        return known.vocab
-
     def _vocabulary(self, device_id: str) -> Vocabulary | None:
-        """The device's vocabulary (None: a new device), moved up to the current generation."""
+        """The device's vocabulary (None: a new device); one found only in the previous
+        generation (its first packet since a rotation) moves up to the current one."""
         known = self._devices.get(device_id)
-        return known.vocab if known is not None else self._lookup(device_id)
+        if known is None:
+            known = self._previous.pop(device_id, None)
+            if known is None:
+                return None
+            self._devices[device_id] = known
+        return known.vocab
 
     def _settle(self, device_id: str, vocab: Vocabulary) -> None:
         """Give one device (in the current generation, or new) this vocabulary."""
