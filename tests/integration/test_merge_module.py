@@ -244,6 +244,30 @@ def _group(prefix: str) -> list[str]:
 INDEXES = _group("k")
 
 
+def test_a_call_naming_a_device_twice_merges_it_twice(server: EmbeddedRedis) -> None:
+    """A call holds each device's key open from its check to its merge; one that names a
+    device twice (the service never does, a Redis client may) merges it twice, as the
+    script would, rather than writing it through two handles that do not see each other."""
+    client = redis.Redis.from_url(server.url)
+    indexes = _group("twice")
+    try:
+        good = _delta_bytes("a")
+        for retention in (0, 60_000):
+            client.delete("twice:{a}", *indexes)
+            keys = ["twice:m%d" % retention, *indexes, "twice:{a}", "twice:{b}", "twice:{a}"]
+            assert client.execute_command(
+                MERGE_COMMAND, 12, *keys, 60, 1, retention, 5, good * 3, 7
+            ) == [3, 0]
+            record = client.get("twice:{a}")
+            assert record is not None and struct.unpack_from("<dd", record) == (6, 60)
+            assert (client.pttl("twice:{a}") > 0) == (retention > 0)
+            assert client.zrange(indexes[0], 0, -1) == [b"a", b"b"]
+            assert client.hgetall(indexes[1]) == {b"a": b"0", b"b": b"1"}
+            assert struct.unpack(">q", client.getrange(indexes[4], 0, 7)) == (6,)
+    finally:
+        client.close()
+
+
 def test_key_positions_acl_and_aliased_keys_never_crash_redis(server: EmbeddedRedis) -> None:
     """Redis asks a module for a command's keys without a client (COMMAND GETKEYS, ACL key
     patterns, a cluster): answered for any arguments, the service's argument-less probe
@@ -418,6 +442,38 @@ def _names(device_id: str, start: int, kinds: int, names: int, second: int) -> D
         kinds={f"k{start + i}": 1 for i in range(kinds)},
         values={f"v{start + i}": stats for i in range(names)},
     )  # fmt: skip
+
+
+def test_a_record_written_in_place_takes_the_memory_a_set_gives_it(
+    server: EmbeddedRedis,
+) -> None:
+    """The module writes a record where it is (no delete and insert in Redis' tables per
+    merge). A record that grows by a rate bucket per merge is cut back to its size, not
+    left with the room Redis keeps past a grown string (twice its size): it takes the
+    memory the same bytes SET anew take, and its TTL is the script's."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(server.url, "inplace", retention_s=3600) as s:
+            raw = redis.asyncio.Redis.from_url(server.url)
+            key = s.layout.device("a")
+            sizes = []
+            for second in range(12):  # one more second bucket each time, until they fold
+                flush = FlushDelta(devices={"a": _names("a", 0, 2, 2, second)})
+                assert await s.apply(s.plan(flush, "i", second + 1)) == 0
+                record = await raw.get(key)
+                assert record is not None
+                sizes.append(len(record))
+                await raw.set("inplace:copy", record)
+                usage, fresh = await raw.memory_usage(key), await raw.memory_usage("inplace:copy")
+                assert usage is not None and fresh is not None
+                assert usage <= fresh + 16, (second, len(record), usage, fresh)
+                assert 3_500_000 < await raw.pttl(key) <= 3_600_000
+            assert sizes == sorted(sizes) and len(set(sizes)) > 5  # it grew, merge by merge
+            got = await s.get_device("a")
+            assert got is not None and got.packets == 12 * 4
+            await raw.aclose()
+
+    asyncio.run(main())
 
 
 def test_a_full_record_never_stalls_a_flush(server: EmbeddedRedis) -> None:

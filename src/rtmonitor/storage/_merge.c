@@ -32,6 +32,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "records are little-endian doubles: this module assumes a little-endian machine"
@@ -52,6 +53,7 @@
 #define REDISMODULE_ZADD_NX (1 << 1)
 #define REDISMODULE_ZADD_NOP (1 << 4)
 #define REDISMODULE_HASH_NONE 0
+#define REDISMODULE_NO_EXPIRE -1
 
 typedef struct RedisModuleCtx RedisModuleCtx;
 typedef struct RedisModuleKey RedisModuleKey;
@@ -350,18 +352,34 @@ static void buckets(scratch *s, size_t *nf, size_t *nc, double sec, double packe
     *nc = sp;
 }
 
-/* Merge delta `d` into the record held by `key` and write it; the 5 reply integers into
- * `reply`, and what the record had no room for (NAME_ROOM) added to `dropped`. Returns an
- * error message, or NULL (never one check_device let through). */
-static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, delta *d,
-                             double window, long long retention, scratch *s,
-                             long long *reply, long long *dropped) {
-    RedisModuleKey *key = RM_OpenKey(ctx, keyname, REDISMODULE_READ | REDISMODULE_WRITE);
+/* Write `size` bytes of `out` over the `have` bytes of the record `key` holds, where it
+ * is. A merge mostly leaves a record as long as it was, or a few rate buckets longer or
+ * shorter; rewritten where it is, the record costs Redis no delete and insert in its
+ * keyspace and its expires table, as a SET does (RM_StringSet: most of a merge's time at
+ * a million devices). A string made longer is first made one byte too long, then cut:
+ * cutting gives back the room Redis keeps past a grown string (it doubles it), so that a
+ * record takes the memory a SET would have given it. 0 if it could not be (then SET). */
+static int write_in_place(RedisModuleKey *key, size_t have, const unsigned char *out,
+                          size_t size) {
+    if (size > have && RM_StringTruncate(key, size + 1) != REDISMODULE_OK) return 0;
+    if (size != have && RM_StringTruncate(key, size) != REDISMODULE_OK) return 0;
+    size_t len;
+    char *p = RM_StringDMA(key, &len, REDISMODULE_WRITE);
+    if (p == NULL || len != size) return 0;
+    memcpy(p, out, size);
+    return 1;
+}
+
+/* Merge delta `d` into the record `key` holds (open for writing) and write it; the 5
+ * reply integers into `reply`, and what the record had no room for (NAME_ROOM) added to
+ * `dropped`. Returns an error message, or NULL (never one check_device let through). */
+static const char *merge_one(RedisModuleCtx *ctx, RedisModuleKey *key,
+                             RedisModuleString *keyname, delta *d, double window,
+                             long long retention, scratch *s, long long *reply,
+                             long long *dropped) {
     int type = RM_KeyType(key);
-    if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_STRING) {
-        RM_CloseKey(key);
+    if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_STRING)
         return WRONGTYPE;
-    }
     double p, b, f, l, w, wp;
     size_t nk = 0, nv = 0, nf = 0, nc = 0;
     long long created;
@@ -382,18 +400,13 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
     grow_buckets(s, nf + nc + 1);
     if (r.p != NULL) {
         if (r.bad || !parse_entries(&r, s->kinds, nk, 1) ||
-            !parse_entries(&r, s->values, nv, 6)) {
-            RM_CloseKey(key);
+            !parse_entries(&r, s->values, nv, 6))
             return CUT_SHORT;
-        }
         for (size_t i = 0; i < nf + nc; i++) {
             bucket *bk = i < nf ? &s->secs[i] : &s->spans[i - nf];
             bk->s = get_u(&r, 4), bk->p = get_d(&r), bk->b = get_d(&r);
         }
-        if (r.bad) {
-            RM_CloseKey(key);
-            return CUT_SHORT;
-        }
+        if (r.bad) return CUT_SHORT;
     }
     for (size_t i = 0; i < d->nk; i++) {
         size_t q = find(s->kinds, nk, &d->kinds[i]);
@@ -460,8 +473,14 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
         const bucket *bk = i < nf ? &s->secs[i] : &s->spans[i - nf];
         put_u(&o, bk->s, 4), put_d(&o, bk->p), put_d(&o, bk->b);
     }
+    /* (the old record is read: it may now be written over) */
     RedisModuleString *value = RM_CreateString(ctx, (const char *)s->out, size);
-    RM_StringSet(key, value); /* (a plain SET: the TTL goes, as with the script's SET) */
+    if (r.p != NULL && write_in_place(key, r.n, s->out, size)) {
+        /* what the script's SET leaves: no TTL unless the one set below */
+        if (retention == 0) RM_SetExpire(key, REDISMODULE_NO_EXPIRE);
+    } else {
+        RM_StringSet(key, value); /* (a plain SET: the TTL goes, as with the script's SET) */
+    }
     if (retention > 0) {
         /* a device silent for the retention expires with everything it counted */
         RM_SetExpire(key, retention);
@@ -470,7 +489,6 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
         RM_Replicate(ctx, "SET", "ss", keyname, value);
     }
     RM_FreeString(ctx, value);
-    RM_CloseKey(key);
     if (w != window) wp = 0;
     reply[0] = (long long)p, reply[1] = (long long)b, reply[2] = (long long)l;
     reply[3] = (long long)wp, reply[4] = created, reply[5] = (long long)f;
@@ -478,9 +496,7 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleString *keyname, de
 }
 
 /* A retry or a replay: the records' figures as they are (2), or -1 for one gone since. */
-static const char *figures(RedisModuleCtx *ctx, RedisModuleString *keyname, double window,
-                           long long *reply) {
-    RedisModuleKey *key = RM_OpenKey(ctx, keyname, REDISMODULE_READ);
+static const char *figures(RedisModuleKey *key, double window, long long *reply) {
     int type = RM_KeyType(key);
     const char *error = NULL;
     if (type == REDISMODULE_KEYTYPE_EMPTY) {
@@ -498,7 +514,6 @@ static const char *figures(RedisModuleCtx *ctx, RedisModuleString *keyname, doub
             reply[5] = (long long)h.f;
         }
     }
-    RM_CloseKey(key);
     return error;
 }
 
@@ -763,9 +778,7 @@ static const char *parse_deltas(RedisModuleString *arg, size_t devices, scratch 
  * MAX_VALUES, with room for a rate bucket (merge_one keeps it so; `merging`: not a replay,
  * which reads the head only), so that a call is refused whole, never after some of its
  * devices were merged. Only a key written by something else fails it. */
-static const char *check_device(RedisModuleCtx *ctx, RedisModuleString *keyname,
-                                int merging) {
-    RedisModuleKey *key = RM_OpenKey(ctx, keyname, REDISMODULE_READ);
+static const char *check_device(RedisModuleKey *key, int merging) {
     int type = RM_KeyType(key);
     const char *error = NULL;
     if (type == REDISMODULE_KEYTYPE_STRING) {
@@ -789,7 +802,6 @@ static const char *check_device(RedisModuleCtx *ctx, RedisModuleString *keyname,
     } else if (type != REDISMODULE_KEYTYPE_EMPTY) {
         error = WRONGTYPE;
     }
-    RM_CloseKey(key);
     return error;
 }
 
@@ -799,6 +811,36 @@ static int same_key(RedisModuleString *a, RedisModuleString *b) {
     size_t la, lb;
     const char *pa = RM_StringPtrLen(a, &la), *pb = RM_StringPtrLen(b, &lb);
     return la == lb && memcmp(pa, pb, la) == 0;
+}
+
+static uint64_t seed; /* (random, from RedisModule_OnLoad: ids are chosen by devices) */
+
+static uint64_t key_hash(RedisModuleString *key) {
+    size_t n;
+    const unsigned char *p = (const unsigned char *)RM_StringPtrLen(key, &n);
+    uint64_t h = seed ^ (n * 0x9E3779B97F4A7C15ULL);
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001B3ULL;
+    h ^= h >> 31; /* (splitmix64's finish) */
+    h *= 0xBF58476D1CE4E5B9ULL;
+    return h ^ (h >> 29);
+}
+
+/* Does a device key appear twice among `keys`? A call holds each device's key open from
+ * its check to its merge, and two handles open on one key would not see each other's
+ * writes; a call that names a key twice (the service never does) opens each as it goes. */
+static int repeated(RedisModuleString **keys, size_t n) {
+    size_t cap = 4, *table, found = 0;
+    while (cap < 2 * n) cap *= 2;
+    table = RM_Alloc(cap * sizeof(size_t)); /* (index + 1; 0: empty) */
+    memset(table, 0, cap * sizeof(size_t));
+    for (size_t k = 0; k < n && !found; k++) {
+        size_t i = (size_t)key_hash(keys[k]) & (cap - 1);
+        while (table[i] != 0 && !(found = same_key(keys[table[i] - 1], keys[k])))
+            i = (i + 1) & (cap - 1);
+        table[i] = k + 1;
+    }
+    RM_Free(table);
+    return found != 0;
 }
 
 /* RTM.MERGE6 numkeys marker ix-devices ix-slot ix-id ix-free ix-packets ix-bytes
@@ -846,7 +888,7 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
                 return RM_ReplyWithError(ctx, "ERR a device key is the marker or an index key");
     }
     scratch s = {0};
-    long long reply[6], dropped = 0;
+    long long reply[6] = {0}, dropped = 0;
     delta *deltas = NULL;
     int applied;
     const char *error = marker_applied(ctx, keys[0], seq, &applied);
@@ -854,8 +896,21 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         deltas = RM_Alloc((devices + 1) * sizeof(delta));
         error = parse_deltas(args[4], devices, &s, deltas);
     }
-    for (size_t k = 0; error == NULL && k < devices; k++)
-        error = check_device(ctx, devkeys[k], !applied);
+    /* Each device's key opened once, checked, merged, closed at the end (opening a key
+     * is a lookup in Redis' keyspace and its expires table) */
+    int mode = applied ? REDISMODULE_READ : REDISMODULE_READ | REDISMODULE_WRITE;
+    int hold = error == NULL && !repeated(devkeys, devices);
+    RedisModuleKey **held = RM_Alloc((devices + 1) * sizeof(RedisModuleKey *));
+    for (size_t k = 0; k < devices; k++) held[k] = NULL;
+    for (size_t k = 0; error == NULL && k < devices; k++) {
+        RedisModuleKey *key = RM_OpenKey(ctx, devkeys[k], mode);
+        error = check_device(key, !applied);
+        if (hold) {
+            held[k] = key;
+        } else {
+            RM_CloseKey(key);
+        }
+    }
     group g = {0};
     RedisModuleString **members = RM_Alloc((devices + 1) * sizeof(RedisModuleString *));
     for (size_t k = 0; k < devices; k++) {
@@ -875,16 +930,21 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         RM_Replicate(ctx, "SET", "sscs", keys[0], args[1], "EX", args[0]);
     }
     for (size_t k = 0; error == NULL && k < devices; k++) {
+        RedisModuleKey *key = hold ? held[k] : RM_OpenKey(ctx, devkeys[k], mode);
         if (applied) {
-            error = figures(ctx, devkeys[k], window, reply);
+            error = figures(key, window, reply);
         } else {
-            error = merge_one(ctx, devkeys[k], &deltas[k], window, retention, &s, reply,
+            error = merge_one(ctx, key, devkeys[k], &deltas[k], window, retention, &s, reply,
                               &dropped);
         }
+        if (!hold) RM_CloseKey(key);
         if (error == NULL)
             error = row_device(ctx, &g, members[k], reply, (long long)window);
     }
     close_group(ctx, ixkeys, &g); /* (what was written, even before an error) */
+    for (size_t k = 0; k < devices; k++)
+        if (held[k] != NULL) RM_CloseKey(held[k]);
+    RM_Free(held);
     for (size_t k = 0; k < devices; k++) RM_FreeString(ctx, members[k]);
     RM_Free(members);
     RM_Free(deltas);
@@ -905,6 +965,7 @@ int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
     API(LOOKUP)
 #undef LOOKUP
     if (RM_IsModuleNameBusy("rtm")) return REDISMODULE_ERR;  /* (loaded twice) */
+    if (getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed) return REDISMODULE_ERR;
     RM_SetModuleAttribs(ctx, "rtm", 1, REDISMODULE_APIVER_1);
     if (RM_CreateCommand(ctx, "rtm.merge6", merge_command, "write deny-oom getkeys-api", 0, 0,
                          0) != REDISMODULE_OK)
