@@ -254,7 +254,7 @@ def test_a_call_naming_a_device_twice_merges_it_twice(server: EmbeddedRedis) -> 
         good = _delta_bytes("a")
         for retention in (0, 60_000):
             client.delete("twice:{a}", *indexes)
-            keys = ["twice:m%d" % retention, *indexes, "twice:{a}", "twice:{b}", "twice:{a}"]
+            keys = [f"twice:m{retention}", *indexes, "twice:{a}", "twice:{b}", "twice:{a}"]
             assert client.execute_command(
                 MERGE_COMMAND, 12, *keys, 60, 1, retention, 5, good * 3, 7
             ) == [3, 0]
