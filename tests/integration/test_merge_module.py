@@ -374,10 +374,11 @@ def test_the_rate_column_keeps_the_newest_two_windows(server: EmbeddedRedis) -> 
 def test_the_data_needs_no_module_and_the_store_goes_back_to_the_script(
     tmp_path: Path,
 ) -> None:
-    """The module's writes reach the AOF as plain commands (SET, ZADD, HSET, LPOP, and an
-    EVAL of SETRANGEs for the columns): the same directory opens without the module with
-    the same record and index group, and a store that merged with it goes on with the
-    script."""
+    """The module's writes reach the AOF as plain commands (SET, ZADD, HSET, LPOP, an EVAL
+    of SETs for the records and one of SETRANGEs for the columns): the same directory opens
+    without the module with the same record, expiring when it would have (not a retention
+    later than its load), and the same index group; and a store that merged with it goes
+    on with the script."""
     data = tmp_path / "redis"
     first = EmbeddedRedis(data).start()
     flush = FlushDelta(
@@ -403,19 +404,27 @@ def test_the_data_needs_no_module_and_the_store_goes_back_to_the_script(
         finally:
             await raw.aclose()
 
+    async def expires_in(url: str) -> int:
+        async with redis.asyncio.Redis.from_url(url) as raw:
+            return int(await raw.pttl("rtm:d:{a}"))
+
     async def run() -> None:
-        store = RedisStore.from_url(first.url)
+        store = RedisStore.from_url(first.url, retention_s=3600)
         try:
             await merge(store, 1)
             assert store.merge_module is True
             before = await written(first.url)
             assert before[0] and len(before[1]) == 7  # devices, slot, id, the 4 columns
+            await asyncio.sleep(1.1)
+            ttl = await expires_in(first.url)
+            assert 3_500_000 < ttl < 3_599_000
             first.stop()
             plain = EmbeddedRedis(
                 data, port=first.port, password=first.password, merge_module=False
             ).start()
             try:
                 assert await written(plain.url) == before  # (from the AOF)
+                assert 3_500_000 < await expires_in(plain.url) <= ttl
                 other = RedisStore.from_url(plain.url)
                 assert await read(other) == 2
                 await other.aclose()
@@ -431,6 +440,55 @@ def test_the_data_needs_no_module_and_the_store_goes_back_to_the_script(
             await store.aclose()
 
     asyncio.run(run())
+
+
+def test_a_replica_without_the_module_holds_what_the_module_wrote(tmp_path: Path) -> None:
+    """A replica (a real Redis, no module) applies what a merge replicates (the records'
+    EVAL of SETs with their expiry, the index group's commands and the rows' EVAL) and
+    holds the same records, TTLs and index group as the Redis that merged."""
+    master = EmbeddedRedis(tmp_path / "master").start()
+    replica = EmbeddedRedis(
+        tmp_path / "replica",
+        merge_module=False,
+        extra_config={"replicaof": f"{master.host} {master.port}", "masterauth": master.password},
+    ).start()
+
+    async def run() -> None:
+        store = RedisStore.from_url(master.url, retention_s=3600)
+        raw = redis.asyncio.Redis.from_url(master.url)
+        copy = redis.asyncio.Redis.from_url(replica.url)
+        try:
+            ids = [f"d{i}" for i in range(50)]
+            for second in range(4):  # records new, grown in place, and shrunk (spans)
+                flush = FlushDelta(
+                    devices={d: _names(d, i % 3, 1 + i % 2, i % 3, 20 * second)
+                             for i, d in enumerate(ids[: 20 + 10 * second])}
+                )  # fmt: skip
+                assert await store.apply(store.plan(flush, "i", second + 1)) == 0
+            assert store.merge_module is True
+            offset = (await raw.info("replication"))["master_repl_offset"]
+            await raw.execute_command("WAIT", 1, 10_000)
+            for _ in range(100):
+                info = await copy.info("replication")
+                if info.get("master_link_status") == "up" and (info["slave_repl_offset"] >= offset):
+                    break
+                await asyncio.sleep(0.1)
+            for d in ids:
+                key = store.layout.device(d)
+                assert await copy.get(key) == await raw.get(key), d
+                ttl, copied = await raw.pttl(key), await copy.pttl(key)
+                assert 3_590_000 < copied <= 3_600_000 and abs(copied - ttl) < 2_000, d
+            assert await _indexes(copy, "rtm") == await _indexes(raw, "rtm")
+        finally:
+            await copy.aclose()
+            await raw.aclose()
+            await store.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        replica.stop()
+        master.stop()
 
 
 def _names(device_id: str, start: int, kinds: int, names: int, second: int) -> DeviceDelta:

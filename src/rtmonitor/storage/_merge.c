@@ -18,9 +18,9 @@
  * number of devices, what the records had no room for] (below).
  *
  * What it writes is replicated (and written to the AOF) as plain commands: SET, ZADD,
- * HSET, LPOP, and one EVAL of SETRANGEs per call for the column rows, so a data directory
- * never needs the module. Unlike the script, a malformed deltas argument is refused before
- * anything is written.
+ * HSET, LPOP, one EVAL of SETs per call for the records and one of SETRANGEs for the
+ * column rows, so a data directory never needs the module. Unlike the script, a malformed
+ * deltas argument is refused before anything is written.
  *
  * No Redis header is needed: the few module API functions used are declared here and
  * looked up by name when Redis loads the module, as redismodule.h does.
@@ -94,7 +94,8 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(RedisModuleString *, ListPop, (RedisModuleKey *, int))                                \
     X(void *, Alloc, (size_t))                                                              \
     X(void *, Realloc, (void *, size_t))                                                    \
-    X(void, Free, (void *))
+    X(void, Free, (void *))                                                                 \
+    X(long long, Milliseconds, (void))
 
 #define DECLARE(TYPE, NAME, ARGS) static TYPE(*RM_##NAME) ARGS = NULL;
 API(DECLARE)
@@ -218,6 +219,11 @@ typedef struct {
     size_t kcap, vcap, dcap, bcap;
     unsigned char *out;
     size_t outcap;
+    /* the records written, replicated together (replicate_records) */
+    RedisModuleString **written;
+    size_t nwritten, writtencap;
+    unsigned char *blob;
+    size_t bloblen, blobcap;
 } scratch;
 
 /* (RM_Realloc does not return NULL: out of memory, Redis stops, as for its own commands) */
@@ -249,6 +255,8 @@ static void scratch_free(scratch *s) {
     RM_Free(s->spans);
     RM_Free(s->folded);
     RM_Free(s->out);
+    RM_Free(s->written);
+    RM_Free(s->blob);
 }
 
 /* A stored value's bytes, to read from (a record: kept raw by Redis, so not copied). */
@@ -474,21 +482,23 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleKey *key,
         put_u(&o, bk->s, 4), put_d(&o, bk->p), put_d(&o, bk->b);
     }
     /* (the old record is read: it may now be written over) */
-    RedisModuleString *value = RM_CreateString(ctx, (const char *)s->out, size);
     if (r.p != NULL && write_in_place(key, r.n, s->out, size)) {
         /* what the script's SET leaves: no TTL unless the one set below */
         if (retention == 0) RM_SetExpire(key, REDISMODULE_NO_EXPIRE);
     } else {
+        RedisModuleString *value = RM_CreateString(ctx, (const char *)s->out, size);
         RM_StringSet(key, value); /* (a plain SET: the TTL goes, as with the script's SET) */
+        RM_FreeString(ctx, value);
     }
-    if (retention > 0) {
-        /* a device silent for the retention expires with everything it counted */
-        RM_SetExpire(key, retention);
-        RM_Replicate(ctx, "SET", "sscl", keyname, value, "PX", retention);
-    } else {
-        RM_Replicate(ctx, "SET", "ss", keyname, value);
-    }
-    RM_FreeString(ctx, value);
+    /* a device silent for the retention expires with everything it counted */
+    if (retention > 0) RM_SetExpire(key, retention);
+    grow((void **)&s->written, &s->writtencap, s->nwritten + 1, sizeof(RedisModuleString *));
+    s->written[s->nwritten++] = keyname;
+    grow((void **)&s->blob, &s->blobcap, s->bloblen + 4 + size, 1);
+    unsigned char *at = s->blob + s->bloblen;
+    put_u(&at, (double)size, 4);
+    memcpy(at, s->out, size);
+    s->bloblen += 4 + size;
     if (w != window) wp = 0;
     reply[0] = (long long)p, reply[1] = (long long)b, reply[2] = (long long)l;
     reply[3] = (long long)wp, reply[4] = created, reply[5] = (long long)f;
@@ -843,6 +853,28 @@ static int repeated(RedisModuleString **keys, size_t n) {
     return found != 0;
 }
 
+/* Replayed on a replica, and when Redis loads its AOF: the records a call wrote, each SET
+ * as the script's SET leaves it, and expiring when it expired here (an absolute time: a
+ * relative one would start again at every restart). */
+static const char *WRITE_RECORDS_EFFECT =
+    "local b, at, o = ARGV[2], tonumber(ARGV[1]), 1 "
+    "for i = 1, #KEYS do "
+    "local n = struct.unpack('<I4', b, o) "
+    "redis.call('SET', KEYS[i], b:sub(o + 4, o + 3 + n)) "
+    "if at > 0 then redis.call('PEXPIREAT', KEYS[i], at) end "
+    "o = o + 4 + n "
+    "end";
+
+/* The records the call wrote, replicated (and written to the AOF) as one command rather
+ * than a SET each: per command, Redis copies its arguments, grows its list of commands to
+ * propagate by one, and formats them for the AOF (a third of a fleet's merge time). */
+static void replicate_records(RedisModuleCtx *ctx, scratch *s, long long retention) {
+    if (s->nwritten == 0) return;
+    long long at = retention > 0 ? RM_Milliseconds() + retention : 0;
+    RM_Replicate(ctx, "EVAL", "clvlb", WRITE_RECORDS_EFFECT, (long long)s->nwritten,
+                 s->written, s->nwritten, at, (const char *)s->blob, s->bloblen);
+}
+
 /* RTM.MERGE6 numkeys marker ix-devices ix-slot ix-id ix-free ix-packets ix-bytes
  *            ix-last-seen ix-rate device-key... ttl seq retention-ms window deltas id-offset
  * MERGE_DEVICES' merge, then the group's rows as scripts.WRITE_ROWS writes them from the
@@ -941,7 +973,8 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         if (error == NULL)
             error = row_device(ctx, &g, members[k], reply, (long long)window);
     }
-    close_group(ctx, ixkeys, &g); /* (what was written, even before an error) */
+    replicate_records(ctx, &s, retention); /* (what was written, even before an error) */
+    close_group(ctx, ixkeys, &g);
     for (size_t k = 0; k < devices; k++)
         if (held[k] != NULL) RM_CloseKey(held[k]);
     RM_Free(held);

@@ -197,8 +197,8 @@ class EmbeddedRedis:
         # What the running Redis allocates with (_loaded_allocator), read at each start.
         self.allocator: str | None = None
         # The rtm module (RTM.MERGE6: device merges in C). Its writes reach the AOF as plain
-        # commands (SET, ZADD, HSET, LPOP, an EVAL of SETRANGEs), so the data directory never
-        # needs it; without it the store merges with the script.
+        # commands (SET, ZADD, HSET, LPOP, an EVAL of SETs, one of SETRANGEs), so the data
+        # directory never needs it; without it the store merges with the script.
         self.merge_module = merge_module_path() if merge_module else None
         self.host = host
         self.port = port
