@@ -508,7 +508,8 @@ def test_a_record_written_in_place_takes_the_memory_a_set_gives_it(
     """The module writes a record where it is (no delete and insert in Redis' tables per
     merge). A record that grows by a rate bucket per merge is cut back to its size, not
     left with the room Redis keeps past a grown string (twice its size): it takes the
-    memory the same bytes SET anew take, and its TTL is the script's."""
+    memory the same bytes SET anew take, and its TTL is the script's. (One that shrinks
+    keeps its room, up to its length: Redis' rule for a cut string.)"""
 
     async def main() -> None:
         async with RedisStore.from_url(server.url, "inplace", retention_s=3600) as s:

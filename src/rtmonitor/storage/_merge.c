@@ -363,10 +363,13 @@ static void buckets(scratch *s, size_t *nf, size_t *nc, double sec, double packe
 /* Write `size` bytes of `out` over the `have` bytes of the record `key` holds, where it
  * is. A merge mostly leaves a record as long as it was, or a few rate buckets longer or
  * shorter; rewritten where it is, the record costs Redis no delete and insert in its
- * keyspace and its expires table, as a SET does (RM_StringSet: most of a merge's time at
- * a million devices). A string made longer is first made one byte too long, then cut:
- * cutting gives back the room Redis keeps past a grown string (it doubles it), so that a
- * record takes the memory a SET would have given it. 0 if it could not be (then SET). */
+ * keyspace and its expires table, and no new value to allocate, as a SET does
+ * (RM_StringSet). A string made longer is first made one byte too long, then cut:
+ * cutting gives back the room Redis keeps past a grown string (it doubles it), so a record
+ * that grows takes the memory a SET would give it. One made shorter keeps its room unless
+ * that is more than its length (Redis' rule for a cut string): a record holds the memory of
+ * its longest recent form, a few percent more per device (benchmarks/RESULTS.md, eleventh
+ * pass). 0 if it could not be written in place (then it is SET). */
 static int write_in_place(RedisModuleKey *key, size_t have, const unsigned char *out,
                           size_t size) {
     if (size > have && RM_StringTruncate(key, size + 1) != REDISMODULE_OK) return 0;
