@@ -455,9 +455,13 @@ def test_a_replica_without_the_module_holds_what_the_module_wrote(tmp_path: Path
 
     async def run() -> None:
         store = RedisStore.from_url(master.url, retention_s=3600)
+        kept = RedisStore.from_url(master.url, "kept", retention_s=0)  # (records never expire)
         raw = redis.asyncio.Redis.from_url(master.url)
         copy = redis.asyncio.Redis.from_url(replica.url)
         try:
+            flush = FlushDelta(devices={d: _names(d, 0, 1, 1, 0) for d in ("a", "b")})
+            assert await kept.apply(kept.plan(flush, "i", 1)) == 0
+            assert kept.merge_module is True
             ids = [f"d{i}" for i in range(50)]
             for second in range(4):  # records new, grown in place, and shrunk (spans)
                 flush = FlushDelta(
@@ -479,9 +483,14 @@ def test_a_replica_without_the_module_holds_what_the_module_wrote(tmp_path: Path
                 ttl, copied = await raw.pttl(key), await copy.pttl(key)
                 assert 3_590_000 < copied <= 3_600_000 and abs(copied - ttl) < 2_000, d
             assert await _indexes(copy, "rtm") == await _indexes(raw, "rtm")
+            for d in ("a", "b"):
+                key = kept.layout.device(d)
+                assert await copy.get(key) == await raw.get(key) is not None
+                assert await copy.pttl(key) == -1
         finally:
             await copy.aclose()
             await raw.aclose()
+            await kept.aclose()
             await store.aclose()
 
     try:

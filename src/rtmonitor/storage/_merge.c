@@ -32,7 +32,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "records are little-endian doubles: this module assumes a little-endian machine"
@@ -95,7 +94,8 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(void *, Alloc, (size_t))                                                              \
     X(void *, Realloc, (void *, size_t))                                                    \
     X(void, Free, (void *))                                                                 \
-    X(long long, Milliseconds, (void))
+    X(long long, Milliseconds, (void))                                                      \
+    X(int, SetAbsExpire, (RedisModuleKey *, long long))
 
 #define DECLARE(TYPE, NAME, ARGS) static TYPE(*RM_##NAME) ARGS = NULL;
 API(DECLARE)
@@ -386,8 +386,8 @@ static int write_in_place(RedisModuleKey *key, size_t have, const unsigned char 
  * `dropped`. Returns an error message, or NULL (never one check_device let through). */
 static const char *merge_one(RedisModuleCtx *ctx, RedisModuleKey *key,
                              RedisModuleString *keyname, delta *d, double window,
-                             long long retention, scratch *s, long long *reply,
-                             long long *dropped) {
+                             long long retention, long long expire_at, scratch *s,
+                             long long *reply, long long *dropped) {
     int type = RM_KeyType(key);
     if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_STRING)
         return WRONGTYPE;
@@ -493,8 +493,9 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleKey *key,
         RM_StringSet(key, value); /* (a plain SET: the TTL goes, as with the script's SET) */
         RM_FreeString(ctx, value);
     }
-    /* a device silent for the retention expires with everything it counted */
-    if (retention > 0) RM_SetExpire(key, retention);
+    /* a device silent for the retention expires with everything it counted (at the time
+     * its replicas and the AOF are given: replicate_records) */
+    if (retention > 0) RM_SetAbsExpire(key, expire_at);
     grow((void **)&s->written, &s->writtencap, s->nwritten + 1, sizeof(RedisModuleString *));
     s->written[s->nwritten++] = keyname;
     grow((void **)&s->blob, &s->blobcap, s->bloblen + 4 + size, 1);
@@ -570,15 +571,17 @@ enum { IX_DEVICES, IX_SLOT, IX_ID, IX_FREE, IX_PACKETS, IX_BYTES, IX_LAST_SEEN, 
 #define ROW_SIZE 64          /* replicated per device: slot, packets, bytes, last_seen, rate */
 #define MAX_SLOTS (1 << 24)  /* keys.MAX_SLOTS: 512 MB of rate column */
 
-/* Replayed on a replica, and when Redis loads its AOF: the rows as the merge left them. */
+/* Replayed on a replica, and when Redis loads its AOF: the rows as the merge left them
+ * (offsets passed as strings, as in WRITE_RECORDS_EFFECT). */
 static const char *WRITE_ROWS_EFFECT =
     "local b = ARGV[1] "
     "for o = 1, #b, 64 do "
     "local s = struct.unpack('<i8', b, o) "
-    "redis.call('SETRANGE', KEYS[1], s * 8, b:sub(o + 8, o + 15)) "
-    "redis.call('SETRANGE', KEYS[2], s * 8, b:sub(o + 16, o + 23)) "
-    "redis.call('SETRANGE', KEYS[3], s * 8, b:sub(o + 24, o + 31)) "
-    "redis.call('SETRANGE', KEYS[4], s * 32, b:sub(o + 32, o + 63)) "
+    "local at8, at32 = string.format('%d', s * 8), string.format('%d', s * 32) "
+    "redis.call('SETRANGE', KEYS[1], at8, b:sub(o + 8, o + 15)) "
+    "redis.call('SETRANGE', KEYS[2], at8, b:sub(o + 16, o + 23)) "
+    "redis.call('SETRANGE', KEYS[3], at8, b:sub(o + 24, o + 31)) "
+    "redis.call('SETRANGE', KEYS[4], at32, b:sub(o + 32, o + 63)) "
     "end";
 
 typedef struct {
@@ -826,12 +829,12 @@ static int same_key(RedisModuleString *a, RedisModuleString *b) {
     return la == lb && memcmp(pa, pb, la) == 0;
 }
 
-static uint64_t seed; /* (random, from RedisModule_OnLoad: ids are chosen by devices) */
-
+/* (Ids are chosen by devices, but the service's calls carry at most 256 devices
+ * (store.GROUP_SIZE): even ids that all collide cost a few thousand short compares.) */
 static uint64_t key_hash(RedisModuleString *key) {
     size_t n;
     const unsigned char *p = (const unsigned char *)RM_StringPtrLen(key, &n);
-    uint64_t h = seed ^ (n * 0x9E3779B97F4A7C15ULL);
+    uint64_t h = n * 0x9E3779B97F4A7C15ULL;
     for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001B3ULL;
     h ^= h >> 31; /* (splitmix64's finish) */
     h *= 0xBF58476D1CE4E5B9ULL;
@@ -860,22 +863,23 @@ static int repeated(RedisModuleString **keys, size_t n) {
  * as the script's SET leaves it, and expiring when it expired here (an absolute time: a
  * relative one would start again at every restart). */
 static const char *WRITE_RECORDS_EFFECT =
-    "local b, at, o = ARGV[2], tonumber(ARGV[1]), 1 "
+    "local b, at, o = ARGV[2], ARGV[1], 1 "
     "for i = 1, #KEYS do "
     "local n = struct.unpack('<I4', b, o) "
     "redis.call('SET', KEYS[i], b:sub(o + 4, o + 3 + n)) "
-    "if at > 0 then redis.call('PEXPIREAT', KEYS[i], at) end "
+    "if at ~= '0' then redis.call('PEXPIREAT', KEYS[i], at) end "
     "o = o + 4 + n "
     "end";
 
 /* The records the call wrote, replicated (and written to the AOF) as one command rather
  * than a SET each: per command, Redis copies its arguments, grows its list of commands to
- * propagate by one, and formats them for the AOF (a third of a fleet's merge time). */
-static void replicate_records(RedisModuleCtx *ctx, scratch *s, long long retention) {
+ * propagate by one, and formats them for the AOF (a third of a fleet's merge time). Their
+ * expiry (0: none) goes as the string Redis received, not a Lua number: Redis 7.2.0-7.2.4
+ * wrote a number ending in 8 zeros as 1e+12, which PEXPIREAT refuses. */
+static void replicate_records(RedisModuleCtx *ctx, scratch *s, long long expire_at) {
     if (s->nwritten == 0) return;
-    long long at = retention > 0 ? RM_Milliseconds() + retention : 0;
     RM_Replicate(ctx, "EVAL", "clvlb", WRITE_RECORDS_EFFECT, (long long)s->nwritten,
-                 s->written, s->nwritten, at, (const char *)s->blob, s->bloblen);
+                 s->written, s->nwritten, expire_at, (const char *)s->blob, s->bloblen);
 }
 
 /* RTM.MERGE6 numkeys marker ix-devices ix-slot ix-id ix-free ix-packets ix-bytes
@@ -924,6 +928,8 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
     }
     scratch s = {0};
     long long reply[6] = {0}, dropped = 0;
+    /* every record of the call expires at the same time, here and where it is replicated */
+    long long expire_at = retention > 0 ? RM_Milliseconds() + retention : 0;
     delta *deltas = NULL;
     int applied;
     const char *error = marker_applied(ctx, keys[0], seq, &applied);
@@ -932,7 +938,9 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         error = parse_deltas(args[4], devices, &s, deltas);
     }
     /* Each device's key opened once, checked, merged, closed at the end (opening a key
-     * is a lookup in Redis' keyspace and its expires table) */
+     * is a lookup in Redis' keyspace and its expires table). Opened for writing from the
+     * check on, so a call refused after it signals its keys as modified though it wrote
+     * none (a WATCH on a device key aborts: nothing watches them). */
     int mode = applied ? REDISMODULE_READ : REDISMODULE_READ | REDISMODULE_WRITE;
     int hold = error == NULL && !repeated(devkeys, devices);
     RedisModuleKey **held = RM_Alloc((devices + 1) * sizeof(RedisModuleKey *));
@@ -969,14 +977,14 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         if (applied) {
             error = figures(key, window, reply);
         } else {
-            error = merge_one(ctx, key, devkeys[k], &deltas[k], window, retention, &s, reply,
-                              &dropped);
+            error = merge_one(ctx, key, devkeys[k], &deltas[k], window, retention, expire_at,
+                              &s, reply, &dropped);
         }
         if (!hold) RM_CloseKey(key);
         if (error == NULL)
             error = row_device(ctx, &g, members[k], reply, (long long)window);
     }
-    replicate_records(ctx, &s, retention); /* (what was written, even before an error) */
+    replicate_records(ctx, &s, expire_at); /* (what was written, even before an error) */
     close_group(ctx, ixkeys, &g);
     for (size_t k = 0; k < devices; k++)
         if (held[k] != NULL) RM_CloseKey(held[k]);
@@ -1001,7 +1009,6 @@ int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
     API(LOOKUP)
 #undef LOOKUP
     if (RM_IsModuleNameBusy("rtm")) return REDISMODULE_ERR;  /* (loaded twice) */
-    if (getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed) return REDISMODULE_ERR;
     RM_SetModuleAttribs(ctx, "rtm", 1, REDISMODULE_APIVER_1);
     if (RM_CreateCommand(ctx, "rtm.merge6", merge_command, "write deny-oom getkeys-api", 0, 0,
                          0) != REDISMODULE_OK)
