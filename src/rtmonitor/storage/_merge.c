@@ -875,7 +875,8 @@ static const char *WRITE_RECORDS_EFFECT =
  * than a SET each: per command, Redis copies its arguments, grows its list of commands to
  * propagate by one, and formats them for the AOF (a third of a fleet's merge time). Their
  * expiry (0: none) goes as the string Redis received, not a Lua number: Redis 7.2.0-7.2.4
- * wrote a number ending in 8 zeros as 1e+12, which PEXPIREAT refuses. */
+ * sent some integral Lua numbers in exponent form (100000000 as 1e+08), which PEXPIREAT
+ * refuses (redis/redis#13113). */
 static void replicate_records(RedisModuleCtx *ctx, scratch *s, long long expire_at) {
     if (s->nwritten == 0) return;
     RM_Replicate(ctx, "EVAL", "clvlb", WRITE_RECORDS_EFFECT, (long long)s->nwritten,

@@ -300,7 +300,7 @@ for k = 2, #KEYS do
   local record = struct.pack(whole(nk, nv, nf + nc), p, b, f, l, w, wp, nk, nv, nf, nc, unpack(r))
   if retention > 0 then
     -- a device silent for the retention expires with everything it counted
-    redis.call('SET', key, record, 'PX', retention)
+    redis.call('SET', key, record, 'PX', ARGV[3])
   else
     redis.call('SET', key, record)
   end
@@ -336,6 +336,10 @@ for i = 1, 8 do
     return redis.error_reply(IX_WRONGTYPE)
   end
 end
+-- A number for redis.call as the integer it is: Redis 7.2.0-7.2.4 sent some integral Lua
+-- numbers in exponent form (100000000 as 1e+08), which an offset or an integer argument
+-- refuses (redis/redis#13113). ARGV's own strings go as they came.
+local function int(x) return string.format('%d', x) end
 local window = tonumber(ARGV[1])
 local nxt = math.floor(redis.call('STRLEN', KEYS[8]) / 32)
 local function slot_number(text)
@@ -413,16 +417,16 @@ for k, i in ipairs(dev) do
   local s = slot[k]
   local p, b, l = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local reset = fresh[k] or (ol[k] > 0 and tonumber(ARGV[i + 6]) > ol[k])
-  if not reset and op[k] > tonumber(p) then p = op[k] end
-  if not reset and ob[k] > tonumber(b) then b = ob[k] end
-  if not reset and ol[k] > tonumber(l) then l = ol[k] end
+  if not reset and op[k] > tonumber(p) then p = int(op[k]) end
+  if not reset and ob[k] > tonumber(b) then b = int(ob[k]) end
+  if not reset and ol[k] > tonumber(l) then l = int(ol[k]) end
   set(sp, k, p)
   set(sb, k, b)
   set(sl, k, l)
   -- the rate row: 4 i64s, read and written whole
   local wp, w1, p1, w2, p2 = tonumber(ARGV[i + 4]), 0, 0, 0, 0
   if not reset then
-    local r = redis.call('GETRANGE', KEYS[8], s * 32, s * 32 + 31)
+    local r = redis.call('GETRANGE', KEYS[8], int(s * 32), int(s * 32 + 31))
     if #r == 32 then w1, p1, w2, p2 = struct.unpack('>i8>i8>i8>i8', r) end
   end
   if wp > 0 then -- its packets in the call's window
@@ -436,7 +440,7 @@ for k, i in ipairs(dev) do
       w2, p2 = window, wp
     end
   end
-  redis.call('SETRANGE', KEYS[8], s * 32, struct.pack('>i8>i8>i8>i8', w1, p1, w2, p2))
+  redis.call('SETRANGE', KEYS[8], int(s * 32), struct.pack('>i8>i8>i8>i8', w1, p1, w2, p2))
 end
 redis.call('BITFIELD', KEYS[5], unpack(sp))
 redis.call('BITFIELD', KEYS[6], unpack(sb))
@@ -451,6 +455,10 @@ return #dev
 # sent again meanwhile (a merge wrote a newer last_seen at its slot) keeps it.
 # KEYS: as WRITE_ROWS. ARGV: cutoff ms, then (slot, id) pairs. Returns the number freed.
 FREE_SLOTS = """
+-- A number for redis.call as the integer it is: Redis 7.2.0-7.2.4 sent some integral Lua
+-- numbers in exponent form (100000000 as 1e+08), which an offset or an integer argument
+-- refuses (redis/redis#13113). ARGV's own strings go as they came.
+local function int(x) return string.format('%d', x) end
 local cutoff, freed = tonumber(ARGV[1]), 0
 local zero8, zero32 = string.rep('\\0', 8), string.rep('\\0', 32)
 for i = 2, #ARGV, 2 do
@@ -458,8 +466,8 @@ for i = 2, #ARGV, 2 do
   if redis.call('HGET', KEYS[2], id) == ARGV[i] then
     local l = redis.call('BITFIELD', KEYS[7], 'GET', 'i64', '#' .. slot)[1]
     if l > 0 and l <= cutoff then
-      for k = 5, 7 do redis.call('SETRANGE', KEYS[k], slot * 8, zero8) end
-      redis.call('SETRANGE', KEYS[8], slot * 32, zero32)
+      for k = 5, 7 do redis.call('SETRANGE', KEYS[k], int(slot * 8), zero8) end
+      redis.call('SETRANGE', KEYS[8], int(slot * 32), zero32)
       redis.call('HDEL', KEYS[2], id)
       redis.call('HDEL', KEYS[3], slot)
       redis.call('RPUSH', KEYS[4], slot)
@@ -479,8 +487,8 @@ MERGE_GLOBAL = (
 redis.call('HINCRBY', KEYS[2], 'packets', ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'bytes', ARGV[4])
 local sec = tonumber(ARGV[5])
-redis.call('HINCRBY', KEYS[4], sec, ARGV[3])
-redis.call('HINCRBY', KEYS[4], sec .. 'b', ARGV[4])
+redis.call('HINCRBY', KEYS[4], ARGV[5], ARGV[3])
+redis.call('HINCRBY', KEYS[4], ARGV[5] .. 'b', ARGV[4])
 redis.call('EXPIRE', KEYS[4], 120)
 if redis.call('HLEN', KEYS[4]) > 240 then
   for _, f in ipairs(redis.call('HKEYS', KEYS[4])) do
