@@ -461,10 +461,6 @@ class MqttBridge:
 
     def _parse(self, msg: _Message, recv_ms: int, rows: list[Row]) -> None:
         """Append the message's valid packets to `rows`; count the others by reason."""
-        with self.validator.lock:
-            self._validate(msg, recv_ms, rows)
-
-    def _validate(self, msg: _Message, recv_ms: int, rows: list[Row]) -> None:
         s = self.settings
         try:
             device_id = self.topics.device_id(msg.topic.decode())
@@ -480,16 +476,19 @@ class MqttBridge:
         if isinstance(items, MqttReason):
             return self._refuse(items)
         check = self.validator.check
-        for obj, nbytes in zip(items, _shares(len(msg.payload), len(items)), strict=True):
-            packet = to_packet(device_id, obj, s.max_values_per_packet)
-            if isinstance(packet, str):
-                self._refuse(packet)
-            elif nbytes > s.max_payload_bytes:
-                self._refuse(Reason.PAYLOAD_TOO_LARGE)
-            elif isinstance(row := check(packet, recv_ms), tuple):
-                rows.append((row[0], row[1], nbytes, row[3], row[4]))
-            else:
-                self._refuse(row)
+        # (the validator's lock once per message, for its packets' checks: a fleet's batch
+        # may be growing the validator's table in the decode thread)
+        with self.validator.lock:
+            for obj, nbytes in zip(items, _shares(len(msg.payload), len(items)), strict=True):
+                packet = to_packet(device_id, obj, s.max_values_per_packet)
+                if isinstance(packet, str):
+                    self._refuse(packet)
+                elif nbytes > s.max_payload_bytes:
+                    self._refuse(Reason.PAYLOAD_TOO_LARGE)
+                elif isinstance(row := check(packet, recv_ms), tuple):
+                    rows.append((row[0], row[1], nbytes, row[3], row[4]))
+                else:
+                    self._refuse(row)
         return None
 
     def _refuse(self, reason: str) -> None:

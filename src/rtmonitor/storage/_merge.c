@@ -386,8 +386,8 @@ static int write_in_place(RedisModuleKey *key, size_t have, const unsigned char 
  * `dropped`. Returns an error message, or NULL (never one check_device let through). */
 static const char *merge_one(RedisModuleCtx *ctx, RedisModuleKey *key,
                              RedisModuleString *keyname, delta *d, double window,
-                             long long retention, long long expire_at, scratch *s,
-                             long long *reply, long long *dropped) {
+                             long long expire_at, scratch *s, long long *reply,
+                             long long *dropped) {
     int type = RM_KeyType(key);
     if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_STRING)
         return WRONGTYPE;
@@ -485,17 +485,19 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleKey *key,
         put_u(&o, bk->s, 4), put_d(&o, bk->p), put_d(&o, bk->b);
     }
     /* (the old record is read: it may now be written over) */
-    if (r.p != NULL && write_in_place(key, r.n, s->out, size)) {
-        /* what the script's SET leaves: no TTL unless the one set below */
-        if (retention == 0) RM_SetExpire(key, REDISMODULE_NO_EXPIRE);
-    } else {
+    int in_place = r.p != NULL && write_in_place(key, r.n, s->out, size);
+    if (!in_place) {
         RedisModuleString *value = RM_CreateString(ctx, (const char *)s->out, size);
         RM_StringSet(key, value); /* (a plain SET: the TTL goes, as with the script's SET) */
         RM_FreeString(ctx, value);
     }
-    /* a device silent for the retention expires with everything it counted (at the time
-     * its replicas and the AOF are given: replicate_records) */
-    if (retention > 0) RM_SetAbsExpire(key, expire_at);
+    if (expire_at > 0) {
+        /* a device silent for the retention expires with everything it counted (at the
+         * time its replicas and the AOF are given: replicate_records) */
+        RM_SetAbsExpire(key, expire_at);
+    } else if (in_place) {
+        RM_SetExpire(key, REDISMODULE_NO_EXPIRE); /* (what the script's SET leaves) */
+    }
     grow((void **)&s->written, &s->writtencap, s->nwritten + 1, sizeof(RedisModuleString *));
     s->written[s->nwritten++] = keyname;
     grow((void **)&s->blob, &s->blobcap, s->bloblen + 4 + size, 1);
@@ -978,8 +980,8 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         if (applied) {
             error = figures(key, window, reply);
         } else {
-            error = merge_one(ctx, key, devkeys[k], &deltas[k], window, retention, expire_at,
-                              &s, reply, &dropped);
+            error = merge_one(ctx, key, devkeys[k], &deltas[k], window, expire_at, &s, reply,
+                              &dropped);
         }
         if (!hold) RM_CloseKey(key);
         if (error == NULL)

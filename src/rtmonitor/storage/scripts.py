@@ -312,6 +312,13 @@ return out
 """
 )
 
+# A number for redis.call as the integer it is: Redis 7.2.0-7.2.4 sent some integral Lua
+# numbers in exponent form (100000000 as 1e+08), which an offset or an integer argument
+# refuses (redis/redis#13113). ARGV's own strings go as they came.
+_INT = """
+local function int(x) return string.format('%d', x) end
+"""
+
 # An index group's columns (keys.py) brought up to a device call's reply: what the rtm
 # module does after each device's merge, byte for byte (tests/integration/
 # test_merge_module.py), for a Redis without it and for a Redis Cluster (the group's keys
@@ -328,6 +335,7 @@ return out
 # expired predecessor's (retention), and the record now replying is a new one.
 WRITE_ROWS = (
     f"local MAX_SLOTS, IX_WRONGTYPE = {MAX_SLOTS}, '{IX_WRONGTYPE}'\n"
+    + _INT
     + """
 local kinds = {'zset', 'hash', 'hash', 'list', 'string', 'string', 'string', 'string'}
 for i = 1, 8 do
@@ -336,10 +344,6 @@ for i = 1, 8 do
     return redis.error_reply(IX_WRONGTYPE)
   end
 end
--- A number for redis.call as the integer it is: Redis 7.2.0-7.2.4 sent some integral Lua
--- numbers in exponent form (100000000 as 1e+08), which an offset or an integer argument
--- refuses (redis/redis#13113). ARGV's own strings go as they came.
-local function int(x) return string.format('%d', x) end
 local window = tonumber(ARGV[1])
 local nxt = math.floor(redis.call('STRLEN', KEYS[8]) / 32)
 local function slot_number(text)
@@ -454,11 +458,9 @@ return #dev
 # still holds that device and its last_seen is still at or before the cutoff: a device that
 # sent again meanwhile (a merge wrote a newer last_seen at its slot) keeps it.
 # KEYS: as WRITE_ROWS. ARGV: cutoff ms, then (slot, id) pairs. Returns the number freed.
-FREE_SLOTS = """
--- A number for redis.call as the integer it is: Redis 7.2.0-7.2.4 sent some integral Lua
--- numbers in exponent form (100000000 as 1e+08), which an offset or an integer argument
--- refuses (redis/redis#13113). ARGV's own strings go as they came.
-local function int(x) return string.format('%d', x) end
+FREE_SLOTS = (
+    _INT
+    + """
 local cutoff, freed = tonumber(ARGV[1]), 0
 local zero8, zero32 = string.rep('\\0', 8), string.rep('\\0', 32)
 for i = 2, #ARGV, 2 do
@@ -478,6 +480,7 @@ for i = 2, #ARGV, 2 do
 end
 return freed
 """
+)
 
 # KEYS: marker, totals, rejected, rate
 # ARGV: TTL, seq, packets, bytes, second, nrejected, (reason, count) * nrejected
