@@ -209,7 +209,7 @@ class Keys:
     then numbers a fleet's devices over these integers in numpy (`reduce_batches`)
     instead of looking every device id of every batch up in a dict."""
 
-    holders: list[object]
+    holders: Sequence[object]
     ids: IntArray
 
     @classmethod

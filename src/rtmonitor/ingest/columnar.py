@@ -52,6 +52,13 @@ try:
     C_ROWS = True  # the compiled row reader is built (see setup.py)
 except ImportError:  # installed without a C compiler: protobuf's parser reads every batch
     C_ROWS = False
+try:
+    from rtmonitor.ingest._devices import addresses as _addresses
+    from rtmonitor.ingest._devices import distinct as _distinct
+
+    C_KEYS = True  # the compiled dictionary encoder and Keys (see _devices.c)
+except ImportError:  # without a C compiler: a dict pass and Keys.of, an int per device
+    C_KEYS = False
 
 # Reason codes in the per-packet code array; 0 = accepted.
 _REASONS: list[Reason] = list(Reason)
@@ -97,6 +104,10 @@ class _Table:
 def _encode(strings: list[str], empty_as: str | None = None) -> tuple[list[str], IntArray]:
     """Dictionary-encode a column of strings (first-appearance order) in C-level passes;
     with `empty_as`, "" is read as that entry."""
+    if C_KEYS and empty_as is None:
+        # one C pass, presized; hashing here caches each id's hash for the validator
+        table, index = _distinct(strings)
+        return table, np.frombuffer(index, dtype=np.int64)
     distinct = dict.fromkeys(strings)
     if len(distinct) == len(strings) and (empty_as is None or "" not in distinct):
         # all distinct (a batch spread over a large fleet): the index is the position
@@ -513,7 +524,10 @@ def _aggregate(
 def _keys(held: list[Known]) -> Keys | None:
     """The batch's keys; None (the flush then numbers its devices by their ids) if one of
     them has no entry, which admission rules out: exactness does not rest on it."""
-    keys = Keys.of(held)
+    if C_KEYS:
+        keys = Keys(held, np.frombuffer(_addresses(held), dtype=np.int64))
+    else:
+        keys = Keys.of(held)
     return None if (keys.ids == id(UNKNOWN)).any() else keys
 
 
