@@ -41,6 +41,14 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
+# Columnar bodies kept for reuse, up to this many bytes in all: a run cycles through the
+# pool, so one (start, size) comes back every len(pool) / size batches. Building 10,000-packet
+# bodies for 100,000 devices took a quarter of a core at ~700,000 packets/s, CPU that the
+# service and Redis share on one machine; 0.05 with the cache (benchmarks/RESULTS.md, twelfth
+# pass). A million devices: ~40 MB of bodies.
+_BODY_CACHE_BYTES = 64 * 1024 * 1024
+
+
 def device_name(prefix: str, index: int, devices: int) -> str:
     return f"{prefix}{index:0{max(5, len(str(devices - 1)))}d}"
 
@@ -58,6 +66,8 @@ class PacketPool:
         self.payload_size = opts.payload_size
         self.packets: list[bytes] = []
         self.framed: list[bytes] = []
+        self._bodies: dict[tuple[int, int], bytes] = {}
+        self._cached = 0  # bytes in _bodies
         # The same pool as columns, for --columnar (NaN: the packet has no such reading).
         self.temperature = np.full(size, np.nan)
         self.humidity = np.full(size, np.nan)
@@ -79,6 +89,16 @@ class PacketPool:
     def columns_body(self, start: int, n: int) -> bytes:
         """Entries start .. start+n-1 (cyclic) as a Columns message framed as field 4 of
         Batch: the same packets as batch_body(), in column form."""
+        key = (start % len(self.packets), n)
+        body = self._bodies.get(key)
+        if body is None:
+            body = self._columns_body(*key)
+            if self._cached + len(body) <= _BODY_CACHE_BYTES:
+                self._bodies[key] = body
+                self._cached += len(body)
+        return body
+
+    def _columns_body(self, start: int, n: int) -> bytes:
         e = (start + np.arange(n)) % len(self.packets)
         dev = e % self.devices
         uniq, inv = np.unique(dev, return_inverse=True)
