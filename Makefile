@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-slow test-asan lint typecheck proto install clean check-image
 
-$(STAMP): pyproject.toml setup.py src/rtmonitor/ingest/_rows.c src/rtmonitor/storage/_merge.c \
-		src/rtmonitor/storage/_pack.c
+$(STAMP): pyproject.toml setup.py src/rtmonitor/ingest/_rows.c src/rtmonitor/ingest/_devices.c \
+		src/rtmonitor/storage/_merge.c src/rtmonitor/storage/_pack.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -27,7 +27,7 @@ test: $(STAMP) lint typecheck
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
-## The C row reader under AddressSanitizer + UBSan, against the differential tests.
+## The C parts under AddressSanitizer + UBSan, against their differential tests.
 test-asan: $(STAMP)
 	$(BIN)/python tools/asan.py
 
