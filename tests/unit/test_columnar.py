@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtmonitor import model
-from rtmonitor.ingest import columnar
+from rtmonitor.ingest import columnar, validation
 from rtmonitor.ingest.columnar import ColumnsError, decode_columns, decode_rows, parse_batch
 from rtmonitor.ingest.v1.telemetry_pb2 import Batch, Columns, Packet, ValueColumn
 from rtmonitor.ingest.validation import Limits, Validator
@@ -305,9 +305,15 @@ def test_rows_count_reasons() -> None:
     assert rejected == {"empty_device_id": 2, "non_finite_value": 1}
 
 
-def test_repeated_dictionary_entries_do_not_split_counts() -> None:
+@pytest.mark.parametrize("compiled", [True, False])
+def test_repeated_dictionary_entries_do_not_split_counts(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A client may repeat a device id or kind in its dictionaries (or send both "" and
-    "unspecified"): the counts of one device or kind must still add up in one place."""
+    "unspecified"): the counts of one device or kind must still add up in one place. With
+    the compiled device table, encoder and keys (_devices.c), and without."""
+    monkeypatch.setattr(columnar, "C_KEYS", compiled and columnar.C_KEYS)
+    monkeypatch.setattr(validation, "C_DEVICES", compiled and validation.C_DEVICES)
     cols = Columns(
         count=4,
         device_ids=["a", "b", "a"],
@@ -324,6 +330,8 @@ def test_repeated_dictionary_entries_do_not_split_counts() -> None:
         assert not rejected and delta.packets == 4
         assert delta.devices["a"].packets == 3 and delta.devices["b"].packets == 1
         assert delta.devices["a"].kinds == {"unspecified": 2, "x": 1}
+        assert compact.keys is not None
+        assert compact.keys.ids.tolist() == list(map(id, compact.keys.holders))
     # An index past the dictionary is refused by its own reason, after deduplication too.
     cols.device_index = np.array([0, 2, 3, 2], "<u4").tobytes()
     compact, rejected = decode_columns(cols, v, NOW)

@@ -1,9 +1,11 @@
 """The compiled device table (src/rtmonitor/ingest/_devices.c) against a dict: random
-operations, fresh and shared strings, removals that shift entries back, batch lookups."""
+operations, fresh and shared strings, removals that shift entries back, batch lookups, and
+the same with few hash bits (different ids sharing a hash); references given back."""
 
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 from itertools import repeat
 from typing import Any
@@ -45,8 +47,11 @@ class AgainstADict(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.table: DeviceTable[object] = DeviceTable()
+        self.table: DeviceTable[object] = self.make()
         self.model: dict[str, object] = {}
+
+    def make(self) -> DeviceTable[object]:
+        return DeviceTable()
 
     @rule(key=ids, value=st.integers(0, 5))
     def set(self, key: str, value: int) -> None:
@@ -93,16 +98,41 @@ class AgainstADict(RuleBasedStateMachine):
         assert dict(self.table.items()) == self.model
 
 
+class CollidingAgainstADict(AgainstADict):
+    """The same with 2-bit hashes: most ids share a hash with others, so every lookup,
+    insert and removal compares strings that differ."""
+
+    def make(self) -> DeviceTable[object]:
+        return DeviceTable(hash_bits=2)
+
+
+class FallbackAgainstADict(AgainstADict):
+    """The validator's table without the compiled one."""
+
+    def make(self) -> DeviceTable[object]:
+        return validation._DictTable()  # type: ignore[return-value]
+
+
+_STATEFUL = settings(max_examples=150, stateful_step_count=80, deadline=None)
 TestAgainstADict = AgainstADict.TestCase
-TestAgainstADict.settings = settings(max_examples=150, stateful_step_count=80, deadline=None)
+TestAgainstADict.settings = _STATEFUL
+TestCollidingAgainstADict = CollidingAgainstADict.TestCase
+TestCollidingAgainstADict.settings = _STATEFUL
+TestFallbackAgainstADict = FallbackAgainstADict.TestCase
+TestFallbackAgainstADict.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
 
 
-@given(st.lists(st.integers(0, 3000), max_size=400), st.lists(st.integers(0, 400)))
+@given(
+    st.lists(st.integers(0, 3000), max_size=400),
+    st.lists(st.integers(0, 400)),
+    st.sampled_from([64, 4]),
+)
 @settings(max_examples=60, deadline=None)
-def test_many_devices_come_and_go(added: list[int], removed: list[int]) -> None:
+def test_many_devices_come_and_go(added: list[int], removed: list[int], bits: int) -> None:
     """Past many resizes and removals (each shifting its probe run back), every id is found
-    where a dict finds it, by one lookup and by a batch."""
-    table: DeviceTable[int] = DeviceTable()
+    where a dict finds it, by one lookup and by a batch; with 4-bit hashes, through long
+    runs of colliding ids."""
+    table: DeviceTable[int] = DeviceTable(hash_bits=bits)
     model: dict[str, int] = {}
     for i in added:
         table[f"dev-{i}"] = i
@@ -154,11 +184,65 @@ def test_a_key_that_is_not_a_str_is_refused() -> None:
         table.get_many(5, 0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pairs"):
         table.update([("a", 1, 2)])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="not a mapping"):
+        table.update({"ab": 1})  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         DeviceTable(x=1)  # type: ignore[call-arg]
+    for bits in (0, 65):
+        with pytest.raises(ValueError, match="hash_bits"):
+            DeviceTable(hash_bits=bits)
+        with pytest.raises(ValueError, match="hash_bits"):
+            distinct(["a"], bits)
     with pytest.raises(TypeError, match="unhashable"):
         hash(table)
     assert len(table) == 0
+
+
+def test_references_are_given_back() -> None:
+    """Each operation holds what it should and no more: refcounts of a key and a value
+    return to where they were, also after refused calls."""
+    key, value, other = fresh("dev-refs"), object(), object()
+    table: DeviceTable[object] = DeviceTable()
+    before = sys.getrefcount(key), sys.getrefcount(value), sys.getrefcount(other)
+    for _ in range(100):
+        table[key] = value
+        table[fresh("dev-refs")] = other  # replaced: the first key object is kept
+        table.get_many([key, "absent"], value)
+        table.items()
+        with pytest.raises(TypeError):
+            table.get_many([key, 1], value)  # type: ignore[list-item]
+        with pytest.raises(TypeError):
+            distinct([key, 1])  # type: ignore[list-item]
+        distinct([key, key])
+        assert table.pop(key) is other
+        table.update([(key, value)])
+        del table[key]
+    assert (sys.getrefcount(key), sys.getrefcount(value), sys.getrefcount(other)) == before
+
+
+def test_items_holds_when_a_finalizer_empties_the_table() -> None:
+    """items() takes its references before it allocates: an allocation may run the garbage
+    collector, whose finalizers may remove entries."""
+    table: DeviceTable[object] = DeviceTable()
+
+    class Popper:
+        def __del__(self) -> None:
+            for k in [k for k, _ in table.items()][:50]:
+                table.pop(k, None)
+
+    for i in range(200):
+        table[f"dev-{i}"] = i
+    threshold = gc.get_threshold()
+    try:
+        gc.set_threshold(1)
+        for _ in range(20):
+            a, b = Popper(), Popper()
+            a.other, b.other = b, a  # type: ignore[attr-defined]
+            del a, b
+            pairs = table.items()
+            assert all(k == f"dev-{v}" for k, v in pairs)
+    finally:
+        gc.set_threshold(*threshold)
 
 
 def test_a_table_in_a_reference_cycle_is_collected() -> None:
@@ -177,13 +261,13 @@ def test_a_table_in_a_reference_cycle_is_collected() -> None:
     assert gone() is None
 
 
-@given(st.lists(ids, max_size=300))
+@given(st.lists(ids, max_size=300), st.sampled_from([64, 2]))
 @settings(max_examples=200, deadline=None)
-def test_distinct_encodes_as_a_dict_does(strings: list[str]) -> None:
+def test_distinct_encodes_as_a_dict_does(strings: list[str], bits: int) -> None:
     """The distinct strings in first-appearance order (the same objects), and each one's
-    index among them."""
+    index among them; with 2-bit hashes too (different strings sharing a hash)."""
     asked = [fresh(x) for x in strings]
-    table, index = distinct(asked)
+    table, index = distinct(asked, bits)
     first = {s: i for i, s in reversed(list(enumerate(asked)))}
     assert table == list(dict.fromkeys(strings))
     assert all(t is asked[first[t]] for t in table)

@@ -18,7 +18,13 @@
  * back (no tombstones), so a table that devices come to and go from keeps short probes.
  *
  * Nothing here calls back into Python while a lookup walks the table (hashing a str and
- * comparing two do not), so a batch sees one consistent table.
+ * comparing two do not), so a batch sees one consistent table. Where an allocation could
+ * run the garbage collector (and a finalizer change a list or the table), the references
+ * are taken or the caller's list copied first.
+ *
+ * `hash_bits` (DeviceTable(hash_bits=...), distinct(..., hash_bits)) keeps only the low
+ * bits of each hash: for tests, so that different ids share a hash and the compare that
+ * tells them apart runs (tests/unit/test_device_table.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,21 +47,37 @@ typedef struct {
     slot_t *slots;
     size_t mask; /* capacity - 1; the capacity is a power of two */
     Py_ssize_t used;
+    Py_hash_t hash_mask; /* -1; fewer bits in tests (DeviceTable(hash_bits=...)) */
 } TableObject;
 
-static int key_hash(PyObject *key, Py_hash_t *out)
+/* The key's hash, its low bits only under a `mask` other than -1 (tests: so that different
+   ids share a hash, and the compare that tells them apart runs). */
+static int key_hash(PyObject *key, Py_hash_t mask, Py_hash_t *out)
 {
     if (!PyUnicode_Check(key)) {
         PyErr_Format(PyExc_TypeError, "a device id is a str, not %.100s", Py_TYPE(key)->tp_name);
         return -1;
     }
+#if PY_VERSION_HEX < 0x030C0000
     if (PyUnicode_READY(key) < 0)
         return -1;
+#endif
     /* str's own hash, also for a subclass: equal strings must land in one slot */
     Py_hash_t h = PyUnicode_Type.tp_hash(key);
     if (h == -1 && PyErr_Occurred())
         return -1;
-    *out = h;
+    *out = h & mask;
+    return 0;
+}
+
+/* -1 (every bit), or the low `bits` bits of a hash (tests). */
+static int hash_mask(int bits, Py_hash_t *mask)
+{
+    if (bits < 1 || bits > 64) {
+        PyErr_SetString(PyExc_ValueError, "hash_bits is 1 to 64");
+        return -1;
+    }
+    *mask = bits == 64 ? (Py_hash_t)-1 : (Py_hash_t)(((uint64_t)1 << bits) - 1);
     return 0;
 }
 
@@ -110,7 +132,7 @@ static int resize(TableObject *t, size_t capacity)
 static int insert(TableObject *t, PyObject *key, PyObject *value)
 {
     Py_hash_t hash;
-    if (key_hash(key, &hash) < 0)
+    if (key_hash(key, t->hash_mask, &hash) < 0)
         return -1;
     size_t i = probe(t, key, hash);
     slot_t *s = &t->slots[i];
@@ -166,7 +188,7 @@ static PyObject *lookup(TableObject *t, PyObject *key, int *failed)
 {
     Py_hash_t hash;
     *failed = 0;
-    if (key_hash(key, &hash) < 0) {
+    if (key_hash(key, t->hash_mask, &hash) < 0) {
         *failed = 1;
         return NULL;
     }
@@ -176,15 +198,19 @@ static PyObject *lookup(TableObject *t, PyObject *key, int *failed)
 
 static PyObject *table_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    if (PyTuple_GET_SIZE(args) != 0 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
-        PyErr_SetString(PyExc_TypeError, "DeviceTable() takes no arguments");
+    static char *kwlist[] = {"hash_bits", NULL};
+    int bits = 64;
+    Py_hash_t mask;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$i:DeviceTable", kwlist, &bits))
         return NULL;
-    }
+    if (hash_mask(bits, &mask) < 0)
+        return NULL;
     TableObject *t = (TableObject *)type->tp_alloc(type, 0);
     if (t == NULL)
         return NULL;
     t->slots = NULL;
     t->used = 0;
+    t->hash_mask = mask;
     if (resize(t, MIN_CAPACITY) < 0) {
         Py_DECREF(t);
         return NULL;
@@ -287,7 +313,7 @@ static int table_ass_subscript(TableObject *t, PyObject *key, PyObject *value)
     if (value != NULL)
         return insert(t, key, value);
     Py_hash_t hash;
-    if (key_hash(key, &hash) < 0)
+    if (key_hash(key, t->hash_mask, &hash) < 0)
         return -1;
     size_t i = probe(t, key, hash);
     slot_t s = t->slots[i];
@@ -327,7 +353,7 @@ static PyObject *table_pop(TableObject *t, PyObject *const *args, Py_ssize_t nar
     if (!usable(t))
         return NULL;
     Py_hash_t hash;
-    if (key_hash(args[0], &hash) < 0)
+    if (key_hash(args[0], t->hash_mask, &hash) < 0)
         return NULL;
     size_t i = probe(t, args[0], hash);
     slot_t s = t->slots[i];
@@ -346,6 +372,10 @@ static PyObject *table_update(TableObject *t, PyObject *pairs)
 {
     if (!usable(t))
         return NULL;
+    if (PyDict_Check(pairs)) {
+        PyErr_SetString(PyExc_TypeError, "update() takes (key, value) pairs, not a mapping");
+        return NULL;
+    }
     PyObject *it = PyObject_GetIter(pairs);
     if (it == NULL)
         return NULL;
@@ -380,21 +410,31 @@ static PyObject *table_items(TableObject *t, PyObject *Py_UNUSED(ignored))
 {
     if (!usable(t))
         return NULL;
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
-    for (size_t i = 0; t->slots != NULL && i <= t->mask; i++) {
+    /* References to every key and value first, in a loop that allocates no Python object:
+       an allocation may run the garbage collector, and a finalizer may change the table. */
+    Py_ssize_t n = t->used, k = 0;
+    PyObject **held = PyMem_Malloc(((size_t)n * 2 + 1) * sizeof(PyObject *));
+    if (held == NULL)
+        return PyErr_NoMemory();
+    for (size_t i = 0; i <= t->mask && k < n; i++) {
         const slot_t *s = &t->slots[i];
-        if (s->key == NULL)
-            continue;
-        PyObject *pair = PyTuple_Pack(2, s->key, s->value);
-        if (pair == NULL || PyList_Append(out, pair) < 0) {
-            Py_XDECREF(pair);
-            Py_DECREF(out);
-            return NULL;
+        if (s->key != NULL) {
+            held[2 * k] = Py_NewRef(s->key);
+            held[2 * k + 1] = Py_NewRef(s->value);
+            k++;
         }
-        Py_DECREF(pair);
     }
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t j = 0; out != NULL && j < n; j++) {
+        PyObject *pair = PyTuple_Pack(2, held[2 * j], held[2 * j + 1]);
+        if (pair == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, j, pair);
+    }
+    for (Py_ssize_t j = 0; j < 2 * n; j++)
+        Py_DECREF(held[j]);
+    PyMem_Free(held);
     return out;
 }
 
@@ -407,7 +447,8 @@ static PyObject *table_get_many(TableObject *t, PyObject *const *args, Py_ssize_
     }
     if (!usable(t))
         return NULL;
-    PyObject *fast = PySequence_Fast(args[0], "get_many() takes a list of device ids");
+    /* a copy: the caller's list could change while an allocation below runs the GC */
+    PyObject *fast = PySequence_Tuple(args[0]);
     if (fast == NULL)
         return NULL;
     PyObject *dflt = args[1];
@@ -423,7 +464,7 @@ static PyObject *table_get_many(TableObject *t, PyObject *const *args, Py_ssize_
     }
     /* hashing a fresh str reads it: one sequential pass before the table's misses */
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (key_hash(keys[i], &hashes[i]) < 0)
+        if (key_hash(keys[i], t->hash_mask, &hashes[i]) < 0)
             goto fail;
     }
     const slot_t *slots = t->slots;
@@ -472,9 +513,15 @@ fail:
 /* A batch's dictionary of strings, deduplicated: (the distinct ones in first-appearance
    order, each string's index among them as int64 in a bytearray). Hashing here caches each
    str's hash for get_many(). */
-static PyObject *distinct(PyObject *Py_UNUSED(module), PyObject *seq)
+static PyObject *distinct(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *fast = PySequence_Fast(seq, "distinct() takes a list of str");
+    PyObject *seq;
+    int bits = 64;
+    Py_hash_t mask_bits;
+    if (!PyArg_ParseTuple(args, "O|i:distinct", &seq, &bits) || hash_mask(bits, &mask_bits) < 0)
+        return NULL;
+    /* a copy: the caller's list could change while an allocation below runs the GC */
+    PyObject *fast = PySequence_Tuple(seq);
     if (fast == NULL)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
@@ -501,7 +548,7 @@ static PyObject *distinct(PyObject *Py_UNUSED(module), PyObject *seq)
     Py_ssize_t count = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_hash_t h;
-        if (key_hash(items[i], &h) < 0)
+        if (key_hash(items[i], mask_bits, &h) < 0)
             goto done;
         size_t k = (size_t)h & mask;
         for (;;) {
@@ -593,11 +640,11 @@ static PyTypeObject TableType = {
 };
 
 static PyMethodDef module_methods[] = {
-    {"distinct", distinct, METH_O,
-     "distinct(strings): (the distinct ones in first-appearance order, each one's index "
-     "among them as int64 in a bytearray)."},
+    {"distinct", distinct, METH_VARARGS,
+     "distinct(strings, hash_bits=64): (the distinct ones in first-appearance order, each "
+     "one's index among them as int64 in a bytearray); fewer hash_bits in tests only."},
     {"addresses", addresses, METH_O,
-     "addresses(objects): each object's id() as little-endian int64, in one bytes."},
+     "addresses(objects): each object's id() as a native int64, in one bytes."},
     {NULL, NULL, 0, NULL},
 };
 
