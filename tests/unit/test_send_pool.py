@@ -35,9 +35,7 @@ def _columns(body: bytes) -> list[tuple[str, str, int, dict[str, float]]]:
     ]
 
 
-def test_a_columnar_body_holds_the_row_bodys_packets_cached_or_not(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_columnar_body_holds_the_row_bodys_packets_cached_or_not() -> None:
     pool = sender.PacketPool(SendSettings(devices=7, batch_size=5, payload_size=3))
     size = len(pool)
     for start in (0, 3, size - 2, size + 3, 5 * size - 1):

@@ -231,15 +231,14 @@ static int table_traverse(TableObject *t, visitproc visit, void *arg)
     return 0;
 }
 
-static int table_clear(TableObject *t)
+/* Detach the table's slots (it is left without any) and give back what they held: the
+   DECREFs may run code that uses the table, which then finds no slots. */
+static void drop_slots(TableObject *t)
 {
     slot_t *slots = t->slots;
     size_t capacity = slots == NULL ? 0 : t->mask + 1;
-    /* detach first: the DECREFs below may run code that uses the table */
     t->slots = NULL;
     t->used = 0;
-    if (resize(t, MIN_CAPACITY) < 0)
-        PyErr_Clear(); /* left without slots: every method refuses below */
     for (size_t i = 0; i < capacity; i++) {
         if (slots[i].key != NULL) {
             Py_DECREF(slots[i].key);
@@ -247,22 +246,20 @@ static int table_clear(TableObject *t)
         }
     }
     PyMem_Free(slots);
+}
+
+static int table_clear(TableObject *t)
+{
+    drop_slots(t);
+    if (resize(t, MIN_CAPACITY) < 0)
+        PyErr_Clear(); /* left without slots: every method refuses below */
     return 0;
 }
 
 static void table_dealloc(TableObject *t)
 {
     PyObject_GC_UnTrack(t);
-    slot_t *slots = t->slots;
-    size_t capacity = slots == NULL ? 0 : t->mask + 1;
-    t->slots = NULL;
-    for (size_t i = 0; i < capacity; i++) {
-        if (slots[i].key != NULL) {
-            Py_DECREF(slots[i].key);
-            Py_DECREF(slots[i].value);
-        }
-    }
-    PyMem_Free(slots);
+    drop_slots(t);
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
 
