@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import httpx
-import pytest
 from helpers import (
     STREAM_BATCHES,
     STREAM_PACKETS,
@@ -17,6 +16,7 @@ from helpers import (
     get_json,
     held_streams,
     packet,
+    refused_at_admission,
     run,
     stream_batches,
     stream_packets,
@@ -120,10 +120,9 @@ def test_too_many_concurrent_streams(start_service: Callable[..., ServiceProcess
 
     async def scenario() -> None:
         async with held_streams(svc.target, 2) as calls:
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stream_packets(svc.target, [packet("third")])
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "--max-streams" in (refused.value.details() or "")
+            code, details = await refused_at_admission(svc.target, STREAM_PACKETS)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+            assert "--max-streams" in details
         assert [call.result().accepted for call in calls] == [1, 1]
         # with the slots free again, new streams are served
         assert (await stream_packets(svc.target, [packet("fourth")])).accepted == 1

@@ -42,6 +42,7 @@ __all__ = [
     "load",
     "packet",
     "redis_counts",
+    "refused_at_admission",
     "run",
     "stream_batches",
     "stream_packets",
@@ -167,6 +168,29 @@ async def stream_batches(
         async for ack in call(gen(), metadata=metadata):
             acks.append(ack)
         return acks
+
+
+async def refused_at_admission(
+    target: str, method: str, metadata: Metadata = None, timeout: float = 10.0
+) -> tuple[grpc.StatusCode, str]:
+    """Open a call to `method` and send nothing: the status and details the server ends it
+    with when it refuses the call itself (a stream slot, a token). Nothing is written on
+    purpose: a client write racing the server's close makes grpcio report INTERNAL
+    'Failed "execute_batch"' in place of the server's status."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        call: Any
+        if method == STREAM_PACKETS:
+            call = channel.stream_unary(method, lambda b: b, Ack.FromString)(metadata=metadata)
+        else:
+            call = channel.stream_stream(method, lambda b: b, BatchAck.FromString)(
+                metadata=metadata
+            )
+        try:
+            code = await asyncio.wait_for(call.code(), timeout)
+        except TimeoutError:
+            call.cancel()
+            raise AssertionError(f"{method} was not refused within {timeout:g}s") from None
+        return code, await call.details()
 
 
 def get_json(base: str, path: str, **params: Any) -> Any:
