@@ -204,6 +204,15 @@ class Settings(BaseSettings):
         description="Per-device deltas (one per device per pending batch) held before "
         "receivers are pushed back: bounds memory when batches spread over many devices.",
     )
+    max_pending_seconds: float = Field(
+        2.0,
+        ge=0,
+        le=3600,
+        description="Pending per-device deltas held at most what the last flush's pace "
+        "commits in this many seconds (never fewer than 50,000; 0: --max-pending-devices "
+        "alone): keeps a big fleet's flushes, and so its freshness, within a few seconds.",
+        json_schema_extra={"metavar": "SECONDS"},
+    )
     dedupe_window: int = Field(
         600,
         ge=1,

@@ -616,7 +616,9 @@ class PendingStats:
     inflight_packets: int = 0
     device_entries: int = 0
     inflight_device_entries: int = 0
-    max_device_entries: int = 0
+    max_device_entries: int = 0  # --max-pending-devices
+    # the budget in force: max_device_entries, or less by --max-pending-seconds
+    device_entry_budget: int = 0
     max_pending_packets: int = 0
 
 

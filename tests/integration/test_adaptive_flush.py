@@ -9,14 +9,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
+import pytest
+
+from rtmonitor.config import Settings
 from rtmonitor.ingest.columnar import decode_rows
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
 from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.model import BatchId, Claim, FlushDelta
+from rtmonitor.pipeline import pipeline as pipeline_module
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.commit import FlushWrite
 from rtmonitor.pipeline.flusher import Flusher
+from rtmonitor.pipeline.pipeline import Pipeline
 from rtmonitor.pipeline.work import BatchWork, CommitTracker
 from rtmonitor.storage.committer import RedisCommitter
 from rtmonitor.storage.embedded import EmbeddedRedis
@@ -112,3 +118,105 @@ def test_a_slow_merge_stretches_the_interval_and_loses_nothing(
             assert stats.devices_committed >= 5
 
     asyncio.run(main())
+
+
+# --- the time budget: --max-pending-seconds -----------------------------------------------
+
+MERGE_S = 0.0002  # what one device merge costs "Redis" in the tests below
+FLEET_BATCH = 200  # devices per batch, each new: a big fleet, where a packet is a merge
+
+
+class PerMergeWrite(SlowWrite):
+    """Merges that cost MERGE_S each, as a fleet's do; records the size of each flush."""
+
+    def __init__(self, inner: FlushWrite, merges: int, sizes: list[int]) -> None:
+        super().__init__(inner)
+        self.merges = merges
+        sizes.append(merges)
+
+    async def apply(self) -> int:
+        await asyncio.sleep(self.merges * MERGE_S)
+        return await self.inner.apply()
+
+
+class PerMergeCommitter(RedisCommitter):
+    def __init__(self, store: RedisStore) -> None:
+        super().__init__(store)
+        self.sizes: list[int] = []  # device merges per flush, in order
+
+    def encode(
+        self,
+        delta: FlushDelta,
+        batch_ids: Sequence[BatchId],
+        instance: str,
+        seq: int,
+    ) -> PerMergeWrite:  # type: ignore[override]
+        merges = len(delta.devices) + sum(p.entries for p in delta.parts)
+        return PerMergeWrite(super().encode(delta, batch_ids, instance, seq), merges, self.sizes)
+
+
+def fleet_batch(n: int) -> BatchWork:
+    packets = [Packet(device_id=f"f{n}-{i}", kind="k") for i in range(FLEET_BATCH)]
+    delta, rejected = decode_rows(packets, Validator(Limits()), 1)
+    assert not rejected
+    return BatchWork(parts=(delta,), tracker=CommitTracker(), batch_id=("fleet", n))
+
+
+def pour(redis_url: str, max_pending_seconds: float) -> tuple[list[int], list[int]]:
+    """A fleet's load through a real pipeline whose merges cost MERGE_S each: one batch,
+    its commit, then 60 more as fast as the pipeline takes them. Returns the device merges
+    of each flush after the first, and the budget in force as each flush was encoded."""
+
+    async def main() -> tuple[list[int], list[int]]:
+        settings = Settings(
+            flush_interval=0.05,
+            max_pending_seconds=max_pending_seconds,
+            queue_max_packets=FLEET_BATCH,  # one batch per take of the aggregator
+            dedupe_window=60,
+        )
+        async with RedisStore.from_url(redis_url, f"t{max_pending_seconds}") as store:
+            committer = PerMergeCommitter(store)
+            pipeline = Pipeline(settings, committer)
+            budgets: list[int] = []
+            encode = committer.encode
+
+            def encode_and_note(*args: Any) -> PerMergeWrite:
+                budgets.append(pipeline.entry_budget())
+                return encode(*args)
+
+            committer.encode = encode_and_note  # type: ignore[method-assign]
+            await pipeline.start()
+            works = [fleet_batch(n) for n in range(61)]
+            for n, work in enumerate(works):
+                work.tracker.submitted()
+                work.tracker.close()
+                await pipeline.queue.put(work, FLEET_BATCH)
+                if n == 0:  # the first flush sets the pace
+                    await work.tracker.wait()
+            await asyncio.gather(*(w.tracker.wait() for w in works))
+            await pipeline.drain(5.0)
+            ids = [f"f{n}-{i}" for n in range(61) for i in range(FLEET_BATCH)]
+            assert [r.packets for r in await store.get_devices(ids)] == [1] * len(ids)
+            assert sum(committer.sizes) == len(ids)
+            return committer.sizes[1:], budgets[1:]
+
+    return asyncio.run(main())
+
+
+def test_the_time_budget_keeps_a_fleets_flushes_short(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each merge costs MERGE_S, so the pipeline commits ~1/MERGE_S device merges per
+    second: with --max-pending-seconds 0.3 a flush holds about 0.3/MERGE_S of them (1,500),
+    not everything the memory budget (a million) lets pile up behind a slow flush."""
+    monkeypatch.setattr(pipeline_module, "MIN_ENTRY_BUDGET", FLEET_BATCH)
+    timed, budgets = pour(redis_server.url, 0.3)
+    untimed, _ = pour(redis_server.url, 0.0)
+    # the budget in force is the pace's: below 0.3 s of merges (the flush has other costs
+    # too), far below --max-pending-devices, and at least the floor
+    assert all(FLEET_BATCH <= b <= 0.3 / MERGE_S for b in budgets), budgets
+    # a flush holds at most the budget, plus the batch that crossed it and what the
+    # aggregator had taken as the last flush let go of its entries
+    assert max(timed) <= max(budgets) + 2 * FLEET_BATCH, (timed, budgets)
+    # without it, the pending work grew to several times that behind each slow flush
+    assert max(untimed) >= 2 * max(timed), (untimed, timed)

@@ -200,7 +200,7 @@ class Aggregator:
         self,
         queue: PacketQueue[Work],
         flush_max_packets: int,
-        flush_max_entries: int,
+        flush_max_entries: Callable[[], int],
         flush_max_batches: int,
         on_full: Callable[[], None],
         over_budget: Callable[[], bool],
@@ -223,7 +223,7 @@ class Aggregator:
             self.add_all(items)
             if (
                 self.pending_packets >= flush_max_packets
-                or self.pending_entries >= flush_max_entries
+                or self.pending_entries >= flush_max_entries()
                 or self.pending_batches >= flush_max_batches
             ):
                 on_full()

@@ -15,6 +15,9 @@ from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.pipeline.recovery import Recovery
 from rtmonitor.pipeline.work import Work
 
+# The time budget's floor, in per-device deltas (a few 10,000-device batches).
+MIN_ENTRY_BUDGET = 50_000
+
 
 class Pipeline:
     """Built from Settings; start() runs its loops, drain() ends them without losing an
@@ -46,6 +49,19 @@ class Pipeline:
         """The last commit error while commits to Redis fail (e.g. Redis full), else None."""
         return self.flusher.stats.redis_error
 
+    def entry_budget(self) -> int:
+        """The per-device deltas pending work may hold: --max-pending-devices (memory), or
+        less, what the flusher commits in --max-pending-seconds at the pace of its last
+        flush (freshness: with a million devices a flush merges about one device per
+        packet, and a budget sized for memory alone made each flush take ~10 s). Never
+        below MIN_ENTRY_BUDGET: a small flush's pace is mostly its fixed cost, and the next,
+        bigger one measures a faster pace (the budget grows back in a few flushes)."""
+        s, rate = self.settings, self.flusher.entry_rate
+        if rate is None or not s.max_pending_seconds:
+            return s.max_pending_devices
+        by_time = max(MIN_ENTRY_BUDGET, int(rate * s.max_pending_seconds))
+        return min(s.max_pending_devices, by_time)
+
     def over_budget(self) -> bool:
         """Memory grows with packets (rows) and with per-device deltas (batches spread over
         many devices): past either bound the aggregator stops taking from the queue, the
@@ -53,7 +69,7 @@ class Pipeline:
         s, agg, flusher = self.settings, self.aggregator, self.flusher
         return (
             agg.pending_packets + flusher.inflight_packets >= s.max_pending_packets
-            or agg.pending_entries + flusher.inflight_entries >= s.max_pending_devices
+            or agg.pending_entries + flusher.inflight_entries >= self.entry_budget()
         )
 
     async def start(self) -> None:
@@ -65,7 +81,7 @@ class Pipeline:
             self.aggregator.consume(
                 self.queue,
                 s.flush_max_packets,
-                s.max_pending_devices // 2,
+                lambda: self.entry_budget() // 2,
                 # A sender waits for acks with at most --max-inflight-batches batches out
                 # per stream: holding half of that before flushing keeps a stream's window
                 # ahead of the ack latency, whatever the batch size (small row batches
@@ -115,6 +131,7 @@ class Pipeline:
                 device_entries=agg.pending_entries,
                 inflight_device_entries=flusher.inflight_entries,
                 max_device_entries=s.max_pending_devices,
+                device_entry_budget=self.entry_budget(),
                 max_pending_packets=s.max_pending_packets,
             ),
             flush=dataclasses.replace(flusher.stats),
