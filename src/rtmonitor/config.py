@@ -208,8 +208,8 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=3600,
-        description="Pending per-device deltas held at most what the last flush's pace "
-        "commits in this many seconds (never fewer than 50,000; 0: --max-pending-devices "
+        description="Hold at most as many device merges pending as the last flush's pace "
+        "makes in this many seconds (never fewer than 50,000; 0: --max-pending-devices "
         "alone): keeps a big fleet's flushes, and so its freshness, within a few seconds.",
         json_schema_extra={"metavar": "SECONDS"},
     )

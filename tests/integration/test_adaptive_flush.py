@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,7 +124,7 @@ def test_a_slow_merge_stretches_the_interval_and_loses_nothing(
 # --- the time budget: --max-pending-seconds -----------------------------------------------
 
 MERGE_S = 0.0002  # what one device merge costs "Redis" in the tests below
-FLEET_BATCH = 200  # devices per batch, each new: a big fleet, where a packet is a merge
+BATCH = 200  # packets per batch, each a device's
 
 
 class PerMergeWrite(SlowWrite):
@@ -155,28 +156,26 @@ class PerMergeCommitter(RedisCommitter):
         return PerMergeWrite(super().encode(delta, batch_ids, instance, seq), merges, self.sizes)
 
 
-def fleet_batch(n: int) -> BatchWork:
-    packets = [Packet(device_id=f"f{n}-{i}", kind="k") for i in range(FLEET_BATCH)]
-    delta, rejected = decode_rows(packets, Validator(Limits()), 1)
-    assert not rejected
-    return BatchWork(parts=(delta,), tracker=CommitTracker(), batch_id=("fleet", n))
+def pour(
+    redis_url: str, max_pending_seconds: float, fleet: int
+) -> tuple[list[int], list[int], int]:
+    """A load through a real pipeline whose merges cost MERGE_S each: one batch, its commit,
+    then 60 more as fast as the pipeline takes them, over `fleet` devices (BATCH each, in
+    turn). Returns the device merges of each flush after the first, the entry budget in
+    force as each was encoded, and --max-pending-devices."""
 
-
-def pour(redis_url: str, max_pending_seconds: float) -> tuple[list[int], list[int]]:
-    """A fleet's load through a real pipeline whose merges cost MERGE_S each: one batch,
-    its commit, then 60 more as fast as the pipeline takes them. Returns the device merges
-    of each flush after the first, and the budget in force as each flush was encoded."""
-
-    async def main() -> tuple[list[int], list[int]]:
+    async def main() -> tuple[list[int], list[int], int]:
         settings = Settings(
             flush_interval=0.05,
             max_pending_seconds=max_pending_seconds,
-            queue_max_packets=FLEET_BATCH,  # one batch per take of the aggregator
+            queue_max_packets=BATCH,  # one batch per take of the aggregator
             dedupe_window=60,
         )
-        async with RedisStore.from_url(redis_url, f"t{max_pending_seconds}") as store:
+        validator = Validator(Limits())
+        prefix = f"t{max_pending_seconds}-{fleet}"
+        async with RedisStore.from_url(redis_url, prefix) as store:
             committer = PerMergeCommitter(store)
-            pipeline = Pipeline(settings, committer)
+            pipeline = Pipeline(settings, committer, devices=lambda: validator.device_count)
             budgets: list[int] = []
             encode = committer.encode
 
@@ -186,37 +185,57 @@ def pour(redis_url: str, max_pending_seconds: float) -> tuple[list[int], list[in
 
             committer.encode = encode_and_note  # type: ignore[method-assign]
             await pipeline.start()
-            works = [fleet_batch(n) for n in range(61)]
-            for n, work in enumerate(works):
+            trackers = []
+            for n in range(61):
+                ids = [f"d{(n * BATCH + i) % fleet}" for i in range(BATCH)]
+                packets = [Packet(device_id=device_id, kind="k") for device_id in ids]
+                delta, rejected = decode_rows(packets, validator, 1)
+                assert not rejected
+                work = BatchWork(parts=(delta,), tracker=CommitTracker(), batch_id=("p", n))
                 work.tracker.submitted()
                 work.tracker.close()
-                await pipeline.queue.put(work, FLEET_BATCH)
+                trackers.append(work.tracker)
+                await pipeline.queue.put(work, BATCH)
                 if n == 0:  # the first flush sets the pace
                     await work.tracker.wait()
-            await asyncio.gather(*(w.tracker.wait() for w in works))
+            await asyncio.gather(*(t.wait() for t in trackers))
             await pipeline.drain(5.0)
-            ids = [f"f{n}-{i}" for n in range(61) for i in range(FLEET_BATCH)]
-            assert [r.packets for r in await store.get_devices(ids)] == [1] * len(ids)
-            assert sum(committer.sizes) == len(ids)
-            return committer.sizes[1:], budgets[1:]
+            counts = [r.packets for r in await store.get_devices([f"d{i}" for i in range(fleet)])]
+            sent = Counter((n * BATCH + i) % fleet for n in range(61) for i in range(BATCH))
+            assert counts == [sent[i] for i in range(fleet)]
+            return committer.sizes[1:], budgets[1:], settings.max_pending_devices
 
     return asyncio.run(main())
 
 
-def test_the_time_budget_keeps_a_fleets_flushes_short(
+def test_the_time_budget_keeps_a_big_fleets_flushes_short(
     redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each merge costs MERGE_S, so the pipeline commits ~1/MERGE_S device merges per
-    second: with --max-pending-seconds 0.3 a flush holds about 0.3/MERGE_S of them (1,500),
-    not everything the memory budget (a million) lets pile up behind a slow flush."""
-    monkeypatch.setattr(pipeline_module, "MIN_ENTRY_BUDGET", FLEET_BATCH)
-    timed, budgets = pour(redis_server.url, 0.3)
-    untimed, _ = pour(redis_server.url, 0.0)
-    # the budget in force is the pace's: below 0.3 s of merges (the flush has other costs
-    # too), far below --max-pending-devices, and at least the floor
-    assert all(FLEET_BATCH <= b <= 0.3 / MERGE_S for b in budgets), budgets
+    """Each merge costs MERGE_S: the pipeline merges ~1/MERGE_S devices per second, so with
+    --max-pending-seconds 0.3 a flush holds about 0.3/MERGE_S of them (1,500), not what the
+    memory budget (a million entries) lets pile up behind a slow flush. Every device here
+    is new: a packet is a merge, as with a million devices."""
+    monkeypatch.setattr(pipeline_module, "MIN_FLUSH_MERGES", BATCH)
+    fleet = 61 * BATCH
+    timed, budgets, _ = pour(redis_server.url, 0.3, fleet)
+    untimed, _, _ = pour(redis_server.url, 0.0, fleet)
+    # the budget in force is the pace's: below 0.3 s of merges (a flush has other costs
+    # too), and at least the floor
+    assert all(BATCH <= b <= 0.3 / MERGE_S for b in budgets), budgets
     # a flush holds at most the budget, plus the batch that crossed it and what the
     # aggregator had taken as the last flush let go of its entries
-    assert max(timed) <= max(budgets) + 2 * FLEET_BATCH, (timed, budgets)
+    assert max(timed) <= max(budgets) + 2 * BATCH, (timed, budgets)
     # without it, the pending work grew to several times that behind each slow flush
     assert max(untimed) >= 2 * max(timed), (untimed, timed)
+
+
+def test_the_time_budget_leaves_a_small_fleet_alone(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With fewer devices than a flush merges in 0.3 s, a bigger flush costs no more merges
+    (each device once, however many packets): the time budget does not bind, and flushes
+    grow as the memory budget allows, merging each device less often."""
+    monkeypatch.setattr(pipeline_module, "MIN_FLUSH_MERGES", BATCH)
+    sizes, budgets, max_pending = pour(redis_server.url, 0.3, 2 * BATCH)
+    assert set(budgets) == {max_pending}, budgets
+    assert max(sizes) <= 2 * BATCH  # (merges: each device once per flush)

@@ -72,7 +72,9 @@ class IngestNode(Node):
         # The tokens in force (the runtime's, shared with HTTP); disabled without a file.
         self.auth = auth if auth is not None else TokenRegistry(None)
         self.reuse_port = reuse_port  # --workers: every worker binds the same port
-        self.pipeline = Pipeline(settings, RedisCommitter(store))
+        self.pipeline = Pipeline(
+            settings, RedisCommitter(store), devices=lambda: self.validator.device_count
+        )
         self.validator = Validator(
             Limits(
                 max_payload_bytes=s.max_payload_bytes,

@@ -76,9 +76,9 @@ class Flusher:
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.inflight_packets = 0
         self.inflight_entries = 0  # per-device deltas in the flush under way
-        # Per-device deltas the last flush committed per second it took (None before the
-        # first): what the pipeline's time budget (--max-pending-seconds) is measured in.
-        self.entry_rate: float | None = None
+        # Device merges the last flush made per second it took (None before the first):
+        # the pace the pipeline's time budget (--max-pending-seconds) is measured by.
+        self.merge_rate: float | None = None
         self._seq = 0
         self._devices_written = 0  # devices of the write under way (FlushStats)
         self._wake = asyncio.Event()
@@ -143,7 +143,7 @@ class Flusher:
         self._seq += 1
         started = time.monotonic()
         self.inflight_packets = delta.packets + sum(b.packets for b in batches)
-        self.inflight_entries = entries = delta.entries + sum(b.entries for b in batches)
+        self.inflight_entries = delta.entries + sum(b.entries for b in batches)
         errors = self.stats.commit_errors
         try:
             fresh, duplicates, carried = await self._write(delta, batches, self._seq)
@@ -160,9 +160,9 @@ class Flusher:
             self.inflight_entries = 0
         elapsed = time.monotonic() - started
         stats = self.stats
-        if stats.commit_errors == errors and elapsed > 0:
-            # (a flush that waited for Redis to come back says nothing of Redis's pace)
-            self.entry_rate = entries / elapsed
+        if stats.commit_errors == errors and self._devices_written and elapsed > 0:
+            # (a flush that waited for Redis to come back says nothing of its pace)
+            self.merge_rate = self._devices_written / elapsed
         stats.flushes += 1
         committed = delta.packets + sum(b.packets for b in fresh)
         stats.packets_committed += committed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 
 from rtmonitor.config import Settings
 from rtmonitor.model import PendingStats, PipelineStats, QueueStats
@@ -15,16 +16,24 @@ from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.pipeline.recovery import Recovery
 from rtmonitor.pipeline.work import Work
 
-# The time budget's floor, in per-device deltas (a few 10,000-device batches).
-MIN_ENTRY_BUDGET = 50_000
+# The time budget's floor, in device merges (a few 10,000-device batches).
+MIN_FLUSH_MERGES = 50_000
 
 
 class Pipeline:
     """Built from Settings; start() runs its loops, drain() ends them without losing an
     acknowledged packet, stats() reports it. Receivers put Work on `queue`."""
 
-    def __init__(self, settings: Settings, committer: Committer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        committer: Committer,
+        devices: Callable[[], int] | None = None,
+    ) -> None:
         self.settings = settings
+        # The distinct devices this process may hold deltas for (its validator's), which
+        # bound the merges of a flush (entry_budget); None: unknown, an entry each.
+        self.devices = devices
         self.queue: PacketQueue[Work] = PacketQueue(settings.queue_max_packets)
         self.aggregator = Aggregator()
         self.flusher = Flusher(
@@ -51,16 +60,22 @@ class Pipeline:
 
     def entry_budget(self) -> int:
         """The per-device deltas pending work may hold: --max-pending-devices (memory), or
-        less, what the flusher commits in --max-pending-seconds at the pace of its last
-        flush (freshness: with a million devices a flush merges about one device per
-        packet, and a budget sized for memory alone made each flush take ~10 s). Never
-        below MIN_ENTRY_BUDGET: a small flush's pace is mostly its fixed cost, and the next,
-        bigger one measures a faster pace (the budget grows back in a few flushes)."""
-        s, rate = self.settings, self.flusher.entry_rate
+        fewer where a flush would take longer than --max-pending-seconds.
+
+        A flush costs about one device merge per distinct device it holds, and the flusher
+        measures its pace in merges per second. Its merges are at most its entries, and at
+        most the devices this process knows (`devices`): with 100,000 devices a flush of a
+        million entries still merges 100,000 (the time budget does not bind: bigger flushes
+        merge each device less often), while with a million devices, each packet of a batch
+        its own device, a budget sized for memory alone made each flush take ~10 s. Never
+        below MIN_FLUSH_MERGES: a small flush's pace is mostly its fixed cost."""
+        s, rate = self.settings, self.flusher.merge_rate
         if rate is None or not s.max_pending_seconds:
             return s.max_pending_devices
-        by_time = max(MIN_ENTRY_BUDGET, int(rate * s.max_pending_seconds))
-        return min(s.max_pending_devices, by_time)
+        merges = max(MIN_FLUSH_MERGES, int(rate * s.max_pending_seconds))
+        if self.devices is not None and self.devices() <= merges:
+            return s.max_pending_devices
+        return min(s.max_pending_devices, merges)
 
     def over_budget(self) -> bool:
         """Memory grows with packets (rows) and with per-device deltas (batches spread over
