@@ -12,14 +12,11 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import pytest
-
 from rtmonitor.config import Settings
 from rtmonitor.ingest.columnar import decode_rows
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
 from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.model import BatchId, Claim, FlushDelta
-from rtmonitor.pipeline import pipeline as pipeline_module
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.commit import FlushWrite
 from rtmonitor.pipeline.flusher import Flusher
@@ -157,14 +154,14 @@ class PerMergeCommitter(RedisCommitter):
 
 
 def pour(
-    redis_url: str, max_pending_seconds: float, fleet: int
-) -> tuple[list[int], list[int], int]:
+    redis_url: str, max_pending_seconds: float, fleet: int, pace_min_merges: int = BATCH
+) -> tuple[list[int], list[int], int, float | None]:
     """A load through a real pipeline whose merges cost MERGE_S each: one batch, its commit,
     then 60 more as fast as the pipeline takes them, over `fleet` devices (BATCH each, in
     turn). Returns the device merges of each flush after the first, the entry budget in
-    force as each was encoded, and --max-pending-devices."""
+    force as each was encoded, --max-pending-devices and the pace measured."""
 
-    async def main() -> tuple[list[int], list[int], int]:
+    async def main() -> tuple[list[int], list[int], int, float | None]:
         settings = Settings(
             flush_interval=0.05,
             max_pending_seconds=max_pending_seconds,
@@ -176,6 +173,7 @@ def pour(
         async with RedisStore.from_url(redis_url, prefix) as store:
             committer = PerMergeCommitter(store)
             pipeline = Pipeline(settings, committer, devices=lambda: validator.device_count)
+            pipeline.flusher.pace_min_merges = pace_min_merges  # (50,000 when serving)
             budgets: list[int] = []
             encode = committer.encode
 
@@ -203,22 +201,22 @@ def pour(
             counts = [r.packets for r in await store.get_devices([f"d{i}" for i in range(fleet)])]
             sent = Counter((n * BATCH + i) % fleet for n in range(61) for i in range(BATCH))
             assert counts == [sent[i] for i in range(fleet)]
-            return committer.sizes[1:], budgets[1:], settings.max_pending_devices
+            rate = pipeline.flusher.merge_rate
+            return committer.sizes[1:], budgets[1:], settings.max_pending_devices, rate
 
     return asyncio.run(main())
 
 
 def test_the_time_budget_keeps_a_big_fleets_flushes_short(
-    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+    redis_server: EmbeddedRedis,
 ) -> None:
     """Each merge costs MERGE_S: the pipeline merges ~1/MERGE_S devices per second, so with
     --max-pending-seconds 0.3 a flush holds about 0.3/MERGE_S of them (1,500), not what the
     memory budget (a million entries) lets pile up behind a slow flush. Every device here
     is new: a packet is a merge, as with a million devices."""
-    monkeypatch.setattr(pipeline_module, "MIN_FLUSH_MERGES", BATCH)
     fleet = 61 * BATCH
-    timed, budgets, _ = pour(redis_server.url, 0.3, fleet)
-    untimed, _, _ = pour(redis_server.url, 0.0, fleet)
+    timed, budgets, _, _ = pour(redis_server.url, 0.3, fleet)
+    untimed, _, _, _ = pour(redis_server.url, 0.0, fleet)
     # the budget in force is the pace's: below 0.3 s of merges (a flush has other costs
     # too), and at least the floor
     assert all(BATCH <= b <= 0.3 / MERGE_S for b in budgets), budgets
@@ -230,12 +228,20 @@ def test_the_time_budget_keeps_a_big_fleets_flushes_short(
 
 
 def test_the_time_budget_leaves_a_small_fleet_alone(
-    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+    redis_server: EmbeddedRedis,
 ) -> None:
     """With fewer devices than a flush merges in 0.3 s, a bigger flush costs no more merges
     (each device once, however many packets): the time budget does not bind, and flushes
     grow as the memory budget allows, merging each device less often."""
-    monkeypatch.setattr(pipeline_module, "MIN_FLUSH_MERGES", BATCH)
-    sizes, budgets, max_pending = pour(redis_server.url, 0.3, 2 * BATCH)
-    assert set(budgets) == {max_pending}, budgets
+    sizes, budgets, max_pending, rate = pour(redis_server.url, 0.3, 2 * BATCH)
+    assert rate is not None and set(budgets) == {max_pending}, budgets
     assert max(sizes) <= 2 * BATCH  # (merges: each device once per flush)
+
+
+def test_the_pace_is_a_big_flushs(redis_server: EmbeddedRedis) -> None:
+    """Flushes smaller than pace_min_merges set no pace (their time is mostly fixed costs,
+    which would understate a big flush's pace and shrink the budget for nothing): the
+    budget stays --max-pending-devices."""
+    fleet = 61 * BATCH
+    _, budgets, max_pending, rate = pour(redis_server.url, 0.3, fleet, pace_min_merges=fleet)
+    assert rate is None and set(budgets) == {max_pending}, (rate, budgets)

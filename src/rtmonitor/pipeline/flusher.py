@@ -64,6 +64,7 @@ class Flusher:
         instance_id: str | None = None,
         stretch: float = 0.0,
         interval_max: float | None = None,
+        pace_min_merges: int = 50_000,
     ) -> None:
         self.aggregator = aggregator
         self.committer = committer
@@ -76,9 +77,12 @@ class Flusher:
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.inflight_packets = 0
         self.inflight_entries = 0  # per-device deltas in the flush under way
-        # Device merges the last flush made per second it took (None before the first):
-        # the pace the pipeline's time budget (--max-pending-seconds) is measured by.
+        # Device merges per second of the last flush that made at least pace_min_merges
+        # (None before one did): the pace the pipeline's time budget (--max-pending-seconds)
+        # is measured by. A smaller flush's time is mostly its fixed costs: its pace would
+        # understate a big one's.
         self.merge_rate: float | None = None
+        self.pace_min_merges = pace_min_merges
         self._seq = 0
         self._devices_written = 0  # devices of the write under way (FlushStats)
         self._wake = asyncio.Event()
@@ -160,7 +164,7 @@ class Flusher:
             self.inflight_entries = 0
         elapsed = time.monotonic() - started
         stats = self.stats
-        if stats.commit_errors == errors and self._devices_written and elapsed > 0:
+        if stats.commit_errors == errors and self._devices_written >= self.pace_min_merges:
             # (a flush that waited for Redis to come back says nothing of its pace)
             self.merge_rate = self._devices_written / elapsed
         stats.flushes += 1

@@ -16,9 +16,6 @@ from rtmonitor.pipeline.queue import PacketQueue
 from rtmonitor.pipeline.recovery import Recovery
 from rtmonitor.pipeline.work import Work
 
-# The time budget's floor, in device merges (a few 10,000-device batches).
-MIN_FLUSH_MERGES = 50_000
-
 
 class Pipeline:
     """Built from Settings; start() runs its loops, drain() ends them without losing an
@@ -67,12 +64,13 @@ class Pipeline:
         most the devices this process knows (`devices`): with 100,000 devices a flush of a
         million entries still merges 100,000 (the time budget does not bind: bigger flushes
         merge each device less often), while with a million devices, each packet of a batch
-        its own device, a budget sized for memory alone made each flush take ~10 s. Never
-        below MIN_FLUSH_MERGES: a small flush's pace is mostly its fixed cost."""
+        its own device, a budget sized for memory alone made each flush take ~10 s. The
+        pace is a big flush's (Flusher.pace_min_merges, 50,000 merges), and the budget never
+        below that many."""
         s, rate = self.settings, self.flusher.merge_rate
         if rate is None or not s.max_pending_seconds:
             return s.max_pending_devices
-        merges = max(MIN_FLUSH_MERGES, int(rate * s.max_pending_seconds))
+        merges = max(self.flusher.pace_min_merges, int(rate * s.max_pending_seconds))
         if self.devices is not None and self.devices() <= merges:
             return s.max_pending_devices
         return min(s.max_pending_devices, merges)
