@@ -29,7 +29,7 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         # The distinct devices this process may hold deltas for (its validator's), which
-        # bound the merges of a flush (entry_budget); None: unknown, an entry each.
+        # bound the merges of a flush (entry_budget); None: unknown, no time budget.
         self.devices = devices
         self.queue: PacketQueue[Work] = PacketQueue(settings.queue_max_packets)
         self.aggregator = Aggregator()
@@ -57,21 +57,26 @@ class Pipeline:
 
     def entry_budget(self) -> int:
         """The per-device deltas pending work may hold: --max-pending-devices (memory), or
-        fewer where a flush would take longer than --max-pending-seconds.
+        fewer where flushes would take much longer than --max-pending-seconds.
 
         A flush costs about one device merge per distinct device it holds, and the flusher
-        measures its pace in merges per second. Its merges are at most its entries, and at
-        most the devices this process knows (`devices`): with 100,000 devices a flush of a
-        million entries still merges 100,000 (the time budget does not bind: bigger flushes
-        merge each device less often), while with a million devices, each packet of a batch
-        its own device, a budget sized for memory alone made each flush take ~10 s. The
-        pace is a big flush's (Flusher.pace_min_merges, 50,000 merges), and the budget never
-        below that many."""
-        s, rate = self.settings, self.flusher.merge_rate
-        if rate is None or not s.max_pending_seconds:
+        measures its pace in merges per second (from flushes of at least
+        Flusher.pace_min_merges: a smaller one's time is mostly fixed costs). The budget is
+        then the merges that pace makes in --max-pending-seconds, never fewer than
+        pace_min_merges, and twice that before a pace is known (so that the first flushes
+        are big enough to measure one).
+
+        A flush's merges are at most its entries, and at most the devices this process knows
+        (`devices`). The budget binds only where those devices outnumber it twice over: with
+        a million devices, each packet of a batch its own merge, a budget sized for memory
+        alone made each flush take ~10 s; with 100,000, a flush of a million entries still
+        merges 100,000 devices, each less often the bigger the flush (throttling it there
+        cost ~8% of the rate for no fresher counts)."""
+        s, rate, floor = self.settings, self.flusher.merge_rate, self.flusher.pace_min_merges
+        if not s.max_pending_seconds or self.devices is None:
             return s.max_pending_devices
-        merges = max(self.flusher.pace_min_merges, int(rate * s.max_pending_seconds))
-        if self.devices is not None and self.devices() <= merges:
+        merges = 2 * floor if rate is None else max(floor, int(rate * s.max_pending_seconds))
+        if self.devices() <= 2 * merges:
             return s.max_pending_devices
         return min(s.max_pending_devices, merges)
 
