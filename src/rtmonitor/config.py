@@ -179,9 +179,9 @@ class Settings(BaseSettings):
         le=600,
         description="Longest interval, in seconds, adaptive flushing may stretch to.",
     )
-    # Half the pending budget, as half of --max-pending-devices triggers a flush. Redis's
-    # work per flush grows with the devices in it, not the packets: a lower count made a
-    # fast columnar load flush so often that every read waited behind the merge scripts.
+    # Half the pending budget, as half the per-device budget in force triggers a flush.
+    # Redis's work per flush grows with the devices in it, not the packets: a lower count
+    # made a fast columnar load flush so often that every read waited behind the merges.
     flush_max_packets: int = Field(
         1_000_000, ge=1, description="Flush sooner once this many packets are pending."
     )
@@ -208,9 +208,11 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=3600,
-        description="Hold at most as many device merges pending as the last flush's pace "
-        "makes in this many seconds (never fewer than 50,000; 0: --max-pending-devices "
-        "alone): keeps a big fleet's flushes, and so its freshness, within a few seconds.",
+        description="Where the devices known outnumber it twice over, hold at most as many "
+        "per-device deltas pending as the flushes' pace (device merges per second of the "
+        "last flush of 50,000 merges or more) makes in this many seconds, never fewer than "
+        "100,000 (0: --max-pending-devices alone): keeps a big fleet's flushes, and so its "
+        "freshness, within a few seconds.",
         json_schema_extra={"metavar": "SECONDS"},
     )
     dedupe_window: int = Field(

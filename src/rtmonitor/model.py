@@ -653,11 +653,14 @@ class PipelineStats:
         ignored, missing ones take their default (an older replica's)."""
         ingest = dict(doc.get("ingest") or {})
         rejected = ingest.pop("rejected_by_reason", {})
+        pending = dict(doc.get("pending") or {})
+        # (a replica from before the time budget: its budget is its memory budget)
+        pending.setdefault("device_entry_budget", pending.get("max_device_entries", 0))
         return cls(
             ingest=_build(IngestStats, ingest),
             rejected_by_reason=dict(rejected),
             queue=_build(QueueStats, doc.get("queue")),
-            pending=_build(PendingStats, doc.get("pending")),
+            pending=_build(PendingStats, pending),
             flush=_build(FlushStats, doc.get("flush")),
             recovery=_build(RecoveryStats, doc.get("recovery")),
         )

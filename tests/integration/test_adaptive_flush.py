@@ -154,15 +154,19 @@ class PerMergeCommitter(RedisCommitter):
         return PerMergeWrite(super().encode(delta, batch_ids, instance, seq), merges, self.sizes)
 
 
+Noted = list[tuple[int, float | None]]  # (entry budget, pace) as each flush was encoded
+
+
 def pour(
     redis_url: str, max_pending_seconds: float, fleet: int, pace_min_merges: int = BATCH
-) -> tuple[list[int], list[int], int, float | None]:
+) -> tuple[list[int], Noted, int, float | None]:
     """A load through a real pipeline whose merges cost MERGE_S each: one batch, its commit,
     then 60 more as fast as the pipeline takes them, over `fleet` devices (BATCH each, in
-    turn). Returns the device merges of each flush after the first, the entry budget in
-    force as each was encoded, --max-pending-devices and the pace measured."""
+    turn; all validated first, so the pipeline knows them all from the start). Returns the
+    device merges of each flush after the first, the entry budget and the pace in force as
+    each was encoded, --max-pending-devices and the last pace measured."""
 
-    async def main() -> tuple[list[int], list[int], int, float | None]:
+    async def main() -> tuple[list[int], Noted, int, float | None]:
         settings = Settings(
             flush_interval=0.05,
             max_pending_seconds=max_pending_seconds,
@@ -175,22 +179,24 @@ def pour(
             committer = PerMergeCommitter(store)
             pipeline = Pipeline(settings, committer, devices=lambda: validator.device_count)
             pipeline.flusher.pace_min_merges = pace_min_merges  # (50,000 when serving)
-            budgets: list[int] = []
+            noted: Noted = []
             encode = committer.encode
 
             def encode_and_note(*args: Any) -> PerMergeWrite:
-                budgets.append(pipeline.entry_budget())
+                noted.append((pipeline.entry_budget(), pipeline.flusher.merge_rate))
                 return encode(*args)
 
             committer.encode = encode_and_note  # type: ignore[method-assign]
-            await pipeline.start()
-            trackers = []
+            works = []
             for n in range(61):
                 ids = [f"d{(n * BATCH + i) % fleet}" for i in range(BATCH)]
                 packets = [Packet(device_id=device_id, kind="k") for device_id in ids]
                 delta, rejected = decode_rows(packets, validator, 1)
                 assert not rejected
-                work = BatchWork(parts=(delta,), tracker=CommitTracker(), batch_id=("p", n))
+                works.append(BatchWork(parts=(delta,), tracker=CommitTracker(), batch_id=("p", n)))
+            await pipeline.start()
+            trackers = []
+            for n, work in enumerate(works):
                 work.tracker.submitted()
                 work.tracker.close()
                 trackers.append(work.tracker)
@@ -203,7 +209,7 @@ def pour(
             sent = Counter((n * BATCH + i) % fleet for n in range(61) for i in range(BATCH))
             assert counts == [sent[i] for i in range(fleet)]
             rate = pipeline.flusher.merge_rate
-            return committer.sizes[1:], budgets[1:], settings.max_pending_devices, rate
+            return committer.sizes[1:], noted[1:], settings.max_pending_devices, rate
 
     return asyncio.run(main())
 
@@ -217,11 +223,16 @@ def test_the_time_budget_keeps_a_big_fleets_flushes_short(
     is new (a packet is a merge, as with a million devices), and the fleet soon outnumbers
     the budget twice over."""
     fleet = 61 * BATCH
-    timed, budgets, _, _ = pour(redis_server.url, 0.3, fleet)
+    timed, noted, max_pending, _ = pour(redis_server.url, 0.3, fleet)
     untimed, _, _, _ = pour(redis_server.url, 0.0, fleet)
-    # the budget in force is the pace's: below 0.3 s of merges (a flush has other costs
-    # too), and at least the floor
-    assert all(BATCH <= b <= 0.3 / MERGE_S for b in budgets), budgets
+    budgets = [budget for budget, _ in noted]
+    # the budget in force is what the pace merges in 0.3 s, never below twice the pace's
+    # minimum flush (2 x BATCH here): the pace is below 1/MERGE_S (a flush has other costs
+    # too), and above the floor's
+    for budget, rate in noted:
+        assert rate is not None and rate < 1 / MERGE_S, noted
+        assert budget == max(2 * BATCH, int(rate * 0.3)) < max_pending, noted
+    assert max(budgets) > 2 * BATCH, noted
     # once the fleet outgrew it (the first of these flushes may have gathered before),
     # a flush holds at most the budget, plus the batch that crossed it and what the
     # aggregator had taken as the last flush let go of its entries
@@ -236,8 +247,8 @@ def test_the_time_budget_leaves_a_small_fleet_alone(
     """With fewer devices than twice what a flush merges in 0.3 s, a bigger flush costs no
     more merges (each device once, however many packets): the time budget does not bind,
     and flushes grow as the memory budget allows, merging each device less often."""
-    sizes, budgets, max_pending, rate = pour(redis_server.url, 0.3, 2 * BATCH)
-    assert rate is not None and set(budgets) == {max_pending}, budgets
+    sizes, noted, max_pending, rate = pour(redis_server.url, 0.3, 2 * BATCH)
+    assert rate is not None and {budget for budget, _ in noted} == {max_pending}, noted
     assert max(sizes) <= 2 * BATCH  # (merges: each device once per flush)
 
 
@@ -246,32 +257,34 @@ def test_the_pace_is_a_big_flushs(redis_server: EmbeddedRedis) -> None:
     which would understate a big flush's pace and shrink the budget for nothing): the
     budget stays --max-pending-devices."""
     fleet = 61 * BATCH
-    _, budgets, max_pending, rate = pour(redis_server.url, 0.3, fleet, pace_min_merges=fleet)
-    assert rate is None and set(budgets) == {max_pending}, (rate, budgets)
+    _, noted, max_pending, rate = pour(redis_server.url, 0.3, fleet, pace_min_merges=fleet)
+    assert rate is None and {budget for budget, _ in noted} == {max_pending}, noted
 
 
-def test_before_a_pace_is_known_the_budget_lets_a_flush_measure_one(
-    redis_server: EmbeddedRedis,
-) -> None:
-    """With no pace yet, a big fleet's first flushes are held to twice pace_min_merges (big
-    enough to measure a pace; not --max-pending-devices, which at a million devices made
-    the first flush take ~10 s); a small fleet, or --max-pending-seconds 0, keeps the
-    memory budget."""
+def test_the_budget_before_and_after_a_pace(redis_server: EmbeddedRedis) -> None:
+    """With no pace yet, a big fleet's flushes are held to twice pace_min_merges (big enough
+    to measure a pace; not --max-pending-devices, which at a million devices made the first
+    flush take ~10 s). Then the budget is what the pace merges in --max-pending-seconds,
+    never below that floor, and binds only where the devices known outnumber it twice
+    over; --max-pending-seconds 0 keeps the memory budget."""
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "first") as store:
-            for seconds, devices, budget in [
-                (2.0, 1_000_000, 100_000),
-                (2.0, 100_000, 1_000_000),
-                (0.0, 1_000_000, 1_000_000),
+            for seconds, devices, rate, budget in [
+                (2.0, 1_000_000, None, 100_000),  # no pace yet: the floor
+                (2.0, 200_000, None, 1_000_000),  # not twice the floor
+                (2.0, 200_001, None, 100_000),
+                (2.0, 1_000_000, 200_000.0, 400_000),  # 2 s of a 200,000/s pace
+                (2.0, 800_000, 200_000.0, 1_000_000),  # not twice the budget
+                (2.0, 800_001, 200_000.0, 400_000),
+                (2.0, 1_000_000, 10_000.0, 100_000),  # a slow pace: the floor
+                (0.5, 10_000_000, 3_000_000.0, 1_000_000),  # capped by the memory budget
+                (0.0, 1_000_000, 200_000.0, 1_000_000),  # off
             ]:
                 settings = Settings(max_pending_seconds=seconds)
                 known = functools.partial(int, devices)
                 pipeline = Pipeline(settings, RedisCommitter(store), devices=known)
-                assert pipeline.flusher.merge_rate is None
-                assert pipeline.entry_budget() == budget, (seconds, devices)
-                pipeline.flusher.merge_rate = 200_000.0  # merges per second
-                expected = 400_000 if seconds and devices > 800_000 else 1_000_000
-                assert pipeline.entry_budget() == expected, (seconds, devices)
+                pipeline.flusher.merge_rate = rate
+                assert pipeline.entry_budget() == budget, (seconds, devices, rate)
 
     asyncio.run(main())

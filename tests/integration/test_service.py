@@ -508,6 +508,10 @@ def test_workers_share_the_port_and_count_exactly(
     assert scraped["rtm_committed_packets_total"] == sent
     assert scraped["rtm_flushes_total"] == stats["flush"]["flushes"]
     assert scraped["rtm_ingest_instances"] == 2
+    # 20 devices: the time budget does not bind, each worker keeps --max-pending-devices
+    assert stats["pending"]["device_entry_budget"] == 2 * 1_000_000
+    assert scraped["rtm_pending_device_entry_budget"] == 2 * 1_000_000
+    assert scraped["rtm_pending_device_entries"] == 0
     assert svc.terminate() == 0
     assert svc.log().count("stopped") >= 3  # both workers and the API process stopped in order
 

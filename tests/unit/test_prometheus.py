@@ -13,6 +13,7 @@ from rtmonitor.model import (
     FlushStats,
     IngestStats,
     InstanceStats,
+    PendingStats,
     PipelineStats,
     Rates,
     ServiceStats,
@@ -121,6 +122,25 @@ def test_self_metrics_are_the_sum_of_the_instances() -> None:
     # what an instance publishes reads back as it was
     published = InstanceStats.from_json("i1", json.loads(json.dumps(doc["instances"]["i1"])))
     assert published == stats.instances["i1"]
+
+
+def test_the_pending_budgets_are_summed_and_an_older_replicas_is_its_memory_budget() -> None:
+    a = PipelineStats(
+        pending=PendingStats(
+            device_entries=5,
+            inflight_device_entries=7,
+            max_device_entries=10,
+            device_entry_budget=4,
+        )
+    )
+    older = PipelineStats.to_json(PipelineStats(pending=PendingStats(max_device_entries=10)))
+    del older["pending"]["device_entry_budget"]  # published before the time budget
+    b = PipelineStats.from_json(older)
+    assert b.pending.device_entry_budget == 10
+    stats = _stats(a, b)
+    text = exposition(_totals(), [], stats, ApiStats(), offline_after_s=30, openmetrics=False)
+    assert "rtm_pending_device_entries 12" in text.splitlines()
+    assert "rtm_pending_device_entry_budget 14" in text.splitlines()
 
 
 def test_text_format() -> None:

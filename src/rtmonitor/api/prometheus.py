@@ -229,6 +229,14 @@ def _self_metrics(w: _Writer, stats: ServiceStats) -> None:
     pending = total.pending.packets + total.pending.inflight_packets
     w.family("rtm_pending_packets", "gauge", "Received but uncommitted packets.",
              [({}, pending)])  # fmt: skip
+    entries = total.pending.device_entries + total.pending.inflight_device_entries
+    w.family("rtm_pending_device_entries", "gauge",
+             "Uncommitted per-device deltas (one per device per pending batch).",
+             [({}, entries)])  # fmt: skip
+    w.family("rtm_pending_device_entry_budget", "gauge",
+             "The per-device deltas the pipelines may hold before receivers are pushed back: "
+             "--max-pending-devices, or fewer by --max-pending-seconds.",
+             [({}, total.pending.device_entry_budget)])  # fmt: skip
     w.family("rtm_active_streams", "gauge", "Open gRPC streams.",
              [({}, ingest.active_streams)])  # fmt: skip
     w.family(

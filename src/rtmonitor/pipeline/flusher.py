@@ -82,7 +82,7 @@ class Flusher:
         # is measured by. A smaller flush's time is mostly its fixed costs: its pace would
         # understate a big one's.
         self.merge_rate: float | None = None
-        self.pace_min_merges = pace_min_merges
+        self.pace_min_merges = max(1, pace_min_merges)
         self._seq = 0
         self._devices_written = 0  # devices of the write under way (FlushStats)
         self._wake = asyncio.Event()
@@ -164,9 +164,10 @@ class Flusher:
             self.inflight_entries = 0
         elapsed = time.monotonic() - started
         stats = self.stats
-        if stats.commit_errors == errors and self._devices_written >= self.pace_min_merges:
+        merges = self._devices_written
+        if stats.commit_errors == errors and merges >= self.pace_min_merges and elapsed > 0:
             # (a flush that waited for Redis to come back says nothing of its pace)
-            self.merge_rate = self._devices_written / elapsed
+            self.merge_rate = merges / elapsed
         stats.flushes += 1
         committed = delta.packets + sum(b.packets for b in fresh)
         stats.packets_committed += committed

@@ -62,12 +62,14 @@ class Pipeline:
         A flush costs about one device merge per distinct device it holds, and the flusher
         measures its pace in merges per second (from flushes of at least
         Flusher.pace_min_merges: a smaller one's time is mostly fixed costs). The budget is
-        then the merges that pace makes in --max-pending-seconds, never fewer than
-        pace_min_merges, and twice that before a pace is known (so that the first flushes
-        are big enough to measure one).
+        then the merges that pace makes in --max-pending-seconds, and never fewer than twice
+        pace_min_merges (100,000), before a pace is known too: a flush, triggered at half
+        the budget, is then always big enough to measure the pace again (a low reading, say
+        a flush slowed by a fork of Redis, is not kept for good).
 
         A flush's merges are at most its entries, and at most the devices this process knows
-        (`devices`). The budget binds only where those devices outnumber it twice over: with
+        (`devices`: those admitted within the last one or two --retention periods). The
+        budget binds only where those devices outnumber it twice over: with
         a million devices, each packet of a batch its own merge, a budget sized for memory
         alone made each flush take ~10 s; with 100,000, a flush of a million entries still
         merges 100,000 devices, each less often the bigger the flush (throttling it there
@@ -75,7 +77,7 @@ class Pipeline:
         s, rate, floor = self.settings, self.flusher.merge_rate, self.flusher.pace_min_merges
         if not s.max_pending_seconds or self.devices is None:
             return s.max_pending_devices
-        merges = 2 * floor if rate is None else max(floor, int(rate * s.max_pending_seconds))
+        merges = max(2 * floor, int((rate or 0.0) * s.max_pending_seconds))
         if self.devices() <= 2 * merges:
             return s.max_pending_devices
         return min(s.max_pending_devices, merges)
