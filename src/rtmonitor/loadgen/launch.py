@@ -67,19 +67,26 @@ class ServeProcess:
     ) -> None:
         # How to reach it: its token, and its CA when it serves TLS (http becomes https).
         self.client = client or ClientSecurity()
+        self._chosen = (grpc_port is None, http_port is None)  # ports picked here
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
+        self._flags, self._env, self._output, self._preexec_fn = flags, env, output, preexec_fn
+        self._spawn()
+
+    def _spawn(self) -> None:
         args = [
             sys.executable, "-m", "rtmonitor", "serve", "--host", "127.0.0.1",
             "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-            *flags,
+            *self._flags,
         ]  # fmt: skip
+        self._log_from = len(self.log())
+        output = self._output
         self.proc = subprocess.Popen(
             args,
             stdout=subprocess.DEVNULL if output is None else output,
             stderr=None if output is None else subprocess.STDOUT,
-            env=child_env(env),
-            preexec_fn=preexec_fn,
+            env=child_env(self._env),
+            preexec_fn=self._preexec_fn,
         )
 
     @property
@@ -96,8 +103,23 @@ class ServeProcess:
         return ""
 
     def wait_ready(self, timeout: float = 30.0) -> Self:
-        wait_until_ready(self.proc, self.http, timeout, self.log, self.client)
-        return self
+        """Wait until it answers /readyz. A port picked here can be taken by another
+        process before the child binds it (free_port only knows it was free a moment ago):
+        when its log says so, it starts again on new ports, up to twice."""
+        for attempt in range(3):
+            try:
+                wait_until_ready(self.proc, self.http, timeout, self.log, self.client)
+                return self
+            except RuntimeError:
+                lost = "cannot listen for" in self.log()[self._log_from :]
+                if attempt == 2 or self.proc.poll() is None or not lost or not any(self._chosen):
+                    raise
+            if self._chosen[0]:
+                self.grpc_port = free_port()
+            if self._chosen[1]:
+                self.http_port = free_port()
+            self._spawn()
+        raise AssertionError("unreachable")
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait: the clean stop (raises TimeoutExpired if it does not end)."""
