@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 
 from rtmonitor.api.deps import ApiStats
-from rtmonitor.model import RATE_WINDOWS_S, DeviceRecord, ServiceStats, Totals
+from rtmonitor.model import RATE_WINDOWS_S, DeviceRecord, PendingStats, ServiceStats, Totals
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -215,6 +215,19 @@ def _rate_family(
     )  # fmt: skip
 
 
+def _pending_families(w: _Writer, pending: PendingStats) -> None:
+    """What the pipelines hold uncommitted, and their per-device budget."""
+    w.family("rtm_pending_packets", "gauge", "Received but uncommitted packets.",
+             [({}, pending.packets + pending.inflight_packets)])  # fmt: skip
+    w.family("rtm_pending_device_entries", "gauge",
+             "Uncommitted per-device deltas (one per device per pending batch).",
+             [({}, pending.device_entries + pending.inflight_device_entries)])  # fmt: skip
+    w.family("rtm_pending_device_entry_budget", "gauge",
+             "The per-device deltas the pipelines may hold before receivers are pushed back: "
+             "--max-pending-devices, or fewer by --max-pending-seconds.",
+             [({}, pending.device_entry_budget)])  # fmt: skip
+
+
 def _self_metrics(w: _Writer, stats: ServiceStats) -> None:
     """The ingest instances' pipelines, summed (every process on one Redis reports the
     same sum: aggregate replicas' scrapes with max, not sum)."""
@@ -226,17 +239,7 @@ def _self_metrics(w: _Writer, stats: ServiceStats) -> None:
              "replica on this Redis).", [({}, len(stats.instances))])  # fmt: skip
     w.family("rtm_queue_packets", "gauge", "Packets waiting in the ingest queues.",
              [({}, total.queue.packets)])  # fmt: skip
-    pending = total.pending.packets + total.pending.inflight_packets
-    w.family("rtm_pending_packets", "gauge", "Received but uncommitted packets.",
-             [({}, pending)])  # fmt: skip
-    entries = total.pending.device_entries + total.pending.inflight_device_entries
-    w.family("rtm_pending_device_entries", "gauge",
-             "Uncommitted per-device deltas (one per device per pending batch).",
-             [({}, entries)])  # fmt: skip
-    w.family("rtm_pending_device_entry_budget", "gauge",
-             "The per-device deltas the pipelines may hold before receivers are pushed back: "
-             "--max-pending-devices, or fewer by --max-pending-seconds.",
-             [({}, total.pending.device_entry_budget)])  # fmt: skip
+    _pending_families(w, total.pending)
     w.family("rtm_active_streams", "gauge", "Open gRPC streams.",
              [({}, ingest.active_streams)])  # fmt: skip
     w.family(
