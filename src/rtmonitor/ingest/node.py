@@ -72,10 +72,7 @@ class IngestNode(Node):
         # The tokens in force (the runtime's, shared with HTTP); disabled without a file.
         self.auth = auth if auth is not None else TokenRegistry(None)
         self.reuse_port = reuse_port  # --workers: every worker binds the same port
-        self.pipeline = Pipeline(
-            settings, RedisCommitter(store), devices=lambda: self.validator.device_count
-        )
-        self.validator = Validator(
+        self.validator = validator = Validator(
             Limits(
                 max_payload_bytes=s.max_payload_bytes,
                 max_values_per_packet=s.max_values_per_packet,
@@ -83,6 +80,9 @@ class IngestNode(Node):
                 max_value_names_per_device=s.max_value_names_per_device,
                 max_devices=s.max_devices,
             )
+        )
+        self.pipeline = Pipeline(
+            settings, RedisCommitter(store), devices=lambda: validator.device_count
         )
         self.servicer = IngestServicer(
             self.validator,

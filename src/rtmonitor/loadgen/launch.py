@@ -106,20 +106,21 @@ class ServeProcess:
         """Wait until it answers /readyz. A port picked here can be taken by another
         process before the child binds it (free_port only knows it was free a moment ago):
         when its log says so, it starts again on new ports, up to twice."""
-        for attempt in range(3):
+        retries = 2
+        while True:
             try:
                 wait_until_ready(self.proc, self.http, timeout, self.log, self.client)
                 return self
             except RuntimeError:
                 lost = "cannot listen for" in self.log()[self._log_from :]
-                if attempt == 2 or self.proc.poll() is None or not lost or not any(self._chosen):
+                if not retries or self.proc.poll() is None or not lost or not any(self._chosen):
                     raise
+            retries -= 1
             if self._chosen[0]:
                 self.grpc_port = free_port()
             if self._chosen[1]:
                 self.http_port = free_port()
             self._spawn()
-        raise AssertionError("unreachable")
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait: the clean stop (raises TimeoutExpired if it does not end)."""
