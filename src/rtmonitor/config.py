@@ -790,6 +790,13 @@ class BenchSettings(ClientSecuritySettings):
     flush_interval: float = Field(0.2, gt=0, description="The service's flush interval, seconds.")
     workers: int = Field(1, ge=1, le=64, description="The service's --workers.")
     ceiling: bool = Field(True, description="Also measure the no-op ceiling of each mode.")
+    first_round: bool = Field(
+        False,
+        description="Before the timed load, every device sends once (one stream, each "
+        "device's packet acknowledged and committed; timed apart as first_round_pps): the "
+        "figures are then those of a fleet Redis already holds (each device sends, then "
+        "the fleet keeps sending), not of devices seen for the first time.",
+    )
     # The served side of --token / --tls-ca: the service bench starts uses these.
     auth_file: Path | None = Field(
         None,

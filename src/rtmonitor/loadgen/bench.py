@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -289,24 +289,78 @@ def _cpu_per_packet(svc: ServeProcess, cpu_at_start: float, acked: int) -> dict[
     return {"service_cpu_ns_per_packet": round(cpu_s * 1e9 / acked)} if acked else {}
 
 
-def _merge_cost(
-    before: dict[str, float], after: dict[str, float], svc: ServeProcess, devices: int
-) -> dict[str, Any]:
-    """Redis µs per device merge: the Redis CPU spent from the start of the load until
-    everything was committed (the merges, and the probes' reads, a small part) over the
-    device merges the service wrote (FlushStats.devices_committed: a device once per flush
-    it is in); and the memory Redis gained over those `devices`."""
+def _flush_stats(svc: ServeProcess) -> dict[str, Any]:
     with svc.client.http_client(base_url=svc.http, timeout=10) as http:  # token, TLS: as _verify
-        flush = http.get("/stats").json()["flush"]
-    merges = int(flush.get("devices_committed", 0))
+        return cast(dict[str, Any], http.get("/stats").json()["flush"])
+
+
+@dataclass(frozen=True, slots=True)
+class _Baseline:
+    """What was there before the timed load: the first round's packets (by device) and
+    flushes, and the memory Redis used before any device of this mode (--first-round)."""
+
+    memory: float
+    packets: int = 0
+    per_device: dict[str, int] = field(default_factory=dict)
+    merges: int = 0
+    flushes: int = 0
+
+
+def _merge_cost(
+    before: dict[str, float], after: dict[str, float], svc: ServeProcess, devices: int,
+    baseline: _Baseline,
+) -> dict[str, Any]:  # fmt: skip
+    """Redis µs per device merge: the Redis CPU spent from the start of the timed load until
+    everything was committed (the merges, and the probes' reads, a small part) over the
+    device merges the service wrote meanwhile (FlushStats.devices_committed: a device once
+    per flush it is in); and the memory Redis gained over those `devices` (from before the
+    first round, if any)."""
+    flush = _flush_stats(svc)
+    merges = int(flush.get("devices_committed", 0)) - baseline.merges
     cpu_s = after["cpu_s"] - before["cpu_s"]
     return {
         "device_merges": merges,
-        "flushes": int(flush.get("flushes", 0)),
+        "flushes": int(flush.get("flushes", 0)) - baseline.flushes,
         "redis_cpu_s": round(cpu_s, 2),
         "redis_us_per_merge": round(cpu_s * 1e6 / merges, 2) if merges else None,
-        "redis_bytes_per_device": round((after["memory"] - before["memory"]) / devices),
+        "redis_bytes_per_device": round((after["memory"] - baseline.memory) / devices),
     }
+
+
+def _first_round(
+    opts: BenchSettings, mode: BenchMode, svc: ServeProcess, target: str, memory: float
+) -> tuple[_Baseline, dict[str, Any]]:
+    """--first-round: every device sends one packet (one stream per load generator, so
+    pool entries 0..devices-1: each device once), acknowledged and then committed, before
+    the timed load; its own rate is reported apart (first_round_pps)."""
+    fleet = opts.devices * opts.senders
+    console.print(f"  {mode}: first round, each of {fleet:,} devices once")
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(
+                _sender_main,
+                _send_options(opts, mode, target, i, svc.http)
+                | {"duration": None, "count": opts.devices, "streams": 1},
+            )
+            for i in range(opts.senders)
+        ]
+        senders = [f.result() for f in futures]
+    acked = sum(s["summary"]["accepted"] for s in senders)
+    errors = [e for s in senders for e in s["summary"]["errors"]]
+    if errors or acked != fleet:
+        raise RuntimeError(f"first round: {acked:,} of {fleet:,} acknowledged {errors}")
+    with svc.client.http_client(base_url=svc.http, timeout=30) as http:
+        committed = _wait_committed(http, acked, 0)
+    if committed != acked:
+        raise RuntimeError(f"first round: {committed:,} of {acked:,} packets committed")
+    seconds = time.time() - min(s["started"] for s in senders)
+    flush = _flush_stats(svc)
+    per_device = {d: n for s in senders for d, n in s["per_device"].items()}
+    baseline = _Baseline(
+        memory, acked, per_device, int(flush["devices_committed"]), int(flush["flushes"])
+    )
+    return baseline, {"first_round_pps": round(acked / seconds), "first_round_s": round(seconds, 1)}
 
 
 def run_mode(
@@ -333,15 +387,18 @@ def run_mode(
     )
     try:
         svc.wait_ready()
+        target = mqtt_url or svc.target
+        baseline = _Baseline(_redis_work(redis_url)["memory"])
+        result: dict[str, Any] = {}
+        if opts.first_round and not noop:
+            baseline, result = _first_round(opts, mode, svc, target, baseline.memory)
         cpu_at_start = _service_cpu_s(svc.proc.pid)
         work_before = _redis_work(redis_url)
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
             futures = [
-                pool.submit(
-                    _sender_main, _send_options(opts, mode, mqtt_url or svc.target, i, svc.http)
-                )
+                pool.submit(_sender_main, _send_options(opts, mode, target, i, svc.http))
                 for i in range(opts.senders)
             ]
 
@@ -360,16 +417,17 @@ def run_mode(
         errors = [e for s in senders for e in s["summary"]["errors"]]
         first_send = min(s["started"] for s in senders)
         last_ack = max(s["ended"] for s in senders)
-        result: dict[str, Any] = {
+        result = {
             "mode": mode,
             "noop": noop,
             "acked": acked,
             "errors": errors,
             "acked_pps": round(acked / (last_ack - first_send)),
-        }
+        } | result
         if not noop:
             console.print(f"  {label}: verifying {acked:,} packets device by device")
-            result.update(_check(opts, svc, senders, redis_url, work_before, probes, cpu_at_start))
+            work = (work_before, baseline)
+            result.update(_check(opts, svc, senders, redis_url, work, probes, cpu_at_start))
         else:
             result.update(_cpu_per_packet(svc, cpu_at_start, acked))
         result["peak_rss_mb"] = round(_peak_rss_mb(svc.proc.pid), 1)
@@ -383,11 +441,12 @@ def _check(
     svc: ServeProcess,
     senders: list[dict[str, Any]],
     redis_url: str,
-    work_before: dict[str, float],
+    work: tuple[dict[str, float], _Baseline],
     probes: dict[str, list[float]],
     cpu_at_start: float,
 ) -> dict[str, Any]:
     """The exact check, Redis's and the service's work, and the probes' percentiles."""
+    work_before, baseline = work
     acked = sum(s["summary"]["accepted"] for s in senders)
     first_send = min(s["started"] for s in senders)
     work_after: dict[str, float] = {}
@@ -400,9 +459,10 @@ def _check(
         work_after.update(_redis_work(redis_url))
         cpu.update(_cpu_per_packet(svc, cpu_at_start, acked))
 
-    result = _verify(svc, senders, acked, first_send, committed)
+    result = _verify(svc, senders, acked, first_send, committed, baseline)
     result.update(cpu)
-    result.update(_merge_cost(work_before, work_after, svc, opts.devices * opts.senders))
+    fleet = opts.devices * opts.senders
+    result.update(_merge_cost(work_before, work_after, svc, fleet, baseline))
     for key, samples in probes.items():
         result[f"{key}_p50"] = _round(_percentile(samples, 50))
         result[f"{key}_p99"] = _round(_percentile(samples, 99))
@@ -477,39 +537,40 @@ def _verify(
     acked: int,
     first_send: float,
     on_committed: Callable[[], None],
+    baseline: _Baseline,
 ) -> dict[str, Any]:
     """Wait until Redis shows every acknowledged packet (then call `on_committed`, before
-    the check's own reads); compare every device."""
-    expected: dict[str, int] = {}
+    the check's own reads); compare every device (with the first round's packets)."""
+    expected = dict(baseline.per_device)
     for s in senders:
         for device, n in s["per_device"].items():
             expected[device] = expected.get(device, 0) + n
-    # Up to 60 s without progress: MQTT's broker may hold a backlog that takes longer than
-    # that to drain, all of it counted in the figure.
-    deadline = time.monotonic() + 60
     with svc.client.http_client(base_url=svc.http, timeout=30) as http:
-        return _verify_with(http, expected, acked, first_send, deadline, on_committed)
+        committed = _wait_committed(http, acked, baseline.packets)
+        committed_at = time.time()
+        on_committed()
+        return _verify_with(http, expected, acked, committed, committed_at - first_send)
 
 
-def _verify_with(
-    http: httpx.Client,
-    expected: dict[str, int],
-    acked: int,
-    first_send: float,
-    deadline: float,
-    on_committed: Callable[[], None],
-) -> dict[str, Any]:
+def _wait_committed(http: httpx.Client, acked: int, before_load: int) -> int:
+    """Packets committed since the load began (totals less the probe's and `before_load`),
+    once they reach `acked` or stop growing for 60 s. (MQTT's broker may hold a backlog
+    that takes longer than that to drain, all of it counted in the figure.)"""
+    deadline = time.monotonic() + 60
     before = -1
     while True:
         totals = http.get("/metrics", params={"limit": 1}).json()["totals"]
-        committed = totals["packets"] - _probe_packets(http)
+        committed = int(totals["packets"]) - _probe_packets(http) - before_load
         if committed >= acked or time.monotonic() > deadline:
-            committed_at = time.time()
-            on_committed()
-            break
+            return committed
         if committed > before:
             before, deadline = committed, time.monotonic() + 60
         time.sleep(0.01)
+
+
+def _verify_with(
+    http: httpx.Client, expected: dict[str, int], acked: int, committed: int, seconds: float
+) -> dict[str, Any]:
     seen: dict[str, int] = {}
     offset = 0
     while True:
@@ -522,7 +583,7 @@ def _verify_with(
     return {
         "committed": committed,
         "exact": committed == acked and seen == expected,
-        "e2e_pps": round(committed / (committed_at - first_send)),
+        "e2e_pps": round(committed / seconds),
     }
 
 
@@ -582,6 +643,8 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         ("merges", "device_merges"), ("flushes", "flushes"),
         ("Redis µs/merge", "redis_us_per_merge"), ("Redis B/device", "redis_bytes_per_device"),
     ]  # fmt: skip
+    if any("first_round_pps" in r for r in results):
+        columns.insert(3, ("1st round pkt/s", "first_round_pps"))
     for title, _ in columns:
         table.add_column(title, justify="right")
     for r in results:
