@@ -139,19 +139,24 @@ Noted = list[tuple[int, float | None]]  # (entry budget, pace) as each flush was
 
 
 def pour(
-    redis_url: str, max_pending_seconds: float, fleet: int, pace_min_merges: int = BATCH
+    redis_url: str,
+    max_pending_seconds: float,
+    fleet: int,
+    pace_min_merges: int = BATCH,
+    queue_batches: int = 1,
 ) -> tuple[list[int], Noted, int, float | None]:
     """A load through a real pipeline whose merges cost MERGE_S each: one batch, its commit,
     then 60 more as fast as the pipeline takes them, over `fleet` devices (BATCH each, in
-    turn; all validated first, so the pipeline knows them all from the start). Returns the
-    device merges of each flush after the first, the entry budget and the pace in force as
-    each was encoded, --max-pending-devices and the last pace measured."""
+    turn; all validated first, so the pipeline knows them all from the start), through a
+    queue of `queue_batches` batches. Returns the device merges of each flush after the
+    first, the entry budget and the pace in force as each was encoded,
+    --max-pending-devices and the last pace measured."""
 
     async def main() -> tuple[list[int], Noted, int, float | None]:
         settings = Settings(
             flush_interval=0.05,
             max_pending_seconds=max_pending_seconds,
-            queue_max_packets=BATCH,  # one batch per take of the aggregator
+            queue_max_packets=queue_batches * BATCH,
             dedupe_window=60,
         )
         validator = Validator(Limits())
@@ -220,6 +225,20 @@ def test_the_time_budget_keeps_a_big_fleets_flushes_short(
     assert max(timed[1:]) <= max(budgets) + 2 * BATCH, (timed, budgets)
     # without it, the pending work grew to several times that behind each slow flush
     assert max(untimed) >= 2 * max(timed[1:]), (untimed, timed)
+
+
+def test_a_full_queue_is_taken_no_further_than_the_budget(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """A queue that holds many batches (the default holds 100,000 packets: at a million
+    devices as many merges as the whole time budget) is taken only as far as the room left
+    under the budget: a flush still holds at most the budget and about a batch, not the
+    budget and a full queue."""
+    fleet = 61 * BATCH
+    timed, noted, _, _ = pour(redis_server.url, 0.3, fleet, queue_batches=12)
+    budgets = [budget for budget, _ in noted]
+    assert max(budgets) < 12 * BATCH, noted  # (else the queue would not be the larger)
+    assert max(timed[1:]) <= max(budgets) + 2 * BATCH, (timed, budgets)
 
 
 def test_the_time_budget_leaves_a_small_fleet_alone(

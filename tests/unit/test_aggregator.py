@@ -226,7 +226,7 @@ def test_enough_pending_batches_ask_for_a_flush(with_ids: bool) -> None:
                 lambda: 10**9,
                 3,
                 lambda: asked.append(agg.pending_batches),
-                lambda: False,
+                lambda: 10**9,
             )
         )
         for n in range(5):
@@ -252,7 +252,7 @@ def test_a_trickle_of_packets_is_taken_in_few_wake_ups() -> None:
     async def main() -> None:
         agg, queue = Aggregator(), PacketQueue[Work](1000)
         consumer = asyncio.create_task(
-            agg.consume(queue, 10**9, lambda: 10**9, 10**9, lambda: None, lambda: False)
+            agg.consume(queue, 10**9, lambda: 10**9, 10**9, lambda: None, lambda: 10**9)
         )
         tracker = CommitTracker()
         rows = StreamRows(queue, tracker)

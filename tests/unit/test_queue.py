@@ -133,3 +133,42 @@ def test_grow_respects_the_bound_waiting_putters_and_close() -> None:
         assert await q.get_all() == ["a"] and await q.get_all() == []
 
     asyncio.run(main())
+
+
+def test_a_take_is_bounded_by_the_room_given_and_grown_items_weigh_their_growth() -> None:
+    """get_all(max_packets) takes the oldest items that fit in it (always one at least);
+    an item that grew weighs what it grew to, and the rest stay queued, still growable."""
+
+    async def main() -> None:
+        q: PacketQueue[str] = PacketQueue(100)
+        a = await q.put("a", 3)
+        b = await q.put("b", 4)
+        c = await q.put("c", 5)
+        assert q.grow(a, 2)  # "a" weighs 5 now
+        assert await q.get_all(9) == ["a", "b"] and q.packets == 5
+        assert not q.grow(b, 1), "taken"
+        assert q.grow(c, 1) and q.packets == 6, "still queued: it grows"
+        d = await q.put("d", 2)
+        assert await q.get_all(1) == ["c"], "one item at least, however heavy"
+        assert q.packets == 2 and q.grow(d, 1)
+        assert await q.get_all(0) == ["d"] and q.packets == 0
+        await q.put("e", 1)
+        await q.put("f", 1)
+        assert await q.get_all(None) == ["e", "f"] and q.packets == 0
+
+    asyncio.run(main())
+
+
+def test_a_bounded_take_makes_room_for_waiting_putters() -> None:
+    async def main() -> None:
+        q: PacketQueue[str] = PacketQueue(4)
+        await q.put("a", 2)
+        await q.put("b", 2)
+        waiting = asyncio.create_task(q.put("c", 2))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        assert await q.get_all(2) == ["a"]
+        await asyncio.wait_for(waiting, 1)
+        assert q.packets == 4 and await q.get_all() == ["b", "c"]
+
+    asyncio.run(main())

@@ -203,20 +203,21 @@ class Aggregator:
         flush_max_entries: Callable[[], int],
         flush_max_batches: int,
         on_full: Callable[[], None],
-        over_budget: Callable[[], bool],
+        room: Callable[[], int],
     ) -> None:
         """Drain `queue` into the delta until it is closed and empty.
 
-        While too much is waiting to be committed (Redis is slow or away), stop taking from
-        the queue: it fills, receivers wait, and clients are pushed back.
+        While too much is waiting to be committed (Redis is slow or away: `room()` <= 0),
+        stop taking from the queue: it fills, receivers wait, and clients are pushed back.
+        Otherwise take at most `room()` packets' worth (at least one item).
         """
         while True:
-            if over_budget():
+            if room() <= 0:
                 on_full()
                 # At shutdown the queue is closed: drain it anyway (it is bounded).
-                while over_budget() and not queue.closed:
+                while room() <= 0 and not queue.closed:
                     await asyncio.sleep(0.02)
-            items = await queue.get_all()
+            items = await queue.get_all(None if queue.closed else room())
             if not items:
                 return
             before = self.pending_packets

@@ -82,14 +82,19 @@ class Pipeline:
             return s.max_pending_devices
         return min(s.max_pending_devices, merges)
 
-    def over_budget(self) -> bool:
-        """Memory grows with packets (rows) and with per-device deltas (batches spread over
-        many devices): past either bound the aggregator stops taking from the queue, the
-        queue fills and receivers push their clients back."""
+    def room(self) -> int:
+        """Packets the aggregator may still take from the queue (<= 0: none).
+
+        Memory grows with packets (rows) and with per-device deltas (batches spread over
+        many devices): at either bound the aggregator stops taking from the queue, the
+        queue fills and receivers push their clients back. Below them, a take is bounded
+        by the room left (a packet adds at most one delta), so that taking a full queue at
+        once cannot overshoot the budget by the queue's capacity (at a million devices one
+        flush in several held twice the budget in force, 230,000 merges in 4.8 s)."""
         s, agg, flusher = self.settings, self.aggregator, self.flusher
-        return (
-            agg.pending_packets + flusher.inflight_packets >= s.max_pending_packets
-            or agg.pending_entries + flusher.inflight_entries >= self.entry_budget()
+        return min(
+            s.max_pending_packets - agg.pending_packets - flusher.inflight_packets,
+            self.entry_budget() - agg.pending_entries - flusher.inflight_entries,
         )
 
     async def start(self) -> None:
@@ -108,7 +113,7 @@ class Pipeline:
                 # would otherwise wait for the timer, and throughput = window / latency).
                 s.max_inflight_batches // 2,
                 self.flusher.request_flush,
-                self.over_budget,
+                self.room,
             ),
             name="aggregator",
         )

@@ -28,8 +28,10 @@ class PacketQueue(Generic[T]):
             raise ValueError("max_packets must be >= 1")
         self.max_packets = max_packets
         self._items: deque[T] = deque()
+        self._weights: deque[int] = deque()  # each queued item's packets
         self._packets = 0
-        self._takes = 0  # get_all() calls that took items: an item's ticket (see grow())
+        self._head = 0  # the ticket of the first queued item (tickets number the puts)
+        self._takes = 0  # get_all() calls that took items
         self._putters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._getter: asyncio.Future[None] | None = None
         self._closed = False
@@ -56,7 +58,7 @@ class PacketQueue(Generic[T]):
 
     async def put(self, item: T, packets: int) -> int:
         """Enqueue `item` weighing `packets`, waiting while the queue is full. Returns the
-        item's ticket for grow().
+        item's ticket for grow() (puts are numbered in order).
 
         Cancel-safe: a put cancelled while waiting enqueues nothing.
         """
@@ -78,10 +80,11 @@ class PacketQueue(Generic[T]):
             if self._closed:
                 raise QueueClosed("the pipeline is shutting down")
         self._items.append(item)
+        self._weights.append(packets)
         self._packets += packets
         if self._getter is not None and not self._getter.done():
             self._getter.set_result(None)
-        return self._takes
+        return self._head + len(self._items) - 1
 
     def grow(self, ticket: int, packets: int) -> bool:
         """Account `packets` more to an item already put (its owner adds them to it), if
@@ -91,13 +94,16 @@ class PacketQueue(Generic[T]):
         StreamPackets' receivers append to their last item this way, so that a packet
         costs neither a queue item nor a wake-up of the aggregator.
         """
-        if ticket != self._takes or self._putters or self._closed or not self._fits(packets):
+        if ticket < self._head or self._putters or self._closed or not self._fits(packets):
             return False
+        self._weights[ticket - self._head] += packets
         self._packets += packets
         return True
 
-    async def get_all(self) -> list[T]:
-        """Wait for at least one item, then take everything queued.
+    async def get_all(self, max_packets: int | None = None) -> list[T]:
+        """Wait for at least one item, then take everything queued, or as many of the
+        oldest items as weigh at most `max_packets` in all (the room the taker has left),
+        and always at least one, however heavy.
 
         Returns an empty list only once the queue is closed and drained.
         """
@@ -109,12 +115,22 @@ class PacketQueue(Generic[T]):
                 await self._getter
             finally:
                 self._getter = None
-        items = list(self._items)
-        self._items.clear()
-        self._packets = 0
+        items, weights = self._items, self._weights
+        if max_packets is None or max_packets >= self._packets:
+            taken = list(items)
+            items.clear()
+            weights.clear()
+            self._packets = 0
+        else:
+            taken, packets = [], 0
+            while items and (not taken or packets + weights[0] <= max_packets):
+                taken.append(items.popleft())
+                packets += weights.popleft()
+            self._packets -= packets
+        self._head += len(taken)
         self._takes += 1
         self._wake_putters()
-        return items
+        return taken
 
     def _wake_putters(self) -> None:
         # Admit waiting putters in FIFO order while they fit.
