@@ -48,8 +48,9 @@ PROBE_DEVICE = "bench-probe"
 def _sender_main(options: dict[str, Any]) -> dict[str, Any]:
     """One load-generator process: run `send`, report what was acknowledged and when."""
     opts = SendSettings(**options)
-    started = time.time()
     report = run_loop(send(opts))
+    # from its first send (its packets built: seconds at a million devices) to its last ack
+    started = report.started_at
     return {
         "started": started,
         "ended": started + report.elapsed,
@@ -221,8 +222,24 @@ async def _probe(
                 await sent
                 await asyncio.sleep(0.2)
 
+        if not noop:
+            await _load_committing(http, until)
         await asyncio.gather(latency(), freshness())
     return {"freshness_ms": fresh, "get_device_ms": device_ms, "get_metrics_ms": list_ms}
+
+
+async def _load_committing(http: httpx.AsyncClient, until: asyncio.Event) -> None:
+    """Wait for the load's first commit (or its end): a load generator first builds its
+    packets (seconds at a million devices), and samples of an idle service are not the
+    figures of one under load."""
+
+    async def committed() -> int:
+        totals = (await http.get("/metrics", params={"limit": 1})).json()["totals"]
+        return int(totals["packets"])
+
+    first = await committed()
+    while not until.is_set() and await committed() == first:
+        await asyncio.sleep(0.05)
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,7 +124,7 @@ async def send_mqtt(opts: SendSettings, progress: Progress | None = None) -> Sen
     rate = opts.rate / streams if opts.rate else None
     counter = [0]
     task_id = progress.add_task(f"MQTT -> {opts.target}", total=total) if progress else None
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     tasks = [
         asyncio.create_task(asyncio.to_thread(p.run, shares[s], end, rate, counter))
         for s, p in enumerate(publishers)
@@ -146,4 +146,5 @@ async def send_mqtt(opts: SendSettings, progress: Progress | None = None) -> Sen
         payload_size=0,
         names=[],
         per_device=dict(per_device),
+        started_at=started_at,
     )
