@@ -209,10 +209,10 @@ class Settings(BaseSettings):
         ge=0,
         le=3600,
         description="Where the devices known outnumber it twice over, hold at most as many "
-        "per-device deltas pending as the flushes' pace (device merges per second of the "
-        "last flush of 50,000 merges or more) makes in this many seconds, never fewer than "
-        "100,000 (0: --max-pending-devices alone): keeps a big fleet's flushes, and so its "
-        "freshness, within a few seconds.",
+        "per-device deltas pending as the flushes' pace (device merges per second, the "
+        "slowest of the last three flushes of 50,000 merges or more) makes in this many "
+        "seconds, never fewer than 100,000 (0: --max-pending-devices alone): keeps a big "
+        "fleet's flushes, and so its freshness, within a few seconds.",
         json_schema_extra={"metavar": "SECONDS"},
     )
     dedupe_window: int = Field(

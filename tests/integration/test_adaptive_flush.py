@@ -17,10 +17,10 @@ from rtmonitor.config import Settings
 from rtmonitor.ingest.columnar import decode_rows
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
 from rtmonitor.ingest.validation import Limits, Validator
-from rtmonitor.model import BatchId, Claim, FlushDelta
+from rtmonitor.model import BatchId, Claim, CommitUnavailable, FlushDelta
 from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.commit import FlushWrite
-from rtmonitor.pipeline.flusher import Flusher
+from rtmonitor.pipeline.flusher import PACE_FLUSHES, Flusher
 from rtmonitor.pipeline.pipeline import Pipeline
 from rtmonitor.pipeline.work import BatchWork, CommitTracker
 from rtmonitor.storage.committer import RedisCommitter
@@ -46,11 +46,15 @@ def settled(tracker: CommitTracker) -> bool:
 
 
 class SlowWrite:
-    def __init__(self, inner: FlushWrite, delay_s: float) -> None:
+    def __init__(self, inner: FlushWrite, delay_s: float, unavailable: int = 0) -> None:
         self.inner = inner
         self.delay_s = delay_s
+        self.unavailable = unavailable  # prepares that fail first, as if Redis were away
 
     async def prepare(self) -> dict[int, Claim]:
+        if self.unavailable:
+            self.unavailable -= 1
+            raise CommitUnavailable("Redis is away (a test's)")
         return await self.inner.prepare()
 
     async def apply(self) -> int:
@@ -68,6 +72,7 @@ class SlowCommitter(RedisCommitter):
     def __init__(self, store: RedisStore, merge_s: float | None = None) -> None:
         super().__init__(store)
         self.merge_s = merge_s
+        self.unavailable = 0  # the next write's prepare fails this many times first
         self.sizes: list[int] = []  # device merges per flush, in order
 
     def encode(
@@ -80,7 +85,8 @@ class SlowCommitter(RedisCommitter):
         merges = len(delta.devices) + sum(p.entries for p in delta.parts)
         self.sizes.append(merges)
         delay = APPLY_S if self.merge_s is None else merges * self.merge_s
-        return SlowWrite(super().encode(delta, batch_ids, instance, seq), delay)
+        unavailable, self.unavailable = self.unavailable, 0
+        return SlowWrite(super().encode(delta, batch_ids, instance, seq), delay, unavailable)
 
 
 def test_a_slow_merge_stretches_the_interval_and_loses_nothing(
@@ -258,6 +264,40 @@ def test_the_pace_is_a_big_flushs(redis_server: EmbeddedRedis) -> None:
     fleet = 61 * BATCH
     _, noted, max_pending, rate = pour(redis_server.url, 0.3, fleet, pace_min_merges=fleet)
     assert rate is None and {budget for budget, _ in noted} == {max_pending}, noted
+
+
+def test_the_pace_is_the_slowest_of_the_last_big_flushes(redis_server: EmbeddedRedis) -> None:
+    """One slow flush among fast ones (a Redis fork, a busy machine) sets the pace for the
+    next PACE_FLUSHES flushes: a budget sized by the fast ones would make a slow flush hold
+    several times --max-pending-seconds of work. A flush that waited for Redis to come back
+    sets none: its time is the outage's."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "paces") as store:
+            agg = Aggregator()
+            committer = SlowCommitter(store)
+            flusher = Flusher(
+                agg, committer, 60, dedupe_window_s=60, instance_id="paces", pace_min_merges=10
+            )
+            paces = []
+            for n, merge_s in enumerate([0.01] + [0.001] * PACE_FLUSHES):
+                committer.merge_s = merge_s
+                trackers = [submit(agg, ("p", n * 20 + i), f"d{n}-{i}") for i in range(20)]
+                await flusher.flush_once()
+                assert all(settled(t) for t in trackers)
+                paces.append(flusher.merge_rate)
+            slow = paces[0]
+            assert slow is not None and slow < 20 / (20 * 0.01), paces
+            # still one of the last PACE_FLUSHES, then not
+            assert paces[1:PACE_FLUSHES] == [slow] * (PACE_FLUSHES - 1), paces
+            assert (last := paces[PACE_FLUSHES]) is not None and last > 2 * slow, paces
+            committer.unavailable, committer.merge_s = 1, 0.01  # (its pace would be slow)
+            trackers = [submit(agg, ("p", 1000 + i), f"e-{i}") for i in range(20)]
+            await flusher.flush_once()
+            assert all(settled(t) for t in trackers) and flusher.stats.commit_errors == 1
+            assert flusher.merge_rate == last
+
+    asyncio.run(main())
 
 
 def test_the_budget_before_and_after_a_pace(redis_server: EmbeddedRedis) -> None:

@@ -7,6 +7,7 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
+# The pace is the slowest of this many last big flushes (see Flusher.merge_rate).
+PACE_FLUSHES = 3
 T = TypeVar("T")
 # Backoff jitter from a generator of our own, never the process-global random state.
 _JITTER = random.Random()
@@ -77,12 +80,15 @@ class Flusher:
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.inflight_packets = 0
         self.inflight_entries = 0  # per-device deltas in the flush under way
-        # Device merges per second of the last flush that made at least pace_min_merges
-        # (None before one did): the pace the pipeline's time budget (--max-pending-seconds)
-        # is measured by. A smaller flush's time is mostly its fixed costs: its pace would
-        # understate a big one's.
+        # Device merges per second: the slowest of the last PACE_FLUSHES flushes that made
+        # at least pace_min_merges (None before one did), the pace the pipeline's time
+        # budget (--max-pending-seconds) is measured by. A smaller flush's time is mostly
+        # its fixed costs: its pace would understate a big one's. The slowest, not the last:
+        # on a shared machine (a Redis fork, the load generator) one flush's pace is twice
+        # the next one's, and a budget sized by a fast one made the next flush twice as long.
         self.merge_rate: float | None = None
         self.pace_min_merges = max(1, pace_min_merges)
+        self._paces: deque[float] = deque(maxlen=PACE_FLUSHES)
         self._seq = 0
         self._devices_written = 0  # devices of the write under way (FlushStats)
         self._wake = asyncio.Event()
@@ -167,7 +173,8 @@ class Flusher:
         merges = self._devices_written
         if stats.commit_errors == errors and merges >= self.pace_min_merges and elapsed > 0:
             # (a flush that waited for Redis to come back says nothing of its pace)
-            self.merge_rate = merges / elapsed
+            self._paces.append(merges / elapsed)
+            self.merge_rate = min(self._paces)
         stats.flushes += 1
         committed = delta.packets + sum(b.packets for b in fresh)
         stats.packets_committed += committed

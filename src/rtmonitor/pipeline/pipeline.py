@@ -60,12 +60,12 @@ class Pipeline:
         fewer where flushes would take much longer than --max-pending-seconds.
 
         A flush costs about one device merge per distinct device it holds, and the flusher
-        measures its pace in merges per second (from flushes of at least
-        Flusher.pace_min_merges: a smaller one's time is mostly fixed costs). The budget is
-        then the merges that pace makes in --max-pending-seconds, and never fewer than twice
-        pace_min_merges (100,000), before a pace is known too: a flush, triggered at half
-        the budget, is then always big enough to measure the pace again (a low reading, say
-        a flush slowed by a fork of Redis, is not kept for good).
+        measures its pace in merges per second (the slowest of the last few flushes of at
+        least Flusher.pace_min_merges: a smaller one's time is mostly fixed costs). The
+        budget is then the merges that pace makes in --max-pending-seconds, and never fewer
+        than twice pace_min_merges (100,000), before a pace is known too: a flush, triggered
+        at half the budget, is then always big enough to measure the pace again (a low
+        reading, say a flush slowed by a fork of Redis, is not kept for good).
 
         A flush's merges are at most its entries, and at most the devices this process knows
         (`devices`: those admitted within the last one or two --retention periods). The
