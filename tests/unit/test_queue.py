@@ -172,3 +172,20 @@ def test_a_bounded_take_makes_room_for_waiting_putters() -> None:
         assert q.packets == 4 and await q.get_all() == ["b", "c"]
 
     asyncio.run(main())
+
+
+def test_a_rooms_callable_is_asked_once_the_wait_is_over() -> None:
+    """The taker's room can change while it waits for items (a flush begins, the budget in
+    force shrinks): it is asked when there is something to take."""
+
+    async def main() -> None:
+        q: PacketQueue[str] = PacketQueue(100)
+        room = [100]
+        getter = asyncio.create_task(q.get_all(lambda: room[0]))
+        await asyncio.sleep(0.01)
+        await q.put("x", 2)
+        await q.put("y", 2)
+        room[0] = 2
+        assert await getter == ["x"] and q.packets == 2
+
+    asyncio.run(main())

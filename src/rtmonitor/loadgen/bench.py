@@ -306,9 +306,17 @@ def _cpu_per_packet(svc: ServeProcess, cpu_at_start: float, acked: int) -> dict[
     return {"service_cpu_ns_per_packet": round(cpu_s * 1e9 / acked)} if acked else {}
 
 
-def _flush_stats(svc: ServeProcess) -> dict[str, Any]:
+def _flush_stats(svc: ServeProcess, packets: int) -> dict[str, Any]:
+    """The service's flush stats once they count `packets` committed (or after 10 s): a
+    flush's packets are in Redis before its stats are (its finalize comes between), and
+    with --workers each worker publishes its stats once a second."""
+    deadline = time.monotonic() + 10
     with svc.client.http_client(base_url=svc.http, timeout=10) as http:  # token, TLS: as _verify
-        return cast(dict[str, Any], http.get("/stats").json()["flush"])
+        while True:
+            flush = cast(dict[str, Any], http.get("/stats").json()["flush"])
+            if int(flush.get("packets_committed", 0)) >= packets or time.monotonic() > deadline:
+                return flush
+            time.sleep(0.05)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,15 +332,14 @@ class _Baseline:
 
 
 def _merge_cost(
-    before: dict[str, float], after: dict[str, float], svc: ServeProcess, devices: int,
+    before: dict[str, float], after: dict[str, float], flush: dict[str, Any], devices: int,
     baseline: _Baseline,
 ) -> dict[str, Any]:  # fmt: skip
     """Redis µs per device merge: the Redis CPU spent from the start of the timed load until
     everything was committed (the merges, and the probes' reads, a small part) over the
-    device merges the service wrote meanwhile (FlushStats.devices_committed: a device once
-    per flush it is in); and the memory Redis gained over those `devices` (from before the
-    first round, if any)."""
-    flush = _flush_stats(svc)
+    device merges the service wrote meanwhile (`flush`, its stats: devices_committed counts
+    a device once per flush it is in); and the memory Redis gained over those `devices`
+    (from before the first round, if any)."""
     merges = int(flush.get("devices_committed", 0)) - baseline.merges
     cpu_s = after["cpu_s"] - before["cpu_s"]
     return {
@@ -348,8 +355,9 @@ def _first_round(
     opts: BenchSettings, mode: BenchMode, svc: ServeProcess, target: str, memory: float
 ) -> tuple[_Baseline, dict[str, Any]]:
     """--first-round: every device sends one packet (one stream per load generator, so
-    pool entries 0..devices-1: each device once), acknowledged and then committed, before
-    the timed load; its own rate is reported apart (first_round_pps)."""
+    pool entries 0..devices-1: each device once; an MQTT message is one packet here, as it
+    carries packets of one device), acknowledged and then committed, before the timed load;
+    its own rate is reported apart (first_round_pps)."""
     fleet = opts.devices * opts.senders
     console.print(f"  {mode}: first round, each of {fleet:,} devices once")
     ctx = multiprocessing.get_context("spawn")
@@ -358,7 +366,8 @@ def _first_round(
             pool.submit(
                 _sender_main,
                 _send_options(opts, mode, target, i, svc.http)
-                | {"duration": None, "count": opts.devices, "streams": 1},
+                | {"duration": None, "count": opts.devices, "streams": 1}
+                | ({"batch_size": 1} if mode == "mqtt" else {}),
             )
             for i in range(opts.senders)
         ]
@@ -372,7 +381,7 @@ def _first_round(
     if committed != acked:
         raise RuntimeError(f"first round: {committed:,} of {acked:,} packets committed")
     seconds = time.time() - min(s["started"] for s in senders)
-    flush = _flush_stats(svc)
+    flush = _flush_stats(svc, acked)
     per_device = {d: n for s in senders for d, n in s["per_device"].items()}
     baseline = _Baseline(
         memory, acked, per_device, int(flush["devices_committed"]), int(flush["flushes"])
@@ -479,7 +488,8 @@ def _check(
     result = _verify(svc, senders, acked, first_send, committed, baseline)
     result.update(cpu)
     fleet = opts.devices * opts.senders
-    result.update(_merge_cost(work_before, work_after, svc, fleet, baseline))
+    flush = _flush_stats(svc, baseline.packets + acked)
+    result.update(_merge_cost(work_before, work_after, flush, fleet, baseline))
     for key, samples in probes.items():
         result[f"{key}_p50"] = _round(_percentile(samples, 50))
         result[f"{key}_p99"] = _round(_percentile(samples, 99))

@@ -37,11 +37,21 @@ def _payloads(opts: SendSettings) -> list[bytes]:
     return out
 
 
+class _Fleet:
+    """What every stream publishes: each device's name and topic, each kind's message.
+    Built once, before the load's time starts (a million devices' topics take seconds)."""
+
+    def __init__(self, opts: SendSettings) -> None:
+        self.payloads = _payloads(opts)
+        self.names = [device_name(opts.device_prefix, d, opts.devices) for d in range(opts.devices)]
+        self.topics = [opts.mqtt_topic.replace("{device}", n) for n in self.names]
+
+
 class _Publisher:
     """One stream: a paho client publishing its share, --inflight unacknowledged at most."""
 
-    def __init__(self, opts: SendSettings, index: int, result: StreamResult) -> None:
-        self.opts, self.index, self.result = opts, index, result
+    def __init__(self, opts: SendSettings, index: int, result: StreamResult, fleet: _Fleet) -> None:
+        self.opts, self.index, self.result, self.fleet = opts, index, result, fleet
         self.window = threading.Semaphore(opts.inflight)
         self.connected = threading.Event()
         # Published, per device: all of it once every PUBACK is in (else the run failed).
@@ -88,9 +98,7 @@ class _Publisher:
         self, share: int | None, end: float | None, rate: float | None, counter: list[int]
     ) -> None:
         opts, result = self.opts, self.result
-        payloads = _payloads(opts)
-        names = [device_name(opts.device_prefix, d, opts.devices) for d in range(opts.devices)]
-        topics = [opts.mqtt_topic.replace("{device}", n) for n in names]
+        payloads, names, topics = self.fleet.payloads, self.fleet.names, self.fleet.topics
         started = time.monotonic()
         m = result.offset
         while share is None or result.sent < share:
@@ -119,7 +127,8 @@ async def send_mqtt(opts: SendSettings, progress: Progress | None = None) -> Sen
         else [None] * streams
     )
     results = [StreamResult(offset=s * max(1, opts.devices // streams)) for s in range(streams)]
-    publishers = [_Publisher(opts, s, results[s]) for s in range(streams)]
+    fleet = _Fleet(opts)
+    publishers = [_Publisher(opts, s, results[s], fleet) for s in range(streams)]
     end = time.monotonic() + opts.duration if opts.duration else None
     rate = opts.rate / streams if opts.rate else None
     counter = [0]

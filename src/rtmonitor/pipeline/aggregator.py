@@ -217,7 +217,9 @@ class Aggregator:
                 # At shutdown the queue is closed: drain it anyway (it is bounded).
                 while room() <= 0 and not queue.closed:
                     await asyncio.sleep(0.02)
-            items = await queue.get_all(None if queue.closed else room())
+            # (the room as the wait for items ends: meanwhile a flush may have begun, or
+            # the budget in force changed)
+            items = await queue.get_all(None if queue.closed else room)
             if not items:
                 return
             before = self.pending_packets

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -100,10 +101,10 @@ class PacketQueue(Generic[T]):
         self._packets += packets
         return True
 
-    async def get_all(self, max_packets: int | None = None) -> list[T]:
+    async def get_all(self, max_packets: int | Callable[[], int] | None = None) -> list[T]:
         """Wait for at least one item, then take everything queued, or as many of the
-        oldest items as weigh at most `max_packets` in all (the room the taker has left),
-        and always at least one, however heavy.
+        oldest items as weigh at most `max_packets` in all (the room the taker has left;
+        a callable is asked once the wait is over), and always at least one, however heavy.
 
         Returns an empty list only once the queue is closed and drained.
         """
@@ -116,6 +117,8 @@ class PacketQueue(Generic[T]):
             finally:
                 self._getter = None
         items, weights = self._items, self._weights
+        if callable(max_packets):
+            max_packets = max_packets()
         if max_packets is None or max_packets >= self._packets:
             taken = list(items)
             items.clear()

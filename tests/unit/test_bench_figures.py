@@ -1,0 +1,24 @@
+"""The bench's figures over the timed load alone, with a first round before it."""
+
+from __future__ import annotations
+
+from rtmonitor.loadgen.bench import _Baseline, _merge_cost
+
+
+def test_merges_flushes_and_memory_are_the_timed_loads() -> None:
+    first_round = _Baseline(memory=1_000_000.0, packets=3000, merges=3000, flushes=2)
+    flush = {"devices_committed": 23_000, "flushes": 12, "packets_committed": 400_000}
+    before = {"cpu_s": 10.0, "memory": 3_000_000.0}  # after the first round
+    after = {"cpu_s": 10.5, "memory": 3_100_000.0}
+    cost = _merge_cost(before, after, flush, 3000, first_round)
+    assert cost["device_merges"] == 20_000 and cost["flushes"] == 10
+    assert cost["redis_cpu_s"] == 0.5 and cost["redis_us_per_merge"] == 25.0
+    # the devices' records were written by the first round: memory from before it
+    assert cost["redis_bytes_per_device"] == 700
+
+
+def test_without_a_first_round_everything_is_the_loads() -> None:
+    flush = {"devices_committed": 5000, "flushes": 5}
+    cost = _merge_cost({"cpu_s": 1.0}, {"cpu_s": 1.1, "memory": 2000.0}, flush, 10, _Baseline(0.0))
+    assert cost["device_merges"] == 5000 and cost["flushes"] == 5
+    assert cost["redis_us_per_merge"] == 20.0 and cost["redis_bytes_per_device"] == 200
