@@ -238,7 +238,8 @@ def test_a_full_queue_is_taken_no_further_than_the_budget(
 ) -> None:
     """A queue that holds many batches (the default holds 100,000 packets: at a million
     devices as many merges as the whole time budget) is taken only as far as the room left
-    under the budget: a flush still holds at most the budget and about a batch, not the
+    under the budget: a flush still holds at most the budget and about two batches (the
+    take that crosses it, and what was taken as the last flush let its entries go), not the
     budget and a full queue."""
     fleet = 61 * BATCH
     timed, noted, _, _ = pour(redis_server.url, 0.3, fleet, queue_batches=12)

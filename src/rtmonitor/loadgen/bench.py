@@ -288,6 +288,20 @@ def _send_options(
     }
 
 
+def _sender_pool(opts: BenchSettings) -> ProcessPoolExecutor:
+    """One process per load generator, spawned (no copy of this process's threads)."""
+    return ProcessPoolExecutor(opts.senders, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _senders_options(
+    opts: BenchSettings, mode: BenchMode, target: str, http_target: str | None, **override: Any
+) -> list[dict[str, Any]]:
+    """Each load generator's `send` options (`override` on top of the mode's)."""
+    return [
+        _send_options(opts, mode, target, i, http_target) | override for i in range(opts.senders)
+    ]
+
+
 def _redis_work(url: str) -> dict[str, float]:
     """Redis's CPU seconds so far (user + system, every command) and memory in use."""
     with redis.Redis.from_url(url, decode_responses=True) as client:
@@ -360,18 +374,13 @@ def _first_round(
     its own rate is reported apart (first_round_pps)."""
     fleet = opts.devices * opts.senders
     console.print(f"  {mode}: first round, each of {fleet:,} devices once")
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
-        futures = [
-            pool.submit(
-                _sender_main,
-                _send_options(opts, mode, target, i, svc.http)
-                | {"duration": None, "count": opts.devices, "streams": 1}
-                | ({"batch_size": 1} if mode == "mqtt" else {}),
-            )
-            for i in range(opts.senders)
-        ]
-        senders = [f.result() for f in futures]
+    once = {"duration": None, "count": opts.devices, "streams": 1}
+    if mode == "mqtt":
+        once["batch_size"] = 1
+    with _sender_pool(opts) as pool:
+        senders = list(
+            pool.map(_sender_main, _senders_options(opts, mode, target, svc.http, **once))
+        )
     acked = sum(s["summary"]["accepted"] for s in senders)
     errors = [e for s in senders for e in s["summary"]["errors"]]
     if errors or acked != fleet:
@@ -421,11 +430,10 @@ def run_mode(
         cpu_at_start = _service_cpu_s(svc.proc.pid)
         work_before = _redis_work(redis_url)
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
+        with _sender_pool(opts) as pool:
             futures = [
-                pool.submit(_sender_main, _send_options(opts, mode, target, i, svc.http))
-                for i in range(opts.senders)
+                pool.submit(_sender_main, options)
+                for options in _senders_options(opts, mode, target, svc.http)
             ]
 
             async def load_and_probe() -> dict[str, list[float]]:
@@ -527,15 +535,10 @@ def broker_ceiling(opts: BenchSettings, broker: Mosquitto) -> dict[str, Any]:
             time.sleep(0.1)
         time.sleep(0.2)
         probes = seen[0]
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(opts.senders, mp_context=ctx) as pool:
-            options = [
-                {
-                    **_send_options(opts, "mqtt", broker.url, i),
-                    "mqtt_topic": "ceiling/{device}/telemetry",
-                }
-                for i in range(opts.senders)
-            ]
+        with _sender_pool(opts) as pool:
+            options = _senders_options(
+                opts, "mqtt", broker.url, None, mqtt_topic="ceiling/{device}/telemetry"
+            )
             senders = list(pool.map(_sender_main, options))
         acked = sum(s["summary"]["accepted"] for s in senders)  # packets
         messages = acked // opts.mqtt_batch
