@@ -131,6 +131,10 @@ def test_a_slow_merge_stretches_the_interval_and_loses_nothing(
             counts = [r.packets for r in await store.get_devices([f"d{i}" for i in range(5)])]
             assert counts == [9, 8, 8, 8, 8]
             assert stats.devices_committed >= 5
+            # the merges' time is the apply step's, and each step has its own
+            assert stats.apply_seconds >= APPLY_S * stats.flushes
+            steps = (stats.encode_seconds, stats.prepare_seconds, stats.finalize_seconds)
+            assert all(0 < s < APPLY_S * stats.flushes / 2 for s in steps), steps
 
     asyncio.run(main())
 

@@ -6,13 +6,22 @@ from rtmonitor.loadgen.bench import _Baseline, _merge_cost
 
 
 def test_merges_flushes_and_memory_are_the_timed_loads() -> None:
-    first_round = _Baseline(memory=1_000_000.0, packets=3000, merges=3000, flushes=2)
-    flush = {"devices_committed": 23_000, "flushes": 12, "packets_committed": 400_000}
+    first_round = _Baseline(
+        memory=1_000_000.0, packets=3000, merges=3000, flushes=2,
+        steps={"encode": 0.5, "prepare": 0.25, "apply": 2.0, "finalize": 0.0},
+    )  # fmt: skip
+    flush = {
+        "devices_committed": 23_000, "flushes": 12, "packets_committed": 400_000,
+        "encode_seconds": 1.5, "prepare_seconds": 0.5, "apply_seconds": 6.0,
+        "finalize_seconds": 0.25,
+    }  # fmt: skip
     before = {"cpu_s": 10.0, "memory": 3_000_000.0}  # after the first round
     after = {"cpu_s": 10.5, "memory": 3_100_000.0}
     cost = _merge_cost(before, after, flush, 3000, first_round)
     assert cost["device_merges"] == 20_000 and cost["flushes"] == 10
     assert cost["redis_cpu_s"] == 0.5 and cost["redis_us_per_merge"] == 25.0
+    steps = {"encode": 1.0, "prepare": 0.25, "apply": 4.0, "finalize": 0.25}
+    assert cost["flush_step_s"] == steps
     # the devices' records were written by the first round: memory from before it
     assert cost["redis_bytes_per_device"] == 700
 

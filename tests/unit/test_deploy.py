@@ -116,6 +116,9 @@ def test_compose_file_matches_the_compose_specification() -> None:
     # as the embedded Redis: rewrites at +400%, expired rate windows freed off the main thread
     assert "--auto-aof-rewrite-percentage 400" in redis_command
     assert "--lazyfree-lazy-expire yes" in redis_command
+    # no RDB snapshots beside the AOF (an empty argument: save points none)
+    command = compose["services"]["redis"]["command"]
+    assert command[command.index("--save") + 1] == ""
     assert compose["services"]["redis"]["healthcheck"] and compose["volumes"]
     assert compose["services"]["proxy"]["profiles"] == ["scale"]
     # auth on: the token file is a secret of every service instance, mounted where

@@ -101,17 +101,27 @@ def _stats(*instances: PipelineStats) -> ServiceStats:
 def test_self_metrics_are_the_sum_of_the_instances() -> None:
     a = PipelineStats(
         rejected_by_reason={"empty_device_id": 1},
-        flush=FlushStats(flushes=2, packets_committed=10, last_flush_ms=5, last_flush_seconds=0.5),
-    )
+        flush=FlushStats(
+            flushes=2, packets_committed=10, last_flush_ms=5, last_flush_seconds=0.5,
+            encode_seconds=0.25, apply_seconds=1.5,
+        ),
+    )  # fmt: skip
     b = PipelineStats(
         rejected_by_reason={"empty_device_id": 2, "too_many_devices": 1},
-        flush=FlushStats(flushes=3, packets_committed=7, last_flush_ms=9, last_flush_seconds=0.1),
-    )
+        flush=FlushStats(
+            flushes=3, packets_committed=7, last_flush_ms=9, last_flush_seconds=0.1,
+            apply_seconds=2.0,
+        ),
+    )  # fmt: skip
     stats = _stats(a, b)
     text = exposition(_totals(), [], stats, ApiStats(), offline_after_s=30, openmetrics=False)
     assert "rtm_flushes_total 5" in text
     assert "rtm_committed_packets_total 17" in text
     assert "rtm_last_flush_seconds 0.1" in text  # the latest flush's
+    # the time in each step adds up over the instances
+    assert 'rtm_flush_step_seconds_total{step="apply"} 3.5' in text
+    assert 'rtm_flush_step_seconds_total{step="encode"} 0.25' in text
+    assert 'rtm_flush_step_seconds_total{step="finalize"} 0.0' in text
     assert 'rtm_instance_rejected_packets_total{reason="empty_device_id"} 3' in text
     assert "rtm_ingest_instances 2" in text
     # /stats: the sum at the top, and each instance

@@ -14,7 +14,14 @@ import time
 from collections.abc import Iterable
 
 from rtmonitor.api.deps import ApiStats
-from rtmonitor.model import RATE_WINDOWS_S, DeviceRecord, PendingStats, ServiceStats, Totals
+from rtmonitor.model import (
+    RATE_WINDOWS_S,
+    DeviceRecord,
+    PendingStats,
+    ServiceStats,
+    Totals,
+    flush_steps,
+)
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -298,6 +305,13 @@ def _self_metrics(w: _Writer, stats: ServiceStats) -> None:
         w.family(name, "counter", help_text, [({}, value)])
     w.family("rtm_last_flush_seconds", "gauge", "Duration of the latest flush.",
              [({}, flush.last_flush_seconds)])  # fmt: skip
+    w.family(
+        "rtm_flush_step_seconds",
+        "counter",
+        "Seconds flushes spent in each step: encode (this process), prepare (batch ids and "
+        "journal), apply (the merges) and finalize; retries included.",
+        [({"step": step}, seconds) for step, seconds in flush_steps(flush).items()],
+    )
     w.family("rtm_journals_recovered", "counter", "Dead instances' flushes replayed.",
              [({}, total.recovery.journals_recovered)])  # fmt: skip
 

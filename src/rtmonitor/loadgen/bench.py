@@ -39,6 +39,7 @@ from rtmonitor.ingest.v1.telemetry_pb2 import Ack, Packet
 from rtmonitor.loadgen.broker import Mosquitto, mosquitto_binary
 from rtmonitor.loadgen.launch import ServeProcess, memory_mb
 from rtmonitor.loadgen.sender import run_loop, send
+from rtmonitor.model import FLUSH_STEPS
 from rtmonitor.runtime import redis_server
 
 console = Console(stderr=True)
@@ -343,6 +344,12 @@ class _Baseline:
     per_device: dict[str, int] = field(default_factory=dict)
     merges: int = 0
     flushes: int = 0
+    steps: dict[str, float] = field(default_factory=dict)  # flush.*_seconds
+
+
+def _steps(flush: dict[str, Any]) -> dict[str, float]:
+    """The seconds the flushes spent in each step (FlushStats), by step."""
+    return {step: float(flush.get(f"{step}_seconds", 0.0)) for step in FLUSH_STEPS}
 
 
 def _merge_cost(
@@ -356,9 +363,12 @@ def _merge_cost(
     (from before the first round, if any)."""
     merges = int(flush.get("devices_committed", 0)) - baseline.merges
     cpu_s = after["cpu_s"] - before["cpu_s"]
+    steps = _steps(flush)
     return {
         "device_merges": merges,
         "flushes": int(flush.get("flushes", 0)) - baseline.flushes,
+        # (of the timed load: where its flushes' time went)
+        "flush_step_s": {k: round(v - baseline.steps.get(k, 0.0), 2) for k, v in steps.items()},
         "redis_cpu_s": round(cpu_s, 2),
         "redis_us_per_merge": round(cpu_s * 1e6 / merges, 2) if merges else None,
         "redis_bytes_per_device": round((after["memory"] - baseline.memory) / devices),
@@ -393,8 +403,9 @@ def _first_round(
     flush = _flush_stats(svc, acked)
     per_device = {d: n for s in senders for d, n in s["per_device"].items()}
     baseline = _Baseline(
-        memory, acked, per_device, int(flush["devices_committed"]), int(flush["flushes"])
-    )
+        memory, acked, per_device, int(flush["devices_committed"]), int(flush["flushes"]),
+        _steps(flush),
+    )  # fmt: skip
     return baseline, {"first_round_pps": round(acked / seconds), "first_round_s": round(seconds, 1)}
 
 

