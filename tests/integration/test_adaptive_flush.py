@@ -46,23 +46,35 @@ def settled(tracker: CommitTracker) -> bool:
 
 
 class SlowWrite:
-    def __init__(self, inner: FlushWrite, delay_s: float, unavailable: int = 0) -> None:
+    def __init__(
+        self,
+        inner: FlushWrite,
+        delay_s: float,
+        unavailable: int = 0,
+        seq: int = 0,
+        events: list[tuple[str, int]] | None = None,
+    ) -> None:
         self.inner = inner
         self.delay_s = delay_s
         self.unavailable = unavailable  # prepares that fail first, as if Redis were away
+        self.seq = seq
+        self.events = events if events is not None else []  # (step, flush seq), in order
 
     async def prepare(self) -> dict[int, Claim]:
+        self.events.append(("prepare", self.seq))
         if self.unavailable:
             self.unavailable -= 1
             raise CommitUnavailable("Redis is away (a test's)")
         return await self.inner.prepare()
 
     async def apply(self) -> int:
+        self.events.append(("apply", self.seq))
         await asyncio.sleep(self.delay_s)
         return await self.inner.apply()
 
     async def finalize(self, dedupe_window_s: int) -> None:
         await self.inner.finalize(dedupe_window_s)
+        self.events.append(("finalized", self.seq))
 
 
 class SlowCommitter(RedisCommitter):
@@ -74,6 +86,7 @@ class SlowCommitter(RedisCommitter):
         self.merge_s = merge_s
         self.unavailable = 0  # the next write's prepare fails this many times first
         self.sizes: list[int] = []  # device merges per flush, in order
+        self.events: list[tuple[str, int]] = []  # each write's steps: (step, flush seq)
 
     def encode(
         self,
@@ -86,7 +99,8 @@ class SlowCommitter(RedisCommitter):
         self.sizes.append(merges)
         delay = APPLY_S if self.merge_s is None else merges * self.merge_s
         unavailable, self.unavailable = self.unavailable, 0
-        return SlowWrite(super().encode(delta, batch_ids, instance, seq), delay, unavailable)
+        inner = super().encode(delta, batch_ids, instance, seq)
+        return SlowWrite(inner, delay, unavailable, seq, self.events)
 
 
 def test_a_slow_merge_stretches_the_interval_and_loses_nothing(
@@ -208,6 +222,47 @@ def pour(
             return committer.sizes[1:], noted[1:], settings.max_pending_devices, rate
 
     return asyncio.run(main())
+
+
+def test_the_next_flush_prepares_while_one_applies_and_applies_wait_their_turn(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """While a flush applies (Redis busy for 0.25 s), the next one is taken, encoded and
+    prepared, so Redis is not left idle while this process encodes; it applies only once
+    the one before it is finalized (a merge call's marker skips what a later flush of this
+    instance applied). Every batch counts once."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "overlap") as store:
+            agg = Aggregator()
+            committer = SlowCommitter(store)
+            flusher = Flusher(agg, committer, 0.05, dedupe_window_s=60, instance_id="o")
+            task = asyncio.create_task(flusher.run())
+            trackers = []
+            for n in range(30):  # a batch every 20 ms, each asking for a flush at once
+                trackers.append(submit(agg, ("p", n), f"d{n % 3}"))
+                flusher.request_flush()
+                await asyncio.sleep(0.02)
+            flusher.stop(5.0)
+            await task
+            assert all(settled(t) for t in trackers)
+            counts = [r.packets for r in await store.get_devices(["d0", "d1", "d2"])]
+            assert counts == [10, 10, 10]
+            events = committer.events
+            seqs = sorted({seq for _, seq in events})
+            assert len(seqs) >= 3
+            at = {(step, seq): events.index((step, seq)) for step, seq in events}
+            # each flush applies after the one before it is finalized, in order
+            for before, after in zip(seqs, seqs[1:], strict=False):
+                assert at["finalized", before] < at["apply", after], events
+            # and some flush prepared while the one before it was applying
+            overlapped = [
+                s for b, s in zip(seqs, seqs[1:], strict=False)
+                if at["apply", b] < at["prepare", s] < at["finalized", b]
+            ]  # fmt: skip
+            assert len(overlapped) >= 2, events
+
+    asyncio.run(main())
 
 
 def test_the_time_budget_keeps_a_big_fleets_flushes_short(

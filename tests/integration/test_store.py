@@ -17,7 +17,9 @@ import redis
 from redis.client import NEVER_DECODE
 
 from rtmonitor.model import DeviceDelta, FlushDelta, ValueStats
+from rtmonitor.pipeline.recovery import Recovery
 from rtmonitor.storage import store as store_module
+from rtmonitor.storage.committer import RedisCommitter
 from rtmonitor.storage.embedded import EmbeddedRedis
 from rtmonitor.storage.keys import LAYOUT_VERSION
 from rtmonitor.storage.store import LayoutMismatch, RedisStore
@@ -192,6 +194,37 @@ def test_journal_of_a_dead_instance_is_replayed_once(
             assert await store.prepare("x:2", keys, calls) == {0: "c"}
             assert 0 < await store.client.ttl(store.layout.journal_chunk("x:2", 0))
             assert await store.client.exists(store.layout.journal("x:2")) == 0
+
+    asyncio.run(main())
+
+
+def test_a_dead_instances_two_journals_are_replayed_in_order(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """An instance prepares a flush while the one before it applies: dead, it may leave two
+    journals, the first partly applied. They are offered one at a time, oldest first: the
+    second replayed before the first (say by another instance at the same time) would set
+    the merge markers the first one's calls are checked against, and its unapplied calls
+    would be skipped. One recovery pass replays both, and every packet counts once."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t2") as store:
+            store._group_size = 2
+            devices = {f"d{i}": dev(1, 5, 5) for i in range(4)}
+            first = store.plan(delta(**devices), "dead", 7)
+            second = store.plan(delta(**devices), "dead", 8)
+            await store.heartbeat("dead", 1)
+            assert await store.prepare("dead:7", [store.layout.batch("p", 1)], first) == {}
+            assert await store.prepare("dead:8", [store.layout.batch("p", 2)], second) == {}
+            await store.apply(first[:1])  # one group of the first, then a crash
+            await asyncio.sleep(1.2)
+            assert await store.orphan_journals("me") == ["dead:7"]
+            recovery = Recovery(RedisCommitter(store), "me", 60)
+            assert await recovery.run_once() == 2
+            assert await store.orphan_journals("me") == []
+            records = await store.get_devices(list(devices))
+            assert [r.packets for r in records] == [2, 2, 2, 2]
+            assert (await store.totals()).packets == 8
 
     asyncio.run(main())
 

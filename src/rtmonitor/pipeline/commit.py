@@ -56,8 +56,9 @@ class Committer(Protocol):
         ...
 
     async def orphans(self, instance: str) -> list[str]:
-        """Flushes (ids, oldest first) that instances other than `instance` prepared and
-        never finalized, and whose heartbeat has expired."""
+        """The oldest flush (id) of each instance other than `instance` that it prepared
+        and never finalized, once its heartbeat has expired (an instance's flushes are
+        replayed one at a time, in order)."""
         ...
 
     async def recover(self, flush_id: str, instance: str, dedupe_window_s: int) -> bool:

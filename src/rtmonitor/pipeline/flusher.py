@@ -9,6 +9,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
@@ -40,6 +41,27 @@ class _GiveUp(Exception):
     """Redis stayed unreachable past the shutdown deadline."""
 
 
+@dataclass(slots=True, eq=False)
+class _Flush:
+    """One flush between its steps: what it took from the aggregator, its write once
+    prepared, and the batches the prepare settled."""
+
+    seq: int
+    delta: FlushDelta
+    trackers: dict[CommitTracker, int]
+    batches: list[PendingBatch]
+    packets: int
+    entries: int  # per-device deltas; once prepared, its device merges (+ carried batches)
+    started: float = field(default_factory=time.monotonic)
+    write: FlushWrite | None = None
+    fresh: list[PendingBatch] = field(default_factory=list)  # counted by this flush
+    duplicates: list[PendingBatch] = field(default_factory=list)  # committed before
+    carried: list[PendingBatch] = field(default_factory=list)  # their id pending elsewhere
+    merges: int = 0
+    busy: float = 0.0  # seconds in its own steps (not waiting for the flush before it)
+    waited: bool = False  # for Redis to come back: its time says nothing of the pace
+
+
 class Flusher:
     """Takes the aggregator's delta every `interval` seconds (or when asked) and commits it.
 
@@ -55,6 +77,11 @@ class Flusher:
       2. apply: run the merge scripts (idempotent);
       3. finalize: mark the ids committed (for the dedupe window), delete the journal.
     If the instance dies between 1 and 3, another replays the journal (pipeline/recovery.py).
+
+    run() takes, encodes and prepares the next flush while one applies (a fleet's encode is
+    a third of a flush: Redis would wait for it), and applies it once that one is
+    finalized: applies go in sequence order, as the merge markers need, and at most two
+    flushes are in progress (`inflight_packets`, `inflight_entries` count both).
     """
 
     def __init__(
@@ -78,8 +105,10 @@ class Flusher:
         self.stats = FlushStats(interval_s=interval)
         # Unique per process start: markers and journals of instances never collide.
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
-        self.inflight_packets = 0
-        self.inflight_entries = 0  # per-device deltas in the flush under way
+        # The flushes taken from the aggregator and not yet committed: at most two, one
+        # applying (run()'s task) while the next one encodes and prepares.
+        self._inflight: list[_Flush] = []
+        self._applying: asyncio.Task[None] | None = None
         # Device merges per second: the slowest of the last PACE_FLUSHES flushes that made
         # at least pace_min_merges (None before one did), the pace the pipeline's time
         # budget (--max-pending-seconds) is measured by. A smaller flush's time is mostly
@@ -90,10 +119,19 @@ class Flusher:
         self.pace_min_merges = max(1, pace_min_merges)
         self._paces: deque[float] = deque(maxlen=PACE_FLUSHES)
         self._seq = 0
-        self._devices_written = 0  # devices of the write under way (FlushStats)
         self._wake = asyncio.Event()
         self._stopping = False
         self._deadline: float | None = None  # set by stop(): retries give up after it
+
+    @property
+    def inflight_packets(self) -> int:
+        """Packets of the flushes under way."""
+        return sum(f.packets for f in self._inflight)
+
+    @property
+    def inflight_entries(self) -> int:
+        """Per-device deltas of the flushes under way (their device merges once prepared)."""
+        return sum(f.entries for f in self._inflight)
 
     def request_flush(self) -> None:
         """Flush now rather than at the next tick (much is pending)."""
@@ -101,6 +139,15 @@ class Flusher:
 
     async def run(self) -> None:
         """Flush on every tick until stop(), then once more (the final flush)."""
+        try:
+            await self._run()
+        finally:
+            if self._applying is not None:  # cancelled: the flush applying goes with it
+                self._applying.cancel()
+                await asyncio.gather(self._applying, return_exceptions=True)
+                self._applying = None
+
+    async def _run(self) -> None:
         next_tick = time.monotonic() + self.interval
         while not self._stopping:
             try:
@@ -113,10 +160,16 @@ class Flusher:
                 break
             started = time.monotonic()
             try:
-                await self.flush_once()
+                # This flush encodes and prepares while the one before it applies (Redis
+                # is not left idle while this process encodes); applies go in order.
+                flush = await self._begin()
+                await self._settle()
+                if flush is not None:
+                    self._applying = asyncio.create_task(self._finish(flush))
             except Exception:  # never die silently: log, and try again next tick
                 logger.exception("flush failed unexpectedly")
-            next_tick = started + self._next_interval(time.monotonic() - started, requested)
+            next_tick = started + self._next_interval(self.stats.last_flush_seconds, requested)
+        await self._settle()
         await self.flush_once()
         # Batches carried over at the very end (their id pending elsewhere) are not acked.
         _, _, leftover = self.aggregator.swap()
@@ -146,73 +199,107 @@ class Flusher:
         self._wake.set()
 
     async def flush_once(self) -> None:
-        """Commit the current delta and batches, retrying with capped backoff."""
+        """Commit the current delta and batches, retrying with capped backoff (after the
+        flush under way, if run() has one applying)."""
+        flush = await self._begin()
+        await self._settle()
+        if flush is not None:
+            await self._finish(flush)
+
+    async def _settle(self) -> None:
+        """Wait for the flush run() left applying, if any (it never raises)."""
+        if self._applying is not None:
+            await self._applying
+            self._applying = None
+
+    async def _begin(self) -> _Flush | None:
+        """Steps 1-2 of a flush: swap, encode and prepare (None: nothing to flush, or it
+        was abandoned). May run while the flush before this one applies."""
         delta, trackers, batches = self.aggregator.swap()
         if not delta and not trackers and not batches:
-            return
+            return None
         self._seq += 1
-        started = time.monotonic()
-        self.inflight_packets = delta.packets + sum(b.packets for b in batches)
-        self.inflight_entries = delta.entries + sum(b.entries for b in batches)
+        flush = _Flush(
+            self._seq, delta, trackers, batches,
+            packets=delta.packets + sum(b.packets for b in batches),
+            entries=delta.entries + sum(b.entries for b in batches),
+        )  # fmt: skip
+        self._inflight.append(flush)
         errors = self.stats.commit_errors
         try:
-            fresh, duplicates, carried = await self._write(delta, batches, self._seq)
-        except _GiveUp as exc:
-            self._abandon(delta, trackers, batches, str(exc.__cause__ or exc))
-            return
+            await self._prepare(flush)
         except Exception as exc:
-            # A bug, not an outage: retrying would loop forever. Fail these acks loudly.
-            logger.exception("flush %s:%d failed", self.instance_id, self._seq)
-            self._abandon(delta, trackers, batches, repr(exc))
+            self._give_up(flush, exc)
+            return None
+        finally:
+            flush.busy += time.monotonic() - flush.started
+        if self.stats.commit_errors != errors:
+            flush.waited = True
+        return flush
+
+    async def _finish(self, flush: _Flush) -> None:
+        """Steps 3-4: apply and finalize, then acknowledge (after the flush before it)."""
+        started = time.monotonic()
+        errors = self.stats.commit_errors
+        try:
+            await self._apply(flush)
+        except Exception as exc:
+            self._give_up(flush, exc)
             return
         finally:
-            self.inflight_packets = 0
-            self.inflight_entries = 0
-        elapsed = time.monotonic() - started
+            flush.busy += time.monotonic() - started
         stats = self.stats
-        merges = self._devices_written
-        if stats.commit_errors == errors and merges >= self.pace_min_merges and elapsed > 0:
+        elapsed, merges = flush.busy, flush.merges
+        if stats.commit_errors == errors and not flush.waited:
             # (a flush that waited for Redis to come back says nothing of its pace)
-            self._paces.append(merges / elapsed)
-            self.merge_rate = min(self._paces)
+            if merges >= self.pace_min_merges and elapsed > 0:
+                self._paces.append(merges / elapsed)
+                self.merge_rate = min(self._paces)
+        self._inflight.remove(flush)
         stats.flushes += 1
-        committed = delta.packets + sum(b.packets for b in fresh)
+        committed = flush.delta.packets + sum(b.packets for b in flush.fresh)
         stats.packets_committed += committed
-        stats.devices_committed += self._devices_written
+        stats.devices_committed += merges
         stats.last_flush_ms = int(time.time() * 1000)
         stats.last_flush_seconds = elapsed
-        for tracker, items in trackers.items():
+        for tracker, items in flush.trackers.items():
             tracker.committed(items)
-        for batch in fresh:
+        for batch in flush.fresh:
             batch.tracker.committed(1)
-        for batch in duplicates:
+        for batch in flush.duplicates:
             stats.duplicate_batches += 1
             stats.duplicate_packets += batch.packets
             batch.tracker.duplicate = True
             batch.tracker.committed(1)
-        if carried:
-            stats.carried_over_batches += len(carried)
-            self.aggregator.carry_over(carried)
+        if flush.carried:
+            stats.carried_over_batches += len(flush.carried)
+            self.aggregator.carry_over(flush.carried)
         if elapsed > max(1.0, 5 * self.interval):
             logger.warning(
-                "flush of %d packets / %d device merges took %.2fs",
-                committed,
-                self._devices_written,
-                elapsed,
+                "flush of %d packets / %d device merges took %.2fs", committed, merges, elapsed
             )
 
-    async def _write(
-        self, delta: FlushDelta, batches: list[PendingBatch], seq: int
-    ) -> tuple[list[PendingBatch], list[PendingBatch], list[PendingBatch]]:
-        """Commit; returns the batches (counted, duplicates skipped, carried over)."""
-        duplicates: list[PendingBatch] = []
-        carried: list[PendingBatch] = []
+    def _give_up(self, flush: _Flush, exc: Exception) -> None:
+        """Fail a flush's acks: Redis stayed away past the shutdown deadline, or a bug (not
+        an outage: retrying would loop forever)."""
+        if flush in self._inflight:
+            self._inflight.remove(flush)
+        if isinstance(exc, _GiveUp):
+            error = str(exc.__cause__ or exc)
+        else:
+            logger.error("flush %s:%d failed", self.instance_id, flush.seq, exc_info=exc)
+            error = repr(exc)
+        self._abandon(flush.delta, flush.trackers, flush.batches, error)
+
+    async def _prepare(self, flush: _Flush) -> None:
+        """Encode and prepare `flush` (its write, and which batches it counts)."""
         fresh: list[PendingBatch] = []
         seen: set[tuple[str, int]] = set()
-        for batch in batches:
+        for batch in flush.batches:
             # The same id twice in one flush (a quick resend): settle the first, retry the rest.
-            (carried if batch.batch_id in seen else fresh).append(batch)
+            (flush.carried if batch.batch_id in seen else fresh).append(batch)
             seen.add(batch.batch_id)
+        delta = flush.delta
         while True:
             batch_ids = [b.batch_id for b in fresh]
             # Reduced and encoded off the event loop: with a fleet that is numpy over one
@@ -220,42 +307,51 @@ class Flusher:
             # receivers and HTTP requests would otherwise wait behind. `delta` itself stays
             # whole: a conflict reduces it again.
             step = time.monotonic()
-            write, self._devices_written = await asyncio.to_thread(
-                self._encode, delta, fresh, batch_ids, seq
+            write, flush.merges = await asyncio.to_thread(
+                self._encode, delta, fresh, batch_ids, flush.seq
             )
             step = self._timed("encode_seconds", step)
             # Each step is retried alone with the same flush (instance, seq): all idempotent.
             conflicts = await self._retry(write.prepare)
-            step = self._timed("prepare_seconds", step)
+            self._timed("prepare_seconds", step)
             if conflicts:
                 # Nothing was written: drop the resends and try again without them.
                 for pos, claim in conflicts.items():
-                    (duplicates if claim is Claim.COMMITTED else carried).append(fresh[pos])
+                    (flush.duplicates if claim is Claim.COMMITTED else flush.carried).append(
+                        fresh[pos]
+                    )
                 fresh = [b for pos, b in enumerate(fresh) if pos not in conflicts]
                 continue
-            # Prepared: the write (and the journal) holds what the delta and the batches
-            # add, so their columns are let go and the pending budget counts the write's
-            # device merges instead. Receivers then gather the next flush while Redis
-            # applies this one: a fleet's batches hold several entries per device merge.
-            delta.release()
-            for batch in fresh + duplicates:
-                batch.release()
-            self.inflight_entries = self._devices_written + sum(b.entries for b in carried)
-            dropped = await self._retry(write.apply)
-            step = self._timed("apply_seconds", step)
-            if dropped:
-                self.stats.record_full_drops += dropped
-                # (a device that keeps sending new names logs at every flush: the log's
-                # RepeatFilter keeps a few of these lines per window, as for any line)
-                logger.warning(
-                    "device records full: %d new kinds, value names or rate buckets not "
-                    "recorded (their packets are counted; rtm_record_full_drops, README: "
-                    "Limits)",
-                    dropped,
-                )
-            await self._retry(partial(write.finalize, self.dedupe_window_s))
-            self._timed("finalize_seconds", step)
-            return fresh, duplicates, carried
+            break
+        # Prepared: the write (and the journal) holds what the delta and the batches add,
+        # so their columns are let go and the pending budget counts the write's device
+        # merges instead. Receivers then gather the next flush while Redis applies this
+        # one: a fleet's batches hold several entries per device merge.
+        delta.release()
+        for batch in fresh + flush.duplicates:
+            batch.release()
+        flush.fresh, flush.write = fresh, write
+        flush.entries = flush.merges + sum(b.entries for b in flush.carried)
+
+    async def _apply(self, flush: _Flush) -> None:
+        """Apply and finalize a prepared flush."""
+        write = flush.write
+        assert write is not None  # (prepared)
+        step = time.monotonic()
+        dropped = await self._retry(write.apply)
+        step = self._timed("apply_seconds", step)
+        if dropped:
+            self.stats.record_full_drops += dropped
+            # (a device that keeps sending new names logs at every flush: the log's
+            # RepeatFilter keeps a few of these lines per window, as for any line)
+            logger.warning(
+                "device records full: %d new kinds, value names or rate buckets not "
+                "recorded (their packets are counted; rtm_record_full_drops, README: "
+                "Limits)",
+                dropped,
+            )
+        await self._retry(partial(write.finalize, self.dedupe_window_s))
+        self._timed("finalize_seconds", step)
 
     def _timed(self, field: str, since: float) -> float:
         """Add the time since `since` to the stats' `field` (a step's seconds); now."""

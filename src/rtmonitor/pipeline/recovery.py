@@ -47,11 +47,17 @@ class Recovery:
         await self.heartbeat()
         recovered = 0
         committer = self.committer
-        for flush_id in await committer.orphans(self.instance_id):
-            if await committer.recover(flush_id, self.instance_id, self.dedupe_window_s):
-                recovered += 1
-                self.stats.journals_recovered += 1
-                logger.warning("recovered flush %s of a dead instance from its journal", flush_id)
+        progress = True
+        while progress:  # (a dead instance's next journal shows once its last is replayed)
+            progress = False
+            for flush_id in await committer.orphans(self.instance_id):
+                if await committer.recover(flush_id, self.instance_id, self.dedupe_window_s):
+                    progress = True
+                    recovered += 1
+                    self.stats.journals_recovered += 1
+                    logger.warning(
+                        "recovered flush %s of a dead instance from its journal", flush_id
+                    )
         if time.monotonic() >= self._next_retention:
             # a short retention (tests, demos) is enforced more often
             interval = min(RETENTION_INTERVAL_S, max(1.0, committer.retention_s / 4))

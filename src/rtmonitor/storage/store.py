@@ -574,8 +574,13 @@ class RedisStore:
         return {i: d for i, d in zip(instances, docs, strict=True) if d is not None}
 
     async def orphan_journals(self, instance: str) -> list[str]:
-        """Journals (flush ids, oldest first) of instances other than `instance` whose
-        heartbeat has expired: flushes that were prepared but never finalized."""
+        """The oldest journal (flush id) of each instance other than `instance` whose
+        heartbeat has expired: flushes that were prepared but never finalized.
+
+        One per instance: an instance prepares a flush while the one before it applies,
+        so it may leave two, and they must be replayed in order (a merge call skips what
+        its marker says a later flush applied: the later one replayed first, by another
+        instance at the same time, would make the earlier one's replay skip its calls)."""
         client = cast(aioredis.Redis, self.client)
         flush_ids = cast(list[str], await client.zrange(self.layout.journals, 0, -1))
         owners = sorted({f.rsplit(":", 1)[0] for f in flush_ids} - {instance})
@@ -585,8 +590,12 @@ class RedisStore:
         for owner in owners:
             pipe.exists(self.layout.alive(owner))
         alive = dict(zip(owners, await pipe.execute(), strict=True))
-        dead = [f for f in flush_ids if alive.get(f.rsplit(":", 1)[0]) == 0]
-        return sorted(dead, key=lambda f: (f.rsplit(":", 1)[0], int(f.rsplit(":", 1)[1])))
+        oldest: dict[str, tuple[int, str]] = {}
+        for f in flush_ids:
+            owner, seq = f.rsplit(":", 1)
+            if alive.get(owner) == 0 and (owner not in oldest or int(seq) < oldest[owner][0]):
+                oldest[owner] = (int(seq), f)
+        return [oldest[owner][1] for owner in sorted(oldest)]
 
     async def recover(self, flush_id: str, instance: str, window_s: int) -> bool:
         """Replay and finalize a dead instance's journal. False if another instance has
