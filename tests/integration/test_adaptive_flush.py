@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
 from rtmonitor.config import Settings
 from rtmonitor.ingest.columnar import decode_rows
 from rtmonitor.ingest.v1.telemetry_pb2 import Packet
@@ -22,7 +24,7 @@ from rtmonitor.pipeline.aggregator import Aggregator
 from rtmonitor.pipeline.commit import FlushWrite
 from rtmonitor.pipeline.flusher import PACE_FLUSHES, Flusher
 from rtmonitor.pipeline.pipeline import Pipeline
-from rtmonitor.pipeline.work import BatchWork, CommitTracker
+from rtmonitor.pipeline.work import BatchWork, CommitFailed, CommitTracker
 from rtmonitor.storage.committer import RedisCommitter
 from rtmonitor.storage.embedded import EmbeddedRedis
 from rtmonitor.storage.store import RedisStore
@@ -59,6 +61,7 @@ class SlowWrite:
         self.unavailable = unavailable  # prepares that fail first, as if Redis were away
         self.seq = seq
         self.events = events if events is not None else []  # (step, flush seq), in order
+        self.bug = False  # apply raises as a bug would (not an outage)
 
     async def prepare(self) -> dict[int, Claim]:
         self.events.append(("prepare", self.seq))
@@ -70,6 +73,8 @@ class SlowWrite:
     async def apply(self) -> int:
         self.events.append(("apply", self.seq))
         await asyncio.sleep(self.delay_s)
+        if self.bug:
+            raise RuntimeError("a bug (a test's)")
         return await self.inner.apply()
 
     async def finalize(self, dedupe_window_s: int) -> None:
@@ -87,6 +92,7 @@ class SlowCommitter(RedisCommitter):
         self.unavailable = 0  # the next write's prepare fails this many times first
         self.sizes: list[int] = []  # device merges per flush, in order
         self.events: list[tuple[str, int]] = []  # each write's steps: (step, flush seq)
+        self.bugs = 0  # the next writes' applies raise (a bug) this many times
 
     def encode(
         self,
@@ -100,7 +106,9 @@ class SlowCommitter(RedisCommitter):
         delay = APPLY_S if self.merge_s is None else merges * self.merge_s
         unavailable, self.unavailable = self.unavailable, 0
         inner = super().encode(delta, batch_ids, instance, seq)
-        return SlowWrite(inner, delay, unavailable, seq, self.events)
+        write = SlowWrite(inner, delay, unavailable, seq, self.events)
+        write.bug, self.bugs = self.bugs > 0, max(0, self.bugs - 1)
+        return write
 
 
 def test_a_slow_merge_stretches_the_interval_and_loses_nothing(
@@ -224,43 +232,201 @@ def pour(
     return asyncio.run(main())
 
 
-def test_the_next_flush_prepares_while_one_applies_and_applies_wait_their_turn(
+async def _flush_steadily(
+    store: RedisStore, devices: int, *, concurrent_flush_once: bool = False, warm: int = 0
+) -> tuple[SlowCommitter, list[CommitTracker]]:
+    """30 one-packet batches, one every 20 ms, each asking for a flush at once, over
+    `devices` devices in turn (after `warm` batches pending from the start); with
+    `concurrent_flush_once`, flush_once() is called beside run() all the while. Returns the
+    committer (its events) and the trackers, all settled."""
+    agg = Aggregator()
+    committer = SlowCommitter(store)
+    flusher = Flusher(agg, committer, 0.05, dedupe_window_s=60, instance_id="o")
+    trackers = [submit(agg, ("w", n), f"d{n % devices}") for n in range(warm)]
+    task = asyncio.create_task(flusher.run())
+    extra: list[asyncio.Task[None]] = []
+    for n in range(30):
+        trackers.append(submit(agg, ("p", n), f"d{n % devices}"))
+        flusher.request_flush()
+        if concurrent_flush_once and n % 3 == 1:
+            extra.append(asyncio.create_task(flusher.flush_once()))
+        await asyncio.sleep(0.02)
+    await asyncio.gather(*extra)
+    flusher.stop(5.0)
+    await task
+    assert all(settled(t) for t in trackers)
+    counts = [r.packets for r in await store.get_devices([f"d{i}" for i in range(devices)])]
+    assert sum(counts) == 30 + warm and len(set(counts)) == 1
+    return committer, trackers
+
+
+def _steps(events: list[tuple[str, int]]) -> tuple[list[int], dict[tuple[str, int], int]]:
+    """The flushes' seqs, in order, and where each (step, seq) happened."""
+    return sorted({seq for _, seq in events}), {e: events.index(e) for e in events}
+
+
+def test_where_each_packet_is_a_merge_the_next_flush_prepares_while_one_applies(
     redis_server: EmbeddedRedis,
 ) -> None:
-    """While a flush applies (Redis busy for 0.25 s), the next one is taken, encoded and
-    prepared, so Redis is not left idle while this process encodes; it applies only once
-    the one before it is finalized (a merge call's marker skips what a later flush of this
-    instance applied). Every batch counts once."""
+    """A device per batch (each packet a device merge, as a million devices sending once a
+    minute): while a flush applies (Redis busy for 0.25 s), the next one is taken, encoded
+    and prepared, so Redis is not left idle while this process encodes; it applies only
+    once the one before it is finalized (a merge call's marker skips what a later flush of
+    this instance applied). Every batch counts once."""
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "overlap") as store:
-            agg = Aggregator()
-            committer = SlowCommitter(store)
-            flusher = Flusher(agg, committer, 0.05, dedupe_window_s=60, instance_id="o")
-            task = asyncio.create_task(flusher.run())
-            trackers = []
-            for n in range(30):  # a batch every 20 ms, each asking for a flush at once
-                trackers.append(submit(agg, ("p", n), f"d{n % 3}"))
-                flusher.request_flush()
-                await asyncio.sleep(0.02)
-            flusher.stop(5.0)
-            await task
-            assert all(settled(t) for t in trackers)
-            counts = [r.packets for r in await store.get_devices(["d0", "d1", "d2"])]
-            assert counts == [10, 10, 10]
-            events = committer.events
-            seqs = sorted({seq for _, seq in events})
+            committer, _ = await _flush_steadily(store, 30)
+            seqs, at = _steps(committer.events)
             assert len(seqs) >= 3
-            at = {(step, seq): events.index((step, seq)) for step, seq in events}
-            # each flush applies after the one before it is finalized, in order
             for before, after in zip(seqs, seqs[1:], strict=False):
-                assert at["finalized", before] < at["apply", after], events
-            # and some flush prepared while the one before it was applying
+                assert at["finalized", before] < at["apply", after], committer.events
             overlapped = [
                 s for b, s in zip(seqs, seqs[1:], strict=False)
                 if at["apply", b] < at["prepare", s] < at["finalized", b]
             ]  # fmt: skip
-            assert len(overlapped) >= 2, events
+            assert len(overlapped) >= 2, committer.events
+
+    asyncio.run(main())
+
+
+def test_where_devices_send_several_packets_a_flush_gathers_until_the_last_is_done(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """Three devices sending in turn: a flush taken early would fold fewer packets into
+    each device merge (more merges for the same packets), so none begins before the one
+    before it is finalized."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "gather") as store:
+            committer, _ = await _flush_steadily(store, 3, warm=9)
+            seqs, at = _steps(committer.events)
+            assert len(seqs) >= 3
+            for before, after in zip(seqs, seqs[1:], strict=False):
+                assert at["finalized", before] < at["prepare", after], committer.events
+
+    asyncio.run(main())
+
+
+def test_flush_once_beside_run_applies_in_order(redis_server: EmbeddedRedis) -> None:
+    """flush_once() called while run() has a flush applying and the next one preparing:
+    each flush still applies after the one begun before it, whoever called it."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "beside") as store:
+            committer, _ = await _flush_steadily(store, 30, concurrent_flush_once=True)
+            seqs, at = _steps(committer.events)
+            for before, after in zip(seqs, seqs[1:], strict=False):
+                assert at["finalized", before] < at["apply", after], committer.events
+
+    asyncio.run(main())
+
+
+def test_a_flush_given_up_after_its_prepare_stops_this_instances_commits(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """A flush that fails after its prepare (a bug, not an outage) leaves its journal for
+    another instance to replay once this one is gone; a later flush of this instance
+    applied meanwhile would make that replay skip its calls. So later flushes are not
+    applied: their senders get an error (and resend elsewhere), and /stats and /readyz
+    say why until a restart. One that fails after its finalize stops nothing."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "broken") as store:
+            agg = Aggregator()
+            committer = SlowCommitter(store)
+            flusher = Flusher(agg, committer, 0.05, dedupe_window_s=60, instance_id="b")
+            ok = submit(agg, ("p", 0), "d0")
+            await flusher.flush_once()
+            assert settled(ok) and flusher.stats.redis_error is None
+            committer.bugs = 1
+            failed = submit(agg, ("p", 1), "d1")
+            await flusher.flush_once()
+            later = submit(agg, ("p", 2), "d2")
+            await flusher.flush_once()
+            for tracker in (failed, later):
+                with pytest.raises(CommitFailed):
+                    await tracker.wait()
+            error = flusher.stats.redis_error or ""
+            assert "flush b:2 could not be completed" in error and "restarted" in error
+            assert committer.events.count(("apply", 3)) == 0  # never applied
+            assert flusher.stats.packets_abandoned == 2
+            # its journal waits for b to be gone (b has no heartbeat here), then counts d1
+            assert await store.orphan_journals("other") == ["b:2"]
+            assert await store.recover("b:2", "other", 60)
+            assert [r.packets for r in await store.get_devices(["d0", "d1"])] == [1, 1]
+            assert await store.get_device("d2") is None  # never applied
+
+    asyncio.run(main())
+
+
+class _FailingTracker(CommitTracker):
+    """A tracker whose first commit raises (a bug in acknowledging)."""
+
+    __slots__ = ("raised",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised = False
+
+    def committed(self, items: int) -> None:
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("a bug in an ack (a test's)")
+        super().committed(items)
+
+
+def test_a_bug_in_acknowledging_a_flush_stops_nothing_after_it(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """A flush applied and finalized whose acknowledging raises: its senders get an error
+    (the packets are counted: a resend is a duplicate), and the flushes after it go on."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "ackbug") as store:
+            agg = Aggregator()
+            flusher = Flusher(agg, SlowCommitter(store), 0.05, dedupe_window_s=60)
+            task = asyncio.create_task(flusher.run())
+            delta, _ = decode_rows([Packet(device_id="d0", kind="k")], Validator(Limits()), 1)
+            bad = _FailingTracker()
+            agg.add(BatchWork(parts=(delta,), tracker=bad, batch_id=("p", 0)))
+            bad.submitted()
+            bad.close()
+            with pytest.raises(CommitFailed):
+                await asyncio.wait_for(bad.wait(), 5)
+            later = [submit(agg, ("p", n), f"d{n}") for n in range(1, 4)]
+            flusher.request_flush()
+            await asyncio.wait_for(asyncio.gather(*(t.wait() for t in later)), 5)
+            assert flusher.stats.redis_error is None
+            flusher.stop(5.0)
+            await task
+            assert [r.packets for r in await store.get_devices(["d0", "d1"])] == [1, 1]
+
+    asyncio.run(main())
+
+
+def test_an_idle_flusher_does_not_stay_stretched(redis_server: EmbeddedRedis) -> None:
+    """After a slow flush the interval is stretched; once there is nothing to flush it is
+    back to --flush-interval (an idle tick counts as a flush of no time), and idle ticks
+    are not counted as stretched flushes."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "idle") as store:
+            agg = Aggregator()
+            flusher = Flusher(
+                agg, SlowCommitter(store), 0.05, dedupe_window_s=60, stretch=2.0,
+                interval_max=1.0,
+            )  # fmt: skip
+            task = asyncio.create_task(flusher.run())
+            tracker = submit(agg, ("p", 0), "d0")
+            await asyncio.wait_for(tracker.wait(), 5)
+            await asyncio.sleep(0.3)  # the tick after the slow flush is stretched
+            stretched = flusher.stats.stretched_flushes
+            await asyncio.sleep(2.0)  # idle
+            assert flusher.stats.interval_s == 0.05
+            assert flusher.stats.stretched_flushes <= stretched + 1
+            flusher.stop(5.0)
+            await task
 
     asyncio.run(main())
 

@@ -32,6 +32,13 @@ BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
 # The pace is the slowest of this many last big flushes (see Flusher.merge_rate).
 PACE_FLUSHES = 3
+# The next flush is begun while one applies only where its packets are about its device
+# merges (a million devices sending once a minute, each once per flush): there, merging
+# later folds no packets together, and Redis should not wait for this process's encoding.
+# Where devices send several packets per flush (100,000 devices at hundreds of thousands of
+# packets/s), beginning early made flushes more frequent and smaller, so more merges for
+# the same packets: -24% packets/s (benchmarks/RESULTS.md, fifteenth pass).
+OVERLAP_MAX_FOLD = 1.5
 T = TypeVar("T")
 # Backoff jitter from a generator of our own, never the process-global random state.
 _JITTER = random.Random()
@@ -52,6 +59,8 @@ class _Flush:
     batches: list[PendingBatch]
     packets: int
     entries: int  # per-device deltas; once prepared, its device merges (+ carried batches)
+    after: asyncio.Future[None] | None  # done once the flush begun before it is
+    done: asyncio.Future[None]  # set once this one is (committed or given up)
     started: float = field(default_factory=time.monotonic)
     write: FlushWrite | None = None
     fresh: list[PendingBatch] = field(default_factory=list)  # counted by this flush
@@ -60,6 +69,8 @@ class _Flush:
     merges: int = 0
     busy: float = 0.0  # seconds in its own steps (not waiting for the flush before it)
     waited: bool = False  # for Redis to come back: its time says nothing of the pace
+    encoded: bool = False  # past encoding: its prepare may have reached Redis
+    finalized: bool = False  # applied and finalized: its journal is gone
 
 
 class Flusher:
@@ -78,9 +89,10 @@ class Flusher:
       3. finalize: mark the ids committed (for the dedupe window), delete the journal.
     If the instance dies between 1 and 3, another replays the journal (pipeline/recovery.py).
 
-    run() takes, encodes and prepares the next flush while one applies (a fleet's encode is
-    a third of a flush: Redis would wait for it), and applies it once that one is
-    finalized: applies go in sequence order, as the merge markers need, and at most two
+    Where a flush's packets are about its device merges (OVERLAP_MAX_FOLD), run() takes,
+    encodes and prepares the next flush while one applies (Redis would otherwise wait for
+    the encoding: a fifth of a flush at a million devices), and applies it once that one
+    is finalized: applies go in sequence order, as the merge markers need, and at most two
     flushes are in progress (`inflight_packets`, `inflight_entries` count both).
     """
 
@@ -109,6 +121,12 @@ class Flusher:
         # applying (run()'s task) while the next one encodes and prepares.
         self._inflight: list[_Flush] = []
         self._applying: asyncio.Task[None] | None = None
+        self._last: asyncio.Future[None] | None = None  # the latest flush's `done`
+        # Packets per device merge of the latest flush committed (OVERLAP_MAX_FOLD)
+        self._fold = float("inf")
+        # Why this instance commits nothing more (a flush that may have journaled was
+        # given up: see _give_up), else None.
+        self._broken: str | None = None
         # Device merges per second: the slowest of the last PACE_FLUSHES flushes that made
         # at least pace_min_merges (None before one did), the pace the pipeline's time
         # budget (--max-pending-seconds) is measured by. A smaller flush's time is mostly
@@ -150,6 +168,10 @@ class Flusher:
     async def _run(self) -> None:
         next_tick = time.monotonic() + self.interval
         while not self._stopping:
+            if self._fold > OVERLAP_MAX_FOLD:
+                # Devices send several packets per flush: the longer the next one gathers,
+                # the more packets each of its merges folds together. Not begun early.
+                await self._settle()
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_tick - time.monotonic()))
             except TimeoutError:
@@ -159,16 +181,20 @@ class Flusher:
             if self._stopping:
                 break
             started = time.monotonic()
+            # This flush encodes and prepares while the one before it applies (Redis is not
+            # left idle while this process encodes); it applies once that one is done.
             try:
-                # This flush encodes and prepares while the one before it applies (Redis
-                # is not left idle while this process encodes); applies go in order.
                 flush = await self._begin()
-                await self._settle()
-                if flush is not None:
-                    self._applying = asyncio.create_task(self._finish(flush))
             except Exception:  # never die silently: log, and try again next tick
                 logger.exception("flush failed unexpectedly")
-            next_tick = started + self._next_interval(self.stats.last_flush_seconds, requested)
+                flush = None
+            try:
+                await self._settle()
+            finally:  # (a prepared flush is always finished: applied, or given up)
+                if flush is not None:
+                    self._applying = asyncio.create_task(self._finish(flush))
+            elapsed = self.stats.last_flush_seconds if flush is not None else 0.0
+            next_tick = started + self._next_interval(elapsed, requested or flush is None)
         await self._settle()
         await self.flush_once()
         # Batches carried over at the very end (their id pending elsewhere) are not acked.
@@ -185,7 +211,7 @@ class Flusher:
         interval = min(max(self.interval, self.stretch * elapsed), self.interval_max)
         stats = self.stats
         stats.interval_s = round(interval, 3)
-        if interval > self.interval and not requested:
+        if interval > self.interval and not requested:  # (requested: or nothing was taken)
             stats.stretched_flushes += 1
         return interval
 
@@ -199,18 +225,17 @@ class Flusher:
         self._wake.set()
 
     async def flush_once(self) -> None:
-        """Commit the current delta and batches, retrying with capped backoff (after the
-        flush under way, if run() has one applying)."""
+        """Commit the current delta and batches, retrying with capped backoff (applied after
+        the flushes begun before it)."""
         flush = await self._begin()
-        await self._settle()
         if flush is not None:
             await self._finish(flush)
 
     async def _settle(self) -> None:
-        """Wait for the flush run() left applying, if any (it never raises)."""
-        if self._applying is not None:
-            await self._applying
-            self._applying = None
+        """Wait for the flush run() left applying, if any (_finish never raises)."""
+        task, self._applying = self._applying, None
+        if task is not None:
+            await task
 
     async def _begin(self) -> _Flush | None:
         """Steps 1-2 of a flush: swap, encode and prepare (None: nothing to flush, or it
@@ -223,13 +248,19 @@ class Flusher:
             self._seq, delta, trackers, batches,
             packets=delta.packets + sum(b.packets for b in batches),
             entries=delta.entries + sum(b.entries for b in batches),
+            after=self._last, done=asyncio.get_running_loop().create_future(),
         )  # fmt: skip
+        self._last = flush.done
         self._inflight.append(flush)
+        if self._broken is not None:
+            self._give_up(flush, _GiveUp(self._broken))
+            return None
         errors = self.stats.commit_errors
         try:
             await self._prepare(flush)
         except Exception as exc:
-            self._give_up(flush, exc)
+            # (past encoding, its journal may be in Redis: nothing after it may apply)
+            self._give_up(flush, exc, prepared=flush.encoded)
             return None
         finally:
             flush.busy += time.monotonic() - flush.started
@@ -238,16 +269,30 @@ class Flusher:
         return flush
 
     async def _finish(self, flush: _Flush) -> None:
-        """Steps 3-4: apply and finalize, then acknowledge (after the flush before it)."""
-        started = time.monotonic()
-        errors = self.stats.commit_errors
+        """Steps 3-4: apply and finalize, then acknowledge, once the flush begun before it
+        is done (applies go in sequence order: a merge call skips what its marker says a
+        later flush of this instance applied). Never raises (but CancelledError)."""
         try:
-            await self._apply(flush)
+            if flush.after is not None:
+                await asyncio.shield(flush.after)
+            if self._broken is not None:
+                raise _GiveUp(self._broken)
+            started = time.monotonic()
+            errors = self.stats.commit_errors
+            try:
+                await self._apply(flush)
+            finally:
+                flush.busy += time.monotonic() - started
+            flush.finalized = True
+            self._acknowledge(flush, errors)
         except Exception as exc:
-            self._give_up(flush, exc)
-            return
+            self._give_up(flush, exc, prepared=not flush.finalized)
         finally:
-            flush.busy += time.monotonic() - started
+            if not flush.done.done():
+                flush.done.set_result(None)
+
+    def _acknowledge(self, flush: _Flush, errors: int) -> None:
+        """A flush is committed: its stats, its senders' acks, its carried-over batches."""
         stats = self.stats
         elapsed, merges = flush.busy, flush.merges
         if stats.commit_errors == errors and not flush.waited:
@@ -260,6 +305,7 @@ class Flusher:
         committed = flush.delta.packets + sum(b.packets for b in flush.fresh)
         stats.packets_committed += committed
         stats.devices_committed += merges
+        self._fold = committed / merges if merges else float("inf")
         stats.last_flush_ms = int(time.time() * 1000)
         stats.last_flush_seconds = elapsed
         for tracker, items in flush.trackers.items():
@@ -279,9 +325,14 @@ class Flusher:
                 "flush of %d packets / %d device merges took %.2fs", committed, merges, elapsed
             )
 
-    def _give_up(self, flush: _Flush, exc: Exception) -> None:
+    def _give_up(self, flush: _Flush, exc: Exception, *, prepared: bool = False) -> None:
         """Fail a flush's acks: Redis stayed away past the shutdown deadline, or a bug (not
-        an outage: retrying would loop forever)."""
+        an outage: retrying would loop forever).
+
+        A flush that may have written its journal leaves it to be replayed once this
+        instance is gone; were a later flush of this instance applied meanwhile, its
+        markers would make the replay skip this one's calls. So this instance commits
+        nothing more: it says so (/readyz, /stats) until it is restarted."""
         if flush in self._inflight:
             self._inflight.remove(flush)
         if isinstance(exc, _GiveUp):
@@ -289,7 +340,18 @@ class Flusher:
         else:
             logger.error("flush %s:%d failed", self.instance_id, flush.seq, exc_info=exc)
             error = repr(exc)
+        if prepared and self._broken is None:
+            self._broken = (
+                f"flush {self.instance_id}:{flush.seq} could not be completed ({error}); "
+                "this instance commits nothing more until it is restarted (another instance "
+                "then replays that flush from its journal)"
+            )
+            logger.error("%s", self._broken)
+        if self._broken is not None and not self._stopping:
+            self.stats.redis_error = self._broken
         self._abandon(flush.delta, flush.trackers, flush.batches, error)
+        if not flush.done.done():
+            flush.done.set_result(None)
 
     async def _prepare(self, flush: _Flush) -> None:
         """Encode and prepare `flush` (its write, and which batches it counts)."""
@@ -310,6 +372,7 @@ class Flusher:
             write, flush.merges = await asyncio.to_thread(
                 self._encode, delta, fresh, batch_ids, flush.seq
             )
+            flush.encoded = True
             step = self._timed("encode_seconds", step)
             # Each step is retried alone with the same flush (instance, seq): all idempotent.
             conflicts = await self._retry(write.prepare)
