@@ -577,10 +577,11 @@ class RedisStore:
         """The oldest journal (flush id) of each instance other than `instance` whose
         heartbeat has expired: flushes that were prepared but never finalized.
 
-        One per instance: an instance prepares a flush while the one before it applies,
-        so it may leave two, and they must be replayed in order (a merge call skips what
-        its marker says a later flush applied: the later one replayed first, by another
-        instance at the same time, would make the earlier one's replay skip its calls)."""
+        One per instance, the next once it is replayed: an instance's flushes apply in
+        sequence order (a merge call skips what its marker says a later flush applied), and
+        so must their replays. (An instance leaves one as a rule; a flush_once() beside its
+        flusher's run() may leave two, and two live instances replaying them at once would
+        make the earlier one's calls skip.)"""
         client = cast(aioredis.Redis, self.client)
         flush_ids = cast(list[str], await client.zrange(self.layout.journals, 0, -1))
         owners = sorted({f.rsplit(":", 1)[0] for f in flush_ids} - {instance})
