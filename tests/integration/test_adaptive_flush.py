@@ -7,6 +7,7 @@ for one interval would make it: never a fake of Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections import Counter
@@ -377,6 +378,40 @@ def test_a_bug_in_acknowledging_a_flush_stops_nothing_after_it(
             flusher.stop(5.0)
             await task
             assert [r.packets for r in await store.get_devices(["d0", "d1"])] == [1, 1]
+            # committed, so not counted as abandoned (only its ack failed)
+            assert flusher.stats.packets_abandoned == 0
+
+    asyncio.run(main())
+
+
+def test_a_flusher_cancelled_while_applying_leaves_nothing_waiting(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """run() cancelled while a flush applies: that flush's senders get an error rather
+    than wait for ever, the pending budget lets it go, and a flush after it neither waits
+    for it nor applies (its journal may be half applied: its replay comes first)."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "cancel") as store:
+            agg = Aggregator()
+            committer = SlowCommitter(store)
+            flusher = Flusher(agg, committer, 0.05, dedupe_window_s=60, instance_id="c")
+            task = asyncio.create_task(flusher.run())
+            first = submit(agg, ("p", 0), "d0")
+            flusher.request_flush()
+            while ("apply", 1) not in committer.events:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with pytest.raises(CommitFailed):
+                await asyncio.wait_for(first.wait(), 1)
+            assert flusher.inflight_packets == 0 and flusher.inflight_entries == 0
+            later = submit(agg, ("p", 1), "d1")
+            await asyncio.wait_for(flusher.flush_once(), 2)
+            with pytest.raises(CommitFailed):
+                await later.wait()
+            assert ("apply", 2) not in committer.events
 
     asyncio.run(main())
 

@@ -8,7 +8,8 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -62,7 +63,7 @@ class _Flush:
     merges: int = 0
     busy: float = 0.0  # seconds in its own steps (not waiting for the flush before it)
     waited: bool = False  # for Redis to come back: its time says nothing of the pace
-    encoded: bool = False  # past encoding: its prepare may have reached Redis
+    journaled: bool = False  # a prepare was sent: its journal may be in Redis
     finalized: bool = False  # applied and finalized: its journal is gone
 
 
@@ -220,9 +221,11 @@ class Flusher:
         errors = self.stats.commit_errors
         try:
             await self._prepare(flush)
-        except Exception as exc:
-            # (past encoding, its journal may be in Redis: nothing after it may apply)
-            self._give_up(flush, exc, prepared=flush.encoded)
+        except BaseException as exc:  # (cancelled too: its senders hear of it, and the budget)
+            # (once a prepare was sent, its journal may be in Redis: nothing after may apply)
+            self._give_up(flush, exc, prepared=flush.journaled)
+            if not isinstance(exc, Exception):
+                raise
             return None
         finally:
             flush.busy += time.monotonic() - flush.started
@@ -247,8 +250,13 @@ class Flusher:
                 flush.busy += time.monotonic() - started
             flush.finalized = True
             self._acknowledge(flush, errors)
-        except Exception as exc:
-            self._give_up(flush, exc, prepared=not flush.finalized)
+        except BaseException as exc:  # (cancelled too)
+            if flush.finalized:  # committed: only its acks went wrong
+                self._fail_acks(flush, exc)
+            else:
+                self._give_up(flush, exc, prepared=True)
+            if not isinstance(exc, Exception):
+                raise
         finally:
             if not flush.done.done():
                 flush.done.set_result(None)
@@ -286,7 +294,7 @@ class Flusher:
                 "flush of %d packets / %d device merges took %.2fs", committed, merges, elapsed
             )
 
-    def _give_up(self, flush: _Flush, exc: Exception, *, prepared: bool = False) -> None:
+    def _give_up(self, flush: _Flush, exc: BaseException, *, prepared: bool = False) -> None:
         """Fail a flush's acks: Redis stayed away past the shutdown deadline, or a bug (not
         an outage: retrying would loop forever).
 
@@ -298,21 +306,38 @@ class Flusher:
             self._inflight.remove(flush)
         if isinstance(exc, _GiveUp):
             error = str(exc.__cause__ or exc)
+        elif isinstance(exc, asyncio.CancelledError):
+            error = "the flusher was cancelled"
         else:
             logger.error("flush %s:%d failed", self.instance_id, flush.seq, exc_info=exc)
             error = repr(exc)
         if prepared and self._broken is None:
-            self._broken = (
-                f"flush {self.instance_id}:{flush.seq} could not be completed ({error}); "
-                "this instance commits nothing more until it is restarted (another instance "
-                "then replays that flush from its journal)"
-            )
+            self._broken = f"flush {self.instance_id}:{flush.seq} could not be completed ({error})"
+            if not self._stopping:
+                self._broken += (
+                    "; this instance commits nothing more until it is restarted (another "
+                    "instance then replays that flush from its journal)"
+                )
             logger.error("%s", self._broken)
         if self._broken is not None and not self._stopping:
             self.stats.redis_error = self._broken
         self._abandon(flush.delta, flush.trackers, flush.batches, error)
         if not flush.done.done():
             flush.done.set_result(None)
+
+    def _fail_acks(self, flush: _Flush, exc: BaseException) -> None:
+        """A committed flush whose acknowledging failed (a bug): its senders not told yet
+        get an error (a resend is a duplicate); nothing is counted as abandoned."""
+        if flush in self._inflight:
+            self._inflight.remove(flush)
+        if not isinstance(exc, asyncio.CancelledError):
+            logger.error("acknowledging flush %s:%d failed", self.instance_id, flush.seq,
+                         exc_info=exc)  # fmt: skip
+        failure = CommitFailed(f"committed, but its acknowledgement failed: {exc!r}")
+        for tracker in flush.trackers:
+            tracker.failed(failure)
+        for batch in flush.batches:
+            batch.tracker.failed(failure)
 
     async def _prepare(self, flush: _Flush) -> None:
         """Encode and prepare `flush` (its write, and which batches it counts)."""
@@ -329,16 +354,16 @@ class Flusher:
             # entry per device of every batch (and a dict step each), hundreds of ms that
             # receivers and HTTP requests would otherwise wait behind. `delta` itself stays
             # whole: a conflict reduces it again.
-            step = time.monotonic()
-            write, flush.merges = await asyncio.to_thread(
-                self._encode, delta, fresh, batch_ids, flush.seq
-            )
-            flush.encoded = True
-            step = self._timed("encode_seconds", step)
+            with self._step("encode_seconds"):
+                write, flush.merges = await asyncio.to_thread(
+                    self._encode, delta, fresh, batch_ids, flush.seq
+                )
             # Each step is retried alone with the same flush (instance, seq): all idempotent.
-            conflicts = await self._retry(write.prepare)
-            self._timed("prepare_seconds", step)
+            flush.journaled = True
+            with self._step("prepare_seconds"):
+                conflicts = await self._retry(write.prepare)
             if conflicts:
+                flush.journaled = False  # (a prepare with conflicts writes nothing)
                 # Nothing was written: drop the resends and try again without them.
                 for pos, claim in conflicts.items():
                     (flush.duplicates if claim is Claim.COMMITTED else flush.carried).append(
@@ -361,9 +386,8 @@ class Flusher:
         """Apply and finalize a prepared flush."""
         write = flush.write
         assert write is not None  # (prepared)
-        step = time.monotonic()
-        dropped = await self._retry(write.apply)
-        step = self._timed("apply_seconds", step)
+        with self._step("apply_seconds"):
+            dropped = await self._retry(write.apply)
         if dropped:
             self.stats.record_full_drops += dropped
             # (a device that keeps sending new names logs at every flush: the log's
@@ -374,14 +398,18 @@ class Flusher:
                 "Limits)",
                 dropped,
             )
-        await self._retry(partial(write.finalize, self.dedupe_window_s))
-        self._timed("finalize_seconds", step)
+        with self._step("finalize_seconds"):
+            await self._retry(partial(write.finalize, self.dedupe_window_s))
 
-    def _timed(self, field: str, since: float) -> float:
-        """Add the time since `since` to the stats' `field` (a step's seconds); now."""
-        now = time.monotonic()
-        setattr(self.stats, field, getattr(self.stats, field) + (now - since))
-        return now
+    @contextmanager
+    def _step(self, field: str) -> Iterator[None]:
+        """Add the time spent in the block (retries included, and a failing one's) to the
+        stats' `field` (a step's seconds)."""
+        since = time.monotonic()
+        try:
+            yield
+        finally:
+            setattr(self.stats, field, getattr(self.stats, field) + time.monotonic() - since)
 
     def _encode(
         self, delta: FlushDelta, fresh: list[PendingBatch], batch_ids: list[BatchId], seq: int
