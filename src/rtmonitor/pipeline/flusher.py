@@ -62,7 +62,7 @@ class _Flush:
     carried: list[PendingBatch] = field(default_factory=list)  # their id pending elsewhere
     merges: int = 0
     busy: float = 0.0  # seconds in its own steps (not waiting for the flush before it)
-    waited: bool = False  # for Redis to come back: its time says nothing of the pace
+    errors: int = 0  # FlushStats.commit_errors as it began (more by its end: it waited)
     journaled: bool = False  # a prepare was sent: its journal may be in Redis
     finalized: bool = False  # applied and finalized: its journal is gone
 
@@ -212,13 +212,13 @@ class Flusher:
             packets=delta.packets + sum(b.packets for b in batches),
             entries=delta.entries + sum(b.entries for b in batches),
             after=self._last, done=asyncio.get_running_loop().create_future(),
+            errors=self.stats.commit_errors,
         )  # fmt: skip
         self._last = flush.done
         self._inflight.append(flush)
         if self._broken is not None:
             self._give_up(flush, _GiveUp(self._broken))
             return None
-        errors = self.stats.commit_errors
         try:
             await self._prepare(flush)
         except BaseException as exc:  # (cancelled too: its senders hear of it, and the budget)
@@ -229,8 +229,6 @@ class Flusher:
             return None
         finally:
             flush.busy += time.monotonic() - flush.started
-        if self.stats.commit_errors != errors:
-            flush.waited = True
         return flush
 
     async def _finish(self, flush: _Flush) -> None:
@@ -243,13 +241,12 @@ class Flusher:
             if self._broken is not None:
                 raise _GiveUp(self._broken)
             started = time.monotonic()
-            errors = self.stats.commit_errors
             try:
                 await self._apply(flush)
             finally:
                 flush.busy += time.monotonic() - started
             flush.finalized = True
-            self._acknowledge(flush, errors)
+            self._acknowledge(flush)
         except BaseException as exc:  # (cancelled too)
             if flush.finalized:  # committed: only its acks went wrong
                 self._fail_acks(flush, exc)
@@ -261,15 +258,15 @@ class Flusher:
             if not flush.done.done():
                 flush.done.set_result(None)
 
-    def _acknowledge(self, flush: _Flush, errors: int) -> None:
+    def _acknowledge(self, flush: _Flush) -> None:
         """A flush is committed: its stats, its senders' acks, its carried-over batches."""
         stats = self.stats
         elapsed, merges = flush.busy, flush.merges
-        if stats.commit_errors == errors and not flush.waited:
-            # (a flush that waited for Redis to come back says nothing of its pace)
-            if merges >= self.pace_min_merges and elapsed > 0:
-                self._paces.append(merges / elapsed)
-                self.merge_rate = min(self._paces)
+        # (a flush that waited for Redis to come back says nothing of its pace)
+        waited = stats.commit_errors != flush.errors
+        if not waited and merges >= self.pace_min_merges and elapsed > 0:
+            self._paces.append(merges / elapsed)
+            self.merge_rate = min(self._paces)
         self._inflight.remove(flush)
         stats.flushes += 1
         committed = flush.delta.packets + sum(b.packets for b in flush.fresh)
@@ -334,10 +331,7 @@ class Flusher:
             logger.error("acknowledging flush %s:%d failed", self.instance_id, flush.seq,
                          exc_info=exc)  # fmt: skip
         failure = CommitFailed(f"committed, but its acknowledgement failed: {exc!r}")
-        for tracker in flush.trackers:
-            tracker.failed(failure)
-        for batch in flush.batches:
-            batch.tracker.failed(failure)
+        _fail(flush.trackers, flush.batches, failure)
 
     async def _prepare(self, flush: _Flush) -> None:
         """Encode and prepare `flush` (its write, and which batches it counts)."""
@@ -354,13 +348,13 @@ class Flusher:
             # entry per device of every batch (and a dict step each), hundreds of ms that
             # receivers and HTTP requests would otherwise wait behind. `delta` itself stays
             # whole: a conflict reduces it again.
-            with self._step("encode_seconds"):
+            with self._step("encode"):
                 write, flush.merges = await asyncio.to_thread(
                     self._encode, delta, fresh, batch_ids, flush.seq
                 )
             # Each step is retried alone with the same flush (instance, seq): all idempotent.
             flush.journaled = True
-            with self._step("prepare_seconds"):
+            with self._step("prepare"):
                 conflicts = await self._retry(write.prepare)
             if conflicts:
                 flush.journaled = False  # (a prepare with conflicts writes nothing)
@@ -386,7 +380,7 @@ class Flusher:
         """Apply and finalize a prepared flush."""
         write = flush.write
         assert write is not None  # (prepared)
-        with self._step("apply_seconds"):
+        with self._step("apply"):
             dropped = await self._retry(write.apply)
         if dropped:
             self.stats.record_full_drops += dropped
@@ -398,13 +392,14 @@ class Flusher:
                 "Limits)",
                 dropped,
             )
-        with self._step("finalize_seconds"):
+        with self._step("finalize"):
             await self._retry(partial(write.finalize, self.dedupe_window_s))
 
     @contextmanager
-    def _step(self, field: str) -> Iterator[None]:
+    def _step(self, step: str) -> Iterator[None]:
         """Add the time spent in the block (retries included, and a failing one's) to the
-        stats' `field` (a step's seconds)."""
+        stats' seconds of `step` (one of model.FLUSH_STEPS)."""
+        field = f"{step}_seconds"
         since = time.monotonic()
         try:
             yield
@@ -466,8 +461,15 @@ class Flusher:
             packets,
             error,
         )
-        failure = CommitFailed(f"could not commit to Redis: {error}")
-        for tracker in trackers:
-            tracker.failed(failure)
-        for batch in batches:
-            batch.tracker.failed(failure)
+        _fail(trackers, batches, CommitFailed(f"could not commit to Redis: {error}"))
+
+
+def _fail(
+    trackers: dict[CommitTracker, int], batches: list[PendingBatch], failure: CommitFailed
+) -> None:
+    """Tell the senders of `trackers` and `batches` that their work failed (a tracker
+    already settled stays as it is)."""
+    for tracker in trackers:
+        tracker.failed(failure)
+    for batch in batches:
+        batch.tracker.failed(failure)

@@ -591,12 +591,11 @@ class RedisStore:
         for owner in owners:
             pipe.exists(self.layout.alive(owner))
         alive = dict(zip(owners, await pipe.execute(), strict=True))
-        oldest: dict[str, tuple[int, str]] = {}
-        for f in flush_ids:
-            owner, seq = f.rsplit(":", 1)
-            if alive.get(owner) == 0 and (owner not in oldest or int(seq) < oldest[owner][0]):
-                oldest[owner] = (int(seq), f)
-        return [oldest[owner][1] for owner in sorted(oldest)]
+        dead = [f for f in flush_ids if alive.get(f.rsplit(":", 1)[0]) == 0]
+        oldest: dict[str, str] = {}
+        for f in sorted(dead, key=lambda f: (f.rsplit(":", 1)[0], int(f.rsplit(":", 1)[1]))):
+            oldest.setdefault(f.rsplit(":", 1)[0], f)
+        return list(oldest.values())
 
     async def recover(self, flush_id: str, instance: str, window_s: int) -> bool:
         """Replay and finalize a dead instance's journal. False if another instance has
