@@ -462,11 +462,16 @@ def _merging_many_batches_at_once_equals_one_by_one(
     _same_but_float_sums(got, want)
 
 
-def test_a_flush_numbers_devices_by_their_keys_as_by_their_ids() -> None:
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_flush_numbers_devices_by_their_keys_as_by_their_ids(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The validator's entries name each device across batches, so the flush numbers a
     fleet's devices over integers (model._keyed) exactly as over their ids (_unified):
-    the same table in the same order, the same numbers. Two keys for one id (a device
-    forgotten and admitted again between batches) or a part without keys: the ids decide."""
+    the same table in the same order, the same numbers; with the C numbering and without.
+    Two keys for one id (a device forgotten and admitted again between batches) or a part
+    without keys: the ids decide."""
+    monkeypatch.setattr(model, "C_NUMBERING", compiled and model.C_NUMBERING)
     v = Validator(LIMITS)
     batches = [["a", "b", "c"], ["c", "d"], ["b", "e", "a"], ["f"]]
     parts = [
