@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test test-slow test-asan lint typecheck proto install clean check-image
 
 $(STAMP): pyproject.toml setup.py src/rtmonitor/ingest/_rows.c src/rtmonitor/ingest/_devices.c \
-		src/rtmonitor/storage/_merge.c src/rtmonitor/storage/_pack.c
+		src/rtmonitor/_model.c src/rtmonitor/storage/_merge.c src/rtmonitor/storage/_pack.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

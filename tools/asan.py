@@ -1,13 +1,15 @@
 """`make test-asan`: the C parts under AddressSanitizer and UBSan.
 
 Builds src/rtmonitor/ingest/_rows.c, the validator's device table
-(src/rtmonitor/ingest/_devices.c), the flush's scatter (src/rtmonitor/storage/_pack.c)
+(src/rtmonitor/ingest/_devices.c), the flush's numbering (src/rtmonitor/_model.c), the
+flush's scatter (src/rtmonitor/storage/_pack.c)
 and the rtm Redis module (src/rtmonitor/storage/_merge.c) with -fsanitize=address,undefined
 into a copy of the package, then runs the differential tests (tests/unit/test_rows_wire.py,
 test_columnar.py: random, mutated and hand-built wire data against protobuf;
 test_otlp_reader.py: random OTLP requests against the Python mapping; test_device_table.py
 and test_fleet_admission.py: random table operations against a dict, random batches
-admitted against packet by packet; test_packing.py:
+admitted against packet by packet; test_numbering.py: random keys numbered against a
+dict; test_packing.py:
 random deltas packed against struct.pack, and rows refused outside their buffer;
 tests/integration/test_merge_module.py: random flushes merged by the
 module and by the Lua script, and malformed calls) with the sanitizer runtimes preloaded,
@@ -44,7 +46,8 @@ def main() -> int:
         package = Path(tmp) / "rtmonitor"
         shutil.copytree(ROOT / "src" / "rtmonitor", package, ignore=shutil.ignore_patterns("*.so"))
         suffix = sysconfig.get_config_var("EXT_SUFFIX")
-        for source in ("ingest/_rows", "ingest/_devices", "storage/_pack", "storage/_merge"):
+        sources = ("ingest/_rows", "ingest/_devices", "_model", "storage/_pack", "storage/_merge")
+        for source in sources:
             subprocess.run(
                 ["gcc", "-shared", "-fPIC", "-O1", "-g", "-std=c11", "-Wall", "-Wextra",
                  "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
@@ -68,21 +71,23 @@ def main() -> int:
         }
         probe = (
             "import rtmonitor.ingest._rows as m, rtmonitor.storage._pack as s, "
-            "rtmonitor.ingest._devices as d; from rtmonitor.storage.embedded import "
-            "merge_module_path as p; print(m.__file__); print(d.__file__); "
-            "print(s.__file__); print(p())"
+            "rtmonitor.ingest._devices as d, rtmonitor._model as n; from "
+            "rtmonitor.storage.embedded import merge_module_path as p; print(m.__file__); "
+            "print(d.__file__); print(n.__file__); print(s.__file__); print(p())"
         )
         found = subprocess.run(
             [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
         ).stdout.split()
-        if len(found) != 4 or not all(where.startswith(tmp) for where in found):
+        if len(found) != 5 or not all(where.startswith(tmp) for where in found):
             raise SystemExit(f"test-asan: found {found}, not the sanitized builds")
-        print(f"test-asan: sanitized reader, table, scatter and module at {found}", flush=True)
+        print(f"test-asan: sanitized reader, table, numbering, scatter and module at {found}",
+              flush=True)  # fmt: skip
         tests = [
             "tests/unit/test_rows_wire.py",
             "tests/unit/test_columnar.py",
             "tests/unit/test_otlp_reader.py",
             "tests/unit/test_device_table.py",
+            "tests/unit/test_numbering.py",
             "tests/unit/test_fleet_admission.py",
             "tests/unit/test_packing.py",
             "tests/integration/test_merge_module.py",

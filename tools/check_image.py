@@ -143,20 +143,24 @@ def smoke(runtime: Stage, base: Path) -> None:
     env.update({"RTM_HOST": "127.0.0.1", "RTM_GRPC_PORT": str(grpc_port),
                 "RTM_HTTP_PORT": str(http_port), "RTM_DATA_DIR": str(base / "data")})  # fmt: skip
     # The wheel must carry the compiled row reader, or row batches take the slow path, the
-    # device table, or the validator looks fleets up in a dict, the flush's scatter, or
+    # device table, or the validator looks fleets up in a dict, the flush's numbering, or
+    # it sorts a fleet's keys, the flush's scatter, or
     # flushes pack with numpy's indexing, and the rtm module, or the embedded Redis merges
     # with the script.
     probe = (
         "import rtmonitor.ingest._rows as m, rtmonitor.storage._pack as s, "
-        "rtmonitor.ingest._devices as d; print(m.__file__); print(d.__file__); "
-        "print(s.__file__); "
+        "rtmonitor.ingest._devices as d, rtmonitor._model as n; print(m.__file__); "
+        "print(d.__file__); print(n.__file__); print(s.__file__); "
         "from rtmonitor.storage.embedded import merge_module_path as p; assert p(); print(p())"
     )
     built = subprocess.run([str(bin_dir / "python"), "-c", probe], env=env, cwd=base,
                            capture_output=True, text=True)  # fmt: skip
     if built.returncode != 0:
         raise SystemExit(f"check-image: the wheel lacks a compiled part:\n{built.stderr}")
-    log(f"the compiled reader, table, scatter and rtm module are installed: {built.stdout.split()}")
+    log(
+        f"the compiled reader, table, numbering, scatter and rtm module are installed: "
+        f"{built.stdout.split()}"
+    )
     # As the image runs: with an auth file (the Dockerfile sets RTM_AUTH_FILE), made by the
     # installed `rtmonitor token new`.
     made = subprocess.run(

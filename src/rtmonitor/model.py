@@ -24,8 +24,8 @@ from typing import Any, Literal, TypeAlias, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-try:  # the compiled numbering of a flush's device keys (see _devices.c)
-    from rtmonitor.ingest._devices import number_ids as _c_number_ids
+try:  # the compiled numbering of a flush's device keys (see _model.c)
+    from rtmonitor._model import number_ids as _c_number_ids
 
     C_NUMBERING = True
 except ImportError:  # without a C compiler: a sort
@@ -416,7 +416,7 @@ def _unified(
 
 def _number_ids(keys: IntArray) -> tuple[IntArray, IntArray]:
     """Number the distinct keys in first-appearance order: each one's first position (in
-    that order) and each key's number. In C a hash pass without the GIL (_devices.c);
+    that order) and each key's number. In C a hash pass without the GIL (_model.c);
     without it, a sort."""
     if C_NUMBERING:
         firsts, numbers = _c_number_ids(np.ascontiguousarray(keys, dtype=np.int64).data)

@@ -16,9 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from rtmonitor import model
 from rtmonitor.ingest import columnar, validation
-from rtmonitor.ingest._devices import DeviceTable, addresses, distinct, number_ids
+from rtmonitor.ingest._devices import DeviceTable, addresses, distinct
 
 MISSING = object()
 
@@ -31,7 +30,7 @@ def fresh(s: str) -> str:
 def test_the_compiled_device_table_is_built() -> None:
     """The package is built with its C device table: without it a fleet's batches look
     their devices up one dict miss after another, several times slower."""
-    assert validation.C_DEVICES and columnar.C_KEYS and model.C_NUMBERING, (
+    assert validation.C_DEVICES and columnar.C_KEYS, (
         "rtmonitor/ingest/_devices.c was not compiled: install a C compiler and Python's "
         "headers (apt-get install gcc python3-dev), then `make clean test`"
     )
@@ -288,54 +287,6 @@ def test_addresses_are_the_ids() -> None:
     got = np.frombuffer(addresses(objects), dtype=np.int64)
     assert got.tolist() == list(map(id, objects))
     assert addresses([]) == b""
-
-
-def _numbered_by_a_dict(keys: list[int]) -> tuple[list[int], list[int]]:
-    first: dict[int, int] = {}
-    for i, k in enumerate(keys):
-        first.setdefault(k, i)
-    number = {k: n for n, k in enumerate(first)}
-    return list(first.values()), [number[k] for k in keys]
-
-
-# Few distinct keys: extremes, and keys that share a slot of the first table (their
-# Fibonacci hash's top 10 bits: 909), so that probing runs.
-int64s = st.sampled_from(
-    [0, 1, -1, 2**63 - 1, -(2**63), 16, 5184, 10352, 46384, 51552, 56720, *range(32, 672, 16)]
-)
-
-
-@given(st.lists(int64s, max_size=400), st.booleans())
-@settings(max_examples=200, deadline=None)
-def test_number_ids_numbers_as_a_dict_does(keys: list[int], compiled: bool) -> None:
-    """Each distinct key's first position, in first-appearance order, and each key's number
-    among them: the same from the C hash pass and from the sort used without it."""
-    want = _numbered_by_a_dict(keys)
-    array = np.array(keys, dtype=np.int64)
-    if compiled:
-        firsts, numbers = number_ids(array.data)
-        got = np.frombuffer(firsts, dtype=np.int64), np.frombuffer(numbers, dtype=np.int64)
-    else:
-        got = model._number_by_sort(array)
-    assert (got[0].tolist(), got[1].tolist()) == want
-
-
-def test_number_ids_grows_with_a_fleet() -> None:
-    """Tens of thousands of distinct keys (the table grows many times), each seen several
-    times in a random order: the numbering of a fleet's flush."""
-    rng = np.random.default_rng(7)
-    objects = [object() for _ in range(50_000)]
-    ids = np.frombuffer(addresses(objects), dtype=np.int64)
-    keys = ids[rng.integers(0, len(ids), 300_000)]
-    firsts, numbers = number_ids(keys.data)
-    assert (np.frombuffer(firsts, dtype=np.int64).tolist(),
-            np.frombuffer(numbers, dtype=np.int64).tolist()) == _numbered_by_a_dict(
-        keys.tolist())  # fmt: skip
-    assert number_ids(b"") == (bytearray(), bytearray())
-    with pytest.raises(ValueError, match="a buffer of int64"):
-        number_ids(b"1234567")
-    with pytest.raises(TypeError):
-        number_ids([1, 2])  # type: ignore[arg-type]
 
 
 def test_without_the_compiled_table_the_validator_uses_a_dict(

@@ -32,7 +32,7 @@ def modules(room: str) -> list[Path]:
 @pytest.mark.parametrize(
     ("room", "forbidden"),
     [
-        ("model.py", ("rtmonitor.",)),
+        ("model.py", ("rtmonitor.",)),  # (but its own compiled helper, below)
         ("pipeline", ("rtmonitor.storage", "rtmonitor.ingest", "rtmonitor.api", "redis")),
         ("storage", ("rtmonitor.ingest", "rtmonitor.pipeline", "rtmonitor.api")),
         ("api", ("rtmonitor.ingest", "rtmonitor.pipeline")),
@@ -44,5 +44,6 @@ def test_rooms_do_not_import_upstream(room: str, forbidden: tuple[str, ...]) -> 
             name
             for name in imports_of(path)
             if any(name == f.rstrip(".") or name.startswith(f.rstrip(".") + ".") for f in forbidden)
+            and name != "rtmonitor._model"  # a compiled leaf (_model.c) that imports nothing
         }
         assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"

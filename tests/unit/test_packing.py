@@ -207,3 +207,25 @@ def test_a_store_without_the_compiled_packer_says_so(
     monkeypatch.setattr(store, "C_PACK", False)
     store.RedisStore(client, KeyLayout())
     assert "rtmonitor/storage/_pack.c) is not built" in caplog.text
+
+
+def test_a_plans_calls_name_each_device_by_its_key() -> None:
+    """A flush's merge calls name their devices' keys (KeyLayout.device, built a call at a
+    time by device_keys) in the order their deltas are packed, in calls of GROUP_SIZE."""
+    from redis import asyncio as aioredis
+
+    from rtmonitor.storage.keys import KeyLayout
+    from rtmonitor.storage.store import RedisStore
+
+    layout = KeyLayout(prefix="p")
+    store = RedisStore(aioredis.Redis(port=1), layout, group_size=3)  # (never connected)
+    ids = [f"dev-{i}" for i in range(7)]
+    delta = FlushDelta()
+    for i, device_id in enumerate(ids):
+        delta.devices[device_id] = DeviceDelta(packets=i + 1, bytes=0, first_seen=1, last_seen=2)
+    calls = [(keys, args) for name, keys, args in store.plan(delta, "inst", 4) if name == "devices"]
+    assert [keys[0] for keys, _ in calls] == [layout.group_marker("g", "inst", n) for n in range(3)]
+    named = [key for keys, _ in calls for key in keys[1:]]
+    assert named == [layout.device(d) for d in ids] == [f"p:d:{{{d}}}" for d in ids]
+    packed = b"".join(args[-1] for _, args in calls)
+    assert packed == reference(delta.devices, ids)

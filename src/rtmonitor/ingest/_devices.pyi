@@ -1,8 +1,6 @@
 from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar, overload
 
-from typing_extensions import Buffer
-
 _V = TypeVar("_V")
 _D = TypeVar("_D")
 
@@ -28,4 +26,3 @@ class DeviceTable(Generic[_V]):
 
 def addresses(objects: Sequence[object]) -> bytes: ...
 def distinct(strings: Sequence[str], hash_bits: int = 64) -> tuple[list[str], bytearray]: ...
-def number_ids(ids: Buffer) -> tuple[bytearray, bytearray]: ...

@@ -303,7 +303,7 @@ class RedisStore:
         at = 0
         for tag, n, rows in groups:
             keys = [layout.group_marker(tag, instance, n)]
-            keys += [layout.device(ids[row]) for row in rows.tolist()]
+            keys += layout.device_keys(map(ids.__getitem__, rows.tolist()))
             part = blob[offsets[at] : offsets[at + len(rows)]]
             at += len(rows)
             args = [self._marker_ttl, seq, self.retention_s * 1000, window, part]

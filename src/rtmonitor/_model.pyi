@@ -1,0 +1,3 @@
+from typing_extensions import Buffer
+
+def number_ids(ids: Buffer) -> tuple[bytearray, bytearray]: ...
