@@ -168,6 +168,8 @@ class Runtime:
         self._signals = 0
         self._started = time.monotonic()
         self._stopping = False
+        # The process's exit code: 1 once its ingest instance broke (_until_exit).
+        self.exit_code = 0
 
     # --- signals -------------------------------------------------------------------------
 
@@ -260,10 +262,30 @@ class Runtime:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
             if self._on_ready is not None:
                 self._on_ready()
-            await self.should_exit.wait()
+            await self._until_exit()
             self._stopping = True
             logger.info("shutting down")
         logger.info("stopped")
+
+    async def _until_exit(self) -> None:
+        """Until a signal, or until this process's ingest instance breaks: a flush it
+        could not complete (a bug) leaves a journal that only another instance may replay,
+        and this one commits nothing more (pipeline/flusher.py, _give_up). Then it stops in
+        order and exits with 1, so that its supervisor (Kubernetes, Compose's restart
+        policy, the --workers supervisor) starts a fresh instance; that flush's journal is
+        replayed once this instance's heartbeat has expired."""
+        waits = [asyncio.create_task(self.should_exit.wait(), name="signal")]
+        if self.ingest is not None:
+            waits.append(asyncio.create_task(self.ingest.broken.wait(), name="broken"))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self.ingest is not None and self.ingest.broken.is_set():
+            logger.error("stopping this process (exit code 1): %s", self.ingest.redis_error)
+            self.exit_code = 1
+            self.should_exit.set()
 
     async def _stop_workers(self, supervisor: Supervisor) -> None:
         """Workers before HTTP and Redis: their final flushes need Redis."""
@@ -456,11 +478,12 @@ def run(settings: Settings) -> int:
                 runtime = Runtime(settings, redis, role="api", supervisor=supervisor, auth=auth)
                 asyncio.run(runtime.serve())
             else:
-                asyncio.run(Runtime(settings, redis, auth=auth).serve())
+                runtime = Runtime(settings, redis, auth=auth)
+                asyncio.run(runtime.serve())
     except (StartupError, EmbeddedRedisError) as exc:
         logger.error("%s", exc)
         return 2
-    return 0
+    return runtime.exit_code
 
 
 def worker_main(settings: Settings, redis_url: str, index: int, serving: EventType) -> None:
@@ -486,3 +509,5 @@ def worker_main(settings: Settings, redis_url: str, index: int, serving: EventTy
     except StartupError as exc:
         logger.error("%s", exc)
         raise SystemExit(2) from None
+    if runtime.exit_code:  # the supervisor starts a fresh worker
+        raise SystemExit(runtime.exit_code)

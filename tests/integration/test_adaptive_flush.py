@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -26,6 +28,7 @@ from rtmonitor.pipeline.commit import FlushWrite
 from rtmonitor.pipeline.flusher import PACE_FLUSHES, Flusher
 from rtmonitor.pipeline.pipeline import Pipeline
 from rtmonitor.pipeline.work import BatchWork, CommitFailed, CommitTracker
+from rtmonitor.runtime import RedisServer, Runtime
 from rtmonitor.storage.committer import RedisCommitter
 from rtmonitor.storage.embedded import EmbeddedRedis
 from rtmonitor.storage.store import RedisStore
@@ -335,6 +338,50 @@ def test_a_flush_given_up_after_its_prepare_stops_this_instances_commits(
             assert await store.get_device("d2") is None  # never applied
 
     asyncio.run(main())
+
+
+def test_a_process_whose_instance_broke_stops_with_exit_code_1(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """The real runtime, serving on free ports: once its flusher gives a prepared flush up
+    (a bug in the apply), the process commits nothing more, so it stops in order by itself
+    with exit code 1, for its supervisor to start a fresh instance; that flush's journal
+    is left for the replay."""
+
+    async def main() -> None:
+        settings = Settings(
+            host="127.0.0.1", grpc_port=0, http_port=0, flush_interval=0.05,
+            dedupe_window=60, redis_url=redis_server.url,
+        )  # fmt: skip
+        runtime = Runtime(settings, RedisServer(redis_server.url))
+        serving = asyncio.create_task(runtime.serve())
+        while runtime.ingest is None or not runtime.ingest.serving:
+            assert not serving.done(), serving
+            await asyncio.sleep(0.02)
+        assert runtime.store is not None
+        flusher = runtime.ingest.pipeline.flusher
+        committer = SlowCommitter(runtime.store)
+        committer.bugs = 1
+        flusher.committer = committer
+        ok = submit(flusher.aggregator, ("p", 0), "d0")
+        await asyncio.wait_for(serving, 30)  # returns by itself: no signal was sent
+        with pytest.raises(CommitFailed):
+            await ok.wait()
+        assert runtime.exit_code == 1
+        assert committer.events[:2] == [("prepare", 1), ("apply", 1)]
+        # its journal is whole: replayed (here at once, not after its heartbeat), d0 counts
+        async with RedisStore.from_url(redis_server.url, settings.key_prefix) as store:
+            assert await store.recover(f"{flusher.instance_id}:1", "other", 60)
+            assert [r.packets for r in await store.get_devices(["d0"])] == [1]
+
+    # (serve() tunes the process's collector and GIL switch interval: put them back)
+    threshold, switch = gc.get_threshold(), sys.getswitchinterval()
+    try:
+        asyncio.run(main())
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        sys.setswitchinterval(switch)
 
 
 class _FailingTracker(CommitTracker):

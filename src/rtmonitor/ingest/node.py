@@ -232,6 +232,11 @@ class IngestNode(Node):
         """Why commits to Redis fail while they do (e.g. Redis is full), else None."""
         return self.pipeline.redis_error
 
+    @property
+    def broken(self) -> asyncio.Event:
+        """Set once this instance commits nothing more: the runtime stops the process."""
+        return self.pipeline.broken
+
     def stats(self) -> PipelineStats:
         """The pipeline's figures and the receivers'."""
         servicer = self.servicer

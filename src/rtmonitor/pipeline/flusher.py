@@ -117,8 +117,10 @@ class Flusher:
         self._inflight: list[_Flush] = []
         self._last: asyncio.Future[None] | None = None  # the latest flush's `done`
         # Why this instance commits nothing more (a flush that may have journaled was
-        # given up: see _give_up), else None.
+        # given up: see _give_up), else None; `broken` is set with it (not while stopping):
+        # the runtime then stops this process, so that a fresh one takes over.
         self._broken: str | None = None
+        self.broken = asyncio.Event()
         # Device merges per second: the slowest of the last PACE_FLUSHES flushes that made
         # at least pace_min_merges (None before one did), the pace the pipeline's time
         # budget (--max-pending-seconds) is measured by. A smaller flush's time is mostly
@@ -298,7 +300,8 @@ class Flusher:
         A flush that may have written its journal leaves it to be replayed once this
         instance is gone; were a later flush of this instance applied meanwhile, its
         markers would make the replay skip this one's calls. So this instance commits
-        nothing more: it says so (/readyz, /stats) until it is restarted."""
+        nothing more: it says so (/readyz, /stats) and sets `broken`, and the runtime stops
+        the process (exit code 1) for its supervisor to start a fresh one."""
         if flush in self._inflight:
             self._inflight.remove(flush)
         if isinstance(exc, _GiveUp):
@@ -318,6 +321,7 @@ class Flusher:
             logger.error("%s", self._broken)
         if self._broken is not None and not self._stopping:
             self.stats.redis_error = self._broken
+            self.broken.set()
         self._abandon(flush.delta, flush.trackers, flush.batches, error)
         if not flush.done.done():
             flush.done.set_result(None)

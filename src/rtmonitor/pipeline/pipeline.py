@@ -55,6 +55,12 @@ class Pipeline:
         """The last commit error while commits to Redis fail (e.g. Redis full), else None."""
         return self.flusher.stats.redis_error
 
+    @property
+    def broken(self) -> asyncio.Event:
+        """Set once this instance commits nothing more (Flusher._give_up): redis_error says
+        why."""
+        return self.flusher.broken
+
     def entry_budget(self) -> int:
         """The per-device deltas pending work may hold: --max-pending-devices (memory), or
         fewer where flushes would take much longer than --max-pending-seconds.
