@@ -47,4 +47,4 @@ proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info src/rtmonitor/ingest/*.so src/rtmonitor/storage/*.so .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info src/rtmonitor/*.so src/rtmonitor/ingest/*.so src/rtmonitor/storage/*.so .mypy_cache .pytest_cache .ruff_cache

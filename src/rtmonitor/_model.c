@@ -20,6 +20,16 @@
  * has far fewer distinct devices than entries), with a Fibonacci hash of the key: the keys
  * are addresses of the service's own objects, never a device's input. The GIL is released
  * while the loop runs, so the receivers go on meanwhile. */
+/* Fibonacci hashing: the top bits of key * 2^64/phi pick the slot. */
+#define FIB(key) ((uint64_t)(key) * 0x9E3779B97F4A7C15ull)
+/* How many keys ahead the loop fetches a slot. */
+#define AHEAD 8
+/* A full table grows this many bits at a time (past 2 M distinct keys). */
+#define GROWTH_BITS 1
+/* The first table's size is 2^bits slots: at least MIN_BITS, at most MAX_BITS. */
+#define MIN_BITS 10
+#define MAX_BITS 22
+
 typedef struct {
     int64_t key;
     int64_t number; /* -1: an empty slot */
@@ -27,17 +37,17 @@ typedef struct {
 
 static int id_slots_grow(idslot_t **slots, size_t *capacity, int *shift)
 {
-    size_t bigger = *capacity * 2;
+    size_t bigger = *capacity << GROWTH_BITS;
     idslot_t *fresh = PyMem_RawMalloc(bigger * sizeof(idslot_t));
     if (fresh == NULL)
         return -1;
     for (size_t k = 0; k < bigger; k++)
         fresh[k].number = -1;
-    int new_shift = *shift - 1;
+    int new_shift = *shift - GROWTH_BITS;
     for (size_t k = 0; k < *capacity; k++) {
         if ((*slots)[k].number < 0)
             continue;
-        size_t j = (size_t)(((uint64_t)(*slots)[k].key * 0x9E3779B97F4A7C15ull) >> new_shift);
+        size_t j = (size_t)(FIB((*slots)[k].key) >> new_shift);
         while (fresh[j].number >= 0)
             j = (j + 1) & (bigger - 1);
         fresh[j] = (*slots)[k];
@@ -51,10 +61,16 @@ static int id_slots_grow(idslot_t **slots, size_t *capacity, int *shift)
 
 /* The numbering itself (no Python calls: runs without the GIL); -1 when out of memory. */
 static Py_ssize_t number_loop(const int64_t *keys, Py_ssize_t n, int64_t *firsts,
-                              int64_t *numbers)
+                              int64_t *numbers, int max_bits)
 {
-    size_t capacity = 1024;
-    int shift = 64 - 10;
+    /* room for the keys as if all were distinct, up to 2^max_bits / 2 of them (2 M, in
+       64 MB): growing a table of a million costs more than one too large for a flush of
+       repeats. (Tests start smaller, so that the table grows.) */
+    int bits = MIN_BITS;
+    while (bits < max_bits && ((size_t)1 << bits) < (size_t)n * 2)
+        bits++;
+    size_t capacity = (size_t)1 << bits;
+    int shift = 64 - bits;
     idslot_t *slots = PyMem_RawMalloc(capacity * sizeof(idslot_t));
     if (slots == NULL)
         return -1;
@@ -62,8 +78,12 @@ static Py_ssize_t number_loop(const int64_t *keys, Py_ssize_t n, int64_t *firsts
         slots[k].number = -1;
     int64_t count = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
+        /* a fleet's table outgrows the cache: fetch the slot of a key a few ahead, so
+           that the misses of several keys overlap (a hint only: the table may grow) */
+        if (i + AHEAD < n)
+            __builtin_prefetch(&slots[FIB(keys[i + AHEAD]) >> shift], 1);
         int64_t key = keys[i];
-        size_t k = (size_t)(((uint64_t)key * 0x9E3779B97F4A7C15ull) >> shift);
+        size_t k = (size_t)(FIB(key) >> shift);
         for (;;) {
             if (slots[k].number < 0) {
                 slots[k].key = key;
@@ -88,14 +108,35 @@ static Py_ssize_t number_loop(const int64_t *keys, Py_ssize_t n, int64_t *firsts
     return (Py_ssize_t)count;
 }
 
-static PyObject *number_ids(PyObject *Py_UNUSED(module), PyObject *arg)
+/* A buffer of native 8-byte signed integers (numpy's int64 says 'l' here, 'q' elsewhere). */
+static int is_int64(const Py_buffer *view)
 {
+    const char *f = view->format;
+    if (f == NULL || view->itemsize != (Py_ssize_t)sizeof(int64_t))
+        return 0;
+    if (*f == '@' || *f == '=' || *f == '<')
+        f++;
+    return (*f == 'q' || *f == 'l') && f[1] == '\0';
+}
+
+static PyObject *number_ids(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *arg;
+    int max_bits = MAX_BITS;
+    if (!PyArg_ParseTuple(args, "O|i:number_ids", &arg, &max_bits))
+        return NULL;
+    if (max_bits < MIN_BITS || max_bits > MAX_BITS) {
+        PyErr_Format(PyExc_ValueError, "number_ids(): table_bits is %d to %d", MIN_BITS,
+                     MAX_BITS);
+        return NULL;
+    }
     Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_C_CONTIGUOUS) < 0)
+    if (PyObject_GetBuffer(arg, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         return NULL;
     PyObject *result = NULL, *firsts = NULL, *numbers = NULL;
-    if (view.len % (Py_ssize_t)sizeof(int64_t) != 0) {
-        PyErr_SetString(PyExc_ValueError, "number_ids() takes a buffer of int64");
+    if (!is_int64(&view)) {
+        PyErr_Format(PyExc_TypeError, "number_ids() takes native int64s, not a buffer of "
+                     "format '%s'", view.format != NULL ? view.format : "B");
         goto done;
     }
     Py_ssize_t n = view.len / (Py_ssize_t)sizeof(int64_t);
@@ -109,7 +150,7 @@ static PyObject *number_ids(PyObject *Py_UNUSED(module), PyObject *arg)
     int64_t *number_at = (int64_t *)PyByteArray_AS_STRING(numbers);
     Py_ssize_t count;
     Py_BEGIN_ALLOW_THREADS
-    count = number_loop(keys, n, first_at, number_at);
+    count = number_loop(keys, n, first_at, number_at, max_bits);
     Py_END_ALLOW_THREADS
     if (count < 0) {
         PyErr_NoMemory();
@@ -126,9 +167,10 @@ done:
 }
 
 static PyMethodDef module_methods[] = {
-    {"number_ids", number_ids, METH_O,
-     "number_ids(int64s): the distinct ones numbered in first-appearance order: (each "
-     "one's first position, each int64's number), as int64 in two bytearrays."},
+    {"number_ids", number_ids, METH_VARARGS,
+     "number_ids(int64s, table_bits=22): the distinct ones numbered in first-appearance "
+     "order: (each one's first position, each int64's number), as int64 in two bytearrays; "
+     "the first table has at most 2^table_bits slots (fewer in tests only)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -45,7 +45,7 @@ def test_number_ids_numbers_as_a_dict_does(keys: list[int], compiled: bool) -> N
     want = _numbered_by_a_dict(keys)
     array = np.array(keys, dtype=np.int64)
     if compiled:
-        firsts, numbers = number_ids(array.data)
+        firsts, numbers = number_ids(array.data, 10)
         got = np.frombuffer(firsts, dtype=np.int64), np.frombuffer(numbers, dtype=np.int64)
     else:
         got = model._number_by_sort(array)
@@ -59,12 +59,18 @@ def test_number_ids_grows_with_a_fleet() -> None:
     objects = [object() for _ in range(50_000)]
     ids = np.frombuffer(addresses(objects), dtype=np.int64)
     keys = ids[rng.integers(0, len(ids), 300_000)]
-    firsts, numbers = number_ids(keys.data)
+    firsts, numbers = number_ids(keys.data, 10)  # a table of 1,024 slots that grows
     assert (np.frombuffer(firsts, dtype=np.int64).tolist(),
             np.frombuffer(numbers, dtype=np.int64).tolist()) == _numbered_by_a_dict(
         keys.tolist())  # fmt: skip
-    assert number_ids(b"") == (bytearray(), bytearray())
-    with pytest.raises(ValueError, match="a buffer of int64"):
-        number_ids(b"1234567")
+    assert number_ids(keys.data) == (firsts, numbers)  # (a first table for them all)
+    assert number_ids(np.zeros(0, np.int64).data) == (bytearray(), bytearray())
+    # only int64s: not bytes, int32s or doubles that happen to be 8 bytes per pair
+    for wrong in (b"12345678", np.zeros(2, np.int32), np.zeros(1, np.float64)):
+        with pytest.raises(TypeError, match="native int64s"):
+            number_ids(wrong)
     with pytest.raises(TypeError):
         number_ids([1, 2])  # type: ignore[arg-type]
+    for bits in (9, 23):
+        with pytest.raises(ValueError, match="table_bits is 10 to 22"):
+            number_ids(keys.data, bits)

@@ -30,7 +30,7 @@ from rtmonitor.ingest.server import build_server
 from rtmonitor.ingest.servicer import IngestServicer
 from rtmonitor.ingest.validation import Limits, Validator
 from rtmonitor.lifecycle import Node
-from rtmonitor.model import HttpReply, IngestStats, InstanceStats, PipelineStats
+from rtmonitor.model import C_NUMBERING, HttpReply, IngestStats, InstanceStats, PipelineStats
 from rtmonitor.pipeline.pipeline import Pipeline
 from rtmonitor.pipeline.recovery import HEARTBEAT_TTL_S
 from rtmonitor.storage.committer import RedisCommitter
@@ -136,6 +136,12 @@ class IngestNode(Node):
                 "the compiled row-batch reader (rtmonitor/ingest/_rows.c) is not built: row "
                 "batches are parsed by protobuf, several times slower. Reinstall with a C "
                 "compiler and Python's headers (e.g. apt-get install gcc python3-dev)"
+            )
+        if not C_NUMBERING:
+            logger.warning(
+                "the compiled numbering of a flush's devices (rtmonitor/_model.c) is not "
+                "built: a fleet's flushes sort their device keys, several times slower. "
+                "Reinstall with a C compiler and Python's headers"
             )
         await self.pipeline.start()
         self._tasks["stats"] = asyncio.create_task(self._publish_stats(), name="stats")
