@@ -265,6 +265,8 @@ class Runtime:
             await self._until_exit()
             self._stopping = True
             logger.info("shutting down")
+        if self.ingest is not None and self.ingest.broken.is_set():
+            self.exit_code = 1  # (it broke while stopping for a signal, before its drain)
         logger.info("stopped")
 
     async def _until_exit(self) -> None:

@@ -21,7 +21,10 @@ from rtmonitor.config import Settings
 
 logger = logging.getLogger(__name__)
 
+RESTART_BACKOFF_START_S = 0.5
 RESTART_BACKOFF_MAX_S = 10.0
+# A worker that served this long before it died restarts after the first backoff again.
+RESTART_BACKOFF_RESET_S = 60.0
 # A worker's entry point: (settings, Redis URL, worker index, set once it serves gRPC).
 WorkerMain = Callable[[Settings, str, int, EventType], None]
 
@@ -40,9 +43,11 @@ class Supervisor:
         self.serving: list[EventType] = [self._ctx.Event() for _ in range(settings.workers)]
         self.restarts = 0
         self._stopping = False
+        self._started = [0.0] * settings.workers  # each worker's last start (monotonic)
 
     def _start(self, index: int) -> None:
         self.serving[index].clear()
+        self._started[index] = time.monotonic()
         proc = self._ctx.Process(
             target=self.target,
             args=(self.settings, self.redis_url, index, self.serving[index]),
@@ -66,13 +71,17 @@ class Supervisor:
         return reasons
 
     async def watch(self) -> None:
-        """Restart a worker that died, with capped backoff."""
-        backoff = 0.5
+        """Restart a worker that died, with capped backoff (back to the first one once a
+        worker had served a while: a worker that stops itself, e.g. a broken instance,
+        now and then is not a crash loop)."""
+        backoff = RESTART_BACKOFF_START_S
         while not self._stopping:
             await asyncio.sleep(0.5)
             for i, w in enumerate(self.workers):
                 if self._stopping or w is None or w.is_alive():
                     continue
+                if time.monotonic() - self._started[i] >= RESTART_BACKOFF_RESET_S:
+                    backoff = RESTART_BACKOFF_START_S
                 logger.error(
                     "ingest worker %d (pid %s) exited with %s; restarting in %.1fs",
                     i,

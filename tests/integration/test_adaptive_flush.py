@@ -329,6 +329,9 @@ def test_a_flush_given_up_after_its_prepare_stops_this_instances_commits(
                     await tracker.wait()
             error = flusher.stats.redis_error or ""
             assert "flush b:2 could not be completed" in error and "restarted" in error
+            # a step that was under way when it broke succeeds: the reason stays
+            assert await flusher._retry(store.ping) is None
+            assert flusher.stats.redis_error == error
             assert committer.events.count(("apply", 3)) == 0  # never applied
             assert flusher.stats.packets_abandoned == 2
             # its journal waits for b to be gone (b has no heartbeat here), then counts d1

@@ -432,13 +432,10 @@ class Flusher:
             except CommitUnavailable as exc:
                 failures += 1
                 self.stats.commit_errors += 1
-                self.stats.redis_error = str(exc)
+                # (a broken instance keeps saying why it commits nothing more: _give_up)
+                self.stats.redis_error = self._broken or str(exc)
                 if failures == 1 or failures % 20 == 0:
-                    logger.warning(
-                        "commit failed (%s); retrying (attempt %d)",
-                        self.stats.redis_error,
-                        failures,
-                    )
+                    logger.warning("commit failed (%s); retrying (attempt %d)", exc, failures)
                 if self._deadline is not None and time.monotonic() + backoff > self._deadline:
                     raise _GiveUp("Redis unreachable past the shutdown deadline") from exc
                 await asyncio.sleep(backoff * _JITTER.uniform(0.5, 1.0))
@@ -447,7 +444,7 @@ class Flusher:
             if failures:
                 self.stats.redis_recoveries += 1
                 logger.info("Redis is back: committed after %d failed attempts", failures)
-            self.stats.redis_error = None
+            self.stats.redis_error = self._broken
             return result
 
     def _abandon(
