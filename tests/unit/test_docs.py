@@ -42,6 +42,7 @@ SCRIPTS = [
     "examples/resend_batch.py",
     "benchmarks/seed_design.py",
     "benchmarks/store_merge.py",
+    "benchmarks/flush_encode.py",
 ]
 # Flags of other tools that the docs name in prose (not rtmonitor's).
 OTHER_TOOLS_FLAGS = {"--profile", "--pdeathsig"}
