@@ -96,7 +96,7 @@ def main() -> None:
         f"{args.devices:,} devices{' (known, shuffled)' if args.shuffled else ''}, "
         f"{args.batches} batches of {args.batch_size:,}: "
         f"{entries:,} device entries -> {merges:,} device merges; numbering: "
-        f"{'numpy sort' if args.sort else 'compiled' if model.C_NUMBERING else 'numpy sort'}"
+        f"{'compiled' if model.C_NUMBERING else 'numpy sort'}"
     )
     print(
         f"CPU ms, median of {args.runs}: reduce {reduce_ms:.1f}, plan {plan_ms:.1f}, "

@@ -425,7 +425,8 @@ def _number_ids(keys: IntArray) -> tuple[IntArray, IntArray]:
 
 
 def _number_by_sort(keys: IntArray) -> tuple[IntArray, IntArray]:
-    """_number_ids() with numpy: a sort, ~30 times slower than the C pass."""
+    """_number_ids() with numpy: a sort, several times slower than the C pass on keys
+    that are not in order (benchmarks/flush_encode.py --shuffled --sort)."""
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     order = np.argsort(first)
     rank = np.empty(len(order), dtype=np.int64)

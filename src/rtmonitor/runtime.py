@@ -168,8 +168,6 @@ class Runtime:
         self._signals = 0
         self._started = time.monotonic()
         self._stopping = False
-        # The process's exit code: 1 once its ingest instance broke (_until_exit).
-        self.exit_code = 0
 
     # --- signals -------------------------------------------------------------------------
 
@@ -265,9 +263,13 @@ class Runtime:
             await self._until_exit()
             self._stopping = True
             logger.info("shutting down")
-        if self.ingest is not None and self.ingest.broken.is_set():
-            self.exit_code = 1  # (it broke while stopping for a signal, before its drain)
         logger.info("stopped")
+
+    @property
+    def exit_code(self) -> int:
+        """The process's exit code: 1 if its ingest instance broke (_until_exit; also while
+        stopping for a signal, before its drain), else 0."""
+        return 1 if self.ingest is not None and self.ingest.broken.is_set() else 0
 
     async def _until_exit(self) -> None:
         """Until a signal, or until this process's ingest instance breaks: a flush it
@@ -285,8 +287,8 @@ class Runtime:
             for wait in waits:
                 wait.cancel()
         if self.ingest is not None and self.ingest.broken.is_set():
-            logger.error("stopping this process (exit code 1): %s", self.ingest.redis_error)
-            self.exit_code = 1
+            reason = redact_url(self.ingest.redis_error or "")
+            logger.error("stopping this process (exit code 1): %s", reason)
             self.should_exit.set()
 
     async def _stop_workers(self, supervisor: Supervisor) -> None:

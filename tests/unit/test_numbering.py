@@ -15,7 +15,7 @@ from rtmonitor.ingest._devices import addresses
 
 
 def test_the_compiled_numbering_is_built() -> None:
-    """Without it a flush sorts a fleet's keys: ~30 times slower."""
+    """Without it a flush sorts a fleet's keys, several times slower."""
     assert model.C_NUMBERING, (
         "rtmonitor/_model.c was not compiled: install a C compiler and Python's headers "
         "(apt-get install gcc python3-dev), then `make clean test`"

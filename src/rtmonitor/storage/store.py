@@ -584,17 +584,19 @@ class RedisStore:
         make the earlier one's calls skip.)"""
         client = cast(aioredis.Redis, self.client)
         flush_ids = cast(list[str], await client.zrange(self.layout.journals, 0, -1))
-        owners = sorted({f.rsplit(":", 1)[0] for f in flush_ids} - {instance})
+        # (instance, seq, flush id), by instance then sequence
+        journals = sorted((o, int(seq), f) for f in flush_ids for o, seq in [f.rsplit(":", 1)])
+        owners = sorted({owner for owner, _, _ in journals} - {instance})
         if not owners:
             return []
         pipe = self.client.pipeline(transaction=False)
         for owner in owners:
             pipe.exists(self.layout.alive(owner))
         alive = dict(zip(owners, await pipe.execute(), strict=True))
-        dead = [f for f in flush_ids if alive.get(f.rsplit(":", 1)[0]) == 0]
         oldest: dict[str, str] = {}
-        for f in sorted(dead, key=lambda f: (f.rsplit(":", 1)[0], int(f.rsplit(":", 1)[1]))):
-            oldest.setdefault(f.rsplit(":", 1)[0], f)
+        for owner, _, flush_id in journals:
+            if alive.get(owner) == 0:
+                oldest.setdefault(owner, flush_id)
         return list(oldest.values())
 
     async def recover(self, flush_id: str, instance: str, window_s: int) -> bool:
