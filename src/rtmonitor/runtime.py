@@ -22,9 +22,8 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Literal
 
@@ -38,13 +37,15 @@ from rtmonitor.logs import redact_url, setup_logging
 from rtmonitor.model import InstanceStats, PipelineStats, ServiceStats
 from rtmonitor.storage.embedded import AUTO, EmbeddedRedis, EmbeddedRedisError, free_port
 from rtmonitor.storage.store import LayoutMismatch, RedisStore
-from rtmonitor.supervisor import Supervisor
+from rtmonitor.supervisor import Supervisor, WorkerLink
 
 logger = logging.getLogger(__name__)
 
 STARTUP_BACKOFF_MAX_S = 5.0
 # How long GET /stats waits for the published figures before it answers without them.
 STATS_READ_TIMEOUT_S = 2.0
+# How often a --workers worker tells the supervisor why it is not ready (if it is not).
+WORKER_REPORT_INTERVAL_S = 0.5
 # "single": one process does everything. With --workers: one "api" process (HTTP, the
 # embedded Redis, supervision) and "worker" processes (ingest only).
 Role = Literal["single", "api", "worker"]
@@ -151,7 +152,7 @@ class Runtime:
         *,
         role: Role = "single",
         supervisor: Supervisor | None = None,
-        on_ready: Callable[[], None] | None = None,
+        link: WorkerLink | None = None,
         auth: TokenRegistry | None = None,
     ) -> None:
         self.settings = settings
@@ -160,7 +161,7 @@ class Runtime:
         self.redis = redis
         self.role = role
         self.supervisor = supervisor
-        self._on_ready = on_ready
+        self._link = link  # a worker's, to its supervisor
         self.should_exit = asyncio.Event()
         self.store: RedisStore | None = None
         self.http: HttpNode | None = None
@@ -258,8 +259,9 @@ class Runtime:
             self._log_ready()
             _tune_gc()
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-            if self._on_ready is not None:
-                self._on_ready()
+            if self._link is not None:
+                report = asyncio.create_task(self._report(self._link), name="report")
+                stack.callback(report.cancel)
             await self._until_exit()
             self._stopping = True
             logger.info("shutting down")
@@ -296,6 +298,22 @@ class Runtime:
         s = self.settings
         budget = s.grace_period + s.shutdown_flush_timeout + 10
         await asyncio.to_thread(supervisor.stop, budget)
+
+    async def _report(self, link: WorkerLink) -> None:
+        """A worker's readiness, for its supervisor's /readyz: serving from now on, and why
+        its ingest does not take traffic (an MQTT bridge down) or its commits fail (Redis
+        full, a broken instance), every WORKER_REPORT_INTERVAL_S. Shared memory, not the
+        figures published to Redis: a full Redis refuses those too."""
+        link.serving.set()
+        while True:
+            try:
+                reasons = self.ingest.not_ready() if self.ingest is not None else []
+                if self.ingest is not None and (error := self.ingest.redis_error):
+                    reasons.append(f"commits to Redis fail: {redact_url(error)}")
+                link.set_reasons(reasons)
+            except Exception:  # never die silently: log, and report again next time
+                logger.exception("reporting to the supervisor failed")
+            await asyncio.sleep(WORKER_REPORT_INTERVAL_S)
 
     def _log_ready(self) -> None:
         s = self.settings
@@ -490,7 +508,7 @@ def run(settings: Settings) -> int:
     return runtime.exit_code
 
 
-def worker_main(settings: Settings, redis_url: str, index: int, serving: EventType) -> None:
+def worker_main(settings: Settings, redis_url: str, index: int, link: WorkerLink) -> None:
     """One ingest worker of `serve --workers N` (a fresh interpreter: multiprocessing's
     spawn)."""
     setup_logging(
@@ -506,9 +524,7 @@ def worker_main(settings: Settings, redis_url: str, index: int, serving: EventTy
         settings = settings.model_copy(update={"mqtt_client_id": f"{base}-{index}"})
     try:
         auth = open_auth(settings)
-        runtime = Runtime(
-            settings, RedisServer(redis_url), role="worker", on_ready=serving.set, auth=auth
-        )
+        runtime = Runtime(settings, RedisServer(redis_url), role="worker", link=link, auth=auth)
         asyncio.run(runtime.serve())
     except StartupError as exc:
         logger.error("%s", exc)

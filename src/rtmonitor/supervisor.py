@@ -10,11 +10,14 @@ stops the workers (each in its ordered way) before it stops itself and Redis.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import SynchronizedString
 from multiprocessing.synchronize import Event as EventType
 
 from rtmonitor.config import Settings
@@ -25,8 +28,31 @@ RESTART_BACKOFF_START_S = 0.5
 RESTART_BACKOFF_MAX_S = 10.0
 # A worker that served this long before it died restarts after the first backoff again.
 RESTART_BACKOFF_RESET_S = 60.0
-# A worker's entry point: (settings, Redis URL, worker index, set once it serves gRPC).
-WorkerMain = Callable[[Settings, str, int, EventType], None]
+# Room for a worker's readiness reasons (bytes of UTF-8, cut beyond).
+REASONS_MAX_BYTES = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLink:
+    """What a worker tells its supervisor, through shared memory (no Redis: a full or
+    unreachable Redis is what it may have to say)."""
+
+    serving: EventType  # set once its gRPC server serves
+    reasons: SynchronizedString  # why it is not ready, one per line (empty: it is)
+
+    def set_reasons(self, reasons: list[str]) -> None:
+        data = "\n".join(reasons).encode()
+        if len(data) >= REASONS_MAX_BYTES:
+            data = data[: REASONS_MAX_BYTES - 4] + "…".encode()  # (a cut character: U+FFFD)
+        self.reasons.value = data
+
+    def get_reasons(self) -> list[str]:
+        text = self.reasons.value.decode(errors="replace")
+        return text.split("\n") if text else []
+
+
+# A worker's entry point: (settings, Redis URL, worker index, its link to the supervisor).
+WorkerMain = Callable[[Settings, str, int, WorkerLink], None]
 
 
 class Supervisor:
@@ -38,19 +64,25 @@ class Supervisor:
         self.target = target  # a module-level function: spawn pickles it by name
         self._ctx = multiprocessing.get_context("spawn")
         self.workers: list[BaseProcess | None] = [None] * settings.workers
-        # Set by each worker once its gRPC server serves: readiness waits for all of them
-        # (a worker that is alive but still starting must not be sent traffic).
-        self.serving: list[EventType] = [self._ctx.Event() for _ in range(settings.workers)]
+        # Readiness waits for every worker to serve (one alive but still starting must
+        # not be sent traffic), and says why a serving one is not ready (its commits fail,
+        # its MQTT bridge is down): each worker's link.
+        self.links = [
+            WorkerLink(self._ctx.Event(), self._ctx.Array(ctypes.c_char, REASONS_MAX_BYTES))
+            for _ in range(settings.workers)
+        ]
         self.restarts = 0
         self._stopping = False
         self._started = [0.0] * settings.workers  # each worker's last start (monotonic)
 
     def _start(self, index: int) -> None:
-        self.serving[index].clear()
+        link = self.links[index]
+        link.serving.clear()
+        link.set_reasons([])
         self._started[index] = time.monotonic()
         proc = self._ctx.Process(
             target=self.target,
-            args=(self.settings, self.redis_url, index, self.serving[index]),
+            args=(self.settings, self.redis_url, index, link),
             name=f"rtmonitor-worker-{index}",
         )
         proc.start()
@@ -64,10 +96,14 @@ class Supervisor:
     def not_ready(self) -> list[str]:
         """Readiness reasons from the workers (empty: all running)."""
         down = [i for i, w in enumerate(self.workers) if w is None or not w.is_alive()]
-        starting = [i for i, e in enumerate(self.serving) if i not in down and not e.is_set()]
+        up = [i for i in range(len(self.workers)) if i not in down]
+        starting = [i for i in up if not self.links[i].serving.is_set()]
         reasons = [f"ingest workers not running: {down}"] if down else []
         if starting:
             reasons.append(f"ingest workers still starting: {starting}")
+        for i in up:
+            if i not in starting:
+                reasons += [f"ingest worker {i}: {r}" for r in self.links[i].get_reasons()]
         return reasons
 
     async def watch(self) -> None:

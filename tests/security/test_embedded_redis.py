@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 from helpers import ServiceProcess, get_json, packet, stream_packets
 
@@ -198,11 +199,17 @@ def test_the_embedded_redis_data_is_this_users_only(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, (path, oct(path.stat().st_mode))
 
 
-def test_a_full_embedded_redis_refuses_writes_and_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_embedded_redis_refuses_writes_and_loses_nothing(
+    tmp_path: Path, workers: int
+) -> None:
     """--embedded-redis-maxmemory: past it Redis refuses writes (OOM); the service stays up,
-    says why it is not ready, holds the acks, and commits everything once there is room."""
+    says why it is not ready, holds the acks, and commits everything once there is room.
+    With --workers the worker whose commits fail tells its supervisor's /readyz (through
+    shared memory: a full Redis refuses the figures a worker publishes there too)."""
     port = free_port()
-    svc = embedded_service(tmp_path, "--embedded-redis-maxmemory", "2", port=port)
+    extra = ("--workers", str(workers)) if workers > 1 else ()
+    svc = embedded_service(tmp_path, "--embedded-redis-maxmemory", "2", *extra, port=port)
     try:
 
         async def main() -> tuple[int, int]:
@@ -218,10 +225,18 @@ def test_a_full_embedded_redis_refuses_writes_and_loses_nothing(tmp_path: Path) 
                 raise AssertionError("2 MB held 40,000 devices: maxmemory is not applied")
             async with httpx.AsyncClient(timeout=2) as http:
                 assert (await http.get(f"{svc.http}/healthz")).status_code == 200
-                ready = await http.get(f"{svc.http}/readyz")
-                assert ready.status_code == 503 and "OOM" in " ".join(ready.json()["reasons"])
+                for _ in range(20):  # (a worker reports every 0.5 s)
+                    ready = await http.get(f"{svc.http}/readyz")
+                    if ready.status_code == 503:
+                        break
+                    await asyncio.sleep(0.1)
+                reasons = " ".join(ready.json()["reasons"])
+                assert ready.status_code == 503 and "commits to Redis fail" in reasons
+                assert "OOM" in reasons
                 stats = (await http.get(f"{svc.http}/stats")).json()
-                assert "OOM" in stats["flush"]["redis_error"]
+                assert "OOM" in " ".join(stats["not_ready_reasons"])
+                if workers == 1:
+                    assert "OOM" in stats["flush"]["redis_error"]
             assert not pending.done()
             # The operator makes room (here: lifts the limit); the held acks come.
             client = redis.Redis(port=port, password=password_of(tmp_path))
@@ -234,6 +249,9 @@ def test_a_full_embedded_redis_refuses_writes_and_loses_nothing(tmp_path: Path) 
         assert acked == batches * 100
         totals = get_json(svc.http, "/metrics")["totals"]
         assert totals["packets"] == acked
-        assert httpx.get(f"{svc.http}/readyz").status_code == 200
+        deadline = time.monotonic() + 5  # (a worker's report may be 0.5 s old)
+        while (ready := httpx.get(f"{svc.http}/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, ready.json()
+            time.sleep(0.1)
     finally:
         svc.kill()

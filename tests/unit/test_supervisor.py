@@ -7,16 +7,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from multiprocessing.synchronize import Event as EventType
 
 import pytest
 
 from rtmonitor import supervisor
 from rtmonitor.config import Settings
-from rtmonitor.supervisor import Supervisor
+from rtmonitor.supervisor import Supervisor, WorkerLink
 
 
-def exits_at_once(settings: Settings, redis_url: str, index: int, serving: EventType) -> None:
+def exits_at_once(settings: Settings, redis_url: str, index: int, link: WorkerLink) -> None:
     """A worker that stops by itself with exit code 1 (spawned: found by its name)."""
     raise SystemExit(1)
 
@@ -53,3 +52,17 @@ def test_a_worker_that_had_served_a_while_restarts_after_the_first_backoff(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert _backoffs(0.0, monkeypatch, caplog) == [0.5, 0.5, 0.5]
+
+
+def test_a_workers_reasons_reach_the_supervisor_whole_or_cut_with_a_mark() -> None:
+    sup = Supervisor(Settings(workers=1), "redis://127.0.0.1:1", exits_at_once)
+    link = sup.links[0]
+    assert link.get_reasons() == []
+    link.set_reasons(["commits to Redis fail: OOM", "MQTT bridge to b:1883 is down"])
+    assert link.get_reasons() == ["commits to Redis fail: OOM", "MQTT bridge to b:1883 is down"]
+    link.set_reasons(["é" * 5000])  # two bytes each: cut, never refused
+    (reason,) = link.get_reasons()
+    assert reason.endswith("…") and len(reason.encode()) < supervisor.REASONS_MAX_BYTES
+    assert set(reason[:-1]) <= {"é", "\ufffd"}
+    link.set_reasons([])
+    assert link.get_reasons() == []
