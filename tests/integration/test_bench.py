@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -44,6 +45,33 @@ def test_bench_runs_and_verifies_exactly(tmp_path: Path) -> None:
         # the service's CPU until everything was committed (not the check's reads)
         for figure in ("service_cpu_ns_per_packet", "redis_us_per_merge"):
             assert isinstance(r[figure], int | float) and r[figure] > 0, (figure, r[figure])
+    # the load generator's window (StreamBatches only): 2 streams x 128 batches x 10,000
+    columns = results["columns"]
+    assert columns["window_packets"] == 2 * 128 * 10_000
+    assert 0 <= columns["window_wait_share"] <= 1 and columns["ack_latency_ms"] > 0
+    assert "window_packets" not in results["packets"]
+
+
+def test_send_reports_how_long_its_window_held_it_back(service: ServiceProcess) -> None:
+    """A stream that may have one batch unacknowledged waits for each ack (its commit: a
+    flush) nearly all the time; one paced well below what its window allows never does.
+    bench reports the share and says when it bounded the rate (WINDOW_BOUND_SHARE)."""
+
+    def load(**kw: object) -> dict[str, object]:
+        opts = SendSettings(
+            target=service.target, devices=10, duration=1.5, batch_size=100, streams=1,
+            progress=False, **kw,  # type: ignore[arg-type]
+        )  # fmt: skip
+        report = run_loop(send(opts))
+        assert report.errors == [] and report.accepted == report.sent
+        return report.as_dict()
+
+    tight = load(inflight=1)
+    assert cast(float, tight["window_wait_share"]) > 0.5, tight
+    assert cast(float, tight["ack_latency_ms"]) > 0
+    paced = load(inflight=64, rate=2000)  # a batch every 50 ms, acked within a flush or two
+    assert paced["window_wait_share"] == 0.0, paced
+    assert cast(float, paced["ack_latency_ms"]) > 0
 
 
 def test_a_first_round_registers_the_fleet_before_the_timed_load(tmp_path: Path) -> None:

@@ -145,6 +145,11 @@ class StreamResult:
     resent: int = 0
     reconnects: int = 0
     error: str | None = None
+    # StreamBatches: seconds the writer waited for a window slot (for the service's acks),
+    # and the time from each batch's write to its ack, summed over the batches acked.
+    window_wait_s: float = 0.0
+    ack_seconds: float = 0.0
+    acked_batches: int = 0
 
     @property
     def processed(self) -> int:
@@ -202,6 +207,8 @@ class SendReport:
         return {self.names[i]: c for i, c in enumerate(counts) if c}
 
     def as_dict(self) -> dict[str, Any]:
+        acked_batches = sum(s.acked_batches for s in self.streams)
+        waited = sum(s.window_wait_s for s in self.streams)
         return {
             "mode": self.mode,
             "sent": self.sent,
@@ -215,6 +222,16 @@ class SendReport:
             "resent_batches": sum(s.resent for s in self.streams),
             "reconnects": sum(s.reconnects for s in self.streams),
             "errors": self.errors,
+            # how much of the run the streams' writers waited for acks (1: all of it, the
+            # window bounded the rate), and how long an ack took on average
+            "window_wait_share": (
+                round(waited / (len(self.streams) * self.elapsed), 3) if self.elapsed else 0.0
+            ),
+            "ack_latency_ms": (
+                round(1000 * sum(s.ack_seconds for s in self.streams) / acked_batches, 1)
+                if acked_batches
+                else None
+            ),
         }
 
 
@@ -269,7 +286,8 @@ class _BatchStream:
         self.pace, self.counter = pace, counter
         self.producer = uuid.uuid4().hex
         self.metadata = ClientSecurity.of(opts).metadata
-        self.unacked: deque[tuple[int, bytes, int]] = deque()  # (batch id, message, packets)
+        # (batch id, message, packets, when it was first written)
+        self.unacked: deque[tuple[int, bytes, int, float]] = deque()
         self.next_id = 0
         self.pos = result.offset
         self.backoff = 0.05
@@ -324,8 +342,8 @@ class _BatchStream:
     ) -> None:
         """Resend what the last call left unacknowledged, then generate new batches."""
         result, opts, n = self.result, self.opts, self.n
-        for _, message, _ in list(self.unacked):
-            await window.acquire()
+        for _, message, _, _ in list(self.unacked):
+            await self._slot(window)
             if reader.done():
                 return
             await call.write(message)
@@ -336,25 +354,36 @@ class _BatchStream:
             pool = self.pool
             body = pool.columns_body(self.pos, m) if opts.columnar else pool.batch_body(self.pos, m)
             message = header + body
-            await window.acquire()
+            await self._slot(window)
             if reader.done():
                 return
             # Generated once: from here on it is resent until acknowledged, even if this
             # write fails.
-            self.unacked.append((self.next_id, message, m))
+            self.unacked.append((self.next_id, message, m, time.monotonic()))
             self.next_id += 1
             self.pos += m
             result.sent += m
             await call.write(message)
             await self.pace.wait(m)
 
+    async def _slot(self, window: asyncio.Semaphore) -> None:
+        """A window slot; the time spent waiting for one (for an ack) is the result's."""
+        if not window.locked():
+            await window.acquire()
+            return
+        since = time.monotonic()
+        await window.acquire()
+        self.result.window_wait_s += time.monotonic() - since
+
     async def _read_acks(self, call: Any, window: asyncio.Semaphore) -> None:
         result = self.result
         try:
             async for ack in call:
-                expected, _, _ = self.unacked.popleft()
+                expected, _, _, written = self.unacked.popleft()
                 if ack.batch_id != expected:
                     raise RuntimeError(f"ack for batch {ack.batch_id}, expected {expected}")
+                result.ack_seconds += time.monotonic() - written
+                result.acked_batches += 1
                 result.accepted += ack.accepted
                 result.rejected.update(dict(ack.rejected_by_reason))
                 result.duplicates += ack.duplicate
