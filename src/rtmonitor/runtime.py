@@ -264,6 +264,9 @@ class Runtime:
                 stack.callback(report.cancel)
             await self._until_exit()
             self._stopping = True
+            if self._link is not None:  # (its drain may take the grace period and more)
+                report.cancel()
+                self._link.set_reasons(["shutting down", *self._worker_reasons()])
             logger.info("shutting down")
         logger.info("stopped")
 
@@ -307,13 +310,19 @@ class Runtime:
         link.serving.set()
         while True:
             try:
-                reasons = self.ingest.not_ready() if self.ingest is not None else []
-                if self.ingest is not None and (error := self.ingest.redis_error):
-                    reasons.append(f"commits to Redis fail: {redact_url(error)}")
-                link.set_reasons(reasons)
+                link.set_reasons(self._worker_reasons())
             except Exception:  # never die silently: log, and report again next time
                 logger.exception("reporting to the supervisor failed")
             await asyncio.sleep(WORKER_REPORT_INTERVAL_S)
+
+    def _worker_reasons(self) -> list[str]:
+        ingest = self.ingest
+        if ingest is None:
+            return []
+        reasons = ingest.not_ready()
+        if error := ingest.redis_error:
+            reasons.append(f"commits to Redis fail: {redact_url(error)}")
+        return reasons
 
     def _log_ready(self) -> None:
         s = self.settings

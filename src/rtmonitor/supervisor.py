@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from multiprocessing.sharedctypes import SynchronizedString
 from multiprocessing.synchronize import Event as EventType
 
 from rtmonitor.config import Settings
@@ -38,12 +37,17 @@ class WorkerLink:
     unreachable Redis is what it may have to say)."""
 
     serving: EventType  # set once its gRPC server serves
-    reasons: SynchronizedString  # why it is not ready, one per line (empty: it is)
+    # Why it is not ready, one per line (empty: it is). Without a lock: a worker killed
+    # while it held one (the OOM killer) would hang every later read, and the HTTP loop
+    # with it. One writer; a read torn by a write says something odd once (decoded with
+    # replacement characters), and the next read is whole.
+    reasons: ctypes.Array[ctypes.c_char]
 
     def set_reasons(self, reasons: list[str]) -> None:
-        data = "\n".join(reasons).encode()
+        data = "\n".join(r.replace("\n", " ") for r in reasons).encode(errors="replace")
         if len(data) >= REASONS_MAX_BYTES:
-            data = data[: REASONS_MAX_BYTES - 4] + "…".encode()  # (a cut character: U+FFFD)
+            cut = data[: REASONS_MAX_BYTES - 4].decode(errors="ignore")  # (whole characters)
+            data = (cut + "…").encode()
         self.reasons.value = data
 
     def get_reasons(self) -> list[str]:
@@ -68,7 +72,7 @@ class Supervisor:
         # not be sent traffic), and says why a serving one is not ready (its commits fail,
         # its MQTT bridge is down): each worker's link.
         self.links = [
-            WorkerLink(self._ctx.Event(), self._ctx.Array(ctypes.c_char, REASONS_MAX_BYTES))
+            WorkerLink(self._ctx.Event(), self._ctx.RawArray(ctypes.c_char, REASONS_MAX_BYTES))
             for _ in range(settings.workers)
         ]
         self.restarts = 0

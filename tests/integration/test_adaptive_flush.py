@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import gc
+import multiprocessing
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from multiprocessing.sharedctypes import RawArray
 from typing import Any
 
 import pytest
@@ -32,6 +35,7 @@ from rtmonitor.runtime import RedisServer, Runtime
 from rtmonitor.storage.committer import RedisCommitter
 from rtmonitor.storage.embedded import EmbeddedRedis
 from rtmonitor.storage.store import RedisStore
+from rtmonitor.supervisor import REASONS_MAX_BYTES, WorkerLink
 
 APPLY_S = 0.25  # what one merge costs "Redis" here
 
@@ -356,7 +360,9 @@ def test_a_process_whose_instance_broke_stops_with_exit_code_1(
             host="127.0.0.1", grpc_port=0, http_port=0, flush_interval=0.05,
             dedupe_window=60, redis_url=redis_server.url,
         )  # fmt: skip
-        runtime = Runtime(settings, RedisServer(redis_server.url))
+        # (as a --workers worker: what it tells the supervisor's /readyz while it stops)
+        link = WorkerLink(multiprocessing.Event(), RawArray(ctypes.c_char, REASONS_MAX_BYTES))
+        runtime = Runtime(settings, RedisServer(redis_server.url), link=link)
         serving = asyncio.create_task(runtime.serve())
         while runtime.ingest is None or not runtime.ingest.serving:
             assert not serving.done(), serving
@@ -372,6 +378,9 @@ def test_a_process_whose_instance_broke_stops_with_exit_code_1(
             await ok.wait()
         assert runtime.exit_code == 1
         assert committer.events[:2] == [("prepare", 1), ("apply", 1)]
+        assert link.serving.is_set()
+        stopping, why = link.get_reasons()
+        assert stopping == "shutting down" and why.startswith("commits to Redis fail: flush ")
         # its journal is whole: replayed (here at once, not after its heartbeat), d0 counts
         async with RedisStore.from_url(redis_server.url, settings.key_prefix) as store:
             assert await store.recover(f"{flusher.instance_id}:1", "other", 60)

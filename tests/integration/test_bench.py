@@ -48,7 +48,7 @@ def test_bench_runs_and_verifies_exactly(tmp_path: Path) -> None:
     # the load generator's window (StreamBatches only): 2 streams x 128 batches x 10,000
     columns = results["columns"]
     assert columns["window_packets"] == 2 * 128 * 10_000
-    assert 0 <= columns["window_wait_share"] <= 1 and columns["ack_latency_ms"] > 0
+    assert 0 <= columns["window_wait_share"] < 1 and columns["ack_latency_ms"] > 0
     assert "window_packets" not in results["packets"]
 
 
@@ -66,11 +66,11 @@ def test_send_reports_how_long_its_window_held_it_back(service: ServiceProcess) 
         assert report.errors == [] and report.accepted == report.sent
         return report.as_dict()
 
-    tight = load(inflight=1)
-    assert cast(float, tight["window_wait_share"]) > 0.5, tight
+    tight = load(inflight=1)  # (writing a batch takes microseconds; its ack a flush)
+    assert cast(float, tight["window_wait_share"]) > 0.9, tight
     assert cast(float, tight["ack_latency_ms"]) > 0
     paced = load(inflight=64, rate=2000)  # a batch every 50 ms, acked within a flush or two
-    assert paced["window_wait_share"] == 0.0, paced
+    assert cast(float, paced["window_wait_share"]) < 0.2, paced  # (the last acks: waited)
     assert cast(float, paced["ack_latency_ms"]) > 0
 
 

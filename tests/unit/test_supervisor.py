@@ -60,9 +60,11 @@ def test_a_workers_reasons_reach_the_supervisor_whole_or_cut_with_a_mark() -> No
     assert link.get_reasons() == []
     link.set_reasons(["commits to Redis fail: OOM", "MQTT bridge to b:1883 is down"])
     assert link.get_reasons() == ["commits to Redis fail: OOM", "MQTT bridge to b:1883 is down"]
-    link.set_reasons(["é" * 5000])  # two bytes each: cut, never refused
+    link.set_reasons(["x" + "é" * 5000])  # two bytes each: cut inside one, never refused
     (reason,) = link.get_reasons()
-    assert reason.endswith("…") and len(reason.encode()) < supervisor.REASONS_MAX_BYTES
-    assert set(reason[:-1]) <= {"é", "\ufffd"}
+    assert reason.endswith("é…") and len(reason.encode()) < supervisor.REASONS_MAX_BYTES
+    assert reason[0] == "x" and set(reason[1:-1]) == {"é"}
+    link.set_reasons(["a\nb", "\udc80"])  # a line break inside one, a lone surrogate
+    assert link.get_reasons() == ["a b", "?"]
     link.set_reasons([])
     assert link.get_reasons() == []

@@ -692,7 +692,8 @@ def run_bench(opts: BenchSettings) -> int:
     opts.output.write_text(json.dumps(doc, indent=2) + "\n")
     _print_table(results)
     for r in results:
-        if r.get("window_wait_share", 0.0) >= WINDOW_BOUND_SHARE:
+        bound = r.get("window_wait_share", 0.0) >= WINDOW_BOUND_SHARE
+        if bound and r.get("ack_latency_ms") is not None:  # (None: no ack at all)
             console.print(
                 f"[yellow]{r['mode']}[/yellow]: the load generators waited for acks "
                 f"{r['window_wait_share']:.0%} of the time, with {r['window_packets']:,} "

@@ -145,9 +145,11 @@ class StreamResult:
     resent: int = 0
     reconnects: int = 0
     error: str | None = None
-    # StreamBatches: seconds the writer waited for a window slot (for the service's acks),
-    # and the time from each batch's write to its ack, summed over the batches acked.
+    # StreamBatches: seconds the stream waited for the service's acks (for a window slot,
+    # and for the last acks once all was written) of the seconds it ran, and the time from
+    # each batch's write to its ack, summed over the batches acked.
     window_wait_s: float = 0.0
+    span_s: float = 0.0
     ack_seconds: float = 0.0
     acked_batches: int = 0
 
@@ -209,6 +211,7 @@ class SendReport:
     def as_dict(self) -> dict[str, Any]:
         acked_batches = sum(s.acked_batches for s in self.streams)
         waited = sum(s.window_wait_s for s in self.streams)
+        span = sum(s.span_s for s in self.streams)
         return {
             "mode": self.mode,
             "sent": self.sent,
@@ -222,11 +225,9 @@ class SendReport:
             "resent_batches": sum(s.resent for s in self.streams),
             "reconnects": sum(s.reconnects for s in self.streams),
             "errors": self.errors,
-            # how much of the run the streams' writers waited for acks (1: all of it, the
-            # window bounded the rate), and how long an ack took on average
-            "window_wait_share": (
-                round(waited / (len(self.streams) * self.elapsed), 3) if self.elapsed else 0.0
-            ),
+            # how much of their time the streams waited for acks (1: all of it, the window
+            # bounded the rate), and how long an ack took on average
+            "window_wait_share": round(waited / span, 3) if span else 0.0,
             "ack_latency_ms": (
                 round(1000 * sum(s.ack_seconds for s in self.streams) / acked_batches, 1)
                 if acked_batches
@@ -294,6 +295,13 @@ class _BatchStream:
         self.last_progress = time.monotonic()
 
     async def run(self, channels: list[grpc.aio.Channel]) -> None:
+        started = time.monotonic()
+        try:
+            await self._run(channels)
+        finally:
+            self.result.span_s = time.monotonic() - started
+
+    async def _run(self, channels: list[grpc.aio.Channel]) -> None:
         attempt = 0
         while True:
             # Each reconnect moves on to the next target (a dead replica is left behind).
@@ -324,9 +332,13 @@ class _BatchStream:
         reader = asyncio.create_task(self._read_acks(call, window))
         try:
             await self._write(call, window, reader)
+            since = time.monotonic()  # (all written: what is left is waiting for the acks)
             if not reader.done():
                 await call.done_writing()
-            await reader
+            try:
+                await reader
+            finally:
+                self.result.window_wait_s += time.monotonic() - since
             return None if not self.unacked else "the stream ended with batches unacknowledged"
         except grpc.aio.AioRpcError as exc:
             return f"{exc.code().name}: {exc.details()}"
@@ -342,6 +354,10 @@ class _BatchStream:
     ) -> None:
         """Resend what the last call left unacknowledged, then generate new batches."""
         result, opts, n = self.result, self.opts, self.n
+        # (a resent batch's ack latency runs from its resend, not through the outage; no
+        # ack of this call can come before its first write)
+        now = time.monotonic()
+        self.unacked = deque((i, message, m, now) for i, message, m, _ in self.unacked)
         for _, message, _, _ in list(self.unacked):
             await self._slot(window)
             if reader.done():
