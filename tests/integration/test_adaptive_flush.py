@@ -241,17 +241,18 @@ def pour(
 
 
 async def _flush_steadily(
-    store: RedisStore, devices: int, *, concurrent_flush_once: bool = False
+    store: RedisStore, devices: int, *, concurrent_flush_once: bool = False, warm: int = 0
 ) -> tuple[SlowCommitter, list[CommitTracker]]:
     """30 one-packet batches, one every 20 ms, each asking for a flush at once, over
-    `devices` devices in turn; with `concurrent_flush_once`, flush_once() is called beside
-    run() all the while. Returns the committer (its events) and the trackers, all settled."""
+    `devices` devices in turn (after `warm` batches pending from the start); with
+    `concurrent_flush_once`, flush_once() is called beside run() all the while. Returns the
+    committer (its events) and the trackers, all settled."""
     agg = Aggregator()
     committer = SlowCommitter(store)
     flusher = Flusher(agg, committer, 0.05, dedupe_window_s=60, instance_id="o")
+    trackers = [submit(agg, ("w", n), f"d{n % devices}") for n in range(warm)]
     task = asyncio.create_task(flusher.run())
     extra: list[asyncio.Task[None]] = []
-    trackers = []
     for n in range(30):
         trackers.append(submit(agg, ("p", n), f"d{n % devices}"))
         flusher.request_flush()
@@ -263,7 +264,7 @@ async def _flush_steadily(
     await task
     assert all(settled(t) for t in trackers)
     counts = [r.packets for r in await store.get_devices([f"d{i}" for i in range(devices)])]
-    assert sum(counts) == 30 and len(set(counts)) == 1
+    assert sum(counts) == 30 + warm and len(set(counts)) == 1
     return committer, trackers
 
 
@@ -272,17 +273,41 @@ def _steps(events: list[tuple[str, int]]) -> tuple[list[int], dict[tuple[str, in
     return sorted({seq for _, seq in events}), {e: events.index(e) for e in events}
 
 
-def test_run_takes_the_next_flush_once_the_last_is_finalized(
+def test_where_each_packet_is_a_merge_the_next_flush_prepares_while_one_applies(
     redis_server: EmbeddedRedis,
 ) -> None:
-    """Batches asking for a flush every 20 ms while each takes 0.25 s: the next flush is
-    taken once the last is finalized, not while it applies (that made a fleet's flushes
-    smaller, so more device merges for the same packets, and no faster at a million
-    devices: benchmarks/RESULTS.md, fifteenth pass). Every batch counts once."""
+    """A device per batch (each packet a device merge, as a million devices sending once a
+    minute): while a flush applies (Redis busy for 0.25 s), the next one is taken, encoded
+    and prepared, so Redis is not left idle while this process encodes; it applies only
+    once the one before it is finalized (a merge call's marker skips what a later flush of
+    this instance applied). Every batch counts once."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "overlap") as store:
+            committer, _ = await _flush_steadily(store, 30)
+            seqs, at = _steps(committer.events)
+            assert len(seqs) >= 3
+            for before, after in zip(seqs, seqs[1:], strict=False):
+                assert at["finalized", before] < at["apply", after], committer.events
+            overlapped = [
+                s for b, s in zip(seqs, seqs[1:], strict=False)
+                if at["apply", b] < at["prepare", s] < at["finalized", b]
+            ]  # fmt: skip
+            assert len(overlapped) >= 2, committer.events
+
+    asyncio.run(main())
+
+
+def test_where_devices_send_several_packets_a_flush_gathers_until_the_last_is_done(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """Three devices sending in turn: a flush taken early would fold fewer packets into
+    each device merge (more merges for the same packets), so none begins before the one
+    before it is finalized."""
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "gather") as store:
-            committer, _ = await _flush_steadily(store, 30)
+            committer, _ = await _flush_steadily(store, 3, warm=9)
             seqs, at = _steps(committer.events)
             assert len(seqs) >= 3
             for before, after in zip(seqs, seqs[1:], strict=False):
@@ -292,9 +317,8 @@ def test_run_takes_the_next_flush_once_the_last_is_finalized(
 
 
 def test_flush_once_beside_run_applies_in_order(redis_server: EmbeddedRedis) -> None:
-    """flush_once() called while run() has a flush applying: it takes, encodes and
-    prepares its own at once, and applies it only after the one begun before it is done,
-    whoever began that one (a merge call skips what a later flush's marker says)."""
+    """flush_once() called while run() has a flush applying and the next one preparing:
+    each flush still applies after the one begun before it, whoever called it."""
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "beside") as store:

@@ -33,6 +33,13 @@ BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
 # The pace is the slowest of this many last big flushes (see Flusher.merge_rate).
 PACE_FLUSHES = 3
+# The next flush is begun while one applies only where its packets are about its device
+# merges (a million devices, each sending about once per flush): there, merging later
+# folds no packets together, and Redis should not wait for this process's encoding.
+# Where devices send several packets per flush (100,000 devices at a million packets/s),
+# a flush begun early is smaller, so more merges for the same packets (benchmarks/
+# RESULTS.md, fifteenth pass).
+OVERLAP_MAX_FOLD = 1.5
 T = TypeVar("T")
 # Backoff jitter from a generator of our own, never the process-global random state.
 _JITTER = random.Random()
@@ -83,12 +90,15 @@ class Flusher:
       3. finalize: mark the ids committed (for the dedupe window), delete the journal.
     If the instance dies between 1 and 3, another replays the journal (pipeline/recovery.py).
 
+    Where a flush's packets are about its device merges (OVERLAP_MAX_FOLD), run() takes,
+    encodes and prepares the next flush while one applies, so Redis does not wait for the
+    encoding (a fifth of a flush at a million devices): there it gave ~10% more packets/s
+    and a fresh p99 a second or two shorter, with less memory (benchmarks/RESULTS.md,
+    seventeenth pass; on a machine shared with other loads, no more packets/s: fifteenth).
     A flush applies once the one begun before it is done, whoever began it: a merge call
     skips what its marker says a later flush of this instance applied, so applies go in
-    sequence order. (Beginning the next flush while one applied, so that Redis need not
-    wait for this process's encoding, made no difference to a million devices' packets/s
-    on two cores and made a fleet's flushes smaller: benchmarks/RESULTS.md, fifteenth
-    pass.)
+    sequence order, and at most two flushes are in progress (`inflight_packets`,
+    `inflight_entries` count both).
     """
 
     def __init__(
@@ -112,10 +122,14 @@ class Flusher:
         self.stats = FlushStats(interval_s=interval)
         # Unique per process start: markers and journals of instances never collide.
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
-        # The flushes taken from the aggregator and not yet committed (run() has one at a
-        # time; a flush_once() beside it, another).
+        # The flushes taken from the aggregator and not yet committed: run() has at most
+        # two, one applying (its task) while the next encodes and prepares; a flush_once()
+        # beside it, another.
         self._inflight: list[_Flush] = []
+        self._applying: asyncio.Task[None] | None = None
         self._last: asyncio.Future[None] | None = None  # the latest flush's `done`
+        # Packets per device merge of the latest flush committed (OVERLAP_MAX_FOLD)
+        self._fold = float("inf")
         # Why this instance commits nothing more (a flush that may have journaled was
         # given up: see _give_up), else None; `broken` is set with it (not while stopping):
         # the runtime then stops this process, so that a fresh one takes over.
@@ -151,8 +165,21 @@ class Flusher:
 
     async def run(self) -> None:
         """Flush on every tick until stop(), then once more (the final flush)."""
+        try:
+            await self._run()
+        finally:
+            if self._applying is not None:  # cancelled: the flush applying goes with it
+                self._applying.cancel()
+                await asyncio.gather(self._applying, return_exceptions=True)
+                self._applying = None
+
+    async def _run(self) -> None:
         next_tick = time.monotonic() + self.interval
         while not self._stopping:
+            if self._fold > OVERLAP_MAX_FOLD:
+                # Devices send several packets per flush: the longer the next one gathers,
+                # the more packets each of its merges folds together. Not begun early.
+                await self._settle()
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_tick - time.monotonic()))
             except TimeoutError:
@@ -162,11 +189,22 @@ class Flusher:
             if self._stopping:
                 break
             started = time.monotonic()
+            # This flush encodes and prepares while the one before it applies (if any); it
+            # applies once that one is done.
             try:
-                await self.flush_once()
+                flush = await self._begin()
             except Exception:  # never die silently: log, and try again next tick
                 logger.exception("flush failed unexpectedly")
-            next_tick = started + self._next_interval(time.monotonic() - started, requested)
+                flush = None
+            try:
+                await self._settle()
+            finally:  # (a prepared flush is always finished: applied, or given up)
+                if flush is not None:
+                    self._applying = asyncio.create_task(self._finish(flush))
+            # (the interval stretches with the last committed flush's own time)
+            elapsed = self.stats.last_flush_seconds if flush is not None else 0.0
+            next_tick = started + self._next_interval(elapsed, requested or flush is None)
+        await self._settle()
         await self.flush_once()
         # Batches carried over at the very end (their id pending elsewhere) are not acked.
         _, _, leftover = self.aggregator.swap()
@@ -182,9 +220,15 @@ class Flusher:
         interval = min(max(self.interval, self.stretch * elapsed), self.interval_max)
         stats = self.stats
         stats.interval_s = round(interval, 3)
-        if interval > self.interval and not requested:
+        if interval > self.interval and not requested:  # (requested: or nothing was taken)
             stats.stretched_flushes += 1
         return interval
+
+    async def _settle(self) -> None:
+        """Wait for the flush run() left applying, if any (_finish never raises)."""
+        task, self._applying = self._applying, None
+        if task is not None:
+            await task
 
     def stop(self, deadline_s: float) -> None:
         """End the timer loop; run() then makes its final flush, retrying up to `deadline_s`.
@@ -274,6 +318,7 @@ class Flusher:
         committed = flush.delta.packets + sum(b.packets for b in flush.fresh)
         stats.packets_committed += committed
         stats.devices_committed += merges
+        self._fold = committed / merges if merges else float("inf")
         stats.last_flush_ms = int(time.time() * 1000)
         stats.last_flush_seconds = elapsed
         for tracker, items in flush.trackers.items():

@@ -579,9 +579,9 @@ class RedisStore:
 
         One per instance, the next once it is replayed: an instance's flushes apply in
         sequence order (a merge call skips what its marker says a later flush applied), and
-        so must their replays. (An instance leaves one as a rule; a flush_once() beside its
-        flusher's run() may leave two, and two live instances replaying them at once would
-        make the earlier one's calls skip.)"""
+        so must their replays. (An instance may leave two: its flusher prepares the next
+        flush while one applies, and two live instances replaying them at once would make
+        the earlier one's calls skip.)"""
         client = cast(aioredis.Redis, self.client)
         flush_ids = cast(list[str], await client.zrange(self.layout.journals, 0, -1))
         # (instance, seq, flush id), by instance then sequence
