@@ -499,6 +499,48 @@ def test_a_flusher_cancelled_while_applying_leaves_nothing_waiting(
     asyncio.run(main())
 
 
+def test_a_flusher_cancelled_while_one_applies_and_the_next_is_prepared_strands_neither(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """One device per batch, so the next flush prepares while one applies; run() cancelled
+    then: the senders of both get an error, nothing stays in flight, and a flush after
+    them does not wait for ever for the one begun before it."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "cancel2") as store:
+            agg = Aggregator()
+            committer = SlowCommitter(store)
+            flusher = Flusher(agg, committer, 0.05, dedupe_window_s=60, instance_id="c2")
+            task = asyncio.create_task(flusher.run())
+            first = submit(agg, ("p", 0), "d0")
+            flusher.request_flush()
+            await asyncio.wait_for(first.wait(), 5)  # (one packet per merge from now on)
+            applying = submit(agg, ("p", 1), "d1")
+            flusher.request_flush()
+            while ("apply", 2) not in committer.events:
+                await asyncio.sleep(0.01)
+            prepared = submit(agg, ("p", 2), "d2")
+            flusher.request_flush()
+            while ("prepare", 3) not in committer.events:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # (its prepare done; flush 2 applies for 0.25 s)
+            assert ("finalized", 2) not in committer.events, committer.events
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            for tracker in (applying, prepared):
+                with pytest.raises(CommitFailed):
+                    await asyncio.wait_for(tracker.wait(), 1)
+            assert flusher.inflight_packets == 0 and flusher.inflight_entries == 0
+            later = submit(agg, ("p", 3), "d3")
+            await asyncio.wait_for(flusher.flush_once(), 2)
+            with pytest.raises(CommitFailed):
+                await later.wait()
+            assert ("apply", 3) not in committer.events
+
+    asyncio.run(main())
+
+
 def test_an_idle_flusher_does_not_stay_stretched(redis_server: EmbeddedRedis) -> None:
     """After a slow flush the interval is stretched; once there is nothing to flush it is
     back to --flush-interval (an idle tick counts as a flush of no time), and idle ticks

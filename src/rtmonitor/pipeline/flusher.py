@@ -127,6 +127,7 @@ class Flusher:
         # beside it, another.
         self._inflight: list[_Flush] = []
         self._applying: asyncio.Task[None] | None = None
+        self._finalized_at = 0.0  # when the last flush was (monotonic: its pace's span)
         self._last: asyncio.Future[None] | None = None  # the latest flush's `done`
         # Packets per device merge of the latest flush committed (OVERLAP_MAX_FOLD)
         self._fold = float("inf")
@@ -176,10 +177,6 @@ class Flusher:
     async def _run(self) -> None:
         next_tick = time.monotonic() + self.interval
         while not self._stopping:
-            if self._fold > OVERLAP_MAX_FOLD:
-                # Devices send several packets per flush: the longer the next one gathers,
-                # the more packets each of its merges folds together. Not begun early.
-                await self._settle()
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_tick - time.monotonic()))
             except TimeoutError:
@@ -198,10 +195,18 @@ class Flusher:
                 flush = None
             try:
                 await self._settle()
-            finally:  # (a prepared flush is always finished: applied, or given up)
+            except BaseException as exc:  # cancelled: this one is given up, never stranded
                 if flush is not None:
-                    self._applying = asyncio.create_task(self._finish(flush))
-            # (the interval stretches with the last committed flush's own time)
+                    self._give_up(flush, exc, prepared=flush.journaled)
+                raise
+            if flush is not None:
+                self._applying = asyncio.create_task(self._finish(flush))
+                if self._fold > OVERLAP_MAX_FOLD:
+                    # Devices send several packets per flush: the longer the next one
+                    # gathers, the more packets each of its merges folds together. Not
+                    # begun early (and the interval stretches with this flush's own time).
+                    await self._settle()
+            # (the interval stretches with the last committed flush's time)
             elapsed = self.stats.last_flush_seconds if flush is not None else 0.0
             next_tick = started + self._next_interval(elapsed, requested or flush is None)
         await self._settle()
@@ -308,10 +313,15 @@ class Flusher:
         """A flush is committed: its stats, its senders' acks, its carried-over batches."""
         stats = self.stats
         elapsed, merges = flush.busy, flush.merges
+        # Its pace's span: from its start, or from the last flush's end if it began while
+        # that one applied (its prepare then waited behind that apply in Redis: counting
+        # the overlap in both would understate the pace, and so the budget).
+        now = time.monotonic()
+        span, self._finalized_at = now - max(flush.started, self._finalized_at), now
         # (a flush that waited for Redis to come back says nothing of its pace)
         waited = stats.commit_errors != flush.errors
-        if not waited and merges >= self.pace_min_merges and elapsed > 0:
-            self._paces.append(merges / elapsed)
+        if not waited and merges >= self.pace_min_merges and span > 0:
+            self._paces.append(merges / span)
             self.merge_rate = min(self._paces)
         self._inflight.remove(flush)
         stats.flushes += 1
