@@ -467,6 +467,30 @@ def test_a_bug_in_acknowledging_a_flush_stops_nothing_after_it(
     asyncio.run(main())
 
 
+async def _cancelled_leaves_nothing_waiting(
+    task: asyncio.Task[None],
+    flusher: Flusher,
+    committer: SlowCommitter,
+    trackers: list[CommitTracker],
+) -> None:
+    """Cancel run() (`task`): the senders of its flushes under way get an error, nothing
+    stays in flight, and a flush after them neither waits for them nor applies (their
+    journals may be half applied: their replay comes first)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    for tracker in trackers:
+        with pytest.raises(CommitFailed):
+            await asyncio.wait_for(tracker.wait(), 1)
+    assert flusher.inflight_packets == 0 and flusher.inflight_entries == 0
+    seq = max(seq for _, seq in committer.events) + 1
+    later = submit(flusher.aggregator, ("later", 0), "later")
+    await asyncio.wait_for(flusher.flush_once(), 2)
+    with pytest.raises(CommitFailed):
+        await later.wait()
+    assert ("apply", seq) not in committer.events
+
+
 def test_a_flusher_cancelled_while_applying_leaves_nothing_waiting(
     redis_server: EmbeddedRedis,
 ) -> None:
@@ -484,17 +508,7 @@ def test_a_flusher_cancelled_while_applying_leaves_nothing_waiting(
             flusher.request_flush()
             while ("apply", 1) not in committer.events:
                 await asyncio.sleep(0.01)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            with pytest.raises(CommitFailed):
-                await asyncio.wait_for(first.wait(), 1)
-            assert flusher.inflight_packets == 0 and flusher.inflight_entries == 0
-            later = submit(agg, ("p", 1), "d1")
-            await asyncio.wait_for(flusher.flush_once(), 2)
-            with pytest.raises(CommitFailed):
-                await later.wait()
-            assert ("apply", 2) not in committer.events
+            await _cancelled_leaves_nothing_waiting(task, flusher, committer, [first])
 
     asyncio.run(main())
 
@@ -525,18 +539,7 @@ def test_a_flusher_cancelled_while_one_applies_and_the_next_is_prepared_strands_
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.05)  # (its prepare done; flush 2 applies for 0.25 s)
             assert ("finalized", 2) not in committer.events, committer.events
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            for tracker in (applying, prepared):
-                with pytest.raises(CommitFailed):
-                    await asyncio.wait_for(tracker.wait(), 1)
-            assert flusher.inflight_packets == 0 and flusher.inflight_entries == 0
-            later = submit(agg, ("p", 3), "d3")
-            await asyncio.wait_for(flusher.flush_once(), 2)
-            with pytest.raises(CommitFailed):
-                await later.wait()
-            assert ("apply", 3) not in committer.events
+            await _cancelled_leaves_nothing_waiting(task, flusher, committer, [applying, prepared])
 
     asyncio.run(main())
 
