@@ -317,12 +317,13 @@ class Runtime:
 
     def _worker_reasons(self) -> list[str]:
         ingest = self.ingest
-        if ingest is None:
-            return []
-        reasons = ingest.not_ready()
-        if error := ingest.redis_error:
-            reasons.append(f"commits to Redis fail: {redact_url(error)}")
-        return reasons
+        return [] if ingest is None else ingest.not_ready() + self._failing_commits()
+
+    def _failing_commits(self) -> list[str]:
+        """Why this process's commits fail, if they do: Redis up but refusing them (full:
+        OOM; acks wait, receivers are pushed back), or a broken instance."""
+        error = self.ingest.redis_error if self.ingest is not None else None
+        return [f"commits to Redis fail: {redact_url(error)}"] if error else []
 
     def _log_ready(self) -> None:
         s = self.settings
@@ -363,9 +364,8 @@ class Runtime:
             reasons.append("Redis is not connected yet")
         elif (error := await self.store.ping()) is not None:
             reasons.append(f"Redis is unreachable: {redact_url(error)}")
-        elif self.ingest is not None and (error := self.ingest.redis_error):
-            # Up but failing commits, e.g. full (OOM): acks wait, receivers are pushed back.
-            reasons.append(f"commits to Redis fail: {redact_url(error)}")
+        else:
+            reasons += self._failing_commits()
         return reasons
 
     async def stats(self) -> ServiceStats:

@@ -13,7 +13,7 @@ from typing import cast
 import grpc
 import pytest
 import redis
-from helpers import ServiceProcess
+from helpers import ServiceProcess, load
 
 from rtmonitor.config import SendSettings
 from rtmonitor.loadgen import sender
@@ -57,19 +57,17 @@ def test_send_reports_how_long_its_window_held_it_back(service: ServiceProcess) 
     flush) nearly all the time; one paced well below what its window allows never does.
     bench reports the share and says when it bounded the rate (WINDOW_BOUND_SHARE)."""
 
-    def load(**kw: object) -> dict[str, object]:
-        opts = SendSettings(
-            target=service.target, devices=10, duration=1.5, batch_size=100, streams=1,
-            progress=False, **kw,  # type: ignore[arg-type]
-        )  # fmt: skip
+    def window(inflight: int, rate: float | None) -> dict[str, object]:
+        opts = load(service.target, devices=10, duration=1.5, batch_size=100, streams=1,
+                    inflight=inflight, rate=rate)  # fmt: skip
         report = run_loop(send(opts))
         assert report.errors == [] and report.accepted == report.sent
         return report.as_dict()
 
-    tight = load(inflight=1)  # (writing a batch takes microseconds; its ack a flush)
+    tight = window(1, None)  # (writing a batch takes microseconds; its ack a flush)
     assert cast(float, tight["window_wait_share"]) > 0.9, tight
     assert cast(float, tight["ack_latency_ms"]) > 0
-    paced = load(inflight=64, rate=2000)  # a batch every 50 ms, acked within a flush or two
+    paced = window(64, 2000)  # a batch every 50 ms, acked within a flush or two
     assert cast(float, paced["window_wait_share"]) < 0.2, paced  # (the last acks: waited)
     assert cast(float, paced["ack_latency_ms"]) > 0
 
