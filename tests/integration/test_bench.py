@@ -16,7 +16,7 @@ import redis
 from helpers import ServiceProcess, load
 
 from rtmonitor.config import SendSettings
-from rtmonitor.loadgen import sender
+from rtmonitor.loadgen import bench, sender
 from rtmonitor.loadgen.sender import run_loop, send
 from rtmonitor.storage.embedded import EmbeddedRedis, free_port
 
@@ -42,6 +42,7 @@ def test_bench_runs_and_verifies_exactly(tmp_path: Path) -> None:
         assert r["freshness_ms_samples"] > 0 and r["freshness_ms_p99"] >= r["freshness_ms_p50"]
         assert r["get_device_ms_samples"] > 0 and r["peak_rss_mb"] > 0
         assert isinstance(r["redis_bytes_per_device"], int)
+        assert isinstance(r["redis_forks"], int) and isinstance(r["redis_stalls"], dict)
         # the service's CPU until everything was committed (not the check's reads)
         for figure in ("service_cpu_ns_per_packet", "redis_us_per_merge"):
             assert isinstance(r[figure], int | float) and r[figure] > 0, (figure, r[figure])
@@ -118,6 +119,31 @@ def test_a_sends_time_starts_once_its_packets_are_built(
     assert report.errors == [] and report.accepted == 1000
     assert report.started_at >= called + 1.0
     assert report.started_at + report.elapsed <= ended + 0.01
+
+
+def test_bench_reports_what_stalled_redis_and_puts_its_threshold_back(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """Redis's latency monitor, started afresh for the timed load: a command that holds
+    Redis for 0.3 s is reported as a stall of at least that, with the second it happened
+    in; one of 12 ms (under STALL_THRESHOLD_MS) or before the start is not; the threshold
+    Redis had before is put back."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    busy = "local t = redis.call('TIME') local s = t[1] + t[2] / 1e6 repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - s > tonumber(ARGV[1])"  # noqa: E501
+    client.config_set("latency-monitor-threshold", 7)
+    client.eval(busy, 0, 0.05)  # (before the start)
+    had = bench._watch_stalls(redis_server.url)
+    assert had == "7"
+    client.eval(busy, 0, 0.012)
+    assert bench._stalls(redis_server.url, had) == {"redis_stalls": {}}
+    had = bench._watch_stalls(redis_server.url)
+    client.eval(busy, 0, 0.3)
+    stalls = bench._stalls(redis_server.url, had)["redis_stalls"]
+    assert set(stalls) == {"command"}
+    assert stalls["command"]["max_ms"] >= 300 and stalls["command"]["seconds"] == 1
+    assert client.config_get("latency-monitor-threshold")["latency-monitor-threshold"] == "7"
+    # a Redis that refuses CONFIG: nothing watched, nothing reported
+    assert bench._stalls(redis_server.url, None) == {}
 
 
 def test_the_seed_baseline_counts_what_send_sends(redis_server: EmbeddedRedis) -> None:

@@ -48,6 +48,12 @@ PROBE_DEVICE = "bench-probe"
 # window (packets in flight over the ack latency), not the service (RESULTS.md, seventh
 # and seventeenth passes): the bench says so under its table.
 WINDOW_BOUND_SHARE = 0.5
+# Redis's own record of what held it up (its latency monitor), from this many ms: Redis
+# runs one thing at a time, so while it is stalled (an AOF write, a rewrite's last diff, a
+# fork, a long command) every read and write waits. Stalls from STALL_NOTE_MS are said
+# under the table: they are where a read's p99 comes from.
+STALL_THRESHOLD_MS = 20
+STALL_NOTE_MS = 100
 
 
 def _sender_main(options: dict[str, Any]) -> dict[str, Any]:
@@ -308,14 +314,48 @@ def _senders_options(
 
 
 def _redis_work(url: str) -> dict[str, float]:
-    """Redis's CPU seconds so far (user + system, every command) and memory in use."""
+    """Redis's CPU seconds so far (user + system, every command), memory in use and forks
+    (AOF rewrites, snapshots)."""
     with redis.Redis.from_url(url, decode_responses=True) as client:
         cpu = cast(dict[str, Any], client.info("cpu"))
         memory = cast(dict[str, Any], client.info("memory"))
+        stats = cast(dict[str, Any], client.info("stats"))
     return {
         "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
         "memory": float(memory["used_memory"]),
+        "forks": float(stats.get("total_forks", 0)),  # (Redis 6.0 and later)
     }
+
+
+def _watch_stalls(url: str) -> str | None:
+    """Start Redis's latency monitor afresh (from STALL_THRESHOLD_MS); the threshold it had,
+    for _stalls to put back, or None where this Redis refuses (CONFIG or LATENCY renamed
+    or denied, as some managed ones do)."""
+    try:
+        with redis.Redis.from_url(url, decode_responses=True) as client:
+            had = str(client.config_get("latency-monitor-threshold")["latency-monitor-threshold"])
+            client.config_set("latency-monitor-threshold", STALL_THRESHOLD_MS)
+            client.latency_reset()
+    except (redis.RedisError, KeyError):
+        return None
+    return had
+
+
+def _stalls(url: str, had: str | None) -> dict[str, Any]:
+    """What stalled Redis since _watch_stalls, by event: the longest, in ms, and the seconds
+    in which it stalled over STALL_THRESHOLD_MS (its history holds one per second)."""
+    if had is None:
+        return {}
+    stalls: dict[str, dict[str, int]] = {}
+    try:
+        with redis.Redis.from_url(url, decode_responses=True) as client:
+            for event, _at, _latest, longest in client.latency_latest():
+                seconds = len(client.latency_history(event))
+                stalls[str(event)] = {"max_ms": int(longest), "seconds": seconds}
+            client.config_set("latency-monitor-threshold", had)
+    except redis.RedisError:
+        return {}
+    return {"redis_stalls": stalls}
 
 
 def _cpu_per_packet(svc: ServeProcess, cpu_at_start: float, acked: int) -> dict[str, Any]:
@@ -374,6 +414,7 @@ def _merge_cost(
         # (of the timed load: where its flushes' time went)
         "flush_step_s": {k: round(v - baseline.steps.get(k, 0.0), 2) for k, v in steps.items()},
         "redis_cpu_s": round(cpu_s, 2),
+        "redis_forks": round(after.get("forks", 0) - before.get("forks", 0)),
         "redis_us_per_merge": round(cpu_s * 1e6 / merges, 2) if merges else None,
         "redis_bytes_per_device": round((after["memory"] - baseline.memory) / devices),
     }
@@ -444,6 +485,7 @@ def run_mode(
             baseline, result = _first_round(opts, mode, svc, target, baseline.memory)
         cpu_at_start = _service_cpu_s(svc.proc.pid)
         work_before = _redis_work(redis_url)
+        stalls = None if noop else _watch_stalls(redis_url)
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
         with _sender_pool(opts) as pool:
             futures = [
@@ -479,7 +521,7 @@ def run_mode(
         )
         if not noop:
             console.print(f"  {label}: verifying {acked:,} packets device by device")
-            work = (work_before, baseline)
+            work = (work_before, baseline, stalls)
             result.update(_check(opts, svc, senders, redis_url, work, probes, cpu_at_start))
         else:
             result.update(_cpu_per_packet(svc, cpu_at_start, acked))
@@ -509,23 +551,23 @@ def _check(
     svc: ServeProcess,
     senders: list[dict[str, Any]],
     redis_url: str,
-    work: tuple[dict[str, float], _Baseline],
+    work: tuple[dict[str, float], _Baseline, str | None],
     probes: dict[str, list[float]],
     cpu_at_start: float,
 ) -> dict[str, Any]:
     """The exact check, Redis's and the service's work, and the probes' percentiles."""
-    work_before, baseline = work
+    work_before, baseline, stalls = work
     acked = sum(s["summary"]["accepted"] for s in senders)
     first_send = min(s["started"] for s in senders)
     work_after: dict[str, float] = {}
     cpu: dict[str, Any] = {}
 
     def committed() -> None:
-        # Both taken once every packet is in Redis, before the check reads every device
+        # All taken once every packet is in Redis, before the check reads every device
         # back through the service: at a million devices those reads cost the service
         # more CPU than ingesting the packets.
         work_after.update(_redis_work(redis_url))
-        cpu.update(_cpu_per_packet(svc, cpu_at_start, acked))
+        cpu.update(_cpu_per_packet(svc, cpu_at_start, acked) | _stalls(redis_url, stalls))
 
     result = _verify(svc, senders, acked, first_send, committed, baseline)
     result.update(cpu)
@@ -703,8 +745,24 @@ def run_bench(opts: BenchSettings) -> int:
                 "bound of the load generators. More --streams (or --inflight, or bigger "
                 "batches) measure the service."
             )
+        _note_stalls(r)
     console.print(f"written to {opts.output}")
     return 0 if all(r.get("exact") for r in results) else 1
+
+
+def _note_stalls(result: dict[str, Any]) -> None:
+    """Say under the table where Redis stalled for STALL_NOTE_MS or more during a mode."""
+    long = {e: s for e, s in result.get("redis_stalls", {}).items() if s["max_ms"] >= STALL_NOTE_MS}
+    if long:
+        said = ", ".join(
+            f"{e} up to {s['max_ms']:,} ms ({s['seconds']} s over {STALL_THRESHOLD_MS} ms)"
+            for e, s in sorted(long.items(), key=lambda item: -item[1]["max_ms"])
+        )
+        console.print(
+            f"[yellow]{result['mode']}[/yellow]: Redis stalled during the load: {said}; "
+            f"{result.get('redis_forks', 0)} fork(s) (AOF rewrites). Every read and write "
+            "waited meanwhile (Redis's LATENCY events)."
+        )
 
 
 def _print_table(results: list[dict[str, Any]]) -> None:
