@@ -122,27 +122,36 @@ def test_a_sends_time_starts_once_its_packets_are_built(
 
 
 def test_bench_reports_what_stalled_redis_and_puts_its_threshold_back(
-    redis_server: EmbeddedRedis,
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Redis's latency monitor, started afresh for the timed load: a command that holds
-    Redis for 0.3 s is reported as a stall of at least that, with the second it happened
-    in; one of 12 ms (under STALL_THRESHOLD_MS) or before the start is not; the threshold
-    Redis had before is put back."""
+    """Redis's latency monitor, watched for the timed load: a command that holds Redis for
+    0.3 s is reported as a stall of at least that, with the second it happened in; one from
+    before the watch is not, and Redis's history of it is left alone; the threshold Redis had
+    is put back, also when reading the stalls fails."""
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     busy = "local t = redis.call('TIME') local s = t[1] + t[2] / 1e6 repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - s > tonumber(ARGV[1])"  # noqa: E501
-    client.config_set("latency-monitor-threshold", 7)
-    client.eval(busy, 0, 0.05)  # (before the start)
-    had = bench._watch_stalls(redis_server.url)
-    assert had == "7"
-    client.eval(busy, 0, 0.012)
-    assert bench._stalls(redis_server.url, had) == {"redis_stalls": {}}
-    had = bench._watch_stalls(redis_server.url)
+    threshold = "latency-monitor-threshold"
+    client.config_set(threshold, 7)
+    client.eval(busy, 0, 0.05)  # (before the watch, in an earlier second)
+    time.sleep(1.1)
+    watch = bench._watch_stalls(redis_server.url)
+    assert watch is not None and watch.had == "7"
+    assert client.config_get(threshold)[threshold] == str(bench.STALL_THRESHOLD_MS)
+    assert bench._stalls(redis_server.url, watch) == {"redis_stalls": {}}
     client.eval(busy, 0, 0.3)
-    stalls = bench._stalls(redis_server.url, had)["redis_stalls"]
+    stalls = bench._stalls(redis_server.url, watch)["redis_stalls"]
     assert set(stalls) == {"command"}
     assert stalls["command"]["max_ms"] >= 300 and stalls["command"]["seconds"] == 1
-    assert client.config_get("latency-monitor-threshold")["latency-monitor-threshold"] == "7"
-    # a Redis that refuses CONFIG: nothing watched, nothing reported
+    assert len(client.latency_history("command")) == 2  # (the operator's sample is kept)
+    bench._unwatch_stalls(redis_server.url, watch)
+    assert client.config_get(threshold)[threshold] == "7"
+    # a reply it cannot read (or a Redis that refuses): nothing reported, threshold put back
+    watch = bench._watch_stalls(redis_server.url)
+    monkeypatch.setattr(redis.Redis, "latency_latest", lambda self: [["command"]])
+    monkeypatch.setattr(redis.Redis, "latency_history", lambda self, event: [["x"]])
+    assert bench._stalls(redis_server.url, watch) == {}
+    bench._unwatch_stalls(redis_server.url, watch)
+    assert client.config_get(threshold)[threshold] == "7"
     assert bench._stalls(redis_server.url, None) == {}
 
 

@@ -54,6 +54,7 @@ WINDOW_BOUND_SHARE = 0.5
 # under the table: they are where a read's p99 comes from.
 STALL_THRESHOLD_MS = 20
 STALL_NOTE_MS = 100
+STALL_HISTORY = 160  # (LATENCY HISTORY's length, in seconds)
 
 
 def _sender_main(options: dict[str, Any]) -> dict[str, Any]:
@@ -327,35 +328,54 @@ def _redis_work(url: str) -> dict[str, float]:
     }
 
 
-def _watch_stalls(url: str) -> str | None:
-    """Start Redis's latency monitor afresh (from STALL_THRESHOLD_MS); the threshold it had,
-    for _stalls to put back, or None where this Redis refuses (CONFIG or LATENCY renamed
-    or denied, as some managed ones do)."""
+@dataclass(frozen=True, slots=True)
+class _Watch:
+    """Redis's latency monitor, watched from `since` (Redis's clock, whole seconds) with
+    the threshold `had` to put back."""
+
+    since: int
+    had: str
+
+
+def _watch_stalls(url: str) -> _Watch | None:
+    """Have Redis's latency monitor record stalls from STALL_THRESHOLD_MS, from now on (its
+    history from before is left as it was: it may be an operator's); None where this Redis
+    refuses (CONFIG or LATENCY renamed or denied, as some managed ones do)."""
     try:
         with redis.Redis.from_url(url, decode_responses=True) as client:
             had = str(client.config_get("latency-monitor-threshold")["latency-monitor-threshold"])
+            since = int(client.time()[0])
             client.config_set("latency-monitor-threshold", STALL_THRESHOLD_MS)
-            client.latency_reset()
     except (redis.RedisError, KeyError):
         return None
-    return had
+    return _Watch(since, had)
 
 
-def _stalls(url: str, had: str | None) -> dict[str, Any]:
+def _stalls(url: str, watch: _Watch | None) -> dict[str, Any]:
     """What stalled Redis since _watch_stalls, by event: the longest, in ms, and the seconds
-    in which it stalled over STALL_THRESHOLD_MS (its history holds one per second)."""
-    if had is None:
+    with a stall of STALL_THRESHOLD_MS or more (Redis keeps the longest of each second, and
+    the last STALL_HISTORY seconds)."""
+    if watch is None:
         return {}
     stalls: dict[str, dict[str, int]] = {}
     try:
         with redis.Redis.from_url(url, decode_responses=True) as client:
-            for event, _at, _latest, longest in client.latency_latest():
-                seconds = len(client.latency_history(event))
-                stalls[str(event)] = {"max_ms": int(longest), "seconds": seconds}
-            client.config_set("latency-monitor-threshold", had)
-    except redis.RedisError:
+            for event, *_ in client.latency_latest():  # (Valkey adds fields past the 4th)
+                since = [int(ms) for at, ms, *_ in client.latency_history(event)
+                         if int(at) >= watch.since]  # fmt: skip
+                if since:
+                    stalls[str(event)] = {"max_ms": max(since), "seconds": len(since)}
+    except (redis.RedisError, ValueError, TypeError):
         return {}
     return {"redis_stalls": stalls}
+
+
+def _unwatch_stalls(url: str, watch: _Watch | None) -> None:
+    """Put Redis's latency threshold back as _watch_stalls found it (however the mode ended)."""
+    if watch is not None:
+        with contextlib.suppress(redis.RedisError):
+            with redis.Redis.from_url(url) as client:
+                client.config_set("latency-monitor-threshold", watch.had)
 
 
 def _cpu_per_packet(svc: ServeProcess, cpu_at_start: float, acked: int) -> dict[str, Any]:
@@ -476,6 +496,7 @@ def run_mode(
         mqtt_url,
         opts,
     )
+    stalls: _Watch | None = None
     try:
         svc.wait_ready()
         target = mqtt_url or svc.target
@@ -528,6 +549,7 @@ def run_mode(
         result["peak_rss_mb"] = round(_peak_rss_mb(svc.proc.pid), 1)
         return result
     finally:
+        _unwatch_stalls(redis_url, stalls)
         svc.stop()
 
 
@@ -551,7 +573,7 @@ def _check(
     svc: ServeProcess,
     senders: list[dict[str, Any]],
     redis_url: str,
-    work: tuple[dict[str, float], _Baseline, str | None],
+    work: tuple[dict[str, float], _Baseline, _Watch | None],
     probes: dict[str, list[float]],
     cpu_at_start: float,
 ) -> dict[str, Any]:
@@ -752,16 +774,18 @@ def run_bench(opts: BenchSettings) -> int:
 
 def _note_stalls(result: dict[str, Any]) -> None:
     """Say under the table where Redis stalled for STALL_NOTE_MS or more during a mode."""
-    long = {e: s for e, s in result.get("redis_stalls", {}).items() if s["max_ms"] >= STALL_NOTE_MS}
+    stalls = result.get("redis_stalls", {}).items()
+    long = sorted((s["max_ms"], e, s["seconds"]) for e, s in stalls if s["max_ms"] >= STALL_NOTE_MS)
     if long:
         said = ", ".join(
-            f"{e} up to {s['max_ms']:,} ms ({s['seconds']} s over {STALL_THRESHOLD_MS} ms)"
-            for e, s in sorted(long.items(), key=lambda item: -item[1]["max_ms"])
+            f"{event} up to {ms:,} ms ({seconds}{'+' if seconds >= STALL_HISTORY else ''} s "
+            f"with one of {STALL_THRESHOLD_MS} ms or more)"
+            for ms, event, seconds in reversed(long)
         )
         console.print(
             f"[yellow]{result['mode']}[/yellow]: Redis stalled during the load: {said}; "
-            f"{result.get('redis_forks', 0)} fork(s) (AOF rewrites). Every read and write "
-            "waited meanwhile (Redis's LATENCY events)."
+            f"{result.get('redis_forks', 0)} fork(s) (AOF rewrites, snapshots). Every read "
+            "and write waited meanwhile (Redis's LATENCY events)."
         )
 
 
