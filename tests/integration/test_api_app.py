@@ -66,6 +66,10 @@ def test_the_lifespan_builds_the_state_and_closes_the_feed(redis_server: Embedde
     state, task, stats = run(scenario())
     assert task is not None and task.done()  # the lifespan stopped the poller
     assert stats["api"]["stream"]["max_subscribers"] == state.limits.max_stream_subscribers
+    # the loop's lag probe: started with the app, stopped with it
+    event_loop = stats["api"]["event_loop"]
+    assert event_loop["probes"] > 0 and event_loop["lag_ms_buckets"]["+Inf"] > 0
+    assert state.loop_lag._task is None
 
 
 def test_the_rate_windows_are_defined_once() -> None:

@@ -43,6 +43,8 @@ def test_bench_runs_and_verifies_exactly(tmp_path: Path) -> None:
         assert r["get_device_ms_samples"] > 0 and r["peak_rss_mb"] > 0
         assert isinstance(r["redis_bytes_per_device"], int)
         assert isinstance(r["redis_forks"], int) and isinstance(r["redis_stalls"], dict)
+        # the HTTP process's event-loop lag during the load (bucket bounds, ms)
+        assert 0 <= r["loop_lag_ms_p50"] <= r["loop_lag_ms_p99"] < float("inf")
         # the service's CPU until everything was committed (not the check's reads)
         for figure in ("service_cpu_ns_per_packet", "redis_us_per_merge"):
             assert isinstance(r[figure], int | float) and r[figure] > 0, (figure, r[figure])

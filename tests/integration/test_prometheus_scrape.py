@@ -22,6 +22,8 @@ def test_promtool_accepts_the_exposition(service: ServiceProcess) -> None:
         r = httpx.get(f"{service.http}/metrics", headers={"Accept": accept})
         assert r.status_code == 200 and r.headers["content-type"].startswith(content_type)
         assert 'rtm_device_packets_total{device="prom-a"} 1' in r.text
+        assert "# TYPE rtm_event_loop_lag_seconds histogram" in r.text
+        assert 'rtm_event_loop_lag_seconds_bucket{le="0.001"}' in r.text
         if content_type.startswith("text/plain"):
             check = subprocess.run(
                 [promtool, "check", "metrics"], input=r.text, capture_output=True, text=True

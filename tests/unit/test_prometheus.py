@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from rtmonitor.api.deps import ApiStats
+from rtmonitor.api.loop import LoopLag
 from rtmonitor.api.prometheus import OPENMETRICS, TEXT, escape, exposition, negotiate
 from rtmonitor.api.stream import StreamStats
 from rtmonitor.model import (
@@ -160,6 +161,24 @@ def test_text_format() -> None:
     assert 'rtm_rejected_packets_total{reason="empty_device_id"} 2' in text
     assert 'rtm_device_value{device="we\\"ird\\\\id",name="t",stat="max"} 2.0' in text
     assert "rtm_device_online" in text and not text.rstrip().endswith("# EOF")
+
+
+def test_the_event_loops_lag_is_a_histogram_in_seconds() -> None:
+    lag = LoopLag()
+    for ms in (0.5, 3.0, 250.0):
+        lag.record(ms)
+    api = ApiStats(event_loop=lag.stats())
+    lines = exposition(
+        _totals(), [], _stats(), api, offline_after_s=30, openmetrics=True
+    ).splitlines()
+    assert "# TYPE rtm_event_loop_lag_seconds histogram" in lines
+    assert 'rtm_event_loop_lag_seconds_bucket{le="0.001"} 1' in lines
+    assert 'rtm_event_loop_lag_seconds_bucket{le="0.005"} 2' in lines
+    assert 'rtm_event_loop_lag_seconds_bucket{le="0.2"} 2' in lines
+    assert 'rtm_event_loop_lag_seconds_bucket{le="0.5"} 3' in lines
+    assert 'rtm_event_loop_lag_seconds_bucket{le="+Inf"} 3' in lines
+    assert "rtm_event_loop_lag_seconds_sum 0.2535" in lines
+    assert "rtm_event_loop_lag_seconds_count 3" in lines
 
 
 def test_openmetrics_format() -> None:

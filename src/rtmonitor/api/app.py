@@ -62,6 +62,7 @@ def create_app(
         state = app.state.api = ApiState.open(
             store, readiness, stats, limits, auth, secure_cookies, ingest
         )
+        state.loop_lag.start()
         try:
             yield
         finally:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Protocol, Self
 
 from fastapi import Depends, Request
 
+from rtmonitor.api.loop import LoopLag, LoopLagStats
 from rtmonitor.api.schemas import JsonRender
 from rtmonitor.api.stream import ChangeFeed, StreamStats
 from rtmonitor.auth import Principal, TokenRegistry
@@ -90,12 +91,14 @@ class ApiStats:
 
     refused_by_reason: dict[str, int] = field(default_factory=dict)
     stream: StreamStats = field(default_factory=StreamStats)
+    event_loop: LoopLagStats | None = None  # (None before the app's lifespan began)
 
     def to_json(self) -> dict[str, Any]:
         """The `api` section of GET /stats."""
         return {
             "refused_by_reason": dict(sorted(self.refused_by_reason.items())),
             "stream": dataclasses.asdict(self.stream),
+            "event_loop": self.event_loop.to_json() if self.event_loop is not None else None,
         }
 
 
@@ -116,6 +119,8 @@ class ApiState:
     # many wait), so many at once cannot add up.
     pages: asyncio.Semaphore
     refused: Counter[str] = field(default_factory=Counter)  # requests refused, by reason
+    # how late the loop runs what is due (started by the app's lifespan)
+    loop_lag: LoopLag = field(default_factory=LoopLag)
     # The tokens in force (disabled without an auth file), and whether the login cookie
     # is marked Secure (the service serves TLS).
     auth: TokenRegistry = field(default_factory=lambda: TokenRegistry(None))
@@ -148,11 +153,17 @@ class ApiState:
         )
 
     async def aclose(self) -> None:
-        """Stop the live feed's poller (the store is the runtime's to close)."""
+        """Stop the live feed's poller and the loop's probe (the store is the runtime's to
+        close)."""
         await self.feed.close()
+        await self.loop_lag.stop()
 
     def api_stats(self) -> ApiStats:
-        return ApiStats(refused_by_reason=dict(self.refused), stream=self.feed.stats())
+        return ApiStats(
+            refused_by_reason=dict(self.refused),
+            stream=self.feed.stats(),
+            event_loop=self.loop_lag.stats(),
+        )
 
 
 async def api_state(request: Request) -> ApiState:

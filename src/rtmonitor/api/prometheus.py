@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 
 from rtmonitor.api.deps import ApiStats
+from rtmonitor.api.loop import PROBE_INTERVAL_S
 from rtmonitor.model import (
     RATE_WINDOWS_S,
     DeviceRecord,
@@ -103,6 +104,17 @@ class _Writer:
             label_text = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
             braces = f"{{{label_text}}}" if label_text else ""
             self.lines.append(f"{sample_name}{braces} {_number(value)}")
+
+    def histogram(
+        self, name: str, help_text: str, buckets: dict[str, int], total: float, count: int
+    ) -> None:
+        """One histogram family: `buckets` by upper bound (cumulative, the last "+Inf")."""
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for le, n in buckets.items():
+            self.lines.append(f'{name}_bucket{{le="{escape(le)}"}} {n}')
+        self.lines.append(f"{name}_sum {_number(total)}")
+        self.lines.append(f"{name}_count {count}")
 
     def render(self) -> str:
         if self.openmetrics:
@@ -332,6 +344,16 @@ def _process_metrics(w: _Writer, stats: ServiceStats, api: ApiStats) -> None:
         "GET /stream clients closed because a write stayed blocked (--stream-send-timeout).",
         [({}, api.stream.disconnected_slow)],
     )
+    if (lag := api.event_loop) is not None:
+        w.histogram(
+            "rtm_event_loop_lag_seconds",
+            "How late this process's event loop ran a timer due every "
+            f"{PROBE_INTERVAL_S:g} s: the wait of every request before its code runs.",
+            {le if le == "+Inf" else _number(float(le) / 1000): n
+             for le, n in lag.lag_ms_buckets.items()},
+            lag.lag_ms_sum / 1000,
+            lag.probes,
+        )  # fmt: skip
     http = stats.http or {}
     refused = dict(api.refused_by_reason)
     if http:

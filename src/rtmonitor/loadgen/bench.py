@@ -32,6 +32,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from rtmonitor.api.loop import lag_ms_quantile
 from rtmonitor.clients import ClientSecurity
 from rtmonitor.config import BenchMode, BenchSettings, SendSettings, Settings
 from rtmonitor.ingest.rpc import STREAM_PACKETS
@@ -378,6 +379,19 @@ def _unwatch_stalls(url: str, watch: _Watch | None) -> None:
                 client.config_set("latency-monitor-threshold", watch.had)
 
 
+def _loop_buckets(svc: ServeProcess) -> dict[str, int]:
+    """The HTTP process's event-loop lag histogram so far (GET /stats `api.event_loop`)."""
+    with svc.client.http_client(base_url=svc.http, timeout=10) as http:  # token, TLS
+        event_loop = http.get("/stats").json()["api"].get("event_loop") or {}
+    return cast(dict[str, int], event_loop.get("lag_ms_buckets", {}))
+
+
+def _loop_lag(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+    """The loop's lag between two readings: the bounds of its p50's and p99's buckets."""
+    p50, p99 = (lag_ms_quantile(before, after, q) for q in (0.5, 0.99))
+    return {"loop_lag_ms_p50": p50, "loop_lag_ms_p99": p99} if after else {}
+
+
 def _cpu_per_packet(svc: ServeProcess, cpu_at_start: float, acked: int) -> dict[str, Any]:
     """The service's CPU per acknowledged packet so far: it depends far less on what else
     the shared machine does than its rate, so it is the figure that compares two builds."""
@@ -507,6 +521,7 @@ def run_mode(
         cpu_at_start = _service_cpu_s(svc.proc.pid)
         work_before = _redis_work(redis_url)
         stalls = None if noop else _watch_stalls(redis_url)
+        loop_before = _loop_buckets(svc)
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
         with _sender_pool(opts) as pool:
             futures = [
@@ -542,7 +557,7 @@ def run_mode(
         )
         if not noop:
             console.print(f"  {label}: verifying {acked:,} packets device by device")
-            work = (work_before, baseline, stalls)
+            work = (work_before, baseline, stalls, loop_before)
             result.update(_check(opts, svc, senders, redis_url, work, probes, cpu_at_start))
         else:
             result.update(_cpu_per_packet(svc, cpu_at_start, acked))
@@ -573,12 +588,12 @@ def _check(
     svc: ServeProcess,
     senders: list[dict[str, Any]],
     redis_url: str,
-    work: tuple[dict[str, float], _Baseline, _Watch | None],
+    work: tuple[dict[str, float], _Baseline, _Watch | None, dict[str, int]],
     probes: dict[str, list[float]],
     cpu_at_start: float,
 ) -> dict[str, Any]:
     """The exact check, Redis's and the service's work, and the probes' percentiles."""
-    work_before, baseline, stalls = work
+    work_before, baseline, stalls, loop_before = work
     acked = sum(s["summary"]["accepted"] for s in senders)
     first_send = min(s["started"] for s in senders)
     work_after: dict[str, float] = {}
@@ -590,6 +605,7 @@ def _check(
         # more CPU than ingesting the packets.
         work_after.update(_redis_work(redis_url))
         cpu.update(_cpu_per_packet(svc, cpu_at_start, acked) | _stalls(redis_url, stalls))
+        cpu.update(_loop_lag(loop_before, _loop_buckets(svc)))
 
     result = _verify(svc, senders, acked, first_send, committed, baseline)
     result.update(cpu)
@@ -796,7 +812,8 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         ("acked pkt/s", "acked_pps"), ("no-op pkt/s", "ceiling_pps"),
         ("ratio", "ratio_to_ceiling"), ("fresh p50 ms", "freshness_ms_p50"),
         ("fresh p99 ms", "freshness_ms_p99"), ("GET id p99 ms", "get_device_ms_p99"),
-        ("GET list p99 ms", "get_metrics_ms_p99"), ("peak RSS MB", "peak_rss_mb"),
+        ("GET list p99 ms", "get_metrics_ms_p99"), ("loop lag p99 ms", "loop_lag_ms_p99"),
+        ("peak RSS MB", "peak_rss_mb"),
         ("CPU ns/pkt", "service_cpu_ns_per_packet"),
         ("merges", "device_merges"), ("flushes", "flushes"),
         ("Redis µs/merge", "redis_us_per_merge"), ("Redis B/device", "redis_bytes_per_device"),
