@@ -61,6 +61,9 @@ def test_the_lifespan_builds_the_state_and_closes_the_feed(redis_server: Embedde
                 task = state.feed._task
                 assert task is not None and not task.done()
             stats = (await http.get("/stats")).json()
+            while stats["api"]["event_loop"]["probes"] == 0:  # (one every 50 ms)
+                await asyncio.sleep(0.02)
+                stats = (await http.get("/stats")).json()
         return state, task, stats
 
     state, task, stats = run(scenario())

@@ -155,8 +155,8 @@ class ApiState:
     async def aclose(self) -> None:
         """Stop the live feed's poller and the loop's probe (the store is the runtime's to
         close)."""
-        await self.feed.close()
         await self.loop_lag.stop()
+        await self.feed.close()
 
     def api_stats(self) -> ApiStats:
         return ApiStats(

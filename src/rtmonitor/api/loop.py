@@ -1,5 +1,5 @@
-"""How late this process's event loop runs what is due: the wait every request has before
-its code runs, whatever Redis does.
+"""How late this process's event loop runs what is due: what a request arriving then waits
+before its code runs, whatever Redis does (one sample per timer: a long hold counts once).
 
 A timer every PROBE_INTERVAL_S: how much later than due it fires is the loop's lag at that
 moment (callbacks queued before it, or the loop's thread waiting for the GIL or a core).

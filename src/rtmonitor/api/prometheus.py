@@ -348,7 +348,7 @@ def _process_metrics(w: _Writer, stats: ServiceStats, api: ApiStats) -> None:
         w.histogram(
             "rtm_event_loop_lag_seconds",
             "How late this process's event loop ran a timer due every "
-            f"{PROBE_INTERVAL_S:g} s: the wait of every request before its code runs.",
+            f"{PROBE_INTERVAL_S:g} s: what a request arriving then waits before its code runs.",
             {le if le == "+Inf" else _number(float(le) / 1000): n
              for le, n in lag.lag_ms_buckets.items()},
             lag.lag_ms_sum / 1000,

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from rtmonitor.api.loop import lag_ms_quantile
+from rtmonitor.api.loop import LAG_BUCKETS_MS, lag_ms_quantile
 from rtmonitor.clients import ClientSecurity
 from rtmonitor.config import BenchMode, BenchSettings, SendSettings, Settings
 from rtmonitor.ingest.rpc import STREAM_PACKETS
@@ -175,10 +175,16 @@ def _percentile(samples: list[float], q: int) -> float | None:
 
 
 async def _probe(
-    svc: ServeProcess, until: asyncio.Event, sample_device: str, noop: bool, flush_interval: float
+    svc: ServeProcess,
+    until: asyncio.Event,
+    sample_device: str,
+    noop: bool,
+    flush_interval: float,
+    loop_lag: dict[str, Any],
 ) -> dict[str, list[float]]:
     """While the load runs: freshness (send one packet, poll until GET shows it) and the
-    latency of GET /metrics/{id} and GET /metrics.
+    latency of GET /metrics/{id} and GET /metrics; and into `loop_lag`, the HTTP process's
+    event-loop lag over the same time (_loop_lag).
 
     Against the no-op ceiling the same requests run at the same pace (nothing ever becomes
     visible there: each freshness sample polls for one flush interval, about what it polls
@@ -235,10 +241,25 @@ async def _probe(
                 await sent
                 await asyncio.sleep(0.2)
 
-        if not noop:
-            await _load_committing(http, until)
-        await asyncio.gather(latency(), freshness())
+        if noop:
+            await asyncio.gather(latency(), freshness())
+        else:
+            await _under_load(http, until, loop_lag, latency(), freshness())
     return {"freshness_ms": fresh, "get_device_ms": device_ms, "get_metrics_ms": list_ms}
+
+
+async def _under_load(
+    http: httpx.AsyncClient,
+    until: asyncio.Event,
+    loop_lag: dict[str, Any],
+    *probes: Coroutine[Any, Any, None],
+) -> None:
+    """Run `probes` from the load's first commit, and the loop's lag over their time into
+    `loop_lag`."""
+    await _load_committing(http, until)
+    before = await _loop_buckets(http)
+    await asyncio.gather(*probes)
+    loop_lag.update(_loop_lag(before, await _loop_buckets(http)))
 
 
 async def _load_committing(http: httpx.AsyncClient, until: asyncio.Event) -> None:
@@ -379,17 +400,23 @@ def _unwatch_stalls(url: str, watch: _Watch | None) -> None:
                 client.config_set("latency-monitor-threshold", watch.had)
 
 
-def _loop_buckets(svc: ServeProcess) -> dict[str, int]:
-    """The HTTP process's event-loop lag histogram so far (GET /stats `api.event_loop`)."""
-    with svc.client.http_client(base_url=svc.http, timeout=10) as http:  # token, TLS
-        event_loop = http.get("/stats").json()["api"].get("event_loop") or {}
+async def _loop_buckets(http: httpx.AsyncClient) -> dict[str, int]:
+    """The HTTP process's event-loop lag histogram so far (GET /stats `api.event_loop`;
+    empty from a service without it)."""
+    event_loop = (await http.get("/stats")).json().get("api", {}).get("event_loop") or {}
     return cast(dict[str, int], event_loop.get("lag_ms_buckets", {}))
 
 
 def _loop_lag(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
-    """The loop's lag between two readings: the bounds of its p50's and p99's buckets."""
-    p50, p99 = (lag_ms_quantile(before, after, q) for q in (0.5, 0.99))
-    return {"loop_lag_ms_p50": p50, "loop_lag_ms_p99": p99} if after else {}
+    """The loop's lag between two readings: the bounds of the buckets holding its p50 and
+    p99 (a string past the last bound); nothing without a probe between them."""
+    if not after or lag_ms_quantile(before, after, 0.5) is None:
+        return {}
+    figures: dict[str, Any] = {}
+    for name, q in (("loop_lag_ms_p50", 0.5), ("loop_lag_ms_p99", 0.99)):
+        bound = lag_ms_quantile(before, after, q)
+        figures[name] = bound if bound != float("inf") else f">{LAG_BUCKETS_MS[-1]}"
+    return figures
 
 
 def _cpu_per_packet(svc: ServeProcess, cpu_at_start: float, acked: int) -> dict[str, Any]:
@@ -521,7 +548,6 @@ def run_mode(
         cpu_at_start = _service_cpu_s(svc.proc.pid)
         work_before = _redis_work(redis_url)
         stalls = None if noop else _watch_stalls(redis_url)
-        loop_before = _loop_buckets(svc)
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
         with _sender_pool(opts) as pool:
             futures = [
@@ -529,10 +555,12 @@ def run_mode(
                 for options in _senders_options(opts, mode, target, svc.http)
             ]
 
+            loop_lag: dict[str, Any] = {}
+
             async def load_and_probe() -> dict[str, list[float]]:
                 done = asyncio.Event()
                 probing = asyncio.ensure_future(
-                    _probe(svc, done, "s0-00001", noop, opts.flush_interval)
+                    _probe(svc, done, "s0-00001", noop, opts.flush_interval, loop_lag)
                 )
                 await asyncio.to_thread(lambda: [f.result() for f in futures])
                 done.set()
@@ -553,11 +581,12 @@ def run_mode(
                 "acked_pps": round(acked / (last_ack - first_send)),
             }
             | _window(opts, mode, senders)
+            | loop_lag
             | result
         )
         if not noop:
             console.print(f"  {label}: verifying {acked:,} packets device by device")
-            work = (work_before, baseline, stalls, loop_before)
+            work = (work_before, baseline, stalls)
             result.update(_check(opts, svc, senders, redis_url, work, probes, cpu_at_start))
         else:
             result.update(_cpu_per_packet(svc, cpu_at_start, acked))
@@ -588,12 +617,12 @@ def _check(
     svc: ServeProcess,
     senders: list[dict[str, Any]],
     redis_url: str,
-    work: tuple[dict[str, float], _Baseline, _Watch | None, dict[str, int]],
+    work: tuple[dict[str, float], _Baseline, _Watch | None],
     probes: dict[str, list[float]],
     cpu_at_start: float,
 ) -> dict[str, Any]:
     """The exact check, Redis's and the service's work, and the probes' percentiles."""
-    work_before, baseline, stalls, loop_before = work
+    work_before, baseline, stalls = work
     acked = sum(s["summary"]["accepted"] for s in senders)
     first_send = min(s["started"] for s in senders)
     work_after: dict[str, float] = {}
@@ -605,7 +634,6 @@ def _check(
         # more CPU than ingesting the packets.
         work_after.update(_redis_work(redis_url))
         cpu.update(_cpu_per_packet(svc, cpu_at_start, acked) | _stalls(redis_url, stalls))
-        cpu.update(_loop_lag(loop_before, _loop_buckets(svc)))
 
     result = _verify(svc, senders, acked, first_send, committed, baseline)
     result.update(cpu)
