@@ -16,6 +16,7 @@ import multiprocessing
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 
@@ -42,6 +43,12 @@ class WorkerLink:
     # with it. One writer; a read torn by a write says something odd once (decoded with
     # replacement characters), and the next read is whole.
     reasons: ctypes.Array[ctypes.c_char]
+
+    @classmethod
+    def create(cls, ctx: BaseContext | None = None) -> WorkerLink:
+        """A link in shared memory, of `ctx` (default: multiprocessing's default context)."""
+        ctx = ctx or multiprocessing.get_context()
+        return cls(ctx.Event(), ctx.RawArray(ctypes.c_char, REASONS_MAX_BYTES))
 
     def set_reasons(self, reasons: list[str]) -> None:
         data = "\n".join(r.replace("\n", " ") for r in reasons).encode(errors="replace")
@@ -71,10 +78,7 @@ class Supervisor:
         # Readiness waits for every worker to serve (one alive but still starting must
         # not be sent traffic), and says why a serving one is not ready (its commits fail,
         # its MQTT bridge is down): each worker's link.
-        self.links = [
-            WorkerLink(self._ctx.Event(), self._ctx.RawArray(ctypes.c_char, REASONS_MAX_BYTES))
-            for _ in range(settings.workers)
-        ]
+        self.links = [WorkerLink.create(self._ctx) for _ in range(settings.workers)]
         self.restarts = 0
         self._stopping = False
         self._started = [0.0] * settings.workers  # each worker's last start (monotonic)
@@ -99,16 +103,20 @@ class Supervisor:
 
     def not_ready(self) -> list[str]:
         """Readiness reasons from the workers (empty: all running)."""
-        down = [i for i, w in enumerate(self.workers) if w is None or not w.is_alive()]
-        up = [i for i in range(len(self.workers)) if i not in down]
-        starting = [i for i in up if not self.links[i].serving.is_set()]
+        down: list[int] = []
+        starting: list[int] = []
+        serving: list[str] = []  # why a serving worker is not ready, each its own
+        for i, (worker, link) in enumerate(zip(self.workers, self.links, strict=True)):
+            if worker is None or not worker.is_alive():
+                down.append(i)
+            elif not link.serving.is_set():
+                starting.append(i)
+            else:
+                serving += [f"ingest worker {i}: {r}" for r in link.get_reasons()]
         reasons = [f"ingest workers not running: {down}"] if down else []
         if starting:
             reasons.append(f"ingest workers still starting: {starting}")
-        for i in up:
-            if i not in starting:
-                reasons += [f"ingest worker {i}: {r}" for r in self.links[i].get_reasons()]
-        return reasons
+        return reasons + serving
 
     async def watch(self) -> None:
         """Restart a worker that died, with capped backoff (back to the first one once a

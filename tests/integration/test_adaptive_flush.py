@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import gc
-import multiprocessing
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from multiprocessing.sharedctypes import RawArray
 from typing import Any
 
 import pytest
@@ -35,7 +32,7 @@ from rtmonitor.runtime import RedisServer, Runtime
 from rtmonitor.storage.committer import RedisCommitter
 from rtmonitor.storage.embedded import EmbeddedRedis
 from rtmonitor.storage.store import RedisStore
-from rtmonitor.supervisor import REASONS_MAX_BYTES, WorkerLink
+from rtmonitor.supervisor import WorkerLink
 
 APPLY_S = 0.25  # what one merge costs "Redis" here
 
@@ -53,6 +50,25 @@ def submit(agg: Aggregator, batch_id: BatchId, device_id: str) -> CommitTracker:
 
 def settled(tracker: CommitTracker) -> bool:
     return tracker._done.done() and tracker._done.exception() is None
+
+
+def slow_flusher(store: RedisStore, instance_id: str) -> tuple[Flusher, SlowCommitter]:
+    """A flusher (a tick every 50 ms) of a fresh aggregator into a SlowCommitter on `store`."""
+    committer = SlowCommitter(store)
+    flusher = Flusher(Aggregator(), committer, 0.05, dedupe_window_s=60, instance_id=instance_id)
+    return flusher, committer
+
+
+async def submit_until(
+    flusher: Flusher, committer: SlowCommitter, n: int, event: tuple[str, int]
+) -> CommitTracker:
+    """Batch ("p", n) of device d<n>, a flush asked for, and a wait until `committer` has
+    seen `event` (a step and a flush's sequence number)."""
+    tracker = submit(flusher.aggregator, ("p", n), f"d{n}")
+    flusher.request_flush()
+    while event not in committer.events:
+        await asyncio.sleep(0.01)
+    return tracker
 
 
 class SlowWrite:
@@ -247,9 +263,8 @@ async def _flush_steadily(
     `devices` devices in turn (after `warm` batches pending from the start); with
     `concurrent_flush_once`, flush_once() is called beside run() all the while. Returns the
     committer (its events) and the trackers, all settled."""
-    agg = Aggregator()
-    committer = SlowCommitter(store)
-    flusher = Flusher(agg, committer, 0.05, dedupe_window_s=60, instance_id="o")
+    flusher, committer = slow_flusher(store, "o")
+    agg = flusher.aggregator
     trackers = [submit(agg, ("w", n), f"d{n % devices}") for n in range(warm)]
     task = asyncio.create_task(flusher.run())
     extra: list[asyncio.Task[None]] = []
@@ -341,9 +356,8 @@ def test_a_flush_given_up_after_its_prepare_stops_this_instances_commits(
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "broken") as store:
-            agg = Aggregator()
-            committer = SlowCommitter(store)
-            flusher = Flusher(agg, committer, 0.05, dedupe_window_s=60, instance_id="b")
+            flusher, committer = slow_flusher(store, "b")
+            agg = flusher.aggregator
             ok = submit(agg, ("p", 0), "d0")
             await flusher.flush_once()
             assert settled(ok) and flusher.stats.redis_error is None
@@ -385,7 +399,7 @@ def test_a_process_whose_instance_broke_stops_with_exit_code_1(
             dedupe_window=60, redis_url=redis_server.url,
         )  # fmt: skip
         # (as a --workers worker: what it tells the supervisor's /readyz while it stops)
-        link = WorkerLink(multiprocessing.Event(), RawArray(ctypes.c_char, REASONS_MAX_BYTES))
+        link = WorkerLink.create()
         runtime = Runtime(settings, RedisServer(redis_server.url), link=link)
         serving = asyncio.create_task(runtime.serve())
         while runtime.ingest is None or not runtime.ingest.serving:
@@ -500,14 +514,9 @@ def test_a_flusher_cancelled_while_applying_leaves_nothing_waiting(
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "cancel") as store:
-            agg = Aggregator()
-            committer = SlowCommitter(store)
-            flusher = Flusher(agg, committer, 0.05, dedupe_window_s=60, instance_id="c")
+            flusher, committer = slow_flusher(store, "c")
             task = asyncio.create_task(flusher.run())
-            first = submit(agg, ("p", 0), "d0")
-            flusher.request_flush()
-            while ("apply", 1) not in committer.events:
-                await asyncio.sleep(0.01)
+            first = await submit_until(flusher, committer, 0, ("apply", 1))
             await _cancelled_leaves_nothing_waiting(task, flusher, committer, [first])
 
     asyncio.run(main())
@@ -522,21 +531,13 @@ def test_a_flusher_cancelled_while_one_applies_and_the_next_is_prepared_strands_
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "cancel2") as store:
-            agg = Aggregator()
-            committer = SlowCommitter(store)
-            flusher = Flusher(agg, committer, 0.05, dedupe_window_s=60, instance_id="c2")
+            flusher, committer = slow_flusher(store, "c2")
             task = asyncio.create_task(flusher.run())
-            first = submit(agg, ("p", 0), "d0")
+            first = submit(flusher.aggregator, ("p", 0), "d0")
             flusher.request_flush()
             await asyncio.wait_for(first.wait(), 5)  # (one packet per merge from now on)
-            applying = submit(agg, ("p", 1), "d1")
-            flusher.request_flush()
-            while ("apply", 2) not in committer.events:
-                await asyncio.sleep(0.01)
-            prepared = submit(agg, ("p", 2), "d2")
-            flusher.request_flush()
-            while ("prepare", 3) not in committer.events:
-                await asyncio.sleep(0.01)
+            applying = await submit_until(flusher, committer, 1, ("apply", 2))
+            prepared = await submit_until(flusher, committer, 2, ("prepare", 3))
             await asyncio.sleep(0.05)  # (its prepare done; flush 2 applies for 0.25 s)
             assert ("finalized", 2) not in committer.events, committer.events
             await _cancelled_leaves_nothing_waiting(task, flusher, committer, [applying, prepared])

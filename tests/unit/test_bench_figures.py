@@ -15,11 +15,12 @@ def test_merges_flushes_and_memory_are_the_timed_loads() -> None:
         "encode_seconds": 1.5, "prepare_seconds": 0.5, "apply_seconds": 6.0,
         "finalize_seconds": 0.25,
     }  # fmt: skip
-    before = {"cpu_s": 10.0, "memory": 3_000_000.0}  # after the first round
-    after = {"cpu_s": 10.5, "memory": 3_100_000.0}
+    before = {"cpu_s": 10.0, "memory": 3_000_000.0, "forks": 3.0}  # after the first round
+    after = {"cpu_s": 10.5, "memory": 3_100_000.0, "forks": 5.0}
     cost = _merge_cost(before, after, flush, 3000, first_round)
     assert cost["device_merges"] == 20_000 and cost["flushes"] == 10
     assert cost["redis_cpu_s"] == 0.5 and cost["redis_us_per_merge"] == 25.0
+    assert cost["redis_forks"] == 2  # (AOF rewrites during the timed load)
     steps = {"encode": 1.0, "prepare": 0.25, "apply": 4.0, "finalize": 0.25}
     assert cost["flush_step_s"] == steps
     # the devices' records were written by the first round: memory from before it
@@ -28,6 +29,9 @@ def test_merges_flushes_and_memory_are_the_timed_loads() -> None:
 
 def test_without_a_first_round_everything_is_the_loads() -> None:
     flush = {"devices_committed": 5000, "flushes": 5}
-    cost = _merge_cost({"cpu_s": 1.0}, {"cpu_s": 1.1, "memory": 2000.0}, flush, 10, _Baseline(0.0))
+    cost = _merge_cost(
+        {"cpu_s": 1.0, "forks": 0.0}, {"cpu_s": 1.1, "memory": 2000.0, "forks": 0.0}, flush, 10,
+        _Baseline(0.0),
+    )  # fmt: skip
     assert cost["device_merges"] == 5000 and cost["flushes"] == 5
     assert cost["redis_us_per_merge"] == 20.0 and cost["redis_bytes_per_device"] == 200
