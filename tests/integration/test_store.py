@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 from typing import Any
 
@@ -444,27 +445,62 @@ def old_json(calls: list[store_module.Call]) -> list[store_module.Call]:
     ]
 
 
-def test_a_journal_chunk_reads_back_as_its_calls() -> None:
-    """A journal chunk holds its calls' keys and packed deltas raw (no JSON, no base64);
-    recovery reads it back exactly, reads an earlier version's JSON chunk too, and refuses
-    a chunk cut short rather than replaying part of it."""
+def test_a_journal_chunk_reads_back_as_its_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal chunk holds its calls' keys and packed deltas raw (no JSON, no base64),
+    compressed; recovery reads it back exactly, reads an earlier version's chunks (binary
+    uncompressed, or JSON) too, and refuses a chunk cut short, with bytes past its end, or
+    inflating past the bound, rather than replaying part of it."""
     calls: list[store_module.Call] = [
         ("devices", ["t:d:{g}:a", "t:d:{g}:b.c/d@e"], [86400, 3, 0, 170, b"\x00\xff\n\n"]),
         ("global", ["t:m", "t:tot"], [86400, 3, 12, 340, 170, 1, "empty_device_id", 1]),
         ("devices", ["t:m:{g}:i:3"], [86400, 3, 0, 170, b""]),
     ]
     chunk = store_module._journal_chunk(calls)
-    assert chunk.startswith(store_module.JOURNAL_MAGIC)
-    assert b"\x00\xff\n\n" in chunk  # raw
-    assert store_module._read_chunk(chunk) == calls
+    magic = store_module.JOURNAL_MAGIC
+    assert chunk.startswith(magic)
+    binary = store_module._inflate(chunk[len(magic) :])  # what version 2 stored as is
+    assert binary.startswith(store_module.JOURNAL_MAGIC_RAW)
+    assert b"\x00\xff\n\n" in binary  # raw
+    for form in (chunk, binary):
+        assert store_module._read_chunk(form) == calls
     assert store_module._read_chunk(store_module._journal_chunk([])) == []
     earlier = json.dumps(old_json(calls), separators=(",", ":")).encode()
     assert store_module._read_chunk(earlier) == calls
-    for cut in (len(chunk) - 1, len(chunk) - 5, chunk.index(b"\n", 6) + 3):
+    for form in (chunk, binary):
+        for cut in (len(form) - 1, len(form) - 5, len(magic) + 3):
+            with pytest.raises(ValueError):
+                store_module._read_chunk(form[:cut])
         with pytest.raises(ValueError):
-            store_module._read_chunk(chunk[:cut])
-    with pytest.raises(ValueError):
-        store_module._read_chunk(chunk + b"x")
+            store_module._read_chunk(form + b"x")
+    with pytest.raises(ValueError):  # compressed, but not a chunk
+        store_module._read_chunk(magic + zlib.compress(b"[]"))
+    monkeypatch.setattr(store_module, "JOURNAL_CHUNK_MAX_BYTES", len(binary) - 1)
+    with pytest.raises(ValueError, match="inflates past"):
+        store_module._read_chunk(chunk)
+
+
+def test_a_fleets_journal_chunk_is_compressed(redis_server: EmbeddedRedis) -> None:
+    """A full chunk of a fleet's device calls (keys sharing the layout's prefix, deltas of
+    the same kinds and value names) is stored at a small fraction of its binary form, and
+    reads back as its calls."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t") as store:
+            ms = 1_764_000_000_000
+            devices = {
+                f"sensor-{n:07d}": dev(1 + n % 3, ms + n, ms + n + 5, ValueStats(
+                    count=1, sum=20.5 + n % 7, min=20.5, max=27.5, last=21.0, last_ts=ms))
+                for n in range(store_module.GROUP_SIZE * store_module.JOURNAL_CHUNK)
+            }  # fmt: skip
+            calls = [c for c in store.plan(delta(**devices), "i", 1) if c[0] == "devices"]
+            part = calls[: store_module.JOURNAL_CHUNK]
+            chunk = store_module._journal_chunk(part)
+            binary = store_module._inflate(chunk[len(store_module.JOURNAL_MAGIC) :])
+            assert len(binary) > 1_000_000
+            assert len(chunk) < len(binary) / 5, (len(chunk), len(binary))
+            assert store_module._read_chunk(chunk) == part
+
+    asyncio.run(main())
 
 
 def test_a_journal_of_json_chunks_is_replayed(redis_server: EmbeddedRedis) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -992,7 +993,17 @@ def journal_chunks(calls: int) -> int:
 # then each device call's keys (joined by newlines: keys never hold one) and its packed
 # deltas, raw. JSON with the deltas in base64 cost ~10% of the service's time per device
 # merge at a million devices, and a third more bytes in Redis and its AOF.
-JOURNAL_MAGIC = b"RTMJ2\n"
+JOURNAL_MAGIC_RAW = b"RTMJ2\n"
+# A chunk as it is stored: this magic line, then the binary form above compressed by zlib
+# (level 1). A chunk's keys repeat the layout's prefix and its deltas repeat names and hold
+# small counts as doubles: uncompressed, the journal was a quarter of a fleet's AOF, and
+# each chunk one more ~1.5 MB value for Redis to allocate, write and free (a bench chunk
+# of 1.48 MB is 69 KB compressed, in ~2 ms off the event loop; benchmarks/RESULTS.md,
+# nineteenth pass). Chunks in the binary form (version 2) or in JSON are still read.
+JOURNAL_MAGIC = b"RTMJ3\n"
+# A compressed chunk never inflates past Redis's largest value (proto-max-bulk-len's
+# default), which is the most an uncompressed chunk could ever have been.
+JOURNAL_CHUNK_MAX_BYTES = 512 * 1024 * 1024
 
 
 def _journal_chunk(calls: list[Call]) -> bytes:
@@ -1009,14 +1020,36 @@ def _journal_chunk(calls: list[Call]) -> bytes:
         else:
             entries.append([name, keys, args])
     head = json.dumps(entries, separators=(",", ":")).encode()
-    return b"".join([JOURNAL_MAGIC, head, b"\n", *payload])
+    raw = b"".join([JOURNAL_MAGIC_RAW, head, b"\n", *payload])
+    return JOURNAL_MAGIC + zlib.compress(raw, 1)
+
+
+def _inflate(data: bytes) -> bytes:
+    """A compressed chunk's binary form; ValueError if it is not one whole zlib stream of
+    at most JOURNAL_CHUNK_MAX_BYTES."""
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(data, JOURNAL_CHUNK_MAX_BYTES)
+    except zlib.error as exc:
+        raise ValueError(f"a journal chunk cannot be decompressed ({exc})") from None
+    if inflater.unconsumed_tail:
+        raise ValueError(f"a journal chunk inflates past {JOURNAL_CHUNK_MAX_BYTES} bytes")
+    if not inflater.eof:
+        raise ValueError("a journal chunk is cut short or malformed")
+    if inflater.unused_data:
+        raise ValueError("a journal chunk has bytes past its last call")
+    return raw
 
 
 def _read_chunk(chunk: bytes) -> list[Call]:
-    """The calls of a journal chunk, binary or (an earlier version's) JSON."""
-    if not chunk.startswith(JOURNAL_MAGIC):
+    """The calls of a journal chunk: compressed, binary or (an earlier version's) JSON."""
+    if chunk.startswith(JOURNAL_MAGIC):
+        chunk = _inflate(chunk[len(JOURNAL_MAGIC) :])
+        if not chunk.startswith(JOURNAL_MAGIC_RAW):
+            raise ValueError("a journal chunk is cut short or malformed")
+    if not chunk.startswith(JOURNAL_MAGIC_RAW):
         return _from_journal(json.loads(chunk))
-    start = len(JOURNAL_MAGIC)
+    start = len(JOURNAL_MAGIC_RAW)
     end = chunk.index(b"\n", start)
     at = end + 1
     calls: list[Call] = []
