@@ -71,7 +71,7 @@ MARKER_TTL_S = 24 * 3600
 # How long an instance's claim to replay a dead instance's journal lasts (given back at
 # once if the replay fails).
 RECOVERY_CLAIM_S = 60
-# Merge calls per journal chunk (~3 MB: 64 x 256 devices, _journal_chunk).
+# Merge calls per journal chunk (64 x 256 devices: ~1.5 MB before _journal_chunk compresses it).
 JOURNAL_CHUNK = 64
 # Merge calls per pipeline (4 x 256 devices, ~200 KB of commands). Redis runs a pipeline's
 # scripts back to back, so a read waits behind up to one pipeline (~10-15 ms of scripts);
@@ -478,7 +478,8 @@ class RedisStore:
 
         The calls go first, JOURNAL_CHUNK to a key (with a TTL, so that chunks of a flush
         that never claims its ids expire), one chunk at a time: a flush of a million
-        devices is ~300 MB of journal, more than one Redis value may hold. PREPARE then
+        devices is ~90 MB of journal before compression (_journal_chunk), too much to build
+        and send whole. PREPARE then
         claims the ids, writes the journal's head and keeps the chunks, in one step.
         Returns {position in batch_keys: state} for ids already taken ("c" committed, or
         "p:<flush>" pending in another flush); then nothing was claimed.
@@ -487,8 +488,8 @@ class RedisStore:
         chunks = journal_chunks(len(calls))
         for n in range(chunks):
             part = calls[n * JOURNAL_CHUNK : (n + 1) * JOURNAL_CHUNK]
-            # Encoded off the event loop, one chunk at a time (a million devices' whole
-            # journal is ~200 MB).
+            # Encoded and compressed off the event loop, one chunk at a time (a million
+            # devices' whole journal is ~90 MB before compression).
             blob = await asyncio.to_thread(_journal_chunk, part)
             await self.client.set(layout.journal_chunk(flush_id, n), blob, ex=self._marker_ttl)
         head = json.dumps({"batches": batch_keys, "chunks": chunks}, separators=(",", ":"))
