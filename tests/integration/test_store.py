@@ -9,12 +9,12 @@ import os
 import subprocess
 import sys
 import time
-import zlib
 from collections import Counter
 from typing import Any
 
 import pytest
 import redis
+import zstandard
 from redis.client import NEVER_DECODE
 
 from rtmonitor.model import DeviceDelta, FlushDelta, ValueStats
@@ -473,10 +473,13 @@ def test_a_journal_chunk_reads_back_as_its_calls(monkeypatch: pytest.MonkeyPatch
         with pytest.raises(ValueError):
             store_module._read_chunk(form + b"x")
     with pytest.raises(ValueError):  # compressed, but not a chunk
-        store_module._read_chunk(magic + zlib.compress(b"[]"))
+        store_module._read_chunk(magic + zstandard.ZstdCompressor().compress(b"[]"))
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(binary)
+    assert store_module._read_chunk(magic + unsized) == calls
     monkeypatch.setattr(store_module, "JOURNAL_CHUNK_MAX_BYTES", len(binary) - 1)
-    with pytest.raises(ValueError, match="inflates past"):
-        store_module._read_chunk(chunk)
+    for form in (chunk, magic + unsized):  # (the size its frame states, or what it inflates to)
+        with pytest.raises(ValueError, match=f"{len(binary) - 1} bytes"):
+            store_module._read_chunk(form)
 
 
 def test_a_fleets_journal_chunk_is_compressed(redis_server: EmbeddedRedis) -> None:

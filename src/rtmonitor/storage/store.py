@@ -9,9 +9,9 @@ import functools
 import heapq
 import json
 import logging
+import threading
 import time
 import uuid
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ from typing import Any, Literal, Self, TypeVar, cast
 
 import numpy as np
 import redis.asyncio as aioredis
+import zstandard
 from redis.asyncio.cluster import RedisCluster
 from redis.client import NEVER_DECODE
 from redis.crc import key_slot
@@ -71,7 +72,7 @@ MARKER_TTL_S = 24 * 3600
 # How long an instance's claim to replay a dead instance's journal lasts (given back at
 # once if the replay fails).
 RECOVERY_CLAIM_S = 60
-# Merge calls per journal chunk (64 x 256 devices: ~1.5 MB before _journal_chunk compresses it).
+# Merge calls per journal chunk (64 x 256 devices: ~1.5-3 MB before _journal_chunk compresses it).
 JOURNAL_CHUNK = 64
 # Merge calls per pipeline (4 x 256 devices, ~200 KB of commands). Redis runs a pipeline's
 # scripts back to back, so a read waits behind up to one pipeline (~10-15 ms of scripts);
@@ -995,16 +996,21 @@ def journal_chunks(calls: int) -> int:
 # deltas, raw. JSON with the deltas in base64 cost ~10% of the service's time per device
 # merge at a million devices, and a third more bytes in Redis and its AOF.
 JOURNAL_MAGIC_RAW = b"RTMJ2\n"
-# A chunk as it is stored: this magic line, then the binary form above compressed by zlib
+# A chunk as it is stored: this magic line, then the binary form above as one zstd frame
 # (level 1). A chunk's keys repeat the layout's prefix and its deltas repeat names and hold
 # small counts as doubles: uncompressed, the journal was a quarter of a fleet's AOF, and
-# each chunk one more ~1.5 MB value for Redis to allocate, write and free (a bench chunk
-# of 1.48 MB is 69 KB compressed, in ~2 ms off the event loop; benchmarks/RESULTS.md,
-# nineteenth pass). Chunks in the binary form (version 2) or in JSON are still read.
+# each chunk one more ~1.5-3 MB value for Redis to allocate, write and free. Compressed
+# 4.8-8x (uuid4 to sequential ids; the bench's regular fleet 20x), ~150-200 ns per device
+# off the event loop: zlib's fastest level packed less in five times as long
+# (benchmarks/RESULTS.md, nineteenth pass). Chunks in the binary form (version 2) or in
+# JSON are still read.
 JOURNAL_MAGIC = b"RTMJ3\n"
 # A compressed chunk never inflates past Redis's largest value (proto-max-bulk-len's
 # default), which is the most an uncompressed chunk could ever have been.
 JOURNAL_CHUNK_MAX_BYTES = 512 * 1024 * 1024
+# A compressor per thread (one may not be used by two threads at once): chunks are
+# compressed in asyncio's worker threads.
+_compressors = threading.local()
 
 
 def _journal_chunk(calls: list[Call]) -> bytes:
@@ -1022,24 +1028,27 @@ def _journal_chunk(calls: list[Call]) -> bytes:
             entries.append([name, keys, args])
     head = json.dumps(entries, separators=(",", ":")).encode()
     raw = b"".join([JOURNAL_MAGIC_RAW, head, b"\n", *payload])
-    return JOURNAL_MAGIC + zlib.compress(raw, 1)
+    compressor = getattr(_compressors, "zstd", None)
+    if compressor is None:
+        compressor = _compressors.zstd = zstandard.ZstdCompressor(level=1)
+    return JOURNAL_MAGIC + compressor.compress(raw)
 
 
 def _inflate(data: bytes) -> bytes:
-    """A compressed chunk's binary form; ValueError if it is not one whole zlib stream of
+    """A compressed chunk's binary form; ValueError if it is not one whole zstd frame of
     at most JOURNAL_CHUNK_MAX_BYTES."""
-    inflater = zlib.decompressobj()
     try:
-        raw = inflater.decompress(data, JOURNAL_CHUNK_MAX_BYTES)
-    except zlib.error as exc:
-        raise ValueError(f"a journal chunk cannot be decompressed ({exc})") from None
-    if inflater.unconsumed_tail:
-        raise ValueError(f"a journal chunk inflates past {JOURNAL_CHUNK_MAX_BYTES} bytes")
-    if not inflater.eof:
-        raise ValueError("a journal chunk is cut short or malformed")
-    if inflater.unused_data:
-        raise ValueError("a journal chunk has bytes past its last call")
-    return raw
+        # (a frame that states its size is decompressed whole: refused first if too big)
+        if zstandard.frame_content_size(data) > JOURNAL_CHUNK_MAX_BYTES:
+            raise ValueError(f"a journal chunk inflates past {JOURNAL_CHUNK_MAX_BYTES} bytes")
+        return zstandard.ZstdDecompressor().decompress(
+            data, max_output_size=JOURNAL_CHUNK_MAX_BYTES, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise ValueError(
+            f"a journal chunk is not one whole zstd frame of at most {JOURNAL_CHUNK_MAX_BYTES} "
+            f"bytes ({exc})"
+        ) from None
 
 
 def _read_chunk(chunk: bytes) -> list[Call]:
