@@ -480,8 +480,8 @@ class RedisStore:
         The calls go first, JOURNAL_CHUNK to a key (with a TTL, so that chunks of a flush
         that never claims its ids expire), one chunk at a time: a flush of a million
         devices is ~90 MB of journal before compression (_journal_chunk), too much to build
-        and send whole. PREPARE then
-        claims the ids, writes the journal's head and keeps the chunks, in one step.
+        and send whole. PREPARE then claims the ids, writes the journal's head and keeps
+        the chunks, in one step.
         Returns {position in batch_keys: state} for ids already taken ("c" committed, or
         "p:<flush>" pending in another flush); then nothing was claimed.
         """
