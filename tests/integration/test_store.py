@@ -474,12 +474,20 @@ def test_a_journal_chunk_reads_back_as_its_calls(monkeypatch: pytest.MonkeyPatch
             store_module._read_chunk(form + b"x")
     with pytest.raises(ValueError):  # compressed, but not a chunk
         store_module._read_chunk(magic + zstandard.ZstdCompressor().compress(b"[]"))
+    frame = zstandard.get_frame_parameters(chunk[len(magic) :])
+    assert frame.has_checksum and frame.content_size == len(binary)
+    with pytest.raises(ValueError, match="not one whole zstd frame"):  # a bit flipped
+        flipped = bytearray(chunk)
+        flipped[len(chunk) // 2] ^= 0x10
+        store_module._read_chunk(bytes(flipped))
     unsized = zstandard.ZstdCompressor(write_content_size=False).compress(binary)
-    assert store_module._read_chunk(magic + unsized) == calls
+    with pytest.raises(ValueError, match="states no size"):  # (not written so)
+        store_module._read_chunk(magic + unsized)
     monkeypatch.setattr(store_module, "JOURNAL_CHUNK_MAX_BYTES", len(binary) - 1)
-    for form in (chunk, magic + unsized):  # (the size its frame states, or what it inflates to)
-        with pytest.raises(ValueError, match=f"{len(binary) - 1} bytes"):
-            store_module._read_chunk(form)
+    with pytest.raises(ValueError, match="inflates past"):
+        store_module._read_chunk(chunk)
+    with pytest.raises(ValueError, match="more than one may hold"):
+        store_module._journal_chunk(calls)
 
 
 def test_a_fleets_journal_chunk_is_compressed(redis_server: EmbeddedRedis) -> None:

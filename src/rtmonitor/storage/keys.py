@@ -46,7 +46,7 @@ be forged.
                                        the dedupe window)
     {<p>}:j:<flush>             string journal of a flush: batch ids and its number of chunks (JSON)
     {<p>}:jc:<flush>:<n>        string chunk n of that journal: JOURNAL_CHUNK merge calls (a JSON
-                                       line, then keys and packed deltas raw)
+                                       line, then keys and packed deltas raw; one zstd frame)
     {<p>}:journals              zset   flush id -> prepare time (journals not yet finalized)
     {<p>}:alive:<inst>          string heartbeat of a live instance (TTL)
     {<p>}:stats:<inst>          string an ingest instance's self-metrics (JSON, TTL)

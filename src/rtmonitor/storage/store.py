@@ -997,16 +997,17 @@ def journal_chunks(calls: int) -> int:
 # merge at a million devices, and a third more bytes in Redis and its AOF.
 JOURNAL_MAGIC_RAW = b"RTMJ2\n"
 # A chunk as it is stored: this magic line, then the binary form above as one zstd frame
-# (level 1). A chunk's keys repeat the layout's prefix and its deltas repeat names and hold
-# small counts as doubles: uncompressed, the journal was a quarter of a fleet's AOF, and
-# each chunk one more ~1.5-3 MB value for Redis to allocate, write and free. Compressed
-# 4.8-8x (uuid4 to sequential ids; the bench's regular fleet 20x), ~150-200 ns per device
-# off the event loop: zlib's fastest level packed less in five times as long
-# (benchmarks/RESULTS.md, nineteenth pass). Chunks in the binary form (version 2) or in
-# JSON are still read.
-JOURNAL_MAGIC = b"RTMJ3\n"
-# A compressed chunk never inflates past Redis's largest value (proto-max-bulk-len's
-# default), which is the most an uncompressed chunk could ever have been.
+# (level 1, its size and a checksum stated). A chunk's keys repeat the layout's prefix and
+# its deltas repeat names and hold small counts as doubles: uncompressed, the journal was a
+# quarter of a fleet's AOF, and each chunk one more ~1.5-3 MB value for Redis to allocate,
+# write and free. How much smaller depends on the readings: 4.8-8x for two random readings
+# per device (uuid4 to sequential ids), ~100x for the bench's regular fleet; ~150-200 ns per
+# device, off the event loop (zlib's fastest level packed less in five times as long;
+# benchmarks/RESULTS.md, nineteenth pass). Chunks in the binary form (version 2) or in JSON
+# are still read. (Version 3, zlib, was main's for an afternoon, never released: not read.)
+JOURNAL_MAGIC = b"RTMJ4\n"
+# A chunk is at most Redis's largest value (proto-max-bulk-len's default) uncompressed,
+# the most one could be before chunks were compressed: written, and read back.
 JOURNAL_CHUNK_MAX_BYTES = 512 * 1024 * 1024
 # A compressor per thread (one may not be used by two threads at once): chunks are
 # compressed in asyncio's worker threads.
@@ -1016,7 +1017,8 @@ _compressors = threading.local()
 def _journal_chunk(calls: list[Call]) -> bytes:
     """One chunk of a journal, as it is stored (bytes: redis-py sends them as they are).
     A device call is ["devices", its first 4 args, keys, key bytes, delta bytes] in the JSON
-    line; any other call is [name, keys, args]."""
+    line; any other call is [name, keys, args]. ValueError past JOURNAL_CHUNK_MAX_BYTES
+    uncompressed (before compression, Redis refused such a chunk)."""
     entries: list[list[Any]] = []
     payload: list[bytes] = []
     for name, keys, args in calls:
@@ -1028,27 +1030,27 @@ def _journal_chunk(calls: list[Call]) -> bytes:
             entries.append([name, keys, args])
     head = json.dumps(entries, separators=(",", ":")).encode()
     raw = b"".join([JOURNAL_MAGIC_RAW, head, b"\n", *payload])
+    if len(raw) > JOURNAL_CHUNK_MAX_BYTES:
+        raise ValueError(f"a journal chunk of {len(raw)} bytes: more than one may hold")
     compressor = getattr(_compressors, "zstd", None)
     if compressor is None:
-        compressor = _compressors.zstd = zstandard.ZstdCompressor(level=1)
+        compressor = _compressors.zstd = zstandard.ZstdCompressor(level=1, write_checksum=True)
     return JOURNAL_MAGIC + compressor.compress(raw)
 
 
 def _inflate(data: bytes) -> bytes:
-    """A compressed chunk's binary form; ValueError if it is not one whole zstd frame of
-    at most JOURNAL_CHUNK_MAX_BYTES."""
+    """A compressed chunk's binary form; ValueError unless it is one whole zstd frame that
+    states a size of at most JOURNAL_CHUNK_MAX_BYTES (as _journal_chunk writes them: one
+    of unstated size would be given the bound's memory before it is read)."""
     try:
-        # (a frame that states its size is decompressed whole: refused first if too big)
-        if zstandard.frame_content_size(data) > JOURNAL_CHUNK_MAX_BYTES:
+        size = zstandard.frame_content_size(data)
+        if size < 0:
+            raise ValueError("a journal chunk's frame states no size")
+        if size > JOURNAL_CHUNK_MAX_BYTES:
             raise ValueError(f"a journal chunk inflates past {JOURNAL_CHUNK_MAX_BYTES} bytes")
-        return zstandard.ZstdDecompressor().decompress(
-            data, max_output_size=JOURNAL_CHUNK_MAX_BYTES, allow_extra_data=False
-        )
+        return zstandard.ZstdDecompressor().decompress(data, allow_extra_data=False)
     except zstandard.ZstdError as exc:
-        raise ValueError(
-            f"a journal chunk is not one whole zstd frame of at most {JOURNAL_CHUNK_MAX_BYTES} "
-            f"bytes ({exc})"
-        ) from None
+        raise ValueError(f"a journal chunk is not one whole zstd frame ({exc})") from None
 
 
 def _read_chunk(chunk: bytes) -> list[Call]:
