@@ -474,6 +474,9 @@ def test_a_journal_chunk_reads_back_as_its_calls(monkeypatch: pytest.MonkeyPatch
             store_module._read_chunk(form + b"x")
     with pytest.raises(ValueError):  # compressed, but not a chunk
         store_module._read_chunk(magic + zstandard.ZstdCompressor().compress(b"[]"))
+    for head in (b"[5]", b'[["devices",[],1]]', b'[{"a":1}]', b"{}"):  # JSON of other shapes
+        with pytest.raises(ValueError):
+            store_module._read_chunk(store_module.JOURNAL_MAGIC_RAW + head + b"\n")
     frame = zstandard.get_frame_parameters(chunk[len(magic) :])
     assert frame.has_checksum and frame.content_size == len(binary)
     with pytest.raises(ValueError, match="not one whole zstd frame"):  # a bit flipped
