@@ -97,24 +97,28 @@ class _Writer:
     ) -> None:
         """One metric family; counters get the `_total` suffix on their samples."""
         sample_name = f"{name}_total" if kind == "counter" else name
-        family = name if self.openmetrics else sample_name
-        self.lines.append(f"# HELP {family} {help_text}")
-        self.lines.append(f"# TYPE {family} {kind}")
+        self._head(name if self.openmetrics else sample_name, kind, help_text)
         for labels, value in samples:
-            label_text = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
-            braces = f"{{{label_text}}}" if label_text else ""
-            self.lines.append(f"{sample_name}{braces} {_number(value)}")
+            self._sample(sample_name, labels, value)
 
     def histogram(
         self, name: str, help_text: str, buckets: dict[str, int], total: float, count: int
     ) -> None:
         """One histogram family: `buckets` by upper bound (cumulative, the last "+Inf")."""
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} histogram")
+        self._head(name, "histogram", help_text)
         for le, n in buckets.items():
-            self.lines.append(f'{name}_bucket{{le="{escape(le)}"}} {n}')
-        self.lines.append(f"{name}_sum {_number(total)}")
-        self.lines.append(f"{name}_count {count}")
+            self._sample(f"{name}_bucket", {"le": le}, n)
+        self._sample(f"{name}_sum", {}, total)
+        self._sample(f"{name}_count", {}, count)
+
+    def _head(self, family: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {family} {help_text}")
+        self.lines.append(f"# TYPE {family} {kind}")
+
+    def _sample(self, name: str, labels: dict[str, str], value: float) -> None:
+        label_text = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
+        braces = f"{{{label_text}}}" if label_text else ""
+        self.lines.append(f"{name}{braces} {_number(value)}")
 
     def render(self) -> str:
         if self.openmetrics:

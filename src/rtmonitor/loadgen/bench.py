@@ -180,11 +180,10 @@ async def _probe(
     sample_device: str,
     noop: bool,
     flush_interval: float,
-    loop_lag: dict[str, Any],
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """While the load runs: freshness (send one packet, poll until GET shows it) and the
-    latency of GET /metrics/{id} and GET /metrics; and into `loop_lag`, the HTTP process's
-    event-loop lag over the same time (_loop_lag).
+    latency of GET /metrics/{id} and GET /metrics; and the HTTP process's event-loop lag
+    over the same time (_loop_lag's figures, none against the no-op ceiling).
 
     Against the no-op ceiling the same requests run at the same pace (nothing ever becomes
     visible there: each freshness sample polls for one flush interval, about what it polls
@@ -241,25 +240,25 @@ async def _probe(
                 await sent
                 await asyncio.sleep(0.2)
 
+        loop_lag: dict[str, Any] = {}
         if noop:
             await asyncio.gather(latency(), freshness())
         else:
-            await _under_load(http, until, loop_lag, latency(), freshness())
-    return {"freshness_ms": fresh, "get_device_ms": device_ms, "get_metrics_ms": list_ms}
+            loop_lag = await _under_load(http, until, latency(), freshness())
+    samples = {"freshness_ms": fresh, "get_device_ms": device_ms, "get_metrics_ms": list_ms}
+    return samples, loop_lag
 
 
 async def _under_load(
     http: httpx.AsyncClient,
     until: asyncio.Event,
-    loop_lag: dict[str, Any],
     *probes: Coroutine[Any, Any, None],
-) -> None:
-    """Run `probes` from the load's first commit, and the loop's lag over their time into
-    `loop_lag`."""
+) -> dict[str, Any]:
+    """Run `probes` from the load's first commit; the loop's lag over their time."""
     await _load_committing(http, until)
     before = await _loop_buckets(http)
     await asyncio.gather(*probes)
-    loop_lag.update(_loop_lag(before, await _loop_buckets(http)))
+    return _loop_lag(before, await _loop_buckets(http))
 
 
 async def _load_committing(http: httpx.AsyncClient, until: asyncio.Event) -> None:
@@ -556,18 +555,16 @@ def run_mode(
                 for options in _senders_options(opts, mode, target, svc.http)
             ]
 
-            loop_lag: dict[str, Any] = {}
-
-            async def load_and_probe() -> dict[str, list[float]]:
+            async def load_and_probe() -> tuple[dict[str, list[float]], dict[str, Any]]:
                 done = asyncio.Event()
                 probing = asyncio.ensure_future(
-                    _probe(svc, done, "s0-00001", noop, opts.flush_interval, loop_lag)
+                    _probe(svc, done, "s0-00001", noop, opts.flush_interval)
                 )
                 await asyncio.to_thread(lambda: [f.result() for f in futures])
                 done.set()
                 return await probing
 
-            probes = asyncio.run(load_and_probe())
+            probes, loop_lag = asyncio.run(load_and_probe())
             senders = [f.result() for f in futures]
         acked = sum(s["summary"]["accepted"] for s in senders)
         errors = [e for s in senders for e in s["summary"]["errors"]]

@@ -1068,7 +1068,7 @@ def _parse_chunk(chunk: bytes) -> list[Call]:
         chunk = _inflate(chunk[len(JOURNAL_MAGIC) :])
         if not chunk.startswith(JOURNAL_MAGIC_RAW):
             raise ValueError("a journal chunk is cut short or malformed")
-    if not chunk.startswith(JOURNAL_MAGIC_RAW):
+    elif not chunk.startswith(JOURNAL_MAGIC_RAW):
         return _from_journal(json.loads(chunk))
     start = len(JOURNAL_MAGIC_RAW)
     end = chunk.index(b"\n", start)
