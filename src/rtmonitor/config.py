@@ -143,7 +143,8 @@ class Settings(BaseSettings):
     redis_merge_module: bool = Field(
         True,
         description="Merge devices with the rtm Redis module where Redis has it (the "
-        "embedded Redis loads it); off: always with the Lua script.",
+        "embedded Redis loads it); off: always with the Lua script (the embedded Redis still "
+        "loads it: an AOF it merged into needs it).",
     )
     key_prefix: str = Field(
         "rtm", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key."

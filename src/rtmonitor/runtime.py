@@ -70,7 +70,6 @@ def redis_server(
     *,
     port: int = 0,
     maxmemory_mb: int = 0,
-    merge_module: bool = True,
     allocator: str = AUTO,
 ) -> Iterator[RedisServer]:
     """An external Redis as given (`url`), else an embedded one under `data_dir`, started
@@ -79,9 +78,9 @@ def redis_server(
     if url is not None:
         yield RedisServer(url)
         return
-    with EmbeddedRedis(
-        data_dir, port, maxmemory_mb=maxmemory_mb, merge_module=merge_module, allocator=allocator
-    ) as embedded:
+    # (The rtm module is always loaded: a data directory it merged into needs it to be read,
+    # whether or not this service merges with it, --no-redis-merge-module.)
+    with EmbeddedRedis(data_dir, port, maxmemory_mb=maxmemory_mb, allocator=allocator) as embedded:
         yield RedisServer(embedded.url, embedded)
 
 
@@ -498,7 +497,6 @@ def run(settings: Settings) -> int:
             port=settings.embedded_redis_port,
             maxmemory_mb=settings.embedded_redis_maxmemory,
             allocator=settings.embedded_redis_allocator,
-            merge_module=settings.redis_merge_module,
         ) as redis:
             if settings.workers > 1:
                 if settings.grpc_port == 0:  # the workers must agree on one port

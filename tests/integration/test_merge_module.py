@@ -2,8 +2,9 @@
 it stands in for (scripts.MERGE_DEVICES), on a real Redis with the module loaded: the same
 replies and the same record bytes and TTLs for any flushes (kinds and readings old and new,
 sums that overflowed, receive seconds folded into spans and dropped, windows, retries,
-retention); malformed input refused before anything is written; a data directory that
-needs no module; a store that goes back to the script when Redis loses the module."""
+retention); malformed input refused before anything is written; what replicas and the AOF
+replay (RTM.APPLY6) leaving the same keys; a store that goes back to the script when Redis
+loses the module."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from rtmonitor.model import (
     FlushDelta,
     ValueStats,
 )
-from rtmonitor.storage.embedded import EmbeddedRedis, merge_module_path
+from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError, merge_module_path
 from rtmonitor.storage.keys import COLUMNS
 from rtmonitor.storage.packing import pack_deltas
 from rtmonitor.storage.store import MERGE_COMMAND, RedisStore
@@ -42,6 +43,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
     embedded = EmbeddedRedis(tmp_path_factory.mktemp("merge-module") / "redis").start()
     try:
         yield embedded
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture(scope="module")
+def replica(server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a replica of `server` (with the module): it replays what the module's
+    calls replicate (RTM.APPLY6), as a restart replays the AOF."""
+    embedded = EmbeddedRedis(
+        tmp_path_factory.mktemp("merge-module-replica") / "redis",
+        extra_config={"replicaof": f"{server.host} {server.port}", "masterauth": server.password},
+    ).start()
+    try:
+        yield embedded.url
     finally:
         embedded.stop()
 
@@ -118,7 +133,9 @@ async def _indexes(raw: redis.asyncio.Redis, prefix: str) -> dict[str, Any]:
     return out
 
 
-async def _both(url: str, plan: list[tuple[int, FlushDelta, list[str]]], retention_s: int) -> None:
+async def _both(
+    url: str, plan: list[tuple[int, FlushDelta, list[str]]], retention_s: int, replica: str
+) -> None:
     n = next(_prefixes)
     script = RedisStore.from_url(url, f"s{n}", retention_s=retention_s, merge_module=False)
     module = RedisStore.from_url(url, f"m{n}", retention_s=retention_s)
@@ -139,6 +156,9 @@ async def _both(url: str, plan: list[tuple[int, FlushDelta, list[str]]], retenti
             ttl_a, ttl_b = await raw.pttl(a), await raw.pttl(b)
             assert (ttl_a > 0) == (ttl_b > 0) and (ttl_a == -1) == (ttl_b == -1)
         assert await _indexes(raw, f"m{n}") == await _indexes(raw, f"s{n}")
+        async with redis.asyncio.Redis.from_url(replica) as copy:  # (what it replicated)
+            await _caught_up(raw, copy)
+            _same(await _snapshot(copy, f"m{n}"), await _snapshot(raw, f"m{n}"))
     finally:
         await raw.aclose()
         await script.aclose()
@@ -148,9 +168,13 @@ async def _both(url: str, plan: list[tuple[int, FlushDelta, list[str]]], retenti
 @settings(max_examples=200, deadline=None)
 @given(plan=flushes(), retention_s=st.sampled_from([0, 0, 3600]))
 def test_the_module_merges_as_the_script_does(
-    server: EmbeddedRedis, plan: list[tuple[int, FlushDelta, list[str]]], retention_s: int
+    server: EmbeddedRedis,
+    replica: str,
+    plan: list[tuple[int, FlushDelta, list[str]]],
+    retention_s: int,
 ) -> None:
-    asyncio.run(_both(server.url, plan, retention_s))
+    """And a replica that replays the module's calls holds the same keys."""
+    asyncio.run(_both(server.url, plan, retention_s, replica))
 
 
 def _record(kinds: int = 0, spans: int = 0) -> bytes:
@@ -371,85 +395,159 @@ def test_the_rate_column_keeps_the_newest_two_windows(server: EmbeddedRedis) -> 
         client.close()
 
 
-def test_the_data_needs_no_module_and_the_store_goes_back_to_the_script(
+async def _snapshot(raw: redis.asyncio.Redis, prefix: str = "") -> dict[bytes, tuple[Any, int]]:
+    """Every key of a Redis: its value (records and columns byte for byte) and its expiry
+    (ms since the epoch, as TIME + PTTL: Redis 6.2 has no PEXPIRETIME; -1: none), but a
+    batch's idempotency marker's, which is relative (SET EX: replayed, it starts again).
+    `prefix`: only a store's keys (its records and its index group)."""
+    out: dict[bytes, tuple[Any, int]] = {}
+    seconds, micros = await raw.time()
+    now = seconds * 1000 + micros // 1000
+    keys = [k async for k in raw.scan_iter(match=f"{prefix}:*" if prefix else None, count=1000)]
+    if prefix:
+        keys += [k async for k in raw.scan_iter(match=f"{{{prefix}}}:*", count=1000)]
+    for key in keys:
+        kind = await raw.type(key)
+        if kind == b"zset":
+            value: Any = await raw.zrange(key, 0, -1, withscores=True)
+        elif kind == b"hash":
+            value = await raw.hgetall(key)
+        elif kind == b"list":
+            value = await raw.lrange(key, 0, -1)
+        else:
+            value = await raw.get(key)
+        ttl = int(await raw.pttl(key))
+        if b":m:" in key:
+            out[key] = (value, 1 if ttl > 0 else ttl)
+        else:
+            out[key] = (value, now + ttl if ttl > 0 else ttl)
+    return out
+
+
+def _same(a: dict[bytes, tuple[Any, int]], b: dict[bytes, tuple[Any, int]]) -> None:
+    """Two snapshots hold the same keys and values, expiring at the same times (to the
+    quarter second their reading allows)."""
+    assert a.keys() == b.keys()
+    for key, (value, expires) in a.items():
+        assert value == b[key][0], key
+        assert abs(expires - b[key][1]) < 250 if expires > 1 else expires == b[key][1], key
+
+
+def _aof_bytes(data: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(data.rglob("*.aof*")) if p.is_file())
+
+
+def test_a_restart_replays_the_merges_and_a_rewritten_aof_needs_no_module(
     tmp_path: Path,
 ) -> None:
-    """The module's writes reach the AOF as plain commands (SET, ZADD, HSET, LPOP, an EVAL
-    of SETs for the records and one of SETRANGEs for the columns): the same directory opens
-    without the module with the same record, expiring when it would have (not a retention
-    later than its load), and the same index group; and a store that merged with it goes
-    on with the script."""
+    """A merge reaches the AOF as RTM.APPLY6 (its arguments and the records' expiry as a
+    time), not as what it wrote: restarted, Redis replays it into the same bytes, slots and
+    columns, expiring when they would have (not a retention after the restart), including a
+    record merged again after it expired (Redis writes its DEL first). Without the module
+    that AOF cannot be read, and the launcher says why and what to do; once rewritten
+    (BGREWRITEAOF) it holds plain values, opens without the module, and a store that merged
+    with it goes on with the script."""
     data = tmp_path / "redis"
     first = EmbeddedRedis(data).start()
-    flush = FlushDelta(
-        devices={
-            "a": DeviceDelta(packets=2, bytes=20, first_seen=T0, last_seen=T0, kinds={"k": 2})
-        },
-        packets=2,
-        bytes=20,
-    )
+    reading = ValueStats(count=1, sum=2.0, min=2.0, max=2.0, last=2.0, last_ts=T0)
 
-    async def merge(store: RedisStore, seq: int) -> None:
-        await store.apply(store.plan(flush, "i", seq))
+    def flush(packets: int, *devices: str) -> FlushDelta:
+        return FlushDelta(
+            devices={
+                d: DeviceDelta(packets=packets, bytes=10, first_seen=T0, last_seen=T0,
+                               kinds={"k": packets}, values={"v": reading})
+                for d in devices
+            },
+            packets=packets * len(devices),
+            bytes=10 * len(devices),
+        )  # fmt: skip
 
-    async def read(store: RedisStore) -> int:
-        record = await store.get_device("a")
+    async def read(store: RedisStore, device_id: str = "a") -> int:
+        record = await store.get_device(device_id)
         assert record is not None
         return record.packets
 
-    async def written(url: str) -> tuple[Any, ...]:
-        raw = redis.asyncio.Redis.from_url(url)
-        try:
-            return await raw.get("rtm:d:{a}"), await _indexes(raw, "rtm")
-        finally:
-            await raw.aclose()
-
-    async def expires_in(url: str) -> int:
+    async def snapshot(url: str) -> dict[bytes, tuple[Any, int]]:
         async with redis.asyncio.Redis.from_url(url) as raw:
-            return int(await raw.pttl("rtm:d:{a}"))
+            return await _snapshot(raw)
+
+    async def rewrite(url: str) -> None:
+        async with redis.asyncio.Redis.from_url(url) as raw:
+            await raw.bgrewriteaof()
+            for _ in range(200):
+                state = await raw.info("persistence")
+                if not (state["aof_rewrite_in_progress"] or state["aof_rewrite_scheduled"]):
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("BGREWRITEAOF did not finish in 10 s")
 
     async def run() -> None:
         store = RedisStore.from_url(first.url, retention_s=3600)
+        short = RedisStore.from_url(first.url, "short", retention_s=1)
         try:
-            await merge(store, 1)
-            assert store.merge_module is True
-            before = await written(first.url)
-            assert before[0] and len(before[1]) == 7  # devices, slot, id, the 4 columns
-            await asyncio.sleep(1.1)
-            ttl = await expires_in(first.url)
-            assert 3_500_000 < ttl < 3_599_000
+            await store.apply(store.plan(flush(2, "a", "b", "c"), "i", 1))
+            await short.apply(short.plan(flush(1, "e", "f"), "i", 1))
+            await asyncio.sleep(1.2)  # e and f expire; e is merged into again
+            await short.apply(short.plan(flush(5, "e"), "i", 2))
+            assert store.merge_module is True and short.merge_module is True
+            assert await read(short, "e") == 5  # (a new record: the old one had expired)
+            before = await snapshot(first.url)
+            assert before[b"rtm:d:{a}"][1] > T0 and before[b"short:d:{e}"][1] > T0
+            aof = _aof_bytes(data)
+            # (and none of what it wrote: a record's key is only in its call's arguments)
+            assert aof.count(b"\r\nrtm.apply6\r\n") == 3 and b"\r\nEVAL\r\n" not in aof
+            assert aof.count(b"rtm:d:{a}") == 1 and aof.count(b"short:d:{e}") == 3  # (+ DEL)
             first.stop()
+            again = EmbeddedRedis(data, port=first.port, password=first.password).start()
+            try:
+                after = await snapshot(again.url)
+                assert b"short:d:{f}" not in after  # (expired, and deleted, here or there)
+                before.pop(b"short:d:{f}", None)
+                _same(after, before)
+            finally:
+                again.stop()
             plain = EmbeddedRedis(
                 data, port=first.port, password=first.password, merge_module=False
-            ).start()
+            )
+            with pytest.raises(EmbeddedRedisError, match=r"RTM\.APPLY6.*without the module.*BGREW"):
+                plain.start()
+            again.start()
             try:
-                assert await written(plain.url) == before  # (from the AOF)
-                assert 3_500_000 < await expires_in(plain.url) <= ttl
+                await rewrite(again.url)
+            finally:
+                again.stop()
+            assert b"rtm.apply6" not in _aof_bytes(data)
+            plain.start()
+            try:
+                _same(await snapshot(plain.url), before)
                 other = RedisStore.from_url(plain.url)
                 assert await read(other) == 2
                 await other.aclose()
                 # the same store, on a new connection (the flusher retries one that broke),
                 # and the module is gone
                 await store.client.connection_pool.disconnect()
-                await merge(store, 2)
+                await store.apply(store.plan(flush(2, "a"), "i", 2))
                 assert await read(store) == 4
                 assert store.merge_module is False
             finally:
                 plain.stop()
         finally:
+            await short.aclose()
             await store.aclose()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        first.stop()
 
 
-def test_a_replica_without_the_module_holds_what_the_module_wrote(tmp_path: Path) -> None:
-    """A replica (a real Redis, no module) applies what a merge replicates (the records'
-    EVAL of SETs with their expiry, the index group's commands and the rows' EVAL) and
-    holds the same records, TTLs and index group as the Redis that merged."""
+def test_a_replica_holds_what_the_module_merged(tmp_path: Path) -> None:
+    """A replica (a real Redis with the module) replays what a merge replicates, RTM.APPLY6,
+    and holds the same records, expiry times and index groups as the Redis that merged:
+    records new, grown in place and shrunk, retries, and records that never expire."""
     master = EmbeddedRedis(tmp_path / "master").start()
     replica = EmbeddedRedis(
         tmp_path / "replica",
-        merge_module=False,
         extra_config={"replicaof": f"{master.host} {master.port}", "masterauth": master.password},
     ).start()
 
@@ -468,25 +566,19 @@ def test_a_replica_without_the_module_holds_what_the_module_wrote(tmp_path: Path
                     devices={d: _names(d, i % 3, 1 + i % 2, i % 3, 20 * second)
                              for i, d in enumerate(ids[: 20 + 10 * second])}
                 )  # fmt: skip
-                assert await store.apply(store.plan(flush, "i", second + 1)) == 0
+                plan = store.plan(flush, "i", second + 1)
+                assert await store.apply(plan) == 0
+                assert await store.apply(plan) == 0  # (a retry: the figures, no merge)
             assert store.merge_module is True
-            offset = (await raw.info("replication"))["master_repl_offset"]
-            await raw.execute_command("WAIT", 1, 10_000)
-            for _ in range(100):
-                info = await copy.info("replication")
-                if info.get("master_link_status") == "up" and (info["slave_repl_offset"] >= offset):
-                    break
-                await asyncio.sleep(0.1)
-            for d in ids:
-                key = store.layout.device(d)
-                assert await copy.get(key) == await raw.get(key), d
-                ttl, copied = await raw.pttl(key), await copy.pttl(key)
-                assert 3_590_000 < copied <= 3_600_000 and abs(copied - ttl) < 2_000, d
-            assert await _indexes(copy, "rtm") == await _indexes(raw, "rtm")
-            for d in ("a", "b"):
-                key = kept.layout.device(d)
-                assert await copy.get(key) == await raw.get(key) is not None
-                assert await copy.pttl(key) == -1
+            await _caught_up(raw, copy)
+            copied = await _snapshot(copy)
+            _same(copied, await _snapshot(raw))
+            assert len(copied) > 60 and copied[kept.layout.device("a").encode()][1] == -1
+            stats = await copy.info("commandstats")
+            # a call each (the retries' too: they write the figures to the rows), and none
+            # of what they wrote (a record's SET and expiry, the slots, the rows)
+            assert stats["cmdstat_rtm.apply6"]["calls"] == 9
+            assert not {"eval", "zadd", "hset", "lpop", "pexpireat"} & {k[8:] for k in stats}
         finally:
             await copy.aclose()
             await raw.aclose()
@@ -498,6 +590,18 @@ def test_a_replica_without_the_module_holds_what_the_module_wrote(tmp_path: Path
     finally:
         replica.stop()
         master.stop()
+
+
+async def _caught_up(raw: redis.asyncio.Redis, copy: redis.asyncio.Redis) -> None:
+    """Once the replica `copy` has applied everything its master `raw` had written."""
+    offset = (await raw.info("replication"))["master_repl_offset"]
+    await raw.execute_command("WAIT", 1, 10_000)
+    for _ in range(100):
+        info = await copy.info("replication")
+        if info.get("master_link_status") == "up" and info["slave_repl_offset"] >= offset:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the replica did not catch up: {info}")
 
 
 def _names(device_id: str, start: int, kinds: int, names: int, second: int) -> DeviceDelta:

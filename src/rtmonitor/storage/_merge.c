@@ -1,5 +1,6 @@
 /* A Redis module: RTM.MERGE6, the device merge of scripts.MERGE_DEVICES in C, with the
- * index group's writes that follow it (scripts.WRITE_ROWS).
+ * index group's writes that follow it (scripts.WRITE_ROWS); and RTM.APPLY6, the same merge
+ * as replicas and the AOF replay it.
  *
  * Why: a fleet's flush is one merge per device, and in Lua most of a merge is the
  * machinery around it, not the arithmetic: two redis.call()s (GET, SET) and a ~300-byte
@@ -17,10 +18,18 @@
  * (tests/integration/test_merge_module.py checks them against each other). Replies [the
  * number of devices, what the records had no room for] (below).
  *
- * What it writes is replicated (and written to the AOF) as plain commands: SET, ZADD,
- * HSET, LPOP, one EVAL of SETs per call for the records and one of SETRANGEs for the
- * column rows, so a data directory never needs the module. Unlike the script, a malformed
- * deltas argument is refused before anything is written.
+ * A call is replicated (and written to the AOF) as itself, not as what it wrote: as
+ * RTM.APPLY6 with the same arguments and the records' expiry as an absolute time (a
+ * relative one would start again when the AOF is loaded). The merge is deterministic
+ * given the keys and the arguments (the expiry is its only use of the clock), and Redis
+ * writes the DEL of a key it found expired before the command, so a replica or a restart
+ * replaying it leaves the same bytes. A device merge's arguments (its key and delta, ~130
+ * bytes for a fleet's device in one flush) are a third of what it writes (its record, the
+ * group's row, its slot): at a million devices the AOF's writes were most of Redis' time
+ * (benchmarks/RESULTS.md, twentieth pass). So a Redis that has merged with the module reads
+ * its AOF only with the module loaded, until the AOF is next rewritten (BGREWRITEAOF: then
+ * it holds plain values), and its replicas need the module too. Unlike the script, a
+ * malformed deltas argument is refused before anything is written.
  *
  * No Redis header is needed: the few module API functions used are declared here and
  * looked up by name when Redis loads the module, as redismodule.h does.
@@ -50,7 +59,6 @@
 #define REDISMODULE_KEYTYPE_HASH 3
 #define REDISMODULE_KEYTYPE_ZSET 5
 #define REDISMODULE_ZADD_NX (1 << 1)
-#define REDISMODULE_ZADD_NOP (1 << 4)
 #define REDISMODULE_HASH_NONE 0
 #define REDISMODULE_NO_EXPIRE -1
 
@@ -95,7 +103,8 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(void *, Realloc, (void *, size_t))                                                    \
     X(void, Free, (void *))                                                                 \
     X(long long, Milliseconds, (void))                                                      \
-    X(int, SetAbsExpire, (RedisModuleKey *, long long))
+    X(int, SetAbsExpire, (RedisModuleKey *, long long))                                   \
+    X(int, ReplicateVerbatim, (RedisModuleCtx *))
 
 #define DECLARE(TYPE, NAME, ARGS) static TYPE(*RM_##NAME) ARGS = NULL;
 API(DECLARE)
@@ -219,11 +228,6 @@ typedef struct {
     size_t kcap, vcap, dcap, bcap;
     unsigned char *out;
     size_t outcap;
-    /* the records written, replicated together (replicate_records) */
-    RedisModuleString **written;
-    size_t nwritten, writtencap;
-    unsigned char *blob;
-    size_t bloblen, blobcap;
 } scratch;
 
 /* (RM_Realloc does not return NULL: out of memory, Redis stops, as for its own commands) */
@@ -255,8 +259,6 @@ static void scratch_free(scratch *s) {
     RM_Free(s->spans);
     RM_Free(s->folded);
     RM_Free(s->out);
-    RM_Free(s->written);
-    RM_Free(s->blob);
 }
 
 /* A stored value's bytes, to read from (a record: kept raw by Redis, so not copied). */
@@ -384,9 +386,8 @@ static int write_in_place(RedisModuleKey *key, size_t have, const unsigned char 
 /* Merge delta `d` into the record `key` holds (open for writing) and write it; the 5
  * reply integers into `reply`, and what the record had no room for (NAME_ROOM) added to
  * `dropped`. Returns an error message, or NULL (never one check_device let through). */
-static const char *merge_one(RedisModuleCtx *ctx, RedisModuleKey *key,
-                             RedisModuleString *keyname, delta *d, double window,
-                             long long expire_at, scratch *s, long long *reply,
+static const char *merge_one(RedisModuleCtx *ctx, RedisModuleKey *key, delta *d,
+                             double window, long long expire_at, scratch *s, long long *reply,
                              long long *dropped) {
     int type = RM_KeyType(key);
     if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_STRING)
@@ -493,18 +494,11 @@ static const char *merge_one(RedisModuleCtx *ctx, RedisModuleKey *key,
     }
     if (expire_at > 0) {
         /* a device silent for the retention expires with everything it counted (at the
-         * time its replicas and the AOF are given: replicate_records) */
+         * time its replicas and the AOF are given: RTM.APPLY6's expire-at) */
         RM_SetAbsExpire(key, expire_at);
     } else if (in_place) {
         RM_SetExpire(key, REDISMODULE_NO_EXPIRE); /* (what the script's SET leaves) */
     }
-    grow((void **)&s->written, &s->writtencap, s->nwritten + 1, sizeof(RedisModuleString *));
-    s->written[s->nwritten++] = keyname;
-    grow((void **)&s->blob, &s->blobcap, s->bloblen + 4 + size, 1);
-    unsigned char *at = s->blob + s->bloblen;
-    put_u(&at, (double)size, 4);
-    memcpy(at, s->out, size);
-    s->bloblen += 4 + size;
     if (w != window) wp = 0;
     reply[0] = (long long)p, reply[1] = (long long)b, reply[2] = (long long)l;
     reply[3] = (long long)wp, reply[4] = created, reply[5] = (long long)f;
@@ -570,32 +564,11 @@ static const char *marker_applied(RedisModuleCtx *ctx, RedisModuleString *keynam
 
 enum { IX_DEVICES, IX_SLOT, IX_ID, IX_FREE, IX_PACKETS, IX_BYTES, IX_LAST_SEEN, IX_RATE, IX_COUNT };
 
-#define ROW_SIZE 64          /* replicated per device: slot, packets, bytes, last_seen, rate */
 #define MAX_SLOTS (1 << 24)  /* keys.MAX_SLOTS: 512 MB of rate column */
-
-/* Replayed on a replica, and when Redis loads its AOF: the rows as the merge left them
- * (offsets passed as strings, as in WRITE_RECORDS_EFFECT). */
-static const char *WRITE_ROWS_EFFECT =
-    "local b = ARGV[1] "
-    "for o = 1, #b, 64 do "
-    "local s = struct.unpack('<i8', b, o) "
-    "local at8, at32 = string.format('%d', s * 8), string.format('%d', s * 32) "
-    "redis.call('SETRANGE', KEYS[1], at8, b:sub(o + 8, o + 15)) "
-    "redis.call('SETRANGE', KEYS[2], at8, b:sub(o + 16, o + 23)) "
-    "redis.call('SETRANGE', KEYS[3], at8, b:sub(o + 24, o + 31)) "
-    "redis.call('SETRANGE', KEYS[4], at32, b:sub(o + 32, o + 63)) "
-    "end";
 
 typedef struct {
     RedisModuleKey *key[IX_COUNT];
-    RedisModuleString **added; /* devices newly in ix-devices, for one replicated ZADD */
-    size_t nadded, addcap;
-    RedisModuleString **slots; /* new (member, slot) pairs, for one HSET on each hash */
-    size_t nslots, slotcap;
-    long long popped;          /* slots taken from ix-free, for one LPOP */
-    unsigned char *rows;       /* ROW_SIZE per device written, for one EVAL */
-    size_t nrows, rowcap;
-    long long next;            /* the first slot never used: rate column length / 32 */
+    long long next; /* the first slot never used: rate column length / 32 */
 } group;
 
 /* Columns hold big-endian int64s, as BITFIELD reads and writes an i64 (WRITE_ROWS). */
@@ -643,7 +616,6 @@ static void slot_of(RedisModuleCtx *ctx, group *g, RedisModuleString *member, lo
     while (*slot < 0 && RM_ValueLength(g->key[IX_FREE]) > 0) {
         RedisModuleString *freed = RM_ListPop(g->key[IX_FREE], 0), *owner = NULL;
         if (freed == NULL) break;
-        g->popped++;
         if (slot_number(freed, slot) && *slot < g->next) { /* (past the columns: never used) */
             RM_HashGet(g->key[IX_ID], REDISMODULE_HASH_NONE, freed, &owner, NULL);
             if (owner != NULL) *slot = -1, RM_FreeString(ctx, owner);
@@ -657,9 +629,7 @@ static void slot_of(RedisModuleCtx *ctx, group *g, RedisModuleString *member, lo
     RedisModuleString *text = RM_CreateStringFromLongLong(ctx, *slot);
     RM_HashSet(g->key[IX_SLOT], REDISMODULE_HASH_NONE, member, text, NULL);
     RM_HashSet(g->key[IX_ID], REDISMODULE_HASH_NONE, text, member, NULL);
-    grow((void **)&g->slots, &g->slotcap, g->nslots + 2, sizeof(RedisModuleString *));
-    g->slots[g->nslots++] = member;
-    g->slots[g->nslots++] = text;
+    RM_FreeString(ctx, text);
 }
 
 /* A column's bytes, grown (zeros) to hold `slot`. */
@@ -687,10 +657,6 @@ static const char *row_device(RedisModuleCtx *ctx, group *g, RedisModuleString *
         int flags = REDISMODULE_ZADD_NX;
         if (RM_ZsetAdd(g->key[IX_DEVICES], 0, member, &flags) != REDISMODULE_OK)
             return IX_WRONGTYPE;
-        if (!(flags & REDISMODULE_ZADD_NOP)) {
-            grow((void **)&g->added, &g->addcap, g->nadded + 1, sizeof(RedisModuleString *));
-            g->added[g->nadded++] = member;
-        }
     }
     unsigned char *pc = column_at(g, IX_PACKETS, slot, 8), *bc = column_at(g, IX_BYTES, slot, 8);
     unsigned char *lc = column_at(g, IX_LAST_SEEN, slot, 8), *rc = column_at(g, IX_RATE, slot, 32);
@@ -721,44 +687,12 @@ static const char *row_device(RedisModuleCtx *ctx, group *g, RedisModuleString *
         }
     }
     put_i64(rc, w1), put_i64(rc + 8, p1), put_i64(rc + 16, w2), put_i64(rc + 24, p2);
-    grow((void **)&g->rows, &g->rowcap, (g->nrows + 1) * ROW_SIZE, 1);
-    unsigned char *row = g->rows + g->nrows++ * ROW_SIZE;
-    memcpy(row, &slot, 8); /* (native: only the effect script reads it) */
-    memcpy(row + 8, pc, 8), memcpy(row + 16, bc, 8), memcpy(row + 24, lc, 8);
-    memcpy(row + 32, rc, 32);
     return NULL;
 }
 
-/* Replicate what the call wrote to the group (one command per key, whatever the number of
- * devices), close, free. */
-static void close_group(RedisModuleCtx *ctx, RedisModuleString **keys, group *g) {
-    if (g->nadded) {
-        RedisModuleString **argv = RM_Alloc(2 * g->nadded * sizeof(RedisModuleString *));
-        RedisModuleString *zero = RM_CreateStringFromLongLong(ctx, 0);
-        for (size_t i = 0; i < g->nadded; i++) argv[2 * i] = zero, argv[2 * i + 1] = g->added[i];
-        RM_Replicate(ctx, "ZADD", "scv", keys[IX_DEVICES], "NX", argv, 2 * g->nadded);
-        RM_FreeString(ctx, zero);
-        RM_Free(argv);
-    }
-    if (g->popped) RM_Replicate(ctx, "LPOP", "sl", keys[IX_FREE], g->popped);
-    if (g->nslots) {
-        RM_Replicate(ctx, "HSET", "sv", keys[IX_SLOT], g->slots, g->nslots);
-        for (size_t i = 0; i < g->nslots; i += 2) { /* (id, slot) pairs the other way */
-            RedisModuleString *t = g->slots[i];
-            g->slots[i] = g->slots[i + 1], g->slots[i + 1] = t;
-        }
-        RM_Replicate(ctx, "HSET", "sv", keys[IX_ID], g->slots, g->nslots);
-        for (size_t i = 0; i < g->nslots; i += 2) RM_FreeString(ctx, g->slots[i]);
-    }
-    if (g->nrows)
-        RM_Replicate(ctx, "EVAL", "ccssssb", WRITE_ROWS_EFFECT, "4", keys[IX_PACKETS],
-                     keys[IX_BYTES], keys[IX_LAST_SEEN], keys[IX_RATE], (const char *)g->rows,
-                     g->nrows * ROW_SIZE);
+static void close_group(group *g) {
     for (int i = 0; i < IX_COUNT; i++)
         if (g->key[i]) RM_CloseKey(g->key[i]);
-    RM_Free(g->added);
-    RM_Free(g->slots);
-    RM_Free(g->rows);
 }
 
 /* Every delta of the call, read before anything is written. */
@@ -861,41 +795,23 @@ static int repeated(RedisModuleString **keys, size_t n) {
     return found != 0;
 }
 
-/* Replayed on a replica, and when Redis loads its AOF: the records a call wrote, each SET
- * as the script's SET leaves it, and expiring when it expired here (an absolute time: a
- * relative one would start again at every restart). */
-static const char *WRITE_RECORDS_EFFECT =
-    "local b, at, o = ARGV[2], ARGV[1], 1 "
-    "for i = 1, #KEYS do "
-    "local n = struct.unpack('<I4', b, o) "
-    "redis.call('SET', KEYS[i], b:sub(o + 4, o + 3 + n)) "
-    "if at ~= '0' then redis.call('PEXPIREAT', KEYS[i], at) end "
-    "o = o + 4 + n "
-    "end";
-
-/* The records the call wrote, replicated (and written to the AOF) as one command rather
- * than a SET each: per command, Redis copies its arguments, grows its list of commands to
- * propagate by one, and formats them for the AOF (a third of a fleet's merge time). Their
- * expiry (0: none) goes as the string Redis received, not a Lua number: Redis 7.2.0-7.2.4
- * sent some integral Lua numbers in exponent form (100000000 as 1e+08), which PEXPIREAT
- * refuses (redis/redis#13113). */
-static void replicate_records(RedisModuleCtx *ctx, scratch *s, long long expire_at) {
-    if (s->nwritten == 0) return;
-    RM_Replicate(ctx, "EVAL", "clvlb", WRITE_RECORDS_EFFECT, (long long)s->nwritten,
-                 s->written, s->nwritten, expire_at, (const char *)s->blob, s->bloblen);
-}
-
 /* RTM.MERGE6 numkeys marker ix-devices ix-slot ix-id ix-free ix-packets ix-bytes
  *            ix-last-seen ix-rate device-key... ttl seq retention-ms window deltas id-offset
  * MERGE_DEVICES' merge, then the group's rows as scripts.WRITE_ROWS writes them from the
  * script's reply (a device's member: its key less the first id-offset bytes and the
  * closing brace). Replies [the number of devices, the kinds, value names and rate buckets
  * the records had no room for] (MERGE_DEVICES' last reply value). (RTM.MERGE5, of key
- * layout 4, wrote sorted sets; RTM.MERGE4 refused a record's growth past MAX_VALUES.) */
-static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+ * layout 4, wrote sorted sets; RTM.MERGE4 refused a record's growth past MAX_VALUES.)
+ *
+ * RTM.APPLY6 <RTM.MERGE6's arguments> expire-at-ms
+ * The same, with the records' expiry given (0: none) instead of now + retention-ms: what a
+ * RTM.MERGE6 call is replicated as. A call refused before it wrote anything is not
+ * replicated; one that failed after it began writing is, and fails the same way where it
+ * is replayed. */
+static int merge_call(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, int apply) {
     long long numkeys, offset;
     int wellformed = argc >= 2 && RM_StringToLongLong(argv[1], &numkeys) == REDISMODULE_OK &&
-                     numkeys >= 1 + IX_COUNT && numkeys == (long long)argc - 8;
+                     numkeys >= 1 + IX_COUNT && numkeys == (long long)argc - 8 - apply;
     if (RM_IsKeysPositionRequest(ctx)) {
         /* Redis asks for the keys (ACL key patterns, COMMAND GETKEYS, a cluster) without a
          * client to reply to: answer nothing else, whatever the arguments */
@@ -933,6 +849,9 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
     long long reply[6] = {0}, dropped = 0;
     /* every record of the call expires at the same time, here and where it is replicated */
     long long expire_at = retention > 0 ? RM_Milliseconds() + retention : 0;
+    if (apply && (RM_StringToLongLong(argv[argc - 1], &expire_at) != REDISMODULE_OK ||
+                  expire_at < 0))
+        return RM_ReplyWithError(ctx, "ERR expire-at must be a time in milliseconds or 0");
     delta *deltas = NULL;
     int applied;
     const char *error = marker_applied(ctx, keys[0], seq, &applied);
@@ -973,22 +892,25 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         RM_StringSet(marker, args[1]);
         RM_SetExpire(marker, ttl * 1000);
         RM_CloseKey(marker);
-        RM_Replicate(ctx, "SET", "sscs", keys[0], args[1], "EX", args[0]);
     }
+    int writing = error == NULL;
     for (size_t k = 0; error == NULL && k < devices; k++) {
         RedisModuleKey *key = hold ? held[k] : RM_OpenKey(ctx, devkeys[k], mode);
         if (applied) {
             error = figures(key, window, reply);
         } else {
-            error = merge_one(ctx, key, devkeys[k], &deltas[k], window, expire_at, &s, reply,
-                              &dropped);
+            error = merge_one(ctx, key, &deltas[k], window, expire_at, &s, reply, &dropped);
         }
         if (!hold) RM_CloseKey(key);
         if (error == NULL)
             error = row_device(ctx, &g, members[k], reply, (long long)window);
     }
-    replicate_records(ctx, &s, expire_at); /* (what was written, even before an error) */
-    close_group(ctx, ixkeys, &g);
+    if (writing && apply) {
+        RM_ReplicateVerbatim(ctx);
+    } else if (writing) { /* (argv[0] is the command's name, as the client wrote it) */
+        RM_Replicate(ctx, "rtm.apply6", "vl", argv + 1, (size_t)argc - 1, expire_at);
+    }
+    close_group(&g);
     for (size_t k = 0; k < devices; k++)
         if (held[k] != NULL) RM_CloseKey(held[k]);
     RM_Free(held);
@@ -1000,6 +922,14 @@ static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
     RM_ReplyWithArray(ctx, 2);
     RM_ReplyWithLongLong(ctx, (long long)devices);
     return RM_ReplyWithLongLong(ctx, dropped);
+}
+
+static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    return merge_call(ctx, argv, argc, 0);
+}
+
+static int apply_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    return merge_call(ctx, argv, argc, 1);
 }
 
 int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
@@ -1014,6 +944,8 @@ int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
     if (RM_IsModuleNameBusy("rtm")) return REDISMODULE_ERR;  /* (loaded twice) */
     RM_SetModuleAttribs(ctx, "rtm", 1, REDISMODULE_APIVER_1);
     if (RM_CreateCommand(ctx, "rtm.merge6", merge_command, "write deny-oom getkeys-api", 0, 0,
+                         0) != REDISMODULE_OK ||
+        RM_CreateCommand(ctx, "rtm.apply6", apply_command, "write deny-oom getkeys-api", 0, 0,
                          0) != REDISMODULE_OK)
         return REDISMODULE_ERR;
     return REDISMODULE_OK;

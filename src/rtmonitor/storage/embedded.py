@@ -128,6 +128,13 @@ def allocator_library(allocator: str) -> Path | None:
     return path.resolve()
 
 
+# How Redis says its AOF holds a command it does not know, e.g. "Unknown command 'rtm.apply6'
+# reading the append only file" (6.2; 7 names the file after it).
+_UNKNOWN_MODULE_COMMAND = re.compile(
+    r"Unknown command 'rtm\.[a-z0-9]+' reading the append only file", re.IGNORECASE
+)
+
+
 def merge_module_path() -> Path | None:
     """The rtm Redis module built with this package (storage/_merge.c), if it was built."""
     found = sorted(Path(__file__).parent.glob("_merge.*.so"))
@@ -196,9 +203,10 @@ class EmbeddedRedis:
         self._allocator_asked = allocator
         # What the running Redis allocates with (_loaded_allocator), read at each start.
         self.allocator: str | None = None
-        # The rtm module (RTM.MERGE6: device merges in C). Its writes reach the AOF as plain
-        # commands (SET, ZADD, HSET, LPOP, an EVAL of SETs, one of SETRANGEs), so the data
-        # directory never needs it; without it the store merges with the script.
+        # The rtm module (RTM.MERGE6: device merges in C). A merge reaches the AOF as the
+        # module's RTM.APPLY6, so a data directory it wrote to is read only with the module
+        # until its AOF is rewritten: the service always loads it (whether its store merges
+        # with it or with the script). Without it the store merges with the script.
         self.merge_module = merge_module_path() if merge_module else None
         self.host = host
         self.port = port
@@ -449,6 +457,19 @@ class EmbeddedRedis:
         tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
         if "Address already in use" in stderr + " ".join(tail):
             return self._port_in_use_error()
+        if _UNKNOWN_MODULE_COMMAND.search(stderr + " ".join(tail)):
+            if self.merge_module is not None:
+                why = f"{self.merge_module} is an earlier release's rtm module"
+            elif merge_module_path() is None:
+                why = "this package was installed without the module (no C compiler found)"
+            else:
+                why = "this Redis was started without the module"
+            return EmbeddedRedisError(
+                f"the AOF in {self.data_dir} holds device merges of the rtm Redis module "
+                f"(RTM.APPLY6) that this Redis cannot replay: {why}. Start it with the "
+                "release that wrote them, and run BGREWRITEAOF (a rewritten AOF holds plain "
+                "values) before going without the module or back to an earlier release."
+            )
         # Redis quotes a bad config line, which may be the requirepass line.
         text = f"exited with {proc.returncode}: {stderr.strip()} {' | '.join(tail)}"
         return text.replace(self.password, "***")
