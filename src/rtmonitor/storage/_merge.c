@@ -19,17 +19,24 @@
  * number of devices, what the records had no room for] (below).
  *
  * A call is replicated (and written to the AOF) as itself, not as what it wrote: as
- * RTM.APPLY6 with the same arguments and the records' expiry as an absolute time (a
- * relative one would start again when the AOF is loaded). The merge is deterministic
- * given the keys and the arguments (the expiry is its only use of the clock), and Redis
- * writes the DEL of a key it found expired before the command, so a replica or a restart
- * replaying it leaves the same bytes. A device merge's arguments (its key and delta, ~130
+ * RTM.APPLY6 with the same arguments and the time the call read (now-ms: its records and
+ * its marker expire at that time plus the retention or the TTL, so a replay does not start
+ * them again). The merge is deterministic given the keys, the arguments and that time (its
+ * only use of the clock), and Redis writes the DEL of a key it found expired before the
+ * command, so a replica or a restart replaying it leaves the same bytes. A device merge's arguments (its key and delta, ~130
  * bytes for a fleet's device in one flush) are a third of what it writes (its record, the
  * group's row, its slot): at a million devices the AOF's writes were most of Redis' time
  * (benchmarks/RESULTS.md, twentieth pass). So a Redis that has merged with the module reads
  * its AOF only with the module loaded, until the AOF is next rewritten (BGREWRITEAOF: then
- * it holds plain values), and its replicas need the module too. Unlike the script, a
- * malformed deltas argument is refused before anything is written.
+ * it holds plain values), and its replicas need the module too.
+ *
+ * RTM.APPLY6 is therefore part of the AOF's format: a release that changes what a merge
+ * writes (the record or the group's layout, NAME_ROOM, BUCKET_ROOM, FINE_S, MAX_SLOTS, how
+ * seconds fold or slots are reused) must name its replay anew (RTM.APPLY7) and keep
+ * RTM.APPLY6 as it is, registered beside it, for the AOFs and replicas that hold it; and
+ * the module's version (RedisModule_OnLoad) counts such changes.
+ *
+ * Unlike the script, a malformed deltas argument is refused before anything is written.
  *
  * No Redis header is needed: the few module API functions used are declared here and
  * looked up by name when Redis loads the module, as redismodule.h does.
@@ -76,7 +83,6 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(int, ReplyWithError, (RedisModuleCtx *, const char *))                                \
     X(int, ReplyWithArray, (RedisModuleCtx *, long))                                        \
     X(int, ReplyWithLongLong, (RedisModuleCtx *, long long))                                \
-    X(int, ReplyWithSimpleString, (RedisModuleCtx *, const char *))                         \
     X(void *, OpenKey, (RedisModuleCtx *, RedisModuleString *, int))                        \
     X(void, CloseKey, (RedisModuleKey *))                                                   \
     X(int, KeyType, (RedisModuleKey *))                                                     \
@@ -93,7 +99,6 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(int, IsKeysPositionRequest, (RedisModuleCtx *))                                       \
     X(void, KeyAtPos, (RedisModuleCtx *, int))                                              \
     X(int, ZsetAdd, (RedisModuleKey *, double, RedisModuleString *, int *))                 \
-    X(int, StringCompare, (RedisModuleString *, RedisModuleString *))                       \
     X(int, StringTruncate, (RedisModuleKey *, size_t))                                      \
     X(size_t, ValueLength, (RedisModuleKey *))                                              \
     X(int, HashGet, (RedisModuleKey *, int, ...))                                           \
@@ -113,7 +118,6 @@ API(DECLARE)
 /* ---- reading and writing the packed forms (scripts.py) ---- */
 
 #define HEAD_SIZE 56  /* record: <ddddddHHHH */
-#define DHEAD_SIZE 36 /* delta:  <ddddHH */
 #define KIND_SIZE 8   /* after the name: d */
 #define VALUE_SIZE 48 /* after the name: dddddd */
 #define BUCKET_SIZE 20 /* I4 d d */
@@ -803,11 +807,12 @@ static int repeated(RedisModuleString **keys, size_t n) {
  * the records had no room for] (MERGE_DEVICES' last reply value). (RTM.MERGE5, of key
  * layout 4, wrote sorted sets; RTM.MERGE4 refused a record's growth past MAX_VALUES.)
  *
- * RTM.APPLY6 <RTM.MERGE6's arguments> expire-at-ms
- * The same, with the records' expiry given (0: none) instead of now + retention-ms: what a
- * RTM.MERGE6 call is replicated as. A call refused before it wrote anything is not
- * replicated; one that failed after it began writing is, and fails the same way where it
- * is replayed. */
+ * RTM.APPLY6 <RTM.MERGE6's arguments> now-ms
+ * The same, at the time given instead of the clock's: what a RTM.MERGE6 call is replicated
+ * as. A call refused before it wrote anything is not replicated; one that failed after it
+ * began writing is (only a key written by something else between the checks and the writes
+ * could make it, which within one command nothing can), and fails the same way where it is
+ * replayed. */
 static int merge_call(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, int apply) {
     long long numkeys, offset;
     int wellformed = argc >= 2 && RM_StringToLongLong(argv[1], &numkeys) == REDISMODULE_OK &&
@@ -847,11 +852,16 @@ static int merge_call(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, i
     }
     scratch s = {0};
     long long reply[6] = {0}, dropped = 0;
+    /* the call's one reading of the clock (RTM.APPLY6: the one the call it replays read) */
+    long long now = 0;
+    if (!apply) {
+        now = RM_Milliseconds();
+    } else if (RM_StringToLongLong(argv[argc - 1], &now) != REDISMODULE_OK || now <= 0 ||
+               now > LLONG_MAX / 2) {
+        return RM_ReplyWithError(ctx, "ERR now-ms must be a time in milliseconds");
+    }
     /* every record of the call expires at the same time, here and where it is replicated */
-    long long expire_at = retention > 0 ? RM_Milliseconds() + retention : 0;
-    if (apply && (RM_StringToLongLong(argv[argc - 1], &expire_at) != REDISMODULE_OK ||
-                  expire_at < 0))
-        return RM_ReplyWithError(ctx, "ERR expire-at must be a time in milliseconds or 0");
+    long long expire_at = retention > 0 ? now + retention : 0;
     delta *deltas = NULL;
     int applied;
     const char *error = marker_applied(ctx, keys[0], seq, &applied);
@@ -890,7 +900,7 @@ static int merge_call(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, i
     if (error == NULL && !applied) {
         RedisModuleKey *marker = RM_OpenKey(ctx, keys[0], REDISMODULE_WRITE);
         RM_StringSet(marker, args[1]);
-        RM_SetExpire(marker, ttl * 1000);
+        RM_SetAbsExpire(marker, now + ttl * 1000);
         RM_CloseKey(marker);
     }
     int writing = error == NULL;
@@ -908,7 +918,7 @@ static int merge_call(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, i
     if (writing && apply) {
         RM_ReplicateVerbatim(ctx);
     } else if (writing) { /* (argv[0] is the command's name, as the client wrote it) */
-        RM_Replicate(ctx, "rtm.apply6", "vl", argv + 1, (size_t)argc - 1, expire_at);
+        RM_Replicate(ctx, "rtm.apply6", "vl", argv + 1, (size_t)argc - 1, now);
     }
     close_group(&g);
     for (size_t k = 0; k < devices; k++)
@@ -942,7 +952,8 @@ int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
     API(LOOKUP)
 #undef LOOKUP
     if (RM_IsModuleNameBusy("rtm")) return REDISMODULE_ERR;  /* (loaded twice) */
-    RM_SetModuleAttribs(ctx, "rtm", 1, REDISMODULE_APIVER_1);
+    /* 2: merges replicate as RTM.APPLY6 (1: as what they wrote) */
+    RM_SetModuleAttribs(ctx, "rtm", 2, REDISMODULE_APIVER_1);
     if (RM_CreateCommand(ctx, "rtm.merge6", merge_command, "write deny-oom getkeys-api", 0, 0,
                          0) != REDISMODULE_OK ||
         RM_CreateCommand(ctx, "rtm.apply6", apply_command, "write deny-oom getkeys-api", 0, 0,

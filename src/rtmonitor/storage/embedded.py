@@ -459,7 +459,7 @@ class EmbeddedRedis:
             return self._port_in_use_error()
         if _UNKNOWN_MODULE_COMMAND.search(stderr + " ".join(tail)):
             if self.merge_module is not None:
-                why = f"{self.merge_module} is an earlier release's rtm module"
+                why = f"{self.merge_module} is another release's rtm module"
             elif merge_module_path() is None:
                 why = "this package was installed without the module (no C compiler found)"
             else:
