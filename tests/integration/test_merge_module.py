@@ -112,23 +112,27 @@ def flushes(draw: st.DrawFn) -> list[tuple[int, FlushDelta, list[str]]]:
 _prefixes = itertools.count()
 
 
+async def _value(raw: redis.asyncio.Redis, key: bytes) -> Any:
+    """A key's value, whatever its type (strings as bytes)."""
+    kind = await raw.type(key)
+    if kind == b"zset":
+        return await raw.zrange(key, 0, -1, withscores=True)
+    if kind == b"hash":
+        return await raw.hgetall(key)
+    if kind == b"list":
+        return await raw.lrange(key, 0, -1)
+    return await raw.get(key)
+
+
 async def _indexes(raw: redis.asyncio.Redis, prefix: str) -> dict[str, Any]:
     """Every key of a prefix's index group (by name without the prefix): the devices set,
     the slots, the free list and the columns' bytes, and whether it expires."""
     out: dict[str, Any] = {}
     async for key in raw.scan_iter(match=f"{{{prefix}}}:*", count=1000):
-        name, kind = key.decode().split(":", 1)[1], await raw.type(key)
+        name = key.decode().split(":", 1)[1]
         if name in ("totals", "rejected", "rate") or name.startswith(("m:", "layout")):
             continue
-        if kind == b"zset":
-            value: Any = await raw.zrange(key, 0, -1, withscores=True)
-        elif kind == b"hash":
-            value = await raw.hgetall(key)
-        elif kind == b"list":
-            value = await raw.lrange(key, 0, -1)
-        else:
-            value = await raw.get(key)
-        out[name] = (value, await raw.ttl(key) > 0)
+        out[name] = (await _value(raw, key), await raw.ttl(key) > 0)
     assert set(out) <= {"devices", "slot", "id", "free", *(f"c:{c}" for c in COLUMNS)}, out
     return out
 
@@ -406,17 +410,8 @@ async def _snapshot(raw: redis.asyncio.Redis, prefix: str = "") -> dict[bytes, t
     if prefix:
         keys += [k async for k in raw.scan_iter(match=f"{{{prefix}}}:*", count=1000)]
     for key in keys:
-        kind = await raw.type(key)
-        if kind == b"zset":
-            value: Any = await raw.zrange(key, 0, -1, withscores=True)
-        elif kind == b"hash":
-            value = await raw.hgetall(key)
-        elif kind == b"list":
-            value = await raw.lrange(key, 0, -1)
-        else:
-            value = await raw.get(key)
         ttl = int(await raw.pttl(key))
-        out[key] = (value, now + ttl if ttl > 0 else ttl)
+        out[key] = (await _value(raw, key), now + ttl if ttl > 0 else ttl)
     return out
 
 
