@@ -251,7 +251,8 @@ class EmbeddedRedis:
             "appendfsync": "everysec",
             # Redis rewrites the AOF (a forked child writes the whole dataset again) each
             # time it has grown by this much over its last rewritten size. A fleet's flushes
-            # append ~700 bytes per device merge, so at Redis' default (100) rewrites ran
+            # appended ~700 bytes per device merge then (~100 with the rtm module's calls
+            # replicated as themselves, RTM.APPLY6), so at Redis' default (100) rewrites ran
             # back to back: at a million devices the children took ~35% of a core, beside a
             # parent copying its writes to them (benchmarks/RESULTS.md). At 400 the AOF may
             # reach five times its size at the last rewrite before it is rewritten again.

@@ -384,7 +384,8 @@ class RedisStore:
         try:
             return await self._pipelined(calls, module), module
         except ResponseError as exc:
-            # A Redis restarted without the module: the script does the same (each call is
+            # A Redis restarted without the module (an external one, its AOF rewritten since
+            # the module's last merge, README): the script does the same (each call is
             # idempotent, so the calls that went through change nothing when run again).
             if not (module and _module_missing(exc)):
                 raise
