@@ -92,6 +92,30 @@ def test_supervise_restarts_on_the_same_port_and_says_why_it_cannot(tmp_path: Pa
         server.stop()
 
 
+def test_start_returns_once_the_data_is_loaded(tmp_path: Path) -> None:
+    """start() waits for Redis to replay its data, not only to answer (INFO answers while it
+    loads): a load that fails then fails the start with its reason (test_merge_module), and
+    the first command after it finds every key."""
+    server = EmbeddedRedis(tmp_path).start()
+    client = redis.Redis.from_url(server.url)
+    client.execute_command("DEBUG", "POPULATE", 2_000_000)
+    client.bgrewriteaof()  # (DEBUG POPULATE writes no AOF; the rewrite puts it there)
+    deadline = time.monotonic() + 60
+    while client.info("persistence")["aof_rewrite_in_progress"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    client.close()
+    server.stop()
+    server.start()
+    client = redis.Redis.from_url(server.url)
+    try:
+        assert client.info("persistence")["loading"] == 0
+        assert client.dbsize() == 2_000_000
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_only_our_password_opens_it(tmp_path: Path) -> None:
     with EmbeddedRedis(tmp_path, maxmemory_mb=5) as server:
         with pytest.raises(redis.AuthenticationError):

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import signal
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -531,6 +534,44 @@ def test_a_restart_replays_the_merges_and_a_rewritten_aof_needs_no_module(
         asyncio.run(run())
     finally:
         first.stop()
+
+
+def test_a_redis_restarted_without_the_module_says_why_it_cannot_come_back(
+    tmp_path: Path,
+) -> None:
+    """The service restarts a Redis that exits. One restarted without the module exits while
+    it replays an AOF of merges, and not_ready() (GET /ready, the log) says why and what to
+    do, as start() does, not a bare exit code."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    delta = DeviceDelta(packets=1, bytes=10, first_seen=T0, last_seen=T0, kinds={"k": 1})
+
+    async def main() -> None:
+        store = RedisStore.from_url(server.url)
+        try:
+            flush = FlushDelta(devices={"a": delta}, packets=1, bytes=10)
+            await store.apply(store.plan(flush, "i", 1))
+            assert store.merge_module is True
+        finally:
+            await store.aclose()
+        server.merge_module = None  # its next start goes without
+        supervise = asyncio.create_task(server.supervise())
+        try:
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while "RTM.APPLY6" not in " ".join(server.not_ready()):
+                assert time.monotonic() < deadline, server.not_ready()
+                await asyncio.sleep(0.05)
+            (reason,) = server.not_ready()
+            assert "this Redis was started without the module" in reason
+            assert "BGREWRITEAOF" in reason and server.restarts == 0
+        finally:
+            supervise.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
 
 
 def test_a_replica_holds_what_the_module_merged(tmp_path: Path) -> None:

@@ -149,6 +149,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 _PROCESS_ID = re.compile(rb"\r\nprocess_id:(\d+)\r\n")
+_LOADING = re.compile(rb"\r\nloading:(\d+)\r\n")
 
 
 def _command(*args: str) -> bytes:
@@ -415,34 +416,55 @@ class EmbeddedRedis:
         raise AssertionError("unreachable")
 
     def _wait_ready(self, timeout: float) -> str | EmbeddedRedisError | None:
-        """None once our child answers on the port (loading its data counts), else what
-        went wrong. Whoever else answers there is not taken for it: a Redis that another
-        process runs on the port must never receive our writes."""
+        """None once our child answers on the port and has loaded its data, else what went
+        wrong. A load that outlasts `timeout` is no failed start (a fleet's AOF can take
+        minutes; the store waits out LOADING): it returns None then. Waiting for the load
+        otherwise is what lets a load that fails (an AOF this Redis cannot replay) fail
+        the start with its reason. Whoever else answers on the port is not taken for our
+        child: a Redis that another process runs there must never receive our writes."""
         proc = self._proc
         assert proc is not None
         deadline = time.monotonic() + timeout
+        loading = False
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 return self._exit_error(proc)
-            if self._answering_pid() == proc.pid:
-                return None
+            answer = self._answering()
+            if answer is not None and answer[0] == proc.pid:
+                loading = answer[1]
+                if not loading:
+                    return None
             time.sleep(0.02)
+        if loading:
+            logger.info(
+                "embedded Redis %s still loading its data after %.0fs; going on (requests "
+                "wait for the load)",
+                proc.pid,
+                timeout,
+            )
+            return None
         return f"no answer on {self.host}:{self.port} within {timeout:.0f}s"
 
-    def _answering_pid(self, timeout: float = 0.5) -> int | None:
-        """The process id of the Redis that answers on the port to our password, or None
-        (nothing listening yet, something that is not Redis or does not take our password).
-        A raw exchange with a short deadline: whatever holds the port cannot stall the
-        check. INFO answers while Redis loads its data, so a long load is no failed start."""
-        request = _command("AUTH", self.password) + _command("INFO", "server")
+    def _answering(self, timeout: float = 0.5) -> tuple[int, bool] | None:
+        """The process id of the Redis that answers on the port to our password, and
+        whether it is still loading its data; None: nothing listening yet, something that
+        is not Redis or does not take our password. A raw exchange with a short deadline:
+        whatever holds the port cannot stall the check. INFO answers while Redis loads."""
+        request = (
+            _command("AUTH", self.password)
+            + _command("INFO", "server")
+            + _command("INFO", "persistence")
+        )
         deadline = time.monotonic() + timeout
         try:
             with socket.create_connection((self.host, self.port), timeout=timeout) as s:
                 s.sendall(request)
                 reply = b""
                 while len(reply) < 65_536 and not reply.startswith(b"-"):
-                    if (found := _PROCESS_ID.search(reply)) is not None:
-                        return int(found[1])
+                    pid = _PROCESS_ID.search(reply)
+                    loading = _LOADING.search(reply)
+                    if pid is not None and loading is not None:
+                        return int(pid[1]), loading[1] != b"0"
                     s.settimeout(max(0.01, deadline - time.monotonic()))
                     chunk = s.recv(65_536)
                     if not chunk:
@@ -512,8 +534,11 @@ class EmbeddedRedis:
                 if time.monotonic() - up_since > RESTART_STABLE_S:
                     backoff = RESTART_BACKOFF_START_S
                 continue
-            if self._down is None:
-                self._down = f"redis-server {proc.pid} exited with {proc.returncode}"
+            if self._down is None:  # (what it said: an AOF it cannot replay says why)
+                why = self._exit_error(proc)
+                if isinstance(why, EmbeddedRedisError):
+                    why = f"exited with {proc.returncode}: {why}"
+                self._down = f"redis-server {proc.pid} {why}"
             logger.error("%s; restarting it in %.1fs", self._down, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
