@@ -28,7 +28,7 @@ from rtmonitor.storage.embedded import EmbeddedRedis
 from rtmonitor.storage.store import RedisStore
 
 ROOT = Path(__file__).resolve().parent.parent
-# device calls per pipeline, as the store sends them (APPLY_SLICE x APPLY_IN_FLIGHT)
+# device calls per pipeline (what the store had in flight when this was written: two slices of 4)
 PIPELINE = 8
 
 

@@ -361,11 +361,12 @@ def test_a_plan_applied_in_slices_and_again_counts_once(
             await store.apply(calls)
             await store.client.config_resetstat()
             await store.apply(calls)
-            # redis-py checks a pipeline's scripts (SCRIPT EXISTS) once per pipeline; all
-            # are loaded by now, so nothing else counts here (with the rtm module, only the
-            # last pipeline holds a script: the global merge)
+            # The scripts are loaded by now: each script call is one EVALSHA, and nothing
+            # checks them again (with the rtm module, the global merge is the only script;
+            # with the script, four device merges, the global one and four rows writes)
             stats = await store.client.info("commandstats")
-            assert stats["cmdstat_script"]["calls"] == (1 if store.merge_module else 3)
+            assert not [name for name in stats if name.startswith("cmdstat_script")]
+            assert stats["cmdstat_evalsha"]["calls"] == (1 if store.merge_module else 9)
             records = await store.get_devices([f"d{i}" for i in range(7)])
             assert [r.packets for r in records] == list(range(1, 8))
             totals = await store.totals()
@@ -377,11 +378,11 @@ def test_a_plan_applied_in_slices_and_again_counts_once(
 def test_a_failed_slice_stops_the_plan_and_the_retry_counts_once(
     redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Slices run APPLY_IN_FLIGHT at a time; one that fails fails the apply with Redis'
-    own error (what the committer maps to "retry"), stops the slices not yet run, and the
-    retried plan counts every device exactly once."""
+    """Slices go APPLY_AHEAD ahead of their replies; one that fails fails the apply with
+    Redis' own error (what the committer maps to "retry"), stops the slices not yet sent,
+    and the retried plan counts every device exactly once."""
     monkeypatch.setattr(store_module, "APPLY_SLICE", 1)
-    monkeypatch.setattr(store_module, "APPLY_IN_FLIGHT", 3)
+    monkeypatch.setattr(store_module, "APPLY_AHEAD", 3)
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "t", merge_module=True) as store:
@@ -412,11 +413,11 @@ def test_a_failed_slice_stops_the_plan_and_the_retry_counts_once(
 def test_failed_applies_give_their_connections_back(
     redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A failing apply (a Redis that refuses writes, retried every few seconds) cancels its
-    other slices, some of them while redis-py checks their scripts: every connection goes
-    back to the pool, or the process would end up without Redis (MaxConnectionsError)."""
+    """A failing apply (a Redis that refuses writes, retried every few seconds) leaves
+    replies unread on its connection: every connection goes back to the pool, or the
+    process would end up without Redis (MaxConnectionsError)."""
     monkeypatch.setattr(store_module, "APPLY_SLICE", 1)
-    monkeypatch.setattr(store_module, "APPLY_IN_FLIGHT", 3)
+    monkeypatch.setattr(store_module, "APPLY_AHEAD", 3)
 
     async def main() -> None:
         async with RedisStore.from_url(redis_server.url, "t", merge_module=False) as store:
@@ -433,6 +434,64 @@ def test_failed_applies_give_their_connections_back(
                 await store.client.delete(broken)
             assert not pool._in_use_connections, "connections leaked"
             await store.client.ping()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("module", [True, False], ids=["module", "script"])
+def test_an_apply_cancelled_mid_stream_gives_its_connection_back_and_counts_once(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch, module: bool
+) -> None:
+    """An apply cancelled while its slices stream (a flush cancelled at shutdown) leaves
+    replies unread: its connection is closed and given back, the next command on the pool
+    is answered as itself, and the plan applied again counts every device once."""
+    monkeypatch.setattr(store_module, "APPLY_SLICE", 1)
+    monkeypatch.setattr(store_module, "APPLY_AHEAD", 2)
+    n = 1200
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t", merge_module=module) as store:
+            store._group_size = 2
+            d = delta(**{f"d{i:04}": dev(i + 1, 10, 20) for i in range(n)})
+            calls = store.plan(d, "i", 1)
+            pool = store.client.connection_pool
+            task = asyncio.create_task(store.apply(calls))
+            first, last = calls[0][1][1], calls[-2][1][-1]  # (the last call: global)
+            while not await store.client.exists(first):  # (on another connection)
+                await asyncio.sleep(0.0005)
+            assert not task.done(), "the plan ran whole before it could be cancelled"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not pool._in_use_connections, "connections leaked"
+            assert not await store.client.exists(last), "the slices after the cancel ran"
+            for _ in range(2 * len(pool._available_connections)):  # each pooled connection
+                assert await store.client.echo("mine") == "mine"
+            await store.apply(calls)
+            records = await store.get_devices([f"d{i:04}" for i in range(n)])
+            assert [r.packets if r else 0 for r in records] == list(range(1, n + 1))
+            totals = await store.totals()
+            assert (totals.packets, totals.devices) == (n * (n + 1) // 2, n)
+
+    asyncio.run(main())
+
+
+def test_scripts_flushed_from_redis_are_loaded_again(redis_server: EmbeddedRedis) -> None:
+    """Scripts go as EVALSHA: a Redis that lost them (restarted, SCRIPT FLUSH) answers
+    NOSCRIPT, and the apply loads them and runs the plan again, counting once."""
+
+    async def main() -> None:
+        async with RedisStore.from_url(redis_server.url, "t", merge_module=False) as store:
+            store._group_size = 2
+            names = [f"d{i}" for i in range(9)]
+            for seq in (1, 2):
+                await store.client.script_flush()
+                d = delta(**{name: dev(1, 10, 20) for name in names})
+                await store.apply(store.plan(d, "i", seq))
+            records = await store.get_devices(names)
+            assert [r.packets if r else 0 for r in records] == [2] * 9
+            shas = [script.sha for script in store._scripts.values()]
+            assert await store.client.script_exists(*shas) == [True] * 3
 
     asyncio.run(main())
 

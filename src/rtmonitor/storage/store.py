@@ -23,10 +23,12 @@ import numpy as np
 import redis.asyncio as aioredis
 import zstandard
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.client import NEVER_DECODE
 from redis.crc import key_slot
 from redis.exceptions import (
     BusyLoadingError,
+    NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
@@ -74,13 +76,16 @@ MARKER_TTL_S = 24 * 3600
 RECOVERY_CLAIM_S = 60
 # Merge calls per journal chunk (64 x 256 devices: ~1.5-3 MB before _journal_chunk compresses it).
 JOURNAL_CHUNK = 64
-# Merge calls per pipeline (4 x 256 devices, ~200 KB of commands). Redis runs a pipeline's
-# scripts back to back, so a read waits behind up to one pipeline (~10-15 ms of scripts);
-# with 16 it waited up to ~60 ms.
+# Merge calls per slice, packed and written at once (4 x 256 devices, ~60-200 KB).
 APPLY_SLICE = 4
-# Slices in flight at once (each on its own connection): two keep Redis and this process
-# busy at the same time; a read still waits behind about one slice.
-APPLY_IN_FLIGHT = 2
+# Slices written ahead of the replies read, all on one connection (_stream): Redis runs
+# them in order, so it has the next ones to run while this process reads a slice's replies
+# and packs the slice after. (Two slices on two connections, as before, went through Redis
+# interleaved and finished together: Redis then waited while both were read and the next
+# two packed, a quarter of the apply at a million devices; RESULTS §23.) Redis reads a
+# connection ~16 KB at a time between other clients' commands, so a read waits behind
+# about one merge call, however many slices are ahead of it.
+APPLY_AHEAD = 4
 # Merge calls in flight at once against a Redis Cluster (no pipelining of scripts there).
 CLUSTER_CONCURRENCY = 64
 # The device merge as a command of the rtm Redis module (storage/_merge.c): MERGE_DEVICES
@@ -126,7 +131,7 @@ def _transient(exc: BaseException) -> bool:
 
 def _module_missing(exc: ResponseError) -> bool:
     """Whether Redis refused the rtm module's command as unknown (the module is gone), not
-    the module one of its calls (Redis' own message: _pipeline raises it unannotated)."""
+    the module one of its calls (Redis' own message: _stream raises it unannotated)."""
     said = str(exc).lower()
     return said.startswith("unknown command") and MERGE_COMMAND in said
 
@@ -158,6 +163,8 @@ class RedisStore:
             "global": client.register_script(MERGE_GLOBAL),
             "rows": client.register_script(WRITE_ROWS),
         }
+        # Which of them this process loaded into Redis (_pipelined sends them as EVALSHA)
+        self._loaded: set[str] = set()
         self._free_slots = client.register_script(FREE_SLOTS)
         self._prepare = client.register_script(PREPARE)
         self._finalize = client.register_script(FINALIZE)
@@ -394,53 +401,67 @@ class RedisStore:
             return await self._pipelined(calls, False), False
 
     async def _pipelined(self, calls: list[Call], module: bool) -> list[Any]:
-        # A pipeline's commands are packed, joined and buffered whole before they are sent
-        # (~40 MB, three times over, for 100,000 devices): big plans go in slices. Each call
-        # is idempotent by itself, so slices change nothing about retries. APPLY_IN_FLIGHT
-        # slices go at once, each on its own connection: this process packs the next slice
-        # while Redis runs the one before (one at a time, Redis waited for every packing
-        # and this process for every slice's scripts).
-        slices = [calls[i : i + APPLY_SLICE] for i in range(0, len(calls), APPLY_SLICE)]
-        replies: list[list[Any]] = [[] for _ in slices]
-        turn = asyncio.Semaphore(APPLY_IN_FLIGHT)
-
-        async def run(k: int) -> None:
-            async with turn:
-                replies[k] = await self._pipeline(slices[k], module)
-
-        tasks = [asyncio.create_task(run(k)) for k in range(len(slices))]
+        """The calls' replies, in order (_stream), their scripts loaded first (once, and
+        again if Redis lost them: restarted, SCRIPT FLUSH; each call is idempotent, so the
+        calls that went through before a NOSCRIPT change nothing when the plan runs
+        again)."""
+        names = {name for name, _, _ in calls if not (module and name == "devices")}
+        await self._load(names - self._loaded)
         try:
-            await asyncio.gather(*tasks)  # the first error as it is (ResponseError: _run)
-        finally:
-            # A failure (or our own cancellation) stops the other slices; the caller retries
-            # the plan whole. (A cancelled round trip's connection is closed by redis-py and
-            # given back to the pool by _pipeline.)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return [reply for part in replies for reply in part]
+            return await self._stream(calls, module)
+        except NoScriptError:
+            self._loaded.clear()
+            await self._load(names)
+            return await self._stream(calls, module)
 
-    async def _pipeline(self, calls: list[Call], module: bool) -> list[Any]:
-        """One slice of a plan in one round trip."""
-        # As a context manager: a slice cancelled while redis-py checks its scripts
-        # (SCRIPT EXISTS, before execute()'s own cleanup) gives its connection back to the
-        # pool; without it, each failed apply leaked one until the pool ran dry.
-        async with self.client.pipeline(transaction=False) as pipe:
-            # redis-py runs registered scripts inside a pipeline (loading them first if
-            # needed); its type hints only name clients, hence the cast.
-            target = cast(aioredis.Redis, pipe)
-            for name, keys, args in calls:
-                if module and name == "devices":
-                    pipe.execute_command(MERGE_COMMAND, *self._module_call(keys, args))
-                else:
-                    await self._scripts[name](keys=keys, args=args, client=target)
-            # Errors as Redis said them: redis-py's annotation of a raised one quotes the
-            # command's first arguments (device keys) into the message and the logs.
-            replies = list(await pipe.execute(raise_on_error=False))
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
+    async def _load(self, names: set[str]) -> None:
+        for name in sorted(names):
+            await self.client.script_load(self._scripts[name].script)
+            self._loaded.add(name)
+
+    async def _stream(self, calls: list[Call], module: bool) -> list[Any]:
+        """Run the calls on one connection, APPLY_AHEAD slices written ahead of the replies
+        read, and return their replies in order. Not redis-py's pipeline: that writes a
+        whole pipeline, then waits for all its replies before the next is even packed.
+
+        The first error Redis answers fails the plan as Redis said it (ResponseError:
+        _run), and so does a lost connection; the calls not yet written are not run, and
+        the caller retries the plan whole. The connection goes back to the pool closed
+        (and reconnects when next used) unless every reply was read."""
+        slices = [calls[i : i + APPLY_SLICE] for i in range(0, len(calls), APPLY_SLICE)]
+        pool = cast(aioredis.Redis, self.client).connection_pool  # (not a cluster's: _run)
+        conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        replies: list[Any] = []
+        whole = False
+        try:
+            for k in range(min(APPLY_AHEAD, len(slices))):
+                await conn.send_packed_command(self._packed(conn, slices[k], module), k == 0)
+            for k, part in enumerate(slices):
+                for _ in part:
+                    replies.append(await conn.read_response())
+                if k + APPLY_AHEAD < len(slices):
+                    ahead = self._packed(conn, slices[k + APPLY_AHEAD], module)
+                    await conn.send_packed_command(ahead, False)
+            whole = True
+        finally:
+            # A failure, or our own cancellation, leaves replies unread (and perhaps a
+            # command half written): the connection cannot serve anyone else.
+            if not whole:
+                await conn.disconnect(nowait=True)
+            await pool.release(conn)
         return replies
+
+    def _packed(self, conn: AbstractConnection, calls: list[Call], module: bool) -> list[bytes]:
+        """A slice's calls in the Redis protocol: device merges as the rtm module's command
+        (`module`), the rest as EVALSHA of their scripts (_pipelined loads them)."""
+        commands: list[tuple[Any, ...]] = []
+        for name, keys, args in calls:
+            if module and name == "devices":
+                commands.append((MERGE_COMMAND, *self._module_call(keys, args)))
+            else:
+                sha = self._scripts[name].sha
+                commands.append(("EVALSHA", sha, len(keys), *keys, *args))
+        return conn.pack_commands(commands)
 
     def _module_call(self, keys: list[str], args: list[Any]) -> list[Any]:
         """A device merge call (MERGE_DEVICES' keys and args) as RTM.MERGE6's arguments: the
