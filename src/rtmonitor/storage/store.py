@@ -59,7 +59,7 @@ from rtmonitor.storage.scripts import (
     RELEASE,
     WRITE_ROWS,
 )
-from rtmonitor.storage.wire import lean
+from rtmonitor.storage.wire import discard, lean
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,12 +79,12 @@ JOURNAL_CHUNK = 64
 # Merge calls per slice, packed and written at once (4 x 256 devices, ~60-200 KB).
 APPLY_SLICE = 4
 # Slices written ahead of the replies read, all on one connection (_stream): Redis runs
-# them in order, so it has the next ones to run while this process reads a slice's replies
-# and packs the slice after. (Two slices on two connections, as before, went through Redis
-# interleaved and finished together: Redis then waited while both were read and the next
-# two packed, a quarter of the apply at a million devices; RESULTS §23.) Redis reads a
-# connection ~16 KB at a time between other clients' commands, so a read waits behind
-# about one merge call, however many slices are ahead of it.
+# them in order and has the next ones queued while this process reads a slice's replies
+# and packs the slice after, however late the event loop gets to it. At a million devices
+# Redis's main thread was sampled waiting for commands ~30% of the load with two slices
+# queued (two redis-py pipelines on two connections, or two ahead on one), ~11% with four
+# ahead (RESULTS §23). Redis reads a connection ~16 KB at a time between other clients'
+# commands, so a read waits behind about one merge call, however many slices are queued.
 APPLY_AHEAD = 4
 # Merge calls in flight at once against a Redis Cluster (no pipelining of scripts there).
 CLUSTER_CONCURRENCY = 64
@@ -257,8 +257,8 @@ class RedisStore:
 
     # --- writes ----------------------------------------------------------------------------
     #
-    # One flush of one instance = a list of merge calls (a "plan"), applied in pipelined
-    # round trips (one for up to 1,024 devices). Every call is idempotent through its
+    # One flush of one instance = a list of merge calls (a "plan"), streamed on one
+    # connection (RedisStore._stream). Every call is idempotent through its
     # marker (scripts.py), so a plan can be applied again after any failure, by this
     # instance or — from its journal — by another.
 
@@ -328,8 +328,8 @@ class RedisStore:
         return calls
 
     async def apply(self, calls: list[Call]) -> int:
-        """Run a plan in pipelined round trips (one per APPLY_SLICE calls), then bring the
-        index groups' columns up to the device calls' replies. Raises RedisError if Redis
+        """Run a plan (streamed: _stream), then bring the index groups' columns up to the
+        device calls' replies. Raises RedisError if Redis
         cannot be reached; calling it again with the same plan applies only what was not
         applied (and writes the columns again, which changes nothing written before).
 
@@ -425,9 +425,12 @@ class RedisStore:
         whole pipeline, then waits for all its replies before the next is even packed.
 
         The first error Redis answers fails the plan as Redis said it (ResponseError:
-        _run), and so does a lost connection; the calls not yet written are not run, and
-        the caller retries the plan whole. The connection goes back to the pool closed
-        (and reconnects when next used) unless every reply was read."""
+        _run), and so does a lost connection; the slices not yet written are not run (up
+        to APPLY_AHEAD written may be), and the caller retries the plan whole. The
+        connection goes back to the pool dropped (discard; it reconnects when next used)
+        unless every reply was read."""
+        if not calls:
+            return []
         slices = [calls[i : i + APPLY_SLICE] for i in range(0, len(calls), APPLY_SLICE)]
         pool = cast(aioredis.Redis, self.client).connection_pool  # (not a cluster's: _run)
         conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
@@ -437,17 +440,18 @@ class RedisStore:
             for k in range(min(APPLY_AHEAD, len(slices))):
                 await conn.send_packed_command(self._packed(conn, slices[k], module), k == 0)
             for k, part in enumerate(slices):
-                for _ in part:
-                    replies.append(await conn.read_response())
+                for _ in part:  # (a failure: the finally below drops the connection)
+                    replies.append(await conn.read_response(disconnect_on_error=False))
                 if k + APPLY_AHEAD < len(slices):
                     ahead = self._packed(conn, slices[k + APPLY_AHEAD], module)
                     await conn.send_packed_command(ahead, False)
             whole = True
         finally:
-            # A failure, or our own cancellation, leaves replies unread (and perhaps a
-            # command half written): the connection cannot serve anyone else.
+            # A failure, or our own cancellation, leaves replies unread: the connection
+            # cannot serve anyone else. Aborted, so that what it has not sent yet is not
+            # sent (the slices already in Redis's hands still run, each call whole).
             if not whole:
-                await conn.disconnect(nowait=True)
+                await discard(conn)
             await pool.release(conn)
         return replies
 

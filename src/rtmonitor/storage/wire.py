@@ -18,6 +18,9 @@ around `wait_for` (`socket_timeout=None`) leaves reads and writes unbounded. So 
 relies on redis-py internals (`AbstractConnection.send_packed_command`, `check_health`,
 `disconnect(nowait=...)`, `_writer`, `HiredisRespSerializer`, the 6,000-byte cutoff):
 pyproject.toml bounds redis to 8.x, and tests/faults/test_wire.py fails if they change.
+The store's streamed apply (RedisStore._stream) also takes connections from the pool
+itself (`get_connection`, `release`, `pack_commands`, `read_response(disconnect_on_error=
+False)`), and drops one with discard() below; tests/integration/test_store.py covers it.
 """
 
 from __future__ import annotations
@@ -101,6 +104,15 @@ class _Lean:
             if isinstance(exc, OSError):
                 raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
             raise
+
+
+async def discard(conn: AbstractConnection) -> None:
+    """Drop a connection that cannot be used again (replies left unread): aborted, so that
+    what it has not sent yet is not sent (a close would send it first)."""
+    writer = conn._writer
+    if writer is not None:
+        writer.transport.abort()
+    await conn.disconnect(nowait=True)
 
 
 def _with_large_values(args: tuple[EncodableT, ...]) -> list[bytes]:
