@@ -329,9 +329,9 @@ class RedisStore:
 
     async def apply(self, calls: list[Call]) -> int:
         """Run a plan (streamed: _stream), then bring the index groups' columns up to the
-        device calls' replies. Raises RedisError if Redis
-        cannot be reached; calling it again with the same plan applies only what was not
-        applied (and writes the columns again, which changes nothing written before).
+        device calls' replies. Raises RedisError if Redis cannot be reached; calling it
+        again with the same plan applies only what was not applied (and writes the columns
+        again, which changes nothing written before).
 
         Returns how many kinds, value names and rate buckets the device records had no room
         for (model.RECORD_NAMES_MAX; 0 for calls applied before)."""
@@ -415,6 +415,7 @@ class RedisStore:
             return await self._stream(calls, module)
 
     async def _load(self, names: set[str]) -> None:
+        """SCRIPT LOAD the named scripts (a script Redis holds already is loaded again)."""
         for name in sorted(names):
             await self.client.script_load(self._scripts[name].script)
             self._loaded.add(name)
