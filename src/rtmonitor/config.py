@@ -206,7 +206,7 @@ class Settings(BaseSettings):
         "receivers are pushed back: bounds memory when batches spread over many devices.",
     )
     max_pending_seconds: float = Field(
-        2.0,
+        1.5,
         ge=0,
         le=3600,
         description="Where the devices known outnumber it twice over, hold at most as many "
