@@ -439,13 +439,14 @@ class RedisStore:
         whole = False
         try:
             for k in range(min(APPLY_AHEAD, len(slices))):
-                await conn.send_packed_command(self._packed(conn, slices[k], module), k == 0)
+                packed = self._packed(conn, slices[k], module)
+                await conn.send_packed_command(packed, check_health=k == 0)
             for k, part in enumerate(slices):
                 for _ in part:  # (a failure: the finally below drops the connection)
                     replies.append(await conn.read_response(disconnect_on_error=False))
                 if k + APPLY_AHEAD < len(slices):
                     ahead = self._packed(conn, slices[k + APPLY_AHEAD], module)
-                    await conn.send_packed_command(ahead, False)
+                    await conn.send_packed_command(ahead, check_health=False)
             whole = True
         finally:
             # A failure, or our own cancellation, leaves replies unread: the connection

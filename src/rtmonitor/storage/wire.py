@@ -97,8 +97,7 @@ class _Lean:
             # included), with redis-py's errors. Unlike redis-py it is aborted, not closed:
             # a close would go on sending the unsent rest, and Redis would run a command
             # its caller was told had failed.
-            writer.transport.abort()
-            await conn.disconnect(nowait=True)
+            await discard(conn)
             if isinstance(exc, TimeoutError):  # (before OSError, its base class)
                 raise RedisTimeoutError("Timeout writing to socket") from None
             if isinstance(exc, OSError):
