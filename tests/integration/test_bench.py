@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import cast
 
@@ -121,6 +122,39 @@ def test_a_sends_time_starts_once_its_packets_are_built(
     assert report.errors == [] and report.accepted == 1000
     assert report.started_at >= called + 1.0
     assert report.started_at + report.elapsed <= ended + 0.01
+
+
+def test_e2e_ends_once_redis_holds_what_was_acked_not_when_the_counts_are_handed_over(
+    service: ServiceProcess,
+) -> None:
+    """A load generator says how many packets were acknowledged at its last ack, before it
+    builds and hands over its per-device counts (seconds at a million devices): the moment
+    everything is committed is watched for from then on (bench._watch_commit), while its
+    result has not come back; and a load generator that failed ends the watch."""
+    report = run_loop(send(load(service.target, devices=10, count=2000, batch_size=100)))
+    assert report.errors == [] and report.accepted == 2000
+    context = bench.multiprocessing.get_context("spawn")
+    acked_to = context.Queue()
+    handing_over: Future[dict[str, object]] = Future()  # (its result not back yet)
+    for share in (1500, 500):
+        acked_to.put(share)
+    readings: list[int] = []
+
+    def read(acked: int) -> dict[str, object]:
+        readings.append(acked)
+        return {"taken": True}
+
+    commit = bench._watch_commit(service, acked_to, [handing_over, handing_over], 0, read)
+    assert commit is not None and not handing_over.done()
+    assert commit.packets == 2000 and readings == [2000] and commit.readings == {"taken": True}
+    assert time.time() - 5 < commit.at <= time.time()
+
+    acked_to.put(None)  # a load generator whose send raised says so
+    assert bench._watch_commit(service, acked_to, [Future()], 0, read) is None
+    died: Future[dict[str, object]] = Future()
+    died.set_exception(RuntimeError("a load generator's process died"))
+    assert bench._watch_commit(service, acked_to, [died], 0, read) is None
+    assert readings == [2000]
 
 
 def test_the_loop_lag_of_the_load_is_read_between_two_readings() -> None:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -58,10 +59,29 @@ STALL_NOTE_MS = 100
 STALL_HISTORY = 160  # (LATENCY HISTORY's length, in seconds)
 
 
+# In a load-generator process: where it says, the moment its last ack is in, how many
+# packets were acknowledged (_watch_commit), before it builds and hands over its per-device
+# counts: at a million devices those take the bench ~2 s, which the moment everything was
+# committed (e2e) must not include.
+_acked_to: Any = None  # a spawn-context multiprocessing Queue
+
+
+def _init_sender(acked_to: Any) -> None:
+    global _acked_to
+    _acked_to = acked_to
+
+
 def _sender_main(options: dict[str, Any]) -> dict[str, Any]:
     """One load-generator process: run `send`, report what was acknowledged and when."""
     opts = SendSettings(**options)
-    report = run_loop(send(opts))
+    try:
+        report = run_loop(send(opts))
+    except BaseException:
+        if _acked_to is not None:
+            _acked_to.put(None)
+        raise
+    if _acked_to is not None:
+        _acked_to.put(report.accepted)
     # from its first send (its packets built: seconds at a million devices) to its last ack
     started = report.started_at
     return {
@@ -321,9 +341,53 @@ def _send_options(
     }
 
 
-def _sender_pool(opts: BenchSettings) -> ProcessPoolExecutor:
-    """One process per load generator, spawned (no copy of this process's threads)."""
-    return ProcessPoolExecutor(opts.senders, mp_context=multiprocessing.get_context("spawn"))
+def _sender_pool(opts: BenchSettings, acked_to: Any = None) -> ProcessPoolExecutor:
+    """One process per load generator, spawned (no copy of this process's threads); each
+    puts its acknowledged packets on `acked_to` (a spawn-context Queue) at its last ack."""
+    return ProcessPoolExecutor(
+        opts.senders,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_sender,
+        initargs=(acked_to,),
+    )
+
+
+@dataclass(slots=True)
+class _Commit:
+    """When every acknowledged packet of the timed load was in Redis (`at`, the clock's
+    time), how many were (`packets`), and the readings taken then (`readings`)."""
+
+    at: float
+    packets: int
+    readings: dict[str, Any]
+
+
+def _watch_commit(
+    svc: ServeProcess,
+    acked_to: Any,
+    futures: list[Future[dict[str, Any]]],
+    before_load: int,
+    read: Callable[[int], dict[str, Any]],
+) -> _Commit | None:
+    """Once each load generator (`futures`) has said how many packets were acknowledged (at
+    its last ack), wait until Redis holds them all (_wait_committed) and take `read`'s
+    readings (given the acknowledged packets) at that moment. None where a load generator
+    failed (its future says why)."""
+    acked, said = 0, 0
+    while said < len(futures):
+        try:
+            n = acked_to.get(timeout=0.1)
+        except queue.Empty:
+            if any(f.done() and not f.cancelled() and f.exception() for f in futures):
+                return None  # (a process that died without a word)
+            continue
+        if n is None:
+            return None
+        acked, said = acked + int(n), said + 1
+    with svc.client.http_client(base_url=svc.http, timeout=30) as http:
+        committed = _wait_committed(http, acked, before_load)
+    at = time.time()
+    return _Commit(at, committed, read(acked))
 
 
 def _senders_options(
@@ -493,19 +557,19 @@ def _first_round(
     once = {"duration": None, "count": opts.devices, "streams": 1}
     if mode == "mqtt":
         once["batch_size"] = 1
-    with _sender_pool(opts) as pool:
-        senders = list(
-            pool.map(_sender_main, _senders_options(opts, mode, target, svc.http, **once))
-        )
+    acked_to = multiprocessing.get_context("spawn").Queue()
+    with _sender_pool(opts, acked_to) as pool:
+        options = _senders_options(opts, mode, target, svc.http, **once)
+        futures = [pool.submit(_sender_main, o) for o in options]
+        commit = _watch_commit(svc, acked_to, futures, 0, lambda _: {})
+        senders = [f.result() for f in futures]
     acked = sum(s["summary"]["accepted"] for s in senders)
     errors = [e for s in senders for e in s["summary"]["errors"]]
-    if errors or acked != fleet:
+    if errors or acked != fleet or commit is None:
         raise RuntimeError(f"first round: {acked:,} of {fleet:,} acknowledged {errors}")
-    with svc.client.http_client(base_url=svc.http, timeout=30) as http:
-        committed = _wait_committed(http, acked, 0)
-    if committed != acked:
-        raise RuntimeError(f"first round: {committed:,} of {acked:,} packets committed")
-    seconds = time.time() - min(s["started"] for s in senders)
+    if commit.packets != acked:
+        raise RuntimeError(f"first round: {commit.packets:,} of {acked:,} packets committed")
+    seconds = commit.at - min(s["started"] for s in senders)
     flush = _flush_stats(svc, acked)
     per_device = {d: n for s in senders for d, n in s["per_device"].items()}
     baseline = _Baseline(
@@ -549,17 +613,32 @@ def run_mode(
         work_before = _redis_work(redis_url)
         stalls = None if noop else _watch_stalls(redis_url)
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
-        with _sender_pool(opts) as pool:
+
+        def at_commit(acked: int) -> dict[str, Any]:
+            # Taken once every packet is in Redis, before the check reads every device
+            # back through the service: at a million devices those reads cost the service
+            # more CPU than ingesting the packets.
+            cpu = _cpu_per_packet(svc, cpu_at_start, acked) | _stalls(redis_url, stalls)
+            return {"redis_work": _redis_work(redis_url), "cpu": cpu}
+
+        acked_to = multiprocessing.get_context("spawn").Queue()
+        commit: _Commit | None = None
+        with _sender_pool(opts, acked_to) as pool:
             futures = [
                 pool.submit(_sender_main, options)
                 for options in _senders_options(opts, mode, target, svc.http)
             ]
 
             async def load_and_probe() -> tuple[dict[str, list[float]], dict[str, Any]]:
+                nonlocal commit
                 done = asyncio.Event()
                 probing = asyncio.ensure_future(
                     _probe(svc, done, "s0-00001", noop, opts.flush_interval)
                 )
+                if not noop:  # (the probes go on meanwhile: their packets are told apart)
+                    commit = await asyncio.to_thread(
+                        _watch_commit, svc, acked_to, futures, baseline.packets, at_commit
+                    )
                 await asyncio.to_thread(lambda: [f.result() for f in futures])
                 done.set()
                 return await probing
@@ -585,7 +664,7 @@ def run_mode(
         if not noop:
             console.print(f"  {label}: verifying {acked:,} packets device by device")
             work = (work_before, baseline, stalls)
-            result.update(_check(opts, svc, senders, redis_url, work, probes, cpu_at_start))
+            result.update(_check(opts, svc, senders, redis_url, work, probes, at_commit, commit))
         else:
             result.update(_cpu_per_packet(svc, cpu_at_start, acked))
         result["peak_rss_mb"] = round(_peak_rss_mb(svc.proc.pid), 1)
@@ -617,27 +696,24 @@ def _check(
     redis_url: str,
     work: tuple[dict[str, float], _Baseline, _Watch | None],
     probes: dict[str, list[float]],
-    cpu_at_start: float,
+    at_commit: Callable[[int], dict[str, Any]],
+    commit: _Commit | None,
 ) -> dict[str, Any]:
-    """The exact check, Redis's and the service's work, and the probes' percentiles."""
-    work_before, baseline, stalls = work
+    """The exact check, Redis's and the service's work, and the probes' percentiles.
+    `commit`: when everything acknowledged was in Redis, as watched during the load
+    (_watch_commit); None: watched for now, then read with `at_commit`."""
+    work_before, baseline, _ = work
     acked = sum(s["summary"]["accepted"] for s in senders)
     first_send = min(s["started"] for s in senders)
-    work_after: dict[str, float] = {}
-    cpu: dict[str, Any] = {}
-
-    def committed() -> None:
-        # All taken once every packet is in Redis, before the check reads every device
-        # back through the service: at a million devices those reads cost the service
-        # more CPU than ingesting the packets.
-        work_after.update(_redis_work(redis_url))
-        cpu.update(_cpu_per_packet(svc, cpu_at_start, acked) | _stalls(redis_url, stalls))
-
-    result = _verify(svc, senders, acked, first_send, committed, baseline)
-    result.update(cpu)
+    if commit is None:
+        with svc.client.http_client(base_url=svc.http, timeout=30) as http:
+            committed = _wait_committed(http, acked, baseline.packets)
+        commit = _Commit(time.time(), committed, at_commit(acked))
+    result = _verify(svc, senders, acked, commit.packets, commit.at - first_send, baseline)
+    result.update(commit.readings["cpu"])
     fleet = opts.devices * opts.senders
     flush = _flush_stats(svc, baseline.packets + acked)
-    result.update(_merge_cost(work_before, work_after, flush, fleet, baseline))
+    result.update(_merge_cost(work_before, commit.readings["redis_work"], flush, fleet, baseline))
     for key, samples in probes.items():
         result[f"{key}_p50"] = _round(_percentile(samples, 50))
         result[f"{key}_p99"] = _round(_percentile(samples, 99))
@@ -705,21 +781,18 @@ def _verify(
     svc: ServeProcess,
     senders: list[dict[str, Any]],
     acked: int,
-    first_send: float,
-    on_committed: Callable[[], None],
+    committed: int,
+    seconds: float,
     baseline: _Baseline,
 ) -> dict[str, Any]:
-    """Wait until Redis shows every acknowledged packet (then call `on_committed`, before
-    the check's own reads); compare every device (with the first round's packets)."""
+    """Compare every device (with the first round's packets) with what the load generators
+    had acknowledged; `committed` packets were in Redis `seconds` after the first send."""
     expected = dict(baseline.per_device)
     for s in senders:
         for device, n in s["per_device"].items():
             expected[device] = expected.get(device, 0) + n
     with svc.client.http_client(base_url=svc.http, timeout=30) as http:
-        committed = _wait_committed(http, acked, baseline.packets)
-        committed_at = time.time()
-        on_committed()
-        return _verify_with(http, expected, acked, committed, committed_at - first_send)
+        return _verify_with(http, expected, acked, committed, seconds)
 
 
 def _wait_committed(http: httpx.Client, acked: int, before_load: int) -> int:
