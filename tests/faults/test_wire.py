@@ -39,7 +39,10 @@ _ARG = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(name=st.sampled_from(["SET", "CONFIG GET", b"EVALSHA", "hset"]), args=st.lists(_ARG))
+@given(
+    name=st.sampled_from(["SET", "CONFIG GET", b"EVALSHA", "hset", " CONFIG\tGET ", "RTM.MERGE6"]),
+    args=st.lists(_ARG),
+)
 def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(
     name: str | bytes, args: list[str | bytes | int | float]
 ) -> None:
@@ -73,6 +76,24 @@ def test_commands_with_large_values_are_packed_as_redis_py_packs_them(
     for arg in args:
         if type(arg) is bytes and len(arg) > wire._INLINE_MAX:
             assert any(chunk is arg for chunk in chunks)
+
+
+def test_commands_are_packed_in_c_as_redis_py_packs_them() -> None:
+    """storage/_pack.c's packer is built and used (its edges: 64-bit ints, floats as repr(),
+    text past ASCII, empty values); what it does not take goes on to hiredis' packer."""
+    assert wire._resp is not None
+    edges = [2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 0, -0.0, float("inf"), 1e-7, 1e22,
+             "", "é€😀", b"", b"\x00\r\n", 12.5]  # fmt: skip
+    for name in ["rtm.merge6", " CONFIG  GET ", "SET"]:
+        ours = LeanConnection().pack_command(name, *edges)
+        assert ours == wire._resp((*name.encode().split(), *edges), wire._INLINE_MAX)
+        assert b"".join(ours) == b"".join(Connection().pack_command(name, *edges))
+    with pytest.raises(TypeError, match="not bool"):
+        wire._resp(("SET", "k", True), wire._INLINE_MAX)
+    with pytest.raises(UnicodeEncodeError):  # (as redis-py's encoder: strict UTF-8)
+        LeanConnection().pack_command("SET", "k", "\udc80")
+    with pytest.raises(UnicodeEncodeError):
+        Connection().pack_command("SET", "k", "\udc80")
 
 
 def test_buffers_and_bad_arguments_are_taken_as_redis_py_takes_them() -> None:

@@ -1,4 +1,5 @@
-/* Row scatter for storage/packing.py, in C.
+/* Row scatter for storage/packing.py, and commands in the Redis protocol for
+ * storage/wire.py, in C.
  *
  * A flush's deltas are one buffer in which every piece (a device's head, a kind's count, a
  * reading's six numbers, a name) has a known offset. numpy writes such pieces with a
@@ -14,6 +15,12 @@
  * during the copy, which runs without the GIL, stops it there: never written outside
  * `buf`). packing.py falls back to numpy without this module (tests/unit/test_packing.py
  * checks both against struct.pack).
+ *
+ *   resp(items, inline_max)
+ *
+ * packs a command as redis-py's packers do, for the merge calls of a flush: hundreds of
+ * device keys each, which hiredis' packer formats one by one (a printf for each length)
+ * and wire.py then copied around (tests/unit/test_resp.py checks it against redis-py's).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -108,15 +115,188 @@ done:
     return result;
 }
 
+/* ---- resp: a command in the Redis protocol ---------------------------------------- */
+
+PyDoc_STRVAR(resp_doc,
+"resp(items, inline_max) -> list[bytes]\n\n"
+"The command `items` (str, int, float, bytes) in the Redis protocol, as redis-py's\n"
+"packers write it (str as UTF-8, int as str(), float as repr()), in chunks: each bytes\n"
+"value over inline_max bytes is a chunk of its own, the very object (not copied), and\n"
+"what lies between them is packed into one. TypeError for an item of any other type\n"
+"(subclasses included: bool).");
+
+/* Decimal digits of n >= 0. */
+static Py_ssize_t digits(Py_ssize_t n)
+{
+    Py_ssize_t d = 1;
+    while (n >= 10)
+        n /= 10, d++;
+    return d;
+}
+
+/* "<c><n>\r\n" at p (n >= 0); returns the end. */
+static char *put_header(char *p, char c, Py_ssize_t n)
+{
+    Py_ssize_t d = digits(n);
+    *p++ = c;
+    for (Py_ssize_t i = d - 1; i >= 0; i--, n /= 10)
+        p[i] = (char)('0' + n % 10);
+    p += d;
+    *p++ = '\r', *p++ = '\n';
+    return p;
+}
+
+/* x in decimal at p (at most 20 bytes); returns its length. */
+static Py_ssize_t put_ll(char *p, long long x)
+{
+    unsigned long long m = x < 0 ? 0ULL - (unsigned long long)x : (unsigned long long)x;
+    char tmp[24];
+    Py_ssize_t d = 0;
+    do
+        tmp[d++] = (char)('0' + m % 10), m /= 10;
+    while (m);
+    Py_ssize_t len = 0;
+    if (x < 0)
+        p[len++] = '-';
+    while (d)
+        p[len++] = tmp[--d];
+    return len;
+}
+
+typedef struct {
+    const char *p;
+    Py_ssize_t len;
+    PyObject *big; /* the bytes object sent as a chunk of its own, or NULL */
+} piece;
+
+static PyObject *resp(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *items_obj;
+    Py_ssize_t inline_max;
+    if (!PyArg_ParseTuple(args, "On", &items_obj, &inline_max))
+        return NULL;
+    PyObject *seq = PySequence_Fast(items_obj, "items must be a list or a tuple");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *temps = NULL, *result = NULL;
+    piece *pieces = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(piece));
+    char *numbers = PyMem_Malloc((size_t)(n > 0 ? n : 1) * 24); /* ints, as text */
+    Py_ssize_t *runs = PyMem_Malloc((size_t)(n + 1) * sizeof(Py_ssize_t));
+    if (pieces == NULL || numbers == NULL || runs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Each item's bytes, and the runs' sizes (a run ends at a big value: its "$<len>\r\n"
+     * is the run's last bytes, the "\r\n" after it the next run's first). */
+    Py_ssize_t nruns = 0, run = 1 + digits(n) + 2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = items[i], *text = NULL;
+        piece *pc = &pieces[i];
+        pc->p = NULL, pc->len = 0, pc->big = NULL;
+        int as_text = 0; /* (int past 64 bits, float: their str() and repr()) */
+        if (PyUnicode_CheckExact(o)) {
+            pc->p = PyUnicode_AsUTF8AndSize(o, &pc->len);
+        } else if (PyBytes_CheckExact(o)) {
+            pc->p = PyBytes_AS_STRING(o), pc->len = PyBytes_GET_SIZE(o);
+        } else if (PyLong_CheckExact(o)) {
+            int overflow;
+            long long x = PyLong_AsLongLongAndOverflow(o, &overflow);
+            if (x == -1 && PyErr_Occurred())
+                goto done;
+            if (overflow) {
+                text = PyObject_Str(o), as_text = 1;
+            } else {
+                pc->p = numbers + 24 * i;
+                pc->len = put_ll(numbers + 24 * i, x);
+            }
+        } else if (PyFloat_CheckExact(o)) {
+            text = PyObject_Repr(o), as_text = 1;
+        } else {
+            PyErr_Format(PyExc_TypeError, "resp() takes str, int, float and bytes, not %.100s",
+                         Py_TYPE(o)->tp_name);
+            goto done;
+        }
+        if (as_text) {
+            if (text == NULL)
+                goto done;
+            /* (kept alive until the chunks are written) */
+            if (temps == NULL && (temps = PyList_New(0)) == NULL) {
+                Py_DECREF(text);
+                goto done;
+            }
+            int kept = PyList_Append(temps, text);
+            Py_DECREF(text);
+            if (kept < 0)
+                goto done;
+            pc->p = PyUnicode_AsUTF8AndSize(text, &pc->len);
+        }
+        if (pc->p == NULL) /* (a str that is not valid UTF-8: surrogates) */
+            goto done;
+        run += 1 + digits(pc->len) + 2;
+        if (PyBytes_CheckExact(o) && pc->len > inline_max) {
+            pc->big = o;
+            runs[nruns++] = run;
+            run = 2;
+        } else {
+            run += pc->len + 2;
+        }
+    }
+    runs[nruns++] = run;
+    Py_ssize_t bigs = nruns - 1;
+    result = PyList_New(nruns + bigs);
+    if (result == NULL)
+        goto done;
+    Py_ssize_t i = 0;
+    for (Py_ssize_t r = 0; r < nruns; r++) {
+        PyObject *chunk = PyBytes_FromStringAndSize(NULL, runs[r]);
+        if (chunk == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        char *w = PyBytes_AS_STRING(chunk);
+        if (r == 0) {
+            w = put_header(w, '*', n);
+        } else {
+            *w++ = '\r', *w++ = '\n';
+        }
+        PyList_SET_ITEM(result, 2 * r, chunk);
+        for (; i < n; i++) {
+            piece *pc = &pieces[i];
+            w = put_header(w, '$', pc->len);
+            if (pc->big != NULL) {
+                PyList_SET_ITEM(result, 2 * r + 1, Py_NewRef(pc->big));
+                i++;
+                break;
+            }
+            memcpy(w, pc->p, (size_t)pc->len);
+            w += pc->len;
+            *w++ = '\r', *w++ = '\n';
+        }
+        assert(w == PyBytes_AS_STRING(chunk) + runs[r]);
+    }
+done:
+    PyMem_Free(runs);
+    PyMem_Free(numbers);
+    PyMem_Free(pieces);
+    Py_XDECREF(temps);
+    Py_DECREF(seq);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scatter", scatter, METH_VARARGS, scatter_doc},
+    {"resp", resp, METH_VARARGS, resp_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "rtmonitor.storage._pack",
-    .m_doc = "Rows written at offsets of a buffer, one memcpy each (see _pack.c).",
+    .m_doc = "Rows written at offsets of a buffer, one memcpy each; Redis commands packed "
+             "(see _pack.c).",
     .m_size = -1,
     .m_methods = methods,
 };

@@ -3,3 +3,8 @@ from typing_extensions import Buffer
 def scatter(
     buf: Buffer, at: Buffer, rows: Buffer, width: int, lengths: Buffer | None = None, /
 ) -> None: ...
+def resp(
+    items: list[str | int | float | bytes] | tuple[str | int | float | bytes, ...],
+    inline_max: int,
+    /,
+) -> list[bytes]: ...
