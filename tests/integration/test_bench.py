@@ -125,7 +125,7 @@ def test_a_sends_time_starts_once_its_packets_are_built(
 
 
 def test_e2e_ends_once_redis_holds_what_was_acked_not_when_the_counts_are_handed_over(
-    service: ServiceProcess,
+    service: ServiceProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A load generator says how many packets were acknowledged at its last ack, before it
     builds and hands over its per-device counts (seconds at a million devices): the moment
@@ -154,6 +154,11 @@ def test_e2e_ends_once_redis_holds_what_was_acked_not_when_the_counts_are_handed
     died: Future[dict[str, object]] = Future()
     died.set_exception(RuntimeError("a load generator's process died"))
     assert bench._watch_commit(service, acked_to, [died], 0, read) is None
+    # one that returned and whose count never came: given up on after _QUIET_S
+    returned: Future[dict[str, object]] = Future()
+    returned.set_result({})
+    monkeypatch.setattr(bench, "_QUIET_S", 0.3)
+    assert bench._watch_commit(service, acked_to, [returned], 0, read) is None
     assert readings == [2000]
 
 

@@ -64,6 +64,8 @@ STALL_HISTORY = 160  # (LATENCY HISTORY's length, in seconds)
 # counts: at a million devices those take the bench ~2 s, which the moment everything was
 # committed (e2e) must not include.
 _acked_to: Any = None  # a spawn-context multiprocessing Queue
+# Seconds _watch_commit waits for a count once every load generator has returned.
+_QUIET_S = 5.0
 
 
 def _init_sender(acked_to: Any) -> None:
@@ -374,12 +376,18 @@ def _watch_commit(
     readings (given the acknowledged packets) at that moment. None where a load generator
     failed (its future says why)."""
     acked, said = 0, 0
+    quiet_since: float | None = None  # (every future done, nothing on the queue)
     while said < len(futures):
         try:
             n = acked_to.get(timeout=0.1)
         except queue.Empty:
             if any(f.done() and not f.cancelled() and f.exception() for f in futures):
                 return None  # (a process that died without a word)
+            if all(f.done() for f in futures):
+                # (a count still in its process's queue feeder arrives in moments)
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since > _QUIET_S:
+                    return None
             continue
         if n is None:
             return None

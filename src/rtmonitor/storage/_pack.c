@@ -176,11 +176,17 @@ static PyObject *resp(PyObject *self, PyObject *args)
     Py_ssize_t inline_max;
     if (!PyArg_ParseTuple(args, "On", &items_obj, &inline_max))
         return NULL;
-    PyObject *seq = PySequence_Fast(items_obj, "items must be a list or a tuple");
+    if (!PyList_Check(items_obj) && !PyTuple_Check(items_obj)) {
+        PyErr_SetString(PyExc_TypeError, "items must be a list or a tuple");
+        return NULL;
+    }
+    /* A tuple of its own (a list is copied): the allocations below may run a garbage
+     * collection, whose callbacks could change a list we only borrowed from. */
+    PyObject *seq = PySequence_Tuple(items_obj);
     if (seq == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
     PyObject *temps = NULL, *result = NULL;
     piece *pieces = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(piece));
     char *numbers = PyMem_Malloc((size_t)(n > 0 ? n : 1) * 24); /* ints, as text */
