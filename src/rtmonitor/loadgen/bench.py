@@ -629,30 +629,8 @@ def run_mode(
             cpu = _cpu_per_packet(svc, cpu_at_start, acked) | _stalls(redis_url, stalls)
             return {"redis_work": _redis_work(redis_url), "cpu": cpu}
 
-        acked_to = multiprocessing.get_context("spawn").Queue()
-        commit: _Commit | None = None
-        with _sender_pool(opts, acked_to) as pool:
-            futures = [
-                pool.submit(_sender_main, options)
-                for options in _senders_options(opts, mode, target, svc.http)
-            ]
-
-            async def load_and_probe() -> tuple[dict[str, list[float]], dict[str, Any]]:
-                nonlocal commit
-                done = asyncio.Event()
-                probing = asyncio.ensure_future(
-                    _probe(svc, done, "s0-00001", noop, opts.flush_interval)
-                )
-                if not noop:  # (the probes go on meanwhile: their packets are told apart)
-                    commit = await asyncio.to_thread(
-                        _watch_commit, svc, acked_to, futures, baseline.packets, at_commit
-                    )
-                await asyncio.to_thread(lambda: [f.result() for f in futures])
-                done.set()
-                return await probing
-
-            probes, loop_lag = asyncio.run(load_and_probe())
-            senders = [f.result() for f in futures]
+        load = _load(opts, mode, svc, target, noop, baseline.packets, at_commit)
+        senders, probes, loop_lag, commit = load
         acked = sum(s["summary"]["accepted"] for s in senders)
         errors = [e for s in senders for e in s["summary"]["errors"]]
         first_send = min(s["started"] for s in senders)
@@ -680,6 +658,45 @@ def run_mode(
     finally:
         _unwatch_stalls(redis_url, stalls)
         svc.stop()
+
+
+def _load(
+    opts: BenchSettings,
+    mode: BenchMode,
+    svc: ServeProcess,
+    target: str,
+    noop: bool,
+    before_load: int,
+    at_commit: Callable[[int], dict[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, list[float]], dict[str, Any], _Commit | None]:
+    """The timed load: the load generators' results, the probes' samples and the loop's
+    lag meanwhile, and when Redis held every acknowledged packet (_watch_commit; None
+    against the no-op ceiling, where nothing is committed)."""
+    acked_to = multiprocessing.get_context("spawn").Queue()
+    commit: _Commit | None = None
+    with _sender_pool(opts, acked_to) as pool:
+        futures = [
+            pool.submit(_sender_main, options)
+            for options in _senders_options(opts, mode, target, svc.http)
+        ]
+
+        async def load_and_probe() -> tuple[dict[str, list[float]], dict[str, Any]]:
+            nonlocal commit
+            done = asyncio.Event()
+            probing = asyncio.ensure_future(
+                _probe(svc, done, "s0-00001", noop, opts.flush_interval)
+            )
+            if not noop:  # (the probes go on meanwhile: their packets are told apart)
+                commit = await asyncio.to_thread(
+                    _watch_commit, svc, acked_to, futures, before_load, at_commit
+                )
+            await asyncio.to_thread(lambda: [f.result() for f in futures])
+            done.set()
+            return await probing
+
+        probes, loop_lag = asyncio.run(load_and_probe())
+        senders = [f.result() for f in futures]
+    return senders, probes, loop_lag, commit
 
 
 def _window(opts: BenchSettings, mode: BenchMode, senders: list[dict[str, Any]]) -> dict[str, Any]:
