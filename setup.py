@@ -1,14 +1,15 @@
 """The compiled parts: the row-batch and OTLP readers (src/rtmonitor/ingest/_rows.c), the
 validator's device table (src/rtmonitor/ingest/_devices.c), the flush's numbering of its
-devices (src/rtmonitor/_model.c), the flush's row scatter
+devices (src/rtmonitor/_model.c), the flush's row scatter and the Redis commands' packing
 (src/rtmonitor/storage/_pack.c), and the device merge as a Redis module
 (src/rtmonitor/storage/_merge.c, loaded by the embedded Redis; built like an extension, but
 Redis loads it, not Python).
 
 Everything else about the package is in pyproject.toml. All are optional: without a C
 compiler the install still succeeds, row batches use protobuf's parser, OTLP requests the
-Python mapping, the validator a dict, the flush's numbering a sort, its packing numpy's indexing, and Redis
-merges devices with the Lua script instead (the service logs which it uses; `make test` insists on the compiled ones).
+Python mapping, the validator a dict, the flush's numbering a sort, its packing numpy's
+indexing, Redis commands hiredis' packer, and Redis merges devices with the Lua script
+instead (the service logs which it uses; `make test` insists on the compiled ones).
 """
 
 from setuptools import Extension, setup

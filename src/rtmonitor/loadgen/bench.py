@@ -392,10 +392,17 @@ def _watch_commit(
         if n is None:
             return None
         acked, said = acked + int(n), said + 1
+    return _commit_now(svc, acked, before_load, read)
+
+
+def _commit_now(
+    svc: ServeProcess, acked: int, before_load: int, read: Callable[[int], dict[str, Any]]
+) -> _Commit:
+    """Wait until Redis holds `acked` packets of the load (_wait_committed), then take
+    `read`'s readings."""
     with svc.client.http_client(base_url=svc.http, timeout=30) as http:
         committed = _wait_committed(http, acked, before_load)
-    at = time.time()
-    return _Commit(at, committed, read(acked))
+    return _Commit(time.time(), committed, read(acked))
 
 
 def _senders_options(
@@ -573,8 +580,9 @@ def _first_round(
         senders = [f.result() for f in futures]
     acked = sum(s["summary"]["accepted"] for s in senders)
     errors = [e for s in senders for e in s["summary"]["errors"]]
-    if errors or acked != fleet or commit is None:
+    if errors or acked != fleet:
         raise RuntimeError(f"first round: {acked:,} of {fleet:,} acknowledged {errors}")
+    commit = commit or _commit_now(svc, acked, 0, lambda _: {})
     if commit.packets != acked:
         raise RuntimeError(f"first round: {commit.packets:,} of {acked:,} packets committed")
     seconds = commit.at - min(s["started"] for s in senders)
@@ -649,8 +657,8 @@ def run_mode(
         )
         if not noop:
             console.print(f"  {label}: verifying {acked:,} packets device by device")
-            work = (work_before, baseline, stalls)
-            result.update(_check(opts, svc, senders, redis_url, work, probes, at_commit, commit))
+            assert commit is not None  # (_load watched for it)
+            result.update(_check(opts, svc, senders, (work_before, baseline), probes, commit))
         else:
             result.update(_cpu_per_packet(svc, cpu_at_start, acked))
         result["peak_rss_mb"] = round(_peak_rss_mb(svc.proc.pid), 1)
@@ -670,8 +678,9 @@ def _load(
     at_commit: Callable[[int], dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], dict[str, list[float]], dict[str, Any], _Commit | None]:
     """The timed load: the load generators' results, the probes' samples and the loop's
-    lag meanwhile, and when Redis held every acknowledged packet (_watch_commit; None
-    against the no-op ceiling, where nothing is committed)."""
+    lag meanwhile, and when Redis held every acknowledged packet (_watch_commit, or after
+    the fact where a count never came; None against the no-op ceiling, where nothing is
+    committed)."""
     acked_to = multiprocessing.get_context("spawn").Queue()
     commit: _Commit | None = None
     with _sender_pool(opts, acked_to) as pool:
@@ -696,6 +705,9 @@ def _load(
 
         probes, loop_lag = asyncio.run(load_and_probe())
         senders = [f.result() for f in futures]
+    if commit is None and not noop:
+        acked = sum(s["summary"]["accepted"] for s in senders)
+        commit = _commit_now(svc, acked, before_load, at_commit)
     return senders, probes, loop_lag, commit
 
 
@@ -718,22 +730,15 @@ def _check(
     opts: BenchSettings,
     svc: ServeProcess,
     senders: list[dict[str, Any]],
-    redis_url: str,
-    work: tuple[dict[str, float], _Baseline, _Watch | None],
+    work: tuple[dict[str, float], _Baseline],
     probes: dict[str, list[float]],
-    at_commit: Callable[[int], dict[str, Any]],
-    commit: _Commit | None,
+    commit: _Commit,
 ) -> dict[str, Any]:
-    """The exact check, Redis's and the service's work, and the probes' percentiles.
-    `commit`: when everything acknowledged was in Redis, as watched during the load
-    (_watch_commit); None: watched for now, then read with `at_commit`."""
-    work_before, baseline, _ = work
+    """The exact check, Redis's and the service's work (`commit`: when everything
+    acknowledged was in Redis, and the readings then), and the probes' percentiles."""
+    work_before, baseline = work
     acked = sum(s["summary"]["accepted"] for s in senders)
     first_send = min(s["started"] for s in senders)
-    if commit is None:
-        with svc.client.http_client(base_url=svc.http, timeout=30) as http:
-            committed = _wait_committed(http, acked, baseline.packets)
-        commit = _Commit(time.time(), committed, at_commit(acked))
     result = _verify(svc, senders, acked, commit.packets, commit.at - first_send, baseline)
     result.update(commit.readings["cpu"])
     fleet = opts.devices * opts.senders
