@@ -183,18 +183,9 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-# Freshness is polled this often, or every _FRESHNESS_STEP of the time a sample has waited
-# if that is longer: its resolution is 10 ms or 5%, whichever is coarser, and a sample
-# only ever errs late. A tighter poll loads the HTTP API in proportion to how fast it
-# answers, and so takes CPU from the ingest it measures: at a million devices, polling
-# every 10 ms for a figure of one to two seconds was most of bench's ~100 GETs/s.
+# Freshness is polled this often (its resolution). A tighter poll loads the HTTP API in
+# proportion to how fast it answers, and so takes CPU from the ingest it measures.
 _FRESHNESS_POLL_S = 0.01
-_FRESHNESS_STEP = 0.05
-
-
-def _poll_pause(waited_s: float) -> float:
-    """How long a freshness sample that has waited `waited_s` sleeps before its next GET."""
-    return max(_FRESHNESS_POLL_S, _FRESHNESS_STEP * waited_s)
 
 
 def _percentile(samples: list[float], q: int) -> float | None:
@@ -261,7 +252,7 @@ async def _probe(
                         break
                     if sent.done() and sent.exception() is not None:
                         raise RuntimeError(f"freshness probe failed: {sent.exception()}")
-                    await asyncio.sleep(_poll_pause(time.perf_counter() - t))
+                    await asyncio.sleep(_FRESHNESS_POLL_S)
                 else:
                     if not noop:
                         # Kept as a 30 s sample (a lower bound) rather than ending the run:
