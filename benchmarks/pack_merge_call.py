@@ -19,21 +19,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from rtmonitor.storage import wire
 from rtmonitor.storage.keys import KeyLayout
-from rtmonitor.storage.store import MERGE_COMMAND
+from rtmonitor.storage.store import MERGE_COMMAND, RedisStore
 
 
 def merge_call(devices: int) -> tuple[Any, ...]:
-    """A flush's merge call as RedisStore._module_call makes it (bench's ids and prefix)."""
+    """A flush's merge call as the store sends it (RedisStore._module_call; bench's ids and
+    prefix)."""
     layout = KeyLayout("bench1796298045columns")
+    store = RedisStore(aioredis.Redis(), layout)  # (never connects: it only builds the call)
     keys = [layout.group_marker(layout.tag(0), "instance-1", 3)]
     keys += layout.device_keys(f"s0-{i:07d}" for i in range(devices))
-    group = layout.group_keys(0)
     deltas = os.urandom(100 * devices)  # (~100 bytes of packed delta per device)
     args = [86400, 12345, 7 * 86400 * 1000, 1796298, deltas]
-    head = [len(keys) + len(group), keys[0], *group]
-    return (MERGE_COMMAND, *head, *keys[1:], *args, layout.device_id_offset)
+    return (MERGE_COMMAND, *store._module_call(keys, args))
 
 
 def timed(pack: Callable[[], list[bytes]], calls: int, runs: int) -> float:

@@ -354,6 +354,11 @@ def _sender_pool(opts: BenchSettings, acked_to: Any = None) -> ProcessPoolExecut
     )
 
 
+def _accepted(senders: list[dict[str, Any]]) -> int:
+    """The packets the load generators' reports say were acknowledged."""
+    return int(sum(s["summary"]["accepted"] for s in senders))
+
+
 @dataclass(slots=True)
 class _Commit:
     """When every acknowledged packet of the timed load was in Redis (`at`, the clock's
@@ -578,7 +583,7 @@ def _first_round(
         futures = [pool.submit(_sender_main, o) for o in options]
         commit = _watch_commit(svc, acked_to, futures, 0, lambda _: {})
         senders = [f.result() for f in futures]
-    acked = sum(s["summary"]["accepted"] for s in senders)
+    acked = _accepted(senders)
     errors = [e for s in senders for e in s["summary"]["errors"]]
     if errors or acked != fleet:
         raise RuntimeError(f"first round: {acked:,} of {fleet:,} acknowledged {errors}")
@@ -637,9 +642,10 @@ def run_mode(
             cpu = _cpu_per_packet(svc, cpu_at_start, acked) | _stalls(redis_url, stalls)
             return {"redis_work": _redis_work(redis_url), "cpu": cpu}
 
-        load = _load(opts, mode, svc, target, noop, baseline.packets, at_commit)
-        senders, probes, loop_lag, commit = load
-        acked = sum(s["summary"]["accepted"] for s in senders)
+        senders, probes, loop_lag, commit = _load(
+            opts, mode, svc, target, noop, baseline.packets, at_commit
+        )
+        acked = _accepted(senders)
         errors = [e for s in senders for e in s["summary"]["errors"]]
         first_send = min(s["started"] for s in senders)
         last_ack = max(s["ended"] for s in senders)
@@ -706,8 +712,7 @@ def _load(
         probes, loop_lag = asyncio.run(load_and_probe())
         senders = [f.result() for f in futures]
     if commit is None and not noop:
-        acked = sum(s["summary"]["accepted"] for s in senders)
-        commit = _commit_now(svc, acked, before_load, at_commit)
+        commit = _commit_now(svc, _accepted(senders), before_load, at_commit)
     return senders, probes, loop_lag, commit
 
 
@@ -737,7 +742,7 @@ def _check(
     """The exact check, Redis's and the service's work (`commit`: when everything
     acknowledged was in Redis, and the readings then), and the probes' percentiles."""
     work_before, baseline = work
-    acked = sum(s["summary"]["accepted"] for s in senders)
+    acked = _accepted(senders)
     first_send = min(s["started"] for s in senders)
     result = _verify(svc, senders, acked, commit.packets, commit.at - first_send, baseline)
     result.update(commit.readings["cpu"])
@@ -786,7 +791,7 @@ def broker_ceiling(opts: BenchSettings, broker: Mosquitto) -> dict[str, Any]:
                 opts, "mqtt", broker.url, None, mqtt_topic="ceiling/{device}/telemetry"
             )
             senders = list(pool.map(_sender_main, options))
-        acked = sum(s["summary"]["accepted"] for s in senders)  # packets
+        acked = _accepted(senders)  # packets
         messages = acked // opts.mqtt_batch
         deadline = time.monotonic() + 60
         while seen[0] - probes < messages and time.monotonic() < deadline:
