@@ -49,6 +49,8 @@ def test_bench_runs_and_verifies_exactly(tmp_path: Path) -> None:
         # the service's CPU until everything was committed (not the check's reads)
         for figure in ("service_cpu_ns_per_packet", "redis_us_per_merge"):
             assert isinstance(r[figure], int | float) and r[figure] > 0, (figure, r[figure])
+        # the embedded Redis's main thread: on a CPU, and waiting for one, over that time
+        assert 0 < r["redis_ran_share"] <= 1.05 and 0 <= r["redis_waited_share"] <= 1.05
     # the load generator's window (StreamBatches only): 2 streams x 128 batches x 10,000
     columns = results["columns"]
     assert columns["window_packets"] == 2 * 128 * 10_000

@@ -419,18 +419,37 @@ def _senders_options(
     ]
 
 
-def _redis_work(url: str) -> dict[str, float]:
+def _redis_work(url: str, pid: int | None = None) -> dict[str, float]:
     """Redis's CPU seconds so far (user + system, every command), memory in use and forks
-    (AOF rewrites, snapshots)."""
+    (AOF rewrites, snapshots); with the `pid` of a Redis on this machine (the embedded
+    one), how long its main thread has run on a CPU and waited for one (_thread_sched)."""
     with redis.Redis.from_url(url, decode_responses=True) as client:
         cpu = cast(dict[str, Any], client.info("cpu"))
         memory = cast(dict[str, Any], client.info("memory"))
         stats = cast(dict[str, Any], client.info("stats"))
-    return {
+    work = {
         "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
         "memory": float(memory["used_memory"]),
         "forks": float(stats.get("total_forks", 0)),  # (Redis 6.0 and later)
+        "at": time.monotonic(),
     }
+    sched = _thread_sched(pid) if pid is not None else None
+    if sched is not None:
+        work["ran_s"], work["waited_s"] = sched
+    return work
+
+
+def _thread_sched(pid: int) -> tuple[float, float] | None:
+    """Seconds the main thread of process `pid` has run on a CPU and waited in a run queue
+    for one, by the scheduler's own count (/proc/<pid>/task/<pid>/schedstat, nanoseconds;
+    not sampled at the clock's ticks, as /proc/<pid>/stat is); None where it cannot be read
+    (not Linux, or the kernel keeps no such count)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+            ran_ns, waited_ns, _ = f.read().split()
+        return int(ran_ns) / 1e9, int(waited_ns) / 1e9
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,7 +572,7 @@ def _merge_cost(
     merges = int(flush.get("devices_committed", 0)) - baseline.merges
     cpu_s = after["cpu_s"] - before["cpu_s"]
     steps = _steps(flush)
-    return {
+    return _redis_sched(before, after) | {
         "device_merges": merges,
         "flushes": int(flush.get("flushes", 0)) - baseline.flushes,
         # (of the timed load: where its flushes' time went)
@@ -562,6 +581,21 @@ def _merge_cost(
         "redis_forks": round(after["forks"] - before["forks"]),
         "redis_us_per_merge": round(cpu_s * 1e6 / merges, 2) if merges else None,
         "redis_bytes_per_device": round((after["memory"] - baseline.memory) / devices),
+    }
+
+
+def _redis_sched(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The shares of the same time (the timed load, until every packet was committed) in
+    which Redis's main thread, which runs every command, was on a CPU and waiting for one
+    (a Redis on this machine only: _redis_work). What is left it waited for commands. On a
+    machine it shares with the service and the load generator, a Redis that has commands
+    queued but runs ~80% of the time was kept off a core the rest."""
+    wall = after.get("at", 0.0) - before.get("at", 0.0)
+    if "ran_s" not in before or "ran_s" not in after or wall <= 0:
+        return {}
+    return {
+        "redis_ran_share": round((after["ran_s"] - before["ran_s"]) / wall, 2),
+        "redis_waited_share": round((after["waited_s"] - before["waited_s"]) / wall, 2),
     }
 
 
@@ -607,8 +641,10 @@ def run_mode(
     prefix: str,
     noop: bool,
     broker: Mosquitto | None = None,
+    redis_pid: int | None = None,
 ) -> dict[str, Any]:
-    """One measurement: a fresh service, the load, the probes, the exact check."""
+    """One measurement: a fresh service, the load, the probes, the exact check
+    (`redis_pid`: the embedded Redis's process, whose main thread's time is reported)."""
     label = f"{mode}{' (no-op ceiling)' if noop else ''}"
     console.print(f"[bold]{label}[/bold]: starting the service")
     mqtt_url = broker.url if broker is not None and mode == "mqtt" else None
@@ -631,7 +667,7 @@ def run_mode(
         if opts.first_round and not noop:
             baseline, result = _first_round(opts, mode, svc, target, baseline.memory)
         cpu_at_start = _service_cpu_s(svc.proc.pid)
-        work_before = _redis_work(redis_url)
+        work_before = _redis_work(redis_url, redis_pid)
         stalls = None if noop else _watch_stalls(redis_url)
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
 
@@ -640,7 +676,7 @@ def run_mode(
             # back through the service: at a million devices those reads cost the service
             # more CPU than ingesting the packets.
             cpu = _cpu_per_packet(svc, cpu_at_start, acked) | _stalls(redis_url, stalls)
-            return {"redis_work": _redis_work(redis_url), "cpu": cpu}
+            return {"redis_work": _redis_work(redis_url, redis_pid), "cpu": cpu}
 
         senders, probes, loop_lag, commit = _load(
             opts, mode, svc, target, noop, baseline.packets, at_commit
@@ -881,11 +917,12 @@ def run_bench(opts: BenchSettings) -> int:
         )
         # what the embedded Redis really runs on (its memory maps), for the results
         allocator = redis.embedded.allocator if redis.embedded is not None else None
+        pid = redis.embedded.pid if redis.embedded is not None else None
         # MQTT goes through a real broker, started here
         broker = stack.enter_context(Mosquitto(tmp / "mqtt")) if "mqtt" in modes else None
         run_id = f"{int(time.time())}"
         for mode in modes:
-            r = run_mode(opts, mode, redis.url, f"bench{run_id}{mode}", False, broker)
+            r = run_mode(opts, mode, redis.url, f"bench{run_id}{mode}", False, broker, pid)
             if opts.ceiling and (mode == "mqtt" or MODES[mode].ceiling):
                 if broker is not None and mode == "mqtt":
                     c = broker_ceiling(opts, broker)
@@ -956,7 +993,8 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         ("peak RSS MB", "peak_rss_mb"),
         ("CPU ns/pkt", "service_cpu_ns_per_packet"),
         ("merges", "device_merges"), ("flushes", "flushes"),
-        ("Redis µs/merge", "redis_us_per_merge"), ("Redis B/device", "redis_bytes_per_device"),
+        ("Redis µs/merge", "redis_us_per_merge"), ("Redis ran", "redis_ran_share"),
+        ("Redis waited", "redis_waited_share"), ("Redis B/device", "redis_bytes_per_device"),
     ]  # fmt: skip
     if any("first_round_pps" in r for r in results):
         columns.insert(3, ("1st round pkt/s", "first_round_pps"))
