@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 
-from rtmonitor.loadgen.bench import _Baseline, _merge_cost, _thread_sched
+from rtmonitor.loadgen.bench import _Baseline, _merge_cost, _SchedSampler, _thread_sched
 
 
 def test_merges_flushes_and_memory_are_the_timed_loads() -> None:
@@ -27,34 +28,29 @@ def test_merges_flushes_and_memory_are_the_timed_loads() -> None:
     assert cost["flush_step_s"] == steps
     # the devices' records were written by the first round: memory from before it
     assert cost["redis_bytes_per_device"] == 700
-    assert "redis_ran_share" not in cost  # (no main thread's times: a Redis elsewhere)
 
 
-def test_redis_main_threads_shares_of_the_load() -> None:
-    """Ran and waited for a CPU over the same wall time as the load's Redis CPU."""
-    before = {"cpu_s": 1.0, "forks": 0.0, "at": 100.0, "ran_s": 50.0, "waited_s": 7.0}
-    after = {"cpu_s": 17.0, "memory": 0.0, "forks": 0.0, "at": 120.0, "ran_s": 66.0,
-             "waited_s": 9.5}  # fmt: skip
-    cost = _merge_cost(before, after, {"devices_committed": 4_000_000}, 1, _Baseline(0.0))
-    assert cost["redis_ran_share"] == 0.8 and cost["redis_waited_share"] == 0.12
-    assert cost["redis_us_per_merge"] == 4.0
+def test_redis_main_threads_shares_are_the_loads_own_time() -> None:
+    """Ran and waited for a CPU over the load's time (first send to commit), not the
+    seconds before it while the load generators built their packets."""
+    sampler = _SchedSampler(None)
+    # (time, ran, waited): idle while the packets are built, then busy from t=115
+    sampler.samples = [(100.0, 50.0, 7.0), (110.0, 50.5, 7.1), (115.0, 51.0, 7.2),
+                       (125.0, 59.0, 8.4), (135.0, 67.0, 9.6), (140.0, 67.5, 9.7)]  # fmt: skip
+    assert sampler.shares(114.9, 135.0) == {"redis_ran_share": 0.8, "redis_waited_share": 0.12}
+    assert sampler.shares(100.0, 140.0) == {"redis_ran_share": 0.44, "redis_waited_share": 0.07}
+    assert sampler.shares(116.0, 124.0) == {}  # (no two readings inside)
 
 
 def test_the_main_thread_is_read_from_the_kernels_count() -> None:
-    """This very process's main thread: it has run, and the count only grows."""
-    first = _thread_sched(os.getpid())
-    assert first is not None and first[0] > 0 and first[1] >= 0
-    sum(range(2_000_000))  # (some CPU)
-    second = _thread_sched(os.getpid())
-    assert second is not None and second[0] > first[0] and second[1] >= first[1]
-    assert _thread_sched(2**22 + 1) is None  # (past pid_max: no such process)
-
-
-def test_without_a_first_round_everything_is_the_loads() -> None:
-    flush = {"devices_committed": 5000, "flushes": 5}
-    cost = _merge_cost(
-        {"cpu_s": 1.0, "forks": 0.0}, {"cpu_s": 1.1, "memory": 2000.0, "forks": 0.0}, flush, 10,
-        _Baseline(0.0),
-    )  # fmt: skip
-    assert cost["device_merges"] == 5000 and cost["flushes"] == 5
-    assert cost["redis_us_per_merge"] == 20.0 and cost["redis_bytes_per_device"] == 200
+    """This very process's main thread, read while it works: it ran, and the count grows."""
+    with _SchedSampler(os.getpid(), period=0.02) as sampler:
+        start = time.time()
+        while time.time() - start < 0.3:
+            sum(range(10_000))
+    shares = sampler.shares(start, time.time())
+    assert 0.3 < shares["redis_ran_share"] <= 1.05 and shares["redis_waited_share"] >= 0
+    assert _thread_sched(2**22 + 1) is None  # (past any pid_max: no such process)
+    with _SchedSampler(None) as nothing:  # (a Redis elsewhere: nothing read)
+        pass
+    assert nothing.samples == []

@@ -419,24 +419,18 @@ def _senders_options(
     ]
 
 
-def _redis_work(url: str, pid: int | None = None) -> dict[str, float]:
+def _redis_work(url: str) -> dict[str, float]:
     """Redis's CPU seconds so far (user + system, every command), memory in use and forks
-    (AOF rewrites, snapshots); with the `pid` of a Redis on this machine (the embedded
-    one), how long its main thread has run on a CPU and waited for one (_thread_sched)."""
+    (AOF rewrites, snapshots)."""
     with redis.Redis.from_url(url, decode_responses=True) as client:
         cpu = cast(dict[str, Any], client.info("cpu"))
         memory = cast(dict[str, Any], client.info("memory"))
         stats = cast(dict[str, Any], client.info("stats"))
-    work = {
+    return {
         "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
         "memory": float(memory["used_memory"]),
         "forks": float(stats.get("total_forks", 0)),  # (Redis 6.0 and later)
-        "at": time.monotonic(),
     }
-    sched = _thread_sched(pid) if pid is not None else None
-    if sched is not None:
-        work["ran_s"], work["waited_s"] = sched
-    return work
 
 
 def _thread_sched(pid: int) -> tuple[float, float] | None:
@@ -450,6 +444,56 @@ def _thread_sched(pid: int) -> tuple[float, float] | None:
         return int(ran_ns) / 1e9, int(waited_ns) / 1e9
     except (OSError, ValueError):
         return None
+
+
+class _SchedSampler:
+    """Reads the main thread of a Redis on this machine (`pid`, the embedded one) every
+    `period` seconds while the load runs (_thread_sched, with the wall clock's time), so
+    that its shares are those of the load's own time (shares): from the first send, which
+    at a million devices comes seconds after the load generators start (they build their
+    packets first), to the commit of the last packet. Does nothing for `pid` None."""
+
+    def __init__(self, pid: int | None, period: float = 0.2) -> None:
+        self.pid = pid
+        self.period = period
+        self.samples: list[tuple[float, float, float]] = []  # (time, ran, waited)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _SchedSampler:
+        if self.pid is not None and _thread_sched(self.pid) is not None:
+            self._thread = threading.Thread(target=self._run, name="sched-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        assert self.pid is not None  # (__enter__)
+        while True:
+            sched = _thread_sched(self.pid)
+            if sched is not None:
+                self.samples.append((time.time(), *sched))
+            if self._stop.wait(self.period):
+                return
+
+    def shares(self, start: float, end: float) -> dict[str, Any]:
+        """The shares of [start, end] (wall clock) in which the thread was on a CPU and in
+        a run queue waiting for one, between the first reading at or after `start` and the
+        last at or before `end`; what is left it waited for work (Redis: for commands). On
+        a machine Redis shares with the service and the load generator, a Redis that has
+        commands queued but runs ~80% of the time was kept off a core the rest."""
+        inside = [x for x in self.samples if start <= x[0] <= end]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return {}
+        (t0, ran0, waited0), (t1, ran1, waited1) = inside[0], inside[-1]
+        return {
+            "redis_ran_share": round((ran1 - ran0) / (t1 - t0), 2),
+            "redis_waited_share": round((waited1 - waited0) / (t1 - t0), 2),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,7 +616,7 @@ def _merge_cost(
     merges = int(flush.get("devices_committed", 0)) - baseline.merges
     cpu_s = after["cpu_s"] - before["cpu_s"]
     steps = _steps(flush)
-    return _redis_sched(before, after) | {
+    return {
         "device_merges": merges,
         "flushes": int(flush.get("flushes", 0)) - baseline.flushes,
         # (of the timed load: where its flushes' time went)
@@ -581,21 +625,6 @@ def _merge_cost(
         "redis_forks": round(after["forks"] - before["forks"]),
         "redis_us_per_merge": round(cpu_s * 1e6 / merges, 2) if merges else None,
         "redis_bytes_per_device": round((after["memory"] - baseline.memory) / devices),
-    }
-
-
-def _redis_sched(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """The shares of the same time (the timed load, until every packet was committed) in
-    which Redis's main thread, which runs every command, was on a CPU and waiting for one
-    (a Redis on this machine only: _redis_work). What is left it waited for commands. On a
-    machine it shares with the service and the load generator, a Redis that has commands
-    queued but runs ~80% of the time was kept off a core the rest."""
-    wall = after.get("at", 0.0) - before.get("at", 0.0)
-    if "ran_s" not in before or "ran_s" not in after or wall <= 0:
-        return {}
-    return {
-        "redis_ran_share": round((after["ran_s"] - before["ran_s"]) / wall, 2),
-        "redis_waited_share": round((after["waited_s"] - before["waited_s"]) / wall, 2),
     }
 
 
@@ -667,7 +696,7 @@ def run_mode(
         if opts.first_round and not noop:
             baseline, result = _first_round(opts, mode, svc, target, baseline.memory)
         cpu_at_start = _service_cpu_s(svc.proc.pid)
-        work_before = _redis_work(redis_url, redis_pid)
+        work_before = _redis_work(redis_url)
         stalls = None if noop else _watch_stalls(redis_url)
         console.print(f"  {label}: {opts.senders} load generator(s) for {opts.duration:g}s")
 
@@ -676,11 +705,12 @@ def run_mode(
             # back through the service: at a million devices those reads cost the service
             # more CPU than ingesting the packets.
             cpu = _cpu_per_packet(svc, cpu_at_start, acked) | _stalls(redis_url, stalls)
-            return {"redis_work": _redis_work(redis_url, redis_pid), "cpu": cpu}
+            return {"redis_work": _redis_work(redis_url), "cpu": cpu}
 
-        senders, probes, loop_lag, commit = _load(
-            opts, mode, svc, target, noop, baseline.packets, at_commit
-        )
+        with _SchedSampler(None if noop else redis_pid) as sampler:
+            senders, probes, loop_lag, commit = _load(
+                opts, mode, svc, target, noop, baseline.packets, at_commit
+            )
         acked = _accepted(senders)
         errors = [e for s in senders for e in s["summary"]["errors"]]
         first_send = min(s["started"] for s in senders)
@@ -701,6 +731,7 @@ def run_mode(
             console.print(f"  {label}: verifying {acked:,} packets device by device")
             assert commit is not None  # (_load watched for it)
             result.update(_check(opts, svc, senders, (work_before, baseline), probes, commit))
+            result.update(sampler.shares(min(s["started"] for s in senders), commit.at))
         else:
             result.update(_cpu_per_packet(svc, cpu_at_start, acked))
         result["peak_rss_mb"] = round(_peak_rss_mb(svc.proc.pid), 1)
