@@ -30,6 +30,16 @@ def test_merges_flushes_and_memory_are_the_timed_loads() -> None:
     assert cost["redis_bytes_per_device"] == 700
 
 
+def test_without_a_first_round_everything_is_the_loads() -> None:
+    flush = {"devices_committed": 5000, "flushes": 5}
+    cost = _merge_cost(
+        {"cpu_s": 1.0, "forks": 0.0}, {"cpu_s": 1.1, "memory": 2000.0, "forks": 0.0}, flush, 10,
+        _Baseline(0.0),
+    )  # fmt: skip
+    assert cost["device_merges"] == 5000 and cost["flushes"] == 5
+    assert cost["redis_us_per_merge"] == 20.0 and cost["redis_bytes_per_device"] == 200
+
+
 def test_redis_main_threads_shares_are_the_loads_own_time() -> None:
     """Ran and waited for a CPU over the load's time (first send to commit), not the
     seconds before it while the load generators built their packets."""
@@ -49,7 +59,8 @@ def test_the_main_thread_is_read_from_the_kernels_count() -> None:
         while time.time() - start < 0.3:
             sum(range(10_000))
     shares = sampler.shares(start, time.time())
-    assert 0.3 < shares["redis_ran_share"] <= 1.05 and shares["redis_waited_share"] >= 0
+    # (a busy machine may queue it: only that it ran, and no more than the wall time)
+    assert 0.05 < shares["redis_ran_share"] <= 1.05 and shares["redis_waited_share"] >= 0
     assert _thread_sched(2**22 + 1) is None  # (past any pid_max: no such process)
     with _SchedSampler(None) as nothing:  # (a Redis elsewhere: nothing read)
         pass
