@@ -673,7 +673,8 @@ def run_mode(
     redis_pid: int | None = None,
 ) -> dict[str, Any]:
     """One measurement: a fresh service, the load, the probes, the exact check
-    (`redis_pid`: the embedded Redis's process, whose main thread's time is reported)."""
+    (`redis_pid`: the embedded Redis's process, whose main thread's time is reported; the
+    no-op ceiling, which writes nothing to Redis, is not given it)."""
     label = f"{mode}{' (no-op ceiling)' if noop else ''}"
     console.print(f"[bold]{label}[/bold]: starting the service")
     mqtt_url = broker.url if broker is not None and mode == "mqtt" else None
@@ -707,7 +708,7 @@ def run_mode(
             cpu = _cpu_per_packet(svc, cpu_at_start, acked) | _stalls(redis_url, stalls)
             return {"redis_work": _redis_work(redis_url), "cpu": cpu}
 
-        with _SchedSampler(None if noop else redis_pid) as sampler:
+        with _SchedSampler(redis_pid) as sampler:
             senders, probes, loop_lag, commit = _load(
                 opts, mode, svc, target, noop, baseline.packets, at_commit
             )
@@ -731,7 +732,7 @@ def run_mode(
             console.print(f"  {label}: verifying {acked:,} packets device by device")
             assert commit is not None  # (_load watched for it)
             result.update(_check(opts, svc, senders, (work_before, baseline), probes, commit))
-            result.update(sampler.shares(min(s["started"] for s in senders), commit.at))
+            result.update(sampler.shares(first_send, commit.at))
         else:
             result.update(_cpu_per_packet(svc, cpu_at_start, acked))
         result["peak_rss_mb"] = round(_peak_rss_mb(svc.proc.pid), 1)
