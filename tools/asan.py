@@ -9,7 +9,8 @@ test_columnar.py: random, mutated and hand-built wire data against protobuf;
 test_otlp_reader.py: random OTLP requests against the Python mapping; test_device_table.py
 and test_fleet_admission.py: random table operations against a dict, random batches
 admitted against packet by packet; test_numbering.py: random keys numbered against a
-dict; test_resp.py: random commands packed against redis-py's packer; test_packing.py:
+dict; test_resp.py: random commands packed against redis-py's packer; test_device_keys.py:
+random device keys joined against Python's; test_packing.py:
 random deltas packed against struct.pack, and rows refused outside their buffer;
 tests/integration/test_merge_module.py: random flushes merged by the
 module and by the Lua script, and malformed calls) with the sanitizer runtimes preloaded,
@@ -91,6 +92,7 @@ def main() -> int:
             "tests/unit/test_fleet_admission.py",
             "tests/unit/test_packing.py",
             "tests/unit/test_resp.py",
+            "tests/unit/test_device_keys.py",
             "tests/integration/test_merge_module.py",
         ]
         code = subprocess.run(

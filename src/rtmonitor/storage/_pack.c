@@ -21,6 +21,12 @@
  * packs a command as redis-py's packers do, for the merge calls of a flush: hundreds of
  * device keys each, which hiredis' packer formats one by one (a printf for each length)
  * and wire.py then copied around (tests/unit/test_resp.py checks it against redis-py's).
+ *
+ *   wrapped(head, ids, rows, tail)
+ *
+ * joins the device keys of a merge call, head + ids[r] + tail for each row r (keys.py's
+ * device_keys_at, which has the same in Python without this module; tests/unit/test_device_keys.py
+ * checks both).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -292,17 +298,88 @@ done:
     return result;
 }
 
+/* ---- wrapped: device keys ---------------------------------------------------------- */
+
+PyDoc_STRVAR(wrapped_doc,
+"wrapped(head, ids, rows, tail) -> list[str]\n\n"
+"[head + ids[r] + tail for r in rows]: a flush's device keys (storage/keys.py) from its\n"
+"device ids and the rows of a merge call (an int64 buffer). IndexError for a row\n"
+"outside ids, TypeError for an id that is not a str.");
+
+/* A fleet's flush names a key for every device it merges: ~100,000 a second at a million
+ * devices, where the f-string in a list comprehension, with its tolist() and lookups,
+ * took ~0.5 us per key (benchmarks/RESULTS.md, twenty-seventh pass). ASCII ids (the
+ * validator's rule for device ids) are copied into a new str; any other is joined by
+ * PyUnicode_Concat, which gives the same str. */
+static PyObject *wrapped(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *head, *ids, *rows_obj, *tail;
+    if (!PyArg_ParseTuple(args, "UO!OU", &head, &PyList_Type, &ids, &rows_obj, &tail))
+        return NULL;
+    Py_buffer rows = {0};
+    if (int64_buffer(rows_obj, &rows, "rows") < 0)
+        return NULL;
+    Py_ssize_t n = rows.len / 8;
+    const int64_t *at = rows.buf;
+    /* (no Python code runs below, and a str's allocation never collects garbage: the list
+     * of ids cannot change while it is read) */
+    PyObject *result = PyList_New(n);
+    if (result == NULL)
+        goto done;
+    int ascii = PyUnicode_IS_COMPACT_ASCII(head) && PyUnicode_IS_COMPACT_ASCII(tail);
+    Py_ssize_t hl = PyUnicode_GET_LENGTH(head), tl = PyUnicode_GET_LENGTH(tail);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t r = at[i];
+        if (r < 0 || r >= PyList_GET_SIZE(ids)) {
+            PyErr_Format(PyExc_IndexError, "row %zd (%lld) is outside the ids", i, (long long)r);
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyObject *id = PyList_GET_ITEM(ids, (Py_ssize_t)r), *key;
+        if (!PyUnicode_Check(id)) {
+            PyErr_Format(PyExc_TypeError, "ids[%lld] is a %.100s, not a str", (long long)r,
+                         Py_TYPE(id)->tp_name);
+            Py_CLEAR(result);
+            goto done;
+        }
+        if (ascii && PyUnicode_IS_COMPACT_ASCII(id)) {
+            Py_ssize_t il = PyUnicode_GET_LENGTH(id);
+            key = PyUnicode_New(hl + il + tl, 127);
+            if (key != NULL) {
+                Py_UCS1 *w = PyUnicode_1BYTE_DATA(key);
+                memcpy(w, PyUnicode_1BYTE_DATA(head), (size_t)hl);
+                memcpy(w + hl, PyUnicode_1BYTE_DATA(id), (size_t)il);
+                memcpy(w + hl + il, PyUnicode_1BYTE_DATA(tail), (size_t)tl);
+            }
+        } else {
+            PyObject *first = PyUnicode_Concat(head, id);
+            key = first == NULL ? NULL : PyUnicode_Concat(first, tail);
+            Py_XDECREF(first);
+        }
+        if (key == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, key);
+    }
+done:
+    PyBuffer_Release(&rows);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scatter", scatter, METH_VARARGS, scatter_doc},
     {"resp", resp, METH_VARARGS, resp_doc},
+    {"wrapped", wrapped, METH_VARARGS, wrapped_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "rtmonitor.storage._pack",
-    .m_doc = "Rows written at offsets of a buffer, one memcpy each; Redis commands packed "
-             "(see _pack.c).",
+    .m_doc = "Rows written at offsets of a buffer, one memcpy each; Redis commands packed; "
+             "device keys joined (see _pack.c).",
     .m_size = -1,
     .m_methods = methods,
 };

@@ -58,10 +58,19 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+from rtmonitor.model import IntArray
+
+_c_wrapped: Callable[..., list[str]] | None
+try:  # head + id + tail in C (storage/_pack.c); a list comprehension without a compiler
+    from rtmonitor.storage._pack import wrapped as _c_wrapped
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _c_wrapped = None
 
 # The columns of an index group, in the order the rtm module takes their keys.
 COLUMNS = ("packets", "bytes", "last_seen", "rate")
@@ -124,6 +133,14 @@ class KeyLayout:
         """device() of each (a fleet's flush names ~100,000: no call per key)."""
         head = f"{self.prefix}:d:{{"
         return [f"{head}{device_id}}}" for device_id in device_ids]
+
+    def device_keys_at(self, device_ids: list[str], rows: IntArray) -> list[str]:
+        """device_keys() of device_ids[r] for each r in `rows` (int64), joined in C
+        (storage/_pack.c) where it was compiled."""
+        head = f"{self.prefix}:d:{{"
+        if _c_wrapped is not None:
+            return _c_wrapped(head, device_ids, np.ascontiguousarray(rows, np.int64), "}")
+        return self.device_keys(map(device_ids.__getitem__, rows.tolist()))
 
     def device_id(self, device_key: str) -> str:
         """The device of a key built by device()."""

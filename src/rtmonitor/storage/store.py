@@ -312,7 +312,7 @@ class RedisStore:
         at = 0
         for tag, n, rows in groups:
             keys = [layout.group_marker(tag, instance, n)]
-            keys += layout.device_keys(map(ids.__getitem__, rows.tolist()))
+            keys += layout.device_keys_at(ids, rows)
             part = blob[offsets[at] : offsets[at + len(rows)]]
             at += len(rows)
             args = [self._marker_ttl, seq, self.retention_s * 1000, window, part]
