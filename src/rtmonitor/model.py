@@ -435,12 +435,13 @@ def _number_by_sort(keys: IntArray) -> tuple[IntArray, IntArray]:
 
 
 def _keyed(
-    parts: Sequence[BatchDelta], *indexes: list[IntArray]
-) -> tuple[list[str], IntArray, list[IntArray], Keys] | None:
+    parts: Sequence[BatchDelta], *indexes: list[IntArray], keep: bool = True
+) -> tuple[list[str], IntArray, list[IntArray], Keys | None] | None:
     """_unified() for the parts' device ids, from their keys (first-appearance order): the
-    same numbering, without touching the strings of every entry, and the table's keys. None
-    if a part has no keys, or if two keys name one device id (a device forgotten by the
-    validator and admitted again between two batches): then the strings decide."""
+    same numbering, without touching the strings of every entry, and the table's keys (None
+    unless `keep`). None if a part has no keys, or if two keys name one device id (a device
+    forgotten by the validator and admitted again between two batches): then the strings
+    decide."""
     held = [p.keys for p in parts]
     if None in held:
         return None
@@ -462,11 +463,12 @@ def _keyed(
         ids: list[str] = list(map(getitem, map(lists.__getitem__, p), x))
         distinct.update(ids)
         table += ids
-        kept += map(getitem, map(holders.__getitem__, p), x)
+        if keep:  # (a reference to each device's holder: a cache miss each, at a fleet)
+            kept += map(getitem, map(holders.__getitem__, p), x)
     if len(distinct) != len(table):
         return None
     indexed = [numbers[_shifted(lists, index)] for index in indexes]
-    return table, numbers, indexed, Keys(kept, keys[at])
+    return table, numbers, indexed, Keys(kept, keys[at]) if keep else None
 
 
 def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
@@ -480,9 +482,11 @@ def merge_batches(target: FlushDelta, parts: Sequence[BatchDelta]) -> None:
     reduce_batches(parts).merge_into(target)
 
 
-def reduce_batches(parts: Sequence[BatchDelta]) -> BatchDelta:
+def reduce_batches(parts: Sequence[BatchDelta], *, keep_keys: bool = True) -> BatchDelta:
     """The parts as one BatchDelta, with one entry per distinct device, (device, kind) and
     (device, value name), entries grouped by device: what applying the parts in turn adds.
+    Without `keep_keys` it carries no device keys (reducing it again numbers its devices by
+    their ids): for a flush's write, which is reduced once.
 
     The parts are numbered into one set of devices, kinds and value names, concatenated,
     and reduced with numpy: counts and sums with add.at/bincount (in part order), min/max
@@ -497,7 +501,7 @@ def reduce_batches(parts: Sequence[BatchDelta]) -> BatchDelta:
     dev_index = [p.kind_dev for p in parts], [p.value_dev for p in parts]
     # The reduced batch keeps its devices' keys, so that reducing it again (the
     # aggregator's loose batches) numbers them by key too.
-    keyed = _keyed(parts, *dev_index)
+    keyed = _keyed(parts, *dev_index, keep=keep_keys)
     if keyed is None:
         devices, all_dev, (kind_dev, value_dev) = _unified(
             [p.device_ids for p in parts], *dev_index

@@ -496,7 +496,20 @@ def test_a_flush_numbers_devices_by_their_keys_as_by_their_ids(
     assert again is not None and again[0] == by_id[0]
     assert again[1].tolist() == by_id[1].tolist()
     assert [x.tolist() for x in again[2]] == [x.tolist() for x in by_id[2]]
+    assert again[3] is not None
     assert again[3].ids.tolist() == [id(h) for h in again[3].holders]
+    # A flush's write is reduced once, without the keys (Flusher._encode): the same
+    # numbering and the same reduction, holding no device's entry.
+    lean = model._keyed(reduced, kind_dev, value_dev, keep=False)
+    assert lean is not None and lean[3] is None
+    assert lean[0] == again[0] and lean[1].tolist() == again[1].tolist()
+    assert [x.tolist() for x in lean[2]] == [x.tolist() for x in again[2]]
+    with_keys, without = model.reduce_batches(parts), model.reduce_batches(parts, keep_keys=False)
+    assert with_keys.keys is not None and without.keys is None
+    for f in dataclasses.fields(model.BatchDelta):
+        if f.name != "keys":
+            mine, theirs = getattr(without, f.name), getattr(with_keys, f.name)
+            assert np.array_equal(mine, theirs) if isinstance(mine, np.ndarray) else mine == theirs
     assert model._keyed([parts[0], dataclasses.replace(parts[1], keys=None)]) is None
     v.rotate()
     v.rotate()  # "a" is forgotten: admitted again, it has a new entry
