@@ -472,7 +472,8 @@ class Flusher:
         parts = delta.batches() + [part for batch in fresh for part in batch.parts]
         merged = FlushDelta(rejected=delta.rejected)
         # (reduced once, for this write: without the devices' keys, whose references
-        # were a quarter of the reduction at a million devices, benchmarks/RESULTS.md §27)
+        # were a quarter of the reduction at a million devices: benchmarks/RESULTS.md,
+        # twenty-seventh pass)
         reduced = reduce_batches(parts, keep_keys=False)
         merged.add_part(reduced)
         write = self.committer.encode(merged, batch_ids, self.instance_id, seq)

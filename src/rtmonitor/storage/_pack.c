@@ -25,8 +25,8 @@
  *   wrapped(head, ids, rows, tail)
  *
  * joins the device keys of a merge call, head + ids[r] + tail for each row r (keys.py's
- * device_keys_at, which has the same in Python without this module; tests/unit/test_device_keys.py
- * checks both).
+ * device_keys_at, which does the same in Python without this module;
+ * tests/unit/test_device_keys.py checks both).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -308,7 +308,7 @@ PyDoc_STRVAR(wrapped_doc,
 
 /* A fleet's flush names a key for every device it merges: ~100,000 a second at a million
  * devices, where the f-string in a list comprehension, with its tolist() and lookups,
- * took ~0.5 us per key (benchmarks/RESULTS.md, twenty-seventh pass). ASCII ids (the
+ * took ~0.4 us per key (benchmarks/RESULTS.md, twenty-seventh pass). ASCII ids (the
  * validator's rule for device ids) are copied into a new str; any other is joined by
  * PyUnicode_Concat, which gives the same str. */
 static PyObject *wrapped(PyObject *self, PyObject *args)
