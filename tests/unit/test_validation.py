@@ -180,3 +180,24 @@ def test_silent_devices_lose_their_slot_after_a_full_rotation() -> None:
     assert v.device_count == 0
     # a returning device starts with a fresh kinds budget (Redis expired its old kinds)
     assert isinstance(v.check(make("a", kind="k2"), NOW), tuple)
+
+
+@pytest.mark.parametrize("new", [0, 1, 3, 20])
+def test_settle_and_known_keep_each_known_devices_entry(new: int) -> None:
+    """settle() gives a known device its vocabulary in the entry it has (the entry's
+    identity names the device to a flush) and a new one an entry of its own; known()
+    finds both after admission, one by one (a few new devices) or as a batch (many)."""
+    v = Validator(Limits())
+    old = [f"old-{i}" for i in range(20 - new)]
+    v.settle(old, v.extend(None, ["k1"], [])[0])
+    before = v.entries(old)
+    ids = [f"new-{i}" for i in range(new)] + old
+    entries = v.entries(ids)
+    assert entries.count(UNKNOWN) == new
+    grown = v.extend(before[0].vocab if old else None, ["k1", "k2"], ["t"])[0]
+    v.settle(ids, grown)
+    after = v.known(ids, entries)
+    assert UNKNOWN not in after and len({id(e) for e in after}) == len(ids)
+    assert all(e.vocab is grown for e in after)
+    assert after[new:] == before  # the same objects, grown in place
+    assert v.entries(ids) == after and v.device_count == len(ids)

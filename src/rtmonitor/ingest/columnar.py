@@ -739,7 +739,7 @@ def _admit_groups(
         kinds = [k for j, k in enumerate(t.kinds) if km >> j & 1]
         names = [x for j, x in enumerate(t.names) if nm >> j & 1]
         vocab, refused_kinds, refused_names = validator.extend(distinct[row], kinds, names)
-        validator.settle(map(t.device_ids.__getitem__, members.tolist()), vocab)
+        validator.settle(list(map(t.device_ids.__getitem__, members.tolist())), vocab)
         if refused_kinds or refused_names:
             in_group = np.zeros(len(t.device_ids) + 1, dtype=np.bool_)
             in_group[members] = True
