@@ -55,7 +55,8 @@ _INLINE_MAX = 6000
 # What redis-py sends as a value's bytes.
 _BUFFERS = (bytes, bytearray, memoryview)
 _PLAIN = frozenset({str, int, float})
-_HIREDIS = HiredisRespSerializer()
+# redis-py 8.2 left its constructor untyped (8.1 typed it): the ignore covers both
+_HIREDIS = HiredisRespSerializer()  # type: ignore[no-untyped-call,unused-ignore]
 
 
 class _Lean:
