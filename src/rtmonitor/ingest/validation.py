@@ -428,8 +428,7 @@ class Validator:
         entries() does: one by one, a fleet's batch spent most of its admission on these
         lookups (benchmarks/RESULTS.md, twenty-eighth pass)."""
         entries = self._devices.get_many(device_ids, UNKNOWN)
-        unknown = entries.count(UNKNOWN)
-        if unknown == len(entries):  # new devices (a fleet's first batches)
+        if entries.count(UNKNOWN) == len(entries):  # new devices (a fleet's first batches)
             new = device_ids
         else:  # devices learning a kind or a value name, perhaps some new ones
             new = []
