@@ -542,7 +542,11 @@ def test_a_redis_restarted_without_the_module_says_why_it_cannot_come_back(
     """The service restarts a Redis that exits. One restarted without the module exits while
     it replays an AOF of merges, and not_ready() (GET /ready, the log) says why and what to
     do, as start() does, not a bare exit code."""
-    server = EmbeddedRedis(tmp_path / "redis").start()
+    # appendfsync always: Redis writes the merge to its AOF before it replies. At everysec
+    # it holds the write back (up to 2 s) while a background fsync runs, replies meanwhile,
+    # and the SIGKILL below took the merge with it: the restart replayed no RTM.APPLY6 and
+    # came back (a CI run on a busy disk).
+    server = EmbeddedRedis(tmp_path / "redis", extra_config={"appendfsync": "always"}).start()
     delta = DeviceDelta(packets=1, bytes=10, first_seen=T0, last_seen=T0, kinds={"k": 1})
 
     async def main() -> None:

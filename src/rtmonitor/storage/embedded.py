@@ -248,7 +248,10 @@ class EmbeddedRedis:
             "maxmemory-policy": "noeviction",
             "appendonly": "yes",
             # Written (write()) before Redis replies, fsynced every second: a crash of the
-            # process loses nothing acknowledged, one of the machine up to a second.
+            # process loses nothing acknowledged, one of the machine up to a second. Except
+            # while a background fsync still runs (a slow disk): Redis then holds its
+            # writes back, up to 2 s, and replies meanwhile, so a crash of the process
+            # then loses what it held. appendfsync always (an external Redis) closes both.
             "appendfsync": "everysec",
             # Redis rewrites the AOF (a forked child writes the whole dataset again) each
             # time it has grown by this much over its last rewritten size. A fleet's flushes
