@@ -42,6 +42,11 @@ def test_bench_runs_and_verifies_exactly(tmp_path: Path) -> None:
         assert r["e2e_pps"] > 0 and r["ceiling_pps"] > 0 and 0 < r["ratio_to_ceiling"]
         assert r["freshness_ms_samples"] > 0 and r["freshness_ms_p99"] >= r["freshness_ms_p50"]
         assert r["get_device_ms_samples"] > 0 and r["peak_rss_mb"] > 0
+        # the list probe takes the sorts in turn (the target: any sort), each one
+        # counted on its own as well
+        sorts = ("device_id", "packets", "bytes", "rate", "last_seen")
+        assert r["get_metrics_ms_samples"] > 0
+        assert sum(r[f"get_metrics_{s}_ms_samples"] for s in sorts) == r["get_metrics_ms_samples"]
         assert isinstance(r["redis_bytes_per_device"], int)
         assert isinstance(r["redis_forks"], int) and isinstance(r["redis_stalls"], dict)
         # the HTTP process's event-loop lag during the load (bucket bounds, ms)

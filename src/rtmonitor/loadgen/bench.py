@@ -186,6 +186,12 @@ def _children(pid: int) -> list[int]:
 # Freshness is polled this often (its resolution). A tighter poll loads the HTTP API in
 # proportion to how fast it answers, and so takes CPU from the ingest it measures.
 _FRESHNESS_POLL_S = 0.01
+# The list probe's sorts, in turn: the issue's target holds for any of them, and the
+# numeric ones rank a fleet's columns when read (storage/ranking.py), unlike device_id.
+_LIST_SORTS = (
+    ("device_id", "asc"), ("packets", "desc"), ("bytes", "desc"), ("rate", "desc"),
+    ("last_seen", "desc"),
+)  # fmt: skip
 
 
 def _percentile(samples: list[float], q: int) -> float | None:
@@ -194,6 +200,16 @@ def _percentile(samples: list[float], q: int) -> float | None:
     if len(samples) == 1:
         return samples[0]
     return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
+
+
+async def _list_page(http: httpx.AsyncClient, sort: str, order: str) -> float:
+    """GET /metrics?limit=100 in this order: how long it took, in ms."""
+    t = time.perf_counter()
+    r = await http.get("/metrics", params={"limit": 100, "sort": sort, "order": order})
+    took = (time.perf_counter() - t) * 1000
+    if r.status_code != 200:
+        raise RuntimeError(f"list probe (sort={sort}) answered {r.status_code}: {r.text[:200]}")
+    return took
 
 
 async def _probe(
@@ -213,6 +229,7 @@ async def _probe(
     fresh: list[float] = []
     device_ms: list[float] = []
     list_ms: list[float] = []
+    by_sort: dict[str, list[float]] = {sort: [] for sort, _ in _LIST_SORTS}
     client = svc.client
     async with (
         client.async_http_client(base_url=svc.http, timeout=10) as http,
@@ -232,9 +249,10 @@ async def _probe(
                 await http.get(f"/metrics/{sample_device}")
                 device_ms.append((time.perf_counter() - t) * 1000)
                 if n % 10 == 0:
-                    t = time.perf_counter()
-                    await http.get("/metrics", params={"limit": 100})
-                    list_ms.append((time.perf_counter() - t) * 1000)
+                    sort, order = _LIST_SORTS[n // 10 % len(_LIST_SORTS)]
+                    took = await _list_page(http, sort, order)
+                    list_ms.append(took)
+                    by_sort[sort].append(took)
                 n += 1
                 await asyncio.sleep(0.02)
 
@@ -268,6 +286,7 @@ async def _probe(
         else:
             loop_lag = await _under_load(http, until, latency(), freshness())
     samples = {"freshness_ms": fresh, "get_device_ms": device_ms, "get_metrics_ms": list_ms}
+    samples.update({f"get_metrics_{sort}_ms": ms for sort, ms in by_sort.items()})
     return samples, loop_lag
 
 
