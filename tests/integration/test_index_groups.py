@@ -9,11 +9,13 @@ import itertools
 import struct
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
 
 from rtmonitor.model import DeviceDelta, FlushDelta, ValueStats
+from rtmonitor.storage import store as store_module
 from rtmonitor.storage.embedded import EmbeddedRedis
 from rtmonitor.storage.keys import KeyLayout
 from rtmonitor.storage.store import LayoutMismatch, RedisStore, SortTooBroad
@@ -121,6 +123,66 @@ def test_seven_groups_read_like_one(redis_server: EmbeddedRedis) -> None:
                 assert exc.matched == 600
             else:
                 raise AssertionError("600 matches ranked with max_ranked=599")
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("groups", [1, 7])
+def test_listings_by_rate_rank_the_same_through_the_module_and_the_columns(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch, groups: int
+) -> None:
+    """A listing by rate ranks one window's packets per slot read by the rtm module
+    (RTM.WINDOW) exactly as the rate and last_seen columns read whole rank them: the same
+    counts, pages and order (ties included), by the last complete window and, before any
+    device sent in it, by the current one; and a Redis without the command falls back to
+    the columns for good."""
+    now = time.time()
+    now_ms = int(now * 1000)
+    monkeypatch.setattr(store_module, "time", SimpleNamespace(time=lambda: now))
+
+    async def main() -> None:
+        pages = [
+            {"sort": "rate", "descending": desc, "prefix": prefix, "offset": o, "limit": n}
+            for desc, prefix, (o, n) in itertools.product(
+                (False, True), ("", "d3", "zz"), ((0, 10), (5, 37), (290, 20))
+            )
+        ]
+        # (prefix, the flushes' times, the devices that sent in the window that ranks):
+        # only the current window has packets, then the last complete one has some
+        for prefix, times, ranked in (("a", [now_ms], 300), ("b", [now_ms - 10_000, now_ms], 120)):
+            module, columns = (
+                store(redis_server.url, prefix, groups),
+                store(redis_server.url, prefix, groups),
+            )
+            columns.window_module = False
+            async with module, columns:
+                await module.check_layout()
+                for seq, at in enumerate(times, 1):
+                    await module.commit(fleet(300 if at == now_ms else 120, seq, at), "i", seq)
+                assert (await module.list_ids(sort="rate", limit=1000))[0] == ranked
+                for page in pages:
+                    got = await module.list_ids(**page)  # type: ignore[arg-type]
+                    assert got == await columns.list_ids(**page), page  # type: ignore[arg-type]
+                assert module.window_module is True
+        # (and the module did read them: Redis counted its calls)
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            calls = (await raw.info("commandstats"))["cmdstat_rtm.window"]["calls"]
+            assert calls >= 2 * len(pages)
+        finally:
+            await raw.aclose()
+        plain = EmbeddedRedis(redis_server.data_dir.parent / "plain")
+        plain.merge_module = None
+        plain.start()
+        try:
+            other = store(plain.url, "w", groups)
+            async with other:
+                await other.check_layout()
+                await other.commit(fleet(50, 1, now_ms), "i", 1)
+                assert (await other.list_ids(sort="rate", limit=100))[0] == 50
+                assert other.window_module is False
+        finally:
+            plain.stop()
 
     asyncio.run(main())
 

@@ -32,6 +32,7 @@ from rtmonitor.model import (
     FlushDelta,
     ValueStats,
 )
+from rtmonitor.storage import ranking
 from rtmonitor.storage.embedded import EmbeddedRedis, EmbeddedRedisError, merge_module_path
 from rtmonitor.storage.keys import COLUMNS
 from rtmonitor.storage.packing import pack_deltas
@@ -398,6 +399,41 @@ def test_the_rate_column_keeps_the_newest_two_windows(server: EmbeddedRedis) -> 
         merge(3, w)  # late: the record counts window w + 1 now
         assert row() == (w + 1, 3, w, 3)
         assert client.hgetall(group[1]) == {b"a": b"0"} and client.hgetall(group[2]) == {b"0": b"a"}
+    finally:
+        client.close()
+
+
+def test_the_window_read_is_the_rate_columns_window(server: EmbeddedRedis) -> None:
+    """RTM.WINDOW answers, per slot of a rate column, its packets in one window as
+    ranking.window_packets reads them from the whole column: the newest window's, the
+    older one's, or 0; a partial row at the end left out, a missing column empty. A
+    malformed call or a key of another type is refused."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        w = T0 // 10_000
+        rng = np.random.default_rng(7)
+        rows = np.zeros((5000, 4), dtype=np.int64)
+        rows[:, 0] = w - rng.integers(0, 3, 5000)
+        rows[:, 2] = rows[:, 0] - rng.integers(1, 3, 5000)
+        rows[:, 1], rows[:, 3] = rng.integers(0, 2**40, (2, 5000))
+        rows[::7] = 0  # free slots
+        column = rows.astype(">i8").tobytes() + b"\x01" * 20  # (a row being written)
+        client.set("w:rate", column)
+        for window in range(w - 5, w + 2):
+            answer = client.execute_command("RTM.WINDOW", "w:rate", window)
+            got = np.frombuffer(answer, dtype=">i8").astype(np.int64)
+            expected = ranking.window_packets(ranking.column(column, "rate", 5000), window)
+            assert got.tolist() == expected.tolist(), window
+        assert client.execute_command("RTM.WINDOW", "w:none", w) == b""
+        client.hset("w:hash", "a", 1)
+        for call, said in (
+            (("w:rate",), "wrong number of arguments"),
+            (("w:rate", w, 1), "wrong number of arguments"),
+            (("w:rate", "soon"), "window must be an integer"),
+            (("w:hash", w), "WRONGTYPE"),
+        ):
+            with pytest.raises(redis.ResponseError, match=said):
+                client.execute_command("RTM.WINDOW", *call)
     finally:
         client.close()
 

@@ -8,6 +8,9 @@
  * read where Redis keeps it and written once, and the device's row goes straight into its
  * group's columns. (Figures: benchmarks/RESULTS.md.)
  *
+ * And RTM.WINDOW, a read: one window's packets per slot of an index group's rate column
+ * (what a listing sorted by rate ranks), a quarter of the column's bytes.
+ *
  *   RTM.MERGE6 numkeys marker ix-devices ix-slot ix-id ix-free ix-packets ix-bytes
  *              ix-last-seen ix-rate device-key... ttl seq retention-ms window deltas id-offset
  *
@@ -83,6 +86,7 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(int, ReplyWithError, (RedisModuleCtx *, const char *))                                \
     X(int, ReplyWithArray, (RedisModuleCtx *, long))                                        \
     X(int, ReplyWithLongLong, (RedisModuleCtx *, long long))                                \
+    X(int, ReplyWithStringBuffer, (RedisModuleCtx *, const char *, size_t))                 \
     X(void *, OpenKey, (RedisModuleCtx *, RedisModuleString *, int))                        \
     X(void, CloseKey, (RedisModuleKey *))                                                   \
     X(int, KeyType, (RedisModuleKey *))                                                     \
@@ -934,6 +938,47 @@ static int merge_call(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, i
     return RM_ReplyWithLongLong(ctx, dropped);
 }
 
+/* RTM.WINDOW rate-column window
+ * Each slot's packets in 10-second window `window`, from a group's rate column (the
+ * (w1, p1, w2, p2) rows row_device writes): p1 where w1 is the window, else p2 where w2
+ * is, else 0; one big-endian int64 per slot, as the other columns hold them (a partial row
+ * at the end is left out; a missing column is an empty string). What a listing sorted by
+ * rate ranks (storage/ranking.window_packets): 8 bytes a slot instead of the column's 32,
+ * and, since a slot with packets in a window has a last_seen, no last_seen column read
+ * beside it. Reads only. */
+static int window_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc != 3) return RM_WrongArity(ctx);
+    long long window;
+    if (RM_StringToLongLong(argv[2], &window) != REDISMODULE_OK)
+        return RM_ReplyWithError(ctx, "ERR window must be an integer");
+    RedisModuleKey *key = RM_OpenKey(ctx, argv[1], REDISMODULE_READ);
+    int type = RM_KeyType(key); /* (EMPTY for a missing key: OpenKey gives NULL) */
+    if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_STRING) {
+        RM_CloseKey(key);
+        return RM_ReplyWithError(ctx, IX_WRONGTYPE);
+    }
+    size_t len = 0;
+    const unsigned char *rows = NULL;
+    if (type == REDISMODULE_KEYTYPE_STRING)
+        rows = (const unsigned char *)RM_StringDMA(key, &len, REDISMODULE_READ);
+    size_t slots = rows != NULL ? len / 32 : 0;
+    unsigned char *out = RM_Alloc(slots * 8 + 1);
+    for (size_t i = 0; i < slots; i++) {
+        const unsigned char *row = rows + 32 * i;
+        long long packets = 0;
+        if (get_i64(row) == window) {
+            packets = get_i64(row + 8);
+        } else if (get_i64(row + 16) == window) {
+            packets = get_i64(row + 24);
+        }
+        put_i64(out + 8 * i, packets);
+    }
+    RM_ReplyWithStringBuffer(ctx, (const char *)out, slots * 8);
+    RM_Free(out);
+    RM_CloseKey(key);
+    return REDISMODULE_OK;
+}
+
 static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     return merge_call(ctx, argv, argc, 0);
 }
@@ -957,7 +1002,9 @@ int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
     if (RM_CreateCommand(ctx, "rtm.merge6", merge_command, "write deny-oom getkeys-api", 0, 0,
                          0) != REDISMODULE_OK ||
         RM_CreateCommand(ctx, "rtm.apply6", apply_command, "write deny-oom getkeys-api", 0, 0,
-                         0) != REDISMODULE_OK)
+                         0) != REDISMODULE_OK ||
+        RM_CreateCommand(ctx, "rtm.window", window_command, "readonly", 1, 1, 1) !=
+            REDISMODULE_OK)
         return REDISMODULE_ERR;
     return REDISMODULE_OK;
 }

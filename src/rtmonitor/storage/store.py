@@ -94,6 +94,8 @@ CLUSTER_CONCURRENCY = 64
 # of what full records dropped), so a Redis holding another release's module is merged
 # with the script.
 MERGE_COMMAND = "rtm.merge6"
+# The rtm module's read of one window's packets per slot (sort=rate listings).
+WINDOW_COMMAND = "rtm.window"
 # A merge call: (script name, keys, args). A flush's plan is a list of them (journaled by
 # _journal_chunk).
 Call = tuple[str, list[str], list[Any]]
@@ -129,11 +131,18 @@ def _transient(exc: BaseException) -> bool:
     return not isinstance(exc, ResponseError) or isinstance(exc, passing)
 
 
-def _module_missing(exc: ResponseError) -> bool:
+def _window_columns(blobs: list[bytes]) -> list[IntArray]:
+    """RTM.WINDOW's replies (big-endian int64 per slot) as native int64 arrays."""
+    return [ranking.column(b, "window", len(b) // 8) for b in blobs]
+
+
+def _module_missing(exc: ResponseError, command: str = MERGE_COMMAND) -> bool:
     """Whether Redis refused the rtm module's command as unknown (the module is gone), not
-    the module one of its calls (Redis' own message: _stream raises it unannotated)."""
+    the module one of its calls (Redis' own message, as _stream raises it, or as a redis-py
+    pipeline annotates it: "Command # 1 (...) of pipeline caused error: unknown ...")."""
     said = str(exc).lower()
-    return said.startswith("unknown command") and MERGE_COMMAND in said
+    at = said.find("unknown command")
+    return at >= 0 and command in said[at:]
 
 
 class RedisStore:
@@ -155,6 +164,9 @@ class RedisStore:
         # Device merges by the rtm module when this Redis has it (None: not asked yet);
         # a Redis Cluster's calls go to many nodes, which may differ: always the script.
         self.merge_module: bool | None = None if merge_module and not self.cluster else False
+        # Listings by rate read one window's packets through the module (RTM.WINDOW) until
+        # this Redis says it has no such command.
+        self.window_module = self.merge_module is None
         self._group_size = group_size
         self._marker_ttl = marker_ttl
         self.retention_s = retention_s
@@ -822,14 +834,19 @@ class RedisStore:
                 for ids in only
             ]
 
-        def rank(columns: list[dict[str, IntArray]]) -> tuple[int, list[tuple[int, int]]]:
-            live = [c["last_seen"] > 0 for c in columns]
-            window = self._rate_window(columns, live) if field == "rate" else 0
+        def within(live: list[BoolArray]) -> list[BoolArray]:
+            """The live slots the prefix matches (all, without one)."""
             if slots is not None:
                 for g, matching in enumerate(slots):
                     mask = np.zeros(len(live[g]), np.bool_)
                     mask[[s for s in matching if s < len(mask)]] = True
                     live[g] &= mask
+            return live
+
+        def rank(columns: list[dict[str, IntArray]]) -> tuple[int, list[tuple[int, int]]]:
+            live = [c["last_seen"] > 0 for c in columns]
+            window = self._rate_window(columns, live) if field == "rate" else 0
+            live = within(live)
             if field == "rate":
                 scores = [ranking.window_packets(c["rate"], window) for c in columns]
                 live = [ok & (p > 0) for p, ok in zip(scores, live, strict=True)]
@@ -837,8 +854,17 @@ class RedisStore:
                 scores = [c[field] for c in columns]
             return ranking.page(scores, live, page.offset, page.stop, page.descending)
 
-        fields = (field,) if field == "last_seen" else (field, "last_seen")
-        matched, picked = await self._ranked(fields, rank)
+        def rank_window(scores: list[IntArray]) -> tuple[int, list[tuple[int, int]]]:
+            # (a slot with packets in a window has a last_seen: no column of it needed)
+            live = within([p > 0 for p in scores])
+            return ranking.page(scores, live, page.offset, page.stop, page.descending)
+
+        windowed = await self._window_scores() if field == "rate" and self.window_module else None
+        if windowed is not None:
+            matched, picked = await asyncio.to_thread(rank_window, windowed)
+        else:
+            fields = (field,) if field == "last_seen" else (field, "last_seen")
+            matched, picked = await self._ranked(fields, rank)
         names, _ = await self._at(picked)
         # (a slot freed and taken by another device since the columns were read: left out)
         return matched, [d for d in names if d is not None and d.startswith(page.prefix)]
@@ -852,6 +878,32 @@ class RedisStore:
             if bool(((ranking.window_packets(c["rate"], current - 1) > 0) & ok).any()):
                 return current - 1
         return current
+
+    async def _window_scores(self) -> list[IntArray] | None:
+        """Each group's packets per slot in the window sort=rate ranks by (_rate_window's:
+        the last complete one, else the current one), read by the rtm module: RTM.WINDOW
+        answers 8 bytes a slot where the rate and last_seen columns are 40, which at a
+        million devices made a listing by rate the slowest read under load
+        (benchmarks/RESULTS.md, twenty-ninth pass). None where this Redis has no such
+        command (then the columns are read and ranked here)."""
+        current = int(time.time()) // RATE_WINDOW_S
+        for window in (current - 1, current):
+            pipe = self.client.pipeline(transaction=False)
+            for g in range(self.layout.groups):
+                rate = self.layout.column("rate", g)
+                pipe.execute_command(WINDOW_COMMAND, rate, window, **{NEVER_DECODE: True})
+            try:
+                blobs = cast(list[bytes], await pipe.execute())
+            except ResponseError as exc:
+                if not _module_missing(exc, WINDOW_COMMAND):
+                    raise
+                logger.info("listings by rate: the rate columns (%s)", exc)
+                self.window_module = False
+                return None
+            scores = await asyncio.to_thread(_window_columns, blobs)
+            if window == current or any(bool(p.any()) for p in scores):
+                return scores
+        raise AssertionError("unreachable")
 
     async def _ranked(
         self, fields: tuple[str, ...], rank: Callable[[list[dict[str, IntArray]]], T]
