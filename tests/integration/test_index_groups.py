@@ -128,47 +128,64 @@ def test_seven_groups_read_like_one(redis_server: EmbeddedRedis) -> None:
 
 
 @pytest.mark.parametrize("groups", [1, 7])
-def test_listings_by_rate_rank_the_same_through_the_module_and_the_columns(
+def test_numeric_listings_rank_the_same_through_the_module_and_the_columns(
     redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch, groups: int
 ) -> None:
-    """A listing by rate ranks one window's packets per slot read by the rtm module
-    (RTM.WINDOW) exactly as the rate and last_seen columns read whole rank them: the same
-    counts, pages and order (ties included), by the last complete window and, before any
-    device sent in it, by the current one; and a Redis without the command falls back to
-    the columns for good."""
+    """A listing sorted by rate, packets or bytes ranks what the rtm module reads
+    (RTM.WINDOW: one window's packets per slot; RTM.LIVE: a column's figures, free slots
+    marked) exactly as the columns read whole rank: the same counts, pages and order (ties
+    included); by rate, the last complete window and, before any device sent in it, the
+    current one. A Redis without the commands sends the store to the columns for good."""
     now = time.time()
     now_ms = int(now * 1000)
     monkeypatch.setattr(store_module, "time", SimpleNamespace(time=lambda: now))
 
     async def main() -> None:
         pages = [
-            {"sort": "rate", "descending": desc, "prefix": prefix, "offset": o, "limit": n}
-            for desc, prefix, (o, n) in itertools.product(
-                (False, True), ("", "d3", "zz"), ((0, 10), (5, 37), (290, 20))
+            {"sort": sort, "descending": desc, "prefix": prefix, "offset": o, "limit": n}
+            for sort, desc, prefix, (o, n) in itertools.product(
+                ("rate", "packets", "bytes"),
+                (False, True),
+                ("", "d3", "zz"),
+                ((0, 10), (5, 37), (290, 20)),
             )
         ]
-        # (prefix, the flushes' times, the devices that sent in the window that ranks):
+        # (prefix, the flushes' times, the devices that sent in the window rate ranks by):
         # only the current window has packets, then the last complete one has some
-        for prefix, times, ranked in (("a", [now_ms], 300), ("b", [now_ms - 10_000, now_ms], 120)):
+        for prefix, times, ranked in (("a", [now_ms], 300), ("b", [now_ms - 10_000, now_ms], 119)):
             module, columns = (
                 store(redis_server.url, prefix, groups),
                 store(redis_server.url, prefix, groups),
             )
-            columns.window_module = False
+            columns.read_module = False
             async with module, columns:
                 await module.check_layout()
                 for seq, at in enumerate(times, 1):
                     await module.commit(fleet(300 if at == now_ms else 120, seq, at), "i", seq)
+                # a device that sent no bytes (0 is a figure, not a free slot), and a
+                # device's slot freed as retention frees it (its row zeroed)
+                zero = DeviceDelta(
+                    packets=1, bytes=0, first_seen=now_ms, last_seen=now_ms, kinds={"k": 1}
+                )
+                await module.commit(FlushDelta(devices={"d0-zero": zero}, packets=1), "j", 1)
+                g = module.layout.group_of("d1-0001")
+                slot = await module.client.hget(module.layout.slots(g), "d1-0001")
+                freed = await module._free_slots(
+                    keys=module.layout.group_keys(g), args=[now_ms + 1, slot, "d1-0001"]
+                )
+                assert freed == 1
                 assert (await module.list_ids(sort="rate", limit=1000))[0] == ranked
+                assert (await module.list_ids(sort="bytes", limit=1000))[0] == 300
                 for page in pages:
                     got = await module.list_ids(**page)  # type: ignore[arg-type]
                     assert got == await columns.list_ids(**page), page  # type: ignore[arg-type]
-                assert module.window_module is True
+                assert module.read_module is True
         # (and the module did read them: Redis counted its calls)
         raw = aioredis.Redis.from_url(redis_server.url)
         try:
-            calls = (await raw.info("commandstats"))["cmdstat_rtm.window"]["calls"]
-            assert calls >= 2 * len(pages)
+            stats = await raw.info("commandstats")
+            assert stats["cmdstat_rtm.window"]["calls"] >= len(pages) // 3 * 2
+            assert stats["cmdstat_rtm.live"]["calls"] >= len(pages) // 3 * 2 * groups
         finally:
             await raw.aclose()
         plain = EmbeddedRedis(redis_server.data_dir.parent / "plain")
@@ -179,8 +196,9 @@ def test_listings_by_rate_rank_the_same_through_the_module_and_the_columns(
             async with other:
                 await other.check_layout()
                 await other.commit(fleet(50, 1, now_ms), "i", 1)
-                assert (await other.list_ids(sort="rate", limit=100))[0] == 50
-                assert other.window_module is False
+                for sort in ("rate", "packets", "bytes"):
+                    assert (await other.list_ids(sort=sort, limit=100))[0] == 50  # type: ignore[arg-type]
+                assert other.read_module is False
         finally:
             plain.stop()
 

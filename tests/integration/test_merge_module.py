@@ -438,6 +438,41 @@ def test_the_window_read_is_the_rate_columns_window(server: EmbeddedRedis) -> No
         client.close()
 
 
+def test_the_live_read_marks_free_slots(server: EmbeddedRedis) -> None:
+    """RTM.LIVE answers, per slot of the last_seen column, the figure of another column
+    where the slot holds a device (last_seen above 0) and -1 where it is free: zeros past
+    the figures' column's end, as ranking.column reads it, a partial row left out, a
+    missing last_seen column empty. A malformed call or a key of another type is refused."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        rng = np.random.default_rng(11)
+        seen = rng.integers(0, 2**41, 4000)
+        seen[::5] = 0  # free slots
+        figures = rng.integers(0, 2**40, 4000)
+        figures[::3] = 0  # (a device may have sent 0 bytes)
+        client.set("l:seen", seen.astype(">i8").tobytes() + b"\x07" * 3)
+        for n in (4000, 2500, 0):  # a column as long as last_seen, shorter, missing
+            key = f"l:fig{n}"
+            if n:
+                client.set(key, figures[:n].astype(">i8").tobytes())
+            answer = client.execute_command("RTM.LIVE", key, "l:seen")
+            got = np.frombuffer(answer, dtype=">i8").astype(np.int64)
+            padded = ranking.column(client.get(key), "packets", 4000)
+            assert got.tolist() == np.where(seen > 0, padded, -1).tolist(), n
+        assert client.execute_command("RTM.LIVE", "l:fig4000", "l:none") == b""
+        client.hset("l:hash", "a", 1)
+        for call, said in (
+            (("l:fig4000",), "wrong number of arguments"),
+            (("l:fig4000", "l:seen", "x"), "wrong number of arguments"),
+            (("l:hash", "l:seen"), "WRONGTYPE"),
+            (("l:fig4000", "l:hash"), "WRONGTYPE"),
+        ):
+            with pytest.raises(redis.ResponseError, match=said):
+                client.execute_command("RTM.LIVE", *call)
+    finally:
+        client.close()
+
+
 async def _snapshot(raw: redis.asyncio.Redis, prefix: str = "") -> dict[bytes, tuple[Any, int]]:
     """Every key of a Redis: its value (records and columns byte for byte) and its expiry
     (ms since the epoch, as TIME + PTTL: Redis 6.2 has no PEXPIRETIME; -1: none).

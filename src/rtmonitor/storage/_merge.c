@@ -8,8 +8,9 @@
  * read where Redis keeps it and written once, and the device's row goes straight into its
  * group's columns. (Figures: benchmarks/RESULTS.md.)
  *
- * And RTM.WINDOW, a read: one window's packets per slot of an index group's rate column
- * (what a listing sorted by rate ranks), a quarter of the column's bytes.
+ * And two reads, for listings sorted by a number: RTM.WINDOW, one window's packets per
+ * slot of an index group's rate column, and RTM.LIVE, a column's figures with free slots
+ * marked, so that the service fetches 8 bytes a slot instead of 16 or 40.
  *
  *   RTM.MERGE6 numkeys marker ix-devices ix-slot ix-id ix-free ix-packets ix-bytes
  *              ix-last-seen ix-rate device-key... ttl seq retention-ms window deltas id-offset
@@ -979,6 +980,47 @@ static int window_command(RedisModuleCtx *ctx, RedisModuleString **argv, int arg
     return REDISMODULE_OK;
 }
 
+/* RTM.LIVE column last-seen-column
+ * Per slot of an index group: the column's figure (packets or bytes) where the slot holds
+ * a device (its last_seen above 0), else -1; one big-endian int64 per slot of the last_seen
+ * column (a column shorter than it reads as zeros past its end, as ranking.column does).
+ * What a listing sorted by that figure ranks: 8 bytes a slot instead of the two columns'
+ * 16. Reads only. */
+static int live_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc != 3) return RM_WrongArity(ctx);
+    RedisModuleKey *keys[2] = {RM_OpenKey(ctx, argv[1], REDISMODULE_READ),
+                               RM_OpenKey(ctx, argv[2], REDISMODULE_READ)};
+    const unsigned char *col[2] = {NULL, NULL};
+    size_t len[2] = {0, 0};
+    int wrong = 0;
+    for (int i = 0; i < 2; i++) {
+        int type = RM_KeyType(keys[i]);
+        if (type == REDISMODULE_KEYTYPE_STRING) {
+            col[i] = (const unsigned char *)RM_StringDMA(keys[i], &len[i], REDISMODULE_READ);
+            if (col[i] == NULL) len[i] = 0;
+        } else if (type != REDISMODULE_KEYTYPE_EMPTY) {
+            wrong = 1;
+        }
+    }
+    if (wrong) {
+        RM_CloseKey(keys[0]);
+        RM_CloseKey(keys[1]);
+        return RM_ReplyWithError(ctx, IX_WRONGTYPE);
+    }
+    size_t slots = len[1] / 8, have = len[0] / 8;
+    unsigned char *out = RM_Alloc(slots * 8 + 1);
+    for (size_t i = 0; i < slots; i++) {
+        long long figure = -1;
+        if (get_i64(col[1] + 8 * i) > 0) figure = i < have ? get_i64(col[0] + 8 * i) : 0;
+        put_i64(out + 8 * i, figure);
+    }
+    RM_ReplyWithStringBuffer(ctx, (const char *)out, slots * 8);
+    RM_Free(out);
+    RM_CloseKey(keys[0]);
+    RM_CloseKey(keys[1]);
+    return REDISMODULE_OK;
+}
+
 static int merge_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     return merge_call(ctx, argv, argc, 0);
 }
@@ -1004,7 +1046,8 @@ int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
         RM_CreateCommand(ctx, "rtm.apply6", apply_command, "write deny-oom getkeys-api", 0, 0,
                          0) != REDISMODULE_OK ||
         RM_CreateCommand(ctx, "rtm.window", window_command, "readonly", 1, 1, 1) !=
-            REDISMODULE_OK)
+            REDISMODULE_OK ||
+        RM_CreateCommand(ctx, "rtm.live", live_command, "readonly", 1, 2, 1) != REDISMODULE_OK)
         return REDISMODULE_ERR;
     return REDISMODULE_OK;
 }

@@ -21,9 +21,9 @@ from rtmonitor.model import IntArray
 
 BoolArray = npt.NDArray[np.bool_]
 
-# Bytes per slot of each column: one int64, or (w1, p1, w2, p2) for the rate; "window" is
-# the rtm module's RTM.WINDOW reply (one window's packets per slot, from the rate column).
-WIDTHS = {"packets": 8, "bytes": 8, "last_seen": 8, "rate": 32, "window": 8}
+# Bytes per slot of each column: one int64, or (w1, p1, w2, p2) for the rate; "scores" is
+# the rtm module's RTM.WINDOW or RTM.LIVE reply (an int64 per slot, from the columns).
+WIDTHS = {"packets": 8, "bytes": 8, "last_seen": 8, "rate": 32, "scores": 8}
 # Big-endian, as Redis' BITFIELD reads and writes an i64 (scripts.WRITE_ROWS, the module).
 _INT = np.dtype(">i8")
 _NO_INTS: IntArray = np.zeros(0, dtype=np.int64)

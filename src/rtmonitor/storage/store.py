@@ -94,8 +94,9 @@ CLUSTER_CONCURRENCY = 64
 # of what full records dropped), so a Redis holding another release's module is merged
 # with the script.
 MERGE_COMMAND = "rtm.merge6"
-# The rtm module's read of one window's packets per slot (sort=rate listings).
-WINDOW_COMMAND = "rtm.window"
+# The rtm module's reads for listings sorted by a number: one window's packets per slot
+# (sort=rate), a column's figures with free slots marked (sort=packets, bytes).
+WINDOW_COMMAND, LIVE_COMMAND = "rtm.window", "rtm.live"
 # A merge call: (script name, keys, args). A flush's plan is a list of them (journaled by
 # _journal_chunk).
 Call = tuple[str, list[str], list[Any]]
@@ -131,9 +132,10 @@ def _transient(exc: BaseException) -> bool:
     return not isinstance(exc, ResponseError) or isinstance(exc, passing)
 
 
-def _window_columns(blobs: list[bytes]) -> list[IntArray]:
-    """RTM.WINDOW's replies (big-endian int64 per slot) as native int64 arrays."""
-    return [ranking.column(b, "window", len(b) // 8) for b in blobs]
+def _int_columns(blobs: list[bytes]) -> list[IntArray]:
+    """The rtm module's RTM.WINDOW or RTM.LIVE replies (a big-endian int64 per slot) as
+    native int64 arrays."""
+    return [ranking.column(b, "scores", len(b) // 8) for b in blobs]
 
 
 def _module_missing(exc: ResponseError, command: str = MERGE_COMMAND) -> bool:
@@ -164,9 +166,9 @@ class RedisStore:
         # Device merges by the rtm module when this Redis has it (None: not asked yet);
         # a Redis Cluster's calls go to many nodes, which may differ: always the script.
         self.merge_module: bool | None = None if merge_module and not self.cluster else False
-        # Listings by rate read one window's packets through the module (RTM.WINDOW) until
+        # Listings sorted by a number read through the module (RTM.WINDOW, RTM.LIVE) until
         # this Redis says it has no such command.
-        self.window_module = self.merge_module is None
+        self.read_module = self.merge_module is None
         self._group_size = group_size
         self._marker_ttl = marker_ttl
         self.retention_s = retention_s
@@ -854,14 +856,17 @@ class RedisStore:
                 scores = [c[field] for c in columns]
             return ranking.page(scores, live, page.offset, page.stop, page.descending)
 
-        def rank_window(scores: list[IntArray]) -> tuple[int, list[tuple[int, int]]]:
-            # (a slot with packets in a window has a last_seen: no column of it needed)
-            live = within([p > 0 for p in scores])
+        def rank_read(scores: list[IntArray]) -> tuple[int, list[tuple[int, int]]]:
+            # RTM.WINDOW: a slot with packets in a window has a last_seen, so no column of
+            # it is needed; RTM.LIVE: -1 marks a free slot
+            live = within([p > 0 if field == "rate" else p >= 0 for p in scores])
             return ranking.page(scores, live, page.offset, page.stop, page.descending)
 
-        windowed = await self._window_scores() if field == "rate" and self.window_module else None
-        if windowed is not None:
-            matched, picked = await asyncio.to_thread(rank_window, windowed)
+        read = None
+        if self.read_module and field != "last_seen":  # (last_seen: its one column is all)
+            read = await self._module_scores(field)
+        if read is not None:
+            matched, picked = await asyncio.to_thread(rank_read, read)
         else:
             fields = (field,) if field == "last_seen" else (field, "last_seen")
             matched, picked = await self._ranked(fields, rank)
@@ -879,31 +884,47 @@ class RedisStore:
                 return current - 1
         return current
 
-    async def _window_scores(self) -> list[IntArray] | None:
-        """Each group's packets per slot in the window sort=rate ranks by (_rate_window's:
-        the last complete one, else the current one), read by the rtm module: RTM.WINDOW
-        answers 8 bytes a slot where the rate and last_seen columns are 40, which at a
-        million devices made a listing by rate the slowest read under load
-        (benchmarks/RESULTS.md, twenty-ninth pass). None where this Redis has no such
+    async def _module_scores(self, field: str) -> list[IntArray] | None:
+        """Each group's scores per slot for a listing sorted by `field`, read by the rtm
+        module: for `rate`, RTM.WINDOW's packets in _rate_window's window (the last
+        complete one, else the current one); for `packets` and `bytes`, RTM.LIVE's
+        figures (-1: a free slot). 8 bytes a slot where the columns the service would
+        read are 16 (40 for rate): at a million devices those reads were the slowest under
+        load (benchmarks/RESULTS.md, twenty-ninth pass). None where this Redis has no such
         command (then the columns are read and ranked here)."""
+        layout, groups = self.layout, range(self.layout.groups)
+        if field != "rate":
+            calls: list[list[Any]] = [
+                [LIVE_COMMAND, layout.column(field, g), layout.column("last_seen", g)]
+                for g in groups
+            ]
+            blobs = await self._module_read(calls)
+            return None if blobs is None else await asyncio.to_thread(_int_columns, blobs)
         current = int(time.time()) // RATE_WINDOW_S
         for window in (current - 1, current):
-            pipe = self.client.pipeline(transaction=False)
-            for g in range(self.layout.groups):
-                rate = self.layout.column("rate", g)
-                pipe.execute_command(WINDOW_COMMAND, rate, window, **{NEVER_DECODE: True})
-            try:
-                blobs = cast(list[bytes], await pipe.execute())
-            except ResponseError as exc:
-                if not _module_missing(exc, WINDOW_COMMAND):
-                    raise
-                logger.info("listings by rate: the rate columns (%s)", exc)
-                self.window_module = False
+            calls = [[WINDOW_COMMAND, layout.column("rate", g), window] for g in groups]
+            blobs = await self._module_read(calls)
+            if blobs is None:
                 return None
-            scores = await asyncio.to_thread(_window_columns, blobs)
+            scores = await asyncio.to_thread(_int_columns, blobs)
             if window == current or any(bool(p.any()) for p in scores):
                 return scores
         raise AssertionError("unreachable")
+
+    async def _module_read(self, calls: list[list[Any]]) -> list[bytes] | None:
+        """The replies (raw bytes) of the rtm module's read calls, or None if this Redis
+        has no such command (logged once: from then on the columns are read)."""
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command(*call, **{NEVER_DECODE: True})
+        try:
+            return cast(list[bytes], await pipe.execute())
+        except ResponseError as exc:
+            if not _module_missing(exc, str(calls[0][0])):
+                raise
+            logger.info("listings sorted by a number: the columns, read whole (%s)", exc)
+            self.read_module = False
+            return None
 
     async def _ranked(
         self, fields: tuple[str, ...], rank: Callable[[list[dict[str, IntArray]]], T]
