@@ -737,9 +737,11 @@ class RedisStore:
         """One page of device ids: (number matching the filter, the ids in order).
 
         In id order: O(log N + limit) Redis work (times the index groups, and O(offset +
-        limit) with more than one). In a numeric order the groups' columns are read and
-        ranked here (ranking.py: O(N) numpy, ~25 ms for a million devices; ties go by the
-        device's slot, the order the group first stored them, reversed with the order). A
+        limit) with more than one). In a numeric order one figure per slot is read (with
+        the rtm module, made of the groups' columns by Redis: _module_scores; else the
+        columns whole) and ranked here (ranking.py: O(N) numpy, ~25 ms for a million
+        devices; ties go by the device's slot, the order the group first stored them,
+        reversed with the order). A
         prefix with a numeric order ranks only its matches: more than `max_ranked` raise
         SortTooBroad (counted first, in O(log N)). `rate` orders by the packets of the last
         complete aligned 10-second window (the current one while that is empty, e.g. just
