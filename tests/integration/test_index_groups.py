@@ -188,6 +188,25 @@ def test_numeric_listings_rank_the_same_through_the_module_and_the_columns(
             assert stats["cmdstat_rtm.live"]["calls"] >= len(pages) // 3 * 2 * groups
         finally:
             await raw.aclose()
+        # a user whose ACL denies the module's reads: the columns too
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await raw.acl_setuser(
+                "reader", enabled=True, passwords=["+pw"], keys=["*"],
+                commands=["+@all", "-rtm.window", "-rtm.live"],
+            )  # fmt: skip
+        finally:
+            await raw.aclose()
+        host, port = redis_server.host, redis_server.port
+        denied = store(f"redis://reader:pw@{host}:{port}/0", "b", groups)
+        reference = store(redis_server.url, "b", groups)
+        async with denied, reference:
+            for sort in ("rate", "packets", "bytes"):
+                page = {"sort": sort, "descending": True, "limit": 50}
+                got = await denied.list_ids(**page)  # type: ignore[arg-type]
+                assert got == await reference.list_ids(**page)  # type: ignore[arg-type]
+            assert reference.read_module is True
+            assert denied.read_module is False
         plain = EmbeddedRedis(redis_server.data_dir.parent / "plain")
         plain.merge_module = None
         plain.start()

@@ -28,6 +28,7 @@ from redis.client import NEVER_DECODE
 from redis.crc import key_slot
 from redis.exceptions import (
     BusyLoadingError,
+    NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -741,11 +742,11 @@ class RedisStore:
         the rtm module, made of the groups' columns by Redis: _module_scores; else the
         columns whole) and ranked here (ranking.py: O(N) numpy, ~25 ms for a million
         devices; ties go by the device's slot, the order the group first stored them,
-        reversed with the order). A
-        prefix with a numeric order ranks only its matches: more than `max_ranked` raise
-        SortTooBroad (counted first, in O(log N)). `rate` orders by the packets of the last
-        complete aligned 10-second window (the current one while that is empty, e.g. just
-        after a start) and lists only devices that sent in it.
+        reversed with the order). A prefix with a numeric order ranks only its matches:
+        more than `max_ranked` raise SortTooBroad (counted first, in O(log N)). `rate`
+        orders by the packets of the last complete aligned 10-second window (the current
+        one while that is empty, e.g. just after a start) and lists only devices that sent
+        in it.
         """
         page = _Page(prefix, sort, descending, offset, limit)
         if sort == "device_id":
@@ -915,14 +916,15 @@ class RedisStore:
 
     async def _module_read(self, calls: list[list[Any]]) -> list[bytes] | None:
         """The replies (raw bytes) of the rtm module's read calls, or None if this Redis
-        has no such command (logged once: from then on the columns are read)."""
+        has no such command, or its ACL denies it to the service's user (logged once: from
+        then on the columns are read)."""
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
             pipe.execute_command(*call, **{NEVER_DECODE: True})
         try:
             return cast(list[bytes], await pipe.execute())
         except ResponseError as exc:
-            if not _module_missing(exc, str(calls[0][0])):
+            if not (_module_missing(exc, str(calls[0][0])) or isinstance(exc, NoPermissionError)):
                 raise
             logger.info("listings sorted by a number: the columns, read whole (%s)", exc)
             self.read_module = False
