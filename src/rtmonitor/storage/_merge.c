@@ -939,6 +939,20 @@ static int merge_call(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, i
     return RM_ReplyWithLongLong(ctx, dropped);
 }
 
+/* A column string to read (RTM.WINDOW, RTM.LIVE), opened into *key (to be closed): its
+ * bytes and length (NULL, 0 for a missing key), or 0 if the key holds another type. */
+static int open_column(RedisModuleCtx *ctx, RedisModuleString *name, RedisModuleKey **key,
+                       const unsigned char **bytes, size_t *len) {
+    *key = RM_OpenKey(ctx, name, REDISMODULE_READ);
+    *bytes = NULL, *len = 0;
+    int type = RM_KeyType(*key); /* (EMPTY for a missing key: OpenKey gives NULL) */
+    if (type == REDISMODULE_KEYTYPE_STRING) {
+        *bytes = (const unsigned char *)RM_StringDMA(*key, len, REDISMODULE_READ);
+        if (*bytes == NULL) *len = 0;
+    }
+    return type == REDISMODULE_KEYTYPE_EMPTY || type == REDISMODULE_KEYTYPE_STRING;
+}
+
 /* RTM.WINDOW rate-column window
  * Each slot's packets in 10-second window `window`, from a group's rate column (the
  * (w1, p1, w2, p2) rows row_device writes): p1 where w1 is the window, else p2 where w2
@@ -952,17 +966,14 @@ static int window_command(RedisModuleCtx *ctx, RedisModuleString **argv, int arg
     long long window;
     if (RM_StringToLongLong(argv[2], &window) != REDISMODULE_OK)
         return RM_ReplyWithError(ctx, "ERR window must be an integer");
-    RedisModuleKey *key = RM_OpenKey(ctx, argv[1], REDISMODULE_READ);
-    int type = RM_KeyType(key); /* (EMPTY for a missing key: OpenKey gives NULL) */
-    if (type != REDISMODULE_KEYTYPE_EMPTY && type != REDISMODULE_KEYTYPE_STRING) {
+    RedisModuleKey *key;
+    const unsigned char *rows;
+    size_t len;
+    if (!open_column(ctx, argv[1], &key, &rows, &len)) {
         RM_CloseKey(key);
         return RM_ReplyWithError(ctx, IX_WRONGTYPE);
     }
-    size_t len = 0;
-    const unsigned char *rows = NULL;
-    if (type == REDISMODULE_KEYTYPE_STRING)
-        rows = (const unsigned char *)RM_StringDMA(key, &len, REDISMODULE_READ);
-    size_t slots = rows != NULL ? len / 32 : 0;
+    size_t slots = len / 32;
     unsigned char *out = RM_Alloc(slots * 8 + 1);
     for (size_t i = 0; i < slots; i++) {
         const unsigned char *row = rows + 32 * i;
@@ -988,36 +999,27 @@ static int window_command(RedisModuleCtx *ctx, RedisModuleString **argv, int arg
  * 16. Reads only. */
 static int live_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (argc != 3) return RM_WrongArity(ctx);
-    RedisModuleKey *keys[2] = {RM_OpenKey(ctx, argv[1], REDISMODULE_READ),
-                               RM_OpenKey(ctx, argv[2], REDISMODULE_READ)};
-    const unsigned char *col[2] = {NULL, NULL};
-    size_t len[2] = {0, 0};
-    int wrong = 0;
-    for (int i = 0; i < 2; i++) {
-        int type = RM_KeyType(keys[i]);
-        if (type == REDISMODULE_KEYTYPE_STRING) {
-            col[i] = (const unsigned char *)RM_StringDMA(keys[i], &len[i], REDISMODULE_READ);
-            if (col[i] == NULL) len[i] = 0;
-        } else if (type != REDISMODULE_KEYTYPE_EMPTY) {
-            wrong = 1;
-        }
-    }
-    if (wrong) {
-        RM_CloseKey(keys[0]);
-        RM_CloseKey(keys[1]);
+    RedisModuleKey *figures_key, *seen_key;
+    const unsigned char *figures, *seen;
+    size_t have, slots;
+    int ok = open_column(ctx, argv[1], &figures_key, &figures, &have);
+    ok = open_column(ctx, argv[2], &seen_key, &seen, &slots) && ok;
+    if (!ok) {
+        RM_CloseKey(figures_key);
+        RM_CloseKey(seen_key);
         return RM_ReplyWithError(ctx, IX_WRONGTYPE);
     }
-    size_t slots = len[1] / 8, have = len[0] / 8;
+    have /= 8, slots /= 8;
     unsigned char *out = RM_Alloc(slots * 8 + 1);
     for (size_t i = 0; i < slots; i++) {
         long long figure = -1;
-        if (get_i64(col[1] + 8 * i) > 0) figure = i < have ? get_i64(col[0] + 8 * i) : 0;
+        if (get_i64(seen + 8 * i) > 0) figure = i < have ? get_i64(figures + 8 * i) : 0;
         put_i64(out + 8 * i, figure);
     }
     RM_ReplyWithStringBuffer(ctx, (const char *)out, slots * 8);
     RM_Free(out);
-    RM_CloseKey(keys[0]);
-    RM_CloseKey(keys[1]);
+    RM_CloseKey(figures_key);
+    RM_CloseKey(seen_key);
     return REDISMODULE_OK;
 }
 
